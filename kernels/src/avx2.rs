@@ -1,0 +1,296 @@
+//! AVX2 + FMA + F16C kernels, 8 f32 lanes. Each has a twin in `scalar` and is tested against
+//! it. Ragged tails are copied into a zero-padded 8-element buffer and loaded from there.
+//!
+//! Matvec summation order for one output element: lane `l` of one accumulator takes element
+//! `p` with `p % 8 == l` in increasing `p` (FMA), then `hsum` reduces the lanes in a fixed order.
+//! It does not depend on the tile shape, so every element of a call sums alike.
+
+use core::arch::x86_64::*;
+
+use half::{bf16, f16};
+
+use crate::gemm::{self, Micro, Tile};
+use crate::{Elem, OutBlock};
+
+/// f32 lanes per vector.
+const W: usize = 8;
+
+/// A stored dtype that loads as 8 f32 lanes.
+pub(crate) trait Load8: Elem {
+    /// Loads 8 consecutive elements widened to f32.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading 8 elements, and the CPU must support avx2/fma/f16c.
+    unsafe fn load8(p: *const Self) -> __m256;
+}
+
+impl Load8 for f32 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable elements.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+}
+
+impl Load8 for bf16 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const bf16) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable bf16s (16 bytes); loadu has no alignment need.
+        let v = unsafe { _mm_loadu_si128(p.cast()) };
+        // bf16 -> f32 is exact: zero-extend each 16-bit value and shift it into the high half.
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
+    }
+}
+
+impl Load8 for f16 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f16) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable f16s (16 bytes); loadu has no alignment need.
+        let v = unsafe { _mm_loadu_si128(p.cast()) };
+        _mm256_cvtph_ps(v)
+    }
+}
+
+/// Loads a ragged tail (`s.len() < 8`) zero-padded to 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_tail<T: Load8>(s: &[T]) -> __m256 {
+    let mut buf = [T::ZERO; W];
+    buf[..s.len()].copy_from_slice(s);
+    // SAFETY: buf holds 8 elements.
+    unsafe { T::load8(buf.as_ptr()) }
+}
+
+/// Sum of the 8 lanes in a fixed order: halves, then pairs.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum(v: __m256) -> f32 {
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    let s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));
+    _mm_cvtss_f32(s1)
+}
+
+/// Streaming matvec for `out.rows() <= MATVEC_MAX_M`: each weight row is read once and all the
+/// x rows' dot products are taken from it while it is in registers.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn matvec<T: Load8>(x: &[f32], k: usize, w: &[T], out: &mut OutBlock) {
+    // Tiles: MR x rows × NR weight rows, MR·NR accumulators + NR weight vectors + 1 x vector
+    // within the 16 ymm registers.
+    match out.rows() {
+        1 => matvec_rows::<T, 1, 4>(x, k, w, out),
+        2 => matvec_rows::<T, 2, 4>(x, k, w, out),
+        3 => matvec_rows::<T, 3, 3>(x, k, w, out),
+        4 => matvec_rows::<T, 4, 2>(x, k, w, out),
+        5 => matvec_rows::<T, 5, 2>(x, k, w, out),
+        6 => matvec_rows::<T, 6, 2>(x, k, w, out),
+        7 => matvec_rows::<T, 7, 1>(x, k, w, out),
+        8 => matvec_rows::<T, 8, 1>(x, k, w, out),
+        m => unreachable!("matvec called with {m} rows"),
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn matvec_rows<T: Load8, const MR: usize, const NR: usize>(
+    x: &[f32],
+    k: usize,
+    w: &[T],
+    out: &mut OutBlock,
+) {
+    assert_eq!(x.len(), MR * k);
+    assert_eq!(w.len(), out.cols() * k);
+    let nc = out.cols();
+    let mut j = 0;
+    while j + NR <= nc {
+        dot_tile::<T, MR, NR>(x, k, &w[j * k..(j + NR) * k], j, out);
+        j += NR;
+    }
+    while j < nc {
+        dot_tile::<T, MR, 1>(x, k, &w[j * k..(j + 1) * k], j, out);
+        j += 1;
+    }
+}
+
+/// `out[r][j0 + c] = x_r · w_c` for `r < MR`, `c < NR` (`x` is `MR` rows, `w` is `NR` rows).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_tile<T: Load8, const MR: usize, const NR: usize>(
+    x: &[f32],
+    k: usize,
+    w: &[T],
+    j0: usize,
+    out: &mut OutBlock,
+) {
+    assert!(x.len() == MR * k && w.len() == NR * k);
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+    let mut wv = [_mm256_setzero_ps(); NR];
+    let mut p = 0;
+    // SAFETY: x is MR rows and w is NR rows of length k (asserted above), and every load reads
+    // p..p+8 with p + 8 <= k, i.e. offsets r*k + (< k) with r < MR or c*k + (< k) with c < NR.
+    unsafe {
+        while p + W <= k {
+            for (c, v) in wv.iter_mut().enumerate() {
+                *v = T::load8(wp.add(c * k + p));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(xp.add(r * k + p));
+                for (a, v) in a.iter_mut().zip(&wv) {
+                    *a = _mm256_fmadd_ps(xv, *v, *a);
+                }
+            }
+            p += W;
+        }
+    }
+    if p < k {
+        for (c, v) in wv.iter_mut().enumerate() {
+            *v = load_tail(&w[c * k + p..(c + 1) * k]);
+        }
+        for (r, a) in acc.iter_mut().enumerate() {
+            let xv = load_tail(&x[r * k + p..(r + 1) * k]);
+            for (a, v) in a.iter_mut().zip(&wv) {
+                *a = _mm256_fmadd_ps(xv, *v, *a);
+            }
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        let row = &mut out.row(r)[j0..j0 + NR];
+        for (o, a) in row.iter_mut().zip(a) {
+            *o = hsum(*a);
+        }
+    }
+}
+
+/// GEMM register tile: 6 rows × 16 columns = 12 ymm accumulators, + 2 panel vectors + 1
+/// broadcast = 15 of the 16 registers.
+struct Micro2;
+
+impl Micro for Micro2 {
+    const MR: usize = 6;
+    const NR: usize = 2 * W;
+
+    unsafe fn run(tile: &Tile, out: &mut OutBlock) {
+        // SAFETY (all arms): the caller guarantees avx2/fma/f16c.
+        unsafe {
+            match tile.rows {
+                1 => micro::<1>(tile, out),
+                2 => micro::<2>(tile, out),
+                3 => micro::<3>(tile, out),
+                4 => micro::<4>(tile, out),
+                5 => micro::<5>(tile, out),
+                6 => micro::<6>(tile, out),
+                r => unreachable!("micro-kernel tile with {r} rows"),
+            }
+        }
+    }
+}
+
+/// One `R × 16` tile: each element is one FMA chain over the tile's k block (see `gemm`).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn micro<const R: usize>(t: &Tile, out: &mut OutBlock) {
+    t.check::<Micro2>(out);
+    assert_eq!(t.rows, R);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    if !t.first {
+        for (r, a) in acc.iter_mut().enumerate() {
+            let mut buf = [0f32; 2 * W];
+            buf[..t.cols].copy_from_slice(&out.row(t.i0 + r)[t.j0..t.j0 + t.cols]);
+            // SAFETY: buf holds 16 elements.
+            unsafe {
+                a[0] = _mm256_loadu_ps(buf.as_ptr());
+                a[1] = _mm256_loadu_ps(buf.as_ptr().add(W));
+            }
+        }
+    }
+    let (xp, bp) = (t.x.as_ptr(), t.panel.as_ptr());
+    // SAFETY: t.check asserted x.len() >= (R-1)*ldx + kc and panel.len() >= kc*16, so
+    // x[r*ldx + p] (r < R, p < kc) and panel[p*16 .. p*16 + 16] are in bounds.
+    unsafe {
+        for p in 0..t.kc {
+            let b0 = _mm256_loadu_ps(bp.add(p * 2 * W));
+            let b1 = _mm256_loadu_ps(bp.add(p * 2 * W + W));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_set1_ps(*xp.add(r * t.ldx + p));
+                a[0] = _mm256_fmadd_ps(xv, b0, a[0]);
+                a[1] = _mm256_fmadd_ps(xv, b1, a[1]);
+            }
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        let mut buf = [0f32; 2 * W];
+        // SAFETY: buf holds 16 elements.
+        unsafe {
+            _mm256_storeu_ps(buf.as_mut_ptr(), a[0]);
+            _mm256_storeu_ps(buf.as_mut_ptr().add(W), a[1]);
+        }
+        out.row(t.i0 + r)[t.j0..t.j0 + t.cols].copy_from_slice(&buf[..t.cols]);
+    }
+}
+
+/// Packed, cache-blocked GEMM (see `gemm`).
+///
+/// # Safety
+/// The CPU must support avx2/fma/f16c.
+pub(crate) unsafe fn gemm<T: Elem>(x: &[f32], k: usize, w: &[T], out: &mut OutBlock) {
+    // SAFETY: forwarded from the caller.
+    unsafe { gemm::gemm::<T, Micro2>(x, k, w, out) }
+}
+
+/// Dot product: 4 accumulators over 32-element steps, then 8-element steps and a zero-padded
+/// tail into the first, combined as `(a0 + a1) + (a2 + a3)` and `hsum`med. Fixed order for a
+/// length.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let n = a.len();
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut p = 0;
+    // SAFETY: every load reads p..p+8 (or p..p+32 in the unrolled loop) only when that end is
+    // <= n; both slices have length n.
+    unsafe {
+        while p + 4 * W <= n {
+            for (u, s) in acc.iter_mut().enumerate() {
+                let q = p + u * W;
+                *s = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(q)), _mm256_loadu_ps(bp.add(q)), *s);
+            }
+            p += 4 * W;
+        }
+        while p + W <= n {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(p)), _mm256_loadu_ps(bp.add(p)), acc[0]);
+            p += W;
+        }
+    }
+    if p < n {
+        acc[0] = _mm256_fmadd_ps(load_tail(&a[p..]), load_tail(&b[p..]), acc[0]);
+    }
+    hsum(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ))
+}
+
+/// `out[i] = fma(alpha, x[i], out[i])`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn axpy(alpha: f32, x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    let n = x.len();
+    let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+    let av = _mm256_set1_ps(alpha);
+    let mut p = 0;
+    // SAFETY: every access covers p..p+8 <= n; both slices have length n and `out` is
+    // borrowed mutably.
+    unsafe {
+        while p + W <= n {
+            let v = _mm256_fmadd_ps(av, _mm256_loadu_ps(xp.add(p)), _mm256_loadu_ps(op.add(p)));
+            _mm256_storeu_ps(op.add(p), v);
+            p += W;
+        }
+    }
+    for (o, &v) in out[p..].iter_mut().zip(&x[p..]) {
+        *o = alpha.mul_add(v, *o);
+    }
+}

@@ -1,0 +1,493 @@
+//! CPU matmul kernels for moe-offload: plain functions on slices.
+//!
+//! This crate owns `y = x · Wᵀ` for weights in Hugging Face layout (`W` is `[n, k]`, row-major,
+//! stored as f32, bf16 or f16), plus `dot`, `axpy` and widening one stored row to f32. It knows
+//! nothing of tensors, models or files.
+//!
+//! What must always hold:
+//! - Every SIMD path has a scalar twin (the [`scalar`] module) and is tested against it and
+//!   against an f64 reference, on ragged shapes, for all three dtypes, at every SIMD level the
+//!   test machine supports (levels are forced through an internal `matmul_with`).
+//! - SIMD code is chosen at run time (CPU features detected once and cached); nothing requires
+//!   `target-cpu=native`, and non-x86_64 targets compile the scalar path only.
+//! - Accumulation is in f32 and exact f32 semantics are kept: weights are widened exactly
+//!   (bf16: `bits << 16`; f16: IEEE conversion) and `x` is never rounded to a narrower type.
+//! - Results are deterministic: which code path and summation order produce an output element
+//!   depends only on the SIMD level and on `m` (matvec vs GEMM), never on the thread count, the
+//!   chunking or the element's position in a tile, so `matmul` equals `matmul_serial` bit for bit.
+
+#![warn(unsafe_op_in_unsafe_fn)]
+
+use std::marker::PhantomData;
+use std::sync::OnceLock;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod gemm;
+pub mod scalar;
+#[cfg(test)]
+mod tests;
+
+/// A weight matrix [n, k], row-major, in its stored dtype.
+#[derive(Clone, Copy, Debug)]
+pub enum Weights<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+impl<'a> Weights<'a> {
+    /// Number of stored elements (n·k).
+    pub fn len(&self) -> usize {
+        match self {
+            Weights::F32(w) => w.len(),
+            Weights::Bf16(w) => w.len(),
+            Weights::F16(w) => w.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows `r0..r1` of a matrix with rows of length `k`.
+    fn rows(self, r0: usize, r1: usize, k: usize) -> Weights<'a> {
+        match self {
+            Weights::F32(w) => Weights::F32(&w[r0 * k..r1 * k]),
+            Weights::Bf16(w) => Weights::Bf16(&w[r0 * k..r1 * k]),
+            Weights::F16(w) => Weights::F16(&w[r0 * k..r1 * k]),
+        }
+    }
+}
+
+/// A stored weight element that widens exactly to f32.
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    /// Zero of this type (padding for ragged tails).
+    const ZERO: Self;
+    fn widen(self) -> f32;
+}
+
+impl Elem for f32 {
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for bf16 {
+    const ZERO: Self = bf16::ZERO;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        // bf16 is the top half of an f32: widening is a shift, exact for every value incl. NaN.
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+impl Elem for f16 {
+    const ZERO: Self = f16::ZERO;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// SIMD level a kernel runs at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Level {
+    Scalar,
+    /// AVX2 + FMA + F16C, 8 f32 lanes.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// AVX-512 F + BW + VL, 16 f32 lanes (BW/VL for 16-bit masked loads of bf16/f16 tails).
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Level {
+    fn name(self) -> &'static str {
+        match self {
+            Level::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU can run the level (always re-checks the CPU; cheap, std caches it).
+    fn supported(self) -> bool {
+        match self {
+            Level::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => {
+                std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => {
+                std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512vl")
+            }
+        }
+    }
+}
+
+/// Every level this build knows, best first.
+const ALL_LEVELS: &[Level] = &[
+    #[cfg(target_arch = "x86_64")]
+    Level::Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Level::Avx2,
+    Level::Scalar,
+];
+
+/// The best level this CPU supports, detected once.
+fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        ALL_LEVELS
+            .iter()
+            .copied()
+            .find(|l| l.supported())
+            .unwrap_or(Level::Scalar)
+    })
+}
+
+/// Levels this CPU can run, best first (tests force each one).
+#[cfg(test)]
+pub(crate) fn supported_levels() -> Vec<Level> {
+    ALL_LEVELS
+        .iter()
+        .copied()
+        .filter(|l| l.supported())
+        .collect()
+}
+
+/// Which SIMD level was selected at run time ("avx512", "avx2" or "scalar").
+pub fn simd_level() -> &'static str {
+    level().name()
+}
+
+/// Calls with at most this many rows of `x` use the streaming matvec kernel (each weight row is
+/// read once and all m dot products are taken from it); more rows use the packed, cache-blocked
+/// GEMM, which reuses each widened weight tile across many rows. Decode batches sit below it.
+pub(crate) const MATVEC_MAX_M: usize = 8;
+
+/// Below this many multiply-adds (m·n·k) a call runs on the calling thread: 2^18 FMAs take tens
+/// of µs on one core, well above rayon's few-µs fork/join cost, so smaller calls gain nothing.
+const PAR_MIN_WORK: usize = 1 << 18;
+
+/// Column chunks handed to threads are multiples of this (the widest GEMM panel), so no thread
+/// gets a sliver narrower than one tile.
+const PAR_COL_ALIGN: usize = 32;
+
+/// Row chunks (used only when n is too narrow to split) are multiples of this (the largest GEMM
+/// row tile), for the same reason.
+const PAR_ROW_ALIGN: usize = 8;
+
+/// A mutable `[rows, cols]` block inside a row-major matrix with row stride `ld`.
+///
+/// Invariant: for every `i < rows`, the elements `ptr + i*ld .. ptr + i*ld + cols` lie inside
+/// the `&'a mut [f32]` the block was carved from, and no other live `OutBlock` covers them
+/// (blocks are only made by `new` and by the disjoint splits below).
+pub(crate) struct OutBlock<'a> {
+    ptr: *mut f32,
+    ld: usize,
+    rows: usize,
+    cols: usize,
+    _borrow: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: an OutBlock is a unique borrow of disjoint f32s, exactly like `&mut [f32]`, which is Send.
+unsafe impl Send for OutBlock<'_> {}
+
+impl<'a> OutBlock<'a> {
+    pub(crate) fn new(out: &'a mut [f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(out.len(), rows * cols);
+        OutBlock {
+            ptr: out.as_mut_ptr(),
+            ld: cols,
+            rows,
+            cols,
+            _borrow: PhantomData,
+        }
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row `i` of the block (`cols` elements).
+    #[inline]
+    pub(crate) fn row(&mut self, i: usize) -> &mut [f32] {
+        assert!(i < self.rows);
+        // SAFETY: i < rows, so by the type invariant these `cols` elements are in bounds and
+        // borrowed uniquely by `self`; the returned borrow is tied to `&mut self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.ld), self.cols) }
+    }
+
+    /// Splits into columns `..at` and `at..`.
+    fn split_cols(self, at: usize) -> (Self, Self) {
+        assert!(at <= self.cols);
+        let right = OutBlock {
+            // wrapping_add: when at == cols the pointer may be one past a row's end and is never
+            // dereferenced (cols == 0 there); otherwise it stays inside row 0.
+            ptr: self.ptr.wrapping_add(at),
+            cols: self.cols - at,
+            ..self
+        };
+        (OutBlock { cols: at, ..self }, right)
+    }
+
+    /// Splits into rows `..at` and `at..`.
+    fn split_rows(self, at: usize) -> (Self, Self) {
+        assert!(at <= self.rows);
+        let lower = OutBlock {
+            // wrapping_add: with at == rows this can point past the borrowed slice; it is never
+            // dereferenced because that block has zero rows.
+            ptr: self.ptr.wrapping_add(at * self.ld),
+            rows: self.rows - at,
+            ..self
+        };
+        (OutBlock { rows: at, ..self }, lower)
+    }
+}
+
+fn check_matmul(x: &[f32], m: usize, k: usize, w: &Weights<'_>, n: usize, out: &[f32]) {
+    let mk = m.checked_mul(k).expect("matmul: m*k overflows usize");
+    let nk = n.checked_mul(k).expect("matmul: n*k overflows usize");
+    let mn = m.checked_mul(n).expect("matmul: m*n overflows usize");
+    assert!(
+        x.len() == mk,
+        "matmul: x has {} elements, expected m*k = {m}*{k}",
+        x.len()
+    );
+    assert!(
+        w.len() == nk,
+        "matmul: w has {} elements, expected n*k = {n}*{k}",
+        w.len()
+    );
+    assert!(
+        out.len() == mn,
+        "matmul: out has {} elements, expected m*n = {m}*{n}",
+        out.len()
+    );
+}
+
+/// out[m, n] = x[m, k] · w[n, k]ᵀ, f32 accumulation, overwrites `out`.
+/// Large calls are split over the current rayon pool; the result does not depend on how.
+/// Panics if slice lengths do not match m*k, n*k, m*n.
+pub fn matmul(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut [f32]) {
+    matmul_with(level(), true, x, m, k, w, n, out);
+}
+
+/// Same as [`matmul`] but single-threaded (for callers that parallelise at a higher level).
+pub fn matmul_serial(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut [f32]) {
+    matmul_with(level(), false, x, m, k, w, n, out);
+}
+
+/// [`matmul`] at a forced level. The caller guarantees `level.supported()`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_with(
+    level: Level,
+    parallel: bool,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    out: &mut [f32],
+) {
+    check_matmul(x, m, k, &w, n, out);
+    assert!(level.supported(), "SIMD level {level:?} not supported here");
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Decided once from the whole call, so every chunk runs the same path.
+    let use_gemm = m > MATVEC_MAX_M;
+    let block = OutBlock::new(out, m, n);
+    let work = m.saturating_mul(n).saturating_mul(k);
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let chunks = threads.min(work / PAR_MIN_WORK);
+    if chunks <= 1 {
+        run_block(level, use_gemm, x, k, w, block);
+        return;
+    }
+
+    let mut tasks: Vec<(&[f32], Weights<'_>, OutBlock<'_>)> = Vec::with_capacity(chunks);
+    let cols_per = n.div_ceil(chunks).next_multiple_of(PAR_COL_ALIGN);
+    if cols_per < n {
+        // Split the output columns (= weight rows): each thread streams its own part of W.
+        let mut rest = block;
+        let mut j0 = 0;
+        while j0 < n {
+            let j1 = (j0 + cols_per).min(n);
+            let (head, tail) = rest.split_cols(j1 - j0);
+            tasks.push((x, w.rows(j0, j1, k), head));
+            rest = tail;
+            j0 = j1;
+        }
+    } else if use_gemm {
+        // n is too narrow to split (e.g. a router with a few experts): split x rows instead.
+        // The path was fixed above, so a short last chunk still runs the GEMM kernel.
+        let rows_per = m.div_ceil(chunks).next_multiple_of(PAR_ROW_ALIGN);
+        let mut rest = block;
+        let mut i0 = 0;
+        while i0 < m {
+            let i1 = (i0 + rows_per).min(m);
+            let (head, tail) = rest.split_rows(i1 - i0);
+            tasks.push((&x[i0 * k..i1 * k], w, head));
+            rest = tail;
+            i0 = i1;
+        }
+    } else {
+        tasks.push((x, w, block));
+    }
+    tasks
+        .into_par_iter()
+        .for_each(|(x, w, out)| run_block(level, use_gemm, x, k, w, out));
+}
+
+/// Computes one output block: `out[rows, cols] = x[rows, k] · w[cols, k]ᵀ`.
+fn run_block(level: Level, use_gemm: bool, x: &[f32], k: usize, w: Weights<'_>, out: OutBlock) {
+    debug_assert_eq!(x.len(), out.rows() * k);
+    debug_assert_eq!(w.len(), out.cols() * k);
+    match w {
+        Weights::F32(w) => run_block_t(level, use_gemm, x, k, w, out),
+        Weights::Bf16(w) => run_block_t(level, use_gemm, x, k, w, out),
+        Weights::F16(w) => run_block_t(level, use_gemm, x, k, w, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) trait SimdElem: Elem + avx2::Load8 + avx512::Load16 {}
+#[cfg(target_arch = "x86_64")]
+impl<T: Elem + avx2::Load8 + avx512::Load16> SimdElem for T {}
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) trait SimdElem: Elem {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: Elem> SimdElem for T {}
+
+fn run_block_t<T: SimdElem>(
+    level: Level,
+    use_gemm: bool,
+    x: &[f32],
+    k: usize,
+    w: &[T],
+    mut out: OutBlock,
+) {
+    match level {
+        Level::Scalar => scalar::matmul_block(x, k, w, &mut out),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => {
+            // SAFETY: matmul_with asserted Level::Avx2.supported() (avx2, fma, f16c).
+            unsafe {
+                if use_gemm {
+                    avx2::gemm(x, k, w, &mut out)
+                } else {
+                    avx2::matvec(x, k, w, &mut out)
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => {
+            // SAFETY: matmul_with asserted Level::Avx512.supported() (avx512f, bw, vl).
+            unsafe {
+                if use_gemm {
+                    avx512::gemm(x, k, w, &mut out)
+                } else {
+                    avx512::matvec(x, k, w, &mut out)
+                }
+            }
+        }
+    }
+}
+
+/// Dot product of two f32 slices of equal length (f32 accumulation). Panics if lengths differ.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_with(level(), a, b)
+}
+
+pub(crate) fn dot_with(level: Level, a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot: lengths differ");
+    match level {
+        Level::Scalar => scalar::dot(a, b),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => {
+            assert!(level.supported());
+            // SAFETY: the assert above checked avx2 + fma.
+            unsafe { avx2::dot(a, b) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => {
+            assert!(level.supported());
+            // SAFETY: the assert above checked avx512f/bw/vl.
+            unsafe { avx512::dot(a, b) }
+        }
+    }
+}
+
+/// out[i] += alpha * x[i]. Panics if lengths differ.
+pub fn axpy(alpha: f32, x: &[f32], out: &mut [f32]) {
+    axpy_with(level(), alpha, x, out)
+}
+
+pub(crate) fn axpy_with(level: Level, alpha: f32, x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len(), "axpy: lengths differ");
+    match level {
+        Level::Scalar => scalar::axpy(alpha, x, out),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => {
+            assert!(level.supported());
+            // SAFETY: the assert above checked avx2 + fma.
+            unsafe { avx2::axpy(alpha, x, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => {
+            assert!(level.supported());
+            // SAFETY: the assert above checked avx512f/bw/vl.
+            unsafe { avx512::axpy(alpha, x, out) }
+        }
+    }
+}
+
+/// Convert one row of stored weights to f32 (embedding lookups): `out.len()` is the row length
+/// `k`, and the row is `w[row*k .. (row+1)*k]`. Widening is exact. Panics if out of range.
+pub fn row_to_f32(w: Weights<'_>, row: usize, k: usize, out: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    assert_eq!(out.len(), k, "row_to_f32: out.len() must equal k");
+    let end = row
+        .checked_add(1)
+        .and_then(|r| r.checked_mul(k))
+        .expect("row_to_f32: row*k overflows");
+    assert!(
+        end <= w.len(),
+        "row_to_f32: row {row} of length {k} is outside weights of {} elements",
+        w.len()
+    );
+    match w.rows(row, row + 1, k) {
+        Weights::F32(r) => out.copy_from_slice(r),
+        Weights::Bf16(r) => r.convert_to_f32_slice(out),
+        Weights::F16(r) => r.convert_to_f32_slice(out),
+    }
+}

@@ -1,0 +1,72 @@
+//! Mixtral (`MixtralForCausalLM`): GQA attention with optional sliding window, and a sparse MoE
+//! block in every layer whose top-k softmax weights are always renormalised.
+//!
+//! Hub checkpoints name the block `block_sparse_moe` with experts `w1` (gate), `w3` (up) and
+//! `w2` (down); transformers 5 names it `mlp` with fused `gate_up_proj` / `down_proj`.
+
+use super::{head_dim, Arch, NameScheme};
+use crate::config::{ModelConfig, QkNorm, RawConfig, RopeConfig, RouterConfig};
+use crate::error::Result;
+
+pub static ARCH: Arch = Arch {
+    model_type: "mixtral",
+    hf_classes: &["MixtralForCausalLM"],
+    parse_config,
+    names: &NAMES,
+};
+
+static NAMES: NameScheme = NameScheme {
+    embed: "model.embed_tokens.weight",
+    final_norm: "model.norm.weight",
+    lm_head: "lm_head",
+    layer_prefix: "model.layers",
+    input_norm: "input_layernorm.weight",
+    post_attention_norm: "post_attention_layernorm.weight",
+    attn: "self_attn",
+    q_norm: "q_norm.weight",
+    k_norm: "k_norm.weight",
+    moe_modules: &["block_sparse_moe", "mlp"],
+    router: "gate",
+    expert_proj: ["w1", "w3", "w2"],
+    dense_mlp: "mlp",
+    dense_proj: ["gate_proj", "up_proj", "down_proj"],
+    shared_expert: None,
+};
+
+fn parse_config(raw: &RawConfig) -> Result<ModelConfig> {
+    let hidden = raw.usize(&["hidden_size"])?;
+    let layers = raw.usize(&["num_hidden_layers"])?;
+    let heads = raw.usize(&["num_attention_heads"])?;
+    let window = raw.opt_usize(&["sliding_window"])?;
+    Ok(ModelConfig {
+        arch: ARCH.model_type,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: raw.usize_or(&["num_key_value_heads"], heads)?,
+        head_dim: head_dim(raw, hidden, heads)?,
+        vocab_size: raw.usize(&["vocab_size"])?,
+        intermediate_size: 0,
+        // Mixtral's experts use `intermediate_size`.
+        moe_intermediate_size: raw.usize(&["intermediate_size"])?,
+        max_position_embeddings: raw.usize_or(&["max_position_embeddings"], 4096 * 32)?,
+        rms_norm_eps: raw.f64_or(&["rms_norm_eps"], 1e-5)?,
+        rope: RopeConfig::parse(raw, 1e6)?,
+        tie_word_embeddings: raw.bool_or(&["tie_word_embeddings"], false)?,
+        router: RouterConfig {
+            num_experts: raw.usize_or(&["num_local_experts", "num_experts"], 8)?,
+            top_k: raw.usize_or(&["num_experts_per_tok"], 2)?,
+            norm_topk_prob: true,
+        },
+        sparse_layers: vec![true; layers],
+        shared_expert_intermediate_size: 0,
+        qkv_bias: false,
+        o_bias: false,
+        qk_norm: QkNorm::None,
+        clip_qkv: None,
+        sliding_window: vec![window.filter(|&w| w > 0); layers],
+        hidden_act: raw.opt_str(&["hidden_act"])?.unwrap_or("silu").to_string(),
+        bos_token_id: raw.token_ids("bos_token_id")?.first().copied(),
+        eos_token_ids: raw.token_ids("eos_token_id")?,
+    })
+}

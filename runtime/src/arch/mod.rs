@@ -1,0 +1,313 @@
+//! Architecture registry and the shared composition helpers architecture files use.
+//!
+//! One file per architecture: it parses its own `config.json` fields (names, aliases, class
+//! defaults) into a [`ModelConfig`] and maps Hugging Face tensor names to layer roles, once, in
+//! its [`NameScheme`]. Adding an architecture is one file plus one line in [`ARCHITECTURES`].
+//!
+//! Invariants: architecture files compose layers and never name a device or a kernel; expert
+//! tensors go to the expert store, never into a layer struct; every tensor an architecture needs
+//! is requested through the [`WeightSet`] (so unused tensors can be reported and missing ones are
+//! errors naming the tensor).
+
+mod mixtral;
+mod olmoe;
+mod qwen2_moe;
+mod qwen3_moe;
+
+use crate::config::{ModelConfig, QkNorm, RawConfig};
+use crate::error::{Error, Result};
+use crate::layers::{Attention, Linear, Mlp, QkNormLayer, RmsNorm, Rope};
+use crate::model::{DecoderLayer, Ffn, Mixer, ModelWeights};
+use crate::moe::{MoeBlock, Router, SharedExpert};
+use crate::store::ExpertWeights;
+use crate::weights::WeightSet;
+
+/// One supported architecture.
+pub struct Arch {
+    /// `model_type` in config.json; also the registry name.
+    pub model_type: &'static str,
+    /// `architectures[0]` class names that select it.
+    pub hf_classes: &'static [&'static str],
+    pub parse_config: fn(&RawConfig) -> Result<ModelConfig>,
+    /// Tensor naming of this architecture.
+    pub names: &'static NameScheme,
+}
+
+/// The registry: one line per architecture.
+pub static ARCHITECTURES: &[&Arch] = &[
+    &mixtral::ARCH,
+    &qwen3_moe::ARCH,
+    &qwen2_moe::ARCH,
+    &olmoe::ARCH,
+];
+
+/// Finds the architecture of a config: by `architectures[0]`, else by `model_type`.
+pub fn lookup(raw: &RawConfig) -> Result<&'static Arch> {
+    let classes = raw.architectures();
+    let model_type = raw.model_type();
+    for a in ARCHITECTURES {
+        if classes.iter().any(|c| a.hf_classes.contains(&c.as_str()))
+            || model_type.as_deref() == Some(a.model_type)
+        {
+            return Ok(a);
+        }
+    }
+    let name = classes
+        .first()
+        .cloned()
+        .or(model_type)
+        .unwrap_or_else(|| "(config.json has neither `architectures` nor `model_type`)".into());
+    Err(Error::UnknownArchitecture {
+        name,
+        supported: ARCHITECTURES
+            .iter()
+            .map(|a| a.model_type)
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// Hugging Face tensor names of a standard pre-norm decoder with MoE feed-forward blocks.
+/// `{l}` in a template is the layer index.
+pub struct NameScheme {
+    pub embed: &'static str,
+    pub final_norm: &'static str,
+    /// Output projection module (its `.weight`).
+    pub lm_head: &'static str,
+    pub layer_prefix: &'static str,
+    pub input_norm: &'static str,
+    pub post_attention_norm: &'static str,
+    /// Attention module under the layer prefix.
+    pub attn: &'static str,
+    pub q_norm: &'static str,
+    pub k_norm: &'static str,
+    /// Candidate MoE module names under the layer prefix, tried in order (checkpoints differ).
+    pub moe_modules: &'static [&'static str],
+    /// Router projection under the MoE module.
+    pub router: &'static str,
+    /// Per-expert projection names: gate, up, down (`{moe}.experts.{e}.{name}.weight`).
+    pub expert_proj: [&'static str; 3],
+    /// Dense MLP module and its projection names: gate, up, down.
+    pub dense_mlp: &'static str,
+    pub dense_proj: [&'static str; 3],
+    /// Shared expert module and its gate (Qwen2-MoE), under the MoE module.
+    pub shared_expert: Option<(&'static str, &'static str)>,
+}
+
+/// Builds the whole decoder from a config and the tensors, following `names`.
+pub fn build_decoder(
+    cfg: &ModelConfig,
+    w: &WeightSet,
+    names: &NameScheme,
+) -> Result<ModelWeights> {
+    let h = cfg.hidden_size;
+    let embed = w.compute(names.embed, &[cfg.vocab_size, h])?;
+    // Tied embeddings: transformers uses the embedding matrix as the output projection (a
+    // stored `lm_head.weight`, if any, is then unused and reported as such).
+    let lm_head = if cfg.tie_word_embeddings {
+        Linear::from_view(embed.clone())
+    } else {
+        Linear::load(w, names.lm_head, h, cfg.vocab_size, false)?
+    };
+    let norm = RmsNorm::load(w, names.final_norm, h, cfg.rms_norm_eps)?;
+    let rope_for = || Rope::new(&cfg.rope, cfg.head_dim);
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    let mut experts = Vec::with_capacity(cfg.num_layers);
+    for l in 0..cfg.num_layers {
+        let p = format!("{}.{l}", names.layer_prefix);
+        let a = format!("{p}.{}", names.attn);
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let qk_norm = match cfg.qk_norm {
+            QkNorm::None => QkNormLayer::None,
+            QkNorm::PerHead => QkNormLayer::PerHead {
+                q: RmsNorm::load(w, &format!("{a}.{}", names.q_norm), hd, cfg.rms_norm_eps)?,
+                k: RmsNorm::load(w, &format!("{a}.{}", names.k_norm), hd, cfg.rms_norm_eps)?,
+            },
+            QkNorm::FullWidth => QkNormLayer::FullWidth {
+                q: RmsNorm::load(w, &format!("{a}.{}", names.q_norm), nh * hd, cfg.rms_norm_eps)?,
+                k: RmsNorm::load(w, &format!("{a}.{}", names.k_norm), nkv * hd, cfg.rms_norm_eps)?,
+            },
+        };
+        let attention = Attention {
+            q_proj: Linear::load(w, &format!("{a}.q_proj"), h, nh * hd, cfg.qkv_bias)?,
+            k_proj: Linear::load(w, &format!("{a}.k_proj"), h, nkv * hd, cfg.qkv_bias)?,
+            v_proj: Linear::load(w, &format!("{a}.v_proj"), h, nkv * hd, cfg.qkv_bias)?,
+            o_proj: Linear::load(w, &format!("{a}.o_proj"), nh * hd, h, cfg.o_bias)?,
+            qk_norm,
+            clip_qkv: cfg.clip_qkv,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            sliding_window: cfg.sliding_window.get(l).copied().flatten(),
+            rope: rope_for(),
+        };
+        let (ffn, layer_experts) = if cfg.sparse_layers[l] {
+            let (block, ex) = load_moe(cfg, w, names, &p, l)?;
+            (Ffn::Moe(block), ex)
+        } else {
+            let mlp = Mlp::load(
+                w,
+                &format!("{p}.{}", names.dense_mlp),
+                h,
+                cfg.intermediate_size,
+                names.dense_proj,
+            )?;
+            (Ffn::Dense(mlp), Vec::new())
+        };
+        layers.push(DecoderLayer {
+            input_norm: RmsNorm::load(
+                w,
+                &format!("{p}.{}", names.input_norm),
+                h,
+                cfg.rms_norm_eps,
+            )?,
+            mixer: Mixer::Attention(attention),
+            post_norm: RmsNorm::load(
+                w,
+                &format!("{p}.{}", names.post_attention_norm),
+                h,
+                cfg.rms_norm_eps,
+            )?,
+            ffn,
+        });
+        experts.push(layer_experts);
+    }
+    Ok(ModelWeights {
+        embed,
+        layers,
+        norm,
+        lm_head,
+        experts,
+    })
+}
+
+/// Loads a sparse block's router (+ shared expert) and its experts, per-expert or fused layout.
+fn load_moe(
+    cfg: &ModelConfig,
+    w: &WeightSet,
+    names: &NameScheme,
+    layer_prefix: &str,
+    layer: usize,
+) -> Result<(MoeBlock, Vec<ExpertWeights>)> {
+    let h = cfg.hidden_size;
+    let e_count = cfg.router.num_experts;
+    let inter = cfg.moe_intermediate_size;
+    // The first candidate module whose router exists (Hub vs transformers 5 names).
+    let module = names
+        .moe_modules
+        .iter()
+        .map(|m| format!("{layer_prefix}.{m}"))
+        .find(|m| w.contains(&format!("{m}.{}.weight", names.router)))
+        .unwrap_or_else(|| format!("{layer_prefix}.{}", names.moe_modules[0]));
+    let router = Router {
+        gate: Linear::load(w, &format!("{module}.{}", names.router), h, e_count, false)?,
+        cfg: cfg.router,
+    };
+    let [g, u, d] = names.expert_proj;
+    let fused_gate_up = format!("{module}.experts.gate_up_proj");
+    let experts = if w.contains(&fused_gate_up) {
+        // transformers 5 layout: gate_up [E, 2I, H] (gate rows first), down [E, H, I].
+        let gate_up = w.compute(&fused_gate_up, &[e_count, 2 * inter, h])?;
+        let down = w.compute(&format!("{module}.experts.down_proj"), &[e_count, h, inter])?;
+        (0..e_count)
+            .map(|e| {
+                let gu = gate_up.index(e);
+                ExpertWeights {
+                    gate: gu.narrow(0, inter),
+                    up: gu.narrow(inter, inter),
+                    down: down.index(e),
+                }
+            })
+            .collect()
+    } else {
+        (0..e_count)
+            .map(|e| {
+                let p = format!("{module}.experts.{e}");
+                Ok(ExpertWeights {
+                    gate: w.compute(&format!("{p}.{g}.weight"), &[inter, h])?,
+                    up: w.compute(&format!("{p}.{u}.weight"), &[inter, h])?,
+                    down: w.compute(&format!("{p}.{d}.weight"), &[h, inter])?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    let shared = match names.shared_expert {
+        Some((mlp_name, gate_name)) if cfg.shared_expert_intermediate_size > 0 => {
+            Some(SharedExpert {
+                mlp: Mlp::load(
+                    w,
+                    &format!("{module}.{mlp_name}"),
+                    h,
+                    cfg.shared_expert_intermediate_size,
+                    names.dense_proj,
+                )?,
+                gate: Linear::load(w, &format!("{module}.{gate_name}"), h, 1, false)?,
+            })
+        }
+        _ => None,
+    };
+    Ok((
+        MoeBlock {
+            layer,
+            router,
+            shared,
+        },
+        experts,
+    ))
+}
+
+/// Which layers are sparse under Qwen's rule: not in `mlp_only_layers` and
+/// `(l + 1) % decoder_sparse_step == 0` (with at least one expert).
+pub fn qwen_sparse_layers(raw: &RawConfig, num_layers: usize, num_experts: usize) -> Result<Vec<bool>> {
+    let step = raw.usize_or(&["decoder_sparse_step"], 1)?;
+    let mlp_only = raw.usize_list(&["mlp_only_layers"])?;
+    Ok((0..num_layers)
+        .map(|l| {
+            !mlp_only.contains(&l) && num_experts > 0 && step > 0 && (l + 1) % step == 0
+        })
+        .collect())
+}
+
+/// `head_dim` if given (not null), else hidden / heads.
+pub fn head_dim(raw: &RawConfig, hidden: usize, heads: usize) -> Result<usize> {
+    match raw.opt_usize(&["head_dim"])? {
+        Some(d) => Ok(d),
+        None if heads > 0 && hidden % heads == 0 => Ok(hidden / heads),
+        None => Err(Error::bad_config(
+            &raw.path,
+            format!("hidden_size {hidden} is not divisible by num_attention_heads {heads} and no head_dim is given"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn raw(s: &str) -> RawConfig {
+        RawConfig::parse(PathBuf::from("config.json"), s.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn lookup_by_class_or_type_and_unknown() {
+        assert_eq!(
+            lookup(&raw(r#"{"architectures": ["MixtralForCausalLM"]}"#)).unwrap().model_type,
+            "mixtral"
+        );
+        assert_eq!(lookup(&raw(r#"{"model_type": "olmoe"}"#)).unwrap().model_type, "olmoe");
+        let e = lookup(&raw(r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}"#))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("LlamaForCausalLM") && e.contains("qwen3_moe"), "{e}");
+    }
+
+    #[test]
+    fn sparse_rule() {
+        let r = raw(r#"{"decoder_sparse_step": 2, "mlp_only_layers": [3]}"#);
+        assert_eq!(qwen_sparse_layers(&r, 4, 8).unwrap(), vec![false, true, false, false]);
+        let r = raw(r#"{"mlp_only_layers": null}"#);
+        assert_eq!(qwen_sparse_layers(&r, 2, 8).unwrap(), vec![true, true]);
+    }
+}

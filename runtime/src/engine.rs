@@ -1,0 +1,487 @@
+//! The embedded API: load a model from [`Settings`], then [`Model::generate`] a stream of tokens.
+//!
+//! The CLI and the server go through exactly this path. Loading maps the weights and parses
+//! headers; it never reads the weights' bytes. Generation prefills the prompt in one batched pass,
+//! then decodes token by token with the KV cache, checking a [`CancelToken`] between steps.
+//!
+//! Invariants: flags not given take their values from `generation_config.json`; EOS is the union
+//! of `eos_token_id` in `generation_config.json` and `config.json`; a prompt that does not fit the
+//! context is an error before any compute; nothing here panics on user input.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::arch;
+use crate::config::{GenerationConfig, ModelConfig, RawConfig};
+use crate::error::{Error, Result};
+use crate::model::{Decoder, Logits, SeqState, Trace};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::store::MappedStore;
+use crate::tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
+use crate::weights::{ModelFiles, WeightSet};
+
+/// Default context cap when none is set: long enough for real prompts, small enough that the
+/// KV cache of a big model stays modest.
+pub const DEFAULT_MAX_CONTEXT_TOKENS: usize = 4096;
+
+/// How to load a model. The same settings a config file will carry.
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    /// A folder or a Hub id in the local cache; `None` = the bundled demo model.
+    pub model: Option<String>,
+    /// Compute threads; `None` = all cores.
+    pub threads: Option<usize>,
+    /// Longest sequence (prompt + generated); `None` = min(max_position_embeddings, 4096).
+    pub max_context: Option<usize>,
+}
+
+/// A loaded model, ready to generate. Cheap to share behind an `Arc`.
+pub struct Model {
+    pub config: ModelConfig,
+    pub generation_config: GenerationConfig,
+    pub tokenizer: Option<Tokenizer>,
+    pub decoder: Decoder,
+    pub files: ModelFiles,
+    pub max_context: usize,
+    /// Tensors present in the files that the architecture does not use.
+    pub unused_tensors: Vec<String>,
+    pool: rayon::ThreadPool,
+}
+
+/// What to generate from.
+#[derive(Clone, Debug)]
+pub enum Prompt {
+    /// Text, tokenized as `tokenizer(text)` (special tokens added).
+    Text(String),
+    /// Token ids used verbatim.
+    Ids(Vec<u32>),
+    /// Messages rendered through the model's chat template (with the generation prompt).
+    Chat(Vec<ChatMessage>),
+}
+
+/// Per-request generation settings; `None` fields come from `generation_config.json`.
+#[derive(Clone, Debug, Default)]
+pub struct GenerateParams {
+    pub max_tokens: Option<usize>,
+    /// 0 = greedy.
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f64>,
+    pub seed: Option<u64>,
+    pub ignore_eos: bool,
+    /// Keep the prefill logits of every prompt position ([`Generation::prompt_logits`]).
+    pub return_prompt_logits: bool,
+}
+
+/// Default number of new tokens when neither the request nor generation_config says.
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 128;
+
+/// Shared flag to stop a generation between steps.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS token was generated.
+    Stop,
+    /// `max_tokens` or the context was reached.
+    Length,
+    /// The cancel token was set.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One generated token and the text it completed (may be empty mid-character).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenEvent {
+    pub id: u32,
+    pub text: String,
+}
+
+impl Model {
+    /// Loads the model named by `settings` (headers and small files only; weights are mapped).
+    pub fn load(settings: &Settings) -> Result<Model> {
+        let files = match &settings.model {
+            None => crate::demo::files(),
+            Some(spec) => ModelFiles::Dir(crate::hub::resolve(spec)?),
+        };
+        Self::load_files(files, settings)
+    }
+
+    /// Loads from already-located files (a folder or the embedded demo).
+    pub fn load_files(files: ModelFiles, settings: &Settings) -> Result<Model> {
+        let cfg_path = files.path_of("config.json");
+        let cfg_bytes = files.read_small("config.json")?.ok_or_else(|| Error::ModelNotFound {
+            spec: files.label(),
+            reason: "no config.json".into(),
+        })?;
+        let raw = RawConfig::parse(cfg_path, &cfg_bytes)?;
+        let arch = arch::lookup(&raw)?;
+        let config = (arch.parse_config)(&raw)?;
+        config.validate(&raw)?;
+
+        let generation_config = match files.read_small("generation_config.json")? {
+            Some(b) => GenerationConfig::parse(&RawConfig::parse(
+                files.path_of("generation_config.json"),
+                &b,
+            )?)?,
+            None => GenerationConfig::default(),
+        };
+
+        let weights = WeightSet::open(&files)?;
+        let mw = arch::build_decoder(&config, &weights, arch.names)?;
+        let unused_tensors = weights.unused();
+        if !unused_tensors.is_empty() {
+            tracing::warn!(
+                "ignoring {} tensor(s) that {} does not use (e.g. `{}`)",
+                unused_tensors.len(),
+                config.arch,
+                unused_tensors[0]
+            );
+        }
+        let store = MappedStore::new(
+            mw.experts.clone(),
+            config.hidden_size,
+            config.moe_intermediate_size,
+        )?;
+        let decoder = Decoder {
+            hidden_size: config.hidden_size,
+            vocab_size: config.vocab_size,
+            store: Box::new(store),
+            w: mw,
+        };
+
+        let tokenizer = if files.exists("tokenizer.json") {
+            let tj = files.read_small("tokenizer.json")?.unwrap_or_default();
+            let tc = files.read_small("tokenizer_config.json")?;
+            let ct = files
+                .read_small("chat_template.jinja")?
+                .map(|b| String::from_utf8_lossy(&b).into_owned());
+            Some(Tokenizer::from_bytes(&tj, tc.as_deref(), ct.as_deref())?)
+        } else {
+            None
+        };
+
+        let max_context = settings.max_context.unwrap_or_else(|| {
+            config
+                .max_position_embeddings
+                .clamp(1, DEFAULT_MAX_CONTEXT_TOKENS)
+        });
+        if max_context == 0 {
+            return Err(Error::InvalidRequest("max_context must be > 0".into()));
+        }
+        let threads = settings.threads.unwrap_or(0);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("moe-compute-{i}"))
+            .build()
+            .map_err(|e| Error::InvalidRequest(format!("cannot start {threads} threads: {e}")))?;
+        Ok(Model {
+            config,
+            generation_config,
+            tokenizer,
+            decoder,
+            files,
+            max_context,
+            unused_tensors,
+            pool,
+        })
+    }
+
+    /// Compute threads in use.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// The EOS ids: union of generation_config.json and config.json.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let mut v = self.generation_config.eos_token_ids.clone();
+        for id in &self.config.eos_token_ids {
+            if !v.contains(id) {
+                v.push(*id);
+            }
+        }
+        v
+    }
+
+    fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "{} has no tokenizer.json: pass token ids instead of text",
+                self.files.label()
+            ))
+        })
+    }
+
+    /// Turns a prompt into token ids.
+    pub fn encode_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        let ids = match prompt {
+            Prompt::Ids(ids) => ids.clone(),
+            Prompt::Text(t) => self.tokenizer()?.encode(t, true)?,
+            Prompt::Chat(m) => self.tokenizer()?.encode_chat(m, true)?,
+        };
+        if ids.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.config.vocab_size) {
+            return Err(Error::InvalidRequest(format!(
+                "prompt token id {bad} is outside the vocabulary (vocab_size {})",
+                self.config.vocab_size
+            )));
+        }
+        // At least one new token must fit.
+        if ids.len() >= self.max_context {
+            return Err(Error::ContextOverflow {
+                needed_tokens: ids.len() + 1,
+                max_context_tokens: self.max_context,
+            });
+        }
+        Ok(ids)
+    }
+
+    /// Resolves sampling settings: request first, then generation_config.json, then greedy.
+    pub fn sampling_params(&self, p: &GenerateParams) -> Result<SamplingParams> {
+        let g = &self.generation_config;
+        // transformers samples only when do_sample is true; a request temperature > 0 asks for it.
+        let sample_by_default = g.do_sample.unwrap_or(false);
+        let temperature = match p.temperature {
+            Some(t) => t,
+            None if sample_by_default => g.temperature.unwrap_or(1.0),
+            None => 0.0,
+        };
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(Error::InvalidRequest(format!(
+                "temperature must be >= 0, got {temperature}"
+            )));
+        }
+        let top_p = p.top_p.or(g.top_p).unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(Error::InvalidRequest(format!("top_p must be in (0, 1], got {top_p}")));
+        }
+        let min_p = p.min_p.or(g.min_p).unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&min_p) {
+            return Err(Error::InvalidRequest(format!("min_p must be in [0, 1], got {min_p}")));
+        }
+        let seed = p.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+        Ok(SamplingParams {
+            temperature,
+            top_k: p.top_k.or(g.top_k).unwrap_or(0),
+            top_p,
+            min_p,
+            seed,
+        })
+    }
+
+    /// Runs a forward pass on this model's thread pool.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        state: &mut SeqState,
+        logits: Logits,
+        trace: Option<&mut Trace>,
+    ) -> Result<Vec<f32>> {
+        if state.len + tokens.len() > self.max_context {
+            return Err(Error::ContextOverflow {
+                needed_tokens: state.len + tokens.len(),
+                max_context_tokens: self.max_context,
+            });
+        }
+        self.pool
+            .install(|| self.decoder.forward(tokens, state, logits, trace))
+    }
+
+    /// A fresh per-sequence state.
+    pub fn new_state(&self) -> SeqState {
+        self.decoder.new_state()
+    }
+
+    /// Starts generating. The returned iterator yields one [`TokenEvent`] per generated token;
+    /// the prompt is prefilled on the first call to `next`.
+    pub fn generate(
+        &self,
+        prompt: &Prompt,
+        params: &GenerateParams,
+        cancel: CancelToken,
+    ) -> Result<Generation<'_>> {
+        let prompt_ids = self.encode_prompt(prompt)?;
+        let sampling = self.sampling_params(params)?;
+        let max_new = params
+            .max_tokens
+            .or(self.generation_config.max_new_tokens)
+            .unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+        let eos = if params.ignore_eos {
+            Vec::new()
+        } else {
+            self.eos_token_ids()
+        };
+        Ok(Generation {
+            model: self,
+            state: self.new_state(),
+            prompt_ids,
+            sampler: Sampler::new(sampling),
+            max_new,
+            eos,
+            cancel,
+            decoder: self.tokenizer.as_ref().map(Tokenizer::decoder),
+            generated: Vec::new(),
+            pending: None,
+            finish: None,
+            return_prompt_logits: params.return_prompt_logits,
+            prompt_logits: None,
+            prefill_time: Duration::ZERO,
+            decode_time: Duration::ZERO,
+        })
+    }
+}
+
+/// A running generation: an iterator of tokens with timing and the finish reason.
+pub struct Generation<'m> {
+    model: &'m Model,
+    state: SeqState,
+    prompt_ids: Vec<u32>,
+    sampler: Sampler,
+    max_new: usize,
+    eos: Vec<u32>,
+    cancel: CancelToken,
+    decoder: Option<IncrementalDecoder<'m>>,
+    generated: Vec<u32>,
+    /// Logits for the next token, from the last forward pass.
+    pending: Option<Vec<f32>>,
+    finish: Option<FinishReason>,
+    return_prompt_logits: bool,
+    prompt_logits: Option<Vec<f32>>,
+    prefill_time: Duration,
+    decode_time: Duration,
+}
+
+impl Generation<'_> {
+    pub fn prompt_ids(&self) -> &[u32] {
+        &self.prompt_ids
+    }
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+    /// `[prompt_tokens, vocab]` prefill logits, when requested.
+    pub fn prompt_logits(&self) -> Option<&[f32]> {
+        self.prompt_logits.as_deref()
+    }
+    pub fn prefill_time(&self) -> Duration {
+        self.prefill_time
+    }
+    /// Time spent after prefill: sampling plus the forward passes of all but the first token.
+    pub fn decode_time(&self) -> Duration {
+        self.decode_time
+    }
+    /// Text still buffered by the incremental decoder (an incomplete character at the end).
+    pub fn flush_text(&mut self) -> Result<String> {
+        match &mut self.decoder {
+            Some(d) => Ok(d.finish()?),
+            None => Ok(String::new()),
+        }
+    }
+
+    fn step(&mut self) -> Result<Option<TokenEvent>> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
+        if self.cancel.is_cancelled() {
+            self.finish = Some(FinishReason::Cancelled);
+            return Ok(None);
+        }
+        if self.pending.is_none() {
+            // Prefill.
+            let t0 = Instant::now();
+            let vocab = self.model.config.vocab_size;
+            let mode = if self.return_prompt_logits {
+                Logits::All
+            } else {
+                Logits::Last
+            };
+            let logits = self
+                .model
+                .forward(&self.prompt_ids, &mut self.state, mode, None)?;
+            let last = logits[logits.len() - vocab..].to_vec();
+            if self.return_prompt_logits {
+                self.prompt_logits = Some(logits);
+            }
+            self.pending = Some(last);
+            self.prefill_time = t0.elapsed();
+        }
+        if self.generated.len() >= self.max_new || self.state.len >= self.model.max_context {
+            self.finish = Some(FinishReason::Length);
+            return Ok(None);
+        }
+        let t0 = Instant::now();
+        let logits = self.pending.take().expect("logits after prefill");
+        let id = self.sampler.sample(&logits);
+        self.generated.push(id);
+        let text = match &mut self.decoder {
+            Some(d) => d.push(id)?,
+            None => String::new(),
+        };
+        if self.eos.contains(&id) {
+            self.finish = Some(FinishReason::Stop);
+        } else if self.generated.len() >= self.max_new
+            || self.state.len + 1 >= self.model.max_context
+        {
+            self.finish = Some(FinishReason::Length);
+        } else if !self.cancel.is_cancelled() {
+            self.pending = Some(
+                self.model
+                    .forward(&[id], &mut self.state, Logits::Last, None)?,
+            );
+        }
+        if self.pending.is_none() && self.finish.is_none() {
+            self.finish = Some(FinishReason::Cancelled);
+        }
+        self.decode_time += t0.elapsed();
+        Ok(Some(TokenEvent { id, text }))
+    }
+}
+
+impl Iterator for Generation<'_> {
+    type Item = Result<TokenEvent>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.step() {
+            Ok(Some(ev)) => Some(Ok(ev)),
+            Ok(None) => None,
+            Err(e) => {
+                self.finish.get_or_insert(FinishReason::Cancelled);
+                Some(Err(e))
+            }
+        }
+    }
+}

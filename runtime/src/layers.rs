@@ -1,0 +1,445 @@
+//! Building blocks that architecture files compose: linear projections, RMSNorm, rotary
+//! embeddings, attention with its KV cache, and the dense SwiGLU MLP.
+//!
+//! Invariants: activations, norms, softmax and accumulation are f32 whatever the weights' dtype;
+//! weights are read in place through [`TensorRef`] views (no copies of large tensors); every
+//! matrix product goes through `moe_kernels`. Row-major layouts: activations `[tokens, width]`,
+//! weights `[out, in]` as Hugging Face stores them.
+
+use rayon::prelude::*;
+
+use crate::config::{RopeConfig, RopeScaling};
+use crate::error::Result;
+use crate::weights::{TensorRef, WeightSet};
+
+/// `y = x · Wᵀ (+ b)`.
+pub struct Linear {
+    pub weight: TensorRef,
+    pub bias: Option<Vec<f32>>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` `[out, in]` and, when `bias`, `{prefix}.bias` `[out]`.
+    pub fn load(
+        w: &WeightSet,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let weight = w.compute(&format!("{prefix}.weight"), &[out_features, in_features])?;
+        let bias = if bias {
+            Some(
+                w.compute(&format!("{prefix}.bias"), &[out_features])?
+                    .to_f32_vec()?,
+            )
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight,
+            bias,
+            in_features,
+            out_features,
+        })
+    }
+
+    /// From an existing `[out, in]` view (e.g. one expert of a stacked tensor).
+    pub fn from_view(weight: TensorRef) -> Linear {
+        Linear {
+            in_features: weight.shape[1],
+            out_features: weight.shape[0],
+            weight,
+            bias: None,
+        }
+    }
+
+    /// `x` is `[m, in]`; returns `[m, out]`.
+    pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let mut out = vec![0f32; m * self.out_features];
+        self.forward_into(x, m, &mut out);
+        out
+    }
+
+    pub fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        moe_kernels::matmul(
+            x,
+            m,
+            self.in_features,
+            self.weight.weights(),
+            self.out_features,
+            out,
+        );
+        if let Some(b) = &self.bias {
+            for row in out.chunks_exact_mut(self.out_features) {
+                for (o, b) in row.iter_mut().zip(b) {
+                    *o += b;
+                }
+            }
+        }
+    }
+}
+
+/// Root-mean-square norm: `x / sqrt(mean(x²) + eps) * w`.
+pub struct RmsNorm {
+    pub weight: Vec<f32>,
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(w: &WeightSet, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: w.compute(name, &[dim])?.to_f32_vec()?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Normalises every `weight.len()`-wide row of `x` in place.
+    pub fn forward_inplace(&self, x: &mut [f32]) {
+        let d = self.weight.len();
+        for row in x.chunks_exact_mut(d) {
+            let ss: f32 = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ss + self.eps).sqrt();
+            for (v, w) in row.iter_mut().zip(&self.weight) {
+                *v = *w * (*v * r);
+            }
+        }
+    }
+
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let mut y = x.to_vec();
+        self.forward_inplace(&mut y);
+        y
+    }
+}
+
+/// Rotary position embedding (rotate-half convention) with transformers' scaling variants.
+pub struct Rope {
+    /// Inverse frequencies, `rot_dim / 2` of them.
+    inv_freq: Vec<f32>,
+    /// Multiplies cos and sin (YaRN's attention factor; 1 otherwise).
+    attention_scaling: f32,
+    rot_dim: usize,
+}
+
+impl Rope {
+    pub fn new(cfg: &RopeConfig, head_dim: usize) -> Rope {
+        let dim = ((head_dim as f64) * cfg.partial_rotary_factor) as usize;
+        let base = cfg.theta;
+        // Exponents are formed in f32 as transformers does (`arange(0, dim, 2).float() / dim`).
+        let pos_freq: Vec<f64> = (0..dim / 2)
+            .map(|i| base.powf(((2 * i) as f32 / dim as f32) as f64))
+            .collect();
+        let mut attention_scaling = 1.0f64;
+        let inv: Vec<f64> = match &cfg.scaling {
+            RopeScaling::Default | RopeScaling::Dynamic { .. } => {
+                pos_freq.iter().map(|p| 1.0 / p).collect()
+            }
+            RopeScaling::Linear { factor } => pos_freq.iter().map(|p| 1.0 / p / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old = *original_max_position_embeddings as f64;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                pos_freq
+                    .iter()
+                    .map(|p| {
+                        let f = 1.0 / p;
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen > low_wavelen {
+                            f / factor
+                        } else if wavelen < high_wavelen {
+                            f
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                attention_factor,
+                beta_fast,
+                beta_slow,
+                mscale,
+                mscale_all_dim,
+                truncate,
+            } => {
+                let get_mscale = |scale: f64, m: f64| {
+                    if scale <= 1.0 {
+                        1.0
+                    } else {
+                        0.1 * m * scale.ln() + 1.0
+                    }
+                };
+                attention_scaling = match attention_factor {
+                    Some(a) => *a,
+                    None => match (mscale, mscale_all_dim) {
+                        (Some(m), Some(ma)) if *m != 0.0 && *ma != 0.0 => {
+                            get_mscale(*factor, *m) / get_mscale(*factor, *ma)
+                        }
+                        _ => get_mscale(*factor, 1.0),
+                    },
+                };
+                let orig = *original_max_position_embeddings as f64;
+                let d = dim as f64;
+                let corr = |rot: f64| {
+                    (d * (orig / (rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln())
+                };
+                let (mut low, mut high) = (corr(*beta_fast), corr(*beta_slow));
+                if *truncate {
+                    low = low.floor();
+                    high = high.ceil();
+                }
+                let low = low.max(0.0);
+                let mut high = high.min(d - 1.0);
+                if low == high {
+                    high += 0.001; // transformers: "Prevent singularity"
+                }
+                pos_freq
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        let extrap_factor = 1.0 - ramp;
+                        let interp = 1.0 / (factor * p);
+                        let extrap = 1.0 / p;
+                        interp * (1.0 - extrap_factor) + extrap * extrap_factor
+                    })
+                    .collect()
+            }
+        };
+        Rope {
+            inv_freq: inv.iter().map(|&f| f as f32).collect(),
+            attention_scaling: attention_scaling as f32,
+            rot_dim: dim,
+        }
+    }
+
+    /// Rotates every `head_dim`-wide head of `row` for absolute position `pos`.
+    pub fn apply(&self, row: &mut [f32], head_dim: usize, pos: usize) {
+        let half = self.rot_dim / 2;
+        let (cos, sin): (Vec<f32>, Vec<f32>) = self
+            .inv_freq
+            .iter()
+            .map(|f| {
+                let a = f * pos as f32;
+                (
+                    (a as f64).cos() as f32 * self.attention_scaling,
+                    (a as f64).sin() as f32 * self.attention_scaling,
+                )
+            })
+            .unzip();
+        for head in row.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                let x1 = head[i];
+                let x2 = head[i + half];
+                head[i] = x1 * cos[i] - x2 * sin[i];
+                head[i + half] = x2 * cos[i] + x1 * sin[i];
+            }
+        }
+    }
+}
+
+/// Keys and values of one attention layer for one sequence, f32 `[tokens, kv_heads * head_dim]`.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub len: usize,
+}
+
+impl KvCache {
+    /// Drops everything after the first `len` tokens (prefix reuse, rollback).
+    pub fn truncate(&mut self, len: usize, row: usize) {
+        self.len = self.len.min(len);
+        self.k.truncate(self.len * row);
+        self.v.truncate(self.len * row);
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        (self.k.capacity() + self.v.capacity()) * 4
+    }
+}
+
+/// How q and k are normalised (see [`crate::config::QkNorm`]), with the norm weights.
+pub enum QkNormLayer {
+    None,
+    PerHead { q: RmsNorm, k: RmsNorm },
+    FullWidth { q: RmsNorm, k: RmsNorm },
+}
+
+/// Multi-head causal self-attention with GQA, optional q/k norm, clipping and sliding window.
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub qk_norm: QkNormLayer,
+    pub clip_qkv: Option<f32>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Keys older than this many positions are not attended to (None = full causal).
+    pub sliding_window: Option<usize>,
+    pub rope: Rope,
+}
+
+impl Attention {
+    fn kv_row(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    /// `x` is `[t, hidden]` for positions `cache.len .. cache.len + t`; returns `[t, hidden]`.
+    pub fn forward(&self, x: &[f32], t: usize, cache: &mut KvCache) -> Vec<f32> {
+        let (nh, hd) = (self.num_heads, self.head_dim);
+        let kvr = self.kv_row();
+        let mut q = self.q_proj.forward(x, t);
+        let mut k = self.k_proj.forward(x, t);
+        let mut v = self.v_proj.forward(x, t);
+        match &self.qk_norm {
+            QkNormLayer::None => {}
+            // Per-head norms see `head_dim`-wide rows, full-width norms whole projections: the
+            // norm's weight length decides the row width.
+            QkNormLayer::PerHead { q: qn, k: kn } | QkNormLayer::FullWidth { q: qn, k: kn } => {
+                qn.forward_inplace(&mut q);
+                kn.forward_inplace(&mut k);
+            }
+        }
+        if let Some(c) = self.clip_qkv {
+            for val in q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()) {
+                *val = val.clamp(-c, c);
+            }
+        }
+        let pos0 = cache.len;
+        q.par_chunks_mut(nh * hd)
+            .zip(k.par_chunks_mut(kvr))
+            .enumerate()
+            .for_each(|(i, (qr, kr))| {
+                self.rope.apply(qr, hd, pos0 + i);
+                self.rope.apply(kr, hd, pos0 + i);
+            });
+        cache.k.extend_from_slice(&k);
+        cache.v.extend_from_slice(&v);
+        cache.len += t;
+
+        let scale = (hd as f32).powf(-0.5);
+        let group = nh / self.num_kv_heads;
+        let window = self.sliding_window;
+        let (ck, cv) = (&cache.k, &cache.v);
+        let mut attn = vec![0f32; t * nh * hd];
+        attn.par_chunks_mut(hd).enumerate().for_each(|(c, out)| {
+            let (i, h) = (c / nh, c % nh);
+            let pos = pos0 + i;
+            let first = match window {
+                Some(w) if w > 0 => (pos + 1).saturating_sub(w),
+                _ => 0,
+            };
+            let qh = &q[i * nh * hd + h * hd..][..hd];
+            let kvh = h / group;
+            let mut scores: Vec<f32> = (first..=pos)
+                .map(|j| moe_kernels::dot(qh, &ck[j * kvr + kvh * hd..][..hd]) * scale)
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            for (j, s) in (first..=pos).zip(&scores) {
+                moe_kernels::axpy(s / sum, &cv[j * kvr + kvh * hd..][..hd], out);
+            }
+        });
+        self.o_proj.forward(&attn, t)
+    }
+}
+
+/// SiLU-gated MLP: `down(silu(gate(x)) * up(x))`.
+pub struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Mlp {
+    pub fn load(
+        w: &WeightSet,
+        prefix: &str,
+        hidden: usize,
+        inter: usize,
+        names: [&str; 3],
+    ) -> Result<Mlp> {
+        Ok(Mlp {
+            gate: Linear::load(w, &format!("{prefix}.{}", names[0]), hidden, inter, false)?,
+            up: Linear::load(w, &format!("{prefix}.{}", names[1]), hidden, inter, false)?,
+            down: Linear::load(w, &format!("{prefix}.{}", names[2]), inter, hidden, false)?,
+        })
+    }
+
+    /// `x` is `[m, hidden]`; returns `[m, hidden]`.
+    pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let g = self.gate.forward(x, m);
+        let mut u = self.up.forward(x, m);
+        silu_mul(&g, &mut u);
+        self.down.forward(&u, m)
+    }
+}
+
+/// `u[i] = silu(g[i]) * u[i]`.
+pub fn silu_mul(g: &[f32], u: &mut [f32]) {
+    for (u, &g) in u.iter_mut().zip(g) {
+        *u *= g / (1.0 + (-g).exp());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_rotation_preserves_norm_and_matches_formula() {
+        let cfg = RopeConfig {
+            theta: 10000.0,
+            scaling: RopeScaling::Default,
+            partial_rotary_factor: 1.0,
+        };
+        let rope = Rope::new(&cfg, 8);
+        let x: Vec<f32> = (0..16).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut y = x.clone();
+        rope.apply(&mut y, 8, 5);
+        // Position 5, pair 1: angle = 5 / 10000^(2/8).
+        let a = 5.0f64 / 10000f64.powf(0.25);
+        let (x1, x2) = (x[1] as f64, x[5] as f64);
+        assert!((y[1] as f64 - (x1 * a.cos() - x2 * a.sin())).abs() < 1e-5);
+        assert!((y[5] as f64 - (x2 * a.cos() + x1 * a.sin())).abs() < 1e-5);
+        let n0: f32 = x.iter().map(|v| v * v).sum();
+        let n1: f32 = y.iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-4);
+        let mut z = x.clone();
+        rope.apply(&mut z, 8, 0);
+        assert_eq!(z, x);
+    }
+
+    #[test]
+    fn rmsnorm_unit_rms() {
+        let n = RmsNorm {
+            weight: vec![1.0; 4],
+            eps: 0.0,
+        };
+        let y = n.forward(&[1.0, -2.0, 3.0, -4.0, 2.0, 2.0, 2.0, 2.0]);
+        for row in y.chunks(4) {
+            let rms = (row.iter().map(|v| v * v).sum::<f32>() / 4.0).sqrt();
+            assert!((rms - 1.0).abs() < 1e-6);
+        }
+        assert!((y[4] - 1.0).abs() < 1e-6);
+    }
+}

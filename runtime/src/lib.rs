@@ -1,0 +1,49 @@
+//! moe-runtime: run Mixture-of-Experts language models larger than the machine.
+//!
+//! Opens a Hugging Face checkpoint folder as downloaded (safetensors by mmap, no conversion),
+//! computes exactly what transformers computes, and reaches experts only through an expert store
+//! that later grows tiers, device slots and prefetch.
+//!
+//! ```no_run
+//! use moe_runtime::{CancelToken, GenerateParams, Model, Prompt, Settings};
+//!
+//! // `model: None` loads the bundled demo model.
+//! let model = Model::load(&Settings::default())?;
+//! let params = GenerateParams { max_tokens: Some(8), temperature: Some(0.0), ..Default::default() };
+//! let mut text = String::new();
+//! for token in model.generate(&Prompt::Text("Hello".into()), &params, CancelToken::new())? {
+//!     text.push_str(&token?.text);
+//! }
+//! # Ok::<(), moe_runtime::Error>(())
+//! ```
+//!
+//! Module map (dependencies point downwards):
+//! - [`engine`]: the public API (settings, load, generate, cancellation).
+//! - [`model`]: the decoder stack and forward pass; [`arch`]: one file per architecture.
+//! - [`layers`], [`moe`]: building blocks; [`store`]: the expert store interface.
+//! - [`weights`]: the only reader of model files; [`config`]: config.json; [`hub`]: model lookup.
+//! - [`tokenizer`]: tokenizer.json and chat templates; [`sampler`]: next-token choice.
+//! - [`synth`]: random-weight model writer; [`demo`]: the embedded demo model.
+
+pub mod arch;
+pub mod config;
+pub mod demo;
+pub mod engine;
+pub mod error;
+pub mod fsutil;
+pub mod hub;
+pub mod layers;
+pub mod model;
+pub mod moe;
+pub mod sampler;
+pub mod store;
+pub mod synth;
+pub mod tokenizer;
+pub mod weights;
+
+pub use engine::{
+    CancelToken, FinishReason, GenerateParams, Generation, Model, Prompt, Settings, TokenEvent,
+};
+pub use error::{Error, Result};
+pub use model::{Logits, SeqState, Trace};
+pub use tokenizer::ChatMessage;

@@ -1,0 +1,177 @@
+//! The decoder stack and its forward pass over a batch of new tokens of one sequence.
+//!
+//! A layer is a token mixer (attention now; recurrent linear attention and MLA later, each with its
+//! own per-sequence state in [`MixerState`]) followed by a feed-forward block (dense MLP or sparse
+//! MoE through the expert store). Prefill runs all prompt tokens through each layer at once
+//! (matrix-matrix), decode one token at a time; both use the same code.
+//!
+//! Invariants: a sequence's state ([`SeqState`]) holds everything that depends on its past
+//! tokens, one entry per layer, so several sequences can share one model; the forward pass
+//! never reads expert weights except through the [`ExpertStore`].
+
+use crate::error::{Error, Result};
+use crate::layers::{Attention, KvCache, Linear, Mlp, RmsNorm};
+use crate::moe::{MoeBlock, Routing};
+use crate::store::{ExpertStore, ExpertWeights};
+use crate::weights::TensorRef;
+
+/// Mixes information across positions.
+pub enum Mixer {
+    Attention(Attention),
+}
+
+/// Per-sequence state of one mixer.
+#[derive(Clone)]
+pub enum MixerState {
+    Kv(KvCache),
+}
+
+/// Mixes information across channels.
+pub enum Ffn {
+    Dense(Mlp),
+    Moe(MoeBlock),
+}
+
+/// A pre-norm decoder layer: `x += mixer(norm(x)); x += ffn(norm(x))`.
+pub struct DecoderLayer {
+    pub input_norm: RmsNorm,
+    pub mixer: Mixer,
+    pub post_norm: RmsNorm,
+    pub ffn: Ffn,
+}
+
+/// Everything an architecture file builds.
+pub struct ModelWeights {
+    pub embed: TensorRef,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    pub lm_head: Linear,
+    /// Per layer, its experts (empty for dense layers): handed to the expert store.
+    pub experts: Vec<Vec<ExpertWeights>>,
+}
+
+/// The per-sequence state: position and one mixer state per layer.
+#[derive(Clone)]
+pub struct SeqState {
+    pub layers: Vec<MixerState>,
+    pub len: usize,
+}
+
+impl SeqState {
+    /// Bytes held by the caches.
+    pub fn size_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                MixerState::Kv(kv) => kv.size_bytes(),
+            })
+            .sum()
+    }
+}
+
+/// Which logits a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position (generation).
+    Last,
+    /// Every position (`--logits-out`, parity tests).
+    All,
+}
+
+/// Intermediate values recorded on request (parity tests, debugging).
+#[derive(Default, Debug, Clone)]
+pub struct Trace {
+    /// Per layer, its output `[tokens, hidden]` (before the final norm).
+    pub hidden: Vec<Vec<f32>>,
+    /// Per layer, its routing (None for dense layers).
+    pub routing: Vec<Option<Routing>>,
+}
+
+/// The decoder: weights plus the expert store its sparse layers use.
+pub struct Decoder {
+    pub w: ModelWeights,
+    pub store: Box<dyn ExpertStore>,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+}
+
+impl Decoder {
+    /// A fresh state for one sequence.
+    pub fn new_state(&self) -> SeqState {
+        SeqState {
+            layers: self
+                .w
+                .layers
+                .iter()
+                .map(|l| match l.mixer {
+                    Mixer::Attention(_) => MixerState::Kv(KvCache::default()),
+                })
+                .collect(),
+            len: 0,
+        }
+    }
+
+    /// Runs `tokens` (the next tokens of the sequence) through the model, appending to `state`.
+    /// Returns logits `[1, vocab]` or `[tokens, vocab]`.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        state: &mut SeqState,
+        logits: Logits,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Vec<f32>> {
+        let h = self.hidden_size;
+        let t = tokens.len();
+        if t == 0 {
+            return Err(Error::InvalidRequest("no tokens to process".into()));
+        }
+        let mut x = vec![0f32; t * h];
+        for (row, &id) in x.chunks_exact_mut(h).zip(tokens) {
+            if id as usize >= self.vocab_size {
+                return Err(Error::InvalidRequest(format!(
+                    "token id {id} is outside the vocabulary (vocab_size {})",
+                    self.vocab_size
+                )));
+            }
+            moe_kernels::row_to_f32(self.w.embed.weights(), id as usize, h, row);
+        }
+        for (l, (layer, st)) in self.w.layers.iter().zip(&mut state.layers).enumerate() {
+            let normed = layer.input_norm.forward(&x);
+            let mixed = match (&layer.mixer, st) {
+                (Mixer::Attention(a), MixerState::Kv(kv)) => a.forward(&normed, t, kv),
+            };
+            add_inplace(&mut x, &mixed);
+            let normed = layer.post_norm.forward(&x);
+            let (y, routing) = match &layer.ffn {
+                Ffn::Dense(mlp) => (mlp.forward(&normed, t), None),
+                Ffn::Moe(moe) => {
+                    let (y, r) = moe.forward(&normed, t, h, self.store.as_ref())?;
+                    (y, Some(r))
+                }
+            };
+            add_inplace(&mut x, &y);
+            if let Some(tr) = trace.as_deref_mut() {
+                if tr.hidden.len() <= l {
+                    tr.hidden.resize(l + 1, Vec::new());
+                    tr.routing.resize(l + 1, None);
+                }
+                tr.hidden[l] = x.clone();
+                tr.routing[l] = routing;
+            }
+        }
+        state.len += t;
+        let rows = match logits {
+            Logits::Last => &x[(t - 1) * h..],
+            Logits::All => &x[..],
+        };
+        let m = rows.len() / h;
+        let normed = self.w.norm.forward(rows);
+        Ok(self.w.lm_head.forward(&normed, m))
+    }
+}
+
+fn add_inplace(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

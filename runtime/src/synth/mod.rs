@@ -1,0 +1,236 @@
+//! `synth`: writes random-weight Mixture-of-Experts checkpoints in exact Hugging Face
+//! Hub layout, so the runtime (and `transformers`) open them as if downloaded.
+//!
+//! This module owns the synthetic-model writer only; it depends on nothing else in the
+//! crate. For architecture `qwen3_moe` (`Qwen3MoeForCausalLM`) it writes into one folder:
+//! `config.json`, `generation_config.json`, `model-0000i-of-0000N.safetensors` shards,
+//! `model.safetensors.index.json` (always, even for one shard), `tokenizer.json`
+//! (byte-level BPE) and `tokenizer_config.json` (ChatML template).
+//!
+//! What must always hold:
+//! - Tensor names, shapes and dtype (BF16) are exactly the Hub's Qwen3-MoE ones; the
+//!   index maps every tensor to the shard holding it and `total_size` is the sum of
+//!   tensor data bytes; in each shard the `data_offsets` tile the data region exactly.
+//! - Output is a pure function of (arch, preset, layers, seed, shard limit): the same
+//!   inputs give byte-identical files whatever the thread count.
+//! - Memory stays bounded: tensor data is generated and written in chunks (a few MiB
+//!   per rayon thread), never a whole tensor at once.
+//! - Every file is written atomically (`NAME.tmp-<pid>`, fsync, rename), then the folder
+//!   is fsynced; `config.json` is written last, so a folder with it is complete.
+//! - A non-empty output folder is never written into unless `overwrite` is set.
+//! - The tokenizer has exactly `vocab_size` ids: 256 byte tokens, merges (each joining
+//!   two earlier tokens into a new one), then `<|endoftext|>`, `<|im_start|>`,
+//!   `<|im_end|>`.
+
+mod hub;
+mod preset;
+mod tokenizer;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+use preset::TensorSpec;
+pub use preset::{preset, preset_names, Preset, SpecialIds, HUB_SHARD_BYTES};
+
+/// Architectures `synth` can write (Hub `model_type` names).
+pub const ARCHS: &[&str] = &["qwen3_moe"];
+
+/// What to write and where.
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
+    /// Hub `model_type`; only `qwen3_moe`.
+    pub arch: String,
+    /// Preset name, see [`preset_names`].
+    pub preset: String,
+    /// Overrides the preset's layer count.
+    pub layers: Option<usize>,
+    /// Seed for all weights.
+    pub seed: u64,
+    /// Output folder (created if missing).
+    pub out: PathBuf,
+    /// Shard size limit in bytes of tensor data; default: the preset's (5 GB, Hub style).
+    pub shard_bytes: Option<u64>,
+    /// Allow writing into a non-empty folder (replacing model files there).
+    pub overwrite: bool,
+}
+
+/// What was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SynthReport {
+    /// Every file written, in write order.
+    pub files: Vec<PathBuf>,
+    /// Number of tensors.
+    pub tensors: usize,
+    /// Number of parameters.
+    pub params: u64,
+    /// Bytes of tensor data (the index's `total_size`).
+    pub weight_bytes: u64,
+}
+
+/// Errors from [`synth`].
+#[derive(Debug, thiserror::Error)]
+pub enum SynthError {
+    #[error("unknown architecture {got:?}; supported: {}", ARCHS.join(", "))]
+    UnknownArch { got: String },
+    #[error("unknown preset {got:?}; available: {}", preset_names().join(", "))]
+    UnknownPreset { got: String },
+    #[error("invalid synth options: {0}")]
+    Invalid(String),
+    #[error("output folder {} is not empty (pass overwrite to replace the model files in it)", .0.display())]
+    NotEmpty(PathBuf),
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The preset `opts` asks for, with `layers` applied and checked.
+pub fn resolve_preset(opts: &SynthOptions) -> Result<Preset, SynthError> {
+    if !ARCHS.contains(&opts.arch.as_str()) {
+        return Err(SynthError::UnknownArch {
+            got: opts.arch.clone(),
+        });
+    }
+    let mut p = preset(&opts.preset).ok_or_else(|| SynthError::UnknownPreset {
+        got: opts.preset.clone(),
+    })?;
+    if let Some(layers) = opts.layers {
+        if layers == 0 {
+            return Err(SynthError::Invalid("layers must be at least 1".into()));
+        }
+        p.num_hidden_layers = layers;
+    }
+    p.validate()?;
+    Ok(p)
+}
+
+/// Writes the model described by `opts`; `progress(written, total)` reports bytes of
+/// tensor data (the same totals as [`SynthReport::weight_bytes`]).
+pub fn synth(
+    opts: &SynthOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<SynthReport, SynthError> {
+    let p = resolve_preset(opts)?;
+    let shard_limit = opts.shard_bytes.unwrap_or(p.default_shard_bytes);
+    if shard_limit == 0 {
+        return Err(SynthError::Invalid("shard_bytes must be > 0".into()));
+    }
+    let dir = opts.out.as_path();
+    prepare_dir(dir, opts.overwrite)?;
+
+    let specs = p.tensors();
+    let weight_bytes: u64 = specs.iter().map(TensorSpec::size_bytes).sum();
+    let params: u64 = specs.iter().map(TensorSpec::numel).sum();
+    debug_assert_eq!(params, p.param_count());
+    let keys: Vec<u64> = specs
+        .iter()
+        .map(|t| writer::tensor_key(opts.seed, &t.name))
+        .collect();
+    let shards = writer::plan_shards(&specs, shard_limit);
+
+    let mut files = Vec::new();
+    let mut weight_map = BTreeMap::new();
+    let mut written = 0u64;
+    progress(0, weight_bytes);
+    for (i, tensors) in shards.iter().enumerate() {
+        let name = writer::shard_name(i, shards.len());
+        let layout = writer::shard_layout(&specs, tensors);
+        for &t in tensors {
+            weight_map.insert(specs[t].name.clone(), name.clone());
+        }
+        let path = writer::write_shard(dir, &name, &specs, &keys, &layout, &mut |n| {
+            written += n;
+            progress(written, weight_bytes);
+        })?;
+        tracing::info!(file = %path.display(), bytes = layout.data_bytes, "synth: wrote shard");
+        files.push(path);
+    }
+    let index = hub::index_json(weight_bytes, &weight_map);
+    files.push(writer::write_atomic(
+        dir,
+        "model.safetensors.index.json",
+        &index,
+    )?);
+    files.push(writer::write_atomic(
+        dir,
+        "tokenizer.json",
+        &tokenizer::tokenizer_json(&p),
+    )?);
+    files.push(writer::write_atomic(
+        dir,
+        "tokenizer_config.json",
+        &tokenizer::tokenizer_config_json(&p),
+    )?);
+    files.push(writer::write_atomic(
+        dir,
+        "generation_config.json",
+        &hub::generation_config_json(&p),
+    )?);
+    files.push(writer::write_atomic(
+        dir,
+        "config.json",
+        &hub::config_json(&p),
+    )?);
+    if opts.overwrite {
+        remove_stale_weights(dir, &files)?;
+    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| SynthError::Io {
+            op: "fsync",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    Ok(SynthReport {
+        files,
+        tensors: specs.len(),
+        params,
+        weight_bytes,
+    })
+}
+
+fn prepare_dir(dir: &Path, overwrite: bool) -> Result<(), SynthError> {
+    let io = |op: &'static str| {
+        move |source| SynthError::Io {
+            op,
+            path: dir.to_path_buf(),
+            source,
+        }
+    };
+    fs::create_dir_all(dir).map_err(io("create folder"))?;
+    let mut entries = fs::read_dir(dir).map_err(io("read folder"))?;
+    if entries.next().is_some() && !overwrite {
+        return Err(SynthError::NotEmpty(dir.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// After an overwrite, removes weight files of an earlier model that the new one does
+/// not use (`model.safetensors`, `model-*-of-*.safetensors`), since a loader would
+/// otherwise pick them up. Other files are left alone.
+fn remove_stale_weights(dir: &Path, keep: &[PathBuf]) -> Result<(), SynthError> {
+    let io = |op: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SynthError::Io { op, path, source }
+    };
+    for entry in fs::read_dir(dir).map_err(io("read folder", dir))? {
+        let path = entry.map_err(io("read folder", dir))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let stale_shard =
+            name.starts_with("model-") && name.contains("-of-") && name.ends_with(".safetensors");
+        if (stale_shard || name == "model.safetensors") && !keep.contains(&path) {
+            fs::remove_file(&path).map_err(io("remove stale", &path))?;
+        }
+    }
+    Ok(())
+}

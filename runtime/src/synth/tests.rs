@@ -1,0 +1,525 @@
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::preset::Init;
+use super::*;
+
+fn opts(preset: &str, out: &Path) -> SynthOptions {
+    SynthOptions {
+        arch: "qwen3_moe".into(),
+        preset: preset.into(),
+        layers: None,
+        seed: 0,
+        out: out.to_path_buf(),
+        shard_bytes: None,
+        overwrite: false,
+    }
+}
+
+fn run(o: &SynthOptions) -> SynthReport {
+    let mut last = (0, 0);
+    let report = synth(o, &mut |done, total| {
+        assert!(done >= last.0 && done <= total);
+        last = (done, total);
+    })
+    .expect("synth");
+    assert_eq!(
+        last,
+        (report.weight_bytes, report.weight_bytes),
+        "progress ends at total"
+    );
+    report
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+}
+
+/// Tensor name -> (shape, data_offsets).
+type Header = BTreeMap<String, (Vec<u64>, [u64; 2])>;
+
+/// Parsed safetensors header and the data region length.
+fn parse_shard(path: &Path) -> (Header, u64) {
+    let bytes = fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert_eq!((8 + n) % 8, 0, "data must start 8-byte aligned");
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let obj = header.as_object().unwrap();
+    assert_eq!(obj["__metadata__"], serde_json::json!({"format": "pt"}));
+    let mut out = BTreeMap::new();
+    for (name, info) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        assert_eq!(info["dtype"], "BF16");
+        let shape = info["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .collect();
+        let off = info["data_offsets"].as_array().unwrap();
+        out.insert(
+            name.clone(),
+            (shape, [off[0].as_u64().unwrap(), off[1].as_u64().unwrap()]),
+        );
+    }
+    (out, (bytes.len() - 8 - n) as u64)
+}
+
+/// Expected shapes computed from config.json alone (independent of the preset code).
+fn expected_shapes(cfg: &Value) -> BTreeMap<String, Vec<u64>> {
+    let g = |k: &str| cfg[k].as_u64().unwrap_or_else(|| panic!("config.{k}"));
+    let (h, v, hd, nh, nkv) = (
+        g("hidden_size"),
+        g("vocab_size"),
+        g("head_dim"),
+        g("num_attention_heads"),
+        g("num_key_value_heads"),
+    );
+    let (e, i, layers) = (
+        g("num_experts"),
+        g("moe_intermediate_size"),
+        g("num_hidden_layers"),
+    );
+    let mut m = BTreeMap::new();
+    m.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
+    m.insert("model.norm.weight".to_string(), vec![h]);
+    m.insert("lm_head.weight".to_string(), vec![v, h]);
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        m.insert(format!("{p}.input_layernorm.weight"), vec![h]);
+        m.insert(format!("{p}.post_attention_layernorm.weight"), vec![h]);
+        m.insert(format!("{p}.self_attn.q_proj.weight"), vec![nh * hd, h]);
+        m.insert(format!("{p}.self_attn.k_proj.weight"), vec![nkv * hd, h]);
+        m.insert(format!("{p}.self_attn.v_proj.weight"), vec![nkv * hd, h]);
+        m.insert(format!("{p}.self_attn.o_proj.weight"), vec![h, nh * hd]);
+        m.insert(format!("{p}.self_attn.q_norm.weight"), vec![hd]);
+        m.insert(format!("{p}.self_attn.k_norm.weight"), vec![hd]);
+        m.insert(format!("{p}.mlp.gate.weight"), vec![e, h]);
+        for x in 0..e {
+            m.insert(format!("{p}.mlp.experts.{x}.gate_proj.weight"), vec![i, h]);
+            m.insert(format!("{p}.mlp.experts.{x}.up_proj.weight"), vec![i, h]);
+            m.insert(format!("{p}.mlp.experts.{x}.down_proj.weight"), vec![h, i]);
+        }
+    }
+    m
+}
+
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn all_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    file_names(dir)
+        .into_iter()
+        .map(|n| (n.clone(), fs::read(dir.join(&n)).unwrap()))
+        .collect()
+}
+
+#[test]
+fn demo_layout_is_hub_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let report = run(&opts("demo", &dir));
+    let p = preset("demo").unwrap();
+    assert_eq!(report.params, p.param_count());
+    assert_eq!(report.weight_bytes, 2 * report.params);
+
+    let names = file_names(&dir);
+    let shards: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    assert!(shards.len() >= 2, "demo has at least two shards: {names:?}");
+    for (i, s) in shards.iter().enumerate() {
+        assert_eq!(
+            **s,
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, shards.len())
+        );
+    }
+    let mut expected_files: Vec<String> = shards.iter().map(|s| s.to_string()).collect();
+    expected_files.extend(
+        [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors.index.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
+        .map(String::from),
+    );
+    expected_files.sort();
+    assert_eq!(names, expected_files);
+    assert_eq!(report.files.len(), names.len());
+
+    let cfg = read_json(&dir.join("config.json"));
+    assert_eq!(
+        cfg["architectures"],
+        serde_json::json!(["Qwen3MoeForCausalLM"])
+    );
+    assert_eq!(cfg["model_type"], "qwen3_moe");
+    assert_eq!(cfg["torch_dtype"], "bfloat16");
+    assert_eq!(cfg["tie_word_embeddings"], false);
+    assert_eq!(cfg["norm_topk_prob"], true);
+    assert_eq!(cfg["rope_scaling"], Value::Null);
+    assert_eq!(cfg["eos_token_id"], p.vocab_size as u64 - 1);
+    let want = expected_shapes(&cfg);
+    assert_eq!(report.tensors, want.len());
+
+    let index = read_json(&dir.join("model.safetensors.index.json"));
+    let weight_map = index["weight_map"].as_object().unwrap();
+    assert_eq!(
+        index["metadata"]["total_size"].as_u64().unwrap(),
+        report.weight_bytes
+    );
+    assert_eq!(weight_map.len(), want.len());
+
+    let mut seen = BTreeMap::new();
+    let mut total = 0u64;
+    for s in &shards {
+        let (tensors, data_len) = parse_shard(&dir.join(s));
+        // data_offsets tile [0, data_len) exactly.
+        let mut ranges: Vec<[u64; 2]> = tensors.values().map(|t| t.1).collect();
+        ranges.sort();
+        let mut at = 0;
+        for r in &ranges {
+            assert_eq!(r[0], at, "{s}: gap or overlap");
+            assert!(r[1] > r[0]);
+            at = r[1];
+        }
+        assert_eq!(at, data_len, "{s}: data region fully used");
+        total += data_len;
+        for (name, (shape, off)) in tensors {
+            assert_eq!(
+                off[1] - off[0],
+                2 * shape.iter().product::<u64>(),
+                "{name}: bf16 size"
+            );
+            assert_eq!(weight_map[&name], **s, "{name}: index points to its shard");
+            assert!(seen.insert(name, shape).is_none(), "tensor in two shards");
+        }
+    }
+    assert_eq!(total, report.weight_bytes);
+    assert_eq!(seen, want, "names and shapes as the Hub's Qwen3-MoE");
+
+    let gen = read_json(&dir.join("generation_config.json"));
+    let ids = p.special_ids();
+    assert_eq!(
+        gen["eos_token_id"],
+        serde_json::json!([ids.im_end, ids.endoftext])
+    );
+    assert_eq!(gen["do_sample"], true);
+    assert_eq!(gen["top_k"], 40);
+
+    let tc = read_json(&dir.join("tokenizer_config.json"));
+    assert_eq!(tc["eos_token"], "<|im_end|>");
+    assert_eq!(tc["bos_token"], Value::Null);
+    assert_eq!(tc["pad_token"], "<|endoftext|>");
+    assert_eq!(
+        tc["added_tokens_decoder"][ids.im_end.to_string()]["content"],
+        "<|im_end|>"
+    );
+    assert!(tc["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>assistant\\n"));
+}
+
+#[test]
+fn weights_have_intended_statistics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    run(&opts("demo", &dir));
+    let index = read_json(&dir.join("model.safetensors.index.json"));
+    let load = |name: &str| -> Vec<f32> {
+        let file = index["weight_map"][name].as_str().unwrap();
+        let (tensors, _) = parse_shard(&dir.join(file));
+        let bytes = fs::read(dir.join(file)).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let [a, b] = tensors[name].1;
+        bytes[8 + n + a as usize..8 + n + b as usize]
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()
+    };
+    let stats = |v: &[f32]| {
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+        (mean, var.sqrt())
+    };
+    assert!(load("model.layers.0.input_layernorm.weight")
+        .iter()
+        .all(|&x| x == 1.0));
+    assert!(load("model.layers.3.self_attn.k_norm.weight")
+        .iter()
+        .all(|&x| x == 1.0));
+    let h = 64f64;
+    for (name, std) in [
+        (
+            "model.layers.1.mlp.experts.5.up_proj.weight",
+            1.0 / h.sqrt(),
+        ),
+        ("model.layers.2.self_attn.q_proj.weight", 1.0 / h.sqrt()),
+        ("model.layers.0.mlp.gate.weight", 3.0 / h.sqrt()),
+        ("model.embed_tokens.weight", 0.04),
+        ("lm_head.weight", 2.0 / h.sqrt()),
+    ] {
+        let v = load(name);
+        let (m, s) = stats(&v);
+        assert!(m.abs() < 0.1 * std, "{name}: mean {m}");
+        assert!((s / std - 1.0).abs() < 0.1, "{name}: std {s} want {std}");
+        let distinct: HashSet<u32> = v.iter().map(|x| x.to_bits()).collect();
+        assert!(distinct.len() > 50, "{name}: values vary");
+    }
+    // Tensors differ from each other.
+    assert_ne!(
+        load("model.layers.0.mlp.experts.0.gate_proj.weight"),
+        load("model.layers.0.mlp.experts.1.gate_proj.weight")
+    );
+}
+
+#[test]
+fn bf16_rounding_matches_half() {
+    let mut one = [0u8; 2];
+    super::writer::fill(0, Init::Ones, 0, &mut one);
+    assert_eq!(one, half::bf16::from_f32(1.0).to_le_bytes());
+    for x in [
+        0.0f32,
+        1.0,
+        -1.0,
+        0.02,
+        -0.012_345_6,
+        2.5,
+        1e-5,
+        65504.0,
+        0.333_333_34,
+        1.003_906_2,
+    ] {
+        assert_eq!(
+            super::writer::bf16_bits(x),
+            half::bf16::from_f32(x).to_bits(),
+            "{x}"
+        );
+    }
+    // Chunk boundaries do not change values: a fill from offset k equals the tail of a fill from 0.
+    let mut whole = vec![0u8; 2 * 1000];
+    super::writer::fill(7, Init::Normal { std: 1.0 }, 0, &mut whole);
+    let mut tail = vec![0u8; 2 * 400];
+    super::writer::fill(7, Init::Normal { std: 1.0 }, 600, &mut tail);
+    assert_eq!(&whole[1200..], &tail[..]);
+}
+
+#[test]
+fn same_seed_same_bytes_and_thread_count_does_not_matter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut outs = Vec::new();
+    for (threads, seed, tag) in [(1, 5, "a"), (2, 5, "b"), (2, 5, "c"), (2, 6, "d")] {
+        let mut o = opts("demo", &tmp.path().join(tag));
+        o.seed = seed;
+        // Small shards and a 2-layer model: several shards and many chunks per batch.
+        o.layers = Some(2);
+        o.shard_bytes = Some(200_000);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| run(&o));
+        outs.push(all_bytes(&o.out));
+    }
+    assert!(outs[0].len() > 6, "several shards");
+    assert_eq!(outs[0], outs[1], "1 vs 2 threads");
+    assert_eq!(outs[1], outs[2], "same seed twice");
+    assert_ne!(outs[2], outs[3], "different seed differs");
+    // Non-weight files do not depend on the seed.
+    assert_eq!(outs[2]["tokenizer.json"], outs[3]["tokenizer.json"]);
+    assert_eq!(outs[2]["config.json"], outs[3]["config.json"]);
+}
+
+#[test]
+fn large_tensors_span_many_chunks_deterministically() {
+    // One tensor larger than a chunk, generated by pools of 1 and 2 threads.
+    let spec = super::preset::TensorSpec {
+        name: "x".into(),
+        shape: vec![3, super::writer::CHUNK_ELEMS + 17],
+        init: Init::Normal { std: 0.02 },
+    };
+    let specs = vec![spec];
+    let keys = vec![super::writer::tensor_key(1, "x")];
+    let layout = super::writer::shard_layout(&specs, &[0]);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut got = Vec::new();
+    for threads in [1, 2] {
+        let dir = tmp.path().join(threads.to_string());
+        fs::create_dir(&dir).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let mut seen = 0;
+        let path = pool
+            .install(|| {
+                super::writer::write_shard(
+                    &dir,
+                    "t.safetensors",
+                    &specs,
+                    &keys,
+                    &layout,
+                    &mut |n| seen += n,
+                )
+            })
+            .unwrap();
+        assert_eq!(seen, layout.data_bytes);
+        let bytes = fs::read(path).unwrap();
+        assert_eq!(
+            bytes.len() as u64,
+            layout.header.len() as u64 + layout.data_bytes
+        );
+        got.push(bytes);
+    }
+    assert_eq!(got[0], got[1]);
+    let mut direct = vec![0u8; layout.data_bytes as usize];
+    super::writer::fill(keys[0], specs[0].init, 0, &mut direct);
+    assert_eq!(&got[0][layout.header.len()..], &direct[..]);
+}
+
+#[test]
+fn tokenizer_is_exact_size_with_valid_merges() {
+    for name in ["demo", "mini"] {
+        let p = preset(name).unwrap();
+        let tok: Value = serde_json::from_slice(&super::tokenizer::tokenizer_json(&p)).unwrap();
+        let vocab = tok["model"]["vocab"].as_object().unwrap();
+        let added = tok["added_tokens"].as_array().unwrap();
+        assert_eq!(vocab.len() + added.len(), p.vocab_size, "{name}");
+        let mut by_id: Vec<Option<&str>> = vec![None; p.vocab_size];
+        for (t, id) in vocab {
+            let id = id.as_u64().unwrap() as usize;
+            assert!(by_id[id].replace(t).is_none(), "duplicate id {id}");
+        }
+        for (i, a) in added.iter().enumerate() {
+            let id = a["id"].as_u64().unwrap() as usize;
+            assert_eq!(id, p.vocab_size - 3 + i);
+            assert_eq!(a["content"], super::tokenizer::SPECIAL_TOKENS[i]);
+            assert_eq!(a["special"], true);
+            assert!(by_id[id].replace(a["content"].as_str().unwrap()).is_none());
+        }
+        assert!(
+            by_id.iter().all(Option::is_some),
+            "ids 0..vocab_size all used"
+        );
+        // Byte tokens: GPT-2 bytes_to_unicode, one per byte.
+        let (map, order) = super::tokenizer::bytes_to_unicode();
+        for (id, b) in order.iter().enumerate() {
+            assert_eq!(by_id[id].unwrap(), map[*b as usize].to_string());
+        }
+        let merges = tok["model"]["merges"].as_array().unwrap();
+        assert_eq!(merges.len(), p.vocab_size - 3 - 256);
+        let ids: HashMap<&str, u64> = vocab
+            .iter()
+            .map(|(t, i)| (t.as_str(), i.as_u64().unwrap()))
+            .collect();
+        for (k, m) in merges.iter().enumerate() {
+            let (a, b) = m.as_str().unwrap().split_once(' ').unwrap();
+            let joined = format!("{a}{b}");
+            let (ia, ib, ij) = (ids[a], ids[b], ids[joined.as_str()]);
+            assert_eq!(ij, 256 + k as u64, "merge {k} creates the next id");
+            assert!(ia < ij && ib < ij, "merge parts exist earlier");
+        }
+        assert_eq!(tok["model"]["type"], "BPE");
+        assert_eq!(tok["model"]["unk_token"], Value::Null);
+        assert_eq!(tok["decoder"]["type"], "ByteLevel");
+    }
+}
+
+#[test]
+fn preset_sizes() {
+    let b = preset("bench-m").unwrap();
+    assert_eq!(b.param_count(), 7_835_066_368);
+    assert_eq!(b.weight_bytes(), 15_670_132_736);
+    let sum: u64 = b.tensors().iter().map(|t| t.numel()).sum();
+    assert_eq!(sum, b.param_count());
+    let mut b4 = b.clone();
+    b4.num_hidden_layers = 4;
+    assert!((2_700_000_000..2_900_000_000).contains(&b4.weight_bytes()));
+    let mini = preset("mini").unwrap();
+    assert!((250_000_000..350_000_000).contains(&mini.weight_bytes()));
+    assert!(preset("demo").unwrap().weight_bytes() < 2_000_000);
+    for n in preset_names() {
+        preset(n).unwrap().validate().unwrap();
+    }
+    // Hub sharding of bench-m at 5 GB: 4 shards, none over the limit.
+    let specs = b.tensors();
+    let shards = super::writer::plan_shards(&specs, HUB_SHARD_BYTES);
+    assert_eq!(shards.len(), 4);
+    for s in &shards {
+        assert!(s.iter().map(|&i| specs[i].size_bytes()).sum::<u64>() <= HUB_SHARD_BYTES);
+    }
+}
+
+#[test]
+fn errors_are_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut o = opts("demo", &tmp.path().join("x"));
+    o.arch = "llama".into();
+    let e = synth(&o, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("llama") && e.contains("qwen3_moe"), "{e}");
+    let mut o = opts("huge", &tmp.path().join("x"));
+    let e = synth(&o, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(
+        e.contains("huge") && e.contains("demo") && e.contains("bench-m") && e.contains("mini"),
+        "{e}"
+    );
+    o.preset = "demo".into();
+    o.layers = Some(0);
+    assert!(matches!(
+        synth(&o, &mut |_, _| {}),
+        Err(SynthError::Invalid(_))
+    ));
+    o.layers = None;
+    o.shard_bytes = Some(0);
+    assert!(matches!(
+        synth(&o, &mut |_, _| {}),
+        Err(SynthError::Invalid(_))
+    ));
+}
+
+#[test]
+fn refuses_non_empty_folder_unless_overwrite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("out");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("notes.txt"), b"keep me").unwrap();
+    // Stale weights from an earlier model with another shard count.
+    fs::write(dir.join("model-00001-of-00009.safetensors"), b"old").unwrap();
+    fs::write(dir.join("model.safetensors"), b"old").unwrap();
+    let mut o = opts("demo", &dir);
+    let e = synth(&o, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(e, SynthError::NotEmpty(_)), "{e}");
+    assert!(e.to_string().contains("overwrite"));
+    o.overwrite = true;
+    o.layers = Some(1);
+    let r = run(&o);
+    let names = file_names(&dir);
+    assert!(names.contains(&"notes.txt".to_string()), "other files kept");
+    assert!(!names
+        .iter()
+        .any(|n| n.contains("of-00009") || n == "model.safetensors" || n.contains(".tmp-")));
+    assert_eq!(names.len(), r.files.len() + 1);
+    let written: Vec<PathBuf> = r
+        .files
+        .iter()
+        .map(|f| f.file_name().unwrap().into())
+        .collect();
+    assert!(written
+        .iter()
+        .all(|f| names.contains(&f.to_string_lossy().into_owned())));
+}

@@ -1,0 +1,1155 @@
+//! Text side of a model folder: `tokenizer.json` (encode / decode through the Hugging Face
+//! `tokenizers` pipeline), `tokenizer_config.json` (special token names, BOS/EOS policy, chat
+//! template) and `chat_template.jinja`, chat-template rendering with the Python-flavoured Jinja
+//! that Hugging Face templates are written in, and incremental detokenisation for streaming.
+//!
+//! What must always hold:
+//! - Decoded text never splits a UTF-8 character: [`IncrementalDecoder::push`] only returns
+//!   text once every character in it is complete, and the concatenation of all pushes plus
+//!   [`IncrementalDecoder::finish`] equals [`Tokenizer::decode`] of the whole id sequence with
+//!   `skip_special_tokens = false`.
+//! - No panic on any input: malformed files, any token id sequence (unknown ids are an
+//!   [`TokenizerError::UnknownTokenId`]) and any chat template give an error, never a panic.
+//! - Encoding follows `transformers`: truncation and padding stored in `tokenizer.json` are
+//!   ignored, and an explicit `add_bos_token` / `add_eos_token` in `tokenizer_config.json`
+//!   replaces the post-processor, as the tokenizers backend of `transformers` does.
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use minijinja::value::{Kwargs, ValueKind};
+use minijinja::{context, Environment, ErrorKind, Value};
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::processors::PostProcessorWrapper;
+
+/// Name under which the chat template is registered in its environment.
+const TEMPLATE_NAME: &str = "chat_template";
+
+/// Keys of `tokenizer_config.json` that `transformers` passes to chat templates (its
+/// `special_tokens_map`), when they are set.
+const TEMPLATE_TOKEN_KEYS: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+];
+
+/// Everything that can go wrong while loading, encoding, decoding or rendering.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    /// A file could not be read or parsed; `path` names it.
+    #[error("cannot load {path}: {reason}")]
+    Load { path: String, reason: String },
+    /// The tokenizer pipeline failed to encode the text.
+    #[error("encoding failed: {0}")]
+    Encode(String),
+    /// The tokenizer pipeline failed to decode the ids.
+    #[error("decoding failed: {0}")]
+    Decode(String),
+    /// An id that the tokenizer does not know.
+    #[error("token id {id} is not in the vocabulary ({vocab_size} ids)")]
+    UnknownTokenId { id: u32, vocab_size: usize },
+    /// Neither `tokenizer_config.json` nor `chat_template.jinja` provides a chat template.
+    #[error("the tokenizer has no chat template")]
+    NoChatTemplate,
+    /// The chat template could not be compiled or rendered.
+    #[error("chat template error: {reason}")]
+    Template { reason: String },
+    /// The chat template called `raise_exception(message)`.
+    #[error("chat template raised an exception: {message}")]
+    TemplateException { message: String },
+}
+
+/// One chat turn, as passed to chat templates (`message.role`, `message.content`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// State of the chat template found at load time.
+enum ChatTemplate {
+    None,
+    Ready(Box<Environment<'static>>),
+    /// A template exists but cannot be used (syntax error, no default among several).
+    Broken(String),
+}
+
+/// A loaded tokenizer with its chat template and special tokens.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    chat: ChatTemplate,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    /// Special tokens handed to the chat template, in `transformers`' naming.
+    template_tokens: BTreeMap<String, Value>,
+    /// `known[id]` is true for every id the tokenizer can decode.
+    known: Vec<bool>,
+    vocab_size: usize,
+    /// `Some` when the decoder fuses `<0xNN>` byte tokens: marks those ids. Text that ends in
+    /// such a token may still change (a later byte can make the group invalid), so streaming
+    /// holds it back until a different token follows.
+    byte_fallback_ids: Option<Vec<bool>>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size)
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .field("has_chat_template", &self.has_chat_template())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tokenizer {
+    /// Builds a tokenizer from `tokenizer.json` bytes, optional `tokenizer_config.json` bytes and
+    /// optional separate chat template text (the content of `chat_template.jinja`, which takes
+    /// precedence over a template in the config).
+    pub fn from_bytes(
+        tokenizer_json: &[u8],
+        tokenizer_config_json: Option<&[u8]>,
+        chat_template: Option<&str>,
+    ) -> Result<Self, TokenizerError> {
+        Self::build(
+            tokenizer_json,
+            "tokenizer.json",
+            tokenizer_config_json.map(|c| (c, "tokenizer_config.json")),
+            chat_template,
+        )
+    }
+
+    /// Reads `tokenizer.json`, and if present `tokenizer_config.json` and `chat_template.jinja`,
+    /// from a model folder. Errors name the file.
+    pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let tokenizer_path = dir.join("tokenizer.json");
+        let tokenizer_json = read_file(&tokenizer_path)?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config = if config_path.exists() {
+            Some(read_file(&config_path)?)
+        } else {
+            None
+        };
+        let template_path = dir.join("chat_template.jinja");
+        let template = if template_path.exists() {
+            let bytes = read_file(&template_path)?;
+            Some(
+                String::from_utf8(bytes).map_err(|e| TokenizerError::Load {
+                    path: template_path.display().to_string(),
+                    reason: format!("not UTF-8: {e}"),
+                })?,
+            )
+        } else {
+            None
+        };
+        let config_label = config_path.display().to_string();
+        Self::build(
+            &tokenizer_json,
+            &tokenizer_path.display().to_string(),
+            config.as_deref().map(|c| (c, config_label.as_str())),
+            template.as_deref(),
+        )
+    }
+
+    fn build(
+        tokenizer_json: &[u8],
+        tokenizer_label: &str,
+        config: Option<(&[u8], &str)>,
+        chat_template: Option<&str>,
+    ) -> Result<Self, TokenizerError> {
+        let load_err = |path: &str, reason: String| TokenizerError::Load {
+            path: path.to_string(),
+            reason,
+        };
+
+        let mut inner = guarded(|| tokenizers::Tokenizer::from_bytes(tokenizer_json))
+            .map_err(|reason| load_err(tokenizer_label, reason))?;
+        // `transformers` encodes without the truncation and padding a tokenizer.json may carry.
+        inner
+            .with_truncation(None)
+            .map_err(|e| load_err(tokenizer_label, e.to_string()))?;
+        inner.with_padding(None);
+
+        let config_label = config.map_or("tokenizer_config.json", |(_, label)| label);
+        let config: serde_json::Map<String, serde_json::Value> = match config {
+            None => serde_json::Map::new(),
+            Some((bytes, label)) => match serde_json::from_slice::<serde_json::Value>(bytes) {
+                Ok(serde_json::Value::Object(map)) => map,
+                Ok(other) => {
+                    return Err(load_err(
+                        label,
+                        format!("expected a JSON object, found {}", json_kind(&other)),
+                    ))
+                }
+                Err(e) => return Err(load_err(label, e.to_string())),
+            },
+        };
+
+        let bos_token = config_token(&config, "bos_token");
+        let eos_token = config_token(&config, "eos_token");
+        let mut template_tokens = BTreeMap::new();
+        for key in TEMPLATE_TOKEN_KEYS {
+            if let Some(token) = config_token(&config, key) {
+                template_tokens.insert(key.to_string(), Value::from(token));
+            }
+        }
+        if let Some(serde_json::Value::Array(extra)) = config.get("additional_special_tokens") {
+            let extra: Vec<Value> = extra
+                .iter()
+                .filter_map(token_string)
+                .map(Value::from)
+                .collect();
+            template_tokens.insert("additional_special_tokens".to_string(), Value::from(extra));
+        }
+
+        apply_bos_eos_policy(
+            &mut inner,
+            &config,
+            bos_token.as_deref(),
+            eos_token.as_deref(),
+        )
+        .map_err(|reason| load_err(config_label, reason))?;
+
+        let vocab = inner.get_vocab(true);
+        let vocab_size = vocab.len();
+        let max_id = vocab.values().copied().max().map_or(0, |m| m as usize + 1);
+        let mut known = vec![false; max_id];
+        for &id in vocab.values() {
+            known[id as usize] = true;
+        }
+        let byte_fallback_ids = inner
+            .get_decoder()
+            .is_some_and(decoder_fuses_bytes)
+            .then(|| {
+                let mut marks = vec![false; max_id];
+                for (token, &id) in &vocab {
+                    if byte_fallback_value(token).is_some() {
+                        marks[id as usize] = true;
+                    }
+                }
+                marks
+            });
+
+        let template_source = match chat_template {
+            Some(text) => Some(Ok(text.to_string())),
+            None => config_chat_template(config.get("chat_template")),
+        };
+        let chat = match template_source {
+            None => ChatTemplate::None,
+            Some(Err(reason)) => {
+                tracing::warn!("unusable chat template: {reason}");
+                ChatTemplate::Broken(reason)
+            }
+            Some(Ok(source)) => match compile_template(&source) {
+                Ok(env) => ChatTemplate::Ready(Box::new(env)),
+                Err(reason) => {
+                    tracing::warn!("chat template does not compile: {reason}");
+                    ChatTemplate::Broken(reason)
+                }
+            },
+        };
+
+        Ok(Self {
+            inner,
+            chat,
+            bos_token,
+            eos_token,
+            template_tokens,
+            known,
+            vocab_size,
+            byte_fallback_ids,
+        })
+    }
+
+    /// Encodes text as `tokenizer(text)` in `transformers` does: `add_special_tokens = true`
+    /// applies the post-processor (e.g. BOS for Llama/Mistral tokenizers).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
+        let encoding = guarded(|| self.inner.encode_fast(text, add_special_tokens))
+            .map_err(TokenizerError::Encode)?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Decodes ids to text. Unknown ids are an error.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
+        for &id in ids {
+            self.check_id(id)?;
+        }
+        self.decode_known(ids, skip_special_tokens)
+    }
+
+    fn decode_known(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
+        guarded(|| self.inner.decode(ids, skip_special_tokens)).map_err(TokenizerError::Decode)
+    }
+
+    fn check_id(&self, id: u32) -> Result<(), TokenizerError> {
+        if self.known.get(id as usize).copied().unwrap_or(false) {
+            Ok(())
+        } else {
+            Err(TokenizerError::UnknownTokenId {
+                id,
+                vocab_size: self.vocab_size,
+            })
+        }
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Number of ids the tokenizer knows (base vocab + added tokens).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// True when a chat template was found (it may still fail to compile or render).
+    pub fn has_chat_template(&self) -> bool {
+        !matches!(self.chat, ChatTemplate::None)
+    }
+
+    /// Renders the chat template as `transformers`' `apply_chat_template(messages,
+    /// add_generation_prompt=..., tokenize=False)` does.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        let env = match &self.chat {
+            ChatTemplate::None => return Err(TokenizerError::NoChatTemplate),
+            ChatTemplate::Broken(reason) => {
+                return Err(TokenizerError::Template {
+                    reason: reason.clone(),
+                })
+            }
+            ChatTemplate::Ready(env) => env,
+        };
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                context! {
+                    role => m.role.as_str(),
+                    content => m.content.as_str(),
+                }
+            })
+            .collect();
+        let ctx = context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            tools => (),
+            documents => (),
+            ..Value::from(self.template_tokens.clone())
+        };
+        let template = env.get_template(TEMPLATE_NAME).map_err(template_error)?;
+        guarded_render(|| template.render(ctx))
+    }
+
+    /// Renders the chat template and encodes it without adding special tokens, as
+    /// `apply_chat_template(tokenize=True)` does.
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let text = self.apply_chat_template(messages, add_generation_prompt)?;
+        self.encode(&text, false)
+    }
+
+    /// `eos_token` of `tokenizer_config.json`.
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
+    }
+
+    /// `bos_token` of `tokenizer_config.json`.
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos_token.as_deref()
+    }
+
+    /// A fresh streaming detokeniser.
+    pub fn decoder(&self) -> IncrementalDecoder<'_> {
+        IncrementalDecoder {
+            tokenizer: self,
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
+    }
+}
+
+/// Streams text token by token; never emits a partial UTF-8 character (byte-level BPE tokens can
+/// split one), never panics.
+///
+/// It keeps the ids from `prefix_offset` on. The text of `ids[prefix_offset..read_offset]` was
+/// already emitted; each push decodes `ids[prefix_offset..]` and emits what lies beyond the
+/// decoded prefix, once that text is final. Decoding a window that starts a little before the
+/// new ids (rather than the new ids alone) keeps context-dependent spacing right, e.g. the
+/// leading-space rules of sentencepiece-style decoders.
+pub struct IncrementalDecoder<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl std::fmt::Debug for IncrementalDecoder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IncrementalDecoder")
+            .field("ids", &self.ids)
+            .field("prefix_offset", &self.prefix_offset)
+            .field("read_offset", &self.read_offset)
+            .finish()
+    }
+}
+
+impl IncrementalDecoder<'_> {
+    /// Feeds one generated token id; returns the newly completed text (possibly empty).
+    pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
+        self.tokenizer.check_id(id)?;
+        self.ids.push(id);
+        if self.ends_in_open_byte_group() {
+            return Ok(String::new());
+        }
+        let (prefix_text, new_text) = self.window_texts()?;
+        if new_text.len() <= prefix_text.len() || new_text.ends_with(char::REPLACEMENT_CHARACTER) {
+            return Ok(String::new());
+        }
+        match suffix_after(&new_text, &prefix_text) {
+            Some(text) => {
+                let text = text.to_string();
+                self.advance();
+                Ok(text)
+            }
+            None => Ok(String::new()),
+        }
+    }
+
+    /// End of stream: returns whatever is left (incomplete trailing bytes become U+FFFD, as a
+    /// full decode would give). Pushing more ids afterwards continues the same text.
+    pub fn finish(&mut self) -> Result<String, TokenizerError> {
+        if self.read_offset >= self.ids.len() {
+            return Ok(String::new());
+        }
+        let (prefix_text, new_text) = self.window_texts()?;
+        let text = suffix_after(&new_text, &prefix_text)
+            .unwrap_or_default()
+            .to_string();
+        self.advance();
+        Ok(text)
+    }
+
+    /// Decoded text of the already-emitted part of the window and of the whole window.
+    fn window_texts(&self) -> Result<(String, String), TokenizerError> {
+        let prefix = self
+            .tokenizer
+            .decode_known(&self.ids[self.prefix_offset..self.read_offset], false)?;
+        let full = self
+            .tokenizer
+            .decode_known(&self.ids[self.prefix_offset..], false)?;
+        Ok((prefix, full))
+    }
+
+    /// Marks everything pushed so far as emitted and drops ids the window no longer needs.
+    fn advance(&mut self) {
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        self.ids.drain(..self.prefix_offset);
+        self.read_offset -= self.prefix_offset;
+        self.prefix_offset = 0;
+    }
+
+    fn ends_in_open_byte_group(&self) -> bool {
+        match (&self.tokenizer.byte_fallback_ids, self.ids.last()) {
+            (Some(marks), Some(&last)) => marks.get(last as usize).copied().unwrap_or(false),
+            _ => false,
+        }
+    }
+}
+
+/// `full` minus its leading `prefix`, if `full` does start with it.
+fn suffix_after<'s>(full: &'s str, prefix: &str) -> Option<&'s str> {
+    full.strip_prefix(prefix)
+}
+
+/// Runs a call into the tokenizer library, turning both its errors and any panic into a message.
+fn guarded<T, E: std::fmt::Display>(f: impl FnOnce() -> Result<T, E>) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(payload) => Err(format!("internal panic: {}", panic_text(payload.as_ref()))),
+    }
+}
+
+fn guarded_render(
+    f: impl FnOnce() -> Result<String, minijinja::Error>,
+) -> Result<String, TokenizerError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(text)) => Ok(text),
+        Ok(Err(e)) => Err(template_error(e)),
+        Err(payload) => Err(TokenizerError::Template {
+            reason: format!("internal panic: {}", panic_text(payload.as_ref())),
+        }),
+    }
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, TokenizerError> {
+    std::fs::read(path).map_err(|e| TokenizerError::Load {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// A token named in `tokenizer_config.json`: a string, or an object with `content`.
+fn token_string(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(map) => map
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+fn config_token(config: &serde_json::Map<String, serde_json::Value>, key: &str) -> Option<String> {
+    config.get(key).and_then(token_string)
+}
+
+/// The chat template stored in `tokenizer_config.json`: a string, or a list of
+/// `{name, template}` from which `default` is taken.
+fn config_chat_template(value: Option<&serde_json::Value>) -> Option<Result<String, String>> {
+    match value? {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(Ok(s.clone())),
+        serde_json::Value::Array(entries) => {
+            let mut names = Vec::new();
+            for entry in entries {
+                let name = entry.get("name").and_then(|n| n.as_str());
+                let template = entry.get("template").and_then(|t| t.as_str());
+                if let (Some(name), Some(template)) = (name, template) {
+                    if name == "default" {
+                        return Some(Ok(template.to_string()));
+                    }
+                    names.push(name.to_string());
+                }
+            }
+            Some(Err(format!(
+                "tokenizer_config.json lists chat templates [{}] but none is named \"default\"",
+                names.join(", ")
+            )))
+        }
+        other => Some(Err(format!(
+            "chat_template in tokenizer_config.json is {}, expected a string or a list",
+            json_kind(other)
+        ))),
+    }
+}
+
+/// An explicit `add_bos_token` / `add_eos_token` in `tokenizer_config.json` replaces the
+/// post-processor with a template that adds exactly those tokens, as `transformers` does.
+fn apply_bos_eos_policy(
+    inner: &mut tokenizers::Tokenizer,
+    config: &serde_json::Map<String, serde_json::Value>,
+    bos: Option<&str>,
+    eos: Option<&str>,
+) -> Result<(), String> {
+    let add_bos = config.get("add_bos_token").and_then(|v| v.as_bool());
+    let add_eos = config.get("add_eos_token").and_then(|v| v.as_bool());
+    if add_bos.is_none() && add_eos.is_none() {
+        return Ok(());
+    }
+    let resolve = |wanted: Option<bool>, token: Option<&str>, key: &str| -> Option<(String, u32)> {
+        if wanted != Some(true) {
+            return None;
+        }
+        let Some(token) = token else {
+            tracing::warn!("tokenizer_config.json sets add_{key}=true but names no {key}");
+            return None;
+        };
+        match inner.token_to_id(token) {
+            Some(id) => Some((token.to_string(), id)),
+            None => {
+                tracing::warn!("{key} {token:?} is not in the vocabulary; not adding it");
+                None
+            }
+        }
+    };
+    let bos = resolve(add_bos, bos, "bos_token");
+    let eos = resolve(add_eos, eos, "eos_token");
+
+    let special = |token: &str, type_id: u32| {
+        serde_json::json!({ "SpecialToken": { "id": token, "type_id": type_id } })
+    };
+    let sequence =
+        |id: &str, type_id: u32| serde_json::json!({ "Sequence": { "id": id, "type_id": type_id } });
+    let mut single = Vec::new();
+    let mut pair = Vec::new();
+    for (seq, type_id) in [("A", 0u32), ("B", 1u32)] {
+        let target: &mut Vec<serde_json::Value> = if seq == "A" { &mut single } else { &mut pair };
+        if let Some((token, _)) = &bos {
+            target.push(special(token, type_id));
+        }
+        target.push(sequence(seq, type_id));
+        if let Some((token, _)) = &eos {
+            target.push(special(token, type_id));
+        }
+    }
+    let pair: Vec<serde_json::Value> = single.iter().cloned().chain(pair).collect();
+    let mut special_tokens = serde_json::Map::new();
+    for (token, id) in bos.iter().chain(eos.iter()) {
+        special_tokens.insert(
+            token.clone(),
+            serde_json::json!({ "id": token, "ids": [id], "tokens": [token] }),
+        );
+    }
+    let processor = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": single,
+        "pair": pair,
+        "special_tokens": special_tokens,
+    });
+    let processor: PostProcessorWrapper = serde_json::from_value(processor)
+        .map_err(|e| format!("cannot build the BOS/EOS post-processor: {e}"))?;
+    inner.with_post_processor(Some(processor));
+    Ok(())
+}
+
+/// Whether the decoder pipeline turns `<0xNN>` tokens into bytes.
+fn decoder_fuses_bytes(decoder: &DecoderWrapper) -> bool {
+    match decoder {
+        DecoderWrapper::ByteFallback(_) => true,
+        DecoderWrapper::Sequence(seq) => seq.get_decoders().iter().any(decoder_fuses_bytes),
+        _ => false,
+    }
+}
+
+/// The byte of a `<0xNN>` byte-fallback token.
+fn byte_fallback_value(token: &str) -> Option<u8> {
+    let hex = token.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chat templates
+// ---------------------------------------------------------------------------------------------
+
+/// Error carried as the source of the template error raised by `raise_exception`.
+#[derive(Debug)]
+struct RaisedException(String);
+
+impl std::fmt::Display for RaisedException {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RaisedException {}
+
+fn template_error(err: minijinja::Error) -> TokenizerError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(e) = source {
+        if let Some(raised) = e.downcast_ref::<RaisedException>() {
+            return TokenizerError::TemplateException {
+                message: raised.0.clone(),
+            };
+        }
+        source = e.source();
+    }
+    TokenizerError::Template {
+        reason: format!("{err:#}"),
+    }
+}
+
+/// Compiles a chat template in an environment configured like the one `transformers` uses
+/// (trim_blocks, lstrip_blocks, loop controls, Python string/dict/list methods,
+/// `raise_exception`, `strftime_now`, and a `tojson` that behaves like Python's `json.dumps`).
+fn compile_template(source: &str) -> Result<Environment<'static>, String> {
+    let mut env = Environment::new();
+    let syntax = minijinja::syntax::SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .keep_trailing_newline(false)
+        .build()
+        .map_err(|e| e.to_string())?;
+    env.set_syntax(syntax);
+    env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<Value, minijinja::Error> {
+            Err(
+                minijinja::Error::new(ErrorKind::InvalidOperation, message.clone())
+                    .with_source(RaisedException(message)),
+            )
+        },
+    );
+    env.add_function("strftime_now", |format: String| -> String {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        strftime_utc(&format, secs)
+    });
+    env.add_filter("tojson", tojson_filter);
+    env.add_template_owned(TEMPLATE_NAME, neutralise_generation_tags(source))
+        .map_err(|e| format!("{e:#}"))?;
+    Ok(env)
+}
+
+/// `transformers` parses `{% generation %}` … `{% endgeneration %}` (marking assistant spans
+/// for training masks); for rendering they are transparent. They become `{% if true %}` …
+/// `{% endif %}`, keeping their whitespace-control markers.
+fn neutralise_generation_tags(source: &str) -> String {
+    if !source.contains("generation") {
+        return source.to_string();
+    }
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        let Some(len) = rest[start..].find("%}") else {
+            break;
+        };
+        let tag = &rest[start..start + len + 2];
+        let inner = &tag[2..tag.len() - 2];
+        let (lead, body) = match inner.chars().next() {
+            Some(c @ ('-' | '+')) => (Some(c), &inner[1..]),
+            _ => (None, inner),
+        };
+        let (body, trail) = match body.chars().last() {
+            Some(c @ ('-' | '+')) => (&body[..body.len() - 1], Some(c)),
+            _ => (body, None),
+        };
+        let replacement = match body.trim() {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        out.push_str(&rest[..start]);
+        match replacement {
+            Some(statement) => {
+                out.push_str("{%");
+                out.extend(lead);
+                out.push(' ');
+                out.push_str(statement);
+                out.push(' ');
+                out.extend(trail);
+                out.push_str("%}");
+            }
+            None => out.push_str(tag),
+        }
+        rest = &rest[start + tag.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False, indent=None, separators=None,
+/// sort_keys=False)`, the `tojson` that `transformers` installs.
+fn tojson_filter(value: &Value, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    let indent: Option<Value> = kwargs.get("indent")?;
+    let separators: Option<Value> = kwargs.get("separators")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+
+    let indent = match indent {
+        None => None,
+        Some(v) if v.is_none() => None,
+        Some(v) => {
+            if let Some(s) = v.as_str() {
+                Some(s.to_string())
+            } else if let Some(n) = v.as_i64() {
+                Some(" ".repeat(n.max(0) as usize))
+            } else {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: indent must be an integer or a string",
+                ));
+            }
+        }
+    };
+    let (item_sep, key_sep) = match separators {
+        Some(seps) if !seps.is_none() => {
+            let parts: Vec<Value> = seps.try_iter()?.collect();
+            match parts.as_slice() {
+                [a, b] => match (a.as_str(), b.as_str()) {
+                    (Some(a), Some(b)) => (a.to_string(), b.to_string()),
+                    _ => return Err(bad_separators()),
+                },
+                _ => return Err(bad_separators()),
+            }
+        }
+        _ => (
+            if indent.is_some() { "," } else { ", " }.to_string(),
+            ": ".to_string(),
+        ),
+    };
+    let options = JsonOptions {
+        ensure_ascii: ensure_ascii.unwrap_or(false),
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys: sort_keys.unwrap_or(false),
+    };
+    let mut out = String::new();
+    write_json(&mut out, value, &options, 0)?;
+    Ok(Value::from(out))
+}
+
+fn bad_separators() -> minijinja::Error {
+    minijinja::Error::new(
+        ErrorKind::InvalidOperation,
+        "tojson: separators must be a pair of strings",
+    )
+}
+
+struct JsonOptions {
+    ensure_ascii: bool,
+    indent: Option<String>,
+    item_sep: String,
+    key_sep: String,
+    sort_keys: bool,
+}
+
+const MAX_JSON_DEPTH: usize = 256;
+
+fn write_json(
+    out: &mut String,
+    value: &Value,
+    opts: &JsonOptions,
+    depth: usize,
+) -> Result<(), minijinja::Error> {
+    if depth > MAX_JSON_DEPTH {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            "tojson: value is nested too deeply",
+        ));
+    }
+    match value.kind() {
+        ValueKind::Undefined => {
+            return Err(minijinja::Error::new(
+                ErrorKind::UndefinedError,
+                "tojson: value is undefined",
+            ))
+        }
+        ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
+        ValueKind::Number => out.push_str(&python_number(value)),
+        ValueKind::String => write_json_string(out, value.as_str().unwrap_or_default(), opts),
+        ValueKind::Seq | ValueKind::Iterable => {
+            let items: Vec<Value> = value.try_iter()?.collect();
+            write_json_container(out, '[', ']', items.len(), opts, depth, |out, i, depth| {
+                write_json(out, &items[i], opts, depth)
+            })?;
+        }
+        ValueKind::Map | ValueKind::Plain => {
+            let mut entries: Vec<(String, Value)> = Vec::new();
+            for key in value.try_iter()? {
+                let item = value.get_item(&key)?;
+                entries.push((json_key(&key)?, item));
+            }
+            if opts.sort_keys {
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+            }
+            write_json_container(out, '{', '}', entries.len(), opts, depth, |out, i, depth| {
+                let (key, item) = &entries[i];
+                write_json_string(out, key, opts);
+                out.push_str(&opts.key_sep);
+                write_json(out, item, opts, depth)
+            })?;
+        }
+        _ => {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: cannot serialise a value of type {}", value.kind()),
+            ))
+        }
+    }
+    Ok(())
+}
+
+fn write_json_container(
+    out: &mut String,
+    open: char,
+    close: char,
+    len: usize,
+    opts: &JsonOptions,
+    depth: usize,
+    mut item: impl FnMut(&mut String, usize, usize) -> Result<(), minijinja::Error>,
+) -> Result<(), minijinja::Error> {
+    out.push(open);
+    if len == 0 {
+        out.push(close);
+        return Ok(());
+    }
+    for i in 0..len {
+        if i > 0 {
+            out.push_str(&opts.item_sep);
+        }
+        if let Some(indent) = &opts.indent {
+            out.push('\n');
+            out.push_str(&indent.repeat(depth + 1));
+        }
+        item(out, i, depth + 1)?;
+    }
+    if let Some(indent) = &opts.indent {
+        out.push('\n');
+        out.push_str(&indent.repeat(depth));
+    }
+    out.push(close);
+    Ok(())
+}
+
+/// Python turns non-string keys into strings the way it writes them as values.
+fn json_key(key: &Value) -> Result<String, minijinja::Error> {
+    match key.kind() {
+        ValueKind::String => Ok(key.as_str().unwrap_or_default().to_string()),
+        ValueKind::Number => Ok(python_number(key)),
+        ValueKind::Bool => Ok(if key.is_true() { "true" } else { "false" }.to_string()),
+        ValueKind::None => Ok("null".to_string()),
+        other => Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: keys must be str, int, float, bool or None, not {other}"),
+        )),
+    }
+}
+
+/// A number as Python's `json.dumps` writes it (`repr` for floats).
+fn python_number(value: &Value) -> String {
+    if value.is_integer() {
+        return value.to_string();
+    }
+    match f64::try_from(value.clone()) {
+        Ok(f) => python_float_repr(f),
+        Err(_) => value.to_string(),
+    }
+}
+
+fn python_float_repr(f: f64) -> String {
+    if f.is_nan() {
+        return "NaN".to_string();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "Infinity" } else { "-Infinity" }.to_string();
+    }
+    // Rust's `Debug` gives the shortest round-trip digits and switches to exponent notation
+    // at the same thresholds as Python's `repr`; Python writes the exponent with a sign and at
+    // least two digits.
+    let s = format!("{f:?}");
+    match s.split_once('e') {
+        None => s,
+        Some((mantissa, exp)) => {
+            let (sign, digits) = match exp.strip_prefix('-') {
+                Some(d) => ('-', d),
+                None => ('+', exp),
+            };
+            format!("{mantissa}e{sign}{digits:0>2}")
+        }
+    }
+}
+
+fn write_json_string(out: &mut String, s: &str, opts: &JsonOptions) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => push_json_escape(out, c as u32),
+            c if opts.ensure_ascii && !(' '..='~').contains(&c) => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    push_json_escape(out, u32::from(*unit));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn push_json_escape(out: &mut String, unit: u32) {
+    out.push_str(&format!("\\u{unit:04x}"));
+}
+
+/// C `strftime` (C locale) for a UTC Unix time, covering the conversions chat templates use.
+/// A `-` flag (`%-d`) drops zero padding, as glibc does.
+fn strftime_utc(format: &str, unix_secs: i64) -> String {
+    const DAYS: [&str; 7] = [
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+    ];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    let days = unix_secs.div_euclid(86_400);
+    let secs_of_day = unix_secs.rem_euclid(86_400);
+    let (year, month, day) = civil_from_days(days);
+    let (hour, minute, second) = (
+        secs_of_day / 3600,
+        (secs_of_day % 3600) / 60,
+        secs_of_day % 60,
+    );
+    let weekday = (days + 4).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
+    let yday = days - days_from_civil(year, 1, 1) + 1;
+    let month_name = MONTHS[(month - 1) as usize];
+    let day_name = DAYS[weekday];
+    let hour12 = if hour % 12 == 0 { 12 } else { hour % 12 };
+
+    let mut out = String::new();
+    let mut chars = format.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let no_pad = chars.peek() == Some(&'-');
+        if no_pad {
+            chars.next();
+        }
+        let num = |n: i64, width: usize, pad: char| -> String {
+            if no_pad {
+                n.to_string()
+            } else if pad == '0' {
+                format!("{n:0width$}")
+            } else {
+                format!("{n:width$}")
+            }
+        };
+        match chars.next() {
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('C') => out.push_str(&num(year.div_euclid(100), 2, '0')),
+            Some('y') => out.push_str(&num(year.rem_euclid(100), 2, '0')),
+            Some('m') => out.push_str(&num(month as i64, 2, '0')),
+            Some('d') => out.push_str(&num(day as i64, 2, '0')),
+            Some('e') => out.push_str(&num(day as i64, 2, ' ')),
+            Some('j') => out.push_str(&num(yday, 3, '0')),
+            Some('H') => out.push_str(&num(hour, 2, '0')),
+            Some('I') => out.push_str(&num(hour12, 2, '0')),
+            Some('M') => out.push_str(&num(minute, 2, '0')),
+            Some('S') => out.push_str(&num(second, 2, '0')),
+            Some('p') => out.push_str(if hour < 12 { "AM" } else { "PM" }),
+            Some('B') => out.push_str(month_name),
+            Some('b') | Some('h') => out.push_str(&month_name[..3]),
+            Some('A') => out.push_str(day_name),
+            Some('a') => out.push_str(&day_name[..3]),
+            Some('u') => out.push_str(&(if weekday == 0 { 7 } else { weekday }).to_string()),
+            Some('w') => out.push_str(&weekday.to_string()),
+            Some('F') => out.push_str(&format!("{year:04}-{month:02}-{day:02}")),
+            Some('D') | Some('x') => out.push_str(&format!(
+                "{month:02}/{day:02}/{:02}",
+                year.rem_euclid(100)
+            )),
+            Some('T') | Some('X') => out.push_str(&format!("{hour:02}:{minute:02}:{second:02}")),
+            Some('R') => out.push_str(&format!("{hour:02}:{minute:02}")),
+            Some('c') => out.push_str(&format!(
+                "{} {} {day:>2} {hour:02}:{minute:02}:{second:02} {year}",
+                &day_name[..3],
+                &month_name[..3]
+            )),
+            Some('Z') => out.push_str("UTC"),
+            Some('z') => out.push_str("+0000"),
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                if no_pad {
+                    out.push('-');
+                }
+                out.push(other);
+            }
+            None => {
+                out.push('%');
+                if no_pad {
+                    out.push('-');
+                }
+            }
+        }
+    }
+    out
+}
+
+/// (year, month 1-12, day 1-31) of a day count since 1970-01-01 (proleptic Gregorian).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Day count since 1970-01-01 of a (proleptic Gregorian) date.
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year.rem_euclid(400);
+    let month = i64::from(month);
+    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}

@@ -1,0 +1,744 @@
+//! The only module that reads model files.
+//!
+//! A model is a [`ModelFiles`]: a folder as downloaded from the Hub, or the embedded demo model.
+//! Weight files are safetensors, opened by mmap and never copied: a [`TensorRef`] is a view into
+//! the mapped bytes in the tensor's own dtype.
+//!
+//! Invariants:
+//! - Opening reads headers and small JSON files only. Nothing here allocates in proportion to the
+//!   total weights; tensor bytes are touched only when the compute reads them.
+//! - Every tensor is bounds-checked against its file when the header is parsed: offsets inside the
+//!   data region, byte length equal to `numel * dtype size`.
+//! - With a `model.safetensors.index.json`, exactly the shards it names are opened, every shard it
+//!   names must exist, and every tensor it maps must be in that shard's header.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use moe_kernels::Weights;
+
+use crate::error::{Error, Result};
+
+/// Largest safetensors header we accept: real headers of 75k-tensor checkpoints are a few MB.
+const MAX_HEADER_BYTES: u64 = 256 << 20;
+
+/// Element types found in safetensors files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+    F64,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    U16,
+    U32,
+    U64,
+    Bool,
+    F8E4M3,
+    F8E5M2,
+}
+
+impl Dtype {
+    fn parse(s: &str) -> Option<Dtype> {
+        Some(match s {
+            "F32" => Dtype::F32,
+            "F16" => Dtype::F16,
+            "BF16" => Dtype::Bf16,
+            "F64" => Dtype::F64,
+            "I64" => Dtype::I64,
+            "I32" => Dtype::I32,
+            "I16" => Dtype::I16,
+            "I8" => Dtype::I8,
+            "U8" => Dtype::U8,
+            "U16" => Dtype::U16,
+            "U32" => Dtype::U32,
+            "U64" => Dtype::U64,
+            "BOOL" => Dtype::Bool,
+            "F8_E4M3" => Dtype::F8E4M3,
+            "F8_E5M2" => Dtype::F8E5M2,
+            _ => return None,
+        })
+    }
+
+    /// Bytes per element.
+    pub fn size_bytes(self) -> usize {
+        match self {
+            Dtype::F64 | Dtype::I64 | Dtype::U64 => 8,
+            Dtype::F32 | Dtype::I32 | Dtype::U32 => 4,
+            Dtype::F16 | Dtype::Bf16 | Dtype::I16 | Dtype::U16 => 2,
+            Dtype::I8 | Dtype::U8 | Dtype::Bool | Dtype::F8E4M3 | Dtype::F8E5M2 => 1,
+        }
+    }
+
+    /// The safetensors spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "F32",
+            Dtype::F16 => "F16",
+            Dtype::Bf16 => "BF16",
+            Dtype::F64 => "F64",
+            Dtype::I64 => "I64",
+            Dtype::I32 => "I32",
+            Dtype::I16 => "I16",
+            Dtype::I8 => "I8",
+            Dtype::U8 => "U8",
+            Dtype::U16 => "U16",
+            Dtype::U32 => "U32",
+            Dtype::U64 => "U64",
+            Dtype::Bool => "BOOL",
+            Dtype::F8E4M3 => "F8_E4M3",
+            Dtype::F8E5M2 => "F8_E5M2",
+        }
+    }
+}
+
+/// Bytes of one file: a read-only mapping, or static bytes compiled into the binary.
+pub enum Storage {
+    Mmap(memmap2::Mmap),
+    Static(&'static [u8]),
+    /// An 8-byte aligned copy (`len` bytes used).
+    Words { words: Vec<u64>, len: usize },
+    Empty,
+}
+
+impl Storage {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mmap(m) => m,
+            Storage::Static(s) => s,
+            // SAFETY: reinterpreting initialised u64s as bytes is always valid; `len` never
+            // exceeds the words' byte length (set by the only constructor above).
+            Storage::Words { words, len } => unsafe {
+                std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), *len)
+            },
+            Storage::Empty => &[],
+        }
+    }
+}
+
+/// One file of the embedded demo model.
+pub struct EmbeddedFile {
+    pub name: &'static str,
+    pub bytes: &'static [u8],
+}
+
+/// Where a model's files come from.
+#[derive(Clone)]
+pub enum ModelFiles {
+    Dir(PathBuf),
+    Embedded {
+        label: &'static str,
+        files: &'static [EmbeddedFile],
+    },
+}
+
+impl ModelFiles {
+    /// A short human-readable name: the folder, or the embedded model's label.
+    pub fn label(&self) -> String {
+        match self {
+            ModelFiles::Dir(p) => p.display().to_string(),
+            ModelFiles::Embedded { label, .. } => format!("<{label}>"),
+        }
+    }
+
+    /// The path used in messages about file `name`.
+    pub fn path_of(&self, name: &str) -> PathBuf {
+        match self {
+            ModelFiles::Dir(p) => p.join(name),
+            ModelFiles::Embedded { label, .. } => PathBuf::from(format!("<{label}>/{name}")),
+        }
+    }
+
+    /// The folder, for a model on disk.
+    pub fn dir(&self) -> Option<&Path> {
+        match self {
+            ModelFiles::Dir(p) => Some(p),
+            ModelFiles::Embedded { .. } => None,
+        }
+    }
+
+    pub fn exists(&self, name: &str) -> bool {
+        match self {
+            ModelFiles::Dir(p) => p.join(name).is_file(),
+            ModelFiles::Embedded { files, .. } => files.iter().any(|f| f.name == name),
+        }
+    }
+
+    /// Reads a small file (JSON, template) whole; `Ok(None)` when it does not exist.
+    pub fn read_small(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        match self {
+            ModelFiles::Dir(p) => {
+                let path = p.join(name);
+                match std::fs::read(&path) {
+                    Ok(b) => Ok(Some(b)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(Error::io(path, e)),
+                }
+            }
+            ModelFiles::Embedded { files, .. } => Ok(files
+                .iter()
+                .find(|f| f.name == name)
+                .map(|f| f.bytes.to_vec())),
+        }
+    }
+
+    /// Maps a (large) file without reading it.
+    fn map(&self, name: &str) -> Result<Storage> {
+        match self {
+            ModelFiles::Dir(p) => {
+                let path = p.join(name);
+                let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+                let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+                if len == 0 {
+                    return Ok(Storage::Empty);
+                }
+                // SAFETY: the mapping is read-only and private to this process. The model files are
+                // treated as immutable while open (as every inference engine does); truncating a
+                // mapped file under us would be a user error outside what Rust can guard against.
+                let map = unsafe { memmap2::MmapOptions::new().map(&file) }
+                    .map_err(|e| Error::io(&path, e))?;
+                Ok(Storage::Mmap(map))
+            }
+            ModelFiles::Embedded { files, .. } => files
+                .iter()
+                .find(|f| f.name == name)
+                .map(|f| Storage::Static(f.bytes))
+                .ok_or_else(|| Error::io(self.path_of(name), std::io::ErrorKind::NotFound.into())),
+        }
+    }
+}
+
+/// Header entry of one tensor, bounds-checked.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    pub start: usize,
+    pub end: usize,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn size_bytes(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+/// One opened safetensors file.
+pub struct SafetensorsFile {
+    pub name: String,
+    pub path: PathBuf,
+    storage: Arc<Storage>,
+    pub tensors: BTreeMap<String, TensorInfo>,
+}
+
+impl SafetensorsFile {
+    /// Maps `name` and parses + bounds-checks its header. Reads nothing else.
+    pub fn open(files: &ModelFiles, name: &str) -> Result<SafetensorsFile> {
+        let path = files.path_of(name);
+        let storage = files.map(name)?;
+        let tensors = parse_header(storage.bytes(), &path)?;
+        Ok(SafetensorsFile {
+            name: name.to_string(),
+            path,
+            storage: Arc::new(storage),
+            tensors,
+        })
+    }
+}
+
+/// Parses a safetensors header from the start of `bytes` (the whole file).
+fn parse_header(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
+    let file_len = bytes.len() as u64;
+    if file_len < 8 {
+        return Err(Error::bad_file(
+            path,
+            format!("truncated safetensors file: {file_len} bytes, no header"),
+        ));
+    }
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "safetensors header length {header_len} runs past the file ({file_len} bytes): truncated or not a safetensors file"
+            ),
+        ));
+    }
+    let data_start = 8 + header_len as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..data_start]).map_err(|e| {
+            Error::bad_file(path, format!("safetensors header is not valid JSON: {e}"))
+        })?;
+    let data_len = bytes.len() - data_start;
+    let mut tensors = BTreeMap::new();
+    for (name, entry) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad = |why: String| Error::bad_file(path, format!("tensor `{name}`: {why}"));
+        let obj = entry
+            .as_object()
+            .ok_or_else(|| bad("header entry is not an object".into()))?;
+        let dtype_s = obj
+            .get("dtype")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| bad("no dtype".into()))?;
+        let dtype = Dtype::parse(dtype_s).ok_or_else(|| bad(format!("unknown dtype {dtype_s}")))?;
+        let shape: Vec<usize> = obj
+            .get("shape")
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| bad("no shape".into()))?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("shape is not a list of integers".into()))?;
+        let offs: Vec<u64> = obj
+            .get("data_offsets")
+            .and_then(|v| v.as_array())
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect::<Option<Vec<_>>>())
+            .filter(|a| a.len() == 2)
+            .ok_or_else(|| bad("data_offsets is not [begin, end]".into()))?;
+        let (b, e) = (offs[0], offs[1]);
+        if b > e || e > data_len as u64 {
+            return Err(bad(format!(
+                "data_offsets [{b}, {e}] run past the data region ({data_len} bytes): file truncated or corrupt"
+            )));
+        }
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| bad("shape overflows".into()))?;
+        let expect = numel
+            .checked_mul(dtype.size_bytes())
+            .ok_or_else(|| bad("shape overflows".into()))?;
+        if (e - b) as usize != expect {
+            return Err(bad(format!(
+                "{} bytes for shape {shape:?} of {dtype_s}, expected {expect}",
+                e - b
+            )));
+        }
+        tensors.insert(
+            name,
+            TensorInfo {
+                dtype,
+                shape,
+                start: data_start + b as usize,
+                end: data_start + e as usize,
+            },
+        );
+    }
+    Ok(tensors)
+}
+
+/// A zero-copy view of one tensor (or a slice of its leading dimension).
+#[derive(Clone)]
+pub struct TensorRef {
+    pub name: String,
+    pub path: Arc<PathBuf>,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    storage: Arc<Storage>,
+    start: usize,
+    end: usize,
+}
+
+impl std::fmt::Debug for TensorRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {:?} {}", self.name, self.shape, self.dtype.name())
+    }
+}
+
+impl TensorRef {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// The raw bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.storage.bytes()[self.start..self.end]
+    }
+
+    /// Element `i` of the leading dimension, as its own tensor (a view, no copy).
+    pub fn index(&self, i: usize) -> TensorRef {
+        self.narrow(i, 1).squeeze_first()
+    }
+
+    /// Rows `[first, first + count)` of the leading dimension (a view, no copy).
+    pub fn narrow(&self, first: usize, count: usize) -> TensorRef {
+        assert!(first + count <= self.shape[0], "narrow out of range");
+        let row_bytes = self.size_bytes() / self.shape[0].max(1);
+        let mut shape = self.shape.clone();
+        shape[0] = count;
+        TensorRef {
+            name: format!("{}[{first}..{}]", self.name, first + count),
+            path: self.path.clone(),
+            dtype: self.dtype,
+            shape,
+            storage: self.storage.clone(),
+            start: self.start + first * row_bytes,
+            end: self.start + (first + count) * row_bytes,
+        }
+    }
+
+    fn squeeze_first(mut self) -> TensorRef {
+        self.shape.remove(0);
+        self
+    }
+
+    /// Ensures the view is usable as typed compute weights: f32/bf16/f16 and aligned to the
+    /// element size. A misaligned tensor (legal in safetensors, rare in practice) is copied once.
+    pub fn into_compute(self) -> Result<TensorRef> {
+        match self.dtype {
+            Dtype::F32 | Dtype::Bf16 | Dtype::F16 => {}
+            other => {
+                return Err(Error::UnsupportedDtype {
+                    name: self.name,
+                    path: (*self.path).clone(),
+                    dtype: other.name().to_string(),
+                })
+            }
+        }
+        let align = self.dtype.size_bytes();
+        if (self.bytes().as_ptr() as usize) % align == 0 {
+            return Ok(self);
+        }
+        tracing::warn!(tensor = %self.name, "tensor is not aligned to its element size; copying it");
+        let n = self.size_bytes();
+        // u64 words give 8-byte alignment, enough for every float dtype.
+        let mut words = vec![0u64; n.div_ceil(8)];
+        // SAFETY: u64 has no padding and any byte pattern is a valid u64; the byte view covers
+        // exactly the words' storage and `words` stays exclusively borrowed while it is written.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
+        };
+        dst[..n].copy_from_slice(self.bytes());
+        Ok(TensorRef {
+            storage: Arc::new(Storage::Words { words, len: n }),
+            start: 0,
+            end: n,
+            ..self
+        })
+    }
+
+    /// Typed view for the kernels. Only valid after [`TensorRef::into_compute`].
+    pub fn weights(&self) -> Weights<'_> {
+        let b = self.bytes();
+        match self.dtype {
+            Dtype::F32 => Weights::F32(cast_slice::<f32>(b)),
+            Dtype::Bf16 => Weights::Bf16(cast_slice::<bf16>(b)),
+            Dtype::F16 => Weights::F16(cast_slice::<f16>(b)),
+            _ => unreachable!("weights() on a non-float tensor (into_compute checks the dtype)"),
+        }
+    }
+
+    /// The whole tensor converted to f32 (for small tensors: norms, biases).
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        let t = self.clone().into_compute()?;
+        let n = t.numel();
+        let mut out = vec![0f32; n];
+        if n > 0 {
+            moe_kernels::row_to_f32(t.weights(), 0, n, &mut out);
+        }
+        Ok(out)
+    }
+}
+
+fn cast_slice<T: Copy>(b: &[u8]) -> &[T] {
+    let size = std::mem::size_of::<T>();
+    assert!(
+        (b.as_ptr() as usize) % std::mem::align_of::<T>() == 0 && b.len() % size == 0,
+        "cast_slice on misaligned bytes (into_compute guarantees alignment)"
+    );
+    // SAFETY: alignment and length were checked just above; T is a plain float type (f32, bf16,
+    // f16) for which every bit pattern is valid; the lifetime is tied to `b`.
+    unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<T>(), b.len() / size) }
+}
+
+/// All weight files of a model, with a name -> file map.
+pub struct WeightSet {
+    pub files: Vec<SafetensorsFile>,
+    by_name: HashMap<String, usize>,
+    /// Names handed out through [`WeightSet::get`] (to report unused tensors).
+    used: parking_lot::Mutex<HashSet<String>>,
+    label: String,
+}
+
+impl WeightSet {
+    /// Opens `model.safetensors.index.json` and the shards it names, or `model.safetensors`.
+    pub fn open(files: &ModelFiles) -> Result<WeightSet> {
+        const INDEX: &str = "model.safetensors.index.json";
+        const SINGLE: &str = "model.safetensors";
+        let mut opened = Vec::new();
+        let mut by_name = HashMap::new();
+        if let Some(raw) = files.read_small(INDEX)? {
+            let index_path = files.path_of(INDEX);
+            let v: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| {
+                Error::bad_file(&index_path, format!("not valid JSON: {e}"))
+            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::bad_file(&index_path, "no `weight_map` object"))?;
+            // Shards in first-mention order for deterministic file numbering.
+            let mut shard_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (tensor, shard) in map {
+                let shard = shard.as_str().ok_or_else(|| {
+                    Error::bad_file(&index_path, format!("weight_map[`{tensor}`] is not a string"))
+                })?;
+                if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
+                    return Err(Error::bad_file(
+                        &index_path,
+                        format!("shard name `{shard}` is not a plain file name"),
+                    ));
+                }
+                shard_of
+                    .entry(shard.to_string())
+                    .or_default()
+                    .push(tensor.clone());
+            }
+            for (shard, names) in shard_of {
+                if !files.exists(&shard) {
+                    return Err(Error::MissingShard {
+                        index: index_path.clone(),
+                        shard,
+                    });
+                }
+                let f = SafetensorsFile::open(files, &shard)?;
+                for n in &names {
+                    if !f.tensors.contains_key(n) {
+                        return Err(Error::bad_file(
+                            &index_path,
+                            format!(
+                                "maps tensor `{n}` to `{shard}`, but that shard's header does not contain it"
+                            ),
+                        ));
+                    }
+                }
+                let idx = opened.len();
+                for n in names {
+                    by_name.insert(n, idx);
+                }
+                opened.push(f);
+            }
+        } else if files.exists(SINGLE) {
+            let f = SafetensorsFile::open(files, SINGLE)?;
+            for n in f.tensors.keys() {
+                by_name.insert(n.clone(), 0);
+            }
+            opened.push(f);
+        } else {
+            let hint = if files.exists("pytorch_model.bin")
+                || files.exists("pytorch_model.bin.index.json")
+            {
+                " (only PyTorch .bin weights found; safetensors are required)"
+            } else {
+                ""
+            };
+            return Err(Error::ModelNotFound {
+                spec: files.label(),
+                reason: format!("no {SINGLE} or {INDEX}{hint}"),
+            });
+        }
+        Ok(WeightSet {
+            files: opened,
+            by_name,
+            used: parking_lot::Mutex::new(HashSet::new()),
+            label: files.label(),
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// Header info of a tensor, without marking it used.
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.by_name
+            .get(name)
+            .and_then(|&i| self.files[i].tensors.get(name))
+    }
+
+    /// A view of tensor `name`, checked against `shape` when given.
+    pub fn get(&self, name: &str, shape: Option<&[usize]>) -> Result<TensorRef> {
+        let &fi = self.by_name.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            files: self.label.clone(),
+        })?;
+        let file = &self.files[fi];
+        let info = &file.tensors[name];
+        if let Some(shape) = shape {
+            if info.shape != shape {
+                return Err(Error::ShapeMismatch {
+                    name: name.to_string(),
+                    path: file.path.clone(),
+                    expected: shape.to_vec(),
+                    found: info.shape.clone(),
+                });
+            }
+        }
+        self.used.lock().insert(name.to_string());
+        Ok(TensorRef {
+            name: name.to_string(),
+            path: Arc::new(file.path.clone()),
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            storage: file.storage.clone(),
+            start: info.start,
+            end: info.end,
+        })
+    }
+
+    /// Like [`WeightSet::get`] but for float weights used in compute (dtype + alignment checked).
+    pub fn compute(&self, name: &str, shape: &[usize]) -> Result<TensorRef> {
+        self.get(name, Some(shape))?.into_compute()
+    }
+
+    /// Names present in the files but never requested, sorted.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.lock();
+        let mut v: Vec<String> = self
+            .by_name
+            .keys()
+            .filter(|n| !used.contains(*n))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Total bytes of all tensors in the set.
+    pub fn total_bytes(&self) -> u64 {
+        self.files
+            .iter()
+            .flat_map(|f| f.tensors.values())
+            .map(|t| t.size_bytes() as u64)
+            .sum()
+    }
+}
+
+/// Serialises tensors as a safetensors file image (header padded so data is 8-byte aligned).
+/// Each entry is (name, dtype, shape, little-endian bytes).
+pub fn safetensors_bytes(tensors: &[(&str, Dtype, &[usize], &[u8])]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, dtype, shape, bytes) in tensors {
+        debug_assert_eq!(
+            bytes.len(),
+            shape.iter().product::<usize>() * dtype.size_bytes()
+        );
+        header.insert(
+            name.to_string(),
+            serde_json::json!({
+                "dtype": dtype.name(),
+                "shape": shape,
+                "data_offsets": [offset, offset + bytes.len()],
+            }),
+        );
+        offset += bytes.len();
+    }
+    let mut h = serde_json::Value::Object(header).to_string().into_bytes();
+    while (8 + h.len()) % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + h.len() + offset);
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    for (_, _, _, bytes) in tensors {
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_st(path: &Path, header: &str, data_len: usize) {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.resize(b.len() + data_len, 0);
+        std::fs::write(path, b).unwrap();
+    }
+
+    #[test]
+    fn parses_and_bounds_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ModelFiles::Dir(dir.path().to_path_buf());
+        let h = r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"__metadata__":{"format":"pt"}}"#;
+        write_st(&dir.path().join("model.safetensors"), h, 16);
+        let ws = WeightSet::open(&files).unwrap();
+        let t = ws.compute("a", &[2, 2]).unwrap();
+        assert_eq!(t.numel(), 4);
+        assert!(matches!(
+            ws.get("a", Some(&[4])),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(ws.get("b", None), Err(Error::MissingTensor { .. })));
+
+        // Offsets past the end of the file.
+        write_st(&dir.path().join("model.safetensors"), h, 8);
+        let err = WeightSet::open(&files).err().unwrap().to_string();
+        assert!(err.contains("run past the data region"), "{err}");
+        // Header length past the end.
+        std::fs::write(dir.path().join("model.safetensors"), 1000u64.to_le_bytes()).unwrap();
+        let err = WeightSet::open(&files).err().unwrap().to_string();
+        assert!(err.contains("header length"), "{err}");
+        // Byte count not matching the shape.
+        let h2 = r#"{"a":{"dtype":"BF16","shape":[3],"data_offsets":[0,4]}}"#;
+        write_st(&dir.path().join("model.safetensors"), h2, 4);
+        let err = WeightSet::open(&files).err().unwrap().to_string();
+        assert!(err.contains("expected 6"), "{err}");
+    }
+
+    #[test]
+    fn serialised_file_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let vals: Vec<u8> = [1.5f32, -2.0, 3.25].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let img = safetensors_bytes(&[("x", Dtype::F32, &[3], &vals), ("e", Dtype::I64, &[0], &[])]);
+        std::fs::write(dir.path().join("model.safetensors"), img).unwrap();
+        let ws = WeightSet::open(&ModelFiles::Dir(dir.path().to_path_buf())).unwrap();
+        assert_eq!(ws.compute("x", &[3]).unwrap().to_f32_vec().unwrap(), vec![1.5, -2.0, 3.25]);
+        assert_eq!(ws.info("e").unwrap().dtype, Dtype::I64);
+    }
+
+    #[test]
+    fn index_must_match_shards() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ModelFiles::Dir(dir.path().to_path_buf());
+        let h = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        write_st(&dir.path().join("s1.safetensors"), h, 4);
+        let idx = dir.path().join("model.safetensors.index.json");
+        std::fs::write(
+            &idx,
+            r#"{"weight_map":{"a":"s1.safetensors","b":"s2.safetensors"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            WeightSet::open(&files),
+            Err(Error::MissingShard { .. })
+        ));
+        std::fs::write(&idx, r#"{"weight_map":{"a":"s1.safetensors","b":"s1.safetensors"}}"#)
+            .unwrap();
+        let err = WeightSet::open(&files).err().unwrap().to_string();
+        assert!(err.contains("does not contain"), "{err}");
+        std::fs::write(&idx, r#"{"weight_map":{"a":"s1.safetensors"}}"#).unwrap();
+        let ws = WeightSet::open(&files).unwrap();
+        assert!(ws.contains("a"));
+        assert_eq!(ws.unused(), vec!["a".to_string()]);
+    }
+}

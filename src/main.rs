@@ -1,0 +1,322 @@
+//! `moe-serve`: the command line (and, later, the HTTP server) over the `moe-runtime` library.
+//!
+//! Contract (relied on outside this repository; add, never rename):
+//! `moe-serve run [--model DIR|HUB_ID] (--prompt TEXT | --prompt-ids 1,2,3) [--chat]
+//! [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
+//! [--ignore-eos] [--threads N] [--json] [--logits-out FILE]`, and
+//! `moe-serve synth --arch qwen3_moe --preset NAME --out DIR [--layers N]`.
+//! Without `--json`, generated text streams to stdout and timings go to stderr; with `--json`,
+//! stdout is exactly one JSON line. Errors: one line on stderr, non-zero exit, never a panic.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use moe_runtime::synth::{SynthOptions, synth};
+use moe_runtime::weights::{safetensors_bytes, Dtype};
+use moe_runtime::{CancelToken, ChatMessage, GenerateParams, Model, Prompt, Settings};
+
+#[derive(Parser)]
+#[command(
+    name = "moe-serve",
+    version,
+    about = "Run Mixture-of-Experts language models larger than the machine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate from a prompt (with no --model: the bundled demo model).
+    Run(RunArgs),
+    /// Write a random-weight model in Hugging Face layout (for tests and benchmarks).
+    Synth(SynthArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Model folder, or a Hub id (`org/name`) already in the local Hugging Face cache.
+    #[arg(long)]
+    model: Option<String>,
+    /// Prompt text (tokenized with special tokens, as `tokenizer(text)` does).
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt token ids, used verbatim: `--prompt-ids 1,2,3`.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    prompt_ids: Option<Vec<u32>>,
+    /// Render the prompt as a user message through the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Maximum number of new tokens.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Sampling temperature; 0 = greedy. Default: generation_config.json.
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    min_p: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Longest sequence, prompt plus generated (default: min(max_position_embeddings, 4096)).
+    #[arg(long)]
+    max_context: Option<usize>,
+    /// Print one JSON object on stdout instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    /// Write the prefill logits of every prompt position to this safetensors file.
+    #[arg(long)]
+    logits_out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Architecture to write.
+    #[arg(long, default_value = "qwen3_moe")]
+    arch: String,
+    /// Size preset: demo, mini, bench-m.
+    #[arg(long, default_value = "demo")]
+    preset: String,
+    /// Output folder (created; must be empty unless --overwrite).
+    #[arg(long)]
+    out: PathBuf,
+    /// Override the preset's layer count.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Largest shard in bytes (default: 5 GB, as the Hub).
+    #[arg(long)]
+    shard_bytes: Option<u64>,
+    /// Replace files in a non-empty output folder.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("error: internal error{at}: {msg}");
+    }));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_target(false)
+        .without_time()
+        .init();
+    let cli = Cli::parse();
+    let result = std::panic::catch_unwind(|| match cli.command {
+        Command::Run(a) => run(a),
+        Command::Synth(a) => synth_cmd(a),
+    });
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => ExitCode::FAILURE,
+    }
+}
+
+/// Resident set size of this process in bytes (Linux), for load-cost reporting.
+fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let t_load = Instant::now();
+    let settings = Settings {
+        model: a.model.clone(),
+        threads: a.threads,
+        max_context: a.max_context,
+    };
+    let model = Model::load(&settings)?;
+    let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
+    let load_rss = rss_bytes();
+
+    let prompt = match (&a.prompt, &a.prompt_ids) {
+        (Some(text), _) if a.chat => Prompt::Chat(vec![ChatMessage {
+            role: "user".into(),
+            content: text.clone(),
+        }]),
+        (Some(text), _) => Prompt::Text(text.clone()),
+        (None, Some(ids)) if a.chat => {
+            return Err("--chat needs --prompt TEXT (token ids are used verbatim)".into())
+        }
+        (None, Some(ids)) => Prompt::Ids(ids.clone()),
+        (None, None) => return Err("give a prompt: --prompt TEXT or --prompt-ids 1,2,3".into()),
+    };
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        min_p: a.min_p,
+        seed: a.seed,
+        ignore_eos: a.ignore_eos,
+        return_prompt_logits: a.logits_out.is_some(),
+    };
+    let mut generation = model.generate(&prompt, &params, CancelToken::new())?;
+    let mut text = String::new();
+    let stdout = std::io::stdout();
+    for ev in generation.by_ref() {
+        let ev = ev?;
+        if !a.json {
+            let mut out = stdout.lock();
+            out.write_all(ev.text.as_bytes())?;
+            out.flush()?;
+        }
+        text.push_str(&ev.text);
+    }
+    let tail = generation.flush_text()?;
+    if !a.json {
+        let mut out = stdout.lock();
+        out.write_all(tail.as_bytes())?;
+        out.write_all(b"\n")?;
+        out.flush()?;
+    }
+    text.push_str(&tail);
+
+    let prompt_tokens = generation.prompt_ids().len();
+    let tokens = generation.generated().to_vec();
+    let prefill_s = generation.prefill_time().as_secs_f64();
+    let decode_s = generation.decode_time().as_secs_f64();
+    let prefill_tps = if prefill_s > 0.0 {
+        prompt_tokens as f64 / prefill_s
+    } else {
+        0.0
+    };
+    // The first token comes from the prefill pass; the rest each cost one decode step.
+    let decode_steps = tokens.len().saturating_sub(1);
+    let decode_tps = if decode_s > 0.0 && decode_steps > 0 {
+        decode_steps as f64 / decode_s
+    } else {
+        0.0
+    };
+    let finish = generation
+        .finish_reason()
+        .map(|f| f.as_str())
+        .unwrap_or("length");
+
+    if let Some(path) = &a.logits_out {
+        let logits = generation
+            .prompt_logits()
+            .ok_or("no prompt logits were computed")?;
+        let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let ids: Vec<u8> = generation
+            .prompt_ids()
+            .iter()
+            .flat_map(|&v| (v as i64).to_le_bytes())
+            .collect();
+        let img = safetensors_bytes(&[
+            (
+                "logits",
+                Dtype::F32,
+                &[prompt_tokens, model.config.vocab_size],
+                &bytes,
+            ),
+            ("input_ids", Dtype::I64, &[prompt_tokens], &ids),
+        ]);
+        moe_runtime::fsutil::write_atomic(path, &img)?;
+    }
+
+    if a.json {
+        let v = serde_json::json!({
+            "tokens": tokens,
+            "text": text,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": tokens.len(),
+            "finish_reason": finish,
+            "load_ms": load_ms,
+            "prefill_ms": prefill_s * 1e3,
+            "decode_ms": decode_s * 1e3,
+            "prefill_tokens_per_s": prefill_tps,
+            "decode_tokens_per_s": decode_tps,
+            "model": model.files.label(),
+            "arch": model.config.arch,
+            "threads": model.threads(),
+            "load_rss_bytes": load_rss,
+            "rss_bytes": rss_bytes(),
+        });
+        println!("{v}");
+    } else {
+        eprintln!(
+            "[{}] load {:.0} ms | prefill {} tokens {:.1} tok/s | decode {} tokens {:.1} tok/s | finish: {}",
+            model.config.arch,
+            load_ms,
+            prompt_tokens,
+            prefill_tps,
+            tokens.len(),
+            decode_tps,
+            finish
+        );
+    }
+    Ok(())
+}
+
+fn synth_cmd(a: SynthArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let opts = SynthOptions {
+        arch: a.arch,
+        preset: a.preset,
+        layers: a.layers,
+        seed: a.seed,
+        out: a.out.clone(),
+        shard_bytes: a.shard_bytes,
+        overwrite: a.overwrite,
+    };
+    let t0 = Instant::now();
+    let mut last_report = Instant::now();
+    let report = synth(&opts, &mut |done, total| {
+        if last_report.elapsed().as_millis() >= 1000 || done == total {
+            last_report = Instant::now();
+            eprint!(
+                "\rwriting {:.2} / {:.2} GB",
+                done as f64 / 1e9,
+                total as f64 / 1e9
+            );
+        }
+    })?;
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!();
+    eprintln!(
+        "wrote {} tensors, {:.3} B parameters, {:.2} GB in {} files to {} ({:.1} s, {:.0} MB/s)",
+        report.tensors,
+        report.params as f64 / 1e9,
+        report.weight_bytes as f64 / 1e9,
+        report.files.len(),
+        a.out.display(),
+        secs,
+        report.weight_bytes as f64 / 1e6 / secs.max(1e-9)
+    );
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! Shared helpers for the integration tests: fixture discovery and reference reading.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixtures() -> PathBuf {
+    root().join("tests/fixtures")
+}
+
+/// One entry of tests/fixtures/index.json.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    pub name: String,
+    pub moe_layers: Vec<usize>,
+    pub dir: PathBuf,
+}
+
+pub fn variants() -> Vec<Variant> {
+    let idx = fixtures().join("index.json");
+    let text = std::fs::read_to_string(&idx)
+        .unwrap_or_else(|e| panic!("{}: {e} (run tests/fixtures/generate.py)", idx.display()));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let list = v
+        .as_array()
+        .cloned()
+        .or_else(|| v.get("variants").and_then(|x| x.as_array()).cloned())
+        .expect("index.json: a list of variants");
+    list.iter()
+        .map(|e| {
+            let name = e["name"].as_str().unwrap().to_string();
+            Variant {
+                moe_layers: e["moe_layers"]
+                    .as_array()
+                    .map(|a| a.iter().map(|x| x.as_u64().unwrap() as usize).collect())
+                    .unwrap_or_default(),
+                dir: fixtures().join(&name),
+                name,
+            }
+        })
+        .collect()
+}
+
+/// A reference file: named tensors as f32 or i64 vectors with shapes.
+pub struct Reference {
+    bytes: Vec<u8>,
+}
+
+impl Reference {
+    pub fn open(path: &Path) -> Reference {
+        Reference {
+            bytes: std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        }
+    }
+
+    fn st(&self) -> safetensors::SafeTensors<'_> {
+        safetensors::SafeTensors::deserialize(&self.bytes).expect("reference parses")
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.st().names().iter().any(|n| *n == name)
+    }
+
+    pub fn shape(&self, name: &str) -> Vec<usize> {
+        self.st().tensor(name).unwrap().shape().to_vec()
+    }
+
+    pub fn f32(&self, name: &str) -> Vec<f32> {
+        let st = self.st();
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("reference lacks {name}"));
+        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+        t.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    pub fn i64(&self, name: &str) -> Vec<i64> {
+        let st = self.st();
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("reference lacks {name}"));
+        assert_eq!(t.dtype(), safetensors::Dtype::I64, "{name}");
+        t.data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
+/// Copies a folder (flat) into a fresh temp dir.
+pub fn copy_model(src: &Path) -> tempfile::TempDir {
+    let dst = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dst.path().join(e.file_name())).unwrap();
+        }
+    }
+    dst
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_moe-serve"))
+}
