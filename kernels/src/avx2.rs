@@ -74,53 +74,152 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s1)
 }
 
-/// Streaming matvec for `out.rows() <= MATVEC_MAX_M`: each weight row is read once and all the
-/// x rows' dot products are taken from it while it is in registers.
+/// Transposes an 8×8 block: lane `l` of output `p` is lane `p` of input `l`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(s0, s4),
+        _mm256_permute2f128_ps::<0x20>(s1, s5),
+        _mm256_permute2f128_ps::<0x20>(s2, s6),
+        _mm256_permute2f128_ps::<0x20>(s3, s7),
+        _mm256_permute2f128_ps::<0x31>(s0, s4),
+        _mm256_permute2f128_ps::<0x31>(s1, s5),
+        _mm256_permute2f128_ps::<0x31>(s2, s6),
+        _mm256_permute2f128_ps::<0x31>(s3, s7),
+    ]
+}
+
+/// The GEMM packing step (shared by the AVX2 and AVX-512 levels): widens columns `pc..pc+kc`
+/// of the weight rows in `w` (row length `k`) into `nr`-wide k-major panels,
+/// `panel[p * nr + c] = w[jp * nr + c][pc + p]`, with zero columns past the last row. Works in
+/// 8×8 register transposes; ragged edges go element by element.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn pack_panels<T: Load8>(
+    w: &[T],
+    k: usize,
+    pc: usize,
+    kc: usize,
+    nr: usize,
+    pack: &mut [f32],
+) {
+    assert!(nr.is_multiple_of(W) && pc + kc <= k && pack.len().is_multiple_of(kc * nr));
+    let rows = w.len() / k;
+    let kc8 = kc / W * W;
+    for (jp, panel) in pack.chunks_exact_mut(kc * nr).enumerate() {
+        for c0 in (0..nr).step_by(W) {
+            let j0 = jp * nr + c0;
+            if j0 + W <= rows {
+                // Rows j0..j0+8, from column pc: row i's block is src[i*k ..][..kc].
+                let src = &w[j0 * k + pc..(j0 + W - 1) * k + pc + kc];
+                for p0 in (0..kc8).step_by(W) {
+                    let mut r = [_mm256_setzero_ps(); W];
+                    for (i, v) in r.iter_mut().enumerate() {
+                        // SAFETY: i*k + p0 + 8 <= 7k + kc8 <= src.len().
+                        *v = unsafe { T::load8(src.as_ptr().add(i * k + p0)) };
+                    }
+                    for (p, v) in transpose8(r).iter().enumerate() {
+                        // SAFETY: (p0+p)*nr + c0 + 8 <= (kc-1)*nr + nr = panel.len().
+                        unsafe { _mm256_storeu_ps(panel.as_mut_ptr().add((p0 + p) * nr + c0), *v) };
+                    }
+                }
+                for p in kc8..kc {
+                    for i in 0..W {
+                        panel[p * nr + c0 + i] = src[i * k + p].widen();
+                    }
+                }
+            } else {
+                for i in 0..W {
+                    let j = j0 + i;
+                    for p in 0..kc {
+                        panel[p * nr + c0 + i] = if j < rows {
+                            w[j * k + pc + p].widen()
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Streaming matvec for `out.rows() <= MATVEC_MAX_M`: each weight row is read from memory
+/// once and all the x rows' dot products are taken from it while it is in registers or L1.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn matvec<T: Load8>(x: &[f32], k: usize, w: &[T], out: &mut OutBlock) {
-    // Tiles: MR x rows × NR weight rows, MR·NR accumulators + NR weight vectors + 1 x vector
-    // within the 16 ymm registers.
+    // Tiles: MA (+ MB) x rows × NR weight rows. A tile holds MR·NR accumulators + NR weight
+    // vectors + 1 x vector in the 16 ymm registers; above 4 rows, x is split into two row
+    // groups that take turns on the same NR weight rows (re-read from L1, not memory).
     match out.rows() {
-        1 => matvec_rows::<T, 1, 4>(x, k, w, out),
-        2 => matvec_rows::<T, 2, 4>(x, k, w, out),
-        3 => matvec_rows::<T, 3, 3>(x, k, w, out),
-        4 => matvec_rows::<T, 4, 2>(x, k, w, out),
-        5 => matvec_rows::<T, 5, 2>(x, k, w, out),
-        6 => matvec_rows::<T, 6, 2>(x, k, w, out),
-        7 => matvec_rows::<T, 7, 1>(x, k, w, out),
-        8 => matvec_rows::<T, 8, 1>(x, k, w, out),
+        1 => matvec_rows::<T, 6, 1, 0>(x, k, w, out),
+        2 => matvec_rows::<T, 4, 2, 0>(x, k, w, out),
+        3 => matvec_rows::<T, 3, 3, 0>(x, k, w, out),
+        4 => matvec_rows::<T, 3, 4, 0>(x, k, w, out),
+        5 => matvec_rows::<T, 3, 3, 2>(x, k, w, out),
+        6 => matvec_rows::<T, 3, 3, 3>(x, k, w, out),
+        7 => matvec_rows::<T, 3, 4, 3>(x, k, w, out),
+        8 => matvec_rows::<T, 3, 4, 4>(x, k, w, out),
         m => unreachable!("matvec called with {m} rows"),
     }
 }
 
+/// All columns for `MA + MB` x rows, `NR` weight rows at a time (then one at a time).
 #[target_feature(enable = "avx2,fma,f16c")]
-fn matvec_rows<T: Load8, const MR: usize, const NR: usize>(
+fn matvec_rows<T: Load8, const NR: usize, const MA: usize, const MB: usize>(
     x: &[f32],
     k: usize,
     w: &[T],
     out: &mut OutBlock,
 ) {
-    assert_eq!(x.len(), MR * k);
+    assert_eq!(x.len(), (MA + MB) * k);
     assert_eq!(w.len(), out.cols() * k);
+    let (xa, xb) = x.split_at(MA * k);
     let nc = out.cols();
     let mut j = 0;
     while j + NR <= nc {
-        dot_tile::<T, MR, NR>(x, k, &w[j * k..(j + NR) * k], j, out);
+        let wj = &w[j * k..(j + NR) * k];
+        dot_tile::<T, MA, NR>(xa, k, wj, 0, j, out);
+        if MB > 0 {
+            dot_tile::<T, MB, NR>(xb, k, wj, MA, j, out);
+        }
         j += NR;
     }
     while j < nc {
-        dot_tile::<T, MR, 1>(x, k, &w[j * k..(j + 1) * k], j, out);
+        let wj = &w[j * k..(j + 1) * k];
+        dot_tile::<T, MA, 1>(xa, k, wj, 0, j, out);
+        if MB > 0 {
+            dot_tile::<T, MB, 1>(xb, k, wj, MA, j, out);
+        }
         j += 1;
     }
 }
 
-/// `out[r][j0 + c] = x_r · w_c` for `r < MR`, `c < NR` (`x` is `MR` rows, `w` is `NR` rows).
+/// `out[i0 + r][j0 + c] = x_r · w_c` for `r < MR`, `c < NR` (`x` is `MR` rows, `w` is `NR`
+/// rows).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_tile<T: Load8, const MR: usize, const NR: usize>(
     x: &[f32],
     k: usize,
     w: &[T],
+    i0: usize,
     j0: usize,
     out: &mut OutBlock,
 ) {
@@ -157,7 +256,7 @@ fn dot_tile<T: Load8, const MR: usize, const NR: usize>(
         }
     }
     for (r, a) in acc.iter().enumerate() {
-        let row = &mut out.row(r)[j0..j0 + NR];
+        let row = &mut out.row(i0 + r)[j0..j0 + NR];
         for (o, a) in row.iter_mut().zip(a) {
             *o = hsum(*a);
         }
@@ -234,7 +333,7 @@ fn micro<const R: usize>(t: &Tile, out: &mut OutBlock) {
 ///
 /// # Safety
 /// The CPU must support avx2/fma/f16c.
-pub(crate) unsafe fn gemm<T: Elem>(x: &[f32], k: usize, w: &[T], out: &mut OutBlock) {
+pub(crate) unsafe fn gemm<T: Load8>(x: &[f32], k: usize, w: &[T], out: &mut OutBlock) {
     // SAFETY: forwarded from the caller.
     unsafe { gemm::gemm::<T, Micro2>(x, k, w, out) }
 }
@@ -260,7 +359,11 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
             p += 4 * W;
         }
         while p + W <= n {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(p)), _mm256_loadu_ps(bp.add(p)), acc[0]);
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(ap.add(p)),
+                _mm256_loadu_ps(bp.add(p)),
+                acc[0],
+            );
             p += W;
         }
     }

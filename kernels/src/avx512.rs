@@ -112,14 +112,14 @@ pub(crate) fn matvec<T: Load16>(x: &[f32], k: usize, w: &[T], out: &mut OutBlock
     // Tiles: MR x rows × NR weight rows, MR·NR accumulators + NR weight vectors + 1 x vector
     // within the 32 zmm registers.
     match out.rows() {
-        1 => matvec_rows::<T, 1, 4>(x, k, w, out),
-        2 => matvec_rows::<T, 2, 4>(x, k, w, out),
-        3 => matvec_rows::<T, 3, 4>(x, k, w, out),
-        4 => matvec_rows::<T, 4, 4>(x, k, w, out),
-        5 => matvec_rows::<T, 5, 2>(x, k, w, out),
-        6 => matvec_rows::<T, 6, 2>(x, k, w, out),
-        7 => matvec_rows::<T, 7, 2>(x, k, w, out),
-        8 => matvec_rows::<T, 8, 2>(x, k, w, out),
+        1 => matvec_rows::<T, 1, 8>(x, k, w, out),
+        2 => matvec_rows::<T, 2, 6>(x, k, w, out),
+        3 => matvec_rows::<T, 3, 6>(x, k, w, out),
+        4 => matvec_rows::<T, 4, 6>(x, k, w, out),
+        5 => matvec_rows::<T, 5, 4>(x, k, w, out),
+        6 => matvec_rows::<T, 6, 4>(x, k, w, out),
+        7 => matvec_rows::<T, 7, 3>(x, k, w, out),
+        8 => matvec_rows::<T, 8, 3>(x, k, w, out),
         m => unreachable!("matvec called with {m} rows"),
     }
 }
@@ -228,7 +228,10 @@ impl Micro for Micro512 {
 fn micro<const R: usize>(t: &Tile, out: &mut OutBlock) {
     t.check::<Micro512>(out);
     assert_eq!(t.rows, R);
-    let (m0, m1) = (tail_mask(t.cols.min(W)), tail_mask(t.cols.saturating_sub(W)));
+    let (m0, m1) = (
+        tail_mask(t.cols.min(W)),
+        tail_mask(t.cols.saturating_sub(W)),
+    );
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     if !t.first {
         for (r, a) in acc.iter_mut().enumerate() {
@@ -270,8 +273,8 @@ fn micro<const R: usize>(t: &Tile, out: &mut OutBlock) {
 /// Packed, cache-blocked GEMM (see `gemm`).
 ///
 /// # Safety
-/// The CPU must support avx512f/bw/vl.
-pub(crate) unsafe fn gemm<T: Elem>(x: &[f32], k: usize, w: &[T], out: &mut OutBlock) {
+/// The CPU must support avx512f/bw/vl and avx2/fma/f16c (packing runs at the AVX2 level).
+pub(crate) unsafe fn gemm<T: crate::avx2::Load8>(x: &[f32], k: usize, w: &[T], out: &mut OutBlock) {
     // SAFETY: forwarded from the caller.
     unsafe { gemm::gemm::<T, Micro512>(x, k, w, out) }
 }
@@ -296,7 +299,11 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
             p += 4 * W;
         }
         while p + W <= n {
-            acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(ap.add(p)), _mm512_loadu_ps(bp.add(p)), acc[0]);
+            acc[0] = _mm512_fmadd_ps(
+                _mm512_loadu_ps(ap.add(p)),
+                _mm512_loadu_ps(bp.add(p)),
+                acc[0],
+            );
             p += W;
         }
         if p < n {

@@ -9,7 +9,8 @@
 //! increasing order (the chain is stored to `out` between k blocks and reloaded, which is exact),
 //! so the result is independent of the tiling, the chunking and the thread count.
 
-use crate::{Elem, OutBlock};
+use crate::avx2::{self, Load8};
+use crate::OutBlock;
 
 /// K depth of one packed block: a 256-deep panel of 32 f32 columns is 32 KiB, so the panel the
 /// micro-kernel streams stays in L1 together with the x strip it multiplies.
@@ -67,8 +68,8 @@ pub(crate) trait Micro {
 /// `out[rows, cols] = x[rows, k] · w[cols, k]ᵀ` with micro-kernel `M`; `k > 0`.
 ///
 /// # Safety
-/// The CPU must support `M`'s SIMD level.
-pub(crate) unsafe fn gemm<T: Elem, M: Micro>(x: &[f32], k: usize, w: &[T], out: &mut OutBlock) {
+/// The CPU must support `M`'s SIMD level and AVX2 + FMA + F16C (the packing step).
+pub(crate) unsafe fn gemm<T: Load8, M: Micro>(x: &[f32], k: usize, w: &[T], out: &mut OutBlock) {
     let (m, nc) = (out.rows(), out.cols());
     assert!(k > 0);
     assert_eq!(x.len(), m * k);
@@ -80,7 +81,8 @@ pub(crate) unsafe fn gemm<T: Elem, M: Micro>(x: &[f32], k: usize, w: &[T], out: 
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
             let pack = &mut pack[..ncb.div_ceil(M::NR) * kc * M::NR];
-            pack_panels(wb, k, pc, kc, M::NR, pack);
+            // SAFETY: the caller guarantees AVX2 + FMA + F16C.
+            unsafe { avx2::pack_panels(wb, k, pc, kc, M::NR, pack) };
             for i0 in (0..m).step_by(M::MR) {
                 let rows = M::MR.min(m - i0);
                 let xs = &x[i0 * k + pc..(i0 + rows - 1) * k + pc + kc];
@@ -99,25 +101,6 @@ pub(crate) unsafe fn gemm<T: Elem, M: Micro>(x: &[f32], k: usize, w: &[T], out: 
                     // SAFETY: the caller guarantees the CPU supports M's level.
                     unsafe { M::run(&tile, out) };
                 }
-            }
-        }
-    }
-}
-
-/// Widens columns `pc..pc+kc` of the rows of `w` (row length `k`) into `nr`-wide k-major panels;
-/// columns past the last row are zero.
-fn pack_panels<T: Elem>(w: &[T], k: usize, pc: usize, kc: usize, nr: usize, pack: &mut [f32]) {
-    let rows = w.len() / k;
-    for (jp, panel) in pack.chunks_exact_mut(kc * nr).enumerate() {
-        for c in 0..nr {
-            let j = jp * nr + c;
-            let dst = panel[c..].iter_mut().step_by(nr);
-            if j < rows {
-                for (d, s) in dst.zip(&w[j * k + pc..j * k + pc + kc]) {
-                    *d = s.widen();
-                }
-            } else {
-                dst.for_each(|d| *d = 0.0);
             }
         }
     }

@@ -28,6 +28,7 @@ use rayon::prelude::*;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
 mod gemm;
 pub mod scalar;
 #[cfg(test)]
@@ -68,6 +69,7 @@ impl<'a> Weights<'a> {
 /// A stored weight element that widens exactly to f32.
 pub(crate) trait Elem: Copy + Send + Sync + 'static {
     /// Zero of this type (padding for ragged tails).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     const ZERO: Self;
     fn widen(self) -> f32;
 }
@@ -104,7 +106,8 @@ pub(crate) enum Level {
     /// AVX2 + FMA + F16C, 8 f32 lanes.
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    /// AVX-512 F + BW + VL, 16 f32 lanes (BW/VL for 16-bit masked loads of bf16/f16 tails).
+    /// AVX-512 F + BW + VL, 16 f32 lanes (BW/VL for 16-bit masked loads of bf16/f16 tails),
+    /// on top of the AVX2 level (the GEMM packing step runs at the AVX2 level).
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
@@ -132,7 +135,8 @@ impl Level {
             }
             #[cfg(target_arch = "x86_64")]
             Level::Avx512 => {
-                std::is_x86_feature_detected!("avx512f")
+                Level::Avx2.supported()
+                    && std::is_x86_feature_detected!("avx512f")
                     && std::is_x86_feature_detected!("avx512bw")
                     && std::is_x86_feature_detected!("avx512vl")
             }
@@ -184,6 +188,10 @@ pub(crate) const MATVEC_MAX_M: usize = 8;
 /// Below this many multiply-adds (m·n·k) a call runs on the calling thread: 2^18 FMAs take tens
 /// of µs on one core, well above rayon's few-µs fork/join cost, so smaller calls gain nothing.
 const PAR_MIN_WORK: usize = 1 << 18;
+
+/// Chunks per thread in a parallel call: several, so that rayon's work stealing evens out
+/// threads slowed by other processes (the split never changes results, see the crate doc).
+const PAR_CHUNKS_PER_THREAD: usize = 4;
 
 /// Column chunks handed to threads are multiples of this (the widest GEMM panel), so no thread
 /// gets a sliver narrower than one tile.
@@ -328,8 +336,8 @@ pub(crate) fn matmul_with(
     } else {
         1
     };
-    let chunks = threads.min(work / PAR_MIN_WORK);
-    if chunks <= 1 {
+    let chunks = (threads * PAR_CHUNKS_PER_THREAD).min(work / PAR_MIN_WORK);
+    if threads <= 1 || chunks <= 1 {
         run_block(level, use_gemm, x, k, w, block);
         return;
     }
@@ -388,6 +396,7 @@ pub(crate) trait SimdElem: Elem {}
 #[cfg(not(target_arch = "x86_64"))]
 impl<T: Elem> SimdElem for T {}
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn run_block_t<T: SimdElem>(
     level: Level,
     use_gemm: bool,
@@ -411,7 +420,7 @@ fn run_block_t<T: SimdElem>(
         }
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => {
-            // SAFETY: matmul_with asserted Level::Avx512.supported() (avx512f, bw, vl).
+            // SAFETY: matmul_with asserted Level::Avx512.supported() (avx512f/bw/vl, avx2/fma/f16c).
             unsafe {
                 if use_gemm {
                     avx512::gemm(x, k, w, &mut out)
@@ -447,7 +456,7 @@ pub(crate) fn dot_with(level: Level, a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// out[i] += alpha * x[i]. Panics if lengths differ.
+/// `out[i] += alpha * x[i]`. Panics if lengths differ.
 pub fn axpy(alpha: f32, x: &[f32], out: &mut [f32]) {
     axpy_with(level(), alpha, x, out)
 }

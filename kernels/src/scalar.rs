@@ -63,7 +63,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_row(a, b)
 }
 
-/// out[i] += alpha * x[i] (one multiply and one add, each rounded). Panics if lengths differ.
+/// `out[i] += alpha * x[i]` (one multiply and one add, each rounded). Panics if lengths differ.
 pub fn axpy(alpha: f32, x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len(), "axpy: lengths differ");
     for (o, &v) in out.iter_mut().zip(x) {

@@ -27,6 +27,9 @@ use tokenizers::processors::PostProcessorWrapper;
 /// Name under which the chat template is registered in its environment.
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// Largest token id accepted (vocabularies in use stay well below a million).
+const MAX_TOKEN_ID: usize = 1 << 24;
+
 /// Keys of `tokenizer_config.json` that `transformers` passes to chat templates (its
 /// `special_tokens_map`), when they are set.
 const TEMPLATE_TOKEN_KEYS: [&str; 7] = [
@@ -148,12 +151,10 @@ impl Tokenizer {
         let template_path = dir.join("chat_template.jinja");
         let template = if template_path.exists() {
             let bytes = read_file(&template_path)?;
-            Some(
-                String::from_utf8(bytes).map_err(|e| TokenizerError::Load {
-                    path: template_path.display().to_string(),
-                    reason: format!("not UTF-8: {e}"),
-                })?,
-            )
+            Some(String::from_utf8(bytes).map_err(|e| TokenizerError::Load {
+                path: template_path.display().to_string(),
+                reason: format!("not UTF-8: {e}"),
+            })?)
         } else {
             None
         };
@@ -177,7 +178,7 @@ impl Tokenizer {
             reason,
         };
 
-        let mut inner = guarded(|| tokenizers::Tokenizer::from_bytes(tokenizer_json))
+        let mut inner = parse_tokenizer_json(tokenizer_json)
             .map_err(|reason| load_err(tokenizer_label, reason))?;
         // `transformers` encodes without the truncation and padding a tokenizer.json may carry.
         inner
@@ -228,6 +229,12 @@ impl Tokenizer {
         let vocab = inner.get_vocab(true);
         let vocab_size = vocab.len();
         let max_id = vocab.values().copied().max().map_or(0, |m| m as usize + 1);
+        if max_id > MAX_TOKEN_ID {
+            return Err(load_err(
+                tokenizer_label,
+                format!("token id {} is implausibly large", max_id - 1),
+            ));
+        }
         let mut known = vec![false; max_id];
         for &id in vocab.values() {
             known[id as usize] = true;
@@ -292,7 +299,11 @@ impl Tokenizer {
         self.decode_known(ids, skip_special_tokens)
     }
 
-    fn decode_known(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
+    fn decode_known(
+        &self,
+        ids: &[u32],
+        skip_special_tokens: bool,
+    ) -> Result<String, TokenizerError> {
         guarded(|| self.inner.decode(ids, skip_special_tokens)).map_err(TokenizerError::Decode)
     }
 
@@ -426,7 +437,13 @@ impl IncrementalDecoder<'_> {
         if self.ends_in_open_byte_group() {
             return Ok(String::new());
         }
-        let (prefix_text, new_text) = self.window_texts()?;
+        let (prefix_text, new_text) = match self.window_texts() {
+            Ok(texts) => texts,
+            Err(e) => {
+                self.ids.pop();
+                return Err(e);
+            }
+        };
         if new_text.len() <= prefix_text.len() || new_text.ends_with(char::REPLACEMENT_CHARACTER) {
             return Ok(String::new());
         }
@@ -485,6 +502,42 @@ impl IncrementalDecoder<'_> {
 /// `full` minus its leading `prefix`, if `full` does start with it.
 fn suffix_after<'s>(full: &'s str, prefix: &str) -> Option<&'s str> {
     full.strip_prefix(prefix)
+}
+
+/// Top-level keys of `tokenizer.json` that the tokenizer library reads.
+const TOKENIZER_JSON_KEYS: [&str; 9] = [
+    "version",
+    "truncation",
+    "padding",
+    "added_tokens",
+    "normalizer",
+    "pre_tokenizer",
+    "post_processor",
+    "decoder",
+    "model",
+];
+
+/// Parses `tokenizer.json`. The library's parser fails on top-level keys it does not know, so
+/// when the direct parse fails, the document is parsed again with only the known keys kept.
+fn parse_tokenizer_json(bytes: &[u8]) -> Result<tokenizers::Tokenizer, String> {
+    let first_error = match guarded(|| tokenizers::Tokenizer::from_bytes(bytes)) {
+        Ok(tokenizer) => return Ok(tokenizer),
+        Err(e) => e,
+    };
+    let document: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let serde_json::Value::Object(mut map) = document else {
+        return Err(first_error);
+    };
+    let before = map.len();
+    map.retain(|key, _| TOKENIZER_JSON_KEYS.contains(&key.as_str()));
+    if map.len() == before {
+        return Err(first_error);
+    }
+    tracing::debug!(
+        "ignoring {} unknown top-level key(s) in tokenizer.json",
+        before - map.len()
+    );
+    guarded(|| serde_json::from_value::<tokenizers::Tokenizer>(serde_json::Value::Object(map)))
 }
 
 /// Runs a call into the tokenizer library, turning both its errors and any panic into a message.
@@ -614,11 +667,8 @@ fn apply_bos_eos_policy(
     let bos = resolve(add_bos, bos, "bos_token");
     let eos = resolve(add_eos, eos, "eos_token");
 
-    let special = |token: &str, type_id: u32| {
-        serde_json::json!({ "SpecialToken": { "id": token, "type_id": type_id } })
-    };
-    let sequence =
-        |id: &str, type_id: u32| serde_json::json!({ "Sequence": { "id": id, "type_id": type_id } });
+    let special = |token: &str, type_id: u32| serde_json::json!({ "SpecialToken": { "id": token, "type_id": type_id } });
+    let sequence = |id: &str, type_id: u32| serde_json::json!({ "Sequence": { "id": id, "type_id": type_id } });
     let mut single = Vec::new();
     let mut pair = Vec::new();
     for (seq, type_id) in [("A", 0u32), ("B", 1u32)] {
@@ -696,7 +746,7 @@ fn template_error(err: minijinja::Error) -> TokenizerError {
         source = e.source();
     }
     TokenizerError::Template {
-        reason: format!("{err:#}"),
+        reason: err.to_string(),
     }
 }
 
@@ -713,7 +763,14 @@ fn compile_template(source: &str) -> Result<Environment<'static>, String> {
         .map_err(|e| e.to_string())?;
     env.set_syntax(syntax);
     env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_unknown_method_callback(|state, value, method, args| {
+        // `str.title()` capitalises after any uncased character (`bar_baz` → `Bar_Baz`);
+        // the Python-compat layer splits on whitespace only.
+        if let ("title", [], Some(s)) = (method, args, value.as_str()) {
+            return Ok(Value::from(python_title(s)));
+        }
+        minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+    });
     env.add_function(
         "raise_exception",
         |message: String| -> Result<Value, minijinja::Error> {
@@ -730,9 +787,132 @@ fn compile_template(source: &str) -> Result<Environment<'static>, String> {
         strftime_utc(&format, secs)
     });
     env.add_filter("tojson", tojson_filter);
-    env.add_template_owned(TEMPLATE_NAME, neutralise_generation_tags(source))
-        .map_err(|e| format!("{e:#}"))?;
+    env.set_formatter(python_formatter);
+    // Jinja2 reads `\r\n` and `\r` in templates (text and string literals) as `\n`.
+    let source = source.replace("\r\n", "\n").replace('\r', "\n");
+    env.add_template_owned(TEMPLATE_NAME, neutralise_generation_tags(&source))
+        .map_err(|e| e.to_string())?;
     Ok(env)
+}
+
+/// Prints values the way Jinja2 on Python does: `True`, `False`, `None`, Python float `repr`,
+/// and lists / dicts as their Python `repr`. Strings print as they are.
+fn python_formatter(
+    out: &mut minijinja::Output<'_>,
+    state: &mut minijinja::State<'_, '_>,
+    value: &Value,
+) -> Result<(), minijinja::Error> {
+    let text = match value.kind() {
+        ValueKind::Bool | ValueKind::None | ValueKind::Seq | ValueKind::Map => {
+            python_repr(value, 0)
+        }
+        ValueKind::Number if !value.is_integer() => python_repr(value, 0),
+        _ => return minijinja::escape_formatter(out, state, value),
+    };
+    out.write_str(&text).map_err(minijinja::Error::from)
+}
+
+/// Python's `str.title()`: a cased character is upper-cased after an uncased one, lower-cased
+/// otherwise.
+fn python_title(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut previous_cased = false;
+    for c in s.chars() {
+        if previous_cased {
+            out.extend(c.to_lowercase());
+        } else {
+            out.extend(c.to_uppercase());
+        }
+        previous_cased = c.is_lowercase() || c.is_uppercase();
+    }
+    out
+}
+
+/// Python's `repr` of a template value (strings quoted, containers recursively).
+fn python_repr(value: &Value, depth: usize) -> String {
+    if depth > MAX_JSON_DEPTH {
+        return "...".to_string();
+    }
+    match value.kind() {
+        ValueKind::None => "None".to_string(),
+        ValueKind::Bool => if value.is_true() { "True" } else { "False" }.to_string(),
+        ValueKind::Number => match f64::try_from(value.clone()) {
+            Ok(f) if !value.is_integer() => {
+                if f.is_nan() {
+                    "nan".to_string()
+                } else if f.is_infinite() {
+                    if f > 0.0 { "inf" } else { "-inf" }.to_string()
+                } else {
+                    python_float_repr(f)
+                }
+            }
+            _ => value.to_string(),
+        },
+        ValueKind::String => python_str_repr(value.as_str().unwrap_or_default()),
+        ValueKind::Seq => {
+            let items: Vec<String> = value
+                .try_iter()
+                .map(|iter| iter.map(|v| python_repr(&v, depth + 1)).collect())
+                .unwrap_or_default();
+            if value.is_tuple() {
+                if items.len() == 1 {
+                    format!("({},)", items[0])
+                } else {
+                    format!("({})", items.join(", "))
+                }
+            } else {
+                format!("[{}]", items.join(", "))
+            }
+        }
+        ValueKind::Map => {
+            let items: Vec<String> = value
+                .try_iter()
+                .map(|iter| {
+                    iter.map(|k| {
+                        let v = value.get_item(&k).unwrap_or_default();
+                        format!(
+                            "{}: {}",
+                            python_repr(&k, depth + 1),
+                            python_repr(&v, depth + 1)
+                        )
+                    })
+                    .collect()
+                })
+                .unwrap_or_default();
+            format!("{{{}}}", items.join(", "))
+        }
+        _ => value.to_string(),
+    }
+}
+
+/// Python's `repr` of a string: single quotes unless the text has `'` but no `"`.
+fn python_str_repr(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || (0x7f..0xa0).contains(&(c as u32)) => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            '\u{2028}' | '\u{2029}' => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
 }
 
 /// `transformers` parses `{% generation %}` … `{% endgeneration %}` (marking assistant spans
@@ -890,12 +1070,20 @@ fn write_json(
             if opts.sort_keys {
                 entries.sort_by(|a, b| a.0.cmp(&b.0));
             }
-            write_json_container(out, '{', '}', entries.len(), opts, depth, |out, i, depth| {
-                let (key, item) = &entries[i];
-                write_json_string(out, key, opts);
-                out.push_str(&opts.key_sep);
-                write_json(out, item, opts, depth)
-            })?;
+            write_json_container(
+                out,
+                '{',
+                '}',
+                entries.len(),
+                opts,
+                depth,
+                |out, i, depth| {
+                    let (key, item) = &entries[i];
+                    write_json_string(out, key, opts);
+                    out.push_str(&opts.key_sep);
+                    write_json(out, item, opts, depth)
+                },
+            )?;
         }
         _ => {
             return Err(minijinja::Error::new(
@@ -1095,10 +1283,9 @@ fn strftime_utc(format: &str, unix_secs: i64) -> String {
             Some('u') => out.push_str(&(if weekday == 0 { 7 } else { weekday }).to_string()),
             Some('w') => out.push_str(&weekday.to_string()),
             Some('F') => out.push_str(&format!("{year:04}-{month:02}-{day:02}")),
-            Some('D') | Some('x') => out.push_str(&format!(
-                "{month:02}/{day:02}/{:02}",
-                year.rem_euclid(100)
-            )),
+            Some('D') | Some('x') => {
+                out.push_str(&format!("{month:02}/{day:02}/{:02}", year.rem_euclid(100)))
+            }
             Some('T') | Some('X') => out.push_str(&format!("{hour:02}:{minute:02}:{second:02}")),
             Some('R') => out.push_str(&format!("{hour:02}:{minute:02}")),
             Some('c') => out.push_str(&format!(
@@ -1152,4 +1339,983 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    // -----------------------------------------------------------------------------------------
+    // Test tokenizers
+    // -----------------------------------------------------------------------------------------
+
+    /// GPT-2's byte-to-unicode table: printable Latin-1 bytes map to themselves, the rest to
+    /// U+0100 onwards in byte order.
+    fn byte_chars() -> [char; 256] {
+        let mut printable: Vec<u32> = (u32::from(b'!')..=u32::from(b'~'))
+            .chain(0xA1..=0xAC)
+            .chain(0xAE..=0xFF)
+            .collect();
+        let mut chars: Vec<u32> = printable.clone();
+        let mut next = 0;
+        for b in 0..256u32 {
+            if !printable.contains(&b) {
+                printable.push(b);
+                chars.push(256 + next);
+                next += 1;
+            }
+        }
+        let mut table = ['\0'; 256];
+        for (b, c) in printable.iter().zip(chars) {
+            table[*b as usize] = char::from_u32(c).unwrap();
+        }
+        table
+    }
+
+    fn bstr(bytes: &[u8]) -> String {
+        let table = byte_chars();
+        bytes.iter().map(|&b| table[b as usize]).collect()
+    }
+
+    fn added(id: u32, content: &str) -> serde_json::Value {
+        json!({
+            "id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        })
+    }
+
+    const QWEN_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+    // Byte-level BPE ids: bytes 0..=255 are ids 0..=255, then the merges below, then
+    // <|endoftext|> = 268, <|im_start|> = 269, <|im_end|> = 270.
+    const ENDOFTEXT: u32 = 268;
+    const IM_START: u32 = 269;
+    const IM_END: u32 = 270;
+
+    /// A byte-level BPE tokenizer.json. `qwen_split` selects a regex Split + ByteLevel
+    /// pre-tokenizer (Qwen2 / Llama 3 style) instead of the GPT-2 ByteLevel regex.
+    fn byte_level_json(qwen_split: bool, tweak: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut vocab = serde_json::Map::new();
+        for b in 0..=255u8 {
+            vocab.insert(bstr(&[b]), json!(b));
+        }
+        let merges: Vec<(String, String)> = vec![
+            ("h".into(), "e".into()),
+            ("l".into(), "l".into()),
+            ("he".into(), "ll".into()),
+            ("hell".into(), "o".into()),
+            ("Ġ".into(), "w".into()),
+            ("o".into(), "r".into()),
+            ("Ġw".into(), "or".into()),
+            ("l".into(), "d".into()),
+            ("Ġwor".into(), "ld".into()),
+            (bstr(&[0xE4]), bstr(&[0xB8])),
+            (bstr(&[0xE4, 0xB8]), bstr(&[0xAD])),
+            (bstr(&[0xF0]), bstr(&[0x9F])),
+        ];
+        for (i, (a, b)) in merges.iter().enumerate() {
+            vocab.insert(format!("{a}{b}"), json!(256 + i));
+        }
+        let merges: Vec<String> = merges.iter().map(|(a, b)| format!("{a} {b}")).collect();
+        let pre_tokenizer = if qwen_split {
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN_SPLIT}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}
+            ]})
+        } else {
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+        };
+        let mut doc = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": [added(ENDOFTEXT, "<|endoftext|>"), added(IM_START, "<|im_start|>"), added(IM_END, "<|im_end|>")],
+            "normalizer": if qwen_split { json!({"type": "NFC"}) } else { json!(null) },
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                "ignore_merges": false, "vocab": vocab, "merges": merges
+            },
+            "an_unknown_key": {"is": "ignored"}
+        });
+        tweak(&mut doc);
+        doc.to_string()
+    }
+
+    fn byte_level(config: Option<serde_json::Value>) -> Tokenizer {
+        let config = config.map(|c| c.to_string());
+        Tokenizer::from_bytes(
+            byte_level_json(false, |_| {}).as_bytes(),
+            config.as_deref().map(str::as_bytes),
+            None,
+        )
+        .unwrap()
+    }
+
+    // Sentencepiece-style ids: <unk> 0, <s> 1, </s> 2, <0x00>..<0xFF> = 3..=258, then pieces.
+    const BOS: u32 = 1;
+    const EOS: u32 = 2;
+    const SP_SPACE: u32 = 259;
+    const SP_HELLO: u32 = 271;
+    const SP_WORLD: u32 = 276;
+    const SP_ZHONG: u32 = 277;
+
+    fn sp_byte(b: u8) -> u32 {
+        3 + u32::from(b)
+    }
+
+    #[derive(Clone, Copy)]
+    enum SpDecoder {
+        /// Llama / Mistral: Replace(▁→space), ByteFallback, Fuse, Strip(1 leading space).
+        Llama,
+        /// A plain Metaspace decoder.
+        Metaspace,
+    }
+
+    fn sp_json(decoder: SpDecoder) -> String {
+        let mut vocab = serde_json::Map::new();
+        vocab.insert("<unk>".into(), json!(0));
+        vocab.insert("<s>".into(), json!(BOS));
+        vocab.insert("</s>".into(), json!(EOS));
+        for b in 0..=255u8 {
+            vocab.insert(format!("<0x{b:02X}>"), json!(sp_byte(b)));
+        }
+        let pieces = [
+            "▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "el", "lo", "▁hel", "▁hello", "▁w", "or",
+            "▁wor", "ld", "▁world", "中",
+        ];
+        for (i, p) in pieces.iter().enumerate() {
+            vocab.insert((*p).into(), json!(SP_SPACE as usize + i));
+        }
+        let merges = [
+            "▁ h",
+            "e l",
+            "l o",
+            "▁h el",
+            "▁hel lo",
+            "▁ w",
+            "o r",
+            "▁w or",
+            "l d",
+            "▁wor ld",
+        ];
+        let decoder = match decoder {
+            SpDecoder::Llama => json!({"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+            ]}),
+            SpDecoder::Metaspace => {
+                json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false})
+            }
+        };
+        json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": [added(0, "<unk>"), added(BOS, "<s>"), added(EOS, "</s>")],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false},
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [
+                    {"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                    {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}
+                ],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [BOS], "tokens": ["<s>"]}}
+            },
+            "decoder": decoder,
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                "ignore_merges": false, "vocab": vocab, "merges": merges
+            }
+        })
+        .to_string()
+    }
+
+    fn sp(decoder: SpDecoder, config: Option<serde_json::Value>) -> Tokenizer {
+        let config = config.map(|c| c.to_string());
+        Tokenizer::from_bytes(
+            sp_json(decoder).as_bytes(),
+            config.as_deref().map(str::as_bytes),
+            None,
+        )
+        .unwrap()
+    }
+
+    fn with_template(template: &str) -> Tokenizer {
+        let config = json!({
+            "bos_token": "<|endoftext|>",
+            "eos_token": {"content": "<|im_end|>", "lstrip": false, "normalized": false, "rstrip": false, "single_word": false, "special": true},
+            "chat_template": template,
+            "model_max_length": 32768
+        });
+        byte_level(Some(config))
+    }
+
+    fn msgs(pairs: &[(&str, &str)]) -> Vec<ChatMessage> {
+        pairs
+            .iter()
+            .map(|(r, c)| ChatMessage::new(*r, *c))
+            .collect()
+    }
+
+    fn render(template: &str, messages: &[(&str, &str)], add_generation_prompt: bool) -> String {
+        with_template(template)
+            .apply_chat_template(&msgs(messages), add_generation_prompt)
+            .unwrap()
+    }
+
+    /// Small deterministic generator (xorshift64*).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    const SAMPLE_TEXTS: [&str; 8] = [
+        "hello world",
+        "Hello, World! It's 12345 o'clock.",
+        "中中文 and 😀 emoji 👩‍💻!",
+        "naïve café — über",
+        "tab\tnew\nline\r\n  spaced   out  ",
+        "日本語のテキスト、한국어 텍스트",
+        "",
+        "<|im_start|>user\nhi<|im_end|>",
+    ];
+
+    // -----------------------------------------------------------------------------------------
+    // Encoding and decoding
+    // -----------------------------------------------------------------------------------------
+
+    #[test]
+    fn byte_level_encodes_with_merges_and_round_trips() {
+        let tok = byte_level(None);
+        assert_eq!(tok.encode("hello world", false).unwrap(), vec![259, 264]);
+        assert_eq!(tok.encode("中中", false).unwrap(), vec![266, 266]);
+        assert_eq!(tok.encode("😀", false).unwrap(), vec![267, 0x98, 0x80]);
+        assert_eq!(
+            tok.encode("<|im_start|>user\nhi<|im_end|>", false).unwrap(),
+            vec![IM_START, 117, 115, 101, 114, 10, 104, 105, IM_END]
+        );
+        for text in SAMPLE_TEXTS {
+            let ids = tok.encode(text, false).unwrap();
+            assert_eq!(tok.decode(&ids, false).unwrap(), text, "{ids:?}");
+        }
+        let ids = tok.encode("<|im_start|>user\nhi<|im_end|>", false).unwrap();
+        assert_eq!(tok.decode(&ids, true).unwrap(), "user\nhi");
+        assert_eq!(tok.vocab_size(), 271);
+        assert_eq!(tok.token_to_id("Ġworld"), Some(264));
+        assert_eq!(tok.id_to_token(IM_END).as_deref(), Some("<|im_end|>"));
+        assert_eq!(tok.id_to_token(100_000), None);
+    }
+
+    #[test]
+    fn regex_split_pre_tokenizer_works() {
+        let tok =
+            Tokenizer::from_bytes(byte_level_json(true, |_| {}).as_bytes(), None, None).unwrap();
+        assert_eq!(tok.encode("hello world", false).unwrap(), vec![259, 264]);
+        // "I'm" splits into "I" + "'m"; digits split in groups of three.
+        let ids = tok.encode("I'm 12345", false).unwrap();
+        let pieces: Vec<String> = ids.iter().map(|&i| tok.id_to_token(i).unwrap()).collect();
+        assert_eq!(pieces, ["I", "'", "m", "Ġ", "1", "2", "3", "4", "5"]);
+        for text in SAMPLE_TEXTS {
+            let ids = tok.encode(text, false).unwrap();
+            assert_eq!(tok.decode(&ids, false).unwrap(), text);
+        }
+    }
+
+    #[test]
+    fn byte_level_post_processor_adds_nothing() {
+        let tok = byte_level(None);
+        for text in SAMPLE_TEXTS {
+            assert_eq!(
+                tok.encode(text, true).unwrap(),
+                tok.encode(text, false).unwrap()
+            );
+        }
+        assert_eq!(tok.bos_token(), None);
+        assert_eq!(tok.eos_token(), None);
+    }
+
+    #[test]
+    fn sentencepiece_bos_from_post_processor() {
+        for decoder in [SpDecoder::Llama, SpDecoder::Metaspace] {
+            let tok = sp(decoder, None);
+            assert_eq!(
+                tok.encode("hello world", true).unwrap(),
+                vec![BOS, SP_HELLO, SP_WORLD]
+            );
+            assert_eq!(
+                tok.encode("hello world", false).unwrap(),
+                vec![SP_HELLO, SP_WORLD]
+            );
+            assert_eq!(
+                tok.decode(&[BOS, SP_HELLO, SP_WORLD], false).unwrap(),
+                "<s> hello world"
+            );
+            assert_eq!(
+                tok.decode(&[BOS, SP_HELLO, SP_WORLD], true).unwrap(),
+                "hello world"
+            );
+            assert_eq!(
+                tok.decode(&[SP_HELLO, SP_WORLD, EOS], false).unwrap(),
+                "hello world</s>"
+            );
+        }
+    }
+
+    #[test]
+    fn sentencepiece_byte_fallback_round_trips() {
+        let tok = sp(SpDecoder::Llama, None);
+        // 文 is not in the vocabulary: U+6587 = E6 96 87 through byte-fallback tokens.
+        assert_eq!(
+            tok.encode("中文", false).unwrap(),
+            vec![
+                SP_SPACE,
+                SP_ZHONG,
+                sp_byte(0xE6),
+                sp_byte(0x96),
+                sp_byte(0x87)
+            ]
+        );
+        for text in [
+            "hello world",
+            "中文 hello 😀",
+            "über café",
+            "hello  world",
+            "x",
+        ] {
+            let ids = tok.encode(text, false).unwrap();
+            assert_eq!(tok.decode(&ids, false).unwrap(), text, "{ids:?}");
+        }
+    }
+
+    #[test]
+    fn config_add_bos_eos_replaces_post_processor() {
+        let tok = byte_level(Some(json!({
+            "add_bos_token": true,
+            "add_eos_token": true,
+            "bos_token": "<|endoftext|>",
+            "eos_token": {"content": "<|im_end|>", "special": true}
+        })));
+        assert_eq!(
+            tok.encode("hello world", true).unwrap(),
+            vec![ENDOFTEXT, 259, 264, IM_END]
+        );
+        assert_eq!(tok.encode("hello world", false).unwrap(), vec![259, 264]);
+        assert_eq!(tok.bos_token(), Some("<|endoftext|>"));
+        assert_eq!(tok.eos_token(), Some("<|im_end|>"));
+
+        let tok = sp(
+            SpDecoder::Llama,
+            Some(json!({"add_bos_token": false, "bos_token": "<s>", "eos_token": "</s>"})),
+        );
+        assert_eq!(
+            tok.encode("hello world", true).unwrap(),
+            vec![SP_HELLO, SP_WORLD]
+        );
+
+        // Without the keys the tokenizer.json post-processor stays.
+        let tok = sp(
+            SpDecoder::Llama,
+            Some(json!({"bos_token": "<s>", "eos_token": "</s>"})),
+        );
+        assert_eq!(
+            tok.encode("hello world", true).unwrap(),
+            vec![BOS, SP_HELLO, SP_WORLD]
+        );
+    }
+
+    #[test]
+    fn stored_truncation_and_padding_are_ignored() {
+        let json = byte_level_json(false, |doc| {
+            doc["truncation"] = json!({"direction": "Right", "max_length": 1, "strategy": "LongestFirst", "stride": 0});
+            doc["padding"] = json!({
+                "strategy": {"Fixed": 8}, "direction": "Right", "pad_to_multiple_of": null,
+                "pad_id": ENDOFTEXT, "pad_type_id": 0, "pad_token": "<|endoftext|>"
+            });
+        });
+        let tok = Tokenizer::from_bytes(json.as_bytes(), None, None).unwrap();
+        assert_eq!(tok.encode("hello world", true).unwrap(), vec![259, 264]);
+    }
+
+    #[test]
+    fn unknown_ids_are_errors() {
+        let tok = byte_level(None);
+        let err = tok.decode(&[259, 271], false).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TokenizerError::UnknownTokenId {
+                    id: 271,
+                    vocab_size: 271
+                }
+            ),
+            "{err}"
+        );
+        assert!(tok.decode(&[u32::MAX], true).is_err());
+        let mut dec = tok.decoder();
+        assert_eq!(dec.push(259).unwrap(), "hello");
+        assert!(matches!(
+            dec.push(5000),
+            Err(TokenizerError::UnknownTokenId { id: 5000, .. })
+        ));
+        // The failed push left no trace.
+        assert_eq!(dec.push(264).unwrap(), " world");
+        assert_eq!(dec.finish().unwrap(), "");
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Incremental decoding
+    // -----------------------------------------------------------------------------------------
+
+    /// Streams `ids`, checks the concatenation equals the full decode, returns the chunks.
+    fn stream(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
+        let mut dec = tok.decoder();
+        let mut chunks: Vec<String> = ids.iter().map(|&id| dec.push(id).unwrap()).collect();
+        chunks.push(dec.finish().unwrap());
+        let expected = tok.decode(ids, false).unwrap();
+        assert_eq!(chunks.concat(), expected, "ids {ids:?}, chunks {chunks:?}");
+        chunks
+    }
+
+    fn all_tokenizers() -> Vec<(&'static str, Tokenizer)> {
+        vec![
+            ("byte-level", byte_level(None)),
+            ("sentencepiece/llama", sp(SpDecoder::Llama, None)),
+            ("sentencepiece/metaspace", sp(SpDecoder::Metaspace, None)),
+        ]
+    }
+
+    #[test]
+    fn incremental_matches_full_decode_on_random_ids() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for (name, tok) in all_tokenizers() {
+            let n = tok.vocab_size();
+            for round in 0..400 {
+                let len = rng.below(40);
+                let ids: Vec<u32> = (0..len)
+                    .map(|_| {
+                        // Bias towards byte tokens so that characters get split often.
+                        if round % 2 == 0 && rng.below(3) > 0 {
+                            let b = 0x80 + rng.below(0x80) as u8;
+                            if name == "byte-level" {
+                                u32::from(b)
+                            } else {
+                                sp_byte(b)
+                            }
+                        } else {
+                            rng.below(n) as u32
+                        }
+                    })
+                    .collect();
+                stream(&tok, &ids);
+            }
+        }
+    }
+
+    #[test]
+    fn incremental_never_emits_partial_characters() {
+        let mut rng = Rng(42);
+        let byte_tok = byte_level(None);
+        let sp_tok = sp(SpDecoder::Llama, None);
+        for text in SAMPLE_TEXTS.iter().chain(["中😀é", "👩‍💻文"].iter()) {
+            // Every byte its own token: each multi-byte character is split across tokens.
+            let byte_ids: Vec<u32> = text.bytes().map(u32::from).collect();
+            // Text as encoded, and as a random mix of merged and byte tokens.
+            let encoded = byte_tok.encode(text, false).unwrap();
+            let mut mixed = Vec::new();
+            for &id in &encoded {
+                if rng.below(2) == 0 {
+                    mixed.push(id);
+                } else {
+                    let piece = byte_tok.decode(&[id], false).unwrap();
+                    if piece.contains(char::REPLACEMENT_CHARACTER) || id >= ENDOFTEXT {
+                        mixed.push(id);
+                    } else {
+                        mixed.extend(piece.bytes().map(u32::from));
+                    }
+                }
+            }
+            let sp_bytes: Vec<u32> = text.bytes().map(sp_byte).collect();
+            let sp_encoded = sp_tok.encode(text, false).unwrap();
+            for (tok, ids) in [
+                (&byte_tok, &byte_ids),
+                (&byte_tok, &encoded),
+                (&byte_tok, &mixed),
+                (&sp_tok, &sp_bytes),
+                (&sp_tok, &sp_encoded),
+            ] {
+                let chunks = stream(tok, ids);
+                for chunk in &chunks {
+                    assert!(
+                        !chunk.contains(char::REPLACEMENT_CHARACTER),
+                        "partial character in {chunk:?} for {text:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn incremental_emits_as_soon_as_a_character_completes() {
+        let tok = byte_level(None);
+        let mut dec = tok.decoder();
+        // 中 = E4 B8 AD, 😀 = F0 9F 98 80
+        assert_eq!(dec.push(259).unwrap(), "hello");
+        assert_eq!(dec.push(0xE4).unwrap(), "");
+        assert_eq!(dec.push(0xB8).unwrap(), "");
+        assert_eq!(dec.push(0xAD).unwrap(), "中");
+        assert_eq!(dec.push(267).unwrap(), "");
+        assert_eq!(dec.push(0x98).unwrap(), "");
+        assert_eq!(dec.push(0x80).unwrap(), "😀");
+        assert_eq!(dec.push(264).unwrap(), " world");
+        assert_eq!(dec.push(IM_END).unwrap(), "<|im_end|>");
+        // A dangling lead byte is flushed as U+FFFD at the end, like a full decode.
+        assert_eq!(dec.push(0xE4).unwrap(), "");
+        assert_eq!(dec.finish().unwrap(), "\u{FFFD}");
+        assert_eq!(dec.finish().unwrap(), "");
+    }
+
+    #[test]
+    fn incremental_sentencepiece_spacing_and_byte_groups() {
+        let tok = sp(SpDecoder::Llama, None);
+        let mut dec = tok.decoder();
+        assert_eq!(dec.push(BOS).unwrap(), "<s>");
+        assert_eq!(dec.push(SP_HELLO).unwrap(), " hello");
+        assert_eq!(dec.push(SP_WORLD).unwrap(), " world");
+        // Byte tokens are held until a non-byte token follows, since a later byte could turn
+        // the whole group into replacement characters.
+        assert_eq!(dec.push(sp_byte(0xE6)).unwrap(), "");
+        assert_eq!(dec.push(sp_byte(0x96)).unwrap(), "");
+        assert_eq!(dec.push(sp_byte(0x87)).unwrap(), "");
+        assert_eq!(dec.push(SP_HELLO).unwrap(), "文 hello");
+        assert_eq!(dec.push(sp_byte(0x87)).unwrap(), "");
+        assert_eq!(dec.finish().unwrap(), "\u{FFFD}");
+
+        // First token of the stream: its leading space is stripped, as in a full decode.
+        let mut dec = tok.decoder();
+        assert_eq!(dec.push(SP_HELLO).unwrap(), "hello");
+        assert_eq!(dec.push(SP_HELLO).unwrap(), " hello");
+
+        // A valid group followed by a stray byte: the full decode turns the whole group into
+        // replacement characters, and so must the stream.
+        let ids = [
+            sp_byte(0xE4),
+            sp_byte(0xB8),
+            sp_byte(0xAD),
+            sp_byte(0xE4),
+            SP_HELLO,
+        ];
+        let chunks = stream(&tok, &ids);
+        assert_eq!(chunks.concat(), "\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD} hello");
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Chat templates
+    // -----------------------------------------------------------------------------------------
+
+    const CHATML: &str = r#"{%- set ns = namespace(last_user=-1) %}
+{%- for m in messages[::-1] %}
+    {%- if ns.last_user == -1 and m.role == 'user' %}
+        {%- set ns.last_user = messages|length - 1 - loop.index0 %}
+    {%- endif %}
+{%- endfor %}
+{%- if messages[0].role != 'system' %}
+    {{- '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role not in ['system', 'user', 'assistant'] %}
+        {{- raise_exception('Unknown role: ' + message.role) }}
+    {%- endif %}
+    {%- set content = message.content.strip() %}
+    {%- if message.role == 'assistant' and content.startswith('<think>') %}
+        {%- set content = content.split('</think>')[-1].lstrip() %}
+    {%- endif %}
+    {{- '<|im_start|>' + message.role + '\n' + content }}
+    {%- if loop.index0 == ns.last_user %}{{- ' (last)' }}{%- endif %}
+    {{- '<|im_end|>' }}
+    {%- if not loop.last %}{{- '\n' }}{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '\n<|im_start|>assistant\n' }}
+{%- endif %}
+"#;
+
+    #[test]
+    fn chatml_template_with_python_isms() {
+        let conversation = [
+            ("user", "  Hello  "),
+            ("assistant", "<think>plan</think>\n  Hi there "),
+            ("user", "What is 2+2?\n"),
+        ];
+        let body = "<|im_start|>system\nYou are helpful.<|im_end|>\n\
+                    <|im_start|>user\nHello<|im_end|>\n\
+                    <|im_start|>assistant\nHi there<|im_end|>\n\
+                    <|im_start|>user\nWhat is 2+2? (last)<|im_end|>";
+        assert_eq!(render(CHATML, &conversation, false), body);
+        assert_eq!(
+            render(CHATML, &conversation, true),
+            format!("{body}\n<|im_start|>assistant\n")
+        );
+        assert_eq!(
+            render(CHATML, &[("system", " Be terse. "), ("user", "x")], true),
+            "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nx (last)<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn raise_exception_becomes_an_error_with_its_message() {
+        let tok = with_template(CHATML);
+        let err = tok
+            .apply_chat_template(&msgs(&[("user", "a"), ("tool", "b")]), true)
+            .unwrap_err();
+        match err {
+            TokenizerError::TemplateException { message } => {
+                assert_eq!(message, "Unknown role: tool")
+            }
+            other => panic!("unexpected error {other:?}"),
+        }
+    }
+
+    #[test]
+    fn encode_chat_renders_then_encodes_without_special_tokens() {
+        let tok = Tokenizer::from_bytes(
+            byte_level_json(false, |_| {}).as_bytes(),
+            Some(
+                json!({"add_bos_token": true, "bos_token": "<|endoftext|>", "chat_template": CHATML})
+                    .to_string()
+                    .as_bytes(),
+            ),
+            None,
+        )
+        .unwrap();
+        let messages = msgs(&[("system", "s"), ("user", "hi")]);
+        let text = tok.apply_chat_template(&messages, true).unwrap();
+        let ids = tok.encode_chat(&messages, true).unwrap();
+        assert_eq!(ids, tok.encode(&text, false).unwrap());
+        assert_eq!(ids[0], IM_START);
+        assert_eq!(tok.encode(&text, true).unwrap()[0], ENDOFTEXT);
+        assert_eq!(tok.decode(&ids, false).unwrap(), text);
+    }
+
+    #[test]
+    fn trim_and_lstrip_blocks_as_in_transformers() {
+        let template = "{% for message in messages %}\n    {% if message.role == 'user' %}\n[U] {{ message.content }}\n    {% else %}\n[A] {{ message.content }}\n    {% endif %}\n{% endfor %}\n{% if add_generation_prompt %}\n[A]\n{% endif %}\n";
+        let conversation = [("user", "hi"), ("assistant", "yo")];
+        assert_eq!(
+            render(template, &conversation, true),
+            "[U] hi\n[A] yo\n[A]\n"
+        );
+        assert_eq!(render(template, &conversation, false), "[U] hi\n[A] yo\n");
+    }
+
+    #[test]
+    fn template_context_has_special_tokens_and_none_tools() {
+        let template = "{{ bos_token }}|{{ eos_token }}|{{ tools is none }}|{{ documents is none }}|{{ unk_token is defined }}|{{ messages|length }}|{{ add_generation_prompt }}";
+        assert_eq!(
+            render(template, &[("user", "a")], true),
+            "<|endoftext|>|<|im_end|>|True|True|False|1|True"
+        );
+    }
+
+    #[test]
+    fn python_methods_filters_and_printing() {
+        let template = concat!(
+            "{{ 'a,b,c'.split(',')|join('-') }}",
+            "|{% for k, v in {'x': 1, 'y': 2}.items() %}{{ k }}={{ v }};{% endfor %}",
+            "|{{ {'x': 1}.get('z', 'dflt') }}",
+            "|{{ 'abc'.upper() }}",
+            "|{{ messages[1:]|length }}",
+            "|{% for i in range(5) %}{% if i == 2 %}{% break %}{% endif %}{{ i }}{% endfor %}",
+            "|{{ messages[0].content is string }}",
+            "|{{ None is none and True }}",
+            "|{{ '  pad '.rstrip() }}.",
+            "|{{ 'Hello'.endswith('lo') }}",
+            "|{{ messages[-1].role }}",
+            "|{{ (messages|map(attribute='role')|list)[::-1]|join(',') }}",
+            "|{{ messages|selectattr('role', 'equalto', 'user')|list|length }}",
+            "|{{ ['a', \"it's\", none, 2.5, {'k': false}] }}",
+            "|{{ 0.1 + 0.2 }}",
+            "|{% for m in messages %}{% if loop.first %}{% continue %}{% endif %}{{ loop.index }}{{ loop.previtem.role[0] }}{% endfor %}",
+        );
+        let conversation = [("user", "u1"), ("assistant", "a1"), ("user", "u2")];
+        assert_eq!(
+            render(template, &conversation, false),
+            "a-b-c|x=1;y=2;|dflt|ABC|2|01|True|True|  pad.|True|user|user,assistant,user|2\
+             |['a', \"it's\", None, 2.5, {'k': False}]|0.30000000000000004|2u3a"
+        );
+    }
+
+    #[test]
+    fn crlf_templates_and_str_title_follow_python() {
+        assert_eq!(render("A\r\nB{{ 'x\r\ny' }}\rC", &[], false), "A\nBx\ny\nC");
+        assert_eq!(
+            render("{{ 'hello wORLD-foo bar_baz 3rd'.title() }}", &[], false),
+            "Hello World-Foo Bar_Baz 3Rd"
+        );
+    }
+
+    #[test]
+    fn tojson_behaves_like_python_json_dumps() {
+        let value = "{'b': 1, 'a': [1.5, 'x\"y', none, true]}";
+        let cases = [
+            (
+                format!("{{{{ {value}|tojson }}}}"),
+                r#"{"b": 1, "a": [1.5, "x\"y", null, true]}"#.to_string(),
+            ),
+            (
+                format!("{{{{ {value}|tojson(indent=2) }}}}"),
+                "{\n  \"b\": 1,\n  \"a\": [\n    1.5,\n    \"x\\\"y\",\n    null,\n    true\n  ]\n}"
+                    .to_string(),
+            ),
+            (
+                format!("{{{{ {value}|tojson(separators=(',', ':'), sort_keys=true) }}}}"),
+                r#"{"a":[1.5,"x\"y",null,true],"b":1}"#.to_string(),
+            ),
+            (
+                "{{ {'e': [], 'f': {}}|tojson(indent=2) }}".to_string(),
+                "{\n  \"e\": [],\n  \"f\": {}\n}".to_string(),
+            ),
+            (
+                "{{ messages[0]|tojson }}".to_string(),
+                r#"{"role": "user", "content": "é😀<b>\u0001"}"#.to_string(),
+            ),
+            (
+                "{{ messages[0].content|tojson(ensure_ascii=true) }}".to_string(),
+                r#""\u00e9\ud83d\ude00<b>\u0001""#.to_string(),
+            ),
+        ];
+        for (template, expected) in cases {
+            assert_eq!(
+                render(&template, &[("user", "é😀<b>\u{1}")], false),
+                expected,
+                "{template}"
+            );
+        }
+    }
+
+    #[test]
+    fn python_float_repr_matches_python() {
+        for (f, expected) in [
+            (1e16, "1e+16"),
+            (1e15, "1000000000000000.0"),
+            (1e-5, "1e-05"),
+            (0.0001, "0.0001"),
+            (1.5e300, "1.5e+300"),
+            (-2.5e-7, "-2.5e-07"),
+            (123_456_789_012_345_680.0, "1.2345678901234568e+17"),
+            (1.0, "1.0"),
+            (0.1, "0.1"),
+            (f64::INFINITY, "Infinity"),
+        ] {
+            assert_eq!(python_float_repr(f), expected);
+        }
+    }
+
+    #[test]
+    fn strftime_formats_like_c_strftime() {
+        // 2024-02-29 13:05:09 UTC, a Thursday.
+        let t = 1_709_211_909;
+        assert_eq!(
+            strftime_utc("%Y-%m-%d %H:%M:%S %a %A %b %B %j %-d|%e|%I %p %y %% %F %T %D %u %w", t),
+            "2024-02-29 13:05:09 Thu Thursday Feb February 060 29|29|01 PM 24 % 2024-02-29 13:05:09 02/29/24 4 4"
+        );
+        assert_eq!(strftime_utc("%c", t), "Thu Feb 29 13:05:09 2024");
+        assert_eq!(strftime_utc("%F %a %j", -86_400), "1969-12-31 Wed 365");
+        assert_eq!(strftime_utc("%F %a %j", 951_782_400), "2000-02-29 Tue 060");
+        assert_eq!(strftime_utc("%d %b %Y %q %", 0), "01 Jan 1970 %q %");
+        let rendered = render("{{ strftime_now('%Y') }}", &[], false);
+        assert_eq!(rendered.len(), 4);
+        assert!(rendered.chars().all(|c| c.is_ascii_digit()), "{rendered}");
+    }
+
+    #[test]
+    fn generation_tags_are_transparent() {
+        assert_eq!(
+            render("A{% generation %}B{% endgeneration %}C", &[], false),
+            "ABC"
+        );
+        assert_eq!(
+            render(
+                "A {%- generation -%} B {%- endgeneration %}C{{ 'generation' }}",
+                &[],
+                false
+            ),
+            "ABCgeneration"
+        );
+    }
+
+    #[test]
+    fn template_sources_and_precedence() {
+        let json = byte_level_json(false, |_| {});
+        let list_config = json!({"chat_template": [
+            {"name": "tool_use", "template": "T"},
+            {"name": "default", "template": "D{{ messages|length }}"}
+        ]})
+        .to_string();
+        let tok =
+            Tokenizer::from_bytes(json.as_bytes(), Some(list_config.as_bytes()), None).unwrap();
+        assert_eq!(
+            tok.apply_chat_template(&msgs(&[("user", "a")]), false)
+                .unwrap(),
+            "D1"
+        );
+
+        let tok = Tokenizer::from_bytes(
+            json.as_bytes(),
+            Some(list_config.as_bytes()),
+            Some("J{{ add_generation_prompt }}"),
+        )
+        .unwrap();
+        assert_eq!(tok.apply_chat_template(&[], true).unwrap(), "JTrue");
+
+        let no_default =
+            json!({"chat_template": [{"name": "tool_use", "template": "T"}]}).to_string();
+        let tok =
+            Tokenizer::from_bytes(json.as_bytes(), Some(no_default.as_bytes()), None).unwrap();
+        assert!(tok.has_chat_template());
+        assert!(matches!(
+            tok.apply_chat_template(&[], false),
+            Err(TokenizerError::Template { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_template_is_no_chat_template() {
+        let tok = byte_level(Some(
+            json!({"eos_token": "<|im_end|>", "chat_template": null}),
+        ));
+        assert!(!tok.has_chat_template());
+        assert!(matches!(
+            tok.apply_chat_template(&msgs(&[("user", "a")]), true),
+            Err(TokenizerError::NoChatTemplate)
+        ));
+        assert!(matches!(
+            tok.encode_chat(&msgs(&[("user", "a")]), true),
+            Err(TokenizerError::NoChatTemplate)
+        ));
+    }
+
+    #[test]
+    fn broken_template_loads_but_errors_on_use() {
+        let tok = with_template("{% for %}");
+        assert!(tok.has_chat_template());
+        assert!(matches!(
+            tok.apply_chat_template(&[], false),
+            Err(TokenizerError::Template { .. })
+        ));
+        // Attribute access on an undefined value fails at render time, as in Jinja2.
+        let tok = with_template("{{ messages[0].nope.deeper }}");
+        assert!(matches!(
+            tok.apply_chat_template(&msgs(&[("user", "a")]), false),
+            Err(TokenizerError::Template { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        let json = byte_level_json(false, |_| {});
+        for garbage in [
+            &b"{not json"[..],
+            b"",
+            b"[]",
+            b"null",
+            &[0xFF, 0xFE, 0x00],
+            br#"{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}}"#,
+        ] {
+            match Tokenizer::from_bytes(garbage, None, None) {
+                Err(TokenizerError::Load { path, .. }) => assert_eq!(path, "tokenizer.json"),
+                other => panic!("expected a load error, got {other:?}"),
+            }
+        }
+        for garbage in [&b"[1, 2"[..], b"[]", b"\"x\"", &[0xC3]] {
+            match Tokenizer::from_bytes(json.as_bytes(), Some(garbage), None) {
+                Err(TokenizerError::Load { path, .. }) => {
+                    assert_eq!(path, "tokenizer_config.json")
+                }
+                other => panic!("expected a load error, got {other:?}"),
+            }
+        }
+        // A post-processor that refers to a second sequence for single inputs.
+        let bad_template = sp_json(SpDecoder::Llama).replace(
+            r#""single":[{"SpecialToken":{"id":"<s>","type_id":0}},{"Sequence":{"id":"A","type_id":0}}]"#,
+            r#""single":[{"Sequence":{"id":"B","type_id":0}}]"#,
+        );
+        assert_ne!(bad_template, sp_json(SpDecoder::Llama));
+        let tok = Tokenizer::from_bytes(bad_template.as_bytes(), None, None).unwrap();
+        assert!(matches!(
+            tok.encode("hello", true),
+            Err(TokenizerError::Encode(_))
+        ));
+        // Absurd ids in the vocabulary are refused instead of sizing tables by them.
+        let huge = byte_level_json(false, |doc| {
+            doc["model"]["vocab"]["<|huge|>"] = json!(u32::MAX - 1);
+        });
+        assert!(matches!(
+            Tokenizer::from_bytes(huge.as_bytes(), None, None),
+            Err(TokenizerError::Load { .. })
+        ));
+    }
+
+    #[test]
+    fn from_dir_reads_files_and_names_them_in_errors() {
+        let dir = std::env::temp_dir().join(format!("tokenizer-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = Tokenizer::from_dir(&dir).unwrap_err();
+        match &missing {
+            TokenizerError::Load { path, .. } => {
+                assert!(path.ends_with("tokenizer.json"), "{path}")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        std::fs::write(dir.join("tokenizer.json"), byte_level_json(false, |_| {})).unwrap();
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            json!({"eos_token": "<|im_end|>", "chat_template": "config"}).to_string(),
+        )
+        .unwrap();
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        assert_eq!(tok.apply_chat_template(&[], false).unwrap(), "config");
+        assert_eq!(tok.eos_token(), Some("<|im_end|>"));
+
+        std::fs::write(dir.join("chat_template.jinja"), "file {{ eos_token }}\n").unwrap();
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        assert_eq!(
+            tok.apply_chat_template(&[], false).unwrap(),
+            "file <|im_end|>"
+        );
+
+        std::fs::write(dir.join("tokenizer_config.json"), "{oops").unwrap();
+        match Tokenizer::from_dir(&dir).unwrap_err() {
+            TokenizerError::Load { path, .. } => {
+                assert!(path.ends_with("tokenizer_config.json"), "{path}")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tokenizer_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Tokenizer>();
+    }
 }

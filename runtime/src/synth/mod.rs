@@ -153,32 +153,23 @@ pub fn synth(
         tracing::info!(file = %path.display(), bytes = layout.data_bytes, "synth: wrote shard");
         files.push(path);
     }
-    let index = hub::index_json(weight_bytes, &weight_map);
-    files.push(writer::write_atomic(
-        dir,
-        "model.safetensors.index.json",
-        &index,
-    )?);
-    files.push(writer::write_atomic(
-        dir,
-        "tokenizer.json",
-        &tokenizer::tokenizer_json(&p),
-    )?);
-    files.push(writer::write_atomic(
-        dir,
-        "tokenizer_config.json",
-        &tokenizer::tokenizer_config_json(&p),
-    )?);
-    files.push(writer::write_atomic(
-        dir,
-        "generation_config.json",
-        &hub::generation_config_json(&p),
-    )?);
-    files.push(writer::write_atomic(
-        dir,
-        "config.json",
-        &hub::config_json(&p),
-    )?);
+    // Side files after the weights; config.json last, so its presence means complete.
+    let side_files = [
+        (
+            "model.safetensors.index.json",
+            hub::index_json(weight_bytes, &weight_map),
+        ),
+        ("tokenizer.json", tokenizer::tokenizer_json(&p)),
+        (
+            "tokenizer_config.json",
+            tokenizer::tokenizer_config_json(&p),
+        ),
+        ("generation_config.json", hub::generation_config_json(&p)),
+        ("config.json", hub::config_json(&p)),
+    ];
+    for (name, bytes) in side_files {
+        files.push(writer::write_atomic(dir, name, &bytes)?);
+    }
     if opts.overwrite {
         remove_stale_weights(dir, &files)?;
     }
@@ -215,7 +206,8 @@ fn prepare_dir(dir: &Path, overwrite: bool) -> Result<(), SynthError> {
 
 /// After an overwrite, removes weight files of an earlier model that the new one does
 /// not use (`model.safetensors`, `model-*-of-*.safetensors`), since a loader would
-/// otherwise pick them up. Other files are left alone.
+/// otherwise pick them up, and temp files (`NAME.tmp-<pid>`) that an interrupted run
+/// left for one of the names written here. Other files are left alone.
 fn remove_stale_weights(dir: &Path, keep: &[PathBuf]) -> Result<(), SynthError> {
     let io = |op: &'static str, path: &Path| {
         let path = path.to_path_buf();
@@ -226,9 +218,17 @@ fn remove_stale_weights(dir: &Path, keep: &[PathBuf]) -> Result<(), SynthError> 
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        let stale_shard =
-            name.starts_with("model-") && name.contains("-of-") && name.ends_with(".safetensors");
-        if (stale_shard || name == "model.safetensors") && !keep.contains(&path) {
+        let is_shard =
+            |n: &str| n.starts_with("model-") && n.contains("-of-") && n.ends_with(".safetensors");
+        let stale_tmp = name.rsplit_once(".tmp-").is_some_and(|(base, pid)| {
+            pid.bytes().all(|b| b.is_ascii_digit())
+                && (is_shard(base)
+                    || keep
+                        .iter()
+                        .any(|k| k.file_name().is_some_and(|k| k == base)))
+        });
+        let stale_weights = is_shard(name) || name == "model.safetensors";
+        if (stale_weights || stale_tmp) && !keep.contains(&path) {
             fs::remove_file(&path).map_err(io("remove stale", &path))?;
         }
     }

@@ -501,6 +501,13 @@ fn refuses_non_empty_folder_unless_overwrite() {
     // Stale weights from an earlier model with another shard count.
     fs::write(dir.join("model-00001-of-00009.safetensors"), b"old").unwrap();
     fs::write(dir.join("model.safetensors"), b"old").unwrap();
+    fs::write(dir.join("config.json.tmp-999999"), b"interrupted").unwrap();
+    fs::write(
+        dir.join("model-00002-of-00009.safetensors.tmp-999999"),
+        b"interrupted",
+    )
+    .unwrap();
+    fs::write(dir.join("mine.tmp-1"), b"not ours").unwrap();
     let mut o = opts("demo", &dir);
     let e = synth(&o, &mut |_, _| {}).unwrap_err();
     assert!(matches!(e, SynthError::NotEmpty(_)), "{e}");
@@ -510,10 +517,17 @@ fn refuses_non_empty_folder_unless_overwrite() {
     let r = run(&o);
     let names = file_names(&dir);
     assert!(names.contains(&"notes.txt".to_string()), "other files kept");
-    assert!(!names
-        .iter()
-        .any(|n| n.contains("of-00009") || n == "model.safetensors" || n.contains(".tmp-")));
-    assert_eq!(names.len(), r.files.len() + 1);
+    assert!(
+        names.contains(&"mine.tmp-1".to_string()),
+        "other files kept"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains("of-00009") || n == "model.safetensors" || n.contains(".tmp-9")),
+        "{names:?}"
+    );
+    assert_eq!(names.len(), r.files.len() + 2);
     let written: Vec<PathBuf> = r
         .files
         .iter()
@@ -522,4 +536,26 @@ fn refuses_non_empty_folder_unless_overwrite() {
     assert!(written
         .iter()
         .all(|f| names.contains(&f.to_string_lossy().into_owned())));
+}
+
+/// Generation speed of one thread (run with `--release -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn fill_throughput() {
+    let mut buf = vec![0u8; 64 << 20];
+    let t0 = std::time::Instant::now();
+    for i in 0..8 {
+        super::writer::fill(
+            i,
+            Init::Normal { std: 0.02 },
+            i * 1000,
+            std::hint::black_box(&mut buf),
+        );
+        std::hint::black_box(&buf);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "fill: {:.0} MB/s on one thread",
+        8.0 * buf.len() as f64 / 1e6 / secs
+    );
 }

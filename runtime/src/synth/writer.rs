@@ -92,7 +92,16 @@ pub(crate) fn shard_layout(specs: &[TensorSpec], tensors: &[usize]) -> ShardLayo
     }
 }
 
-const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+/// wyrand's increment and mixing constant.
+const WY_INC: u64 = 0xA076_1D64_78BD_642F;
+const WY_XOR: u64 = 0xE703_7ED1_A0B4_28DB;
+
+/// wyrand output for counter value `s` (one 64x64->128 multiply).
+#[inline(always)]
+fn wyrand(s: u64) -> u64 {
+    let t = (s as u128).wrapping_mul((s ^ WY_XOR) as u128);
+    (t >> 64) as u64 ^ t as u64
+}
 
 /// SplitMix64's finalizer.
 #[inline(always)]
@@ -131,10 +140,11 @@ pub(crate) fn fill(key: u64, init: Init, start: u64, out: &mut [u8]) {
         Init::Normal { std } => {
             // Irwin-Hall(4) of 16-bit uniforms: mean 4 * 32767.5, variance 4 * (65536^2 - 1) / 12.
             let scale = std * (3.0f32).sqrt() / 65536.0;
-            let mut state = key.wrapping_add(start.wrapping_mul(GAMMA));
+            // Element i uses counter key + (i + 1) * WY_INC: values depend only on (key, i).
+            let mut state = key.wrapping_add(start.wrapping_mul(WY_INC));
             for e in out.chunks_exact_mut(2) {
-                state = state.wrapping_add(GAMMA);
-                let r = mix64(state);
+                state = state.wrapping_add(WY_INC);
+                let r = wyrand(state);
                 let s = (r & 0xFFFF) + ((r >> 16) & 0xFFFF) + ((r >> 32) & 0xFFFF) + (r >> 48);
                 let x = (s as f32 - 131_070.0) * scale;
                 e.copy_from_slice(&bf16_bits(x).to_le_bytes());
