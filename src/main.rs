@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use moe_runtime::synth::{SynthOptions, synth};
+use moe_runtime::synth::{synth, SynthOptions};
 use moe_runtime::weights::{safetensors_bytes, Dtype};
 use moe_runtime::{CancelToken, ChatMessage, GenerateParams, Model, Prompt, Settings};
 

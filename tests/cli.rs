@@ -24,18 +24,31 @@ fn json_of(out: &Output) -> serde_json::Value {
     );
     let stdout = String::from_utf8(out.stdout.clone()).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "stdout must be exactly one JSON line: {stdout:?}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "stdout must be exactly one JSON line: {stdout:?}"
+    );
     serde_json::from_str(lines[0]).unwrap()
 }
 
 /// A failing run: non-zero exit, one line on stderr containing every `needles`, no panic.
 fn assert_clean_error(out: &Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
     let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(lines.len(), 1, "one error line expected, stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic reached the user: {stderr}");
-    assert!(!stderr.contains("internal error"), "internal error: {stderr}");
+    assert!(
+        !stderr.contains("panicked"),
+        "panic reached the user: {stderr}"
+    );
+    assert!(
+        !stderr.contains("internal error"),
+        "internal error: {stderr}"
+    );
     for n in needles {
         assert!(lines[0].contains(n), "error line lacks `{n}`: {}", lines[0]);
     }
@@ -47,7 +60,17 @@ fn fixture_model(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn demo_model_runs_with_json_contract() {
-    let out = run(&["run", "--prompt", "Hello there", "--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--json"]);
+    let out = run(&[
+        "run",
+        "--prompt",
+        "Hello there",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ]);
     let v = json_of(&out);
     let tokens = v["tokens"].as_array().unwrap();
     assert_eq!(tokens.len(), 6);
@@ -58,19 +81,66 @@ fn demo_model_runs_with_json_contract() {
         assert!(v[k].as_f64().unwrap() >= 0.0, "{k}");
     }
     // Greedy is deterministic.
-    let again = json_of(&run(&["run", "--prompt", "Hello there", "--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--json"]));
+    let again = json_of(&run(&[
+        "run",
+        "--prompt",
+        "Hello there",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ]));
     assert_eq!(v["tokens"], again["tokens"]);
 }
 
 #[test]
 fn demo_streams_text_to_stdout_and_timings_to_stderr() {
-    let out = run(&["run", "--prompt", "Hi", "--chat", "--max-tokens", "4", "--seed", "7"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&[
+        "run",
+        "--prompt",
+        "Hi",
+        "--chat",
+        "--max-tokens",
+        "4",
+        "--seed",
+        "7",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("tok/s"), "{stderr}");
     // Same seed, same sampled tokens.
-    let a = json_of(&run(&["run", "--prompt", "Hi", "--max-tokens", "8", "--seed", "7", "--temperature", "0.9", "--ignore-eos", "--json"]));
-    let b = json_of(&run(&["run", "--prompt", "Hi", "--max-tokens", "8", "--seed", "7", "--temperature", "0.9", "--ignore-eos", "--json"]));
+    let a = json_of(&run(&[
+        "run",
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "8",
+        "--seed",
+        "7",
+        "--temperature",
+        "0.9",
+        "--ignore-eos",
+        "--json",
+    ]));
+    let b = json_of(&run(&[
+        "run",
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "8",
+        "--seed",
+        "7",
+        "--temperature",
+        "0.9",
+        "--ignore-eos",
+        "--json",
+    ]));
     assert_eq!(a["tokens"], b["tokens"]);
 }
 
@@ -78,13 +148,27 @@ fn demo_streams_text_to_stdout_and_timings_to_stderr() {
 fn logits_out_matches_reference() {
     let dir = fixtures().join("qwen3_moe");
     let r = Reference::open(&dir.join("reference.safetensors"));
-    let ids: Vec<String> = r.i64("short.input_ids").iter().map(|x| x.to_string()).collect();
+    let ids: Vec<String> = r
+        .i64("short.input_ids")
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
     let tmp = tempfile::tempdir().unwrap();
     let out_file = tmp.path().join("logits.safetensors");
     let model = dir.join("model");
     let v = json_of(&run(&[
-        "run", "--model", model.to_str().unwrap(), "--prompt-ids", &ids.join(","), "--max-tokens", "3",
-        "--temperature", "0", "--json", "--logits-out", out_file.to_str().unwrap(),
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-ids",
+        &ids.join(","),
+        "--max-tokens",
+        "3",
+        "--temperature",
+        "0",
+        "--json",
+        "--logits-out",
+        out_file.to_str().unwrap(),
     ]));
     assert_eq!(v["prompt_tokens"].as_u64().unwrap() as usize, ids.len());
     let got = Reference::open(&out_file);
@@ -92,15 +176,34 @@ fn logits_out_matches_reference() {
     assert_eq!(got.shape("logits"), vec![ids.len(), vocab]);
     let err = max_abs_diff(&got.f32("logits"), &r.f32("short.logits"));
     assert!(err <= 1e-4, "logits err {err}");
-    let greedy: Vec<u64> = r.i64("short.greedy").iter().take(3).map(|&x| x as u64).collect();
-    let tokens: Vec<u64> = v["tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    let greedy: Vec<u64> = r
+        .i64("short.greedy")
+        .iter()
+        .take(3)
+        .map(|&x| x as u64)
+        .collect();
+    let tokens: Vec<u64> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
     assert_eq!(tokens, greedy);
 }
 
 fn corrupt_and_run(setup: impl FnOnce(&Path), needles: &[&str]) {
     let tmp = copy_model(&fixture_model("qwen3_moe"));
     setup(tmp.path());
-    let out = run(&["run", "--model", tmp.path().to_str().unwrap(), "--prompt-ids", "1,2,3", "--max-tokens", "2", "--json"]);
+    let out = run(&[
+        "run",
+        "--model",
+        tmp.path().to_str().unwrap(),
+        "--prompt-ids",
+        "1,2,3",
+        "--max-tokens",
+        "2",
+        "--json",
+    ]);
     assert_clean_error(&out, needles);
 }
 
@@ -213,7 +316,8 @@ fn missing_config_field_names_it() {
     corrupt_and_run(
         |d| {
             let p = d.join("config.json");
-            let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
             v.as_object_mut().unwrap().remove("hidden_size");
             std::fs::write(&p, v.to_string()).unwrap();
         },
@@ -226,7 +330,8 @@ fn unknown_architecture_is_a_clear_error() {
     corrupt_and_run(
         |d| {
             let p = d.join("config.json");
-            let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
             v["architectures"] = serde_json::json!(["FancyNewMoeForCausalLM"]);
             v["model_type"] = serde_json::json!("fancy_moe");
             std::fs::write(&p, v.to_string()).unwrap();
@@ -239,11 +344,21 @@ fn unknown_architecture_is_a_clear_error() {
 fn hub_id_not_in_cache_is_a_clear_error() {
     let cache = tempfile::tempdir().unwrap();
     let out = Command::new(bin())
-        .args(["run", "--model", "Qwen/Qwen3-30B-A3B", "--prompt-ids", "1", "--json"])
+        .args([
+            "run",
+            "--model",
+            "Qwen/Qwen3-30B-A3B",
+            "--prompt-ids",
+            "1",
+            "--json",
+        ])
         .env("HF_HUB_CACHE", cache.path())
         .output()
         .unwrap();
-    assert_clean_error(&out, &["Qwen/Qwen3-30B-A3B", "not in the local Hugging Face cache"]);
+    assert_clean_error(
+        &out,
+        &["Qwen/Qwen3-30B-A3B", "not in the local Hugging Face cache"],
+    );
 }
 
 #[test]
@@ -259,7 +374,16 @@ fn hub_id_resolves_from_local_cache() {
         std::os::unix::fs::symlink(e.path(), snap.join(e.file_name())).unwrap();
     }
     let out = Command::new(bin())
-        .args(["run", "--model", "tiny/qwen3-moe", "--prompt-ids", "1,2", "--max-tokens", "2", "--json"])
+        .args([
+            "run",
+            "--model",
+            "tiny/qwen3-moe",
+            "--prompt-ids",
+            "1,2",
+            "--max-tokens",
+            "2",
+            "--json",
+        ])
         .env("HF_HUB_CACHE", cache.path())
         .output()
         .unwrap();
@@ -270,7 +394,14 @@ fn hub_id_resolves_from_local_cache() {
 #[test]
 fn prompt_ids_outside_vocab_are_a_clear_error() {
     let m = fixture_model("qwen3_moe");
-    let out = run(&["run", "--model", m.to_str().unwrap(), "--prompt-ids", "1,99999999", "--json"]);
+    let out = run(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt-ids",
+        "1,99999999",
+        "--json",
+    ]);
     assert_clean_error(&out, &["99999999", "vocab"]);
 }
 
@@ -278,7 +409,16 @@ fn prompt_ids_outside_vocab_are_a_clear_error() {
 fn prompt_longer_than_context_is_a_clear_error() {
     let m = fixture_model("qwen3_moe");
     let ids = vec!["1"; 40].join(",");
-    let out = run(&["run", "--model", m.to_str().unwrap(), "--prompt-ids", &ids, "--max-context", "16", "--json"]);
+    let out = run(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt-ids",
+        &ids,
+        "--max-context",
+        "16",
+        "--json",
+    ]);
     assert_clean_error(&out, &["context", "16"]);
 }
 
@@ -286,8 +426,19 @@ fn prompt_longer_than_context_is_a_clear_error() {
 fn generation_stops_at_context_with_length() {
     let m = fixture_model("qwen3_moe");
     let v = json_of(&run(&[
-        "run", "--model", m.to_str().unwrap(), "--prompt-ids", "1,2,3,4", "--max-context", "8",
-        "--max-tokens", "50", "--ignore-eos", "--temperature", "0", "--json",
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2,3,4",
+        "--max-context",
+        "8",
+        "--max-tokens",
+        "50",
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--json",
     ]));
     assert_eq!(v["finish_reason"], "length");
     // Prompt plus generated tokens fill the context exactly.
@@ -298,4 +449,55 @@ fn generation_stops_at_context_with_length() {
 fn missing_folder_is_a_clear_error() {
     let out = run(&["run", "--model", "/no/such/model/dir", "--prompt-ids", "1"]);
     assert_clean_error(&out, &["/no/such/model/dir"]);
+}
+
+#[test]
+fn unused_tensors_get_one_warning_and_are_ignored() {
+    let tmp = copy_model(&fixture_model("olmoe"));
+    // Append an extra `mtp.*` tensor, as real checkpoints carry, by rewriting the single file.
+    let p = tmp.path().join("model.safetensors");
+    let b = std::fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let mut h: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    let data_len = (b.len() - 8 - n) as u64;
+    for (i, name) in ["mtp.0.proj.weight", "mtp.0.norm.weight"]
+        .iter()
+        .enumerate()
+    {
+        let start = data_len + 16 * i as u64;
+        h[*name] =
+            serde_json::json!({"dtype": "F32", "shape": [4], "data_offsets": [start, start + 16]});
+    }
+    let mut hs = serde_json::to_vec(&h).unwrap();
+    while !(8 + hs.len()).is_multiple_of(8) {
+        hs.push(b' ');
+    }
+    let mut out = (hs.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&hs);
+    out.extend_from_slice(&b[8 + n..]);
+    out.extend_from_slice(&[0u8; 32]);
+    std::fs::write(&p, out).unwrap();
+
+    let out = run(&[
+        "run",
+        "--model",
+        tmp.path().to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+        "--max-tokens",
+        "2",
+        "--json",
+    ]);
+    let v = json_of(&out);
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 2);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("does not use"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains("2 tensor(s)") && warnings[0].contains("mtp.0"),
+        "{stderr}"
+    );
 }

@@ -27,7 +27,11 @@ fn check_variant(v: &common::Variant) -> Vec<String> {
     let vocab = model.config.vocab_size;
     let hidden = model.config.hidden_size;
     for p in ["short", "long"] {
-        let ids: Vec<u32> = r.i64(&format!("{p}.input_ids")).iter().map(|&x| x as u32).collect();
+        let ids: Vec<u32> = r
+            .i64(&format!("{p}.input_ids"))
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
         let t = ids.len();
 
         // Prefill: logits, hidden states, routing.
@@ -41,7 +45,10 @@ fn check_variant(v: &common::Variant) -> Vec<String> {
         let err = max_abs_diff(&logits, &ref_logits);
         eprintln!("{} {p}: logits max abs err {err:.2e}", v.name);
         if err > LOGIT_TOL {
-            failures.push(format!("{} {p}: logits max abs err {err:e} > {LOGIT_TOL:e}", v.name));
+            failures.push(format!(
+                "{} {p}: logits max abs err {err:e} > {LOGIT_TOL:e}",
+                v.name
+            ));
         }
         for l in 0..model.config.num_layers {
             let name = format!("{p}.hidden.{l}");
@@ -74,7 +81,10 @@ fn check_variant(v: &common::Variant) -> Vec<String> {
             let ref_w = r.f32(&format!("{p}.router.{l}.weights"));
             let err = max_abs_diff(&routing.weights, &ref_w);
             if err > 1e-5 {
-                failures.push(format!("{} {p}: layer {l} router weights err {err:e}", v.name));
+                failures.push(format!(
+                    "{} {p}: layer {l} router weights err {err:e}",
+                    v.name
+                ));
             }
         }
         for l in 0..model.config.num_layers {
@@ -84,17 +94,26 @@ fn check_variant(v: &common::Variant) -> Vec<String> {
         }
 
         // Greedy with the KV cache: prefill once, then one token at a time.
-        let want: Vec<u32> = r.i64(&format!("{p}.greedy")).iter().map(|&x| x as u32).collect();
+        let want: Vec<u32> = r
+            .i64(&format!("{p}.greedy"))
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
         let mut state = model.new_state();
         let mut next = model.forward(&ids, &mut state, Logits::Last, None).unwrap();
         let mut got = Vec::new();
         for _ in 0..want.len() {
             let tok = argmax(&next);
             got.push(tok);
-            next = model.forward(&[tok], &mut state, Logits::Last, None).unwrap();
+            next = model
+                .forward(&[tok], &mut state, Logits::Last, None)
+                .unwrap();
         }
         if got != want {
-            failures.push(format!("{} {p}: greedy {got:?} != reference {want:?}", v.name));
+            failures.push(format!(
+                "{} {p}: greedy {got:?} != reference {want:?}",
+                v.name
+            ));
         }
 
         // The public generate() path gives the same tokens.
@@ -110,7 +129,10 @@ fn check_variant(v: &common::Variant) -> Vec<String> {
             .map(|e| e.unwrap().id)
             .collect();
         if gen != want {
-            failures.push(format!("{} {p}: generate() {gen:?} != reference {want:?}", v.name));
+            failures.push(format!(
+                "{} {p}: generate() {gen:?} != reference {want:?}",
+                v.name
+            ));
         }
     }
     failures
@@ -119,15 +141,25 @@ fn check_variant(v: &common::Variant) -> Vec<String> {
 #[test]
 fn all_variants_match_transformers() {
     let vs = variants();
-    assert!(vs.len() >= 8, "expected every fixture variant, found {}", vs.len());
+    assert!(
+        vs.len() >= 8,
+        "expected every fixture variant, found {}",
+        vs.len()
+    );
     let failures: Vec<String> = vs.iter().flat_map(check_variant).collect();
-    assert!(failures.is_empty(), "parity failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "parity failures:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn fixtures_cover_every_architecture() {
-    let archs: std::collections::BTreeSet<&'static str> =
-        variants().iter().map(|v| load(&v.dir).config.arch).collect();
+    let archs: std::collections::BTreeSet<&'static str> = variants()
+        .iter()
+        .map(|v| load(&v.dir).config.arch)
+        .collect();
     for a in ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"] {
         assert!(archs.contains(a), "no fixture for {a}");
     }

@@ -153,6 +153,15 @@ const ALL_LEVELS: &[Level] = &[
     Level::Scalar,
 ];
 
+/// Panics unless this CPU can run `level`: the check every forced level passes before any SIMD
+/// code runs. The detected level is supported by construction, so it skips the CPU query.
+fn assert_supported(level: Level) {
+    assert!(
+        level == self::level() || level.supported(),
+        "SIMD level {level:?} not supported on this CPU"
+    );
+}
+
 /// The best level this CPU supports, detected once.
 fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
@@ -175,7 +184,8 @@ pub(crate) fn supported_levels() -> Vec<Level> {
         .collect()
 }
 
-/// Which SIMD level was selected at run time ("avx512", "avx2" or "scalar").
+/// Which SIMD level was selected at run time ("avx512", "avx2" or "scalar"). There is no
+/// "avx512bf16" level: `vdpbf16ps` rounds x to bf16, which would break exact f32 semantics.
 pub fn simd_level() -> &'static str {
     level().name()
 }
@@ -185,8 +195,9 @@ pub fn simd_level() -> &'static str {
 /// GEMM, which reuses each widened weight tile across many rows. Decode batches sit below it.
 pub(crate) const MATVEC_MAX_M: usize = 8;
 
-/// Below this many multiply-adds (m·n·k) a call runs on the calling thread: 2^18 FMAs take tens
-/// of µs on one core, well above rayon's few-µs fork/join cost, so smaller calls gain nothing.
+/// Below this many multiply-adds (m·n·k) a call runs on the calling thread, and no parallel chunk
+/// gets less: 2^18 FMAs take ~5 µs (GEMM) to ~25 µs (memory-bound matvec) on one core, more than
+/// rayon's few-µs fork/join cost, so splitting smaller work gains nothing.
 const PAR_MIN_WORK: usize = 1 << 18;
 
 /// Chunks per thread in a parallel call: several, so that rayon's work stealing evens out
@@ -306,7 +317,7 @@ pub fn matmul_serial(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, ou
     matmul_with(level(), false, x, m, k, w, n, out);
 }
 
-/// [`matmul`] at a forced level. The caller guarantees `level.supported()`.
+/// [`matmul`] at a given level (tests force each one); panics if the CPU cannot run it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_with(
     level: Level,
@@ -319,7 +330,7 @@ pub(crate) fn matmul_with(
     out: &mut [f32],
 ) {
     check_matmul(x, m, k, &w, n, out);
-    assert!(level.supported(), "SIMD level {level:?} not supported here");
+    assert_supported(level);
     if k == 0 {
         out.fill(0.0);
         return;
@@ -409,7 +420,7 @@ fn run_block_t<T: SimdElem>(
         Level::Scalar => scalar::matmul_block(x, k, w, &mut out),
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => {
-            // SAFETY: matmul_with asserted Level::Avx2.supported() (avx2, fma, f16c).
+            // SAFETY: matmul_with ran assert_supported(Level::Avx2) (avx2/fma/f16c).
             unsafe {
                 if use_gemm {
                     avx2::gemm(x, k, w, &mut out)
@@ -420,7 +431,7 @@ fn run_block_t<T: SimdElem>(
         }
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => {
-            // SAFETY: matmul_with asserted Level::Avx512.supported() (avx512f/bw/vl, avx2/fma/f16c).
+            // SAFETY: matmul_with ran assert_supported(Level::Avx512) (avx512f/bw/vl + AVX2 level).
             unsafe {
                 if use_gemm {
                     avx512::gemm(x, k, w, &mut out)
@@ -443,14 +454,14 @@ pub(crate) fn dot_with(level: Level, a: &[f32], b: &[f32]) -> f32 {
         Level::Scalar => scalar::dot(a, b),
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => {
-            assert!(level.supported());
-            // SAFETY: the assert above checked avx2 + fma.
+            assert_supported(level);
+            // SAFETY: the line above checked avx2/fma/f16c.
             unsafe { avx2::dot(a, b) }
         }
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => {
-            assert!(level.supported());
-            // SAFETY: the assert above checked avx512f/bw/vl.
+            assert_supported(level);
+            // SAFETY: the line above checked avx512f/bw/vl and avx2/fma/f16c.
             unsafe { avx512::dot(a, b) }
         }
     }
@@ -467,14 +478,14 @@ pub(crate) fn axpy_with(level: Level, alpha: f32, x: &[f32], out: &mut [f32]) {
         Level::Scalar => scalar::axpy(alpha, x, out),
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => {
-            assert!(level.supported());
-            // SAFETY: the assert above checked avx2 + fma.
+            assert_supported(level);
+            // SAFETY: the line above checked avx2/fma/f16c.
             unsafe { avx2::axpy(alpha, x, out) }
         }
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => {
-            assert!(level.supported());
-            // SAFETY: the assert above checked avx512f/bw/vl.
+            assert_supported(level);
+            // SAFETY: the line above checked avx512f/bw/vl and avx2/fma/f16c.
             unsafe { avx512::axpy(alpha, x, out) }
         }
     }

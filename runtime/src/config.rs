@@ -54,7 +54,11 @@ impl RawConfig {
             None => Ok(None),
             Some(v) => v
                 .as_u64()
-                .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64))
+                .or_else(|| {
+                    v.as_f64()
+                        .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+                        .map(|f| f as u64)
+                })
                 .map(|u| Some(u as usize))
                 .ok_or_else(|| self.wrong(keys[0], "a non-negative integer")),
         }
@@ -85,7 +89,9 @@ impl RawConfig {
     pub fn bool_or(&self, keys: &[&str], default: bool) -> Result<bool> {
         match self.value(keys) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.wrong(keys[0], "true or false")),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.wrong(keys[0], "true or false")),
         }
     }
 
@@ -246,10 +252,14 @@ impl RopeConfig {
         let scaling = match kind.as_str() {
             "default" => RopeScaling::Default,
             "linear" => RopeScaling::Linear {
-                factor: sub.opt_f64(&["factor"])?.ok_or_else(|| sub.missing(&["rope_scaling.factor"]))?,
+                factor: sub
+                    .opt_f64(&["factor"])?
+                    .ok_or_else(|| sub.missing(&["rope_scaling.factor"]))?,
             },
             "dynamic" => RopeScaling::Dynamic {
-                factor: sub.opt_f64(&["factor"])?.ok_or_else(|| sub.missing(&["rope_scaling.factor"]))?,
+                factor: sub
+                    .opt_f64(&["factor"])?
+                    .ok_or_else(|| sub.missing(&["rope_scaling.factor"]))?,
             },
             "yarn" => {
                 let original = orig(&sub)?;
@@ -262,15 +272,23 @@ impl RopeConfig {
                     original_max_position_embeddings: original,
                     attention_factor: sub.opt_f64(&["attention_factor"])?,
                     // transformers: `get("beta_fast") or 32` (0 also means the default)
-                    beta_fast: sub.opt_f64(&["beta_fast"])?.filter(|b| *b != 0.0).unwrap_or(32.0),
-                    beta_slow: sub.opt_f64(&["beta_slow"])?.filter(|b| *b != 0.0).unwrap_or(1.0),
+                    beta_fast: sub
+                        .opt_f64(&["beta_fast"])?
+                        .filter(|b| *b != 0.0)
+                        .unwrap_or(32.0),
+                    beta_slow: sub
+                        .opt_f64(&["beta_slow"])?
+                        .filter(|b| *b != 0.0)
+                        .unwrap_or(1.0),
                     mscale: sub.opt_f64(&["mscale"])?,
                     mscale_all_dim: sub.opt_f64(&["mscale_all_dim"])?,
                     truncate: sub.bool_or(&["truncate"], true)?,
                 }
             }
             "llama3" => RopeScaling::Llama3 {
-                factor: sub.opt_f64(&["factor"])?.ok_or_else(|| sub.missing(&["rope_scaling.factor"]))?,
+                factor: sub
+                    .opt_f64(&["factor"])?
+                    .ok_or_else(|| sub.missing(&["rope_scaling.factor"]))?,
                 low_freq_factor: sub.f64_or(&["low_freq_factor"], 1.0)?,
                 high_freq_factor: sub.f64_or(&["high_freq_factor"], 4.0)?,
                 original_max_position_embeddings: orig(&sub)?,
@@ -279,8 +297,8 @@ impl RopeConfig {
                 return Err(Error::bad_config(
                     &raw.path,
                     format!(
-                        "rope type `{other}` is not supported (default, linear, dynamic, yarn, llama3)"
-                    ),
+                    "rope type `{other}` is not supported (default, linear, dynamic, yarn, llama3)"
+                ),
                 ))
             }
         };
@@ -349,12 +367,20 @@ impl ModelConfig {
     /// Checks the invariants layers rely on; errors name the offending field.
     pub fn validate(&self, raw: &RawConfig) -> Result<()> {
         let bad = |field: &str, why: String| {
-            Err(Error::bad_config(&raw.path, format!("field `{field}`: {why}")))
+            Err(Error::bad_config(
+                &raw.path,
+                format!("field `{field}`: {why}"),
+            ))
         };
         if self.hidden_size == 0 || self.num_layers == 0 || self.vocab_size == 0 {
-            return bad("hidden_size/num_hidden_layers/vocab_size", "must be > 0".into());
+            return bad(
+                "hidden_size/num_hidden_layers/vocab_size",
+                "must be > 0".into(),
+            );
         }
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
             return bad(
                 "num_key_value_heads",
@@ -364,8 +390,11 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return bad("head_dim", format!("{} must be even and > 0", self.head_dim));
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return bad(
+                "head_dim",
+                format!("{} must be even and > 0", self.head_dim),
+            );
         }
         if self.sparse_layers.iter().any(|&s| s) {
             let r = self.router;
@@ -410,7 +439,10 @@ impl GenerationConfig {
         Ok(GenerationConfig {
             do_sample: raw
                 .value(&["do_sample"])
-                .map(|v| v.as_bool().ok_or_else(|| raw.wrong("do_sample", "true or false")))
+                .map(|v| {
+                    v.as_bool()
+                        .ok_or_else(|| raw.wrong("do_sample", "true or false"))
+                })
                 .transpose()?,
             temperature: raw.opt_f64(&["temperature"])?,
             top_p: raw.opt_f64(&["top_p"])?,
@@ -433,8 +465,11 @@ mod tests {
 
     #[test]
     fn both_rope_styles_agree() {
-        let hub = raw(r#"{"rope_theta": 5000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}"#);
-        let t5 = raw(r#"{"rope_parameters": {"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0}}"#);
+        let hub =
+            raw(r#"{"rope_theta": 5000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}"#);
+        let t5 = raw(
+            r#"{"rope_parameters": {"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0}}"#,
+        );
         let a = RopeConfig::parse(&hub, 10000.0).unwrap();
         let b = RopeConfig::parse(&t5, 10000.0).unwrap();
         assert_eq!(a, b);
@@ -451,7 +486,10 @@ mod tests {
         let e = r.usize(&["hidden_size"]).unwrap_err().to_string();
         assert!(e.contains("hidden_size"), "{e}");
         let e = r.usize(&["num_hidden_layers"]).unwrap_err().to_string();
-        assert!(e.contains("missing required field `num_hidden_layers`"), "{e}");
+        assert!(
+            e.contains("missing required field `num_hidden_layers`"),
+            "{e}"
+        );
         assert_eq!(r.usize_or(&["x"], 7).unwrap(), 7);
         let e = RopeConfig::parse(&raw(r#"{"rope_scaling": {"type": "weird"}}"#), 1.0)
             .unwrap_err()
@@ -463,11 +501,21 @@ mod tests {
 
     #[test]
     fn eos_int_or_list() {
-        assert_eq!(raw(r#"{"eos_token_id": 5}"#).token_ids("eos_token_id").unwrap(), vec![5]);
         assert_eq!(
-            raw(r#"{"eos_token_id": [5, 6]}"#).token_ids("eos_token_id").unwrap(),
+            raw(r#"{"eos_token_id": 5}"#)
+                .token_ids("eos_token_id")
+                .unwrap(),
+            vec![5]
+        );
+        assert_eq!(
+            raw(r#"{"eos_token_id": [5, 6]}"#)
+                .token_ids("eos_token_id")
+                .unwrap(),
             vec![5, 6]
         );
-        assert!(raw(r#"{"eos_token_id": null}"#).token_ids("eos_token_id").unwrap().is_empty());
+        assert!(raw(r#"{"eos_token_id": null}"#)
+            .token_ids("eos_token_id")
+            .unwrap()
+            .is_empty());
     }
 }

@@ -135,10 +135,12 @@ impl Model {
     /// Loads from already-located files (a folder or the embedded demo).
     pub fn load_files(files: ModelFiles, settings: &Settings) -> Result<Model> {
         let cfg_path = files.path_of("config.json");
-        let cfg_bytes = files.read_small("config.json")?.ok_or_else(|| Error::ModelNotFound {
-            spec: files.label(),
-            reason: "no config.json".into(),
-        })?;
+        let cfg_bytes = files
+            .read_small("config.json")?
+            .ok_or_else(|| Error::ModelNotFound {
+                spec: files.label(),
+                reason: "no config.json".into(),
+            })?;
         let raw = RawConfig::parse(cfg_path, &cfg_bytes)?;
         let arch = arch::lookup(&raw)?;
         let config = (arch.parse_config)(&raw)?;
@@ -280,11 +282,15 @@ impl Model {
         }
         let top_p = p.top_p.or(g.top_p).unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(Error::InvalidRequest(format!("top_p must be in (0, 1], got {top_p}")));
+            return Err(Error::InvalidRequest(format!(
+                "top_p must be in (0, 1], got {top_p}"
+            )));
         }
         let min_p = p.min_p.or(g.min_p).unwrap_or(0.0);
         if !(0.0..=1.0).contains(&min_p) {
-            return Err(Error::InvalidRequest(format!("min_p must be in [0, 1], got {min_p}")));
+            return Err(Error::InvalidRequest(format!(
+                "min_p must be in [0, 1], got {min_p}"
+            )));
         }
         let seed = p.seed.unwrap_or_else(|| {
             std::time::SystemTime::now()

@@ -59,7 +59,9 @@ pub enum Error {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     /// The prompt plus generation would exceed the context.
-    #[error("context overflow: {needed_tokens} tokens needed, max_context is {max_context_tokens}")]
+    #[error(
+        "context overflow: {needed_tokens} tokens needed, max_context is {max_context_tokens}"
+    )]
     ContextOverflow {
         needed_tokens: usize,
         max_context_tokens: usize,

@@ -120,9 +120,17 @@ mod tests {
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
         std::fs::write(snap.join("config.json"), "{}").unwrap();
-        assert_eq!(resolve_in_cache("Org/Tiny-MoE", cache.path()).unwrap(), snap);
-        let e = resolve_in_cache("Org/Other", cache.path()).unwrap_err().to_string();
-        assert!(e.contains("Org/Other") && e.contains("not in the local Hugging Face cache"), "{e}");
+        assert_eq!(
+            resolve_in_cache("Org/Tiny-MoE", cache.path()).unwrap(),
+            snap
+        );
+        let e = resolve_in_cache("Org/Other", cache.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("Org/Other") && e.contains("not in the local Hugging Face cache"),
+            "{e}"
+        );
         assert!(looks_like_hub_id("Qwen/Qwen3-30B-A3B"));
         assert!(!looks_like_hub_id("./x"));
         assert!(!looks_like_hub_id("a/b/c"));

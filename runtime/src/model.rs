@@ -27,6 +27,8 @@ pub enum MixerState {
 }
 
 /// Mixes information across channels.
+// One value per layer, built once at load: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Ffn {
     Dense(Mlp),
     Moe(MoeBlock),

@@ -111,7 +111,11 @@ impl MoeBlock {
         if let Some(s) = &self.shared {
             let y = s.mlp.forward(x, t);
             let g = s.gate.forward(x, t);
-            for ((o, yr), g) in out.chunks_exact_mut(hidden).zip(y.chunks_exact(hidden)).zip(g) {
+            for ((o, yr), g) in out
+                .chunks_exact_mut(hidden)
+                .zip(y.chunks_exact(hidden))
+                .zip(g)
+            {
                 let sig = 1.0 / (1.0 + (-g).exp());
                 for (o, y) in o.iter_mut().zip(yr) {
                     *o += sig * y;

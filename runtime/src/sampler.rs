@@ -171,7 +171,10 @@ mod tests {
         let mut idx: Vec<usize> = (0..50).collect();
         idx.sort_by(|&x, &y| logits[y].total_cmp(&logits[x]));
         let top5: Vec<u32> = idx[..5].iter().map(|&i| i as u32).collect();
-        assert!(a.iter().all(|t| top5.contains(t)), "{a:?} not within {top5:?}");
+        assert!(
+            a.iter().all(|t| top5.contains(t)),
+            "{a:?} not within {top5:?}"
+        );
         // More than one distinct token is drawn at temperature 0.8 over near-equal logits.
         let distinct: std::collections::HashSet<_> = a.iter().collect();
         assert!(distinct.len() > 1);

@@ -76,7 +76,14 @@ impl ExpertWeights {
     }
 
     /// `out[r] += w_r * down(silu(gate(x_r)) * up(x_r))` for the given rows of `x`.
-    pub fn forward_rows(&self, rows: &[usize], weights: &[f32], x: &[f32], hidden: usize, out: &mut [f32]) {
+    pub fn forward_rows(
+        &self,
+        rows: &[usize],
+        weights: &[f32],
+        x: &[f32],
+        hidden: usize,
+        out: &mut [f32],
+    ) {
         let inter = self.gate.shape[0];
         let m = rows.len();
         let mut xs = Vec::with_capacity(m * hidden);
@@ -116,7 +123,11 @@ impl MappedStore {
 
     /// Bytes of all experts.
     pub fn size_bytes(&self) -> usize {
-        self.layers.iter().flatten().map(ExpertWeights::size_bytes).sum()
+        self.layers
+            .iter()
+            .flatten()
+            .map(ExpertWeights::size_bytes)
+            .sum()
     }
 }
 

@@ -104,7 +104,10 @@ pub enum Storage {
     Mmap(memmap2::Mmap),
     Static(&'static [u8]),
     /// An 8-byte aligned copy (`len` bytes used).
-    Words { words: Vec<u64>, len: usize },
+    Words {
+        words: Vec<u64>,
+        len: usize,
+    },
     Empty,
 }
 
@@ -414,7 +417,7 @@ impl TensorRef {
             }
         }
         let align = self.dtype.size_bytes();
-        if (self.bytes().as_ptr() as usize) % align == 0 {
+        if (self.bytes().as_ptr() as usize).is_multiple_of(align) {
             return Ok(self);
         }
         tracing::warn!(tensor = %self.name, "tensor is not aligned to its element size; copying it");
@@ -461,7 +464,8 @@ impl TensorRef {
 fn cast_slice<T: Copy>(b: &[u8]) -> &[T] {
     let size = std::mem::size_of::<T>();
     assert!(
-        (b.as_ptr() as usize) % std::mem::align_of::<T>() == 0 && b.len() % size == 0,
+        (b.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+            && b.len().is_multiple_of(size),
         "cast_slice on misaligned bytes (into_compute guarantees alignment)"
     );
     // SAFETY: alignment and length were checked just above; T is a plain float type (f32, bf16,
@@ -487,9 +491,8 @@ impl WeightSet {
         let mut by_name = HashMap::new();
         if let Some(raw) = files.read_small(INDEX)? {
             let index_path = files.path_of(INDEX);
-            let v: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| {
-                Error::bad_file(&index_path, format!("not valid JSON: {e}"))
-            })?;
+            let v: serde_json::Value = serde_json::from_slice(&raw)
+                .map_err(|e| Error::bad_file(&index_path, format!("not valid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -498,7 +501,10 @@ impl WeightSet {
             let mut shard_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for (tensor, shard) in map {
                 let shard = shard.as_str().ok_or_else(|| {
-                    Error::bad_file(&index_path, format!("weight_map[`{tensor}`] is not a string"))
+                    Error::bad_file(
+                        &index_path,
+                        format!("weight_map[`{tensor}`] is not a string"),
+                    )
                 })?;
                 if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
                     return Err(Error::bad_file(
@@ -652,7 +658,7 @@ pub fn safetensors_bytes(tensors: &[(&str, Dtype, &[usize], &[u8])]) -> Vec<u8> 
         offset += bytes.len();
     }
     let mut h = serde_json::Value::Object(header).to_string().into_bytes();
-    while (8 + h.len()) % 8 != 0 {
+    while !(8 + h.len()).is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + h.len() + offset);
@@ -688,7 +694,10 @@ mod tests {
             ws.get("a", Some(&[4])),
             Err(Error::ShapeMismatch { .. })
         ));
-        assert!(matches!(ws.get("b", None), Err(Error::MissingTensor { .. })));
+        assert!(matches!(
+            ws.get("b", None),
+            Err(Error::MissingTensor { .. })
+        ));
 
         // Offsets past the end of the file.
         write_st(&dir.path().join("model.safetensors"), h, 8);
@@ -708,11 +717,18 @@ mod tests {
     #[test]
     fn serialised_file_reads_back() {
         let dir = tempfile::tempdir().unwrap();
-        let vals: Vec<u8> = [1.5f32, -2.0, 3.25].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let img = safetensors_bytes(&[("x", Dtype::F32, &[3], &vals), ("e", Dtype::I64, &[0], &[])]);
+        let vals: Vec<u8> = [1.5f32, -2.0, 3.25]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let img =
+            safetensors_bytes(&[("x", Dtype::F32, &[3], &vals), ("e", Dtype::I64, &[0], &[])]);
         std::fs::write(dir.path().join("model.safetensors"), img).unwrap();
         let ws = WeightSet::open(&ModelFiles::Dir(dir.path().to_path_buf())).unwrap();
-        assert_eq!(ws.compute("x", &[3]).unwrap().to_f32_vec().unwrap(), vec![1.5, -2.0, 3.25]);
+        assert_eq!(
+            ws.compute("x", &[3]).unwrap().to_f32_vec().unwrap(),
+            vec![1.5, -2.0, 3.25]
+        );
         assert_eq!(ws.info("e").unwrap().dtype, Dtype::I64);
     }
 
@@ -732,8 +748,11 @@ mod tests {
             WeightSet::open(&files),
             Err(Error::MissingShard { .. })
         ));
-        std::fs::write(&idx, r#"{"weight_map":{"a":"s1.safetensors","b":"s1.safetensors"}}"#)
-            .unwrap();
+        std::fs::write(
+            &idx,
+            r#"{"weight_map":{"a":"s1.safetensors","b":"s1.safetensors"}}"#,
+        )
+        .unwrap();
         let err = WeightSet::open(&files).err().unwrap().to_string();
         assert!(err.contains("does not contain"), "{err}");
         std::fs::write(&idx, r#"{"weight_map":{"a":"s1.safetensors"}}"#).unwrap();

@@ -70,7 +70,9 @@ impl Reference {
 
     pub fn f32(&self, name: &str) -> Vec<f32> {
         let st = self.st();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("reference lacks {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("reference lacks {name}"));
         assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
         t.data()
             .chunks_exact(4)
@@ -80,7 +82,9 @@ impl Reference {
 
     pub fn i64(&self, name: &str) -> Vec<i64> {
         let st = self.st();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("reference lacks {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("reference lacks {name}"));
         assert_eq!(t.dtype(), safetensors::Dtype::I64, "{name}");
         t.data()
             .chunks_exact(8)

@@ -95,11 +95,7 @@ pub struct NameScheme {
 }
 
 /// Builds the whole decoder from a config and the tensors, following `names`.
-pub fn build_decoder(
-    cfg: &ModelConfig,
-    w: &WeightSet,
-    names: &NameScheme,
-) -> Result<ModelWeights> {
+pub fn build_decoder(cfg: &ModelConfig, w: &WeightSet, names: &NameScheme) -> Result<ModelWeights> {
     let h = cfg.hidden_size;
     let embed = w.compute(names.embed, &[cfg.vocab_size, h])?;
     // Tied embeddings: transformers uses the embedding matrix as the output projection (a
@@ -124,8 +120,18 @@ pub fn build_decoder(
                 k: RmsNorm::load(w, &format!("{a}.{}", names.k_norm), hd, cfg.rms_norm_eps)?,
             },
             QkNorm::FullWidth => QkNormLayer::FullWidth {
-                q: RmsNorm::load(w, &format!("{a}.{}", names.q_norm), nh * hd, cfg.rms_norm_eps)?,
-                k: RmsNorm::load(w, &format!("{a}.{}", names.k_norm), nkv * hd, cfg.rms_norm_eps)?,
+                q: RmsNorm::load(
+                    w,
+                    &format!("{a}.{}", names.q_norm),
+                    nh * hd,
+                    cfg.rms_norm_eps,
+                )?,
+                k: RmsNorm::load(
+                    w,
+                    &format!("{a}.{}", names.k_norm),
+                    nkv * hd,
+                    cfg.rms_norm_eps,
+                )?,
             },
         };
         let attention = Attention {
@@ -258,13 +264,15 @@ fn load_moe(
 
 /// Which layers are sparse under Qwen's rule: not in `mlp_only_layers` and
 /// `(l + 1) % decoder_sparse_step == 0` (with at least one expert).
-pub fn qwen_sparse_layers(raw: &RawConfig, num_layers: usize, num_experts: usize) -> Result<Vec<bool>> {
+pub fn qwen_sparse_layers(
+    raw: &RawConfig,
+    num_layers: usize,
+    num_experts: usize,
+) -> Result<Vec<bool>> {
     let step = raw.usize_or(&["decoder_sparse_step"], 1)?;
     let mlp_only = raw.usize_list(&["mlp_only_layers"])?;
     Ok((0..num_layers)
-        .map(|l| {
-            !mlp_only.contains(&l) && num_experts > 0 && step > 0 && (l + 1) % step == 0
-        })
+        .map(|l| !mlp_only.contains(&l) && num_experts > 0 && step > 0 && (l + 1) % step == 0)
         .collect())
 }
 
@@ -272,7 +280,7 @@ pub fn qwen_sparse_layers(raw: &RawConfig, num_layers: usize, num_experts: usize
 pub fn head_dim(raw: &RawConfig, hidden: usize, heads: usize) -> Result<usize> {
     match raw.opt_usize(&["head_dim"])? {
         Some(d) => Ok(d),
-        None if heads > 0 && hidden % heads == 0 => Ok(hidden / heads),
+        None if heads > 0 && hidden.is_multiple_of(heads) => Ok(hidden / heads),
         None => Err(Error::bad_config(
             &raw.path,
             format!("hidden_size {hidden} is not divisible by num_attention_heads {heads} and no head_dim is given"),
@@ -292,21 +300,36 @@ mod tests {
     #[test]
     fn lookup_by_class_or_type_and_unknown() {
         assert_eq!(
-            lookup(&raw(r#"{"architectures": ["MixtralForCausalLM"]}"#)).unwrap().model_type,
+            lookup(&raw(r#"{"architectures": ["MixtralForCausalLM"]}"#))
+                .unwrap()
+                .model_type,
             "mixtral"
         );
-        assert_eq!(lookup(&raw(r#"{"model_type": "olmoe"}"#)).unwrap().model_type, "olmoe");
-        let e = lookup(&raw(r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}"#))
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("LlamaForCausalLM") && e.contains("qwen3_moe"), "{e}");
+        assert_eq!(
+            lookup(&raw(r#"{"model_type": "olmoe"}"#))
+                .unwrap()
+                .model_type,
+            "olmoe"
+        );
+        let e = lookup(&raw(
+            r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}"#,
+        ))
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("LlamaForCausalLM") && e.contains("qwen3_moe"),
+            "{e}"
+        );
     }
 
     #[test]
     fn sparse_rule() {
         let r = raw(r#"{"decoder_sparse_step": 2, "mlp_only_layers": [3]}"#);
-        assert_eq!(qwen_sparse_layers(&r, 4, 8).unwrap(), vec![false, true, false, false]);
+        assert_eq!(
+            qwen_sparse_layers(&r, 4, 8).unwrap(),
+            vec![false, true, false, false]
+        );
         let r = raw(r#"{"mlp_only_layers": null}"#);
         assert_eq!(qwen_sparse_layers(&r, 2, 8).unwrap(), vec![true, true]);
     }

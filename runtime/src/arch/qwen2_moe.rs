@@ -50,12 +50,21 @@ fn parse_config(raw: &RawConfig) -> Result<ModelConfig> {
             if types.len() != layers {
                 return Err(Error::bad_config(
                     &raw.path,
-                    format!("field `layer_types` has {} entries for {layers} layers", types.len()),
+                    format!(
+                        "field `layer_types` has {} entries for {layers} layers",
+                        types.len()
+                    ),
                 ));
             }
             types
                 .iter()
-                .map(|t| if t == "sliding_attention" { window } else { None })
+                .map(|t| {
+                    if t == "sliding_attention" {
+                        window
+                    } else {
+                        None
+                    }
+                })
                 .collect()
         }
         None => (0..layers)
@@ -88,7 +97,8 @@ fn parse_config(raw: &RawConfig) -> Result<ModelConfig> {
             norm_topk_prob: raw.bool_or(&["norm_topk_prob"], false)?,
         },
         sparse_layers: qwen_sparse_layers(raw, layers, num_experts)?,
-        shared_expert_intermediate_size: raw.usize_or(&["shared_expert_intermediate_size"], 5632)?,
+        shared_expert_intermediate_size: raw
+            .usize_or(&["shared_expert_intermediate_size"], 5632)?,
         qkv_bias: raw.bool_or(&["qkv_bias"], true)?,
         o_bias: false,
         qk_norm: QkNorm::None,
