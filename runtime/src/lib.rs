@@ -4,7 +4,7 @@
 //! computes exactly what transformers computes, and reaches experts only through an expert store
 //! that later grows tiers, device slots and prefetch.
 //!
-//! ```no_run
+//! ```
 //! use moe_runtime::{CancelToken, GenerateParams, Model, Prompt, Settings};
 //!
 //! // `model: None` loads the bundled demo model.
