@@ -39,6 +39,7 @@ fn main() {
         model: arg(&args, "--model"),
         threads: arg(&args, "--threads"),
         max_context: Some(prompt_tokens + decode_tokens + 1),
+        ..Settings::default()
     };
     let t0 = Instant::now();
     let model = Model::load(&settings).unwrap_or_else(|e| {

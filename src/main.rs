@@ -16,7 +16,10 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 use moe_runtime::synth::{synth, SynthOptions};
 use moe_runtime::weights::{safetensors_bytes, Dtype};
-use moe_runtime::{CancelToken, ChatMessage, GenerateParams, Model, Prompt, Settings};
+use moe_runtime::runconfig::{ByteSize, DeviceKind};
+use moe_runtime::{
+    plan_model, CancelToken, ChatMessage, GenerateParams, Model, Prompt, RunConfig, Settings,
+};
 
 #[derive(Parser)]
 #[command(
@@ -33,15 +36,88 @@ struct Cli {
 enum Command {
     /// Generate from a prompt (with no --model: the bundled demo model).
     Run(RunArgs),
+    /// Show where every byte of a model would live under the budgets, without loading it.
+    Plan(PlanArgs),
     /// Write a random-weight model in Hugging Face layout (for tests and benchmarks).
     Synth(SynthArgs),
 }
 
+/// Model location and budgets: a config file, overridden by flags.
 #[derive(Args)]
-struct RunArgs {
+struct ModelArgs {
     /// Model folder, or a Hub id (`org/name`) already in the local Hugging Face cache.
+    /// Overrides the config file's `model`.
     #[arg(long)]
     model: Option<String>,
+    /// A TOML run configuration (budgets, device, experts); see configs/.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where compute happens: cpu, cuda or sim.
+    #[arg(long, value_parser = ["cpu", "cuda", "sim"])]
+    device: Option<String>,
+    /// Host memory budget, e.g. 12GiB (on cpu: everything the process holds).
+    #[arg(long, value_parser = parse_size)]
+    ram_budget: Option<u64>,
+    /// Device memory budget, e.g. 22GiB.
+    #[arg(long, value_parser = parse_size)]
+    vram_budget: Option<u64>,
+    /// Longest sequence, prompt plus generated (default: min(max_position_embeddings, 4096)).
+    #[arg(long)]
+    max_context: Option<usize>,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    ByteSize::parse(s).map(|b| b.0)
+}
+
+impl ModelArgs {
+    fn settings(&self) -> Result<Settings, Box<dyn std::error::Error>> {
+        let mut s = match &self.config {
+            Some(path) => Settings::from_run_config(&RunConfig::from_file(path)?),
+            None => Settings::default(),
+        };
+        if self.model.is_some() {
+            s.model = self.model.clone();
+        }
+        if let Some(d) = &self.device {
+            s.device = match d.as_str() {
+                "cuda" => DeviceKind::Cuda,
+                "sim" => DeviceKind::Sim,
+                _ => DeviceKind::Cpu,
+            };
+        }
+        if self.ram_budget.is_some() {
+            s.ram_budget = self.ram_budget;
+        }
+        if self.vram_budget.is_some() {
+            s.vram_budget = self.vram_budget;
+        }
+        if self.max_context.is_some() {
+            s.max_context = self.max_context;
+        }
+        if self.threads.is_some() {
+            s.threads = self.threads;
+        }
+        Ok(s)
+    }
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Print the plan as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
     /// Prompt text (tokenized with special tokens, as `tokenizer(text)` does).
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
@@ -68,18 +144,15 @@ struct RunArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
-    /// Compute threads (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Longest sequence, prompt plus generated (default: min(max_position_embeddings, 4096)).
-    #[arg(long)]
-    max_context: Option<usize>,
     /// Print one JSON object on stdout instead of streaming text.
     #[arg(long)]
     json: bool,
     /// Write the prefill logits of every prompt position to this safetensors file.
     #[arg(long)]
     logits_out: Option<PathBuf>,
+    /// Write the routing trace (one JSON line per layer and token: layer, token, experts).
+    #[arg(long)]
+    trace: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -133,6 +206,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = std::panic::catch_unwind(|| match cli.command {
         Command::Run(a) => run(a),
+        Command::Plan(a) => plan_cmd(a),
         Command::Synth(a) => synth_cmd(a),
     });
     match result {
@@ -145,21 +219,54 @@ fn main() -> ExitCode {
     }
 }
 
-/// Resident set size of this process in bytes (Linux), for load-cost reporting.
-fn rss_bytes() -> Option<u64> {
+/// A `/proc/self/status` field in bytes (Linux).
+fn status_bytes(field: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
 
+/// Resident set size now (file-backed pages included).
+fn rss_bytes() -> Option<u64> {
+    status_bytes("VmRSS:")
+}
+
+/// Peak resident set size (VmHWM, file-backed pages included).
+fn peak_rss_bytes() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+fn plan_cmd(a: PlanArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let settings = a.model.settings()?;
+    let report = plan_model(&settings)?;
+    if a.json {
+        let v = serde_json::json!({
+            "model": report.label,
+            "arch": report.config.arch,
+            "from_config_only": report.from_config_only,
+            "plan": report.plan,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "model: {} ({}{})",
+            report.label,
+            report.config.arch,
+            if report.from_config_only {
+                ", sizes from config.json"
+            } else {
+                ""
+            }
+        );
+        print!("{}", report.plan.render());
+    }
+    Ok(())
+}
+
 fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let t_load = Instant::now();
-    let settings = Settings {
-        model: a.model.clone(),
-        threads: a.threads,
-        max_context: a.max_context,
-    };
+    let settings = a.model.settings()?;
     let model = Model::load(&settings)?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
     let load_rss = rss_bytes();
@@ -185,6 +292,7 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         seed: a.seed,
         ignore_eos: a.ignore_eos,
         return_prompt_logits: a.logits_out.is_some(),
+        record_routing: a.trace.is_some(),
     };
     let mut generation = model.generate(&prompt, &params, CancelToken::new())?;
     let mut text = String::new();
@@ -250,6 +358,15 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         moe_runtime::fsutil::write_atomic(path, &img)?;
     }
 
+    if let (Some(path), Some(trace)) = (&a.trace, generation.routing_trace()) {
+        let mut text = String::new();
+        for r in trace {
+            text.push_str(&serde_json::to_string(r)?);
+            text.push('\n');
+        }
+        moe_runtime::fsutil::write_atomic(path, text.as_bytes())?;
+    }
+    let stats = model.decoder.store.stats();
     if a.json {
         let v = serde_json::json!({
             "tokens": tokens,
@@ -267,6 +384,9 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             "threads": model.threads(),
             "load_rss_bytes": load_rss,
             "rss_bytes": rss_bytes(),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "experts": stats,
+            "device": settings.device,
         });
         println!("{v}");
     } else {

@@ -16,6 +16,7 @@ fn load(dir: &std::path::Path) -> Model {
         model: Some(dir.join("model").to_string_lossy().into_owned()),
         threads: Some(2),
         max_context: None,
+        ..Default::default()
     })
     .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }

@@ -17,7 +17,10 @@ use crate::config::{GenerationConfig, ModelConfig, RawConfig};
 use crate::error::{Error, Result};
 use crate::model::{Decoder, Logits, SeqState, Trace};
 use crate::sampler::{Sampler, SamplingParams};
-use crate::store::MappedStore;
+use crate::plan::{make_plan, ModelSizes, Plan, PlanRequest, Profile};
+use crate::runconfig::{DeviceKind, ExpertsConfig, KvDtype, RunConfig, SimConfig};
+use crate::store::{TieredStore, TieredStoreConfig};
+use std::path::PathBuf;
 use crate::tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
 use crate::weights::{ModelFiles, WeightSet};
 
@@ -25,8 +28,8 @@ use crate::weights::{ModelFiles, WeightSet};
 /// KV cache of a big model stays modest.
 pub const DEFAULT_MAX_CONTEXT_TOKENS: usize = 4096;
 
-/// How to load a model. The same settings a config file will carry.
-#[derive(Clone, Debug, Default)]
+/// How to load a model: the settings of a config file (see [`RunConfig`]) as a plain struct.
+#[derive(Clone, Debug)]
 pub struct Settings {
     /// A folder or a Hub id in the local cache; `None` = the bundled demo model.
     pub model: Option<String>,
@@ -34,7 +37,91 @@ pub struct Settings {
     pub threads: Option<usize>,
     /// Longest sequence (prompt + generated); `None` = min(max_position_embeddings, 4096).
     pub max_context: Option<usize>,
+    pub device: DeviceKind,
+    /// Device-side budget in bytes (cuda/sim).
+    pub vram_budget: Option<u64>,
+    /// Host-side budget in bytes; on cpu it caps everything the process holds. `None` = what
+    /// the machine has available minus a margin.
+    pub ram_budget: Option<u64>,
+    /// Sequences served at once (sizes the KV cache in the plan).
+    pub max_batch: usize,
+    pub kv_dtype: KvDtype,
+    /// Where learned state (expert popularity, calibration) is kept; `None` = per-user folder.
+    pub state_dir: Option<PathBuf>,
+    pub experts: ExpertsConfig,
+    pub sim: SimConfig,
 }
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            model: None,
+            threads: None,
+            max_context: None,
+            device: DeviceKind::Cpu,
+            vram_budget: None,
+            ram_budget: None,
+            max_batch: 1,
+            kv_dtype: KvDtype::F32,
+            state_dir: None,
+            experts: ExpertsConfig::default(),
+            sim: SimConfig::default(),
+        }
+    }
+}
+
+impl Settings {
+    /// The settings a config file describes.
+    pub fn from_run_config(c: &RunConfig) -> Settings {
+        Settings {
+            model: Some(c.model.clone()),
+            threads: c.threads,
+            max_context: c.max_context,
+            device: c.device,
+            vram_budget: c.vram_budget.map(|b| b.0),
+            ram_budget: c.ram_budget.map(|b| b.0),
+            max_batch: c.max_batch,
+            kv_dtype: c.kv_dtype,
+            state_dir: Some(c.resolved_state_dir()),
+            experts: c.experts.clone(),
+            sim: c.sim.clone(),
+        }
+    }
+
+    /// The state folder (as a config file would resolve it).
+    pub fn resolved_state_dir(&self) -> PathBuf {
+        match &self.state_dir {
+            Some(d) => d.clone(),
+            None => RunConfig::for_model(self.model.clone().unwrap_or_default()).resolved_state_dir(),
+        }
+    }
+
+    fn plan_request(&self, max_context: usize) -> Result<PlanRequest> {
+        let kv_elem_bytes = match self.kv_dtype {
+            KvDtype::F32 => 4,
+            other => {
+                return Err(Error::InvalidRequest(format!(
+                    "kv_dtype = {other:?} is not supported yet; use \"f32\""
+                )))
+            }
+        };
+        Ok(PlanRequest {
+            device: self.device,
+            vram_budget_bytes: self.vram_budget,
+            ram_budget_bytes: self.ram_budget,
+            max_context,
+            max_batch: self.max_batch.max(1),
+            slots_per_layer: self.experts.slots_per_layer,
+            link_bytes_per_s: self.sim.link_gb_per_s * 1e9,
+            copy_latency_s: self.sim.copy_latency_us * 1e-6,
+            loader_threads: LOADER_THREADS,
+            kv_elem_bytes,
+        })
+    }
+}
+
+/// Threads that read and copy experts (I/O-bound; two keep a disk and a link busy).
+pub const LOADER_THREADS: usize = 2;
 
 /// A loaded model, ready to generate. Cheap to share behind an `Arc`.
 pub struct Model {
@@ -46,6 +133,8 @@ pub struct Model {
     pub max_context: usize,
     /// Tensors present in the files that the architecture does not use.
     pub unused_tensors: Vec<String>,
+    /// Where every byte lives.
+    pub plan: Plan,
     pool: rayon::ThreadPool,
 }
 
@@ -73,6 +162,17 @@ pub struct GenerateParams {
     pub ignore_eos: bool,
     /// Keep the prefill logits of every prompt position ([`Generation::prompt_logits`]).
     pub return_prompt_logits: bool,
+    /// Record which experts every token was routed to ([`Generation::routing_trace`]).
+    pub record_routing: bool,
+}
+
+/// One routing decision: a token's experts in one layer.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct RoutingRecord {
+    pub layer: usize,
+    /// Position of the token in the sequence.
+    pub token: usize,
+    pub experts: Vec<u32>,
 }
 
 /// Default number of new tokens when neither the request nor generation_config says.
@@ -154,8 +254,25 @@ impl Model {
             None => GenerationConfig::default(),
         };
 
+        let max_context = settings.max_context.unwrap_or_else(|| {
+            config
+                .max_position_embeddings
+                .clamp(1, DEFAULT_MAX_CONTEXT_TOKENS)
+        });
+        if max_context < 2 {
+            return Err(Error::InvalidRequest("max_context must be at least 2".into()));
+        }
+        let request = settings.plan_request(max_context)?;
         let weights = WeightSet::open(&files)?;
         let mw = arch::build_decoder(&config, &weights, arch.names)?;
+        let sizes = ModelSizes::measure(&config, &weights, &mw, request.kv_elem_bytes);
+        let state_dir = settings.resolved_state_dir();
+        let profile = Profile::load(&state_dir);
+        // Refuse before anything but headers has been read.
+        let plan = make_plan(&sizes, &request, &profile)?;
+        for w in &plan.warnings {
+            tracing::warn!("{w}");
+        }
         let unused_tensors = weights.unused();
         if !unused_tensors.is_empty() {
             tracing::warn!(
@@ -165,10 +282,19 @@ impl Model {
                 unused_tensors[0]
             );
         }
-        let store = MappedStore::new(
+        let store = TieredStore::new(
             mw.experts.clone(),
             config.hidden_size,
             config.moe_intermediate_size,
+            TieredStoreConfig {
+                host: plan.host_tier(),
+                device: plan.device_tier(&request, &profile),
+                policy: settings.experts.policy,
+                prefetch: settings.experts.prefetch,
+                prefetch_depth: settings.experts.prefetch_depth,
+                loader_threads: LOADER_THREADS,
+                hot: Vec::new(),
+            },
         )?;
         let decoder = Decoder {
             hidden_size: config.hidden_size,
@@ -188,14 +314,6 @@ impl Model {
             None
         };
 
-        let max_context = settings.max_context.unwrap_or_else(|| {
-            config
-                .max_position_embeddings
-                .clamp(1, DEFAULT_MAX_CONTEXT_TOKENS)
-        });
-        if max_context == 0 {
-            return Err(Error::InvalidRequest("max_context must be > 0".into()));
-        }
         let threads = settings.threads.unwrap_or(0);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -210,6 +328,7 @@ impl Model {
             files,
             max_context,
             unused_tensors,
+            plan,
             pool,
         })
     }
@@ -363,10 +482,73 @@ impl Model {
             finish: None,
             return_prompt_logits: params.return_prompt_logits,
             prompt_logits: None,
+            routing: params.record_routing.then(Vec::new),
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
         })
     }
+}
+
+/// What `plan` reports: the model's normalised config and the placement.
+pub struct PlanReport {
+    pub config: ModelConfig,
+    pub plan: Plan,
+    /// True when sizes came from config.json alone (no weight files).
+    pub from_config_only: bool,
+    pub label: String,
+}
+
+/// Plans a model without loading it: from its headers, or from a bare `config.json` (a folder
+/// without weights, or the file itself) so a user can ask whether a model fits before
+/// downloading it. Never reads weight bytes, never measures anything.
+pub fn plan_model(settings: &Settings) -> Result<PlanReport> {
+    let spec = settings.model.clone();
+    let (files, cfg_name) = match &spec {
+        None => (crate::demo::files(), "config.json".to_string()),
+        Some(s) if s.ends_with(".json") && std::path::Path::new(s).is_file() => {
+            let p = std::path::Path::new(s);
+            let dir = p.parent().map(|d| d.to_path_buf()).unwrap_or_else(|| ".".into());
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            (ModelFiles::Dir(dir), name.unwrap_or_default())
+        }
+        Some(s) => (ModelFiles::Dir(crate::hub::resolve(s)?), "config.json".to_string()),
+    };
+    let cfg_bytes = files.read_small(&cfg_name)?.ok_or_else(|| Error::ModelNotFound {
+        spec: files.label(),
+        reason: format!("no {cfg_name}"),
+    })?;
+    let raw = RawConfig::parse(files.path_of(&cfg_name), &cfg_bytes)?;
+    let arch = arch::lookup(&raw)?;
+    let config = (arch.parse_config)(&raw)?;
+    config.validate(&raw)?;
+    let has_weights = cfg_name == "config.json"
+        && (files.exists("model.safetensors") || files.exists("model.safetensors.index.json"));
+    let weights = if has_weights {
+        WeightSet::open(&files)?
+    } else {
+        let dtype = match raw.opt_str(&["torch_dtype", "dtype"])? {
+            Some("float32") => crate::weights::Dtype::F32,
+            Some("float16") => crate::weights::Dtype::F16,
+            _ => crate::weights::Dtype::Bf16,
+        };
+        WeightSet::virtual_set(dtype, files.label())
+    };
+    let max_context = settings.max_context.unwrap_or_else(|| {
+        config
+            .max_position_embeddings
+            .clamp(1, DEFAULT_MAX_CONTEXT_TOKENS)
+    });
+    let request = settings.plan_request(max_context)?;
+    let mw = arch::build_decoder(&config, &weights, arch.names)?;
+    let sizes = ModelSizes::measure(&config, &weights, &mw, request.kv_elem_bytes);
+    let profile = Profile::load(&settings.resolved_state_dir());
+    let plan = make_plan(&sizes, &request, &profile)?;
+    Ok(PlanReport {
+        config,
+        plan,
+        from_config_only: !has_weights,
+        label: files.label(),
+    })
 }
 
 /// A running generation: an iterator of tokens with timing and the finish reason.
@@ -385,6 +567,7 @@ pub struct Generation<'m> {
     finish: Option<FinishReason>,
     return_prompt_logits: bool,
     prompt_logits: Option<Vec<f32>>,
+    routing: Option<Vec<RoutingRecord>>,
     prefill_time: Duration,
     decode_time: Duration,
 }
@@ -403,6 +586,37 @@ impl Generation<'_> {
     pub fn prompt_logits(&self) -> Option<&[f32]> {
         self.prompt_logits.as_deref()
     }
+    /// Routing decisions so far, when requested.
+    pub fn routing_trace(&self) -> Option<&[RoutingRecord]> {
+        self.routing.as_deref()
+    }
+
+    /// Runs the model, recording routing when asked.
+    fn forward(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
+        let pos0 = self.state.len;
+        let top_k = self.model.config.router.top_k;
+        if self.routing.is_none() {
+            return self.model.forward(tokens, &mut self.state, logits, None);
+        }
+        let mut trace = Trace::default();
+        let out = self
+            .model
+            .forward(tokens, &mut self.state, logits, Some(&mut trace))?;
+        let rec = self.routing.as_mut().expect("routing on");
+        for (layer, r) in trace.routing.iter().enumerate() {
+            if let Some(r) = r {
+                for (i, ex) in r.indices.chunks(top_k).enumerate() {
+                    rec.push(RoutingRecord {
+                        layer,
+                        token: pos0 + i,
+                        experts: ex.to_vec(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub fn prefill_time(&self) -> Duration {
         self.prefill_time
     }
@@ -435,9 +649,8 @@ impl Generation<'_> {
             } else {
                 Logits::Last
             };
-            let logits = self
-                .model
-                .forward(&self.prompt_ids, &mut self.state, mode, None)?;
+            let prompt = self.prompt_ids.clone();
+            let logits = self.forward(&prompt, mode)?;
             let last = logits[logits.len() - vocab..].to_vec();
             if self.return_prompt_logits {
                 self.prompt_logits = Some(logits);
@@ -464,10 +677,7 @@ impl Generation<'_> {
         {
             self.finish = Some(FinishReason::Length);
         } else if !self.cancel.is_cancelled() {
-            self.pending = Some(
-                self.model
-                    .forward(&[id], &mut self.state, Logits::Last, None)?,
-            );
+            self.pending = Some(self.forward(&[id], Logits::Last)?);
         }
         if self.pending.is_none() && self.finish.is_none() {
             self.finish = Some(FinishReason::Cancelled);

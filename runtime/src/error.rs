@@ -66,6 +66,9 @@ pub enum Error {
         needed_tokens: usize,
         max_context_tokens: usize,
     },
+    /// A plan that cannot fit its budgets (the message names the budget, bytes and remedy).
+    #[error("{0}")]
+    Budget(String),
     /// Tokenizer or chat-template failure.
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),

@@ -34,7 +34,9 @@ pub mod fsutil;
 pub mod hub;
 pub mod layers;
 pub mod model;
+pub mod runconfig;
 pub mod moe;
+pub mod plan;
 pub mod sampler;
 pub mod store;
 pub mod synth;
@@ -42,8 +44,10 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use engine::{
-    CancelToken, FinishReason, GenerateParams, Generation, Model, Prompt, Settings, TokenEvent,
+    plan_model, CancelToken, FinishReason, GenerateParams, Generation, Model, PlanReport, Prompt,
+    Settings, TokenEvent,
 };
+pub use runconfig::RunConfig;
 pub use error::{Error, Result};
 pub use model::{Logits, SeqState, Trace};
 pub use tokenizer::ChatMessage;

@@ -137,7 +137,15 @@ impl Decoder {
             }
             moe_kernels::row_to_f32(self.w.embed.weights(), id as usize, h, row);
         }
+        let lookahead = if self.store.wants_prefetch() {
+            self.store.prefetch_depth()
+        } else {
+            0
+        };
         for (l, (layer, st)) in self.w.layers.iter().zip(&mut state.layers).enumerate() {
+            for ahead in 1..=lookahead {
+                self.predict_and_prefetch(l + ahead, &x, t);
+            }
             let normed = layer.input_norm.forward(&x);
             let mixed = match (&layer.mixer, st) {
                 (Mixer::Attention(a), MixerState::Kv(kv)) => a.forward(&normed, t, kv),
@@ -169,6 +177,25 @@ impl Decoder {
         let m = rows.len() / h;
         let normed = self.w.norm.forward(rows);
         Ok(self.w.lm_head.forward(&normed, m))
+    }
+}
+
+impl Decoder {
+    /// Router lookahead: runs layer `target`'s router on the current hidden state (through that
+    /// layer's own pre-FFN norm) and asks the store to start loading the experts it picks.
+    fn predict_and_prefetch(&self, target: usize, x: &[f32], t: usize) {
+        let Some(layer) = self.w.layers.get(target) else {
+            return;
+        };
+        let Ffn::Moe(moe) = &layer.ffn else {
+            return;
+        };
+        let normed = layer.post_norm.forward(x);
+        let routing = moe.router.route(&normed, t);
+        let mut experts: Vec<usize> = routing.indices.iter().map(|&e| e as usize).collect();
+        experts.sort_unstable();
+        experts.dedup();
+        self.store.prefetch(target, &experts);
     }
 }
 

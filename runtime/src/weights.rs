@@ -101,7 +101,8 @@ impl Dtype {
 
 /// Bytes of one file: a read-only mapping, or static bytes compiled into the binary.
 pub enum Storage {
-    Mmap(memmap2::Mmap),
+    /// A mapped file, with the open file for positioned reads that bypass the mapping.
+    Mmap { map: memmap2::Mmap, file: File },
     Static(&'static [u8]),
     /// An 8-byte aligned copy (`len` bytes used).
     Words {
@@ -109,19 +110,21 @@ pub enum Storage {
         len: usize,
     },
     Empty,
+    /// No bytes at all: sizes only, for planning from a bare config.json.
+    Virtual,
 }
 
 impl Storage {
     pub fn bytes(&self) -> &[u8] {
         match self {
-            Storage::Mmap(m) => m,
+            Storage::Mmap { map, .. } => map,
             Storage::Static(s) => s,
             // SAFETY: reinterpreting initialised u64s as bytes is always valid; `len` never
             // exceeds the words' byte length (set by the only constructor above).
             Storage::Words { words, len } => unsafe {
                 std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), *len)
             },
-            Storage::Empty => &[],
+            Storage::Empty | Storage::Virtual => &[],
         }
     }
 }
@@ -207,7 +210,7 @@ impl ModelFiles {
                 // mapped file under us would be a user error outside what Rust can guard against.
                 let map = unsafe { memmap2::MmapOptions::new().map(&file) }
                     .map_err(|e| Error::io(&path, e))?;
-                Ok(Storage::Mmap(map))
+                Ok(Storage::Mmap { map, file })
             }
             ModelFiles::Embedded { files, .. } => files
                 .iter()
@@ -371,9 +374,39 @@ impl TensorRef {
         self.end - self.start
     }
 
-    /// The raw bytes.
+    /// The raw bytes (empty for a size-only tensor of a planned model).
     pub fn bytes(&self) -> &[u8] {
-        &self.storage.bytes()[self.start..self.end]
+        match *self.storage {
+            Storage::Virtual => &[],
+            _ => &self.storage.bytes()[self.start..self.end],
+        }
+    }
+
+    /// True for size-only tensors (planning without weight files).
+    pub fn is_virtual(&self) -> bool {
+        matches!(*self.storage, Storage::Virtual)
+    }
+
+    /// Copies the tensor's bytes into `dst` (`dst.len() == size_bytes()`). Mapped files are read
+    /// with positioned reads, so the copy does not map the source pages into this process
+    /// (they stay out of its resident set; only the page cache holds them).
+    pub fn read_into(&self, dst: &mut [u8]) -> Result<()> {
+        assert_eq!(dst.len(), self.size_bytes(), "read_into: destination size");
+        match &*self.storage {
+            Storage::Mmap { file, .. } => {
+                use std::os::unix::fs::FileExt;
+                file.read_exact_at(dst, self.start as u64)
+                    .map_err(|e| Error::io((*self.path).clone(), e))
+            }
+            Storage::Virtual => Err(Error::bad_file(
+                (*self.path).clone(),
+                format!("tensor `{}` has no data (planned without weights)", self.name),
+            )),
+            other => {
+                dst.copy_from_slice(&other.bytes()[self.start..self.end]);
+                Ok(())
+            }
+        }
     }
 
     /// Element `i` of the leading dimension, as its own tensor (a view, no copy).
@@ -417,7 +450,7 @@ impl TensorRef {
             }
         }
         let align = self.dtype.size_bytes();
-        if (self.bytes().as_ptr() as usize).is_multiple_of(align) {
+        if self.is_virtual() || (self.bytes().as_ptr() as usize).is_multiple_of(align) {
             return Ok(self);
         }
         tracing::warn!(tensor = %self.name, "tensor is not aligned to its element size; copying it");
@@ -451,6 +484,9 @@ impl TensorRef {
 
     /// The whole tensor converted to f32 (for small tensors: norms, biases).
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        if self.is_virtual() {
+            return Ok(vec![0.0; self.numel()]);
+        }
         let t = self.clone().into_compute()?;
         let n = t.numel();
         let mut out = vec![0f32; n];
@@ -476,9 +512,13 @@ fn cast_slice<T: Copy>(b: &[u8]) -> &[T] {
 /// All weight files of a model, with a name -> file map.
 pub struct WeightSet {
     pub files: Vec<SafetensorsFile>,
+    /// Planning without weight files: every requested tensor exists, with this dtype, no bytes.
+    virtual_dtype: Option<Dtype>,
     by_name: HashMap<String, usize>,
     /// Names handed out through [`WeightSet::get`] (to report unused tensors).
     used: parking_lot::Mutex<HashSet<String>>,
+    /// Sizes of the size-only tensors handed out by a virtual set.
+    virtual_sizes: parking_lot::Mutex<HashMap<String, u64>>,
     label: String,
 }
 
@@ -561,16 +601,49 @@ impl WeightSet {
             });
         }
         Ok(WeightSet {
+            virtual_dtype: None,
             files: opened,
             by_name,
             used: parking_lot::Mutex::new(HashSet::new()),
+            virtual_sizes: parking_lot::Mutex::new(HashMap::new()),
             label: files.label(),
         })
+    }
+
+    /// A weight set with no files: `get` hands out size-only tensors of `dtype` with the shape
+    /// asked for, so a model can be planned from its config.json alone. `contains` is false for
+    /// every name (architectures then pick their Hub-layout names).
+    pub fn virtual_set(dtype: Dtype, label: impl Into<String>) -> WeightSet {
+        WeightSet {
+            files: Vec::new(),
+            virtual_dtype: Some(dtype),
+            by_name: HashMap::new(),
+            used: parking_lot::Mutex::new(HashSet::new()),
+            virtual_sizes: parking_lot::Mutex::new(HashMap::new()),
+            label: label.into(),
+        }
+    }
+
+    pub fn is_virtual(&self) -> bool {
+        self.virtual_dtype.is_some()
     }
 
     pub fn contains(&self, name: &str) -> bool {
         self.by_name.contains_key(name)
     }
+
+    /// Bytes of the tensors handed out so far (each counted once).
+    pub fn used_bytes(&self) -> u64 {
+        if self.is_virtual() {
+            return self.virtual_sizes.lock().values().sum();
+        }
+        let used = self.used.lock();
+        used.iter()
+            .filter_map(|n| self.info(n))
+            .map(|t| t.size_bytes() as u64)
+            .sum()
+    }
+
 
     /// Header info of a tensor, without marking it used.
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
@@ -581,6 +654,20 @@ impl WeightSet {
 
     /// A view of tensor `name`, checked against `shape` when given.
     pub fn get(&self, name: &str, shape: Option<&[usize]>) -> Result<TensorRef> {
+        if let Some(dtype) = self.virtual_dtype {
+            let shape = shape.map(<[usize]>::to_vec).unwrap_or_default();
+            let size = shape.iter().product::<usize>() * dtype.size_bytes();
+            self.virtual_sizes.lock().insert(name.to_string(), size as u64);
+            return Ok(TensorRef {
+                name: name.to_string(),
+                path: Arc::new(PathBuf::from(&self.label)),
+                dtype,
+                shape,
+                storage: Arc::new(Storage::Virtual),
+                start: 0,
+                end: size,
+            });
+        }
         let &fi = self.by_name.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
             files: self.label.clone(),

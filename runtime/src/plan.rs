@@ -1,0 +1,535 @@
+//! The preflight planner: where every byte of a model will live, decided from the architecture's
+//! tensor map and the file headers only, before anything is loaded.
+//!
+//! Sizes come from building the decoder over a [`WeightSet`] (real headers, or size-only tensors
+//! for a bare config.json): the architecture file is the one place that knows tensor names and
+//! shapes, and the planner never repeats that arithmetic.
+//!
+//! Invariants: a plan that cannot fit is an error naming the budget, the bytes needed and what to
+//! change; planning never reads weight bytes and never runs a measurement; fewer device slots than
+//! `top_k` is a warning, never a refusal.
+
+use std::path::Path;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::ModelWeights;
+use crate::store::{DeviceTierConfig, HostTierConfig};
+use crate::weights::WeightSet;
+
+/// Process memory outside the budgets (code, tokenizer, thread stacks, activations, allocator
+/// slack). The RAM budget promise is "budget + at most this".
+pub const FIXED_OVERHEAD_BYTES: u64 = 256 << 20;
+
+/// Margin kept free when a budget is taken from what the machine has available.
+pub const AUTO_BUDGET_MARGIN_BYTES: u64 = 1 << 30;
+
+pub use crate::runconfig::DeviceKind as Device;
+
+fn device_name(d: Device) -> &'static str {
+    match d {
+        Device::Cpu => "cpu",
+        Device::Cuda => "cuda",
+        Device::Sim => "sim",
+    }
+}
+
+/// Bandwidths the estimate uses, bytes per second. `moe-serve calibrate` measures them.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Profile {
+    /// Host compute over weights in RAM (matvec streaming), bytes/s.
+    pub ram_compute_bytes_per_s: f64,
+    /// Reading expert bytes from model files (cold), bytes/s.
+    pub file_read_bytes_per_s: f64,
+    /// Device compute over weights in device memory, bytes/s.
+    pub device_compute_bytes_per_s: f64,
+    /// Where the numbers come from ("defaults" or the calibration's date).
+    pub source: String,
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        // Stated defaults: a 2-channel DDR4/5 server core pair, an NVMe SSD, an H100-class GPU.
+        Profile {
+            ram_compute_bytes_per_s: 20e9,
+            file_read_bytes_per_s: 2e9,
+            device_compute_bytes_per_s: 2000e9,
+            source: "defaults".into(),
+        }
+    }
+}
+
+impl Profile {
+    /// The profile saved by `calibrate` in `state_dir`, or the defaults (a damaged file is
+    /// ignored with a warning).
+    pub fn load(state_dir: &Path) -> Profile {
+        let path = state_dir.join("profile.json");
+        match std::fs::read(&path) {
+            Ok(b) => match serde_json::from_slice::<Profile>(&b) {
+                Ok(p) if p.ram_compute_bytes_per_s > 0.0 && p.file_read_bytes_per_s > 0.0 => p,
+                _ => {
+                    tracing::warn!("{}: unreadable profile, using defaults", path.display());
+                    Profile::default()
+                }
+            },
+            Err(_) => Profile::default(),
+        }
+    }
+}
+
+/// What the user asked for (budgets and shape of the workload).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanRequest {
+    pub device: Device,
+    pub vram_budget_bytes: Option<u64>,
+    pub ram_budget_bytes: Option<u64>,
+    pub max_context: usize,
+    pub max_batch: usize,
+    pub slots_per_layer: Option<usize>,
+    pub link_bytes_per_s: f64,
+    pub copy_latency_s: f64,
+    pub loader_threads: usize,
+    /// Bytes per KV element.
+    pub kv_elem_bytes: u64,
+}
+
+/// Sizes of a model, from its tensor map.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ModelSizes {
+    /// Everything but the experts: attention, norms, embeddings, routers, shared experts, dense MLPs.
+    pub resident_bytes: u64,
+    /// Bytes of one expert (the largest, if they differ).
+    pub expert_bytes: u64,
+    pub total_expert_bytes: u64,
+    pub moe_layers: usize,
+    pub experts_per_layer: usize,
+    pub top_k: usize,
+    /// KV bytes per token of context.
+    pub kv_bytes_per_token: u64,
+    /// Resident bytes read per decoded token (all but the embedding table).
+    pub resident_read_per_token_bytes: u64,
+}
+
+impl ModelSizes {
+    pub fn measure(cfg: &ModelConfig, w: &WeightSet, mw: &ModelWeights, kv_elem_bytes: u64) -> ModelSizes {
+        let experts: Vec<&crate::store::ExpertWeights> = mw.experts.iter().flatten().collect();
+        let total_expert_bytes: u64 = experts.iter().map(|e| e.size_bytes() as u64).sum();
+        let expert_bytes = experts.iter().map(|e| e.size_bytes() as u64).max().unwrap_or(0);
+        let resident_bytes = w.used_bytes().saturating_sub(total_expert_bytes);
+        let embed_bytes = mw.embed.size_bytes() as u64;
+        let tied = std::ptr::eq(mw.embed.bytes().as_ptr(), mw.lm_head.weight.bytes().as_ptr())
+            && embed_bytes > 0;
+        ModelSizes {
+            resident_bytes,
+            expert_bytes,
+            total_expert_bytes,
+            moe_layers: mw.experts.iter().filter(|e| !e.is_empty()).count(),
+            experts_per_layer: mw.experts.iter().map(Vec::len).max().unwrap_or(0),
+            top_k: cfg.router.top_k,
+            kv_bytes_per_token: (cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim) as u64
+                * kv_elem_bytes,
+            resident_read_per_token_bytes: if tied {
+                resident_bytes
+            } else {
+                resident_bytes.saturating_sub(embed_bytes)
+            },
+        }
+    }
+}
+
+/// The decided placement.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Plan {
+    pub device: Device,
+    pub sizes: ModelSizes,
+    pub kv_bytes: u64,
+    /// Device-side budget and use (GPU / sim).
+    pub vram_budget_bytes: Option<u64>,
+    pub vram_used_bytes: u64,
+    pub ram_budget_bytes: u64,
+    /// Whether the RAM budget came from the machine (no `ram_budget` key).
+    pub ram_budget_auto: bool,
+    pub ram_used_bytes: u64,
+    pub slots_per_layer: usize,
+    pub device_experts: usize,
+    pub ram_experts: usize,
+    pub file_experts: usize,
+    /// Buffers for experts in flight (loads and computations), counted in the host budget.
+    pub transient_bytes: u64,
+    pub hit_rate_low: f64,
+    pub hit_rate_high: f64,
+    pub decode_tokens_per_s_low: f64,
+    pub decode_tokens_per_s_high: f64,
+    pub profile_source: String,
+    pub warnings: Vec<String>,
+}
+
+impl Plan {
+    /// The expert store configuration this plan implies.
+    pub fn host_tier(&self) -> HostTierConfig {
+        let total = self.sizes.moe_layers * self.sizes.experts_per_layer;
+        if self.ram_experts >= total {
+            HostTierConfig::Mapped
+        } else {
+            HostTierConfig::Pool {
+                experts: self.ram_experts,
+            }
+        }
+    }
+
+    pub fn device_tier(&self, req: &PlanRequest, profile: &Profile) -> Option<DeviceTierConfig> {
+        match self.device {
+            Device::Cpu => None,
+            Device::Sim | Device::Cuda => Some(DeviceTierConfig {
+                slots_per_layer: self.slots_per_layer,
+                link_bytes_per_s: req.link_bytes_per_s,
+                copy_latency: std::time::Duration::from_secs_f64(req.copy_latency_s),
+                host_compute_bytes_per_s: profile.ram_compute_bytes_per_s,
+            }),
+        }
+    }
+
+    /// A one-screen human summary.
+    pub fn render(&self) -> String {
+        let gib = gb;
+        let s = &self.sizes;
+        let total = s.moe_layers * s.experts_per_layer;
+        let mut out = String::new();
+        use std::fmt::Write as _;
+        let _ = writeln!(out, "device: {}", device_name(self.device));
+        let _ = writeln!(
+            out,
+            "resident set: {} (attention, norms, embeddings, routers, shared/dense MLPs)",
+            gib(s.resident_bytes)
+        );
+        let _ = writeln!(out, "KV cache: {} (max_context x max_batch)", gib(self.kv_bytes));
+        let _ = writeln!(
+            out,
+            "experts: {} layers x {} = {} experts of {}, top-{} ({} in all)",
+            s.moe_layers,
+            s.experts_per_layer,
+            total,
+            gb(s.expert_bytes),
+            s.top_k,
+            gib(s.total_expert_bytes)
+        );
+        if let Some(v) = self.vram_budget_bytes {
+            let _ = writeln!(
+                out,
+                "device: {} of {} budget; {} slots per layer ({} experts)",
+                gib(self.vram_used_bytes),
+                gib(v),
+                self.slots_per_layer,
+                self.device_experts
+            );
+        }
+        let _ = writeln!(
+            out,
+            "RAM: {} of {} budget{}; {} experts in RAM, {} read from files",
+            gib(self.ram_used_bytes),
+            gib(self.ram_budget_bytes),
+            if self.ram_budget_auto {
+                " (from free memory)"
+            } else {
+                ""
+            },
+            self.ram_experts,
+            self.file_experts
+        );
+        let _ = writeln!(
+            out,
+            "expected hit rate {:.0}%..{:.0}%; decode {:.2}..{:.2} tokens/s ({} bandwidths)",
+            self.hit_rate_low * 100.0,
+            self.hit_rate_high * 100.0,
+            self.decode_tokens_per_s_low,
+            self.decode_tokens_per_s_high,
+            self.profile_source
+        );
+        for w in &self.warnings {
+            let _ = writeln!(out, "warning: {w}");
+        }
+        out
+    }
+}
+
+/// Memory the machine has available now (Linux `MemAvailable`), bytes.
+pub fn available_memory_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn gb(b: u64) -> String {
+    crate::runconfig::ByteSize(b).to_string()
+}
+
+/// Decides the placement or explains why it cannot fit.
+pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Result<Plan> {
+    let mut warnings = Vec::new();
+    let total_experts = sizes.moe_layers * sizes.experts_per_layer;
+    let kv_bytes = sizes.kv_bytes_per_token * req.max_context as u64 * req.max_batch as u64;
+    // Experts in flight: one per loader thread plus one being computed (and one being copied
+    // into a device slot).
+    let transient_bytes = if total_experts > 0 {
+        (req.loader_threads as u64 + 2) * sizes.expert_bytes
+    } else {
+        0
+    };
+    let (ram_budget, ram_auto) = match req.ram_budget_bytes {
+        Some(b) => (b, false),
+        None => {
+            let avail = available_memory_bytes().unwrap_or(8 << 30);
+            (avail.saturating_sub(AUTO_BUDGET_MARGIN_BYTES + FIXED_OVERHEAD_BYTES), true)
+        }
+    };
+    let ram_key = if ram_auto {
+        "the free memory (no ram_budget set)"
+    } else {
+        "ram_budget"
+    };
+    // Worth suggesting a smaller context when the KV cache is a large share of what is needed.
+    let context_hint = |kv: u64| {
+        if kv * 4 > sizes.resident_bytes + kv {
+            format!(", a smaller max_context (the KV cache takes {})", gb(kv))
+        } else {
+            String::new()
+        }
+    };
+
+    let (vram_used, slots, device_experts, host_fixed) = match req.device {
+        Device::Cpu => (0, 0, 0, sizes.resident_bytes + kv_bytes + transient_bytes),
+        Device::Cuda => {
+            return Err(Error::Budget(
+                "device = \"cuda\": no CUDA backend is available in this build (no GPU found); use device = \"sim\" to simulate one or \"cpu\"".into(),
+            ))
+        }
+        Device::Sim => {
+            let vram = req.vram_budget_bytes.ok_or_else(|| {
+                Error::Budget(
+                    "device = \"sim\" needs vram_budget (the simulated GPU's memory), e.g. vram_budget = \"8GiB\"".into(),
+                )
+            })?;
+            let fixed = sizes.resident_bytes + kv_bytes;
+            if fixed > vram {
+                return Err(Error::Budget(format!(
+                    "vram_budget {} is below the resident set: {} needed ({} weights + {} KV cache); raise vram_budget{}, or use a quantized cache",
+                    gb(vram),
+                    gb(fixed),
+                    gb(sizes.resident_bytes),
+                    gb(kv_bytes),
+                    context_hint(kv_bytes)
+                )));
+            }
+            let per_slot_row = sizes.expert_bytes * sizes.moe_layers as u64;
+            let fit = if per_slot_row > 0 {
+                ((vram - fixed) / per_slot_row) as usize
+            } else {
+                0
+            };
+            let slots = match req.slots_per_layer {
+                Some(s) if s > fit => {
+                    return Err(Error::Budget(format!(
+                        "slots_per_layer = {s} needs {} of device memory for experts, but vram_budget {} leaves {} after the resident set; at most {fit} slots fit",
+                        gb(s as u64 * per_slot_row),
+                        gb(vram),
+                        gb(vram - fixed)
+                    )))
+                }
+                Some(s) => s,
+                None => fit,
+            }
+            .min(sizes.experts_per_layer);
+            (
+                fixed + slots as u64 * per_slot_row,
+                slots,
+                slots * sizes.moe_layers,
+                transient_bytes,
+            )
+        }
+    };
+    if host_fixed > ram_budget {
+        let what = if req.device == Device::Cpu {
+            format!(
+                "{} resident weights + {} KV cache + {} expert buffers",
+                gb(sizes.resident_bytes),
+                gb(kv_bytes),
+                gb(transient_bytes)
+            )
+        } else {
+            format!("{} expert buffers", gb(transient_bytes))
+        };
+        return Err(Error::Budget(format!(
+            "{ram_key} {} is below what must stay in RAM: {} needed ({what}); raise ram_budget{}, or use a quantized cache",
+            gb(ram_budget),
+            gb(host_fixed),
+            context_hint(kv_bytes)
+        )));
+    }
+    let ram_experts = if sizes.expert_bytes > 0 {
+        (((ram_budget - host_fixed) / sizes.expert_bytes) as usize).min(total_experts)
+    } else {
+        0
+    };
+    let file_experts = total_experts - ram_experts.min(total_experts);
+    if req.device == Device::Sim && slots < sizes.top_k && total_experts > 0 {
+        warnings.push(format!(
+            "{slots} device slots per layer is fewer than top_k = {}: experts run in waves or where they lie",
+            sizes.top_k
+        ));
+    }
+    if req.device == Device::Cpu && file_experts > 0 && ram_experts < sizes.top_k {
+        warnings.push(format!(
+            "only {ram_experts} experts fit in RAM, fewer than top_k = {}: every token reads experts from the files",
+            sizes.top_k
+        ));
+    }
+    let ram_used = host_fixed + ram_experts as u64 * sizes.expert_bytes;
+
+    // Hit rates: the fastest tier's share of experts under uniform routing (low) and under
+    // routing concentrated on the cached experts (high).
+    let cached = if req.device == Device::Cpu {
+        ram_experts
+    } else {
+        device_experts
+    };
+    let (hit_low, hit_high) = if total_experts == 0 {
+        (1.0, 1.0)
+    } else {
+        let frac = cached as f64 / total_experts as f64;
+        let per_layer = cached as f64 / sizes.moe_layers.max(1) as f64;
+        (frac, (per_layer / sizes.top_k.max(1) as f64).min(1.0).max(frac))
+    };
+    let expert_traffic = (sizes.top_k * sizes.moe_layers) as u64 * sizes.expert_bytes;
+    let tps = |hit: f64| -> f64 {
+        let miss_bytes = expert_traffic as f64 * (1.0 - hit);
+        let hit_bytes = expert_traffic as f64 * hit;
+        let secs = match req.device {
+            Device::Cpu => {
+                (sizes.resident_read_per_token_bytes as f64 + hit_bytes)
+                    / profile.ram_compute_bytes_per_s
+                    + miss_bytes / profile.file_read_bytes_per_s.min(profile.ram_compute_bytes_per_s)
+            }
+            _ => {
+                let host_side = if ram_experts >= total_experts {
+                    req.link_bytes_per_s
+                } else {
+                    req.link_bytes_per_s.min(profile.file_read_bytes_per_s)
+                };
+                (sizes.resident_read_per_token_bytes as f64 + hit_bytes)
+                    / profile.device_compute_bytes_per_s
+                    + miss_bytes / host_side
+            }
+        };
+        if secs > 0.0 {
+            1.0 / secs
+        } else {
+            0.0
+        }
+    };
+    Ok(Plan {
+        device: req.device,
+        sizes: sizes.clone(),
+        kv_bytes,
+        vram_budget_bytes: if req.device == Device::Cpu {
+            None
+        } else {
+            req.vram_budget_bytes
+        },
+        vram_used_bytes: vram_used,
+        ram_budget_bytes: ram_budget,
+        ram_budget_auto: ram_auto,
+        ram_used_bytes: ram_used,
+        slots_per_layer: slots,
+        device_experts,
+        ram_experts,
+        file_experts,
+        transient_bytes,
+        hit_rate_low: hit_low,
+        hit_rate_high: hit_high,
+        decode_tokens_per_s_low: tps(hit_low),
+        decode_tokens_per_s_high: tps(hit_high),
+        profile_source: profile.source.clone(),
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes() -> ModelSizes {
+        ModelSizes {
+            resident_bytes: 1 << 30,
+            expert_bytes: 10 << 20,
+            total_expert_bytes: 24 * 64 * (10 << 20),
+            moe_layers: 24,
+            experts_per_layer: 64,
+            top_k: 8,
+            kv_bytes_per_token: 24 * 2 * 4 * 128 * 4,
+            resident_read_per_token_bytes: (1 << 30) - (100 << 20),
+        }
+    }
+
+    fn req(device: Device) -> PlanRequest {
+        PlanRequest {
+            device,
+            vram_budget_bytes: Some(4 << 30),
+            ram_budget_bytes: Some(6 << 30),
+            max_context: 4096,
+            max_batch: 1,
+            slots_per_layer: None,
+            link_bytes_per_s: 25e9,
+            copy_latency_s: 10e-6,
+            loader_threads: 2,
+            kv_elem_bytes: 4,
+        }
+    }
+
+    #[test]
+    fn cpu_plan_splits_ram_and_files() {
+        let p = make_plan(&sizes(), &req(Device::Cpu), &Profile::default()).unwrap();
+        let kv = sizes().kv_bytes_per_token * 4096;
+        let fixed = (1u64 << 30) + kv + 4 * (10 << 20);
+        assert_eq!(p.ram_experts as u64, ((6u64 << 30) - fixed) / (10 << 20));
+        assert_eq!(p.ram_experts + p.file_experts, 24 * 64);
+        assert!(p.ram_used_bytes <= 6 << 30);
+        assert!(matches!(p.host_tier(), HostTierConfig::Pool { .. }));
+        assert!(p.decode_tokens_per_s_low <= p.decode_tokens_per_s_high);
+    }
+
+    #[test]
+    fn too_small_budget_names_budget_and_bytes() {
+        let mut r = req(Device::Cpu);
+        r.ram_budget_bytes = Some(512 << 20);
+        let e = make_plan(&sizes(), &r, &Profile::default()).unwrap_err().to_string();
+        assert!(e.contains("ram_budget") && e.contains("512.00 MiB") && e.contains("needed"), "{e}");
+        let mut r = req(Device::Sim);
+        r.vram_budget_bytes = Some(256 << 20);
+        let e = make_plan(&sizes(), &r, &Profile::default()).unwrap_err().to_string();
+        assert!(e.contains("vram_budget") && e.contains("resident set"), "{e}");
+    }
+
+    #[test]
+    fn sim_slots_follow_the_budget_and_few_slots_warn() {
+        let p = make_plan(&sizes(), &req(Device::Sim), &Profile::default()).unwrap();
+        let kv = sizes().kv_bytes_per_token * 4096;
+        let free = (4u64 << 30) - (1 << 30) - kv;
+        assert_eq!(p.slots_per_layer as u64, (free / (24 * (10 << 20))).min(64));
+        let mut r = req(Device::Sim);
+        r.slots_per_layer = Some(2);
+        let p = make_plan(&sizes(), &r, &Profile::default()).unwrap();
+        assert_eq!(p.slots_per_layer, 2);
+        assert!(p.warnings.iter().any(|w| w.contains("fewer than top_k")));
+        r.slots_per_layer = Some(60);
+        assert!(make_plan(&sizes(), &r, &Profile::default()).is_err());
+    }
+
+    #[test]
+    fn cuda_without_backend_is_refused() {
+        let e = make_plan(&sizes(), &req(Device::Cuda), &Profile::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cuda"), "{e}");
+    }
+}

@@ -1,0 +1,1601 @@
+//! The run configuration file (TOML): which model to run, on which device, within which memory
+//! budgets, and how the expert cache, the transfer simulator and the server behave.
+//!
+//! This module owns the file format: the structs below, their defaults, the size syntax of
+//! [`ByteSize`], the resolution of relative paths, and the validation rules. It reads nothing but
+//! the configuration file itself (never the model).
+//!
+//! Invariants:
+//! - Only `model` is required; every other key has the default written on its field, and
+//!   [`RunConfig::for_model`] is exactly "the file `model = "..."` and nothing else".
+//! - Every table rejects unknown keys, so a typo is an error rather than a silently ignored line.
+//! - A [`RunConfig`] returned by [`RunConfig::from_file`] or [`RunConfig::from_toml_str`] has
+//!   passed [`RunConfig::validate`], and its relative `model` and `state_dir` paths have been
+//!   resolved against the configuration file's folder (a Hub id `org/name` is left as written).
+//! - Every error is one line naming the file, the key (dotted, e.g. `experts.policy`) where one is
+//!   at fault, and the problem.
+//! - The state folder ([`RunConfig::resolved_state_dir`]) is never inside the model folder: model
+//!   folders stay read-only inputs.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Name of the folder, under `$XDG_STATE_HOME` or `~/.local/state`, that holds the per-user state.
+pub const STATE_DIR_NAME: &str = "moe-offload";
+
+/// A run configuration: the contents of one TOML file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Required. A model folder, or a Hub id `org/name` looked up in the local Hugging Face cache.
+    /// In a file, a relative path resolves from the file's folder when it starts with `.` or `..`
+    /// or names something that exists there; `~/` expands to the home folder. Anything else is
+    /// taken as a Hub id.
+    pub model: String,
+    /// Where experts are computed. Default `"cpu"`.
+    #[serde(default)]
+    pub device: DeviceKind,
+    /// Device-side memory budget (`cuda`, `sim`), in bytes or a size string such as `"22GiB"`.
+    /// Default: unset, meaning what the device has free minus a safety margin. Ignored on `cpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vram_budget: Option<ByteSize>,
+    /// Host-side memory budget, in bytes or a size string such as `"12GiB"`. On `cpu` it caps
+    /// everything the process holds. Default: unset, meaning the host's `MemAvailable` minus a
+    /// safety margin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_budget: Option<ByteSize>,
+    /// Longest sequence (prompt plus generated tokens), in tokens; at least 2.
+    /// Default: unset, meaning min(`max_position_embeddings`, 4096); see
+    /// [`RunConfig::max_context_for`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_context: Option<usize>,
+    /// Sequences decoded together, in sequences; at least 1. Default 1.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Compute threads; at least 1. Default: unset, meaning all cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    /// Folder for state the runtime keeps between runs (expert statistics, plans). In a file, a
+    /// relative path resolves from the file's folder; `~/` expands to the home folder.
+    /// Default: unset, meaning `$XDG_STATE_HOME/moe-offload`, else `~/.local/state/moe-offload`
+    /// (see [`RunConfig::resolved_state_dir`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// Element type of the KV cache. Default `"f32"` (exact; `"bf16"`/`"f16"` halve its size).
+    #[serde(default)]
+    pub kv_dtype: KvDtype,
+    /// The `[experts]` table: the expert cache.
+    #[serde(default)]
+    pub experts: ExpertsConfig,
+    /// The `[sim]` table: the simulated device link (`device = "sim"`).
+    #[serde(default)]
+    pub sim: SimConfig,
+    /// The `[server]` table: the OpenAI-compatible HTTP server.
+    #[serde(default)]
+    pub server: ServerConfig,
+}
+
+fn default_max_batch() -> usize {
+    1
+}
+
+/// Where experts are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// Everything on the CPU (`"cpu"`).
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU through CUDA (`"cuda"`).
+    Cuda,
+    /// A simulated device: CPU compute with device memory and link costs modelled (`"sim"`).
+    Sim,
+}
+
+/// Element type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    /// 4 bytes per element (`"f32"`).
+    #[default]
+    F32,
+    /// 2 bytes per element, 8-bit exponent (`"bf16"`).
+    Bf16,
+    /// 2 bytes per element, 5-bit exponent (`"f16"`).
+    F16,
+}
+
+/// Which cached expert gives up its slot when a new one needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvictionPolicy {
+    /// Least recently used (`"lru"`).
+    #[default]
+    Lru,
+    /// Least frequently used (`"lfu"`).
+    Lfu,
+    /// The most used experts stay pinned; LRU among the rest (`"pinned-lru"`).
+    PinnedLru,
+}
+
+/// The `[experts]` table: the expert cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExpertsConfig {
+    /// Expert slots per layer on the fast tier, in experts; at least 1.
+    /// Default: unset, meaning what the memory plan derives from the budgets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slots_per_layer: Option<usize>,
+    /// Load the experts the next layers are likely to need while the current layer computes.
+    /// Default `true`.
+    pub prefetch: bool,
+    /// How many layers ahead prefetching looks, in layers; at most 4. Default 1.
+    pub prefetch_depth: usize,
+    /// Which cached expert is evicted first. Default `"lru"`.
+    pub policy: EvictionPolicy,
+}
+
+impl Default for ExpertsConfig {
+    fn default() -> Self {
+        ExpertsConfig {
+            slots_per_layer: None,
+            prefetch: true,
+            prefetch_depth: 1,
+            policy: EvictionPolicy::Lru,
+        }
+    }
+}
+
+/// Largest accepted `experts.prefetch_depth`, in layers.
+pub const MAX_PREFETCH_DEPTH: usize = 4;
+
+/// The `[sim]` table: the link of the simulated device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimConfig {
+    /// Host-to-device bandwidth, in gigabytes (1e9 bytes) per second; finite and above 0.
+    /// Default 25.0 (a PCIe 4.0 x16 link in practice).
+    pub link_gb_per_s: f64,
+    /// Fixed cost of each copy, in microseconds; finite and at least 0. Default 10.0.
+    pub copy_latency_us: f64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            link_gb_per_s: 25.0,
+            copy_latency_us: 10.0,
+        }
+    }
+}
+
+/// The `[server]` table: the OpenAI-compatible HTTP server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on; not empty. Default `"127.0.0.1"` (this machine only).
+    pub host: String,
+    /// TCP port; not 0. Default 8080.
+    pub port: u16,
+    /// Bearer token clients must send; not empty when set. Default: unset (no authentication).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// Model name reported by the API; not empty when set. Default: unset, meaning the model's
+    /// folder name or Hub id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_name: Option<String>,
+    /// Requests that may wait for a batch slot, in requests; beyond it new requests are refused.
+    /// Default 64.
+    pub max_queue: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".to_string(),
+            port: 8080,
+            api_key: None,
+            model_name: None,
+            max_queue: 64,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sizes
+
+/// A number of bytes, written in a file as an integer (bytes) or a size string.
+///
+/// Size strings are a non-negative decimal number (fractions allowed, no exponent), an optional
+/// single space, and an optional unit: `B`; `KB` `MB` `GB` `TB` (powers of 1000); `KiB` `MiB`
+/// `GiB` `TiB` (powers of 1024). The all-lowercase spellings (`b`, `kb` .. `tb`, `kib` .. `tib`)
+/// are accepted too and mean the same bytes; other mixed cases (`Gb`, `gB`) and bare letters
+/// (`G`) are rejected as ambiguous. Fractions of a byte after scaling are rounded down
+/// (`"1.1GiB"` = 1181116006), at most 18 digits may follow the point, and the result must fit
+/// in 64 bits. A TOML float (e.g. `16e9`) is accepted as a byte count and also rounded down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ByteSize(pub u64);
+
+const SIZE_HINT: &str = "use e.g. \"12GiB\", \"1.5GB\" or a byte count";
+
+/// Accepted units and their multipliers, in bytes.
+const UNITS: &[(&str, u64)] = &[
+    ("B", 1),
+    ("KB", 1_000),
+    ("MB", 1_000_000),
+    ("GB", 1_000_000_000),
+    ("TB", 1_000_000_000_000),
+    ("KiB", 1 << 10),
+    ("MiB", 1 << 20),
+    ("GiB", 1 << 30),
+    ("TiB", 1 << 40),
+];
+
+/// Largest number of digits accepted after the decimal point.
+const MAX_FRACTION_DIGITS: usize = 18;
+
+impl ByteSize {
+    /// Parses a size string (see the type's documentation). The error is one line quoting the
+    /// input, without the key (callers add it).
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let not_a_size = || format!("{text:?} is not a size ({SIZE_HINT})");
+        let s = text.trim();
+        if s.starts_with('-') {
+            return Err(format!("{text:?} is negative; a size must be 0 or more"));
+        }
+        let number_end = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (number, rest) = s.split_at(number_end);
+        let unit = rest.strip_prefix(' ').unwrap_or(rest);
+        let multiplier = if unit.is_empty() {
+            1
+        } else {
+            UNITS
+                .iter()
+                .find(|(name, _)| *name == unit || name.to_ascii_lowercase() == unit)
+                .map(|&(_, m)| m)
+                .ok_or_else(not_a_size)?
+        };
+        let (whole, fraction) = match number.split_once('.') {
+            Some((w, f)) => (w, f),
+            None => (number, ""),
+        };
+        if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
+            return Err(not_a_size());
+        }
+        if fraction.len() > MAX_FRACTION_DIGITS {
+            return Err(format!(
+                "{text:?} has more than {MAX_FRACTION_DIGITS} digits after the point"
+            ));
+        }
+        let too_large = || format!("{text:?} is too large (at most {} bytes)", u64::MAX);
+        let whole: u128 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| too_large())?
+        };
+        let bytes_whole = whole
+            .checked_mul(u128::from(multiplier))
+            .ok_or_else(too_large)?;
+        let bytes_fraction = if fraction.is_empty() {
+            0
+        } else {
+            // Both factors are below 1e18 and 2^41, so the product fits in 128 bits.
+            let numerator: u128 = fraction.parse().map_err(|_| not_a_size())?;
+            let denominator = 10u128.pow(fraction.len() as u32);
+            numerator * u128::from(multiplier) / denominator
+        };
+        let total = bytes_whole
+            .checked_add(bytes_fraction)
+            .ok_or_else(too_large)?;
+        u64::try_from(total)
+            .map(ByteSize)
+            .map_err(|_| too_large())
+    }
+
+    /// The shortest exact spelling, e.g. `"12GiB"`, `"16GB"`, `"4097B"`; parses back to `self`.
+    pub fn to_exact_string(self) -> String {
+        if self.0 == 0 {
+            return "0B".to_string();
+        }
+        let mut units: Vec<(&str, u64)> = UNITS.to_vec();
+        units.sort_by(|a, b| b.1.cmp(&a.1));
+        for (name, m) in units {
+            if self.0 % m == 0 {
+                return format!("{}{name}", self.0 / m);
+            }
+        }
+        format!("{}B", self.0)
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ByteSize, String> {
+        ByteSize::parse(s)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    /// Human form in binary units with two decimals (`12.00 GiB`); below 1 KiB, whole bytes
+    /// (`512 B`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const BINARY: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
+        for (name, m) in BINARY {
+            if self.0 >= m {
+                return write!(f, "{:.2} {name}", self.0 as f64 / m as f64);
+            }
+        }
+        write!(f, "{} B", self.0)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_exact_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ByteSizeVisitor)
+    }
+}
+
+struct ByteSizeVisitor;
+
+impl serde::de::Visitor<'_> for ByteSizeVisitor {
+    type Value = ByteSize;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a size ({SIZE_HINT})")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+        Ok(ByteSize(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+        u64::try_from(v)
+            .map(ByteSize)
+            .map_err(|_| E::custom(format!("{v} is negative; a size must be 0 or more")))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<ByteSize, E> {
+        if v.is_nan() || v.is_infinite() {
+            Err(E::custom(format!("{v} is not a size ({SIZE_HINT})")))
+        } else if v < 0.0 {
+            Err(E::custom(format!("{v} is negative; a size must be 0 or more")))
+        } else if v >= 18_446_744_073_709_551_616.0 {
+            Err(E::custom(format!(
+                "{v} is too large (at most {} bytes)",
+                u64::MAX
+            )))
+        } else {
+            // In range and non-negative: the cast rounds down, as documented.
+            Ok(ByteSize(v as u64))
+        }
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+        ByteSize::parse(v).map_err(E::custom)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// Why a configuration file could not be used. `Display` is one line naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or a value of the wrong type or form. `message` starts with the line and
+    /// column, then names the dotted key when one is at fault.
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    /// Well-formed, but a value breaks a rule (or a required key is missing).
+    #[error("{}: {key}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// A rule broken by one key of a [`RunConfig`] (from [`RunConfig::validate`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct InvalidKey {
+    /// Dotted key, e.g. `experts.prefetch_depth`.
+    pub key: String,
+    /// What is wrong, e.g. `must be at least 1 (got 0)`.
+    pub message: String,
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> Result<(), InvalidKey> {
+    Err(InvalidKey {
+        key: key.to_string(),
+        message: message.into(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+
+impl RunConfig {
+    /// Defaults with just a model: what `--model X` alone means, and what a file holding only
+    /// `model = "X"` gives (minus path resolution).
+    pub fn for_model(model: impl Into<String>) -> RunConfig {
+        RunConfig {
+            model: model.into(),
+            device: DeviceKind::default(),
+            vram_budget: None,
+            ram_budget: None,
+            max_context: None,
+            max_batch: default_max_batch(),
+            threads: None,
+            state_dir: None,
+            kv_dtype: KvDtype::default(),
+            experts: ExpertsConfig::default(),
+            sim: SimConfig::default(),
+            server: ServerConfig::default(),
+        }
+    }
+
+    /// Reads and validates a TOML file. A relative `model` (one starting with `.` or `..`, or
+    /// naming something that exists next to the file) and a relative `state_dir` resolve from the
+    /// file's folder. Errors are one line naming the file, the key and the problem.
+    pub fn from_file(path: &Path) -> Result<RunConfig, ConfigFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let base_dir = match absolute.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        RunConfig::from_toml_str(&text, &base_dir, path)
+    }
+
+    /// Parses and validates TOML text as if it were a file in `base_dir`; `origin` is the name
+    /// used in error messages.
+    pub fn from_toml_str(
+        text: &str,
+        base_dir: &Path,
+        origin: &Path,
+    ) -> Result<RunConfig, ConfigFileError> {
+        // Syntax first, so a malformed file is reported as such and not as a wrong key.
+        if let Err(e) = text.parse::<toml::Table>() {
+            return Err(ConfigFileError::Parse {
+                path: origin.to_path_buf(),
+                message: describe_toml_error(text, &e, false),
+            });
+        }
+        let mut config: RunConfig = toml::from_str(text).map_err(|e| {
+            if let Some(field) = missing_field(e.message()) {
+                let table = e
+                    .span()
+                    .map(|span| key_context(text, span.start).container)
+                    .unwrap_or_default();
+                ConfigFileError::Invalid {
+                    path: origin.to_path_buf(),
+                    key: join_key(&table, Some(field)),
+                    message: if field == "model" {
+                        "is required (a model folder or a Hub id such as \"Qwen/Qwen3-30B-A3B\")"
+                            .to_string()
+                    } else {
+                        "is required".to_string()
+                    },
+                }
+            } else {
+                ConfigFileError::Parse {
+                    path: origin.to_path_buf(),
+                    message: describe_toml_error(text, &e, true),
+                }
+            }
+        })?;
+        let to_invalid = |e: InvalidKey| ConfigFileError::Invalid {
+            path: origin.to_path_buf(),
+            key: e.key,
+            message: e.message,
+        };
+        config.resolve_paths(base_dir).map_err(to_invalid)?;
+        config.validate().map_err(to_invalid)?;
+        Ok(config)
+    }
+
+    /// Resolves relative `model` and `state_dir` against `base_dir` (see the field docs).
+    fn resolve_paths(&mut self, base_dir: &Path) -> Result<(), InvalidKey> {
+        let home = std::env::var_os("HOME");
+        if let Some(resolved) = resolve_model(&self.model, base_dir, home.as_deref()) {
+            self.model = resolved.into_os_string().into_string().map_err(|_| InvalidKey {
+                key: "model".to_string(),
+                message: "the resolved path is not valid UTF-8".to_string(),
+            })?;
+        }
+        if let Some(dir) = &self.state_dir {
+            if !dir.as_os_str().is_empty() {
+                self.state_dir = Some(resolve_path(dir, base_dir, home.as_deref()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every rule on the values (see each field's documentation); the first broken one
+    /// is returned. Files are validated on loading; call this after overriding fields (flags).
+    pub fn validate(&self) -> Result<(), InvalidKey> {
+        if self.model.trim().is_empty() {
+            return invalid("model", "must not be empty");
+        }
+        for (key, budget) in [("vram_budget", self.vram_budget), ("ram_budget", self.ram_budget)] {
+            if budget == Some(ByteSize(0)) {
+                return invalid(key, "must be above 0 bytes (leave it out for the default)");
+            }
+        }
+        if let Some(n) = self.max_context {
+            if n < 2 {
+                return invalid("max_context", format!("must be at least 2 tokens (got {n})"));
+            }
+        }
+        if self.max_batch < 1 {
+            return invalid("max_batch", "must be at least 1 (got 0)");
+        }
+        if self.threads == Some(0) {
+            return invalid(
+                "threads",
+                "must be at least 1 (got 0; leave it out to use all cores)",
+            );
+        }
+        if let Some(dir) = &self.state_dir {
+            if dir.as_os_str().is_empty() {
+                return invalid("state_dir", "must not be empty (leave it out for the default)");
+            }
+            if let Some(model_dir) = self.local_model_dir() {
+                if is_within(dir, &model_dir) {
+                    return invalid(
+                        "state_dir",
+                        format!(
+                            "{} is inside the model folder {}; keep state outside it",
+                            dir.display(),
+                            model_dir.display()
+                        ),
+                    );
+                }
+            }
+        }
+        if self.experts.slots_per_layer == Some(0) {
+            return invalid(
+                "experts.slots_per_layer",
+                "must be at least 1 (got 0; leave it out to let the plan decide)",
+            );
+        }
+        if self.experts.prefetch_depth > MAX_PREFETCH_DEPTH {
+            return invalid(
+                "experts.prefetch_depth",
+                format!(
+                    "must be at most {MAX_PREFETCH_DEPTH} layers (got {})",
+                    self.experts.prefetch_depth
+                ),
+            );
+        }
+        let link = self.sim.link_gb_per_s;
+        if !(link.is_finite() && link > 0.0) {
+            return invalid(
+                "sim.link_gb_per_s",
+                format!("must be a finite number of GB/s above 0 (got {link})"),
+            );
+        }
+        let latency = self.sim.copy_latency_us;
+        if !(latency.is_finite() && latency >= 0.0) {
+            return invalid(
+                "sim.copy_latency_us",
+                format!("must be a finite number of microseconds, 0 or more (got {latency})"),
+            );
+        }
+        if self.server.host.trim().is_empty() {
+            return invalid("server.host", "must not be empty");
+        }
+        if self.server.port == 0 {
+            return invalid("server.port", "must not be 0");
+        }
+        if self.server.api_key.as_deref().is_some_and(|k| k.is_empty()) {
+            return invalid(
+                "server.api_key",
+                "must not be empty (leave it out to disable authentication)",
+            );
+        }
+        if self
+            .server
+            .model_name
+            .as_deref()
+            .is_some_and(|n| n.trim().is_empty())
+        {
+            return invalid(
+                "server.model_name",
+                "must not be empty (leave it out for the default)",
+            );
+        }
+        Ok(())
+    }
+
+    /// The state folder: `state_dir`, else `$XDG_STATE_HOME/moe-offload` (when that variable is
+    /// an absolute path), else `~/.local/state/moe-offload`, else `<temp>/moe-offload-state`.
+    /// A candidate inside the model folder is skipped: state never lives in the model folder.
+    pub fn resolved_state_dir(&self) -> PathBuf {
+        state_dir_from(
+            self.state_dir.as_deref(),
+            self.local_model_dir().as_deref(),
+            std::env::var_os("XDG_STATE_HOME"),
+            std::env::var_os("HOME"),
+        )
+    }
+
+    /// The context length to use for a model whose `max_position_embeddings` is given:
+    /// `max_context` when set, else min(`max_position_embeddings`, 4096).
+    pub fn max_context_for(&self, max_position_embeddings: usize) -> usize {
+        self.max_context.unwrap_or_else(|| {
+            max_position_embeddings.min(crate::engine::DEFAULT_MAX_CONTEXT_TOKENS)
+        })
+    }
+
+    /// The model folder when `model` is a path on this machine (absolute, or existing relative to
+    /// the working folder), made absolute; `None` for a Hub id.
+    fn local_model_dir(&self) -> Option<PathBuf> {
+        let p = Path::new(&self.model);
+        if p.is_absolute() || p.exists() {
+            std::path::absolute(p).ok().map(|p| normalize(&p))
+        } else {
+            None
+        }
+    }
+}
+
+/// Where a relative `model` from a file in `base_dir` points, or `None` to leave it as written
+/// (absolute paths and Hub ids).
+fn resolve_model(model: &str, base_dir: &Path, home: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
+    let p = Path::new(model);
+    if let (Some(rest), Some(home)) = (model.strip_prefix("~/"), home) {
+        return Some(normalize(&Path::new(home).join(rest)));
+    }
+    if p.is_absolute() || model.is_empty() {
+        return None;
+    }
+    let explicit = matches!(
+        p.components().next(),
+        Some(Component::CurDir | Component::ParentDir)
+    );
+    let candidate = base_dir.join(p);
+    if explicit || candidate.exists() {
+        Some(normalize(&candidate))
+    } else {
+        None
+    }
+}
+
+/// `~/x` under the home folder, a relative path under `base_dir`, an absolute one as is.
+fn resolve_path(path: &Path, base_dir: &Path, home: Option<&std::ffi::OsStr>) -> PathBuf {
+    if let (Ok(rest), Some(home)) = (path.strip_prefix("~"), home) {
+        return normalize(&Path::new(home).join(rest));
+    }
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        normalize(&base_dir.join(path))
+    }
+}
+
+/// Drops `.` components (lexically; `..` is kept, since it may cross a symbolic link).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        if c != Component::CurDir {
+            out.push(c.as_os_str());
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
+/// Whether `path` is `dir` or lies under it: compared as absolute paths lexically, and also with
+/// symbolic links resolved when both exist.
+fn is_within(path: &Path, dir: &Path) -> bool {
+    let lexical = match (std::path::absolute(path), std::path::absolute(dir)) {
+        (Ok(p), Ok(d)) => normalize(&p).starts_with(normalize(&d)),
+        _ => false,
+    };
+    lexical
+        || match (std::fs::canonicalize(path), std::fs::canonicalize(dir)) {
+            (Ok(p), Ok(d)) => p.starts_with(d),
+            _ => false,
+        }
+}
+
+/// The state folder from its sources (see [`RunConfig::resolved_state_dir`]).
+fn state_dir_from(
+    explicit: Option<&Path>,
+    model_dir: Option<&Path>,
+    xdg_state_home: Option<OsString>,
+    home: Option<OsString>,
+) -> PathBuf {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = explicit {
+        candidates.push(dir.to_path_buf());
+    }
+    if let Some(xdg) = xdg_state_home.map(PathBuf::from) {
+        // The XDG spec says relative values are invalid and must be ignored.
+        if xdg.is_absolute() {
+            candidates.push(xdg.join(STATE_DIR_NAME));
+        }
+    }
+    if let Some(home) = home.filter(|h| !h.is_empty()) {
+        candidates.push(
+            PathBuf::from(home)
+                .join(".local")
+                .join("state")
+                .join(STATE_DIR_NAME),
+        );
+    }
+    let last_resort = std::env::temp_dir().join(format!("{STATE_DIR_NAME}-state"));
+    candidates
+        .into_iter()
+        .find(|c| model_dir.is_none_or(|m| !is_within(c, m)))
+        .unwrap_or(last_resort)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Error messages: one line, with the dotted key found from the error's position in the text.
+
+/// `Some(name)` for serde's "missing field `name`".
+fn missing_field(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.strip_suffix('`'))
+}
+
+/// `Some(name)` for serde's "unknown field `name`, expected ...".
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split_once('`').map(|(name, _)| name)
+}
+
+fn join_key(container: &[String], last: Option<&str>) -> String {
+    let mut parts: Vec<&str> = container.iter().map(String::as_str).collect();
+    parts.extend(last);
+    parts.join(".")
+}
+
+/// One line: `line L, column C: key: message` (the key only when `with_key` and one is found).
+fn describe_toml_error(text: &str, error: &toml::de::Error, with_key: bool) -> String {
+    let message = error
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let Some(span) = error.span() else {
+        return message;
+    };
+    let offset = span.start.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit_once('\n')
+        .map_or(before, |(_, tail)| tail)
+        .chars()
+        .count()
+        + 1;
+    let key = if with_key {
+        let context = key_context(text, offset);
+        match (context.value_key, unknown_field(&message)) {
+            (_, Some(field)) => Some(join_key(&context.container, Some(field))),
+            (Some(key), None) => Some(join_key(&key, None)),
+            (None, None) if !context.container.is_empty() => Some(join_key(&context.container, None)),
+            (None, None) => None,
+        }
+    } else {
+        None
+    };
+    match key {
+        Some(key) if !key.is_empty() => format!("line {line}, column {column}: {key}: {message}"),
+        _ => format!("line {line}, column {column}: {message}"),
+    }
+}
+
+/// What a TOML text defines at a byte offset.
+#[derive(Debug, Default, PartialEq)]
+struct KeyContext {
+    /// The table (dotted path) whose keys are being written at the offset.
+    container: Vec<String>,
+    /// When the offset is in a value: the full dotted key of that value.
+    value_key: Option<Vec<String>>,
+}
+
+/// Finds the dotted key in force at `offset` by scanning the (already syntax-checked) text:
+/// table headers, dotted keys, inline tables, arrays, strings and comments.
+fn key_context(text: &str, offset: usize) -> KeyContext {
+    let b = text.as_bytes();
+    let end = offset.min(b.len());
+    // Current table plus the keys of enclosing inline tables.
+    let mut path: Vec<String> = Vec::new();
+    // Open brackets after `=`: (path length to restore, true for an inline table).
+    let mut nest: Vec<(usize, bool)> = Vec::new();
+    let mut in_key = true;
+    let mut key_start = 0usize;
+    let mut key: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < end {
+        match b[i] {
+            b'#' => {
+                while i < end && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'"' | b'\'' => {
+                i = skip_string(b, i);
+                continue;
+            }
+            b'\n' if nest.is_empty() => {
+                in_key = true;
+                key_start = i + 1;
+            }
+            b'=' if in_key => {
+                key = path.clone();
+                key.extend(parse_dotted(text.get(key_start..i).unwrap_or("")));
+                in_key = false;
+            }
+            b'[' if in_key
+                && nest.is_empty()
+                && text.get(key_start..i).is_some_and(|s| s.trim().is_empty()) =>
+            {
+                let open = if b.get(i + 1) == Some(&b'[') { 2 } else { 1 };
+                let mut j = i + open;
+                while j < b.len() && b[j] != b']' && b[j] != b'\n' {
+                    j = if b[j] == b'"' || b[j] == b'\'' {
+                        skip_string(b, j)
+                    } else {
+                        j + 1
+                    };
+                }
+                path = parse_dotted(text.get(i + open..j.min(b.len())).unwrap_or(""));
+                key.clear();
+                while j < b.len() && b[j] != b'\n' {
+                    j += 1;
+                }
+                i = j;
+                continue;
+            }
+            b'[' if !in_key => nest.push((path.len(), false)),
+            b']' if !in_key => {
+                if let Some(&(_, false)) = nest.last() {
+                    nest.pop();
+                }
+            }
+            b'{' if !in_key => {
+                nest.push((path.len(), true));
+                path = key.clone();
+                in_key = true;
+                key_start = i + 1;
+            }
+            b'}' => {
+                if let Some(&(len, true)) = nest.last() {
+                    nest.pop();
+                    path.truncate(len);
+                    in_key = false;
+                }
+            }
+            b',' if matches!(nest.last(), Some(&(_, true))) => {
+                in_key = true;
+                key_start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    if in_key {
+        let mut container = path;
+        container.extend(parse_dotted(text.get(key_start..end).unwrap_or("")));
+        // A key being written at the offset: its last segment is not complete yet.
+        let written = text.get(key_start..end).unwrap_or("").trim_end();
+        if !written.is_empty() && !written.ends_with('.') {
+            container.pop();
+        }
+        KeyContext {
+            container,
+            value_key: None,
+        }
+    } else {
+        let container = key[..key.len().saturating_sub(1)].to_vec();
+        KeyContext {
+            container,
+            value_key: Some(key),
+        }
+    }
+}
+
+/// Index just past the string starting at `b[start]` (a quote), or the end of the line for an
+/// unterminated single-line string.
+fn skip_string(b: &[u8], start: usize) -> usize {
+    let q = b[start];
+    let escapes = q == b'"';
+    let triple = b.get(start..start + 3) == Some(&[q, q, q][..]);
+    let mut j = start + if triple { 3 } else { 1 };
+    while j < b.len() {
+        if escapes && b[j] == b'\\' {
+            j += 2;
+            continue;
+        }
+        if triple {
+            if b.get(j..j + 3) == Some(&[q, q, q][..]) {
+                j += 3;
+                // Up to two more quotes may belong to the content before the closing three.
+                let mut extra = 0;
+                while extra < 2 && b.get(j) == Some(&q) {
+                    j += 1;
+                    extra += 1;
+                }
+                return j;
+            }
+        } else if b[j] == q {
+            return j + 1;
+        } else if b[j] == b'\n' {
+            return j;
+        }
+        j += 1;
+    }
+    b.len()
+}
+
+/// Splits a dotted key (`a."b.c".d`) into its segments, dropping quotes and empty segments.
+fn parse_dotted(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut quote: Option<char> = None;
+    for c in s.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => current.push(c),
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None if c == '.' => {
+                let seg = std::mem::take(&mut current);
+                if !seg.trim().is_empty() {
+                    out.push(seg.trim().to_string());
+                }
+            }
+            None => current.push(c),
+        }
+    }
+    if !current.trim().is_empty() {
+        out.push(current.trim().to_string());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<RunConfig, ConfigFileError> {
+        RunConfig::from_toml_str(text, Path::new("/base"), Path::new("test.toml"))
+    }
+
+    fn error_line(text: &str) -> String {
+        let e = parse(text).expect_err(text);
+        let line = e.to_string();
+        assert!(!line.contains('\n'), "multi-line error: {line:?}");
+        assert!(line.starts_with("test.toml: "), "no file name: {line:?}");
+        line
+    }
+
+    fn invalid_key(text: &str) -> (String, String) {
+        match parse(text) {
+            Err(ConfigFileError::Invalid { key, message, .. }) => (key, message),
+            other => panic!("expected Invalid for {text:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn size_strings() {
+        let ok: &[(&str, u64)] = &[
+            ("1.5GiB", 1_610_612_736),
+            ("64KiB", 65_536),
+            ("16 GB", 16_000_000_000),
+            ("4096", 4096),
+            ("0.5KB", 500),
+            ("0", 0),
+            ("7B", 7),
+            ("1 B", 1),
+            ("1TB", 1_000_000_000_000),
+            ("2TiB", 2 << 40),
+            ("3MB", 3_000_000),
+            ("5MiB", 5 << 20),
+            ("12GiB", 12 << 30),
+            ("12gib", 12 << 30),
+            ("16gb", 16_000_000_000),
+            ("1kb", 1000),
+            (".5KiB", 512),
+            ("2.", 2),
+            // Fractions of a byte round down.
+            ("1.1GiB", 1_181_116_006),
+            ("0.0001KB", 0),
+            ("1.9999B", 1),
+            (" 8GiB ", 8 << 30),
+            ("18446744073709551615", u64::MAX),
+            ("16777215.5TiB", 18_446_743_523_953_737_728),
+        ];
+        for &(text, bytes) in ok {
+            assert_eq!(ByteSize::parse(text), Ok(ByteSize(bytes)), "{text:?}");
+        }
+        let bad: &[(&str, &str)] = &[
+            ("-1GB", "negative"),
+            ("12 GX", "is not a size"),
+            ("", "is not a size"),
+            (" ", "is not a size"),
+            ("GB", "is not a size"),
+            (".", "is not a size"),
+            ("1.2.3GB", "is not a size"),
+            ("1e9", "is not a size"),
+            ("NaN", "is not a size"),
+            ("inf", "is not a size"),
+            ("12  GB", "is not a size"),
+            ("12Gb", "is not a size"),
+            ("12gB", "is not a size"),
+            ("12G", "is not a size"),
+            ("12 GiBs", "is not a size"),
+            ("+5GB", "is not a size"),
+            ("1000000000000000000000000000000GB", "too large"),
+            ("18446744073709551616", "too large"),
+            ("16777216TiB", "too large"),
+            ("20000000TB", "too large"),
+            ("0.0000000000000000001B", "digits after the point"),
+        ];
+        for &(text, expected) in bad {
+            let e = ByteSize::parse(text).expect_err(text);
+            assert!(e.contains(expected), "{text:?}: {e}");
+            assert!(e.contains(&format!("{text:?}")), "{text:?} not quoted: {e}");
+        }
+    }
+
+    #[test]
+    fn size_values_in_files() {
+        let budget = |value: &str| parse(&format!("model = \"m\"\nram_budget = {value}\n"));
+        assert_eq!(
+            budget("\"1.5GiB\"").unwrap().ram_budget,
+            Some(ByteSize(1_610_612_736))
+        );
+        assert_eq!(budget("4096").unwrap().ram_budget, Some(ByteSize(4096)));
+        assert_eq!(budget("16e9").unwrap().ram_budget, Some(ByteSize(16_000_000_000)));
+        assert_eq!(budget("1000.7").unwrap().ram_budget, Some(ByteSize(1000)));
+        for (value, expected) in [
+            ("\"12 GX\"", "ram_budget: \"12 GX\" is not a size (use e.g."),
+            ("-5", "ram_budget: -5 is negative"),
+            ("-1.5", "ram_budget: -1.5 is negative"),
+            ("nan", "ram_budget: NaN is not a size"),
+            ("1e30", "ram_budget: 1000000000000000000000000000000 is too large"),
+            ("\"-1GB\"", "ram_budget: \"-1GB\" is negative"),
+            ("\"\"", "ram_budget: \"\" is not a size"),
+            ("true", "ram_budget: invalid type: boolean `true`"),
+        ] {
+            let line = error_line(&format!("model = \"m\"\nram_budget = {value}\n"));
+            assert!(line.contains(expected), "{value}: {line}");
+            assert!(line.contains("line 2, column 14"), "{value}: {line}");
+        }
+    }
+
+    #[test]
+    fn size_display_and_round_trip() {
+        assert_eq!(ByteSize(12 << 30).to_string(), "12.00 GiB");
+        assert_eq!(ByteSize(1_610_612_736).to_string(), "1.50 GiB");
+        assert_eq!(ByteSize(16_000_000_000).to_string(), "14.90 GiB");
+        assert_eq!(ByteSize(65_536).to_string(), "64.00 KiB");
+        assert_eq!(ByteSize(3 << 40).to_string(), "3.00 TiB");
+        assert_eq!(ByteSize(512).to_string(), "512 B");
+        assert_eq!(ByteSize(0).to_string(), "0 B");
+        for (bytes, exact) in [
+            (0, "0B"),
+            (12 << 30, "12GiB"),
+            (16_000_000_000, "16GB"),
+            (4096, "4KiB"),
+            (4097, "4097B"),
+            (1 << 40, "1TiB"),
+            (u64::MAX, "18446744073709551615B"),
+        ] {
+            assert_eq!(ByteSize(bytes).to_exact_string(), exact);
+            assert_eq!(ByteSize::parse(exact), Ok(ByteSize(bytes)));
+        }
+        assert_eq!("64KiB".parse::<ByteSize>(), Ok(ByteSize(65_536)));
+    }
+
+    #[test]
+    fn defaults_for_model() {
+        let c = RunConfig::for_model("Qwen/Qwen3-30B-A3B");
+        assert_eq!(c.model, "Qwen/Qwen3-30B-A3B");
+        assert_eq!(c.device, DeviceKind::Cpu);
+        assert_eq!(c.vram_budget, None);
+        assert_eq!(c.ram_budget, None);
+        assert_eq!(c.max_context, None);
+        assert_eq!(c.max_batch, 1);
+        assert_eq!(c.threads, None);
+        assert_eq!(c.state_dir, None);
+        assert_eq!(c.kv_dtype, KvDtype::F32);
+        assert_eq!(c.experts.slots_per_layer, None);
+        assert!(c.experts.prefetch);
+        assert_eq!(c.experts.prefetch_depth, 1);
+        assert_eq!(c.experts.policy, EvictionPolicy::Lru);
+        assert_eq!(c.sim.link_gb_per_s, 25.0);
+        assert_eq!(c.sim.copy_latency_us, 10.0);
+        assert_eq!(c.server.host, "127.0.0.1");
+        assert_eq!(c.server.port, 8080);
+        assert_eq!(c.server.api_key, None);
+        assert_eq!(c.server.model_name, None);
+        assert_eq!(c.server.max_queue, 64);
+        assert_eq!(c.validate(), Ok(()));
+        // A file with only `model` means the same (a Hub id is not resolved as a path).
+        assert_eq!(parse("model = \"Qwen/Qwen3-30B-A3B\"").unwrap(), c);
+        // Empty tables mean the defaults too.
+        assert_eq!(
+            parse("model = \"Qwen/Qwen3-30B-A3B\"\n[experts]\n[sim]\n[server]\n").unwrap(),
+            c
+        );
+    }
+
+    #[test]
+    fn max_context_default() {
+        let mut c = RunConfig::for_model("m");
+        assert_eq!(c.max_context_for(40_960), 4096);
+        assert_eq!(c.max_context_for(2048), 2048);
+        c.max_context = Some(8192);
+        assert_eq!(c.max_context_for(40_960), 8192);
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let text = r#"
+model = "org/name"
+device = "sim"
+vram_budget = "7GiB"
+ram_budget = 60000000000
+max_context = 8192
+max_batch = 4
+threads = 8
+state_dir = "/var/lib/moe"
+kv_dtype = "bf16"
+
+[experts]
+slots_per_layer = 16
+prefetch = false
+prefetch_depth = 2
+policy = "pinned-lru"
+
+[sim]
+link_gb_per_s = 12.5
+copy_latency_us = 0
+
+[server]
+host = "0.0.0.0"
+port = 9000
+api_key = "secret"
+model_name = "local-moe"
+max_queue = 8
+"#;
+        let c = parse(text).unwrap();
+        let expected = RunConfig {
+            model: "org/name".into(),
+            device: DeviceKind::Sim,
+            vram_budget: Some(ByteSize(7 << 30)),
+            ram_budget: Some(ByteSize(60_000_000_000)),
+            max_context: Some(8192),
+            max_batch: 4,
+            threads: Some(8),
+            state_dir: Some(PathBuf::from("/var/lib/moe")),
+            kv_dtype: KvDtype::Bf16,
+            experts: ExpertsConfig {
+                slots_per_layer: Some(16),
+                prefetch: false,
+                prefetch_depth: 2,
+                policy: EvictionPolicy::PinnedLru,
+            },
+            sim: SimConfig {
+                link_gb_per_s: 12.5,
+                copy_latency_us: 0.0,
+            },
+            server: ServerConfig {
+                host: "0.0.0.0".into(),
+                port: 9000,
+                api_key: Some("secret".into()),
+                model_name: Some("local-moe".into()),
+                max_queue: 8,
+            },
+        };
+        assert_eq!(c, expected);
+        // Serialising gives a file that parses back to the same configuration.
+        let written = toml::to_string(&c).unwrap();
+        assert!(written.contains("vram_budget = \"7GiB\""), "{written}");
+        assert_eq!(parse(&written).unwrap(), c);
+        let defaults = RunConfig::for_model("org/name");
+        assert_eq!(parse(&toml::to_string(&defaults).unwrap()).unwrap(), defaults);
+        // Enum spellings.
+        for (value, kind) in [
+            ("cpu", DeviceKind::Cpu),
+            ("cuda", DeviceKind::Cuda),
+            ("sim", DeviceKind::Sim),
+        ] {
+            let c = parse(&format!("model = \"m\"\ndevice = \"{value}\"")).unwrap();
+            assert_eq!(c.device, kind);
+        }
+        for (value, dtype) in [("f32", KvDtype::F32), ("bf16", KvDtype::Bf16), ("f16", KvDtype::F16)] {
+            let c = parse(&format!("model = \"m\"\nkv_dtype = \"{value}\"")).unwrap();
+            assert_eq!(c.kv_dtype, dtype);
+        }
+        for (value, policy) in [
+            ("lru", EvictionPolicy::Lru),
+            ("lfu", EvictionPolicy::Lfu),
+            ("pinned-lru", EvictionPolicy::PinnedLru),
+        ] {
+            let c = parse(&format!("model = \"m\"\n[experts]\npolicy = \"{value}\"")).unwrap();
+            assert_eq!(c.experts.policy, policy);
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let cases = [
+            ("model = \"m\"\nmodle = 1\n", "modle", "line 2, column 1"),
+            ("model = \"m\"\n[experts]\nprefetch = true\nbogus = 1\n", "experts.bogus", "line 4"),
+            ("model = \"m\"\n[sim]\nlink_gbps = 3.0\n", "sim.link_gbps", "line 3"),
+            ("model = \"m\"\n[server]\nhost = \"h\"\nportt = 1\n", "server.portt", "line 4"),
+            // Dotted keys and inline tables locate the key too.
+            ("model = \"m\"\nexperts.bogus = 1\n", "experts.bogus", "line 2"),
+            ("model = \"m\"\nserver = { port = 1, bogus = 2 }\n", "server.bogus", "line 2"),
+            // A whole unknown table.
+            ("model = \"m\"\n[gpu]\nx = 1\n", "gpu", "line 2"),
+        ];
+        for (text, key, place) in cases {
+            let line = error_line(text);
+            assert!(line.contains(&format!("{key}: unknown field")), "{text:?}: {line}");
+            assert!(line.contains(place), "{text:?}: {line}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_and_values_are_named() {
+        let cases = [
+            ("model = 3\n", "line 1, column 9: model: invalid type: integer `3`"),
+            ("model = \"m\"\ndevice = \"gpu\"\n", "device: unknown variant `gpu`"),
+            ("model = \"m\"\nkv_dtype = \"q8\"\n", "kv_dtype: unknown variant `q8`"),
+            ("model = \"m\"\nmax_batch = -1\n", "max_batch: invalid value: integer `-1`"),
+            ("model = \"m\"\n[experts]\npolicy = \"fifo\"\n", "experts.policy: unknown variant"),
+            ("model = \"m\"\n[server]\nport = 70000\n", "server.port: invalid value"),
+            ("model = \"m\"\nexperts.prefetch = \"yes\"\n", "experts.prefetch: invalid type"),
+            (
+                "model = \"m\"\nsim = { copy_latency_us = 1.0, link_gb_per_s = \"fast\" }\n",
+                "sim.link_gb_per_s: invalid type",
+            ),
+            (
+                "# a comment with [brackets] and = signs\nmodel = \"a = [b]\"  # x = 1\n[\"server\"]\nport = \"80\"\n",
+                "line 4, column 8: server.port: invalid type",
+            ),
+            (
+                "model = '''\nmulti = line\n'''\n[sim]\nlink_gb_per_s = \"x\"\n",
+                "line 5, column 17: sim.link_gb_per_s: invalid type",
+            ),
+        ];
+        for (text, expected) in cases {
+            let line = error_line(text);
+            assert!(line.contains(expected), "{text:?}: {line}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_are_one_line() {
+        for (text, expected) in [
+            ("model = [\n", "line 1"),
+            ("model = \"m\"\nmax_batch = \n", "line 2"),
+            ("model = \"m\"\nmodel = \"n\"\n", "duplicate key"),
+            ("[experts\n", "line 1"),
+        ] {
+            let e = parse(text).expect_err(text);
+            assert!(matches!(e, ConfigFileError::Parse { .. }), "{text:?}: {e:?}");
+            let line = error_line(text);
+            assert!(line.contains(expected), "{text:?}: {line}");
+        }
+    }
+
+    #[test]
+    fn missing_model() {
+        for text in ["", "max_batch = 2\n", "[experts]\nprefetch = true\n"] {
+            let (key, message) = invalid_key(text);
+            assert_eq!(key, "model", "{text:?}");
+            assert!(message.contains("is required"), "{message}");
+            assert!(error_line(text).starts_with("test.toml: model: is required"));
+        }
+    }
+
+    #[test]
+    fn invalid_values() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("model = \"\"", "model", "must not be empty"),
+            ("max_batch = 0", "max_batch", "at least 1"),
+            ("threads = 0", "threads", "at least 1"),
+            ("max_context = 1", "max_context", "at least 2"),
+            ("max_context = 0", "max_context", "at least 2"),
+            ("ram_budget = 0", "ram_budget", "above 0"),
+            ("vram_budget = \"0GiB\"", "vram_budget", "above 0"),
+            ("state_dir = \"\"", "state_dir", "must not be empty"),
+            ("[experts]\nslots_per_layer = 0", "experts.slots_per_layer", "at least 1"),
+            ("[experts]\nprefetch_depth = 5", "experts.prefetch_depth", "at most 4"),
+            ("[sim]\nlink_gb_per_s = 0.0", "sim.link_gb_per_s", "above 0"),
+            ("[sim]\nlink_gb_per_s = -3.0", "sim.link_gb_per_s", "above 0"),
+            ("[sim]\nlink_gb_per_s = inf", "sim.link_gb_per_s", "finite"),
+            ("[sim]\nlink_gb_per_s = nan", "sim.link_gb_per_s", "finite"),
+            ("[sim]\ncopy_latency_us = -1.0", "sim.copy_latency_us", "0 or more"),
+            ("[sim]\ncopy_latency_us = nan", "sim.copy_latency_us", "0 or more"),
+            ("[server]\nport = 0", "server.port", "must not be 0"),
+            ("[server]\nhost = \"\"", "server.host", "must not be empty"),
+            ("[server]\napi_key = \"\"", "server.api_key", "must not be empty"),
+            ("[server]\nmodel_name = \" \"", "server.model_name", "must not be empty"),
+        ];
+        for &(body, key, expected) in cases {
+            let text = if body.starts_with("model") {
+                body.to_string()
+            } else {
+                format!("model = \"m\"\n{body}\n")
+            };
+            let (k, message) = invalid_key(&text);
+            assert_eq!(k, key, "{text:?}");
+            assert!(message.contains(expected), "{text:?}: {message}");
+            assert!(
+                error_line(&text).starts_with(&format!("test.toml: {key}: ")),
+                "{text:?}"
+            );
+        }
+        // The limits themselves are accepted.
+        let edge = "model = \"m\"\nmax_context = 2\nthreads = 1\nram_budget = 1\n\
+                    [experts]\nslots_per_layer = 1\nprefetch_depth = 4\n\
+                    [sim]\ncopy_latency_us = 0.0\nlink_gb_per_s = 0.001\n[server]\nport = 1\n";
+        parse(edge).unwrap();
+        // Flags applied after loading are checked by the same rules.
+        let mut c = RunConfig::for_model("m");
+        c.max_batch = 0;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "max_batch");
+        assert_eq!(e.to_string(), "max_batch: must be at least 1 (got 0)");
+    }
+
+    #[test]
+    fn relative_paths_resolve_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        std::fs::create_dir_all(base.join("models/tiny")).unwrap();
+        std::fs::create_dir_all(base.join("conf")).unwrap();
+        std::fs::create_dir_all(base.join("conf/local-model")).unwrap();
+        let file = base.join("conf/run.toml");
+
+        let write_and_load = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            RunConfig::from_file(&file)
+        };
+
+        // `..` and `.` paths resolve from the file's folder, whether or not they exist.
+        let c = write_and_load("model = \"../models/tiny\"\nstate_dir = \"state\"\n").unwrap();
+        assert_eq!(Path::new(&c.model), base.join("conf/../models/tiny"));
+        assert!(Path::new(&c.model).join(".").is_dir());
+        assert_eq!(c.state_dir.as_deref(), Some(base.join("conf/state").as_path()));
+        assert_eq!(c.resolved_state_dir(), base.join("conf/state"));
+
+        let c = write_and_load("model = \"./not-yet\"\nstate_dir = \"./s/../t\"\n").unwrap();
+        assert_eq!(Path::new(&c.model), base.join("conf/not-yet"));
+        assert_eq!(c.state_dir.unwrap(), base.join("conf/s/../t"));
+
+        // A bare relative name resolves when it exists next to the file...
+        let c = write_and_load("model = \"local-model\"\n").unwrap();
+        assert_eq!(Path::new(&c.model), base.join("conf/local-model"));
+        // ...and is otherwise a Hub id, left as written.
+        let c = write_and_load("model = \"Qwen/Qwen3-30B-A3B\"\n").unwrap();
+        assert_eq!(c.model, "Qwen/Qwen3-30B-A3B");
+
+        // Absolute paths are kept.
+        let abs = base.join("models/tiny");
+        let c = write_and_load(&format!(
+            "model = {:?}\nstate_dir = {:?}\n",
+            abs.to_str().unwrap(),
+            base.join("st").to_str().unwrap()
+        ))
+        .unwrap();
+        assert_eq!(Path::new(&c.model), abs);
+        assert_eq!(c.state_dir.unwrap(), base.join("st"));
+
+        // A state folder inside the model folder is refused.
+        let e = write_and_load("model = \"../models/tiny\"\nstate_dir = \"../models/tiny/state\"\n")
+            .unwrap_err();
+        match &e {
+            ConfigFileError::Invalid { key, path, .. } => {
+                assert_eq!(key, "state_dir");
+                assert_eq!(path, &file);
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+        assert!(e.to_string().contains("inside the model folder"), "{e}");
+
+        // Errors name the file as given.
+        let e = write_and_load("model = \"m\"\nbogus = 1\n").unwrap_err();
+        assert!(e.to_string().starts_with(&format!("{}: line 2", file.display())), "{e}");
+        let missing = base.join("nope.toml");
+        let e = RunConfig::from_file(&missing).unwrap_err();
+        assert!(matches!(e, ConfigFileError::Io { .. }));
+        assert!(e.to_string().starts_with(&missing.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn home_expansion() {
+        let home = std::ffi::OsStr::new("/home/u");
+        assert_eq!(
+            resolve_model("~/models/x", Path::new("/cfg"), Some(home)),
+            Some(PathBuf::from("/home/u/models/x"))
+        );
+        assert_eq!(
+            resolve_path(Path::new("~/st"), Path::new("/cfg"), Some(home)),
+            PathBuf::from("/home/u/st")
+        );
+        assert_eq!(
+            resolve_path(Path::new("st"), Path::new("/cfg"), Some(home)),
+            PathBuf::from("/cfg/st")
+        );
+        assert_eq!(resolve_model("org/name", Path::new("/cfg"), Some(home)), None);
+        assert_eq!(resolve_model("/abs/m", Path::new("/cfg"), Some(home)), None);
+    }
+
+    #[test]
+    fn state_dir_sources() {
+        let s = |explicit: Option<&str>, model: Option<&str>, xdg: Option<&str>, home: Option<&str>| {
+            state_dir_from(
+                explicit.map(Path::new),
+                model.map(Path::new),
+                xdg.map(OsString::from),
+                home.map(OsString::from),
+            )
+        };
+        assert_eq!(s(Some("/st"), None, Some("/x"), Some("/h")), PathBuf::from("/st"));
+        assert_eq!(s(None, None, Some("/x"), Some("/h")), PathBuf::from("/x/moe-offload"));
+        // A relative XDG_STATE_HOME is ignored, as the XDG spec says.
+        assert_eq!(
+            s(None, None, Some("rel"), Some("/h")),
+            PathBuf::from("/h/.local/state/moe-offload")
+        );
+        assert_eq!(
+            s(None, None, None, Some("/h")),
+            PathBuf::from("/h/.local/state/moe-offload")
+        );
+        assert_eq!(
+            s(None, None, None, None),
+            std::env::temp_dir().join("moe-offload-state")
+        );
+        // Never inside the model folder.
+        assert_eq!(
+            s(None, Some("/x"), Some("/x"), Some("/h")),
+            PathBuf::from("/h/.local/state/moe-offload")
+        );
+        assert_eq!(
+            s(Some("/m/state"), Some("/m"), None, Some("/h")),
+            PathBuf::from("/h/.local/state/moe-offload")
+        );
+        assert_ne!(
+            s(None, Some("/h"), None, Some("/h")),
+            PathBuf::from("/h/.local/state/moe-offload")
+        );
+    }
+
+    #[test]
+    fn key_context_scanner() {
+        let text = "a = 1\n[t.u]\nb = { c = [1, { d = 2 }], e = \"x\" }\n";
+        let at = |needle: &str| key_context(text, text.find(needle).unwrap());
+        assert_eq!(at("1\n").value_key, Some(vec!["a".to_string()]));
+        assert_eq!(
+            at("2 }").value_key,
+            Some(vec!["t".into(), "u".into(), "b".into(), "c".into(), "d".into()])
+        );
+        assert_eq!(
+            at("\"x\"").value_key,
+            Some(vec!["t".into(), "u".into(), "b".into(), "e".into()])
+        );
+        let on_key = at("e =");
+        assert_eq!(on_key.value_key, None);
+        assert_eq!(on_key.container, vec!["t", "u", "b"]);
+        assert_eq!(parse_dotted(" a . \"b.c\" .'d' "), vec!["a", "b.c", "d"]);
+    }
+
+    #[test]
+    fn example_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".toml"))
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["cpu-16gb.toml", "gpu-24gb.toml", "gpu-8gb-ram-64gb.toml", "sim-demo.toml"]
+        );
+        let load = |name: &str| {
+            RunConfig::from_file(&dir.join(name)).unwrap_or_else(|e| panic!("{e}"))
+        };
+
+        let c = load("cpu-16gb.toml");
+        assert_eq!(c.model, "Qwen/Qwen3-30B-A3B");
+        assert_eq!(c.device, DeviceKind::Cpu);
+        assert_eq!(c.ram_budget, Some(ByteSize(12 << 30)));
+        assert_eq!(c.vram_budget, None);
+        assert_eq!(c.max_context, Some(4096));
+        assert_eq!(c.max_batch, 1);
+        assert_eq!(c.threads, None);
+        assert_eq!(c.kv_dtype, KvDtype::Bf16);
+        assert_eq!(c.experts, ExpertsConfig::default());
+        assert_eq!(c.sim, SimConfig::default());
+        assert_eq!(c.server, ServerConfig::default());
+
+        let c = load("gpu-24gb.toml");
+        assert_eq!(c.model, "Qwen/Qwen3-30B-A3B");
+        assert_eq!(c.device, DeviceKind::Cuda);
+        assert_eq!(c.vram_budget, Some(ByteSize(22 << 30)));
+        assert_eq!(c.ram_budget, Some(ByteSize(24 << 30)));
+        assert_eq!(c.max_context, Some(8192));
+        assert_eq!(c.max_batch, 4);
+        assert_eq!(c.kv_dtype, KvDtype::Bf16);
+        assert_eq!(c.experts.slots_per_layer, None);
+        assert!(c.experts.prefetch);
+        assert_eq!(c.experts.prefetch_depth, 1);
+        assert_eq!(c.experts.policy, EvictionPolicy::Lru);
+        assert_eq!(c.server.host, "127.0.0.1");
+        assert_eq!(c.server.port, 8080);
+        assert_eq!(c.server.max_queue, 64);
+
+        let c = load("gpu-8gb-ram-64gb.toml");
+        assert_eq!(c.model, "Qwen/Qwen3-30B-A3B");
+        assert_eq!(c.device, DeviceKind::Cuda);
+        assert_eq!(c.vram_budget, Some(ByteSize(7 << 30)));
+        assert_eq!(c.ram_budget, Some(ByteSize(56 << 30)));
+        assert_eq!(c.max_context, Some(4096));
+        assert_eq!(c.max_batch, 1);
+        assert_eq!(c.kv_dtype, KvDtype::Bf16);
+        assert_eq!(c.experts.slots_per_layer, None);
+        assert!(c.experts.prefetch);
+        assert_eq!(c.experts.prefetch_depth, 2);
+        assert_eq!(c.experts.policy, EvictionPolicy::Lfu);
+
+        let c = load("sim-demo.toml");
+        assert_eq!(c.device, DeviceKind::Sim);
+        assert_eq!(Path::new(&c.model), dir.join("../runtime/demo"));
+        assert!(Path::new(&c.model).join("config.json").is_file());
+        assert_eq!(c.vram_budget, Some(ByteSize(4 << 20)));
+        assert_eq!(c.ram_budget, Some(ByteSize(256 << 20)));
+        assert_eq!(c.max_context, Some(512));
+        assert_eq!(c.threads, Some(2));
+        assert_eq!(c.experts.slots_per_layer, Some(4));
+        assert!(c.experts.prefetch);
+        assert_eq!(c.experts.prefetch_depth, 1);
+        assert_eq!(c.experts.policy, EvictionPolicy::Lru);
+        assert_eq!(c.sim.link_gb_per_s, 25.0);
+        assert_eq!(c.sim.copy_latency_us, 10.0);
+        assert_eq!(c.server.model_name.as_deref(), Some("demo"));
+    }
+}

@@ -1,0 +1,243 @@
+//! The expert store: the one door through which model code reaches expert weights.
+//!
+//! Model files never hold expert tensors. A sparse layer hands the store, per expert, the batch of
+//! token rows routed to it ([`ExpertBatch`]), and the store adds each expert's weighted output to
+//! those rows. Where the expert's bytes live (mmapped file, RAM pool, device slot) and where it is
+//! computed is the store's business alone; tiers, slots, LRU and prefetch live behind this trait.
+//!
+//! Invariants: an expert is addressed by (layer, expert); `compute` adds exactly
+//! `weight * ffn_e(x[row])` to `out[row]` for every (row, weight) pair and touches no other row;
+//! experts within a call are applied in ascending expert order (the reference's order), so results
+//! do not depend on how the store schedules its work.
+
+mod pool;
+mod stats;
+mod tiered;
+
+pub use pool::{EvictionPolicy, SlotPool};
+pub use stats::{LayerStats, StoreStats};
+pub use tiered::{DeviceTierConfig, HostTierConfig, TieredStore, TieredStoreConfig};
+
+use moe_kernels::Weights;
+
+use crate::error::{Error, Result};
+use crate::layers::silu_mul;
+use crate::weights::{Dtype, TensorRef};
+
+/// Tokens routed to one expert in one layer.
+#[derive(Clone, Debug)]
+pub struct ExpertBatch {
+    pub expert: usize,
+    /// Row indices into the layer's input `[tokens, hidden]`.
+    pub rows: Vec<usize>,
+    /// Routing weight of each row, same length as `rows`.
+    pub weights: Vec<f32>,
+}
+
+/// Where experts are kept and computed.
+pub trait ExpertStore: Send + Sync {
+    /// For every batch: `out[row] += weight * ffn_expert(x[row])`. `x` and `out` are
+    /// `[tokens, hidden]`; batches are sorted by expert.
+    fn compute(
+        &self,
+        layer: usize,
+        batches: &[ExpertBatch],
+        x: &[f32],
+        hidden: usize,
+        out: &mut [f32],
+    ) -> Result<()>;
+
+    /// A hint that `experts` of `layer` will be needed soon (router lookahead). Default: none.
+    fn prefetch(&self, _layer: usize, _experts: &[usize]) {}
+
+    /// Number of experts in `layer` (0 for dense layers).
+    fn num_experts(&self, layer: usize) -> usize;
+
+    /// Whether [`ExpertStore::prefetch`] does anything (the model skips the lookahead if not).
+    fn wants_prefetch(&self) -> bool {
+        false
+    }
+
+    /// How many layers ahead the model should predict.
+    fn prefetch_depth(&self) -> usize {
+        0
+    }
+
+    /// Counters since the store was built.
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
+}
+
+/// One expert's SwiGLU weights: gate and up `[inter, hidden]`, down `[hidden, inter]`.
+#[derive(Clone, Debug)]
+pub struct ExpertWeights {
+    pub gate: TensorRef,
+    pub up: TensorRef,
+    pub down: TensorRef,
+}
+
+impl ExpertWeights {
+    pub fn size_bytes(&self) -> usize {
+        self.gate.size_bytes() + self.up.size_bytes() + self.down.size_bytes()
+    }
+
+    pub(crate) fn check(&self, hidden: usize, inter: usize) -> Result<()> {
+        for (t, shape) in [
+            (&self.gate, [inter, hidden]),
+            (&self.up, [inter, hidden]),
+            (&self.down, [hidden, inter]),
+        ] {
+            if t.shape != shape {
+                return Err(Error::ShapeMismatch {
+                    name: t.name.clone(),
+                    path: (*t.path).clone(),
+                    expected: shape.to_vec(),
+                    found: t.shape.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// `out[r] += w_r * down(silu(gate(x_r)) * up(x_r))` for the given rows of `x`.
+    pub fn forward_rows(
+        &self,
+        rows: &[usize],
+        weights: &[f32],
+        x: &[f32],
+        hidden: usize,
+        out: &mut [f32],
+    ) {
+        expert_ffn(
+            [self.gate.weights(), self.up.weights(), self.down.weights()],
+            self.gate.shape[0],
+            rows,
+            weights,
+            x,
+            hidden,
+            out,
+        );
+    }
+
+    /// Copies the expert into one owned buffer (positioned reads for mapped files).
+    pub fn read_owned(&self) -> Result<ExpertBuf> {
+        let parts = [&self.gate, &self.up, &self.down];
+        let mut offsets = [0usize; 4];
+        for (i, t) in parts.iter().enumerate() {
+            // Each part starts 8-byte aligned inside the buffer.
+            offsets[i + 1] = offsets[i] + t.size_bytes().div_ceil(8) * 8;
+        }
+        let mut words = vec![0u64; offsets[3] / 8];
+        {
+            // SAFETY: u64 has no padding and every byte pattern is valid; the byte view covers
+            // exactly the words' storage and `words` is exclusively borrowed for this block.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
+            };
+            for (i, t) in parts.iter().enumerate() {
+                t.read_into(&mut bytes[offsets[i]..offsets[i] + t.size_bytes()])?;
+            }
+        }
+        Ok(ExpertBuf {
+            words,
+            parts: [0, 1, 2].map(|i| (offsets[i], parts[i].numel(), parts[i].dtype)),
+            inter: self.gate.shape[0],
+        })
+    }
+}
+
+/// An expert copied out of its file into memory we own (a RAM pool entry or a device slot).
+#[derive(Clone)]
+pub struct ExpertBuf {
+    words: Vec<u64>,
+    /// (byte offset, element count, dtype) of gate, up and down.
+    parts: [(usize, usize, Dtype); 3],
+    inter: usize,
+}
+
+impl ExpertBuf {
+    pub fn size_bytes(&self) -> usize {
+        self.words.len() * 8
+    }
+
+    fn part(&self, i: usize) -> Weights<'_> {
+        let (off, n, dtype) = self.parts[i];
+        let base = self.words.as_ptr().cast::<u8>();
+        // SAFETY: `read_owned` placed part i at an 8-byte aligned offset with room for `n`
+        // elements of `dtype`; the words are initialised and live as long as `self`; f32, bf16
+        // and f16 accept every bit pattern.
+        unsafe {
+            let p = base.add(off);
+            match dtype {
+                Dtype::F32 => Weights::F32(std::slice::from_raw_parts(p.cast(), n)),
+                Dtype::Bf16 => Weights::Bf16(std::slice::from_raw_parts(p.cast(), n)),
+                Dtype::F16 => Weights::F16(std::slice::from_raw_parts(p.cast(), n)),
+                other => unreachable!("expert dtype {other:?} passed into_compute"),
+            }
+        }
+    }
+
+    /// Same contract as [`ExpertWeights::forward_rows`].
+    pub fn forward_rows(
+        &self,
+        rows: &[usize],
+        weights: &[f32],
+        x: &[f32],
+        hidden: usize,
+        out: &mut [f32],
+    ) {
+        expert_ffn(
+            [self.part(0), self.part(1), self.part(2)],
+            self.inter,
+            rows,
+            weights,
+            x,
+            hidden,
+            out,
+        );
+    }
+}
+
+/// The SwiGLU expert on gathered rows: `out[r] += w_r * down(silu(gate x_r) * up x_r)`.
+pub fn expert_ffn(
+    [gate, up, down]: [Weights<'_>; 3],
+    inter: usize,
+    rows: &[usize],
+    weights: &[f32],
+    x: &[f32],
+    hidden: usize,
+    out: &mut [f32],
+) {
+    let m = rows.len();
+    let mut xs = Vec::with_capacity(m * hidden);
+    for &r in rows {
+        xs.extend_from_slice(&x[r * hidden..(r + 1) * hidden]);
+    }
+    let mut g = vec![0f32; m * inter];
+    let mut u = vec![0f32; m * inter];
+    moe_kernels::matmul(&xs, m, hidden, gate, inter, &mut g);
+    moe_kernels::matmul(&xs, m, hidden, up, inter, &mut u);
+    silu_mul(&g, &mut u);
+    let mut y = vec![0f32; m * hidden];
+    moe_kernels::matmul(&u, m, inter, down, hidden, &mut y);
+    for ((&r, &w), yr) in rows.iter().zip(weights).zip(y.chunks_exact(hidden)) {
+        let o = &mut out[r * hidden..(r + 1) * hidden];
+        for (o, y) in o.iter_mut().zip(yr) {
+            *o += y * w;
+        }
+    }
+
+}
+
+
+#[cfg(test)]
+impl ExpertBuf {
+    pub(crate) fn empty_for_tests() -> ExpertBuf {
+        ExpertBuf {
+            words: Vec::new(),
+            parts: [(0, 0, Dtype::F32); 3],
+            inter: 0,
+        }
+    }
+}

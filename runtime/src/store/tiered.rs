@@ -1,0 +1,510 @@
+//! The tiered expert store: device slots (per layer) -> RAM -> mmapped files.
+//!
+//! - **Host tier**: either every expert mapped from its file (the model fits the RAM budget; pages
+//!   come in as the compute touches them), or a bounded RAM pool filled by positioned reads, so
+//!   experts beyond the budget never enter this process's resident set through the mapping.
+//! - **Device tier** (optional): per-layer slot pools. On `sim` the slots are RAM buffers and each
+//!   copy takes the modelled link time; the CUDA backend plugs in the same way.
+//! - **Loads** run on loader threads; demand loads go before prefetches, so a computation never
+//!   waits behind a copy meant for a later layer.
+//! - **Prefetch**: the model predicts a later layer's experts and calls [`ExpertStore::prefetch`];
+//!   predictions are scored against the experts that layer then uses (precision, recall).
+//! - **Miss policy**: a device miss is copied, or computed where the expert lies when the modelled
+//!   copy would take longer than computing it there.
+//!
+//! Invariants: this is the only code that moves expert bytes between tiers; results do not depend
+//! on where an expert is computed (every tier holds the stored dtype and the same kernels run), so
+//! parity holds with every tier in play; RAM use is bounded by the pool capacities plus the
+//! buffers computations hold at that moment.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+
+use super::pool::{Found, Reserved, Slot, SlotPool};
+use super::stats::LayerCounters;
+use super::{EvictionPolicy, ExpertBatch, ExpertBuf, ExpertStore, ExpertWeights, StoreStats};
+use crate::error::{Error, Result};
+
+/// Host (RAM) tier settings.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostTierConfig {
+    /// Every expert served from the mapped files.
+    Mapped,
+    /// At most `experts` experts (across all layers) held in RAM; the rest read on demand.
+    Pool { experts: usize },
+}
+
+/// Device tier settings (simulated link).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceTierConfig {
+    pub slots_per_layer: usize,
+    /// Host-to-device bandwidth, bytes per second.
+    pub link_bytes_per_s: f64,
+    pub copy_latency: Duration,
+    /// Host compute speed used to decide copy vs compute in place, weight bytes per second.
+    pub host_compute_bytes_per_s: f64,
+}
+
+/// How to build a [`TieredStore`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct TieredStoreConfig {
+    pub host: HostTierConfig,
+    pub device: Option<DeviceTierConfig>,
+    pub policy: EvictionPolicy,
+    pub prefetch: bool,
+    pub prefetch_depth: usize,
+    /// Loader threads for file reads and device copies.
+    pub loader_threads: usize,
+    /// Experts to place first (hot set), as (layer, expert), hottest first.
+    pub hot: Vec<(usize, usize)>,
+}
+
+impl Default for TieredStoreConfig {
+    fn default() -> Self {
+        TieredStoreConfig {
+            host: HostTierConfig::Mapped,
+            device: None,
+            policy: EvictionPolicy::Lru,
+            prefetch: false,
+            prefetch_depth: 1,
+            loader_threads: 2,
+            hot: Vec::new(),
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Loader threads with two queues; demand work always goes first.
+struct Loader {
+    demand: Sender<Job>,
+    prefetch: Sender<Job>,
+    _threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Loader {
+    fn new(threads: usize) -> Loader {
+        let (dtx, drx) = crossbeam_channel::unbounded::<Job>();
+        let (ptx, prx) = crossbeam_channel::unbounded::<Job>();
+        let handles = (0..threads.max(1))
+            .map(|i| {
+                let (drx, prx): (Receiver<Job>, Receiver<Job>) = (drx.clone(), prx.clone());
+                std::thread::Builder::new()
+                    .name(format!("moe-loader-{i}"))
+                    .spawn(move || loop {
+                        if let Ok(job) = drx.try_recv() {
+                            job();
+                            continue;
+                        }
+                        crossbeam_channel::select! {
+                            recv(drx) -> j => match j { Ok(job) => job(), Err(_) => return },
+                            recv(prx) -> j => match j { Ok(job) => job(), Err(_) => return },
+                        }
+                    })
+                    .expect("spawn loader thread")
+            })
+            .collect();
+        Loader {
+            demand: dtx,
+            prefetch: ptx,
+            _threads: handles,
+        }
+    }
+}
+
+/// Where an expert's bytes are read from for computing or copying.
+enum HostView {
+    Mapped(ExpertWeights),
+    Owned(Arc<ExpertBuf>),
+}
+
+struct Shared {
+    experts: Vec<Vec<ExpertWeights>>,
+    host_pool: Option<SlotPool>,
+    counters: Vec<LayerCounters>,
+    num_experts_max: usize,
+}
+
+impl Shared {
+    fn key(&self, layer: usize, expert: usize) -> usize {
+        layer * self.num_experts_max + expert
+    }
+
+    /// Reads an expert from its file into an owned buffer. `into_ram` counts the bytes as
+    /// moved into the RAM tier (a direct file-to-device copy counts only as device bytes).
+    fn read_from_file(&self, layer: usize, expert: usize, into_ram: bool) -> Result<ExpertBuf> {
+        let buf = self.experts[layer][expert].read_owned()?;
+        if into_ram {
+            LayerCounters::add(
+                &self.counters[layer].bytes_file_to_ram,
+                buf.size_bytes() as u64,
+            );
+        }
+        Ok(buf)
+    }
+}
+
+/// The store behind every model: see the module docs.
+pub struct TieredStore {
+    shared: Arc<Shared>,
+    device: Option<(DeviceTierConfig, Vec<SlotPool>)>,
+    loader: Loader,
+    config: TieredStoreConfig,
+    /// Per layer: the experts last predicted for it, scored when it routes.
+    predicted: Mutex<Vec<Option<HashSet<usize>>>>,
+}
+
+impl TieredStore {
+    /// `experts[l]` are layer l's experts (empty for dense layers), each checked against
+    /// `[inter, hidden]`.
+    pub fn new(
+        experts: Vec<Vec<ExpertWeights>>,
+        hidden: usize,
+        inter: usize,
+        config: TieredStoreConfig,
+    ) -> Result<TieredStore> {
+        for e in experts.iter().flatten() {
+            e.check(hidden, inter)?;
+        }
+        let layers = experts.len();
+        let num_experts_max = experts.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let host_pool = match config.host {
+            HostTierConfig::Mapped => None,
+            HostTierConfig::Pool { experts } => Some(SlotPool::new(experts, config.policy)),
+        };
+        let device = config.device.clone().map(|d| {
+            let pools: Vec<SlotPool> = (0..layers)
+                .map(|_| SlotPool::new(d.slots_per_layer, config.policy))
+                .collect();
+            (d, pools)
+        });
+        let shared = Arc::new(Shared {
+            experts,
+            host_pool,
+            counters: (0..layers).map(|_| LayerCounters::default()).collect(),
+            num_experts_max,
+        });
+        if config.policy == EvictionPolicy::PinnedLru {
+            if let Some(p) = &shared.host_pool {
+                p.pin(config.hot.iter().map(|&(l, e)| shared.key(l, e)));
+            }
+            if let Some((_, pools)) = &device {
+                for &(l, e) in &config.hot {
+                    if let Some(p) = pools.get(l) {
+                        p.pin([e]);
+                    }
+                }
+            }
+        }
+        Ok(TieredStore {
+            loader: Loader::new(config.loader_threads),
+            predicted: Mutex::new(vec![None; layers]),
+            shared,
+            device,
+            config,
+        })
+    }
+
+    fn counters(&self, layer: usize) -> &LayerCounters {
+        &self.shared.counters[layer]
+    }
+
+    /// Ensures `expert` of `layer` is in the host pool (starting a load if needed); returns the
+    /// slot to wait on, or None when the pool cannot take it (read directly instead).
+    fn host_slot(&self, layer: usize, expert: usize, prefetch: bool) -> Option<(Arc<Slot>, bool)> {
+        let pool = self.shared.host_pool.as_ref()?;
+        let key = self.shared.key(layer, expert);
+        let mut wasted = false;
+        match pool.reserve(key, prefetch, &mut wasted) {
+            Reserved::Present(s) => Some((s, false)),
+            Reserved::New(s) => {
+                if wasted {
+                    LayerCounters::add(&self.counters(layer).prefetch_wasted, 1);
+                }
+                let shared = self.shared.clone();
+                let slot = s.clone();
+                let job: Job = Box::new(move || {
+                    let r = shared.read_from_file(layer, expert, true);
+                    if r.is_err() {
+                        if let Some(p) = &shared.host_pool {
+                            p.remove(key);
+                        }
+                    }
+                    slot.fill(r.map_err(|e| e.to_string()));
+                });
+                let q = if prefetch {
+                    &self.loader.prefetch
+                } else {
+                    &self.loader.demand
+                };
+                let _ = q.send(job);
+                Some((s, true))
+            }
+            Reserved::Full => None,
+        }
+    }
+
+    /// The host-side bytes of an expert for computing on the host, counting hits and misses
+    /// when the host is the compute tier.
+    fn host_view(&self, layer: usize, expert: usize, count: bool) -> Result<HostView> {
+        let c = self.counters(layer);
+        let Some(pool) = &self.shared.host_pool else {
+            if count {
+                LayerCounters::add(&c.hits, 1);
+            }
+            return Ok(HostView::Mapped(self.shared.experts[layer][expert].clone()));
+        };
+        let key = self.shared.key(layer, expert);
+        if let Some(Found { slot, prefetch_hit }) = pool.lookup(key) {
+            let t0 = Instant::now();
+            let buf = slot.wait().map_err(Error::InvalidRequest)?;
+            if count {
+                LayerCounters::add(&c.hits, 1);
+                LayerCounters::add(&c.stall_ns, t0.elapsed().as_nanos() as u64);
+                if prefetch_hit {
+                    LayerCounters::add(&c.prefetch_hits, 1);
+                }
+            }
+            return Ok(HostView::Owned(buf));
+        }
+        if count {
+            LayerCounters::add(&c.misses, 1);
+        }
+        let t0 = Instant::now();
+        let view = match self.host_slot(layer, expert, false) {
+            Some((slot, _)) => HostView::Owned(slot.wait().map_err(Error::InvalidRequest)?),
+            // Pool full of in-flight loads: read once into a transient buffer.
+            None => HostView::Owned(Arc::new(self.shared.read_from_file(layer, expert, true)?)),
+        };
+        if count {
+            LayerCounters::add(&c.stall_ns, t0.elapsed().as_nanos() as u64);
+        }
+        Ok(view)
+    }
+
+    /// Starts copying an expert to its device slot; returns the slot.
+    fn device_load(&self, layer: usize, expert: usize, prefetch: bool) -> Option<Arc<Slot>> {
+        let (dev, pools) = self.device.as_ref()?;
+        let mut wasted = false;
+        let slot = match pools[layer].reserve(expert, prefetch, &mut wasted) {
+            Reserved::Present(s) => return Some(s),
+            Reserved::Full => return None,
+            Reserved::New(s) => s,
+        };
+        if wasted {
+            LayerCounters::add(&self.counters(layer).prefetch_wasted, 1);
+        }
+        // Source: the host pool when it has (or is loading) the expert, else the file.
+        let host_slot = self
+            .shared
+            .host_pool
+            .as_ref()
+            .and_then(|_| self.host_slot(layer, expert, prefetch))
+            .map(|(s, _)| s);
+        let shared = self.shared.clone();
+        let link = dev.link_bytes_per_s;
+        let latency = dev.copy_latency;
+        let target = slot.clone();
+        let job: Job = Box::new(move || {
+            let t0 = Instant::now();
+            let src: std::result::Result<ExpertBuf, String> = match host_slot {
+                Some(h) => h.wait().map(|b| (*b).clone()),
+                None => shared
+                    .read_from_file(layer, expert, false)
+                    .map_err(|e| e.to_string()),
+            };
+            if let Ok(b) = &src {
+                let bytes = b.size_bytes();
+                LayerCounters::add(&shared.counters[layer].bytes_to_device, bytes as u64);
+                // The modelled transfer: latency plus bytes over the link.
+                let modelled = latency + Duration::from_secs_f64(bytes as f64 / link);
+                if let Some(rest) = modelled.checked_sub(t0.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
+            target.fill(src);
+        });
+        let q = if prefetch {
+            &self.loader.prefetch
+        } else {
+            &self.loader.demand
+        };
+        let _ = q.send(job);
+        Some(slot)
+    }
+
+    fn score_prediction(&self, layer: usize, used: &HashSet<usize>) {
+        let predicted = self.predicted.lock()[layer].take();
+        if let Some(p) = predicted {
+            let c = self.counters(layer);
+            LayerCounters::add(&c.prefetch_correct, p.intersection(used).count() as u64);
+            LayerCounters::add(&c.routed_with_prediction, used.len() as u64);
+        }
+    }
+
+    /// Computes one expert on the device tier. `slot` is its device slot when it was resident
+    /// or a copy was started for it; None means compute where it lies.
+    fn compute_on_device(
+        &self,
+        layer: usize,
+        b: &ExpertBatch,
+        slot: Option<Arc<Slot>>,
+        x: &[f32],
+        hidden: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let c = self.counters(layer);
+        match slot {
+            Some(slot) => {
+                let t0 = Instant::now();
+                let buf = slot.wait().map_err(Error::InvalidRequest)?;
+                LayerCounters::add(&c.stall_ns, t0.elapsed().as_nanos() as u64);
+                buf.forward_rows(&b.rows, &b.weights, x, hidden, out);
+            }
+            None => {
+                LayerCounters::add(&c.computed_in_place, 1);
+                self.compute_on_host(layer, b, x, hidden, out, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copy or compute in place? Copy unless computing where the expert lies is faster than the
+    /// modelled copy.
+    fn worth_copying(&self, layer: usize, expert: usize) -> bool {
+        let Some((dev, _)) = &self.device else {
+            return false;
+        };
+        let bytes = self.shared.experts[layer][expert].size_bytes() as f64;
+        let copy_s = dev.copy_latency.as_secs_f64() + bytes / dev.link_bytes_per_s;
+        bytes / dev.host_compute_bytes_per_s >= copy_s
+    }
+
+    fn compute_on_host(
+        &self,
+        layer: usize,
+        b: &ExpertBatch,
+        x: &[f32],
+        hidden: usize,
+        out: &mut [f32],
+        count: bool,
+    ) -> Result<()> {
+        match self.host_view(layer, b.expert, count)? {
+            HostView::Mapped(w) => w.forward_rows(&b.rows, &b.weights, x, hidden, out),
+            HostView::Owned(buf) => buf.forward_rows(&b.rows, &b.weights, x, hidden, out),
+        }
+        Ok(())
+    }
+
+    /// The configuration this store runs with.
+    pub fn config(&self) -> &TieredStoreConfig {
+        &self.config
+    }
+}
+
+impl ExpertStore for TieredStore {
+    fn compute(
+        &self,
+        layer: usize,
+        batches: &[ExpertBatch],
+        x: &[f32],
+        hidden: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let n = self.num_experts(layer);
+        if let Some(b) = batches.iter().find(|b| b.expert >= n) {
+            return Err(Error::InvalidRequest(format!(
+                "expert {} of layer {layer} does not exist ({n} experts)",
+                b.expert
+            )));
+        }
+        let used: HashSet<usize> = batches.iter().map(|b| b.expert).collect();
+        self.score_prediction(layer, &used);
+        let Some((_, pools)) = &self.device else {
+            for b in batches {
+                self.compute_on_host(layer, b, x, hidden, out, true)?;
+            }
+            return Ok(());
+        };
+        // Look every expert up first and start all missing copies at once, so later experts'
+        // copies overlap earlier experts' compute. Experts are then computed in ascending order
+        // (the reference's summation order).
+        let c = self.counters(layer);
+        let slots: Vec<Option<Arc<Slot>>> = batches
+            .iter()
+            .map(|b| match pools[layer].lookup(b.expert) {
+                Some(Found { slot, prefetch_hit }) => {
+                    LayerCounters::add(&c.hits, 1);
+                    if prefetch_hit {
+                        LayerCounters::add(&c.prefetch_hits, 1);
+                    }
+                    Some(slot)
+                }
+                None => {
+                    LayerCounters::add(&c.misses, 1);
+                    if self.worth_copying(layer, b.expert) {
+                        self.device_load(layer, b.expert, false)
+                    } else {
+                        None
+                    }
+                }
+            })
+            .collect();
+        for (b, slot) in batches.iter().zip(slots) {
+            self.compute_on_device(layer, b, slot, x, hidden, out)?;
+        }
+        Ok(())
+    }
+
+    fn prefetch(&self, layer: usize, experts: &[usize]) {
+        if !self.config.prefetch || layer >= self.shared.experts.len() {
+            return;
+        }
+        let n = self.num_experts(layer);
+        let set: HashSet<usize> = experts.iter().copied().filter(|&e| e < n).collect();
+        LayerCounters::add(&self.counters(layer).prefetch_issued, set.len() as u64);
+        let mut sorted: Vec<usize> = set.iter().copied().collect();
+        sorted.sort_unstable();
+        for &e in &sorted {
+            if let Some((_, pools)) = &self.device {
+                if !pools[layer].contains(e) {
+                    let _ = self.device_load(layer, e, true);
+                }
+            } else if self.shared.host_pool.is_some() {
+                let key = self.shared.key(layer, e);
+                if !self.shared.host_pool.as_ref().expect("pool").contains(key) {
+                    let _ = self.host_slot(layer, e, true);
+                }
+            }
+        }
+        self.predicted.lock()[layer] = Some(set);
+    }
+
+    fn num_experts(&self, layer: usize) -> usize {
+        self.shared.experts.get(layer).map_or(0, Vec::len)
+    }
+
+    fn wants_prefetch(&self) -> bool {
+        self.config.prefetch && (self.device.is_some() || self.shared.host_pool.is_some())
+    }
+
+    fn prefetch_depth(&self) -> usize {
+        self.config.prefetch_depth
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats::from_layers(
+            self.shared
+                .counters
+                .iter()
+                .enumerate()
+                .filter(|(l, _)| !self.shared.experts[*l].is_empty())
+                .map(|(l, c)| c.snapshot(l))
+                .collect(),
+        )
+    }
+}
