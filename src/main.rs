@@ -14,9 +14,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
+use moe_runtime::runconfig::{ByteSize, DeviceKind};
 use moe_runtime::synth::{synth, SynthOptions};
 use moe_runtime::weights::{safetensors_bytes, Dtype};
-use moe_runtime::runconfig::{ByteSize, DeviceKind};
 use moe_runtime::{
     plan_model, CancelToken, ChatMessage, GenerateParams, Model, Prompt, RunConfig, Settings,
 };

@@ -24,7 +24,7 @@ fn cancellation_stops_between_steps() {
         .generate(&Prompt::Ids(vec![1, 2, 3]), &params, cancel.clone())
         .unwrap();
     let mut n = 0;
-    while let Some(ev) = g.next() {
+    for ev in g.by_ref() {
         ev.unwrap();
         n += 1;
         if n == 3 {

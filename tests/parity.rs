@@ -165,3 +165,93 @@ fn fixtures_cover_every_architecture() {
         assert!(archs.contains(a), "no fixture for {a}");
     }
 }
+
+/// Loads a fixture with the given tier settings and checks logits and greedy tokens against the
+/// reference (short and long prompts).
+fn check_with_tiers(v: &common::Variant, tweak: impl Fn(&mut Settings, &moe_runtime::plan::Plan)) {
+    let model_dir = v.dir.join("model").to_string_lossy().into_owned();
+    let mut settings = Settings {
+        model: Some(model_dir),
+        threads: Some(2),
+        ..Default::default()
+    };
+    let base = moe_runtime::plan_model(&settings).unwrap().plan;
+    tweak(&mut settings, &base);
+    let model = Model::load(&settings).unwrap_or_else(|e| panic!("{}: {e}", v.name));
+    let r = Reference::open(&v.dir.join("reference.safetensors"));
+    for p in ["short", "long"] {
+        let ids: Vec<u32> = r
+            .i64(&format!("{p}.input_ids"))
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
+        let mut state = model.new_state();
+        let logits = model.forward(&ids, &mut state, Logits::All, None).unwrap();
+        let err = max_abs_diff(&logits, &r.f32(&format!("{p}.logits")));
+        assert!(
+            err <= LOGIT_TOL,
+            "{} {p}: logits err {err:e} with tiers",
+            v.name
+        );
+        let want: Vec<u32> = r
+            .i64(&format!("{p}.greedy"))
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
+        let params = GenerateParams {
+            max_tokens: Some(want.len()),
+            temperature: Some(0.0),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let got: Vec<u32> = model
+            .generate(&Prompt::Ids(ids.clone()), &params, CancelToken::new())
+            .unwrap()
+            .map(|e| e.unwrap().id)
+            .collect();
+        assert_eq!(got, want, "{} {p}: greedy with tiers", v.name);
+    }
+    let stats = model.decoder.store.stats();
+    assert!(
+        stats.misses > 0 && stats.hits > 0 && stats.bytes_moved > 0,
+        "{}: the tiers were not exercised: {stats:?}",
+        v.name
+    );
+    assert!(
+        model.plan.file_experts > 0 || model.plan.slots_per_layer == 2,
+        "{}: neither file reads nor device slots in the plan",
+        v.name
+    );
+}
+
+#[test]
+fn parity_holds_on_sim_with_two_slots_and_prefetch() {
+    for v in variants() {
+        check_with_tiers(&v, |s, _| {
+            s.device = moe_runtime::runconfig::DeviceKind::Sim;
+            s.vram_budget = Some(1 << 30);
+            s.experts.slots_per_layer = Some(2);
+            s.experts.prefetch = true;
+            // A link fast enough that copying beats computing in place: slots are used.
+            s.sim.link_gb_per_s = 1000.0;
+            s.sim.copy_latency_us = 0.0;
+        });
+    }
+}
+
+#[test]
+fn parity_holds_on_cpu_with_a_ram_budget_that_forces_file_reads() {
+    for v in variants() {
+        check_with_tiers(&v, |s, plan| {
+            // Room for the resident set, KV cache, expert buffers and three pooled experts.
+            let sizes = &plan.sizes;
+            s.ram_budget = Some(
+                sizes.resident_bytes
+                    + plan.kv_bytes
+                    + plan.transient_bytes
+                    + 3 * sizes.expert_bytes,
+            );
+            s.experts.prefetch = true;
+        });
+    }
+}

@@ -16,13 +16,13 @@ use crate::arch;
 use crate::config::{GenerationConfig, ModelConfig, RawConfig};
 use crate::error::{Error, Result};
 use crate::model::{Decoder, Logits, SeqState, Trace};
-use crate::sampler::{Sampler, SamplingParams};
 use crate::plan::{make_plan, ModelSizes, Plan, PlanRequest, Profile};
 use crate::runconfig::{DeviceKind, ExpertsConfig, KvDtype, RunConfig, SimConfig};
+use crate::sampler::{Sampler, SamplingParams};
 use crate::store::{TieredStore, TieredStoreConfig};
-use std::path::PathBuf;
 use crate::tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
 use crate::weights::{ModelFiles, WeightSet};
+use std::path::PathBuf;
 
 /// Default context cap when none is set: long enough for real prompts, small enough that the
 /// KV cache of a big model stays modest.
@@ -92,7 +92,9 @@ impl Settings {
     pub fn resolved_state_dir(&self) -> PathBuf {
         match &self.state_dir {
             Some(d) => d.clone(),
-            None => RunConfig::for_model(self.model.clone().unwrap_or_default()).resolved_state_dir(),
+            None => {
+                RunConfig::for_model(self.model.clone().unwrap_or_default()).resolved_state_dir()
+            }
         }
     }
 
@@ -260,7 +262,9 @@ impl Model {
                 .clamp(1, DEFAULT_MAX_CONTEXT_TOKENS)
         });
         if max_context < 2 {
-            return Err(Error::InvalidRequest("max_context must be at least 2".into()));
+            return Err(Error::InvalidRequest(
+                "max_context must be at least 2".into(),
+            ));
         }
         let request = settings.plan_request(max_context)?;
         let weights = WeightSet::open(&files)?;
@@ -507,16 +511,24 @@ pub fn plan_model(settings: &Settings) -> Result<PlanReport> {
         None => (crate::demo::files(), "config.json".to_string()),
         Some(s) if s.ends_with(".json") && std::path::Path::new(s).is_file() => {
             let p = std::path::Path::new(s);
-            let dir = p.parent().map(|d| d.to_path_buf()).unwrap_or_else(|| ".".into());
+            let dir = p
+                .parent()
+                .map(|d| d.to_path_buf())
+                .unwrap_or_else(|| ".".into());
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
             (ModelFiles::Dir(dir), name.unwrap_or_default())
         }
-        Some(s) => (ModelFiles::Dir(crate::hub::resolve(s)?), "config.json".to_string()),
+        Some(s) => (
+            ModelFiles::Dir(crate::hub::resolve(s)?),
+            "config.json".to_string(),
+        ),
     };
-    let cfg_bytes = files.read_small(&cfg_name)?.ok_or_else(|| Error::ModelNotFound {
-        spec: files.label(),
-        reason: format!("no {cfg_name}"),
-    })?;
+    let cfg_bytes = files
+        .read_small(&cfg_name)?
+        .ok_or_else(|| Error::ModelNotFound {
+            spec: files.label(),
+            reason: format!("no {cfg_name}"),
+        })?;
     let raw = RawConfig::parse(files.path_of(&cfg_name), &cfg_bytes)?;
     let arch = arch::lookup(&raw)?;
     let config = (arch.parse_config)(&raw)?;

@@ -34,9 +34,9 @@ pub mod fsutil;
 pub mod hub;
 pub mod layers;
 pub mod model;
-pub mod runconfig;
 pub mod moe;
 pub mod plan;
+pub mod runconfig;
 pub mod sampler;
 pub mod store;
 pub mod synth;
@@ -47,7 +47,7 @@ pub use engine::{
     plan_model, CancelToken, FinishReason, GenerateParams, Generation, Model, PlanReport, Prompt,
     Settings, TokenEvent,
 };
-pub use runconfig::RunConfig;
 pub use error::{Error, Result};
 pub use model::{Logits, SeqState, Trace};
+pub use runconfig::RunConfig;
 pub use tokenizer::ChatMessage;

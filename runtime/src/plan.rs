@@ -111,14 +111,25 @@ pub struct ModelSizes {
 }
 
 impl ModelSizes {
-    pub fn measure(cfg: &ModelConfig, w: &WeightSet, mw: &ModelWeights, kv_elem_bytes: u64) -> ModelSizes {
+    pub fn measure(
+        cfg: &ModelConfig,
+        w: &WeightSet,
+        mw: &ModelWeights,
+        kv_elem_bytes: u64,
+    ) -> ModelSizes {
         let experts: Vec<&crate::store::ExpertWeights> = mw.experts.iter().flatten().collect();
         let total_expert_bytes: u64 = experts.iter().map(|e| e.size_bytes() as u64).sum();
-        let expert_bytes = experts.iter().map(|e| e.size_bytes() as u64).max().unwrap_or(0);
+        let expert_bytes = experts
+            .iter()
+            .map(|e| e.size_bytes() as u64)
+            .max()
+            .unwrap_or(0);
         let resident_bytes = w.used_bytes().saturating_sub(total_expert_bytes);
         let embed_bytes = mw.embed.size_bytes() as u64;
-        let tied = std::ptr::eq(mw.embed.bytes().as_ptr(), mw.lm_head.weight.bytes().as_ptr())
-            && embed_bytes > 0;
+        let tied = std::ptr::eq(
+            mw.embed.bytes().as_ptr(),
+            mw.lm_head.weight.bytes().as_ptr(),
+        ) && embed_bytes > 0;
         ModelSizes {
             resident_bytes,
             expert_bytes,
@@ -202,7 +213,11 @@ impl Plan {
             "resident set: {} (attention, norms, embeddings, routers, shared/dense MLPs)",
             gib(s.resident_bytes)
         );
-        let _ = writeln!(out, "KV cache: {} (max_context x max_batch)", gib(self.kv_bytes));
+        let _ = writeln!(
+            out,
+            "KV cache: {} (max_context x max_batch)",
+            gib(self.kv_bytes)
+        );
         let _ = writeln!(
             out,
             "experts: {} layers x {} = {} experts of {}, top-{} ({} in all)",
@@ -280,7 +295,10 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
         Some(b) => (b, false),
         None => {
             let avail = available_memory_bytes().unwrap_or(8 << 30);
-            (avail.saturating_sub(AUTO_BUDGET_MARGIN_BYTES + FIXED_OVERHEAD_BYTES), true)
+            (
+                avail.saturating_sub(AUTO_BUDGET_MARGIN_BYTES + FIXED_OVERHEAD_BYTES),
+                true,
+            )
         }
     };
     let ram_key = if ram_auto {
@@ -322,11 +340,7 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
                 )));
             }
             let per_slot_row = sizes.expert_bytes * sizes.moe_layers as u64;
-            let fit = if per_slot_row > 0 {
-                ((vram - fixed) / per_slot_row) as usize
-            } else {
-                0
-            };
+            let fit = (vram - fixed).checked_div(per_slot_row).unwrap_or(0) as usize;
             let slots = match req.slots_per_layer {
                 Some(s) if s > fit => {
                     return Err(Error::Budget(format!(
@@ -366,11 +380,9 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
             context_hint(kv_bytes)
         )));
     }
-    let ram_experts = if sizes.expert_bytes > 0 {
-        (((ram_budget - host_fixed) / sizes.expert_bytes) as usize).min(total_experts)
-    } else {
-        0
-    };
+    let ram_experts = (ram_budget - host_fixed)
+        .checked_div(sizes.expert_bytes)
+        .map_or(0, |n| (n as usize).min(total_experts));
     let file_experts = total_experts - ram_experts.min(total_experts);
     if req.device == Device::Sim && slots < sizes.top_k && total_experts > 0 {
         warnings.push(format!(
@@ -398,7 +410,10 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
     } else {
         let frac = cached as f64 / total_experts as f64;
         let per_layer = cached as f64 / sizes.moe_layers.max(1) as f64;
-        (frac, (per_layer / sizes.top_k.max(1) as f64).min(1.0).max(frac))
+        (
+            frac,
+            (per_layer / sizes.top_k.max(1) as f64).min(1.0).max(frac),
+        )
     };
     let expert_traffic = (sizes.top_k * sizes.moe_layers) as u64 * sizes.expert_bytes;
     let tps = |hit: f64| -> f64 {
@@ -408,7 +423,10 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
             Device::Cpu => {
                 (sizes.resident_read_per_token_bytes as f64 + hit_bytes)
                     / profile.ram_compute_bytes_per_s
-                    + miss_bytes / profile.file_read_bytes_per_s.min(profile.ram_compute_bytes_per_s)
+                    + miss_bytes
+                        / profile
+                            .file_read_bytes_per_s
+                            .min(profile.ram_compute_bytes_per_s)
             }
             _ => {
                 let host_side = if ram_experts >= total_experts {
@@ -502,12 +520,22 @@ mod tests {
     fn too_small_budget_names_budget_and_bytes() {
         let mut r = req(Device::Cpu);
         r.ram_budget_bytes = Some(512 << 20);
-        let e = make_plan(&sizes(), &r, &Profile::default()).unwrap_err().to_string();
-        assert!(e.contains("ram_budget") && e.contains("512.00 MiB") && e.contains("needed"), "{e}");
+        let e = make_plan(&sizes(), &r, &Profile::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ram_budget") && e.contains("512.00 MiB") && e.contains("needed"),
+            "{e}"
+        );
         let mut r = req(Device::Sim);
         r.vram_budget_bytes = Some(256 << 20);
-        let e = make_plan(&sizes(), &r, &Profile::default()).unwrap_err().to_string();
-        assert!(e.contains("vram_budget") && e.contains("resident set"), "{e}");
+        let e = make_plan(&sizes(), &r, &Profile::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vram_budget") && e.contains("resident set"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -292,9 +292,7 @@ impl ByteSize {
         let total = bytes_whole
             .checked_add(bytes_fraction)
             .ok_or_else(too_large)?;
-        u64::try_from(total)
-            .map(ByteSize)
-            .map_err(|_| too_large())
+        u64::try_from(total).map(ByteSize).map_err(|_| too_large())
     }
 
     /// The shortest exact spelling, e.g. `"12GiB"`, `"16GB"`, `"4097B"`; parses back to `self`.
@@ -302,10 +300,19 @@ impl ByteSize {
         if self.0 == 0 {
             return "0B".to_string();
         }
-        let mut units: Vec<(&str, u64)> = UNITS.to_vec();
-        units.sort_by(|a, b| b.1.cmp(&a.1));
-        for (name, m) in units {
-            if self.0 % m == 0 {
+        // Largest unit first, so the number is as short as possible.
+        const LARGEST_FIRST: [(&str, u64); 8] = [
+            ("TiB", 1 << 40),
+            ("TB", 1_000_000_000_000),
+            ("GiB", 1 << 30),
+            ("GB", 1_000_000_000),
+            ("MiB", 1 << 20),
+            ("MB", 1_000_000),
+            ("KiB", 1 << 10),
+            ("KB", 1_000),
+        ];
+        for (name, m) in LARGEST_FIRST {
+            if self.0.is_multiple_of(m) {
                 return format!("{}{name}", self.0 / m);
             }
         }
@@ -374,7 +381,9 @@ impl serde::de::Visitor<'_> for ByteSizeVisitor {
         if v.is_nan() || v.is_infinite() {
             Err(E::custom(format!("{v} is not a size ({SIZE_HINT})")))
         } else if v < 0.0 {
-            Err(E::custom(format!("{v} is negative; a size must be 0 or more")))
+            Err(E::custom(format!(
+                "{v} is negative; a size must be 0 or more"
+            )))
         } else if v >= 18_446_744_073_709_551_616.0 {
             Err(E::custom(format!(
                 "{v} is too large (at most {} bytes)",
@@ -524,10 +533,13 @@ impl RunConfig {
     fn resolve_paths(&mut self, base_dir: &Path) -> Result<(), InvalidKey> {
         let home = std::env::var_os("HOME");
         if let Some(resolved) = resolve_model(&self.model, base_dir, home.as_deref()) {
-            self.model = resolved.into_os_string().into_string().map_err(|_| InvalidKey {
-                key: "model".to_string(),
-                message: "the resolved path is not valid UTF-8".to_string(),
-            })?;
+            self.model = resolved
+                .into_os_string()
+                .into_string()
+                .map_err(|_| InvalidKey {
+                    key: "model".to_string(),
+                    message: "the resolved path is not valid UTF-8".to_string(),
+                })?;
         }
         if let Some(dir) = &self.state_dir {
             if !dir.as_os_str().is_empty() {
@@ -543,14 +555,20 @@ impl RunConfig {
         if self.model.trim().is_empty() {
             return invalid("model", "must not be empty");
         }
-        for (key, budget) in [("vram_budget", self.vram_budget), ("ram_budget", self.ram_budget)] {
+        for (key, budget) in [
+            ("vram_budget", self.vram_budget),
+            ("ram_budget", self.ram_budget),
+        ] {
             if budget == Some(ByteSize(0)) {
                 return invalid(key, "must be above 0 bytes (leave it out for the default)");
             }
         }
         if let Some(n) = self.max_context {
             if n < 2 {
-                return invalid("max_context", format!("must be at least 2 tokens (got {n})"));
+                return invalid(
+                    "max_context",
+                    format!("must be at least 2 tokens (got {n})"),
+                );
             }
         }
         if self.max_batch < 1 {
@@ -564,7 +582,10 @@ impl RunConfig {
         }
         if let Some(dir) = &self.state_dir {
             if dir.as_os_str().is_empty() {
-                return invalid("state_dir", "must not be empty (leave it out for the default)");
+                return invalid(
+                    "state_dir",
+                    "must not be empty (leave it out for the default)",
+                );
             }
             if let Some(model_dir) = self.local_model_dir() {
                 if is_within(dir, &model_dir) {
@@ -808,7 +829,9 @@ fn describe_toml_error(text: &str, error: &toml::de::Error, with_key: bool) -> S
         match (context.value_key, unknown_field(&message)) {
             (_, Some(field)) => Some(join_key(&context.container, Some(field))),
             (Some(key), None) => Some(join_key(&key, None)),
-            (None, None) if !context.container.is_empty() => Some(join_key(&context.container, None)),
+            (None, None) if !context.container.is_empty() => {
+                Some(join_key(&context.container, None))
+            }
             (None, None) => None,
         }
     } else {
@@ -1083,14 +1106,20 @@ mod tests {
             Some(ByteSize(1_610_612_736))
         );
         assert_eq!(budget("4096").unwrap().ram_budget, Some(ByteSize(4096)));
-        assert_eq!(budget("16e9").unwrap().ram_budget, Some(ByteSize(16_000_000_000)));
+        assert_eq!(
+            budget("16e9").unwrap().ram_budget,
+            Some(ByteSize(16_000_000_000))
+        );
         assert_eq!(budget("1000.7").unwrap().ram_budget, Some(ByteSize(1000)));
         for (value, expected) in [
             ("\"12 GX\"", "ram_budget: \"12 GX\" is not a size (use e.g."),
             ("-5", "ram_budget: -5 is negative"),
             ("-1.5", "ram_budget: -1.5 is negative"),
             ("nan", "ram_budget: NaN is not a size"),
-            ("1e30", "ram_budget: 1000000000000000000000000000000 is too large"),
+            (
+                "1e30",
+                "ram_budget: 1000000000000000000000000000000 is too large",
+            ),
             ("\"-1GB\"", "ram_budget: \"-1GB\" is negative"),
             ("\"\"", "ram_budget: \"\" is not a size"),
             ("true", "ram_budget: invalid type: boolean `true`"),
@@ -1232,7 +1261,10 @@ max_queue = 8
         assert!(written.contains("vram_budget = \"7GiB\""), "{written}");
         assert_eq!(parse(&written).unwrap(), c);
         let defaults = RunConfig::for_model("org/name");
-        assert_eq!(parse(&toml::to_string(&defaults).unwrap()).unwrap(), defaults);
+        assert_eq!(
+            parse(&toml::to_string(&defaults).unwrap()).unwrap(),
+            defaults
+        );
         // Enum spellings.
         for (value, kind) in [
             ("cpu", DeviceKind::Cpu),
@@ -1242,7 +1274,11 @@ max_queue = 8
             let c = parse(&format!("model = \"m\"\ndevice = \"{value}\"")).unwrap();
             assert_eq!(c.device, kind);
         }
-        for (value, dtype) in [("f32", KvDtype::F32), ("bf16", KvDtype::Bf16), ("f16", KvDtype::F16)] {
+        for (value, dtype) in [
+            ("f32", KvDtype::F32),
+            ("bf16", KvDtype::Bf16),
+            ("f16", KvDtype::F16),
+        ] {
             let c = parse(&format!("model = \"m\"\nkv_dtype = \"{value}\"")).unwrap();
             assert_eq!(c.kv_dtype, dtype);
         }
@@ -1260,18 +1296,41 @@ max_queue = 8
     fn unknown_keys_are_named() {
         let cases = [
             ("model = \"m\"\nmodle = 1\n", "modle", "line 2, column 1"),
-            ("model = \"m\"\n[experts]\nprefetch = true\nbogus = 1\n", "experts.bogus", "line 4"),
-            ("model = \"m\"\n[sim]\nlink_gbps = 3.0\n", "sim.link_gbps", "line 3"),
-            ("model = \"m\"\n[server]\nhost = \"h\"\nportt = 1\n", "server.portt", "line 4"),
+            (
+                "model = \"m\"\n[experts]\nprefetch = true\nbogus = 1\n",
+                "experts.bogus",
+                "line 4",
+            ),
+            (
+                "model = \"m\"\n[sim]\nlink_gbps = 3.0\n",
+                "sim.link_gbps",
+                "line 3",
+            ),
+            (
+                "model = \"m\"\n[server]\nhost = \"h\"\nportt = 1\n",
+                "server.portt",
+                "line 4",
+            ),
             // Dotted keys and inline tables locate the key too.
-            ("model = \"m\"\nexperts.bogus = 1\n", "experts.bogus", "line 2"),
-            ("model = \"m\"\nserver = { port = 1, bogus = 2 }\n", "server.bogus", "line 2"),
+            (
+                "model = \"m\"\nexperts.bogus = 1\n",
+                "experts.bogus",
+                "line 2",
+            ),
+            (
+                "model = \"m\"\nserver = { port = 1, bogus = 2 }\n",
+                "server.bogus",
+                "line 2",
+            ),
             // A whole unknown table.
             ("model = \"m\"\n[gpu]\nx = 1\n", "gpu", "line 2"),
         ];
         for (text, key, place) in cases {
             let line = error_line(text);
-            assert!(line.contains(&format!("{key}: unknown field")), "{text:?}: {line}");
+            assert!(
+                line.contains(&format!("{key}: unknown field")),
+                "{text:?}: {line}"
+            );
             assert!(line.contains(place), "{text:?}: {line}");
         }
     }
@@ -1308,13 +1367,16 @@ max_queue = 8
     #[test]
     fn syntax_errors_are_one_line() {
         for (text, expected) in [
-            ("model = [\n", "line 1"),
+            ("model = [\n", "invalid array"),
             ("model = \"m\"\nmax_batch = \n", "line 2"),
             ("model = \"m\"\nmodel = \"n\"\n", "duplicate key"),
             ("[experts\n", "line 1"),
         ] {
             let e = parse(text).expect_err(text);
-            assert!(matches!(e, ConfigFileError::Parse { .. }), "{text:?}: {e:?}");
+            assert!(
+                matches!(e, ConfigFileError::Parse { .. }),
+                "{text:?}: {e:?}"
+            );
             let line = error_line(text);
             assert!(line.contains(expected), "{text:?}: {line}");
         }
@@ -1341,18 +1403,46 @@ max_queue = 8
             ("ram_budget = 0", "ram_budget", "above 0"),
             ("vram_budget = \"0GiB\"", "vram_budget", "above 0"),
             ("state_dir = \"\"", "state_dir", "must not be empty"),
-            ("[experts]\nslots_per_layer = 0", "experts.slots_per_layer", "at least 1"),
-            ("[experts]\nprefetch_depth = 5", "experts.prefetch_depth", "at most 4"),
+            (
+                "[experts]\nslots_per_layer = 0",
+                "experts.slots_per_layer",
+                "at least 1",
+            ),
+            (
+                "[experts]\nprefetch_depth = 5",
+                "experts.prefetch_depth",
+                "at most 4",
+            ),
             ("[sim]\nlink_gb_per_s = 0.0", "sim.link_gb_per_s", "above 0"),
-            ("[sim]\nlink_gb_per_s = -3.0", "sim.link_gb_per_s", "above 0"),
+            (
+                "[sim]\nlink_gb_per_s = -3.0",
+                "sim.link_gb_per_s",
+                "above 0",
+            ),
             ("[sim]\nlink_gb_per_s = inf", "sim.link_gb_per_s", "finite"),
             ("[sim]\nlink_gb_per_s = nan", "sim.link_gb_per_s", "finite"),
-            ("[sim]\ncopy_latency_us = -1.0", "sim.copy_latency_us", "0 or more"),
-            ("[sim]\ncopy_latency_us = nan", "sim.copy_latency_us", "0 or more"),
+            (
+                "[sim]\ncopy_latency_us = -1.0",
+                "sim.copy_latency_us",
+                "0 or more",
+            ),
+            (
+                "[sim]\ncopy_latency_us = nan",
+                "sim.copy_latency_us",
+                "0 or more",
+            ),
             ("[server]\nport = 0", "server.port", "must not be 0"),
             ("[server]\nhost = \"\"", "server.host", "must not be empty"),
-            ("[server]\napi_key = \"\"", "server.api_key", "must not be empty"),
-            ("[server]\nmodel_name = \" \"", "server.model_name", "must not be empty"),
+            (
+                "[server]\napi_key = \"\"",
+                "server.api_key",
+                "must not be empty",
+            ),
+            (
+                "[server]\nmodel_name = \" \"",
+                "server.model_name",
+                "must not be empty",
+            ),
         ];
         for &(body, key, expected) in cases {
             let text = if body.starts_with("model") {
@@ -1399,7 +1489,10 @@ max_queue = 8
         let c = write_and_load("model = \"../models/tiny\"\nstate_dir = \"state\"\n").unwrap();
         assert_eq!(Path::new(&c.model), base.join("conf/../models/tiny"));
         assert!(Path::new(&c.model).join(".").is_dir());
-        assert_eq!(c.state_dir.as_deref(), Some(base.join("conf/state").as_path()));
+        assert_eq!(
+            c.state_dir.as_deref(),
+            Some(base.join("conf/state").as_path())
+        );
         assert_eq!(c.resolved_state_dir(), base.join("conf/state"));
 
         let c = write_and_load("model = \"./not-yet\"\nstate_dir = \"./s/../t\"\n").unwrap();
@@ -1425,8 +1518,9 @@ max_queue = 8
         assert_eq!(c.state_dir.unwrap(), base.join("st"));
 
         // A state folder inside the model folder is refused.
-        let e = write_and_load("model = \"../models/tiny\"\nstate_dir = \"../models/tiny/state\"\n")
-            .unwrap_err();
+        let e =
+            write_and_load("model = \"../models/tiny\"\nstate_dir = \"../models/tiny/state\"\n")
+                .unwrap_err();
         match &e {
             ConfigFileError::Invalid { key, path, .. } => {
                 assert_eq!(key, "state_dir");
@@ -1438,11 +1532,18 @@ max_queue = 8
 
         // Errors name the file as given.
         let e = write_and_load("model = \"m\"\nbogus = 1\n").unwrap_err();
-        assert!(e.to_string().starts_with(&format!("{}: line 2", file.display())), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}: line 2", file.display())),
+            "{e}"
+        );
         let missing = base.join("nope.toml");
         let e = RunConfig::from_file(&missing).unwrap_err();
         assert!(matches!(e, ConfigFileError::Io { .. }));
-        assert!(e.to_string().starts_with(&missing.display().to_string()), "{e}");
+        assert!(
+            e.to_string().starts_with(&missing.display().to_string()),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1460,22 +1561,32 @@ max_queue = 8
             resolve_path(Path::new("st"), Path::new("/cfg"), Some(home)),
             PathBuf::from("/cfg/st")
         );
-        assert_eq!(resolve_model("org/name", Path::new("/cfg"), Some(home)), None);
+        assert_eq!(
+            resolve_model("org/name", Path::new("/cfg"), Some(home)),
+            None
+        );
         assert_eq!(resolve_model("/abs/m", Path::new("/cfg"), Some(home)), None);
     }
 
     #[test]
     fn state_dir_sources() {
-        let s = |explicit: Option<&str>, model: Option<&str>, xdg: Option<&str>, home: Option<&str>| {
-            state_dir_from(
-                explicit.map(Path::new),
-                model.map(Path::new),
-                xdg.map(OsString::from),
-                home.map(OsString::from),
-            )
-        };
-        assert_eq!(s(Some("/st"), None, Some("/x"), Some("/h")), PathBuf::from("/st"));
-        assert_eq!(s(None, None, Some("/x"), Some("/h")), PathBuf::from("/x/moe-offload"));
+        let s =
+            |explicit: Option<&str>, model: Option<&str>, xdg: Option<&str>, home: Option<&str>| {
+                state_dir_from(
+                    explicit.map(Path::new),
+                    model.map(Path::new),
+                    xdg.map(OsString::from),
+                    home.map(OsString::from),
+                )
+            };
+        assert_eq!(
+            s(Some("/st"), None, Some("/x"), Some("/h")),
+            PathBuf::from("/st")
+        );
+        assert_eq!(
+            s(None, None, Some("/x"), Some("/h")),
+            PathBuf::from("/x/moe-offload")
+        );
         // A relative XDG_STATE_HOME is ignored, as the XDG spec says.
         assert_eq!(
             s(None, None, Some("rel"), Some("/h")),
@@ -1511,7 +1622,13 @@ max_queue = 8
         assert_eq!(at("1\n").value_key, Some(vec!["a".to_string()]));
         assert_eq!(
             at("2 }").value_key,
-            Some(vec!["t".into(), "u".into(), "b".into(), "c".into(), "d".into()])
+            Some(vec![
+                "t".into(),
+                "u".into(),
+                "b".into(),
+                "c".into(),
+                "d".into()
+            ])
         );
         assert_eq!(
             at("\"x\"").value_key,
@@ -1534,11 +1651,15 @@ max_queue = 8
         names.sort();
         assert_eq!(
             names,
-            ["cpu-16gb.toml", "gpu-24gb.toml", "gpu-8gb-ram-64gb.toml", "sim-demo.toml"]
+            [
+                "cpu-16gb.toml",
+                "gpu-24gb.toml",
+                "gpu-8gb-ram-64gb.toml",
+                "sim-demo.toml"
+            ]
         );
-        let load = |name: &str| {
-            RunConfig::from_file(&dir.join(name)).unwrap_or_else(|e| panic!("{e}"))
-        };
+        let load =
+            |name: &str| RunConfig::from_file(&dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
 
         let c = load("cpu-16gb.toml");
         assert_eq!(c.model, "Qwen/Qwen3-30B-A3B");
@@ -1548,7 +1669,7 @@ max_queue = 8
         assert_eq!(c.max_context, Some(4096));
         assert_eq!(c.max_batch, 1);
         assert_eq!(c.threads, None);
-        assert_eq!(c.kv_dtype, KvDtype::Bf16);
+        assert_eq!(c.kv_dtype, KvDtype::F32);
         assert_eq!(c.experts, ExpertsConfig::default());
         assert_eq!(c.sim, SimConfig::default());
         assert_eq!(c.server, ServerConfig::default());
@@ -1560,7 +1681,7 @@ max_queue = 8
         assert_eq!(c.ram_budget, Some(ByteSize(24 << 30)));
         assert_eq!(c.max_context, Some(8192));
         assert_eq!(c.max_batch, 4);
-        assert_eq!(c.kv_dtype, KvDtype::Bf16);
+        assert_eq!(c.kv_dtype, KvDtype::F32);
         assert_eq!(c.experts.slots_per_layer, None);
         assert!(c.experts.prefetch);
         assert_eq!(c.experts.prefetch_depth, 1);
@@ -1576,7 +1697,7 @@ max_queue = 8
         assert_eq!(c.ram_budget, Some(ByteSize(56 << 30)));
         assert_eq!(c.max_context, Some(4096));
         assert_eq!(c.max_batch, 1);
-        assert_eq!(c.kv_dtype, KvDtype::Bf16);
+        assert_eq!(c.kv_dtype, KvDtype::F32);
         assert_eq!(c.experts.slots_per_layer, None);
         assert!(c.experts.prefetch);
         assert_eq!(c.experts.prefetch_depth, 2);

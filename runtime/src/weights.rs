@@ -102,7 +102,10 @@ impl Dtype {
 /// Bytes of one file: a read-only mapping, or static bytes compiled into the binary.
 pub enum Storage {
     /// A mapped file, with the open file for positioned reads that bypass the mapping.
-    Mmap { map: memmap2::Mmap, file: File },
+    Mmap {
+        map: memmap2::Mmap,
+        file: File,
+    },
     Static(&'static [u8]),
     /// An 8-byte aligned copy (`len` bytes used).
     Words {
@@ -400,7 +403,10 @@ impl TensorRef {
             }
             Storage::Virtual => Err(Error::bad_file(
                 (*self.path).clone(),
-                format!("tensor `{}` has no data (planned without weights)", self.name),
+                format!(
+                    "tensor `{}` has no data (planned without weights)",
+                    self.name
+                ),
             )),
             other => {
                 dst.copy_from_slice(&other.bytes()[self.start..self.end]);
@@ -644,7 +650,6 @@ impl WeightSet {
             .sum()
     }
 
-
     /// Header info of a tensor, without marking it used.
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
         self.by_name
@@ -657,7 +662,9 @@ impl WeightSet {
         if let Some(dtype) = self.virtual_dtype {
             let shape = shape.map(<[usize]>::to_vec).unwrap_or_default();
             let size = shape.iter().product::<usize>() * dtype.size_bytes();
-            self.virtual_sizes.lock().insert(name.to_string(), size as u64);
+            self.virtual_sizes
+                .lock()
+                .insert(name.to_string(), size as u64);
             return Ok(TensorRef {
                 name: name.to_string(),
                 path: Arc::new(PathBuf::from(&self.label)),

@@ -227,9 +227,7 @@ pub fn expert_ffn(
             *o += y * w;
         }
     }
-
 }
-
 
 #[cfg(test)]
 impl ExpertBuf {

@@ -171,8 +171,8 @@ impl SlotPool {
                 .entries
                 .iter()
                 .filter(|(k, e)| {
-                    !e.slot.is_loading()
-                        && !(self.policy == EvictionPolicy::PinnedLru && pinned.contains(k))
+                    let pinned = self.policy == EvictionPolicy::PinnedLru && pinned.contains(k);
+                    !pinned && !e.slot.is_loading()
                 })
                 .min_by_key(|(_, e)| match self.policy {
                     EvictionPolicy::Lru | EvictionPolicy::PinnedLru => (e.last_use, 0),

@@ -117,8 +117,8 @@ impl Loader {
 }
 
 /// Where an expert's bytes are read from for computing or copying.
-enum HostView {
-    Mapped(ExpertWeights),
+enum HostView<'a> {
+    Mapped(&'a ExpertWeights),
     Owned(Arc<ExpertBuf>),
 }
 
@@ -250,13 +250,13 @@ impl TieredStore {
 
     /// The host-side bytes of an expert for computing on the host, counting hits and misses
     /// when the host is the compute tier.
-    fn host_view(&self, layer: usize, expert: usize, count: bool) -> Result<HostView> {
+    fn host_view(&self, layer: usize, expert: usize, count: bool) -> Result<HostView<'_>> {
         let c = self.counters(layer);
         let Some(pool) = &self.shared.host_pool else {
             if count {
                 LayerCounters::add(&c.hits, 1);
             }
-            return Ok(HostView::Mapped(self.shared.experts[layer][expert].clone()));
+            return Ok(HostView::Mapped(&self.shared.experts[layer][expert]));
         };
         let key = self.shared.key(layer, expert);
         if let Some(Found { slot, prefetch_hit }) = pool.lookup(key) {
@@ -474,9 +474,8 @@ impl ExpertStore for TieredStore {
                 if !pools[layer].contains(e) {
                     let _ = self.device_load(layer, e, true);
                 }
-            } else if self.shared.host_pool.is_some() {
-                let key = self.shared.key(layer, e);
-                if !self.shared.host_pool.as_ref().expect("pool").contains(key) {
+            } else if let Some(pool) = &self.shared.host_pool {
+                if !pool.contains(self.shared.key(layer, e)) {
                     let _ = self.host_slot(layer, e, true);
                 }
             }
