@@ -501,3 +501,66 @@ fn unused_tensors_get_one_warning_and_are_ignored() {
         "{stderr}"
     );
 }
+
+#[test]
+fn hot_set_is_remembered_and_placed_first_on_the_next_start() {
+    let state = tempfile::tempdir().unwrap();
+    let m = fixture_model("qwen3_moe");
+    let run_once = || {
+        let out = Command::new(bin())
+            .args([
+                "run",
+                "--model",
+                m.to_str().unwrap(),
+                "--prompt-ids",
+                "5",
+                "--max-tokens",
+                "1",
+                "--temperature",
+                "0",
+            ])
+            .args(["--device", "sim", "--vram-budget", "64MiB", "--json"])
+            .env("XDG_STATE_HOME", state.path())
+            .output()
+            .unwrap();
+        json_of(&out)
+    };
+    let first = run_once();
+    let layer0 = |v: &serde_json::Value| v["experts"]["per_layer"][0]["hits"].as_u64().unwrap();
+    assert_eq!(layer0(&first), 0, "nothing is resident on a cold start");
+    let files: Vec<_> = std::fs::read_dir(state.path().join("moe-offload/hotset"))
+        .unwrap()
+        .collect();
+    assert_eq!(files.len(), 1, "one hot-set file per model");
+    let second = run_once();
+    assert!(
+        layer0(&second) > 0,
+        "the hottest experts are loaded at start: {}",
+        second["experts"]
+    );
+    assert_eq!(first["tokens"], second["tokens"]);
+
+    // A corrupt hot-set file is ignored with a warning, and replaced.
+    let f = files[0].as_ref().unwrap().path();
+    std::fs::write(&f, b"{not json").unwrap();
+    let out = Command::new(bin())
+        .args([
+            "run",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt-ids",
+            "5",
+            "--max-tokens",
+            "1",
+            "--temperature",
+            "0",
+            "--json",
+        ])
+        .env("XDG_STATE_HOME", state.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    json_of(&out);
+    assert!(stderr.contains("ignoring hot-set file"), "{stderr}");
+    assert!(serde_json::from_slice::<serde_json::Value>(&std::fs::read(&f).unwrap()).is_ok());
+}

@@ -137,6 +137,8 @@ pub struct Model {
     pub unused_tensors: Vec<String>,
     /// Where every byte lives.
     pub plan: Plan,
+    /// The hot-set file of this model and the counts it held at load.
+    hotset: (PathBuf, String, Option<Vec<Vec<u64>>>),
     pool: rayon::ThreadPool,
 }
 
@@ -272,6 +274,10 @@ impl Model {
         let sizes = ModelSizes::measure(&config, &weights, &mw, request.kv_elem_bytes);
         let state_dir = settings.resolved_state_dir();
         let profile = Profile::load(&state_dir);
+        let fingerprint = crate::hotset::fingerprint(&cfg_bytes, &weights);
+        let hotset_path = crate::hotset::path(&state_dir, &fingerprint);
+        let experts_per_layer: Vec<usize> = mw.experts.iter().map(Vec::len).collect();
+        let hot_counts = crate::hotset::load(&hotset_path, &fingerprint, &experts_per_layer);
         // Refuse before anything but headers has been read.
         let plan = make_plan(&sizes, &request, &profile)?;
         for w in &plan.warnings {
@@ -297,7 +303,10 @@ impl Model {
                 prefetch: settings.experts.prefetch,
                 prefetch_depth: settings.experts.prefetch_depth,
                 loader_threads: LOADER_THREADS,
-                hot: Vec::new(),
+                hot: hot_counts
+                    .as_deref()
+                    .map(crate::hotset::ranking)
+                    .unwrap_or_default(),
             },
         )?;
         let decoder = Decoder {
@@ -333,8 +342,24 @@ impl Model {
             max_context,
             unused_tensors,
             plan,
+            hotset: (hotset_path, fingerprint, hot_counts),
             pool,
         })
+    }
+
+    /// Remembers this run's expert popularity in `state_dir` for the next start.
+    pub fn save_hot_set(&self) -> Result<()> {
+        let run = self.decoder.store.popularity();
+        if run.iter().flatten().all(|&c| c == 0) {
+            return Ok(());
+        }
+        let (path, fp, old) = &self.hotset;
+        crate::hotset::save(path, fp, old.as_deref(), &run)
+    }
+
+    /// Where the hot set is kept.
+    pub fn hot_set_path(&self) -> &std::path::Path {
+        &self.hotset.0
     }
 
     /// Compute threads in use.

@@ -31,6 +31,7 @@ pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod fsutil;
+pub mod hotset;
 pub mod hub;
 pub mod layers;
 pub mod model;

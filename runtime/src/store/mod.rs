@@ -67,6 +67,11 @@ pub trait ExpertStore: Send + Sync {
     fn stats(&self) -> StoreStats {
         StoreStats::default()
     }
+
+    /// Tokens routed to each expert since the store was built, per layer (the hot set).
+    fn popularity(&self) -> Vec<Vec<u64>> {
+        Vec::new()
+    }
 }
 
 /// One expert's SwiGLU weights: gate and up `[inter, hidden]`, down `[hidden, inter]`.

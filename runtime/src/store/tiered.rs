@@ -18,6 +18,7 @@
 //! buffers computations hold at that moment.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -127,6 +128,41 @@ struct Shared {
     host_pool: Option<SlotPool>,
     counters: Vec<LayerCounters>,
     num_experts_max: usize,
+    /// Tokens routed to each (layer, expert) since start: the hot set.
+    popularity: Vec<Vec<AtomicU64>>,
+    /// Measured device copy speed, bytes/s (0 until the first copy).
+    copy_rate: Rate,
+    /// Measured host compute speed over expert weights, bytes/s (0 until measured).
+    host_rate: Rate,
+}
+
+/// A running estimate of a speed (exponential moving average of samples), lock-free.
+#[derive(Default)]
+struct Rate(AtomicU64);
+
+impl Rate {
+    /// Weight of a new sample: recent behaviour matters, one outlier does not dominate.
+    const ALPHA: f64 = 0.2;
+
+    fn record(&self, bytes: usize, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        if secs <= 0.0 || bytes == 0 {
+            return;
+        }
+        let sample = bytes as f64 / secs;
+        let old = f64::from_bits(self.0.load(Relaxed));
+        let new = if old == 0.0 {
+            sample
+        } else {
+            old + Self::ALPHA * (sample - old)
+        };
+        self.0.store(new.to_bits(), Relaxed);
+    }
+
+    fn get(&self) -> Option<f64> {
+        let v = f64::from_bits(self.0.load(Relaxed));
+        (v > 0.0).then_some(v)
+    }
 }
 
 impl Shared {
@@ -171,6 +207,7 @@ impl TieredStore {
             e.check(hidden, inter)?;
         }
         let layers = experts.len();
+        let experts_per_layer: Vec<usize> = experts.iter().map(Vec::len).collect();
         let num_experts_max = experts.iter().map(Vec::len).max().unwrap_or(0).max(1);
         let host_pool = match config.host {
             HostTierConfig::Mapped => None,
@@ -187,6 +224,12 @@ impl TieredStore {
             host_pool,
             counters: (0..layers).map(|_| LayerCounters::default()).collect(),
             num_experts_max,
+            popularity: experts_per_layer
+                .iter()
+                .map(|&n| (0..n).map(|_| AtomicU64::new(0)).collect())
+                .collect(),
+            copy_rate: Rate::default(),
+            host_rate: Rate::default(),
         });
         if config.policy == EvictionPolicy::PinnedLru {
             if let Some(p) = &shared.host_pool {
@@ -200,13 +243,15 @@ impl TieredStore {
                 }
             }
         }
-        Ok(TieredStore {
+        let store = TieredStore {
             loader: Loader::new(config.loader_threads),
             predicted: Mutex::new(vec![None; layers]),
             shared,
             device,
             config,
-        })
+        };
+        store.warm_up();
+        Ok(store)
     }
 
     fn counters(&self, layer: usize) -> &LayerCounters {
@@ -325,6 +370,7 @@ impl TieredStore {
                 if let Some(rest) = modelled.checked_sub(t0.elapsed()) {
                     std::thread::sleep(rest);
                 }
+                shared.copy_rate.record(bytes, t0.elapsed());
             }
             target.fill(src);
         });
@@ -373,15 +419,45 @@ impl TieredStore {
         Ok(())
     }
 
-    /// Copy or compute in place? Copy unless computing where the expert lies is faster than the
-    /// modelled copy.
+    /// Copy or compute in place? Copy unless computing where the expert lies is faster than
+    /// copying it, using the speeds measured so far (the configured ones until then).
     fn worth_copying(&self, layer: usize, expert: usize) -> bool {
         let Some((dev, _)) = &self.device else {
             return false;
         };
         let bytes = self.shared.experts[layer][expert].size_bytes() as f64;
-        let copy_s = dev.copy_latency.as_secs_f64() + bytes / dev.link_bytes_per_s;
-        bytes / dev.host_compute_bytes_per_s >= copy_s
+        let copy_s = match self.shared.copy_rate.get() {
+            Some(rate) => bytes / rate,
+            None => dev.copy_latency.as_secs_f64() + bytes / dev.link_bytes_per_s,
+        };
+        let host_rate = self
+            .shared
+            .host_rate
+            .get()
+            .unwrap_or(dev.host_compute_bytes_per_s);
+        bytes / host_rate >= copy_s
+    }
+
+    /// Starts loading the hottest experts (hottest first) into the fastest tier, up to its
+    /// capacity, so a restart begins with the working set of the last run.
+    fn warm_up(&self) {
+        let hot = self.config.hot.clone();
+        if let Some((_, pools)) = &self.device {
+            let mut per_layer = vec![0usize; pools.len()];
+            for (l, e) in hot {
+                if l < pools.len() && e < self.num_experts(l) && per_layer[l] < pools[l].capacity()
+                {
+                    per_layer[l] += 1;
+                    let _ = self.device_load(l, e, true);
+                }
+            }
+        } else if let Some(pool) = &self.shared.host_pool {
+            for (l, e) in hot.into_iter().take(pool.capacity()) {
+                if e < self.num_experts(l) {
+                    let _ = self.host_slot(l, e, true);
+                }
+            }
+        }
     }
 
     fn compute_on_host(
@@ -393,10 +469,19 @@ impl TieredStore {
         out: &mut [f32],
         count: bool,
     ) -> Result<()> {
-        match self.host_view(layer, b.expert, count)? {
-            HostView::Mapped(w) => w.forward_rows(&b.rows, &b.weights, x, hidden, out),
-            HostView::Owned(buf) => buf.forward_rows(&b.rows, &b.weights, x, hidden, out),
-        }
+        let view = self.host_view(layer, b.expert, count)?;
+        let t0 = Instant::now();
+        let bytes = match view {
+            HostView::Mapped(w) => {
+                w.forward_rows(&b.rows, &b.weights, x, hidden, out);
+                w.size_bytes()
+            }
+            HostView::Owned(buf) => {
+                buf.forward_rows(&b.rows, &b.weights, x, hidden, out);
+                buf.size_bytes()
+            }
+        };
+        self.shared.host_rate.record(bytes, t0.elapsed());
         Ok(())
     }
 
@@ -424,6 +509,9 @@ impl ExpertStore for TieredStore {
         }
         let used: HashSet<usize> = batches.iter().map(|b| b.expert).collect();
         self.score_prediction(layer, &used);
+        for b in batches {
+            self.shared.popularity[layer][b.expert].fetch_add(b.rows.len() as u64, Relaxed);
+        }
         let Some((_, pools)) = &self.device else {
             for b in batches {
                 self.compute_on_host(layer, b, x, hidden, out, true)?;
@@ -493,6 +581,14 @@ impl ExpertStore for TieredStore {
 
     fn prefetch_depth(&self) -> usize {
         self.config.prefetch_depth
+    }
+
+    fn popularity(&self) -> Vec<Vec<u64>> {
+        self.shared
+            .popularity
+            .iter()
+            .map(|l| l.iter().map(|c| c.load(Relaxed)).collect())
+            .collect()
     }
 
     fn stats(&self) -> StoreStats {
