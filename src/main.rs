@@ -38,6 +38,8 @@ enum Command {
     Run(RunArgs),
     /// Show where every byte of a model would live under the budgets, without loading it.
     Plan(PlanArgs),
+    /// Measure RAM compute and file read bandwidths; save them for `plan` in state_dir.
+    Calibrate(CalibrateArgs),
     /// Write a random-weight model in Hugging Face layout (for tests and benchmarks).
     Synth(SynthArgs),
 }
@@ -103,6 +105,16 @@ impl ModelArgs {
         }
         Ok(s)
     }
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    /// A run configuration (its state_dir and model folder are used).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where to save profile.json (default: the per-user state folder).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -207,6 +219,7 @@ fn main() -> ExitCode {
     let result = std::panic::catch_unwind(|| match cli.command {
         Command::Run(a) => run(a),
         Command::Plan(a) => plan_cmd(a),
+        Command::Calibrate(a) => calibrate_cmd(a),
         Command::Synth(a) => synth_cmd(a),
     });
     match result {
@@ -235,6 +248,34 @@ fn rss_bytes() -> Option<u64> {
 /// Peak resident set size (VmHWM, file-backed pages included).
 fn peak_rss_bytes() -> Option<u64> {
     status_bytes("VmHWM:")
+}
+
+fn calibrate_cmd(a: CalibrateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg = match &a.config {
+        Some(p) => Some(RunConfig::from_file(p)?),
+        None => None,
+    };
+    let settings = cfg
+        .as_ref()
+        .map(Settings::from_run_config)
+        .unwrap_or_default();
+    let state_dir = a
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| settings.resolved_state_dir());
+    let model_dir = settings
+        .model
+        .as_deref()
+        .and_then(|m| moe_runtime::hub::resolve(m).ok());
+    eprintln!("measuring (about 10 s)...");
+    let p = moe_runtime::calibrate::calibrate(&state_dir, model_dir.as_deref())?;
+    println!(
+        "RAM compute {:.1} GB/s, file read {:.2} GB/s; saved to {}",
+        p.ram_compute_bytes_per_s / 1e9,
+        p.file_read_bytes_per_s / 1e9,
+        state_dir.join("profile.json").display()
+    );
+    Ok(())
 }
 
 fn plan_cmd(a: PlanArgs) -> Result<(), Box<dyn std::error::Error>> {

@@ -26,6 +26,7 @@
 //! - [`synth`]: random-weight model writer; [`demo`]: the embedded demo model.
 
 pub mod arch;
+pub mod calibrate;
 pub mod config;
 pub mod demo;
 pub mod engine;
