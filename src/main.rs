@@ -245,6 +245,16 @@ fn rss_bytes() -> Option<u64> {
     status_bytes("VmRSS:")
 }
 
+/// Major page faults of this process so far (pages that had to be read from disk).
+fn major_page_faults() -> Option<u64> {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a full rusage into the pointer it is given; the zeroed
+    // MaybeUninit is a valid place for it and is only read after a successful call.
+    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) } == 0;
+    // SAFETY: initialised by the successful call above (and zeroed before it anyway).
+    ok.then(|| unsafe { ru.assume_init() }.ru_majflt as u64)
+}
+
 /// Peak resident set size (VmHWM, file-backed pages included).
 fn peak_rss_bytes() -> Option<u64> {
     status_bytes("VmHWM:")
@@ -429,6 +439,7 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             "load_rss_bytes": load_rss,
             "rss_bytes": rss_bytes(),
             "peak_rss_bytes": peak_rss_bytes(),
+            "major_page_faults": major_page_faults(),
             "experts": stats,
             "device": settings.device,
         });
