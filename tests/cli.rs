@@ -8,9 +8,12 @@ use std::process::{Command, Output};
 use common::{bin, copy_model, fixtures, max_abs_diff, Reference};
 
 fn run(args: &[&str]) -> Output {
+    // A fresh state folder: no hot set from other runs.
+    let state = tempfile::tempdir().unwrap();
     Command::new(bin())
         .args(args)
         .env("HF_HUB_CACHE", "/nonexistent-hub-cache")
+        .env("XDG_STATE_HOME", state.path())
         .output()
         .expect("spawn moe-serve")
 }

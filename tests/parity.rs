@@ -170,9 +170,12 @@ fn fixtures_cover_every_architecture() {
 /// reference (short and long prompts).
 fn check_with_tiers(v: &common::Variant, tweak: impl Fn(&mut Settings, &moe_runtime::plan::Plan)) {
     let model_dir = v.dir.join("model").to_string_lossy().into_owned();
+    let state = tempfile::tempdir().unwrap();
     let mut settings = Settings {
         model: Some(model_dir),
         threads: Some(2),
+        // A fresh state folder: no hot set from other runs.
+        state_dir: Some(state.path().to_path_buf()),
         ..Default::default()
     };
     let base = moe_runtime::plan_model(&settings).unwrap().plan;

@@ -558,7 +558,9 @@ pub fn plan_model(settings: &Settings) -> Result<PlanReport> {
     let arch = arch::lookup(&raw)?;
     let config = (arch.parse_config)(&raw)?;
     config.validate(&raw)?;
-    let has_weights = cfg_name == "config.json"
+    // A config file named directly means "plan from the config alone", even beside weights.
+    let named_file = spec.as_deref().is_some_and(|s| s.ends_with(".json"));
+    let has_weights = !named_file
         && (files.exists("model.safetensors") || files.exists("model.safetensors.index.json"));
     let weights = if has_weights {
         WeightSet::open(&files)?

@@ -126,10 +126,8 @@ impl ModelSizes {
             .unwrap_or(0);
         let resident_bytes = w.used_bytes().saturating_sub(total_expert_bytes);
         let embed_bytes = mw.embed.size_bytes() as u64;
-        let tied = std::ptr::eq(
-            mw.embed.bytes().as_ptr(),
-            mw.lm_head.weight.bytes().as_ptr(),
-        ) && embed_bytes > 0;
+        // Tied embeddings: the output projection reads the whole table every token.
+        let tied = cfg.tie_word_embeddings;
         ModelSizes {
             resident_bytes,
             expert_bytes,

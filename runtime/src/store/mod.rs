@@ -14,7 +14,7 @@ mod pool;
 mod stats;
 mod tiered;
 
-pub use pool::{EvictionPolicy, SlotPool};
+pub use pool::{EvictionPolicy, Found, Reserved, Slot, SlotPool};
 pub use stats::{LayerStats, StoreStats};
 pub use tiered::{DeviceTierConfig, HostTierConfig, TieredStore, TieredStoreConfig};
 
@@ -234,9 +234,9 @@ pub fn expert_ffn(
     }
 }
 
-#[cfg(test)]
 impl ExpertBuf {
-    pub(crate) fn empty_for_tests() -> ExpertBuf {
+    /// A buffer holding no expert (for pool bookkeeping in tests and replays).
+    pub fn empty() -> ExpertBuf {
         ExpertBuf {
             words: Vec::new(),
             parts: [(0, 0, Dtype::F32); 3],

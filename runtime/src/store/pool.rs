@@ -213,7 +213,7 @@ mod tests {
     use super::*;
 
     fn buf() -> ExpertBuf {
-        ExpertBuf::empty_for_tests()
+        ExpertBuf::empty()
     }
 
     fn fill(p: &SlotPool, k: usize) {
