@@ -66,9 +66,13 @@ fn run(
     cmd_args.extend_from_slice(extra);
     let out = match cgroup {
         Some((cg, limit)) => {
+            // cgroup v1 wants memory <= memory+swap at every step: raise memsw first when
+            // growing, lower it last when shrinking (each write may fail; the final state counts).
+            let memsw = format!("{cg}/memory.memsw.limit_in_bytes");
+            let _ = std::fs::write(&memsw, limit.to_string());
             std::fs::write(format!("{cg}/memory.limit_in_bytes"), limit.to_string())
                 .map_err(|e| format!("{cg}: {e}"))?;
-            let _ = std::fs::write(format!("{cg}/memory.memsw.limit_in_bytes"), limit.to_string());
+            let _ = std::fs::write(&memsw, limit.to_string());
             let quoted: Vec<String> = cmd_args.iter().map(|a| format!("'{a}'")).collect();
             Command::new("sh")
                 .arg("-c")
@@ -185,7 +189,7 @@ fn main() {
     };
     let dir = std::env::temp_dir().join(format!("moe-offload-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    for s in shares.split(',') {
+    for s in shares.split(',').filter(|s| !s.is_empty()) {
         let share: f64 = s.parse().expect("share");
         let slots = ((plan.sizes.experts_per_layer as f64 * share).round() as usize).max(1);
         let vram = plan.sizes.resident_bytes
