@@ -4,27 +4,14 @@
 //! [--threads N] [--runs N]` (no `--model`: the bundled demo model). Prints the machine, the
 //! model and the best of `--runs` runs. Comparisons with a peer engine belong in the same run.
 
+mod common;
+use common::cpu_model;
 use std::time::Instant;
 
 use moe_runtime::{Logits, Model, Settings};
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
+    common::arg(args, name).and_then(|v| v.parse().ok())
 }
 
 fn main() {

@@ -7,27 +7,10 @@
 //! [--slot-shares 0.1,0.25,0.5] [--link-gb-per-s 25] [--prompt-tokens 32] [--decode-tokens 16]
 //! [--cgroup /sys/fs/cgroup/memory/NAME]` (build the release binary first: `cargo build --release`).
 
+mod common;
+use common::{arg, cpu_model};
 use std::path::PathBuf;
 use std::process::Command;
-
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
 
 fn binary() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));

@@ -43,6 +43,8 @@
 //! An in-file model of `pool.rs`'s victim rules replays the same trace as a check, and the
 //! output says whether both agree on every count.
 
+mod common;
+use common::cpu_model;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use moe_runtime::store::{EvictionPolicy, ExpertBuf, Reserved, SlotPool};
@@ -105,18 +107,6 @@ impl Args {
     fn has(&self, name: &str) -> bool {
         self.switches.contains(name)
     }
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 /// Routing of one token in one layer.

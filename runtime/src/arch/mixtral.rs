@@ -16,21 +16,9 @@ pub static ARCH: Arch = Arch {
 };
 
 static NAMES: NameScheme = NameScheme {
-    embed: "model.embed_tokens.weight",
-    final_norm: "model.norm.weight",
-    lm_head: "lm_head",
-    layer_prefix: "model.layers",
-    input_norm: "input_layernorm.weight",
-    post_attention_norm: "post_attention_layernorm.weight",
-    attn: "self_attn",
-    q_norm: "q_norm.weight",
-    k_norm: "k_norm.weight",
     moe_modules: &["block_sparse_moe", "mlp"],
-    router: "gate",
     expert_proj: ["w1", "w3", "w2"],
-    dense_mlp: "mlp",
-    dense_proj: ["gate_proj", "up_proj", "down_proj"],
-    shared_expert: None,
+    ..NameScheme::HF_STANDARD
 };
 
 fn parse_config(raw: &RawConfig) -> Result<ModelConfig> {

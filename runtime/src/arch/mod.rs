@@ -94,6 +94,28 @@ pub struct NameScheme {
     pub shared_expert: Option<(&'static str, &'static str)>,
 }
 
+impl NameScheme {
+    /// The names most Hugging Face decoders use (`model.layers.{l}.self_attn.q_proj`, ...);
+    /// architecture files override what differs.
+    pub const HF_STANDARD: NameScheme = NameScheme {
+        embed: "model.embed_tokens.weight",
+        final_norm: "model.norm.weight",
+        lm_head: "lm_head",
+        layer_prefix: "model.layers",
+        input_norm: "input_layernorm.weight",
+        post_attention_norm: "post_attention_layernorm.weight",
+        attn: "self_attn",
+        q_norm: "q_norm.weight",
+        k_norm: "k_norm.weight",
+        moe_modules: &["mlp"],
+        router: "gate",
+        expert_proj: ["gate_proj", "up_proj", "down_proj"],
+        dense_mlp: "mlp",
+        dense_proj: ["gate_proj", "up_proj", "down_proj"],
+        shared_expert: None,
+    };
+}
+
 /// Builds the whole decoder from a config and the tensors, following `names`.
 pub fn build_decoder(cfg: &ModelConfig, w: &WeightSet, names: &NameScheme) -> Result<ModelWeights> {
     let h = cfg.hidden_size;

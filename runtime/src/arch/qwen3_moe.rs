@@ -10,25 +10,7 @@ pub static ARCH: Arch = Arch {
     model_type: "qwen3_moe",
     hf_classes: &["Qwen3MoeForCausalLM"],
     parse_config,
-    names: &NAMES,
-};
-
-static NAMES: NameScheme = NameScheme {
-    embed: "model.embed_tokens.weight",
-    final_norm: "model.norm.weight",
-    lm_head: "lm_head",
-    layer_prefix: "model.layers",
-    input_norm: "input_layernorm.weight",
-    post_attention_norm: "post_attention_layernorm.weight",
-    attn: "self_attn",
-    q_norm: "q_norm.weight",
-    k_norm: "k_norm.weight",
-    moe_modules: &["mlp"],
-    router: "gate",
-    expert_proj: ["gate_proj", "up_proj", "down_proj"],
-    dense_mlp: "mlp",
-    dense_proj: ["gate_proj", "up_proj", "down_proj"],
-    shared_expert: None,
+    names: &NameScheme::HF_STANDARD,
 };
 
 fn parse_config(raw: &RawConfig) -> Result<ModelConfig> {
