@@ -4,7 +4,7 @@
 //! `moe-serve run [--model DIR|HUB_ID] (--prompt TEXT | --prompt-ids 1,2,3) [--chat]
 //! [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
 //! [--ignore-eos] [--threads N] [--json] [--logits-out FILE]`, and
-//! `moe-serve synth --arch qwen3_moe --preset NAME --out DIR [--layers N]`.
+//! `moe-serve synth --arch qwen3_moe --preset NAME --out DIR [--layers N] [--gguf PATH]`.
 //! Without `--json`, generated text streams to stdout and timings go to stderr; with `--json`,
 //! stdout is exactly one JSON line. Errors: one line on stderr, non-zero exit, never a panic.
 
@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use moe_runtime::runconfig::{ByteSize, DeviceKind};
-use moe_runtime::synth::{synth, SynthOptions};
+use moe_runtime::synth::{synth, synth_gguf, SynthOptions};
 use moe_runtime::weights::{safetensors_bytes, Dtype};
 use moe_runtime::{
     plan_model, CancelToken, ChatMessage, GenerateParams, Model, Prompt, RunConfig, Settings,
@@ -190,6 +190,9 @@ struct SynthArgs {
     /// Replace files in a non-empty output folder.
     #[arg(long)]
     overwrite: bool,
+    /// Also write the same weights as one llama.cpp GGUF file (qwen3moe, BF16) to PATH.
+    #[arg(long, value_name = "PATH")]
+    gguf: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -493,5 +496,27 @@ fn synth_cmd(a: SynthArgs) -> Result<(), Box<dyn std::error::Error>> {
         secs,
         report.weight_bytes as f64 / 1e6 / secs.max(1e-9)
     );
+    if let Some(path) = &a.gguf {
+        let t0 = Instant::now();
+        let mut last_report = Instant::now();
+        let report = synth_gguf(&opts, path, &mut |done, total| {
+            if last_report.elapsed().as_millis() >= 1000 || done == total {
+                last_report = Instant::now();
+                eprint!(
+                    "\rwriting GGUF {:.2} / {:.2} GB",
+                    done as f64 / 1e9,
+                    total as f64 / 1e9
+                );
+            }
+        })?;
+        eprintln!();
+        eprintln!(
+            "wrote {} tensors, {:.2} GB to {} ({:.1} s)",
+            report.tensors,
+            report.weight_bytes as f64 / 1e9,
+            path.display(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }

@@ -67,7 +67,7 @@ fn load_tail<T: Load8>(s: &[T]) -> __m256 {
 /// Sum of the 8 lanes in a fixed order: halves, then pairs.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum(v: __m256) -> f32 {
+pub(crate) fn hsum(v: __m256) -> f32 {
     let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     let s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));

@@ -95,7 +95,7 @@ impl Load16 for f16 {
 /// Sum of the 16 lanes in a fixed order: halves, then quarters, then pairs.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn hsum(v: __m512) -> f32 {
+pub(crate) fn hsum(v: __m512) -> f32 {
     let lo = _mm512_castps512_ps256(v);
     let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
     let s8 = _mm256_add_ps(lo, hi);

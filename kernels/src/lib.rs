@@ -1,17 +1,22 @@
 //! CPU matmul kernels for moe-offload: plain functions on slices.
 //!
 //! This crate owns `y = x · Wᵀ` for weights in Hugging Face layout (`W` is `[n, k]`, row-major,
-//! stored as f32, bf16 or f16), plus `dot`, `axpy` and widening one stored row to f32. It knows
-//! nothing of tensors, models or files.
+//! stored as f32, bf16 or f16, or quantized in GGML's Q8_0 / Q4_K block layouts, see [`quant`]),
+//! plus `dot`, `axpy` and widening one stored row to f32. It knows nothing of tensors, models or
+//! files. Quantized weights keep f32 activations and f32 accumulation: the result is exactly the
+//! f32 kernel's on `dequantize(W)` (dequantization is exact and level-independent).
+//! [`matmul_q8_activations`] is the one path that also rounds x (to Q8_0), for speed.
 //!
 //! What must always hold:
 //! - Every SIMD path has a scalar twin (the [`scalar`] module) and is tested against it and
-//!   against an f64 reference, on ragged shapes, for all three dtypes, at every SIMD level the
-//!   test machine supports (levels are forced through an internal `matmul_with`).
+//!   against an f64 reference, on ragged shapes, for every dtype and quantized format, at every
+//!   SIMD level the test machine supports (levels are forced through an internal `matmul_with`).
 //! - SIMD code is chosen at run time (CPU features detected once and cached); nothing requires
 //!   `target-cpu=native`, and non-x86_64 targets compile the scalar path only.
 //! - Accumulation is in f32 and exact f32 semantics are kept: weights are widened exactly
-//!   (bf16: `bits << 16`; f16: IEEE conversion) and `x` is never rounded to a narrower type.
+//!   (bf16: `bits << 16`; f16: IEEE conversion; quantized blocks: GGML's dequantization, each
+//!   value computed with one rounding at most) and `x` is never rounded to a narrower type
+//!   (except in [`matmul_q8_activations`], which says so).
 //! - Results are deterministic: which code path and summation order produce an output element
 //!   depends only on the SIMD level and on `m` (matvec vs GEMM), never on the thread count, the
 //!   chunking or the element's position in a tile, so `matmul` equals `matmul_serial` bit for bit.
@@ -30,25 +35,54 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
+mod qdot;
+pub mod quant;
+#[cfg(target_arch = "x86_64")]
+mod quant_avx2;
+#[cfg(target_arch = "x86_64")]
+mod quant_avx512;
 pub mod scalar;
 #[cfg(test)]
 mod tests;
 
+pub use qdot::matmul_q8_activations;
+pub use quant::{BlockQ4K, BlockQ8_0};
+
 /// A weight matrix [n, k], row-major, in its stored dtype.
+///
+/// The quantized variants hold GGML blocks ([`quant`]): row `j` is blocks
+/// `j·k/B .. (j+1)·k/B` with `B` = 32 (`Q8_0`) or 256 (`Q4K`), so `k` must be a multiple of `B`.
 #[derive(Clone, Copy, Debug)]
 pub enum Weights<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
     F16(&'a [f16]),
+    /// GGML Q8_0 blocks, 32 weights each.
+    Q8_0(&'a [BlockQ8_0]),
+    /// GGML Q4_K super-blocks, 256 weights each.
+    Q4K(&'a [BlockQ4K]),
 }
 
 impl<'a> Weights<'a> {
-    /// Number of stored elements (n·k).
+    /// Number of weights (n·k): stored elements for f32/bf16/f16, blocks × 32 (`Q8_0`) or
+    /// blocks × 256 (`Q4K`) for quantized weights. `matmul` checks it against n·k.
     pub fn len(&self) -> usize {
         match self {
             Weights::F32(w) => w.len(),
             Weights::Bf16(w) => w.len(),
             Weights::F16(w) => w.len(),
+            Weights::Q8_0(w) => w.len() * quant::QK8_0,
+            Weights::Q4K(w) => w.len() * quant::QK_K,
+        }
+    }
+
+    /// Weights per block: 1 for unquantized dtypes, 32 for `Q8_0`, 256 for `Q4K`. Row lengths
+    /// must be multiples of it.
+    pub fn block_size(&self) -> usize {
+        match self {
+            Weights::F32(_) | Weights::Bf16(_) | Weights::F16(_) => 1,
+            Weights::Q8_0(_) => quant::QK8_0,
+            Weights::Q4K(_) => quant::QK_K,
         }
     }
 
@@ -62,6 +96,23 @@ impl<'a> Weights<'a> {
             Weights::F32(w) => Weights::F32(&w[r0 * k..r1 * k]),
             Weights::Bf16(w) => Weights::Bf16(&w[r0 * k..r1 * k]),
             Weights::F16(w) => Weights::F16(&w[r0 * k..r1 * k]),
+            Weights::Q8_0(w) => {
+                let b = k / quant::QK8_0;
+                Weights::Q8_0(&w[r0 * b..r1 * b])
+            }
+            Weights::Q4K(w) => {
+                let b = k / quant::QK_K;
+                Weights::Q4K(&w[r0 * b..r1 * b])
+            }
+        }
+    }
+
+    /// The quantized view, if any.
+    fn quantized(self) -> Option<quant::QWeights<'a>> {
+        match self {
+            Weights::Q8_0(w) => Some(quant::QWeights::Q8_0(w)),
+            Weights::Q4K(w) => Some(quant::QWeights::Q4K(w)),
+            _ => None,
         }
     }
 }
@@ -294,6 +345,11 @@ fn check_matmul(x: &[f32], m: usize, k: usize, w: &Weights<'_>, n: usize, out: &
         x.len()
     );
     assert!(
+        k.is_multiple_of(w.block_size()),
+        "matmul: k = {k} is not a multiple of the weights' block size {}",
+        w.block_size()
+    );
+    assert!(
         w.len() == nk,
         "matmul: w has {} elements, expected n*k = {n}*{k}",
         w.len()
@@ -307,7 +363,8 @@ fn check_matmul(x: &[f32], m: usize, k: usize, w: &Weights<'_>, n: usize, out: &
 
 /// out[m, n] = x[m, k] · w[n, k]ᵀ, f32 accumulation, overwrites `out`.
 /// Large calls are split over the current rayon pool; the result does not depend on how.
-/// Panics if slice lengths do not match m*k, n*k, m*n.
+/// Panics if slice lengths do not match m*k, n*k, m*n (for quantized weights: if k is not a
+/// multiple of the block size or the block count is not n·k / block size).
 pub fn matmul(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut [f32]) {
     matmul_with(level(), true, x, m, k, w, n, out);
 }
@@ -395,6 +452,10 @@ fn run_block(level: Level, use_gemm: bool, x: &[f32], k: usize, w: Weights<'_>, 
         Weights::F32(w) => run_block_t(level, use_gemm, x, k, w, out),
         Weights::Bf16(w) => run_block_t(level, use_gemm, x, k, w, out),
         Weights::F16(w) => run_block_t(level, use_gemm, x, k, w, out),
+        Weights::Q8_0(_) | Weights::Q4K(_) => {
+            let q = w.quantized().expect("quantized variant");
+            quant::run_block(level, use_gemm, x, k, q, out)
+        }
     }
 }
 
@@ -492,10 +553,17 @@ pub(crate) fn axpy_with(level: Level, alpha: f32, x: &[f32], out: &mut [f32]) {
 }
 
 /// Convert one row of stored weights to f32 (embedding lookups): `out.len()` is the row length
-/// `k`, and the row is `w[row*k .. (row+1)*k]`. Widening is exact. Panics if out of range.
+/// `k`, and the row is `w[row*k .. (row+1)*k]`. Widening is exact; quantized rows are
+/// dequantized (exactly as [`quant::dequantize_row_q8_0`] / [`quant::dequantize_row_q4_k`]),
+/// and `k` must then be a multiple of the block size. Panics if out of range.
 pub fn row_to_f32(w: Weights<'_>, row: usize, k: usize, out: &mut [f32]) {
     use half::slice::HalfFloatSliceExt;
     assert_eq!(out.len(), k, "row_to_f32: out.len() must equal k");
+    assert!(
+        k.is_multiple_of(w.block_size()),
+        "row_to_f32: k = {k} is not a multiple of the weights' block size {}",
+        w.block_size()
+    );
     let end = row
         .checked_add(1)
         .and_then(|r| r.checked_mul(k))
@@ -509,5 +577,10 @@ pub fn row_to_f32(w: Weights<'_>, row: usize, k: usize, out: &mut [f32]) {
         Weights::F32(r) => out.copy_from_slice(r),
         Weights::Bf16(r) => r.convert_to_f32_slice(out),
         Weights::F16(r) => r.convert_to_f32_slice(out),
+        r @ (Weights::Q8_0(_) | Weights::Q4K(_)) => {
+            let q = r.quantized().expect("quantized variant");
+            let blocks = k / r.block_size();
+            quant::dequantize_with(level(), q, 0, blocks, out)
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! in increasing `p`, then `((s0+s4)+(s1+s5)) + ((s2+s6)+(s3+s7))`. The independent sums let the
 //! compiler vectorise the fallback without reassociating anything.
 
-use crate::{check_matmul, Elem, OutBlock, Weights};
+use crate::{check_matmul, quant, Elem, Level, OutBlock, Weights};
 
 /// Running sums per dot product (see the module doc).
 const LANES: usize = 8;
@@ -42,6 +42,13 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut
         Weights::F32(w) => matmul_block(x, k, w, &mut block),
         Weights::Bf16(w) => matmul_block(x, k, w, &mut block),
         Weights::F16(w) => matmul_block(x, k, w, &mut block),
+        // One weight row at a time: dequantized (scalar), then `matmul_block` on it.
+        Weights::Q8_0(w) => {
+            quant::run_block(Level::Scalar, false, x, k, quant::QWeights::Q8_0(w), block)
+        }
+        Weights::Q4K(w) => {
+            quant::run_block(Level::Scalar, false, x, k, quant::QWeights::Q4K(w), block)
+        }
     }
 }
 

@@ -510,3 +510,348 @@ fn simd_level_is_the_best_supported() {
         );
     }
 }
+
+// ---- Quantized weights (Q8_0, Q4_K) ----
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Qt {
+    Q8_0,
+    Q4K,
+}
+
+/// Quantized weights, owned, with their dequantized f32 values.
+struct OwnedQ {
+    q8: Vec<crate::BlockQ8_0>,
+    q4: Vec<crate::BlockQ4K>,
+    qt: Qt,
+    deq: Vec<f32>,
+}
+
+impl OwnedQ {
+    fn new(vals: &[f32], qt: Qt) -> OwnedQ {
+        use crate::quant::*;
+        let mut deq = vec![f32::NAN; vals.len()];
+        let (mut q8, mut q4) = (Vec::new(), Vec::new());
+        match qt {
+            Qt::Q8_0 => {
+                q8 = vec![
+                    BlockQ8_0 {
+                        d: f16::ZERO,
+                        qs: [0; 32]
+                    };
+                    vals.len() / QK8_0
+                ];
+                quantize_row_q8_0(vals, &mut q8);
+                dequantize_row_q8_0(&q8, &mut deq);
+            }
+            Qt::Q4K => {
+                q4 = vec![
+                    BlockQ4K {
+                        d: f16::ZERO,
+                        dmin: f16::ZERO,
+                        scales: [0; 12],
+                        qs: [0; 128]
+                    };
+                    vals.len() / QK_K
+                ];
+                quantize_row_q4_k(vals, &mut q4);
+                dequantize_row_q4_k(&q4, &mut deq);
+            }
+        }
+        OwnedQ { q8, q4, qt, deq }
+    }
+
+    fn view(&self) -> Weights<'_> {
+        match self.qt {
+            Qt::Q8_0 => Weights::Q8_0(&self.q8),
+            Qt::Q4K => Weights::Q4K(&self.q4),
+        }
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// One shape, one format: the scalar twin vs an f64 reference on the dequantized weights, and
+/// every level (serial and parallel) vs the reference, vs the scalar twin, and bit for bit vs
+/// the same level's f32 kernel on the dequantized weights (the result is exactly
+/// `x · dequantize(W)ᵀ` in the f32 kernels' summation order).
+fn check_quant_shape(rng: &mut Rng, m: usize, n: usize, k: usize, qt: Qt) {
+    let x = rng.vec(m * k);
+    let w = OwnedQ::new(&rng.vec(n * k), qt);
+    let wide: Vec<f64> = w.deq.iter().map(|&v| v as f64).collect();
+    let r = reference(&x, m, k, &wide, n);
+    let tag = format!("m={m} n={n} k={k} {qt:?}");
+
+    let mut want_scalar = vec![f32::NAN; m * n];
+    scalar::matmul(&x, m, k, w.view(), n, &mut want_scalar);
+    assert_close(&want_scalar, &r, &format!("scalar {tag}"));
+    let mut f32_scalar = vec![f32::NAN; m * n];
+    scalar::matmul(&x, m, k, Weights::F32(&w.deq), n, &mut f32_scalar);
+    assert_eq!(
+        bits(&want_scalar),
+        bits(&f32_scalar),
+        "scalar vs f32 scalar {tag}"
+    );
+
+    for level in supported_levels() {
+        let mut f32_level = vec![f32::NAN; m * n];
+        matmul_with(
+            level,
+            false,
+            &x,
+            m,
+            k,
+            Weights::F32(&w.deq),
+            n,
+            &mut f32_level,
+        );
+        for parallel in [false, true] {
+            let mut got = vec![f32::NAN; m * n];
+            matmul_with(level, parallel, &x, m, k, w.view(), n, &mut got);
+            let what = format!("{level:?} parallel={parallel} {tag}");
+            assert_close(&got, &r, &what);
+            assert_pair_close(&got, &want_scalar, &r, &what);
+            assert_eq!(
+                bits(&got),
+                bits(&f32_level),
+                "{what}: differs from f32 kernel"
+            );
+        }
+    }
+}
+
+#[test]
+fn quantized_matmul_matches_scalar_and_reference() {
+    let ms = [1, 2, 3, 7, 8, 9, 17];
+    let ns = [1, 3, 5, 7, 9, 25, 33, 65];
+    let mut rng = Rng(30);
+    let mut t = 0;
+    for &m in &ms {
+        for &k in &[32, 64, 96, 256, 288, 2048] {
+            check_quant_shape(&mut rng, m, ns[t % ns.len()], k, Qt::Q8_0);
+            t += 1;
+        }
+        for &k in &[256, 512, 2048] {
+            check_quant_shape(&mut rng, m, ns[t % ns.len()], k, Qt::Q4K);
+            t += 1;
+        }
+    }
+}
+
+#[test]
+fn quantized_matmul_large_k_and_n() {
+    // k = 4096 + 256 (several scratch chunks per call, ragged last chunk) and n odd above one
+    // GEMM chunk.
+    let mut rng = Rng(31);
+    for qt in [Qt::Q8_0, Qt::Q4K] {
+        for &(m, n) in &[(1, 37), (3, 29), (9, 67), (17, 5)] {
+            check_quant_shape(&mut rng, m, n, 4096 + 256, qt);
+        }
+        check_quant_shape(&mut rng, 12, 101, 256, qt);
+        check_quant_shape(&mut rng, 2, 1001, 256, qt);
+    }
+}
+
+#[test]
+fn quantized_matmul_is_independent_of_thread_count() {
+    let shapes = [
+        (1, 1100, 1024),
+        (3, 700, 768),
+        (40, 300, 512),
+        (200, 5, 1280),
+    ];
+    let mut rng = Rng(32);
+    let pools: Vec<rayon::ThreadPool> = [1, 2, 3]
+        .iter()
+        .map(|&t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    for &(m, n, k) in &shapes {
+        assert!(m * n * k >= 4 * PAR_MIN_WORK);
+        let x = rng.vec(m * k);
+        let wv = rng.vec(n * k);
+        for qt in [Qt::Q8_0, Qt::Q4K] {
+            let w = OwnedQ::new(&wv, qt);
+            for level in supported_levels() {
+                let mut serial = vec![f32::NAN; m * n];
+                matmul_with(level, false, &x, m, k, w.view(), n, &mut serial);
+                for pool in &pools {
+                    let mut got = vec![f32::NAN; m * n];
+                    pool.install(|| matmul_with(level, true, &x, m, k, w.view(), n, &mut got));
+                    assert_eq!(
+                        bits(&got),
+                        bits(&serial),
+                        "{level:?} {qt:?} m={m} n={n} k={k}: {} threads",
+                        pool.current_num_threads()
+                    );
+                }
+            }
+            let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+            matmul(&x, m, k, w.view(), n, &mut a);
+            matmul_serial(&x, m, k, w.view(), n, &mut b);
+            assert_eq!(bits(&a), bits(&b), "{qt:?} matmul vs matmul_serial");
+        }
+    }
+}
+
+#[test]
+fn quantized_row_to_f32_dequantizes() {
+    let mut rng = Rng(33);
+    for (qt, k) in [(Qt::Q8_0, 96), (Qt::Q4K, 512)] {
+        let rows = 3;
+        let w = OwnedQ::new(&rng.vec(rows * k), qt);
+        assert_eq!(w.view().len(), rows * k);
+        for row in 0..rows {
+            let mut out = vec![f32::NAN; k];
+            row_to_f32(w.view(), row, k, &mut out);
+            assert_eq!(
+                bits(&out),
+                bits(&w.deq[row * k..(row + 1) * k]),
+                "{qt:?} {row}"
+            );
+        }
+    }
+}
+
+#[test]
+fn quantized_weights_len_and_block_size() {
+    let q8 = [crate::BlockQ8_0 {
+        d: f16::ZERO,
+        qs: [0; 32],
+    }; 3];
+    assert_eq!(Weights::Q8_0(&q8).len(), 96);
+    assert_eq!(Weights::Q8_0(&q8).block_size(), 32);
+    assert!(Weights::Q4K(&[]).is_empty());
+    assert_eq!(Weights::Q4K(&[]).block_size(), 256);
+    assert_eq!(Weights::F16(&[]).block_size(), 1);
+}
+
+#[test]
+#[should_panic(expected = "not a multiple of the weights' block size")]
+fn quantized_matmul_rejects_ragged_k() {
+    // n = 3, k = 48: 144 weights would fill 4.5 blocks; k itself is rejected.
+    let q8 = [crate::BlockQ8_0 {
+        d: f16::ZERO,
+        qs: [0; 32],
+    }; 9];
+    let mut out = [0f32; 6];
+    matmul(&[0.0; 96], 2, 48, Weights::Q8_0(&q8), 3, &mut out);
+}
+
+#[test]
+#[should_panic(expected = "expected n*k")]
+fn quantized_matmul_rejects_wrong_block_count() {
+    let q8 = [crate::BlockQ8_0 {
+        d: f16::ZERO,
+        qs: [0; 32],
+    }; 3];
+    let mut out = [0f32; 2];
+    matmul(&[0.0; 64], 1, 64, Weights::Q8_0(&q8), 2, &mut out);
+}
+
+#[test]
+fn quantized_degenerate_shapes() {
+    let mut out = [1f32; 0];
+    matmul(&[], 0, 32, Weights::Q8_0(&[]), 0, &mut out);
+    let mut out = [1f32; 3];
+    scalar::matmul(&[], 3, 0, Weights::Q4K(&[]), 1, &mut out);
+    assert_eq!(out, [0.0; 3]);
+}
+
+// ---- Integer-dot path with q8 activations ----
+
+#[test]
+fn q8_activations_simd_equals_scalar_twin_bitwise() {
+    use crate::qdot::matmul_q8_activations_with;
+    use crate::Level;
+    let mut rng = Rng(40);
+    let shapes = [
+        (1, 7, 32),
+        (2, 9, 256),
+        (3, 5, 2048),
+        (7, 3, 4352),
+        (9, 11, 96),
+        (17, 3, 512),
+        (1, 33, 4352),
+    ];
+    for &(m, n, k) in &shapes {
+        let x = rng.vec(m * k);
+        let mut w = OwnedQ::new(&rng.vec(n * k), Qt::Q8_0);
+        // Extreme weights too, including -128 (never written by the quantizer).
+        for (i, b) in w.q8.iter_mut().enumerate().filter(|(i, _)| i % 3 == 0) {
+            for (p, q) in b.qs.iter_mut().enumerate() {
+                *q = [-128, 127, -127, 0][(i + p) % 4];
+            }
+        }
+        let mut want = vec![f32::NAN; m * n];
+        matmul_q8_activations_with(Level::Scalar, &x, m, k, &w.q8, n, &mut want);
+        for level in supported_levels() {
+            let mut got = vec![f32::NAN; m * n];
+            matmul_q8_activations_with(level, &x, m, k, &w.q8, n, &mut got);
+            assert_eq!(bits(&got), bits(&want), "{level:?} m={m} n={n} k={k}");
+        }
+        let mut public = vec![f32::NAN; m * n];
+        crate::matmul_q8_activations(&x, m, k, &w.q8, n, &mut public);
+        assert_eq!(bits(&public), bits(&want), "public m={m} n={n} k={k}");
+    }
+}
+
+#[test]
+fn q8_activations_scalar_twin_matches_reference_on_quantized_x() {
+    use crate::quant::{dequantize_row_q8_0, quantize_row_q8_0};
+    let mut rng = Rng(41);
+    let (m, n, k) = (3, 5, 512);
+    let x = rng.vec(m * k);
+    let w = OwnedQ::new(&rng.vec(n * k), Qt::Q8_0);
+    // The reference: exact products of the dequantized q8(x) and dequantize(w).
+    let mut xq = vec![
+        crate::BlockQ8_0 {
+            d: f16::ZERO,
+            qs: [0; 32]
+        };
+        m * k / 32
+    ];
+    quantize_row_q8_0(&x, &mut xq);
+    let mut xd = vec![0f32; m * k];
+    dequantize_row_q8_0(&xq, &mut xd);
+    let wide: Vec<f64> = w.deq.iter().map(|&v| v as f64).collect();
+    let r = reference(&xd, m, k, &wide, n);
+    let mut got = vec![f32::NAN; m * n];
+    crate::qdot::matmul_q8_activations_with(crate::Level::Scalar, &x, m, k, &w.q8, n, &mut got);
+    assert_close(&got, &r, "q8 activations scalar");
+}
+
+#[test]
+fn q8_activations_error_vs_f32_path_is_small() {
+    let mut rng = Rng(42);
+    let (m, n, k) = (4, 64, 4096);
+    let x = rng.vec(m * k);
+    let w = OwnedQ::new(&rng.vec(n * k), Qt::Q8_0);
+    let mut exact = vec![0f32; m * n];
+    let mut approx = vec![0f32; m * n];
+    matmul(&x, m, k, w.view(), n, &mut exact);
+    crate::matmul_q8_activations(&x, m, k, &w.q8, n, &mut approx);
+    let num: f64 = exact
+        .iter()
+        .zip(&approx)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = exact.iter().map(|a| (*a as f64).powi(2)).sum();
+    let rel = (num / den).sqrt();
+    eprintln!("q8-activation path: relative RMS difference from the f32 path {rel:.2e}");
+    // Rounding x to 8 bits (≈0.6% RMS per element on uniform data) averages out in the sums.
+    assert!(rel < 5e-3, "relative RMS difference {rel}");
+}
+
+#[test]
+#[should_panic(expected = "not a multiple of the weights' block size")]
+fn q8_activations_rejects_ragged_k() {
+    let mut out = [0f32; 1];
+    crate::matmul_q8_activations(&[0.0; 40], 1, 40, &[], 0, &mut out[..0]);
+}

@@ -24,6 +24,7 @@
 //! - [`weights`]: the only reader of model files; [`config`]: config.json; [`hub`]: model lookup.
 //! - [`tokenizer`]: tokenizer.json and chat templates; [`sampler`]: next-token choice.
 //! - [`synth`]: random-weight model writer; [`demo`]: the embedded demo model.
+//! - [`gguf`]: GGUF v3 container: streaming writer and header reader.
 
 pub mod arch;
 pub mod calibrate;
@@ -32,6 +33,7 @@ pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod fsutil;
+pub mod gguf;
 pub mod hotset;
 pub mod hub;
 pub mod layers;

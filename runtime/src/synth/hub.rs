@@ -11,6 +11,9 @@ use super::preset::Preset;
 /// The transformers release whose layout these files follow.
 const TRANSFORMERS_VERSION: &str = "4.51.0";
 
+/// `rms_norm_eps` of every preset.
+pub(crate) const RMS_NORM_EPS: f64 = 1e-6;
+
 fn sorted(pairs: Vec<(&str, Value)>) -> BTreeMap<String, Value> {
     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
@@ -48,7 +51,7 @@ pub(crate) fn config_json(p: &Preset) -> Vec<u8> {
         ("num_hidden_layers", json!(p.num_hidden_layers)),
         ("num_key_value_heads", json!(p.num_key_value_heads)),
         ("output_router_logits", json!(false)),
-        ("rms_norm_eps", json!(1e-6)),
+        ("rms_norm_eps", json!(RMS_NORM_EPS)),
         ("rope_scaling", Value::Null),
         ("rope_theta", json!(p.rope_theta)),
         ("router_aux_loss_coef", json!(0.001)),

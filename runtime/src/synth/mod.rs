@@ -18,6 +18,9 @@
 //! - Every file is written atomically (`NAME.tmp-<pid>`, fsync, rename), then the folder
 //!   is fsynced; `config.json` is written last, so a folder with it is complete.
 //! - A non-empty output folder is never written into unless `overwrite` is set.
+//! - [`synth_gguf`] writes the same weights (bit-identical) as one GGUF file in
+//!   llama.cpp's `qwen3moe` layout (see `twin.rs`), streamed through
+//!   [`crate::gguf::GgufWriter`] with the same bounded memory, atomically.
 //! - The tokenizer has exactly `vocab_size` ids: 256 byte tokens, merges (each joining
 //!   two earlier tokens into a new one), then `<|endoftext|>`, `<|im_start|>`,
 //!   `<|im_end|>`.
@@ -25,6 +28,7 @@
 mod hub;
 mod preset;
 mod tokenizer;
+mod twin;
 mod writer;
 
 #[cfg(test)]
@@ -83,6 +87,10 @@ pub enum SynthError {
     Invalid(String),
     #[error("output folder {} is not empty (pass overwrite to replace the model files in it)", .0.display())]
     NotEmpty(PathBuf),
+    #[error("{} exists (pass overwrite to replace it)", .0.display())]
+    Exists(PathBuf),
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
     #[error("{op} {}: {source}", path.display())]
     Io {
         op: &'static str,
@@ -183,6 +191,67 @@ pub fn synth(
     Ok(SynthReport {
         files,
         tensors: specs.len(),
+        params,
+        weight_bytes,
+    })
+}
+
+/// Writes the GGUF twin of the model `opts` describes to the file `path` (llama.cpp
+/// architecture `qwen3moe`, BF16 with F32 norms and router; the same weights, bit for
+/// bit, as [`synth`] writes for the same options). Uses `arch`, `preset`, `layers`,
+/// `seed` and `overwrite` (replace an existing file) from `opts`; `out` and
+/// `shard_bytes` are ignored. The parent folder is created if missing.
+/// `progress(written, total)` reports bytes of tensor data; the report's `weight_bytes`
+/// is the GGUF's tensor data bytes (F32 tensors count 4 bytes per element).
+pub fn synth_gguf(
+    opts: &SynthOptions,
+    path: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<SynthReport, SynthError> {
+    let p = resolve_preset(opts)?;
+    if path.exists() && !opts.overwrite {
+        return Err(SynthError::Exists(path.to_path_buf()));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(|source| SynthError::Io {
+            op: "create folder",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let specs = p.tensors();
+    let tensors = twin::twin_tensors(&p, &specs);
+    let mut chunks = Vec::new();
+    for t in &tensors {
+        let f32 = t.spec.ty == crate::gguf::GgmlType::F32;
+        for &s in &t.sources {
+            let key = writer::tensor_key(opts.seed, &specs[s].name);
+            writer::push_chunks(&mut chunks, key, specs[s].init, specs[s].numel(), f32);
+        }
+    }
+    let gg_specs: Vec<_> = tensors.iter().map(|t| t.spec.clone()).collect();
+    let mut w = crate::gguf::GgufWriter::create(
+        path,
+        &twin::twin_metadata(&p),
+        &gg_specs,
+        crate::gguf::DEFAULT_ALIGNMENT,
+    )?;
+    let params: u64 = specs.iter().map(TensorSpec::numel).sum();
+    let weight_bytes: u64 = gg_specs
+        .iter()
+        .map(|t| t.ty.tensor_bytes(&t.dims).expect("valid twin dims"))
+        .sum();
+    let mut written = 0u64;
+    progress(0, weight_bytes);
+    writer::stream_chunks(&chunks, |b: &[u8]| w.write(b), &mut |n| {
+        written += n;
+        progress(written, weight_bytes);
+    })?;
+    let path = w.finish()?;
+    tracing::info!(file = %path.display(), bytes = weight_bytes, "synth: wrote GGUF");
+    Ok(SynthReport {
+        files: vec![path],
+        tensors: gg_specs.len(),
         params,
         weight_bytes,
     })

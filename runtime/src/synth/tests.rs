@@ -559,3 +559,276 @@ fn fill_throughput() {
         8.0 * buf.len() as f64 / 1e6 / secs
     );
 }
+
+/// HF tensor bytes by name, read from the shards through the index.
+fn hf_tensor_bytes(dir: &Path) -> BTreeMap<String, (Vec<u64>, Vec<u8>)> {
+    let index = read_json(&dir.join("model.safetensors.index.json"));
+    let mut out = BTreeMap::new();
+    let shards: HashSet<&str> = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for shard in shards {
+        let path = dir.join(shard);
+        let (header, data_len) = parse_shard(&path);
+        let bytes = fs::read(&path).unwrap();
+        let data = &bytes[bytes.len() - data_len as usize..];
+        for (name, (shape, [a, b])) in header {
+            out.insert(name, (shape, data[a as usize..b as usize].to_vec()));
+        }
+    }
+    out
+}
+
+fn widen_bf16(b: &[u8]) -> Vec<u8> {
+    b.chunks_exact(2)
+        .flat_map(|c| {
+            half::bf16::from_le_bytes([c[0], c[1]])
+                .to_f32()
+                .to_le_bytes()
+        })
+        .collect()
+}
+
+#[test]
+fn gguf_twin_matches_hf_files() {
+    use crate::gguf::{GgmlType, GgufFile, Value as GV};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let o = SynthOptions {
+        seed: 7,
+        ..opts("demo", &dir)
+    };
+    run(&o);
+    let path = tmp.path().join("twin").join("demo.gguf");
+    let mut last = (0, 0);
+    let report = synth_gguf(&o, &path, &mut |d, t| {
+        assert!(d >= last.0 && d <= t);
+        last = (d, t);
+    })
+    .unwrap();
+    assert_eq!(last, (report.weight_bytes, report.weight_bytes));
+    assert_eq!(report.files, vec![path.clone()]);
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!(f.alignment, 32);
+
+    // Metadata, checked against the HF side files.
+    let cfg = read_json(&dir.join("config.json"));
+    let tok = read_json(&dir.join("tokenizer.json"));
+    let tok_cfg = read_json(&dir.join("tokenizer_config.json"));
+    let c = |k: &str| cfg[k].as_u64().unwrap();
+    let u = |k: &str| {
+        f.get(k)
+            .unwrap_or_else(|| panic!("{k}"))
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} integer"))
+    };
+    let s = |k: &str| {
+        f.get(k)
+            .and_then(GV::as_str)
+            .unwrap_or_else(|| panic!("{k}"))
+    };
+    assert_eq!(s("general.architecture"), "qwen3moe");
+    assert_eq!(s("general.name"), "synth-demo");
+    for (gk, hk) in [
+        ("block_count", "num_hidden_layers"),
+        ("context_length", "max_position_embeddings"),
+        ("embedding_length", "hidden_size"),
+        ("feed_forward_length", "intermediate_size"),
+        ("attention.head_count", "num_attention_heads"),
+        ("attention.head_count_kv", "num_key_value_heads"),
+        ("attention.key_length", "head_dim"),
+        ("attention.value_length", "head_dim"),
+        ("expert_count", "num_experts"),
+        ("expert_used_count", "num_experts_per_tok"),
+        ("expert_feed_forward_length", "moe_intermediate_size"),
+    ] {
+        let key = format!("qwen3moe.{gk}");
+        assert!(matches!(f.get(&key), Some(GV::U32(_))), "{key} is u32");
+        assert_eq!(u(&key), c(hk), "{key}");
+    }
+    assert_eq!(
+        f.get("qwen3moe.rope.freq_base"),
+        Some(&GV::F32(cfg["rope_theta"].as_f64().unwrap() as f32))
+    );
+    assert_eq!(
+        f.get("qwen3moe.attention.layer_norm_rms_epsilon"),
+        Some(&GV::F32(cfg["rms_norm_eps"].as_f64().unwrap() as f32))
+    );
+    assert_eq!(s("tokenizer.ggml.model"), "gpt2");
+    assert_eq!(s("tokenizer.ggml.pre"), "qwen2");
+    assert_eq!(
+        s("tokenizer.chat_template"),
+        tok_cfg["chat_template"].as_str().unwrap()
+    );
+    assert_eq!(
+        f.get("tokenizer.ggml.add_bos_token"),
+        Some(&GV::Bool(false))
+    );
+    let vocab = tok["model"]["vocab"].as_object().unwrap();
+    let added = tok["added_tokens"].as_array().unwrap();
+    let mut want_tokens = vec![String::new(); vocab.len() + added.len()];
+    for (t, id) in vocab {
+        want_tokens[id.as_u64().unwrap() as usize] = t.clone();
+    }
+    for a in added {
+        want_tokens[a["id"].as_u64().unwrap() as usize] = a["content"].as_str().unwrap().into();
+    }
+    assert_eq!(want_tokens.len() as u64, c("vocab_size"));
+    let tokens: Vec<&str> = f
+        .get("tokenizer.ggml.tokens")
+        .and_then(GV::as_array)
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens, want_tokens);
+    let types = f
+        .get("tokenizer.ggml.token_type")
+        .unwrap()
+        .as_array()
+        .unwrap();
+    let id_of = |t: &str| want_tokens.iter().position(|x| x == t).unwrap() as u64;
+    for (i, t) in types.iter().enumerate() {
+        let special = added.iter().any(|a| a["id"].as_u64() == Some(i as u64));
+        assert_eq!(*t, GV::I32(if special { 3 } else { 1 }), "token {i}");
+    }
+    let merges: Vec<&str> = f
+        .get("tokenizer.ggml.merges")
+        .and_then(GV::as_array)
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let want_merges: Vec<&str> = tok["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert_eq!(merges, want_merges);
+    assert_eq!(u("tokenizer.ggml.eos_token_id"), id_of("<|im_end|>"));
+    assert_eq!(u("tokenizer.ggml.eos_token_id"), c("eos_token_id"));
+    assert_eq!(u("tokenizer.ggml.bos_token_id"), c("bos_token_id"));
+    assert_eq!(u("tokenizer.ggml.padding_token_id"), id_of("<|endoftext|>"));
+
+    // Tensors: names, dims (torch shape reversed, experts stacked outermost), types,
+    // and every byte against the HF files.
+    let hf = hf_tensor_bytes(&dir);
+    let layers = c("num_hidden_layers");
+    let experts = c("num_experts");
+    let mut want: Vec<(String, Vec<String>, bool)> = vec![(
+        "token_embd.weight".into(),
+        vec!["model.embed_tokens.weight".into()],
+        false,
+    )];
+    for l in 0..layers {
+        let m = |s: &str| vec![format!("model.layers.{l}.{s}.weight")];
+        for (g, h, f32) in [
+            ("attn_norm", "input_layernorm", true),
+            ("attn_q", "self_attn.q_proj", false),
+            ("attn_k", "self_attn.k_proj", false),
+            ("attn_v", "self_attn.v_proj", false),
+            ("attn_output", "self_attn.o_proj", false),
+            ("attn_q_norm", "self_attn.q_norm", true),
+            ("attn_k_norm", "self_attn.k_norm", true),
+            ("ffn_norm", "post_attention_layernorm", true),
+            ("ffn_gate_inp", "mlp.gate", true),
+        ] {
+            want.push((format!("blk.{l}.{g}.weight"), m(h), f32));
+        }
+        for (g, h) in [
+            ("ffn_gate_exps", "gate_proj"),
+            ("ffn_up_exps", "up_proj"),
+            ("ffn_down_exps", "down_proj"),
+        ] {
+            let srcs = (0..experts)
+                .map(|e| format!("model.layers.{l}.mlp.experts.{e}.{h}.weight"))
+                .collect();
+            want.push((format!("blk.{l}.{g}.weight"), srcs, false));
+        }
+    }
+    want.push((
+        "output_norm.weight".into(),
+        vec!["model.norm.weight".into()],
+        true,
+    ));
+    want.push(("output.weight".into(), vec!["lm_head.weight".into()], false));
+    assert_eq!(f.tensors.len(), want.len());
+    let covered: HashSet<&String> = want.iter().flat_map(|w| &w.1).collect();
+    assert_eq!(covered.len(), hf.len(), "every HF tensor appears once");
+    let mut data_bytes = 0;
+    for (name, srcs, f32) in &want {
+        let t = f.tensor(name).unwrap_or_else(|| panic!("tensor {name}"));
+        let mut dims: Vec<u64> = hf[&srcs[0]].0.iter().rev().copied().collect();
+        if srcs.len() > 1 {
+            dims.push(srcs.len() as u64);
+        }
+        assert_eq!(t.dims, dims, "{name}");
+        assert_eq!(
+            t.ty,
+            if *f32 { GgmlType::F32 } else { GgmlType::BF16 },
+            "{name}"
+        );
+        assert_eq!(t.offset % 32, 0);
+        let got = f.read_tensor(name).unwrap();
+        let mut expect = Vec::new();
+        for s in srcs {
+            let b = &hf[s].1;
+            expect.extend_from_slice(&if *f32 { widen_bf16(b) } else { b.clone() });
+        }
+        assert!(got == expect, "{name}: bytes differ from the HF twin");
+        data_bytes += t.size;
+    }
+    assert_eq!(report.weight_bytes, data_bytes);
+    // Spot checks of the layout by hand: dims of a stacked tensor, expert 5's slice.
+    let up = f.tensor("blk.1.ffn_up_exps.weight").unwrap();
+    assert_eq!(
+        up.dims,
+        vec![c("hidden_size"), c("moe_intermediate_size"), experts]
+    );
+    let slice = c("hidden_size") * c("moe_intermediate_size") * 2;
+    let e5 = f
+        .read_tensor_range("blk.1.ffn_up_exps.weight", 5 * slice, slice)
+        .unwrap();
+    assert_eq!(e5, hf["model.layers.1.mlp.experts.5.up_proj.weight"].1);
+    let norm = f.read_tensor("output_norm.weight").unwrap();
+    assert!(norm.chunks_exact(4).all(|x| x == 1.0f32.to_le_bytes()));
+
+    // Refuses to replace the file unless asked; replaces it when asked.
+    let e = synth_gguf(&o, &path, &mut |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("exists"), "{e}");
+    let o2 = SynthOptions {
+        overwrite: true,
+        ..o.clone()
+    };
+    synth_gguf(&o2, &path, &mut |_, _| {}).unwrap();
+    assert_eq!(
+        names_in(path.parent().unwrap()),
+        vec!["demo.gguf".to_string()]
+    );
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn fill_f32_is_fill_widened() {
+    let key = writer::tensor_key(3, "x");
+    for (start, n) in [(0u64, 1usize), (777, 5000), (1 << 17, 1024), (5, 2049)] {
+        let init = Init::Normal { std: 0.5 };
+        let mut bf = vec![0u8; 2 * n];
+        writer::fill(key, init, start, &mut bf);
+        let mut f = vec![0u8; 4 * n];
+        writer::fill_f32(key, init, start, &mut f);
+        assert_eq!(f, widen_bf16(&bf), "start {start} n {n}");
+    }
+}

@@ -26,7 +26,7 @@ const SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 
 /// ChatML template: `<|im_start|>{role}\n{content}<|im_end|>\n` per message, then
 /// `<|im_start|>assistant\n` when `add_generation_prompt` is set.
-const CHAT_TEMPLATE: &str = r"{%- for message in messages %}
+pub(crate) const CHAT_TEMPLATE: &str = r"{%- for message in messages %}
     {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}
 {%- endfor %}
 {%- if add_generation_prompt %}

@@ -153,11 +153,52 @@ pub(crate) fn fill(key: u64, init: Init, start: u64, out: &mut [u8]) {
     }
 }
 
+/// `len` elements of one tensor from element `start`, written as bf16 or (exactly
+/// widened) f32.
 #[derive(Clone, Copy)]
-struct Chunk {
-    tensor: usize,
+pub(crate) struct Chunk {
+    key: u64,
+    init: Init,
     start: u64,
     len: u64,
+    f32: bool,
+}
+
+impl Chunk {
+    fn bytes(&self) -> u64 {
+        self.len * if self.f32 { 4 } else { 2 }
+    }
+}
+
+/// Appends the chunks covering all `numel` elements of the tensor with stream `key`.
+pub(crate) fn push_chunks(out: &mut Vec<Chunk>, key: u64, init: Init, numel: u64, f32: bool) {
+    let mut start = 0;
+    while start < numel {
+        let len = CHUNK_ELEMS.min(numel - start);
+        out.push(Chunk {
+            key,
+            init,
+            start,
+            len,
+            f32,
+        });
+        start += len;
+    }
+}
+
+/// Like [`fill`], but little-endian f32 holding exactly the bf16 values.
+pub(crate) fn fill_f32(key: u64, init: Init, start: u64, out: &mut [u8]) {
+    const BLOCK: usize = 1024;
+    let mut bf = [0u8; 2 * BLOCK];
+    for (b, dst) in out.chunks_mut(4 * BLOCK).enumerate() {
+        let n = dst.len() / 4;
+        let src = &mut bf[..2 * n];
+        fill(key, init, start + (b * BLOCK) as u64, src);
+        for (d, s) in dst.chunks_exact_mut(4).zip(src.chunks_exact(2)) {
+            let bits = u32::from(u16::from_le_bytes([s[0], s[1]])) << 16;
+            d.copy_from_slice(&bits.to_le_bytes());
+        }
+    }
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SynthError + 'a {
@@ -217,52 +258,54 @@ pub(crate) fn write_shard(
 }
 
 fn stream_data(
-    file: File,
+    mut file: File,
     specs: &[TensorSpec],
     keys: &[u64],
     order: &[usize],
     progress: &mut dyn FnMut(u64),
 ) -> io::Result<File> {
+    let mut chunks = Vec::new();
+    for &t in order {
+        push_chunks(&mut chunks, keys[t], specs[t].init, specs[t].numel(), false);
+    }
+    stream_chunks(&chunks, |b: &[u8]| file.write_all(b), progress)?;
+    Ok(file)
+}
+
+/// Generates `chunks` in order and hands the bytes to `sink` (on a writer thread), in
+/// batches of about 1 MiB per rayon thread; calls `progress(bytes)` as batches land.
+pub(crate) fn stream_chunks<E: Send>(
+    chunks: &[Chunk],
+    mut sink: impl FnMut(&[u8]) -> Result<(), E> + Send,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), E> {
     let batch_bytes =
         (rayon::current_num_threads().max(1) * CHUNKS_PER_THREAD) as u64 * CHUNK_ELEMS * 2;
-    // Batches of consecutive chunks (data order), each about `batch_bytes` long.
-    let mut batches: Vec<Vec<Chunk>> = Vec::new();
-    let mut batch = Vec::new();
-    let mut bytes = 0u64;
-    for &t in order {
-        let n = specs[t].numel();
-        let mut start = 0;
-        while start < n {
-            let len = CHUNK_ELEMS.min(n - start);
-            batch.push(Chunk {
-                tensor: t,
-                start,
-                len,
-            });
-            bytes += len * 2;
-            start += len;
-            if bytes >= batch_bytes {
-                batches.push(std::mem::take(&mut batch));
-                bytes = 0;
-            }
+    // Batches of consecutive chunks, each about `batch_bytes` long.
+    let mut batches: Vec<&[Chunk]> = Vec::new();
+    let (mut first, mut bytes) = (0, 0u64);
+    for (i, c) in chunks.iter().enumerate() {
+        bytes += c.bytes();
+        if bytes >= batch_bytes {
+            batches.push(&chunks[first..=i]);
+            (first, bytes) = (i + 1, 0);
         }
     }
-    if !batch.is_empty() {
-        batches.push(batch);
+    if first < chunks.len() {
+        batches.push(&chunks[first..]);
     }
 
     let (to_writer, from_main) = mpsc::sync_channel::<Vec<u8>>(1);
     let (to_main, from_writer) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> io::Result<File> {
-            let mut file = file;
+        let writer = scope.spawn(move || -> Result<(), E> {
             for buf in from_main {
-                file.write_all(&buf)?;
+                sink(&buf)?;
                 if to_main.send(buf).is_err() {
                     break;
                 }
             }
-            Ok(file)
+            Ok(())
         });
         let mut allocated = 0;
         for batch in &batches {
@@ -283,28 +326,32 @@ fn stream_data(
                     Err(_) => break, // writer stopped: its error is reported below
                 },
             };
-            let len: u64 = batch.iter().map(|c| c.len * 2).sum();
+            let len: u64 = batch.iter().map(Chunk::bytes).sum();
             buf.clear();
             buf.resize(len as usize, 0);
             let mut parts = Vec::with_capacity(batch.len());
             let mut rest = buf.as_mut_slice();
-            for c in batch {
-                let (head, tail) = rest.split_at_mut((c.len * 2) as usize);
+            for c in batch.iter() {
+                let (head, tail) = rest.split_at_mut(c.bytes() as usize);
                 parts.push((c, head));
                 rest = tail;
             }
-            parts
-                .into_par_iter()
-                .for_each(|(c, out)| fill(keys[c.tensor], specs[c.tensor].init, c.start, out));
+            parts.into_par_iter().for_each(|(c, out)| {
+                if c.f32 {
+                    fill_f32(c.key, c.init, c.start, out)
+                } else {
+                    fill(c.key, c.init, c.start, out)
+                }
+            });
             if to_writer.send(buf).is_err() {
                 break;
             }
         }
         drop(to_writer);
-        let file = writer.join().expect("writer thread panicked")?;
+        writer.join().expect("writer thread panicked")?;
         for b in from_writer.try_iter() {
             progress(b.len() as u64);
         }
-        Ok(file)
+        Ok(())
     })
 }

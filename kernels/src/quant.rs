@@ -1,0 +1,608 @@
+//! Quantized weight blocks in GGML's exact byte layouts (`Q8_0`, `Q4_K`), their quantizers and
+//! dequantizers, and the matmul driver for quantized weights.
+//!
+//! This module owns the block types ([`BlockQ8_0`], [`BlockQ4K`]), the reference (scalar)
+//! quantize/dequantize functions, and the SIMD dequantizers (AVX2, AVX-512) that are their twins.
+//! A quantized matrix `[n, k]` is `n` rows of `k / 32` (`Q8_0`) or `k / 256` (`Q4_K`) blocks,
+//! row-major, exactly as GGML stores a tensor, so the blocks can be written to GGUF unchanged.
+//!
+//! What must hold:
+//! - The layouts are GGML's: `#[repr(C)]` with sizes pinned by const asserts (34 and 144 bytes),
+//!   little-endian f16 scales first, then the packed scales / quants in GGML's order.
+//! - Dequantization is exact and identical at every level: every dequantized value is
+//!   `d·q` (Q8_0, an exact f32 product of an f16 and an i8) or `(d·sc)·q − dmin·m` (Q4_K; both
+//!   products are exact in f32, only the subtraction rounds), so the SIMD dequantizers equal the
+//!   scalar ones bit for bit (tested).
+//! - Matmul keeps f32 activations and f32 accumulation: weight rows are dequantized into an f32
+//!   scratch buffer and multiplied with the crate's f32 kernels at the same level. The result is
+//!   therefore exactly `x · dequantize(W)ᵀ` as the f32 kernels compute it (same summation order,
+//!   same matvec/GEMM choice by `m`), and deterministic across thread counts like them.
+
+use std::cell::RefCell;
+
+use half::f16;
+
+use crate::{scalar, Level, OutBlock};
+
+/// Weights per `Q8_0` block.
+pub const QK8_0: usize = 32;
+/// Weights per `Q4_K` super-block (8 sub-blocks of 32).
+pub const QK_K: usize = 256;
+
+/// GGML `block_q8_0`: 32 weights `d · qs[i]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ8_0 {
+    /// Scale.
+    pub d: f16,
+    /// Quants, weight `i` is `d · qs[i]`.
+    pub qs: [i8; QK8_0],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+
+/// GGML `block_q4_K`: 256 weights in 8 sub-blocks of 32. Sub-block `s` has a 6-bit scale `sc`
+/// and a 6-bit min `m` (packed in `scales`, see [`BlockQ4K::scale_min`]); its weights are
+/// `(d·sc)·q − dmin·m` with 4-bit `q`. Quants: for chunk `j` in `0..4`, byte `qs[32j + l]` holds
+/// weight `64j + l` in its low nibble and weight `64j + 32 + l` in its high nibble.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ4K {
+    /// Super-block scale of the sub-block scales.
+    pub d: f16,
+    /// Super-block scale of the sub-block mins.
+    pub dmin: f16,
+    /// 8 six-bit scales and 8 six-bit mins, packed as GGML's `get_scale_min_k4` reads them.
+    pub scales: [u8; 12],
+    /// 4-bit quants, see the type doc for the nibble order.
+    pub qs: [u8; QK_K / 2],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
+
+impl BlockQ4K {
+    /// Six-bit (scale, min) of sub-block `s` (`0..8`), unpacked as GGML does: for `s < 4` the
+    /// low 6 bits of `scales[s]` and `scales[s + 4]`; for `s >= 4` the low / high nibble of
+    /// `scales[s + 4]` with the top 2 bits of `scales[s - 4]` / `scales[s]` as bits 4..6.
+    #[inline]
+    pub fn scale_min(&self, s: usize) -> (u8, u8) {
+        let q = &self.scales;
+        if s < 4 {
+            (q[s] & 63, q[s + 4] & 63)
+        } else {
+            (
+                (q[s + 4] & 0x0F) | ((q[s - 4] >> 6) << 4),
+                (q[s + 4] >> 4) | ((q[s] >> 6) << 4),
+            )
+        }
+    }
+
+    /// Packs eight 6-bit (scale, min) pairs into the 12-byte layout [`Self::scale_min`] reads.
+    /// Panics if a value exceeds 63.
+    pub fn pack_scales_mins(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
+        assert!(sc.iter().chain(m).all(|&v| v < 64), "6-bit values only");
+        let mut q = [0u8; 12];
+        for s in 0..4 {
+            q[s] = sc[s] | ((sc[s + 4] >> 4) << 6);
+            q[s + 4] = m[s] | ((m[s + 4] >> 4) << 6);
+            q[s + 8] = (sc[s + 4] & 0x0F) | ((m[s + 4] & 0x0F) << 4);
+        }
+        q
+    }
+
+    /// The f32 (scale, min) of sub-block `s`: `(d·sc, dmin·m)`, both exact.
+    #[inline]
+    fn sub_scale_min(&self, s: usize) -> (f32, f32) {
+        let (sc, m) = self.scale_min(s);
+        (self.d.to_f32() * sc as f32, self.dmin.to_f32() * m as f32)
+    }
+
+    /// All 8 sub-block (scale, min) pairs given `d` and `dmin` already widened to f32 (the
+    /// SIMD paths widen them with F16C); equal to [`Self::sub_scale_min`].
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn sub_scales_mins(&self, d: f32, dmin: f32) -> ([f32; 8], [f32; 8]) {
+        let mut ds = [0f32; 8];
+        let mut ms = [0f32; 8];
+        for s in 0..8 {
+            let (sc, m) = self.scale_min(s);
+            ds[s] = d * sc as f32;
+            ms[s] = dmin * m as f32;
+        }
+        (ds, ms)
+    }
+}
+
+/// Quantizes `src` into Q8_0 blocks exactly as GGML's reference quantizer does:
+/// `d = amax / 127`, `q = round(x / d)` (computed as `x · (1/d)`, halves away from zero), with
+/// `d` stored as f16. Panics unless `src.len() == 32 · dst.len()`.
+pub fn quantize_row_q8_0(src: &[f32], dst: &mut [BlockQ8_0]) {
+    assert_eq!(
+        src.len(),
+        dst.len() * QK8_0,
+        "quantize_row_q8_0: length mismatch"
+    );
+    for (x, b) in src.chunks_exact(QK8_0).zip(dst) {
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = f16::from_f32(d);
+        for (q, &v) in b.qs.iter_mut().zip(x) {
+            *q = (v * id).round() as i8;
+        }
+    }
+}
+
+/// Dequantizes Q8_0 blocks: `dst[32b + i] = d_b · qs_b[i]`. Panics unless
+/// `dst.len() == 32 · src.len()`.
+pub fn dequantize_row_q8_0(src: &[BlockQ8_0], dst: &mut [f32]) {
+    assert_eq!(
+        dst.len(),
+        src.len() * QK8_0,
+        "dequantize_row_q8_0: length mismatch"
+    );
+    for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK8_0)) {
+        let d = b.d.to_f32();
+        for (o, &q) in y.iter_mut().zip(&b.qs) {
+            *o = d * q as f32;
+        }
+    }
+}
+
+/// Dequantizes Q4_K super-blocks: sub-block `s` gives `(d·sc)·q − dmin·m`, in GGML's order.
+/// Panics unless `dst.len() == 256 · src.len()`.
+pub fn dequantize_row_q4_k(src: &[BlockQ4K], dst: &mut [f32]) {
+    assert_eq!(
+        dst.len(),
+        src.len() * QK_K,
+        "dequantize_row_q4_k: length mismatch"
+    );
+    for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK_K)) {
+        for j in 0..4 {
+            let q = &b.qs[32 * j..32 * j + 32];
+            let (d1, m1) = b.sub_scale_min(2 * j);
+            let (d2, m2) = b.sub_scale_min(2 * j + 1);
+            let (lo, hi) = y[64 * j..64 * j + 64].split_at_mut(32);
+            for ((l, h), &v) in lo.iter_mut().zip(hi).zip(q) {
+                *l = d1 * (v & 0x0F) as f32 - m1;
+                *h = d2 * (v >> 4) as f32 - m2;
+            }
+        }
+    }
+}
+
+/// Round to nearest, halves to even, as an i32 (what GGML's `nearest_int` computes for the
+/// magnitudes used here).
+#[inline]
+fn nearest(v: f32) -> i32 {
+    v.round_ties_even() as i32
+}
+
+/// Weighted least-squares fit of `x ≈ scale·L + min` with `L` in `0..=nmax` and `min <= 0`.
+///
+/// The method of GGML's `make_qkx2_quants` (written afresh here): start from the min/max grid,
+/// then try `nstep + 1` slightly different grid spacings `(nmax + rmin + rdelta·i) / (max − min)`;
+/// for each rounding, solve the 2×2 weighted least-squares problem for (scale, min) in closed
+/// form (clamping min to 0 if it comes out positive) and keep the fit with the smallest weighted
+/// squared error. Writes the chosen `L` and returns `(scale, -min)` (the min as a non-negative
+/// offset, as Q4_K stores it).
+fn fit_scale_min(
+    x: &[f32],
+    w: &[f32],
+    nmax: u8,
+    l_out: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: usize,
+) -> (f32, f32) {
+    let n = x.len();
+    let mut lo = x.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    lo = lo.min(0.0);
+    if hi <= lo {
+        l_out.fill(0);
+        return (0.0, -lo);
+    }
+    let nm = nmax as f32;
+    let sum_w: f32 = w.iter().sum();
+    let sum_x: f32 = x.iter().zip(w).map(|(a, b)| a * b).sum();
+    let err = |scale: f32, min: f32, l: &[u8]| -> f32 {
+        x.iter()
+            .zip(w)
+            .zip(l)
+            .map(|((&v, &wt), &q)| {
+                let d = scale * q as f32 + min - v;
+                wt * d * d
+            })
+            .sum()
+    };
+    let iscale = nm / (hi - lo);
+    let mut best_scale = 1.0 / iscale;
+    let mut best_min = lo;
+    for (o, &v) in l_out.iter_mut().zip(x) {
+        *o = nearest(iscale * (v - lo)).clamp(0, nmax as i32) as u8;
+    }
+    let mut best_err = err(best_scale, best_min, l_out);
+    let mut laux = vec![0u8; n];
+    for step in 0..=nstep {
+        let iscale = (rmin + rdelta * step as f32 + nm) / (hi - lo);
+        let (mut sl, mut sl2, mut sxl) = (0f32, 0f32, 0f32);
+        for ((o, &v), &wt) in laux.iter_mut().zip(x).zip(w) {
+            let q = nearest(iscale * (v - lo)).clamp(0, nmax as i32);
+            *o = q as u8;
+            let qf = q as f32;
+            sl += wt * qf;
+            sl2 += wt * qf * qf;
+            sxl += wt * qf * v;
+        }
+        let det = sum_w * sl2 - sl * sl;
+        if det > 0.0 {
+            let mut scale = (sum_w * sxl - sum_x * sl) / det;
+            let mut min = (sl2 * sum_x - sl * sxl) / det;
+            if min > 0.0 {
+                min = 0.0;
+                scale = sxl / sl2;
+            }
+            let e = err(scale, min, &laux);
+            if e < best_err {
+                best_err = e;
+                best_scale = scale;
+                best_min = min;
+                l_out.copy_from_slice(&laux);
+            }
+        }
+    }
+    (best_scale, -best_min)
+}
+
+/// Quantizes `src` into Q4_K super-blocks.
+///
+/// Method (GGML's `quantize_row_q4_K_ref` scheme, own code): per 32-weight sub-block, a weighted
+/// least-squares search for (scale, min) (`fit_scale_min`, weights `rms(x) + |x_i|`, 21 grid
+/// spacings); the 8 scales and 8 mins are then quantized to 6 bits against super-block scales
+/// `d = max_scale / 63`, `dmin = max_min / 63` (f16), and finally every weight is re-rounded
+/// against the *stored* sub-block scale and min, so the quants fit what dequantization computes.
+/// Panics unless `src.len() == 256 · dst.len()`.
+pub fn quantize_row_q4_k(src: &[f32], dst: &mut [BlockQ4K]) {
+    assert_eq!(
+        src.len(),
+        dst.len() * QK_K,
+        "quantize_row_q4_k: length mismatch"
+    );
+    let mut l = [0u8; QK_K];
+    let mut wts = [0f32; 32];
+    for (x, b) in src.chunks_exact(QK_K).zip(dst) {
+        let mut scales = [0f32; 8];
+        let mut mins = [0f32; 8];
+        for s in 0..8 {
+            let xs = &x[32 * s..32 * s + 32];
+            let rms = (xs.iter().map(|v| v * v).sum::<f32>() / 32.0).sqrt();
+            for (wt, v) in wts.iter_mut().zip(xs) {
+                *wt = rms + v.abs();
+            }
+            (scales[s], mins[s]) =
+                fit_scale_min(xs, &wts, 15, &mut l[32 * s..32 * s + 32], -1.0, 0.1, 20);
+        }
+        let max_scale = scales.iter().copied().fold(0f32, f32::max);
+        let max_min = mins.iter().copied().fold(0f32, f32::max);
+        let inv_scale = if max_scale > 0.0 {
+            63.0 / max_scale
+        } else {
+            0.0
+        };
+        let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+        let mut ls = [0u8; 8];
+        let mut lm = [0u8; 8];
+        for s in 0..8 {
+            ls[s] = nearest(inv_scale * scales[s]).clamp(0, 63) as u8;
+            lm[s] = nearest(inv_min * mins[s]).clamp(0, 63) as u8;
+        }
+        b.scales = BlockQ4K::pack_scales_mins(&ls, &lm);
+        b.d = f16::from_f32(max_scale / 63.0);
+        b.dmin = f16::from_f32(max_min / 63.0);
+        for s in 0..8 {
+            let (d, m) = b.sub_scale_min(s);
+            if d == 0.0 {
+                continue;
+            }
+            for (q, &v) in l[32 * s..32 * s + 32].iter_mut().zip(&x[32 * s..]) {
+                *q = nearest((v + m) / d).clamp(0, 15) as u8;
+            }
+        }
+        for j in 0..4 {
+            for i in 0..32 {
+                b.qs[32 * j + i] = l[64 * j + i] | (l[64 * j + 32 + i] << 4);
+            }
+        }
+    }
+}
+
+/// A quantized weight matrix (the quantized variants of [`crate::Weights`]).
+#[derive(Clone, Copy)]
+pub(crate) enum QWeights<'a> {
+    Q8_0(&'a [BlockQ8_0]),
+    Q4K(&'a [BlockQ4K]),
+}
+
+impl QWeights<'_> {
+    /// Weights per block.
+    fn block(self) -> usize {
+        match self {
+            QWeights::Q8_0(_) => QK8_0,
+            QWeights::Q4K(_) => QK_K,
+        }
+    }
+}
+
+/// Dequantizes blocks `b0..b1` of `w` into `out` (`(b1 - b0) · block` values) at `level`.
+pub(crate) fn dequantize_with(
+    level: Level,
+    w: QWeights<'_>,
+    b0: usize,
+    b1: usize,
+    out: &mut [f32],
+) {
+    crate::assert_supported(level);
+    match (level, w) {
+        (Level::Scalar, QWeights::Q8_0(w)) => dequantize_row_q8_0(&w[b0..b1], out),
+        (Level::Scalar, QWeights::Q4K(w)) => dequantize_row_q4_k(&w[b0..b1], out),
+        #[cfg(target_arch = "x86_64")]
+        (Level::Avx2, QWeights::Q8_0(w)) => {
+            // SAFETY: assert_supported checked avx2/fma/f16c.
+            unsafe { x86::dequant_q8_0_avx2(&w[b0..b1], out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Level::Avx2, QWeights::Q4K(w)) => {
+            // SAFETY: assert_supported checked avx2/fma/f16c.
+            unsafe { x86::dequant_q4_k_avx2(&w[b0..b1], out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Level::Avx512, QWeights::Q8_0(w)) => {
+            // SAFETY: assert_supported checked avx512f/bw/vl (and the AVX2 level).
+            unsafe { x86::dequant_q8_0_avx512(&w[b0..b1], out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Level::Avx512, QWeights::Q4K(w)) => {
+            // SAFETY: assert_supported checked avx512f/bw/vl (and the AVX2 level).
+            unsafe { x86::dequant_q4_k_avx512(&w[b0..b1], out) }
+        }
+    }
+}
+
+/// Dequantized f32 values per GEMM chunk (1 MiB, at least 32 whole rows): the GEMM packs and
+/// reuses each chunk across all rows of x, so the extra dequantize pass costs ~1/m per FMA.
+const GEMM_CHUNK_FLOATS: usize = 256 * 1024;
+
+thread_local! {
+    /// Per-thread scratch for dequantized weight rows, reused across calls.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Computes one output block for quantized weights: `out[rows, cols] = x[rows, k] · W[cols, k]ᵀ`
+/// with `W = dequantize(w)`; `k > 0` is a multiple of the block size and `w` holds exactly
+/// `cols` rows. SIMD matvec (`m <= MATVEC_MAX_M`) dequantizes in registers (`quant_avx512`,
+/// `quant_avx2`) in the f32 matvec kernels' summation order; SIMD GEMM dequantizes chunks of
+/// weight rows into f32 scratch and runs the f32 GEMM of the same level on them; the scalar
+/// level dequantizes one row at a time for `scalar::matmul_block`. Either way the result
+/// equals the same level's f32 kernel on `dequantize(w)` bit for bit.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+pub(crate) fn run_block(
+    level: Level,
+    use_gemm: bool,
+    x: &[f32],
+    k: usize,
+    w: QWeights<'_>,
+    out: OutBlock,
+) {
+    let bpr = k / w.block();
+    assert!(k > 0 && bpr * w.block() == k);
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 && !use_gemm {
+        crate::assert_supported(level);
+        let mut out = out;
+        // SAFETY: the Avx512 level (checked on the line above) includes the AVX2 level's f16c.
+        unsafe {
+            match w {
+                QWeights::Q8_0(w) => crate::quant_avx512::matvec(x, k, w, &mut out),
+                QWeights::Q4K(w) => crate::quant_avx512::matvec(x, k, w, &mut out),
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx2 && !use_gemm {
+        crate::assert_supported(level);
+        let mut out = out;
+        // SAFETY: the line above checked avx2/fma/f16c.
+        unsafe {
+            match w {
+                QWeights::Q8_0(w) => crate::quant_avx2::matvec(x, k, w, &mut out),
+                QWeights::Q4K(w) => crate::quant_avx2::matvec(x, k, w, &mut out),
+            }
+        }
+        return;
+    }
+    // Left: the scalar level (one row at a time, as `scalar::matmul_block` reads them) and the
+    // SIMD GEMM path.
+    debug_assert!(level == Level::Scalar || use_gemm);
+    let n = out.cols();
+    let chunk_rows = if level == Level::Scalar {
+        1
+    } else {
+        (GEMM_CHUNK_FLOATS / k).next_multiple_of(32).max(32)
+    };
+    SCRATCH.with(|s| {
+        let mut buf = s.borrow_mut();
+        let need = chunk_rows.min(n) * k;
+        if buf.len() < need {
+            buf.resize(need, 0.0);
+        }
+        let mut rest = out;
+        let mut j0 = 0;
+        while j0 < n {
+            let j1 = (j0 + chunk_rows).min(n);
+            let (mut head, tail) = rest.split_cols(j1 - j0);
+            let wf = &mut buf[..(j1 - j0) * k];
+            dequantize_with(level, w, j0 * bpr, j1 * bpr, wf);
+            let wf = &*wf;
+            match level {
+                Level::Scalar => scalar::matmul_block(x, k, wf, &mut head),
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx2 => {
+                    // SAFETY: dequantize_with ran assert_supported(Level::Avx2).
+                    unsafe { crate::avx2::gemm(x, k, wf, &mut head) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx512 => {
+                    // SAFETY: dequantize_with ran assert_supported(Level::Avx512).
+                    unsafe { crate::avx512::gemm(x, k, wf, &mut head) }
+                }
+            }
+            rest = tail;
+            j0 = j1;
+        }
+    });
+}
+
+/// SIMD twins of [`dequantize_row_q8_0`] and [`dequantize_row_q4_k`]. Each computes the same
+/// exact products and the same single rounding per value, so results are bit-identical.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use core::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::{BlockQ4K, BlockQ8_0, QK8_0, QK_K};
+
+    /// f16 -> f32 with F16C (exact, like `f16::to_f32`, without its run-time dispatch).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn widen_f16c(h: f16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
+    }
+
+    /// f16 -> f32 in all 16 lanes (AVX-512 F).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    fn widen_f16_512(h: f16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_set1_epi16(h.to_bits() as i16))
+    }
+
+    /// f16 -> f32 scalar at the AVX-512 level.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    fn widen_f16_512s(h: f16) -> f32 {
+        _mm512_cvtss_f32(widen_f16_512(h))
+    }
+
+    /// # Safety
+    /// The CPU must support avx2/fma/f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequant_q8_0_avx2(src: &[BlockQ8_0], dst: &mut [f32]) {
+        assert_eq!(dst.len(), src.len() * QK8_0);
+        for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK8_0)) {
+            let d = _mm256_set1_ps(widen_f16c(b.d));
+            let (qp, yp) = (b.qs.as_ptr(), y.as_mut_ptr());
+            for c in 0..4 {
+                // SAFETY: qs has 32 bytes, this reads bytes 8c..8c+8; y has 32 floats and this
+                // writes 8c..8c+8. Unaligned load/store instructions.
+                unsafe {
+                    let q = _mm_loadl_epi64(qp.add(8 * c).cast());
+                    let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                    _mm256_storeu_ps(yp.add(8 * c), _mm256_mul_ps(d, v));
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support avx2/fma/f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequant_q4_k_avx2(src: &[BlockQ4K], dst: &mut [f32]) {
+        assert_eq!(dst.len(), src.len() * QK_K);
+        let low = _mm256_set1_epi32(0x0F);
+        for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK_K)) {
+            let yp = y.as_mut_ptr();
+            let (ds, ms) = b.sub_scales_mins(widen_f16c(b.d), widen_f16c(b.dmin));
+            for j in 0..4 {
+                let (d1, m1, d2, m2) = (ds[2 * j], ms[2 * j], ds[2 * j + 1], ms[2 * j + 1]);
+                let (d1, m1, d2, m2) = (
+                    _mm256_set1_ps(d1),
+                    _mm256_set1_ps(m1),
+                    _mm256_set1_ps(d2),
+                    _mm256_set1_ps(m2),
+                );
+                for c in 0..4 {
+                    // SAFETY: reads qs[32j + 8c .. +8] (< 128) and writes y[64j + 8c .. +8] and
+                    // y[64j + 32 + 8c .. +8] (< 256); unaligned instructions.
+                    unsafe {
+                        let q = _mm_loadl_epi64(b.qs.as_ptr().add(32 * j + 8 * c).cast());
+                        let v = _mm256_cvtepu8_epi32(q);
+                        let lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, low));
+                        let hi = _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v));
+                        // fmsub rounds once; d·q is exact, so this equals (d·q) − m rounded.
+                        _mm256_storeu_ps(yp.add(64 * j + 8 * c), _mm256_fmsub_ps(d1, lo, m1));
+                        _mm256_storeu_ps(yp.add(64 * j + 32 + 8 * c), _mm256_fmsub_ps(d2, hi, m2));
+                    }
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support avx512f/bw/vl.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn dequant_q8_0_avx512(src: &[BlockQ8_0], dst: &mut [f32]) {
+        assert_eq!(dst.len(), src.len() * QK8_0);
+        for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK8_0)) {
+            let d = widen_f16_512(b.d);
+            let (qp, yp) = (b.qs.as_ptr(), y.as_mut_ptr());
+            for c in 0..2 {
+                // SAFETY: reads qs[16c..16c+16] (of 32) and writes y[16c..16c+16] (of 32).
+                unsafe {
+                    let q = _mm_loadu_si128(qp.add(16 * c).cast());
+                    let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+                    _mm512_storeu_ps(yp.add(16 * c), _mm512_mul_ps(d, v));
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support avx512f/bw/vl.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn dequant_q4_k_avx512(src: &[BlockQ4K], dst: &mut [f32]) {
+        assert_eq!(dst.len(), src.len() * QK_K);
+        let low = _mm512_set1_epi32(0x0F);
+        for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK_K)) {
+            let yp = y.as_mut_ptr();
+            let (ds, ms) = b.sub_scales_mins(widen_f16_512s(b.d), widen_f16_512s(b.dmin));
+            for j in 0..4 {
+                let (d1, m1, d2, m2) = (ds[2 * j], ms[2 * j], ds[2 * j + 1], ms[2 * j + 1]);
+                let (d1, m1, d2, m2) = (
+                    _mm512_set1_ps(d1),
+                    _mm512_set1_ps(m1),
+                    _mm512_set1_ps(d2),
+                    _mm512_set1_ps(m2),
+                );
+                for c in 0..2 {
+                    // SAFETY: reads qs[32j + 16c .. +16] (< 128) and writes y[64j + 16c .. +16]
+                    // and y[64j + 32 + 16c .. +16] (< 256); unaligned instructions.
+                    unsafe {
+                        let q = _mm_loadu_si128(b.qs.as_ptr().add(32 * j + 16 * c).cast());
+                        let v = _mm512_cvtepu8_epi32(q);
+                        let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
+                        let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v));
+                        // fmsub rounds once; d·q is exact, so this equals (d·q) − m rounded.
+                        _mm512_storeu_ps(yp.add(64 * j + 16 * c), _mm512_fmsub_ps(d1, lo, m1));
+                        _mm512_storeu_ps(yp.add(64 * j + 32 + 16 * c), _mm512_fmsub_ps(d2, hi, m2));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "quant_tests.rs"]
+mod tests;
