@@ -153,3 +153,31 @@ fn f16_weights_compute_like_bf16() {
         "f16 copy of the bf16 fixture: logits err {err}"
     );
 }
+
+#[test]
+fn two_byte_kv_caches_halve_the_kv_budget_and_stay_close() {
+    use moe_runtime::runconfig::KvDtype;
+    let dir = fixtures().join("qwen3_moe");
+    let r = Reference::open(&dir.join("reference.safetensors"));
+    let ids: Vec<u32> = r.i64("long.input_ids").iter().map(|&x| x as u32).collect();
+    let load = |kv: KvDtype| {
+        Model::load(&Settings {
+            model: Some(dir.join("model").to_string_lossy().into_owned()),
+            kv_dtype: kv,
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let f32_model = load(KvDtype::F32);
+    for kv in [KvDtype::Bf16, KvDtype::F16] {
+        let m = load(kv);
+        assert_eq!(m.plan.kv_bytes * 2, f32_model.plan.kv_bytes, "{kv:?}");
+        let mut st = m.new_state();
+        let logits = m.forward(&ids, &mut st, Logits::All, None).unwrap();
+        let err = max_abs_diff(&logits, &r.f32("long.logits"));
+        eprintln!("{kv:?} KV cache: logits err {err:e}");
+        // Rounded keys and values move logits a little, never wildly; an f32 cache is exact.
+        assert!(err > 0.0 && err < 0.05, "{kv:?}: logits err {err}");
+        assert!(st.size_bytes() > 0);
+    }
+}

@@ -101,11 +101,7 @@ impl Settings {
     fn plan_request(&self, max_context: usize) -> Result<PlanRequest> {
         let kv_elem_bytes = match self.kv_dtype {
             KvDtype::F32 => 4,
-            other => {
-                return Err(Error::InvalidRequest(format!(
-                    "kv_dtype = {other:?} is not supported yet; use \"f32\""
-                )))
-            }
+            KvDtype::Bf16 | KvDtype::F16 => 2,
         };
         Ok(PlanRequest {
             device: self.device,
@@ -314,6 +310,11 @@ impl Model {
             vocab_size: config.vocab_size,
             store: Box::new(store),
             w: mw,
+            kv_elem: match settings.kv_dtype {
+                KvDtype::F32 => crate::layers::KvElem::F32,
+                KvDtype::Bf16 => crate::layers::KvElem::Bf16,
+                KvDtype::F16 => crate::layers::KvElem::F16,
+            },
         };
 
         let tokenizer = if files.exists("tokenizer.json") {

@@ -250,15 +250,100 @@ impl Rope {
     }
 }
 
-/// Keys and values of one attention layer for one sequence, f32 `[tokens, kv_heads * head_dim]`.
-#[derive(Default, Clone)]
+/// Element type the KV cache stores (compute is f32 either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum KvElem {
+    /// Exact.
+    #[default]
+    F32,
+    /// Half the bytes; values rounded to bf16 when stored.
+    Bf16,
+    /// Half the bytes; values rounded to f16 when stored.
+    F16,
+}
+
+/// One of the cache's two tensors, `[tokens, kv_heads * head_dim]` in its element type.
+#[derive(Clone)]
+pub enum KvData {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
+}
+
+impl KvData {
+    fn new(elem: KvElem) -> KvData {
+        match elem {
+            KvElem::F32 => KvData::F32(Vec::new()),
+            KvElem::Bf16 => KvData::Bf16(Vec::new()),
+            KvElem::F16 => KvData::F16(Vec::new()),
+        }
+    }
+
+    fn extend(&mut self, src: &[f32]) {
+        match self {
+            KvData::F32(v) => v.extend_from_slice(src),
+            KvData::Bf16(v) => v.extend(src.iter().map(|&x| half::bf16::from_f32(x))),
+            KvData::F16(v) => v.extend(src.iter().map(|&x| half::f16::from_f32(x))),
+        }
+    }
+
+    fn truncate(&mut self, n: usize) {
+        match self {
+            KvData::F32(v) => v.truncate(n),
+            KvData::Bf16(v) => v.truncate(n),
+            KvData::F16(v) => v.truncate(n),
+        }
+    }
+
+    fn capacity_bytes(&self) -> usize {
+        match self {
+            KvData::F32(v) => v.capacity() * 4,
+            KvData::Bf16(v) => v.capacity() * 2,
+            KvData::F16(v) => v.capacity() * 2,
+        }
+    }
+
+    /// Elements `[from, to)` as f32: borrowed when stored as f32, widened otherwise.
+    fn f32_range(&self, from: usize, to: usize) -> std::borrow::Cow<'_, [f32]> {
+        use std::borrow::Cow;
+        let widen = |w: moe_kernels::Weights<'_>| {
+            let mut out = vec![0f32; to - from];
+            if to > from {
+                moe_kernels::row_to_f32(w, 0, to - from, &mut out);
+            }
+            Cow::Owned(out)
+        };
+        match self {
+            KvData::F32(v) => Cow::Borrowed(&v[from..to]),
+            KvData::Bf16(v) => widen(moe_kernels::Weights::Bf16(&v[from..to])),
+            KvData::F16(v) => widen(moe_kernels::Weights::F16(&v[from..to])),
+        }
+    }
+}
+
+/// Keys and values of one attention layer for one sequence.
+#[derive(Clone)]
 pub struct KvCache {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    pub k: KvData,
+    pub v: KvData,
     pub len: usize,
 }
 
+impl Default for KvCache {
+    fn default() -> Self {
+        KvCache::new(KvElem::F32)
+    }
+}
+
 impl KvCache {
+    pub fn new(elem: KvElem) -> KvCache {
+        KvCache {
+            k: KvData::new(elem),
+            v: KvData::new(elem),
+            len: 0,
+        }
+    }
+
     /// Drops everything after the first `len` tokens (prefix reuse, rollback).
     pub fn truncate(&mut self, len: usize, row: usize) {
         self.len = self.len.min(len);
@@ -267,7 +352,7 @@ impl KvCache {
     }
 
     pub fn size_bytes(&self) -> usize {
-        (self.k.capacity() + self.v.capacity()) * 4
+        self.k.capacity_bytes() + self.v.capacity_bytes()
     }
 }
 
@@ -328,14 +413,22 @@ impl Attention {
                 self.rope.apply(qr, hd, pos0 + i);
                 self.rope.apply(kr, hd, pos0 + i);
             });
-        cache.k.extend_from_slice(&k);
-        cache.v.extend_from_slice(&v);
+        cache.k.extend(&k);
+        cache.v.extend(&v);
         cache.len += t;
 
         let scale = (hd as f32).powf(-0.5);
         let group = nh / self.num_kv_heads;
         let window = self.sliding_window;
-        let (ck, cv) = (&cache.k, &cache.v);
+        // The positions any query of this call attends to, as f32 (a view for an f32 cache;
+        // a widened copy of just this window for 2-byte caches).
+        let lo = match window {
+            Some(w) if w > 0 => (pos0 + 1).saturating_sub(w),
+            _ => 0,
+        };
+        let ck = cache.k.f32_range(lo * kvr, cache.len * kvr);
+        let cv = cache.v.f32_range(lo * kvr, cache.len * kvr);
+        let (ck, cv) = (&ck[..], &cv[..]);
         let mut attn = vec![0f32; t * nh * hd];
         attn.par_chunks_mut(hd).enumerate().for_each(|(c, out)| {
             let (i, h) = (c / nh, c % nh);
@@ -347,7 +440,7 @@ impl Attention {
             let qh = &q[i * nh * hd + h * hd..][..hd];
             let kvh = h / group;
             let mut scores: Vec<f32> = (first..=pos)
-                .map(|j| moe_kernels::dot(qh, &ck[j * kvr + kvh * hd..][..hd]) * scale)
+                .map(|j| moe_kernels::dot(qh, &ck[(j - lo) * kvr + kvh * hd..][..hd]) * scale)
                 .collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
@@ -356,7 +449,7 @@ impl Attention {
                 sum += *s;
             }
             for (j, s) in (first..=pos).zip(&scores) {
-                moe_kernels::axpy(s / sum, &cv[j * kvr + kvh * hd..][..hd], out);
+                moe_kernels::axpy(s / sum, &cv[(j - lo) * kvr + kvh * hd..][..hd], out);
             }
         });
         self.o_proj.forward(&attn, t)

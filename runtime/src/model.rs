@@ -10,7 +10,7 @@
 //! never reads expert weights except through the [`ExpertStore`].
 
 use crate::error::{Error, Result};
-use crate::layers::{Attention, KvCache, Linear, Mlp, RmsNorm};
+use crate::layers::{Attention, KvCache, KvElem, Linear, Mlp, RmsNorm};
 use crate::moe::{MoeBlock, Routing};
 use crate::store::{ExpertStore, ExpertWeights};
 use crate::weights::TensorRef;
@@ -95,6 +95,8 @@ pub struct Decoder {
     pub store: Box<dyn ExpertStore>,
     pub hidden_size: usize,
     pub vocab_size: usize,
+    /// Element type of new sequences' KV caches.
+    pub kv_elem: KvElem,
 }
 
 impl Decoder {
@@ -106,7 +108,7 @@ impl Decoder {
                 .layers
                 .iter()
                 .map(|l| match l.mixer {
-                    Mixer::Attention(_) => MixerState::Kv(KvCache::default()),
+                    Mixer::Attention(_) => MixerState::Kv(KvCache::new(self.kv_elem)),
                 })
                 .collect(),
             len: 0,

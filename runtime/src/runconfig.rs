@@ -1669,7 +1669,7 @@ max_queue = 8
         assert_eq!(c.max_context, Some(4096));
         assert_eq!(c.max_batch, 1);
         assert_eq!(c.threads, None);
-        assert_eq!(c.kv_dtype, KvDtype::F32);
+        assert_eq!(c.kv_dtype, KvDtype::Bf16);
         assert_eq!(c.experts, ExpertsConfig::default());
         assert_eq!(c.sim, SimConfig::default());
         assert_eq!(c.server, ServerConfig::default());
@@ -1681,7 +1681,7 @@ max_queue = 8
         assert_eq!(c.ram_budget, Some(ByteSize(24 << 30)));
         assert_eq!(c.max_context, Some(8192));
         assert_eq!(c.max_batch, 4);
-        assert_eq!(c.kv_dtype, KvDtype::F32);
+        assert_eq!(c.kv_dtype, KvDtype::Bf16);
         assert_eq!(c.experts.slots_per_layer, None);
         assert!(c.experts.prefetch);
         assert_eq!(c.experts.prefetch_depth, 1);
@@ -1697,7 +1697,7 @@ max_queue = 8
         assert_eq!(c.ram_budget, Some(ByteSize(56 << 30)));
         assert_eq!(c.max_context, Some(4096));
         assert_eq!(c.max_batch, 1);
-        assert_eq!(c.kv_dtype, KvDtype::F32);
+        assert_eq!(c.kv_dtype, KvDtype::Bf16);
         assert_eq!(c.experts.slots_per_layer, None);
         assert!(c.experts.prefetch);
         assert_eq!(c.experts.prefetch_depth, 2);
