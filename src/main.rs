@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use moe_runtime::runconfig::{ByteSize, DeviceKind};
+use moe_runtime::runconfig::{ByteSize, DeviceKind, Quantization};
 use moe_runtime::synth::{synth, synth_gguf, SynthOptions};
 use moe_runtime::weights::{safetensors_bytes, Dtype};
 use moe_runtime::{
@@ -69,6 +69,12 @@ struct ModelArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// How expert weights are held: none (as stored), bf16, q8_0, q4_k (quantized at load).
+    #[arg(long)]
+    quantization: Option<Quantization>,
+    /// How resident weights are held (default: as --quantization).
+    #[arg(long)]
+    resident_quantization: Option<Quantization>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -102,6 +108,12 @@ impl ModelArgs {
         }
         if self.threads.is_some() {
             s.threads = self.threads;
+        }
+        if let Some(q) = self.quantization {
+            s.quantization = q;
+        }
+        if self.resident_quantization.is_some() {
+            s.resident_quantization = self.resident_quantization;
         }
         Ok(s)
     }
@@ -445,6 +457,7 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             "major_page_faults": major_page_faults(),
             "experts": stats,
             "device": settings.device,
+            "quantization": settings.quantization,
         });
         println!("{v}");
     } else {

@@ -17,7 +17,8 @@ use crate::config::{GenerationConfig, ModelConfig, RawConfig};
 use crate::error::{Error, Result};
 use crate::model::{Decoder, Logits, SeqState, Trace};
 use crate::plan::{make_plan, ModelSizes, Plan, PlanRequest, Profile};
-use crate::runconfig::{DeviceKind, ExpertsConfig, KvDtype, RunConfig, SimConfig};
+use crate::quantize::quantize_model;
+use crate::runconfig::{DeviceKind, ExpertsConfig, KvDtype, Quantization, RunConfig, SimConfig};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::store::{TieredStore, TieredStoreConfig};
 use crate::tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
@@ -46,6 +47,10 @@ pub struct Settings {
     /// Sequences served at once (sizes the KV cache in the plan).
     pub max_batch: usize,
     pub kv_dtype: KvDtype,
+    /// How expert weights are held in memory (quantized at load).
+    pub quantization: Quantization,
+    /// How resident weights are held; `None` = as `quantization`.
+    pub resident_quantization: Option<Quantization>,
     /// Where learned state (expert popularity, calibration) is kept; `None` = per-user folder.
     pub state_dir: Option<PathBuf>,
     pub experts: ExpertsConfig,
@@ -63,6 +68,8 @@ impl Default for Settings {
             ram_budget: None,
             max_batch: 1,
             kv_dtype: KvDtype::F32,
+            quantization: Quantization::None,
+            resident_quantization: None,
             state_dir: None,
             experts: ExpertsConfig::default(),
             sim: SimConfig::default(),
@@ -82,6 +89,8 @@ impl Settings {
             ram_budget: c.ram_budget.map(|b| b.0),
             max_batch: c.max_batch,
             kv_dtype: c.kv_dtype,
+            quantization: c.quantization,
+            resident_quantization: c.resident_quantization,
             state_dir: Some(c.resolved_state_dir()),
             experts: c.experts.clone(),
             sim: c.sim.clone(),
@@ -114,6 +123,7 @@ impl Settings {
             copy_latency_s: self.sim.copy_latency_us * 1e-6,
             loader_threads: LOADER_THREADS,
             kv_elem_bytes,
+            experts_in_ram: self.quantization != Quantization::None,
         })
     }
 }
@@ -266,8 +276,12 @@ impl Model {
         }
         let request = settings.plan_request(max_context)?;
         let weights = WeightSet::open(&files)?;
-        let mw = arch::build_decoder(&config, &weights, arch.names)?;
-        let sizes = ModelSizes::measure(&config, &weights, &mw, request.kv_elem_bytes);
+        let mut mw = arch::build_decoder(&config, &weights, arch.names)?;
+        let resident_q = settings
+            .resident_quantization
+            .unwrap_or(settings.quantization);
+        let quant = quantize_model(&mut mw, settings.quantization, resident_q, true)?;
+        let sizes = ModelSizes::measure(&config, &weights, &mw, request.kv_elem_bytes, &quant);
         let state_dir = settings.resolved_state_dir();
         let profile = Profile::load(&state_dir);
         let fingerprint = crate::hotset::fingerprint(&cfg_bytes, &weights);
@@ -278,6 +292,15 @@ impl Model {
         let plan = make_plan(&sizes, &request, &profile)?;
         for w in &plan.warnings {
             tracing::warn!("{w}");
+        }
+        if quant.quantized_tensors > 0 {
+            let t0 = Instant::now();
+            quantize_model(&mut mw, settings.quantization, resident_q, false)?;
+            tracing::info!(
+                "quantized {} tensors in {:.1} s",
+                quant.quantized_tensors,
+                t0.elapsed().as_secs_f64()
+            );
         }
         let unused_tensors = weights.unused();
         if !unused_tensors.is_empty() {
@@ -579,8 +602,16 @@ pub fn plan_model(settings: &Settings) -> Result<PlanReport> {
             .clamp(1, DEFAULT_MAX_CONTEXT_TOKENS)
     });
     let request = settings.plan_request(max_context)?;
-    let mw = arch::build_decoder(&config, &weights, arch.names)?;
-    let sizes = ModelSizes::measure(&config, &weights, &mw, request.kv_elem_bytes);
+    let mut mw = arch::build_decoder(&config, &weights, arch.names)?;
+    let quant = quantize_model(
+        &mut mw,
+        settings.quantization,
+        settings
+            .resident_quantization
+            .unwrap_or(settings.quantization),
+        true,
+    )?;
+    let sizes = ModelSizes::measure(&config, &weights, &mw, request.kv_elem_bytes, &quant);
     let profile = Profile::load(&settings.resolved_state_dir());
     let plan = make_plan(&sizes, &request, &profile)?;
     Ok(PlanReport {

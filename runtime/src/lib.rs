@@ -40,6 +40,7 @@ pub mod layers;
 pub mod model;
 pub mod moe;
 pub mod plan;
+pub mod quantize;
 pub mod runconfig;
 pub mod sampler;
 pub mod store;

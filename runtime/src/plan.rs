@@ -91,6 +91,8 @@ pub struct PlanRequest {
     pub loader_threads: usize,
     /// Bytes per KV element.
     pub kv_elem_bytes: u64,
+    /// Every expert must be held in RAM (quantized at load: there is no file to read them from).
+    pub experts_in_ram: bool,
 }
 
 /// Sizes of a model, from its tensor map.
@@ -111,20 +113,33 @@ pub struct ModelSizes {
 }
 
 impl ModelSizes {
+    /// Sizes of a built (not yet quantized) model; `quant` is the dry run of the quantization
+    /// it will get, whose savings are taken off.
     pub fn measure(
         cfg: &ModelConfig,
         w: &WeightSet,
         mw: &ModelWeights,
         kv_elem_bytes: u64,
+        quant: &crate::quantize::QuantReport,
     ) -> ModelSizes {
         let experts: Vec<&crate::store::ExpertWeights> = mw.experts.iter().flatten().collect();
-        let total_expert_bytes: u64 = experts.iter().map(|e| e.size_bytes() as u64).sum();
+        let source_expert_bytes: u64 = experts.iter().map(|e| e.size_bytes() as u64).sum();
+        let total_expert_bytes = source_expert_bytes.saturating_sub(quant.expert_saved_bytes);
+        // Experts of one model share shapes and types: scale the largest by the same ratio.
         let expert_bytes = experts
             .iter()
             .map(|e| e.size_bytes() as u64)
             .max()
             .unwrap_or(0);
-        let resident_bytes = w.used_bytes().saturating_sub(total_expert_bytes);
+        let expert_bytes = if source_expert_bytes > 0 {
+            (expert_bytes as u128 * total_expert_bytes as u128 / source_expert_bytes as u128) as u64
+        } else {
+            0
+        };
+        let resident_bytes = w
+            .used_bytes()
+            .saturating_sub(source_expert_bytes)
+            .saturating_sub(quant.resident_saved_bytes);
         let embed_bytes = mw.embed.size_bytes() as u64;
         // Tied embeddings: the output projection reads the whole table every token.
         let tied = cfg.tie_word_embeddings;
@@ -382,6 +397,13 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
         .checked_div(sizes.expert_bytes)
         .map_or(0, |n| (n as usize).min(total_experts));
     let file_experts = total_experts - ram_experts.min(total_experts);
+    if req.experts_in_ram && file_experts > 0 {
+        return Err(Error::Budget(format!(
+            "quantized experts are held in RAM: {} needed, but {ram_key} {} leaves room for {ram_experts} of {total_experts}; raise ram_budget or use quantization = \"none\"",
+            gb(sizes.total_expert_bytes + host_fixed),
+            gb(ram_budget)
+        )));
+    }
     if req.device == Device::Sim && slots < sizes.top_k && total_experts > 0 {
         warnings.push(format!(
             "{slots} device slots per layer is fewer than top_k = {}: experts run in waves or where they lie",
@@ -499,6 +521,7 @@ mod tests {
             copy_latency_s: 10e-6,
             loader_threads: 2,
             kv_elem_bytes: 4,
+            experts_in_ram: false,
         }
     }
 

@@ -67,6 +67,13 @@ pub struct RunConfig {
     /// Element type of the KV cache. Default `"f32"` (exact; `"bf16"`/`"f16"` halve its size).
     #[serde(default)]
     pub kv_dtype: KvDtype,
+    /// How expert weights are held in memory: "none" (default, as stored), "bf16", "q8_0",
+    /// "q4_k". Quantized weights are made at load and held in RAM.
+    #[serde(default)]
+    pub quantization: Quantization,
+    /// The same for resident (non-expert) weights; default: as `quantization`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resident_quantization: Option<Quantization>,
     /// The `[experts]` table: the expert cache.
     #[serde(default)]
     pub experts: ExpertsConfig,
@@ -93,6 +100,39 @@ pub enum DeviceKind {
     Cuda,
     /// A simulated device: CPU compute with device memory and link costs modelled (`"sim"`).
     Sim,
+}
+
+/// How weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum Quantization {
+    /// As stored in the files (`"none"`).
+    #[default]
+    #[serde(rename = "none")]
+    None,
+    /// bf16 (`"bf16"`): f32 and f16 weights converted.
+    #[serde(rename = "bf16")]
+    Bf16,
+    /// GGML Q8_0, 8.5 bits per weight (`"q8_0"`).
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// GGML Q4_K, 4.5 bits per weight (`"q4_k"`).
+    #[serde(rename = "q4_k")]
+    Q4K,
+}
+
+impl std::str::FromStr for Quantization {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Quantization::None),
+            "bf16" => Ok(Quantization::Bf16),
+            "q8_0" => Ok(Quantization::Q8_0),
+            "q4_k" => Ok(Quantization::Q4K),
+            other => Err(format!(
+                "`{other}` is not a quantization (none, bf16, q8_0, q4_k)"
+            )),
+        }
+    }
 }
 
 /// Element type of the KV cache.
@@ -460,6 +500,8 @@ impl RunConfig {
             threads: None,
             state_dir: None,
             kv_dtype: KvDtype::default(),
+            quantization: Quantization::None,
+            resident_quantization: None,
             experts: ExpertsConfig::default(),
             sim: SimConfig::default(),
             server: ServerConfig::default(),
@@ -1237,6 +1279,8 @@ max_queue = 8
             threads: Some(8),
             state_dir: Some(PathBuf::from("/var/lib/moe")),
             kv_dtype: KvDtype::Bf16,
+            quantization: Quantization::None,
+            resident_quantization: None,
             experts: ExpertsConfig {
                 slots_per_layer: Some(16),
                 prefetch: false,

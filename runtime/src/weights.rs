@@ -43,6 +43,10 @@ pub enum Dtype {
     Bool,
     F8E4M3,
     F8E5M2,
+    /// GGML Q8_0 blocks (32 weights in 34 bytes); produced by quantizing at load.
+    Q8_0,
+    /// GGML Q4_K super-blocks (256 weights in 144 bytes); produced by quantizing at load.
+    Q4K,
 }
 
 impl Dtype {
@@ -74,6 +78,8 @@ impl Dtype {
             Dtype::F32 | Dtype::I32 | Dtype::U32 => 4,
             Dtype::F16 | Dtype::Bf16 | Dtype::I16 | Dtype::U16 => 2,
             Dtype::I8 | Dtype::U8 | Dtype::Bool | Dtype::F8E4M3 | Dtype::F8E5M2 => 1,
+            // Block types have no per-element size; they never come from a safetensors header.
+            Dtype::Q8_0 | Dtype::Q4K => 0,
         }
     }
 
@@ -95,6 +101,8 @@ impl Dtype {
             Dtype::Bool => "BOOL",
             Dtype::F8E4M3 => "F8_E4M3",
             Dtype::F8E5M2 => "F8_E5M2",
+            Dtype::Q8_0 => "Q8_0",
+            Dtype::Q4K => "Q4_K",
         }
     }
 }
@@ -446,7 +454,7 @@ impl TensorRef {
     /// element size. A misaligned tensor (legal in safetensors, rare in practice) is copied once.
     pub fn into_compute(self) -> Result<TensorRef> {
         match self.dtype {
-            Dtype::F32 | Dtype::Bf16 | Dtype::F16 => {}
+            Dtype::F32 | Dtype::Bf16 | Dtype::F16 | Dtype::Q8_0 | Dtype::Q4K => {}
             other => {
                 return Err(Error::UnsupportedDtype {
                     name: self.name,
@@ -484,8 +492,86 @@ impl TensorRef {
             Dtype::F32 => Weights::F32(cast_slice::<f32>(b)),
             Dtype::Bf16 => Weights::Bf16(cast_slice::<bf16>(b)),
             Dtype::F16 => Weights::F16(cast_slice::<f16>(b)),
+            Dtype::Q8_0 => Weights::Q8_0(cast_slice::<moe_kernels::BlockQ8_0>(b)),
+            Dtype::Q4K => Weights::Q4K(cast_slice::<moe_kernels::BlockQ4K>(b)),
             _ => unreachable!("weights() on a non-float tensor (into_compute checks the dtype)"),
         }
+    }
+
+    /// A quantized copy of a 2-D weight `[n, k]` (owned, 8-byte aligned), or `None` when the row
+    /// length is not a multiple of the block size (the caller keeps the source type).
+    /// Rows are quantized in parallel; the result does not depend on the thread count.
+    pub fn quantize(&self, to: Dtype) -> Result<Option<TensorRef>> {
+        use rayon::prelude::*;
+        let (block, block_bytes) = match to {
+            Dtype::Q8_0 => (32, std::mem::size_of::<moe_kernels::BlockQ8_0>()),
+            Dtype::Q4K => (256, std::mem::size_of::<moe_kernels::BlockQ4K>()),
+            Dtype::Bf16 if self.dtype != Dtype::Bf16 => (1, 2),
+            _ => return Ok(None),
+        };
+        if self.shape.len() != 2 || self.is_virtual() {
+            return Ok(None);
+        }
+        let (n, k) = (self.shape[0], self.shape[1]);
+        if k == 0 || k % block != 0 {
+            return Ok(None);
+        }
+        let src = self.clone().into_compute()?;
+        let row_bytes = k / block * block_bytes;
+        let total = n * row_bytes;
+        let mut words = vec![0u64; total.div_ceil(8)];
+        {
+            // SAFETY: u64 has no padding and every byte pattern is valid; the byte view covers
+            // exactly the words' storage and `words` is exclusively borrowed in this block.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
+            };
+            bytes[..total]
+                .par_chunks_mut(row_bytes)
+                .enumerate()
+                .for_each(|(r, dst)| {
+                    let mut row = vec![0f32; k];
+                    moe_kernels::row_to_f32(src.weights(), r, k, &mut row);
+                    match to {
+                        Dtype::Bf16 => {
+                            for (d, x) in dst.chunks_exact_mut(2).zip(&row) {
+                                d.copy_from_slice(&bf16::from_f32(*x).to_le_bytes());
+                            }
+                        }
+                        Dtype::Q8_0 => {
+                            // SAFETY: `dst` is `row_bytes` long, a whole number of 34-byte blocks
+                            // of a repr(C) type with alignment 2 (the buffer is 8-aligned and
+                            // row_bytes is even); every byte pattern is a valid block.
+                            let blocks = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    dst.as_mut_ptr().cast::<moe_kernels::BlockQ8_0>(),
+                                    k / block,
+                                )
+                            };
+                            moe_kernels::quant::quantize_row_q8_0(&row, blocks);
+                        }
+                        _ => {
+                            // SAFETY: as above for 144-byte Q4_K blocks (alignment 2).
+                            let blocks = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    dst.as_mut_ptr().cast::<moe_kernels::BlockQ4K>(),
+                                    k / block,
+                                )
+                            };
+                            moe_kernels::quant::quantize_row_q4_k(&row, blocks);
+                        }
+                    }
+                });
+        }
+        Ok(Some(TensorRef {
+            name: self.name.clone(),
+            path: self.path.clone(),
+            dtype: to,
+            shape: self.shape.clone(),
+            storage: Arc::new(Storage::Words { words, len: total }),
+            start: 0,
+            end: total,
+        }))
     }
 
     /// The whole tensor converted to f32 (for small tensors: norms, biases).

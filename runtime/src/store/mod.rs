@@ -170,14 +170,16 @@ impl ExpertBuf {
         let (off, n, dtype) = self.parts[i];
         let base = self.words.as_ptr().cast::<u8>();
         // SAFETY: `read_owned` placed part i at an 8-byte aligned offset with room for `n`
-        // elements of `dtype`; the words are initialised and live as long as `self`; f32, bf16
-        // and f16 accept every bit pattern.
+        // elements of `dtype` (n/32 or n/256 blocks for block types); the words are initialised
+        // and live as long as `self`; the float and block types accept every bit pattern.
         unsafe {
             let p = base.add(off);
             match dtype {
                 Dtype::F32 => Weights::F32(std::slice::from_raw_parts(p.cast(), n)),
                 Dtype::Bf16 => Weights::Bf16(std::slice::from_raw_parts(p.cast(), n)),
                 Dtype::F16 => Weights::F16(std::slice::from_raw_parts(p.cast(), n)),
+                Dtype::Q8_0 => Weights::Q8_0(std::slice::from_raw_parts(p.cast(), n / 32)),
+                Dtype::Q4K => Weights::Q4K(std::slice::from_raw_parts(p.cast(), n / 256)),
                 other => unreachable!("expert dtype {other:?} passed into_compute"),
             }
         }
