@@ -8,41 +8,7 @@ use half::f16;
 use super::*;
 use crate::supported_levels;
 
-/// splitmix64 (as in `tests.rs`), with a Gaussian helper.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1).
-    fn unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box–Muller).
-    fn gauss(&mut self) -> f32 {
-        let (u, v) = (self.unit(), self.unit());
-        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-    }
-
-    fn gauss_vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.gauss()).collect()
-    }
-
-    /// A finite f16 with a random exponent in a moderate range, either sign.
-    fn f16(&mut self) -> f16 {
-        let bits = self.next_u64() as u16;
-        // Exponent field 1..=20 (2^-14 .. 2^5), random mantissa and sign.
-        let exp = 1 + (bits >> 10) % 20;
-        f16::from_bits((bits & 0x83FF) | (exp << 10))
-    }
-}
+use crate::tests::Rng;
 
 fn rel_rms(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();

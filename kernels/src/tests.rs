@@ -13,11 +13,12 @@ use crate::{
 /// (|x_p·w_p| ~ ‖x‖‖w‖/k) exceeds it for every k below ~10^5.
 const TOL_REL: f64 = 1e-6;
 
-/// splitmix64: a small deterministic generator so failures reproduce.
-struct Rng(u64);
+/// splitmix64: a small deterministic generator so failures reproduce (shared by the quantized
+/// format tests).
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -36,6 +37,29 @@ impl Rng {
 
     fn vec(&mut self, len: usize) -> Vec<f32> {
         (0..len).map(|_| self.sym()).collect()
+    }
+
+    /// Uniform in (0, 1).
+    pub(crate) fn unit(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box–Muller).
+    pub(crate) fn gauss(&mut self) -> f32 {
+        let (u, v) = (self.unit(), self.unit());
+        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+    }
+
+    pub(crate) fn gauss_vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.gauss()).collect()
+    }
+
+    /// A finite f16 with a random exponent in a moderate range, either sign.
+    pub(crate) fn f16(&mut self) -> f16 {
+        let bits = self.next_u64() as u16;
+        // Exponent field 1..=20 (2^-14 .. 2^5), random mantissa and sign.
+        let exp = 1 + (bits >> 10) % 20;
+        f16::from_bits((bits & 0x83FF) | (exp << 10))
     }
 }
 
