@@ -1,0 +1,317 @@
+//! Side-by-side speed against llama.cpp on identical weights, in one run.
+//!
+//! For each weight type (bf16, q8_0, q4) it runs `moe-serve run` on the Hugging Face folder
+//! (quantized at load) and llama.cpp's `llama-bench` on the GGUF twin written by
+//! `moe-serve synth --gguf` (quantized by `llama-quantize` to Q8_0 / Q4_K_M, cached beside it),
+//! and prints one table: prefill and decode tokens/s, weight bytes read per decoded token, the
+//! GB/s that implies and its share of this machine's read bandwidth (measured here: the best of
+//! several 2-thread streaming reads), time to first token and peak RSS.
+//!
+//! ```sh
+//! cargo build --release
+//! cargo bench --bench compare -- --model DIR --gguf FILE --llama-dir LLAMA_CPP/build/bin \
+//!     [--types bf16,q8_0,q4] [--prompt 512] [--gen 128] [--threads 2]
+//! ```
+//! llama.cpp: `pip download --no-deps --no-binary llama-cpp-python llama-cpp-python -d DIR`,
+//! unpack, then in `vendor/llama.cpp`: `cmake -B build -DCMAKE_BUILD_TYPE=Release
+//! -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF` and
+//! `cmake --build build -j2 --target llama-bench llama-quantize`.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use common::{arg, cpu_model};
+
+/// Runs a command, returning its stdout, whether it succeeded, and its peak RSS in bytes.
+fn run_measured(cmd: &mut Command) -> Result<(String, u64), String> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    let mut err = String::new();
+    child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut out)
+        .map_err(|e| e.to_string())?;
+    child
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut err)
+        .map_err(|e| e.to_string())?;
+    let mut status = 0i32;
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: wait4 on our own child's pid writes its exit status and resource usage into the
+    // two valid pointers; the child has not been waited for yet (std's Child is never waited).
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, ru.as_mut_ptr()) };
+    if r < 0 {
+        return Err("wait4 failed".into());
+    }
+    // SAFETY: filled by the successful wait4 above (zeroed before in any case).
+    let maxrss_kb = unsafe { ru.assume_init() }.ru_maxrss as u64;
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        return Err(err.lines().last().unwrap_or("failed").to_string());
+    }
+    Ok((out, maxrss_kb * 1024))
+}
+
+/// Best of several 2-thread streaming reads over a buffer far larger than the caches, bytes/s.
+fn read_bandwidth() -> f64 {
+    const BYTES: usize = 1 << 30;
+    let buf: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let (a, b) = buf.split_at(buf.len() / 2);
+        // Eight independent lanes per thread: the adds vectorise, so the read, not the
+        // arithmetic, is the limit.
+        let read = |part: &[u64]| {
+            let mut lanes = [0u64; 8];
+            for c in part.chunks_exact(8) {
+                for (l, v) in lanes.iter_mut().zip(c) {
+                    *l = l.wrapping_add(*v);
+                }
+            }
+            lanes.iter().fold(0u64, |x, &y| x.wrapping_add(y))
+        };
+        let sum = std::thread::scope(|s| {
+            let h = s.spawn(|| read(a));
+            let s2 = read(b);
+            h.join().expect("reader").wrapping_add(s2)
+        });
+        std::hint::black_box(sum);
+        best = best.max(BYTES as f64 / t.elapsed().as_secs_f64());
+    }
+    best
+}
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/moe-serve")
+}
+
+struct Row {
+    engine: String,
+    prefill: f64,
+    decode: f64,
+    ttft_s: f64,
+    peak_rss: u64,
+}
+
+fn ours(model: &str, quant: &str, prompt: usize, gen: usize, threads: &str) -> Result<Row, String> {
+    let ids: Vec<String> = (0..prompt)
+        .map(|i| ((i * 7919 + 11) % 30000).to_string())
+        .collect();
+    let (out, rss) = run_measured(Command::new(binary()).args([
+        "run",
+        "--model",
+        model,
+        "--quantization",
+        quant,
+        "--prompt-ids",
+        &ids.join(","),
+        "--max-tokens",
+        &gen.to_string(),
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--json",
+        "--threads",
+        threads,
+        "--max-context",
+        &(prompt + gen + 1).to_string(),
+    ]))?;
+    let v: serde_json::Value = serde_json::from_str(out.trim()).map_err(|e| e.to_string())?;
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    Ok(Row {
+        engine: format!("moe-offload {quant}"),
+        prefill: f("prefill_tokens_per_s"),
+        decode: f("decode_tokens_per_s"),
+        ttft_s: (f("load_ms") + f("prefill_ms")) / 1e3,
+        peak_rss: rss,
+    })
+}
+
+fn llama(
+    dir: &Path,
+    gguf: &Path,
+    label: &str,
+    prompt: usize,
+    gen: usize,
+    threads: &str,
+) -> Result<Row, String> {
+    let (out, rss) = run_measured(Command::new(dir.join("llama-bench")).args([
+        "-m",
+        gguf.to_str().unwrap_or_default(),
+        "-t",
+        threads,
+        "-p",
+        &prompt.to_string(),
+        "-n",
+        &gen.to_string(),
+        "-r",
+        "2",
+        "-o",
+        "json",
+    ]))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| format!("llama-bench output: {e}"))?;
+    let (mut pp, mut tg) = (f64::NAN, f64::NAN);
+    for r in v.as_array().into_iter().flatten() {
+        let ts = r["avg_ts"].as_f64().unwrap_or(f64::NAN);
+        if r["n_prompt"].as_u64().unwrap_or(0) > 0 {
+            pp = ts;
+        } else {
+            tg = ts;
+        }
+    }
+    Ok(Row {
+        engine: format!("llama.cpp {label}"),
+        prefill: pp,
+        decode: tg,
+        ttft_s: prompt as f64 / pp,
+        peak_rss: rss,
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    let (Some(model), Some(gguf), Some(llama_dir)) = (
+        arg(&args, "--model"),
+        arg(&args, "--gguf"),
+        arg(&args, "--llama-dir"),
+    ) else {
+        eprintln!("usage: cargo bench --bench compare -- --model HF_DIR --gguf TWIN.gguf --llama-dir LLAMA_CPP/build/bin [--types bf16,q8_0,q4] [--prompt 512] [--gen 128] [--threads 2]");
+        eprintln!("(build llama.cpp as this file's module doc says; write the twin with `moe-serve synth --gguf`)");
+        return;
+    };
+    let llama_dir = PathBuf::from(llama_dir);
+    if !llama_dir.join("llama-bench").is_file() || !llama_dir.join("llama-quantize").is_file() {
+        eprintln!(
+            "error: no llama-bench / llama-quantize in {}; build them as this benchmark's module doc says",
+            llama_dir.display()
+        );
+        std::process::exit(1);
+    }
+    if !binary().is_file() {
+        eprintln!("error: build the release binary first: cargo build --release");
+        std::process::exit(1);
+    }
+    let types = arg(&args, "--types").unwrap_or_else(|| "bf16,q8_0,q4".into());
+    let prompt: usize = arg(&args, "--prompt")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let gen: usize = arg(&args, "--gen")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
+    let threads = arg(&args, "--threads").unwrap_or_else(|| "2".into());
+    let gguf = PathBuf::from(gguf);
+
+    let bw = read_bandwidth();
+    let version = Command::new(llama_dir.join("llama-bench"))
+        .arg("--version")
+        .output()
+        .map(|o| {
+            // llama.cpp prints its version on stderr.
+            let text = [o.stdout, o.stderr].concat();
+            String::from_utf8_lossy(&text).trim().replace('\n', " ")
+        })
+        .unwrap_or_default();
+    println!(
+        "machine: {} ({} threads used); 2-thread streaming read: {:.1} GB/s (best of 5)",
+        cpu_model(),
+        threads,
+        bw / 1e9
+    );
+    println!(
+        "model: {model} / {}; prompt {prompt} tokens, decode {gen} tokens",
+        gguf.display()
+    );
+    println!("peer: llama.cpp llama-bench {version} (-t {threads} -p {prompt} -n {gen} -r 2)");
+    println!();
+    println!("| engine | prefill tok/s | decode tok/s | bytes/token | GB/s | share of read bw | TTFT s | peak RSS |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for t in types.split(',') {
+        let (quant, peer_type) = match t {
+            "bf16" => ("none", None),
+            "q8_0" => ("q8_0", Some("Q8_0")),
+            "q4" => ("q4_k", Some("Q4_K_M")),
+            other => {
+                println!("| {other}: unknown type (bf16, q8_0, q4) |");
+                continue;
+            }
+        };
+        let settings = moe_runtime::Settings {
+            model: Some(model.clone()),
+            quantization: quant.parse().expect("known quantization"),
+            max_context: Some(prompt + gen + 1),
+            ..Default::default()
+        };
+        let bytes = moe_runtime::plan_model(&settings)
+            .map(|r| {
+                let s = r.plan.sizes;
+                s.resident_read_per_token_bytes + (s.top_k * s.moe_layers) as u64 * s.expert_bytes
+            })
+            .unwrap_or(0);
+        let print = |r: Result<Row, String>, bytes: u64| match r {
+            Ok(r) => {
+                let gbs = bytes as f64 * r.decode / 1e9;
+                println!(
+                    "| {} | {:.1} | {:.2} | {:.2} GB | {:.1} | {:.0}% | {:.2} | {:.2} GiB |",
+                    r.engine,
+                    r.prefill,
+                    r.decode,
+                    bytes as f64 / 1e9,
+                    gbs,
+                    100.0 * gbs * 1e9 / bw,
+                    r.ttft_s,
+                    r.peak_rss as f64 / (1u64 << 30) as f64
+                )
+            }
+            Err(e) => println!("| {t}: error: {e} |"),
+        };
+        print(ours(&model, quant, prompt, gen, &threads), bytes);
+        let peer_file = match peer_type {
+            None => Ok(gguf.clone()),
+            Some(pt) => {
+                let f = gguf.with_extension(format!("{pt}.gguf"));
+                if f.is_file() {
+                    Ok(f)
+                } else {
+                    run_measured(Command::new(llama_dir.join("llama-quantize")).args([
+                        gguf.to_str().unwrap_or_default(),
+                        f.to_str().unwrap_or_default(),
+                        pt,
+                    ]))
+                    .map(|_| f)
+                }
+            }
+        };
+        // llama.cpp reads the same bytes per token for its type (GGUF sizes differ slightly
+        // from ours for Q4_K_M, which mixes Q4_K and Q6_K).
+        match peer_file {
+            Ok(f) => print(
+                llama(
+                    &llama_dir,
+                    &f,
+                    peer_type.unwrap_or("BF16"),
+                    prompt,
+                    gen,
+                    &threads,
+                ),
+                bytes,
+            ),
+            Err(e) => println!("| llama-quantize {t}: error: {e} |"),
+        }
+    }
+}
