@@ -6,22 +6,22 @@ mod common;
 
 use std::process::Command;
 
-use common::bin;
+use common::{bin, synth_model};
 
 #[test]
 fn opening_a_sharded_model_reads_headers_only() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("mini");
-    let out = Command::new(bin())
-        .args(["synth", "--arch", "qwen3_moe", "--preset", "mini", "--out"])
-        .arg(&model)
-        .args(["--shard-bytes", "100000000"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let model = synth_model(
+        dir.path(),
+        "mini",
+        &[
+            "--arch",
+            "qwen3_moe",
+            "--preset",
+            "mini",
+            "--shard-bytes",
+            "100000000",
+        ],
     );
     let weight_bytes: u64 = std::fs::read_dir(&model)
         .unwrap()

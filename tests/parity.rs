@@ -4,9 +4,9 @@
 
 mod common;
 
-use common::{max_abs_diff, variants, Reference};
+use common::{greedy_generate, max_abs_diff, variants, Reference};
 use moe_runtime::sampler::argmax;
-use moe_runtime::{CancelToken, GenerateParams, Logits, Model, Prompt, Settings, Trace};
+use moe_runtime::{Logits, Model, Settings, Trace};
 
 /// f32 logits tolerance from the project's quality bar.
 const LOGIT_TOL: f32 = 1e-4;
@@ -118,17 +118,7 @@ fn check_variant(v: &common::Variant) -> Vec<String> {
         }
 
         // The public generate() path gives the same tokens.
-        let params = GenerateParams {
-            max_tokens: Some(want.len()),
-            temperature: Some(0.0),
-            ignore_eos: true,
-            ..Default::default()
-        };
-        let gen: Vec<u32> = model
-            .generate(&Prompt::Ids(ids.clone()), &params, CancelToken::new())
-            .unwrap()
-            .map(|e| e.unwrap().id)
-            .collect();
+        let gen = greedy_generate(&model, &ids, want.len());
         if gen != want {
             failures.push(format!(
                 "{} {p}: generate() {gen:?} != reference {want:?}",
@@ -201,17 +191,7 @@ fn check_with_tiers(v: &common::Variant, tweak: impl Fn(&mut Settings, &moe_runt
             .iter()
             .map(|&x| x as u32)
             .collect();
-        let params = GenerateParams {
-            max_tokens: Some(want.len()),
-            temperature: Some(0.0),
-            ignore_eos: true,
-            ..Default::default()
-        };
-        let got: Vec<u32> = model
-            .generate(&Prompt::Ids(ids.clone()), &params, CancelToken::new())
-            .unwrap()
-            .map(|e| e.unwrap().id)
-            .collect();
+        let got = greedy_generate(&model, &ids, want.len());
         assert_eq!(got, want, "{} {p}: greedy with tiers", v.name);
     }
     let stats = model.decoder.store.stats();

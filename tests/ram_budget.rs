@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Instant;
 
-use common::bin;
+use common::{bin, synth_model};
 
 const OVERHEAD_BYTES: u64 = 256 << 20;
 
@@ -24,18 +24,8 @@ fn run_json(args: &[&str]) -> serde_json::Value {
 #[test]
 fn peak_rss_stays_within_the_ram_budget_and_impossible_budgets_are_refused_fast() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("m");
     // bench-m's shape with two layers: 1.55 GB of bf16 weights, 64 experts of 9.4 MB per layer.
-    let out = Command::new(bin())
-        .args(["synth", "--preset", "bench-m", "--layers", "2", "--out"])
-        .arg(&model)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let model = synth_model(dir.path(), "m", &["--preset", "bench-m", "--layers", "2"]);
     let m = model.to_str().unwrap();
     // 128 prompt tokens route to (nearly) every expert of both layers.
     let prompt: Vec<String> = (0..128)

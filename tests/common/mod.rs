@@ -116,3 +116,40 @@ pub fn copy_model(src: &Path) -> tempfile::TempDir {
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_moe-serve"))
 }
+
+/// `n` greedy tokens through the public `generate()` path, EOS ignored.
+pub fn greedy_generate(model: &moe_runtime::Model, ids: &[u32], n: usize) -> Vec<u32> {
+    let params = moe_runtime::GenerateParams {
+        max_tokens: Some(n),
+        temperature: Some(0.0),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    model
+        .generate(
+            &moe_runtime::Prompt::Ids(ids.to_vec()),
+            &params,
+            moe_runtime::CancelToken::new(),
+        )
+        .unwrap()
+        .map(|e| e.unwrap().id)
+        .collect()
+}
+
+/// Writes a synthetic model with `moe-serve synth` (a child process) into `dir/name`.
+pub fn synth_model(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
+    let model = dir.join(name);
+    let out = std::process::Command::new(bin())
+        .arg("synth")
+        .args(args)
+        .arg("--out")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    model
+}
