@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use moe_runtime::runconfig::{ByteSize, DeviceKind, Quantization};
+use moe_runtime::runconfig::{Activations, ByteSize, DeviceKind, Quantization};
 use moe_runtime::synth::{synth, synth_gguf, SynthOptions};
 use moe_runtime::weights::{safetensors_bytes, Dtype};
 use moe_runtime::{
@@ -75,6 +75,10 @@ struct ModelArgs {
     /// How resident weights are held (default: as --quantization).
     #[arg(long)]
     resident_quantization: Option<Quantization>,
+    /// How activations meet q8_0/q4_k weights: f32 (default, exact) or q8 (integer dot
+    /// products, faster, slightly less exact).
+    #[arg(long)]
+    activations: Option<Activations>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -114,6 +118,9 @@ impl ModelArgs {
         }
         if self.resident_quantization.is_some() {
             s.resident_quantization = self.resident_quantization;
+        }
+        if let Some(a) = self.activations {
+            s.activations = a;
         }
         Ok(s)
     }
@@ -205,6 +212,10 @@ struct SynthArgs {
     /// Also write the same weights as one llama.cpp GGUF file (qwen3moe, BF16) to PATH.
     #[arg(long, value_name = "PATH")]
     gguf: Option<PathBuf>,
+    /// Write only the --gguf twin (same preset, layers and seed), leaving --out untouched: for
+    /// a twin of a model written earlier.
+    #[arg(long, requires = "gguf")]
+    gguf_only: bool,
 }
 
 fn main() -> ExitCode {
@@ -458,6 +469,7 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             "experts": stats,
             "device": settings.device,
             "quantization": settings.quantization,
+            "activations": settings.activations,
         });
         println!("{v}");
     } else {
@@ -475,19 +487,11 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn synth_cmd(a: SynthArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let opts = SynthOptions {
-        arch: a.arch,
-        preset: a.preset,
-        layers: a.layers,
-        seed: a.seed,
-        out: a.out.clone(),
-        shard_bytes: a.shard_bytes,
-        overwrite: a.overwrite,
-    };
+/// Writes the Hugging Face folder, with progress.
+fn synth_hf(opts: &SynthOptions) -> Result<(), Box<dyn std::error::Error>> {
     let t0 = Instant::now();
     let mut last_report = Instant::now();
-    let report = synth(&opts, &mut |done, total| {
+    let report = synth(opts, &mut |done, total| {
         if last_report.elapsed().as_millis() >= 1000 || done == total {
             last_report = Instant::now();
             eprint!(
@@ -505,10 +509,26 @@ fn synth_cmd(a: SynthArgs) -> Result<(), Box<dyn std::error::Error>> {
         report.params as f64 / 1e9,
         report.weight_bytes as f64 / 1e9,
         report.files.len(),
-        a.out.display(),
+        opts.out.display(),
         secs,
         report.weight_bytes as f64 / 1e6 / secs.max(1e-9)
     );
+    Ok(())
+}
+
+fn synth_cmd(a: SynthArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let opts = SynthOptions {
+        arch: a.arch,
+        preset: a.preset,
+        layers: a.layers,
+        seed: a.seed,
+        out: a.out.clone(),
+        shard_bytes: a.shard_bytes,
+        overwrite: a.overwrite,
+    };
+    if !a.gguf_only {
+        synth_hf(&opts)?;
+    }
     if let Some(path) = &a.gguf {
         let t0 = Instant::now();
         let mut last_report = Instant::now();

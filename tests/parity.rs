@@ -238,3 +238,39 @@ fn parity_holds_on_cpu_with_a_ram_budget_that_forces_file_reads() {
         });
     }
 }
+
+/// The thread count never changes a result: prefill and cached decode logits with 1 and 2
+/// compute threads agree bit for bit (decode runs experts side by side on 2 threads).
+#[test]
+fn logits_do_not_depend_on_thread_count() {
+    for v in variants() {
+        let run = |threads: usize| {
+            let model = Model::load(&Settings {
+                model: Some(v.dir.join("model").to_string_lossy().into_owned()),
+                threads: Some(threads),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("{}: {e}", v.name));
+            let r = Reference::open(&v.dir.join("reference.safetensors"));
+            let ids: Vec<u32> = r.i64("long.input_ids").iter().map(|&x| x as u32).collect();
+            let mut state = model.new_state();
+            let mut all = model.forward(&ids, &mut state, Logits::All, None).unwrap();
+            let mut next = argmax(&all[all.len() - model.config.vocab_size..]) as u32;
+            for _ in 0..4 {
+                let l = model
+                    .forward(&[next], &mut state, Logits::All, None)
+                    .unwrap();
+                next = argmax(&l) as u32;
+                all.extend(l);
+            }
+            all
+        };
+        let (one, two) = (run(1), run(2));
+        assert_eq!(one.len(), two.len());
+        let same = one
+            .iter()
+            .zip(&two)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{}: logits differ between 1 and 2 threads", v.name);
+    }
+}

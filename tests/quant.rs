@@ -159,3 +159,47 @@ fn quantized_sizes_are_planned_before_loading() {
     let e = tight.err().expect("refused").to_string();
     assert!(e.contains("quantized experts are held in RAM"), "{e}");
 }
+
+/// `activations = "q8"`: decode steps (one token at a time, so every matmul takes the
+/// q8-activation kernels) stay close to the reference on every fixture, and the setting really
+/// changes the arithmetic (its logits differ from the f32-activation path's).
+#[test]
+fn q8_activations_stay_close_and_take_effect() {
+    use moe_runtime::runconfig::Activations;
+    for v in variants() {
+        let r = Reference::open(&v.dir.join("reference.safetensors"));
+        let ids: Vec<u32> = r.i64("short.input_ids").iter().map(|&x| x as u32).collect();
+        let reference = r.f32("short.logits");
+        let step_by_step = |activations: Activations| {
+            let model = Model::load(&Settings {
+                model: Some(v.dir.join("model").to_string_lossy().into_owned()),
+                quantization: Quantization::Q8_0,
+                activations,
+                ..Default::default()
+            })
+            .unwrap();
+            let mut st = model.new_state();
+            let mut all = Vec::new();
+            for &t in &ids {
+                all.extend(model.forward(&[t], &mut st, Logits::All, None).unwrap());
+            }
+            (all, model.config.vocab_size)
+        };
+        let ((exact_act, vocab), (q8_act, _)) = (
+            step_by_step(Activations::F32),
+            step_by_step(Activations::Q8),
+        );
+        let kl = mean_kl(&reference, &q8_act, vocab);
+        let max_err = max_abs_diff(&q8_act, &reference);
+        eprintln!(
+            "{} q8_0 + q8 activations: max {max_err:.2e} KL {kl:.2e}",
+            v.name
+        );
+        assert!(kl < 0.05, "{}: KL {kl}", v.name);
+        assert!(
+            max_abs_diff(&q8_act, &exact_act) > 0.0,
+            "{}: q8 activations changed nothing",
+            v.name
+        );
+    }
+}

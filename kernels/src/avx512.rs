@@ -2,9 +2,9 @@
 //! against it. Ragged tails use masked loads/stores (BW + VL for the 16-bit ones), which never
 //! touch masked-off elements.
 //!
-//! Matvec summation order for one output element: lane `l` of one accumulator takes element
-//! `p` with `p % 16 == l` in increasing `p` (FMA), then `hsum` reduces the lanes in a fixed
-//! order. It does not depend on the tile shape, so every element of a call sums alike.
+//! Matvec summation order for one output element: element `p` goes by FMA, in increasing `p`,
+//! to lane `p % 16` of accumulator `(p / 16) % 4`; then `hsum((a0 + a1) + (a2 + a3))`. It
+//! depends on nothing but `k`, so every element of every matvec call (any m <= 8) sums alike.
 
 use core::arch::x86_64::*;
 
@@ -105,96 +105,233 @@ pub(crate) fn hsum(v: __m512) -> f32 {
     _mm_cvtss_f32(s1)
 }
 
-/// Streaming matvec for `out.rows() <= MATVEC_MAX_M`: each weight row is read once and all the
-/// x rows' dot products are taken from it while it is in registers.
+/// Independent accumulators per output element in the matvec kernels (see the module doc).
+pub(crate) const ACC: usize = 4;
+
+/// Most x rows one pass over a weight row serves; more rows take further passes over the same
+/// row, which by then is in L1 (a row is at most a few KiB).
+pub(crate) const MV_ROWS: usize = 4;
+
+/// Streaming matvec for `out.rows() <= MATVEC_MAX_M`: weight rows are read one at a time, in
+/// order, so the whole call is one sequential stream (the hardware prefetcher keeps far more
+/// bytes in flight for one stream than for several interleaved rows), and every x row's dot
+/// product is taken from it while it is in registers or L1.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) fn matvec<T: Load16>(x: &[f32], k: usize, w: &[T], out: &mut OutBlock) {
-    // Tiles: MR x rows × NR weight rows, MR·NR accumulators + NR weight vectors + 1 x vector
-    // within the 32 zmm registers.
-    match out.rows() {
-        1 => matvec_rows::<T, 1, 8>(x, k, w, out),
-        2 => matvec_rows::<T, 2, 6>(x, k, w, out),
-        3 => matvec_rows::<T, 3, 6>(x, k, w, out),
-        4 => matvec_rows::<T, 4, 6>(x, k, w, out),
-        5 => matvec_rows::<T, 5, 4>(x, k, w, out),
-        6 => matvec_rows::<T, 6, 4>(x, k, w, out),
-        7 => matvec_rows::<T, 7, 3>(x, k, w, out),
-        8 => matvec_rows::<T, 8, 3>(x, k, w, out),
-        m => unreachable!("matvec called with {m} rows"),
-    }
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn matvec_rows<T: Load16, const MR: usize, const NR: usize>(
-    x: &[f32],
-    k: usize,
-    w: &[T],
-    out: &mut OutBlock,
-) {
-    assert_eq!(x.len(), MR * k);
+    let m = out.rows();
+    assert!(
+        (1..=crate::MATVEC_MAX_M).contains(&m),
+        "matvec called with {m} rows"
+    );
+    assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), out.cols() * k);
-    let nc = out.cols();
-    let mut j = 0;
-    while j + NR <= nc {
-        dot_tile::<T, MR, NR>(x, k, &w[j * k..(j + NR) * k], j, out);
-        j += NR;
-    }
-    while j < nc {
-        dot_tile::<T, MR, 1>(x, k, &w[j * k..(j + 1) * k], j, out);
-        j += 1;
+    for j in 0..out.cols() {
+        let wr = &w[j * k..(j + 1) * k];
+        let mut r0 = 0;
+        while r0 < m {
+            let r1 = (r0 + MV_ROWS).min(m);
+            let xs = &x[r0 * k..r1 * k];
+            match r1 - r0 {
+                1 => dot_rows::<T, 1>(xs, k, wr, r0, j, out),
+                2 => dot_rows::<T, 2>(xs, k, wr, r0, j, out),
+                3 => dot_rows::<T, 3>(xs, k, wr, r0, j, out),
+                _ => dot_rows::<T, 4>(xs, k, wr, r0, j, out),
+            }
+            r0 = r1;
+        }
     }
 }
 
-/// `out[r][j0 + c] = x_r · w_c` for `r < MR`, `c < NR` (`x` is `MR` rows, `w` is `NR` rows).
+/// `out[r0 + r][j] = x_r · w` for `r < MR` (`x` is `MR` rows, `w` one row of length `k`).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn dot_tile<T: Load16, const MR: usize, const NR: usize>(
+fn dot_rows<T: Load16, const MR: usize>(
     x: &[f32],
     k: usize,
     w: &[T],
-    j0: usize,
+    r0: usize,
+    j: usize,
     out: &mut OutBlock,
 ) {
-    assert!(x.len() == MR * k && w.len() == NR * k);
+    assert!(x.len() == MR * k && w.len() == k);
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
-    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-    let mut wv = [_mm512_setzero_ps(); NR];
+    let mut acc = [[_mm512_setzero_ps(); ACC]; MR];
     let mut p = 0;
-    // SAFETY: x is MR rows and w is NR rows of length k (asserted above). Full loads read
-    // p..p+16 with p + 16 <= k; the tail reads only lanes p..k through the mask. Every offset is
-    // therefore r*k + (< k) with r < MR (x) or c*k + (< k) with c < NR (w): in bounds.
+    // SAFETY: x is MR rows and w one row of length k (asserted above). Full loads read
+    // p..p+16 (p + 16 <= k, or p + 64 <= k in the unrolled loop); the tail reads only lanes
+    // p..k through the mask. Every offset is r*k + (< k) with r < MR (x) or < k (w): in bounds.
     unsafe {
-        while p + W <= k {
-            for (c, v) in wv.iter_mut().enumerate() {
-                *v = T::load16(wp.add(c * k + p));
-            }
-            for (r, a) in acc.iter_mut().enumerate() {
-                let xv = _mm512_loadu_ps(xp.add(r * k + p));
-                for (a, v) in a.iter_mut().zip(&wv) {
-                    *a = _mm512_fmadd_ps(xv, *v, *a);
+        while p + ACC * W <= k {
+            for u in 0..ACC {
+                let wv = T::load16(wp.add(p + u * W));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_loadu_ps(xp.add(r * k + p + u * W));
+                    a[u] = _mm512_fmadd_ps(xv, wv, a[u]);
                 }
             }
+            p += ACC * W;
+        }
+        let mut u = 0;
+        while p + W <= k {
+            let wv = T::load16(wp.add(p));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_loadu_ps(xp.add(r * k + p));
+                a[u] = _mm512_fmadd_ps(xv, wv, a[u]);
+            }
             p += W;
+            u += 1;
         }
         if p < k {
             let mask = tail_mask(k - p);
-            for (c, v) in wv.iter_mut().enumerate() {
-                *v = T::load16_masked(wp.add(c * k + p), mask);
-            }
+            let wv = T::load16_masked(wp.add(p), mask);
             for (r, a) in acc.iter_mut().enumerate() {
                 let xv = _mm512_maskz_loadu_ps(mask, xp.add(r * k + p));
-                for (a, v) in a.iter_mut().zip(&wv) {
-                    *a = _mm512_fmadd_ps(xv, *v, *a);
-                }
+                a[u] = _mm512_fmadd_ps(xv, wv, a[u]);
             }
         }
     }
     for (r, a) in acc.iter().enumerate() {
-        let row = &mut out.row(r)[j0..j0 + NR];
-        for (o, a) in row.iter_mut().zip(a) {
-            *o = hsum(*a);
+        out.row(r0 + r)[j] = reduce_acc(a);
+    }
+}
+
+thread_local! {
+    /// x rows with each 32-element chunk reordered evens-then-odds (`matvec_bf16`).
+    static PAIRED_X: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`matvec`] for bf16 weights, cheaper per weight: 32 weights are one 64-byte load, whose
+/// 32-bit lanes hold (even, odd) pairs: the even weight widens by a left shift, the odd one by
+/// masking off the low half, against x reordered once per call (evens then odds per chunk).
+///
+/// Summation order (its own, for bf16 at this level): for `p < 32·⌊k/32⌋`, element
+/// `p = 32c + 2l + e` (e = 0 even, 1 odd) goes by FMA to lane `l` of accumulator `(2c + e) % 4`,
+/// in increasing `c`; the rest (`k % 32` elements) as in [`matvec`]: element `p` to lane
+/// `p % 16` of accumulator `(p / 16) % 4`; then `reduce_acc`. It depends only on `k`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) fn matvec_bf16(x: &[f32], k: usize, w: &[bf16], out: &mut OutBlock) {
+    let m = out.rows();
+    assert!(
+        (1..=crate::MATVEC_MAX_M).contains(&m),
+        "matvec called with {m} rows"
+    );
+    assert_eq!(x.len(), m * k);
+    assert_eq!(w.len(), out.cols() * k);
+    let kp = k / 32 * 32;
+    PAIRED_X.with(|buf| {
+        let mut xs = buf.borrow_mut();
+        xs.clear();
+        xs.extend_from_slice(x);
+        for (row, src) in xs.chunks_exact_mut(k).zip(x.chunks_exact(k)) {
+            for (dst, src) in row[..kp]
+                .chunks_exact_mut(32)
+                .zip(src[..kp].chunks_exact(32))
+            {
+                for l in 0..16 {
+                    dst[l] = src[2 * l];
+                    dst[16 + l] = src[2 * l + 1];
+                }
+            }
+        }
+        let xs = &xs[..];
+        for j in 0..out.cols() {
+            let wr = &w[j * k..(j + 1) * k];
+            let mut r0 = 0;
+            while r0 < m {
+                let r1 = (r0 + MV_ROWS).min(m);
+                let xr = &xs[r0 * k..r1 * k];
+                match r1 - r0 {
+                    1 => dot_rows_bf16::<1>(xr, k, wr, r0, j, out),
+                    2 => dot_rows_bf16::<2>(xr, k, wr, r0, j, out),
+                    3 => dot_rows_bf16::<3>(xr, k, wr, r0, j, out),
+                    _ => dot_rows_bf16::<4>(xr, k, wr, r0, j, out),
+                }
+                r0 = r1;
+            }
+        }
+    });
+}
+
+/// `out[r0 + r][j] = x_r · w` for `r < MR`, `x` reordered as `matvec_bf16` says.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn dot_rows_bf16<const MR: usize>(
+    x: &[f32],
+    k: usize,
+    w: &[bf16],
+    r0: usize,
+    j: usize,
+    out: &mut OutBlock,
+) {
+    assert!(x.len() == MR * k && w.len() == k);
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    let mut acc = [[_mm512_setzero_ps(); ACC]; MR];
+    let mut p = 0;
+    // SAFETY: x is MR rows and w one row of length k (asserted above). The paired loops read
+    // p..p+32 (or p..p+64) only when that end is <= k; the tail reads p..p+16 <= k or masked
+    // lanes p..k only. Every offset is r*k + (< k) (x, r < MR) or < k (w): in bounds.
+    unsafe {
+        while p + 2 * 32 <= k {
+            for h in 0..2 {
+                let q = p + 32 * h;
+                let v = _mm512_loadu_si512(wp.add(q).cast());
+                let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+                let odd = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xe = _mm512_loadu_ps(xp.add(r * k + q));
+                    let xo = _mm512_loadu_ps(xp.add(r * k + q + W));
+                    a[2 * h] = _mm512_fmadd_ps(xe, even, a[2 * h]);
+                    a[2 * h + 1] = _mm512_fmadd_ps(xo, odd, a[2 * h + 1]);
+                }
+            }
+            p += 2 * 32;
+        }
+        if p + 32 <= k {
+            let v = _mm512_loadu_si512(wp.add(p).cast());
+            let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+            let odd = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xe = _mm512_loadu_ps(xp.add(r * k + p));
+                let xo = _mm512_loadu_ps(xp.add(r * k + p + W));
+                a[0] = _mm512_fmadd_ps(xe, even, a[0]);
+                a[1] = _mm512_fmadd_ps(xo, odd, a[1]);
+            }
+            p += 32;
+        }
+        // Unpaired tail (< 32 elements), in `matvec`'s order.
+        while p + W <= k {
+            let u = (p / W) % ACC;
+            let wv = bf16::load16(wp.add(p));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_loadu_ps(xp.add(r * k + p));
+                a[u] = _mm512_fmadd_ps(xv, wv, a[u]);
+            }
+            p += W;
+        }
+        if p < k {
+            let u = (p / W) % ACC;
+            let mask = tail_mask(k - p);
+            let wv = bf16::load16_masked(wp.add(p), mask);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_maskz_loadu_ps(mask, xp.add(r * k + p));
+                a[u] = _mm512_fmadd_ps(xv, wv, a[u]);
+            }
         }
     }
+    for (r, a) in acc.iter().enumerate() {
+        out.row(r0 + r)[j] = reduce_acc(a);
+    }
+}
+
+/// The fixed reduction of a matvec element's accumulators: `hsum((a0 + a1) + (a2 + a3))`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) fn reduce_acc(a: &[__m512; ACC]) -> f32 {
+    hsum(_mm512_add_ps(
+        _mm512_add_ps(a[0], a[1]),
+        _mm512_add_ps(a[2], a[3]),
+    ))
 }
 
 /// GEMM register tile: 8 rows × 32 columns = 16 zmm accumulators, + 2 panel vectors + 1

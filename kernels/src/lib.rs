@@ -5,7 +5,8 @@
 //! plus `dot`, `axpy` and widening one stored row to f32. It knows nothing of tensors, models or
 //! files. Quantized weights keep f32 activations and f32 accumulation: the result is exactly the
 //! f32 kernel's on `dequantize(W)` (dequantization is exact and level-independent).
-//! [`matmul_q8_activations`] is the one path that also rounds x (to Q8_0), for speed.
+//! The q8-activation path ([`matmul_q8`], [`matmul_q8_par`] on [`Q8Activations`]) is the one
+//! that also rounds x (to 8 bits per 32-value block), for speed; callers opt into it.
 //!
 //! What must always hold:
 //! - Every SIMD path has a scalar twin (the [`scalar`] module) and is tested against it and
@@ -36,6 +37,10 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
 mod qdot;
+#[cfg(test)]
+mod qdot_tests;
+#[cfg(target_arch = "x86_64")]
+mod qdot_x86;
 pub mod quant;
 #[cfg(target_arch = "x86_64")]
 mod quant_avx2;
@@ -45,7 +50,9 @@ pub mod scalar;
 #[cfg(test)]
 mod tests;
 
-pub use qdot::matmul_q8_activations;
+pub use qdot::{
+    matmul_q8, matmul_q8_activations, matmul_q8_par, q8_activations_supported, Q8Activations,
+};
 pub use quant::{BlockQ4K, BlockQ8_0};
 
 /// A weight matrix [n, k], row-major, in its stored dtype.
@@ -244,7 +251,7 @@ pub fn simd_level() -> &'static str {
 /// Calls with at most this many rows of `x` use the streaming matvec kernel (each weight row is
 /// read once and all m dot products are taken from it); more rows use the packed, cache-blocked
 /// GEMM, which reuses each widened weight tile across many rows. Decode batches sit below it.
-pub(crate) const MATVEC_MAX_M: usize = 8;
+pub const MATVEC_MAX_M: usize = 8;
 
 /// Below this many multiply-adds (m·n·k) a call runs on the calling thread, and no parallel chunk
 /// gets less: 2^18 FMAs take ~5 µs (GEMM) to ~25 µs (memory-bound matvec) on one core, more than
@@ -450,7 +457,16 @@ fn run_block(level: Level, use_gemm: bool, x: &[f32], k: usize, w: Weights<'_>, 
     debug_assert_eq!(w.len(), out.cols() * k);
     match w {
         Weights::F32(w) => run_block_t(level, use_gemm, x, k, w, out),
-        Weights::Bf16(w) => run_block_t(level, use_gemm, x, k, w, out),
+        Weights::Bf16(w) => {
+            #[cfg(target_arch = "x86_64")]
+            if level == Level::Avx512 && !use_gemm {
+                let mut out = out;
+                // SAFETY: matmul_with ran assert_supported(Level::Avx512) (avx512f/bw/vl).
+                unsafe { avx512::matvec_bf16(x, k, w, &mut out) };
+                return;
+            }
+            run_block_t(level, use_gemm, x, k, w, out)
+        }
         Weights::F16(w) => run_block_t(level, use_gemm, x, k, w, out),
         Weights::Q8_0(_) | Weights::Q4K(_) => {
             let q = w.quantized().expect("quantized variant");

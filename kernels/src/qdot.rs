@@ -1,43 +1,618 @@
-//! Integer-dot matmul with q8-quantized activations for Q8_0 weights
-//! ([`matmul_q8_activations`]): a faster, less exact alternative to the f32-activation path.
+//! Integer-dot matmul with q8-quantized activations ("q8 activations"), for Q8_0 and Q4_K
+//! weights: the speed path behind a setting, a faster and less exact alternative to the
+//! f32-activation [`crate::matmul`].
 //!
-//! Each row of x is quantized to Q8_0 exactly like weights ([`quantize_row_q8_0`]), and every
-//! block pair contributes `(d_x·d_w) · Σ qx·qw` with the integer sums exact. This rounds x to
-//! 8 bits, so results differ from `matmul` (the test measures by how much); use it only where
-//! that is acceptable.
+//! This module owns [`Q8Activations`] (x rows quantized once, reusable for every weight matrix
+//! that multiplies the same x, e.g. an expert's gate and up projections), the public entry
+//! points ([`matmul_q8`], [`matmul_q8_par`], [`matmul_q8_activations`],
+//! [`q8_activations_supported`]), the run-time kernel choice, the parallel split, and the scalar
+//! twins that define the results. The SIMD kernels live in `qdot_x86` (AVX-512 VNNI and AVX2).
 //!
-//! Summation order (shared by the scalar twin and the SIMD kernels, so they agree bit for bit):
-//! 8 lanes; lane `l` of block `b` is the exact integer `s = Σ_{i=4l}^{4l+3} qx_i·qw_i`, and
-//! `acc_l = acc_l + (d_x·d_w)·(s as f32)` (a rounded multiply, then a rounded add) for blocks in
-//! increasing order; then `((acc0+acc4)+(acc2+acc6)) + ((acc1+acc5)+(acc3+acc7))`, the order of
-//! `avx2::hsum`. Activations never hold −128 (the quantizer clamps to ±127), which keeps the
-//! SIMD 16-bit pair sums from saturating even for weights of −128.
+//! # Activations
+//! Each row of x is quantized in 32-element blocks exactly as GGML's Q8_0 quantizer does
+//! (bit for bit [`crate::quant::quantize_row_q8_0`]: `d = amax / 127` stored as f16,
+//! `q = round(x / d)`, clamped to ±127, see [`quantize_block`]). The same blocks serve both
+//! weight types:
+//! each Q8_0 weight block and each Q4_K sub-block (32 weights) lines up with one x block, so
+//! Q4_K also gets per-32 activation scales (finer than llama.cpp's per-256 Q8_K). Stored per
+//! row: the quants (row stride `k` rounded up to 64 bytes, zero padded, 64-byte aligned), the
+//! block scales `d_b` widened to f32, the same scales repeated over 8 lanes per block (16 f32
+//! per block pair, zero for a missing odd block: what the 512-bit kernels multiply with), and
+//! for Q4_K's mins `xs_b = d_b · Σ q` per block (exact in f32: an 11-bit significand times an
+//! integer below 2^12).
+//!
+//! # Summation order (one output element; the scalar twins are the definition)
+//! Integer dot products are exact, so only the f32 steps below are ordered. "fma" is a fused
+//! multiply-add (one rounding). 16-lane f32 accumulators (`A`, and for Q4_K also `B` and an
+//! 8-lane `M`) start at +0.0. `isum(b, g)` is the exact i32 sum of the 4 products `qx·qw` of
+//! bytes `4g .. 4g+4` of block (or sub-block) `b`.
+//! - **Q8_0** (`d_b` of x, `e_b` of the weights, both f16 so `d_b·e_b` is exact in f32): for
+//!   blocks `b` in increasing order, lanes `l = 8·(b % 2) + g`, `g < 8`:
+//!   `A_l = fma(d_b·e_b, isum(b, g) as f32, A_l)`. Even blocks feed lanes 0..8, odd blocks
+//!   lanes 8..16 (a missing last odd block feeds nothing). Result: `hsum16(A)`.
+//! - **Q4_K** (super-block with f16 `d`, `dmin` and 6-bit `sc_s`, `m_s`): for super-blocks in
+//!   increasing order, for sub-blocks `s = 0..8` in increasing order (x block `b = 8·sb + s`),
+//!   lanes `l = 8·(s % 2) + g` of `A` when `s / 2` is even, of `B` when it is odd:
+//!   `A_l = fma(d_b·(d·sc_s), isum(s, g) as f32, A_l)`, where `d·sc_s` is exact and its
+//!   product with `d_b` rounds once; then, for `s = 0..8`, `M_s = fma(dmin·m_s, xs_b, M_s)`
+//!   (`dmin·m_s` exact). Result: `hsum16(A + B) − hsum8(M)`, `A + B` added lane by lane.
+//!   (Two accumulators halve the dependent FMA chain per super-block.)
+//! - `hsum16(v) = hsum8(v_l + v_{l+8})` and `hsum8(v) = ((v0+v4) + (v2+v6)) + ((v1+v5) +
+//!   (v3+v7))`.
+//!
+//! The order depends on nothing but the data: not on the kernel, the row group, the thread
+//! count or the split, so every SIMD kernel equals its scalar twin and [`matmul_q8_par`]
+//! equals [`matmul_q8`] bit for bit (tested at every kernel the CPU runs).
+//!
+//! What must hold: the SIMD kernels compute exactly these integer sums and f32 operations (the
+//! integer tricks they use change how `isum` is computed, never its value, and no 16-bit
+//! intermediate may saturate: see `qdot_x86`); the SIMD activation quantizer equals
+//! [`quantize_block`] bit for bit; every kernel reads x only through [`Q8Activations`]'s
+//! accessors, whose lengths the kernels assert.
+
+use std::sync::OnceLock;
 
 use half::f16;
+use rayon::prelude::*;
 
-use crate::quant::{quantize_row_q8_0, BlockQ8_0, QK8_0};
-use crate::Level;
+use crate::quant::{BlockQ4K, BlockQ8_0, QK8_0, QK_K};
+use crate::{Level, OutBlock, Weights};
 
-/// Dot product of two Q8_0 rows in the module's order (the scalar twin).
-pub(crate) fn dot_q8_scalar(a: &[BlockQ8_0], b: &[BlockQ8_0]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let mut acc = [0f32; 8];
-    for (x, y) in a.iter().zip(b) {
-        let d = x.d.to_f32() * y.d.to_f32();
-        for (l, a) in acc.iter_mut().enumerate() {
-            let s: i32 = (4 * l..4 * l + 4)
-                .map(|i| x.qs[i] as i32 * y.qs[i] as i32)
-                .sum();
-            *a += d * s as f32;
-        }
-    }
-    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+/// Bytes of x quants per 64-byte line: one block pair, the unit the 512-bit kernels load.
+const LINE: usize = 64;
+
+/// One line of x quants (two 32-quant blocks), aligned so 512-bit loads never split a line.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub(crate) struct QLine(pub(crate) [i8; LINE]);
+
+/// The scales of one block pair, each repeated over its 8 lanes (see the module doc).
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub(crate) struct ScaleLine(pub(crate) [f32; 16]);
+
+/// Rows of x (`[m, k]`) quantized to Q8_0-style 32-blocks once, for [`matmul_q8`] and
+/// [`matmul_q8_par`] on Q8_0 or Q4_K weights (layout: see the module doc).
+pub struct Q8Activations {
+    m: usize,
+    k: usize,
+    /// Lines per row (`k / 64` rounded up).
+    lines: usize,
+    /// Quants, `lines` per row, zero past `k`.
+    qs: Vec<QLine>,
+    /// Block scales as f32, `lines` per row, zero past the last block.
+    scales: Vec<ScaleLine>,
+    /// `d_b` per block as f32, `k / 32` per row.
+    d: Vec<f32>,
+    /// `d_b · Σ q` per block, `k / 32` per row.
+    sums: Vec<f32>,
 }
 
-/// `out[m, n] = q8(x)[m, k] · dequantize(w)[n, k]ᵀ` with x rows quantized to Q8_0 and integer
-/// block dots (see the module doc). Single-threaded (callers parallelise over calls or split
-/// `w` by rows themselves). Panics unless `k` is a multiple of 32 and the lengths are `m·k`,
-/// `n·k/32` blocks and `m·n`.
+impl Q8Activations {
+    /// Quantizes the `m` rows of `x` (`[m, k]`, row-major). Panics unless `x.len() == m·k` and
+    /// `k` is a multiple of 32 (Q4_K weights further need a multiple of 256, checked by the
+    /// matmul).
+    pub fn new(x: &[f32], m: usize, k: usize) -> Self {
+        Self::new_with(kernel(), x, m, k)
+    }
+
+    /// [`Q8Activations::new`] with the quantizer of a given kernel (tests force each one; all
+    /// give the same bits).
+    pub(crate) fn new_with(kern: Kernel, x: &[f32], m: usize, k: usize) -> Self {
+        let mk = m
+            .checked_mul(k)
+            .expect("Q8Activations::new: m*k overflows usize");
+        assert!(
+            x.len() == mk,
+            "Q8Activations::new: x has {} elements, expected m*k = {m}*{k}",
+            x.len()
+        );
+        assert!(
+            k.is_multiple_of(QK8_0),
+            "Q8Activations::new: k = {k} is not a multiple of {QK8_0}"
+        );
+        let nb = k / QK8_0;
+        let lines = k.div_ceil(LINE);
+        let mut xq = Q8Activations {
+            m,
+            k,
+            lines,
+            qs: vec![QLine([0; LINE]); m * lines],
+            scales: vec![ScaleLine([0.0; 16]); m * lines],
+            d: vec![0f32; m * nb],
+            sums: vec![0f32; m * nb],
+        };
+        match kern {
+            Kernel::Scalar => xq.fill(x, quantize_block),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 | Kernel::Vnni => {
+                assert!(
+                    kern.supported(),
+                    "q8-activation kernel {kern:?} not supported"
+                );
+                // SAFETY: both kernels' CPU features include avx2/fma/f16c (checked above).
+                unsafe { crate::qdot_x86::quantize_avx2(&mut xq, x) }
+            }
+        }
+        xq
+    }
+
+    /// Quantizes every block of `x` with `quant` (a twin of [`quantize_block`]) and stores it
+    /// in the layout of the module doc.
+    #[inline(always)]
+    pub(crate) fn fill(&mut self, x: &[f32], quant: impl Fn(&[f32; QK8_0]) -> (f16, [i8; QK8_0])) {
+        let (k, nb, lines) = (self.k, self.k / QK8_0, self.lines);
+        for i in 0..self.m {
+            let xr = &x[i * k..(i + 1) * k];
+            for (b, xb) in xr.chunks_exact(QK8_0).enumerate() {
+                let (dh, q) = quant(xb.try_into().expect("32 values"));
+                let (line, half) = (i * lines + b / 2, b % 2);
+                self.qs[line].0[32 * half..32 * half + 32].copy_from_slice(&q);
+                let df = dh.to_f32();
+                self.d[i * nb + b] = df;
+                self.scales[line].0[8 * half..8 * half + 8].fill(df);
+                let s: i32 = q.iter().map(|&v| v as i32).sum();
+                // Exact: |s| <= 32·127 < 2^12 and df has an 11-bit significand.
+                self.sums[i * nb + b] = df * s as f32;
+            }
+        }
+    }
+
+    /// Rows of x (`m`).
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    /// Row length (`k`).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Quant lines of row `i` (`k` quants, then zeros up to a whole line).
+    pub(crate) fn qs_row(&self, i: usize) -> &[QLine] {
+        &self.qs[i * self.lines..(i + 1) * self.lines]
+    }
+
+    /// The quants of row `i` as bytes (`64 · lines` of them).
+    pub(crate) fn qs_bytes(&self, i: usize) -> &[i8] {
+        let row = self.qs_row(i);
+        // SAFETY: QLine is repr(C) around [i8; 64] with size 64 (no padding), so `row.len()`
+        // lines are `64 · row.len()` contiguous, initialized i8s borrowed from `self`.
+        unsafe { std::slice::from_raw_parts(row.as_ptr().cast::<i8>(), row.len() * LINE) }
+    }
+
+    /// Scale lines of row `i`.
+    pub(crate) fn scales_row(&self, i: usize) -> &[ScaleLine] {
+        &self.scales[i * self.lines..(i + 1) * self.lines]
+    }
+
+    /// Block scales `d_b` of row `i`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn d_row(&self, i: usize) -> &[f32] {
+        let nb = self.k / QK8_0;
+        &self.d[i * nb..(i + 1) * nb]
+    }
+
+    /// Block sums `d_b · Σ q` of row `i`.
+    pub(crate) fn sums_row(&self, i: usize) -> &[f32] {
+        let nb = self.k / QK8_0;
+        &self.sums[i * nb..(i + 1) * nb]
+    }
+}
+
+/// One Q8_0 block of x, bit for bit as [`crate::quant::quantize_row_q8_0`] computes it
+/// (`round` there is half away from zero; here the same rounding without a libm call), except
+/// that quants are clamped to ±127: −128 only arises when `x·(1/d)` overflows (a block with
+/// `amax` below ~3.7e-37, whose f16 scale is then 0, so no result changes), and the kernels'
+/// integer tricks rely on `|q| <= 127`. A test compares the two on random, tie-heavy,
+/// tiny and non-finite data.
+#[inline]
+pub(crate) fn quantize_block(x: &[f32; QK8_0]) -> (f16, [i8; QK8_0]) {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0i8; QK8_0];
+    for (q, &v) in q.iter_mut().zip(x) {
+        let t = v * id;
+        let a = t.abs();
+        // Truncation, saturating, NaN -> 0: as `round() as i8` treats NaN and infinities.
+        let mut r = a as i32;
+        if a - r as f32 >= 0.5 {
+            r = r.saturating_add(1);
+        }
+        *q = (if t < 0.0 { -r } else { r }).clamp(-127, 127) as i8;
+    }
+    (f16::from_f32(d), q)
+}
+
+/// Which q8-activation kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// The scalar twins (the definition).
+    Scalar,
+    /// AVX2 + FMA + F16C: `maddubs` / `madd` with the sign trick, 2 × 8 f32 lanes.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// AVX-512 F/BW/VL + VNNI: `vpdpbusd` (sign trick for Q8_0, unsigned nibbles for Q4_K),
+    /// 16 f32 lanes.
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+}
+
+/// Every kernel this build knows, best first.
+#[cfg(test)]
+const ALL_KERNELS: &[Kernel] = &[
+    #[cfg(target_arch = "x86_64")]
+    Kernel::Vnni,
+    #[cfg(target_arch = "x86_64")]
+    Kernel::Avx2,
+    Kernel::Scalar,
+];
+
+impl Kernel {
+    /// The kernel a SIMD level runs: the AVX-512 level uses VNNI where the CPU has it and the
+    /// AVX2 kernel otherwise.
+    fn for_level(level: Level) -> Kernel {
+        match level {
+            Level::Scalar => Kernel::Scalar,
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => Kernel::Avx2,
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => {
+                if Kernel::Vnni.supported() {
+                    Kernel::Vnni
+                } else {
+                    Kernel::Avx2
+                }
+            }
+        }
+    }
+
+    /// Whether this CPU can run the kernel.
+    fn supported(self) -> bool {
+        match self {
+            Kernel::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => Level::Avx2.supported(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => {
+                Level::Avx512.supported() && std::is_x86_feature_detected!("avx512vnni")
+            }
+        }
+    }
+}
+
+/// The best kernel this CPU runs, detected once.
+fn kernel() -> Kernel {
+    static KERNEL: OnceLock<Kernel> = OnceLock::new();
+    *KERNEL.get_or_init(|| Kernel::for_level(crate::level()))
+}
+
+/// Kernels this CPU can run, best first (tests force each one).
+#[cfg(test)]
+pub(crate) fn supported_kernels() -> Vec<Kernel> {
+    ALL_KERNELS
+        .iter()
+        .copied()
+        .filter(|k| k.supported())
+        .collect()
+}
+
+/// Whether [`matmul_q8`] / [`matmul_q8_par`] take these weights: Q8_0 and Q4_K.
+pub fn q8_activations_supported(w: &Weights<'_>) -> bool {
+    matches!(w, Weights::Q8_0(_) | Weights::Q4K(_))
+}
+
+/// `out[m, n] = q8(x)[m, k] · dequantize(w)[n, k]ᵀ` with integer block dots (see the module doc
+/// for what is rounded and in which order). Single-threaded. `xq` holds the `m` rows of x.
+/// Panics if `w` is not Q8_0 or Q4_K ("unsupported weights"), if `k` is not a multiple of the
+/// weights' block size, or unless `w` holds `n·k` weights and `out.len() == m·n`.
+pub fn matmul_q8(xq: &Q8Activations, w: Weights<'_>, n: usize, out: &mut [f32]) {
+    matmul_q8_with(kernel(), false, xq, w, n, out)
+}
+
+/// [`matmul_q8`] with the output columns (weight rows) split over the current rayon pool when
+/// the call is large enough; the result equals [`matmul_q8`] bit for bit.
+pub fn matmul_q8_par(xq: &Q8Activations, w: Weights<'_>, n: usize, out: &mut [f32]) {
+    matmul_q8_with(kernel(), true, xq, w, n, out)
+}
+
+/// A weight matrix this module takes.
+#[derive(Clone, Copy)]
+pub(crate) enum QW<'a> {
+    Q8_0(&'a [BlockQ8_0]),
+    Q4K(&'a [BlockQ4K]),
+}
+
+impl<'a> QW<'a> {
+    /// Rows `j0..j1` of a matrix with `bpr` blocks per row.
+    fn rows(self, j0: usize, j1: usize, bpr: usize) -> QW<'a> {
+        match self {
+            QW::Q8_0(w) => QW::Q8_0(&w[j0 * bpr..j1 * bpr]),
+            QW::Q4K(w) => QW::Q4K(&w[j0 * bpr..j1 * bpr]),
+        }
+    }
+}
+
+/// [`matmul_q8`] / [`matmul_q8_par`] with a forced kernel (tests force each one).
+pub(crate) fn matmul_q8_with(
+    kern: Kernel,
+    parallel: bool,
+    xq: &Q8Activations,
+    w: Weights<'_>,
+    n: usize,
+    out: &mut [f32],
+) {
+    let (m, k) = (xq.rows(), xq.k());
+    let qw = match w {
+        Weights::Q8_0(b) => QW::Q8_0(b),
+        Weights::Q4K(b) => QW::Q4K(b),
+        other => panic!(
+            "matmul_q8: unsupported weights ({}); the q8-activation path takes Q8_0 and Q4K \
+             weights only (check q8_activations_supported)",
+            match other {
+                Weights::F32(_) => "F32",
+                Weights::Bf16(_) => "Bf16",
+                Weights::F16(_) => "F16",
+                Weights::Q8_0(_) | Weights::Q4K(_) => unreachable!(),
+            }
+        ),
+    };
+    let nk = n.checked_mul(k).expect("matmul_q8: n*k overflows usize");
+    let mn = m.checked_mul(n).expect("matmul_q8: m*n overflows usize");
+    assert!(
+        k.is_multiple_of(w.block_size()),
+        "matmul_q8: k = {k} is not a multiple of the weights' block size {}",
+        w.block_size()
+    );
+    assert!(
+        w.len() == nk,
+        "matmul_q8: w has {} elements, expected n*k = {n}*{k}",
+        w.len()
+    );
+    assert!(
+        out.len() == mn,
+        "matmul_q8: out has {} elements, expected m*n = {m}*{n}",
+        out.len()
+    );
+    assert!(
+        kern.supported(),
+        "q8-activation kernel {kern:?} not supported on this CPU"
+    );
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    let bpr = k / w.block_size();
+    let block = OutBlock::new(out, m, n);
+    let work = m.saturating_mul(n).saturating_mul(k);
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    // The chunking rules of `crate::matmul_with`: no chunk below PAR_MIN_WORK multiply-adds,
+    // a few chunks per thread, column chunks a multiple of PAR_COL_ALIGN weight rows (each
+    // chunk is one sequential stream of whole weight rows).
+    let chunks = (threads * crate::PAR_CHUNKS_PER_THREAD).min(work / crate::PAR_MIN_WORK);
+    let cols_per = n
+        .div_ceil(chunks.max(1))
+        .next_multiple_of(crate::PAR_COL_ALIGN);
+    if threads <= 1 || chunks <= 1 || cols_per >= n {
+        // Serial, or n too narrow to split (decode batches have m <= 8: no row split needed).
+        run_block(kern, xq, qw, bpr, block);
+        return;
+    }
+    let mut tasks = Vec::with_capacity(chunks);
+    let mut rest = block;
+    let mut j0 = 0;
+    while j0 < n {
+        let j1 = (j0 + cols_per).min(n);
+        let (head, tail) = rest.split_cols(j1 - j0);
+        tasks.push((qw.rows(j0, j1, bpr), head));
+        rest = tail;
+        j0 = j1;
+    }
+    tasks
+        .into_par_iter()
+        .for_each(|(w, out)| run_block(kern, xq, w, bpr, out));
+}
+
+/// x rows per kernel call: the register tiles hold at most this many rows of accumulators.
+const GROUP_ROWS: usize = 8;
+
+/// Weight rows per column chunk when x has more than [`GROUP_ROWS`] rows: the chunk (at most
+/// 64 × 2.2 KiB for k = 2048 Q8_0) stays in L2 while every row group sweeps over it, so the
+/// weights still come from DRAM once.
+const CHUNK_COLS: usize = 64;
+
+/// Computes one output block: `out[m, cols]` for all rows of x and the `cols` weight rows in
+/// `w` (`bpr` blocks each).
+fn run_block(kern: Kernel, xq: &Q8Activations, w: QW<'_>, bpr: usize, mut out: OutBlock) {
+    let (m, n) = (out.rows(), out.cols());
+    let cols_chunk = if m <= GROUP_ROWS { n } else { CHUNK_COLS };
+    let mut j0 = 0;
+    while j0 < n {
+        let j1 = (j0 + cols_chunk).min(n);
+        let wc = w.rows(j0, j1, bpr);
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = GROUP_ROWS.min(m - r0);
+            let dst = Dst {
+                out: &mut out,
+                r0,
+                c0: j0,
+            };
+            let x = XRows { xq, x0: r0, rows };
+            run_group(kern, x, wc, dst);
+            r0 += rows;
+        }
+        j0 = j1;
+    }
+}
+
+/// Rows `x0 .. x0 + rows` of the quantized activations (`rows <= GROUP_ROWS`).
+#[derive(Clone, Copy)]
+pub(crate) struct XRows<'a> {
+    pub(crate) xq: &'a Q8Activations,
+    pub(crate) x0: usize,
+    pub(crate) rows: usize,
+}
+
+/// Where a group's results go: x row `x0 + r`, weight row `c` land in
+/// `out.row(r0 + r)[c0 + c]`.
+pub(crate) struct Dst<'o, 'b> {
+    pub(crate) out: &'o mut OutBlock<'b>,
+    pub(crate) r0: usize,
+    pub(crate) c0: usize,
+}
+
+impl Dst<'_, '_> {
+    #[inline]
+    pub(crate) fn set(&mut self, r: usize, c: usize, v: f32) {
+        self.out.row(self.r0 + r)[self.c0 + c] = v;
+    }
+}
+
+/// One row group against the weight rows in `w`.
+fn run_group(kern: Kernel, x: XRows<'_>, w: QW<'_>, mut dst: Dst) {
+    match kern {
+        Kernel::Scalar => {
+            let nc = match w {
+                QW::Q8_0(b) => b.len(),
+                QW::Q4K(b) => b.len(),
+            };
+            let bpr = match w {
+                QW::Q8_0(_) => x.xq.k() / QK8_0,
+                QW::Q4K(_) => x.xq.k() / QK_K,
+            };
+            for c in 0..nc / bpr {
+                for r in 0..x.rows {
+                    let i = x.x0 + r;
+                    let v = match w {
+                        QW::Q8_0(b) => dot_q8_0_scalar(x.xq, i, &b[c * bpr..(c + 1) * bpr]),
+                        QW::Q4K(b) => dot_q4k_scalar(x.xq, i, &b[c * bpr..(c + 1) * bpr]),
+                    };
+                    dst.set(r, c, v);
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => {
+            // SAFETY: matmul_q8_with asserted Kernel::Avx2.supported() (avx2/fma/f16c).
+            unsafe {
+                match w {
+                    QW::Q8_0(b) => crate::qdot_x86::q8_0_avx2(x, b, &mut dst),
+                    QW::Q4K(b) => crate::qdot_x86::q4k_avx2(x, b, &mut dst),
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni => {
+            // SAFETY: matmul_q8_with asserted Kernel::Vnni.supported() (avx512f/bw/vl/vnni and
+            // the AVX2 level).
+            unsafe {
+                match w {
+                    QW::Q8_0(b) => crate::qdot_x86::q8_0_vnni(x, b, &mut dst),
+                    QW::Q4K(b) => crate::qdot_x86::q4k_vnni(x, b, &mut dst),
+                }
+            }
+        }
+    }
+}
+
+/// The 8 six-bit scales and 8 six-bit mins of a Q4_K super-block, one byte each (sub-block
+/// `s` in byte `s`), as [`BlockQ4K::scale_min`] unpacks them, with word-wide bit operations.
+#[inline]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn unpack_scales_mins(q: &[u8; 12]) -> (u64, u64) {
+    let word = |i: usize| u32::from_le_bytes([q[i], q[i + 1], q[i + 2], q[i + 3]]);
+    let (a, b, c) = (word(0), word(4), word(8));
+    // s < 4: low 6 bits of bytes s (scales) and s + 4 (mins).
+    let (sc_lo, m_lo) = (a & 0x3F3F_3F3F, b & 0x3F3F_3F3F);
+    // s >= 4: a nibble of byte s + 4, plus the top 2 bits of byte s - 4 (scales) or s (mins)
+    // as bits 4..6.
+    let sc_hi = (c & 0x0F0F_0F0F) | (((a >> 6) & 0x0303_0303) << 4);
+    let m_hi = ((c >> 4) & 0x0F0F_0F0F) | (((b >> 6) & 0x0303_0303) << 4);
+    (
+        sc_lo as u64 | (sc_hi as u64) << 32,
+        m_lo as u64 | (m_hi as u64) << 32,
+    )
+}
+
+/// `((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7))`.
+#[inline]
+pub(crate) fn hsum8(v: &[f32; 8]) -> f32 {
+    let s: [f32; 4] = std::array::from_fn(|l| v[l] + v[l + 4]);
+    (s[0] + s[2]) + (s[1] + s[3])
+}
+
+/// `hsum8` of `v_l + v_{l+8}`.
+#[inline]
+pub(crate) fn hsum16(v: &[f32; 16]) -> f32 {
+    hsum8(&std::array::from_fn(|l| v[l] + v[l + 8]))
+}
+
+/// The exact `Σ_{t<4} x[4g+t]·w[4g+t]` for `g < 8`, the integer unit of every kernel.
+#[inline]
+fn isums(x: &[i8], w: impl Fn(usize) -> i32) -> [i32; 8] {
+    std::array::from_fn(|g| (4 * g..4 * g + 4).map(|t| x[t] as i32 * w(t)).sum())
+}
+
+/// Scalar twin for Q8_0 weights: x row `i` · one weight row (`k / 32` blocks), in the module's
+/// order.
+pub(crate) fn dot_q8_0_scalar(xq: &Q8Activations, i: usize, w: &[BlockQ8_0]) -> f32 {
+    assert_eq!(w.len() * QK8_0, xq.k());
+    let (qs, sc) = (xq.qs_bytes(i), xq.scales_row(i));
+    let mut acc = [0f32; 16];
+    for (b, wb) in w.iter().enumerate() {
+        let half = b % 2;
+        // Both f16 values: the product is exact.
+        let dd = sc[b / 2].0[8 * half] * wb.d.to_f32();
+        let s = isums(&qs[32 * b..32 * b + 32], |t| wb.qs[t] as i32);
+        for (a, s) in acc[8 * half..8 * half + 8].iter_mut().zip(s) {
+            *a = dd.mul_add(s as f32, *a);
+        }
+    }
+    hsum16(&acc)
+}
+
+/// Scalar twin for Q4_K weights: x row `i` · one weight row (`k / 256` super-blocks), in the
+/// module's order.
+pub(crate) fn dot_q4k_scalar(xq: &Q8Activations, i: usize, w: &[BlockQ4K]) -> f32 {
+    assert_eq!(w.len() * QK_K, xq.k());
+    let (qs, sc, sums) = (xq.qs_bytes(i), xq.scales_row(i), xq.sums_row(i));
+    // acc[j % 2] takes chunk j = s / 2 (sub-blocks 2j, 2j + 1).
+    let mut acc = [[0f32; 16]; 2];
+    let mut mins = [0f32; 8];
+    for (sb, wb) in w.iter().enumerate() {
+        let (d, dmin) = (wb.d.to_f32(), wb.dmin.to_f32());
+        for s in 0..8 {
+            let b = 8 * sb + s;
+            let half = s % 2;
+            let (scale, _) = wb.scale_min(s);
+            let dd = sc[b / 2].0[8 * half] * (d * scale as f32);
+            let q = &wb.qs[32 * (s / 2)..32 * (s / 2) + 32];
+            let sh = 4 * half;
+            let isum = isums(&qs[32 * b..32 * b + 32], |t| ((q[t] >> sh) & 0x0F) as i32);
+            for (a, v) in acc[s / 2 % 2][8 * half..8 * half + 8].iter_mut().zip(isum) {
+                *a = dd.mul_add(v as f32, *a);
+            }
+        }
+        for (s, mn) in mins.iter_mut().enumerate() {
+            let (_, m) = wb.scale_min(s);
+            *mn = (dmin * m as f32).mul_add(sums[8 * sb + s], *mn);
+        }
+    }
+    hsum16(&std::array::from_fn(|l| acc[0][l] + acc[1][l])) - hsum8(&mins)
+}
+
+/// `out[m, n] = q8(x)[m, k] · dequantize(w)[n, k]ᵀ` for Q8_0 weights: [`Q8Activations::new`]
+/// then [`matmul_q8`]. Single-threaded. Panics unless `k` is a multiple of 32 and the lengths
+/// are `m·k`, `n·k/32` blocks and `m·n`.
 pub fn matmul_q8_activations(
     x: &[f32],
     m: usize,
@@ -49,7 +624,7 @@ pub fn matmul_q8_activations(
     matmul_q8_activations_with(crate::level(), x, m, k, w, n, out)
 }
 
-/// [`matmul_q8_activations`] at a given level (tests force each one).
+/// [`matmul_q8_activations`] at a given level (tests force each one): the level's kernel.
 pub(crate) fn matmul_q8_activations_with(
     level: Level,
     x: &[f32],
@@ -59,162 +634,15 @@ pub(crate) fn matmul_q8_activations_with(
     n: usize,
     out: &mut [f32],
 ) {
-    crate::check_matmul(x, m, k, &crate::Weights::Q8_0(w), n, out);
+    crate::check_matmul(x, m, k, &Weights::Q8_0(w), n, out);
     crate::assert_supported(level);
-    let bpr = k / QK8_0;
-    let mut xq = vec![
-        BlockQ8_0 {
-            d: f16::ZERO,
-            qs: [0; QK8_0]
-        };
-        m * bpr
-    ];
-    if bpr > 0 {
-        for (xr, qr) in x.chunks_exact(k).zip(xq.chunks_exact_mut(bpr)) {
-            quantize_row_q8_0(xr, qr);
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    let vnni = level == Level::Avx512 && std::is_x86_feature_detected!("avx512vnni");
-    // Weight row outermost: each is read from memory once; the quantized x stays in cache.
-    // SIMD levels take up to `ROWS` x rows per pass over a weight row (independent chains).
-    for j in 0..n {
-        let wr = &w[j * bpr..(j + 1) * bpr];
-        let mut i = 0;
-        while i < m {
-            let rows = if level == Level::Scalar {
-                1
-            } else {
-                ROWS.min(m - i)
-            };
-            let mut xs: [&[BlockQ8_0]; ROWS] = [&[]; ROWS];
-            for (r, xr) in xs.iter_mut().enumerate().take(rows) {
-                *xr = &xq[(i + r) * bpr..(i + r + 1) * bpr];
-            }
-            let mut res = [0f32; ROWS];
-            match level {
-                Level::Scalar => res[0] = dot_q8_scalar(xs[0], wr),
-                #[cfg(target_arch = "x86_64")]
-                Level::Avx2 | Level::Avx512 => {
-                    if rows == ROWS {
-                        // SAFETY: see `simd_rows`.
-                        res = unsafe { simd_rows::<ROWS>(vnni, xs, wr) };
-                    } else {
-                        for r in 0..rows {
-                            // SAFETY: see `simd_rows`.
-                            res[r] = unsafe { simd_rows::<1>(vnni, [xs[r]], wr)[0] };
-                        }
-                    }
-                }
-            }
-            for (r, v) in res.iter().enumerate().take(rows) {
-                out[(i + r) * n + j] = *v;
-            }
-            i += rows;
-        }
-    }
-}
-
-/// x rows per SIMD pass over a weight row.
-const ROWS: usize = 4;
-
-/// Dispatches to the VNNI or the AVX2 kernel.
-///
-/// # Safety
-/// The CPU must support avx2/fma/f16c (both SIMD levels include them, checked by the caller's
-/// `assert_supported`), and if `vnni` also avx512f/vl/vnni (`vnni` is only set at the Avx512
-/// level after detecting avx512vnni).
-#[cfg(target_arch = "x86_64")]
-unsafe fn simd_rows<const R: usize>(
-    vnni: bool,
-    xs: [&[BlockQ8_0]; R],
-    w: &[BlockQ8_0],
-) -> [f32; R] {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        if vnni {
-            x86::dot_q8_vnni::<R>(xs, w)
-        } else {
-            x86::dot_q8_avx2::<R>(xs, w)
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use core::arch::x86_64::*;
-
-    use crate::avx2::hsum;
-    use crate::quant::BlockQ8_0;
-
-    /// `d_x · d_w` with F16C (both widenings exact, one rounded product as in the twin).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn scale(x: &BlockQ8_0, y: &BlockQ8_0) -> __m256 {
-        let h = _mm_cvtph_ps(_mm_cvtsi32_si128(
-            (x.d.to_bits() as u32 | ((y.d.to_bits() as u32) << 16)) as i32,
-        ));
-        let p = _mm_mul_ss(h, _mm_movehdup_ps(h));
-        _mm256_broadcastss_ps(p)
-    }
-
-    /// Loads the 32 quants of a block.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn load(b: &BlockQ8_0) -> __m256i {
-        // SAFETY: qs is a 32-byte array; unaligned load.
-        unsafe { _mm256_loadu_si256(b.qs.as_ptr().cast()) }
-    }
-
-    /// Dot products of `R` Q8_0 rows `xs` with `w`. Per block, `|w|` (unsigned bytes) times
-    /// `x·sign(w)` (signed bytes) gives the byte products `qx·qw`; pair sums fit i16 since
-    /// `|qx| <= 127` and `|qw| <= 128`.
-    ///
-    /// # Safety
-    /// The CPU must support avx2/fma/f16c.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q8_avx2<const R: usize>(
-        xs: [&[BlockQ8_0]; R],
-        w: &[BlockQ8_0],
-    ) -> [f32; R] {
-        assert!(xs.iter().all(|x| x.len() == w.len()));
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        for (b, y) in w.iter().enumerate() {
-            let qy = load(y);
-            let ua = _mm256_sign_epi8(qy, qy);
-            for (a, x) in acc.iter_mut().zip(&xs) {
-                let x = &x[b];
-                let sb = _mm256_sign_epi8(load(x), qy);
-                let s = _mm256_madd_epi16(_mm256_maddubs_epi16(ua, sb), ones);
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(scale(x, y), _mm256_cvtepi32_ps(s)));
-            }
-        }
-        acc.map(|a| hsum(a))
-    }
-
-    /// [`dot_q8_avx2`] with `vpdpbusd` (lane l: the exact i32 sum of byte products 4l..4l+4,
-    /// as `madd(maddubs)` gives without saturation).
-    ///
-    /// # Safety
-    /// The CPU must support avx2/fma/f16c and avx512f/vl/vnni.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-    pub(super) unsafe fn dot_q8_vnni<const R: usize>(
-        xs: [&[BlockQ8_0]; R],
-        w: &[BlockQ8_0],
-    ) -> [f32; R] {
-        assert!(xs.iter().all(|x| x.len() == w.len()));
-        let mut acc = [_mm256_setzero_ps(); R];
-        for (b, y) in w.iter().enumerate() {
-            let qy = load(y);
-            let ua = _mm256_sign_epi8(qy, qy);
-            for (a, x) in acc.iter_mut().zip(&xs) {
-                let x = &x[b];
-                let sb = _mm256_sign_epi8(load(x), qy);
-                let s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ua, sb);
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(scale(x, y), _mm256_cvtepi32_ps(s)));
-            }
-        }
-        acc.map(|a| hsum(a))
-    }
+    let xq = Q8Activations::new(x, m, k);
+    matmul_q8_with(
+        Kernel::for_level(level),
+        false,
+        &xq,
+        Weights::Q8_0(w),
+        n,
+        out,
+    );
 }

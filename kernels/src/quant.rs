@@ -1,8 +1,11 @@
 //! Quantized weight blocks in GGML's exact byte layouts (`Q8_0`, `Q4_K`), their quantizers and
 //! dequantizers, and the matmul driver for quantized weights.
 //!
-//! This module owns the block types ([`BlockQ8_0`], [`BlockQ4K`]), the reference (scalar)
-//! quantize/dequantize functions, and the SIMD dequantizers (AVX2, AVX-512) that are their twins.
+//! This module owns the block types ([`BlockQ8_0`], [`BlockQ4K`]), the quantizers, the reference
+//! (scalar) dequantizers and the SIMD dequantizers (AVX2, AVX-512) that are their twins. Each
+//! quantizer is one plain-Rust body (no libm calls, no float-to-int casts, fixed summation
+//! order) compiled once per SIMD level, where it vectorizes; Q4_K fits 8 or 16 sub-blocks side
+//! by side, one per lane, which makes quantizing at load cheap next to reading the weights.
 //! A quantized matrix `[n, k]` is `n` rows of `k / 32` (`Q8_0`) or `k / 256` (`Q4_K`) blocks,
 //! row-major, exactly as GGML stores a tensor, so the blocks can be written to GGUF unchanged.
 //!
@@ -13,6 +16,9 @@
 //!   `d·q` (Q8_0, an exact f32 product of an f16 and an i8) or `(d·sc)·q − dmin·m` (Q4_K; both
 //!   products are exact in f32, only the subtraction rounds), so the SIMD dequantizers equal the
 //!   scalar ones bit for bit (tested).
+//! - Quantization is deterministic and identical at every level, bit for bit (tested): Q8_0 is
+//!   GGML's reference quantizer exactly; Q4_K follows GGML's reference scheme, and its
+//!   reconstruction error is tested against the previous, one-candidate-at-a-time search.
 //! - Matmul keeps f32 activations and f32 accumulation: weight rows are dequantized into an f32
 //!   scratch buffer and multiplied with the crate's f32 kernels at the same level. The result is
 //!   therefore exactly `x · dequantize(W)ᵀ` as the f32 kernels compute it (same summation order,
@@ -115,22 +121,108 @@ impl BlockQ4K {
 
 /// Quantizes `src` into Q8_0 blocks exactly as GGML's reference quantizer does:
 /// `d = amax / 127`, `q = round(x / d)` (computed as `x · (1/d)`, halves away from zero), with
-/// `d` stored as f16. Panics unless `src.len() == 32 · dst.len()`.
+/// `d` stored as f16. Runs at the best SIMD level this CPU has; every level computes the same
+/// blocks bit for bit (the code is one body, written without libm calls so that it vectorizes).
+/// Panics unless `src.len() == 32 · dst.len()`.
 pub fn quantize_row_q8_0(src: &[f32], dst: &mut [BlockQ8_0]) {
+    quantize_row_q8_0_with(crate::level(), src, dst)
+}
+
+/// [`quantize_row_q8_0`] at a given SIMD level (tests force each one).
+pub(crate) fn quantize_row_q8_0_with(level: Level, src: &[f32], dst: &mut [BlockQ8_0]) {
     assert_eq!(
         src.len(),
         dst.len() * QK8_0,
         "quantize_row_q8_0: length mismatch"
     );
+    crate::assert_supported(level);
+    match level {
+        Level::Scalar => q8_0_blocks(src, dst),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => {
+            // SAFETY: assert_supported checked avx2/fma/f16c.
+            unsafe { x86::quantize_q8_0_avx2(src, dst) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => {
+            // SAFETY: assert_supported checked avx512f/bw/vl.
+            unsafe { x86::quantize_q8_0_avx512(src, dst) }
+        }
+    }
+}
+
+/// The body of [`quantize_row_q8_0`], inlined into each level's entry point.
+#[inline(always)]
+fn q8_0_blocks(src: &[f32], dst: &mut [BlockQ8_0]) {
     for (x, b) in src.chunks_exact(QK8_0).zip(dst) {
-        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
+        let x: &[f32; QK8_0] = x.try_into().expect("chunks_exact gives whole blocks");
+        let d = max_abs32(x) / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         b.d = f16::from_f32(d);
         for (q, &v) in b.qs.iter_mut().zip(x) {
-            *q = (v * id).round() as i8;
+            *q = round_half_away(v * id).clamp(-128, 127) as i8;
         }
     }
+}
+
+/// `t.round() as i32` (halves away from zero; NaN gives 0) for `|t| <= 256`, saturating at
+/// ±256 beyond: the same value as `f32::round` wherever the caller's clamp to `i8` can tell,
+/// without the libm call `round` becomes on baseline x86_64 and without a float-to-int cast
+/// (which does not vectorize), so the loop calling it vectorizes.
+#[inline(always)]
+fn round_half_away(t: f32) -> i32 {
+    let a = t.abs();
+    // NaN fails both comparisons and becomes 0.
+    let a = if a < 256.0 {
+        a
+    } else if a >= 256.0 {
+        256.0
+    } else {
+        0.0
+    };
+    // Nearest with halves to even, as a float `n` and as an integer `r` (the low bits of the
+    // biased sum, see ROUND_MAGIC); `a − n` is exact, and exactly 0.5 only at a half that went
+    // down to the even neighbour, which away-from-zero rounding takes up instead.
+    let y = a + ROUND_MAGIC;
+    let n = y - ROUND_MAGIC;
+    let mut r = y.to_bits().wrapping_sub(ROUND_MAGIC.to_bits()) as i32;
+    if a - n == 0.5 {
+        r += 1;
+    }
+    if t < 0.0 {
+        -r
+    } else {
+        r
+    }
+}
+
+/// Largest `|x_i|` (NaNs ignored, 0 for none), as `fold(0, f32::max)` gives it; max is exact,
+/// so the lane order does not matter.
+#[inline(always)]
+fn max_abs32(x: &[f32; 32]) -> f32 {
+    let mut m = [0f32; 16];
+    for c in 0..2 {
+        for (mi, &v) in m.iter_mut().zip(&x[16 * c..16 * c + 16]) {
+            let a = v.abs();
+            *mi = if a > *mi { a } else { *mi };
+        }
+    }
+    max_tree16(m)
+}
+
+/// Largest of 16 non-NaN values.
+#[inline(always)]
+fn max_tree16(mut m: [f32; 16]) -> f32 {
+    for half in [8, 4, 2, 1] {
+        for i in 0..half {
+            m[i] = if m[i + half] > m[i] {
+                m[i + half]
+            } else {
+                m[i]
+            };
+        }
+    }
+    m[0]
 }
 
 /// Dequantizes Q8_0 blocks: `dst[32b + i] = d_b · qs_b[i]`. Panics unless
@@ -171,150 +263,263 @@ pub fn dequantize_row_q4_k(src: &[BlockQ4K], dst: &mut [f32]) {
     }
 }
 
-/// Round to nearest, halves to even, as an i32 (what GGML's `nearest_int` computes for the
-/// magnitudes used here).
-#[inline]
-fn nearest(v: f32) -> i32 {
-    v.round_ties_even() as i32
-}
+/// `1.5 · 2^23`: for `0 <= t < 2^22`, `(t + ROUND_MAGIC) − ROUND_MAGIC` is `t` rounded to the
+/// nearest integer, halves to even (the sum lands where the f32 spacing is 1; the subtraction is
+/// exact), and that integer is also the sum's bits minus `ROUND_MAGIC`'s. GGML's `nearest_int`
+/// trick: unlike `round_ties_even` it needs no SSE4.1 (without it, a libm call) and vectorizes
+/// at every level.
+const ROUND_MAGIC: f32 = 12_582_912.0;
 
-/// Weighted least-squares fit of `x ≈ scale·L + min` with `L` in `0..=nmax` and `min <= 0`.
+/// Largest 4-bit quant.
+const Q4_MAX: f32 = 15.0;
+
+/// Grid spacings the (scale, min) search tries: GGML's `make_qkx2_quants` grid for Q4_K,
+/// `Q4_MAX + rmin + rdelta · step` steps over the range with `rmin = −1`, `rdelta = 0.1`.
+const Q4K_STEPS: usize = 21;
+
+/// Grid spacings evaluated per pass over a sub-block's weights: 3 × 3 independent accumulator
+/// chains hide the f32 add latency; more would spill the AVX2 registers.
+const Q4K_STEPS_PER_PASS: usize = 3;
+
+const _: () = assert!(Q4K_STEPS.is_multiple_of(Q4K_STEPS_PER_PASS));
+
+/// Weighted least-squares fit of `L` sub-blocks of 32 weights side by side, one per lane
+/// (`x[i][lane]` is weight `i` of that sub-block): `x ≈ scale·q + min` with `q` in `0..=15`,
+/// `min <= 0`, weights `w_i = rms(x) + |x_i|`. Returns per lane `(scale, −min)` (the min as the
+/// non-negative offset Q4_K stores).
 ///
-/// The method of GGML's `make_qkx2_quants` (written afresh here): start from the min/max grid,
-/// then try `nstep + 1` slightly different grid spacings `(nmax + rmin + rdelta·i) / (max − min)`;
-/// for each rounding, solve the 2×2 weighted least-squares problem for (scale, min) in closed
-/// form (clamping min to 0 if it comes out positive) and keep the fit with the smallest weighted
-/// squared error. Writes the chosen `L` and returns `(scale, -min)` (the min as a non-negative
-/// offset, as Q4_K stores it).
-fn fit_scale_min(
-    x: &[f32],
-    w: &[f32],
-    nmax: u8,
-    l_out: &mut [u8],
-    rmin: f32,
-    rdelta: f32,
-    nstep: usize,
-) -> (f32, f32) {
-    let n = x.len();
-    let mut lo = x.iter().copied().fold(f32::INFINITY, f32::min);
-    let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    lo = lo.min(0.0);
-    if hi <= lo {
-        l_out.fill(0);
-        return (0.0, -lo);
+/// The method of GGML's `make_qkx2_quants` (written afresh): for every grid spacing
+/// `(Q4_MAX + rmin + rdelta·step) / (max − min(x, 0))` round the weights onto the grid starting
+/// at `min(x, 0)`, solve the 2×2 weighted least-squares problem for (scale, min) in closed form
+/// (clamping the min to 0 if it comes out positive), and keep the first fit with the smallest
+/// weighted squared error. Every lane runs that search serially, in the same order at every
+/// SIMD width, so the result does not depend on the lane count or the level. Two shortcuts:
+/// the error comes from the weighted sums the fit already has (`Σw(s·q + m − x)²` expanded), not
+/// from a second pass over the weights; and GGML's separately scored plain min/max grid is only
+/// the fallback, since the step with offset 0 rounds exactly like it and its least-squares
+/// (scale, min) never does worse.
+#[inline(always)]
+fn fit_q4k_lanes<const L: usize>(x: &[[f32; L]; 32]) -> ([f32; L], [f32; L]) {
+    const P: usize = Q4K_STEPS_PER_PASS;
+    let mut sumsq = [0f32; L];
+    for xi in x {
+        for l in 0..L {
+            sumsq[l] += xi[l] * xi[l];
+        }
     }
-    let nm = nmax as f32;
-    let sum_w: f32 = w.iter().sum();
-    let sum_x: f32 = x.iter().zip(w).map(|(a, b)| a * b).sum();
-    let err = |scale: f32, min: f32, l: &[u8]| -> f32 {
-        x.iter()
-            .zip(w)
-            .zip(l)
-            .map(|((&v, &wt), &q)| {
-                let d = scale * q as f32 + min - v;
-                wt * d * d
-            })
-            .sum()
-    };
-    let iscale = nm / (hi - lo);
-    let mut best_scale = 1.0 / iscale;
+    let mut rms = [0f32; L];
+    for l in 0..L {
+        rms[l] = (sumsq[l] / 32.0).sqrt();
+    }
+    let mut w = [[0f32; L]; 32];
+    let (mut sum_w, mut sum_x, mut sum_x2) = ([0f32; L], [0f32; L], [0f32; L]);
+    let (mut lo, mut hi) = ([f32::INFINITY; L], [f32::NEG_INFINITY; L]);
+    for (xi, wi) in x.iter().zip(&mut w) {
+        for l in 0..L {
+            let v = xi[l];
+            let wt = rms[l] + v.abs();
+            wi[l] = wt;
+            sum_w[l] += wt;
+            sum_x[l] += v * wt;
+            sum_x2[l] += wt * v * v;
+            // NaNs fail the comparisons and are skipped, as `fold(.., f32::min)` skips them.
+            lo[l] = if v < lo[l] { v } else { lo[l] };
+            hi[l] = if v > hi[l] { v } else { hi[l] };
+        }
+    }
+    let mut range = [0f32; L];
+    for l in 0..L {
+        lo[l] = if lo[l] < 0.0 { lo[l] } else { 0.0 };
+        range[l] = hi[l] - lo[l];
+    }
+    let mut xl = [[0f32; L]; 32];
+    for (d, xi) in xl.iter_mut().zip(x) {
+        for l in 0..L {
+            // x − lo >= 0 exactly, so every rounded value below is >= 0.
+            d[l] = xi[l] - lo[l];
+        }
+    }
+    // Fallback: the plain min/max grid.
+    let mut best_err = [f32::INFINITY; L];
+    let mut best_scale = [0f32; L];
     let mut best_min = lo;
-    for (o, &v) in l_out.iter_mut().zip(x) {
-        *o = nearest(iscale * (v - lo)).clamp(0, nmax as i32) as u8;
+    for l in 0..L {
+        best_scale[l] = range[l] / Q4_MAX;
     }
-    let mut best_err = err(best_scale, best_min, l_out);
-    let mut laux = vec![0u8; n];
-    for step in 0..=nstep {
-        let iscale = (rmin + rdelta * step as f32 + nm) / (hi - lo);
-        let (mut sl, mut sl2, mut sxl) = (0f32, 0f32, 0f32);
-        for ((o, &v), &wt) in laux.iter_mut().zip(x).zip(w) {
-            let q = nearest(iscale * (v - lo)).clamp(0, nmax as i32);
-            *o = q as u8;
-            let qf = q as f32;
-            sl += wt * qf;
-            sl2 += wt * qf * qf;
-            sxl += wt * qf * v;
-        }
-        let det = sum_w * sl2 - sl * sl;
-        if det > 0.0 {
-            let mut scale = (sum_w * sxl - sum_x * sl) / det;
-            let mut min = (sl2 * sum_x - sl * sxl) / det;
-            if min > 0.0 {
-                min = 0.0;
-                scale = sxl / sl2;
-            }
-            let e = err(scale, min, &laux);
-            if e < best_err {
-                best_err = e;
-                best_scale = scale;
-                best_min = min;
-                l_out.copy_from_slice(&laux);
+    for pass in 0..Q4K_STEPS / P {
+        let mut iscale = [[0f32; L]; P];
+        for (c, is) in iscale.iter_mut().enumerate() {
+            // GGML's f32 arithmetic for the step: rmin + rdelta·step, then + nmax.
+            let offset = -1.0 + 0.1 * (pass * P + c) as f32;
+            for l in 0..L {
+                is[l] = (offset + Q4_MAX) / range[l];
             }
         }
+        // Σw·q, Σw·q², Σw·q·x per step and lane.
+        let (mut sl, mut sl2, mut sxl) = ([[0f32; L]; P], [[0f32; L]; P], [[0f32; L]; P]);
+        for i in 0..32 {
+            for c in 0..P {
+                for l in 0..L {
+                    let q = (iscale[c][l] * xl[i][l] + ROUND_MAGIC) - ROUND_MAGIC;
+                    let q = if q < Q4_MAX { q } else { Q4_MAX };
+                    let wq = w[i][l] * q;
+                    sl[c][l] += wq;
+                    sl2[c][l] += wq * q;
+                    sxl[c][l] += wq * x[i][l];
+                }
+            }
+        }
+        for c in 0..P {
+            for l in 0..L {
+                let (sl, sl2, sxl) = (sl[c][l], sl2[c][l], sxl[c][l]);
+                let det = sum_w[l] * sl2 - sl * sl;
+                let mut s = (sum_w[l] * sxl - sum_x[l] * sl) / det;
+                let mut m = (sl2 * sum_x[l] - sl * sxl) / det;
+                if m > 0.0 {
+                    m = 0.0;
+                    s = sxl / sl2;
+                }
+                let e = sum_x2[l] + s * s * sl2 + m * m * sum_w[l] + 2.0 * s * m * sl
+                    - 2.0 * s * sxl
+                    - 2.0 * m * sum_x[l];
+                // det <= 0 (all weights on one level) never wins; nor does a NaN error.
+                if det > 0.0 && e < best_err[l] {
+                    best_err[l] = e;
+                    best_scale[l] = s;
+                    best_min[l] = m;
+                }
+            }
+        }
     }
-    (best_scale, -best_min)
+    let mut min = [0f32; L];
+    for l in 0..L {
+        if hi[l] > lo[l] {
+            min[l] = -best_min[l];
+        } else {
+            // Constant (or empty) sub-block: the min alone.
+            best_scale[l] = 0.0;
+            min[l] = -lo[l];
+        }
+    }
+    (best_scale, min)
 }
 
 /// Quantizes `src` into Q4_K super-blocks.
 ///
 /// Method (GGML's `quantize_row_q4_K_ref` scheme, own code): per 32-weight sub-block, a weighted
-/// least-squares search for (scale, min) (`fit_scale_min`, weights `rms(x) + |x_i|`, 21 grid
-/// spacings); the 8 scales and 8 mins are then quantized to 6 bits against super-block scales
-/// `d = max_scale / 63`, `dmin = max_min / 63` (f16), and finally every weight is re-rounded
-/// against the *stored* sub-block scale and min, so the quants fit what dequantization computes.
-/// Panics unless `src.len() == 256 · dst.len()`.
+/// least-squares search for (scale, min) (`fit_q4k_lanes`: weights `rms(x) + |x_i|`, 21 grid
+/// spacings, sub-blocks side by side in SIMD lanes); the 8 scales and 8 mins are then quantized
+/// to 6 bits against super-block scales `d = max_scale / 63`, `dmin = max_min / 63` (f16), and
+/// finally every weight is re-rounded against the *stored* sub-block scale and min, so the
+/// quants fit what dequantization computes. Runs at the best SIMD level this CPU has; every
+/// level computes the same blocks bit for bit (one body, per-lane serial sums, no fused
+/// multiply-adds). Panics unless `src.len() == 256 · dst.len()`.
 pub fn quantize_row_q4_k(src: &[f32], dst: &mut [BlockQ4K]) {
+    quantize_row_q4_k_with(crate::level(), src, dst)
+}
+
+/// [`quantize_row_q4_k`] at a given SIMD level (tests force each one).
+pub(crate) fn quantize_row_q4_k_with(level: Level, src: &[f32], dst: &mut [BlockQ4K]) {
     assert_eq!(
         src.len(),
         dst.len() * QK_K,
         "quantize_row_q4_k: length mismatch"
     );
-    let mut l = [0u8; QK_K];
-    let mut wts = [0f32; 32];
-    for (x, b) in src.chunks_exact(QK_K).zip(dst) {
-        let mut scales = [0f32; 8];
-        let mut mins = [0f32; 8];
-        for s in 0..8 {
-            let xs = &x[32 * s..32 * s + 32];
-            let rms = (xs.iter().map(|v| v * v).sum::<f32>() / 32.0).sqrt();
-            for (wt, v) in wts.iter_mut().zip(xs) {
-                *wt = rms + v.abs();
-            }
-            (scales[s], mins[s]) =
-                fit_scale_min(xs, &wts, 15, &mut l[32 * s..32 * s + 32], -1.0, 0.1, 20);
+    crate::assert_supported(level);
+    match level {
+        Level::Scalar => q4_k_blocks::<8>(src, dst),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => {
+            // SAFETY: assert_supported checked avx2/fma/f16c.
+            unsafe { x86::quantize_q4_k_avx2(src, dst) }
         }
-        let max_scale = scales.iter().copied().fold(0f32, f32::max);
-        let max_min = mins.iter().copied().fold(0f32, f32::max);
-        let inv_scale = if max_scale > 0.0 {
-            63.0 / max_scale
-        } else {
-            0.0
-        };
-        let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
-        let mut ls = [0u8; 8];
-        let mut lm = [0u8; 8];
-        for s in 0..8 {
-            ls[s] = nearest(inv_scale * scales[s]).clamp(0, 63) as u8;
-            lm[s] = nearest(inv_min * mins[s]).clamp(0, 63) as u8;
-        }
-        b.scales = BlockQ4K::pack_scales_mins(&ls, &lm);
-        b.d = f16::from_f32(max_scale / 63.0);
-        b.dmin = f16::from_f32(max_min / 63.0);
-        for s in 0..8 {
-            let (d, m) = b.sub_scale_min(s);
-            if d == 0.0 {
-                continue;
-            }
-            for (q, &v) in l[32 * s..32 * s + 32].iter_mut().zip(&x[32 * s..]) {
-                *q = nearest((v + m) / d).clamp(0, 15) as u8;
-            }
-        }
-        for j in 0..4 {
-            for i in 0..32 {
-                b.qs[32 * j + i] = l[64 * j + i] | (l[64 * j + 32 + i] << 4);
-            }
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => {
+            // SAFETY: assert_supported checked avx512f/bw/vl.
+            unsafe { x86::quantize_q4_k_avx512(src, dst) }
         }
     }
+}
+
+/// The body of [`quantize_row_q4_k`], inlined into each level's entry point: `L / 8`
+/// super-blocks at a time (`L` a multiple of 8, one sub-block per lane).
+#[inline(always)]
+fn q4_k_blocks<const L: usize>(src: &[f32], dst: &mut [BlockQ4K]) {
+    let per_group = L / 8;
+    let mut xt = [[0f32; L]; 32];
+    for (xs, bs) in src.chunks(QK_K * per_group).zip(dst.chunks_mut(per_group)) {
+        // Transpose: lane l gets sub-block l; lanes past the row's end (its last, partial
+        // group) get zeros, whose fit is discarded.
+        if xs.len() < QK_K * per_group {
+            xt = [[0f32; L]; 32];
+        }
+        for (l, sb) in xs.chunks_exact(32).enumerate() {
+            for (row, &v) in xt.iter_mut().zip(sb) {
+                row[l] = v;
+            }
+        }
+        let (scales, mins) = fit_q4k_lanes(&xt);
+        for (g, (x, b)) in xs.chunks_exact(QK_K).zip(bs).enumerate() {
+            let scales: &[f32; 8] = scales[8 * g..8 * g + 8].try_into().expect("8 sub-blocks");
+            let mins: &[f32; 8] = mins[8 * g..8 * g + 8].try_into().expect("8 sub-blocks");
+            finish_block_q4k(x, scales, mins, b);
+        }
+    }
+}
+
+/// Quantizes a super-block's fitted sub-block scales and mins to 6 bits, stores them with the
+/// f16 super-block scales, and rounds every weight against the stored values.
+#[inline(always)]
+fn finish_block_q4k(x: &[f32], scales: &[f32; 8], mins: &[f32; 8], b: &mut BlockQ4K) {
+    let max_scale = scales.iter().copied().fold(0f32, f32::max);
+    let max_min = mins.iter().copied().fold(0f32, f32::max);
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let mut ls = [0u8; 8];
+    let mut lm = [0u8; 8];
+    for s in 0..8 {
+        ls[s] = round_to_level(inv_scale * scales[s], 63.0);
+        lm[s] = round_to_level(inv_min * mins[s], 63.0);
+    }
+    b.scales = BlockQ4K::pack_scales_mins(&ls, &lm);
+    b.d = f16::from_f32(max_scale / 63.0);
+    b.dmin = f16::from_f32(max_min / 63.0);
+    let mut l = [0u8; QK_K];
+    for s in 0..8 {
+        let (d, m) = b.sub_scale_min(s);
+        let ls = &mut l[32 * s..32 * s + 32];
+        if d == 0.0 {
+            // Every weight of the sub-block dequantizes to −m whatever its quant.
+            ls.fill(0);
+            continue;
+        }
+        for (q, &v) in ls.iter_mut().zip(&x[32 * s..32 * s + 32]) {
+            *q = round_to_level((v + m) / d, Q4_MAX);
+        }
+    }
+    for j in 0..4 {
+        for i in 0..32 {
+            b.qs[32 * j + i] = l[64 * j + i] | (l[64 * j + 32 + i] << 4);
+        }
+    }
+}
+
+/// `t` rounded to the nearest integer (halves to even) and clamped to `0..=top` (NaN gives 0):
+/// `(t.round_ties_even() as i32).clamp(0, top)`, clamping first so that the rounding trick's range
+/// always holds.
+#[inline(always)]
+fn round_to_level(t: f32, top: f32) -> u8 {
+    let t = if t > 0.0 { t } else { 0.0 };
+    let t = if t < top { t } else { top };
+    // The integer is in the low bits of the biased sum (see ROUND_MAGIC); no float-to-int
+    // cast, which would not vectorize.
+    (t + ROUND_MAGIC)
+        .to_bits()
+        .wrapping_sub(ROUND_MAGIC.to_bits()) as u8
 }
 
 /// A quantized weight matrix (the quantized variants of [`crate::Weights`]).
@@ -464,8 +669,9 @@ pub(crate) fn run_block(
     });
 }
 
-/// SIMD twins of [`dequantize_row_q8_0`] and [`dequantize_row_q4_k`]. Each computes the same
-/// exact products and the same single rounding per value, so results are bit-identical.
+/// SIMD twins of [`dequantize_row_q8_0`] and [`dequantize_row_q4_k`] (each computes the same
+/// exact products and the same single rounding per value, so results are bit-identical), and
+/// the quantizers' shared bodies compiled for each SIMD level.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use core::arch::x86_64::*;
@@ -473,6 +679,44 @@ mod x86 {
     use half::f16;
 
     use super::{BlockQ4K, BlockQ8_0, QK8_0, QK_K};
+
+    /// [`super::quantize_row_q8_0`]'s body compiled for AVX2 (the same operations, vectorized).
+    ///
+    /// # Safety
+    /// The CPU must support avx2/fma/f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_q8_0_avx2(src: &[f32], dst: &mut [BlockQ8_0]) {
+        super::q8_0_blocks(src, dst)
+    }
+
+    /// [`super::quantize_row_q8_0`]'s body compiled for AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must support avx512f/bw/vl.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn quantize_q8_0_avx512(src: &[f32], dst: &mut [BlockQ8_0]) {
+        super::q8_0_blocks(src, dst)
+    }
+
+    /// [`super::quantize_row_q4_k`]'s body compiled for AVX2 (the same operations, vectorized;
+    /// no FMA contraction, so the results equal the scalar level's bit for bit).
+    ///
+    /// # Safety
+    /// The CPU must support avx2/fma/f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_q4_k_avx2(src: &[f32], dst: &mut [BlockQ4K]) {
+        super::q4_k_blocks::<8>(src, dst)
+    }
+
+    /// [`super::quantize_row_q4_k`]'s body compiled for AVX-512: 16 sub-blocks (two
+    /// super-blocks) side by side fill one register per value.
+    ///
+    /// # Safety
+    /// The CPU must support avx512f/bw/vl.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn quantize_q4_k_avx512(src: &[f32], dst: &mut [BlockQ4K]) {
+        super::q4_k_blocks::<16>(src, dst)
+    }
 
     /// f16 -> f32 with F16C (exact, like `f16::to_f32`, without its run-time dispatch).
     #[inline]

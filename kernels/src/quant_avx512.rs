@@ -4,14 +4,14 @@
 //! registers (exactly the values `quant::dequantize_row_*` produce) and multiplied with all `m`
 //! x rows while they are in registers, so no f32 copy of the weights is ever written.
 //!
-//! Summation order: accumulator `(r, c)` takes `x[r][p..p+16] · w[c][p..p+16]` by FMA for
-//! `p = 0, 16, 32, ..` in increasing order and is reduced with `avx512::hsum`, which is exactly
-//! what `avx512::matvec` does on the dequantized f32 row (k is a multiple of 32, so it has no
-//! tail). The result therefore equals the f32 kernel on `dequantize(W)` bit for bit (tested).
+//! Summation order: `x[r][p..p+16] · w[c][p..p+16]` goes by FMA into accumulator `(p/16) % 4`
+//! of element `(r, c)` for `p = 0, 16, 32, ..` in increasing order, reduced with
+//! `avx512::reduce_acc`: exactly what `avx512::matvec` does on the dequantized f32 row (k is a
+//! multiple of 32, so it has no tail). The result therefore equals the f32 kernel on `dequantize(W)` bit for bit (tested).
 
 use core::arch::x86_64::*;
 
-use crate::avx512::hsum;
+use crate::avx512::{reduce_acc, ACC, MV_ROWS};
 use crate::quant::{BlockQ4K, BlockQ8_0, QK8_0, QK_K};
 use crate::OutBlock;
 
@@ -84,91 +84,76 @@ impl Group32 for BlockQ4K {
 }
 
 /// `out[rows, cols] = x[rows, k] · dequantize(w)ᵀ` for `rows <= 8`; `w` is `cols` rows of
-/// `k / Q::BLOCK` blocks, `k > 0` a multiple of `Q::BLOCK`.
+/// `k / Q::BLOCK` blocks, `k > 0` a multiple of `Q::BLOCK`. Weight rows are streamed one at a
+/// time, in order (one sequential stream), as `avx512::matvec` does.
 ///
 /// # Safety
 /// The CPU must support avx512f/bw/vl and f16c.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 pub(crate) unsafe fn matvec<Q: Group32>(x: &[f32], k: usize, w: &[Q], out: &mut OutBlock) {
-    // Same tile shapes as `avx512::matvec` (registers: MR·NR accumulators + 2·NR weights + 2 x).
-    match out.rows() {
-        1 => matvec_rows::<Q, 1, 8>(x, k, w, out),
-        2 => matvec_rows::<Q, 2, 6>(x, k, w, out),
-        3 => matvec_rows::<Q, 3, 6>(x, k, w, out),
-        4 => matvec_rows::<Q, 4, 4>(x, k, w, out),
-        5 => matvec_rows::<Q, 5, 4>(x, k, w, out),
-        6 => matvec_rows::<Q, 6, 3>(x, k, w, out),
-        7 => matvec_rows::<Q, 7, 3>(x, k, w, out),
-        8 => matvec_rows::<Q, 8, 2>(x, k, w, out),
-        m => unreachable!("quantized matvec called with {m} rows"),
-    }
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-fn matvec_rows<Q: Group32, const MR: usize, const NR: usize>(
-    x: &[f32],
-    k: usize,
-    w: &[Q],
-    out: &mut OutBlock,
-) {
+    let m = out.rows();
     let bpr = k / Q::BLOCK;
+    assert!(
+        (1..=crate::MATVEC_MAX_M).contains(&m),
+        "matvec called with {m} rows"
+    );
     assert!(k > 0 && bpr * Q::BLOCK == k);
-    assert_eq!(x.len(), MR * k);
+    assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), out.cols() * bpr);
-    let nc = out.cols();
-    let mut j = 0;
-    while j + NR <= nc {
-        dot_tile::<Q, MR, NR>(x, k, &w[j * bpr..(j + NR) * bpr], j, out);
-        j += NR;
-    }
-    while j < nc {
-        dot_tile::<Q, MR, 1>(x, k, &w[j * bpr..(j + 1) * bpr], j, out);
-        j += 1;
+    for j in 0..out.cols() {
+        let wr = &w[j * bpr..(j + 1) * bpr];
+        let mut r0 = 0;
+        while r0 < m {
+            let r1 = (r0 + MV_ROWS).min(m);
+            let xs = &x[r0 * k..r1 * k];
+            match r1 - r0 {
+                1 => dot_rows::<Q, 1>(xs, k, wr, r0, j, out),
+                2 => dot_rows::<Q, 2>(xs, k, wr, r0, j, out),
+                3 => dot_rows::<Q, 3>(xs, k, wr, r0, j, out),
+                _ => dot_rows::<Q, 4>(xs, k, wr, r0, j, out),
+            }
+            r0 = r1;
+        }
     }
 }
 
-/// `out[r][j0 + c] = x_r · dequantize(w_c)` for `r < MR`, `c < NR`.
+/// `out[r0 + r][j] = x_r · dequantize(w)` for `r < MR` (`w` is one row of blocks).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-fn dot_tile<Q: Group32, const MR: usize, const NR: usize>(
+fn dot_rows<Q: Group32, const MR: usize>(
     x: &[f32],
     k: usize,
     w: &[Q],
-    j0: usize,
+    r0: usize,
+    j: usize,
     out: &mut OutBlock,
 ) {
     let bpr = k / Q::BLOCK;
-    assert!(bpr * Q::BLOCK == k && x.len() == MR * k && w.len() == NR * bpr);
+    assert!(bpr * Q::BLOCK == k && x.len() == MR * k && w.len() == bpr);
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
-    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-    let mut wv = [(_mm512_setzero_ps(), _mm512_setzero_ps()); NR];
+    let mut acc = [[_mm512_setzero_ps(); ACC]; MR];
     // Blocks outer, groups inner: the inner loop has a constant trip count, so it unrolls
-    // and each block's scales are unpacked with constant indices.
+    // and each block's scales are unpacked with constant indices. Group g covers elements
+    // 32g .. 32g + 32, i.e. 16-lane chunks 2g and 2g + 1: accumulators (2g) % 4 and (2g + 1) % 4.
     for blk in 0..bpr {
         for i in 0..Q::BLOCK / 32 {
             let g = blk * (Q::BLOCK / 32) + i;
-            // SAFETY: row c's blocks are w[c*bpr .. (c+1)*bpr] (c < NR, asserted) and blk < bpr;
-            // i < BLOCK/32 as group requires; g = blk·BLOCK/32 + i < k/32. x loads read x[r*k + 32g .. + 32] with
-            // r < MR and 32g + 32 <= k: inside x (asserted length MR*k).
+            let (u0, u1) = ((2 * g) % ACC, (2 * g + 1) % ACC);
+            // SAFETY: w is one row of bpr blocks (asserted) and blk < bpr; i < BLOCK/32 as
+            // group requires; g = blk·BLOCK/32 + i < k/32. x loads read x[r*k + 32g .. + 32]
+            // with r < MR and 32g + 32 <= k: inside x (asserted length MR*k).
             unsafe {
-                for (c, v) in wv.iter_mut().enumerate() {
-                    *v = Q::group(wp.add(c * bpr), blk, i);
-                }
+                let v = Q::group(wp, blk, i);
                 for (r, a) in acc.iter_mut().enumerate() {
                     let x0 = _mm512_loadu_ps(xp.add(r * k + 32 * g));
                     let x1 = _mm512_loadu_ps(xp.add(r * k + 32 * g + 16));
-                    for (a, v) in a.iter_mut().zip(&wv) {
-                        *a = _mm512_fmadd_ps(x0, v.0, *a);
-                        *a = _mm512_fmadd_ps(x1, v.1, *a);
-                    }
+                    a[u0] = _mm512_fmadd_ps(x0, v.0, a[u0]);
+                    a[u1] = _mm512_fmadd_ps(x1, v.1, a[u1]);
                 }
             }
         }
     }
     for (r, a) in acc.iter().enumerate() {
-        let row = &mut out.row(r)[j0..j0 + NR];
-        for (o, a) in row.iter_mut().zip(a) {
-            *o = hsum(*a);
-        }
+        out.row(r0 + r)[j] = reduce_acc(a);
     }
 }

@@ -1,5 +1,7 @@
-//! Unit tests of the quantized formats: layout, hand-computed values, quantization error, and
-//! the SIMD dequantizers against the scalar ones (bit for bit) at every supported level.
+//! Unit tests of the quantized formats: layout, hand-computed values, quantization error, the
+//! SIMD dequantizers against the scalar ones (bit for bit) at every supported level, and the
+//! quantizers against their previous implementations (Q8_0 bit for bit, Q4_K by reconstruction
+//! error) and across levels (bit for bit).
 
 use std::mem::{align_of, offset_of, size_of};
 
@@ -316,4 +318,329 @@ fn simd_dequantizers_equal_scalar_bitwise() {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The quantizers against the previous (reference) implementations, and across SIMD levels.
+
+/// The previous Q8_0 quantizer, kept as the reference: GGML's `quantize_row_q8_0_ref` with
+/// `f32::round` (halves away from zero).
+fn reference_quantize_row_q8_0(src: &[f32], dst: &mut [BlockQ8_0]) {
+    for (x, b) in src.chunks_exact(QK8_0).zip(dst) {
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = f16::from_f32(d);
+        for (q, &v) in b.qs.iter_mut().zip(x) {
+            *q = (v * id).round() as i8;
+        }
+    }
+}
+
+/// The previous Q4_K sub-block fit, kept as the reference the faster search is measured
+/// against: GGML's `make_qkx2_quants` scheme evaluated one grid spacing at a time, scoring the
+/// plain min/max grid first and each candidate's error in a second pass over the weights.
+fn reference_fit_scale_min(
+    x: &[f32],
+    w: &[f32],
+    nmax: u8,
+    l_out: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: usize,
+) -> (f32, f32) {
+    let nearest = |v: f32| v.round_ties_even() as i32;
+    let n = x.len();
+    let mut lo = x.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    lo = lo.min(0.0);
+    if hi <= lo {
+        l_out.fill(0);
+        return (0.0, -lo);
+    }
+    let nm = nmax as f32;
+    let sum_w: f32 = w.iter().sum();
+    let sum_x: f32 = x.iter().zip(w).map(|(a, b)| a * b).sum();
+    let err = |scale: f32, min: f32, l: &[u8]| -> f32 {
+        x.iter()
+            .zip(w)
+            .zip(l)
+            .map(|((&v, &wt), &q)| {
+                let d = scale * q as f32 + min - v;
+                wt * d * d
+            })
+            .sum()
+    };
+    let iscale = nm / (hi - lo);
+    let mut best_scale = 1.0 / iscale;
+    let mut best_min = lo;
+    for (o, &v) in l_out.iter_mut().zip(x) {
+        *o = nearest(iscale * (v - lo)).clamp(0, nmax as i32) as u8;
+    }
+    let mut best_err = err(best_scale, best_min, l_out);
+    let mut laux = vec![0u8; n];
+    for step in 0..=nstep {
+        let iscale = (rmin + rdelta * step as f32 + nm) / (hi - lo);
+        let (mut sl, mut sl2, mut sxl) = (0f32, 0f32, 0f32);
+        for ((o, &v), &wt) in laux.iter_mut().zip(x).zip(w) {
+            let q = nearest(iscale * (v - lo)).clamp(0, nmax as i32);
+            *o = q as u8;
+            let qf = q as f32;
+            sl += wt * qf;
+            sl2 += wt * qf * qf;
+            sxl += wt * qf * v;
+        }
+        let det = sum_w * sl2 - sl * sl;
+        if det > 0.0 {
+            let mut scale = (sum_w * sxl - sum_x * sl) / det;
+            let mut min = (sl2 * sum_x - sl * sxl) / det;
+            if min > 0.0 {
+                min = 0.0;
+                scale = sxl / sl2;
+            }
+            let e = err(scale, min, &laux);
+            if e < best_err {
+                best_err = e;
+                best_scale = scale;
+                best_min = min;
+                l_out.copy_from_slice(&laux);
+            }
+        }
+    }
+    (best_scale, -best_min)
+}
+
+/// The previous Q4_K quantizer (the reference): the fit above per sub-block, then the same
+/// 6-bit scale/min quantization and re-rounding against the stored values.
+fn reference_quantize_row_q4_k(src: &[f32], dst: &mut [BlockQ4K]) {
+    let nearest = |v: f32| v.round_ties_even() as i32;
+    let mut l = [0u8; QK_K];
+    let mut wts = [0f32; 32];
+    for (x, b) in src.chunks_exact(QK_K).zip(dst) {
+        let mut scales = [0f32; 8];
+        let mut mins = [0f32; 8];
+        for s in 0..8 {
+            let xs = &x[32 * s..32 * s + 32];
+            let rms = (xs.iter().map(|v| v * v).sum::<f32>() / 32.0).sqrt();
+            for (wt, v) in wts.iter_mut().zip(xs) {
+                *wt = rms + v.abs();
+            }
+            (scales[s], mins[s]) =
+                reference_fit_scale_min(xs, &wts, 15, &mut l[32 * s..32 * s + 32], -1.0, 0.1, 20);
+        }
+        let max_scale = scales.iter().copied().fold(0f32, f32::max);
+        let max_min = mins.iter().copied().fold(0f32, f32::max);
+        let inv_scale = if max_scale > 0.0 {
+            63.0 / max_scale
+        } else {
+            0.0
+        };
+        let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+        let mut ls = [0u8; 8];
+        let mut lm = [0u8; 8];
+        for s in 0..8 {
+            ls[s] = nearest(inv_scale * scales[s]).clamp(0, 63) as u8;
+            lm[s] = nearest(inv_min * mins[s]).clamp(0, 63) as u8;
+        }
+        b.scales = BlockQ4K::pack_scales_mins(&ls, &lm);
+        b.d = f16::from_f32(max_scale / 63.0);
+        b.dmin = f16::from_f32(max_min / 63.0);
+        for s in 0..8 {
+            let (d, m) = b.sub_scale_min(s);
+            if d == 0.0 {
+                continue;
+            }
+            for (q, &v) in l[32 * s..32 * s + 32].iter_mut().zip(&x[32 * s..]) {
+                *q = nearest((v + m) / d).clamp(0, 15) as u8;
+            }
+        }
+        for j in 0..4 {
+            for i in 0..32 {
+                b.qs[32 * j + i] = l[64 * j + i] | (l[64 * j + 32 + i] << 4);
+            }
+        }
+    }
+}
+
+fn q4k_zeroed(n: usize) -> Vec<BlockQ4K> {
+    vec![
+        BlockQ4K {
+            d: f16::ZERO,
+            dmin: f16::ZERO,
+            scales: [0; 12],
+            qs: [0; 128],
+        };
+        n
+    ]
+}
+
+fn q8_zeroed(n: usize) -> Vec<BlockQ8_0> {
+    vec![
+        BlockQ8_0 {
+            d: f16::ZERO,
+            qs: [0; 32],
+        };
+        n
+    ]
+}
+
+/// Relative RMS reconstruction error of a Q4_K quantizer on `x`.
+fn q4k_rel_rms(x: &[f32], quantize: fn(&[f32], &mut [BlockQ4K])) -> f64 {
+    let mut b = q4k_zeroed(x.len() / QK_K);
+    quantize(x, &mut b);
+    let mut y = vec![f32::NAN; x.len()];
+    dequantize_row_q4_k(&b, &mut y);
+    rel_rms(x, &y)
+}
+
+/// Weight rows of several shapes: uniform, Gaussian, Gaussian with a per-sub-block spread (as
+/// trained weights have), heavy-tailed (Laplace, with rare outliers), and shifted to one sign
+/// (exercises the mins).
+fn quality_rows(rng: &mut Rng, n: usize) -> Vec<(&'static str, Vec<f32>)> {
+    let uniform: Vec<f32> = (0..n).map(|_| (2.0 * rng.unit() - 1.0) as f32).collect();
+    let gauss = rng.gauss_vec(n);
+    let mut spread = rng.gauss_vec(n);
+    for sb in spread.chunks_mut(32) {
+        let s = (4.0 * rng.unit()).exp() as f32 * 1e-3;
+        sb.iter_mut().for_each(|v| *v *= s);
+    }
+    let laplace: Vec<f32> = (0..n)
+        .map(|_| {
+            let u = rng.unit() - 0.5;
+            let v = -u.signum() * (1.0 - 2.0 * u.abs()).ln() * 0.02;
+            (if rng.next_u64().is_multiple_of(997) {
+                v * 30.0
+            } else {
+                v
+            }) as f32
+        })
+        .collect();
+    let shifted: Vec<f32> = rng.gauss_vec(n).iter().map(|v| v * 0.1 + 0.5).collect();
+    vec![
+        ("uniform", uniform),
+        ("gaussian", gauss),
+        ("gaussian, per-sub-block spread", spread),
+        ("laplace + outliers", laplace),
+        ("shifted gaussian", shifted),
+    ]
+}
+
+#[test]
+fn q4k_error_is_no_worse_than_the_reference_quantizer() {
+    let mut rng = Rng(51);
+    for (name, x) in quality_rows(&mut rng, QK_K * 512) {
+        let new = q4k_rel_rms(&x, quantize_row_q4_k);
+        let old = q4k_rel_rms(&x, reference_quantize_row_q4_k);
+        eprintln!("q4_k {name}: relative RMS error {new:.6} (reference {old:.6})");
+        assert!(
+            new <= old * 1.02,
+            "{name}: relative RMS error {new} vs reference {old}"
+        );
+    }
+}
+
+#[test]
+fn q4k_quantizer_is_level_independent_and_groups_do_not_interact() {
+    let mut rng = Rng(52);
+    // 1..=5 super-blocks (odd counts leave the AVX-512 path a partial group), with zero,
+    // constant, tiny and huge sub-blocks mixed in.
+    for nb in 1..=5 {
+        let mut x = rng.gauss_vec(QK_K * nb);
+        x[32..64].fill(0.0);
+        if nb > 1 {
+            x[300..332].fill(-3.0);
+            x[QK_K * nb - 32..].iter_mut().for_each(|v| *v *= 1e-30);
+        }
+        x[5] = 1e20;
+        let mut want = q4k_zeroed(nb);
+        quantize_row_q4_k_with(Level::Scalar, &x, &mut want);
+        for level in supported_levels() {
+            let mut got = q4k_zeroed(nb);
+            quantize_row_q4_k_with(level, &x, &mut got);
+            assert_eq!(got, want, "{level:?} nb={nb}");
+        }
+        let mut public = q4k_zeroed(nb);
+        quantize_row_q4_k(&x, &mut public);
+        assert_eq!(public, want, "public nb={nb}");
+        // Each super-block alone gives the same block as inside the row.
+        for (i, (xs, b)) in x.chunks(QK_K).zip(&want).enumerate() {
+            let mut one = q4k_zeroed(1);
+            quantize_row_q4_k(xs, &mut one);
+            assert_eq!(&one[0], b, "nb={nb} block {i}");
+        }
+    }
+}
+
+#[test]
+fn q4k_quantizer_output_is_valid_ggml() {
+    // Sub-block scales and mins are 6-bit by construction (pack_scales_mins asserts it); here:
+    // d and dmin are finite and non-negative, every dequantized weight lies within its
+    // sub-block's [−min, −min + 15·scale], and quants only differ from the nearest level by
+    // clamping (checked by q4k_gaussian_error_is_small on Gaussian rows; here on all shapes).
+    let mut rng = Rng(53);
+    for (name, x) in quality_rows(&mut rng, QK_K * 64) {
+        let mut b = q4k_zeroed(64);
+        quantize_row_q4_k(&x, &mut b);
+        let mut y = vec![f32::NAN; x.len()];
+        dequantize_row_q4_k(&b, &mut y);
+        for (i, bl) in b.iter().enumerate() {
+            let (d, dmin) = (bl.d.to_f32(), bl.dmin.to_f32());
+            assert!(d.is_finite() && d >= 0.0, "{name} block {i}: d = {d}");
+            assert!(
+                dmin.is_finite() && dmin >= 0.0,
+                "{name} block {i}: dmin = {dmin}"
+            );
+            for s in 0..8 {
+                let (sc, m) = bl.sub_scale_min(s);
+                for e in 32 * s..32 * s + 32 {
+                    let (v, r) = (x[256 * i + e], y[256 * i + e]);
+                    assert!(
+                        r >= -m && r <= -m + 15.0 * sc,
+                        "{name} block {i} weight {e}"
+                    );
+                    if sc > 0.0 {
+                        let q = ((v + m) / sc).round_ties_even();
+                        if (0.0..=15.0).contains(&q) {
+                            assert!(
+                                (v - r).abs() <= 0.5 * sc * 1.0001 + 1e-6 * sc.max(m),
+                                "{name} block {i} weight {e}: {v} -> {r}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn q8_0_quantizer_equals_the_reference_bitwise_at_every_level() {
+    let mut rng = Rng(54);
+    let nb = 67;
+    let mut x = rng.gauss_vec(QK8_0 * nb);
+    // Ties: a block whose amax is 127 gives d = 1 and id = 1, so k + 0.5 is an exact half.
+    for (i, v) in x[..32].iter_mut().enumerate() {
+        *v = i as f32 * 4.0 - 64.5;
+    }
+    x[31] = 127.0;
+    // More ties at d = 0.5: values k/2 + 1/4 → quants k + 0.5.
+    for (i, v) in x[32..64].iter_mut().enumerate() {
+        *v = (i as f32 * 8.0 - 127.0) / 2.0 + 0.25;
+    }
+    x[63] = 63.5;
+    x[64..96].fill(0.0);
+    x[96..128].fill(-2.5);
+    x[128] = 3e38;
+    x[160] = 1e-40; // subnormal amax
+    x[192..224].iter_mut().for_each(|v| *v *= 1e-6);
+    let mut want = q8_zeroed(nb);
+    reference_quantize_row_q8_0(&x, &mut want);
+    for level in supported_levels() {
+        let mut got = q8_zeroed(nb);
+        quantize_row_q8_0_with(level, &x, &mut got);
+        assert_eq!(got, want, "{level:?}");
+    }
+    let mut public = q8_zeroed(nb);
+    quantize_row_q8_0(&x, &mut public);
+    assert_eq!(public, want);
 }

@@ -18,7 +18,9 @@ use crate::error::{Error, Result};
 use crate::model::{Decoder, Logits, SeqState, Trace};
 use crate::plan::{make_plan, ModelSizes, Plan, PlanRequest, Profile};
 use crate::quantize::quantize_model;
-use crate::runconfig::{DeviceKind, ExpertsConfig, KvDtype, Quantization, RunConfig, SimConfig};
+use crate::runconfig::{
+    Activations, DeviceKind, ExpertsConfig, KvDtype, Quantization, RunConfig, SimConfig,
+};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::store::{TieredStore, TieredStoreConfig};
 use crate::tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
@@ -51,6 +53,8 @@ pub struct Settings {
     pub quantization: Quantization,
     /// How resident weights are held; `None` = as `quantization`.
     pub resident_quantization: Option<Quantization>,
+    /// How activations meet quantized weights (f32, or q8 with integer dot products).
+    pub activations: Activations,
     /// Where learned state (expert popularity, calibration) is kept; `None` = per-user folder.
     pub state_dir: Option<PathBuf>,
     pub experts: ExpertsConfig,
@@ -70,6 +74,7 @@ impl Default for Settings {
             kv_dtype: KvDtype::F32,
             quantization: Quantization::None,
             resident_quantization: None,
+            activations: Activations::F32,
             state_dir: None,
             experts: ExpertsConfig::default(),
             sim: SimConfig::default(),
@@ -91,6 +96,7 @@ impl Settings {
             kv_dtype: c.kv_dtype,
             quantization: c.quantization,
             resident_quantization: c.resident_quantization,
+            activations: c.activations,
             state_dir: Some(c.resolved_state_dir()),
             experts: c.experts.clone(),
             sim: c.sim.clone(),
@@ -302,6 +308,11 @@ impl Model {
                 t0.elapsed().as_secs_f64()
             );
         }
+        if settings.activations == Activations::Q8 {
+            for l in crate::quantize::linears(&mut mw) {
+                l.q8_activations = true;
+            }
+        }
         let unused_tensors = weights.unused();
         if !unused_tensors.is_empty() {
             tracing::warn!(
@@ -326,6 +337,7 @@ impl Model {
                     .as_deref()
                     .map(crate::hotset::ranking)
                     .unwrap_or_default(),
+                q8_activations: settings.activations == Activations::Q8,
             },
         )?;
         let decoder = Decoder {

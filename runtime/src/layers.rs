@@ -18,6 +18,8 @@ pub struct Linear {
     pub bias: Option<Vec<f32>>,
     pub in_features: usize,
     pub out_features: usize,
+    /// Decode-sized inputs meet q8_0/q4_k weights as q8 activations (`activations = "q8"`).
+    pub q8_activations: bool,
 }
 
 impl Linear {
@@ -43,6 +45,7 @@ impl Linear {
             bias,
             in_features,
             out_features,
+            q8_activations: false,
         })
     }
 
@@ -53,6 +56,7 @@ impl Linear {
             out_features: weight.shape[0],
             weight,
             bias: None,
+            q8_activations: false,
         }
     }
 
@@ -64,14 +68,13 @@ impl Linear {
     }
 
     pub fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        moe_kernels::matmul(
-            x,
-            m,
-            self.in_features,
-            self.weight.weights(),
-            self.out_features,
-            out,
-        );
+        let w = self.weight.weights();
+        if self.q8_activations && uses_q8(&w, m) {
+            let xq = moe_kernels::Q8Activations::new(x, m, self.in_features);
+            moe_kernels::matmul_q8_par(&xq, w, self.out_features, out);
+        } else {
+            moe_kernels::matmul(x, m, self.in_features, w, self.out_features, out);
+        }
         if let Some(b) = &self.bias {
             for row in out.chunks_exact_mut(self.out_features) {
                 for (o, b) in row.iter_mut().zip(b) {
@@ -80,6 +83,12 @@ impl Linear {
             }
         }
     }
+}
+
+/// Whether `m` rows meet `w` through the q8-activation kernels (when asked for): decode-sized
+/// batches on q8_0/q4_k weights. Larger batches are compute-bound GEMMs and stay f32.
+pub fn uses_q8(w: &moe_kernels::Weights<'_>, m: usize) -> bool {
+    m <= moe_kernels::MATVEC_MAX_M && moe_kernels::q8_activations_supported(w)
 }
 
 /// Root-mean-square norm: `x / sqrt(mean(x²) + eps) * w`.

@@ -37,6 +37,7 @@ pub mod gguf;
 pub mod hotset;
 pub mod hub;
 pub mod layers;
+pub mod mem;
 pub mod model;
 pub mod moe;
 pub mod plan;

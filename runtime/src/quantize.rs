@@ -7,11 +7,17 @@
 //! lookups stay exact). A tensor whose row length is not a multiple of the block size keeps its
 //! type and is reported. A dry run gives the sizes the planner needs before any weight is read.
 //!
-//! Invariant: the dry run and the real pass make the same decisions (they share `decide`).
+//! The real pass quantizes the chosen tensors in parallel (tensors across threads, and each
+//! tensor's rows across threads); the quantizers are in `moe_kernels::quant`.
+//!
+//! Invariants: the dry run and the real pass make the same decisions (they share `decide`);
+//! the result does not depend on the thread count or the order tensors finish in.
+
+use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::layers::Linear;
-use crate::model::{Ffn, Mixer, ModelWeights};
+use crate::model::{DecoderLayer, Ffn, Mixer, ModelWeights};
 use crate::runconfig::Quantization;
 use crate::weights::{Dtype, TensorRef};
 
@@ -50,42 +56,43 @@ fn size_as(t: &TensorRef, to: Dtype) -> Option<u64> {
     }
 }
 
-/// Quantizes one tensor (or, in a dry run, only accounts for it).
+/// Accounts for one tensor: the type it changes to, if any (rows that do not fit the block size
+/// keep the source type and are reported).
 fn decide(
-    t: &mut TensorRef,
+    t: &TensorRef,
     to: Option<Dtype>,
-    dry_run: bool,
     saved: &mut u64,
     report: &mut QuantReport,
-) -> Result<()> {
-    let Some(to) = to else {
-        return Ok(());
-    };
+) -> Option<Dtype> {
+    let to = to?;
     if t.dtype == to {
-        return Ok(());
+        return None;
     }
     match size_as(t, to) {
         Some(new) => {
             *saved += (t.size_bytes() as u64).saturating_sub(new);
             report.quantized_tensors += 1;
-            if !dry_run {
-                if let Some(q) = t.quantize(to)? {
-                    *t = q;
-                }
-            }
+            Some(to)
         }
         None => {
             if to != Dtype::Bf16 {
                 report.kept.push(t.name.clone());
             }
+            None
         }
     }
-    Ok(())
 }
 
-fn linears(w: &mut ModelWeights) -> Vec<&mut Linear> {
+/// Every projection outside the experts (attention, dense and shared-expert MLPs, the head),
+/// in model order.
+pub(crate) fn linears(w: &mut ModelWeights) -> Vec<&mut Linear> {
+    linears_of(&mut w.layers, &mut w.lm_head)
+}
+
+/// [`linears`] over the fields it reads, leaving the experts free to borrow beside them.
+fn linears_of<'a>(layers: &'a mut [DecoderLayer], lm_head: &'a mut Linear) -> Vec<&'a mut Linear> {
     let mut out: Vec<&mut Linear> = Vec::new();
-    for layer in &mut w.layers {
+    for layer in layers {
         match &mut layer.mixer {
             Mixer::Attention(a) => {
                 out.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
@@ -100,7 +107,7 @@ fn linears(w: &mut ModelWeights) -> Vec<&mut Linear> {
             }
         }
     }
-    out.push(&mut w.lm_head);
+    out.push(lm_head);
     out
 }
 
@@ -114,20 +121,26 @@ pub fn quantize_model(
     let mut report = QuantReport::default();
     let (et, rt) = (target(experts), target(resident));
     let embed_name = w.embed.name.clone();
+    // Every tensor that changes, with its new type, in model order.
+    let mut jobs: Vec<(&mut TensorRef, Dtype)> = Vec::new();
     let mut saved = 0;
-    for l in linears(w) {
+    for l in linears_of(&mut w.layers, &mut w.lm_head) {
         // A tied head is the embedding table itself: quantizing it would also need a quantized
         // row lookup; keep it as stored.
         if l.weight.name == embed_name {
             continue;
         }
-        decide(&mut l.weight, rt, dry_run, &mut saved, &mut report)?;
+        if let Some(to) = decide(&l.weight, rt, &mut saved, &mut report) {
+            jobs.push((&mut l.weight, to));
+        }
     }
     report.resident_saved_bytes = saved;
     let mut saved = 0;
     for e in w.experts.iter_mut().flatten() {
         for t in [&mut e.gate, &mut e.up, &mut e.down] {
-            decide(t, et, dry_run, &mut saved, &mut report)?;
+            if let Some(to) = decide(t, et, &mut saved, &mut report) {
+                jobs.push((t, to));
+            }
         }
     }
     report.expert_saved_bytes = saved;
@@ -137,6 +150,22 @@ pub fn quantize_model(
             report.kept.len(),
             report.kept[0]
         );
+    }
+    if !dry_run {
+        // Tensors run in parallel, and each splits its rows across threads too, so small
+        // tensors (attention, narrow experts) keep every core busy. Every tensor's result is
+        // independent of the others and of the thread count; the first error in model order
+        // is the one reported.
+        let results: Vec<Result<()>> = jobs
+            .into_par_iter()
+            .map(|(t, to)| {
+                if let Some(q) = t.quantize(to)? {
+                    *t = q;
+                }
+                Ok(())
+            })
+            .collect();
+        results.into_iter().collect::<Result<()>>()?;
     }
     Ok(report)
 }

@@ -74,6 +74,12 @@ pub struct RunConfig {
     /// The same for resident (non-expert) weights; default: as `quantization`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resident_quantization: Option<Quantization>,
+    /// How activations meet quantized (q8_0 / q4_k) weights: "f32" (default: exact f32
+    /// activations and accumulation) or "q8" (activations rounded to 8 bits per 32-value block
+    /// and integer dot products: faster, slightly less exact; its error is measured by
+    /// `cargo bench --bench quality`). Other weight types always use f32.
+    #[serde(default)]
+    pub activations: Activations,
     /// The `[experts]` table: the expert cache.
     #[serde(default)]
     pub experts: ExpertsConfig,
@@ -131,6 +137,28 @@ impl std::str::FromStr for Quantization {
             other => Err(format!(
                 "`{other}` is not a quantization (none, bf16, q8_0, q4_k)"
             )),
+        }
+    }
+}
+
+/// How activations meet quantized weights (see [`RunConfig::activations`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activations {
+    /// f32 activations, f32 accumulation (`"f32"`).
+    #[default]
+    F32,
+    /// Activations quantized to 8 bits, integer dot products (`"q8"`).
+    Q8,
+}
+
+impl std::str::FromStr for Activations {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Activations::F32),
+            "q8" => Ok(Activations::Q8),
+            other => Err(format!("`{other}` is not an activation type (f32, q8)")),
         }
     }
 }
@@ -502,6 +530,7 @@ impl RunConfig {
             kv_dtype: KvDtype::default(),
             quantization: Quantization::None,
             resident_quantization: None,
+            activations: Activations::F32,
             experts: ExpertsConfig::default(),
             sim: SimConfig::default(),
             server: ServerConfig::default(),
@@ -1250,6 +1279,7 @@ max_batch = 4
 threads = 8
 state_dir = "/var/lib/moe"
 kv_dtype = "bf16"
+activations = "q8"
 
 [experts]
 slots_per_layer = 16
@@ -1281,6 +1311,7 @@ max_queue = 8
             kv_dtype: KvDtype::Bf16,
             quantization: Quantization::None,
             resident_quantization: None,
+            activations: Activations::Q8,
             experts: ExpertsConfig {
                 slots_per_layer: Some(16),
                 prefetch: false,

@@ -519,7 +519,7 @@ impl TensorRef {
         let src = self.clone().into_compute()?;
         let row_bytes = k / block * block_bytes;
         let total = n * row_bytes;
-        let mut words = vec![0u64; total.div_ceil(8)];
+        let mut words = crate::mem::zeroed_words(total.div_ceil(8));
         {
             // SAFETY: u64 has no padding and every byte pattern is valid; the byte view covers
             // exactly the words' storage and `words` is exclusively borrowed in this block.

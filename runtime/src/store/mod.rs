@@ -105,24 +105,38 @@ impl ExpertWeights {
         Ok(())
     }
 
-    /// `out[r] += w_r * down(silu(gate(x_r)) * up(x_r))` for the given rows of `x`.
+    /// `out[r] += w_r * down(silu(gate(x_r)) * up(x_r))` for the given rows of `x`, each
+    /// matmul split over the current rayon pool.
     pub fn forward_rows(
         &self,
-        rows: &[usize],
-        weights: &[f32],
+        b: &ExpertBatch,
         x: &[f32],
         hidden: usize,
+        q8: bool,
         out: &mut [f32],
     ) {
-        expert_ffn(
+        let y = self.ffn_rows(&b.rows, x, hidden, true, q8);
+        add_weighted_rows(&b.rows, &b.weights, &y, hidden, out);
+    }
+
+    /// Unweighted expert output for the gathered rows (see [`expert_ffn_rows`]).
+    pub fn ffn_rows(
+        &self,
+        rows: &[usize],
+        x: &[f32],
+        hidden: usize,
+        parallel: bool,
+        q8: bool,
+    ) -> Vec<f32> {
+        expert_ffn_rows(
             [self.gate.weights(), self.up.weights(), self.down.weights()],
             self.gate.shape[0],
             rows,
-            weights,
             x,
             hidden,
-            out,
-        );
+            parallel,
+            q8,
+        )
     }
 
     /// Copies the expert into one owned buffer (positioned reads for mapped files).
@@ -133,7 +147,7 @@ impl ExpertWeights {
             // Each part starts 8-byte aligned inside the buffer.
             offsets[i + 1] = offsets[i] + t.size_bytes().div_ceil(8) * 8;
         }
-        let mut words = vec![0u64; offsets[3] / 8];
+        let mut words = crate::mem::zeroed_words(offsets[3] / 8);
         {
             // SAFETY: u64 has no padding and every byte pattern is valid; the byte view covers
             // exactly the words' storage and `words` is exclusively borrowed for this block.
@@ -185,49 +199,91 @@ impl ExpertBuf {
         }
     }
 
-    /// Same contract as [`ExpertWeights::forward_rows`].
-    pub fn forward_rows(
+    /// Same contract as [`ExpertWeights::ffn_rows`].
+    pub fn ffn_rows(
         &self,
         rows: &[usize],
-        weights: &[f32],
         x: &[f32],
         hidden: usize,
-        out: &mut [f32],
-    ) {
-        expert_ffn(
+        parallel: bool,
+        q8: bool,
+    ) -> Vec<f32> {
+        expert_ffn_rows(
             [self.part(0), self.part(1), self.part(2)],
             self.inter,
             rows,
-            weights,
             x,
             hidden,
-            out,
-        );
+            parallel,
+            q8,
+        )
+    }
+
+    /// Same contract as [`ExpertWeights::forward_rows`].
+    pub fn forward_rows(
+        &self,
+        b: &ExpertBatch,
+        x: &[f32],
+        hidden: usize,
+        q8: bool,
+        out: &mut [f32],
+    ) {
+        let y = self.ffn_rows(&b.rows, x, hidden, true, q8);
+        add_weighted_rows(&b.rows, &b.weights, &y, hidden, out);
     }
 }
 
-/// The SwiGLU expert on gathered rows: `out[r] += w_r * down(silu(gate x_r) * up x_r)`.
-pub fn expert_ffn(
+/// `down(silu(gate x_r) * up x_r)` for the gathered rows, `[rows.len(), hidden]`, unweighted.
+/// `parallel` splits each matmul over the current rayon pool; the result is the same bit for
+/// bit either way (the kernels' contract), so callers may run several experts side by side
+/// with `parallel = false` instead. `q8` lets decode-sized batches meet q8_0/q4_k weights as
+/// q8 activations (`activations = "q8"`; see [`crate::layers::uses_q8`]).
+pub fn expert_ffn_rows(
     [gate, up, down]: [Weights<'_>; 3],
     inter: usize,
     rows: &[usize],
-    weights: &[f32],
     x: &[f32],
     hidden: usize,
-    out: &mut [f32],
-) {
+    parallel: bool,
+    q8: bool,
+) -> Vec<f32> {
     let m = rows.len();
+    let matmul = |x: &[f32], k: usize, w: Weights<'_>, n: usize, out: &mut [f32]| {
+        if q8 && crate::layers::uses_q8(&w, m) {
+            let xq = moe_kernels::Q8Activations::new(x, m, k);
+            if parallel {
+                moe_kernels::matmul_q8_par(&xq, w, n, out)
+            } else {
+                moe_kernels::matmul_q8(&xq, w, n, out)
+            }
+        } else if parallel {
+            moe_kernels::matmul(x, m, k, w, n, out)
+        } else {
+            moe_kernels::matmul_serial(x, m, k, w, n, out)
+        }
+    };
     let mut xs = Vec::with_capacity(m * hidden);
     for &r in rows {
         xs.extend_from_slice(&x[r * hidden..(r + 1) * hidden]);
     }
     let mut g = vec![0f32; m * inter];
     let mut u = vec![0f32; m * inter];
-    moe_kernels::matmul(&xs, m, hidden, gate, inter, &mut g);
-    moe_kernels::matmul(&xs, m, hidden, up, inter, &mut u);
+    matmul(&xs, hidden, gate, inter, &mut g);
+    matmul(&xs, hidden, up, inter, &mut u);
     silu_mul(&g, &mut u);
     let mut y = vec![0f32; m * hidden];
-    moe_kernels::matmul(&u, m, inter, down, hidden, &mut y);
+    matmul(&u, inter, down, hidden, &mut y);
+    y
+}
+
+/// `out[r] += w_r * y_i` for the i-th of `rows` (one rounded multiply, one rounded add).
+pub fn add_weighted_rows(
+    rows: &[usize],
+    weights: &[f32],
+    y: &[f32],
+    hidden: usize,
+    out: &mut [f32],
+) {
     for ((&r, &w), yr) in rows.iter().zip(weights).zip(y.chunks_exact(hidden)) {
         let o = &mut out[r * hidden..(r + 1) * hidden];
         for (o, y) in o.iter_mut().zip(yr) {

@@ -62,6 +62,8 @@ pub struct TieredStoreConfig {
     pub loader_threads: usize,
     /// Experts to place first (hot set), as (layer, expert), hottest first.
     pub hot: Vec<(usize, usize)>,
+    /// Decode-sized batches meet q8_0/q4_k experts as q8 activations (`activations = "q8"`).
+    pub q8_activations: bool,
 }
 
 impl Default for TieredStoreConfig {
@@ -74,6 +76,7 @@ impl Default for TieredStoreConfig {
             prefetch_depth: 1,
             loader_threads: 2,
             hot: Vec::new(),
+            q8_activations: false,
         }
     }
 }
@@ -409,7 +412,7 @@ impl TieredStore {
                 let t0 = Instant::now();
                 let buf = slot.wait().map_err(Error::InvalidRequest)?;
                 LayerCounters::add(&c.stall_ns, t0.elapsed().as_nanos() as u64);
-                buf.forward_rows(&b.rows, &b.weights, x, hidden, out);
+                buf.forward_rows(b, x, hidden, self.config.q8_activations, out);
             }
             None => {
                 LayerCounters::add(&c.computed_in_place, 1);
@@ -473,14 +476,54 @@ impl TieredStore {
         let t0 = Instant::now();
         let bytes = match view {
             HostView::Mapped(w) => {
-                w.forward_rows(&b.rows, &b.weights, x, hidden, out);
+                w.forward_rows(b, x, hidden, self.config.q8_activations, out);
                 w.size_bytes()
             }
             HostView::Owned(buf) => {
-                buf.forward_rows(&b.rows, &b.weights, x, hidden, out);
+                buf.forward_rows(b, x, hidden, self.config.q8_activations, out);
                 buf.size_bytes()
             }
         };
+        self.shared.host_rate.record(bytes, t0.elapsed());
+        Ok(())
+    }
+
+    /// Decode-sized batches on the host: each expert runs whole on one thread, experts side by
+    /// side on the current rayon pool (one fork-join per layer instead of three per expert), and
+    /// their outputs are added in ascending expert order, so the sum is the sequential one bit
+    /// for bit.
+    fn compute_on_host_parallel(
+        &self,
+        layer: usize,
+        batches: &[ExpertBatch],
+        x: &[f32],
+        hidden: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let q8 = self.config.q8_activations;
+        let t0 = Instant::now();
+        let ys: Vec<Result<(Vec<f32>, usize)>> = batches
+            .par_iter()
+            .with_max_len(1)
+            .map(|b| {
+                Ok(match self.host_view(layer, b.expert, true)? {
+                    HostView::Mapped(w) => {
+                        (w.ffn_rows(&b.rows, x, hidden, false, q8), w.size_bytes())
+                    }
+                    HostView::Owned(buf) => (
+                        buf.ffn_rows(&b.rows, x, hidden, false, q8),
+                        buf.size_bytes(),
+                    ),
+                })
+            })
+            .collect();
+        let mut bytes = 0;
+        for (b, y) in batches.iter().zip(ys) {
+            let (y, n) = y?;
+            bytes += n;
+            super::add_weighted_rows(&b.rows, &b.weights, &y, hidden, out);
+        }
         self.shared.host_rate.record(bytes, t0.elapsed());
         Ok(())
     }
@@ -489,6 +532,16 @@ impl TieredStore {
     pub fn config(&self) -> &TieredStoreConfig {
         &self.config
     }
+}
+
+/// Whether a layer's batches are better computed expert by expert on separate threads (small
+/// batches: each matmul is too short to split well) than one matmul at a time on all threads.
+fn experts_side_by_side(batches: &[ExpertBatch]) -> bool {
+    batches.len() > 1
+        && rayon::current_num_threads() > 1
+        && batches
+            .iter()
+            .all(|b| b.rows.len() <= moe_kernels::MATVEC_MAX_M)
 }
 
 impl ExpertStore for TieredStore {
@@ -513,6 +566,9 @@ impl ExpertStore for TieredStore {
             self.shared.popularity[layer][b.expert].fetch_add(b.rows.len() as u64, Relaxed);
         }
         let Some((_, pools)) = &self.device else {
+            if experts_side_by_side(batches) {
+                return self.compute_on_host_parallel(layer, batches, x, hidden, out);
+            }
             for b in batches {
                 self.compute_on_host(layer, b, x, hidden, out, true)?;
             }

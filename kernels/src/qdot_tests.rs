@@ -1,0 +1,532 @@
+//! Tests of the q8-activation path (`qdot`, `qdot_x86`): every kernel the CPU runs, forced one
+//! by one, equals the scalar twin bit for bit (ragged n, m = 1..8 and beyond, odd block counts,
+//! extreme quants and scales); the parallel split equals the serial call; the twins compute
+//! what the module doc says (vs an f64 reference on the dequantized operands); and the error
+//! against the f32-activation path stays within a measured bound.
+
+use half::f16;
+
+use crate::qdot::{
+    dot_q4k_scalar, dot_q8_0_scalar, matmul_q8_with, quantize_block, supported_kernels,
+    unpack_scales_mins, Kernel,
+};
+use crate::quant::{
+    dequantize_row_q4_k, dequantize_row_q8_0, quantize_row_q4_k, quantize_row_q8_0, QK8_0, QK_K,
+};
+use crate::tests::Rng;
+use crate::{
+    matmul, matmul_q8, matmul_q8_activations, matmul_q8_par, q8_activations_supported, BlockQ4K,
+    BlockQ8_0, Q8Activations, Weights, PAR_MIN_WORK,
+};
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Owned quantized weights of either type.
+enum Qw {
+    Q8(Vec<BlockQ8_0>),
+    Q4(Vec<BlockQ4K>),
+}
+
+impl Qw {
+    fn view(&self) -> Weights<'_> {
+        match self {
+            Qw::Q8(b) => Weights::Q8_0(b),
+            Qw::Q4(b) => Weights::Q4K(b),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Qw::Q8(_) => "Q8_0",
+            Qw::Q4(_) => "Q4K",
+        }
+    }
+
+    /// Random raw blocks: every quant value (Q8_0 includes −128, which the quantizer never
+    /// writes), random f16 scales of either sign, random 6-bit scale/min bytes.
+    fn random(rng: &mut Rng, q4: bool, n: usize, k: usize) -> Qw {
+        if q4 {
+            Qw::Q4(
+                (0..n * k / QK_K)
+                    .map(|_| BlockQ4K {
+                        d: rng.f16(),
+                        dmin: rng.f16(),
+                        scales: std::array::from_fn(|_| rng.next_u64() as u8),
+                        qs: std::array::from_fn(|_| rng.next_u64() as u8),
+                    })
+                    .collect(),
+            )
+        } else {
+            Qw::Q8(
+                (0..n * k / QK8_0)
+                    .map(|i| BlockQ8_0 {
+                        d: rng.f16(),
+                        qs: std::array::from_fn(|p| {
+                            if i % 5 == 0 {
+                                [-128, 127, -127, 0][(i + p) % 4]
+                            } else {
+                                rng.next_u64() as i8
+                            }
+                        }),
+                    })
+                    .collect(),
+            )
+        }
+    }
+
+    /// `vals` ([n, k]) quantized the way models are.
+    fn quantized(vals: &[f32], q4: bool) -> Qw {
+        if q4 {
+            let mut b = vec![
+                BlockQ4K {
+                    d: f16::ZERO,
+                    dmin: f16::ZERO,
+                    scales: [0; 12],
+                    qs: [0; 128]
+                };
+                vals.len() / QK_K
+            ];
+            quantize_row_q4_k(vals, &mut b);
+            Qw::Q4(b)
+        } else {
+            let mut b = vec![
+                BlockQ8_0 {
+                    d: f16::ZERO,
+                    qs: [0; 32]
+                };
+                vals.len() / QK8_0
+            ];
+            quantize_row_q8_0(vals, &mut b);
+            Qw::Q8(b)
+        }
+    }
+
+    fn dequantized(&self) -> Vec<f32> {
+        match self {
+            Qw::Q8(b) => {
+                let mut out = vec![0f32; b.len() * QK8_0];
+                dequantize_row_q8_0(b, &mut out);
+                out
+            }
+            Qw::Q4(b) => {
+                let mut out = vec![0f32; b.len() * QK_K];
+                dequantize_row_q4_k(b, &mut out);
+                out
+            }
+        }
+    }
+}
+
+/// x rows with varied magnitudes per block, some all-zero blocks (scale 0) and some tiny ones.
+fn activations(rng: &mut Rng, m: usize, k: usize) -> Vec<f32> {
+    let mut x = rng.gauss_vec(m * k);
+    for (b, blk) in x.chunks_exact_mut(QK8_0).enumerate() {
+        let scale = match b % 7 {
+            0 => 0.0,
+            1 => 1e-6,
+            2 => 300.0,
+            _ => 1.0 + (b % 3) as f32,
+        };
+        blk.iter_mut().for_each(|v| *v *= scale);
+    }
+    x
+}
+
+fn run(kern: Kernel, parallel: bool, xq: &Q8Activations, w: &Qw, n: usize) -> Vec<f32> {
+    let mut out = vec![f32::NAN; xq.rows() * n];
+    matmul_q8_with(kern, parallel, xq, w.view(), n, &mut out);
+    out
+}
+
+#[test]
+fn activation_quantizer_matches_quantize_row_q8_0() {
+    let mut rng = Rng(50);
+    let k = 32 * 41;
+    let mut x = rng.gauss_vec(k);
+    // Ties: with amax = 127 the scale is 1 and x·(1/d) lands exactly on halves.
+    for (p, v) in x[..64].iter_mut().enumerate() {
+        *v = if p % 32 == 0 {
+            127.0
+        } else {
+            (p as f32 - 40.0) + 0.5
+        };
+    }
+    x[64..96].fill(0.0);
+    x[96] = -3.0e38;
+    x[130] = f32::NAN;
+    x[170] = f32::INFINITY;
+    x[200] = f32::NEG_INFINITY;
+    x[201] = f32::NAN;
+    // A tiny block, where x·(1/d) overflows to ±inf (and 0·inf is NaN).
+    for (p, v) in x[224..256].iter_mut().enumerate() {
+        *v = 1e-38 * (p as f32 - 15.5);
+    }
+    x[240] = 0.0;
+    let mut want = vec![
+        BlockQ8_0 {
+            d: f16::ZERO,
+            qs: [0; 32]
+        };
+        k / QK8_0
+    ];
+    quantize_row_q8_0(&x, &mut want);
+    let xq = Q8Activations::new(&x, 1, k);
+    let qs = xq.qs_bytes(0);
+    for (b, wb) in want.iter().enumerate() {
+        let (d, q) = quantize_block(x[32 * b..32 * b + 32].try_into().unwrap());
+        assert_eq!(d.to_bits(), wb.d.to_bits(), "block {b} scale");
+        // Equal but for the ±127 clamp (−128 only where the f16 scale is 0).
+        let want_q = wb.qs.map(|v| v.max(-127));
+        assert!(
+            wb.qs == want_q || wb.d.to_bits() == 0,
+            "block {b}: −128 with a scale"
+        );
+        assert_eq!(q, want_q, "block {b} quants");
+        assert_eq!(&qs[32 * b..32 * b + 32], &want_q[..], "block {b} stored");
+        let s: i32 = wb.qs.iter().map(|&v| v as i32).sum();
+        let sum = wb.d.to_f32() * s as f32;
+        assert_eq!(xq.sums_row(0)[b].to_bits(), sum.to_bits(), "block {b} sum");
+    }
+    // Padding past k (41 blocks: half a line) is zero.
+    assert!(qs[k..].iter().all(|&v| v == 0));
+    assert!(xq.qs_bytes(0).iter().all(|&v| v != -128));
+}
+
+#[test]
+fn simd_activation_quantizers_equal_scalar_bitwise() {
+    let mut rng = Rng(57);
+    let (m, k) = (3, 32 * 45);
+    let mut x = activations(&mut rng, m, k);
+    // Ties at every magnitude (amax = 127 makes the scale exactly 1), and blocks with
+    // infinities and NaN (the SIMD quantizer hands those to the scalar one).
+    for (p, v) in x[..64].iter_mut().enumerate() {
+        *v = if p % 32 == 0 { 127.0 } else { p as f32 - 64.5 };
+    }
+    x[100] = f32::INFINITY;
+    x[200] = f32::NAN;
+    x[300] = f32::NEG_INFINITY;
+    x[301] = f32::NAN;
+    // Tiny blocks: 1/d overflows to infinity for amax below ~3.7e-37, not above.
+    for (b, scale) in [(12, 1e-38f32), (13, 1e-37), (14, 1e-44), (15, 4e-37)] {
+        for (p, v) in x[32 * b..32 * b + 32].iter_mut().enumerate() {
+            *v = scale * (p as f32 - 15.5);
+        }
+    }
+    x[32 * 16..32 * 17].fill(0.0);
+    x[32 * 16 + 3] = -1e-38;
+    let want = Q8Activations::new_with(Kernel::Scalar, &x, m, k);
+    for kern in supported_kernels() {
+        let got = Q8Activations::new_with(kern, &x, m, k);
+        for i in 0..m {
+            assert_eq!(got.qs_bytes(i), want.qs_bytes(i), "{kern:?} row {i} quants");
+            assert_eq!(bits(got.d_row(i)), bits(want.d_row(i)), "{kern:?} scales");
+            assert_eq!(
+                bits(got.sums_row(i)),
+                bits(want.sums_row(i)),
+                "{kern:?} sums"
+            );
+            let lines = |a: &Q8Activations| -> Vec<u32> {
+                a.scales_row(i)
+                    .iter()
+                    .flat_map(|l| l.0.map(f32::to_bits))
+                    .collect()
+            };
+            assert_eq!(lines(&got), lines(&want), "{kern:?} scale lines");
+        }
+    }
+}
+
+#[test]
+fn unpack_scales_mins_matches_scale_min() {
+    let mut rng = Rng(51);
+    for _ in 0..2000 {
+        let b = BlockQ4K {
+            d: f16::ONE,
+            dmin: f16::ONE,
+            scales: std::array::from_fn(|_| rng.next_u64() as u8),
+            qs: [0; 128],
+        };
+        let (sc, mn) = unpack_scales_mins(&b.scales);
+        for s in 0..8 {
+            let (want_sc, want_m) = b.scale_min(s);
+            assert_eq!(
+                (sc >> (8 * s)) as u8,
+                want_sc,
+                "scale {s} of {:?}",
+                b.scales
+            );
+            assert_eq!((mn >> (8 * s)) as u8, want_m, "min {s} of {:?}", b.scales);
+        }
+    }
+}
+
+/// Every kernel vs the scalar twin, bit for bit, on one shape.
+fn check_kernels(rng: &mut Rng, m: usize, n: usize, k: usize, q4: bool) {
+    let x = activations(rng, m, k);
+    let xq = Q8Activations::new(&x, m, k);
+    let w = Qw::random(rng, q4, n, k);
+    let want = run(Kernel::Scalar, false, &xq, &w, n);
+    assert!(want.iter().all(|v| v.is_finite()), "finite results");
+    for kern in supported_kernels() {
+        let got = run(kern, false, &xq, &w, n);
+        assert_eq!(
+            bits(&got),
+            bits(&want),
+            "{kern:?} {} m={m} n={n} k={k}",
+            w.name()
+        );
+    }
+    let mut public = vec![f32::NAN; m * n];
+    matmul_q8(&xq, w.view(), n, &mut public);
+    assert_eq!(
+        bits(&public),
+        bits(&want),
+        "public {} m={m} n={n}",
+        w.name()
+    );
+}
+
+#[test]
+fn simd_kernels_equal_scalar_twin_bitwise() {
+    let ns = [1, 2, 3, 5, 7, 9, 13, 37];
+    let mut rng = Rng(52);
+    let mut t = 0;
+    for m in 1..=8 {
+        // Q8_0: odd block counts (a half-filled last pair) and a long row.
+        for &k in &[32, 64, 96, 224, 2048 + 32] {
+            check_kernels(&mut rng, m, ns[t % ns.len()], k, false);
+            t += 1;
+        }
+        for &k in &[256, 768, 2048] {
+            check_kernels(&mut rng, m, ns[t % ns.len()], k, true);
+            t += 1;
+        }
+    }
+    // More than one row group, and more than one column chunk for them.
+    for &(m, n) in &[(9, 70), (17, 5), (12, 131)] {
+        check_kernels(&mut rng, m, n, 512, false);
+        check_kernels(&mut rng, m, n, 512, true);
+    }
+}
+
+#[test]
+fn parallel_equals_serial_bitwise() {
+    let mut rng = Rng(53);
+    let pools: Vec<rayon::ThreadPool> = [1, 2, 3]
+        .iter()
+        .map(|&t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    for &(m, n, k, q4) in &[
+        (1, 1100, 1024, false),
+        (4, 400, 768, false),
+        (1, 1100, 1024, true),
+        (3, 501, 768, true),
+        (11, 97, 2048, true),
+    ] {
+        assert!(m * n * k >= 4 * PAR_MIN_WORK);
+        let x = rng.gauss_vec(m * k);
+        let xq = Q8Activations::new(&x, m, k);
+        let w = Qw::random(&mut rng, q4, n, k);
+        let mut serial = vec![f32::NAN; m * n];
+        matmul_q8(&xq, w.view(), n, &mut serial);
+        for pool in &pools {
+            let mut got = vec![f32::NAN; m * n];
+            pool.install(|| matmul_q8_par(&xq, w.view(), n, &mut got));
+            assert_eq!(
+                bits(&got),
+                bits(&serial),
+                "{} m={m} n={n} k={k}: {} threads",
+                w.name(),
+                pool.current_num_threads()
+            );
+            for kern in supported_kernels() {
+                let got = pool.install(|| run(kern, true, &xq, &w, n));
+                let want = run(kern, false, &xq, &w, n);
+                assert_eq!(bits(&got), bits(&want), "{kern:?} {} m={m}", w.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn scalar_twins_match_reference_on_dequantized_operands() {
+    // The twins compute q8(x) · dequantize(w) up to f32 rounding: within 1e-6 of
+    // sqrt(k)·‖x‖·‖w‖ of the exact f64 result on the dequantized operands.
+    let mut rng = Rng(54);
+    let (m, n, k) = (3, 7, 1024);
+    let x = activations(&mut rng, m, k);
+    let xq = Q8Activations::new(&x, m, k);
+    let mut xd = vec![0f32; m * k];
+    for i in 0..m {
+        let mut blocks = vec![
+            BlockQ8_0 {
+                d: f16::ZERO,
+                qs: [0; 32]
+            };
+            k / QK8_0
+        ];
+        quantize_row_q8_0(&x[i * k..(i + 1) * k], &mut blocks);
+        dequantize_row_q8_0(&blocks, &mut xd[i * k..(i + 1) * k]);
+    }
+    for q4 in [false, true] {
+        let w = Qw::quantized(&rng.gauss_vec(n * k), q4);
+        let wd = w.dequantized();
+        for i in 0..m {
+            for j in 0..n {
+                let (xr, wr) = (&xd[i * k..(i + 1) * k], &wd[j * k..(j + 1) * k]);
+                let want: f64 = xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let norm = |v: &[f32]| v.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+                let tol = 1e-6 * (k as f64).sqrt() * norm(xr) * norm(wr);
+                let got = match &w {
+                    Qw::Q8(b) => dot_q8_0_scalar(&xq, i, &b[j * k / 32..(j + 1) * k / 32]),
+                    Qw::Q4(b) => dot_q4k_scalar(&xq, i, &b[j * k / 256..(j + 1) * k / 256]),
+                } as f64;
+                assert!(
+                    (got - want).abs() <= tol,
+                    "{} ({i}, {j}): got {got}, want {want}, tolerance {tol:e}",
+                    w.name()
+                );
+            }
+        }
+    }
+}
+
+/// Relative L2 (Frobenius) difference between the q8-activation and the f32-activation results.
+fn rel_l2(exact: &[f32], approx: &[f32]) -> f64 {
+    let num: f64 = exact
+        .iter()
+        .zip(approx)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = exact.iter().map(|a| (*a as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn error_vs_f32_activation_path_is_bounded() {
+    // Gaussian x and model-like quantized weights. Rounding x to 8 bits per 32-block (step
+    // amax/127, amax ≈ 2.2σ) gives a per-element RMS error of ~0.5% of σ, and the relative L2
+    // error of the outputs lands there too: observed 5.0e-3 .. 6.1e-3 (Q8_0) and
+    // 5.1e-3 .. 5.4e-3 (Q4_K) for m = 1, 4, 8. Asserted with ~2.5x margin.
+    const BOUND: f64 = 1.5e-2;
+    let mut rng = Rng(55);
+    let (n, k) = (96, 2048);
+    for q4 in [false, true] {
+        let w = Qw::quantized(&rng.gauss_vec(n * k), q4);
+        for m in [1, 4, 8] {
+            let x = rng.gauss_vec(m * k);
+            let mut exact = vec![0f32; m * n];
+            matmul(&x, m, k, w.view(), n, &mut exact);
+            let mut approx = vec![0f32; m * n];
+            matmul_q8(&Q8Activations::new(&x, m, k), w.view(), n, &mut approx);
+            let rel = rel_l2(&exact, &approx);
+            eprintln!(
+                "q8 activations {} m={m}: relative L2 error vs f32 path {rel:.2e}",
+                w.name()
+            );
+            assert!(rel < BOUND, "{} m={m}: relative L2 error {rel}", w.name());
+        }
+    }
+}
+
+#[test]
+fn wrapper_equals_matmul_q8() {
+    let mut rng = Rng(56);
+    let (m, n, k) = (3, 17, 320);
+    let x = rng.gauss_vec(m * k);
+    let w = Qw::quantized(&rng.gauss_vec(n * k), false);
+    let Qw::Q8(blocks) = &w else { unreachable!() };
+    let mut a = vec![f32::NAN; m * n];
+    matmul_q8_activations(&x, m, k, blocks, n, &mut a);
+    let mut b = vec![f32::NAN; m * n];
+    matmul_q8(&Q8Activations::new(&x, m, k), w.view(), n, &mut b);
+    assert_eq!(bits(&a), bits(&b));
+}
+
+#[test]
+fn supported_weights() {
+    let q8 = [BlockQ8_0 {
+        d: f16::ZERO,
+        qs: [0; 32],
+    }];
+    assert!(q8_activations_supported(&Weights::Q8_0(&q8)));
+    assert!(q8_activations_supported(&Weights::Q4K(&[])));
+    assert!(!q8_activations_supported(&Weights::F32(&[])));
+    assert!(!q8_activations_supported(&Weights::Bf16(&[])));
+    assert!(!q8_activations_supported(&Weights::F16(&[])));
+    let xq = Q8Activations::new(&[0.5; 64], 2, 32);
+    assert_eq!((xq.rows(), xq.k()), (2, 32));
+}
+
+#[test]
+fn degenerate_shapes() {
+    let xq = Q8Activations::new(&[], 0, 64);
+    matmul_q8(&xq, Weights::Q8_0(&[]), 0, &mut []);
+    let xq = Q8Activations::new(&[], 3, 0);
+    let mut out = [1f32; 6];
+    matmul_q8(&xq, Weights::Q4K(&[]), 2, &mut out);
+    assert_eq!(out, [0.0; 6]);
+    let xq = Q8Activations::new(&[1.0; 256], 1, 256);
+    matmul_q8_par(&xq, Weights::Q4K(&[]), 0, &mut []);
+}
+
+#[test]
+#[should_panic(expected = "unsupported weights (F32)")]
+fn rejects_unsupported_weights() {
+    let xq = Q8Activations::new(&[0.0; 32], 1, 32);
+    let mut out = [0f32; 1];
+    matmul_q8(&xq, Weights::F32(&[0.0; 32]), 1, &mut out);
+}
+
+#[test]
+#[should_panic(expected = "unsupported weights (Bf16)")]
+fn parallel_rejects_unsupported_weights() {
+    let xq = Q8Activations::new(&[0.0; 32], 1, 32);
+    let mut out = [0f32; 1];
+    matmul_q8_par(&xq, Weights::Bf16(&[half::bf16::ZERO; 32]), 1, &mut out);
+}
+
+#[test]
+#[should_panic(expected = "not a multiple of the weights' block size 256")]
+fn rejects_q4k_with_k_not_multiple_of_256() {
+    let xq = Q8Activations::new(&[0.0; 128], 1, 128);
+    let mut out = [0f32; 2];
+    matmul_q8(&xq, Weights::Q4K(&[]), 2, &mut out);
+}
+
+#[test]
+#[should_panic(expected = "expected n*k")]
+fn rejects_wrong_block_count() {
+    let xq = Q8Activations::new(&[0.0; 64], 1, 64);
+    let q8 = [BlockQ8_0 {
+        d: f16::ZERO,
+        qs: [0; 32],
+    }; 3];
+    let mut out = [0f32; 2];
+    matmul_q8(&xq, Weights::Q8_0(&q8), 2, &mut out);
+}
+
+#[test]
+#[should_panic(expected = "expected m*n")]
+fn rejects_wrong_out_len() {
+    let xq = Q8Activations::new(&[0.0; 64], 2, 32);
+    let q8 = [BlockQ8_0 {
+        d: f16::ZERO,
+        qs: [0; 32],
+    }; 3];
+    let mut out = [0f32; 5];
+    matmul_q8(&xq, Weights::Q8_0(&q8), 3, &mut out);
+}
+
+#[test]
+#[should_panic(expected = "is not a multiple of 32")]
+fn activations_reject_ragged_k() {
+    Q8Activations::new(&[0.0; 40], 1, 40);
+}
