@@ -93,12 +93,23 @@ fn read_bandwidth() -> f64 {
     best
 }
 
-/// Reads every file of the model folder once, so our run starts, like llama-bench after its
-/// warm-up pass, with the weights in the page cache (prefill then measures compute, not disk).
-fn warm_page_cache(dir: &Path) {
+/// Reads a model file, or every file of a model folder, once, so each engine starts with its
+/// weights in the page cache (the HF folder and the GGUF files together exceed RAM on small
+/// machines, so each run would otherwise read part of its weights from disk while timed).
+fn warm_page_cache(path: &Path) {
     let mut buf = vec![0u8; 8 << 20];
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if let Ok(mut f) = std::fs::File::open(e.path()) {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        std::fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect()
+    } else {
+        vec![path.to_path_buf()]
+    };
+    for f in files {
+        if let Ok(mut f) = std::fs::File::open(f) {
             while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
         }
     }
@@ -172,6 +183,7 @@ fn llama(
     gen: usize,
     threads: &str,
 ) -> Result<Row, String> {
+    warm_page_cache(gguf);
     let (out, rss) = run_measured(Command::new(dir.join("llama-bench")).args([
         "-m",
         gguf.to_str().unwrap_or_default(),

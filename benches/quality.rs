@@ -10,8 +10,10 @@
 //!
 //! ```sh
 //! cargo bench --bench quality -- --model DIR [--tokens 128] [--types bf16,q8_0,q4_k]
-//!     [--resident TYPE] [--threads N]
+//!     [--activations f32,q8] [--resident TYPE] [--threads N]
 //! ```
+//! `--activations` lists the activation types to measure each quantized type with (`q8` rows
+//! are measured for q8_0 and q4_k only: other weights always meet f32 activations).
 //! `--resident` sets `resident_quantization` for the quantized loads (default: as the type
 //! measured). The prompt is `--tokens` ids spread over the vocabulary (deterministic), so every
 //! run on the same model compares the same positions. Without `--model` it prints its usage
@@ -23,11 +25,11 @@ use std::process::exit;
 use std::time::Instant;
 
 use common::cpu_model;
-use moe_runtime::runconfig::Quantization;
+use moe_runtime::runconfig::{Activations, Quantization};
 use moe_runtime::{Logits, Model, Settings};
 
 const USAGE: &str = "usage: cargo bench --bench quality -- --model DIR [--tokens N (128)] \
-[--types bf16,q8_0,q4_k] [--resident none|bf16|q8_0|q4_k] [--threads N]";
+[--types bf16,q8_0,q4_k] [--activations f32,q8] [--resident none|bf16|q8_0|q4_k] [--threads N]";
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T>
 where
@@ -173,6 +175,16 @@ fn main() {
             })
         })
         .collect();
+    let activations: Vec<Activations> = common::arg(&args, "--activations")
+        .unwrap_or_else(|| "f32".into())
+        .split(',')
+        .map(|t| {
+            t.trim().parse().unwrap_or_else(|e| {
+                eprintln!("error: --activations: {e}\n{USAGE}");
+                exit(2)
+            })
+        })
+        .collect();
     let resident: Option<Quantization> = arg(&args, "--resident");
     let base = Settings {
         model: Some(model.clone()),
@@ -211,22 +223,28 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|");
     for q in types {
-        let settings = Settings {
-            quantization: q,
-            resident_quantization: resident,
-            ..base.clone()
-        };
-        let (got, v, load_s, m) = logits(&settings, tokens);
-        drop(m);
-        assert_eq!(v, vocab, "same model");
-        let r = compare(&reference, &got, vocab);
-        println!(
-            "| {} | {:.3e} | {:.3e} | {:.3e} | {:.1} % | {load_s:.2} |",
-            name(q),
-            r.max_abs,
-            r.mean_abs,
-            r.mean_kl,
-            r.top1_pct
-        );
+        for &a in &activations {
+            if a == Activations::Q8 && !matches!(q, Quantization::Q8_0 | Quantization::Q4K) {
+                continue;
+            }
+            let settings = Settings {
+                quantization: q,
+                resident_quantization: resident,
+                activations: a,
+                ..base.clone()
+            };
+            let (got, v, load_s, m) = logits(&settings, tokens);
+            drop(m);
+            assert_eq!(v, vocab, "same model");
+            let r = compare(&reference, &got, vocab);
+            let label = match a {
+                Activations::F32 => name(q).to_string(),
+                Activations::Q8 => format!("{}, q8 activations", name(q)),
+            };
+            println!(
+                "| {label} | {:.3e} | {:.3e} | {:.3e} | {:.1} % | {load_s:.2} |",
+                r.max_abs, r.mean_abs, r.mean_kl, r.top1_pct
+            );
+        }
     }
 }

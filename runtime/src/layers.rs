@@ -18,7 +18,7 @@ pub struct Linear {
     pub bias: Option<Vec<f32>>,
     pub in_features: usize,
     pub out_features: usize,
-    /// Decode-sized inputs meet q8_0/q4_k weights as q8 activations (`activations = "q8"`).
+    /// Inputs meet q8_0/q4_k weights as q8 activations (`activations = "q8"`).
     pub q8_activations: bool,
 }
 
@@ -69,7 +69,7 @@ impl Linear {
 
     pub fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32]) {
         let w = self.weight.weights();
-        if self.q8_activations && uses_q8(&w, m) {
+        if self.q8_activations && uses_q8(&w) {
             let xq = moe_kernels::Q8Activations::new(x, m, self.in_features);
             moe_kernels::matmul_q8_par(&xq, w, self.out_features, out);
         } else {
@@ -85,10 +85,10 @@ impl Linear {
     }
 }
 
-/// Whether `m` rows meet `w` through the q8-activation kernels (when asked for): decode-sized
-/// batches on q8_0/q4_k weights. Larger batches are compute-bound GEMMs and stay f32.
-pub fn uses_q8(w: &moe_kernels::Weights<'_>, m: usize) -> bool {
-    m <= moe_kernels::MATVEC_MAX_M && moe_kernels::q8_activations_supported(w)
+/// Whether `w` meets its inputs through the q8-activation kernels when they are asked for:
+/// q8_0 / q4_k weights, any number of rows (decode and prefill alike).
+pub fn uses_q8(w: &moe_kernels::Weights<'_>) -> bool {
+    moe_kernels::q8_activations_supported(w)
 }
 
 /// Root-mean-square norm: `x / sqrt(mean(x²) + eps) * w`.

@@ -236,7 +236,7 @@ impl ExpertBuf {
 /// `down(silu(gate x_r) * up x_r)` for the gathered rows, `[rows.len(), hidden]`, unweighted.
 /// `parallel` splits each matmul over the current rayon pool; the result is the same bit for
 /// bit either way (the kernels' contract), so callers may run several experts side by side
-/// with `parallel = false` instead. `q8` lets decode-sized batches meet q8_0/q4_k weights as
+/// with `parallel = false` instead. `q8` lets q8_0/q4_k weights meet their inputs as
 /// q8 activations (`activations = "q8"`; see [`crate::layers::uses_q8`]).
 pub fn expert_ffn_rows(
     [gate, up, down]: [Weights<'_>; 3],
@@ -249,7 +249,7 @@ pub fn expert_ffn_rows(
 ) -> Vec<f32> {
     let m = rows.len();
     let matmul = |x: &[f32], k: usize, w: Weights<'_>, n: usize, out: &mut [f32]| {
-        if q8 && crate::layers::uses_q8(&w, m) {
+        if q8 && crate::layers::uses_q8(&w) {
             let xq = moe_kernels::Q8Activations::new(x, m, k);
             if parallel {
                 moe_kernels::matmul_q8_par(&xq, w, n, out)

@@ -62,7 +62,7 @@ pub struct TieredStoreConfig {
     pub loader_threads: usize,
     /// Experts to place first (hot set), as (layer, expert), hottest first.
     pub hot: Vec<(usize, usize)>,
-    /// Decode-sized batches meet q8_0/q4_k experts as q8 activations (`activations = "q8"`).
+    /// q8_0/q4_k experts meet their inputs as q8 activations (`activations = "q8"`).
     pub q8_activations: bool,
 }
 
