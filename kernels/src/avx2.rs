@@ -376,6 +376,48 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     ))
 }
 
+/// `out[i][..d] = Σ_j p[i][j] · v[j·ldv ..][..d]`, one FMA per `j` in increasing `j` from 0
+/// (see `avx512::weighted_sum_strided`); 8-lane chunks, the tail element by element with the
+/// same fused operation.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn weighted_sum_strided(
+    p: &[f32],
+    n: usize,
+    v: &[f32],
+    ldv: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    let m = out.len() / d.max(1);
+    assert!(p.len() == m * n && out.len() == m * d);
+    assert!(n == 0 || v.len() >= (n - 1) * ldv + d);
+    let full = d / W * W;
+    for i in 0..m {
+        let pr = &p[i * n..(i + 1) * n];
+        let or = &mut out[i * d..(i + 1) * d];
+        let mut c0 = 0;
+        while c0 < full {
+            let mut acc = _mm256_setzero_ps();
+            for (j, &pj) in pr.iter().enumerate() {
+                // SAFETY: c0 + 8 <= d and row j holds d elements from j·ldv (asserted above).
+                let vv = unsafe { _mm256_loadu_ps(v.as_ptr().add(j * ldv + c0)) };
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(pj), vv, acc);
+            }
+            // SAFETY: c0 + 8 <= d = the row's length.
+            unsafe { _mm256_storeu_ps(or.as_mut_ptr().add(c0), acc) };
+            c0 += W;
+        }
+        for (c, o) in or.iter_mut().enumerate().skip(full) {
+            let mut a = 0f32;
+            for (j, &pj) in pr.iter().enumerate() {
+                // fmaf is a single FMA instruction with the fma feature enabled here.
+                a = pj.mul_add(v[j * ldv + c], a);
+            }
+            *o = a;
+        }
+    }
+}
+
 /// `out[i] = fma(alpha, x[i], out[i])`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn axpy(alpha: f32, x: &[f32], out: &mut [f32]) {

@@ -142,6 +142,84 @@ pub(crate) fn matvec<T: Load16>(x: &[f32], k: usize, w: &[T], out: &mut OutBlock
     }
 }
 
+/// [`matvec`] over f32 rows `j` at `w[j·ldw ..][..k]` (rows of a wider matrix, e.g. one head
+/// of a KV cache), for any number of x rows (taken four at a time). Same summation order as
+/// [`matvec`], so a gathered copy of the rows gives the same result bit for bit.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) fn matvec_strided(x: &[f32], k: usize, w: &[f32], ldw: usize, out: &mut OutBlock) {
+    let m = out.rows();
+    assert_eq!(x.len(), m * k);
+    for j in 0..out.cols() {
+        let wr = &w[j * ldw..j * ldw + k];
+        let mut r0 = 0;
+        while r0 < m {
+            let r1 = (r0 + MV_ROWS).min(m);
+            let xs = &x[r0 * k..r1 * k];
+            match r1 - r0 {
+                1 => dot_rows::<f32, 1>(xs, k, wr, r0, j, out),
+                2 => dot_rows::<f32, 2>(xs, k, wr, r0, j, out),
+                3 => dot_rows::<f32, 3>(xs, k, wr, r0, j, out),
+                _ => dot_rows::<f32, 4>(xs, k, wr, r0, j, out),
+            }
+            r0 = r1;
+        }
+    }
+}
+
+/// `out[i][..d] = Σ_j p[i][j] · v[j·ldv ..][..d]` (`p` is `[m, n]`, `out` `[m, d]`): for every
+/// element one FMA per `j`, in increasing `j`, starting from 0 (the scalar twin's order).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) fn weighted_sum_strided(
+    p: &[f32],
+    n: usize,
+    v: &[f32],
+    ldv: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    let m = out.len() / d.max(1);
+    assert!(p.len() == m * n && out.len() == m * d);
+    assert!(n == 0 || v.len() >= (n - 1) * ldv + d);
+    let mut i0 = 0;
+    while i0 < m {
+        let rows = (m - i0).min(MV_ROWS);
+        let mut c0 = 0;
+        while c0 < d {
+            let (m0, m1) = (
+                tail_mask((d - c0).min(W)),
+                tail_mask((d - c0).saturating_sub(W).min(W)),
+            );
+            let mut acc = [[_mm512_setzero_ps(); 2]; MV_ROWS];
+            for j in 0..n {
+                let vp = v[j * ldv + c0..].as_ptr();
+                // SAFETY: row j holds d elements from j·ldv (asserted above); the masks cover
+                // lanes c0 .. min(c0 + 32, d) only, so no element past the row is read.
+                let (v0, v1) = unsafe {
+                    (
+                        _mm512_maskz_loadu_ps(m0, vp),
+                        _mm512_maskz_loadu_ps(m1, vp.wrapping_add(W)),
+                    )
+                };
+                for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                    let pb = _mm512_set1_ps(p[(i0 + r) * n + j]);
+                    a[0] = _mm512_fmadd_ps(pb, v0, a[0]);
+                    a[1] = _mm512_fmadd_ps(pb, v1, a[1]);
+                }
+            }
+            for (r, a) in acc.iter().enumerate().take(rows) {
+                let op = out[(i0 + r) * d + c0..].as_mut_ptr();
+                // SAFETY: out row i0 + r has d elements; the masks cover lanes c0 .. d only.
+                unsafe {
+                    _mm512_mask_storeu_ps(op, m0, a[0]);
+                    _mm512_mask_storeu_ps(op.wrapping_add(W), m1, a[1]);
+                }
+            }
+            c0 += 2 * W;
+        }
+        i0 += rows;
+    }
+}
+
 /// `out[r0 + r][j] = x_r · w` for `r < MR` (`x` is `MR` rows, `w` one row of length `k`).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]

@@ -520,6 +520,143 @@ fn run_block_t<T: SimdElem>(
     }
 }
 
+/// Checks the shapes of a strided call: `m` rows of `x`/`p` of length `k`, `n` rows of `w`
+/// of length `k` at stride `ldw >= k`, and `out` of `m·cols` elements.
+fn check_strided(what: &str, x: usize, m: usize, k: usize, w: usize, ldw: usize, n: usize) {
+    assert!(
+        ldw >= k,
+        "{what}: row stride {ldw} is shorter than the row length {k}"
+    );
+    assert_eq!(x, m * k, "{what}: x has {x} elements, expected {m}*{k}");
+    assert!(
+        n == 0 || w >= (n - 1) * ldw + k,
+        "{what}: {n} rows of {k} at stride {ldw} need {} elements, w has {w}",
+        (n - 1) * ldw + k
+    );
+}
+
+/// `out[i, j] = x_i · w[j·ldw ..][..k]` for `i < m`, `j < n`: a matvec over rows of a wider f32
+/// matrix (e.g. one head's keys in a KV cache laid out `[position, heads·head_dim]`), with no
+/// copy. Single-threaded. At the AVX-512 level its summation order is the matvec kernel's, so
+/// the result equals [`matmul_serial`] on a gathered copy of the rows (m <= 8) bit for bit; at
+/// other levels each element is [`dot`]. Panics on inconsistent lengths.
+pub fn dot_rows_strided(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    ldw: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    dot_rows_strided_with(level(), x, m, k, w, ldw, n, out)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dot_rows_strided_with(
+    level: Level,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    ldw: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    check_strided("dot_rows_strided", x.len(), m, k, w.len(), ldw, n);
+    assert_eq!(
+        out.len(),
+        m * n,
+        "dot_rows_strided: out has {} elements, expected {m}*{n}",
+        out.len()
+    );
+    assert_supported(level);
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 && k > 0 {
+        let mut block = OutBlock::new(out, m, n);
+        // SAFETY: assert_supported(Level::Avx512) passed above (avx512f/bw/vl).
+        unsafe { avx512::matvec_strided(x, k, w, ldw, &mut block) };
+        return;
+    }
+    for (xr, or) in x.chunks_exact(k.max(1)).zip(out.chunks_exact_mut(n)) {
+        for (j, o) in or.iter_mut().enumerate() {
+            *o = dot_with(level, xr, &w[j * ldw..j * ldw + k]);
+        }
+    }
+}
+
+/// `out[i, ..d] = Σ_j p[i, j] · v[j·ldv ..][..d]` for `i < m` (`p` is `[m, n]`, `out` is
+/// `[m, d]`, overwritten): the probability-weighted sum of value rows in attention, over rows of
+/// a wider f32 matrix, with no copy. Every element takes one fused multiply-add per `j`, in
+/// increasing `j`, starting from 0, at every level (so levels agree bit for bit).
+/// Single-threaded. Panics on inconsistent lengths.
+pub fn weighted_sum_strided(
+    p: &[f32],
+    m: usize,
+    n: usize,
+    v: &[f32],
+    ldv: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    weighted_sum_strided_with(level(), p, m, n, v, ldv, d, out)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn weighted_sum_strided_with(
+    level: Level,
+    p: &[f32],
+    m: usize,
+    n: usize,
+    v: &[f32],
+    ldv: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    assert_eq!(
+        p.len(),
+        m * n,
+        "weighted_sum_strided: p has {} elements, expected {m}*{n}",
+        p.len()
+    );
+    assert!(
+        ldv >= d,
+        "weighted_sum_strided: row stride {ldv} is shorter than the row length {d}"
+    );
+    assert!(
+        n == 0 || v.len() >= (n - 1) * ldv + d,
+        "weighted_sum_strided: {n} rows of {d} at stride {ldv} need {} elements, v has {}",
+        (n - 1) * ldv + d,
+        v.len()
+    );
+    assert_eq!(
+        out.len(),
+        m * d,
+        "weighted_sum_strided: out has {} elements, expected {m}*{d}",
+        out.len()
+    );
+    assert_supported(level);
+    if m == 0 || d == 0 {
+        return;
+    }
+    if n == 0 {
+        out.fill(0.0);
+        return;
+    }
+    match level {
+        Level::Scalar => scalar::weighted_sum_strided(p, n, v, ldv, d, out),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: assert_supported(Level::Avx2) passed above (avx2/fma/f16c).
+        Level::Avx2 => unsafe { avx2::weighted_sum_strided(p, n, v, ldv, d, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: assert_supported(Level::Avx512) passed above (avx512f/bw/vl).
+        Level::Avx512 => unsafe { avx512::weighted_sum_strided(p, n, v, ldv, d, out) },
+    }
+}
+
 /// Dot product of two f32 slices of equal length (f32 accumulation). Panics if lengths differ.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_with(level(), a, b)

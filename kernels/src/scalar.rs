@@ -77,3 +77,23 @@ pub fn axpy(alpha: f32, x: &[f32], out: &mut [f32]) {
         *o += alpha * v;
     }
 }
+
+/// `out[i][..d] = Σ_j p[i][j] · v[j·ldv ..][..d]`: one fused multiply-add per `j`, in
+/// increasing `j`, from 0 (the order every level keeps).
+pub(crate) fn weighted_sum_strided(
+    p: &[f32],
+    n: usize,
+    v: &[f32],
+    ldv: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    for (pr, or) in p.chunks_exact(n.max(1)).zip(out.chunks_exact_mut(d.max(1))) {
+        or.fill(0.0);
+        for (j, &pj) in pr.iter().enumerate().take(n) {
+            for (o, &x) in or.iter_mut().zip(&v[j * ldv..j * ldv + d]) {
+                *o = pj.mul_add(x, *o);
+            }
+        }
+    }
+}

@@ -879,3 +879,102 @@ fn q8_activations_rejects_ragged_k() {
     let mut out = [0f32; 1];
     crate::matmul_q8_activations(&[0.0; 40], 1, 40, &[], 0, &mut out[..0]);
 }
+
+/// Strided dot rows: at every level within tolerance of the f64 reference; at the AVX-512 level
+/// equal bit for bit to the matvec kernel on a gathered copy of the rows.
+#[test]
+fn dot_rows_strided_matches_reference_and_gathered_matvec() {
+    let mut rng = Rng(41);
+    for &(m, k, n, pad) in &[
+        (1, 128, 37, 384),
+        (8, 128, 300, 0),
+        (3, 70, 9, 5),
+        (5, 16, 1, 3),
+    ] {
+        let ldw = k + pad;
+        let x = rng.vec(m * k);
+        let w = rng.vec((n - 1) * ldw + k);
+        let gathered: Vec<f32> = (0..n)
+            .flat_map(|j| w[j * ldw..j * ldw + k].to_vec())
+            .collect();
+        let wf: Vec<f64> = gathered.iter().map(|&v| v as f64).collect();
+        let r = reference(&x, m, k, &wf, n);
+        for level in supported_levels() {
+            let mut got = vec![f32::NAN; m * n];
+            crate::dot_rows_strided_with(level, &x, m, k, &w, ldw, n, &mut got);
+            assert_close(&got, &r, &format!("dot_rows_strided {level:?} {m}x{k}x{n}"));
+            #[cfg(target_arch = "x86_64")]
+            if level == crate::Level::Avx512 {
+                let mut want = vec![0f32; m * n];
+                matmul_with(
+                    level,
+                    false,
+                    &x,
+                    m,
+                    k,
+                    Weights::F32(&gathered),
+                    n,
+                    &mut want,
+                );
+                assert_eq!(bits(&got), bits(&want), "gathered matvec {m}x{k}x{n}");
+            }
+        }
+    }
+}
+
+/// Strided weighted sums: every level equals the scalar twin bit for bit (one FMA per term in
+/// the same order) and the f64 reference within tolerance; ragged widths and strides.
+#[test]
+fn weighted_sum_strided_matches_twin_and_reference() {
+    let mut rng = Rng(43);
+    for &(m, n, d, pad) in &[
+        (1, 37, 128, 384),
+        (8, 300, 128, 0),
+        (5, 9, 70, 3),
+        (2, 1, 5, 0),
+    ] {
+        let ldv = d + pad;
+        let p = rng.vec(m * n);
+        let v = rng.vec((n - 1) * ldv + d);
+        let mut want = vec![f32::NAN; m * d];
+        scalar::weighted_sum_strided(&p, n, &v, ldv, d, &mut want);
+        for i in 0..m {
+            for c in 0..d {
+                let exact: f64 = (0..n)
+                    .map(|j| p[i * n + j] as f64 * v[j * ldv + c] as f64)
+                    .sum();
+                let scale: f64 = (0..n)
+                    .map(|j| (p[i * n + j] * v[j * ldv + c]).abs() as f64)
+                    .sum();
+                let err = (want[i * d + c] as f64 - exact).abs();
+                assert!(
+                    err <= 1e-6 * scale.max(1e-30) * (n as f64).sqrt() + 1e-30,
+                    "twin error {err:e}"
+                );
+            }
+        }
+        for level in supported_levels() {
+            let mut got = vec![f32::NAN; m * d];
+            crate::weighted_sum_strided_with(level, &p, m, n, &v, ldv, d, &mut got);
+            assert_eq!(
+                bits(&got),
+                bits(&want),
+                "weighted_sum_strided {level:?} {m}x{n}x{d}"
+            );
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "row stride")]
+fn dot_rows_strided_rejects_short_stride() {
+    let mut out = vec![0f32; 2];
+    crate::dot_rows_strided(&[0.0; 4], 1, 4, &[0.0; 8], 3, 2, &mut out);
+}
+
+#[test]
+#[should_panic(expected = "need")]
+fn weighted_sum_strided_rejects_short_values() {
+    let mut out = vec![0f32; 4];
+    crate::weighted_sum_strided(&[0.0; 2], 1, 2, &[0.0; 6], 4, 4, &mut out);
+}

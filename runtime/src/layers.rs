@@ -439,28 +439,41 @@ impl Attention {
         let cv = cache.v.f32_range(lo * kvr, cache.len * kvr);
         let (ck, cv) = (&ck[..], &cv[..]);
         let mut attn = vec![0f32; t * nh * hd];
-        attn.par_chunks_mut(hd).enumerate().for_each(|(c, out)| {
-            let (i, h) = (c / nh, c % nh);
-            let pos = pos0 + i;
-            let first = match window {
-                Some(w) if w > 0 => (pos + 1).saturating_sub(w),
-                _ => 0,
-            };
-            let qh = &q[i * nh * hd + h * hd..][..hd];
-            let kvh = h / group;
-            let mut scores: Vec<f32> = (first..=pos)
-                .map(|j| moe_kernels::dot(qh, &ck[(j - lo) * kvr + kvh * hd..][..hd]) * scale)
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            for (j, s) in (first..=pos).zip(&scores) {
-                moe_kernels::axpy(s / sum, &cv[(j - lo) * kvr + kvh * hd..][..hd], out);
-            }
-        });
+        let nkv = self.num_kv_heads;
+        // One task per (token, KV head): the `group` query heads that share a KV head are
+        // scored together, so each cached key and value row is read once for all of them.
+        attn.par_chunks_mut(group * hd)
+            .enumerate()
+            .for_each(|(c, out)| {
+                let (i, kvh) = (c / nkv, c % nkv);
+                let pos = pos0 + i;
+                let first = match window {
+                    Some(w) if w > 0 => (pos + 1).saturating_sub(w),
+                    _ => 0,
+                };
+                let n = pos + 1 - first;
+                // Heads kvh·group .. (kvh + 1)·group are adjacent in q's row.
+                let qg = &q[i * nh * hd + kvh * group * hd..][..group * hd];
+                let base = (first - lo) * kvr + kvh * hd;
+                let mut scores = vec![0f32; group * n];
+                moe_kernels::dot_rows_strided(qg, group, hd, &ck[base..], kvr, n, &mut scores);
+                for row in scores.chunks_exact_mut(n) {
+                    let mut max = f32::NEG_INFINITY;
+                    for s in row.iter_mut() {
+                        *s *= scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0f32;
+                    for s in row.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    for s in row.iter_mut() {
+                        *s /= sum;
+                    }
+                }
+                moe_kernels::weighted_sum_strided(&scores, group, n, &cv[base..], kvr, hd, out);
+            });
         self.o_proj.forward(&attn, t)
     }
 }
