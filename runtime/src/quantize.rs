@@ -160,6 +160,8 @@ pub fn quantize_model(
             .into_par_iter()
             .map(|(t, to)| {
                 if let Some(q) = t.quantize(to)? {
+                    // The source is no longer read: let its pages leave the resident set.
+                    t.release_pages();
                     *t = q;
                 }
                 Ok(())

@@ -393,6 +393,30 @@ impl TensorRef {
         }
     }
 
+    /// Drops this process's mapping of the tensor's file pages (whole pages inside its byte
+    /// range only, so neighbours keep theirs): for source tensors that quantization replaced, so
+    /// their pages stop counting in the resident set. The page cache keeps the data; a later
+    /// read maps it in again. A no-op for anything but a mapped file.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Storage::Mmap { map, .. } = &*self.storage {
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+            let base = map.as_ptr() as usize;
+            let start = (base + self.start).next_multiple_of(page);
+            let end = (base + self.end) / page * page;
+            if end > start {
+                // SAFETY: [start, end) lies inside the read-only file mapping `map`, which
+                // outlives this call. MADV_DONTNEED on a file mapping only drops page-table
+                // entries: later reads fault the same file contents back in, so every slice
+                // into the mapping stays valid and keeps its bytes.
+                unsafe {
+                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+                }
+            }
+        }
+    }
+
     /// True for size-only tensors (planning without weight files).
     pub fn is_virtual(&self) -> bool {
         matches!(*self.storage, Storage::Virtual)
