@@ -492,21 +492,27 @@ impl TensorRef {
             return Ok(self);
         }
         tracing::warn!(tensor = %self.name, "tensor is not aligned to its element size; copying it");
+        Ok(self.to_owned_copy())
+    }
+
+    /// The same tensor copied into memory this process owns (8-byte aligned, huge pages
+    /// advised when large), e.g. to keep hot weights off the page cache's small pages.
+    pub fn to_owned_copy(&self) -> TensorRef {
         let n = self.size_bytes();
-        // u64 words give 8-byte alignment, enough for every float dtype.
-        let mut words = vec![0u64; n.div_ceil(8)];
+        // u64 words give 8-byte alignment, enough for every float dtype and block type.
+        let mut words = crate::mem::zeroed_words(n.div_ceil(8));
         // SAFETY: u64 has no padding and any byte pattern is a valid u64; the byte view covers
         // exactly the words' storage and `words` stays exclusively borrowed while it is written.
         let dst = unsafe {
             std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
         };
         dst[..n].copy_from_slice(self.bytes());
-        Ok(TensorRef {
+        TensorRef {
             storage: Arc::new(Storage::Words { words, len: n }),
             start: 0,
             end: n,
-            ..self
-        })
+            ..self.clone()
+        }
     }
 
     /// Typed view for the kernels. Only valid after [`TensorRef::into_compute`].

@@ -248,31 +248,40 @@ pub fn expert_ffn_rows(
     q8: bool,
 ) -> Vec<f32> {
     let m = rows.len();
-    let matmul = |x: &[f32], k: usize, w: Weights<'_>, n: usize, out: &mut [f32]| {
-        if q8 && crate::layers::uses_q8(&w) {
-            let xq = moe_kernels::Q8Activations::new(x, m, k);
+    // x quantized once per input when any weight takes the q8 path (gate and up share theirs).
+    let quantized = |x: &[f32], k: usize, ws: &[Weights<'_>]| {
+        (q8 && ws.iter().any(crate::layers::uses_q8))
+            .then(|| moe_kernels::Q8Activations::new(x, m, k))
+    };
+    let matmul = |x: &[f32],
+                  xq: &Option<moe_kernels::Q8Activations>,
+                  k: usize,
+                  w: Weights<'_>,
+                  n: usize,
+                  out: &mut [f32]| match xq {
+        Some(xq) if crate::layers::uses_q8(&w) => {
             if parallel {
-                moe_kernels::matmul_q8_par(&xq, w, n, out)
+                moe_kernels::matmul_q8_par(xq, w, n, out)
             } else {
-                moe_kernels::matmul_q8(&xq, w, n, out)
+                moe_kernels::matmul_q8(xq, w, n, out)
             }
-        } else if parallel {
-            moe_kernels::matmul(x, m, k, w, n, out)
-        } else {
-            moe_kernels::matmul_serial(x, m, k, w, n, out)
         }
+        _ if parallel => moe_kernels::matmul(x, m, k, w, n, out),
+        _ => moe_kernels::matmul_serial(x, m, k, w, n, out),
     };
     let mut xs = Vec::with_capacity(m * hidden);
     for &r in rows {
         xs.extend_from_slice(&x[r * hidden..(r + 1) * hidden]);
     }
+    let xq = quantized(&xs, hidden, &[gate, up]);
     let mut g = vec![0f32; m * inter];
     let mut u = vec![0f32; m * inter];
-    matmul(&xs, hidden, gate, inter, &mut g);
-    matmul(&xs, hidden, up, inter, &mut u);
+    matmul(&xs, &xq, hidden, gate, inter, &mut g);
+    matmul(&xs, &xq, hidden, up, inter, &mut u);
     silu_mul(&g, &mut u);
+    let uq = quantized(&u, inter, &[down]);
     let mut y = vec![0f32; m * hidden];
-    matmul(&u, inter, down, hidden, &mut y);
+    matmul(&u, &uq, inter, down, hidden, &mut y);
     y
 }
 
