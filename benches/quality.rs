@@ -10,10 +10,10 @@
 //!
 //! ```sh
 //! cargo bench --bench quality -- --model DIR [--tokens 128] [--types bf16,q8_0,q4_k]
-//!     [--activations f32,q8] [--resident TYPE] [--threads N]
+//!     [--activations f32,q8,bf16] [--resident TYPE] [--threads N]
 //! ```
-//! `--activations` lists the activation types to measure each quantized type with (`q8` rows
-//! are measured for q8_0 and q4_k only: other weights always meet f32 activations).
+//! `--activations` lists the activation types to measure each type with (`q8` rows for q8_0
+//! and q4_k, `bf16` rows for none and bf16: the weights each path covers).
 //! `--resident` sets `resident_quantization` for the quantized loads (default: as the type
 //! measured). The prompt is `--tokens` ids spread over the vocabulary (deterministic), so every
 //! run on the same model compares the same positions. Without `--model` it prints its usage
@@ -29,7 +29,7 @@ use moe_runtime::runconfig::{Activations, Quantization};
 use moe_runtime::{Logits, Model, Settings};
 
 const USAGE: &str = "usage: cargo bench --bench quality -- --model DIR [--tokens N (128)] \
-[--types bf16,q8_0,q4_k] [--activations f32,q8] [--resident none|bf16|q8_0|q4_k] [--threads N]";
+[--types bf16,q8_0,q4_k] [--activations f32,q8,bf16] [--resident none|bf16|q8_0|q4_k] [--threads N]";
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T>
 where
@@ -224,7 +224,12 @@ fn main() {
     println!("|---|---|---|---|---|---|");
     for q in types {
         for &a in &activations {
-            if a == Activations::Q8 && !matches!(q, Quantization::Q8_0 | Quantization::Q4K) {
+            let covered = match a {
+                Activations::F32 => true,
+                Activations::Q8 => matches!(q, Quantization::Q8_0 | Quantization::Q4K),
+                Activations::Bf16 => matches!(q, Quantization::None | Quantization::Bf16),
+            };
+            if !covered {
                 continue;
             }
             let settings = Settings {
@@ -240,6 +245,7 @@ fn main() {
             let label = match a {
                 Activations::F32 => name(q).to_string(),
                 Activations::Q8 => format!("{}, q8 activations", name(q)),
+                Activations::Bf16 => format!("{}, bf16 activations", name(q)),
             };
             println!(
                 "| {label} | {:.3e} | {:.3e} | {:.3e} | {:.1} % | {load_s:.2} |",

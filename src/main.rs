@@ -75,8 +75,9 @@ struct ModelArgs {
     /// How resident weights are held (default: as --quantization).
     #[arg(long)]
     resident_quantization: Option<Quantization>,
-    /// How activations meet q8_0/q4_k weights: f32 (default, exact) or q8 (integer dot
-    /// products, faster, slightly less exact).
+    /// How activations meet the weights: f32 (default, exact), q8 (q8_0/q4_k weights: integer
+    /// dot products) or bf16 (bf16 weights: bf16 dot products); the last two are faster and
+    /// slightly less exact.
     #[arg(long)]
     activations: Option<Activations>,
 }

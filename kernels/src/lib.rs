@@ -34,6 +34,11 @@ use rayon::prelude::*;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod bf16dot;
+#[cfg(test)]
+mod bf16dot_tests;
+#[cfg(target_arch = "x86_64")]
+mod bf16dot_x86;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
 mod qdot;
@@ -50,6 +55,7 @@ pub mod scalar;
 #[cfg(test)]
 mod tests;
 
+pub use bf16dot::{bf16_activations_supported, matmul_bf16, matmul_bf16_par};
 pub use qdot::{
     matmul_q8, matmul_q8_activations, matmul_q8_par, q8_activations_supported, Q8Activations,
 };

@@ -308,10 +308,8 @@ impl Model {
                 t0.elapsed().as_secs_f64()
             );
         }
-        if settings.activations == Activations::Q8 {
-            for l in crate::quantize::linears(&mut mw) {
-                l.q8_activations = true;
-            }
+        for l in crate::quantize::linears(&mut mw) {
+            l.activations = settings.activations;
         }
         let unused_tensors = weights.unused();
         if !unused_tensors.is_empty() {
@@ -337,7 +335,7 @@ impl Model {
                     .as_deref()
                     .map(crate::hotset::ranking)
                     .unwrap_or_default(),
-                q8_activations: settings.activations == Activations::Q8,
+                activations: settings.activations,
             },
         )?;
         let decoder = Decoder {

@@ -8,8 +8,11 @@
 
 use rayon::prelude::*;
 
+use moe_kernels::Weights;
+
 use crate::config::{RopeConfig, RopeScaling};
 use crate::error::Result;
+use crate::runconfig::Activations;
 use crate::weights::{TensorRef, WeightSet};
 
 /// `y = x · Wᵀ (+ b)`.
@@ -18,8 +21,8 @@ pub struct Linear {
     pub bias: Option<Vec<f32>>,
     pub in_features: usize,
     pub out_features: usize,
-    /// Inputs meet q8_0/q4_k weights as q8 activations (`activations = "q8"`).
-    pub q8_activations: bool,
+    /// How inputs meet the weight (`activations`; see [`Input`]).
+    pub activations: Activations,
 }
 
 impl Linear {
@@ -45,7 +48,7 @@ impl Linear {
             bias,
             in_features,
             out_features,
-            q8_activations: false,
+            activations: Activations::F32,
         })
     }
 
@@ -56,7 +59,7 @@ impl Linear {
             out_features: weight.shape[0],
             weight,
             bias: None,
-            q8_activations: false,
+            activations: Activations::F32,
         }
     }
 
@@ -69,12 +72,8 @@ impl Linear {
 
     pub fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32]) {
         let w = self.weight.weights();
-        if self.q8_activations && uses_q8(&w) {
-            let xq = moe_kernels::Q8Activations::new(x, m, self.in_features);
-            moe_kernels::matmul_q8_par(&xq, w, self.out_features, out);
-        } else {
-            moe_kernels::matmul(x, m, self.in_features, w, self.out_features, out);
-        }
+        let input = Input::new(x, m, self.in_features, self.activations, &[w]);
+        input.matmul(w, self.out_features, out, true);
         if let Some(b) = &self.bias {
             for row in out.chunks_exact_mut(self.out_features) {
                 for (o, b) in row.iter_mut().zip(b) {
@@ -85,10 +84,52 @@ impl Linear {
     }
 }
 
-/// Whether `w` meets its inputs through the q8-activation kernels when they are asked for:
-/// q8_0 / q4_k weights, any number of rows (decode and prefill alike).
-pub fn uses_q8(w: &moe_kernels::Weights<'_>) -> bool {
-    moe_kernels::q8_activations_supported(w)
+/// Rows of f32 activations on their way into one or more matmuls, under an `activations`
+/// setting: `F32` always takes the exact f32 kernels; `Q8` quantizes the rows once (shared by
+/// every q8_0 / q4_k weight they meet) for the integer-dot kernels; `Bf16` rounds them to bf16
+/// for `vdpbf16ps` against bf16 weights where the CPU has it. Weights a setting does not cover
+/// (and CPUs without the instructions) fall back to the f32 kernels.
+pub struct Input<'a> {
+    x: &'a [f32],
+    m: usize,
+    k: usize,
+    act: Activations,
+    q8: Option<moe_kernels::Q8Activations>,
+}
+
+impl<'a> Input<'a> {
+    /// `x` is `[m, k]`; `ws` are the weights it will meet (to decide whether to quantize it).
+    pub fn new(x: &'a [f32], m: usize, k: usize, act: Activations, ws: &[Weights<'_>]) -> Self {
+        let q8 = (act == Activations::Q8 && ws.iter().any(moe_kernels::q8_activations_supported))
+            .then(|| moe_kernels::Q8Activations::new(x, m, k));
+        Input { x, m, k, act, q8 }
+    }
+
+    /// `out[m, n] = x · wᵀ` by the kernel the setting picks for `w`; `parallel` splits it over
+    /// the current rayon pool (same result bit for bit either way).
+    pub fn matmul(&self, w: Weights<'_>, n: usize, out: &mut [f32], parallel: bool) {
+        let (x, m, k) = (self.x, self.m, self.k);
+        match (self.act, w, &self.q8) {
+            (Activations::Q8, _, Some(xq)) if moe_kernels::q8_activations_supported(&w) => {
+                if parallel {
+                    moe_kernels::matmul_q8_par(xq, w, n, out)
+                } else {
+                    moe_kernels::matmul_q8(xq, w, n, out)
+                }
+            }
+            (Activations::Bf16, Weights::Bf16(wb), _)
+                if moe_kernels::bf16_activations_supported() =>
+            {
+                if parallel {
+                    moe_kernels::matmul_bf16_par(x, m, k, wb, n, out)
+                } else {
+                    moe_kernels::matmul_bf16(x, m, k, wb, n, out)
+                }
+            }
+            _ if parallel => moe_kernels::matmul(x, m, k, w, n, out),
+            _ => moe_kernels::matmul_serial(x, m, k, w, n, out),
+        }
+    }
 }
 
 /// Root-mean-square norm: `x / sqrt(mean(x²) + eps) * w`.

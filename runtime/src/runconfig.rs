@@ -74,10 +74,12 @@ pub struct RunConfig {
     /// The same for resident (non-expert) weights; default: as `quantization`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resident_quantization: Option<Quantization>,
-    /// How activations meet quantized (q8_0 / q4_k) weights: "f32" (default: exact f32
-    /// activations and accumulation) or "q8" (activations rounded to 8 bits per 32-value block
-    /// and integer dot products: faster, slightly less exact; its error is measured by
-    /// `cargo bench --bench quality`). Other weight types always use f32.
+    /// How activations meet the weights: "f32" (default: exact f32 activations and
+    /// accumulation), "q8" (for q8_0 / q4_k weights: activations rounded to 8 bits per 32-value
+    /// block, integer dot products) or "bf16" (for bf16 weights on CPUs with AVX512_BF16:
+    /// activations rounded to bf16, bf16 dot products). The lower-precision paths are faster and
+    /// slightly less exact (`cargo bench --bench quality` measures them); weights a setting does
+    /// not cover keep the f32 path.
     #[serde(default)]
     pub activations: Activations,
     /// The `[experts]` table: the expert cache.
@@ -148,8 +150,11 @@ pub enum Activations {
     /// f32 activations, f32 accumulation (`"f32"`).
     #[default]
     F32,
-    /// Activations quantized to 8 bits, integer dot products (`"q8"`).
+    /// Activations quantized to 8 bits, integer dot products (`"q8"`), for q8_0 / q4_k weights.
     Q8,
+    /// Activations rounded to bf16, bf16 dot products (`"bf16"`), for bf16 weights on CPUs
+    /// with AVX512_BF16.
+    Bf16,
 }
 
 impl std::str::FromStr for Activations {
@@ -158,7 +163,10 @@ impl std::str::FromStr for Activations {
         match s {
             "f32" => Ok(Activations::F32),
             "q8" => Ok(Activations::Q8),
-            other => Err(format!("`{other}` is not an activation type (f32, q8)")),
+            "bf16" => Ok(Activations::Bf16),
+            other => Err(format!(
+                "`{other}` is not an activation type (f32, q8, bf16)"
+            )),
         }
     }
 }

@@ -21,7 +21,8 @@ pub use tiered::{DeviceTierConfig, HostTierConfig, TieredStore, TieredStoreConfi
 use moe_kernels::Weights;
 
 use crate::error::{Error, Result};
-use crate::layers::silu_mul;
+use crate::layers::{silu_mul, Input};
+use crate::runconfig::Activations;
 use crate::weights::{Dtype, TensorRef};
 
 /// Tokens routed to one expert in one layer.
@@ -112,10 +113,10 @@ impl ExpertWeights {
         b: &ExpertBatch,
         x: &[f32],
         hidden: usize,
-        q8: bool,
+        act: Activations,
         out: &mut [f32],
     ) {
-        let y = self.ffn_rows(&b.rows, x, hidden, true, q8);
+        let y = self.ffn_rows(&b.rows, x, hidden, true, act);
         add_weighted_rows(&b.rows, &b.weights, &y, hidden, out);
     }
 
@@ -126,7 +127,7 @@ impl ExpertWeights {
         x: &[f32],
         hidden: usize,
         parallel: bool,
-        q8: bool,
+        act: Activations,
     ) -> Vec<f32> {
         expert_ffn_rows(
             [self.gate.weights(), self.up.weights(), self.down.weights()],
@@ -135,7 +136,7 @@ impl ExpertWeights {
             x,
             hidden,
             parallel,
-            q8,
+            act,
         )
     }
 
@@ -206,7 +207,7 @@ impl ExpertBuf {
         x: &[f32],
         hidden: usize,
         parallel: bool,
-        q8: bool,
+        act: Activations,
     ) -> Vec<f32> {
         expert_ffn_rows(
             [self.part(0), self.part(1), self.part(2)],
@@ -215,7 +216,7 @@ impl ExpertBuf {
             x,
             hidden,
             parallel,
-            q8,
+            act,
         )
     }
 
@@ -225,10 +226,10 @@ impl ExpertBuf {
         b: &ExpertBatch,
         x: &[f32],
         hidden: usize,
-        q8: bool,
+        act: Activations,
         out: &mut [f32],
     ) {
-        let y = self.ffn_rows(&b.rows, x, hidden, true, q8);
+        let y = self.ffn_rows(&b.rows, x, hidden, true, act);
         add_weighted_rows(&b.rows, &b.weights, &y, hidden, out);
     }
 }
@@ -236,8 +237,8 @@ impl ExpertBuf {
 /// `down(silu(gate x_r) * up x_r)` for the gathered rows, `[rows.len(), hidden]`, unweighted.
 /// `parallel` splits each matmul over the current rayon pool; the result is the same bit for
 /// bit either way (the kernels' contract), so callers may run several experts side by side
-/// with `parallel = false` instead. `q8` lets q8_0/q4_k weights meet their inputs as
-/// q8 activations (`activations = "q8"`; see [`crate::layers::uses_q8`]).
+/// with `parallel = false` instead. `act` is the `activations` setting (see
+/// [`crate::layers::Input`]).
 pub fn expert_ffn_rows(
     [gate, up, down]: [Weights<'_>; 3],
     inter: usize,
@@ -245,43 +246,22 @@ pub fn expert_ffn_rows(
     x: &[f32],
     hidden: usize,
     parallel: bool,
-    q8: bool,
+    act: Activations,
 ) -> Vec<f32> {
     let m = rows.len();
-    // x quantized once per input when any weight takes the q8 path (gate and up share theirs).
-    let quantized = |x: &[f32], k: usize, ws: &[Weights<'_>]| {
-        (q8 && ws.iter().any(crate::layers::uses_q8))
-            .then(|| moe_kernels::Q8Activations::new(x, m, k))
-    };
-    let matmul = |x: &[f32],
-                  xq: &Option<moe_kernels::Q8Activations>,
-                  k: usize,
-                  w: Weights<'_>,
-                  n: usize,
-                  out: &mut [f32]| match xq {
-        Some(xq) if crate::layers::uses_q8(&w) => {
-            if parallel {
-                moe_kernels::matmul_q8_par(xq, w, n, out)
-            } else {
-                moe_kernels::matmul_q8(xq, w, n, out)
-            }
-        }
-        _ if parallel => moe_kernels::matmul(x, m, k, w, n, out),
-        _ => moe_kernels::matmul_serial(x, m, k, w, n, out),
-    };
     let mut xs = Vec::with_capacity(m * hidden);
     for &r in rows {
         xs.extend_from_slice(&x[r * hidden..(r + 1) * hidden]);
     }
-    let xq = quantized(&xs, hidden, &[gate, up]);
+    // Gate and up share one prepared input (quantized once on the q8 path).
+    let xin = Input::new(&xs, m, hidden, act, &[gate, up]);
     let mut g = vec![0f32; m * inter];
     let mut u = vec![0f32; m * inter];
-    matmul(&xs, &xq, hidden, gate, inter, &mut g);
-    matmul(&xs, &xq, hidden, up, inter, &mut u);
+    xin.matmul(gate, inter, &mut g, parallel);
+    xin.matmul(up, inter, &mut u, parallel);
     silu_mul(&g, &mut u);
-    let uq = quantized(&u, inter, &[down]);
     let mut y = vec![0f32; m * hidden];
-    matmul(&u, &uq, inter, down, hidden, &mut y);
+    Input::new(&u, m, inter, act, &[down]).matmul(down, hidden, &mut y, parallel);
     y
 }
 

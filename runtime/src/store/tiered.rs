@@ -62,8 +62,8 @@ pub struct TieredStoreConfig {
     pub loader_threads: usize,
     /// Experts to place first (hot set), as (layer, expert), hottest first.
     pub hot: Vec<(usize, usize)>,
-    /// q8_0/q4_k experts meet their inputs as q8 activations (`activations = "q8"`).
-    pub q8_activations: bool,
+    /// How expert inputs meet the expert weights (`activations`).
+    pub activations: crate::runconfig::Activations,
 }
 
 impl Default for TieredStoreConfig {
@@ -76,7 +76,7 @@ impl Default for TieredStoreConfig {
             prefetch_depth: 1,
             loader_threads: 2,
             hot: Vec::new(),
-            q8_activations: false,
+            activations: crate::runconfig::Activations::F32,
         }
     }
 }
@@ -412,7 +412,7 @@ impl TieredStore {
                 let t0 = Instant::now();
                 let buf = slot.wait().map_err(Error::InvalidRequest)?;
                 LayerCounters::add(&c.stall_ns, t0.elapsed().as_nanos() as u64);
-                buf.forward_rows(b, x, hidden, self.config.q8_activations, out);
+                buf.forward_rows(b, x, hidden, self.config.activations, out);
             }
             None => {
                 LayerCounters::add(&c.computed_in_place, 1);
@@ -476,11 +476,11 @@ impl TieredStore {
         let t0 = Instant::now();
         let bytes = match view {
             HostView::Mapped(w) => {
-                w.forward_rows(b, x, hidden, self.config.q8_activations, out);
+                w.forward_rows(b, x, hidden, self.config.activations, out);
                 w.size_bytes()
             }
             HostView::Owned(buf) => {
-                buf.forward_rows(b, x, hidden, self.config.q8_activations, out);
+                buf.forward_rows(b, x, hidden, self.config.activations, out);
                 buf.size_bytes()
             }
         };
@@ -501,7 +501,7 @@ impl TieredStore {
         out: &mut [f32],
     ) -> Result<()> {
         use rayon::prelude::*;
-        let q8 = self.config.q8_activations;
+        let act = self.config.activations;
         let t0 = Instant::now();
         let ys: Vec<Result<(Vec<f32>, usize)>> = batches
             .par_iter()
@@ -509,10 +509,10 @@ impl TieredStore {
             .map(|b| {
                 Ok(match self.host_view(layer, b.expert, true)? {
                     HostView::Mapped(w) => {
-                        (w.ffn_rows(&b.rows, x, hidden, false, q8), w.size_bytes())
+                        (w.ffn_rows(&b.rows, x, hidden, false, act), w.size_bytes())
                     }
                     HostView::Owned(buf) => (
-                        buf.ffn_rows(&b.rows, x, hidden, false, q8),
+                        buf.ffn_rows(&b.rows, x, hidden, false, act),
                         buf.size_bytes(),
                     ),
                 })
