@@ -86,7 +86,8 @@ impl Linear {
 
 /// Rows of f32 activations on their way into one or more matmuls, under an `activations`
 /// setting: `F32` always takes the exact f32 kernels; `Q8` quantizes the rows once (shared by
-/// every q8_0 / q4_k weight they meet) for the integer-dot kernels; `Bf16` rounds them to bf16
+/// every q8_0 / q4_k weight they meet) for the integer-dot kernels in decode-sized batches (at
+/// most `MATVEC_MAX_M` rows; larger ones keep the f32 GEMM); `Bf16` rounds them to bf16
 /// for `vdpbf16ps` against bf16 weights where the CPU has it. Weights a setting does not cover
 /// (and CPUs without the instructions) fall back to the f32 kernels.
 pub struct Input<'a> {
@@ -100,8 +101,12 @@ pub struct Input<'a> {
 impl<'a> Input<'a> {
     /// `x` is `[m, k]`; `ws` are the weights it will meet (to decide whether to quantize it).
     pub fn new(x: &'a [f32], m: usize, k: usize, act: Activations, ws: &[Weights<'_>]) -> Self {
-        let q8 = (act == Activations::Q8 && ws.iter().any(moe_kernels::q8_activations_supported))
-            .then(|| moe_kernels::Q8Activations::new(x, m, k));
+        // Prefill-sized batches stay on the f32 GEMM: with per-32 block scales the integer
+        // kernels do as much work per weight as f32 FMAs there (measured slower on bench-m).
+        let q8 = (act == Activations::Q8
+            && m <= moe_kernels::MATVEC_MAX_M
+            && ws.iter().any(moe_kernels::q8_activations_supported))
+        .then(|| moe_kernels::Q8Activations::new(x, m, k));
         Input { x, m, k, act, q8 }
     }
 

@@ -75,8 +75,8 @@ pub struct RunConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resident_quantization: Option<Quantization>,
     /// How activations meet the weights: "f32" (default: exact f32 activations and
-    /// accumulation), "q8" (for q8_0 / q4_k weights: activations rounded to 8 bits per 32-value
-    /// block, integer dot products) or "bf16" (for bf16 weights on CPUs with AVX512_BF16:
+    /// accumulation), "q8" (for q8_0 / q4_k weights in decode: activations rounded to 8 bits per
+    /// 32-value block, integer dot products) or "bf16" (for bf16 weights on CPUs with AVX512_BF16:
     /// activations rounded to bf16, bf16 dot products). The lower-precision paths are faster and
     /// slightly less exact (`cargo bench --bench quality` measures them); weights a setting does
     /// not cover keep the f32 path.
