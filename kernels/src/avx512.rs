@@ -123,30 +123,21 @@ pub(crate) fn matvec<T: Load16>(x: &[f32], k: usize, w: &[T], out: &mut OutBlock
         (1..=crate::MATVEC_MAX_M).contains(&m),
         "matvec called with {m} rows"
     );
-    assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), out.cols() * k);
-    for j in 0..out.cols() {
-        let wr = &w[j * k..(j + 1) * k];
-        let mut r0 = 0;
-        while r0 < m {
-            let r1 = (r0 + MV_ROWS).min(m);
-            let xs = &x[r0 * k..r1 * k];
-            match r1 - r0 {
-                1 => dot_rows::<T, 1>(xs, k, wr, r0, j, out),
-                2 => dot_rows::<T, 2>(xs, k, wr, r0, j, out),
-                3 => dot_rows::<T, 3>(xs, k, wr, r0, j, out),
-                _ => dot_rows::<T, 4>(xs, k, wr, r0, j, out),
-            }
-            r0 = r1;
-        }
-    }
+    matvec_strided(x, k, w, k, out);
 }
 
-/// [`matvec`] over f32 rows `j` at `w[j·ldw ..][..k]` (rows of a wider matrix, e.g. one head
-/// of a KV cache), for any number of x rows (taken four at a time). Same summation order as
+/// [`matvec`] over rows `j` at `w[j·ldw ..][..k]` (rows of a wider matrix, e.g. one head of a
+/// KV cache), for any number of x rows (taken four at a time). Same summation order as
 /// [`matvec`], so a gathered copy of the rows gives the same result bit for bit.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(crate) fn matvec_strided(x: &[f32], k: usize, w: &[f32], ldw: usize, out: &mut OutBlock) {
+pub(crate) fn matvec_strided<T: Load16>(
+    x: &[f32],
+    k: usize,
+    w: &[T],
+    ldw: usize,
+    out: &mut OutBlock,
+) {
     let m = out.rows();
     assert_eq!(x.len(), m * k);
     for j in 0..out.cols() {
@@ -156,10 +147,10 @@ pub(crate) fn matvec_strided(x: &[f32], k: usize, w: &[f32], ldw: usize, out: &m
             let r1 = (r0 + MV_ROWS).min(m);
             let xs = &x[r0 * k..r1 * k];
             match r1 - r0 {
-                1 => dot_rows::<f32, 1>(xs, k, wr, r0, j, out),
-                2 => dot_rows::<f32, 2>(xs, k, wr, r0, j, out),
-                3 => dot_rows::<f32, 3>(xs, k, wr, r0, j, out),
-                _ => dot_rows::<f32, 4>(xs, k, wr, r0, j, out),
+                1 => dot_rows::<T, 1>(xs, k, wr, r0, j, out),
+                2 => dot_rows::<T, 2>(xs, k, wr, r0, j, out),
+                3 => dot_rows::<T, 3>(xs, k, wr, r0, j, out),
+                _ => dot_rows::<T, 4>(xs, k, wr, r0, j, out),
             }
             r0 = r1;
         }

@@ -38,7 +38,6 @@
 use std::sync::OnceLock;
 
 use half::bf16;
-use rayon::prelude::*;
 
 use crate::OutBlock;
 
@@ -225,50 +224,11 @@ pub(crate) fn matmul_bf16_with(
     let xb = PackedX::new(x, m, k);
     let block = OutBlock::new(out, m, n);
     let work = m.saturating_mul(n).saturating_mul(k);
-    let threads = if parallel {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
-    // The chunking rules of `crate::matmul_with`: no chunk below PAR_MIN_WORK multiply-adds, a
-    // few chunks per thread, column chunks a multiple of PAR_COL_ALIGN weight rows (each one
-    // sequential stream of whole weight rows), row chunks a multiple of PAR_ROW_ALIGN.
-    let chunks = (threads * crate::PAR_CHUNKS_PER_THREAD).min(work / crate::PAR_MIN_WORK);
-    if threads <= 1 || chunks <= 1 {
-        run_block(kern, &xb, 0, k, w, block);
-        return;
-    }
-    let mut tasks: Vec<(usize, &[bf16], OutBlock<'_>)> = Vec::with_capacity(chunks);
-    let cols_per = n.div_ceil(chunks).next_multiple_of(crate::PAR_COL_ALIGN);
-    let rows_per = m.div_ceil(chunks).next_multiple_of(crate::PAR_ROW_ALIGN);
-    if cols_per < n {
-        let mut rest = block;
-        let mut j0 = 0;
-        while j0 < n {
-            let j1 = (j0 + cols_per).min(n);
-            let (head, tail) = rest.split_cols(j1 - j0);
-            tasks.push((0, &w[j0 * k..j1 * k], head));
-            rest = tail;
-            j0 = j1;
-        }
-    } else if rows_per < m {
-        // n is too narrow to split: split x rows (the order does not depend on m).
-        let mut rest = block;
-        let mut i0 = 0;
-        while i0 < m {
-            let i1 = (i0 + rows_per).min(m);
-            let (head, tail) = rest.split_rows(i1 - i0);
-            tasks.push((i0, w, head));
-            rest = tail;
-            i0 = i1;
-        }
-    } else {
-        tasks.push((0, w, block));
-    }
     let xb = &xb;
-    tasks
-        .into_par_iter()
-        .for_each(|(i0, w, out)| run_block(kern, xb, i0, k, w, out));
+    crate::run_split(parallel, work, block, true, |i0, j0, out| {
+        let j1 = j0 + out.cols();
+        run_block(kern, xb, i0, k, &w[j0 * k..j1 * k], out)
+    });
 }
 
 /// Computes one output block: `out[rows, cols]` from x rows `i0..i0 + rows` and the `cols`

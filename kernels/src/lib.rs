@@ -412,6 +412,37 @@ pub(crate) fn matmul_with(
     let use_gemm = m > MATVEC_MAX_M;
     let block = OutBlock::new(out, m, n);
     let work = m.saturating_mul(n).saturating_mul(k);
+    // n too narrow to split: only the GEMM path splits x rows (the matvec path's order does
+    // not depend on m either, but decode batches are too small to be worth it).
+    run_split(parallel, work, block, use_gemm, |i0, j0, out| {
+        let (i1, j1) = (i0 + out.rows(), j0 + out.cols());
+        run_block(
+            level,
+            use_gemm,
+            &x[i0 * k..i1 * k],
+            k,
+            w.rows(j0, j1, k),
+            out,
+        )
+    });
+}
+
+/// Runs `f(i0, j0, part)` over parts of `block` (part = rows `i0..`, columns `j0..` of it): the
+/// one chunking rule every parallel kernel entry point shares. Serial when `parallel` is off,
+/// the pool has one thread, or the work (`m·n·k` multiply-adds) is below two chunks of
+/// `PAR_MIN_WORK`; otherwise a few chunks per thread (work stealing evens out threads slowed by
+/// other processes), split over the output columns (= weight rows: each part streams its own
+/// weight rows) in multiples of `PAR_COL_ALIGN`, or, when `n` is too narrow and `split_rows`
+/// allows it, over the rows in multiples of `PAR_ROW_ALIGN`. Callers keep results independent
+/// of the split (see the crate doc).
+pub(crate) fn run_split<'a>(
+    parallel: bool,
+    work: usize,
+    block: OutBlock<'a>,
+    split_rows: bool,
+    f: impl Fn(usize, usize, OutBlock<'a>) + Sync,
+) {
+    let (m, n) = (block.rows(), block.cols());
     let threads = if parallel {
         rayon::current_num_threads()
     } else {
@@ -419,42 +450,37 @@ pub(crate) fn matmul_with(
     };
     let chunks = (threads * PAR_CHUNKS_PER_THREAD).min(work / PAR_MIN_WORK);
     if threads <= 1 || chunks <= 1 {
-        run_block(level, use_gemm, x, k, w, block);
-        return;
+        return f(0, 0, block);
     }
-
-    let mut tasks: Vec<(&[f32], Weights<'_>, OutBlock<'_>)> = Vec::with_capacity(chunks);
+    let mut tasks: Vec<(usize, usize, OutBlock<'a>)> = Vec::with_capacity(chunks);
     let cols_per = n.div_ceil(chunks).next_multiple_of(PAR_COL_ALIGN);
+    let rows_per = m.div_ceil(chunks).next_multiple_of(PAR_ROW_ALIGN);
     if cols_per < n {
-        // Split the output columns (= weight rows): each thread streams its own part of W.
         let mut rest = block;
         let mut j0 = 0;
         while j0 < n {
             let j1 = (j0 + cols_per).min(n);
             let (head, tail) = rest.split_cols(j1 - j0);
-            tasks.push((x, w.rows(j0, j1, k), head));
+            tasks.push((0, j0, head));
             rest = tail;
             j0 = j1;
         }
-    } else if use_gemm {
-        // n is too narrow to split (e.g. a router with a few experts): split x rows instead.
-        // The path was fixed above, so a short last chunk still runs the GEMM kernel.
-        let rows_per = m.div_ceil(chunks).next_multiple_of(PAR_ROW_ALIGN);
+    } else if split_rows && rows_per < m {
         let mut rest = block;
         let mut i0 = 0;
         while i0 < m {
             let i1 = (i0 + rows_per).min(m);
             let (head, tail) = rest.split_rows(i1 - i0);
-            tasks.push((&x[i0 * k..i1 * k], w, head));
+            tasks.push((i0, 0, head));
             rest = tail;
             i0 = i1;
         }
     } else {
-        tasks.push((x, w, block));
+        return f(0, 0, block);
     }
     tasks
         .into_par_iter()
-        .for_each(|(x, w, out)| run_block(level, use_gemm, x, k, w, out));
+        .for_each(|(i0, j0, out)| f(i0, j0, out));
 }
 
 /// Computes one output block: `out[rows, cols] = x[rows, k] · w[cols, k]ᵀ`.

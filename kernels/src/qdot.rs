@@ -53,7 +53,6 @@
 use std::sync::OnceLock;
 
 use half::f16;
-use rayon::prelude::*;
 
 use crate::quant::{BlockQ4K, BlockQ8_0, QK8_0, QK_K};
 use crate::{Level, OutBlock, Weights};
@@ -389,36 +388,11 @@ pub(crate) fn matmul_q8_with(
     let bpr = k / w.block_size();
     let block = OutBlock::new(out, m, n);
     let work = m.saturating_mul(n).saturating_mul(k);
-    let threads = if parallel {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
-    // The chunking rules of `crate::matmul_with`: no chunk below PAR_MIN_WORK multiply-adds,
-    // a few chunks per thread, column chunks a multiple of PAR_COL_ALIGN weight rows (each
-    // chunk is one sequential stream of whole weight rows).
-    let chunks = (threads * crate::PAR_CHUNKS_PER_THREAD).min(work / crate::PAR_MIN_WORK);
-    let cols_per = n
-        .div_ceil(chunks.max(1))
-        .next_multiple_of(crate::PAR_COL_ALIGN);
-    if threads <= 1 || chunks <= 1 || cols_per >= n {
-        // Serial, or n too narrow to split (decode batches have m <= 8: no row split needed).
-        run_block(kern, xq, qw, bpr, block);
-        return;
-    }
-    let mut tasks = Vec::with_capacity(chunks);
-    let mut rest = block;
-    let mut j0 = 0;
-    while j0 < n {
-        let j1 = (j0 + cols_per).min(n);
-        let (head, tail) = rest.split_cols(j1 - j0);
-        tasks.push((qw.rows(j0, j1, bpr), head));
-        rest = tail;
-        j0 = j1;
-    }
-    tasks
-        .into_par_iter()
-        .for_each(|(w, out)| run_block(kern, xq, w, bpr, out));
+    // Columns only: every part takes all x rows (a row split would need row offsets into xq).
+    crate::run_split(parallel, work, block, false, |_, j0, out| {
+        let j1 = j0 + out.cols();
+        run_block(kern, xq, qw.rows(j0, j1, bpr), bpr, out)
+    });
 }
 
 /// x rows per kernel call: the register tiles hold at most this many rows of accumulators.
