@@ -39,7 +39,7 @@ use std::sync::OnceLock;
 
 use half::bf16;
 
-use crate::OutBlock;
+use crate::{OutBlock, Weights};
 
 /// bf16 elements per chunk: one 512-bit vector, 16 lanes × one (even, odd) pair.
 pub(crate) const CHUNK: usize = 32;
@@ -192,23 +192,14 @@ pub(crate) fn matmul_bf16_with(
     n: usize,
     out: &mut [f32],
 ) {
-    let mk = m.checked_mul(k).expect("matmul_bf16: m*k overflows usize");
-    let nk = n.checked_mul(k).expect("matmul_bf16: n*k overflows usize");
-    let mn = m.checked_mul(n).expect("matmul_bf16: m*n overflows usize");
-    assert!(
-        x.len() == mk,
-        "matmul_bf16: x has {} elements, expected m*k = {m}*{k}",
-        x.len()
-    );
-    assert!(
-        w.len() == nk,
-        "matmul_bf16: w has {} elements, expected n*k = {n}*{k}",
-        w.len()
-    );
-    assert!(
-        out.len() == mn,
-        "matmul_bf16: out has {} elements, expected m*n = {m}*{n}",
-        out.len()
+    crate::check_matmul_shapes(
+        "matmul_bf16",
+        x.len(),
+        m,
+        k,
+        &Weights::Bf16(w),
+        n,
+        out.len(),
     );
     assert!(
         kern.supported(),

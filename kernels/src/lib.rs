@@ -349,28 +349,40 @@ impl<'a> OutBlock<'a> {
 }
 
 fn check_matmul(x: &[f32], m: usize, k: usize, w: &Weights<'_>, n: usize, out: &[f32]) {
+    check_matmul_shapes("matmul", x.len(), m, k, w, n, out.len())
+}
+
+/// The shape checks of every matmul entry point (`what` names it in the panic message): x has
+/// m·k elements, k is a multiple of the weights' block size, w holds n·k weights, out m·n.
+pub(crate) fn check_matmul_shapes(
+    what: &str,
+    x_len: usize,
+    m: usize,
+    k: usize,
+    w: &Weights<'_>,
+    n: usize,
+    out_len: usize,
+) {
     let mk = m.checked_mul(k).expect("matmul: m*k overflows usize");
     let nk = n.checked_mul(k).expect("matmul: n*k overflows usize");
     let mn = m.checked_mul(n).expect("matmul: m*n overflows usize");
     assert!(
-        x.len() == mk,
-        "matmul: x has {} elements, expected m*k = {m}*{k}",
-        x.len()
+        x_len == mk,
+        "{what}: x has {x_len} elements, expected m*k = {m}*{k}"
     );
     assert!(
         k.is_multiple_of(w.block_size()),
-        "matmul: k = {k} is not a multiple of the weights' block size {}",
+        "{what}: k = {k} is not a multiple of the weights' block size {}",
         w.block_size()
     );
     assert!(
         w.len() == nk,
-        "matmul: w has {} elements, expected n*k = {n}*{k}",
+        "{what}: w has {} elements, expected n*k = {n}*{k}",
         w.len()
     );
     assert!(
-        out.len() == mn,
-        "matmul: out has {} elements, expected m*n = {m}*{n}",
-        out.len()
+        out_len == mn,
+        "{what}: out has {out_len} elements, expected m*n = {m}*{n}"
     );
 }
 

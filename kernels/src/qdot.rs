@@ -357,23 +357,7 @@ pub(crate) fn matmul_q8_with(
             }
         ),
     };
-    let nk = n.checked_mul(k).expect("matmul_q8: n*k overflows usize");
-    let mn = m.checked_mul(n).expect("matmul_q8: m*n overflows usize");
-    assert!(
-        k.is_multiple_of(w.block_size()),
-        "matmul_q8: k = {k} is not a multiple of the weights' block size {}",
-        w.block_size()
-    );
-    assert!(
-        w.len() == nk,
-        "matmul_q8: w has {} elements, expected n*k = {n}*{k}",
-        w.len()
-    );
-    assert!(
-        out.len() == mn,
-        "matmul_q8: out has {} elements, expected m*n = {m}*{n}",
-        out.len()
-    );
+    crate::check_matmul_shapes("matmul_q8", m * k, m, k, &w, n, out.len());
     assert!(
         kern.supported(),
         "q8-activation kernel {kern:?} not supported on this CPU"
