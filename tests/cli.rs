@@ -567,3 +567,38 @@ fn hot_set_is_remembered_and_placed_first_on_the_next_start() {
     assert!(stderr.contains("ignoring hot-set file"), "{stderr}");
     assert!(serde_json::from_slice::<serde_json::Value>(&std::fs::read(&f).unwrap()).is_ok());
 }
+
+/// `--activations` is reported in the JSON output, and a setting that covers none of the
+/// model's weights says so on stderr instead of silently doing nothing.
+#[test]
+fn activations_flag_is_reported_and_a_useless_one_warns() {
+    let args = |act: &'static str, quant: &'static str| {
+        [
+            "run",
+            "--prompt-ids",
+            "1,2",
+            "--max-tokens",
+            "2",
+            "--json",
+            "--activations",
+            act,
+            "--quantization",
+            quant,
+        ]
+    };
+    let useless = run(&args("q8", "none"));
+    assert!(useless.status.success());
+    assert_eq!(json_of(&useless)["activations"], "q8");
+    let err = String::from_utf8_lossy(&useless.stderr);
+    assert!(
+        err.contains("changes nothing") && err.contains("quantization"),
+        "no warning for q8 activations without quantized weights: {err}"
+    );
+    let useful = run(&args("q8", "q8_0"));
+    assert!(useful.status.success());
+    let err = String::from_utf8_lossy(&useful.stderr);
+    assert!(!err.contains("changes nothing"), "spurious warning: {err}");
+    let bad = run(&args("q4", "none"));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not an activation type"));
+}

@@ -134,6 +134,16 @@ impl Settings {
     }
 }
 
+/// Whether `act` takes a lower-precision kernel for weights of type `dtype` on this CPU.
+fn activation_path_covers(act: Activations, dtype: crate::weights::Dtype) -> bool {
+    use crate::weights::Dtype;
+    match act {
+        Activations::F32 => false,
+        Activations::Q8 => matches!(dtype, Dtype::Q8_0 | Dtype::Q4K),
+        Activations::Bf16 => dtype == Dtype::Bf16 && moe_kernels::bf16_activations_supported(),
+    }
+}
+
 /// Threads that read and copy experts (I/O-bound; two keep a disk and a link busy).
 pub const LOADER_THREADS: usize = 2;
 
@@ -308,8 +318,34 @@ impl Model {
                 t0.elapsed().as_secs_f64()
             );
         }
+        let mut covered = 0usize;
         for l in crate::quantize::linears(&mut mw) {
             l.activations = settings.activations;
+            covered += usize::from(activation_path_covers(settings.activations, l.weight.dtype));
+        }
+        covered += mw
+            .experts
+            .iter()
+            .flatten()
+            .filter(|e| activation_path_covers(settings.activations, e.gate.dtype))
+            .count();
+        if covered == 0 {
+            let why = match settings.activations {
+                Activations::F32 => None,
+                Activations::Q8 => Some(
+                    "activations = \"q8\" changes nothing: the model holds no q8_0 / q4_k \
+                     weights (set quantization = \"q8_0\" or \"q4_k\")",
+                ),
+                Activations::Bf16 if !moe_kernels::bf16_activations_supported() => {
+                    Some("activations = \"bf16\" changes nothing: this CPU lacks AVX512_BF16")
+                }
+                Activations::Bf16 => {
+                    Some("activations = \"bf16\" changes nothing: the model holds no bf16 weights")
+                }
+            };
+            if let Some(why) = why {
+                tracing::warn!("{why}; every matmul stays f32");
+            }
         }
         let unused_tensors = weights.unused();
         if !unused_tensors.is_empty() {
