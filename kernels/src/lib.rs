@@ -564,18 +564,33 @@ fn run_block_t<T: SimdElem>(
     }
 }
 
-/// Checks the shapes of a strided call: `m` rows of `x`/`p` of length `k`, `n` rows of `w`
-/// of length `k` at stride `ldw >= k`, and `out` of `m·cols` elements.
-fn check_strided(what: &str, x: usize, m: usize, k: usize, w: usize, ldw: usize, n: usize) {
+/// The shape checks of the strided kernels (`what` names the caller): `a` is `[m, a_cols]`;
+/// the strided matrix has `rows` rows of `len` elements at stride `ld >= len`; `out` is
+/// `[m, out_cols]`.
+fn check_strided(
+    what: &str,
+    (a_len, m, a_cols): (usize, usize, usize),
+    (w_len, rows, len, ld): (usize, usize, usize, usize),
+    (out_len, out_cols): (usize, usize),
+) {
     assert!(
-        ldw >= k,
-        "{what}: row stride {ldw} is shorter than the row length {k}"
+        ld >= len,
+        "{what}: row stride {ld} is shorter than the row length {len}"
     );
-    assert_eq!(x, m * k, "{what}: x has {x} elements, expected {m}*{k}");
+    assert_eq!(
+        a_len,
+        m * a_cols,
+        "{what}: input has {a_len} elements, expected {m}*{a_cols}"
+    );
     assert!(
-        n == 0 || w >= (n - 1) * ldw + k,
-        "{what}: {n} rows of {k} at stride {ldw} need {} elements, w has {w}",
-        (n - 1) * ldw + k
+        rows == 0 || w_len >= (rows - 1) * ld + len,
+        "{what}: {rows} rows of {len} at stride {ld} need {} elements, got {w_len}",
+        (rows - 1) * ld + len
+    );
+    assert_eq!(
+        out_len,
+        m * out_cols,
+        "{what}: out has {out_len} elements, expected {m}*{out_cols}"
     );
 }
 
@@ -607,12 +622,11 @@ pub(crate) fn dot_rows_strided_with(
     n: usize,
     out: &mut [f32],
 ) {
-    check_strided("dot_rows_strided", x.len(), m, k, w.len(), ldw, n);
-    assert_eq!(
-        out.len(),
-        m * n,
-        "dot_rows_strided: out has {} elements, expected {m}*{n}",
-        out.len()
+    check_strided(
+        "dot_rows_strided",
+        (x.len(), m, k),
+        (w.len(), n, k, ldw),
+        (out.len(), n),
     );
     assert_supported(level);
     if m == 0 || n == 0 {
@@ -660,27 +674,11 @@ pub(crate) fn weighted_sum_strided_with(
     d: usize,
     out: &mut [f32],
 ) {
-    assert_eq!(
-        p.len(),
-        m * n,
-        "weighted_sum_strided: p has {} elements, expected {m}*{n}",
-        p.len()
-    );
-    assert!(
-        ldv >= d,
-        "weighted_sum_strided: row stride {ldv} is shorter than the row length {d}"
-    );
-    assert!(
-        n == 0 || v.len() >= (n - 1) * ldv + d,
-        "weighted_sum_strided: {n} rows of {d} at stride {ldv} need {} elements, v has {}",
-        (n - 1) * ldv + d,
-        v.len()
-    );
-    assert_eq!(
-        out.len(),
-        m * d,
-        "weighted_sum_strided: out has {} elements, expected {m}*{d}",
-        out.len()
+    check_strided(
+        "weighted_sum_strided",
+        (p.len(), m, n),
+        (v.len(), n, d, ldv),
+        (out.len(), d),
     );
     assert_supported(level);
     if m == 0 || d == 0 {

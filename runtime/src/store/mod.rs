@@ -106,40 +106,6 @@ impl ExpertWeights {
         Ok(())
     }
 
-    /// `out[r] += w_r * down(silu(gate(x_r)) * up(x_r))` for the given rows of `x`, each
-    /// matmul split over the current rayon pool.
-    pub fn forward_rows(
-        &self,
-        b: &ExpertBatch,
-        x: &[f32],
-        hidden: usize,
-        act: Activations,
-        out: &mut [f32],
-    ) {
-        let y = self.ffn_rows(&b.rows, x, hidden, true, act);
-        add_weighted_rows(&b.rows, &b.weights, &y, hidden, out);
-    }
-
-    /// Unweighted expert output for the gathered rows (see [`expert_ffn_rows`]).
-    pub fn ffn_rows(
-        &self,
-        rows: &[usize],
-        x: &[f32],
-        hidden: usize,
-        parallel: bool,
-        act: Activations,
-    ) -> Vec<f32> {
-        expert_ffn_rows(
-            [self.gate.weights(), self.up.weights(), self.down.weights()],
-            self.gate.shape[0],
-            rows,
-            x,
-            hidden,
-            parallel,
-            act,
-        )
-    }
-
     /// Copies the expert into one owned buffer (positioned reads for mapped files).
     pub fn read_owned(&self) -> Result<ExpertBuf> {
         let parts = [&self.gate, &self.up, &self.down];
@@ -199,9 +165,17 @@ impl ExpertBuf {
             }
         }
     }
+}
 
-    /// Same contract as [`ExpertWeights::ffn_rows`].
-    pub fn ffn_rows(
+/// An expert's three projections as kernel weights, wherever its bytes live (mapped file or
+/// owned buffer); the SwiGLU computation is written once, here.
+pub trait ExpertParts {
+    /// gate `[inter, hidden]`, up `[inter, hidden]`, down `[hidden, inter]`.
+    fn parts(&self) -> [Weights<'_>; 3];
+    fn inter(&self) -> usize;
+
+    /// Unweighted expert output for the gathered rows (see [`expert_ffn_rows`]).
+    fn ffn_rows(
         &self,
         rows: &[usize],
         x: &[f32],
@@ -209,19 +183,12 @@ impl ExpertBuf {
         parallel: bool,
         act: Activations,
     ) -> Vec<f32> {
-        expert_ffn_rows(
-            [self.part(0), self.part(1), self.part(2)],
-            self.inter,
-            rows,
-            x,
-            hidden,
-            parallel,
-            act,
-        )
+        expert_ffn_rows(self.parts(), self.inter(), rows, x, hidden, parallel, act)
     }
 
-    /// Same contract as [`ExpertWeights::forward_rows`].
-    pub fn forward_rows(
+    /// `out[r] += w_r * down(silu(gate(x_r)) * up(x_r))` for the batch's rows of `x`, each
+    /// matmul split over the current rayon pool.
+    fn forward_rows(
         &self,
         b: &ExpertBatch,
         x: &[f32],
@@ -231,6 +198,24 @@ impl ExpertBuf {
     ) {
         let y = self.ffn_rows(&b.rows, x, hidden, true, act);
         add_weighted_rows(&b.rows, &b.weights, &y, hidden, out);
+    }
+}
+
+impl ExpertParts for ExpertWeights {
+    fn parts(&self) -> [Weights<'_>; 3] {
+        [self.gate.weights(), self.up.weights(), self.down.weights()]
+    }
+    fn inter(&self) -> usize {
+        self.gate.shape[0]
+    }
+}
+
+impl ExpertParts for ExpertBuf {
+    fn parts(&self) -> [Weights<'_>; 3] {
+        [self.part(0), self.part(1), self.part(2)]
+    }
+    fn inter(&self) -> usize {
+        self.inter
     }
 }
 

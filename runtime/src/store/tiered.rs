@@ -27,7 +27,9 @@ use parking_lot::Mutex;
 
 use super::pool::{Found, Reserved, Slot, SlotPool};
 use super::stats::LayerCounters;
-use super::{EvictionPolicy, ExpertBatch, ExpertBuf, ExpertStore, ExpertWeights, StoreStats};
+use super::{
+    EvictionPolicy, ExpertBatch, ExpertBuf, ExpertParts, ExpertStore, ExpertWeights, StoreStats,
+};
 use crate::error::{Error, Result};
 
 /// Host (RAM) tier settings.
