@@ -118,7 +118,7 @@ fn demo_streams_text_to_stdout_and_timings_to_stderr() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("tok/s"), "{stderr}");
     // Same seed, same sampled tokens.
-    let a = json_of(&run(&[
+    let seeded = [
         "run",
         "--prompt",
         "Hi",
@@ -130,20 +130,8 @@ fn demo_streams_text_to_stdout_and_timings_to_stderr() {
         "0.9",
         "--ignore-eos",
         "--json",
-    ]));
-    let b = json_of(&run(&[
-        "run",
-        "--prompt",
-        "Hi",
-        "--max-tokens",
-        "8",
-        "--seed",
-        "7",
-        "--temperature",
-        "0.9",
-        "--ignore-eos",
-        "--json",
-    ]));
+    ];
+    let (a, b) = (json_of(&run(&seeded)), json_of(&run(&seeded)));
     assert_eq!(a["tokens"], b["tokens"]);
 }
 
