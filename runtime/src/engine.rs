@@ -13,11 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::arch;
+use crate::cache::{CacheHandle, CacheKey, CacheOptions, CachePlan, ProgressSink};
 use crate::config::{GenerationConfig, ModelConfig, RawConfig};
 use crate::error::{Error, Result};
 use crate::model::{Decoder, Logits, SeqState, Trace};
 use crate::plan::{make_plan, ModelSizes, Plan, PlanRequest, Profile};
-use crate::quantize::quantize_model;
+use crate::quantize::{quantize_model, ExpertTypes};
 use crate::runconfig::{
     Activations, DeviceKind, ExpertsConfig, KvDtype, Quantization, RunConfig, SimConfig,
 };
@@ -57,6 +58,18 @@ pub struct Settings {
     pub activations: Activations,
     /// Where learned state (expert popularity, calibration) is kept; `None` = per-user folder.
     pub state_dir: Option<PathBuf>,
+    /// Persist quantized weights in `cache_dir` on the first start and map them afterwards;
+    /// `false` quantizes at load on every start and holds the result in RAM.
+    pub cache: bool,
+    /// Folder of the quantized weight cache; `None` = the per-user cache folder.
+    pub cache_dir: Option<PathBuf>,
+    /// Rebuild a damaged cache (or its damaged tensors); `false` fails naming the file.
+    pub cache_rebuild: bool,
+    /// Called as a cache build progresses (the CLI draws a progress bar with it).
+    pub cache_progress: Option<ProgressSink>,
+    /// Test hook: cache builds fail writing past this many bytes.
+    #[doc(hidden)]
+    pub cache_fail_after_bytes: Option<u64>,
     pub experts: ExpertsConfig,
     pub sim: SimConfig,
 }
@@ -76,6 +89,11 @@ impl Default for Settings {
             resident_quantization: None,
             activations: Activations::F32,
             state_dir: None,
+            cache: true,
+            cache_dir: None,
+            cache_rebuild: true,
+            cache_progress: None,
+            cache_fail_after_bytes: None,
             experts: ExpertsConfig::default(),
             sim: SimConfig::default(),
         }
@@ -98,6 +116,11 @@ impl Settings {
             resident_quantization: c.resident_quantization,
             activations: c.activations,
             state_dir: Some(c.resolved_state_dir()),
+            cache: c.cache,
+            cache_dir: Some(c.resolved_cache_dir()),
+            cache_rebuild: c.cache_rebuild,
+            cache_progress: None,
+            cache_fail_after_bytes: None,
             experts: c.experts.clone(),
             sim: c.sim.clone(),
         }
@@ -113,7 +136,63 @@ impl Settings {
         }
     }
 
-    fn plan_request(&self, max_context: usize) -> Result<PlanRequest> {
+    /// The cache folder (as a config file would resolve it).
+    pub fn resolved_cache_dir(&self) -> PathBuf {
+        match &self.cache_dir {
+            Some(d) => d.clone(),
+            None => {
+                let model_dir = self
+                    .model
+                    .as_deref()
+                    .map(std::path::Path::new)
+                    .filter(|p| p.is_dir());
+                crate::runconfig::default_cache_dir(model_dir)
+            }
+        }
+    }
+
+    /// How the cache is used, when it is.
+    pub(crate) fn cache_options(&self) -> CacheOptions {
+        CacheOptions {
+            dir: self.resolved_cache_dir(),
+            rebuild: self.cache_rebuild,
+            progress: self.cache_progress.clone(),
+            fail_after_bytes: self.cache_fail_after_bytes,
+        }
+    }
+
+    /// The resident weights' quantization.
+    pub fn resident_quantization(&self) -> Quantization {
+        self.resident_quantization.unwrap_or(self.quantization)
+    }
+
+    /// What each expert becomes: `quantization`, or the hot / cold tiers with the hot set
+    /// taken from the recorded popularity (`None`: nothing recorded, every expert is cold).
+    pub fn expert_types(
+        &self,
+        popularity: Option<&[Vec<u64>]>,
+        experts_per_layer: &[usize],
+    ) -> ExpertTypes {
+        match self.experts.tiers(self.quantization) {
+            None => ExpertTypes::Uniform(self.quantization),
+            Some((hot, cold)) => ExpertTypes::Tiered {
+                hot,
+                cold,
+                hot_set: match popularity {
+                    Some(counts) => ExpertTypes::hot_set_from(counts, self.experts.hot_fraction),
+                    None => experts_per_layer.iter().map(|&n| vec![false; n]).collect(),
+                },
+            },
+        }
+    }
+
+    /// Whether these settings map weights from the quantized cache.
+    pub fn uses_cache(&self, types: &ExpertTypes) -> bool {
+        self.cache
+            && (types.changes_anything() || self.resident_quantization() != Quantization::None)
+    }
+
+    fn plan_request(&self, max_context: usize, experts_in_ram: bool) -> Result<PlanRequest> {
         let kv_elem_bytes = match self.kv_dtype {
             KvDtype::F32 => 4,
             KvDtype::Bf16 | KvDtype::F16 => 2,
@@ -129,7 +208,7 @@ impl Settings {
             copy_latency_s: self.sim.copy_latency_us * 1e-6,
             loader_threads: LOADER_THREADS,
             kv_elem_bytes,
-            experts_in_ram: self.quantization != Quantization::None,
+            experts_in_ram,
         })
     }
 }
@@ -161,6 +240,8 @@ pub struct Model {
     pub plan: Plan,
     /// The hot-set file of this model and the counts it held at load.
     hotset: (PathBuf, String, Option<Vec<Vec<u64>>>),
+    /// The quantized weight cache the weights are mapped from, if any.
+    cache: Option<Arc<CacheHandle>>,
     pool: rayon::ThreadPool,
 }
 
@@ -251,26 +332,12 @@ pub struct TokenEvent {
 impl Model {
     /// Loads the model named by `settings` (headers and small files only; weights are mapped).
     pub fn load(settings: &Settings) -> Result<Model> {
-        let files = match &settings.model {
-            None => crate::demo::files(),
-            Some(spec) => ModelFiles::Dir(crate::hub::resolve(spec)?),
-        };
-        Self::load_files(files, settings)
+        Self::load_files(model_files(settings)?, settings)
     }
 
     /// Loads from already-located files (a folder or the embedded demo).
     pub fn load_files(files: ModelFiles, settings: &Settings) -> Result<Model> {
-        let cfg_path = files.path_of("config.json");
-        let cfg_bytes = files
-            .read_small("config.json")?
-            .ok_or_else(|| Error::ModelNotFound {
-                spec: files.label(),
-                reason: "no config.json".into(),
-            })?;
-        let raw = RawConfig::parse(cfg_path, &cfg_bytes)?;
-        let arch = arch::lookup(&raw)?;
-        let config = (arch.parse_config)(&raw)?;
-        config.validate(&raw)?;
+        let (cfg_bytes, _, arch, config) = read_config(&files)?;
 
         let generation_config = match files.read_small("generation_config.json")? {
             Some(b) => GenerationConfig::parse(&RawConfig::parse(
@@ -290,28 +357,56 @@ impl Model {
                 "max_context must be at least 2".into(),
             ));
         }
-        let request = settings.plan_request(max_context)?;
         let weights = WeightSet::open(&files)?;
         let mut mw = arch::build_decoder(&config, &weights, arch.names)?;
-        let resident_q = settings
-            .resident_quantization
-            .unwrap_or(settings.quantization);
-        let quant = quantize_model(&mut mw, settings.quantization, resident_q, true)?;
-        let sizes = ModelSizes::measure(&config, &weights, &mw, request.kv_elem_bytes, &quant);
+        let resident_q = settings.resident_quantization();
         let state_dir = settings.resolved_state_dir();
         let profile = Profile::load(&state_dir);
-        let fingerprint = crate::hotset::fingerprint(&cfg_bytes, &weights);
-        let hotset_path = crate::hotset::path(&state_dir, &fingerprint);
         let experts_per_layer: Vec<usize> = mw.experts.iter().map(Vec::len).collect();
-        let hot_counts = crate::hotset::load(&hotset_path, &fingerprint, &experts_per_layer);
+        let (hotset_path, fingerprint, hot_counts) =
+            hot_set(&state_dir, &cfg_bytes, &weights, &experts_per_layer);
+        let expert_types = settings.expert_types(hot_counts.as_deref(), &experts_per_layer);
+        if let ExpertTypes::Tiered { hot, hot_set, .. } = &expert_types {
+            let n_hot = hot_set.iter().flatten().filter(|h| **h).count();
+            let n_all: usize = experts_per_layer.iter().sum();
+            tracing::info!(
+                "precision tiers: {n_hot} of {n_all} experts hot ({}){}",
+                crate::cache::quantization_name(*hot),
+                if hot_counts.is_none() {
+                    "; no expert popularity recorded yet, so every expert starts cold"
+                } else {
+                    ""
+                }
+            );
+        }
+        let use_cache = settings.uses_cache(&expert_types);
+        let request =
+            settings.plan_request(max_context, !use_cache && expert_types.changes_anything())?;
+        let quant = quantize_model(&mut mw, &expert_types, resident_q, true)?;
+        let sizes = ModelSizes::measure(&config, &weights, &mw, request.kv_elem_bytes, &quant);
         // Refuse before anything but headers has been read.
         let plan = make_plan(&sizes, &request, &profile)?;
         for w in &plan.warnings {
             tracing::warn!("{w}");
         }
-        if quant.quantized_tensors > 0 {
+        let mut cache = None;
+        if use_cache {
+            let key = CacheKey::new(&files, &cfg_bytes, &weights, &expert_types, resident_q);
+            let cache_plan = CachePlan::new(&mut mw, key, &expert_types, settings.cache_options())?;
+            let (handle, report) = CacheHandle::attach(&mut mw, cache_plan, &expert_types)?;
+            if let Some(r) = report {
+                tracing::info!(
+                    "built {} ({:.2} GB) in {:.1} s, {:.2} GB/s of source",
+                    r.path.display(),
+                    r.file_bytes as f64 / 1e9,
+                    r.elapsed.as_secs_f64(),
+                    r.source_bytes as f64 / 1e9 / r.elapsed.as_secs_f64().max(1e-9)
+                );
+            }
+            cache = Some(Arc::new(handle));
+        } else if quant.quantized_tensors > 0 {
             let t0 = Instant::now();
-            quantize_model(&mut mw, settings.quantization, resident_q, false)?;
+            quantize_model(&mut mw, &expert_types, resident_q, false)?;
             tracing::info!(
                 "quantized {} tensors in {:.1} s",
                 quant.quantized_tensors,
@@ -356,7 +451,10 @@ impl Model {
                 unused_tensors[0]
             );
         }
-        let store = TieredStore::new(
+        let check = cache
+            .clone()
+            .map(|c| c as Arc<dyn crate::store::ExpertCheck>);
+        let store = TieredStore::with_check(
             mw.experts.clone(),
             config.hidden_size,
             config.moe_intermediate_size,
@@ -373,6 +471,7 @@ impl Model {
                     .unwrap_or_default(),
                 activations: settings.activations,
             },
+            check,
         )?;
         let decoder = Decoder {
             hidden_size: config.hidden_size,
@@ -413,8 +512,22 @@ impl Model {
             unused_tensors,
             plan,
             hotset: (hotset_path, fingerprint, hot_counts),
+            cache,
             pool,
         })
+    }
+
+    /// The quantized weight cache file the weights are mapped from, if any.
+    pub fn cache_path(&self) -> Option<&std::path::Path> {
+        self.cache.as_deref().map(CacheHandle::path)
+    }
+
+    /// Waits until a repair of the cache file started by this run (after a damaged tensor was
+    /// found) has replaced the file. Returns at once when there is none.
+    pub fn wait_for_cache_repair(&self) {
+        if let Some(c) = &self.cache {
+            c.wait_for_repair();
+        }
     }
 
     /// Remembers this run's expert popularity in `state_dir` for the next start.
@@ -597,6 +710,44 @@ pub struct PlanReport {
     pub label: String,
 }
 
+/// Reads and checks config.json: its bytes, the parsed file, the architecture and its config.
+pub(crate) fn read_config(
+    files: &ModelFiles,
+) -> Result<(Vec<u8>, RawConfig, &'static arch::Arch, ModelConfig)> {
+    let cfg_bytes = files
+        .read_small("config.json")?
+        .ok_or_else(|| Error::ModelNotFound {
+            spec: files.label(),
+            reason: "no config.json".into(),
+        })?;
+    let raw = RawConfig::parse(files.path_of("config.json"), &cfg_bytes)?;
+    let arch = arch::lookup(&raw)?;
+    let config = (arch.parse_config)(&raw)?;
+    config.validate(&raw)?;
+    Ok((cfg_bytes, raw, arch, config))
+}
+
+/// The model's hot-set file, its fingerprint and the popularity it holds (if any).
+pub(crate) fn hot_set(
+    state_dir: &std::path::Path,
+    cfg_bytes: &[u8],
+    weights: &WeightSet,
+    experts_per_layer: &[usize],
+) -> (PathBuf, String, Option<Vec<Vec<u64>>>) {
+    let fingerprint = crate::hotset::fingerprint(cfg_bytes, weights);
+    let path = crate::hotset::path(state_dir, &fingerprint);
+    let counts = crate::hotset::load(&path, &fingerprint, experts_per_layer);
+    (path, fingerprint, counts)
+}
+
+/// The files `settings.model` names (the demo model when none).
+pub(crate) fn model_files(settings: &Settings) -> Result<ModelFiles> {
+    Ok(match &settings.model {
+        None => crate::demo::files(),
+        Some(spec) => ModelFiles::Dir(crate::hub::resolve(spec)?),
+    })
+}
+
 /// Plans a model without loading it: from its headers, or from a bare `config.json` (a folder
 /// without weights, or the file itself) so a user can ask whether a model fits before
 /// downloading it. Never reads weight bytes, never measures anything.
@@ -647,18 +798,27 @@ pub fn plan_model(settings: &Settings) -> Result<PlanReport> {
             .max_position_embeddings
             .clamp(1, DEFAULT_MAX_CONTEXT_TOKENS)
     });
-    let request = settings.plan_request(max_context)?;
     let mut mw = arch::build_decoder(&config, &weights, arch.names)?;
+    let experts_per_layer: Vec<usize> = mw.experts.iter().map(Vec::len).collect();
+    let state_dir = settings.resolved_state_dir();
+    let hot_counts = if weights.is_virtual() {
+        None
+    } else {
+        hot_set(&state_dir, &cfg_bytes, &weights, &experts_per_layer).2
+    };
+    let expert_types = settings.expert_types(hot_counts.as_deref(), &experts_per_layer);
+    let request = settings.plan_request(
+        max_context,
+        !settings.uses_cache(&expert_types) && expert_types.changes_anything(),
+    )?;
     let quant = quantize_model(
         &mut mw,
-        settings.quantization,
-        settings
-            .resident_quantization
-            .unwrap_or(settings.quantization),
+        &expert_types,
+        settings.resident_quantization(),
         true,
     )?;
     let sizes = ModelSizes::measure(&config, &weights, &mw, request.kv_elem_bytes, &quant);
-    let profile = Profile::load(&settings.resolved_state_dir());
+    let profile = Profile::load(&state_dir);
     let plan = make_plan(&sizes, &request, &profile)?;
     Ok(PlanReport {
         config,

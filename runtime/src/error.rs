@@ -69,6 +69,9 @@ pub enum Error {
     /// A plan that cannot fit its budgets (the message names the budget, bytes and remedy).
     #[error("{0}")]
     Budget(String),
+    /// The quantized weight cache cannot be used or written (the message says what to do).
+    #[error("quantized weight cache {}: {reason}", path.display())]
+    Cache { path: PathBuf, reason: String },
     /// Tokenizer or chat-template failure.
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),

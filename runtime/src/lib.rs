@@ -25,8 +25,10 @@
 //! - [`tokenizer`]: tokenizer.json and chat templates; [`sampler`]: next-token choice.
 //! - [`synth`]: random-weight model writer; [`demo`]: the embedded demo model.
 //! - [`gguf`]: GGUF v3 container: streaming writer and header reader.
+//! - [`cache`]: the persisted quantized weight cache (a GGUF file per model and quantization).
 
 pub mod arch;
+pub mod cache;
 pub mod calibrate;
 pub mod config;
 pub mod demo;

@@ -33,6 +33,84 @@ pub struct QuantReport {
     pub quantized_tensors: usize,
 }
 
+/// What the expert projections become: one type for every expert, or per-expert precision
+/// tiers (the hot set in one type, the rest in another).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ExpertTypes {
+    Uniform(Quantization),
+    Tiered {
+        hot: Quantization,
+        cold: Quantization,
+        /// Per layer, per expert: whether it is hot.
+        hot_set: Vec<Vec<bool>>,
+    },
+}
+
+impl ExpertTypes {
+    /// The type of expert `expert` of `layer`.
+    pub fn of(&self, layer: usize, expert: usize) -> Quantization {
+        match self {
+            ExpertTypes::Uniform(q) => *q,
+            ExpertTypes::Tiered { hot, cold, hot_set } => {
+                let is_hot = hot_set
+                    .get(layer)
+                    .and_then(|l| l.get(expert))
+                    .copied()
+                    .unwrap_or(false);
+                if is_hot {
+                    *hot
+                } else {
+                    *cold
+                }
+            }
+        }
+    }
+
+    /// Every type an expert may take, hot first, without repeats (what a cache must hold).
+    pub fn held(&self) -> Vec<Quantization> {
+        match self {
+            ExpertTypes::Uniform(q) => vec![*q],
+            ExpertTypes::Tiered { hot, cold, .. } if hot == cold => vec![*hot],
+            ExpertTypes::Tiered { hot, cold, .. } => vec![*hot, *cold],
+        }
+    }
+
+    /// Whether any expert changes type.
+    pub fn changes_anything(&self) -> bool {
+        self.held().iter().any(|q| *q != Quantization::None)
+    }
+
+    /// Hot experts per layer: the `fraction` most popular of each layer (ties to the lower
+    /// index; experts never routed are never hot). `counts` is the recorded popularity.
+    pub fn hot_set_from(counts: &[Vec<u64>], fraction: f64) -> Vec<Vec<bool>> {
+        counts
+            .iter()
+            .map(|layer| {
+                let n = layer.len();
+                let take = ((n as f64 * fraction).ceil() as usize).min(n);
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by(|&a, &b| layer[b].cmp(&layer[a]).then(a.cmp(&b)));
+                let mut hot = vec![false; n];
+                for &e in order.iter().take(take) {
+                    if layer[e] > 0 {
+                        hot[e] = true;
+                    }
+                }
+                hot
+            })
+            .collect()
+    }
+}
+
+/// The type tensor `t` takes under `q` (its own type when `q` changes nothing or its rows do
+/// not fit the block size).
+pub fn target_dtype(t: &TensorRef, q: Quantization) -> Dtype {
+    match target(q) {
+        Some(to) if size_as(t, to).is_some() && t.dtype != to => to,
+        _ => t.dtype,
+    }
+}
+
 fn target(q: Quantization) -> Option<Dtype> {
     match q {
         Quantization::None => None,
@@ -83,6 +161,15 @@ fn decide(
     }
 }
 
+/// How a resident tensor is treated by quantization.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResidentRole {
+    /// A projection outside the experts: follows `resident_quantization`.
+    Projection,
+    /// Keeps its stored type: embeddings, routers, shared-expert gates, a tied head.
+    Kept,
+}
+
 /// Every projection outside the experts (attention, dense and shared-expert MLPs, the head),
 /// in model order.
 pub(crate) fn linears(w: &mut ModelWeights) -> Vec<&mut Linear> {
@@ -91,35 +178,75 @@ pub(crate) fn linears(w: &mut ModelWeights) -> Vec<&mut Linear> {
 
 /// [`linears`] over the fields it reads, leaving the experts free to borrow beside them.
 fn linears_of<'a>(layers: &'a mut [DecoderLayer], lm_head: &'a mut Linear) -> Vec<&'a mut Linear> {
-    let mut out: Vec<&mut Linear> = Vec::new();
+    resident_linears(layers, lm_head)
+        .into_iter()
+        .filter(|(_, role)| *role == ResidentRole::Projection)
+        .map(|(l, _)| l)
+        .collect()
+}
+
+/// Every `Linear` outside the experts with its role, in model order (routers and
+/// shared-expert gates included).
+fn resident_linears<'a>(
+    layers: &'a mut [DecoderLayer],
+    lm_head: &'a mut Linear,
+) -> Vec<(&'a mut Linear, ResidentRole)> {
+    use ResidentRole::{Kept, Projection};
+    let mut out: Vec<(&mut Linear, ResidentRole)> = Vec::new();
     for layer in layers {
         match &mut layer.mixer {
             Mixer::Attention(a) => {
-                out.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+                out.extend(
+                    [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]
+                        .map(|l| (l, Projection)),
+                );
             }
         }
         match &mut layer.ffn {
-            Ffn::Dense(m) => out.extend([&mut m.gate, &mut m.up, &mut m.down]),
+            Ffn::Dense(m) => {
+                out.extend([&mut m.gate, &mut m.up, &mut m.down].map(|l| (l, Projection)))
+            }
             Ffn::Moe(moe) => {
+                out.push((&mut moe.router.gate, Kept));
                 if let Some(s) = &mut moe.shared {
-                    out.extend([&mut s.mlp.gate, &mut s.mlp.up, &mut s.mlp.down]);
+                    out.extend(
+                        [&mut s.mlp.gate, &mut s.mlp.up, &mut s.mlp.down].map(|l| (l, Projection)),
+                    );
+                    out.push((&mut s.gate, Kept));
                 }
             }
         }
     }
-    out.push(lm_head);
+    out.push((lm_head, Projection));
+    out
+}
+
+/// Every weight tensor outside the experts that the model reads through a view, with its role,
+/// in model order: the embedding table first, then per layer, then the head. A head tied to
+/// the embedding is listed (as `Kept`) with the embedding's name.
+pub(crate) fn resident_tensors(w: &mut ModelWeights) -> Vec<(&mut TensorRef, ResidentRole)> {
+    let embed_name = w.embed.name.clone();
+    let mut out = vec![(&mut w.embed, ResidentRole::Kept)];
+    for (l, role) in resident_linears(&mut w.layers, &mut w.lm_head) {
+        let role = if l.weight.name == embed_name {
+            ResidentRole::Kept
+        } else {
+            role
+        };
+        out.push((&mut l.weight, role));
+    }
     out
 }
 
 /// Applies (or, with `dry_run`, sizes) the quantization of a built model.
 pub fn quantize_model(
     w: &mut ModelWeights,
-    experts: Quantization,
+    experts: &ExpertTypes,
     resident: Quantization,
     dry_run: bool,
 ) -> Result<QuantReport> {
     let mut report = QuantReport::default();
-    let (et, rt) = (target(experts), target(resident));
+    let rt = target(resident);
     let embed_name = w.embed.name.clone();
     // Every tensor that changes, with its new type, in model order.
     let mut jobs: Vec<(&mut TensorRef, Dtype)> = Vec::new();
@@ -136,10 +263,13 @@ pub fn quantize_model(
     }
     report.resident_saved_bytes = saved;
     let mut saved = 0;
-    for e in w.experts.iter_mut().flatten() {
-        for t in [&mut e.gate, &mut e.up, &mut e.down] {
-            if let Some(to) = decide(t, et, &mut saved, &mut report) {
-                jobs.push((t, to));
+    for (l, layer) in w.experts.iter_mut().enumerate() {
+        for (i, e) in layer.iter_mut().enumerate() {
+            let et = target(experts.of(l, i));
+            for t in [&mut e.gate, &mut e.up, &mut e.down] {
+                if let Some(to) = decide(t, et, &mut saved, &mut report) {
+                    jobs.push((t, to));
+                }
             }
         }
     }

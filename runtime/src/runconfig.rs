@@ -1,5 +1,6 @@
 //! The run configuration file (TOML): which model to run, on which device, within which memory
-//! budgets, and how the expert cache, the transfer simulator and the server behave.
+//! budgets, and how the expert cache, the quantized weight cache, the transfer simulator and the
+//! server behave.
 //!
 //! This module owns the file format: the structs below, their defaults, the size syntax of
 //! [`ByteSize`], the resolution of relative paths, and the validation rules. It reads nothing but
@@ -10,12 +11,14 @@
 //!   [`RunConfig::for_model`] is exactly "the file `model = "..."` and nothing else".
 //! - Every table rejects unknown keys, so a typo is an error rather than a silently ignored line.
 //! - A [`RunConfig`] returned by [`RunConfig::from_file`] or [`RunConfig::from_toml_str`] has
-//!   passed [`RunConfig::validate`], and its relative `model` and `state_dir` paths have been
-//!   resolved against the configuration file's folder (a Hub id `org/name` is left as written).
+//!   passed [`RunConfig::validate`], and its relative `model`, `state_dir` and `cache_dir` paths
+//!   have been resolved against the configuration file's folder (a Hub id `org/name` is left as
+//!   written).
 //! - Every error is one line naming the file, the key (dotted, e.g. `experts.policy`) where one is
 //!   at fault, and the problem.
-//! - The state folder ([`RunConfig::resolved_state_dir`]) is never inside the model folder: model
-//!   folders stay read-only inputs.
+//! - The state folder ([`RunConfig::resolved_state_dir`]) and the cache folder
+//!   ([`RunConfig::resolved_cache_dir`], [`default_cache_dir`]) are never inside the model folder:
+//!   model folders stay read-only inputs.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -25,6 +28,10 @@ use serde::{Deserialize, Serialize};
 
 /// Name of the folder, under `$XDG_STATE_HOME` or `~/.local/state`, that holds the per-user state.
 pub const STATE_DIR_NAME: &str = "moe-offload";
+
+/// Name of the folder, under `$XDG_CACHE_HOME` or `~/.cache`, that holds the quantized weight
+/// cache.
+pub const CACHE_DIR_NAME: &str = "moe-offload";
 
 /// A run configuration: the contents of one TOML file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,12 +75,31 @@ pub struct RunConfig {
     #[serde(default)]
     pub kv_dtype: KvDtype,
     /// How expert weights are held in memory: "none" (default, as stored), "bf16", "q8_0",
-    /// "q4_k". Quantized weights are made at load and held in RAM.
+    /// "q4_k". Quantized weights are made once, on the first start, persisted in `cache_dir` and
+    /// mapped from there on every later start; with `cache = false` they are made at load on
+    /// every start and held in RAM.
     #[serde(default)]
     pub quantization: Quantization,
     /// The same for resident (non-expert) weights; default: as `quantization`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resident_quantization: Option<Quantization>,
+    /// Persist quantized weights in `cache_dir` on the first start and map them on every later
+    /// start. `false` quantizes at load on every start and holds the result in RAM (for
+    /// read-only deployments). Default `true`.
+    #[serde(default = "default_true")]
+    pub cache: bool,
+    /// Folder holding the quantized weight cache files (one file per model and quantization);
+    /// created if missing; not empty, and never inside the model folder. In a file, a relative
+    /// path resolves from the file's folder; `~/` expands to the home folder.
+    /// Default: unset, meaning `$XDG_CACHE_HOME/moe-offload`, else `~/.cache/moe-offload`
+    /// (see [`RunConfig::resolved_cache_dir`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
+    /// When a cache file is damaged (checksum mismatch, truncated, wrong version, stale): `true`
+    /// rebuilds the damaged part from the source and replaces the file atomically; `false` makes
+    /// the run fail, naming the cache file. Default `true`.
+    #[serde(default = "default_true")]
+    pub cache_rebuild: bool,
     /// How activations meet the weights: "f32" (default: exact f32 activations and
     /// accumulation), "q8" (for q8_0 / q4_k weights in decode: activations rounded to 8 bits per
     /// 32-value block, integer dot products) or "bf16" (for bf16 weights on CPUs with AVX512_BF16:
@@ -95,6 +121,10 @@ pub struct RunConfig {
 
 fn default_max_batch() -> usize {
     1
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Where experts are computed.
@@ -212,6 +242,20 @@ pub struct ExpertsConfig {
     pub prefetch_depth: usize,
     /// Which cached expert is evicted first. Default `"lru"`.
     pub policy: EvictionPolicy,
+    /// Precision of the hot experts. When this or `cold_quantization` is set, the hottest
+    /// experts of each layer (by the popularity recorded in `state_dir`) use `hot_quantization`
+    /// and the others `cold_quantization`; an unset one means the top-level `quantization`. The
+    /// cache holds every expert in both types, so a changing hot set never forces a rebuild.
+    /// Default: unset (every expert uses `quantization`); see [`ExpertsConfig::tiers`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hot_quantization: Option<Quantization>,
+    /// Precision of the other (cold) experts; see `hot_quantization`. Default: unset (every
+    /// expert uses `quantization`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cold_quantization: Option<Quantization>,
+    /// Share of each layer's experts that are hot when `hot_quantization` or `cold_quantization`
+    /// is set, as a fraction; finite and from 0 to 1. Default 0.25.
+    pub hot_fraction: f64,
 }
 
 impl Default for ExpertsConfig {
@@ -221,7 +265,24 @@ impl Default for ExpertsConfig {
             prefetch: true,
             prefetch_depth: 1,
             policy: EvictionPolicy::Lru,
+            hot_quantization: None,
+            cold_quantization: None,
+            hot_fraction: 0.25,
         }
+    }
+}
+
+impl ExpertsConfig {
+    /// The `(hot, cold)` expert types when either tier key is set (an unset one resolved to
+    /// `quantization`, the top-level key); `None` when neither is set or both resolve to the same
+    /// type (every expert then uses one type).
+    pub fn tiers(&self, quantization: Quantization) -> Option<(Quantization, Quantization)> {
+        if self.hot_quantization.is_none() && self.cold_quantization.is_none() {
+            return None;
+        }
+        let hot = self.hot_quantization.unwrap_or(quantization);
+        let cold = self.cold_quantization.unwrap_or(quantization);
+        (hot != cold).then_some((hot, cold))
     }
 }
 
@@ -538,6 +599,9 @@ impl RunConfig {
             kv_dtype: KvDtype::default(),
             quantization: Quantization::None,
             resident_quantization: None,
+            cache: true,
+            cache_dir: None,
+            cache_rebuild: true,
             activations: Activations::F32,
             experts: ExpertsConfig::default(),
             sim: SimConfig::default(),
@@ -546,8 +610,9 @@ impl RunConfig {
     }
 
     /// Reads and validates a TOML file. A relative `model` (one starting with `.` or `..`, or
-    /// naming something that exists next to the file) and a relative `state_dir` resolve from the
-    /// file's folder. Errors are one line naming the file, the key and the problem.
+    /// naming something that exists next to the file) and relative `state_dir` and `cache_dir`
+    /// resolve from the file's folder. Errors are one line naming the file, the key and the
+    /// problem.
     pub fn from_file(path: &Path) -> Result<RunConfig, ConfigFileError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Io {
             path: path.to_path_buf(),
@@ -608,7 +673,8 @@ impl RunConfig {
         Ok(config)
     }
 
-    /// Resolves relative `model` and `state_dir` against `base_dir` (see the field docs).
+    /// Resolves relative `model`, `state_dir` and `cache_dir` against `base_dir` (see the field
+    /// docs).
     fn resolve_paths(&mut self, base_dir: &Path) -> Result<(), InvalidKey> {
         let home = std::env::var_os("HOME");
         if let Some(resolved) = resolve_model(&self.model, base_dir, home.as_deref()) {
@@ -620,9 +686,12 @@ impl RunConfig {
                     message: "the resolved path is not valid UTF-8".to_string(),
                 })?;
         }
-        if let Some(dir) = &self.state_dir {
+        for dir in [&mut self.state_dir, &mut self.cache_dir]
+            .into_iter()
+            .flatten()
+        {
             if !dir.as_os_str().is_empty() {
-                self.state_dir = Some(resolve_path(dir, base_dir, home.as_deref()));
+                *dir = resolve_path(dir, base_dir, home.as_deref());
             }
         }
         Ok(())
@@ -659,19 +728,20 @@ impl RunConfig {
                 "must be at least 1 (got 0; leave it out to use all cores)",
             );
         }
-        if let Some(dir) = &self.state_dir {
+        for (key, dir, what) in [
+            ("state_dir", &self.state_dir, "state"),
+            ("cache_dir", &self.cache_dir, "the cache"),
+        ] {
+            let Some(dir) = dir else { continue };
             if dir.as_os_str().is_empty() {
-                return invalid(
-                    "state_dir",
-                    "must not be empty (leave it out for the default)",
-                );
+                return invalid(key, "must not be empty (leave it out for the default)");
             }
             if let Some(model_dir) = self.local_model_dir() {
                 if is_within(dir, &model_dir) {
                     return invalid(
-                        "state_dir",
+                        key,
                         format!(
-                            "{} is inside the model folder {}; keep state outside it",
+                            "{} is inside the model folder {}; keep {what} outside it",
                             dir.display(),
                             model_dir.display()
                         ),
@@ -692,6 +762,13 @@ impl RunConfig {
                     "must be at most {MAX_PREFETCH_DEPTH} layers (got {})",
                     self.experts.prefetch_depth
                 ),
+            );
+        }
+        let fraction = self.experts.hot_fraction;
+        if !(fraction.is_finite() && (0.0..=1.0).contains(&fraction)) {
+            return invalid(
+                "experts.hot_fraction",
+                format!("must be a finite fraction from 0 to 1 (got {fraction})"),
             );
         }
         let link = self.sim.link_gb_per_s;
@@ -746,6 +823,18 @@ impl RunConfig {
         )
     }
 
+    /// The cache folder: `cache_dir`, else `$XDG_CACHE_HOME/moe-offload` (when that variable is
+    /// an absolute path), else `~/.cache/moe-offload`, else `<temp>/moe-offload-cache`.
+    /// A candidate inside the model folder is skipped: the cache never lives in the model folder.
+    pub fn resolved_cache_dir(&self) -> PathBuf {
+        cache_dir_from(
+            self.cache_dir.as_deref(),
+            self.local_model_dir().as_deref(),
+            std::env::var_os("XDG_CACHE_HOME"),
+            std::env::var_os("HOME"),
+        )
+    }
+
     /// The context length to use for a model whose `max_position_embeddings` is given:
     /// `max_context` when set, else min(`max_position_embeddings`, 4096).
     pub fn max_context_for(&self, max_position_embeddings: usize) -> usize {
@@ -764,6 +853,19 @@ impl RunConfig {
             None
         }
     }
+}
+
+/// The cache folder when no configuration file is used (the embedded API): as
+/// [`RunConfig::resolved_cache_dir`] with `cache_dir` unset, reading `XDG_CACHE_HOME` and `HOME`
+/// from the environment. `model_dir` is the model folder, if the model is one (a candidate inside
+/// it is skipped).
+pub fn default_cache_dir(model_dir: Option<&Path>) -> PathBuf {
+    cache_dir_from(
+        None,
+        model_dir,
+        std::env::var_os("XDG_CACHE_HOME"),
+        std::env::var_os("HOME"),
+    )
 }
 
 /// Where a relative `model` from a file in `base_dir` points, or `None` to leave it as written
@@ -835,25 +937,67 @@ fn state_dir_from(
     xdg_state_home: Option<OsString>,
     home: Option<OsString>,
 ) -> PathBuf {
+    let fallbacks = UserDirFallbacks {
+        xdg_home: xdg_state_home,
+        home_sub: &[".local", "state"],
+        name: STATE_DIR_NAME,
+        temp_name: "moe-offload-state",
+    };
+    user_dir_from(explicit, model_dir, fallbacks, home)
+}
+
+/// The cache folder from its sources (see [`RunConfig::resolved_cache_dir`]).
+fn cache_dir_from(
+    explicit: Option<&Path>,
+    model_dir: Option<&Path>,
+    xdg_cache_home: Option<OsString>,
+    home: Option<OsString>,
+) -> PathBuf {
+    let fallbacks = UserDirFallbacks {
+        xdg_home: xdg_cache_home,
+        home_sub: &[".cache"],
+        name: CACHE_DIR_NAME,
+        temp_name: "moe-offload-cache",
+    };
+    user_dir_from(explicit, model_dir, fallbacks, home)
+}
+
+/// Where a per-user folder goes when the configuration does not say.
+struct UserDirFallbacks {
+    /// The value of the XDG variable (`XDG_STATE_HOME`, `XDG_CACHE_HOME`).
+    xdg_home: Option<OsString>,
+    /// The XDG default under the home folder, as components (`[".local", "state"]`).
+    home_sub: &'static [&'static str],
+    /// The folder's name under the XDG folder.
+    name: &'static str,
+    /// The folder's name under the temporary folder, the last resort.
+    temp_name: &'static str,
+}
+
+/// The first of `explicit`, `<xdg_home>/<name>` (when `xdg_home` is absolute) and
+/// `<home>/<home_sub>/<name>` that is not inside `model_dir`, else `<temp>/<temp_name>`.
+fn user_dir_from(
+    explicit: Option<&Path>,
+    model_dir: Option<&Path>,
+    fallbacks: UserDirFallbacks,
+    home: Option<OsString>,
+) -> PathBuf {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(dir) = explicit {
         candidates.push(dir.to_path_buf());
     }
-    if let Some(xdg) = xdg_state_home.map(PathBuf::from) {
+    if let Some(xdg) = fallbacks.xdg_home.map(PathBuf::from) {
         // The XDG spec says relative values are invalid and must be ignored.
         if xdg.is_absolute() {
-            candidates.push(xdg.join(STATE_DIR_NAME));
+            candidates.push(xdg.join(fallbacks.name));
         }
     }
     if let Some(home) = home.filter(|h| !h.is_empty()) {
-        candidates.push(
-            PathBuf::from(home)
-                .join(".local")
-                .join("state")
-                .join(STATE_DIR_NAME),
-        );
+        let mut dir = PathBuf::from(home);
+        dir.extend(fallbacks.home_sub);
+        candidates.push(dir.join(fallbacks.name));
     }
-    let last_resort = std::env::temp_dir().join(format!("{STATE_DIR_NAME}-state"));
+    let last_resort = std::env::temp_dir().join(fallbacks.temp_name);
     candidates
         .into_iter()
         .find(|c| model_dir.is_none_or(|m| !is_within(c, m)))
@@ -1245,10 +1389,19 @@ mod tests {
         assert_eq!(c.threads, None);
         assert_eq!(c.state_dir, None);
         assert_eq!(c.kv_dtype, KvDtype::F32);
+        assert_eq!(c.quantization, Quantization::None);
+        assert_eq!(c.resident_quantization, None);
+        assert!(c.cache);
+        assert_eq!(c.cache_dir, None);
+        assert!(c.cache_rebuild);
         assert_eq!(c.experts.slots_per_layer, None);
         assert!(c.experts.prefetch);
         assert_eq!(c.experts.prefetch_depth, 1);
         assert_eq!(c.experts.policy, EvictionPolicy::Lru);
+        assert_eq!(c.experts.hot_quantization, None);
+        assert_eq!(c.experts.cold_quantization, None);
+        assert_eq!(c.experts.hot_fraction, 0.25);
+        assert_eq!(c.experts.tiers(c.quantization), None);
         assert_eq!(c.sim.link_gb_per_s, 25.0);
         assert_eq!(c.sim.copy_latency_us, 10.0);
         assert_eq!(c.server.host, "127.0.0.1");
@@ -1287,6 +1440,11 @@ max_batch = 4
 threads = 8
 state_dir = "/var/lib/moe"
 kv_dtype = "bf16"
+quantization = "q8_0"
+resident_quantization = "bf16"
+cache = false
+cache_dir = "/var/cache/moe"
+cache_rebuild = false
 activations = "q8"
 
 [experts]
@@ -1294,6 +1452,9 @@ slots_per_layer = 16
 prefetch = false
 prefetch_depth = 2
 policy = "pinned-lru"
+hot_quantization = "bf16"
+cold_quantization = "q4_k"
+hot_fraction = 0.5
 
 [sim]
 link_gb_per_s = 12.5
@@ -1317,14 +1478,20 @@ max_queue = 8
             threads: Some(8),
             state_dir: Some(PathBuf::from("/var/lib/moe")),
             kv_dtype: KvDtype::Bf16,
-            quantization: Quantization::None,
-            resident_quantization: None,
+            quantization: Quantization::Q8_0,
+            resident_quantization: Some(Quantization::Bf16),
+            cache: false,
+            cache_dir: Some(PathBuf::from("/var/cache/moe")),
+            cache_rebuild: false,
             activations: Activations::Q8,
             experts: ExpertsConfig {
                 slots_per_layer: Some(16),
                 prefetch: false,
                 prefetch_depth: 2,
                 policy: EvictionPolicy::PinnedLru,
+                hot_quantization: Some(Quantization::Bf16),
+                cold_quantization: Some(Quantization::Q4K),
+                hot_fraction: 0.5,
             },
             sim: SimConfig {
                 link_gb_per_s: 12.5,
@@ -1342,6 +1509,11 @@ max_queue = 8
         // Serialising gives a file that parses back to the same configuration.
         let written = toml::to_string(&c).unwrap();
         assert!(written.contains("vram_budget = \"7GiB\""), "{written}");
+        assert!(
+            written.contains("cache_dir = \"/var/cache/moe\""),
+            "{written}"
+        );
+        assert!(written.contains("hot_quantization = \"bf16\""), "{written}");
         assert_eq!(parse(&written).unwrap(), c);
         let defaults = RunConfig::for_model("org/name");
         assert_eq!(
@@ -1405,6 +1577,22 @@ max_queue = 8
                 "server.bogus",
                 "line 2",
             ),
+            // The tier keys did not open [experts] to anything else.
+            (
+                "model = \"m\"\n[experts]\nhot_quantization = \"q8_0\"\nhot_quant = \"q8_0\"\n",
+                "experts.hot_quant",
+                "line 4",
+            ),
+            (
+                "model = \"m\"\n[experts]\ncache_dir = \"/c\"\n",
+                "experts.cache_dir",
+                "line 3",
+            ),
+            (
+                "model = \"m\"\ncache_dirs = \"/c\"\n",
+                "cache_dirs",
+                "line 2",
+            ),
             // A whole unknown table.
             ("model = \"m\"\n[gpu]\nx = 1\n", "gpu", "line 2"),
         ];
@@ -1427,6 +1615,21 @@ max_queue = 8
             ("model = \"m\"\nmax_batch = -1\n", "max_batch: invalid value: integer `-1`"),
             ("model = \"m\"\n[experts]\npolicy = \"fifo\"\n", "experts.policy: unknown variant"),
             ("model = \"m\"\n[server]\nport = 70000\n", "server.port: invalid value"),
+            ("model = \"m\"\ncache = \"yes\"\n", "cache: invalid type"),
+            ("model = \"m\"\ncache_rebuild = 1\n", "cache_rebuild: invalid type"),
+            ("model = \"m\"\ncache_dir = 3\n", "cache_dir: invalid type"),
+            (
+                "model = \"m\"\n[experts]\nhot_quantization = \"q3\"\n",
+                "experts.hot_quantization: unknown variant `q3`",
+            ),
+            (
+                "model = \"m\"\n[experts]\ncold_quantization = 8\n",
+                "experts.cold_quantization: wanted string",
+            ),
+            (
+                "model = \"m\"\n[experts]\nhot_fraction = \"a quarter\"\n",
+                "experts.hot_fraction: invalid type",
+            ),
             ("model = \"m\"\nexperts.prefetch = \"yes\"\n", "experts.prefetch: invalid type"),
             (
                 "model = \"m\"\nsim = { copy_latency_us = 1.0, link_gb_per_s = \"fast\" }\n",
@@ -1487,6 +1690,36 @@ max_queue = 8
             ("vram_budget = \"0GiB\"", "vram_budget", "above 0"),
             ("state_dir = \"\"", "state_dir", "must not be empty"),
             (
+                "cache_dir = \"\"",
+                "cache_dir",
+                "must not be empty (leave it out for the default)",
+            ),
+            (
+                "[experts]\nhot_fraction = -0.1",
+                "experts.hot_fraction",
+                "finite fraction from 0 to 1 (got -0.1)",
+            ),
+            (
+                "[experts]\nhot_fraction = 1.5",
+                "experts.hot_fraction",
+                "finite fraction from 0 to 1 (got 1.5)",
+            ),
+            (
+                "[experts]\nhot_fraction = nan",
+                "experts.hot_fraction",
+                "(got NaN)",
+            ),
+            (
+                "[experts]\nhot_fraction = inf",
+                "experts.hot_fraction",
+                "finite fraction",
+            ),
+            (
+                "[experts]\nhot_fraction = -inf",
+                "experts.hot_fraction",
+                "finite fraction",
+            ),
+            (
                 "[experts]\nslots_per_layer = 0",
                 "experts.slots_per_layer",
                 "at least 1",
@@ -1546,12 +1779,28 @@ max_queue = 8
                     [experts]\nslots_per_layer = 1\nprefetch_depth = 4\n\
                     [sim]\ncopy_latency_us = 0.0\nlink_gb_per_s = 0.001\n[server]\nport = 1\n";
         parse(edge).unwrap();
+        for fraction in ["0.0", "1.0", "0", "1"] {
+            let c = parse(&format!(
+                "model = \"m\"\n[experts]\nhot_fraction = {fraction}\n"
+            ));
+            assert!(c.is_ok(), "{fraction}: {c:?}");
+        }
         // Flags applied after loading are checked by the same rules.
         let mut c = RunConfig::for_model("m");
         c.max_batch = 0;
         let e = c.validate().unwrap_err();
         assert_eq!(e.key, "max_batch");
         assert_eq!(e.to_string(), "max_batch: must be at least 1 (got 0)");
+        let mut c = RunConfig::for_model("m");
+        c.experts.hot_fraction = f64::NAN;
+        let e = c.validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "experts.hot_fraction: must be a finite fraction from 0 to 1 (got NaN)"
+        );
+        let mut c = RunConfig::for_model("m");
+        c.cache_dir = Some(PathBuf::new());
+        assert_eq!(c.validate().unwrap_err().key, "cache_dir");
     }
 
     #[test]
@@ -1699,6 +1948,277 @@ max_queue = 8
     }
 
     #[test]
+    fn cache_keys_parse() {
+        let c = parse("model = \"m\"\ncache = false\n").unwrap();
+        assert!(!c.cache);
+        assert!(c.cache_rebuild);
+        let c = parse("model = \"m\"\ncache_rebuild = false\n").unwrap();
+        assert!(c.cache);
+        assert!(!c.cache_rebuild);
+        let c = parse("model = \"m\"\ncache = true\ncache_rebuild = true\n").unwrap();
+        assert_eq!(c, RunConfig::for_model("m"));
+        let c = parse("model = \"m\"\ncache_dir = \"/abs/cache\"\n").unwrap();
+        assert_eq!(c.cache_dir, Some(PathBuf::from("/abs/cache")));
+        assert_eq!(c.resolved_cache_dir(), PathBuf::from("/abs/cache"));
+        for (value, q) in [
+            ("none", Quantization::None),
+            ("bf16", Quantization::Bf16),
+            ("q8_0", Quantization::Q8_0),
+            ("q4_k", Quantization::Q4K),
+        ] {
+            let c = parse(&format!(
+                "model = \"m\"\n[experts]\nhot_quantization = \"{value}\"\n"
+            ))
+            .unwrap();
+            assert_eq!(c.experts.hot_quantization, Some(q));
+            assert_eq!(c.experts.cold_quantization, None);
+            let c = parse(&format!(
+                "model = \"m\"\nexperts.cold_quantization = \"{value}\"\n"
+            ))
+            .unwrap();
+            assert_eq!(c.experts.cold_quantization, Some(q));
+            assert_eq!(c.experts.hot_quantization, None);
+        }
+        let c = parse("model = \"m\"\nexperts = { hot_fraction = 0.125 }\n").unwrap();
+        assert_eq!(c.experts.hot_fraction, 0.125);
+        // An integer is accepted as a fraction.
+        let c = parse("model = \"m\"\n[experts]\nhot_fraction = 1\n").unwrap();
+        assert_eq!(c.experts.hot_fraction, 1.0);
+    }
+
+    #[test]
+    fn expert_tiers() {
+        use Quantization as Q;
+        let tiers = |hot: Option<Q>, cold: Option<Q>, q: Q| {
+            ExpertsConfig {
+                hot_quantization: hot,
+                cold_quantization: cold,
+                ..ExpertsConfig::default()
+            }
+            .tiers(q)
+        };
+        // Neither set: one type for every expert.
+        assert_eq!(tiers(None, None, Q::Q4K), None);
+        assert_eq!(tiers(None, None, Q::None), None);
+        // Both set.
+        assert_eq!(
+            tiers(Some(Q::Bf16), Some(Q::Q4K), Q::None),
+            Some((Q::Bf16, Q::Q4K))
+        );
+        assert_eq!(
+            tiers(Some(Q::Q4K), Some(Q::Q8_0), Q::Bf16),
+            Some((Q::Q4K, Q::Q8_0))
+        );
+        // One set: the other is `quantization`.
+        assert_eq!(tiers(Some(Q::Q8_0), None, Q::Q4K), Some((Q::Q8_0, Q::Q4K)));
+        assert_eq!(tiers(None, Some(Q::Q4K), Q::Q8_0), Some((Q::Q8_0, Q::Q4K)));
+        assert_eq!(tiers(Some(Q::None), None, Q::Q4K), Some((Q::None, Q::Q4K)));
+        // Both resolve to the same type: no tiers.
+        assert_eq!(tiers(Some(Q::Q8_0), Some(Q::Q8_0), Q::None), None);
+        assert_eq!(tiers(Some(Q::Q4K), None, Q::Q4K), None);
+        assert_eq!(tiers(None, Some(Q::None), Q::None), None);
+        // From a file, against the top-level key.
+        let c = parse(
+            "model = \"m\"\nquantization = \"q4_k\"\n[experts]\nhot_quantization = \"q8_0\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.experts.tiers(c.quantization), Some((Q::Q8_0, Q::Q4K)));
+    }
+
+    #[test]
+    fn cache_dir_resolves_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        std::fs::create_dir_all(base.join("models/tiny")).unwrap();
+        std::fs::create_dir_all(base.join("conf")).unwrap();
+        let file = base.join("conf/run.toml");
+        let write_and_load = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            RunConfig::from_file(&file)
+        };
+
+        // Relative paths resolve from the file's folder, whether or not they exist.
+        let c = write_and_load("model = \"../models/tiny\"\ncache_dir = \"cache\"\n").unwrap();
+        assert_eq!(
+            c.cache_dir.as_deref(),
+            Some(base.join("conf/cache").as_path())
+        );
+        assert_eq!(c.resolved_cache_dir(), base.join("conf/cache"));
+        let c = write_and_load("model = \"m\"\ncache_dir = \"./c/../d\"\n").unwrap();
+        assert_eq!(c.cache_dir.unwrap(), base.join("conf/c/../d"));
+        let c = write_and_load("model = \"m\"\ncache_dir = \"../shared-cache\"\n").unwrap();
+        assert_eq!(c.cache_dir.unwrap(), base.join("conf/../shared-cache"));
+
+        // Absolute paths are kept.
+        let abs = base.join("abs-cache");
+        let c = write_and_load(&format!(
+            "model = \"m\"\ncache_dir = {:?}\n",
+            abs.to_str().unwrap()
+        ))
+        .unwrap();
+        assert_eq!(c.cache_dir.unwrap(), abs);
+
+        // `~/` expands to the home folder (from the environment, which is only read here).
+        let c = write_and_load("model = \"m\"\ncache_dir = \"~/moe-cache\"\n").unwrap();
+        match std::env::var_os("HOME").filter(|h| Path::new(h).is_absolute()) {
+            Some(home) => assert_eq!(c.cache_dir.unwrap(), Path::new(&home).join("moe-cache")),
+            None => assert_eq!(c.cache_dir.unwrap(), base.join("conf/~/moe-cache")),
+        }
+        assert_eq!(
+            resolve_path(
+                Path::new("~/moe-cache"),
+                Path::new("/cfg"),
+                Some(std::ffi::OsStr::new("/home/u"))
+            ),
+            PathBuf::from("/home/u/moe-cache")
+        );
+
+        // An empty one is refused, with the file named.
+        let e = write_and_load("model = \"m\"\ncache_dir = \"\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: cache_dir: must not be empty (leave it out for the default)",
+                file.display()
+            )
+        );
+
+        // A cache folder inside the model folder is refused, however it is written.
+        for inside in [
+            "../models/tiny/cache",
+            "../models/tiny",
+            "../models/./tiny/.q",
+        ] {
+            let e = write_and_load(&format!(
+                "model = \"../models/tiny\"\ncache_dir = \"{inside}\"\n"
+            ))
+            .unwrap_err();
+            match &e {
+                ConfigFileError::Invalid { key, path, message } => {
+                    assert_eq!(key, "cache_dir", "{inside}");
+                    assert_eq!(path, &file);
+                    assert!(message.contains("is inside the model folder"), "{message}");
+                    assert!(message.ends_with("keep the cache outside it"), "{message}");
+                }
+                other => panic!("{inside}: expected Invalid, got {other:?}"),
+            }
+        }
+        // Next to the model folder is fine.
+        let c = write_and_load("model = \"../models/tiny\"\ncache_dir = \"../models/cache\"\n")
+            .unwrap();
+        assert_eq!(c.resolved_cache_dir(), base.join("conf/../models/cache"));
+        // A cache folder set after loading (a flag) is checked by the same rule.
+        let mut c = RunConfig::for_model(base.join("models/tiny").to_str().unwrap());
+        c.cache_dir = Some(base.join("models/tiny/c"));
+        assert_eq!(c.validate().unwrap_err().key, "cache_dir");
+        // The resolved default is never inside the model folder either.
+        c.cache_dir = None;
+        assert!(!is_within(
+            &c.resolved_cache_dir(),
+            &base.join("models/tiny")
+        ));
+        assert!(!is_within(
+            &default_cache_dir(Some(&base.join("models/tiny"))),
+            &base.join("models/tiny")
+        ));
+    }
+
+    #[test]
+    fn cache_dir_sources() {
+        let s =
+            |explicit: Option<&str>, model: Option<&str>, xdg: Option<&str>, home: Option<&str>| {
+                cache_dir_from(
+                    explicit.map(Path::new),
+                    model.map(Path::new),
+                    xdg.map(OsString::from),
+                    home.map(OsString::from),
+                )
+            };
+        // The explicit folder first.
+        assert_eq!(
+            s(Some("/c"), None, Some("/x"), Some("/h")),
+            PathBuf::from("/c")
+        );
+        // Then an absolute XDG_CACHE_HOME.
+        assert_eq!(
+            s(None, None, Some("/x"), Some("/h")),
+            PathBuf::from("/x/moe-offload")
+        );
+        assert_eq!(
+            s(None, None, Some("/x"), None),
+            PathBuf::from("/x/moe-offload")
+        );
+        // A relative XDG_CACHE_HOME is ignored, as the XDG spec says; so is an empty one.
+        assert_eq!(
+            s(None, None, Some("rel/cache"), Some("/h")),
+            PathBuf::from("/h/.cache/moe-offload")
+        );
+        assert_eq!(
+            s(None, None, Some(""), Some("/h")),
+            PathBuf::from("/h/.cache/moe-offload")
+        );
+        // Then the home folder.
+        assert_eq!(
+            s(None, None, None, Some("/h")),
+            PathBuf::from("/h/.cache/moe-offload")
+        );
+        // Then the temporary folder.
+        assert_eq!(
+            s(None, None, None, None),
+            std::env::temp_dir().join("moe-offload-cache")
+        );
+        assert_eq!(
+            s(None, None, Some("rel"), Some("")),
+            std::env::temp_dir().join("moe-offload-cache")
+        );
+        // Never inside the model folder: such a candidate is skipped.
+        assert_eq!(
+            s(None, Some("/x"), Some("/x"), Some("/h")),
+            PathBuf::from("/h/.cache/moe-offload")
+        );
+        assert_eq!(
+            s(Some("/m/cache"), Some("/m"), None, Some("/h")),
+            PathBuf::from("/h/.cache/moe-offload")
+        );
+        assert_eq!(
+            s(None, Some("/h"), None, Some("/h")),
+            std::env::temp_dir().join("moe-offload-cache")
+        );
+        // The state folder uses its own variable and home sub-folder from the same helper.
+        assert_eq!(
+            state_dir_from(None, None, None, Some(OsString::from("/h"))),
+            PathBuf::from("/h/.local/state/moe-offload")
+        );
+        assert_ne!(
+            state_dir_from(None, None, None, None),
+            cache_dir_from(None, None, None, None)
+        );
+    }
+
+    #[test]
+    fn default_cache_dir_matches_the_config() {
+        // Both read the same environment (read, never changed, here).
+        assert_eq!(
+            default_cache_dir(None),
+            RunConfig::for_model("org/name").resolved_cache_dir()
+        );
+        assert_eq!(
+            default_cache_dir(None),
+            cache_dir_from(
+                None,
+                None,
+                std::env::var_os("XDG_CACHE_HOME"),
+                std::env::var_os("HOME")
+            )
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        std::fs::create_dir_all(&model).unwrap();
+        let c = RunConfig::for_model(model.to_str().unwrap());
+        assert_eq!(default_cache_dir(Some(&model)), c.resolved_cache_dir());
+    }
+
+    #[test]
     fn key_context_scanner() {
         let text = "a = 1\n[t.u]\nb = { c = [1, { d = 2 }], e = \"x\" }\n";
         let at = |needle: &str| key_context(text, text.find(needle).unwrap());
@@ -1753,6 +2273,10 @@ max_queue = 8
         assert_eq!(c.max_batch, 1);
         assert_eq!(c.threads, None);
         assert_eq!(c.kv_dtype, KvDtype::Bf16);
+        assert_eq!(c.quantization, Quantization::None);
+        assert!(c.cache);
+        assert_eq!(c.cache_dir, None);
+        assert!(c.cache_rebuild);
         assert_eq!(c.experts, ExpertsConfig::default());
         assert_eq!(c.sim, SimConfig::default());
         assert_eq!(c.server, ServerConfig::default());

@@ -232,6 +232,44 @@ impl ModelFiles {
     }
 }
 
+/// Maps a file we wrote ourselves (the quantized cache) read-only, with the open file kept for
+/// positioned reads.
+pub(crate) fn map_path(path: &Path) -> Result<Storage> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len == 0 {
+        return Ok(Storage::Empty);
+    }
+    // SAFETY: read-only private mapping; files in the cache folder are only ever replaced by
+    // rename, never written in place, so the mapped inode's bytes do not change under us.
+    let map = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(|e| Error::io(path, e))?;
+    Ok(Storage::Mmap { map, file })
+}
+
+impl Storage {
+    /// Reads `dst.len()` bytes at `offset` without mapping them into this process (positioned
+    /// reads for files; a copy otherwise). The caller keeps `offset + dst.len()` in bounds.
+    pub(crate) fn read_at(&self, offset: u64, dst: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            Storage::Mmap { file, .. } => {
+                use std::os::unix::fs::FileExt;
+                file.read_exact_at(dst, offset)
+            }
+            other => {
+                let b = other.bytes();
+                let start = offset as usize;
+                match b.get(start..start + dst.len()) {
+                    Some(src) => {
+                        dst.copy_from_slice(src);
+                        Ok(())
+                    }
+                    None => Err(std::io::ErrorKind::UnexpectedEof.into()),
+                }
+            }
+        }
+    }
+}
+
 /// Header entry of one tensor, bounds-checked.
 #[derive(Clone, Debug)]
 pub struct TensorInfo {
@@ -271,6 +309,18 @@ impl SafetensorsFile {
             storage: Arc::new(storage),
             tensors,
         })
+    }
+
+    /// The file's header: the 8-byte length and the JSON table (what a fingerprint covers).
+    pub fn header_bytes(&self) -> &[u8] {
+        let b = self.storage.bytes();
+        let len = u64::from_le_bytes(b[..8].try_into().expect("checked at open")) as usize;
+        &b[..8 + len]
+    }
+
+    /// The file's length in bytes.
+    pub fn len_bytes(&self) -> u64 {
+        self.storage.bytes().len() as u64
     }
 }
 
@@ -528,27 +578,86 @@ impl TensorRef {
         }
     }
 
+    /// Bytes of one row of this 2-D weight once converted to `to`, or `None` when `to` changes
+    /// nothing (same type, not 2-D, no data) or the row length does not fit `to`'s block size
+    /// (the caller keeps the source type).
+    pub fn converted_row_bytes(&self, to: Dtype) -> Option<usize> {
+        let (block, block_bytes) = match to {
+            Dtype::Q8_0 => (32, std::mem::size_of::<moe_kernels::BlockQ8_0>()),
+            Dtype::Q4K => (256, std::mem::size_of::<moe_kernels::BlockQ4K>()),
+            Dtype::Bf16 => (1, 2),
+            _ => return None,
+        };
+        if self.dtype == to || self.shape.len() != 2 || self.is_virtual() {
+            return None;
+        }
+        let k = self.shape[1];
+        if k == 0 || !k.is_multiple_of(block) {
+            return None;
+        }
+        Some(k / block * block_bytes)
+    }
+
+    /// Converts every row of this 2-D weight to `to` into `dst` (rows in order, each
+    /// [`Self::converted_row_bytes`] long), rows in parallel; the bytes do not depend on the
+    /// thread count. Panics when `to` does not apply or `dst` has the wrong length (callers
+    /// check [`Self::converted_row_bytes`] first).
+    pub fn convert_into(&self, to: Dtype, dst: &mut [u8]) -> Result<()> {
+        use rayon::prelude::*;
+        let row_bytes = self
+            .converted_row_bytes(to)
+            .expect("convert_into: conversion does not apply");
+        let (n, k) = (self.shape[0], self.shape[1]);
+        assert_eq!(dst.len(), n * row_bytes, "convert_into: destination size");
+        let src = self.clone().into_compute()?;
+        dst.par_chunks_mut(row_bytes).enumerate().for_each_init(
+            || vec![0f32; k],
+            |row, (r, dst)| {
+                moe_kernels::row_to_f32(src.weights(), r, k, row);
+                match to {
+                    Dtype::Bf16 => {
+                        for (d, x) in dst.chunks_exact_mut(2).zip(row.iter()) {
+                            d.copy_from_slice(&bf16::from_f32(*x).to_le_bytes());
+                        }
+                    }
+                    Dtype::Q8_0 => {
+                        let mut blocks = vec![
+                            moe_kernels::BlockQ8_0 {
+                                d: f16::ZERO,
+                                qs: [0; 32]
+                            };
+                            k / 32
+                        ];
+                        moe_kernels::quant::quantize_row_q8_0(row, &mut blocks);
+                        dst.copy_from_slice(block_bytes(&blocks));
+                    }
+                    _ => {
+                        let mut blocks = vec![
+                            moe_kernels::BlockQ4K {
+                                d: f16::ZERO,
+                                dmin: f16::ZERO,
+                                scales: [0; 12],
+                                qs: [0; 128]
+                            };
+                            k / 256
+                        ];
+                        moe_kernels::quant::quantize_row_q4_k(row, &mut blocks);
+                        dst.copy_from_slice(block_bytes(&blocks));
+                    }
+                }
+            },
+        );
+        Ok(())
+    }
+
     /// A quantized copy of a 2-D weight `[n, k]` (owned, 8-byte aligned), or `None` when the row
     /// length is not a multiple of the block size (the caller keeps the source type).
     /// Rows are quantized in parallel; the result does not depend on the thread count.
     pub fn quantize(&self, to: Dtype) -> Result<Option<TensorRef>> {
-        use rayon::prelude::*;
-        let (block, block_bytes) = match to {
-            Dtype::Q8_0 => (32, std::mem::size_of::<moe_kernels::BlockQ8_0>()),
-            Dtype::Q4K => (256, std::mem::size_of::<moe_kernels::BlockQ4K>()),
-            Dtype::Bf16 if self.dtype != Dtype::Bf16 => (1, 2),
-            _ => return Ok(None),
+        let Some(row_bytes) = self.converted_row_bytes(to) else {
+            return Ok(None);
         };
-        if self.shape.len() != 2 || self.is_virtual() {
-            return Ok(None);
-        }
-        let (n, k) = (self.shape[0], self.shape[1]);
-        if k == 0 || k % block != 0 {
-            return Ok(None);
-        }
-        let src = self.clone().into_compute()?;
-        let row_bytes = k / block * block_bytes;
-        let total = n * row_bytes;
+        let total = self.shape[0] * row_bytes;
         let mut words = crate::mem::zeroed_words(total.div_ceil(8));
         {
             // SAFETY: u64 has no padding and every byte pattern is valid; the byte view covers
@@ -556,42 +665,7 @@ impl TensorRef {
             let bytes = unsafe {
                 std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
             };
-            bytes[..total]
-                .par_chunks_mut(row_bytes)
-                .enumerate()
-                .for_each(|(r, dst)| {
-                    let mut row = vec![0f32; k];
-                    moe_kernels::row_to_f32(src.weights(), r, k, &mut row);
-                    match to {
-                        Dtype::Bf16 => {
-                            for (d, x) in dst.chunks_exact_mut(2).zip(&row) {
-                                d.copy_from_slice(&bf16::from_f32(*x).to_le_bytes());
-                            }
-                        }
-                        Dtype::Q8_0 => {
-                            // SAFETY: `dst` is `row_bytes` long, a whole number of 34-byte blocks
-                            // of a repr(C) type with alignment 2 (the buffer is 8-aligned and
-                            // row_bytes is even); every byte pattern is a valid block.
-                            let blocks = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    dst.as_mut_ptr().cast::<moe_kernels::BlockQ8_0>(),
-                                    k / block,
-                                )
-                            };
-                            moe_kernels::quant::quantize_row_q8_0(&row, blocks);
-                        }
-                        _ => {
-                            // SAFETY: as above for 144-byte Q4_K blocks (alignment 2).
-                            let blocks = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    dst.as_mut_ptr().cast::<moe_kernels::BlockQ4K>(),
-                                    k / block,
-                                )
-                            };
-                            moe_kernels::quant::quantize_row_q4_k(&row, blocks);
-                        }
-                    }
-                });
+            self.convert_into(to, &mut bytes[..total])?;
         }
         Ok(Some(TensorRef {
             name: self.name.clone(),
@@ -602,6 +676,32 @@ impl TensorRef {
             start: 0,
             end: total,
         }))
+    }
+
+    /// A view of `[start, end)` of `storage` as a tensor (for files this crate wrote itself,
+    /// e.g. the quantized cache, whose extents the caller has checked against the file).
+    pub(crate) fn in_storage(
+        name: String,
+        path: Arc<PathBuf>,
+        dtype: Dtype,
+        shape: Vec<usize>,
+        storage: Arc<Storage>,
+        start: usize,
+        end: usize,
+    ) -> TensorRef {
+        assert!(
+            start <= end && end <= storage.bytes().len(),
+            "in_storage: extent"
+        );
+        TensorRef {
+            name,
+            path,
+            dtype,
+            shape,
+            storage,
+            start,
+            end,
+        }
     }
 
     /// The whole tensor converted to f32 (for small tensors: norms, biases).
@@ -629,6 +729,16 @@ fn cast_slice<T: Copy>(b: &[u8]) -> &[T] {
     // SAFETY: alignment and length were checked just above; T is a plain float type (f32, bf16,
     // f16) for which every bit pattern is valid; the lifetime is tied to `b`.
     unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<T>(), b.len() / size) }
+}
+
+/// The bytes of a slice of GGML blocks.
+fn block_bytes<T: Copy>(blocks: &[T]) -> &[u8] {
+    // SAFETY: the block types are repr(C) structs of integers and f16 with no padding
+    // (their sizes are pinned by const assertions in moe_kernels::quant); any initialised
+    // value is valid to read as bytes, and the lifetime is tied to `blocks`.
+    unsafe {
+        std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), std::mem::size_of_val(blocks))
+    }
 }
 
 /// All weight files of a model, with a name -> file map.

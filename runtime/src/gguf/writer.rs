@@ -53,6 +53,12 @@ pub struct GgufWriter {
     pos: u64,
     /// Index of the tensor receiving data.
     current: usize,
+    /// The header as written (magic to the start of the data section).
+    header: Vec<u8>,
+    /// Bytes written to the file so far, header included.
+    written: u64,
+    /// Test hook: writes past this many bytes fail with an injected error.
+    fail_after: Option<u64>,
 }
 
 const ZEROS: [u8; 4096] = [0; 4096];
@@ -206,8 +212,12 @@ impl GgufWriter {
             data_start,
             pos: 0,
             current: 0,
+            header: Vec::new(),
+            written: 0,
+            fail_after: None,
         };
         w.raw(&header)?;
+        w.header = header;
         Ok(w)
     }
 
@@ -232,13 +242,38 @@ impl GgufWriter {
         self.slots.get(self.current).map(|s| s.name.as_str())
     }
 
+    /// The header bytes (magic up to the data section, padding included).
+    pub fn header_bytes(&self) -> &[u8] {
+        &self.header
+    }
+
+    /// Fault injection for tests: every write that would take the file past `bytes` fails
+    /// with an error whose message starts with "injected fault".
+    #[doc(hidden)]
+    pub fn fail_after(&mut self, bytes: u64) {
+        self.fail_after = Some(bytes);
+    }
+
     fn raw(&mut self, bytes: &[u8]) -> Result<(), GgufError> {
+        let end = self.written + bytes.len() as u64;
+        if self.fail_after.is_some_and(|limit| end > limit) {
+            return Err(GgufError::Io {
+                op: "write",
+                path: self.tmp.clone(),
+                source: io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    "injected fault: no space left on device",
+                ),
+            });
+        }
         let f = self.file.as_mut().expect("open until finish");
         f.write_all(bytes).map_err(|source| GgufError::Io {
             op: "write",
             path: self.tmp.clone(),
             source,
-        })
+        })?;
+        self.written = end;
+        Ok(())
     }
 
     fn pad_to(&mut self, target: u64) -> Result<(), GgufError> {

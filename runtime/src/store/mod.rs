@@ -75,6 +75,19 @@ pub trait ExpertStore: Send + Sync {
     }
 }
 
+/// Checks expert bytes the first time they are used, for experts mapped from a checksummed file
+/// (the quantized weight cache), and supplies a replacement for a damaged one.
+pub trait ExpertCheck: Send + Sync {
+    /// `parts` are the bytes of gate, up and down as read. `Ok(None)`: intact. `Ok(Some(w))`:
+    /// damaged, `w` is rebuilt from the source and used instead. `Err`: damaged, no replacement.
+    fn check(
+        &self,
+        layer: usize,
+        expert: usize,
+        parts: [&[u8]; 3],
+    ) -> Result<Option<ExpertWeights>>;
+}
+
 /// One expert's SwiGLU weights: gate and up `[inter, hidden]`, down `[hidden, inter]`.
 #[derive(Clone, Debug)]
 pub struct ExpertWeights {
@@ -145,6 +158,19 @@ pub struct ExpertBuf {
 impl ExpertBuf {
     pub fn size_bytes(&self) -> usize {
         self.words.len() * 8
+    }
+
+    /// The stored bytes of part `i` (0 gate, 1 up, 2 down).
+    pub fn part_bytes(&self, i: usize) -> &[u8] {
+        let (off, n, dtype) = self.parts[i];
+        let len = match dtype {
+            Dtype::Q8_0 => n / 32 * std::mem::size_of::<moe_kernels::BlockQ8_0>(),
+            Dtype::Q4K => n / 256 * std::mem::size_of::<moe_kernels::BlockQ4K>(),
+            d => n * d.size_bytes(),
+        };
+        // SAFETY: the words are initialised and hold part i at [off, off + len) (see
+        // `read_owned`); the view lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>().add(off), len) }
     }
 
     fn part(&self, i: usize) -> Weights<'_> {

@@ -28,7 +28,8 @@ use parking_lot::Mutex;
 use super::pool::{Found, Reserved, Slot, SlotPool};
 use super::stats::LayerCounters;
 use super::{
-    EvictionPolicy, ExpertBatch, ExpertBuf, ExpertParts, ExpertStore, ExpertWeights, StoreStats,
+    EvictionPolicy, ExpertBatch, ExpertBuf, ExpertCheck, ExpertParts, ExpertStore, ExpertWeights,
+    StoreStats,
 };
 use crate::error::{Error, Result};
 
@@ -128,8 +129,15 @@ enum HostView<'a> {
     Owned(Arc<ExpertBuf>),
 }
 
+/// The outcome of checking one expert's bytes: intact (`None`), its replacement, or the error.
+type Checked = std::result::Result<Option<ExpertWeights>, (std::path::PathBuf, String)>;
+
 struct Shared {
     experts: Vec<Vec<ExpertWeights>>,
+    /// Checks experts' bytes on first use (experts mapped from a checksummed cache file).
+    check: Option<Arc<dyn ExpertCheck>>,
+    /// Per (layer, expert): the check's outcome, once done.
+    checked: Vec<Vec<std::sync::OnceLock<Checked>>>,
     host_pool: Option<SlotPool>,
     counters: Vec<LayerCounters>,
     num_experts_max: usize,
@@ -175,10 +183,63 @@ impl Shared {
         layer * self.num_experts_max + expert
     }
 
-    /// Reads an expert from its file into an owned buffer. `into_ram` counts the bytes as
-    /// moved into the RAM tier (a direct file-to-device copy counts only as device bytes).
+    /// Runs the check on `parts` (the expert's bytes as read) once per expert.
+    fn checked(&self, layer: usize, expert: usize, parts: [&[u8]; 3]) -> &Checked {
+        let check = self.check.as_ref().expect("called with a check only");
+        self.checked[layer][expert].get_or_init(|| {
+            check.check(layer, expert, parts).map_err(|e| match e {
+                Error::Cache { path, reason } => (path, reason),
+                other => (std::path::PathBuf::new(), other.to_string()),
+            })
+        })
+    }
+
+    /// The weights an outcome says to use.
+    fn resolve<'a>(outcome: &'a Checked, original: &'a ExpertWeights) -> Result<&'a ExpertWeights> {
+        match outcome {
+            Ok(None) => Ok(original),
+            Ok(Some(replacement)) => Ok(replacement),
+            Err((path, reason)) => Err(Error::Cache {
+                path: path.clone(),
+                reason: reason.clone(),
+            }),
+        }
+    }
+
+    /// The expert's weights for computing where they lie (the mapped file): checked on first
+    /// use, replaced when damaged.
+    fn expert(&self, layer: usize, expert: usize) -> Result<&ExpertWeights> {
+        let original = &self.experts[layer][expert];
+        if self.check.is_none() {
+            return Ok(original);
+        }
+        let parts = [
+            original.gate.bytes(),
+            original.up.bytes(),
+            original.down.bytes(),
+        ];
+        Self::resolve(self.checked(layer, expert, parts), original)
+    }
+
+    /// Reads an expert from its file into an owned buffer (checking it on first use). `into_ram`
+    /// counts the bytes as moved into the RAM tier (a direct file-to-device copy counts only as
+    /// device bytes).
     fn read_from_file(&self, layer: usize, expert: usize, into_ram: bool) -> Result<ExpertBuf> {
-        let buf = self.experts[layer][expert].read_owned()?;
+        let original = &self.experts[layer][expert];
+        let buf = match (&self.check, self.checked[layer][expert].get()) {
+            (None, _) => original.read_owned()?,
+            (Some(_), Some(outcome)) => Self::resolve(outcome, original)?.read_owned()?,
+            (Some(_), None) => {
+                let buf = original.read_owned()?;
+                let parts = [buf.part_bytes(0), buf.part_bytes(1), buf.part_bytes(2)];
+                let w = Self::resolve(self.checked(layer, expert, parts), original)?;
+                if std::ptr::eq(w, original) {
+                    buf
+                } else {
+                    w.read_owned()?
+                }
+            }
+        };
         if into_ram {
             LayerCounters::add(
                 &self.counters[layer].bytes_file_to_ram,
@@ -208,6 +269,17 @@ impl TieredStore {
         inter: usize,
         config: TieredStoreConfig,
     ) -> Result<TieredStore> {
+        Self::with_check(experts, hidden, inter, config, None)
+    }
+
+    /// [`TieredStore::new`] over experts whose bytes `check` verifies on first use.
+    pub fn with_check(
+        experts: Vec<Vec<ExpertWeights>>,
+        hidden: usize,
+        inter: usize,
+        config: TieredStoreConfig,
+        check: Option<Arc<dyn ExpertCheck>>,
+    ) -> Result<TieredStore> {
         for e in experts.iter().flatten() {
             e.check(hidden, inter)?;
         }
@@ -225,6 +297,11 @@ impl TieredStore {
             (d, pools)
         });
         let shared = Arc::new(Shared {
+            checked: experts
+                .iter()
+                .map(|l| l.iter().map(|_| std::sync::OnceLock::new()).collect())
+                .collect(),
+            check,
             experts,
             host_pool,
             counters: (0..layers).map(|_| LayerCounters::default()).collect(),
@@ -306,7 +383,7 @@ impl TieredStore {
             if count {
                 LayerCounters::add(&c.hits, 1);
             }
-            return Ok(HostView::Mapped(&self.shared.experts[layer][expert]));
+            return Ok(HostView::Mapped(self.shared.expert(layer, expert)?));
         };
         let key = self.shared.key(layer, expert);
         if let Some(Found { slot, prefetch_hit }) = pool.lookup(key) {

@@ -1,0 +1,229 @@
+//! The cache commands of the embedded API (`moe-serve cache build|verify|info|clear`): each
+//! opens the model's headers only, never its weights, except to build.
+
+use std::path::{Path, PathBuf};
+
+use super::{
+    BuildReport, CacheFile, CacheKey, CachePlan, Problem, KEY_EXPERT_TYPES, KEY_FINGERPRINT,
+    KEY_RESIDENT_TYPE, KEY_SOURCE, KEY_SOURCE_TYPES, KEY_VERSION,
+};
+use crate::engine::{hot_set, model_files, read_config, Settings};
+use crate::error::{Error, Result};
+use crate::weights::WeightSet;
+
+/// The cache plan of the model `settings` name (path, tensors), from its headers.
+pub fn plan_for(settings: &Settings) -> Result<CachePlan> {
+    let files = model_files(settings)?;
+    let (cfg_bytes, _, arch, config) = read_config(&files)?;
+    let weights = WeightSet::open(&files)?;
+    let mut mw = crate::arch::build_decoder(&config, &weights, arch.names)?;
+    let experts_per_layer: Vec<usize> = mw.experts.iter().map(Vec::len).collect();
+    let counts = hot_set(
+        &settings.resolved_state_dir(),
+        &cfg_bytes,
+        &weights,
+        &experts_per_layer,
+    )
+    .2;
+    // The file does not depend on the hot set (it holds every tier's type).
+    let types = settings.expert_types(counts.as_deref(), &experts_per_layer);
+    if !(types.changes_anything()
+        || settings.resident_quantization() != crate::runconfig::Quantization::None)
+    {
+        return Err(Error::InvalidRequest(
+            "quantization = \"none\": nothing is quantized, so nothing is cached (set quantization, e.g. \"q8_0\")".into(),
+        ));
+    }
+    let key = CacheKey::new(
+        &files,
+        &cfg_bytes,
+        &weights,
+        &types,
+        settings.resident_quantization(),
+    );
+    CachePlan::new(&mut mw, key, &types, settings.cache_options())
+}
+
+/// What `build` did.
+#[derive(Clone, Debug)]
+pub struct BuildOutcome {
+    pub path: PathBuf,
+    pub file_bytes: u64,
+    /// `None` when an intact file was already there.
+    pub report: Option<BuildReport>,
+}
+
+/// Builds the cache of the model `settings` name, unless an intact one exists (`force`
+/// rebuilds it anyway).
+pub fn build(settings: &Settings, force: bool) -> Result<BuildOutcome> {
+    let plan = plan_for(settings)?;
+    let (file, report) = plan.open_or_build(force)?;
+    Ok(BuildOutcome {
+        path: plan.path.clone(),
+        file_bytes: file.file_bytes(),
+        report,
+    })
+}
+
+/// What `verify` found.
+#[derive(Clone, Debug)]
+pub struct VerifyReport {
+    pub path: PathBuf,
+    /// Why the file cannot be used at all (absent, truncated, stale...), if so.
+    pub problem: Option<String>,
+    pub tensors: usize,
+    /// Tensors whose checksum fails.
+    pub damaged: Vec<String>,
+    pub file_bytes: u64,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.problem.is_none() && self.damaged.is_empty()
+    }
+}
+
+/// Reads the whole cache file of the model `settings` name and checks every checksum.
+pub fn verify(settings: &Settings) -> Result<VerifyReport> {
+    let plan = plan_for(settings)?;
+    let mut report = VerifyReport {
+        path: plan.path.clone(),
+        problem: None,
+        tensors: plan.entries.len(),
+        damaged: Vec::new(),
+        file_bytes: 0,
+    };
+    match plan.open() {
+        Err(p) => report.problem = Some(p.to_string()),
+        Ok(file) => {
+            report.file_bytes = file.file_bytes();
+            let intact = file.verify_all()?;
+            report.damaged = intact
+                .iter()
+                .zip(&plan.entries)
+                .filter(|(ok, _)| !**ok)
+                .map(|(_, e)| e.name.clone())
+                .collect();
+        }
+    }
+    Ok(report)
+}
+
+/// One tensor of a cache file, as `info` lists it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TensorRow {
+    pub name: String,
+    /// GGML type name (`Q8_0`, `BF16`, ...).
+    pub dtype: String,
+    /// Shape, outermost first (as the source stores it).
+    pub shape: Vec<u64>,
+    pub bytes: u64,
+    /// The source's dtype.
+    pub source_dtype: String,
+    /// Stored in its source type (not quantized).
+    pub kept: bool,
+}
+
+/// What `info` shows of a cache file.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CacheInfo {
+    pub path: PathBuf,
+    pub file_bytes: u64,
+    pub version: u64,
+    pub fingerprint: String,
+    pub source: String,
+    pub expert_types: Vec<String>,
+    pub resident_type: String,
+    pub tensors: Vec<TensorRow>,
+}
+
+/// Describes a cache file from its header (reads no tensor data).
+pub fn info(path: &Path) -> Result<CacheInfo> {
+    let file = CacheFile::open(path, None).map_err(|p| match p {
+        Problem::Missing => Error::cache(path, "not built yet (run `moe-serve cache build`)"),
+        p => Error::cache(path, p.to_string()),
+    })?;
+    let sources = file.meta_strings(KEY_SOURCE_TYPES);
+    let tensors = file.header.tensors[..file.len()]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let source_dtype = sources.get(i).cloned().unwrap_or_default();
+            TensorRow {
+                name: t.name.clone(),
+                dtype: t.ty.name().to_string(),
+                shape: t.dims.iter().rev().copied().collect(),
+                bytes: t.size,
+                kept: source_dtype == t.ty.name(),
+                source_dtype,
+            }
+        })
+        .collect();
+    Ok(CacheInfo {
+        path: path.to_path_buf(),
+        file_bytes: file.file_bytes(),
+        version: file
+            .header
+            .get(KEY_VERSION)
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0),
+        fingerprint: file.meta_str(KEY_FINGERPRINT).unwrap_or("").to_string(),
+        source: file.meta_str(KEY_SOURCE).unwrap_or("").to_string(),
+        expert_types: file.meta_strings(KEY_EXPERT_TYPES),
+        resident_type: file.meta_str(KEY_RESIDENT_TYPE).unwrap_or("").to_string(),
+        tensors,
+    })
+}
+
+/// Removes the cache files of the model `settings` name (every quantization, fingerprint and
+/// version built from its folder), or with `all` every cache file in `cache_dir`, with their
+/// lock and temporary files. Returns each removed cache file and its size.
+pub fn clear(settings: &Settings, all: bool) -> Result<Vec<(PathBuf, u64)>> {
+    let dir = settings.resolved_cache_dir();
+    let source = if all {
+        None
+    } else {
+        Some(super::source_of(&model_files(settings)?))
+    };
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(Error::io(&dir, e)),
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
+            continue;
+        }
+        let Ok(h) = crate::gguf::GgufFile::open(&path) else {
+            continue;
+        };
+        if h.get(KEY_VERSION).is_none() {
+            continue; // not one of ours
+        }
+        let matches = match &source {
+            None => true,
+            Some(s) => h.get(KEY_SOURCE).and_then(|v| v.as_str()) == Some(s.as_str()),
+        };
+        if !matches {
+            continue;
+        }
+        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        let _ = std::fs::remove_file(super::with_suffix(&path, ".lock"));
+        removed.push((path, h.file_len));
+    }
+    // Temporary files of interrupted builds of the removed files.
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if removed.iter().any(|(p, _)| {
+                p.file_name()
+                    .is_some_and(|f| name.starts_with(&format!("{}.tmp-", f.to_string_lossy())))
+            }) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,332 @@
+//! Tests of the quantized weight cache: determinism, crash and fault safety, and detection of
+//! every kind of damaged file, on the embedded demo model.
+
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::engine::{read_config, Settings};
+use crate::quantize::ExpertTypes;
+use crate::runconfig::Quantization;
+use crate::weights::WeightSet;
+
+/// The demo model's cache plan for `q` in `dir`.
+fn demo_plan(dir: &Path, q: Quantization, rebuild: bool) -> CachePlan {
+    let files = crate::demo::files();
+    let (cfg, _, arch, config) = read_config(&files).unwrap();
+    let weights = WeightSet::open(&files).unwrap();
+    let mut mw = crate::arch::build_decoder(&config, &weights, arch.names).unwrap();
+    let types = ExpertTypes::Uniform(q);
+    let key = CacheKey::new(&files, &cfg, &weights, &types, q);
+    CachePlan::new(
+        &mut mw,
+        key,
+        &types,
+        CacheOptions {
+            dir: dir.to_path_buf(),
+            rebuild,
+            progress: None,
+            fail_after_bytes: None,
+        },
+    )
+    .unwrap()
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn build_in(dir: &Path) -> (CachePlan, PathBuf) {
+    let plan = demo_plan(dir, Quantization::Q8_0, true);
+    let (_, report) = plan.open_or_build(false).unwrap();
+    assert!(report.is_some(), "first open builds");
+    let path = plan.path.clone();
+    (plan, path)
+}
+
+#[test]
+fn rebuilds_are_byte_identical_at_any_thread_count() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let four = rayon::ThreadPoolBuilder::new()
+        .num_threads(4)
+        .build()
+        .unwrap();
+    let (_, pa) = one.install(|| build_in(a.path()));
+    let (_, pb) = four.install(|| build_in(b.path()));
+    let (x, y) = (std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap());
+    assert!(x.len() > 100_000, "the demo cache holds the model");
+    assert!(x == y, "cache bytes depend on the thread count");
+    // The name carries the fingerprint, the types and the format version.
+    let name = pa.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.ends_with(".x-q8_0.r-q8_0.v1.gguf"), "{name}");
+}
+
+#[test]
+fn second_open_reuses_the_file_and_expert_ranges_are_contiguous() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, path) = build_in(dir.path());
+    let before = std::fs::metadata(&path).unwrap();
+    let (file, report) = plan.open_or_build(false).unwrap();
+    assert!(report.is_none(), "an intact file is reused");
+    let after = std::fs::metadata(&path).unwrap();
+    assert_eq!(before.modified().unwrap(), after.modified().unwrap());
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(before.ino(), after.ino(), "the file was replaced");
+    // Gate, up and down of one expert lie back to back (padding only to the alignment).
+    let tensors = &file.header.tensors;
+    for (i, e) in plan.entries.iter().enumerate() {
+        if let Role::Expert { part: 1 | 2, .. } = e.role {
+            let prev = &tensors[i - 1];
+            let gap = tensors[i].offset - (prev.offset + prev.size);
+            assert!(gap < ALIGNMENT, "{}: gap {gap}", e.name);
+        }
+    }
+    // Every tensor is aligned, and every expert tensor is q8_0 (the demo's rows fit 32).
+    assert!(tensors.iter().all(|t| t.offset % ALIGNMENT == 0));
+    assert!(plan
+        .entries
+        .iter()
+        .filter(|e| matches!(e.role, Role::Expert { .. }))
+        .all(|e| e.to == crate::weights::Dtype::Q8_0));
+}
+
+#[test]
+fn an_injected_write_failure_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plan = demo_plan(dir.path(), Quantization::Q8_0, true);
+    plan.options.fail_after_bytes = Some(200_000);
+    let err = plan.open_or_build(false).unwrap_err().to_string();
+    assert!(
+        err.contains("injected fault"),
+        "the fault did not fire: {err}"
+    );
+    assert!(err.contains(&plan.path.display().to_string()), "{err}");
+    assert!(err.contains("cache_dir"), "no remedy in: {err}");
+    let left: Vec<String> = files_in(dir.path())
+        .into_iter()
+        .filter(|n| !n.ends_with(".lock"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // The next build (no fault) succeeds.
+    plan.options.fail_after_bytes = None;
+    assert!(plan.open_or_build(false).unwrap().1.is_some());
+}
+
+#[test]
+fn a_killed_build_leaves_only_a_temporary_file_that_the_next_build_removes() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = demo_plan(dir.path(), Quantization::Q8_0, true);
+    // What a build killed mid-way leaves: a partial temporary file of another process.
+    let tmp = with_suffix(&plan.path, ".tmp-999999");
+    std::fs::write(&tmp, b"GGUF partial").unwrap();
+    assert_eq!(plan.open().unwrap_err(), Problem::Missing);
+    plan.open_or_build(false).unwrap();
+    assert!(!tmp.exists(), "stale temporary file kept");
+}
+
+/// Builds, damages the file with `damage`, and returns the problem opening reports.
+fn problem_after(damage: impl FnOnce(&Path, &CachePlan)) -> Problem {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, path) = build_in(dir.path());
+    damage(&path, &plan);
+    plan.open().expect_err("a damaged file opened")
+}
+
+fn flip_byte(path: &Path, at: u64) {
+    let mut b = std::fs::read(path).unwrap();
+    b[at as usize] ^= 0x40;
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn truncated_extended_and_header_damaged_files_are_detected_at_open() {
+    let p = problem_after(|path, _| {
+        let len = std::fs::metadata(path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.set_len(len / 2).unwrap();
+    });
+    assert!(matches!(p, Problem::Unreadable(_)), "{p:?}");
+    let p = problem_after(|path, _| {
+        let len = std::fs::metadata(path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.set_len(len + 4096).unwrap();
+    });
+    assert!(matches!(p, Problem::Length { .. }), "{p:?}");
+    // A byte inside a tensor's shape in the header: caught by the layout check or the
+    // header checksum, never used.
+    let p = problem_after(|path, plan| {
+        let name = plan.entries[3].name.as_bytes();
+        let b = std::fs::read(path).unwrap();
+        let at = b.windows(name.len()).position(|w| w == name).unwrap();
+        flip_byte(path, (at + name.len() + 4) as u64);
+    });
+    assert!(
+        matches!(
+            p,
+            Problem::Layout(_) | Problem::HeaderChecksum | Problem::Unreadable(_)
+        ),
+        "{p:?}"
+    );
+    // A byte of the checksum table itself.
+    let p = problem_after(|path, _| {
+        let table = CacheFile::open(path, None)
+            .unwrap()
+            .header
+            .tensors
+            .last()
+            .unwrap()
+            .offset;
+        flip_byte(path, table + 3);
+    });
+    assert!(matches!(p, Problem::HeaderChecksum), "{p:?}");
+}
+
+#[test]
+fn wrong_version_stale_and_foreign_files_are_detected() {
+    let p = problem_after(|path, _| {
+        let key = KEY_VERSION.as_bytes();
+        let b = std::fs::read(path).unwrap();
+        let at = b.windows(key.len()).position(|w| w == key).unwrap();
+        // key, then value type u32, then the u32 version.
+        flip_byte(path, (at + key.len() + 4) as u64);
+    });
+    assert!(matches!(p, Problem::Version { .. }), "{p:?}");
+
+    // Another model's cache under this model's name.
+    let dir = tempfile::tempdir().unwrap();
+    let mut plan = demo_plan(dir.path(), Quantization::Q8_0, true);
+    plan.key.fingerprint = format!("{:032x}", 7);
+    plan.open_or_build(false).unwrap();
+    let real = demo_plan(dir.path(), Quantization::Q8_0, true);
+    std::fs::rename(&plan.path, &real.path).unwrap();
+    assert!(matches!(real.open(), Err(Problem::Stale { .. })));
+    // With cache_rebuild = false that is an error naming the file ...
+    let strict = demo_plan(dir.path(), Quantization::Q8_0, false);
+    let err = strict.open_or_build(false).unwrap_err().to_string();
+    assert!(
+        err.contains("stale") && err.contains("cache_rebuild = false"),
+        "{err}"
+    );
+    assert!(err.contains(&real.path.display().to_string()), "{err}");
+    // ... and by default it is rebuilt.
+    assert!(real.open_or_build(false).unwrap().1.is_some());
+    assert!(real.open().is_ok());
+
+    // A GGUF file that is not a cache.
+    let foreign = tempfile::tempdir().unwrap();
+    let plan = demo_plan(foreign.path(), Quantization::Q8_0, true);
+    let spec = crate::gguf::TensorSpec::new("x", vec![32], crate::gguf::GgmlType::F32);
+    let mut w = crate::gguf::GgufWriter::create(&plan.path, &[], &[spec], 32).unwrap();
+    w.write(&[0u8; 128]).unwrap();
+    w.finish().unwrap();
+    assert_eq!(plan.open().err(), Some(Problem::Foreign));
+    // Not GGUF at all.
+    std::fs::write(&plan.path, b"not a gguf file at all, just text").unwrap();
+    assert!(matches!(plan.open(), Err(Problem::Unreadable(_))));
+}
+
+#[test]
+fn a_flipped_tensor_byte_is_found_by_its_checksum_and_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, path) = build_in(dir.path());
+    let good = std::fs::read(&path).unwrap();
+    let file = plan.open().unwrap();
+    // An expert's down projection, in the middle of the file.
+    let i = plan
+        .entries
+        .iter()
+        .position(|e| {
+            matches!(
+                e.role,
+                Role::Expert {
+                    layer: 2,
+                    expert: 3,
+                    part: 2,
+                    ..
+                }
+            )
+        })
+        .unwrap();
+    let t = file.header.tensors[i].clone();
+    drop(file);
+    flip_byte(&path, t.offset + t.size / 2);
+    // Opening reads no tensor data, so it succeeds; the tensor's check fails.
+    let file = plan.open().unwrap();
+    let intact = file.verify_all().unwrap();
+    assert_eq!(
+        intact
+            .iter()
+            .enumerate()
+            .filter(|(_, ok)| !**ok)
+            .map(|(j, _)| j)
+            .collect::<Vec<_>>(),
+        vec![i]
+    );
+    // A repair copies the intact tensors and converts the damaged one again: the original
+    // bytes come back.
+    let report = plan.write(Some((&file, &intact))).unwrap();
+    assert_eq!(report.converted_tensors, 1);
+    assert_eq!(std::fs::read(&path).unwrap(), good);
+}
+
+#[test]
+fn concurrent_builders_of_one_file_build_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let reports: Vec<bool> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    let plan = demo_plan(dir.path(), Quantization::Q8_0, true);
+                    plan.open_or_build(false).unwrap().1.is_some()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(reports.iter().filter(|b| **b).count(), 1, "{reports:?}");
+    let plan = demo_plan(dir.path(), Quantization::Q8_0, true);
+    assert!(plan.open().is_ok());
+}
+
+#[test]
+fn stale_caches_of_the_same_source_are_removed_when_a_new_one_is_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut old = demo_plan(dir.path(), Quantization::Q8_0, true);
+    old.key.fingerprint = format!("{:032x}", 42);
+    old.path = dir.path().join(old.key.file_name());
+    old.open_or_build(false).unwrap();
+    assert!(old.path.exists());
+    let (_, new) = build_in(dir.path());
+    assert!(new.exists());
+    assert!(!old.path.exists(), "stale cache of the same source kept");
+}
+
+#[test]
+fn settings_resolve_the_cache_folder() {
+    let s = Settings {
+        cache_dir: Some(PathBuf::from("/tmp/x")),
+        ..Settings::default()
+    };
+    assert_eq!(s.cache_options().dir, PathBuf::from("/tmp/x"));
+    let q = Settings {
+        quantization: Quantization::Q8_0,
+        ..Settings::default()
+    };
+    assert!(q.uses_cache(&ExpertTypes::Uniform(Quantization::Q8_0)));
+    let none = Settings::default();
+    assert!(!none.uses_cache(&ExpertTypes::Uniform(Quantization::None)));
+    let off = Settings { cache: false, ..q };
+    assert!(!off.uses_cache(&ExpertTypes::Uniform(Quantization::Q8_0)));
+}
