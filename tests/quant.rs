@@ -10,10 +10,19 @@ use common::{max_abs_diff, variants, Reference};
 use moe_runtime::runconfig::Quantization;
 use moe_runtime::{Logits, Model, Settings};
 
+/// One cache folder for this test process (never the per-user one).
+fn cache_dir() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().unwrap())
+        .path()
+        .to_path_buf()
+}
+
 fn load(dir: &std::path::Path, q: Quantization) -> Model {
     Model::load(&Settings {
         model: Some(dir.join("model").to_string_lossy().into_owned()),
         quantization: q,
+        cache_dir: Some(cache_dir()),
         ..Default::default()
     })
     .unwrap()
@@ -149,15 +158,21 @@ fn quantized_sizes_are_planned_before_loading() {
         f32p.sizes.total_expert_bytes * 34
     );
     assert!(q8p.sizes.resident_bytes < f32p.sizes.resident_bytes);
-    // Quantized experts live in RAM: a budget without room for them is refused.
-    let tight = moe_runtime::plan_model(&Settings {
-        model: Some(dir.join("model").to_string_lossy().into_owned()),
-        quantization: Quantization::Q8_0,
-        ram_budget: Some(q8p.sizes.resident_bytes + q8p.kv_bytes + q8p.transient_bytes + 1000),
-        ..Default::default()
-    });
-    let e = tight.err().expect("refused").to_string();
+    // Quantized at load (no cache), experts live in RAM: a budget without room for them is
+    // refused. From the cache they are mapped like any weight file, so the same budget plans.
+    let tight = |cache: bool| {
+        moe_runtime::plan_model(&Settings {
+            model: Some(dir.join("model").to_string_lossy().into_owned()),
+            quantization: Quantization::Q8_0,
+            ram_budget: Some(q8p.sizes.resident_bytes + q8p.kv_bytes + q8p.transient_bytes + 1000),
+            cache,
+            ..Default::default()
+        })
+    };
+    let e = tight(false).err().expect("refused").to_string();
     assert!(e.contains("quantized experts are held in RAM"), "{e}");
+    let p = tight(true).expect("experts served from the cache file");
+    assert!(p.plan.file_experts > 0, "{:?}", p.plan);
 }
 
 /// The lower-precision activation paths: `activations = "q8"` on q8_0 weights and `"bf16"` on
@@ -180,6 +195,7 @@ fn lower_precision_activations_stay_close_and_take_effect() {
                     model: Some(v.dir.join("model").to_string_lossy().into_owned()),
                     quantization,
                     activations,
+                    cache_dir: Some(cache_dir()),
                     ..Default::default()
                 })
                 .unwrap();
