@@ -19,49 +19,11 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
-use common::{arg, cpu_model};
-
-/// Runs a command, returning its stdout, whether it succeeded, and its peak RSS in bytes.
-fn run_measured(cmd: &mut Command) -> Result<(String, u64), String> {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    let mut err = String::new();
-    child
-        .stdout
-        .take()
-        .expect("piped")
-        .read_to_string(&mut out)
-        .map_err(|e| e.to_string())?;
-    child
-        .stderr
-        .take()
-        .expect("piped")
-        .read_to_string(&mut err)
-        .map_err(|e| e.to_string())?;
-    let mut status = 0i32;
-    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: wait4 on our own child's pid writes its exit status and resource usage into the
-    // two valid pointers; the child has not been waited for yet (std's Child is never waited).
-    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, ru.as_mut_ptr()) };
-    if r < 0 {
-        return Err("wait4 failed".into());
-    }
-    // SAFETY: filled by the successful wait4 above (zeroed before in any case).
-    let maxrss_kb = unsafe { ru.assume_init() }.ru_maxrss as u64;
-    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        return Err(err.lines().last().unwrap_or("failed").to_string());
-    }
-    Ok((out, maxrss_kb * 1024))
-}
+use common::{arg, binary, cpu_model, run_measured, warm_page_cache};
 
 /// Best of several 2-thread streaming reads over a buffer far larger than the caches, bytes/s.
 fn read_bandwidth() -> f64 {
@@ -91,32 +53,6 @@ fn read_bandwidth() -> f64 {
         best = best.max(BYTES as f64 / t.elapsed().as_secs_f64());
     }
     best
-}
-
-/// Reads a model file, or every file of a model folder, once, so each engine starts with its
-/// weights in the page cache (the HF folder and the GGUF files together exceed RAM on small
-/// machines, so each run would otherwise read part of its weights from disk while timed).
-fn warm_page_cache(path: &Path) {
-    let mut buf = vec![0u8; 8 << 20];
-    let files: Vec<PathBuf> = if path.is_dir() {
-        std::fs::read_dir(path)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .collect()
-    } else {
-        vec![path.to_path_buf()]
-    };
-    for f in files {
-        if let Ok(mut f) = std::fs::File::open(f) {
-            while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
-        }
-    }
-}
-
-fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/moe-serve")
 }
 
 struct Row {

@@ -10,8 +10,15 @@
 //!
 //! ```sh
 //! cargo bench --bench quality -- --model DIR [--tokens 128] [--types bf16,q8_0,q4_k]
-//!     [--activations f32,q8,bf16] [--resident TYPE] [--threads N]
+//!     [--activations f32,q8,bf16] [--resident TYPE] [--threads N] [--cache-dir DIR]
+//!     [--tiers HOT:COLD] [--hot-fraction 0.25]
 //! ```
+//! `--tiers` adds a row for per-expert precision tiers (`[experts] hot_quantization` /
+//! `cold_quantization`): the model is loaded once with the tiers and no recorded popularity,
+//! runs a warm-up prompt of other ids (its routing is the trace the hot set is learned from),
+//! saves that popularity in a temporary state folder, and is loaded again, so the measured
+//! prompt runs with the hot set a previous run left, as in use. Quantized loads map the
+//! quantized weight cache in `--cache-dir` (default: the per-user cache folder).
 //! `--activations` lists the activation types to measure each type with (`q8` rows for q8_0
 //! and q4_k, `bf16` rows for none and bf16: the weights each path covers).
 //! `--resident` sets `resident_quantization` for the quantized loads (default: as the type
@@ -29,7 +36,8 @@ use moe_runtime::runconfig::{Activations, Quantization};
 use moe_runtime::{Logits, Model, Settings};
 
 const USAGE: &str = "usage: cargo bench --bench quality -- --model DIR [--tokens N (128)] \
-[--types bf16,q8_0,q4_k] [--activations f32,q8,bf16] [--resident none|bf16|q8_0|q4_k] [--threads N]";
+[--types bf16,q8_0,q4_k] [--activations f32,q8,bf16] [--resident none|bf16|q8_0|q4_k] [--threads N] \
+[--cache-dir DIR] [--tiers HOT:COLD] [--hot-fraction F (0.25)]";
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T>
 where
@@ -190,8 +198,19 @@ fn main() {
         model: Some(model.clone()),
         threads: arg(&args, "--threads"),
         max_context: Some(tokens + 1),
+        cache_dir: common::arg(&args, "--cache-dir").map(Into::into),
         ..Settings::default()
     };
+    let tiers: Option<(Quantization, Quantization)> = common::arg(&args, "--tiers").map(|t| {
+        let parsed = t
+            .split_once(':')
+            .and_then(|(h, c)| Some((h.parse().ok()?, c.parse().ok()?)));
+        parsed.unwrap_or_else(|| {
+            eprintln!("error: --tiers {t}: expected HOT:COLD, e.g. q8_0:q4_k\n{USAGE}");
+            exit(2)
+        })
+    });
+    let hot_fraction: f64 = arg(&args, "--hot-fraction").unwrap_or(0.25);
 
     let (reference, vocab, ref_load_s, m) = logits(&base, tokens);
     println!(
@@ -252,5 +271,53 @@ fn main() {
                 r.max_abs, r.mean_abs, r.mean_kl, r.top1_pct
             );
         }
+    }
+    if let Some((hot, cold)) = tiers {
+        let state = std::env::temp_dir().join(format!("moe-quality-state-{}", std::process::id()));
+        let settings = Settings {
+            quantization: cold,
+            resident_quantization: resident,
+            state_dir: Some(state.clone()),
+            experts: moe_runtime::runconfig::ExpertsConfig {
+                hot_quantization: Some(hot),
+                cold_quantization: Some(cold),
+                hot_fraction,
+                ..Default::default()
+            },
+            ..base.clone()
+        };
+        // Learn the hot set from a warm-up prompt of other ids (a different stride).
+        let warm = Model::load(&settings).unwrap_or_else(|e| {
+            eprintln!("error: loading with tiers: {e}");
+            exit(1)
+        });
+        let ids: Vec<u32> = (0..tokens)
+            .map(|i| ((i * 104_729 + 3) % vocab) as u32)
+            .collect();
+        let mut st = warm.new_state();
+        warm.forward(&ids, &mut st, Logits::Last, None)
+            .unwrap_or_else(|e| {
+                eprintln!("error: warm-up forward: {e}");
+                exit(1)
+            });
+        warm.save_hot_set().unwrap_or_else(|e| {
+            eprintln!("error: saving the hot set: {e}");
+            exit(1)
+        });
+        drop(warm);
+        let (got, _, load_s, m) = logits(&settings, tokens);
+        drop(m);
+        let _ = std::fs::remove_dir_all(&state);
+        let r = compare(&reference, &got, vocab);
+        println!(
+            "| tiers {} hot / {} cold, hot {:.0} % of experts | {:.3e} | {:.3e} | {:.3e} | {:.1} % | {load_s:.2} |",
+            name(hot),
+            name(cold),
+            hot_fraction * 100.0,
+            r.max_abs,
+            r.mean_abs,
+            r.mean_kl,
+            r.top1_pct
+        );
     }
 }

@@ -1,0 +1,360 @@
+//! The quantized weight cache on a real-size model, against llama.cpp in the same run.
+//!
+//! For each type: builds the cache with `moe-serve cache build` (time, GB/s of source read,
+//! peak RSS of the build), then measures time to first token from process start with the
+//! cache warm (in the page cache) and cold (the cache and model files evicted with
+//! `posix_fadvise(DONTNEED)`), and the same for llama.cpp's `llama-server` loading the GGUF of
+//! the same type (spawn, wait for `/health`, one completion of one token). It also measures the
+//! disk's sequential read rate on the evicted cache file, so the cold time can be read against
+//! the bound "resident set / read rate". With `--tiers HOT:COLD` it then compares decode speed of
+//! uniform types and per-expert tiers (the hot set learned from a warm-up run).
+//!
+//! ```sh
+//! cargo build --release
+//! cargo bench --bench cache -- --model DIR --cache-dir DIR [--types q8_0,q4_k]
+//!     [--llama-dir LLAMA_CPP/build/bin --gguf q8_0=FILE --gguf q4_k=FILE] [--runs 3]
+//!     [--tiers q8_0:q4_k] [--gen 64]
+//! ```
+//! Without `--model` it prints its usage and exits successfully (so `cargo bench` passes).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{arg, binary, cpu_model, run_measured, warm_page_cache};
+
+const USAGE: &str = "usage: cargo bench --bench cache -- --model DIR --cache-dir DIR \
+[--types q8_0,q4_k] [--llama-dir DIR --gguf TYPE=FILE ...] [--runs 3] [--tiers HOT:COLD] [--gen 64]";
+
+/// Drops `path` (a file, or every file of a folder) from the page cache.
+fn evict(path: &Path) {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        std::fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect()
+    } else {
+        vec![path.to_path_buf()]
+    };
+    for f in files {
+        if let Ok(file) = std::fs::File::open(&f) {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: advice on a descriptor we own; no memory is touched.
+            unsafe {
+                libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+    }
+}
+
+/// Sequential read rate of `path` from disk (evicted first), bytes/s.
+fn disk_read_rate(path: &Path) -> f64 {
+    evict(path);
+    let t = Instant::now();
+    let mut f = std::fs::File::open(path).expect("open");
+    let mut buf = vec![0u8; 8 << 20];
+    let mut n = 0u64;
+    while let Ok(k) = f.read(&mut buf) {
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+const PROMPT: &str = "11,7930,15849,23768,31687,39606,47525,55444";
+
+/// Process start to first token of `moe-serve run`, seconds.
+fn ours_ttft(model: &str, quant: &str, cache_dir: &Path) -> Result<f64, String> {
+    let t = Instant::now();
+    let (out, _) = run_measured(Command::new(binary()).args([
+        "run",
+        "--model",
+        model,
+        "--quantization",
+        quant,
+        "--cache-dir",
+        &cache_dir.to_string_lossy(),
+        "--prompt-ids",
+        PROMPT,
+        "--max-tokens",
+        "1",
+        "--temperature",
+        "0",
+        "--json",
+    ]))?;
+    let secs = t.elapsed().as_secs_f64();
+    serde_json::from_str::<serde_json::Value>(&out).map_err(|e| e.to_string())?;
+    Ok(secs)
+}
+
+/// Process start to first token of `llama-server` on `gguf`, seconds.
+fn llama_ttft(llama_dir: &Path, gguf: &Path, threads: usize) -> Result<f64, String> {
+    const PORT: u16 = 18931;
+    let t = Instant::now();
+    let mut child = Command::new(llama_dir.join("llama-server"))
+        .args([
+            "-m",
+            &gguf.to_string_lossy(),
+            "--port",
+            &PORT.to_string(),
+            "-c",
+            "512",
+            "-t",
+            &threads.to_string(),
+            "--no-webui",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let request = |method: &str, path: &str, body: &str| -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", PORT)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let result = loop {
+        if let Some(r) = request("GET", "/health", "") {
+            if r.starts_with("HTTP/1.1 200") {
+                let body =
+                    format!("{{\"prompt\": [{PROMPT}], \"n_predict\": 1, \"temperature\": 0}}");
+                break match request("POST", "/completion", &body) {
+                    Some(r) if r.starts_with("HTTP/1.1 200") => Ok(t.elapsed().as_secs_f64()),
+                    other => Err(format!("completion failed: {other:?}")),
+                };
+            }
+        }
+        if t.elapsed() > Duration::from_secs(300) {
+            break Err("llama-server not ready after 300 s".into());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            break Err(format!("llama-server exited: {status}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+/// Decode tokens/s of `moe-serve run --config FILE`.
+fn decode_tps(config: &Path, gen: usize) -> Result<f64, String> {
+    let (out, _) = run_measured(Command::new(binary()).args([
+        "run",
+        "--config",
+        &config.to_string_lossy(),
+        "--prompt-ids",
+        PROMPT,
+        "--max-tokens",
+        &gen.to_string(),
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--json",
+    ]))?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+    Ok(v["decode_tokens_per_s"].as_f64().unwrap_or(0.0))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    let (Some(model), Some(cache_dir)) = (arg(&args, "--model"), arg(&args, "--cache-dir")) else {
+        eprintln!("{USAGE}");
+        eprintln!("(measures the quantized weight cache; needs --model and --cache-dir)");
+        return;
+    };
+    let cache_dir = PathBuf::from(cache_dir);
+    let types: Vec<String> = arg(&args, "--types")
+        .unwrap_or_else(|| "q8_0,q4_k".into())
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let runs: usize = arg(&args, "--runs")
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let gen: usize = arg(&args, "--gen")
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(64);
+    let llama_dir = arg(&args, "--llama-dir").map(PathBuf::from);
+    let ggufs: Vec<(String, PathBuf)> = args
+        .windows(2)
+        .filter(|w| w[0] == "--gguf")
+        .filter_map(|w| w[1].split_once('=').map(|(t, f)| (t.to_string(), f.into())))
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    if !binary().exists() {
+        eprintln!(
+            "error: {} not found: run `cargo build --release` first",
+            binary().display()
+        );
+        std::process::exit(1);
+    }
+    println!("machine: {} ({threads} threads)", cpu_model());
+    println!("model: {model}; cache folder: {}", cache_dir.display());
+    println!(
+        "time to first token = process start to the first generated token (prompt of 8 ids), \
+         median of {runs}; cold = cache (or GGUF) and model files evicted from the page cache"
+    );
+    println!();
+    println!("| type | engine | build s | build GB/s of source | build peak RSS GB | file GB | TTFT warm s | TTFT cold s | resident GB / disk GB/s = cold bound s |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for ty in &types {
+        // Build from scratch, source in the page cache (the rate measures the conversion).
+        let settings = moe_runtime::Settings {
+            model: Some(model.clone()),
+            quantization: ty.parse().expect("type"),
+            cache_dir: Some(cache_dir.clone()),
+            ..Default::default()
+        };
+        let _ = moe_runtime::cache::api::clear(&settings, false);
+        warm_page_cache(Path::new(&model));
+        let t = Instant::now();
+        let build = run_measured(Command::new(binary()).args([
+            "cache",
+            "build",
+            "--model",
+            &model,
+            "--quantization",
+            ty,
+            "--cache-dir",
+            &cache_dir.to_string_lossy(),
+        ]));
+        let build_s = t.elapsed().as_secs_f64();
+        let peak = match build {
+            Ok((_, peak)) => peak,
+            Err(e) => {
+                eprintln!("error: cache build {ty}: {e}");
+                continue;
+            }
+        };
+        let plan = moe_runtime::cache::api::plan_for(&settings).expect("plan");
+        let info = moe_runtime::cache::api::info(&plan.path).expect("info");
+        let source_bytes: u64 = std::fs::read_dir(&model)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        let resident: u64 = info
+            .tensors
+            .iter()
+            .filter(|t| !t.name.starts_with("moe.layers."))
+            .map(|t| t.bytes)
+            .sum();
+        let warm: Vec<f64> = (0..runs)
+            .map(|_| {
+                warm_page_cache(&plan.path);
+                ours_ttft(&model, ty, &cache_dir).expect("run")
+            })
+            .collect();
+        let cold: Vec<f64> = (0..runs)
+            .map(|_| {
+                evict(&plan.path);
+                evict(Path::new(&model));
+                ours_ttft(&model, ty, &cache_dir).expect("run")
+            })
+            .collect();
+        let disk = disk_read_rate(&plan.path);
+        println!(
+            "| {ty} | moe-serve | {build_s:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} = {:.2} |",
+            source_bytes as f64 / 1e9 / build_s,
+            peak as f64 / 1e9,
+            info.file_bytes as f64 / 1e9,
+            median(warm),
+            median(cold),
+            resident as f64 / 1e9,
+            disk / 1e9,
+            resident as f64 / disk
+        );
+        let gguf = ggufs.iter().find(|(t, _)| t == ty).map(|(_, f)| f);
+        if let (Some(dir), Some(gguf)) = (&llama_dir, gguf) {
+            let warm: Vec<f64> = (0..runs)
+                .map(|_| {
+                    warm_page_cache(gguf);
+                    llama_ttft(dir, gguf, threads).expect("llama-server")
+                })
+                .collect();
+            let cold: Vec<f64> = (0..runs)
+                .map(|_| {
+                    evict(gguf);
+                    llama_ttft(dir, gguf, threads).expect("llama-server")
+                })
+                .collect();
+            let size = std::fs::metadata(gguf).map_or(0, |m| m.len());
+            println!(
+                "| {ty} | llama.cpp ({}) | - | - | - | {:.2} | {:.2} | {:.2} | |",
+                gguf.file_name().unwrap_or_default().to_string_lossy(),
+                size as f64 / 1e9,
+                median(warm),
+                median(cold)
+            );
+        }
+    }
+
+    let Some(tiers) = arg(&args, "--tiers") else {
+        return;
+    };
+    let (hot, cold) = tiers.split_once(':').expect("--tiers HOT:COLD");
+    println!();
+    println!("decode tokens/s ({gen} tokens after the 8-id prompt, {threads} threads; tiers: hot set learned from a warm-up run of the same command):");
+    println!();
+    println!("| experts | decode tok/s |");
+    println!("|---|---|");
+    let tmp = std::env::temp_dir().join(format!("moe-cache-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("temp folder");
+    let write_config = |name: &str, extra: &str| -> PathBuf {
+        let p = tmp.join(format!("{name}.toml"));
+        let text = format!(
+            "model = {model:?}\ncache_dir = {:?}\nstate_dir = {:?}\n{extra}",
+            cache_dir.to_string_lossy(),
+            tmp.join(format!("state-{name}")).to_string_lossy()
+        );
+        std::fs::write(&p, text).expect("config");
+        p
+    };
+    for (label, config) in [
+        (format!("uniform {hot}"), write_config("hot", &format!("quantization = {hot:?}\n"))),
+        (format!("uniform {cold}"), write_config("cold", &format!("quantization = {cold:?}\n"))),
+        (
+            format!("tiers {hot} hot (25 % of experts) / {cold} cold"),
+            write_config(
+                "tiers",
+                &format!("quantization = {cold:?}\n[experts]\nhot_quantization = {hot:?}\ncold_quantization = {cold:?}\n"),
+            ),
+        ),
+    ] {
+        // A warm-up run records popularity (and builds the cache if needed), then one measured.
+        if let Err(e) = decode_tps(&config, gen) {
+            eprintln!("error: {label}: {e}");
+            continue;
+        }
+        match decode_tps(&config, gen) {
+            Ok(tps) => println!("| {label} | {tps:.2} |"),
+            Err(e) => eprintln!("error: {label}: {e}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
