@@ -114,6 +114,7 @@ fn llama_ttft(llama_dir: &Path, gguf: &Path, threads: usize) -> Result<f64, Stri
             "-t",
             &threads.to_string(),
             "--no-webui",
+            "--no-warmup",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
