@@ -73,7 +73,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-const PROMPT: &str = "11,7930,15849,23768,31687,39606,47525,55444";
+const PROMPT: &str = "11,7930,15849,23768,31687,7606,15525,23444";
 
 /// Process start to first token of `moe-serve run`, seconds.
 fn ours_ttft(model: &str, quant: &str, cache_dir: &Path) -> Result<f64, String> {

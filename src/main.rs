@@ -4,16 +4,26 @@
 //! `moe-serve run [--model DIR|HUB_ID] (--prompt TEXT | --prompt-ids 1,2,3) [--chat]
 //! [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
 //! [--ignore-eos] [--threads N] [--json] [--logits-out FILE]`, and
-//! `moe-serve synth --arch qwen3_moe --preset NAME --out DIR [--layers N] [--gguf PATH]`.
+//! `moe-serve synth --arch qwen3_moe --preset NAME --out DIR [--layers N] [--gguf PATH]`, and
+//! `moe-serve cache build [--force] | verify | info [--json] [--file PATH] | clear [--all]`.
+//! `run`, `plan` and `cache` take the same model flags (`--config FILE`, `--model`,
+//! `--quantization`, `--cache-dir DIR`, `--no-cache`, `--no-cache-rebuild`, ...).
 //! Without `--json`, generated text streams to stdout and timings go to stderr; with `--json`,
-//! stdout is exactly one JSON line. Errors: one line on stderr, non-zero exit, never a panic.
+//! stdout is exactly one JSON line (`run --json` adds `"cache"`: the quantized weight cache
+//! file, or null). A cache build draws a progress bar on stderr when it is a terminal and
+//! ends with one plain line (path, size, seconds, GB/s of source read) on stderr for `run`,
+//! on stdout for `cache build`. `cache verify` exits non-zero unless the file is intact.
+//! Errors: one line on stderr, non-zero exit, never a panic.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use moe_runtime::cache::{api as cache_api, BuildProgress, ProgressSink};
 use moe_runtime::runconfig::{Activations, ByteSize, DeviceKind, Quantization};
 use moe_runtime::synth::{synth, synth_gguf, SynthOptions};
 use moe_runtime::weights::{safetensors_bytes, Dtype};
@@ -42,6 +52,8 @@ enum Command {
     Calibrate(CalibrateArgs),
     /// Write a random-weight model in Hugging Face layout (for tests and benchmarks).
     Synth(SynthArgs),
+    /// Build, check, describe or remove the persisted quantized weight cache.
+    Cache(CacheArgs),
 }
 
 /// Model location and budgets: a config file, overridden by flags.
@@ -80,6 +92,17 @@ struct ModelArgs {
     /// slightly less exact.
     #[arg(long)]
     activations: Option<Activations>,
+    /// Folder of the quantized weight cache (default: the config's `cache_dir`, else
+    /// $XDG_CACHE_HOME/moe-offload or ~/.cache/moe-offload).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Quantize at load on every start instead of persisting the result (cache = false).
+    #[arg(long)]
+    no_cache: bool,
+    /// Fail, naming the file, when the cache is damaged instead of rebuilding it
+    /// (cache_rebuild = false).
+    #[arg(long)]
+    no_cache_rebuild: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -122,6 +145,15 @@ impl ModelArgs {
         }
         if let Some(a) = self.activations {
             s.activations = a;
+        }
+        if self.cache_dir.is_some() {
+            s.cache_dir = self.cache_dir.clone();
+        }
+        if self.no_cache {
+            s.cache = false;
+        }
+        if self.no_cache_rebuild {
+            s.cache_rebuild = false;
         }
         Ok(s)
     }
@@ -219,6 +251,60 @@ struct SynthArgs {
     gguf_only: bool,
 }
 
+#[derive(Args)]
+struct CacheArgs {
+    #[command(subcommand)]
+    action: CacheAction,
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Build the model's cache file now (nothing to do when an intact one exists).
+    Build(CacheBuildArgs),
+    /// Read every tensor of the cache file and check its checksum; non-zero exit unless intact.
+    Verify(CacheModelArgs),
+    /// Describe a cache file: its header and every tensor's type, shape and size.
+    Info(CacheInfoArgs),
+    /// Remove this model's cache files (or, with --all, every cache file in the cache folder).
+    Clear(CacheClearArgs),
+}
+
+#[derive(Args)]
+struct CacheModelArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+#[derive(Args)]
+struct CacheBuildArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Rebuild even an intact file.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct CacheInfoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Describe this cache file instead of the model's.
+    #[arg(long, value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CacheClearArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Remove every cache file in the cache folder, of any model.
+    #[arg(long)]
+    all: bool,
+}
+
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         let msg = info
@@ -241,13 +327,23 @@ fn main() -> ExitCode {
         )
         .with_target(false)
         .without_time()
+        // Colour codes only for a terminal: piped stderr (logs, tests) stays plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // SAFETY: setting a signal's disposition to SIG_IGN runs no code of ours in a signal
+    // context and touches no Rust state. Ignored, SIGXFSZ no longer kills the process when a
+    // write passes RLIMIT_FSIZE: the write fails with EFBIG ("File too large"), which the
+    // cache reports as one error line naming the file.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = Cli::parse();
     let result = std::panic::catch_unwind(|| match cli.command {
         Command::Run(a) => run(a),
         Command::Plan(a) => plan_cmd(a),
         Command::Calibrate(a) => calibrate_cmd(a),
         Command::Synth(a) => synth_cmd(a),
+        Command::Cache(a) => cache_cmd(a),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
@@ -342,11 +438,116 @@ fn plan_cmd(a: PlanArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Bytes for people: kB, MB or GB (powers of 1000, as the GB/s figures).
+fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.1} kB", b / 1e3)
+    }
+}
+
+/// The plain line that ends a cache build.
+fn build_line(path: &Path, file_bytes: u64, source_bytes: u64, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64();
+    format!(
+        "built {} ({}) in {:.2} s, {:.2} GB/s of source read",
+        path.display(),
+        human_bytes(file_bytes),
+        secs,
+        source_bytes as f64 / 1e9 / secs.max(1e-9)
+    )
+}
+
+/// What a [`BuildMeter`] saw of a build.
+struct MeterState {
+    /// Hidden until the first progress report: a run that builds nothing draws nothing.
+    bar: ProgressBar,
+    shown: bool,
+    total_bytes: u64,
+    /// When the last batch of the build was converted (the file is then finished and renamed).
+    done_at: Option<Instant>,
+}
+
+/// A progress bar on stderr (bytes, rate, ETA; hidden when stderr is not a terminal) for cache
+/// builds made by the thread that created the meter. Repairs, which the library runs on a
+/// background thread while tokens are generated, draw nothing.
+struct BuildMeter {
+    owner: std::thread::ThreadId,
+    started: Instant,
+    state: Arc<Mutex<MeterState>>,
+}
+
+impl BuildMeter {
+    fn new() -> BuildMeter {
+        // Created now, so its rate counts from the start of the build, not from the first
+        // report (which comes after a whole batch is converted).
+        let bar = ProgressBar::hidden();
+        let style = ProgressStyle::with_template(
+            "building cache {bar:30} {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        bar.set_style(style);
+        BuildMeter {
+            owner: std::thread::current().id(),
+            started: Instant::now(),
+            state: Arc::new(Mutex::new(MeterState {
+                bar,
+                shown: false,
+                total_bytes: 0,
+                done_at: None,
+            })),
+        }
+    }
+
+    /// The callback for `Settings::cache_progress`.
+    fn sink(&self) -> ProgressSink {
+        let (owner, state) = (self.owner, self.state.clone());
+        ProgressSink(Arc::new(move |p: BuildProgress| {
+            if std::thread::current().id() != owner {
+                return;
+            }
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            st.bar.set_length(p.total_bytes);
+            st.bar.set_position(p.done_bytes);
+            if !st.shown {
+                st.shown = true;
+                st.bar
+                    .set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            }
+            st.total_bytes = p.total_bytes;
+            if p.done_bytes >= p.total_bytes {
+                st.done_at = Some(Instant::now());
+            }
+        }))
+    }
+
+    /// Clears the bar; returns the source bytes and the time a build took (measured from the
+    /// meter's creation, so it includes reading the model's headers) when one finished.
+    fn finish(&self) -> Option<(u64, Duration)> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.bar.finish_and_clear();
+        st.done_at
+            .map(|t| (st.total_bytes, t.duration_since(self.started)))
+    }
+}
+
 fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let t_load = Instant::now();
-    let settings = a.model.settings()?;
-    let model = Model::load(&settings)?;
+    let mut settings = a.model.settings()?;
+    let meter = BuildMeter::new();
+    settings.cache_progress = Some(meter.sink());
+    let loaded = Model::load(&settings);
+    let built = meter.finish();
+    let model = loaded?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
+    if let (Some((source_bytes, elapsed)), Some(path)) = (built, model.cache_path()) {
+        let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        eprintln!("{}", build_line(path, file_bytes, source_bytes, elapsed));
+    }
     let load_rss = rss_bytes();
 
     let prompt = match (&a.prompt, &a.prompt_ids) {
@@ -392,6 +593,9 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         out.flush()?;
     }
     text.push_str(&tail);
+    // A damaged tensor found while generating is being repaired in the background: let the
+    // repaired file land before the process exits.
+    model.wait_for_cache_repair();
 
     let prompt_tokens = generation.prompt_ids().len();
     let tokens = generation.generated().to_vec();
@@ -471,6 +675,7 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             "device": settings.device,
             "quantization": settings.quantization,
             "activations": settings.activations,
+            "cache": model.cache_path().map(|p| p.display().to_string()),
         });
         println!("{v}");
     } else {
@@ -485,6 +690,137 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             finish
         );
     }
+    Ok(())
+}
+
+fn cache_cmd(a: CacheArgs) -> Result<(), Box<dyn std::error::Error>> {
+    match a.action {
+        CacheAction::Build(b) => cache_build(b),
+        CacheAction::Verify(v) => cache_verify(v),
+        CacheAction::Info(i) => cache_info(i),
+        CacheAction::Clear(c) => cache_clear(c),
+    }
+}
+
+fn cache_build(a: CacheBuildArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut settings = a.model.settings()?;
+    let meter = BuildMeter::new();
+    settings.cache_progress = Some(meter.sink());
+    let outcome = cache_api::build(&settings, a.force);
+    meter.finish();
+    let outcome = outcome?;
+    match &outcome.report {
+        Some(r) => println!(
+            "{}",
+            build_line(&r.path, r.file_bytes, r.source_bytes, r.elapsed)
+        ),
+        None => println!(
+            "{}: already built ({})",
+            outcome.path.display(),
+            human_bytes(outcome.file_bytes)
+        ),
+    }
+    Ok(())
+}
+
+fn cache_verify(a: CacheModelArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let settings = a.model.settings()?;
+    let r = cache_api::verify(&settings)?;
+    let path = r.path.display();
+    if r.ok() {
+        println!(
+            "{path}: ok ({} tensors, {})",
+            r.tensors,
+            human_bytes(r.file_bytes)
+        );
+        return Ok(());
+    }
+    let why = match &r.problem {
+        Some(_) if !r.path.exists() => {
+            "absent: not built yet (build it with `moe-serve cache build`)".to_string()
+        }
+        Some(p) => format!("{p} (rebuild it with `moe-serve cache build --force`)"),
+        None => format!(
+            "{} of {} tensors fail their checksum: {} (the next run repairs it, or rebuild it with `moe-serve cache build --force`)",
+            r.damaged.len(),
+            r.tensors,
+            r.damaged.join(", ")
+        ),
+    };
+    println!("{path}: {why}");
+    Err(format!("quantized weight cache {path}: not intact: {why}").into())
+}
+
+fn cache_info(a: CacheInfoArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let path = match &a.file {
+        Some(f) => f.clone(),
+        None => cache_api::plan_for(&a.model.settings()?)?.path,
+    };
+    let info = cache_api::info(&path)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&info)?);
+        return Ok(());
+    }
+    println!("path: {}", info.path.display());
+    println!(
+        "size: {} ({} bytes)",
+        human_bytes(info.file_bytes),
+        info.file_bytes
+    );
+    println!("version: {}", info.version);
+    println!("fingerprint: {}", info.fingerprint);
+    println!("source: {}", info.source);
+    println!("expert types: {}", info.expert_types.join(", "));
+    println!("resident type: {}", info.resident_type);
+    println!("tensors: {}", info.tensors.len());
+    let shapes: Vec<String> = info
+        .tensors
+        .iter()
+        .map(|t| {
+            let dims: Vec<String> = t.shape.iter().map(u64::to_string).collect();
+            format!("[{}]", dims.join(", "))
+        })
+        .collect();
+    let name_w = info.tensors.iter().map(|t| t.name.len()).max().unwrap_or(0);
+    let type_w = info
+        .tensors
+        .iter()
+        .map(|t| t.dtype.len())
+        .max()
+        .unwrap_or(0);
+    let shape_w = shapes.iter().map(String::len).max().unwrap_or(0);
+    let mut out = std::io::stdout().lock();
+    for (t, shape) in info.tensors.iter().zip(&shapes) {
+        let kept = if t.kept {
+            format!("  (kept {})", t.source_dtype)
+        } else {
+            String::new()
+        };
+        writeln!(
+            out,
+            "  {:name_w$}  {:type_w$}  {:shape_w$}  {:>12} bytes{kept}",
+            t.name, t.dtype, shape, t.bytes
+        )?;
+    }
+    Ok(())
+}
+
+fn cache_clear(a: CacheClearArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let settings = a.model.settings()?;
+    let removed = cache_api::clear(&settings, a.all)?;
+    if removed.is_empty() {
+        println!(
+            "nothing to remove in {}",
+            settings.resolved_cache_dir().display()
+        );
+        return Ok(());
+    }
+    let mut freed = 0u64;
+    for (path, bytes) in &removed {
+        println!("removed {} ({})", path.display(), human_bytes(*bytes));
+        freed += bytes;
+    }
+    println!("freed {} in {} file(s)", human_bytes(freed), removed.len());
     Ok(())
 }
 

@@ -7,10 +7,20 @@ use std::process::{Command, Output};
 
 use common::{bin, copy_model, fixtures, max_abs_diff, Reference};
 
+/// `moe-serve` with its per-user cache folder in `cache_home` (a temporary folder of the
+/// test): no spawned binary ever writes a quantized weight cache into the real per-user cache.
+fn moe_serve(cache_home: &Path) -> Command {
+    let mut c = Command::new(bin());
+    c.env("XDG_CACHE_HOME", cache_home);
+    c
+}
+
 fn run(args: &[&str]) -> Output {
-    // A fresh state folder: no hot set from other runs.
+    // A fresh state folder: no hot set from other runs; a fresh cache folder: no quantized
+    // weights from other runs (and none written outside the test).
     let state = tempfile::tempdir().unwrap();
-    Command::new(bin())
+    let cache = tempfile::tempdir().unwrap();
+    moe_serve(cache.path())
         .args(args)
         .env("HF_HUB_CACHE", "/nonexistent-hub-cache")
         .env("XDG_STATE_HOME", state.path())
@@ -83,6 +93,8 @@ fn demo_model_runs_with_json_contract() {
     for k in ["load_ms", "prefill_tokens_per_s", "decode_tokens_per_s"] {
         assert!(v[k].as_f64().unwrap() >= 0.0, "{k}");
     }
+    // Nothing quantized: no quantized weight cache.
+    assert!(v.get("cache").is_some_and(|c| c.is_null()), "{v}");
     // Greedy is deterministic.
     let again = json_of(&run(&[
         "run",
@@ -334,7 +346,7 @@ fn unknown_architecture_is_a_clear_error() {
 #[test]
 fn hub_id_not_in_cache_is_a_clear_error() {
     let cache = tempfile::tempdir().unwrap();
-    let out = Command::new(bin())
+    let out = moe_serve(&cache.path().join("xdg-cache"))
         .args([
             "run",
             "--model",
@@ -364,7 +376,7 @@ fn hub_id_resolves_from_local_cache() {
         let e = e.unwrap();
         std::os::unix::fs::symlink(e.path(), snap.join(e.file_name())).unwrap();
     }
-    let out = Command::new(bin())
+    let out = moe_serve(&cache.path().join("xdg-cache"))
         .args([
             "run",
             "--model",
@@ -496,9 +508,10 @@ fn unused_tensors_get_one_warning_and_are_ignored() {
 #[test]
 fn hot_set_is_remembered_and_placed_first_on_the_next_start() {
     let state = tempfile::tempdir().unwrap();
+    let xdg_cache = state.path().join("xdg-cache");
     let m = fixture_model("qwen3_moe");
     let run_once = || {
-        let out = Command::new(bin())
+        let out = moe_serve(&xdg_cache)
             .args([
                 "run",
                 "--model",
@@ -534,7 +547,7 @@ fn hot_set_is_remembered_and_placed_first_on_the_next_start() {
     // A corrupt hot-set file is ignored with a warning, and replaced.
     let f = files[0].as_ref().unwrap().path();
     std::fs::write(&f, b"{not json").unwrap();
-    let out = Command::new(bin())
+    let out = moe_serve(&xdg_cache)
         .args([
             "run",
             "--model",

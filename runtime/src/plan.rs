@@ -91,7 +91,8 @@ pub struct PlanRequest {
     pub loader_threads: usize,
     /// Bytes per KV element.
     pub kv_elem_bytes: u64,
-    /// Every expert must be held in RAM (quantized at load: there is no file to read them from).
+    /// Every expert must be held in RAM (quantized at load with `cache = false`: there is no
+    /// file to read them from).
     pub experts_in_ram: bool,
 }
 
@@ -399,7 +400,7 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
     let file_experts = total_experts - ram_experts.min(total_experts);
     if req.experts_in_ram && file_experts > 0 {
         return Err(Error::Budget(format!(
-            "quantized experts are held in RAM: {} needed, but {ram_key} {} leaves room for {ram_experts} of {total_experts}; raise ram_budget or use quantization = \"none\"",
+            "quantized experts are held in RAM (quantized at load, cache = false): {} needed, but {ram_key} {} leaves room for {ram_experts} of {total_experts}; raise ram_budget, set cache = true (experts then stream from the cache file) or use quantization = \"none\"",
             gb(sizes.total_expert_bytes + host_fixed),
             gb(ram_budget)
         )));

@@ -565,6 +565,26 @@ impl TensorRef {
         }
     }
 
+    /// The same tensor read into memory this process owns with positioned reads (large
+    /// sequential reads, no page faults through the mapping, nothing left mapped afterwards).
+    pub fn read_copy(&self) -> Result<TensorRef> {
+        let n = self.size_bytes();
+        let mut words = crate::mem::zeroed_words(n.div_ceil(8));
+        {
+            // SAFETY: as in `to_owned_copy`: the byte view covers exactly the words' storage.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
+            };
+            self.read_into(&mut dst[..n])?;
+        }
+        Ok(TensorRef {
+            storage: Arc::new(Storage::Words { words, len: n }),
+            start: 0,
+            end: n,
+            ..self.clone()
+        })
+    }
+
     /// Typed view for the kernels. Only valid after [`TensorRef::into_compute`].
     pub fn weights(&self) -> Weights<'_> {
         let b = self.bytes();

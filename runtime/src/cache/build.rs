@@ -2,8 +2,8 @@
 //!
 //! The build never holds more than a few batches of output: tensors are cut into row chunks,
 //! each batch of chunks is converted on all cores, and a writer thread hashes and appends the
-//! previous batch meanwhile. Source pages are released from this process as soon as their
-//! chunk is converted, so the resident set stays bounded whatever the model's size.
+//! previous batch meanwhile. The source is read with positioned reads (never through the
+//! mapping), so the resident set stays bounded whatever the model's size.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -93,10 +93,12 @@ impl Entry {
         } else {
             self.source.narrow(first, count)
         };
-        let out = match view.converted_row_bytes(self.to) {
+        // Positioned reads, not the mapping: large sequential reads and no source pages left
+        // in this process's resident set.
+        Ok(match view.converted_row_bytes(self.to) {
             Some(row) => {
                 let mut out = vec![0u8; row * count];
-                view.convert_into(self.to, &mut out)?;
+                view.read_copy()?.convert_into(self.to, &mut out)?;
                 out
             }
             None => {
@@ -104,11 +106,7 @@ impl Entry {
                 view.read_into(&mut out)?;
                 out
             }
-        };
-        // Converted rows are never read again by the build: drop their pages from this
-        // process (the page cache keeps them).
-        view.release_pages();
-        Ok(out)
+        })
     }
 }
 
