@@ -5,15 +5,16 @@
 //! cache warm (in the page cache) and cold (the cache and model files evicted with
 //! `posix_fadvise(DONTNEED)`), and the same for llama.cpp's `llama-server` loading the GGUF of
 //! the same type (spawn, wait for `/health`, one completion of one token). It also measures the
-//! disk's sequential read rate on the evicted cache file, so the cold time can be read against
-//! the bound "resident set / read rate". With `--tiers HOT:COLD` it then compares decode speed of
+//! disk's sequential read rate on the evicted cache file, so the cold load time (process start
+//! to ready, from `run --json`'s `load_ms`) can be read against the bound "resident set / read
+//! rate"; the cold first token adds the experts the prompt routes to. With `--tiers HOT:COLD` it then compares decode speed of
 //! uniform types and per-expert tiers (the hot set learned from a warm-up run).
 //!
 //! ```sh
 //! cargo build --release
 //! cargo bench --bench cache -- --model DIR --cache-dir DIR [--types q8_0,q4_k]
-//!     [--llama-dir LLAMA_CPP/build/bin --gguf q8_0=FILE --gguf q4_k=FILE] [--runs 3]
-//!     [--tiers q8_0:q4_k] [--gen 64]
+//!     [--activations f32,q8] [--llama-dir LLAMA_CPP/build/bin --gguf q8_0=FILE
+//!     --gguf q4_k=FILE] [--runs 3] [--tiers q8_0:q4_k] [--gen 64] [--reuse]
 //! ```
 //! Without `--model` it prints its usage and exits successfully (so `cargo bench` passes).
 
@@ -24,33 +25,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{arg, binary, cpu_model, run_measured, warm_page_cache};
+use common::{arg, binary, cpu_model, evict, run_measured, warm_page_cache};
 
 const USAGE: &str = "usage: cargo bench --bench cache -- --model DIR --cache-dir DIR \
-[--types q8_0,q4_k] [--llama-dir DIR --gguf TYPE=FILE ...] [--runs 3] [--tiers HOT:COLD] [--gen 64]";
-
-/// Drops `path` (a file, or every file of a folder) from the page cache.
-fn evict(path: &Path) {
-    let files: Vec<PathBuf> = if path.is_dir() {
-        std::fs::read_dir(path)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .collect()
-    } else {
-        vec![path.to_path_buf()]
-    };
-    for f in files {
-        if let Ok(file) = std::fs::File::open(&f) {
-            use std::os::unix::io::AsRawFd;
-            // SAFETY: advice on a descriptor we own; no memory is touched.
-            unsafe {
-                libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-            }
-        }
-    }
-}
+[--types q8_0,q4_k] [--activations f32,q8] [--llama-dir DIR --gguf TYPE=FILE ...] [--runs 3] [--tiers HOT:COLD] [--gen 64] [--reuse]";
 
 /// Sequential read rate of `path` from disk (evicted first), bytes/s.
 fn disk_read_rate(path: &Path) -> f64 {
@@ -75,8 +53,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 const PROMPT: &str = "11,7930,15849,23768,31687,7606,15525,23444";
 
-/// Process start to first token of `moe-serve run`, seconds.
-fn ours_ttft(model: &str, quant: &str, cache_dir: &Path) -> Result<f64, String> {
+/// Process start to first token of `moe-serve run`, and its load time (process start to ready
+/// is about that plus process start-up), seconds.
+fn ours_ttft(model: &str, quant: &str, act: &str, cache_dir: &Path) -> Result<(f64, f64), String> {
     let t = Instant::now();
     let (out, _) = run_measured(Command::new(binary()).args([
         "run",
@@ -84,6 +63,8 @@ fn ours_ttft(model: &str, quant: &str, cache_dir: &Path) -> Result<f64, String> 
         model,
         "--quantization",
         quant,
+        "--activations",
+        act,
         "--cache-dir",
         &cache_dir.to_string_lossy(),
         "--prompt-ids",
@@ -95,8 +76,8 @@ fn ours_ttft(model: &str, quant: &str, cache_dir: &Path) -> Result<f64, String> 
         "--json",
     ]))?;
     let secs = t.elapsed().as_secs_f64();
-    serde_json::from_str::<serde_json::Value>(&out).map_err(|e| e.to_string())?;
-    Ok(secs)
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+    Ok((secs, v["load_ms"].as_f64().unwrap_or(f64::NAN) / 1e3))
 }
 
 /// Process start to first token of `llama-server` on `gguf`, seconds.
@@ -189,6 +170,12 @@ fn main() {
     let types: Vec<String> = arg(&args, "--types")
         .unwrap_or_else(|| "q8_0,q4_k".into())
         .split(',')
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect();
+    let activations: Vec<String> = arg(&args, "--activations")
+        .unwrap_or_else(|| "f32".into())
+        .split(',')
         .map(str::to_string)
         .collect();
     let runs: usize = arg(&args, "--runs")
@@ -197,6 +184,8 @@ fn main() {
     let gen: usize = arg(&args, "--gen")
         .and_then(|r| r.parse().ok())
         .unwrap_or(64);
+    // Keep an intact cache instead of building it again (no build columns then).
+    let reuse = args.iter().any(|a| a == "--reuse");
     let llama_dir = arg(&args, "--llama-dir").map(PathBuf::from);
     let ggufs: Vec<(String, PathBuf)> = args
         .windows(2)
@@ -218,8 +207,8 @@ fn main() {
          median of {runs}; cold = cache (or GGUF) and model files evicted from the page cache"
     );
     println!();
-    println!("| type | engine | build s | build GB/s of source | build peak RSS GB | file GB | TTFT warm s | TTFT cold s | resident GB / disk GB/s = cold bound s |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| type | engine | build s | build GB/s of source | build peak RSS GB | file GB | TTFT warm s | TTFT cold s | cold load s | resident GB / disk GB/s = bound s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for ty in &types {
         // Build from scratch, source in the page cache (the rate measures the conversion).
         let settings = moe_runtime::Settings {
@@ -228,28 +217,31 @@ fn main() {
             cache_dir: Some(cache_dir.clone()),
             ..Default::default()
         };
-        let _ = moe_runtime::cache::api::clear(&settings, false);
-        warm_page_cache(Path::new(&model));
-        let t = Instant::now();
-        let build = run_measured(Command::new(binary()).args([
-            "cache",
-            "build",
-            "--model",
-            &model,
-            "--quantization",
-            ty,
-            "--cache-dir",
-            &cache_dir.to_string_lossy(),
-        ]));
-        let build_s = t.elapsed().as_secs_f64();
-        let peak = match build {
-            Ok((_, peak)) => peak,
-            Err(e) => {
-                eprintln!("error: cache build {ty}: {e}");
-                continue;
+        let plan = moe_runtime::cache::api::plan_for(&settings).expect("plan");
+        let build = if reuse && plan.open().is_ok() {
+            None
+        } else {
+            let _ = moe_runtime::cache::api::clear(&settings, false);
+            warm_page_cache(Path::new(&model));
+            let t = Instant::now();
+            let build = run_measured(Command::new(binary()).args([
+                "cache",
+                "build",
+                "--model",
+                &model,
+                "--quantization",
+                ty,
+                "--cache-dir",
+                &cache_dir.to_string_lossy(),
+            ]));
+            match build {
+                Ok((_, peak)) => Some((t.elapsed().as_secs_f64(), peak)),
+                Err(e) => {
+                    eprintln!("error: cache build {ty}: {e}");
+                    continue;
+                }
             }
         };
-        let plan = moe_runtime::cache::api::plan_for(&settings).expect("plan");
         let info = moe_runtime::cache::api::info(&plan.path).expect("info");
         let source_bytes: u64 = std::fs::read_dir(&model)
             .into_iter()
@@ -265,31 +257,40 @@ fn main() {
             .filter(|t| !t.name.starts_with("moe.layers."))
             .map(|t| t.bytes)
             .sum();
-        let warm: Vec<f64> = (0..runs)
-            .map(|_| {
-                warm_page_cache(&plan.path);
-                ours_ttft(&model, ty, &cache_dir).expect("run")
-            })
-            .collect();
-        let cold: Vec<f64> = (0..runs)
-            .map(|_| {
-                evict(&plan.path);
-                evict(Path::new(&model));
-                ours_ttft(&model, ty, &cache_dir).expect("run")
-            })
-            .collect();
         let disk = disk_read_rate(&plan.path);
-        println!(
-            "| {ty} | moe-serve | {build_s:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} = {:.2} |",
-            source_bytes as f64 / 1e9 / build_s,
-            peak as f64 / 1e9,
-            info.file_bytes as f64 / 1e9,
-            median(warm),
-            median(cold),
-            resident as f64 / 1e9,
-            disk / 1e9,
-            resident as f64 / disk
-        );
+        for (i, act) in activations.iter().enumerate() {
+            let warm: Vec<(f64, f64)> = (0..runs)
+                .map(|_| {
+                    warm_page_cache(&plan.path);
+                    ours_ttft(&model, ty, act, &cache_dir).expect("run")
+                })
+                .collect();
+            let cold: Vec<(f64, f64)> = (0..runs)
+                .map(|_| {
+                    evict(&plan.path);
+                    evict(Path::new(&model));
+                    ours_ttft(&model, ty, act, &cache_dir).expect("run")
+                })
+                .collect();
+            let build_cols = match build {
+                Some((build_s, peak)) if i == 0 => format!(
+                    "{build_s:.1} | {:.2} | {:.2}",
+                    source_bytes as f64 / 1e9 / build_s,
+                    peak as f64 / 1e9
+                ),
+                _ => "- | - | -".into(),
+            };
+            println!(
+                "| {ty} | moe-serve, {act} activations | {build_cols} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} = {:.2} |",
+                info.file_bytes as f64 / 1e9,
+                median(warm.iter().map(|r| r.0).collect()),
+                median(cold.iter().map(|r| r.0).collect()),
+                median(cold.iter().map(|r| r.1).collect()),
+                resident as f64 / 1e9,
+                disk / 1e9,
+                resident as f64 / disk
+            );
+        }
         let gguf = ggufs.iter().find(|(t, _)| t == ty).map(|(_, f)| f);
         if let (Some(dir), Some(gguf)) = (&llama_dir, gguf) {
             let warm: Vec<f64> = (0..runs)
@@ -306,7 +307,7 @@ fn main() {
                 .collect();
             let size = std::fs::metadata(gguf).map_or(0, |m| m.len());
             println!(
-                "| {ty} | llama.cpp ({}) | - | - | - | {:.2} | {:.2} | {:.2} | |",
+                "| {ty} | llama.cpp ({}) | - | - | - | {:.2} | {:.2} | {:.2} | - | |",
                 gguf.file_name().unwrap_or_default().to_string_lossy(),
                 size as f64 / 1e9,
                 median(warm),

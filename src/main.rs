@@ -462,14 +462,11 @@ fn build_line(path: &Path, file_bytes: u64, source_bytes: u64, elapsed: Duration
     )
 }
 
-/// What a [`BuildMeter`] saw of a build.
+/// What a [`BuildMeter`] draws.
 struct MeterState {
     /// Hidden until the first progress report: a run that builds nothing draws nothing.
     bar: ProgressBar,
     shown: bool,
-    total_bytes: u64,
-    /// When the last batch of the build was converted (the file is then finished and renamed).
-    done_at: Option<Instant>,
 }
 
 /// A progress bar on stderr (bytes, rate, ETA; hidden when stderr is not a terminal) for cache
@@ -477,7 +474,6 @@ struct MeterState {
 /// background thread while tokens are generated, draw nothing.
 struct BuildMeter {
     owner: std::thread::ThreadId,
-    started: Instant,
     state: Arc<Mutex<MeterState>>,
 }
 
@@ -493,13 +489,7 @@ impl BuildMeter {
         bar.set_style(style);
         BuildMeter {
             owner: std::thread::current().id(),
-            started: Instant::now(),
-            state: Arc::new(Mutex::new(MeterState {
-                bar,
-                shown: false,
-                total_bytes: 0,
-                done_at: None,
-            })),
+            state: Arc::new(Mutex::new(MeterState { bar, shown: false })),
         }
     }
 
@@ -518,20 +508,13 @@ impl BuildMeter {
                 st.bar
                     .set_draw_target(indicatif::ProgressDrawTarget::stderr());
             }
-            st.total_bytes = p.total_bytes;
-            if p.done_bytes >= p.total_bytes {
-                st.done_at = Some(Instant::now());
-            }
         }))
     }
 
-    /// Clears the bar; returns the source bytes and the time a build took (measured from the
-    /// meter's creation, so it includes reading the model's headers) when one finished.
-    fn finish(&self) -> Option<(u64, Duration)> {
+    /// Clears the bar.
+    fn finish(&self) {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.bar.finish_and_clear();
-        st.done_at
-            .map(|t| (st.total_bytes, t.duration_since(self.started)))
     }
 }
 
@@ -541,12 +524,14 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let meter = BuildMeter::new();
     settings.cache_progress = Some(meter.sink());
     let loaded = Model::load(&settings);
-    let built = meter.finish();
+    meter.finish();
     let model = loaded?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
-    if let (Some((source_bytes, elapsed)), Some(path)) = (built, model.cache_path()) {
-        let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        eprintln!("{}", build_line(path, file_bytes, source_bytes, elapsed));
+    if let Some(r) = model.cache_build_report() {
+        eprintln!(
+            "{}",
+            build_line(&r.path, r.file_bytes, r.source_bytes, r.elapsed)
+        );
     }
     let load_rss = rss_bytes();
 

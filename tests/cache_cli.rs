@@ -25,6 +25,20 @@ use serde_json::Value;
 /// the demo model are routed at least once.
 const PROMPT_IDS: &str = "1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16";
 
+/// The arguments of a greedy `run --json` of `n` tokens past end-of-sequence.
+fn generate_args(n: &str) -> [&str; 8] {
+    [
+        "--prompt-ids",
+        PROMPT_IDS,
+        "--max-tokens",
+        n,
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ]
+}
+
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_moe-serve")
 }
@@ -92,16 +106,7 @@ impl Sandbox {
     /// Greedy `run --json` of `max_tokens` tokens past end-of-sequence.
     fn generate(&self, model: Option<&Path>, max_tokens: usize, extra: &[&str]) -> Output {
         let n = max_tokens.to_string();
-        let mut args = vec![
-            "--prompt-ids",
-            PROMPT_IDS,
-            "--max-tokens",
-            &n,
-            "--temperature",
-            "0",
-            "--ignore-eos",
-            "--json",
-        ];
+        let mut args = generate_args(&n).to_vec();
         args.extend_from_slice(extra);
         self.serve(&["run"], model, &args)
     }
@@ -626,20 +631,7 @@ fn two_processes_building_the_same_cache_share_one_file() {
     for _ in 0..2 {
         let n = "16".to_string();
         let mut child = sb
-            .command_for(
-                &["run"],
-                Some(&model),
-                &[
-                    "--prompt-ids",
-                    PROMPT_IDS,
-                    "--max-tokens",
-                    &n,
-                    "--temperature",
-                    "0",
-                    "--ignore-eos",
-                    "--json",
-                ],
-            )
+            .command_for(&["run"], Some(&model), &generate_args(&n))
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

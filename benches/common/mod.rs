@@ -69,17 +69,7 @@ pub fn run_measured(cmd: &mut Command) -> Result<(String, u64), String> {
 /// machines, so each run would otherwise read part of its weights from disk while timed).
 pub fn warm_page_cache(path: &Path) {
     let mut buf = vec![0u8; 8 << 20];
-    let files: Vec<PathBuf> = if path.is_dir() {
-        std::fs::read_dir(path)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .collect()
-    } else {
-        vec![path.to_path_buf()]
-    };
-    for f in files {
+    for f in files_of(path) {
         if let Ok(mut f) = std::fs::File::open(f) {
             while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
         }
@@ -88,4 +78,31 @@ pub fn warm_page_cache(path: &Path) {
 
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/moe-serve")
+}
+
+/// `path` itself, or every entry of it when it is a folder.
+fn files_of(path: &Path) -> Vec<PathBuf> {
+    if path.is_dir() {
+        std::fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect()
+    } else {
+        vec![path.to_path_buf()]
+    }
+}
+
+/// Drops `path` (a file, or every file of a folder) from the page cache.
+pub fn evict(path: &Path) {
+    for f in files_of(path) {
+        if let Ok(file) = std::fs::File::open(&f) {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: advice on a descriptor we own; no memory is touched.
+            unsafe {
+                libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+    }
 }

@@ -242,6 +242,8 @@ pub struct Model {
     hotset: (PathBuf, String, Option<Vec<Vec<u64>>>),
     /// The quantized weight cache the weights are mapped from, if any.
     cache: Option<Arc<CacheHandle>>,
+    /// What building the cache took, when this load built it.
+    cache_build: Option<crate::cache::BuildReport>,
     pool: rayon::ThreadPool,
 }
 
@@ -390,20 +392,13 @@ impl Model {
             tracing::warn!("{w}");
         }
         let mut cache = None;
+        let mut cache_build = None;
         if use_cache {
             let key = CacheKey::new(&files, &cfg_bytes, &weights, &expert_types, resident_q);
             let cache_plan = CachePlan::new(&mut mw, key, &expert_types, settings.cache_options())?;
             let (handle, report) = CacheHandle::attach(&mut mw, cache_plan, &expert_types)?;
-            if let Some(r) = report {
-                tracing::info!(
-                    "built {} ({:.2} GB) in {:.1} s, {:.2} GB/s of source",
-                    r.path.display(),
-                    r.file_bytes as f64 / 1e9,
-                    r.elapsed.as_secs_f64(),
-                    r.source_bytes as f64 / 1e9 / r.elapsed.as_secs_f64().max(1e-9)
-                );
-            }
             cache = Some(Arc::new(handle));
+            cache_build = report;
         } else if quant.quantized_tensors > 0 {
             let t0 = Instant::now();
             quantize_model(&mut mw, &expert_types, resident_q, false)?;
@@ -513,8 +508,14 @@ impl Model {
             plan,
             hotset: (hotset_path, fingerprint, hot_counts),
             cache,
+            cache_build,
             pool,
         })
+    }
+
+    /// What building the quantized weight cache took, when this load built it.
+    pub fn cache_build_report(&self) -> Option<&crate::cache::BuildReport> {
+        self.cache_build.as_ref()
     }
 
     /// The quantized weight cache file the weights are mapped from, if any.

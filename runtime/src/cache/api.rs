@@ -117,6 +117,8 @@ pub struct TensorRow {
     pub dtype: String,
     /// Shape, outermost first (as the source stores it).
     pub shape: Vec<u64>,
+    /// Absolute offset of the data in the file.
+    pub offset: u64,
     pub bytes: u64,
     /// The source's dtype.
     pub source_dtype: String,
@@ -153,6 +155,7 @@ pub fn info(path: &Path) -> Result<CacheInfo> {
                 name: t.name.clone(),
                 dtype: t.ty.name().to_string(),
                 shape: t.dims.iter().rev().copied().collect(),
+                offset: t.offset,
                 bytes: t.size,
                 kept: source_dtype == t.ty.name(),
                 source_dtype,
