@@ -111,6 +111,14 @@ impl Sandbox {
         self.serve(&["run"], model, &args)
     }
 
+    /// Exactly one cache file, no temporary file, and `cache verify` finds it intact.
+    fn assert_one_intact_cache(&self, model: &Path) {
+        assert_eq!(self.cache_files().len(), 1, "{:?}", self.listing());
+        assert!(self.temp_files().is_empty(), "{:?}", self.listing());
+        let (ok, report) = self.verify(Some(model));
+        assert!(ok, "{report}");
+    }
+
     /// File names in the cache folder, sorted.
     fn listing(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.cache_dir())
@@ -509,10 +517,7 @@ fn build_killed_midway_leaves_only_a_temp_file() {
     let out = sb.serve(&["cache", "build"], Some(&model), &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).starts_with("built "), "{}", stdout(&out));
-    assert_eq!(sb.cache_files().len(), 1, "{:?}", sb.listing());
-    assert!(sb.temp_files().is_empty(), "{:?}", sb.listing());
-    let (ok, report) = sb.verify(Some(&model));
-    assert!(ok, "{report}");
+    sb.assert_one_intact_cache(&model);
 }
 
 #[test]
@@ -670,9 +675,7 @@ fn two_processes_building_the_same_cache_share_one_file() {
         .count();
     assert_eq!(builders, 1, "exactly one of them builds");
     assert_eq!(sb.cache_files(), vec![PathBuf::from(&path)]);
-    assert!(sb.temp_files().is_empty(), "{:?}", sb.listing());
-    let (ok, report) = sb.verify(Some(&model));
-    assert!(ok, "{report}");
+    sb.assert_one_intact_cache(&model);
 }
 
 #[test]
