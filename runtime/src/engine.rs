@@ -186,13 +186,20 @@ impl Settings {
         }
     }
 
-    /// Whether these settings map weights from the quantized cache.
-    pub fn uses_cache(&self, types: &ExpertTypes) -> bool {
-        self.cache
-            && (types.changes_anything() || self.resident_quantization() != Quantization::None)
+    /// Whether any weight changes type under these settings (what a cache would hold).
+    pub fn quantizes(&self, types: &ExpertTypes) -> bool {
+        types.changes_anything() || self.resident_quantization() != Quantization::None
     }
 
-    fn plan_request(&self, max_context: usize, experts_in_ram: bool) -> Result<PlanRequest> {
+    /// Whether these settings map weights from the quantized cache.
+    pub fn uses_cache(&self, types: &ExpertTypes) -> bool {
+        self.cache && self.quantizes(types)
+    }
+
+    /// The planner's request; quantized experts must fit RAM only when quantized at load (no
+    /// cache file to read them from).
+    fn plan_request(&self, max_context: usize, types: &ExpertTypes) -> Result<PlanRequest> {
+        let experts_in_ram = !self.uses_cache(types) && types.changes_anything();
         let kv_elem_bytes = match self.kv_dtype {
             KvDtype::F32 => 4,
             KvDtype::Bf16 | KvDtype::F16 => 2,
@@ -382,8 +389,7 @@ impl Model {
             );
         }
         let use_cache = settings.uses_cache(&expert_types);
-        let request =
-            settings.plan_request(max_context, !use_cache && expert_types.changes_anything())?;
+        let request = settings.plan_request(max_context, &expert_types)?;
         let quant = quantize_model(&mut mw, &expert_types, resident_q, true)?;
         let sizes = ModelSizes::measure(&config, &weights, &mw, request.kv_elem_bytes, &quant);
         // Refuse before anything but headers has been read.
@@ -808,10 +814,7 @@ pub fn plan_model(settings: &Settings) -> Result<PlanReport> {
         hot_set(&state_dir, &cfg_bytes, &weights, &experts_per_layer).2
     };
     let expert_types = settings.expert_types(hot_counts.as_deref(), &experts_per_layer);
-    let request = settings.plan_request(
-        max_context,
-        !settings.uses_cache(&expert_types) && expert_types.changes_anything(),
-    )?;
+    let request = settings.plan_request(max_context, &expert_types)?;
     let quant = quantize_model(
         &mut mw,
         &expert_types,

@@ -209,20 +209,7 @@ impl ModelFiles {
     /// Maps a (large) file without reading it.
     fn map(&self, name: &str) -> Result<Storage> {
         match self {
-            ModelFiles::Dir(p) => {
-                let path = p.join(name);
-                let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-                let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
-                if len == 0 {
-                    return Ok(Storage::Empty);
-                }
-                // SAFETY: the mapping is read-only and private to this process. The model files are
-                // treated as immutable while open (as every inference engine does); truncating a
-                // mapped file under us would be a user error outside what Rust can guard against.
-                let map = unsafe { memmap2::MmapOptions::new().map(&file) }
-                    .map_err(|e| Error::io(&path, e))?;
-                Ok(Storage::Mmap { map, file })
-            }
+            ModelFiles::Dir(p) => map_path(&p.join(name)),
             ModelFiles::Embedded { files, .. } => files
                 .iter()
                 .find(|f| f.name == name)
@@ -232,7 +219,7 @@ impl ModelFiles {
     }
 }
 
-/// Maps a file we wrote ourselves (the quantized cache) read-only, with the open file kept for
+/// Maps a file read-only (empty files as [`Storage::Empty`]), with the open file kept for
 /// positioned reads.
 pub(crate) fn map_path(path: &Path) -> Result<Storage> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
@@ -240,8 +227,9 @@ pub(crate) fn map_path(path: &Path) -> Result<Storage> {
     if len == 0 {
         return Ok(Storage::Empty);
     }
-    // SAFETY: read-only private mapping; files in the cache folder are only ever replaced by
-    // rename, never written in place, so the mapped inode's bytes do not change under us.
+    // SAFETY: read-only private mapping. Model files are treated as immutable while open (as
+    // every inference engine does; truncating one under us is a user error outside what Rust can
+    // guard against), and cache files are only ever replaced by rename, never written in place.
     let map = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(|e| Error::io(path, e))?;
     Ok(Storage::Mmap { map, file })
 }
@@ -477,24 +465,18 @@ impl TensorRef {
     /// (they stay out of its resident set; only the page cache holds them).
     pub fn read_into(&self, dst: &mut [u8]) -> Result<()> {
         assert_eq!(dst.len(), self.size_bytes(), "read_into: destination size");
-        match &*self.storage {
-            Storage::Mmap { file, .. } => {
-                use std::os::unix::fs::FileExt;
-                file.read_exact_at(dst, self.start as u64)
-                    .map_err(|e| Error::io((*self.path).clone(), e))
-            }
-            Storage::Virtual => Err(Error::bad_file(
+        if self.is_virtual() {
+            return Err(Error::bad_file(
                 (*self.path).clone(),
                 format!(
                     "tensor `{}` has no data (planned without weights)",
                     self.name
                 ),
-            )),
-            other => {
-                dst.copy_from_slice(&other.bytes()[self.start..self.end]);
-                Ok(())
-            }
+            ));
         }
+        self.storage
+            .read_at(self.start as u64, dst)
+            .map_err(|e| Error::io((*self.path).clone(), e))
     }
 
     /// Element `i` of the leading dimension, as its own tensor (a view, no copy).
@@ -548,36 +530,45 @@ impl TensorRef {
     /// The same tensor copied into memory this process owns (8-byte aligned, huge pages
     /// advised when large), e.g. to keep hot weights off the page cache's small pages.
     pub fn to_owned_copy(&self) -> TensorRef {
-        let n = self.size_bytes();
-        // u64 words give 8-byte alignment, enough for every float dtype and block type.
-        let mut words = crate::mem::zeroed_words(n.div_ceil(8));
-        // SAFETY: u64 has no padding and any byte pattern is a valid u64; the byte view covers
-        // exactly the words' storage and `words` stays exclusively borrowed while it is written.
-        let dst = unsafe {
-            std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
-        };
-        dst[..n].copy_from_slice(self.bytes());
-        TensorRef {
-            storage: Arc::new(Storage::Words { words, len: n }),
-            start: 0,
-            end: n,
-            ..self.clone()
-        }
+        let owned: Result<TensorRef> = self.owned_as(self.dtype, |dst| {
+            dst.copy_from_slice(self.bytes());
+            Ok(())
+        });
+        owned.expect("a copy cannot fail")
     }
 
     /// The same tensor read into memory this process owns with positioned reads (large
     /// sequential reads, no page faults through the mapping, nothing left mapped afterwards).
     pub fn read_copy(&self) -> Result<TensorRef> {
-        let n = self.size_bytes();
+        self.owned_as(self.dtype, |dst| self.read_into(dst))
+    }
+
+    /// This tensor (name, shape) as `dtype` in a buffer this process owns, `fill` writing its
+    /// bytes: 8-byte aligned (enough for every float dtype and block type), huge pages advised
+    /// when large. The byte length is `dtype`'s for the shape (the stored one for `self.dtype`).
+    fn owned_as(
+        &self,
+        dtype: Dtype,
+        fill: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<TensorRef> {
+        let n = if dtype == self.dtype {
+            self.size_bytes()
+        } else {
+            self.converted_row_bytes(dtype)
+                .expect("a conversion that applies")
+                * self.shape[0]
+        };
         let mut words = crate::mem::zeroed_words(n.div_ceil(8));
         {
-            // SAFETY: as in `to_owned_copy`: the byte view covers exactly the words' storage.
+            // SAFETY: u64 has no padding and any byte pattern is a valid u64; the byte view
+            // covers exactly the words' storage and `words` is exclusively borrowed here.
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
             };
-            self.read_into(&mut dst[..n])?;
+            fill(&mut dst[..n])?;
         }
         Ok(TensorRef {
+            dtype,
             storage: Arc::new(Storage::Words { words, len: n }),
             start: 0,
             end: n,
@@ -674,28 +665,11 @@ impl TensorRef {
     /// length is not a multiple of the block size (the caller keeps the source type).
     /// Rows are quantized in parallel; the result does not depend on the thread count.
     pub fn quantize(&self, to: Dtype) -> Result<Option<TensorRef>> {
-        let Some(row_bytes) = self.converted_row_bytes(to) else {
+        if self.converted_row_bytes(to).is_none() {
             return Ok(None);
-        };
-        let total = self.shape[0] * row_bytes;
-        let mut words = crate::mem::zeroed_words(total.div_ceil(8));
-        {
-            // SAFETY: u64 has no padding and every byte pattern is valid; the byte view covers
-            // exactly the words' storage and `words` is exclusively borrowed in this block.
-            let bytes = unsafe {
-                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
-            };
-            self.convert_into(to, &mut bytes[..total])?;
         }
-        Ok(Some(TensorRef {
-            name: self.name.clone(),
-            path: self.path.clone(),
-            dtype: to,
-            shape: self.shape.clone(),
-            storage: Arc::new(Storage::Words { words, len: total }),
-            start: 0,
-            end: total,
-        }))
+        self.owned_as(to, |dst| self.convert_into(to, dst))
+            .map(Some)
     }
 
     /// A view of `[start, end)` of `storage` as a tensor (for files this crate wrote itself,

@@ -7,7 +7,7 @@ use super::{
     BuildReport, CacheFile, CacheKey, CachePlan, Problem, KEY_EXPERT_TYPES, KEY_FINGERPRINT,
     KEY_RESIDENT_TYPE, KEY_SOURCE, KEY_SOURCE_TYPES, KEY_VERSION,
 };
-use crate::engine::{hot_set, model_files, read_config, Settings};
+use crate::engine::{model_files, read_config, Settings};
 use crate::error::{Error, Result};
 use crate::weights::WeightSet;
 
@@ -18,18 +18,9 @@ pub fn plan_for(settings: &Settings) -> Result<CachePlan> {
     let weights = WeightSet::open(&files)?;
     let mut mw = crate::arch::build_decoder(&config, &weights, arch.names)?;
     let experts_per_layer: Vec<usize> = mw.experts.iter().map(Vec::len).collect();
-    let counts = hot_set(
-        &settings.resolved_state_dir(),
-        &cfg_bytes,
-        &weights,
-        &experts_per_layer,
-    )
-    .2;
-    // The file does not depend on the hot set (it holds every tier's type).
-    let types = settings.expert_types(counts.as_deref(), &experts_per_layer);
-    if !(types.changes_anything()
-        || settings.resident_quantization() != crate::runconfig::Quantization::None)
-    {
+    // The file does not depend on the hot set (it holds every tier's type): none is read.
+    let types = settings.expert_types(None, &experts_per_layer);
+    if !settings.quantizes(&types) {
         return Err(Error::InvalidRequest(
             "quantization = \"none\": nothing is quantized, so nothing is cached (set quantization, e.g. \"q8_0\")".into(),
         ));

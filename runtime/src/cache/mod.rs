@@ -428,17 +428,10 @@ impl CachePlan {
     }
 
     fn write(&self, donor: Option<(&CacheFile, &[bool])>) -> Result<BuildReport> {
-        let noop = |_: BuildProgress| {};
-        let sink = self.options.progress.clone();
-        let progress = move |p: BuildProgress| {
-            if let Some(s) = &sink {
-                (s.0)(p)
+        let progress = |p: BuildProgress| {
+            if let Some(sink) = &self.options.progress {
+                (sink.0)(p)
             }
-        };
-        let progress: &(dyn Fn(BuildProgress) + Sync) = if self.options.progress.is_some() {
-            &progress
-        } else {
-            &noop
         };
         build::build(build::BuildJob {
             path: &self.path,
@@ -446,7 +439,7 @@ impl CachePlan {
             metadata: self.key.metadata(&self.entries),
             alignment: ALIGNMENT,
             donor,
-            progress,
+            progress: &progress,
             fail_after: self.options.fail_after_bytes,
         })
         .map_err(|e| match e {
@@ -511,8 +504,7 @@ struct Inner {
     file: Arc<CacheFile>,
     /// Per layer, per expert: index of the entry of its gate in the type it uses.
     expert_first: Vec<Vec<usize>>,
-    /// Entries found damaged in this run.
-    damaged: Mutex<Vec<usize>>,
+    /// The background repair started in this run (at most one: it checks every tensor).
     repair: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -603,12 +595,11 @@ impl CacheHandle {
                 plan,
                 file,
                 expert_first,
-                damaged: Mutex::new(Vec::new()),
                 repair: Mutex::new(None),
             }),
         };
         if !damaged.is_empty() {
-            handle.damaged(&damaged);
+            handle.start_repair();
         }
         Ok((handle, report))
     }
@@ -617,9 +608,9 @@ impl CacheHandle {
         &self.inner.plan.path
     }
 
-    /// Records damaged entries and starts the background repair (once per run).
-    fn damaged(&self, entries: &[usize]) {
-        self.inner.damaged.lock().extend_from_slice(entries);
+    /// Starts the background repair, once per run: it checks every tensor, so damage found
+    /// after it started is repaired too if it predates the check.
+    fn start_repair(&self) {
         let mut repair = self.inner.repair.lock();
         if repair.is_some() {
             return;
@@ -706,7 +697,7 @@ impl ExpertCheck for CacheHandle {
             up: convert_again(&e[first + 1])?,
             down: convert_again(&e[first + 2])?,
         };
-        self.damaged(&bad);
+        self.start_repair();
         Ok(Some(rebuilt))
     }
 }
