@@ -16,7 +16,7 @@ use crate::arch;
 use crate::cache::{CacheHandle, CacheKey, CacheOptions, CachePlan, ProgressSink};
 use crate::config::{GenerationConfig, ModelConfig, RawConfig};
 use crate::error::{Error, Result};
-use crate::model::{Decoder, Logits, SeqState, Trace};
+use crate::model::{Decoder, Logits, Segment, SeqState, Trace};
 use crate::plan::{make_plan, ModelSizes, Plan, PlanRequest, Profile};
 use crate::quantize::{quantize_model, ExpertTypes};
 use crate::runconfig::{
@@ -241,6 +241,8 @@ pub struct Model {
     pub decoder: Decoder,
     pub files: ModelFiles,
     pub max_context: usize,
+    /// Sequences the plan sized the KV cache for (`Settings::max_batch`).
+    pub max_batch: usize,
     /// Tensors present in the files that the architecture does not use.
     pub unused_tensors: Vec<String>,
     /// Where every byte lives.
@@ -510,6 +512,7 @@ impl Model {
             decoder,
             files,
             max_context,
+            max_batch: settings.max_batch.max(1),
             unused_tensors,
             plan,
             hotset: (hotset_path, fingerprint, hot_counts),
@@ -661,6 +664,20 @@ impl Model {
         }
         self.pool
             .install(|| self.decoder.forward(tokens, state, logits, trace))
+    }
+
+    /// Runs several sequences' next tokens as one batch on this model's thread pool (see
+    /// [`Decoder::forward_batch`]).
+    pub fn forward_batch(&self, segs: &mut [Segment<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
+        for s in segs.iter() {
+            if s.state.len + s.tokens.len() > self.max_context {
+                return Err(Error::ContextOverflow {
+                    needed_tokens: s.state.len + s.tokens.len(),
+                    max_context_tokens: self.max_context,
+                });
+            }
+        }
+        self.pool.install(|| self.decoder.forward_batch(segs, None))
     }
 
     /// A fresh per-sequence state.

@@ -441,8 +441,22 @@ impl Attention {
 
     /// `x` is `[t, hidden]` for positions `cache.len .. cache.len + t`; returns `[t, hidden]`.
     pub fn forward(&self, x: &[f32], t: usize, cache: &mut KvCache) -> Vec<f32> {
+        self.forward_batch(x, &[t], &mut [cache])
+    }
+
+    /// Several sequences at once: `x` holds `lens[s]` rows of sequence `s` after those of the
+    /// sequences before it, each continuing its own `caches[s]`. The projections run over all
+    /// rows together (one pass over each weight); scores and mixing stay within a sequence.
+    pub fn forward_batch(
+        &self,
+        x: &[f32],
+        lens: &[usize],
+        caches: &mut [&mut KvCache],
+    ) -> Vec<f32> {
+        debug_assert_eq!(lens.len(), caches.len());
         let (nh, hd) = (self.num_heads, self.head_dim);
         let kvr = self.kv_row();
+        let t: usize = lens.iter().sum();
         let mut q = self.q_proj.forward(x, t);
         let mut k = self.k_proj.forward(x, t);
         let mut v = self.v_proj.forward(x, t);
@@ -460,46 +474,68 @@ impl Attention {
                 *val = val.clamp(-c, c);
             }
         }
-        let pos0 = cache.len;
+        // Row r belongs to sequence seq_of[r] at position pos_of[r].
+        let mut seq_of = Vec::with_capacity(t);
+        let mut pos_of = Vec::with_capacity(t);
+        for (s, (&n, cache)) in lens.iter().zip(caches.iter()).enumerate() {
+            seq_of.extend(std::iter::repeat_n(s, n));
+            pos_of.extend(cache.len..cache.len + n);
+        }
         q.par_chunks_mut(nh * hd)
             .zip(k.par_chunks_mut(kvr))
-            .enumerate()
-            .for_each(|(i, (qr, kr))| {
-                self.rope.apply(qr, hd, pos0 + i);
-                self.rope.apply(kr, hd, pos0 + i);
+            .zip(pos_of.par_iter())
+            .for_each(|((qr, kr), &pos)| {
+                self.rope.apply(qr, hd, pos);
+                self.rope.apply(kr, hd, pos);
             });
-        cache.k.extend(&k);
-        cache.v.extend(&v);
-        cache.len += t;
-
+        let window = self.sliding_window;
+        // Per sequence: its first new position, the first cached position any of its queries
+        // attends to, and the keys and values from there on as f32 (a view for an f32 cache;
+        // a widened copy of just this window for 2-byte caches).
+        let mut row0 = 0;
+        let mut firsts = Vec::with_capacity(lens.len());
+        for (&n, cache) in lens.iter().zip(caches.iter_mut()) {
+            cache.k.extend(&k[row0 * kvr..(row0 + n) * kvr]);
+            cache.v.extend(&v[row0 * kvr..(row0 + n) * kvr]);
+            let pos0 = cache.len;
+            cache.len += n;
+            row0 += n;
+            let lo = match window {
+                Some(w) if w > 0 => (pos0 + 1).saturating_sub(w),
+                _ => 0,
+            };
+            firsts.push(lo);
+        }
+        let views: Vec<_> = caches
+            .iter()
+            .zip(&firsts)
+            .map(|(cache, &lo)| {
+                (
+                    cache.k.f32_range(lo * kvr, cache.len * kvr),
+                    cache.v.f32_range(lo * kvr, cache.len * kvr),
+                )
+            })
+            .collect();
         let scale = (hd as f32).powf(-0.5);
         let group = nh / self.num_kv_heads;
-        let window = self.sliding_window;
-        // The positions any query of this call attends to, as f32 (a view for an f32 cache;
-        // a widened copy of just this window for 2-byte caches).
-        let lo = match window {
-            Some(w) if w > 0 => (pos0 + 1).saturating_sub(w),
-            _ => 0,
-        };
-        let ck = cache.k.f32_range(lo * kvr, cache.len * kvr);
-        let cv = cache.v.f32_range(lo * kvr, cache.len * kvr);
-        let (ck, cv) = (&ck[..], &cv[..]);
         let mut attn = vec![0f32; t * nh * hd];
         let nkv = self.num_kv_heads;
-        // One task per (token, KV head): the `group` query heads that share a KV head are
-        // scored together, so each cached key and value row is read once for all of them.
+        // One task per (row, KV head): the `group` query heads that share a KV head are scored
+        // together, so each cached key and value row is read once for all of them.
         attn.par_chunks_mut(group * hd)
             .enumerate()
             .for_each(|(c, out)| {
-                let (i, kvh) = (c / nkv, c % nkv);
-                let pos = pos0 + i;
+                let (r, kvh) = (c / nkv, c % nkv);
+                let (s, pos) = (seq_of[r], pos_of[r]);
+                let (ck, cv) = (&views[s].0[..], &views[s].1[..]);
+                let lo = firsts[s];
                 let first = match window {
                     Some(w) if w > 0 => (pos + 1).saturating_sub(w),
                     _ => 0,
                 };
                 let n = pos + 1 - first;
                 // Heads kvh·group .. (kvh + 1)·group are adjacent in q's row.
-                let qg = &q[i * nh * hd + kvh * group * hd..][..group * hd];
+                let qg = &q[r * nh * hd + kvh * group * hd..][..group * hd];
                 let base = (first - lo) * kvr + kvh * hd;
                 let mut scores = vec![0f32; group * n];
                 moe_kernels::dot_rows_strided(qg, group, hd, &ck[base..], kvr, n, &mut scores);

@@ -19,6 +19,7 @@
 //!
 //! Module map (dependencies point downwards):
 //! - [`engine`]: the public API (settings, load, generate, cancellation).
+//! - [`batch`]: continuous batching of many requests over one model (the server's scheduler).
 //! - [`model`]: the decoder stack and forward pass; [`arch`]: one file per architecture.
 //! - [`layers`], [`moe`]: building blocks; [`store`]: the expert store interface.
 //! - [`weights`]: the only reader of model files; [`config`]: config.json; [`hub`]: model lookup.
@@ -28,6 +29,7 @@
 //! - [`cache`]: the persisted quantized weight cache (a GGUF file per model and quantization).
 
 pub mod arch;
+pub mod batch;
 pub mod cache;
 pub mod calibrate;
 pub mod config;

@@ -1,4 +1,4 @@
-//! The decoder stack and its forward pass over a batch of new tokens of one sequence.
+//! The decoder stack and its forward pass over the new tokens of one or several sequences.
 //!
 //! A layer is a token mixer (attention now; recurrent linear attention and MLA later, each with its
 //! own per-sequence state in [`MixerState`]) followed by a feed-forward block (dense MLP or sparse
@@ -122,15 +122,35 @@ impl Decoder {
         tokens: &[u32],
         state: &mut SeqState,
         logits: Logits,
-        mut trace: Option<&mut Trace>,
+        trace: Option<&mut Trace>,
     ) -> Result<Vec<f32>> {
+        let mut segs = [Segment {
+            tokens,
+            state,
+            logits: Some(logits),
+        }];
+        let mut out = self.forward_batch(&mut segs, trace)?;
+        Ok(out.pop().flatten().expect("logits were asked for"))
+    }
+
+    /// Runs the next tokens of several sequences as one batch: their rows go through every
+    /// projection, router and expert together (an expert that several sequences route to is
+    /// fetched and computed once per layer for all of them); attention stays per sequence.
+    /// Returns, per segment, the logits it asked for.
+    pub fn forward_batch(
+        &self,
+        segs: &mut [Segment<'_>],
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
         let h = self.hidden_size;
-        let t = tokens.len();
-        if t == 0 {
+        let lens: Vec<usize> = segs.iter().map(|s| s.tokens.len()).collect();
+        let t: usize = lens.iter().sum();
+        if segs.is_empty() || lens.contains(&0) {
             return Err(Error::InvalidRequest("no tokens to process".into()));
         }
         let mut x = vec![0f32; t * h];
-        for (row, &id) in x.chunks_exact_mut(h).zip(tokens) {
+        let ids = segs.iter().flat_map(|s| s.tokens.iter());
+        for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
             if id as usize >= self.vocab_size {
                 return Err(Error::InvalidRequest(format!(
                     "token id {id} is outside the vocabulary (vocab_size {})",
@@ -144,13 +164,21 @@ impl Decoder {
         } else {
             0
         };
-        for (l, (layer, st)) in self.w.layers.iter().zip(&mut state.layers).enumerate() {
+        for (l, layer) in self.w.layers.iter().enumerate() {
             for ahead in 1..=lookahead {
                 self.predict_and_prefetch(l + ahead, &x, t);
             }
             let normed = layer.input_norm.forward(&x);
-            let mixed = match (&layer.mixer, st) {
-                (Mixer::Attention(a), MixerState::Kv(kv)) => a.forward(&normed, t, kv),
+            let mixed = match &layer.mixer {
+                Mixer::Attention(a) => {
+                    let mut caches: Vec<&mut KvCache> = segs
+                        .iter_mut()
+                        .map(|s| match &mut s.state.layers[l] {
+                            MixerState::Kv(kv) => kv,
+                        })
+                        .collect();
+                    a.forward_batch(&normed, &lens, &mut caches)
+                }
             };
             add_inplace(&mut x, &mixed);
             let normed = layer.post_norm.forward(&x);
@@ -171,15 +199,60 @@ impl Decoder {
                 tr.routing[l] = routing;
             }
         }
-        state.len += t;
-        let rows = match logits {
-            Logits::Last => &x[(t - 1) * h..],
-            Logits::All => &x[..],
-        };
+        // The rows whose logits are wanted, gathered so the head runs once over all of them.
+        let mut rows = Vec::new();
+        let mut counts = Vec::with_capacity(segs.len());
+        let mut row0 = 0;
+        for (seg, &n) in segs.iter_mut().zip(&lens) {
+            seg.state.len += n;
+            let take = match seg.logits {
+                None => 0..0,
+                Some(Logits::Last) => row0 + n - 1..row0 + n,
+                Some(Logits::All) => row0..row0 + n,
+            };
+            counts.push(take.len());
+            rows.extend_from_slice(&x[take.start * h..take.end * h]);
+            row0 += n;
+        }
         let m = rows.len() / h;
-        let normed = self.w.norm.forward(rows);
-        Ok(self.w.lm_head.forward(&normed, m))
+        let all = if m > 0 {
+            let normed = self.w.norm.forward(&rows);
+            self.w.lm_head.forward(&normed, m)
+        } else {
+            Vec::new()
+        };
+        let vocab = self.vocab_size;
+        let mut out = Vec::with_capacity(segs.len());
+        let mut at = 0;
+        for (seg, n) in segs.iter().zip(counts) {
+            out.push(
+                seg.logits
+                    .map(|_| all[at * vocab..(at + n) * vocab].to_vec()),
+            );
+            at += n;
+        }
+        Ok(out)
     }
+
+    /// Forgets everything after the first `len` positions of `state` (prefix reuse, rollback).
+    pub fn truncate(&self, state: &mut SeqState, len: usize) {
+        for (layer, st) in self.w.layers.iter().zip(&mut state.layers) {
+            match (&layer.mixer, st) {
+                (Mixer::Attention(a), MixerState::Kv(kv)) => {
+                    kv.truncate(len, a.num_kv_heads * a.head_dim)
+                }
+            }
+        }
+        state.len = state.len.min(len);
+    }
+}
+
+/// The next tokens of one sequence in a batched forward pass.
+pub struct Segment<'a> {
+    pub tokens: &'a [u32],
+    pub state: &'a mut SeqState,
+    /// Which logits to return; `None` = none (a prefill chunk that is not the prompt's last).
+    pub logits: Option<Logits>,
 }
 
 impl Decoder {

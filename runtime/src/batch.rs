@@ -1,0 +1,947 @@
+//! Continuous batching: many requests share one loaded model through one scheduler thread.
+//!
+//! Requests join the running batch between steps and leave it the step they finish. Each step
+//! runs one forward pass over the next token of every decoding sequence plus a bounded chunk of
+//! prompt tokens of the sequences still in prefill (chunked prefill keeps running streams
+//! flowing while a long prompt is read). All rows of a step go through the model together, so
+//! an expert that several sequences route to is fetched and computed once per layer per step.
+//! A prompt that shares a prefix with an earlier sequence (a system prompt, a previous turn)
+//! starts from a copy of that sequence's KV cache.
+//!
+//! Invariants: at most `max_batch` sequences run and at most `max_queue` wait, everything beyond
+//! is refused at once ([`Refused::QueueFull`]); a sequence whose client is gone ([`Sink::closed`])
+//! is dropped with its KV cache before the next step; running KV caches plus cached prefixes stay
+//! within `kv_budget` bytes; a panic or error inside a step fails only the sequences that cause it
+//! (the batch is rolled back and retried one sequence at a time) and never stops the scheduler;
+//! streamed text never ends inside a UTF-8 character nor shows any part of a stop string.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+
+use crate::engine::{FinishReason, GenerateParams, Model, DEFAULT_MAX_NEW_TOKENS};
+use crate::error::{Error, Result};
+use crate::model::{Logits, Segment, SeqState};
+use crate::sampler::Sampler;
+use crate::tokenizer::IncrementalDecoder;
+
+/// Most alternatives a request may ask for per token (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// How the scheduler shares the model.
+#[derive(Clone, Debug)]
+pub struct BatchConfig {
+    /// Sequences running at once.
+    pub max_batch: usize,
+    /// Requests that may wait for a slot; beyond it [`Batcher::submit`] refuses.
+    pub max_queue: usize,
+    /// Prompt tokens prefilled per step, over all sequences in prefill.
+    pub prefill_chunk: usize,
+    /// Bytes of KV cache for running sequences and cached prefixes together.
+    pub kv_budget: u64,
+    /// Reuse the KV cache of a shared prompt prefix.
+    pub prefix_cache: bool,
+    /// Test hook: a step whose batch holds a prompt containing this token id panics.
+    #[doc(hidden)]
+    pub fault_panic_token: Option<u32>,
+}
+
+impl BatchConfig {
+    /// Defaults for `model`: its planned batch size and KV cache.
+    pub fn for_model(model: &Model, max_queue: usize) -> BatchConfig {
+        let max_batch = model.max_batch.max(1);
+        BatchConfig {
+            max_batch,
+            max_queue,
+            prefill_chunk: 256,
+            kv_budget: model.plan.kv_bytes,
+            prefix_cache: true,
+            fault_panic_token: None,
+        }
+    }
+}
+
+/// One request's settings beyond [`GenerateParams`].
+#[derive(Clone, Debug, Default)]
+pub struct RequestParams {
+    pub generate: GenerateParams,
+    /// Generation stops before the first occurrence of any of these (not included in the text).
+    pub stop: Vec<String>,
+    /// Subtracted once from the logit of every token already generated (-2..=2).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit per time it was generated (-2..=2).
+    pub frequency_penalty: f32,
+    /// Report the chosen token's log-probability and this many alternatives (0..=20).
+    pub logprobs: Option<usize>,
+}
+
+/// A token's log-probability under the model (before penalties and temperature).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    /// The token alone, decoded (may hold U+FFFD for part of a character).
+    pub text: String,
+    pub logprob: f32,
+}
+
+/// One generated token.
+#[derive(Clone, Debug)]
+pub struct TokenOut {
+    pub id: u32,
+    /// Text this token released: complete characters, stop strings held back.
+    pub text: String,
+    /// With `logprobs`: the token's own and the top alternatives.
+    pub logprob: Option<(TokenLogprob, Vec<TokenLogprob>)>,
+}
+
+/// Token counts and timings of a finished request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose KV cache came from an earlier sequence.
+    pub cached_tokens: usize,
+    /// Generated tokens, the stop token included.
+    pub completion_tokens: usize,
+    /// From submission to the first token.
+    pub time_to_first_token: Duration,
+    /// From the first token to the last.
+    pub decode_time: Duration,
+    /// From submission to admission into the batch.
+    pub queue_time: Duration,
+}
+
+/// What a request's sink receives, in order: tokens, then exactly one `Done` or `Failed`.
+#[derive(Debug)]
+pub enum Event {
+    Token(TokenOut),
+    /// Generation ended; `text` is what was held back and is released now (may be empty).
+    Done {
+        finish: FinishReason,
+        text: String,
+        usage: Usage,
+    },
+    /// The request failed inside the scheduler (the message says why).
+    Failed(String),
+}
+
+/// Where a request's events go.
+pub trait Sink: Send {
+    /// Delivers an event; `false` = the receiver is gone (the sequence is dropped).
+    fn send(&mut self, event: Event) -> bool;
+    /// Whether the receiver is gone (checked before every step).
+    fn closed(&self) -> bool;
+}
+
+impl Sink for crossbeam_channel::Sender<Event> {
+    fn send(&mut self, event: Event) -> bool {
+        crossbeam_channel::Sender::send(self, event).is_ok()
+    }
+    fn closed(&self) -> bool {
+        // A crossbeam sender cannot see its receiver go; the next send tells.
+        false
+    }
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the server is busy: {running} requests running and {queued} waiting (max_queue {max_queue}); retry later")]
+    QueueFull {
+        running: usize,
+        queued: usize,
+        max_queue: usize,
+    },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// Live counters of the scheduler (read by metrics).
+#[derive(Debug, Default)]
+pub struct BatchCounters {
+    pub queued: AtomicUsize,
+    pub running: AtomicUsize,
+    /// Rows (tokens) of the last step.
+    pub last_step_tokens: AtomicUsize,
+    /// Sequences in the last step.
+    pub last_step_sequences: AtomicUsize,
+    pub steps: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub cached_prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    /// Bytes of KV cache held by cached prefixes.
+    pub prefix_cache_bytes: AtomicU64,
+    /// Sequences failed by a panic or an error inside a step.
+    pub failed: AtomicU64,
+}
+
+struct Job {
+    prompt: Vec<u32>,
+    params: RequestParams,
+    sink: Box<dyn Sink>,
+    submitted: Instant,
+}
+
+/// The scheduler: owns a thread that runs the model for every submitted request.
+pub struct Batcher {
+    tx: Mutex<Option<Sender<Job>>>,
+    counters: Arc<BatchCounters>,
+    config: BatchConfig,
+    model: Arc<Model>,
+    accepting: AtomicBool,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Batcher {
+    /// Starts the scheduler thread.
+    pub fn start(model: Arc<Model>, config: BatchConfig) -> Batcher {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let counters = Arc::new(BatchCounters::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (model, config, counters, stop) = (
+                model.clone(),
+                config.clone(),
+                counters.clone(),
+                stop.clone(),
+            );
+            std::thread::Builder::new()
+                .name("moe-batch".into())
+                .spawn(move || Scheduler::new(&model, config, counters, stop).run(rx))
+                .expect("spawn the batch scheduler thread")
+        };
+        Batcher {
+            tx: Mutex::new(Some(tx)),
+            counters,
+            config,
+            model,
+            accepting: AtomicBool::new(true),
+            stop,
+            thread: Mutex::new(Some(thread)),
+        }
+    }
+
+    pub fn config(&self) -> &BatchConfig {
+        &self.config
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn counters(&self) -> &BatchCounters {
+        &self.counters
+    }
+
+    /// Checks a request against the model before it is queued: sampling settings, penalties,
+    /// logprobs, and that the prompt plus `max_tokens` fit the context.
+    pub fn validate(&self, prompt: &[u32], params: &RequestParams) -> Result<()> {
+        let m = &self.model;
+        m.sampling_params(&params.generate)?;
+        for (name, v) in [
+            ("presence_penalty", params.presence_penalty),
+            ("frequency_penalty", params.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(Error::InvalidRequest(format!(
+                    "{name} must be between -2 and 2, got {v}"
+                )));
+            }
+        }
+        if let Some(n) = params.logprobs {
+            if n > MAX_TOP_LOGPROBS {
+                return Err(Error::InvalidRequest(format!(
+                    "top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {n}"
+                )));
+            }
+        }
+        if params.stop.iter().any(String::is_empty) {
+            return Err(Error::InvalidRequest(
+                "stop strings must not be empty".into(),
+            ));
+        }
+        if prompt.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(bad) = prompt.iter().find(|&&i| i as usize >= m.config.vocab_size) {
+            return Err(Error::InvalidRequest(format!(
+                "prompt token id {bad} is outside the vocabulary (vocab_size {})",
+                m.config.vocab_size
+            )));
+        }
+        let new = params.generate.max_tokens.unwrap_or(1).max(1);
+        if prompt.len() + new > m.max_context {
+            return Err(Error::ContextOverflow {
+                needed_tokens: prompt.len() + new,
+                max_context_tokens: m.max_context,
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues a request (validated with [`Batcher::validate`] first); its events go to `sink`.
+    pub fn submit(
+        &self,
+        prompt: Vec<u32>,
+        params: RequestParams,
+        sink: Box<dyn Sink>,
+    ) -> std::result::Result<(), Refused> {
+        if !self.accepting.load(Relaxed) {
+            return Err(Refused::ShuttingDown);
+        }
+        let c = &self.counters;
+        let queued = c.queued.fetch_add(1, Relaxed);
+        if queued >= self.config.max_queue {
+            c.queued.fetch_sub(1, Relaxed);
+            return Err(Refused::QueueFull {
+                running: c.running.load(Relaxed),
+                queued,
+                max_queue: self.config.max_queue,
+            });
+        }
+        let job = Job {
+            prompt,
+            params,
+            sink,
+            submitted: Instant::now(),
+        };
+        let sent = self.tx.lock().as_ref().map(|tx| tx.send(job).is_ok());
+        if sent != Some(true) {
+            c.queued.fetch_sub(1, Relaxed);
+            return Err(Refused::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// Requests waiting plus running.
+    pub fn in_flight(&self) -> usize {
+        self.counters.queued.load(Relaxed) + self.counters.running.load(Relaxed)
+    }
+
+    /// Stops accepting, lets queued and running requests finish until `deadline`, then cancels
+    /// the rest (their sinks get `Done` with [`FinishReason::Cancelled`]) and joins the thread.
+    pub fn shutdown(&self, deadline: Duration) {
+        self.accepting.store(false, Relaxed);
+        let t0 = Instant::now();
+        while self.in_flight() > 0 && t0.elapsed() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.stop.store(true, Relaxed);
+        self.tx.lock().take();
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        self.shutdown(Duration::ZERO);
+    }
+}
+
+/// One running request.
+struct Seq<'m> {
+    prompt: Vec<u32>,
+    params: RequestParams,
+    sink: Box<dyn Sink>,
+    state: SeqState,
+    /// Prompt tokens already in `state`.
+    fed: usize,
+    cached: usize,
+    sampler: Sampler,
+    decoder: Option<IncrementalDecoder<'m>>,
+    generated: Vec<u32>,
+    counts: HashMap<u32, u32>,
+    /// The sampled token to feed next step.
+    next: Option<u32>,
+    max_new: usize,
+    eos: Vec<u32>,
+    /// Text decoded but not yet sent (it may be the start of a stop string).
+    held: String,
+    /// Ended on a stop string: the text after it is dropped.
+    hit_stop_string: bool,
+    submitted: Instant,
+    admitted: Instant,
+    first_token: Option<Instant>,
+}
+
+impl Seq<'_> {
+    fn in_prefill(&self) -> bool {
+        self.fed < self.prompt.len()
+    }
+}
+
+/// A finished sequence's KV cache, kept for later prompts that start the same way.
+struct Prefix {
+    tokens: Vec<u32>,
+    state: SeqState,
+    last_used: u64,
+}
+
+struct Scheduler<'m> {
+    model: &'m Model,
+    config: BatchConfig,
+    counters: Arc<BatchCounters>,
+    stop: Arc<AtomicBool>,
+    waiting: VecDeque<Job>,
+    running: Vec<Seq<'m>>,
+    prefixes: Vec<Prefix>,
+    clock: u64,
+}
+
+impl<'m> Scheduler<'m> {
+    fn new(
+        model: &'m Model,
+        config: BatchConfig,
+        counters: Arc<BatchCounters>,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        Scheduler {
+            model,
+            config,
+            counters,
+            stop,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            prefixes: Vec::new(),
+            clock: 0,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Job>) {
+        loop {
+            if self.stop.load(Relaxed) {
+                break;
+            }
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv_timeout(Duration::from_millis(50)) {
+                    Ok(job) => self.waiting.push_back(job),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            while let Ok(job) = rx.try_recv() {
+                self.waiting.push_back(job);
+            }
+            self.admit();
+            self.drop_closed();
+            if !self.running.is_empty() {
+                self.step();
+            }
+        }
+        // Cancel whatever is left.
+        for job in self.waiting.drain(..).chain(rx.try_iter()) {
+            let mut sink = job.sink;
+            sink.send(Event::Done {
+                finish: FinishReason::Cancelled,
+                text: String::new(),
+                usage: Usage::default(),
+            });
+            self.counters.queued.fetch_sub(1, Relaxed);
+        }
+        for i in (0..self.running.len()).rev() {
+            self.finish(i, FinishReason::Cancelled);
+        }
+    }
+
+    /// Moves waiting requests into free batch slots, reusing cached prefixes.
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_batch {
+            let Some(job) = self.waiting.pop_front() else {
+                break;
+            };
+            self.counters.queued.fetch_sub(1, Relaxed);
+            if job.sink.closed() {
+                continue;
+            }
+            match self.start_seq(job) {
+                Ok(seq) => {
+                    self.running.push(seq);
+                    self.counters.running.fetch_add(1, Relaxed);
+                }
+                Err((mut sink, e)) => {
+                    sink.send(Event::Failed(e.to_string()));
+                }
+            }
+        }
+    }
+
+    fn start_seq(&mut self, job: Job) -> std::result::Result<Seq<'m>, (Box<dyn Sink>, Error)> {
+        let m = self.model;
+        let p = &job.params.generate;
+        let sampling = match m.sampling_params(p) {
+            Ok(s) => s,
+            Err(e) => return Err((job.sink, e)),
+        };
+        let max_new = p
+            .max_tokens
+            .or(m.generation_config.max_new_tokens)
+            .unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+        let eos = if p.ignore_eos {
+            Vec::new()
+        } else {
+            m.eos_token_ids()
+        };
+        let (state, cached) = self.reuse_prefix(&job.prompt);
+        self.counters
+            .prompt_tokens
+            .fetch_add(job.prompt.len() as u64, Relaxed);
+        self.counters
+            .cached_prompt_tokens
+            .fetch_add(cached as u64, Relaxed);
+        Ok(Seq {
+            state,
+            fed: cached,
+            cached,
+            sampler: Sampler::new(sampling),
+            decoder: m.tokenizer.as_ref().map(|t| t.decoder()),
+            generated: Vec::new(),
+            counts: HashMap::new(),
+            next: None,
+            max_new,
+            eos,
+            held: String::new(),
+            hit_stop_string: false,
+            submitted: job.submitted,
+            admitted: Instant::now(),
+            first_token: None,
+            prompt: job.prompt,
+            params: job.params,
+            sink: job.sink,
+        })
+    }
+
+    /// A state holding the longest cached prefix of `prompt` (at least one prompt token is left
+    /// to compute, so the last position's logits come from this request's own pass).
+    fn reuse_prefix(&mut self, prompt: &[u32]) -> (SeqState, usize) {
+        self.clock += 1;
+        let best = self
+            .prefixes
+            .iter_mut()
+            .map(|p| {
+                let n = common_prefix(&p.tokens, prompt).min(prompt.len() - 1);
+                (n, p)
+            })
+            .max_by_key(|(n, _)| *n);
+        match best {
+            Some((n, p)) if self.config.prefix_cache && n > 0 => {
+                p.last_used = self.clock;
+                let mut state = p.state.clone();
+                self.model.decoder.truncate(&mut state, n);
+                (state, n)
+            }
+            _ => (self.model.new_state(), 0),
+        }
+    }
+
+    /// Keeps `state` (which holds `tokens`) for later prompts, within the KV budget.
+    fn remember(&mut self, tokens: Vec<u32>, state: SeqState) {
+        if !self.config.prefix_cache || tokens.is_empty() {
+            return;
+        }
+        debug_assert_eq!(tokens.len(), state.len);
+        self.clock += 1;
+        // A prefix of the new entry is redundant; the new entry is redundant under a longer one.
+        self.prefixes
+            .retain(|p| common_prefix(&p.tokens, &tokens) < p.tokens.len());
+        if let Some(p) = self
+            .prefixes
+            .iter_mut()
+            .find(|p| common_prefix(&p.tokens, &tokens) == tokens.len())
+        {
+            p.last_used = self.clock;
+            return;
+        }
+        self.prefixes.push(Prefix {
+            tokens,
+            state,
+            last_used: self.clock,
+        });
+        self.fit_budget();
+    }
+
+    /// Evicts least recently used prefixes until running and cached KV fit the budget.
+    fn fit_budget(&mut self) {
+        let running: u64 = self
+            .running
+            .iter()
+            .map(|s| s.state.size_bytes() as u64)
+            .sum();
+        let allowed = self.config.kv_budget.saturating_sub(running);
+        let mut cached: u64 = self
+            .prefixes
+            .iter()
+            .map(|p| p.state.size_bytes() as u64)
+            .sum();
+        while cached > allowed && !self.prefixes.is_empty() {
+            let (i, _) = self
+                .prefixes
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, p)| p.last_used)
+                .expect("not empty");
+            cached -= self.prefixes.swap_remove(i).state.size_bytes() as u64;
+        }
+        self.counters.prefix_cache_bytes.store(cached, Relaxed);
+    }
+
+    /// Drops sequences whose clients are gone, freeing their KV caches.
+    fn drop_closed(&mut self) {
+        let before = self.running.len();
+        self.running.retain(|s| !s.sink.closed());
+        let gone = before - self.running.len();
+        if gone > 0 {
+            self.counters.running.fetch_sub(gone, Relaxed);
+        }
+    }
+
+    /// One forward pass over the batch, then one token for every sequence that has logits.
+    fn step(&mut self) {
+        // Decode rows first, then prompt chunks (FIFO) up to the prefill budget.
+        let mut feeds: Vec<(usize, Vec<u32>, bool)> = Vec::new();
+        let mut budget = self.config.prefill_chunk.max(1);
+        for (i, s) in self.running.iter().enumerate() {
+            if let Some(t) = s.next {
+                feeds.push((i, vec![t], true));
+            }
+        }
+        for (i, s) in self.running.iter().enumerate() {
+            if s.in_prefill() && budget > 0 {
+                let n = (s.prompt.len() - s.fed).min(budget);
+                budget -= n;
+                let last = s.fed + n == s.prompt.len();
+                feeds.push((i, s.prompt[s.fed..s.fed + n].to_vec(), last));
+            }
+        }
+        if feeds.is_empty() {
+            return;
+        }
+        self.counters.steps.fetch_add(1, Relaxed);
+        self.counters
+            .last_step_sequences
+            .store(feeds.len(), Relaxed);
+        self.counters
+            .last_step_tokens
+            .store(feeds.iter().map(|f| f.1.len()).sum(), Relaxed);
+        let results = match self.forward(&feeds) {
+            Ok(r) => r,
+            Err(_) => self.isolate(&feeds),
+        };
+        let mut done: Vec<(usize, FinishReason)> = Vec::new();
+        let mut failed: Vec<(usize, String)> = Vec::new();
+        for ((i, tokens, _), res) in feeds.iter().zip(results) {
+            let s = &mut self.running[*i];
+            match res {
+                Err(msg) => failed.push((*i, msg)),
+                Ok(logits) => {
+                    if s.in_prefill() {
+                        s.fed += tokens.len();
+                        if !s.in_prefill() && self.config.prefix_cache {
+                            let (tokens, state) = (s.prompt.clone(), s.state.clone());
+                            self.remember(tokens, state);
+                        }
+                    }
+                    let s = &mut self.running[*i];
+                    if let Some(logits) = logits {
+                        match catch_unwind(AssertUnwindSafe(|| emit_token(self.model, s, &logits)))
+                        {
+                            Ok(Some(reason)) => done.push((*i, reason)),
+                            Ok(None) => {}
+                            Err(p) => failed.push((*i, panic_message(&p))),
+                        }
+                    }
+                }
+            }
+        }
+        let mut ends: Vec<(usize, std::result::Result<FinishReason, String>)> = done
+            .into_iter()
+            .map(|(i, r)| (i, Ok(r)))
+            .chain(failed.into_iter().map(|(i, m)| (i, Err(m))))
+            .collect();
+        // Remove from the back so indices stay valid.
+        ends.sort_by_key(|e| std::cmp::Reverse(e.0));
+        ends.dedup_by_key(|e| e.0);
+        for (i, end) in ends {
+            match end {
+                Ok(reason) => self.finish(i, reason),
+                Err(msg) => {
+                    let mut s = self.running.swap_remove(i);
+                    self.counters.running.fetch_sub(1, Relaxed);
+                    self.counters.failed.fetch_add(1, Relaxed);
+                    tracing::error!("request failed inside the scheduler: {msg}");
+                    s.sink.send(Event::Failed(msg));
+                }
+            }
+        }
+        self.fit_budget();
+    }
+
+    /// Runs `feeds` as one batch; a panic or an error rolls every state back.
+    #[allow(clippy::type_complexity)]
+    fn forward(
+        &mut self,
+        feeds: &[(usize, Vec<u32>, bool)],
+    ) -> std::result::Result<Vec<std::result::Result<Option<Vec<f32>>, String>>, String> {
+        let lens: Vec<usize> = feeds.iter().map(|f| self.running[f.0].state.len).collect();
+        let fault = self
+            .config
+            .fault_panic_token
+            .is_some_and(|t| feeds.iter().any(|f| self.running[f.0].prompt.contains(&t)));
+        let model = self.model;
+        let mut states: Vec<Option<&mut SeqState>> = self
+            .running
+            .iter_mut()
+            .map(|s| Some(&mut s.state))
+            .collect();
+        let mut segs: Vec<Segment<'_>> = feeds
+            .iter()
+            .map(|(i, tokens, last)| Segment {
+                tokens,
+                state: states[*i].take().expect("one feed per sequence"),
+                logits: last.then_some(Logits::Last),
+            })
+            .collect();
+        let out = catch_unwind(AssertUnwindSafe(|| {
+            let r = model.forward_batch(&mut segs);
+            if fault {
+                panic!("injected fault: a prompt holds the fault token");
+            }
+            r
+        }));
+        let err = match out {
+            Ok(Ok(logits)) => return Ok(logits.into_iter().map(Ok).collect()),
+            Ok(Err(e)) => e.to_string(),
+            Err(p) => panic_message(&p),
+        };
+        drop(segs);
+        for (f, len) in feeds.iter().zip(lens) {
+            model.decoder.truncate(&mut self.running[f.0].state, len);
+        }
+        Err(err)
+    }
+
+    /// After a failed batch: runs each sequence alone so only the ones that fail are failed.
+    fn isolate(
+        &mut self,
+        feeds: &[(usize, Vec<u32>, bool)],
+    ) -> Vec<std::result::Result<Option<Vec<f32>>, String>> {
+        feeds
+            .iter()
+            .map(|f| match self.forward(std::slice::from_ref(f)) {
+                Ok(mut r) => r.pop().expect("one result"),
+                Err(msg) => Err(msg),
+            })
+            .collect()
+    }
+
+    /// Ends sequence `i`: releases held text, reports usage, keeps its KV cache as a prefix.
+    fn finish(&mut self, i: usize, reason: FinishReason) {
+        let mut s = self.running.swap_remove(i);
+        self.counters.running.fetch_sub(1, Relaxed);
+        let mut text = std::mem::take(&mut s.held);
+        if !s.hit_stop_string {
+            if let Some(d) = &mut s.decoder {
+                text.push_str(&d.finish().unwrap_or_default());
+            }
+        }
+        let now = Instant::now();
+        let first = s.first_token.unwrap_or(now);
+        let usage = Usage {
+            prompt_tokens: s.prompt.len(),
+            cached_tokens: s.cached,
+            completion_tokens: s.generated.len(),
+            time_to_first_token: first - s.submitted,
+            decode_time: now - first,
+            queue_time: s.admitted - s.submitted,
+        };
+        s.sink.send(Event::Done {
+            finish: reason,
+            text,
+            usage,
+        });
+        if self.config.prefix_cache && s.state.len > 0 {
+            let mut tokens = s.prompt;
+            tokens.extend_from_slice(&s.generated);
+            tokens.truncate(s.state.len);
+            if tokens.len() == s.state.len {
+                self.remember(tokens, s.state);
+            }
+        }
+    }
+}
+
+/// Samples the next token of `s` from `logits`, sends it, and says whether `s` is done.
+fn emit_token(model: &Model, s: &mut Seq<'_>, logits: &[f32]) -> Option<FinishReason> {
+    let logprob_of = s.params.logprobs.map(|n| top_logprobs(model, logits, n));
+    let id = if s.params.presence_penalty != 0.0 || s.params.frequency_penalty != 0.0 {
+        let mut l = logits.to_vec();
+        for (&tok, &c) in &s.counts {
+            if let Some(x) = l.get_mut(tok as usize) {
+                *x -= s.params.presence_penalty + s.params.frequency_penalty * c as f32;
+            }
+        }
+        s.sampler.sample(&l)
+    } else {
+        s.sampler.sample(logits)
+    };
+    let now = Instant::now();
+    s.first_token.get_or_insert(now);
+    s.generated.push(id);
+    *s.counts.entry(id).or_insert(0) += 1;
+    let logprob = logprob_of.map(|(lse, top)| {
+        let own = TokenLogprob {
+            id,
+            text: token_text(model, id),
+            logprob: logits
+                .get(id as usize)
+                .copied()
+                .unwrap_or(f32::NEG_INFINITY)
+                - lse,
+        };
+        (own, top)
+    });
+    let is_eos = s.eos.contains(&id);
+    let mut finish = None;
+    let mut text = String::new();
+    if !is_eos {
+        let piece = match &mut s.decoder {
+            Some(d) => d.push(id).unwrap_or_default(),
+            None => String::new(),
+        };
+        s.held.push_str(&piece);
+        match find_stop(&s.held, &s.params.stop) {
+            Some(at) => {
+                text = s.held[..at].to_string();
+                s.held.clear();
+                s.hit_stop_string = true;
+                finish = Some(FinishReason::Stop);
+            }
+            None => {
+                let keep = held_back(&s.held, &s.params.stop);
+                text = s.held[..s.held.len() - keep].to_string();
+                s.held.drain(..s.held.len() - keep);
+            }
+        }
+    }
+    let ctx_full = s.state.len + 1 >= model.max_context;
+    if is_eos {
+        finish = Some(FinishReason::Stop);
+    } else if finish.is_none() && (s.generated.len() >= s.max_new || ctx_full) {
+        finish = Some(FinishReason::Length);
+    }
+    s.next = finish.is_none().then_some(id);
+    let alive = s.sink.send(Event::Token(TokenOut { id, text, logprob }));
+    if !alive {
+        return Some(FinishReason::Cancelled);
+    }
+    finish
+}
+
+/// Log-sum-exp of `logits` and the `n` most likely tokens with their log-probabilities.
+fn top_logprobs(model: &Model, logits: &[f32], n: usize) -> (f32, Vec<TokenLogprob>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = n.min(idx.len());
+    if n > 0 {
+        idx.select_nth_unstable_by(n - 1, |&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
+    }
+    idx.truncate(n);
+    idx.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    let top = idx
+        .into_iter()
+        .map(|id| TokenLogprob {
+            id,
+            text: token_text(model, id),
+            logprob: logits[id as usize] - lse,
+        })
+        .collect();
+    (lse, top)
+}
+
+fn token_text(model: &Model, id: u32) -> String {
+    model
+        .tokenizer
+        .as_ref()
+        .and_then(|t| t.decode(&[id], false).ok())
+        .unwrap_or_default()
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Byte offset of the earliest stop string in `text`.
+fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// Bytes at the end of `text` that could begin a stop string (held back until decided).
+fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut keep = 0;
+    for s in stops {
+        for (i, _) in text.char_indices() {
+            let tail = &text[i..];
+            if tail.len() <= keep {
+                break;
+            }
+            if s.starts_with(tail) {
+                keep = tail.len();
+                break;
+            }
+        }
+    }
+    keep
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    let what = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("internal error while generating: {what}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_are_found_and_partial_matches_held() {
+        let stops = vec!["END".to_string(), "\n\n".to_string()];
+        assert_eq!(find_stop("abc END x", &stops), Some(4));
+        assert_eq!(find_stop("a\n\nEND", &stops), Some(1));
+        assert_eq!(find_stop("abc", &stops), None);
+        assert_eq!(held_back("abc EN", &stops), 2);
+        assert_eq!(held_back("abc E", &stops), 1);
+        assert_eq!(held_back("abc\n", &stops), 1);
+        assert_eq!(held_back("abc", &stops), 0);
+        // Multi-byte characters: never split.
+        let stops = vec!["é!".to_string()];
+        assert_eq!(held_back("café", &stops), "é".len());
+    }
+
+    #[test]
+    fn common_prefix_counts_equal_leading_tokens() {
+        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 4]), 2);
+        assert_eq!(common_prefix(&[1, 2], &[1, 2, 3]), 2);
+        assert_eq!(common_prefix(&[], &[1]), 0);
+    }
+}
