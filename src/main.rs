@@ -21,6 +21,8 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod server;
+
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_runtime::cache::{api as cache_api, BuildProgress, ProgressSink};
@@ -54,6 +56,9 @@ enum Command {
     Synth(SynthArgs),
     /// Build, check, describe or remove the persisted quantized weight cache.
     Cache(CacheArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (with no flags: the demo model on
+    /// 127.0.0.1:8080).
+    Serve(ServeArgs),
 }
 
 /// Model location and budgets: a config file, overridden by flags.
@@ -252,6 +257,29 @@ struct SynthArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on (default: the config's `[server] host`, else 127.0.0.1).
+    #[arg(long)]
+    host: Option<String>,
+    /// TCP port (default: the config's `[server] port`, else 8080; 0 picks a free port).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Sequences decoded together (default: the config's `max_batch`, else 1).
+    #[arg(long)]
+    max_batch: Option<usize>,
+    /// Requests that may wait for a slot before new ones get 429 (default: `[server]
+    /// max_queue`, else 64).
+    #[arg(long)]
+    max_queue: Option<usize>,
+    /// Name reported by /v1/models and required in requests (default: `[server] model_name`,
+    /// else the model folder's name).
+    #[arg(long)]
+    model_name: Option<String>,
+}
+
+#[derive(Args)]
 struct CacheArgs {
     #[command(subcommand)]
     action: CacheAction,
@@ -344,6 +372,7 @@ fn main() -> ExitCode {
         Command::Calibrate(a) => calibrate_cmd(a),
         Command::Synth(a) => synth_cmd(a),
         Command::Cache(a) => cache_cmd(a),
+        Command::Serve(a) => serve_cmd(a),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
@@ -353,6 +382,43 @@ fn main() -> ExitCode {
         }
         Err(_) => ExitCode::FAILURE,
     }
+}
+
+fn serve_cmd(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut settings = a.model.settings()?;
+    let mut server = match &a.model.config {
+        Some(path) => RunConfig::from_file(path)?.server,
+        None => Default::default(),
+    };
+    if let Some(h) = a.host {
+        server.host = h;
+    }
+    if let Some(p) = a.port {
+        server.port = p;
+    }
+    if let Some(n) = a.max_batch {
+        if n == 0 {
+            return Err("--max-batch must be at least 1".into());
+        }
+        settings.max_batch = n;
+    }
+    if let Some(q) = a.max_queue {
+        if q == 0 {
+            return Err("--max-queue must be at least 1".into());
+        }
+        server.max_queue = q;
+    }
+    if a.model_name.is_some() {
+        server.model_name = a.model_name;
+    }
+    let fault_panic_token = std::env::var("MOE_SERVE_FAULT_PANIC_TOKEN")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    server::serve(server::ServeOptions {
+        settings,
+        server,
+        fault_panic_token,
+    })
 }
 
 /// A `/proc/self/status` field in bytes (Linux).

@@ -327,6 +327,17 @@ pub struct ServerConfig {
     /// Requests that may wait for a batch slot, in requests; beyond it new requests are refused.
     /// Default 64.
     pub max_queue: usize,
+    /// Prompt tokens prefilled per batched step over all requests, at least 1: smaller keeps
+    /// running streams smoother while a long prompt is read, larger reads prompts faster.
+    /// Default 256.
+    pub prefill_chunk: usize,
+    /// Reuse the KV cache of a prompt prefix seen before (a shared system prompt, an earlier
+    /// turn), within the KV cache the plan sized. Default true.
+    pub prefix_cache: bool,
+    /// Largest request body accepted; larger bodies get 413. Default 8 MiB.
+    pub max_request_bytes: ByteSize,
+    /// On SIGTERM, seconds running requests get to finish before they are cut short. Default 30.
+    pub drain_timeout_s: u64,
 }
 
 impl Default for ServerConfig {
@@ -337,6 +348,10 @@ impl Default for ServerConfig {
             api_key: None,
             model_name: None,
             max_queue: 64,
+            prefill_chunk: 256,
+            prefix_cache: true,
+            max_request_bytes: ByteSize(8 << 20),
+            drain_timeout_s: 30,
         }
     }
 }
@@ -790,6 +805,21 @@ impl RunConfig {
         }
         if self.server.port == 0 {
             return invalid("server.port", "must not be 0");
+        }
+        if self.server.max_queue == 0 {
+            return invalid("server.max_queue", "must be at least 1 (got 0)");
+        }
+        if self.server.prefill_chunk == 0 {
+            return invalid("server.prefill_chunk", "must be at least 1 token (got 0)");
+        }
+        if self.server.max_request_bytes.0 < 1024 {
+            return invalid(
+                "server.max_request_bytes",
+                format!(
+                    "must be at least 1 KiB (got {} bytes)",
+                    self.server.max_request_bytes.0
+                ),
+            );
         }
         if self.server.api_key.as_deref().is_some_and(|k| k.is_empty()) {
             return invalid(

@@ -1,0 +1,766 @@
+//! `moe-serve serve`: the OpenAI-compatible HTTP server (axum on tokio) over the batch scheduler.
+//!
+//! The listener opens first and answers `/health` with 503 while the model loads on a blocking
+//! thread; then every route works. Compute never runs on the async runtime: requests go to the
+//! [`Batcher`]'s thread and come back as events through an unbounded channel per request.
+//!
+//! Invariants: every route but `/health` needs the bearer key when one is set; every error is
+//! OpenAI-shaped ([`errors::ApiError`]), including body rejections, unknown routes and panics
+//! (caught per request); a client that goes away drops its receiver, which the scheduler sees
+//! before its next step; SIGTERM/SIGINT stop accepting, let running requests finish until
+//! `drain_timeout_s`, then cut them short and exit.
+
+pub mod errors;
+pub mod metrics;
+pub mod openai;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream, StreamExt};
+use moe_runtime::batch::{BatchConfig, Batcher, Event, RequestParams, Sink, Usage};
+use moe_runtime::runconfig::ServerConfig;
+use moe_runtime::{Model, Prompt, Settings};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use errors::ApiError;
+use metrics::Metrics;
+use openai::{ChatRequest, CompletionRequest, LegacyLogprobs, PromptSpec};
+
+/// Everything `serve` needs.
+pub struct ServeOptions {
+    pub settings: Settings,
+    pub server: ServerConfig,
+    /// Test hook (`MOE_SERVE_FAULT_PANIC_TOKEN`): a prompt holding this id panics in its step.
+    pub fault_panic_token: Option<u32>,
+}
+
+/// The loaded model and its scheduler.
+struct Engine {
+    model: Arc<Model>,
+    batcher: Batcher,
+}
+
+struct App {
+    engine: OnceLock<Engine>,
+    model_name: String,
+    api_key: Option<String>,
+    metrics: Metrics,
+    draining: AtomicBool,
+    created: u64,
+    max_context: AtomicU64,
+}
+
+impl App {
+    fn engine(&self) -> Result<&Engine, ApiError> {
+        if self.draining.load(Relaxed) {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the server is shutting down",
+            )
+            .code("shutting_down"));
+        }
+        self.engine.get().ok_or_else(ApiError::loading)
+    }
+
+    fn check_model(&self, asked: &str) -> Result<(), ApiError> {
+        if asked == self.model_name {
+            Ok(())
+        } else {
+            Err(ApiError::unknown_model(asked, &self.model_name))
+        }
+    }
+}
+
+/// The name `/v1/models` reports: `[server] model_name`, else the model folder's name.
+pub fn default_model_name(settings: &Settings) -> String {
+    match &settings.model {
+        None => "demo".to_string(),
+        Some(spec) => std::path::Path::new(spec.trim_end_matches('/'))
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| spec.clone()),
+    }
+}
+
+/// Runs the server until SIGTERM or SIGINT (or a failed load).
+pub fn serve(opts: ServeOptions) -> Result<(), Box<dyn std::error::Error>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(serve_async(opts))
+}
+
+async fn serve_async(opts: ServeOptions) -> Result<(), Box<dyn std::error::Error>> {
+    let server = opts.server.clone();
+    let api_key = std::env::var("MOE_SERVE_API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+        .or(server.api_key.clone());
+    let app = Arc::new(App {
+        engine: OnceLock::new(),
+        model_name: server
+            .model_name
+            .clone()
+            .unwrap_or_else(|| default_model_name(&opts.settings)),
+        api_key,
+        metrics: Metrics::new(),
+        draining: AtomicBool::new(false),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        max_context: AtomicU64::new(0),
+    });
+    // The expert series exist from the start: the layer list comes from config.json.
+    {
+        let settings = opts.settings.clone();
+        if let Ok(Ok(report)) =
+            tokio::task::spawn_blocking(move || moe_runtime::plan_model(&settings)).await
+        {
+            let layers: Vec<usize> = (0..report.config.num_layers)
+                .filter(|&l| report.config.sparse_layers.get(l).copied().unwrap_or(false))
+                .collect();
+            app.metrics.register_layers(&layers);
+        }
+    }
+    let addr = format!("{}:{}", server.host, server.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local: SocketAddr = listener.local_addr()?;
+    eprintln!(
+        "moe-serve: listening on http://{local} (model `{}`, loading)",
+        app.model_name
+    );
+
+    let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<String>();
+    {
+        let app = app.clone();
+        let settings = opts.settings.clone();
+        let server = server.clone();
+        let fault = opts.fault_panic_token;
+        tokio::task::spawn_blocking(move || {
+            let t0 = Instant::now();
+            match Model::load(&settings) {
+                Ok(model) => {
+                    let model = Arc::new(model);
+                    let mut cfg = BatchConfig::for_model(&model, server.max_queue);
+                    cfg.prefill_chunk = server.prefill_chunk;
+                    cfg.prefix_cache = server.prefix_cache;
+                    cfg.fault_panic_token = fault;
+                    app.max_context.store(model.max_context as u64, Relaxed);
+                    let batcher = Batcher::start(model.clone(), cfg);
+                    let _ = app.engine.set(Engine { model, batcher });
+                    eprintln!(
+                        "moe-serve: ready in {:.2} s",
+                        t0.elapsed().as_secs_f64()
+                    );
+                }
+                Err(e) => {
+                    let _ = fatal_tx.send(e.to_string());
+                }
+            }
+        });
+    }
+
+    let router = router(app.clone(), server.max_request_bytes.0 as usize);
+    let fatal: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
+    let shutdown = {
+        let app = app.clone();
+        let fatal = fatal.clone();
+        let drain = Duration::from_secs(server.drain_timeout_s);
+        async move {
+            tokio::select! {
+                _ = termination() => {}
+                msg = fatal_rx => {
+                    if let Ok(msg) = msg {
+                        *fatal.lock() = Some(msg);
+                    } else {
+                        // The loader finished without error: wait for a signal.
+                        termination().await;
+                    }
+                }
+            }
+            app.draining.store(true, Relaxed);
+            if app.engine.get().is_some() {
+                eprintln!(
+                    "moe-serve: draining (up to {} s for running requests)",
+                    drain.as_secs()
+                );
+                let app = app.clone();
+                // Running requests finish (or are cut at the deadline) while axum waits for
+                // their connections.
+                tokio::task::spawn_blocking(move || {
+                    if let Some(e) = app.engine.get() {
+                        e.batcher.shutdown(drain);
+                    }
+                });
+            }
+        }
+    };
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    if let Some(e) = app.engine.get() {
+        e.batcher.shutdown(Duration::ZERO);
+        if let Err(err) = e.model.save_hot_set() {
+            tracing::warn!("could not save the hot set: {err}");
+        }
+    }
+    if let Some(msg) = fatal.lock().take() {
+        return Err(msg.into());
+    }
+    eprintln!("moe-serve: stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn termination() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn router(app: Arc<App>, max_body: usize) -> Router {
+    let api = Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model_by_id))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/metrics", get(metrics_route))
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth));
+    Router::new()
+        .route("/health", get(health))
+        .merge(api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(app.clone(), observe))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                ApiError::internal("internal error while handling the request").into_response()
+            },
+        ))
+        .with_state(app)
+}
+
+async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &app.api_key {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes()));
+        if !ok {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Counts every response by route and status; times the non-streaming ones (streams are timed
+/// when they end).
+async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let t0 = Instant::now();
+    let resp = next.run(req).await;
+    let m = &app.metrics;
+    m.requests
+        .with_label_values(&[route.as_str(), resp.status().as_str()])
+        .inc();
+    let streaming = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !streaming {
+        m.request_seconds
+            .with_label_values(&[route.as_str()])
+            .observe(t0.elapsed().as_secs_f64());
+    }
+    resp
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(uri.path())
+}
+
+async fn method_not_allowed(uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("method not allowed on {}", uri.path()),
+    )
+    .code("method_not_allowed")
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    match app.engine() {
+        Ok(e) => Json(json!({
+            "status": "ok",
+            "model": app.model_name,
+            "running": e.batcher.counters().running.load(Relaxed),
+            "queued": e.batcher.counters().queued.load(Relaxed),
+        }))
+        .into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
+fn model_card(app: &App) -> Value {
+    json!({
+        "id": app.model_name,
+        "object": "model",
+        "created": app.created,
+        "owned_by": "moe-offload",
+        "max_model_len": app.max_context.load(Relaxed),
+    })
+}
+
+async fn models(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [model_card(&app)]}))
+}
+
+async fn model_by_id(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    match app.check_model(&id) {
+        Ok(()) => Json(model_card(&app)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn metrics_route(State(app): State<Arc<App>>) -> Response {
+    let engine = app.engine.get();
+    let stats = engine.map(|e| e.model.decoder.store.stats().per_layer);
+    let body = app.metrics.render(
+        stats.as_deref(),
+        engine.map(|e| e.batcher.counters()),
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// Sends scheduler events into a request's channel; closed when the handler or stream is gone.
+struct ChanSink(UnboundedSender<Event>);
+
+impl Sink for ChanSink {
+    fn send(&mut self, event: Event) -> bool {
+        self.0.send(event).is_ok()
+    }
+    fn closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn new_id(prefix: &str) -> String {
+    let n = NEXT_ID.fetch_add(1, Relaxed);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!("{prefix}-{t:x}{n:04x}")
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Validates and queues a request; its events arrive on the returned receiver.
+fn submit(
+    engine: &Engine,
+    ids: Vec<u32>,
+    params: RequestParams,
+) -> Result<UnboundedReceiver<Event>, ApiError> {
+    let max_context = engine.model.max_context;
+    let new = params.generate.max_tokens.unwrap_or(1);
+    if ids.len() + new > max_context {
+        return Err(ApiError::bad_request(format!(
+            "the prompt ({} tokens) plus max_tokens ({new}) is {} tokens, over this model's \
+             context of {max_context} tokens: shorten the prompt or lower max_tokens",
+            ids.len(),
+            ids.len() + new
+        ))
+        .code("context_length_exceeded")
+        .param("max_tokens"));
+    }
+    engine.batcher.validate(&ids, &params)?;
+    let (tx, rx) = unbounded_channel();
+    engine
+        .batcher
+        .submit(ids, params, Box::new(ChanSink(tx)))?;
+    Ok(rx)
+}
+
+/// Records a finished request's token counts and timings.
+fn record_usage(app: &App, usage: &Usage) {
+    let m = &app.metrics;
+    m.prompt_tokens.inc_by(usage.prompt_tokens as u64);
+    m.cached_prompt_tokens.inc_by(usage.cached_tokens as u64);
+    m.generated_tokens.inc_by(usage.completion_tokens as u64);
+    let d = usage.decode_time.as_secs_f64();
+    if usage.completion_tokens > 1 && d > 0.0 {
+        m.decode_tokens_per_second
+            .observe((usage.completion_tokens - 1) as f64 / d);
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+async fn chat(
+    State(app): State<Arc<App>>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let t0 = Instant::now();
+    let Json(req) = body?;
+    let engine = app.engine()?;
+    app.check_model(&req.model)?;
+    let params = req.params()?;
+    let messages = req.chat_messages()?;
+    let ids = engine.model.encode_prompt(&Prompt::Chat(messages))?;
+    let rx = submit(engine, ids, params)?;
+    let s = &req.sampling;
+    respond(app.clone(), Kind::Chat, rx, s.stream(), s.include_usage(), t0).await
+}
+
+async fn completions(
+    State(app): State<Arc<App>>,
+    body: Result<Json<CompletionRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let t0 = Instant::now();
+    let Json(req) = body?;
+    let engine = app.engine()?;
+    app.check_model(&req.model)?;
+    let params = req.params()?;
+    let prompt = match req.prompt {
+        PromptSpec::Text(t) => Prompt::Text(t),
+        PromptSpec::Ids(ids) => Prompt::Ids(ids),
+        PromptSpec::Texts(mut v) if v.len() == 1 => Prompt::Text(v.remove(0)),
+        PromptSpec::IdLists(mut v) if v.len() == 1 => Prompt::Ids(v.remove(0)),
+        _ => {
+            return Err(ApiError::bad_request("exactly one prompt per request is supported")
+                .param("prompt"))
+        }
+    };
+    let ids = match &prompt {
+        Prompt::Ids(ids) => ids.clone(),
+        _ => engine.model.encode_prompt(&prompt)?,
+    };
+    let rx = submit(engine, ids, params)?;
+    let s = &req.sampling;
+    respond(
+        app.clone(),
+        Kind::Completion,
+        rx,
+        s.stream(),
+        s.include_usage(),
+        t0,
+    )
+    .await
+}
+
+async fn respond(
+    app: Arc<App>,
+    kind: Kind,
+    rx: UnboundedReceiver<Event>,
+    stream: bool,
+    include_usage: bool,
+    t0: Instant,
+) -> Result<Response, ApiError> {
+    let id = new_id(match kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Completion => "cmpl",
+    });
+    let created = unix_now();
+    if stream {
+        let s = sse_stream(app, kind, rx, include_usage, t0, id, created);
+        let mut r = Sse::new(s).keep_alive(KeepAlive::default()).into_response();
+        // Proxies (nginx) must pass each event on as it comes.
+        r.headers_mut()
+            .insert("x-accel-buffering", HeaderValue::from_static("no"));
+        return Ok(r);
+    }
+    let body = collect(&app, kind, rx, t0, &id, created).await?;
+    Ok(Json(body).into_response())
+}
+
+/// Waits for the whole generation and builds the response body.
+async fn collect(
+    app: &App,
+    kind: Kind,
+    mut rx: UnboundedReceiver<Event>,
+    t0: Instant,
+    id: &str,
+    created: u64,
+) -> Result<Value, ApiError> {
+    let mut text = String::new();
+    let mut chat_lp: Vec<Value> = Vec::new();
+    let mut legacy = LegacyLogprobs::default();
+    let mut any_lp = false;
+    let mut first = true;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token(t) => {
+                if first {
+                    app.metrics.ttft_seconds.observe(t0.elapsed().as_secs_f64());
+                    first = false;
+                }
+                if let Some((own, top)) = &t.logprob {
+                    any_lp = true;
+                    chat_lp.push(openai::chat_logprob(own, top));
+                    legacy.push(own, top, text.len());
+                }
+                text.push_str(&t.text);
+            }
+            Event::Done {
+                finish,
+                text: rest,
+                usage,
+            } => {
+                text.push_str(&rest);
+                record_usage(app, &usage);
+                let finish = openai::finish_str(finish);
+                let choice = match kind {
+                    Kind::Chat => json!({
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": if any_lp { json!({"content": chat_lp}) } else { Value::Null },
+                        "finish_reason": finish,
+                    }),
+                    Kind::Completion => json!({
+                        "index": 0,
+                        "text": text,
+                        "logprobs": if any_lp { legacy.json() } else { Value::Null },
+                        "finish_reason": finish,
+                    }),
+                };
+                return Ok(json!({
+                    "id": id,
+                    "object": match kind { Kind::Chat => "chat.completion", Kind::Completion => "text_completion" },
+                    "created": created,
+                    "model": app.model_name,
+                    "choices": [choice],
+                    "usage": openai::usage_json(&usage),
+                }));
+            }
+            Event::Failed(msg) => return Err(ApiError::internal(msg)),
+        }
+    }
+    Err(ApiError::internal("the request ended without a result"))
+}
+
+/// What the stream still has to send.
+struct StreamState {
+    app: Arc<App>,
+    kind: Kind,
+    rx: UnboundedReceiver<Event>,
+    include_usage: bool,
+    t0: Instant,
+    id: String,
+    created: u64,
+    /// The chat stream opens with a role chunk.
+    opened: bool,
+    first_token: bool,
+    text_len: usize,
+    /// Events ready to go out before reading more.
+    out: std::collections::VecDeque<String>,
+    finished: bool,
+}
+
+impl StreamState {
+    fn chunk(&self, choices: Value, usage: Option<Value>) -> String {
+        let mut v = json!({
+            "id": self.id,
+            "object": match self.kind { Kind::Chat => "chat.completion.chunk", Kind::Completion => "text_completion" },
+            "created": self.created,
+            "model": self.app.model_name,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            v["usage"] = u;
+        } else if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v.to_string()
+    }
+
+    fn text_choice(&self, text: &str, logprobs: Value, finish: Value) -> Value {
+        match self.kind {
+            Kind::Chat => json!([{
+                "index": 0,
+                "delta": if text.is_empty() && !finish.is_null() { json!({}) } else { json!({"content": text}) },
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }]),
+            Kind::Completion => json!([{
+                "index": 0,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }]),
+        }
+    }
+
+    /// Turns one scheduler event into SSE data lines.
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Token(t) => {
+                if self.first_token {
+                    self.app
+                        .metrics
+                        .ttft_seconds
+                        .observe(self.t0.elapsed().as_secs_f64());
+                    self.first_token = false;
+                }
+                let lp = match (&t.logprob, self.kind) {
+                    (None, _) => Value::Null,
+                    (Some((own, top)), Kind::Chat) => {
+                        json!({"content": [openai::chat_logprob(own, top)]})
+                    }
+                    (Some((own, top)), Kind::Completion) => {
+                        let mut l = LegacyLogprobs::default();
+                        l.push(own, top, self.text_len);
+                        l.json()
+                    }
+                };
+                if t.text.is_empty() && lp.is_null() {
+                    return;
+                }
+                self.text_len += t.text.len();
+                let c = self.chunk(self.text_choice(&t.text, lp, Value::Null), None);
+                self.out.push_back(c);
+            }
+            Event::Done {
+                finish,
+                text,
+                usage,
+            } => {
+                record_usage(&self.app, &usage);
+                if !text.is_empty() {
+                    let c = self.chunk(self.text_choice(&text, Value::Null, Value::Null), None);
+                    self.out.push_back(c);
+                }
+                let f = json!(openai::finish_str(finish));
+                let c = self.chunk(self.text_choice("", Value::Null, f), None);
+                self.out.push_back(c);
+                if self.include_usage {
+                    let c = self.chunk(json!([]), Some(openai::usage_json(&usage)));
+                    self.out.push_back(c);
+                }
+                self.out.push_back("[DONE]".into());
+                self.finished = true;
+            }
+            Event::Failed(msg) => {
+                self.out
+                    .push_back(ApiError::internal(msg).body().to_string());
+                self.out.push_back("[DONE]".into());
+                self.finished = true;
+            }
+        }
+    }
+}
+
+fn sse_stream(
+    app: Arc<App>,
+    kind: Kind,
+    rx: UnboundedReceiver<Event>,
+    include_usage: bool,
+    t0: Instant,
+    id: String,
+    created: u64,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let st = StreamState {
+        app,
+        kind,
+        rx,
+        include_usage,
+        t0,
+        id,
+        created,
+        opened: kind != Kind::Chat,
+        first_token: true,
+        text_len: 0,
+        out: Default::default(),
+        finished: false,
+    };
+    stream::unfold(st, |mut st| async move {
+        loop {
+            if !st.opened {
+                st.opened = true;
+                let c = st.chunk(
+                    json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+                    None,
+                );
+                return Some((c, st));
+            }
+            if let Some(line) = st.out.pop_front() {
+                if st.out.is_empty() && st.finished {
+                    st.app
+                        .metrics
+                        .request_seconds
+                        .with_label_values(&[match st.kind {
+                            Kind::Chat => "/v1/chat/completions",
+                            Kind::Completion => "/v1/completions",
+                        }])
+                        .observe(st.t0.elapsed().as_secs_f64());
+                }
+                return Some((line, st));
+            }
+            if st.finished {
+                return None;
+            }
+            match st.rx.recv().await {
+                Some(ev) => st.on_event(ev),
+                None => {
+                    st.on_event(Event::Failed("the request ended without a result".into()));
+                }
+            }
+        }
+    })
+    .map(|data| Ok(SseEvent::default().data(data)))
+}

@@ -1,0 +1,305 @@
+//! The OpenAI wire format: request bodies of `/v1/chat/completions` and `/v1/completions`, their
+//! translation into the scheduler's [`RequestParams`], and the response and stream-chunk bodies.
+//!
+//! Invariants: fields we do not know are ignored (clients send many), fields we know but cannot
+//! honour (`n` > 1, `echo`, `suffix`, image parts, `best_of` > 1) are a 400 naming the field;
+//! `usage.completion_tokens` counts the stop token; `finish_reason` is `stop` or `length`.
+
+use moe_runtime::batch::{RequestParams, TokenLogprob, Usage, MAX_TOP_LOGPROBS};
+use moe_runtime::{ChatMessage, FinishReason, GenerateParams};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::errors::ApiError;
+
+/// One string or several.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Sampling and length fields shared by both endpoints.
+#[derive(Deserialize, Debug, Default)]
+pub struct Sampling {
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub seed: Option<i64>,
+    pub stop: Option<OneOrMany>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub n: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    /// Keep generating past end-of-sequence tokens (vLLM's extension; benchmarks use it).
+    pub ignore_eos: Option<bool>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct Message {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize, Debug)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: PromptSpec,
+    /// Legacy: how many alternatives to report per token (0..=5 in OpenAI's API).
+    pub logprobs: Option<i64>,
+    pub echo: Option<bool>,
+    pub suffix: Option<String>,
+    pub best_of: Option<i64>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+/// A completion prompt: text or token ids, one of them (lists of one are accepted).
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum PromptSpec {
+    Text(String),
+    Ids(Vec<u32>),
+    Texts(Vec<String>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+impl ChatRequest {
+    pub fn chat_messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::bad_request("`messages` must not be empty").param("messages"));
+        }
+        self.messages
+            .iter()
+            .map(|m| {
+                let content = match &m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t.clone(),
+                    Some(Content::Parts(parts)) => {
+                        let mut s = String::new();
+                        for p in parts {
+                            match (p.kind.as_str(), &p.text) {
+                                ("text", Some(t)) => s.push_str(t),
+                                (kind, _) => {
+                                    return Err(ApiError::bad_request(format!(
+                                        "content parts of type `{kind}` are not supported (text only)"
+                                    ))
+                                    .param("messages"))
+                                }
+                            }
+                        }
+                        s
+                    }
+                };
+                Ok(ChatMessage::new(m.role.clone(), content))
+            })
+            .collect()
+    }
+
+    pub fn params(&self) -> Result<RequestParams, ApiError> {
+        let top = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (false, Some(n)) if n > 0 => {
+                return Err(ApiError::bad_request("`top_logprobs` needs `logprobs: true`")
+                    .param("top_logprobs"))
+            }
+            (false, _) => None,
+            (true, n) => Some(count("top_logprobs", n.unwrap_or(0), MAX_TOP_LOGPROBS)?),
+        };
+        let max = self
+            .sampling
+            .max_completion_tokens
+            .or(self.sampling.max_tokens);
+        self.sampling.params(max, top)
+    }
+}
+
+impl CompletionRequest {
+    pub fn params(&self) -> Result<RequestParams, ApiError> {
+        if self.echo == Some(true) {
+            return Err(ApiError::bad_request("`echo` is not supported").param("echo"));
+        }
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::bad_request("`suffix` is not supported").param("suffix"));
+        }
+        if self.best_of.is_some_and(|b| b != 1) {
+            return Err(ApiError::bad_request("only `best_of` = 1 is supported").param("best_of"));
+        }
+        let top = match self.logprobs {
+            None => None,
+            Some(n) => Some(count("logprobs", n, MAX_TOP_LOGPROBS)?),
+        };
+        // OpenAI's legacy default for completions is 16 new tokens.
+        let max = self
+            .sampling
+            .max_tokens
+            .or(self.sampling.max_completion_tokens)
+            .or(Some(16));
+        self.sampling.params(max, top)
+    }
+}
+
+fn count(field: &str, v: i64, max: usize) -> Result<usize, ApiError> {
+    if v < 0 || v as u64 > max as u64 {
+        return Err(
+            ApiError::bad_request(format!("`{field}` must be between 0 and {max}, got {v}"))
+                .param(field),
+        );
+    }
+    Ok(v as usize)
+}
+
+impl Sampling {
+    pub fn stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+
+    fn params(&self, max: Option<i64>, logprobs: Option<usize>) -> Result<RequestParams, ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad_request("only `n` = 1 is supported").param("n"));
+        }
+        let max_tokens = match max {
+            Some(m) if m < 1 => {
+                return Err(ApiError::bad_request(format!(
+                    "`max_tokens` must be at least 1, got {m}"
+                ))
+                .param("max_tokens"))
+            }
+            Some(m) => Some(m as usize),
+            None => None,
+        };
+        let top_k = match self.top_k {
+            // -1 and 0 mean "off" in vLLM and llama.cpp.
+            Some(k) if k <= 0 => Some(0),
+            Some(k) => Some(k as usize),
+            None => None,
+        };
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(OneOrMany::One(s)) => vec![s.clone()],
+            Some(OneOrMany::Many(v)) => v.clone(),
+        };
+        if stop.len() > 4 {
+            return Err(ApiError::bad_request("at most 4 `stop` strings").param("stop"));
+        }
+        if stop.iter().any(String::is_empty) {
+            return Err(ApiError::bad_request("`stop` strings must not be empty").param("stop"));
+        }
+        Ok(RequestParams {
+            generate: GenerateParams {
+                max_tokens,
+                temperature: self.temperature,
+                top_p: self.top_p,
+                top_k,
+                min_p: self.min_p,
+                seed: self.seed.map(|s| s as u64),
+                ignore_eos: self.ignore_eos.unwrap_or(false),
+                ..Default::default()
+            },
+            stop,
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            logprobs,
+        })
+    }
+}
+
+/// OpenAI's finish reasons (a drain that cut a request short reports `length`).
+pub fn finish_str(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::Cancelled => "length",
+    }
+}
+
+pub fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    })
+}
+
+fn lp_entry(t: &TokenLogprob) -> Value {
+    json!({"token": t.text, "logprob": t.logprob, "bytes": t.text.as_bytes()})
+}
+
+/// One token's entry of a chat `logprobs.content` list.
+pub fn chat_logprob(own: &TokenLogprob, top: &[TokenLogprob]) -> Value {
+    let mut v = lp_entry(own);
+    v["top_logprobs"] = top.iter().map(lp_entry).collect();
+    v
+}
+
+/// Legacy completion logprobs of several tokens.
+#[derive(Default)]
+pub struct LegacyLogprobs {
+    tokens: Vec<String>,
+    token_logprobs: Vec<f32>,
+    top: Vec<Value>,
+    offsets: Vec<usize>,
+}
+
+impl LegacyLogprobs {
+    pub fn push(&mut self, own: &TokenLogprob, top: &[TokenLogprob], offset: usize) {
+        self.tokens.push(own.text.clone());
+        self.token_logprobs.push(own.logprob);
+        let mut m = serde_json::Map::new();
+        for t in top {
+            m.insert(t.text.clone(), json!(t.logprob));
+        }
+        self.top.push(Value::Object(m));
+        self.offsets.push(offset);
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "tokens": self.tokens,
+            "token_logprobs": self.token_logprobs,
+            "top_logprobs": self.top,
+            "text_offset": self.offsets,
+        })
+    }
+}
