@@ -414,10 +414,16 @@ fn serve_cmd(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let fault_panic_token = std::env::var("MOE_SERVE_FAULT_PANIC_TOKEN")
         .ok()
         .and_then(|v| v.parse().ok());
+    let load_delay = std::env::var("MOE_SERVE_FAULT_LOAD_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or_default();
     server::serve(server::ServeOptions {
         settings,
         server,
         fault_panic_token,
+        load_delay,
     })
 }
 

@@ -650,6 +650,7 @@ impl<'m> Scheduler<'m> {
                     }
                     let s = &mut self.running[*i];
                     if let Some(logits) = logits {
+                        self.counters.generated_tokens.fetch_add(1, Relaxed);
                         match catch_unwind(AssertUnwindSafe(|| emit_token(self.model, s, &logits)))
                         {
                             Ok(Some(reason)) => done.push((*i, reason)),

@@ -1496,6 +1496,10 @@ port = 9000
 api_key = "secret"
 model_name = "local-moe"
 max_queue = 8
+prefill_chunk = 64
+prefix_cache = false
+max_request_bytes = "1MiB"
+drain_timeout_s = 5
 "#;
         let c = parse(text).unwrap();
         let expected = RunConfig {
@@ -1533,6 +1537,10 @@ max_queue = 8
                 api_key: Some("secret".into()),
                 model_name: Some("local-moe".into()),
                 max_queue: 8,
+                prefill_chunk: 64,
+                prefix_cache: false,
+                max_request_bytes: ByteSize(1 << 20),
+                drain_timeout_s: 5,
             },
         };
         assert_eq!(c, expected);
@@ -1778,6 +1786,17 @@ max_queue = 8
                 "0 or more",
             ),
             ("[server]\nport = 0", "server.port", "must not be 0"),
+            ("[server]\nmax_queue = 0", "server.max_queue", "at least 1"),
+            (
+                "[server]\nprefill_chunk = 0",
+                "server.prefill_chunk",
+                "at least 1",
+            ),
+            (
+                "[server]\nmax_request_bytes = 100",
+                "server.max_request_bytes",
+                "at least 1 KiB",
+            ),
             ("[server]\nhost = \"\"", "server.host", "must not be empty"),
             (
                 "[server]\napi_key = \"\"",

@@ -13,8 +13,8 @@ use moe_runtime::batch::BatchCounters;
 use moe_runtime::store::LayerStats;
 use parking_lot::Mutex;
 use prometheus::{
-    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
 };
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -30,9 +30,9 @@ pub struct Metrics {
     pub request_seconds: HistogramVec,
     pub ttft_seconds: Histogram,
     pub decode_tokens_per_second: Histogram,
-    pub prompt_tokens: IntCounter,
-    pub cached_prompt_tokens: IntCounter,
-    pub generated_tokens: IntCounter,
+    prompt_tokens: IntCounter,
+    cached_prompt_tokens: IntCounter,
+    generated_tokens: IntCounter,
     queue_depth: IntGauge,
     running: IntGauge,
     batch_size: IntGauge,
@@ -48,8 +48,8 @@ pub struct Metrics {
     expert_bytes: IntCounterVec,
     /// Store counters already copied into the registry, per layer.
     seen: Mutex<Vec<LayerStats>>,
-    /// Scheduler counters already copied (steps, failures).
-    seen_sched: Mutex<(u64, u64)>,
+    /// Scheduler counters already copied: steps, failures, prompt, cached and generated tokens.
+    seen_sched: Mutex<[u64; 5]>,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -62,13 +62,23 @@ impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            reg(&r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid"))
+            reg(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid"),
+            )
         };
         let counter = |name: &str, help: &str| {
-            reg(&r, IntCounter::with_opts(Opts::new(name, help)).expect("valid"))
+            reg(
+                &r,
+                IntCounter::with_opts(Opts::new(name, help)).expect("valid"),
+            )
         };
-        let gauge =
-            |name: &str, help: &str| reg(&r, IntGauge::with_opts(Opts::new(name, help)).expect("valid"));
+        let gauge = |name: &str, help: &str| {
+            reg(
+                &r,
+                IntGauge::with_opts(Opts::new(name, help)).expect("valid"),
+            )
+        };
         let hist = |name: &str, help: &str, b: &[f64]| {
             reg(
                 &r,
@@ -104,12 +114,18 @@ impl Metrics {
                 "Per request: generated tokens after the first, per second",
                 RATE_BUCKETS,
             ),
-            prompt_tokens: counter("moe_prompt_tokens_total", "Prompt tokens received"),
+            prompt_tokens: counter(
+                "moe_prompt_tokens_total",
+                "Prompt tokens of requests admitted into the batch",
+            ),
             cached_prompt_tokens: counter(
                 "moe_cached_prompt_tokens_total",
                 "Prompt tokens whose KV cache was reused from an earlier sequence",
             ),
-            generated_tokens: counter("moe_generated_tokens_total", "Tokens generated"),
+            generated_tokens: counter(
+                "moe_generated_tokens_total",
+                "Tokens generated, for finished, running and abandoned requests alike",
+            ),
             queue_depth: gauge("moe_queue_depth", "Requests waiting for a batch slot"),
             running: gauge("moe_running_requests", "Requests in the running batch"),
             batch_size: gauge("moe_batch_size", "Sequences in the last batched step"),
@@ -160,7 +176,7 @@ impl Metrics {
                 &["layer", "tier"],
             ),
             seen: Mutex::new(Vec::new()),
-            seen_sched: Mutex::new((0, 0)),
+            seen_sched: Mutex::new([0; 5]),
             registry: r,
         }
     }
@@ -220,7 +236,9 @@ impl Metrics {
                     .with_label_values(&l)
                     .inc_by(d(now.prefetch_wasted, was.prefetch_wasted));
                 let stall = (now.stall_ms - was.stall_ms).max(0.0) / 1e3;
-                self.expert_stall_seconds.with_label_values(&l).inc_by(stall);
+                self.expert_stall_seconds
+                    .with_label_values(&l)
+                    .inc_by(stall);
                 self.expert_bytes
                     .with_label_values(&[l[0], "file_to_ram"])
                     .inc_by(d(now.bytes_file_to_ram, was.bytes_file_to_ram));
@@ -233,15 +251,31 @@ impl Metrics {
         if let Some(c) = sched {
             self.queue_depth.set(c.queued.load(Relaxed) as i64);
             self.running.set(c.running.load(Relaxed) as i64);
-            self.batch_size.set(c.last_step_sequences.load(Relaxed) as i64);
-            self.batch_tokens.set(c.last_step_tokens.load(Relaxed) as i64);
+            self.batch_size
+                .set(c.last_step_sequences.load(Relaxed) as i64);
+            self.batch_tokens
+                .set(c.last_step_tokens.load(Relaxed) as i64);
             self.prefix_cache_bytes
                 .set(c.prefix_cache_bytes.load(Relaxed) as i64);
             let mut seen = self.seen_sched.lock();
-            let (steps, failed) = (c.steps.load(Relaxed), c.failed.load(Relaxed));
-            self.steps.inc_by(steps.saturating_sub(seen.0));
-            self.scheduler_failures.inc_by(failed.saturating_sub(seen.1));
-            *seen = (steps, failed);
+            let now = [
+                c.steps.load(Relaxed),
+                c.failed.load(Relaxed),
+                c.prompt_tokens.load(Relaxed),
+                c.cached_prompt_tokens.load(Relaxed),
+                c.generated_tokens.load(Relaxed),
+            ];
+            let targets = [
+                &self.steps,
+                &self.scheduler_failures,
+                &self.prompt_tokens,
+                &self.cached_prompt_tokens,
+                &self.generated_tokens,
+            ];
+            for ((t, n), s) in targets.iter().zip(now).zip(seen.iter()) {
+                t.inc_by(n.saturating_sub(*s));
+            }
+            *seen = now;
         }
         let mut out = Vec::new();
         // Encoding gathered families into a Vec cannot fail.

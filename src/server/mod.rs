@@ -45,6 +45,8 @@ pub struct ServeOptions {
     pub server: ServerConfig,
     /// Test hook (`MOE_SERVE_FAULT_PANIC_TOKEN`): a prompt holding this id panics in its step.
     pub fault_panic_token: Option<u32>,
+    /// Test hook (`MOE_SERVE_FAULT_LOAD_DELAY_MS`): loading takes at least this long.
+    pub load_delay: Duration,
 }
 
 /// The loaded model and its scheduler.
@@ -154,8 +156,10 @@ async fn serve_async(opts: ServeOptions) -> Result<(), Box<dyn std::error::Error
         let settings = opts.settings.clone();
         let server = server.clone();
         let fault = opts.fault_panic_token;
+        let delay = opts.load_delay;
         tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
+            std::thread::sleep(delay);
             match Model::load(&settings) {
                 Ok(model) => {
                     let model = Arc::new(model);
@@ -166,10 +170,7 @@ async fn serve_async(opts: ServeOptions) -> Result<(), Box<dyn std::error::Error
                     app.max_context.store(model.max_context as u64, Relaxed);
                     let batcher = Batcher::start(model.clone(), cfg);
                     let _ = app.engine.set(Engine { model, batcher });
-                    eprintln!(
-                        "moe-serve: ready in {:.2} s",
-                        t0.elapsed().as_secs_f64()
-                    );
+                    eprintln!("moe-serve: ready in {:.2} s", t0.elapsed().as_secs_f64());
                 }
                 Err(e) => {
                     let _ = fatal_tx.send(e.to_string());
@@ -363,10 +364,9 @@ async fn model_by_id(State(app): State<Arc<App>>, Path(id): Path<String>) -> Res
 async fn metrics_route(State(app): State<Arc<App>>) -> Response {
     let engine = app.engine.get();
     let stats = engine.map(|e| e.model.decoder.store.stats().per_layer);
-    let body = app.metrics.render(
-        stats.as_deref(),
-        engine.map(|e| e.batcher.counters()),
-    );
+    let body = app
+        .metrics
+        .render(stats.as_deref(), engine.map(|e| e.batcher.counters()));
     (
         [(
             header::CONTENT_TYPE,
@@ -427,18 +427,13 @@ fn submit(
     }
     engine.batcher.validate(&ids, &params)?;
     let (tx, rx) = unbounded_channel();
-    engine
-        .batcher
-        .submit(ids, params, Box::new(ChanSink(tx)))?;
+    engine.batcher.submit(ids, params, Box::new(ChanSink(tx)))?;
     Ok(rx)
 }
 
-/// Records a finished request's token counts and timings.
+/// Records a finished request's decode rate (token counts come from the scheduler).
 fn record_usage(app: &App, usage: &Usage) {
     let m = &app.metrics;
-    m.prompt_tokens.inc_by(usage.prompt_tokens as u64);
-    m.cached_prompt_tokens.inc_by(usage.cached_tokens as u64);
-    m.generated_tokens.inc_by(usage.completion_tokens as u64);
     let d = usage.decode_time.as_secs_f64();
     if usage.completion_tokens > 1 && d > 0.0 {
         m.decode_tokens_per_second
@@ -465,7 +460,15 @@ async fn chat(
     let ids = engine.model.encode_prompt(&Prompt::Chat(messages))?;
     let rx = submit(engine, ids, params)?;
     let s = &req.sampling;
-    respond(app.clone(), Kind::Chat, rx, s.stream(), s.include_usage(), t0).await
+    respond(
+        app.clone(),
+        Kind::Chat,
+        rx,
+        s.stream(),
+        s.include_usage(),
+        t0,
+    )
+    .await
 }
 
 async fn completions(
@@ -483,8 +486,10 @@ async fn completions(
         PromptSpec::Texts(mut v) if v.len() == 1 => Prompt::Text(v.remove(0)),
         PromptSpec::IdLists(mut v) if v.len() == 1 => Prompt::Ids(v.remove(0)),
         _ => {
-            return Err(ApiError::bad_request("exactly one prompt per request is supported")
-                .param("prompt"))
+            return Err(
+                ApiError::bad_request("exactly one prompt per request is supported")
+                    .param("prompt"),
+            )
         }
     };
     let ids = match &prompt {

@@ -117,8 +117,8 @@ impl ChatRequest {
                                 ("text", Some(t)) => s.push_str(t),
                                 (kind, _) => {
                                     return Err(ApiError::bad_request(format!(
-                                        "content parts of type `{kind}` are not supported (text only)"
-                                    ))
+                                    "content parts of type `{kind}` are not supported (text only)"
+                                ))
                                     .param("messages"))
                                 }
                             }
@@ -134,8 +134,10 @@ impl ChatRequest {
     pub fn params(&self) -> Result<RequestParams, ApiError> {
         let top = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
             (false, Some(n)) if n > 0 => {
-                return Err(ApiError::bad_request("`top_logprobs` needs `logprobs: true`")
-                    .param("top_logprobs"))
+                return Err(
+                    ApiError::bad_request("`top_logprobs` needs `logprobs: true`")
+                        .param("top_logprobs"),
+                )
             }
             (false, _) => None,
             (true, n) => Some(count("top_logprobs", n.unwrap_or(0), MAX_TOP_LOGPROBS)?),
@@ -175,10 +177,10 @@ impl CompletionRequest {
 
 fn count(field: &str, v: i64, max: usize) -> Result<usize, ApiError> {
     if v < 0 || v as u64 > max as u64 {
-        return Err(
-            ApiError::bad_request(format!("`{field}` must be between 0 and {max}, got {v}"))
-                .param(field),
-        );
+        return Err(ApiError::bad_request(format!(
+            "`{field}` must be between 0 and {max}, got {v}"
+        ))
+        .param(field));
     }
     Ok(v as usize)
 }

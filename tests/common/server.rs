@@ -1,0 +1,147 @@
+//! A `moe-serve serve` child process on a free loopback port, for the HTTP tests.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    /// Stderr lines after the listening line, as they arrive.
+    pub log: mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Starts `moe-serve serve --port 0 ARGS` with `env` and waits until it listens (not until
+    /// the model is ready: see [`Server::wait_ready`]).
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(crate::common::bin());
+        cmd.arg("serve")
+            .args(["--port", "0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env_remove("MOE_SERVE_API_KEY")
+            .env("RUST_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start moe-serve serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the server did not print its address");
+            };
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let base = rest.split_whitespace().next().unwrap().to_string();
+                return Server {
+                    child,
+                    base,
+                    log: rx,
+                };
+            }
+        }
+    }
+
+    /// Starts the server and waits for `/health` to say 200.
+    pub fn ready(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let s = Server::start(args, env);
+        s.wait_ready();
+        s
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn wait_ready(&self) {
+        let c = client();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(r) = c.get(self.url("/health")).send() {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the server never became ready");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status (None: it did not exit within `limit`).
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// A metric's value from `/metrics` (the first series whose line starts with `series`).
+    pub fn metric(&self, series: &str, key: Option<&str>) -> Option<f64> {
+        let mut req = client().get(self.url("/metrics"));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let text = req.send().ok()?.text().ok()?;
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// A config file for the bundled demo model with extra lines (top level, then `[server]`).
+pub fn demo_config(dir: &Path, top: &str, server: &str) -> std::path::PathBuf {
+    let demo = crate::common::root().join("runtime/demo");
+    let path = dir.join("serve.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "model = {:?}\nthreads = 2\n{top}\n[server]\n{server}\n",
+            demo.to_string_lossy()
+        ),
+    )
+    .unwrap();
+    path
+}

@@ -1,0 +1,439 @@
+//! `moe-serve serve` over real HTTP: routes and their shapes, streaming, errors and their
+//! statuses, authentication, the queue limit, disconnects, fault isolation, metrics, loading
+//! and draining.
+
+mod common;
+#[path = "common/server.rs"]
+#[allow(dead_code)]
+mod server;
+
+use std::io::{BufRead, BufReader, Read};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use server::{client, demo_config, Server};
+
+fn post(s: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let r = client().post(s.url(path)).json(body).send().unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+fn chat_body(content: &str, max_tokens: usize) -> Value {
+    json!({
+        "model": "demo",
+        "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": true,
+    })
+}
+
+/// Reads an SSE body: the `data:` payloads in order.
+fn sse_data(body: impl Read) -> Vec<String> {
+    BufReader::new(body)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+fn assert_error_shape(v: &Value, code_hint: &str) {
+    let e = &v["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(e["type"].is_string(), "{v}");
+    assert!(e.get("code").is_some(), "{v}");
+    if !code_hint.is_empty() {
+        assert!(
+            e["message"].as_str().unwrap().contains(code_hint)
+                || e["code"].as_str() == Some(code_hint),
+            "{code_hint} in {v}"
+        );
+    }
+}
+
+#[test]
+fn routes_answer_in_openai_shape_and_streams_match() {
+    let s = Server::ready(&["--max-batch", "4"], &[]);
+    let c = client();
+    let health: Value = c.get(s.url("/health")).send().unwrap().json().unwrap();
+    assert_eq!(health["status"], "ok");
+    let models: Value = c.get(s.url("/v1/models")).send().unwrap().json().unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "demo");
+
+    let (st, full) = post(&s, "/v1/chat/completions", &chat_body("Hello", 12));
+    assert_eq!(st, 200, "{full}");
+    assert_eq!(full["object"], "chat.completion");
+    let text = full["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(full["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(full["choices"][0]["finish_reason"], "length");
+    let u = &full["usage"];
+    assert_eq!(u["completion_tokens"], 12);
+    assert_eq!(
+        u["total_tokens"].as_u64(),
+        Some(u["prompt_tokens"].as_u64().unwrap() + 12)
+    );
+
+    // The same request streamed: the deltas add up to the same text.
+    let mut body = chat_body("Hello", 12);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = c
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let data = sse_data(r);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finish, vec![&json!("length")]);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 12);
+    assert!(chunks.last().unwrap()["choices"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // Completions: token-id prompt, legacy logprobs.
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        &json!({"model": "demo", "prompt": [1, 2, 3, 4], "max_tokens": 5, "temperature": 0,
+                "logprobs": 2, "ignore_eos": true}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 5);
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
+    assert_eq!(v["usage"]["prompt_tokens"], 4);
+}
+
+#[test]
+fn errors_have_the_right_status_and_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = demo_config(dir.path(), "", "max_request_bytes = \"2KiB\"");
+    let s = Server::ready(&["--config", cfg.to_str().unwrap()], &[]);
+    let c = client();
+    let raw = |body: &str, ctype: Option<&str>| {
+        let mut r = c.post(s.url("/v1/chat/completions")).body(body.to_string());
+        if let Some(t) = ctype {
+            r = r.header("content-type", t);
+        }
+        let r = r.send().unwrap();
+        (
+            r.status().as_u16(),
+            r.json::<Value>().unwrap_or(Value::Null),
+        )
+    };
+    let json_ct = Some("application/json");
+    let cases: Vec<(u16, (u16, Value), &str)> = vec![
+        (400, raw("{\"model\": \"demo\",", json_ct), "invalid_json"),
+        (400, raw("{\"model\": \"demo\"}", json_ct), "messages"),
+        (
+            400,
+            raw("{\"model\": \"demo\", \"messages\": 3}", json_ct),
+            "invalid_json",
+        ),
+        (
+            415,
+            raw("{\"model\": \"demo\", \"messages\": []}", None),
+            "Content-Type",
+        ),
+        (
+            413,
+            raw(&format!("{{\"pad\": \"{}\"}}", "x".repeat(4096)), json_ct),
+            "request_too_large",
+        ),
+        (
+            404,
+            post(
+                &s,
+                "/v1/chat/completions",
+                &json!({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}),
+            ),
+            "model_not_found",
+        ),
+        (
+            400,
+            post(&s, "/v1/chat/completions", &{
+                let mut b = chat_body("hi", 100_000);
+                b["model"] = json!("demo");
+                b
+            }),
+            "100000",
+        ),
+        (
+            400,
+            post(&s, "/v1/chat/completions", &{
+                let mut b = chat_body("hi", 4);
+                b["n"] = json!(2);
+                b
+            }),
+            "`n`",
+        ),
+        (
+            400,
+            post(&s, "/v1/chat/completions", &{
+                let mut b = chat_body("hi", 4);
+                b["temperature"] = json!(-1);
+                b
+            }),
+            "temperature",
+        ),
+        (
+            400,
+            post(
+                &s,
+                "/v1/completions",
+                &json!({"model": "demo", "prompt": [999999], "max_tokens": 2}),
+            ),
+            "vocabulary",
+        ),
+        (
+            404,
+            {
+                let r = c.get(s.url("/v2/nothing")).send().unwrap();
+                (r.status().as_u16(), r.json().unwrap())
+            },
+            "not_found",
+        ),
+        (
+            405,
+            {
+                let r = c.delete(s.url("/v1/models")).send().unwrap();
+                (r.status().as_u16(), r.json().unwrap())
+            },
+            "method_not_allowed",
+        ),
+    ];
+    for (want, (got, body), hint) in cases {
+        assert_eq!(got, want, "{hint}: {body}");
+        assert_error_shape(&body, hint);
+    }
+    // The context error names the prompt, max_tokens and the context.
+    let (_, v) = post(&s, "/v1/chat/completions", &chat_body("hi", 100_000));
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("100000") && msg.contains("4096"), "{msg}");
+    // Still healthy after all of that.
+    assert_eq!(post(&s, "/v1/chat/completions", &chat_body("hi", 2)).0, 200);
+}
+
+#[test]
+fn the_api_key_guards_every_route_but_health() {
+    let s = Server::ready(&[], &[("MOE_SERVE_API_KEY", "sekrit")]);
+    let c = client();
+    assert_eq!(c.get(s.url("/health")).send().unwrap().status(), 200);
+    for path in ["/v1/models", "/metrics"] {
+        let r = c.get(s.url(path)).send().unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        assert_error_shape(&r.json().unwrap(), "invalid_api_key");
+        let r = c.get(s.url(path)).bearer_auth("wrong").send().unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        let r = c.get(s.url(path)).bearer_auth("sekrit").send().unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    let r = c
+        .post(s.url("/v1/chat/completions"))
+        .json(&chat_body("hi", 2))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth("sekrit")
+        .json(&chat_body("hi", 2))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let s = Server::ready(&["--max-batch", "1", "--max-queue", "1"], &[]);
+    // Long streams hold the one slot and the one queue place.
+    let mut body = chat_body("hold", 3000);
+    body["stream"] = json!(true);
+    let mut holders = Vec::new();
+    let mut saw_429 = false;
+    for _ in 0..6 {
+        let r = client()
+            .post(s.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .unwrap();
+        match r.status().as_u16() {
+            200 => holders.push(r),
+            429 => {
+                let retry = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string());
+                assert!(retry.is_some_and(|v| v.parse::<u64>().is_ok()));
+                assert_error_shape(&r.json().unwrap(), "rate_limit_exceeded");
+                saw_429 = true;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(saw_429);
+    assert!(
+        holders.len() <= 2,
+        "1 running + 1 queued: {}",
+        holders.len()
+    );
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_slot() {
+    let s = Server::ready(&["--max-batch", "1", "--max-queue", "4"], &[]);
+    let mut body = chat_body("long", 3500);
+    body["stream"] = json!(true);
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .unwrap();
+    let mut lines = BufReader::new(r).lines();
+    // Wait until it streams, then hang up.
+    let first = lines.find(|l| l.as_ref().is_ok_and(|l| l.contains("content")));
+    assert!(first.is_some());
+    drop(lines);
+    let t0 = Instant::now();
+    let (st, v) = post(&s, "/v1/chat/completions", &chat_body("next", 4));
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "the slot was freed, not held until the 3500 tokens were generated"
+    );
+    let running = s.metric("moe_running_requests", None).unwrap();
+    assert_eq!(running, 0.0);
+    // Generation of the abandoned stream stopped far short of its 3500 tokens.
+    let generated = s.metric("moe_generated_tokens_total", None).unwrap();
+    assert!(generated < 1000.0, "{generated}");
+}
+
+#[test]
+fn a_panic_inside_a_request_fails_it_alone() {
+    let s = Server::ready(
+        &["--max-batch", "4"],
+        &[("MOE_SERVE_FAULT_PANIC_TOKEN", "250")],
+    );
+    let bad = json!({"model": "demo", "prompt": [5, 250, 6], "max_tokens": 4});
+    let (st, v) = post(&s, "/v1/completions", &bad);
+    assert_eq!(st, 500, "{v}");
+    assert_error_shape(&v, "internal_error");
+    let mut stream = bad.clone();
+    stream["stream"] = json!(true);
+    let r = client()
+        .post(s.url("/v1/completions"))
+        .json(&stream)
+        .send()
+        .unwrap();
+    let data = sse_data(r);
+    assert!(data.iter().any(|d| d.contains("\"error\"")), "{data:?}");
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let (st, v) = post(&s, "/v1/chat/completions", &chat_body("still here?", 3));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(s.metric("moe_scheduler_failures_total", None), Some(2.0));
+}
+
+#[test]
+fn metrics_list_expert_series_from_the_start_and_count() {
+    let s = Server::ready(&[], &[]);
+    assert_eq!(
+        s.metric("moe_expert_hits_total{layer=\"0\"}", None),
+        Some(0.0)
+    );
+    assert_eq!(
+        s.metric(
+            "moe_expert_bytes_moved_total{layer=\"3\",tier=\"file_to_ram\"}",
+            None
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        s.metric("moe_expert_stall_seconds_total{layer=\"1\"}", None),
+        Some(0.0)
+    );
+    assert_eq!(
+        post(&s, "/v1/chat/completions", &chat_body("count", 6)).0,
+        200
+    );
+    assert!(
+        s.metric("moe_expert_hits_total{layer=\"0\"}", None)
+            .unwrap()
+            > 0.0
+    );
+    assert_eq!(s.metric("moe_generated_tokens_total", None), Some(6.0));
+    assert_eq!(
+        s.metric(
+            "moe_requests_total{route=\"/v1/chat/completions\",status=\"200\"}",
+            None
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        s.metric("moe_time_to_first_token_seconds_count", None),
+        Some(1.0)
+    );
+    assert!(s.metric("moe_queue_depth", None).is_some());
+    assert!(s.metric("moe_batch_size", None).is_some());
+}
+
+#[test]
+fn health_is_503_while_loading_and_sigterm_drains() {
+    let mut s = Server::start(&[], &[("MOE_SERVE_FAULT_LOAD_DELAY_MS", "1500")]);
+    let r = client().get(s.url("/health")).send().unwrap();
+    assert_eq!(r.status(), 503);
+    assert_error_shape(&r.json().unwrap(), "model_loading");
+    let (st, _) = post(&s, "/v1/chat/completions", &chat_body("early", 2));
+    assert_eq!(st, 503);
+    s.wait_ready();
+    // A stream in flight when SIGTERM arrives still finishes with [DONE].
+    let mut body = chat_body("drain", 300);
+    body["stream"] = json!(true);
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .unwrap();
+    let mut reader = BufReader::new(r);
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+    let status = s.terminate(Duration::from_secs(60));
+    let rest: Vec<String> = reader.lines().map_while(Result::ok).collect();
+    assert_eq!(
+        rest.iter()
+            .rev()
+            .find(|l| l.starts_with("data: "))
+            .map(String::as_str),
+        Some("data: [DONE]")
+    );
+    assert!(rest
+        .iter()
+        .any(|l| l.contains("\"finish_reason\":\"length\"")));
+    assert!(status.is_some_and(|st| st.success()), "{status:?}");
+    assert!(client().get(s.url("/health")).send().is_err());
+}
