@@ -214,6 +214,13 @@ async fn serve_async(opts: ServeOptions) -> Result<(), Box<dyn std::error::Error
             }
         }
     };
+    // Each streamed token is a small write: without TCP_NODELAY, Nagle's algorithm can hold one
+    // back until the peer's delayed ACK (~40 ms), e.g. behind a proxy's kept-alive connection.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await?;
@@ -407,6 +414,23 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Tokenizes a prompt; one that leaves no room for a new token is a 400 naming `param`.
+fn encode(engine: &Engine, prompt: &Prompt, param: &str) -> Result<Vec<u32>, ApiError> {
+    engine.model.encode_prompt(prompt).map_err(|e| match e {
+        moe_runtime::Error::ContextOverflow {
+            needed_tokens,
+            max_context_tokens,
+        } => ApiError::bad_request(format!(
+            "the prompt is {} tokens; this model's context is {max_context_tokens} tokens and \
+             at least one new token must fit: shorten the prompt",
+            needed_tokens - 1
+        ))
+        .code("context_length_exceeded")
+        .param(param),
+        other => other.into(),
+    })
+}
+
 /// Validates and queues a request; its events arrive on the returned receiver.
 fn submit(
     engine: &Engine,
@@ -457,7 +481,7 @@ async fn chat(
     app.check_model(&req.model)?;
     let params = req.params()?;
     let messages = req.chat_messages()?;
-    let ids = engine.model.encode_prompt(&Prompt::Chat(messages))?;
+    let ids = encode(engine, &Prompt::Chat(messages), "messages")?;
     let rx = submit(engine, ids, params)?;
     let s = &req.sampling;
     respond(
@@ -494,7 +518,7 @@ async fn completions(
     };
     let ids = match &prompt {
         Prompt::Ids(ids) => ids.clone(),
-        _ => engine.model.encode_prompt(&prompt)?,
+        _ => encode(engine, &prompt, "prompt")?,
     };
     let rx = submit(engine, ids, params)?;
     let s = &req.sampling;

@@ -144,9 +144,10 @@ def run(args):
     check(finish == "length" and usage is not None and usage.completion_tokens == n,
           f"long stream: finish_reason {finish!r}, usage {usage!r}")
     check(chunks >= n // 2, f"long stream: {chunks} content chunks for {n} tokens")
-    check(first is not None and first < 0.5 * total,
-          f"long stream: first chunk after {first:.3f} s of {total:.3f} s (not < 50%): "
-          f"nginx buffers the stream")
+    check(first is not None, "long stream: no content chunk")
+    check(first < 0.5 * total,
+          f"long stream: first chunk after {first:.3f} s of {total:.3f} s (not < 50%): the "
+          f"stream did not arrive incrementally (proxy buffering, or a stalled first write)")
     passed("incremental streaming through nginx",
            f"{n} tokens in {chunks} chunks; first after {first * 1000:.1f} ms of {total * 1000:.1f} ms")
 
