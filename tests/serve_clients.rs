@@ -108,13 +108,9 @@ fn nginx() -> Option<PathBuf> {
         .unwrap_or_default()
         .into_iter()
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
-        .map(|d| d.join("nginx"));
-    for c in candidates {
-        if c.is_file() {
-            return Some(c);
-        }
-    }
-    None
+        .map(|d| d.join("nginx"))
+        .collect::<Vec<_>>();
+    candidates.into_iter().find(|c| c.is_file())
 }
 
 fn free_port() -> u16 {
@@ -133,6 +129,18 @@ struct Nginx(Child);
 
 impl Drop for Nginx {
     fn drop(&mut self) {
+        // SIGTERM: the master stops its workers and exits (SIGKILL would orphan the workers).
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
