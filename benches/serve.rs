@@ -42,6 +42,8 @@ struct Workload {
 struct Level {
     clients: usize,
     ttft: Vec<f64>,
+    /// Per request: seconds per token after the first.
+    tpot: Vec<f64>,
     tokens: usize,
     wall: f64,
     errors: usize,
@@ -53,6 +55,9 @@ impl Level {
     }
     fn ttft_p90(&self) -> f64 {
         percentile(&self.ttft, 0.9)
+    }
+    fn tpot_p50(&self) -> f64 {
+        percentile(&self.tpot, 0.5)
     }
     fn tps(&self) -> f64 {
         self.tokens as f64 / self.wall
@@ -82,12 +87,12 @@ fn prompt(client: usize, request: usize, n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-/// One streaming request: (seconds to the first token, tokens received) or an error.
+/// One streaming request: (seconds to the first token, seconds to the last) or an error.
 fn stream_one(
     http: &reqwest::blocking::Client,
     url: &str,
     body: &Value,
-) -> Result<(f64, usize), String> {
+) -> Result<(f64, f64), String> {
     let t0 = Instant::now();
     let r = http
         .post(url)
@@ -98,7 +103,6 @@ fn stream_one(
         return Err(format!("status {}", r.status()));
     }
     let mut first = None;
-    let mut chunks = 0;
     for line in BufReader::new(r).lines() {
         let line = line.map_err(|e| e.to_string())?;
         let Some(data) = line.strip_prefix("data: ") else {
@@ -110,10 +114,12 @@ fn stream_one(
         let v: Value = serde_json::from_str(data).map_err(|e| e.to_string())?;
         if v["choices"][0]["text"].is_string() || v["content"].is_string() {
             first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
-            chunks += 1;
         }
     }
-    Ok((first.ok_or("no token streamed")?, chunks))
+    Ok((
+        first.ok_or("no token streamed")?,
+        t0.elapsed().as_secs_f64(),
+    ))
 }
 
 fn run_level(base: &str, model: &str, w: &Workload, clients: usize, vocab: usize) -> Level {
@@ -125,8 +131,10 @@ fn run_level(base: &str, model: &str, w: &Workload, clients: usize, vocab: usize
             let model = model.to_string();
             let (requests, pt, mt) = (w.requests, w.prompt_tokens, w.max_tokens);
             std::thread::spawn(move || {
+                // A new connection per request: no client may reuse one a server has closed.
                 let http = reqwest::blocking::Client::builder()
                     .timeout(Duration::from_secs(1800))
+                    .pool_max_idle_per_host(0)
                     .build()
                     .expect("http client");
                 (0..requests)
@@ -148,6 +156,7 @@ fn run_level(base: &str, model: &str, w: &Workload, clients: usize, vocab: usize
     let mut level = Level {
         clients,
         ttft: Vec::new(),
+        tpot: Vec::new(),
         tokens: 0,
         wall: 0.0,
         errors: 0,
@@ -155,8 +164,11 @@ fn run_level(base: &str, model: &str, w: &Workload, clients: usize, vocab: usize
     for h in handles {
         for r in h.join().expect("client thread") {
             match r {
-                Ok((ttft, _chunks)) => {
+                Ok((ttft, last)) => {
                     level.ttft.push(ttft);
+                    level
+                        .tpot
+                        .push((last - ttft) / (w.max_tokens.max(2) - 1) as f64);
                     // ignore_eos: every request generates exactly max_tokens.
                     level.tokens += w.max_tokens;
                 }
@@ -209,10 +221,11 @@ fn bench_server(
             .map(|&c| {
                 let l = run_level(base, model, w, c, vocab);
                 eprintln!(
-                    "  {name:<12} clients {:>2}: TTFT p50 {:.2} s p90 {:.2} s, {:.2} tok/s ({} errors)",
+                    "  {name:<12} clients {:>2}: TTFT p50 {:.2} s p90 {:.2} s, {:.0} ms/token per stream, {:.2} tok/s ({} errors)",
                     c,
                     l.ttft_p50(),
                     l.ttft_p90(),
+                    l.tpot_p50() * 1e3,
                     l.tps(),
                     l.errors
                 );
@@ -282,8 +295,20 @@ fn main() {
         w.max_tokens
     );
 
-    // moe-serve.
-    warm_page_cache(&model);
+    // moe-serve: with a cache folder it maps the cache file, so that is what is warmed (warming
+    // the bf16 source too would push the cache file out of the page cache on a small machine).
+    match arg(&args, "--cache-dir") {
+        Some(dir) => {
+            let tag = format!(".x-{quant}.");
+            for e in std::fs::read_dir(&dir).expect("--cache-dir").flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.contains(&tag) && name.ends_with(".gguf") {
+                    warm_page_cache(&e.path());
+                }
+            }
+        }
+        None => warm_page_cache(&model),
+    }
     let port = 18941;
     let mut cmd = Command::new(binary());
     cmd.args(["serve", "--model"])
@@ -341,26 +366,28 @@ fn main() {
     );
 
     println!(
-        "| clients | moe-serve TTFT p50 / p90 (s) | llama-server TTFT p50 / p90 (s) | moe-serve tok/s | llama-server tok/s | tok/s ratio |"
+        "| clients | moe-serve TTFT p50 / p90 (s) | llama-server TTFT p50 / p90 (s) | moe-serve ms/token per stream | llama-server ms/token per stream | moe-serve tok/s | llama-server tok/s | tok/s ratio |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
     for (a, b) in ours.iter().zip(&peer) {
         println!(
-            "| {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} |",
             a.clients,
             a.ttft_p50(),
             a.ttft_p90(),
             b.ttft_p50(),
             b.ttft_p90(),
+            a.tpot_p50() * 1e3,
+            b.tpot_p50() * 1e3,
             a.tps(),
             b.tps(),
             a.tps() / b.tps()
         );
         rows.push(json!({
             "clients": a.clients,
-            "moe_serve": {"ttft_p50": a.ttft_p50(), "ttft_p90": a.ttft_p90(), "tokens_per_s": a.tps(), "errors": a.errors},
-            "llama_server": {"ttft_p50": b.ttft_p50(), "ttft_p90": b.ttft_p90(), "tokens_per_s": b.tps(), "errors": b.errors},
+            "moe_serve": {"ttft_p50": a.ttft_p50(), "ttft_p90": a.ttft_p90(), "tpot_p50": a.tpot_p50(), "tokens_per_s": a.tps(), "errors": a.errors},
+            "llama_server": {"ttft_p50": b.ttft_p50(), "ttft_p90": b.ttft_p90(), "tpot_p50": b.tpot_p50(), "tokens_per_s": b.tps(), "errors": b.errors},
         }));
     }
     if let Some(path) = arg(&args, "--json-out") {

@@ -1,12 +1,17 @@
-//! `moe-serve`: the command line (and, later, the HTTP server) over the `moe-runtime` library.
+//! `moe-serve`: the command line and the OpenAI-compatible HTTP server over the `moe-runtime`
+//! library.
 //!
 //! Contract (relied on outside this repository; add, never rename):
 //! `moe-serve run [--model DIR|HUB_ID] (--prompt TEXT | --prompt-ids 1,2,3) [--chat]
 //! [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
 //! [--ignore-eos] [--threads N] [--json] [--logits-out FILE]`, and
 //! `moe-serve synth --arch qwen3_moe --preset NAME --out DIR [--layers N] [--gguf PATH]`, and
-//! `moe-serve cache build [--force] | verify | info [--json] [--file PATH] | clear [--all]`.
-//! `run`, `plan` and `cache` take the same model flags (`--config FILE`, `--model`,
+//! `moe-serve cache build [--force] | verify | info [--json] [--file PATH] | clear [--all]`, and
+//! `moe-serve serve [--host H] [--port P] [--max-batch N] [--max-queue N] [--model-name NAME]`
+//! (127.0.0.1:8080 by default; `[server]` config keys; bearer key from `[server] api_key` or
+//! `MOE_SERVE_API_KEY`; routes `/health`, `/v1/models`, `/v1/chat/completions`,
+//! `/v1/completions`, `/metrics`; see `server`).
+//! `run`, `plan`, `cache` and `serve` take the same model flags (`--config FILE`, `--model`,
 //! `--quantization`, `--cache-dir DIR`, `--no-cache`, `--no-cache-rebuild`, ...).
 //! Without `--json`, generated text streams to stdout and timings go to stderr; with `--json`,
 //! stdout is exactly one JSON line (`run --json` adds `"cache"`: the quantized weight cache
