@@ -138,6 +138,46 @@ fn batched_forward_equals_solo_on_every_fixture() {
 }
 
 #[test]
+fn a_batched_step_fetches_each_routed_expert_once_per_layer() {
+    let model = demo(4);
+    let mut states: Vec<_> = (0..4).map(|_| model.new_state()).collect();
+    let prompts: [[u32; 1]; 4] = [[3], [17], [42], [99]];
+    let uses = |m: &Model| {
+        let s = m.decoder.store.stats();
+        s.hits + s.misses
+    };
+    let before = uses(&model);
+    let mut segs: Vec<Segment<'_>> = states
+        .iter_mut()
+        .zip(&prompts)
+        .map(|(state, p)| Segment {
+            tokens: p,
+            state,
+            logits: Some(Logits::Last),
+        })
+        .collect();
+    let mut trace = moe_runtime::Trace::default();
+    model
+        .decoder
+        .forward_batch(&mut segs, Some(&mut trace))
+        .unwrap();
+    let fetched = uses(&model) - before;
+    let (mut distinct, mut routed) = (0u64, 0u64);
+    for r in trace.routing.iter().flatten() {
+        let mut e = r.indices.clone();
+        routed += e.len() as u64;
+        e.sort_unstable();
+        e.dedup();
+        distinct += e.len() as u64;
+    }
+    assert!(
+        distinct < routed,
+        "some sequences share experts: {distinct} of {routed}"
+    );
+    assert_eq!(fetched, distinct, "one fetch per (layer, expert) per step");
+}
+
+#[test]
 fn segments_without_logits_return_none_and_advance() {
     let model = demo(2);
     let mut a = model.new_state();

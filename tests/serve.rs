@@ -334,6 +334,35 @@ fn a_client_that_disconnects_frees_its_slot() {
 }
 
 #[test]
+fn a_non_streaming_client_that_disconnects_frees_its_slot_too() {
+    use std::io::Write;
+    let s = Server::ready(&["--max-batch", "1", "--max-queue", "4"], &[]);
+    let body = chat_body("long", 3500).to_string();
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Hang up once generation is under way.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.metric("moe_generated_tokens_total", None).unwrap_or(0.0) < 2.0 {
+        assert!(Instant::now() < deadline, "generation never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(conn);
+    let (st, v) = post(&s, "/v1/chat/completions", &chat_body("next", 4));
+    assert_eq!(st, 200, "{v}");
+    let generated = s.metric("moe_generated_tokens_total", None).unwrap();
+    assert!(
+        generated < 1000.0,
+        "the abandoned request kept generating: {generated}"
+    );
+}
+
+#[test]
 fn a_panic_inside_a_request_fails_it_alone() {
     let s = Server::ready(
         &["--max-batch", "4"],
