@@ -14,6 +14,32 @@
 //! within `kv_budget` bytes; a panic or error inside a step fails only the sequences that cause it
 //! (the batch is rolled back and retried one sequence at a time) and never stops the scheduler;
 //! streamed text never ends inside a UTF-8 character nor shows any part of a stop string.
+//!
+//! ```
+//! use moe_runtime::batch::{BatchConfig, Batcher, Event, RequestParams};
+//! use moe_runtime::{Model, Prompt, Settings};
+//!
+//! let model = std::sync::Arc::new(Model::load(&Settings::default())?);
+//! let batcher = Batcher::start(model.clone(), BatchConfig::for_model(&model, 64));
+//! let (tx, rx) = crossbeam_channel::unbounded();
+//! let ids = model.encode_prompt(&Prompt::Text("Hello".into()))?;
+//! let mut params = RequestParams::default();
+//! params.generate.max_tokens = Some(4);
+//! batcher.validate(&ids, &params)?;
+//! batcher.submit(ids, params, Box::new(tx))?; // Err: queue full, or shutting down
+//! let mut text = String::new();
+//! for event in rx {
+//!     match event {
+//!         Event::Token(t) => text.push_str(&t.text),
+//!         Event::Done { text: rest, .. } => {
+//!             text.push_str(&rest);
+//!             break;
+//!         }
+//!         Event::Failed(why) => panic!("{why}"),
+//!     }
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
