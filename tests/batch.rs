@@ -432,6 +432,7 @@ fn a_panicking_request_fails_alone_and_the_scheduler_keeps_serving() {
 fn shutdown_cancels_what_is_left() {
     let model = demo(1);
     let b = Batcher::start(model.clone(), BatchConfig::for_model(&model, 4));
+    assert!(b.is_running());
     let rx = submit(&b, vec![1, 2, 3], greedy(model.max_context - 8));
     b.shutdown(Duration::from_millis(50));
     let o = collect(rx);
@@ -441,4 +442,5 @@ fn shutdown_cancels_what_is_left() {
         b.submit(vec![1], greedy(1), Box::new(tx)),
         Err(Refused::ShuttingDown)
     );
+    assert!(!b.is_running());
 }

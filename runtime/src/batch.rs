@@ -345,6 +345,14 @@ impl Batcher {
         Ok(())
     }
 
+    /// Whether the scheduler thread is still serving (false after shutdown, or if it died).
+    pub fn is_running(&self) -> bool {
+        self.thread
+            .lock()
+            .as_ref()
+            .is_some_and(|t| !t.is_finished())
+    }
+
     /// Requests waiting plus running.
     pub fn in_flight(&self) -> usize {
         self.counters.queued.load(Relaxed) + self.counters.running.load(Relaxed)

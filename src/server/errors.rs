@@ -104,6 +104,14 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The same error with another status.
+    pub fn into_response_with(mut self, status: StatusCode) -> Response {
+        self.status = status;
+        self.into_response()
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, axum::Json(self.body())).into_response();

@@ -336,6 +336,8 @@ async fn method_not_allowed(uri: Uri) -> ApiError {
 
 async fn health(State(app): State<Arc<App>>) -> Response {
     match app.engine() {
+        Ok(e) if !e.batcher.is_running() => ApiError::internal("the batch scheduler has stopped")
+            .into_response_with(StatusCode::SERVICE_UNAVAILABLE),
         Ok(e) => Json(json!({
             "status": "ok",
             "model": app.model_name,
