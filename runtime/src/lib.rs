@@ -21,7 +21,7 @@
 //! - [`engine`]: the public API (settings, load, generate, cancellation).
 //! - [`batch`]: continuous batching of many requests over one model (the server's scheduler).
 //! - [`model`]: the decoder stack and forward pass; [`arch`]: one file per architecture.
-//! - [`layers`], [`moe`]: building blocks; [`store`]: the expert store interface.
+//! - [`layers`], [`moe`], [`deltanet`]: building blocks; [`store`]: the expert store interface.
 //! - [`weights`]: the only reader of model files; [`config`]: config.json; [`hub`]: model lookup.
 //! - [`tokenizer`]: tokenizer.json and chat templates; [`sampler`]: next-token choice.
 //! - [`synth`]: random-weight model writer; [`demo`]: the embedded demo model.
@@ -33,6 +33,7 @@ pub mod batch;
 pub mod cache;
 pub mod calibrate;
 pub mod config;
+pub mod deltanet;
 pub mod demo;
 pub mod engine;
 pub mod error;

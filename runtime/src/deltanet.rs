@@ -1,0 +1,324 @@
+//! The gated delta rule of gated DeltaNet linear attention (Qwen3-Next's linear-attention
+//! layers), per head: a recurrent form for decode and a chunked form for prefill that compute the
+//! same thing.
+//!
+//! For each token `t`, with a `[dk, dv]` state `S`, a log-space decay `g_t <= 0` and a write
+//! strength `beta_t`:
+//!
+//! ```text
+//! S   = exp(g_t) * S
+//! S  += k_t ⊗ (beta_t * (v_t - Sᵀ k_t))      (the delta rule: write only the correction)
+//! o_t = Sᵀ q_t
+//! ```
+//!
+//! The chunked form condenses the updates of a chunk into small triangular solves and matrix
+//! products (the UT transform of the DeltaNet paper), as transformers' `torch_chunk_gated_delta_rule`
+//! does; a last chunk shorter than the chunk size is processed as is (transformers pads it with
+//! zeros, which changes nothing).
+//!
+//! Invariants: all arithmetic is f32; `q` arrives already scaled (and l2-normalised when the model
+//! asks for it), the caller owns head grouping; the state after a chunked pass equals the state
+//! after the same tokens run one by one (up to rounding), so prefill can be chunked and decode
+//! recurrent over one state.
+
+/// One head's inputs for `t` tokens: `q`, `k` are `[t, dk]`, `v` is `[t, dv]`, `g`, `beta` are `[t]`.
+pub struct HeadInput<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub g: &'a [f32],
+    pub beta: &'a [f32],
+}
+
+impl HeadInput<'_> {
+    fn tokens(&self) -> usize {
+        self.g.len()
+    }
+}
+
+/// Token by token: updates `state` (`[dk, dv]`, row-major) and writes `out` (`[t, dv]`).
+pub fn recurrent(x: &HeadInput<'_>, dk: usize, dv: usize, state: &mut [f32], out: &mut [f32]) {
+    debug_assert_eq!(state.len(), dk * dv);
+    let mut delta = vec![0f32; dv];
+    for t in 0..x.tokens() {
+        let (q, k, v) = (
+            &x.q[t * dk..][..dk],
+            &x.k[t * dk..][..dk],
+            &x.v[t * dv..][..dv],
+        );
+        let decay = x.g[t].exp();
+        state.iter_mut().for_each(|s| *s *= decay);
+        // delta = beta * (v - Sᵀ k)
+        delta.copy_from_slice(v);
+        for (i, &ki) in k.iter().enumerate() {
+            for (d, s) in delta.iter_mut().zip(&state[i * dv..][..dv]) {
+                *d -= s * ki;
+            }
+        }
+        delta.iter_mut().for_each(|d| *d *= x.beta[t]);
+        for (i, &ki) in k.iter().enumerate() {
+            for (s, d) in state[i * dv..][..dv].iter_mut().zip(&delta) {
+                *s += ki * d;
+            }
+        }
+        let o = &mut out[t * dv..][..dv];
+        o.fill(0.0);
+        for (i, &qi) in q.iter().enumerate() {
+            for (o, s) in o.iter_mut().zip(&state[i * dv..][..dv]) {
+                *o += s * qi;
+            }
+        }
+    }
+}
+
+/// Chunk by chunk (`chunk` tokens each): same contract as [`recurrent`].
+pub fn chunked(
+    x: &HeadInput<'_>,
+    dk: usize,
+    dv: usize,
+    chunk: usize,
+    state: &mut [f32],
+    out: &mut [f32],
+) {
+    debug_assert_eq!(state.len(), dk * dv);
+    let t_all = x.tokens();
+    let mut c0 = 0;
+    while c0 < t_all {
+        let n = chunk.min(t_all - c0);
+        let q = &x.q[c0 * dk..(c0 + n) * dk];
+        let k = &x.k[c0 * dk..(c0 + n) * dk];
+        let v = &x.v[c0 * dv..(c0 + n) * dv];
+        let beta = &x.beta[c0..c0 + n];
+        // Cumulative log decay within the chunk.
+        let mut cum = vec![0f32; n];
+        let mut acc = 0f32;
+        for (c, g) in cum.iter_mut().zip(&x.g[c0..c0 + n]) {
+            acc += g;
+            *c = acc;
+        }
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        // Strictly lower part of the unit lower-triangular UT system:
+        // T[i][j] = beta_i (k_i · k_j) exp(cum_i - cum_j), j < i.
+        let mut tri = vec![0f32; n * n];
+        for i in 0..n {
+            for j in 0..i {
+                tri[i * n + j] =
+                    beta[i] * dot(&k[i * dk..][..dk], &k[j * dk..][..dk]) * (cum[i] - cum[j]).exp();
+            }
+        }
+        // Solve T X = B by forward substitution, for B = beta * v (-> u) and
+        // B = beta * exp(cum) * k (-> w).
+        let solve = |b: &mut [f32], width: usize| {
+            for i in 0..n {
+                for j in 0..i {
+                    let f = tri[i * n + j];
+                    if f != 0.0 {
+                        let (done, row) = b.split_at_mut(i * width);
+                        for (r, d) in row[..width].iter_mut().zip(&done[j * width..][..width]) {
+                            *r -= f * d;
+                        }
+                    }
+                }
+            }
+        };
+        let mut u: Vec<f32> = v
+            .chunks_exact(dv)
+            .zip(beta)
+            .flat_map(|(row, &b)| row.iter().map(move |x| x * b))
+            .collect();
+        solve(&mut u, dv);
+        let mut w: Vec<f32> = k
+            .chunks_exact(dk)
+            .zip(beta.iter().zip(&cum))
+            .flat_map(|(row, (&b, &c))| {
+                let f = b * c.exp();
+                row.iter().map(move |x| x * f)
+            })
+            .collect();
+        solve(&mut w, dk);
+        // v_new = u - w S
+        let mut v_new = u;
+        for t in 0..n {
+            let row = &mut v_new[t * dv..][..dv];
+            for (i, &wi) in w[t * dk..][..dk].iter().enumerate() {
+                for (r, s) in row.iter_mut().zip(&state[i * dv..][..dv]) {
+                    *r -= wi * s;
+                }
+            }
+        }
+        // o_t = exp(cum_t) Sᵀ q_t + Σ_{j<=t} (q_t · k_j) exp(cum_t - cum_j) v_new_j
+        for t in 0..n {
+            let o = &mut out[(c0 + t) * dv..][..dv];
+            o.fill(0.0);
+            let qt = &q[t * dk..][..dk];
+            let e = cum[t].exp();
+            for (i, &qi) in qt.iter().enumerate() {
+                let f = qi * e;
+                for (o, s) in o.iter_mut().zip(&state[i * dv..][..dv]) {
+                    *o += f * s;
+                }
+            }
+            for j in 0..=t {
+                let a = dot(qt, &k[j * dk..][..dk]) * (cum[t] - cum[j]).exp();
+                for (o, x) in o.iter_mut().zip(&v_new[j * dv..][..dv]) {
+                    *o += a * x;
+                }
+            }
+        }
+        // S = exp(cum_last) S + Σ_t exp(cum_last - cum_t) k_t ⊗ v_new_t
+        let last = cum[n - 1];
+        let e = last.exp();
+        state.iter_mut().for_each(|s| *s *= e);
+        for t in 0..n {
+            let f = (last - cum[t]).exp();
+            for (i, &ki) in k[t * dk..][..dk].iter().enumerate() {
+                let fk = f * ki;
+                for (s, x) in state[i * dv..][..dv].iter_mut().zip(&v_new[t * dv..][..dv]) {
+                    *s += fk * x;
+                }
+            }
+        }
+        c0 += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampler::Rng;
+
+    fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale)
+            .collect()
+    }
+
+    /// Rows scaled to unit length (the model l2-normalises q and k).
+    fn unit_rows(mut v: Vec<f32>, d: usize) -> Vec<f32> {
+        for row in v.chunks_exact_mut(d) {
+            let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+            row.iter_mut().for_each(|x| *x /= n);
+        }
+        v
+    }
+
+    struct Case {
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        g: Vec<f32>,
+        beta: Vec<f32>,
+    }
+
+    fn case(seed: u64, t: usize, dk: usize, dv: usize) -> Case {
+        let mut rng = Rng::new(seed);
+        let scale = (dk as f32).powf(-0.5);
+        let q = unit_rows(random(&mut rng, t * dk, 1.0), dk)
+            .into_iter()
+            .map(|x| x * scale)
+            .collect();
+        let k = unit_rows(random(&mut rng, t * dk, 1.0), dk);
+        let v = random(&mut rng, t * dv, 1.0);
+        // Decays in (-1, 0): exp(g) in (0.37, 1); beta in (0, 1) as sigmoid gives.
+        let g = random(&mut rng, t, 0.5)
+            .into_iter()
+            .map(|x| x - 0.5)
+            .collect();
+        let beta = random(&mut rng, t, 0.5)
+            .into_iter()
+            .map(|x| x + 0.5)
+            .collect();
+        Case { q, k, v, g, beta }
+    }
+
+    fn input(c: &Case) -> HeadInput<'_> {
+        HeadInput {
+            q: &c.q,
+            k: &c.k,
+            v: &c.v,
+            g: &c.g,
+            beta: &c.beta,
+        }
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn chunked_equals_recurrent_across_chunk_boundaries_and_from_a_state() {
+        let (dk, dv) = (16, 24);
+        for (seed, t, chunk) in [(1, 1, 64), (2, 7, 4), (3, 64, 64), (4, 150, 64), (5, 33, 8)] {
+            let c = case(seed, t, dk, dv);
+            let mut rng = Rng::new(seed + 100);
+            let init = random(&mut rng, dk * dv, 0.3);
+            let (mut s_rec, mut s_chk) = (init.clone(), init.clone());
+            let (mut o_rec, mut o_chk) = (vec![0f32; t * dv], vec![0f32; t * dv]);
+            recurrent(&input(&c), dk, dv, &mut s_rec, &mut o_rec);
+            chunked(&input(&c), dk, dv, chunk, &mut s_chk, &mut o_chk);
+            let (eo, es) = (max_diff(&o_rec, &o_chk), max_diff(&s_rec, &s_chk));
+            assert!(
+                eo < 1e-4 && es < 1e-4,
+                "t {t} chunk {chunk}: out {eo}, state {es}"
+            );
+        }
+    }
+
+    #[test]
+    fn prefill_chunked_then_decode_recurrent_equals_all_recurrent() {
+        let (dk, dv, t, split) = (8, 8, 40, 29);
+        let c = case(9, t, dk, dv);
+        let mut s_all = vec![0f32; dk * dv];
+        let mut o_all = vec![0f32; t * dv];
+        recurrent(&input(&c), dk, dv, &mut s_all, &mut o_all);
+        let head = HeadInput {
+            q: &c.q[..split * dk],
+            k: &c.k[..split * dk],
+            v: &c.v[..split * dv],
+            g: &c.g[..split],
+            beta: &c.beta[..split],
+        };
+        let tail = HeadInput {
+            q: &c.q[split * dk..],
+            k: &c.k[split * dk..],
+            v: &c.v[split * dv..],
+            g: &c.g[split..],
+            beta: &c.beta[split..],
+        };
+        let mut s = vec![0f32; dk * dv];
+        let mut o = vec![0f32; t * dv];
+        chunked(&head, dk, dv, 8, &mut s, &mut o[..split * dv]);
+        recurrent(&tail, dk, dv, &mut s, &mut o[split * dv..]);
+        assert!(max_diff(&o, &o_all) < 1e-4);
+        assert!(max_diff(&s, &s_all) < 1e-4);
+    }
+
+    #[test]
+    fn one_token_by_hand() {
+        // dk = dv = 1: S' = e^g S + k beta (v - e^g S k); o = S' q.
+        let (s0, q, k, v, g, beta) = (0.5f32, 0.8f32, 1.0f32, 2.0f32, -0.1f32, 0.6f32);
+        let sd = g.exp() * s0;
+        let want_s = sd + k * beta * (v - sd * k);
+        let x = HeadInput {
+            q: &[q],
+            k: &[k],
+            v: &[v],
+            g: &[g],
+            beta: &[beta],
+        };
+        for chunked_form in [false, true] {
+            let mut s = [s0];
+            let mut o = [0f32];
+            if chunked_form {
+                chunked(&x, 1, 1, 64, &mut s, &mut o);
+            } else {
+                recurrent(&x, 1, 1, &mut s, &mut o);
+            }
+            assert!((s[0] - want_s).abs() < 1e-6, "{} vs {want_s}", s[0]);
+            assert!((o[0] - want_s * q).abs() < 1e-6);
+        }
+    }
+}
