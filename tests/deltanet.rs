@@ -1,11 +1,12 @@
 //! The gated delta rule against transformers' own `torch_chunk_gated_delta_rule` and
 //! `torch_recurrent_gated_delta_rule` (tests/fixtures/deltanet_reference.py): GQA heads, 70 tokens
-//! across a 64-token chunk boundary, a non-zero initial state, q/k l2-normalised.
+//! across a 64-token chunk boundary, a non-zero initial state, q/k l2-normalised; and the short
+//! causal convolution against its `causal_conv1d_fn`.
 
 mod common;
 
 use common::{fixtures, max_abs_diff, Reference};
-use moe_runtime::deltanet::{chunked, recurrent, HeadInput};
+use moe_runtime::deltanet::{causal_conv1d_silu, chunked, recurrent, HeadInput};
 
 /// transformers' `l2norm`: `x * rsqrt(sum(x^2) + 1e-6)`.
 fn l2norm(row: &[f32]) -> Vec<f32> {
@@ -78,4 +79,22 @@ fn gated_delta_rule_matches_transformers() {
             );
         }
     }
+}
+
+#[test]
+fn causal_convolution_matches_transformers() {
+    let r = Reference::open(&fixtures().join("deltanet/reference.safetensors"));
+    let [t, c] = r.shape("conv_x")[..] else {
+        panic!("conv_x: [T, C]")
+    };
+    let k = r.shape("conv_w")[1];
+    let (x, w, want) = (r.f32("conv_x"), r.f32("conv_w"), r.f32("conv_out"));
+    // In two calls (a prefill, then the rest from the carried state), as a sequence runs.
+    let split = 41;
+    let mut state = vec![0f32; (k - 1) * c];
+    let mut out = vec![0f32; t * c];
+    causal_conv1d_silu(&x[..split * c], c, &w, k, &mut state, &mut out[..split * c]);
+    causal_conv1d_silu(&x[split * c..], c, &w, k, &mut state, &mut out[split * c..]);
+    let e = max_abs_diff(&out, &want);
+    assert!(e <= 1e-5, "conv: {e}");
 }

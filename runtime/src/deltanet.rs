@@ -1,6 +1,6 @@
-//! The gated delta rule of gated DeltaNet linear attention (Qwen3-Next's linear-attention
-//! layers), per head: a recurrent form for decode and a chunked form for prefill that compute the
-//! same thing.
+//! The per-sequence recurrences of gated DeltaNet linear attention (Qwen3-Next's linear-attention
+//! layers): the short causal convolution over the q/k/v projections, and the gated delta rule per
+//! head, in a recurrent form for decode and a chunked form for prefill that compute the same thing.
 //!
 //! For each token `t`, with a `[dk, dv]` state `S`, a log-space decay `g_t <= 0` and a write
 //! strength `beta_t`:
@@ -20,6 +20,39 @@
 //! asks for it), the caller owns head grouping; the state after a chunked pass equals the state
 //! after the same tokens run one by one (up to rounding), so prefill can be chunked and decode
 //! recurrent over one state.
+
+/// Depthwise causal convolution with SiLU over `t` rows of `c` channels (`x`, `[t, c]`),
+/// continuing from `state` (the previous `k - 1` input rows, oldest first, `[k - 1, c]`; zeros for a
+/// new sequence), which it then advances. `w` is `[c, k]` (a depthwise `Conv1d` weight without its
+/// middle axis); tap `k - 1` multiplies the current row.
+pub fn causal_conv1d_silu(
+    x: &[f32],
+    c: usize,
+    w: &[f32],
+    k: usize,
+    state: &mut [f32],
+    out: &mut [f32],
+) {
+    debug_assert_eq!(state.len(), (k - 1) * c);
+    debug_assert_eq!(w.len(), c * k);
+    let t = x.len() / c;
+    // The window: the state rows, then this call's rows.
+    let mut win = Vec::with_capacity((k - 1 + t) * c);
+    win.extend_from_slice(state);
+    win.extend_from_slice(x);
+    for r in 0..t {
+        let o = &mut out[r * c..][..c];
+        for (ch, o) in o.iter_mut().enumerate() {
+            let taps = &w[ch * k..][..k];
+            let mut acc = 0f32;
+            for (j, &wj) in taps.iter().enumerate() {
+                acc += wj * win[(r + j) * c + ch];
+            }
+            *o = acc / (1.0 + (-acc).exp());
+        }
+    }
+    state.copy_from_slice(&win[t * c..]);
+}
 
 /// One head's inputs for `t` tokens: `q`, `k` are `[t, dk]`, `v` is `[t, dv]`, `g`, `beta` are `[t]`.
 pub struct HeadInput<'a> {
@@ -294,6 +327,30 @@ mod tests {
         recurrent(&tail, dk, dv, &mut s, &mut o[split * dv..]);
         assert!(max_diff(&o, &o_all) < 1e-4);
         assert!(max_diff(&s, &s_all) < 1e-4);
+    }
+
+    #[test]
+    fn convolution_continues_from_its_state() {
+        let (c, k, t, split) = (5, 4, 23, 9);
+        let mut rng = Rng::new(3);
+        let x = random(&mut rng, t * c, 1.0);
+        let w = random(&mut rng, c * k, 0.7);
+        let mut s_all = vec![0f32; (k - 1) * c];
+        let mut o_all = vec![0f32; t * c];
+        causal_conv1d_silu(&x, c, &w, k, &mut s_all, &mut o_all);
+        let mut s = vec![0f32; (k - 1) * c];
+        let mut o = vec![0f32; t * c];
+        causal_conv1d_silu(&x[..split * c], c, &w, k, &mut s, &mut o[..split * c]);
+        for r in split..t {
+            let (row, out) = (&x[r * c..][..c], &mut o[r * c..][..c]);
+            causal_conv1d_silu(row, c, &w, k, &mut s, out);
+        }
+        assert_eq!(o, o_all);
+        assert_eq!(s, s_all);
+        assert_eq!(&s[..], &x[(t - k + 1) * c..]);
+        // Row 0 sees only its own input through the last tap.
+        let pre = w[k - 1] * x[0];
+        assert!((o_all[0] - pre / (1.0 + (-pre).exp())).abs() < 1e-6);
     }
 
     #[test]
