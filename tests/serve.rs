@@ -14,9 +14,14 @@ use serde_json::{json, Value};
 use server::{client, demo_config, Server};
 
 fn post(s: &Server, path: &str, body: &Value) -> (u16, Value) {
-    let r = client().post(s.url(path)).json(body).send().unwrap();
+    let r = send(s, path, body);
     let status = r.status().as_u16();
     (status, r.json().unwrap_or(Value::Null))
+}
+
+/// Sends a request and returns the response unread (streams, headers).
+fn send(s: &Server, path: &str, body: &Value) -> reqwest::blocking::Response {
+    client().post(s.url(path)).json(body).send().unwrap()
 }
 
 fn chat_body(content: &str, max_tokens: usize) -> Value {
@@ -79,11 +84,7 @@ fn routes_answer_in_openai_shape_and_streams_match() {
     let mut body = chat_body("Hello", 12);
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
-    let r = c
-        .post(s.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .unwrap();
+    let r = send(&s, "/v1/chat/completions", &body);
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"]
         .to_str()
@@ -253,11 +254,7 @@ fn the_api_key_guards_every_route_but_health() {
         let r = c.get(s.url(path)).bearer_auth("sekrit").send().unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }
-    let r = c
-        .post(s.url("/v1/chat/completions"))
-        .json(&chat_body("hi", 2))
-        .send()
-        .unwrap();
+    let r = send(&s, "/v1/chat/completions", &chat_body("hi", 2));
     assert_eq!(r.status(), 401);
     let r = c
         .post(s.url("/v1/chat/completions"))
@@ -277,11 +274,7 @@ fn a_full_queue_answers_429_with_retry_after() {
     let mut holders = Vec::new();
     let mut saw_429 = false;
     for _ in 0..6 {
-        let r = client()
-            .post(s.url("/v1/chat/completions"))
-            .json(&body)
-            .send()
-            .unwrap();
+        let r = send(&s, "/v1/chat/completions", &body);
         match r.status().as_u16() {
             200 => holders.push(r),
             429 => {
@@ -309,11 +302,7 @@ fn a_client_that_disconnects_frees_its_slot() {
     let s = Server::ready(&["--max-batch", "1", "--max-queue", "4"], &[]);
     let mut body = chat_body("long", 3500);
     body["stream"] = json!(true);
-    let r = client()
-        .post(s.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .unwrap();
+    let r = send(&s, "/v1/chat/completions", &body);
     let mut lines = BufReader::new(r).lines();
     // Wait until it streams, then hang up.
     let first = lines.find(|l| l.as_ref().is_ok_and(|l| l.contains("content")));
@@ -374,11 +363,7 @@ fn a_panic_inside_a_request_fails_it_alone() {
     assert_error_shape(&v, "internal_error");
     let mut stream = bad.clone();
     stream["stream"] = json!(true);
-    let r = client()
-        .post(s.url("/v1/completions"))
-        .json(&stream)
-        .send()
-        .unwrap();
+    let r = send(&s, "/v1/completions", &stream);
     let data = sse_data(r);
     assert!(data.iter().any(|d| d.contains("\"error\"")), "{data:?}");
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
@@ -442,11 +427,7 @@ fn health_is_503_while_loading_and_sigterm_drains() {
     // A stream in flight when SIGTERM arrives still finishes with [DONE].
     let mut body = chat_body("drain", 300);
     body["stream"] = json!(true);
-    let r = client()
-        .post(s.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .unwrap();
+    let r = send(&s, "/v1/chat/completions", &body);
     let mut reader = BufReader::new(r);
     let mut first = String::new();
     reader.read_line(&mut first).unwrap();

@@ -479,22 +479,10 @@ async fn chat(
 ) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let Json(req) = body?;
-    let engine = app.engine()?;
-    app.check_model(&req.model)?;
-    let params = req.params()?;
-    let messages = req.chat_messages()?;
-    let ids = encode(engine, &Prompt::Chat(messages), "messages")?;
+    let (engine, params) = admit(&app, &req.model, req.params())?;
+    let ids = encode(engine, &Prompt::Chat(req.chat_messages()?), "messages")?;
     let rx = submit(engine, ids, params)?;
-    let s = &req.sampling;
-    respond(
-        app.clone(),
-        Kind::Chat,
-        rx,
-        s.stream(),
-        s.include_usage(),
-        t0,
-    )
-    .await
+    respond(app.clone(), Kind::Chat, rx, &req.sampling, t0).await
 }
 
 async fn completions(
@@ -503,14 +491,14 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let Json(req) = body?;
-    let engine = app.engine()?;
-    app.check_model(&req.model)?;
-    let params = req.params()?;
-    let prompt = match req.prompt {
-        PromptSpec::Text(t) => Prompt::Text(t),
-        PromptSpec::Ids(ids) => Prompt::Ids(ids),
-        PromptSpec::Texts(mut v) if v.len() == 1 => Prompt::Text(v.remove(0)),
-        PromptSpec::IdLists(mut v) if v.len() == 1 => Prompt::Ids(v.remove(0)),
+    let (engine, params) = admit(&app, &req.model, req.params())?;
+    let ids = match req.prompt {
+        PromptSpec::Ids(ids) => ids,
+        PromptSpec::IdLists(mut v) if v.len() == 1 => v.remove(0),
+        PromptSpec::Text(t) => encode(engine, &Prompt::Text(t), "prompt")?,
+        PromptSpec::Texts(mut v) if v.len() == 1 => {
+            encode(engine, &Prompt::Text(v.remove(0)), "prompt")?
+        }
         _ => {
             return Err(
                 ApiError::bad_request("exactly one prompt per request is supported")
@@ -518,31 +506,30 @@ async fn completions(
             )
         }
     };
-    let ids = match &prompt {
-        Prompt::Ids(ids) => ids.clone(),
-        _ => encode(engine, &prompt, "prompt")?,
-    };
     let rx = submit(engine, ids, params)?;
-    let s = &req.sampling;
-    respond(
-        app.clone(),
-        Kind::Completion,
-        rx,
-        s.stream(),
-        s.include_usage(),
-        t0,
-    )
-    .await
+    respond(app.clone(), Kind::Completion, rx, &req.sampling, t0).await
+}
+
+/// What both endpoints check first: the model is loaded and is the one asked for, and the
+/// request's settings are valid.
+fn admit<'a>(
+    app: &'a App,
+    model: &str,
+    params: Result<RequestParams, ApiError>,
+) -> Result<(&'a Engine, RequestParams), ApiError> {
+    let engine = app.engine()?;
+    app.check_model(model)?;
+    Ok((engine, params?))
 }
 
 async fn respond(
     app: Arc<App>,
     kind: Kind,
     rx: UnboundedReceiver<Event>,
-    stream: bool,
-    include_usage: bool,
+    sampling: &openai::Sampling,
     t0: Instant,
 ) -> Result<Response, ApiError> {
+    let (stream, include_usage) = (sampling.stream(), sampling.include_usage());
     let id = new_id(match kind {
         Kind::Chat => "chatcmpl",
         Kind::Completion => "cmpl",
