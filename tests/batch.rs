@@ -131,7 +131,14 @@ fn batched_forward_equals_solo_on_every_fixture() {
             let dl = decode[i].as_ref().unwrap();
             assert_eq!(pl.len(), l.len(), "{} prompt {i}", v.name);
             let e = max_abs_diff(pl, l).max(max_abs_diff(dl, d));
-            assert!(e <= 1e-5, "{} prompt {i}: batched vs solo {e}", v.name);
+            // Rounding differs with the number of rows a matmul sees: relative to the logits'
+            // size (Qwen3-Next's gated norms magnify it most).
+            let scale = l.iter().chain(d).fold(1.0f32, |m, x| m.max(x.abs()));
+            assert!(
+                e <= 1e-5 * scale,
+                "{} prompt {i}: batched vs solo {e} (logits up to {scale})",
+                v.name
+            );
             assert_eq!(states[i].len, solo_states[i].len);
         }
     }

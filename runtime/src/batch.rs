@@ -6,7 +6,8 @@
 //! flowing while a long prompt is read). All rows of a step go through the model together, so
 //! an expert that several sequences route to is fetched and computed once per layer per step.
 //! A prompt that shares a prefix with an earlier sequence (a system prompt, a previous turn)
-//! starts from a copy of that sequence's KV cache.
+//! starts from a copy of that sequence's KV cache (in models with recurrent layers, only when
+//! the whole cached sequence is a prefix of the new prompt: a recurrent state cannot be cut).
 //!
 //! Invariants: at most `max_batch` sequences run and at most `max_queue` wait, everything beyond
 //! is refused at once ([`Refused::QueueFull`]); a sequence whose client is gone ([`Sink::closed`])
@@ -556,11 +557,16 @@ impl<'m> Scheduler<'m> {
     /// to compute, so the last position's logits come from this request's own pass).
     fn reuse_prefix(&mut self, prompt: &[u32]) -> (SeqState, usize) {
         self.clock += 1;
+        let can_cut = self.model.decoder.can_truncate();
         let best = self
             .prefixes
             .iter_mut()
             .map(|p| {
-                let n = common_prefix(&p.tokens, prompt).min(prompt.len() - 1);
+                let mut n = common_prefix(&p.tokens, prompt).min(prompt.len() - 1);
+                // A recurrent state holds exactly its own tokens: usable only whole.
+                if !can_cut && n < p.tokens.len() {
+                    n = 0;
+                }
                 (n, p)
             })
             .max_by_key(|(n, _)| *n);
@@ -568,7 +574,8 @@ impl<'m> Scheduler<'m> {
             Some((n, p)) if self.config.prefix_cache && n > 0 => {
                 p.last_used = self.clock;
                 let mut state = p.state.clone();
-                self.model.decoder.truncate(&mut state, n);
+                let cut = self.model.decoder.truncate(&mut state, n);
+                debug_assert!(cut, "only whole recurrent prefixes are picked");
                 (state, n)
             }
             _ => (self.model.new_state(), 0),
@@ -724,12 +731,15 @@ impl<'m> Scheduler<'m> {
         &mut self,
         feeds: &[(usize, Vec<u32>, bool)],
     ) -> std::result::Result<Vec<std::result::Result<Option<Vec<f32>>, String>>, String> {
-        let lens: Vec<usize> = feeds.iter().map(|f| self.running[f.0].state.len).collect();
+        let model = self.model;
+        let snaps: Vec<_> = feeds
+            .iter()
+            .map(|f| model.decoder.snapshot(&self.running[f.0].state))
+            .collect();
         let fault = self
             .config
             .fault_panic_token
             .is_some_and(|t| feeds.iter().any(|f| self.running[f.0].prompt.contains(&t)));
-        let model = self.model;
         let mut states: Vec<Option<&mut SeqState>> = self
             .running
             .iter_mut()
@@ -756,8 +766,8 @@ impl<'m> Scheduler<'m> {
             Err(p) => panic_message(&p),
         };
         drop(segs);
-        for (f, len) in feeds.iter().zip(lens) {
-            model.decoder.truncate(&mut self.running[f.0].state, len);
+        for (f, snap) in feeds.iter().zip(snaps) {
+            model.decoder.restore(&mut self.running[f.0].state, snap);
         }
         Err(err)
     }

@@ -320,6 +320,40 @@ pub enum QkNorm {
     FullWidth,
 }
 
+/// The token mixer of one decoder layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MixerKind {
+    /// Softmax self-attention over a KV cache.
+    Attention,
+    /// Gated DeltaNet linear attention over a fixed-size recurrent state (Qwen3-Next).
+    LinearAttention,
+}
+
+/// Dimensions of gated DeltaNet linear-attention layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearAttentionConfig {
+    pub num_key_heads: usize,
+    pub num_value_heads: usize,
+    pub key_head_dim: usize,
+    pub value_head_dim: usize,
+    /// Taps of the depthwise causal convolution over q, k and v.
+    pub conv_kernel: usize,
+}
+
+impl LinearAttentionConfig {
+    /// Channels of the convolution: q and k (all key heads) then v (all value heads).
+    pub fn conv_dim(&self) -> usize {
+        2 * self.num_key_heads * self.key_head_dim + self.num_value_heads * self.value_head_dim
+    }
+
+    /// f32 values of one layer's per-sequence state: the convolution's last `conv_kernel - 1`
+    /// input rows and one `[key_head_dim, value_head_dim]` matrix per value head.
+    pub fn state_floats(&self) -> usize {
+        (self.conv_kernel.saturating_sub(1)) * self.conv_dim()
+            + self.num_value_heads * self.key_head_dim * self.value_head_dim
+    }
+}
+
 /// Routing rule of a sparse MoE layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RouterConfig {
@@ -358,6 +392,15 @@ pub struct ModelConfig {
     pub clip_qkv: Option<f32>,
     /// Per layer: attention window in tokens (None = full causal).
     pub sliding_window: Vec<Option<usize>>,
+    /// Per layer: its token mixer.
+    pub mixers: Vec<MixerKind>,
+    /// Dimensions of the linear-attention layers (Some when any layer is one).
+    pub linear_attention: Option<LinearAttentionConfig>,
+    /// Full attention's `q_proj` also yields a per-head output gate: the attention output is
+    /// multiplied by `sigmoid(gate)` before `o_proj` (Qwen3-Next).
+    pub attn_output_gate: bool,
+    /// RMSNorm weights are stored zero-centred: the norm scales by `1 + w` (Qwen3-Next).
+    pub norm_zero_centred: bool,
     pub hidden_act: String,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -410,6 +453,44 @@ impl ModelConfig {
         }
         if self.sparse_layers.iter().any(|&s| !s) && self.intermediate_size == 0 {
             return bad("intermediate_size", "must be > 0 for dense layers".into());
+        }
+        if self.mixers.len() != self.num_layers {
+            return bad(
+                "layer_types",
+                format!(
+                    "{} entries for {} layers",
+                    self.mixers.len(),
+                    self.num_layers
+                ),
+            );
+        }
+        if self.mixers.contains(&MixerKind::LinearAttention) {
+            let Some(la) = self.linear_attention else {
+                return bad(
+                    "layer_types",
+                    "names linear_attention layers but the linear_* dimensions are missing".into(),
+                );
+            };
+            if la.num_key_heads == 0
+                || la.num_value_heads == 0
+                || la.key_head_dim == 0
+                || la.value_head_dim == 0
+                || la.conv_kernel == 0
+            {
+                return bad(
+                    "linear_num_key_heads/linear_num_value_heads/linear_key_head_dim/linear_value_head_dim/linear_conv_kernel_dim",
+                    "must all be > 0".into(),
+                );
+            }
+            if !la.num_value_heads.is_multiple_of(la.num_key_heads) {
+                return bad(
+                    "linear_num_value_heads",
+                    format!(
+                        "{} is not a multiple of linear_num_key_heads {}",
+                        la.num_value_heads, la.num_key_heads
+                    ),
+                );
+            }
         }
         if self.hidden_act != "silu" && self.hidden_act != "swish" {
             return bad(

@@ -1,6 +1,7 @@
-//! The per-sequence recurrences of gated DeltaNet linear attention (Qwen3-Next's linear-attention
-//! layers): the short causal convolution over the q/k/v projections, and the gated delta rule per
-//! head, in a recurrent form for decode and a chunked form for prefill that compute the same thing.
+//! Gated DeltaNet linear attention (Qwen3-Next's linear-attention layers): the layer
+//! ([`GatedDeltaNet`]) and its per-sequence recurrences, the short causal convolution over the
+//! q/k/v projections and the gated delta rule per head, in a recurrent form for decode and a
+//! chunked form for prefill that compute the same thing.
 //!
 //! For each token `t`, with a `[dk, dv]` state `S`, a log-space decay `g_t <= 0` and a write
 //! strength `beta_t`:
@@ -20,6 +21,15 @@
 //! asks for it), the caller owns head grouping; the state after a chunked pass equals the state
 //! after the same tokens run one by one (up to rounding), so prefill can be chunked and decode
 //! recurrent over one state.
+//! A sequence's whole past is its [`LinearState`] (fixed size), so unlike a KV cache it cannot
+//! be cut back to an earlier length: callers snapshot it where they may need to roll back.
+
+use rayon::prelude::*;
+
+use crate::config::LinearAttentionConfig;
+use crate::error::Result;
+use crate::layers::{sigmoid, Linear, RmsNorm};
+use crate::weights::WeightSet;
 
 /// Depthwise causal convolution with SiLU over `t` rows of `c` channels (`x`, `[t, c]`),
 /// continuing from `state` (the previous `k - 1` input rows, oldest first, `[k - 1, c]`; zeros for a
@@ -212,6 +222,241 @@ pub fn chunked(
             }
         }
         c0 += n;
+    }
+}
+
+/// Tokens per chunk of the chunked form (transformers' and the FLA kernels' default).
+pub const CHUNK: usize = 64;
+
+/// Per-sequence state of one linear-attention layer; fixed size whatever the context length.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinearState {
+    /// The convolution's last `kernel - 1` input rows, oldest first, `[kernel - 1, conv_dim]`.
+    pub conv: Vec<f32>,
+    /// One `[dk, dv]` matrix per value head.
+    pub ssm: Vec<f32>,
+}
+
+impl LinearState {
+    pub fn size_bytes(&self) -> usize {
+        (self.conv.capacity() + self.ssm.capacity()) * 4
+    }
+}
+
+/// Qwen3-Next's gated DeltaNet layer: `in_proj_qkvz` and `in_proj_ba` over the input, a causal
+/// depthwise convolution with SiLU over q, k, v, l2-normalised q and k, the gated delta rule per
+/// value head (value heads are grouped over key heads), an RMSNorm of each head's output gated
+/// by `silu(z)`, then `out_proj`.
+pub struct GatedDeltaNet {
+    /// `[nk * (2 dk + 2 (nv / nk) dv), hidden]`: per key head, its q, k, then the v and z of
+    /// its value heads (the checkpoint's interleaved order).
+    pub in_proj_qkvz: Linear,
+    /// `[nk * 2 (nv / nk), hidden]`: per key head, the b then the a of its value heads.
+    pub in_proj_ba: Linear,
+    /// `[conv_dim, kernel]` over the channels `q (nk dk) | k (nk dk) | v (nv dv)`.
+    pub conv_weight: Vec<f32>,
+    /// `-exp(A_log)` per value head.
+    pub neg_a: Vec<f32>,
+    pub dt_bias: Vec<f32>,
+    /// Over each head's `dv` outputs; its weight is used as stored (not zero-centred).
+    pub norm: RmsNorm,
+    pub out_proj: Linear,
+    pub dims: LinearAttentionConfig,
+}
+
+impl GatedDeltaNet {
+    /// Loads the layer under `prefix` (`model.layers.{l}.linear_attn`).
+    pub fn load(
+        w: &WeightSet,
+        prefix: &str,
+        hidden: usize,
+        dims: LinearAttentionConfig,
+        eps: f64,
+    ) -> Result<GatedDeltaNet> {
+        let LinearAttentionConfig {
+            num_key_heads: nk,
+            num_value_heads: nv,
+            key_head_dim: dk,
+            value_head_dim: dv,
+            conv_kernel: kernel,
+        } = dims;
+        let conv_dim = dims.conv_dim();
+        let a_log = w.compute(&format!("{prefix}.A_log"), &[nv])?.to_f32_vec()?;
+        Ok(GatedDeltaNet {
+            in_proj_qkvz: Linear::load(
+                w,
+                &format!("{prefix}.in_proj_qkvz"),
+                hidden,
+                2 * nk * dk + 2 * nv * dv,
+                false,
+            )?,
+            in_proj_ba: Linear::load(w, &format!("{prefix}.in_proj_ba"), hidden, 2 * nv, false)?,
+            conv_weight: w
+                .compute(&format!("{prefix}.conv1d.weight"), &[conv_dim, 1, kernel])?
+                .to_f32_vec()?,
+            neg_a: a_log.iter().map(|a| -a.exp()).collect(),
+            dt_bias: w
+                .compute(&format!("{prefix}.dt_bias"), &[nv])?
+                .to_f32_vec()?,
+            norm: RmsNorm::load(w, &format!("{prefix}.norm.weight"), dv, eps)?,
+            out_proj: Linear::load(w, &format!("{prefix}.out_proj"), nv * dv, hidden, false)?,
+            dims,
+        })
+    }
+
+    /// A fresh (all-zero) state for one sequence.
+    pub fn new_state(&self) -> LinearState {
+        let d = self.dims;
+        LinearState {
+            conv: vec![0.0; (d.conv_kernel - 1) * d.conv_dim()],
+            ssm: vec![0.0; d.num_value_heads * d.key_head_dim * d.value_head_dim],
+        }
+    }
+
+    /// Several sequences at once, like [`crate::layers::Attention::forward_batch`]: `x` holds
+    /// `lens[s]` rows of sequence `s` after those before it, each continuing `states[s]`. The
+    /// projections run over all rows together; the convolution and the recurrence per sequence
+    /// (a single new token takes the recurrent form, more take the chunked one).
+    pub fn forward_batch(
+        &self,
+        x: &[f32],
+        lens: &[usize],
+        states: &mut [&mut LinearState],
+    ) -> Vec<f32> {
+        debug_assert_eq!(lens.len(), states.len());
+        let LinearAttentionConfig {
+            num_key_heads: nk,
+            num_value_heads: nv,
+            key_head_dim: dk,
+            value_head_dim: dv,
+            conv_kernel: kernel,
+        } = self.dims;
+        let group = nv / nk;
+        let (key_dim, value_dim) = (nk * dk, nv * dv);
+        let conv_dim = self.dims.conv_dim();
+        let t: usize = lens.iter().sum();
+        let qkvz = self.in_proj_qkvz.forward(x, t);
+        let ba = self.in_proj_ba.forward(x, t);
+        // De-interleave into the convolution's channel order and the per-head z, b, a.
+        let mut mixed = vec![0f32; t * conv_dim];
+        let mut z = vec![0f32; t * value_dim];
+        let mut beta = vec![0f32; t * nv];
+        let mut g = vec![0f32; t * nv];
+        let per_k = 2 * dk + 2 * group * dv;
+        for r in 0..t {
+            let src = &qkvz[r * nk * per_k..][..nk * per_k];
+            let dst = &mut mixed[r * conv_dim..][..conv_dim];
+            let zr = &mut z[r * value_dim..][..value_dim];
+            for h in 0..nk {
+                let s = &src[h * per_k..][..per_k];
+                dst[h * dk..][..dk].copy_from_slice(&s[..dk]);
+                dst[key_dim + h * dk..][..dk].copy_from_slice(&s[dk..2 * dk]);
+                dst[2 * key_dim + h * group * dv..][..group * dv]
+                    .copy_from_slice(&s[2 * dk..2 * dk + group * dv]);
+                zr[h * group * dv..][..group * dv].copy_from_slice(&s[2 * dk + group * dv..]);
+            }
+            let bar = &ba[r * 2 * nv..][..2 * nv];
+            for h in 0..nk {
+                let s = &bar[h * 2 * group..][..2 * group];
+                for j in 0..group {
+                    let vh = h * group + j;
+                    beta[r * nv + vh] = sigmoid(s[j]);
+                    g[r * nv + vh] = self.neg_a[vh] * softplus(s[group + j] + self.dt_bias[vh]);
+                }
+            }
+        }
+        // The convolution per sequence (it carries the previous rows); then q and k
+        // l2-normalised and q scaled, in f32 as the model computes them.
+        let mut conv_out = vec![0f32; t * conv_dim];
+        let mut row0 = 0;
+        for (&n, st) in lens.iter().zip(states.iter_mut()) {
+            let rows = row0 * conv_dim..(row0 + n) * conv_dim;
+            causal_conv1d_silu(
+                &mixed[rows.clone()],
+                conv_dim,
+                &self.conv_weight,
+                kernel,
+                &mut st.conv,
+                &mut conv_out[rows],
+            );
+            row0 += n;
+        }
+        let scale = (dk as f32).powf(-0.5);
+        for row in conv_out.chunks_exact_mut(conv_dim) {
+            for (h, head) in row[..2 * key_dim].chunks_exact_mut(dk).enumerate() {
+                let inv = 1.0 / (head.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt();
+                let f = if h < nk { inv * scale } else { inv };
+                head.iter_mut().for_each(|v| *v *= f);
+            }
+        }
+        // One task per (sequence, value head), each owning that head's slice of the state.
+        let mut tasks = Vec::with_capacity(lens.len() * nv);
+        let mut row0 = 0;
+        for (&n, st) in lens.iter().zip(states.iter_mut()) {
+            for (vh, s) in st.ssm.chunks_exact_mut(dk * dv).enumerate() {
+                tasks.push((row0, n, vh, s));
+            }
+            row0 += n;
+        }
+        let conv_out = &conv_out;
+        let (g, beta) = (&g, &beta);
+        let outs: Vec<Vec<f32>> = tasks
+            .into_par_iter()
+            .map(|(row0, n, vh, state)| {
+                let kh = vh / group;
+                let gather = |off: usize, d: usize| -> Vec<f32> {
+                    (row0..row0 + n)
+                        .flat_map(|r| conv_out[r * conv_dim + off..][..d].iter().copied())
+                        .collect()
+                };
+                let q = gather(kh * dk, dk);
+                let k = gather(key_dim + kh * dk, dk);
+                let v = gather(2 * key_dim + vh * dv, dv);
+                let gh: Vec<f32> = (row0..row0 + n).map(|r| g[r * nv + vh]).collect();
+                let bh: Vec<f32> = (row0..row0 + n).map(|r| beta[r * nv + vh]).collect();
+                let input = HeadInput {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    g: &gh,
+                    beta: &bh,
+                };
+                let mut out = vec![0f32; n * dv];
+                if n == 1 {
+                    recurrent(&input, dk, dv, state, &mut out);
+                } else {
+                    chunked(&input, dk, dv, CHUNK, state, &mut out);
+                }
+                out
+            })
+            .collect();
+        // Back to `[t, nv * dv]`, then the norm of each head's output gated by silu(z).
+        let mut core = vec![0f32; t * value_dim];
+        let mut outs = outs.iter();
+        let mut row0 = 0;
+        for &n in lens {
+            for vh in 0..nv {
+                let o = outs.next().expect("one output per task");
+                for (j, row) in o.chunks_exact(dv).enumerate() {
+                    core[(row0 + j) * value_dim + vh * dv..][..dv].copy_from_slice(row);
+                }
+            }
+            row0 += n;
+        }
+        self.norm.forward_inplace(&mut core);
+        for (c, zv) in core.iter_mut().zip(&z) {
+            *c *= zv * sigmoid(*zv);
+        }
+        self.out_proj.forward(&core, t)
+    }
+}
+
+/// `log(1 + exp(x))`, linear above 20 as torch's `softplus` is.
+fn softplus(x: f32) -> f32 {
+    if x > 20.0 {
+        x
+    } else {
+        x.exp().ln_1p()
     }
 }
 

@@ -446,12 +446,22 @@ impl Model {
             }
         }
         let unused_tensors = weights.unused();
-        if !unused_tensors.is_empty() {
+        // Multi-token-prediction heads (`mtp.*`, Qwen3-Next) are a known extra: one line.
+        let (mtp, other): (Vec<&String>, Vec<&String>) =
+            unused_tensors.iter().partition(|n| n.starts_with("mtp."));
+        if !mtp.is_empty() {
+            tracing::warn!(
+                "ignoring the checkpoint's {} multi-token-prediction tensors (mtp.*): \
+                 speculative decoding with them is not used",
+                mtp.len()
+            );
+        }
+        if !other.is_empty() {
             tracing::warn!(
                 "ignoring {} tensor(s) that {} does not use (e.g. `{}`)",
-                unused_tensors.len(),
+                other.len(),
                 config.arch,
-                unused_tensors[0]
+                other[0]
             );
         }
         let check = cache

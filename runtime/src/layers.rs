@@ -151,6 +151,14 @@ impl RmsNorm {
         })
     }
 
+    /// A norm whose stored weight is zero-centred (it scales by `1 + w`, as Qwen3-Next's does);
+    /// the offset is added once here so the forward pass is the same.
+    pub fn load_zero_centred(w: &WeightSet, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
+        let mut n = Self::load(w, name, dim, eps)?;
+        n.weight.iter_mut().for_each(|v| *v += 1.0);
+        Ok(n)
+    }
+
     /// Normalises every `weight.len()`-wide row of `x` in place.
     pub fn forward_inplace(&self, x: &mut [f32]) {
         let d = self.weight.len();
@@ -418,7 +426,8 @@ pub enum QkNormLayer {
     FullWidth { q: RmsNorm, k: RmsNorm },
 }
 
-/// Multi-head causal self-attention with GQA, optional q/k norm, clipping and sliding window.
+/// Multi-head causal self-attention with GQA, optional q/k norm, clipping, sliding window and
+/// output gate.
 pub struct Attention {
     pub q_proj: Linear,
     pub k_proj: Linear,
@@ -432,6 +441,9 @@ pub struct Attention {
     /// Keys older than this many positions are not attended to (None = full causal).
     pub sliding_window: Option<usize>,
     pub rope: Rope,
+    /// `q_proj` yields, per head, `head_dim` query values then `head_dim` gate values; the
+    /// attention output is multiplied by `sigmoid(gate)` before `o_proj` (Qwen3-Next).
+    pub output_gate: bool,
 }
 
 impl Attention {
@@ -458,6 +470,13 @@ impl Attention {
         let kvr = self.kv_row();
         let t: usize = lens.iter().sum();
         let mut q = self.q_proj.forward(x, t);
+        let gate = if self.output_gate {
+            let (qs, gs) = split_heads(&q, nh, hd);
+            q = qs;
+            Some(gs)
+        } else {
+            None
+        };
         let mut k = self.k_proj.forward(x, t);
         let mut v = self.v_proj.forward(x, t);
         match &self.qk_norm {
@@ -556,8 +575,30 @@ impl Attention {
                 }
                 moe_kernels::weighted_sum_strided(&scores, group, n, &cv[base..], kvr, hd, out);
             });
+        if let Some(gate) = gate {
+            for (a, g) in attn.iter_mut().zip(&gate) {
+                *a *= sigmoid(*g);
+            }
+        }
         self.o_proj.forward(&attn, t)
     }
+}
+
+/// Splits rows of `heads` blocks of `[first d | second d]` into two `[rows, heads * d]` arrays.
+fn split_heads(x: &[f32], heads: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut a = Vec::with_capacity(x.len() / 2);
+    let mut b = Vec::with_capacity(x.len() / 2);
+    for block in x.chunks_exact(2 * d) {
+        a.extend_from_slice(&block[..d]);
+        b.extend_from_slice(&block[d..]);
+    }
+    debug_assert_eq!(a.len() % (heads * d), 0);
+    (a, b)
+}
+
+/// The logistic function.
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
 }
 
 /// SiLU-gated MLP: `down(silu(gate(x)) * up(x))`.

@@ -1,14 +1,16 @@
 //! The decoder stack and its forward pass over the new tokens of one or several sequences.
 //!
-//! A layer is a token mixer (attention now; recurrent linear attention and MLA later, each with its
-//! own per-sequence state in [`MixerState`]) followed by a feed-forward block (dense MLP or sparse
+//! A layer is a token mixer (attention over a KV cache, or gated DeltaNet linear attention over a
+//! fixed-size recurrent state; each keeps its per-sequence state in [`MixerState`]) followed by a feed-forward block (dense MLP or sparse
 //! MoE through the expert store). Prefill runs all prompt tokens through each layer at once
 //! (matrix-matrix), decode one token at a time; both use the same code.
 //!
 //! Invariants: a sequence's state ([`SeqState`]) holds everything that depends on its past
 //! tokens, one entry per layer, so several sequences can share one model; the forward pass
-//! never reads expert weights except through the [`ExpertStore`].
+//! never reads expert weights except through the [`ExpertStore`]; a state with recurrent layers
+//! only rolls back to a [`Snapshot`] taken at that length (a KV cache can be cut anywhere).
 
+use crate::deltanet::{GatedDeltaNet, LinearState};
 use crate::error::{Error, Result};
 use crate::layers::{Attention, KvCache, KvElem, Linear, Mlp, RmsNorm};
 use crate::moe::{MoeBlock, Routing};
@@ -16,14 +18,18 @@ use crate::store::{ExpertStore, ExpertWeights};
 use crate::weights::TensorRef;
 
 /// Mixes information across positions.
+// One value per layer, built once at load: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Mixer {
     Attention(Attention),
+    Linear(GatedDeltaNet),
 }
 
 /// Per-sequence state of one mixer.
 #[derive(Clone)]
 pub enum MixerState {
     Kv(KvCache),
+    Linear(LinearState),
 }
 
 /// Mixes information across channels.
@@ -66,6 +72,7 @@ impl SeqState {
             .iter()
             .map(|l| match l {
                 MixerState::Kv(kv) => kv.size_bytes(),
+                MixerState::Linear(st) => st.size_bytes(),
             })
             .sum()
     }
@@ -107,8 +114,9 @@ impl Decoder {
                 .w
                 .layers
                 .iter()
-                .map(|l| match l.mixer {
+                .map(|l| match &l.mixer {
                     Mixer::Attention(_) => MixerState::Kv(KvCache::new(self.kv_elem)),
+                    Mixer::Linear(d) => MixerState::Linear(d.new_state()),
                 })
                 .collect(),
             len: 0,
@@ -175,9 +183,20 @@ impl Decoder {
                         .iter_mut()
                         .map(|s| match &mut s.state.layers[l] {
                             MixerState::Kv(kv) => kv,
+                            MixerState::Linear(_) => unreachable!("state built for this model"),
                         })
                         .collect();
                     a.forward_batch(&normed, &lens, &mut caches)
+                }
+                Mixer::Linear(d) => {
+                    let mut states: Vec<&mut LinearState> = segs
+                        .iter_mut()
+                        .map(|s| match &mut s.state.layers[l] {
+                            MixerState::Linear(st) => st,
+                            MixerState::Kv(_) => unreachable!("state built for this model"),
+                        })
+                        .collect();
+                    d.forward_batch(&normed, &lens, &mut states)
                 }
             };
             add_inplace(&mut x, &mixed);
@@ -234,17 +253,72 @@ impl Decoder {
         Ok(out)
     }
 
-    /// Forgets everything after the first `len` positions of `state` (prefix reuse, rollback).
-    pub fn truncate(&self, state: &mut SeqState, len: usize) {
+    /// Whether any state of this model can be cut back to any earlier length (no recurrent
+    /// layers); otherwise only to a [`Snapshot`].
+    pub fn can_truncate(&self) -> bool {
+        !self
+            .w
+            .layers
+            .iter()
+            .any(|l| matches!(l.mixer, Mixer::Linear(_)))
+    }
+
+    /// Forgets everything after the first `len` positions of `state` (prefix reuse). Returns
+    /// false, changing nothing, when that would need a recurrent layer's past state
+    /// (`len < state.len` in a model where [`Decoder::can_truncate`] is false).
+    #[must_use]
+    pub fn truncate(&self, state: &mut SeqState, len: usize) -> bool {
+        if len >= state.len {
+            return true;
+        }
+        if !self.can_truncate() {
+            return false;
+        }
+        self.cut_kv(state, len);
+        true
+    }
+
+    fn cut_kv(&self, state: &mut SeqState, len: usize) {
         for (layer, st) in self.w.layers.iter().zip(&mut state.layers) {
-            match (&layer.mixer, st) {
-                (Mixer::Attention(a), MixerState::Kv(kv)) => {
-                    kv.truncate(len, a.num_kv_heads * a.head_dim)
-                }
+            if let (Mixer::Attention(a), MixerState::Kv(kv)) = (&layer.mixer, st) {
+                kv.truncate(len, a.num_kv_heads * a.head_dim)
             }
         }
         state.len = state.len.min(len);
     }
+
+    /// What [`Decoder::restore`] needs to bring `state` back to where it is now: its length,
+    /// plus a copy of its recurrent layers' states (none in attention-only models).
+    pub fn snapshot(&self, state: &SeqState) -> Snapshot {
+        Snapshot {
+            len: state.len,
+            linear: state
+                .layers
+                .iter()
+                .map(|l| match l {
+                    MixerState::Linear(st) => Some(st.clone()),
+                    MixerState::Kv(_) => None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Rolls `state` back to `snap`, taken from it earlier (rollback of a failed step).
+    pub fn restore(&self, state: &mut SeqState, snap: Snapshot) {
+        self.cut_kv(state, snap.len);
+        for (st, saved) in state.layers.iter_mut().zip(snap.linear) {
+            if let (MixerState::Linear(st), Some(saved)) = (st, saved) {
+                *st = saved;
+            }
+        }
+        state.len = snap.len;
+    }
+}
+
+/// A sequence state's length and recurrent parts at one moment (see [`Decoder::snapshot`]).
+pub struct Snapshot {
+    len: usize,
+    linear: Vec<Option<LinearState>>,
 }
 
 /// The next tokens of one sequence in a batched forward pass.

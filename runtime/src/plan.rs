@@ -107,8 +107,11 @@ pub struct ModelSizes {
     pub moe_layers: usize,
     pub experts_per_layer: usize,
     pub top_k: usize,
-    /// KV bytes per token of context.
+    /// KV bytes per token of context (attention layers only).
     pub kv_bytes_per_token: u64,
+    /// Bytes of fixed-size recurrent state per sequence (linear-attention layers), whatever
+    /// its length.
+    pub state_bytes_per_sequence: u64,
     /// Resident bytes read per decoded token (all but the embedding table).
     pub resident_read_per_token_bytes: u64,
 }
@@ -144,6 +147,11 @@ impl ModelSizes {
         let embed_bytes = mw.embed.size_bytes() as u64;
         // Tied embeddings: the output projection reads the whole table every token.
         let tied = cfg.tie_word_embeddings;
+        let attention_layers = cfg
+            .mixers
+            .iter()
+            .filter(|m| **m == crate::config::MixerKind::Attention)
+            .count();
         ModelSizes {
             resident_bytes,
             expert_bytes,
@@ -151,8 +159,12 @@ impl ModelSizes {
             moe_layers: mw.experts.iter().filter(|e| !e.is_empty()).count(),
             experts_per_layer: mw.experts.iter().map(Vec::len).max().unwrap_or(0),
             top_k: cfg.router.top_k,
-            kv_bytes_per_token: (cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim) as u64
+            kv_bytes_per_token: (attention_layers * 2 * cfg.num_kv_heads * cfg.head_dim) as u64
                 * kv_elem_bytes,
+            state_bytes_per_sequence: match cfg.linear_attention {
+                Some(la) => ((cfg.num_layers - attention_layers) * la.state_floats() * 4) as u64,
+                None => 0,
+            },
             resident_read_per_token_bytes: if tied {
                 resident_bytes
             } else {
@@ -227,11 +239,21 @@ impl Plan {
             "resident set: {} (attention, norms, embeddings, routers, shared/dense MLPs)",
             gib(s.resident_bytes)
         );
-        let _ = writeln!(
-            out,
-            "KV cache: {} (max_context x max_batch)",
-            gib(self.kv_bytes)
-        );
+        if s.state_bytes_per_sequence > 0 {
+            let _ = writeln!(
+                out,
+                "KV cache + recurrent state: {} (max_context x max_batch; {} of linear-attention \
+                 state per sequence)",
+                gib(self.kv_bytes),
+                gib(s.state_bytes_per_sequence)
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "KV cache: {} (max_context x max_batch)",
+                gib(self.kv_bytes)
+            );
+        }
         let _ = writeln!(
             out,
             "experts: {} layers x {} = {} experts of {}, top-{} ({} in all)",
@@ -297,7 +319,9 @@ fn gb(b: u64) -> String {
 pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Result<Plan> {
     let mut warnings = Vec::new();
     let total_experts = sizes.moe_layers * sizes.experts_per_layer;
-    let kv_bytes = sizes.kv_bytes_per_token * req.max_context as u64 * req.max_batch as u64;
+    let kv_bytes = (sizes.kv_bytes_per_token * req.max_context as u64
+        + sizes.state_bytes_per_sequence)
+        * req.max_batch as u64;
     // Experts in flight: one per loader thread plus one being computed (and one being copied
     // into a device slot).
     let transient_bytes = if total_experts > 0 {
@@ -506,6 +530,7 @@ mod tests {
             experts_per_layer: 64,
             top_k: 8,
             kv_bytes_per_token: 24 * 2 * 4 * 128 * 4,
+            state_bytes_per_sequence: 0,
             resident_read_per_token_bytes: (1 << 30) - (100 << 20),
         }
     }

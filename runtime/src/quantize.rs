@@ -201,6 +201,11 @@ fn resident_linears<'a>(
                         .map(|l| (l, Projection)),
                 );
             }
+            Mixer::Linear(d) => {
+                out.extend([&mut d.in_proj_qkvz, &mut d.out_proj].map(|l| (l, Projection)));
+                // Its rows set each head's write strength and decay: kept exact, like a router.
+                out.push((&mut d.in_proj_ba, Kept));
+            }
         }
         match &mut layer.ffn {
             Ffn::Dense(m) => {

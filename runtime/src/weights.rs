@@ -854,6 +854,11 @@ impl WeightSet {
         self.virtual_dtype.is_some()
     }
 
+    /// Where the weights come from (the model folder, or the embedded demo's name).
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.by_name.contains_key(name)
     }

@@ -5,7 +5,7 @@
 //! `w2` (down); transformers 5 names it `mlp` with fused `gate_up_proj` / `down_proj`.
 
 use super::{head_dim, Arch, NameScheme};
-use crate::config::{ModelConfig, QkNorm, RawConfig, RopeConfig, RouterConfig};
+use crate::config::{MixerKind, ModelConfig, QkNorm, RawConfig, RopeConfig, RouterConfig};
 use crate::error::Result;
 
 pub static ARCH: Arch = Arch {
@@ -53,6 +53,10 @@ fn parse_config(raw: &RawConfig) -> Result<ModelConfig> {
         qk_norm: QkNorm::None,
         clip_qkv: None,
         sliding_window: vec![window.filter(|&w| w > 0); layers],
+        mixers: vec![MixerKind::Attention; layers],
+        linear_attention: None,
+        attn_output_gate: false,
+        norm_zero_centred: false,
         hidden_act: raw.opt_str(&["hidden_act"])?.unwrap_or("silu").to_string(),
         bos_token_id: raw.token_ids("bos_token_id")?.first().copied(),
         eos_token_ids: raw.token_ids("eos_token_id")?,

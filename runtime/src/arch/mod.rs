@@ -13,8 +13,10 @@ mod mixtral;
 mod olmoe;
 mod qwen2_moe;
 mod qwen3_moe;
+mod qwen3_next;
 
-use crate::config::{ModelConfig, QkNorm, RawConfig};
+use crate::config::{MixerKind, ModelConfig, QkNorm, RawConfig};
+use crate::deltanet::GatedDeltaNet;
 use crate::error::{Error, Result};
 use crate::layers::{Attention, Linear, Mlp, QkNormLayer, RmsNorm, Rope};
 use crate::model::{DecoderLayer, Ffn, Mixer, ModelWeights};
@@ -39,6 +41,7 @@ pub static ARCHITECTURES: &[&Arch] = &[
     &qwen3_moe::ARCH,
     &qwen2_moe::ARCH,
     &olmoe::ARCH,
+    &qwen3_next::ARCH,
 ];
 
 /// Finds the architecture of a config: by `architectures[0]`, else by `model_type`.
@@ -79,6 +82,8 @@ pub struct NameScheme {
     pub post_attention_norm: &'static str,
     /// Attention module under the layer prefix.
     pub attn: &'static str,
+    /// Linear-attention module under the layer prefix (Qwen3-Next's gated DeltaNet).
+    pub linear_attn: &'static str,
     pub q_norm: &'static str,
     pub k_norm: &'static str,
     /// Candidate MoE module names under the layer prefix, tried in order (checkpoints differ).
@@ -105,6 +110,7 @@ impl NameScheme {
         input_norm: "input_layernorm.weight",
         post_attention_norm: "post_attention_layernorm.weight",
         attn: "self_attn",
+        linear_attn: "linear_attn",
         q_norm: "q_norm.weight",
         k_norm: "k_norm.weight",
         moe_modules: &["mlp"],
@@ -127,47 +133,41 @@ pub fn build_decoder(cfg: &ModelConfig, w: &WeightSet, names: &NameScheme) -> Re
     } else {
         Linear::load(w, names.lm_head, h, cfg.vocab_size, false)?
     };
-    let norm = RmsNorm::load(w, names.final_norm, h, cfg.rms_norm_eps)?;
-    let rope_for = || Rope::new(&cfg.rope, cfg.head_dim);
+    // Zero-centred checkpoints store `w` for a norm that scales by `1 + w`.
+    let load_norm = |name: &str, dim: usize| {
+        if cfg.norm_zero_centred {
+            RmsNorm::load_zero_centred(w, name, dim, cfg.rms_norm_eps)
+        } else {
+            RmsNorm::load(w, name, dim, cfg.rms_norm_eps)
+        }
+    };
+    let norm = load_norm(names.final_norm, h)?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     let mut experts = Vec::with_capacity(cfg.num_layers);
     for l in 0..cfg.num_layers {
         let p = format!("{}.{l}", names.layer_prefix);
-        let a = format!("{p}.{}", names.attn);
-        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let qk_norm = match cfg.qk_norm {
-            QkNorm::None => QkNormLayer::None,
-            QkNorm::PerHead => QkNormLayer::PerHead {
-                q: RmsNorm::load(w, &format!("{a}.{}", names.q_norm), hd, cfg.rms_norm_eps)?,
-                k: RmsNorm::load(w, &format!("{a}.{}", names.k_norm), hd, cfg.rms_norm_eps)?,
-            },
-            QkNorm::FullWidth => QkNormLayer::FullWidth {
-                q: RmsNorm::load(
+        check_mixer_tensors(cfg, w, names, &p, l)?;
+        let mixer = match cfg.mixers[l] {
+            MixerKind::Attention => {
+                Mixer::Attention(load_attention(cfg, w, names, &p, l, &load_norm)?)
+            }
+            MixerKind::LinearAttention => {
+                let dims = cfg.linear_attention.ok_or_else(|| {
+                    Error::bad_config(
+                        std::path::Path::new(w.label()).join("config.json"),
+                        format!(
+                            "layer {l} is linear attention but no linear_* dimensions are given"
+                        ),
+                    )
+                })?;
+                Mixer::Linear(GatedDeltaNet::load(
                     w,
-                    &format!("{a}.{}", names.q_norm),
-                    nh * hd,
+                    &format!("{p}.{}", names.linear_attn),
+                    h,
+                    dims,
                     cfg.rms_norm_eps,
-                )?,
-                k: RmsNorm::load(
-                    w,
-                    &format!("{a}.{}", names.k_norm),
-                    nkv * hd,
-                    cfg.rms_norm_eps,
-                )?,
-            },
-        };
-        let attention = Attention {
-            q_proj: Linear::load(w, &format!("{a}.q_proj"), h, nh * hd, cfg.qkv_bias)?,
-            k_proj: Linear::load(w, &format!("{a}.k_proj"), h, nkv * hd, cfg.qkv_bias)?,
-            v_proj: Linear::load(w, &format!("{a}.v_proj"), h, nkv * hd, cfg.qkv_bias)?,
-            o_proj: Linear::load(w, &format!("{a}.o_proj"), nh * hd, h, cfg.o_bias)?,
-            qk_norm,
-            clip_qkv: cfg.clip_qkv,
-            num_heads: nh,
-            num_kv_heads: nkv,
-            head_dim: hd,
-            sliding_window: cfg.sliding_window.get(l).copied().flatten(),
-            rope: rope_for(),
+                )?)
+            }
         };
         let (ffn, layer_experts) = if cfg.sparse_layers[l] {
             let (block, ex) = load_moe(cfg, w, names, &p, l)?;
@@ -183,19 +183,9 @@ pub fn build_decoder(cfg: &ModelConfig, w: &WeightSet, names: &NameScheme) -> Re
             (Ffn::Dense(mlp), Vec::new())
         };
         layers.push(DecoderLayer {
-            input_norm: RmsNorm::load(
-                w,
-                &format!("{p}.{}", names.input_norm),
-                h,
-                cfg.rms_norm_eps,
-            )?,
-            mixer: Mixer::Attention(attention),
-            post_norm: RmsNorm::load(
-                w,
-                &format!("{p}.{}", names.post_attention_norm),
-                h,
-                cfg.rms_norm_eps,
-            )?,
+            input_norm: load_norm(&format!("{p}.{}", names.input_norm), h)?,
+            mixer,
+            post_norm: load_norm(&format!("{p}.{}", names.post_attention_norm), h)?,
             ffn,
         });
         experts.push(layer_experts);
@@ -207,6 +197,84 @@ pub fn build_decoder(cfg: &ModelConfig, w: &WeightSet, names: &NameScheme) -> Re
         lm_head,
         experts,
     })
+}
+
+/// Softmax attention of layer `l` (`{prefix}.{names.attn}`).
+fn load_attention(
+    cfg: &ModelConfig,
+    w: &WeightSet,
+    names: &NameScheme,
+    layer_prefix: &str,
+    l: usize,
+    load_norm: &dyn Fn(&str, usize) -> Result<RmsNorm>,
+) -> Result<Attention> {
+    let h = cfg.hidden_size;
+    let a = format!("{layer_prefix}.{}", names.attn);
+    let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    let qk_norm = match cfg.qk_norm {
+        QkNorm::None => QkNormLayer::None,
+        QkNorm::PerHead => QkNormLayer::PerHead {
+            q: load_norm(&format!("{a}.{}", names.q_norm), hd)?,
+            k: load_norm(&format!("{a}.{}", names.k_norm), hd)?,
+        },
+        QkNorm::FullWidth => QkNormLayer::FullWidth {
+            q: load_norm(&format!("{a}.{}", names.q_norm), nh * hd)?,
+            k: load_norm(&format!("{a}.{}", names.k_norm), nkv * hd)?,
+        },
+    };
+    // With an output gate, q_proj yields a query and a gate per head.
+    let q_out = if cfg.attn_output_gate {
+        2 * nh * hd
+    } else {
+        nh * hd
+    };
+    Ok(Attention {
+        q_proj: Linear::load(w, &format!("{a}.q_proj"), h, q_out, cfg.qkv_bias)?,
+        k_proj: Linear::load(w, &format!("{a}.k_proj"), h, nkv * hd, cfg.qkv_bias)?,
+        v_proj: Linear::load(w, &format!("{a}.v_proj"), h, nkv * hd, cfg.qkv_bias)?,
+        o_proj: Linear::load(w, &format!("{a}.o_proj"), nh * hd, h, cfg.o_bias)?,
+        qk_norm,
+        clip_qkv: cfg.clip_qkv,
+        num_heads: nh,
+        num_kv_heads: nkv,
+        head_dim: hd,
+        sliding_window: cfg.sliding_window.get(l).copied().flatten(),
+        rope: Rope::new(&cfg.rope, cfg.head_dim),
+        output_gate: cfg.attn_output_gate,
+    })
+}
+
+/// In hybrid models, the mixer the config gives layer `l` must be the one its tensors are for:
+/// a disagreement (a wrong `layer_types` or `full_attention_interval`) is named as such rather
+/// than as a missing tensor.
+fn check_mixer_tensors(
+    cfg: &ModelConfig,
+    w: &WeightSet,
+    names: &NameScheme,
+    layer_prefix: &str,
+    l: usize,
+) -> Result<()> {
+    if w.is_virtual() || cfg.linear_attention.is_none() {
+        return Ok(());
+    }
+    let attn = format!("{layer_prefix}.{}.q_proj.weight", names.attn);
+    let linear = format!("{layer_prefix}.{}.in_proj_qkvz.weight", names.linear_attn);
+    let (said, found) = match cfg.mixers[l] {
+        MixerKind::Attention if !w.contains(&attn) && w.contains(&linear) => {
+            ("full_attention", linear)
+        }
+        MixerKind::LinearAttention if !w.contains(&linear) && w.contains(&attn) => {
+            ("linear_attention", attn)
+        }
+        _ => return Ok(()),
+    };
+    Err(Error::bad_config(
+        std::path::Path::new(w.label()).join("config.json"),
+        format!(
+            "layer {l} is {said} by `layer_types` / `full_attention_interval`, but the \
+             checkpoint holds `{found}` there: the config does not match the weights"
+        ),
+    ))
 }
 
 /// Loads a sparse block's router (+ shared expert) and its experts, per-expert or fused layout.

@@ -3,7 +3,7 @@
 //! expert scaled by `sigmoid(shared_expert_gate(x))`.
 
 use super::{head_dim, qwen_sparse_layers, Arch, NameScheme};
-use crate::config::{ModelConfig, QkNorm, RawConfig, RopeConfig, RouterConfig};
+use crate::config::{MixerKind, ModelConfig, QkNorm, RawConfig, RopeConfig, RouterConfig};
 use crate::error::{Error, Result};
 
 pub static ARCH: Arch = Arch {
@@ -91,6 +91,10 @@ fn parse_config(raw: &RawConfig) -> Result<ModelConfig> {
         qk_norm: QkNorm::None,
         clip_qkv: None,
         sliding_window: sliding,
+        mixers: vec![MixerKind::Attention; layers],
+        linear_attention: None,
+        attn_output_gate: false,
+        norm_zero_centred: false,
         hidden_act: raw.opt_str(&["hidden_act"])?.unwrap_or("silu").to_string(),
         bos_token_id: raw.token_ids("bos_token_id")?.first().copied(),
         eos_token_ids: raw.token_ids("eos_token_id")?,

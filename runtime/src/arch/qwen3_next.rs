@@ -1,0 +1,203 @@
+//! Qwen3-Next (`Qwen3NextForCausalLM`): a hybrid of gated DeltaNet linear attention and gated
+//! full attention (three linear layers per full one in the released models), each followed by
+//! a sparse MoE block with `num_experts_per_tok` of `num_experts` routed experts plus an
+//! always-on shared expert scaled by `sigmoid(shared_expert_gate(x))`.
+//!
+//! Full attention: `q_proj` yields a query and an output gate per head, per-head q/k RMSNorm,
+//! rotary embedding on the first `partial_rotary_factor` of each head, output multiplied by
+//! `sigmoid(gate)`. Every RMSNorm but the linear layers' gated one is zero-centred (`1 + w`).
+//!
+//! Layer kinds come from `layer_types` (transformers 5) or, in the Hub's configs, from
+//! `full_attention_interval` (layer `l` is full attention when `(l + 1) % interval == 0`).
+//! The release's multi-token-prediction tensors (`mtp.*`) are not used.
+
+use super::{qwen_sparse_layers, Arch, NameScheme};
+use crate::config::{
+    LinearAttentionConfig, MixerKind, ModelConfig, QkNorm, RawConfig, RopeConfig, RouterConfig,
+};
+use crate::error::{Error, Result};
+
+pub static ARCH: Arch = Arch {
+    model_type: "qwen3_next",
+    hf_classes: &["Qwen3NextForCausalLM"],
+    parse_config,
+    names: &NAMES,
+};
+
+static NAMES: NameScheme = NameScheme {
+    shared_expert: Some(("shared_expert", "shared_expert_gate")),
+    ..NameScheme::HF_STANDARD
+};
+
+/// `Qwen3NextConfig`'s default when neither `rope_parameters` nor the top level gives one.
+const DEFAULT_PARTIAL_ROTARY: f64 = 0.25;
+
+fn parse_config(raw: &RawConfig) -> Result<ModelConfig> {
+    let hidden = raw.usize(&["hidden_size"])?;
+    let layers = raw.usize(&["num_hidden_layers"])?;
+    let heads = raw.usize_or(&["num_attention_heads"], 16)?;
+    let num_experts = raw.usize_or(&["num_experts", "num_local_experts"], 512)?;
+    let mut rope = RopeConfig::parse(raw, 10000.0)?;
+    if !partial_rotary_given(raw) {
+        rope.partial_rotary_factor = DEFAULT_PARTIAL_ROTARY;
+    }
+    let bias = raw.bool_or(&["attention_bias"], false)?;
+    Ok(ModelConfig {
+        arch: ARCH.model_type,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: raw.usize_or(&["num_key_value_heads"], 2)?,
+        // Qwen3NextConfig's head_dim defaults to 256, not hidden / heads.
+        head_dim: raw.usize_or(&["head_dim"], 256)?,
+        vocab_size: raw.usize_or(&["vocab_size"], 151936)?,
+        intermediate_size: raw.usize_or(&["intermediate_size"], 5632)?,
+        moe_intermediate_size: raw.usize_or(&["moe_intermediate_size"], 512)?,
+        max_position_embeddings: raw.usize_or(&["max_position_embeddings"], 32768)?,
+        rms_norm_eps: raw.f64_or(&["rms_norm_eps"], 1e-6)?,
+        rope,
+        tie_word_embeddings: raw.bool_or(&["tie_word_embeddings"], false)?,
+        router: RouterConfig {
+            num_experts,
+            top_k: raw.usize_or(&["num_experts_per_tok"], 10)?,
+            norm_topk_prob: raw.bool_or(&["norm_topk_prob"], true)?,
+        },
+        sparse_layers: qwen_sparse_layers(raw, layers, num_experts)?,
+        shared_expert_intermediate_size: raw.usize_or(&["shared_expert_intermediate_size"], 512)?,
+        qkv_bias: bias,
+        o_bias: bias,
+        qk_norm: QkNorm::PerHead,
+        clip_qkv: None,
+        sliding_window: vec![None; layers],
+        mixers: layer_kinds(raw, layers)?,
+        linear_attention: Some(LinearAttentionConfig {
+            num_key_heads: raw.usize_or(&["linear_num_key_heads"], 16)?,
+            num_value_heads: raw.usize_or(&["linear_num_value_heads"], 32)?,
+            key_head_dim: raw.usize_or(&["linear_key_head_dim"], 128)?,
+            value_head_dim: raw.usize_or(&["linear_value_head_dim"], 128)?,
+            conv_kernel: raw.usize_or(&["linear_conv_kernel_dim"], 4)?,
+        }),
+        attn_output_gate: true,
+        norm_zero_centred: true,
+        hidden_act: raw.opt_str(&["hidden_act"])?.unwrap_or("silu").to_string(),
+        bos_token_id: raw.token_ids("bos_token_id")?.first().copied(),
+        eos_token_ids: raw.token_ids("eos_token_id")?,
+    })
+}
+
+/// Whether the config sets `partial_rotary_factor` (top level or inside `rope_parameters`).
+fn partial_rotary_given(raw: &RawConfig) -> bool {
+    let inside = |key: &str| {
+        raw.value(&[key]).is_some_and(|p| {
+            p.get("partial_rotary_factor").is_some_and(|v| !v.is_null())
+                || p.get("full_attention")
+                    .and_then(|f| f.get("partial_rotary_factor"))
+                    .is_some_and(|v| !v.is_null())
+        })
+    };
+    raw.value(&["partial_rotary_factor"]).is_some()
+        || inside("rope_parameters")
+        || inside("rope_scaling")
+}
+
+/// Per layer: `layer_types` if given, else the `full_attention_interval` rule (default 4).
+fn layer_kinds(raw: &RawConfig, layers: usize) -> Result<Vec<MixerKind>> {
+    if let Some(types) = raw.opt_str_list(&["layer_types"])? {
+        if types.len() != layers {
+            return Err(Error::bad_config(
+                &raw.path,
+                format!(
+                    "field `layer_types` has {} entries for {layers} layers",
+                    types.len()
+                ),
+            ));
+        }
+        return types
+            .iter()
+            .enumerate()
+            .map(|(l, t)| match t.as_str() {
+                "linear_attention" => Ok(MixerKind::LinearAttention),
+                "full_attention" => Ok(MixerKind::Attention),
+                other => Err(Error::bad_config(
+                    &raw.path,
+                    format!(
+                        "field `layer_types`[{l}] is `{other}` (expected `linear_attention` or \
+                         `full_attention`)"
+                    ),
+                )),
+            })
+            .collect();
+    }
+    let interval = raw.usize_or(&["full_attention_interval"], 4)?;
+    if interval == 0 {
+        return Err(Error::bad_config(
+            &raw.path,
+            "field `full_attention_interval` must be > 0",
+        ));
+    }
+    Ok((0..layers)
+        .map(|l| {
+            if (l + 1) % interval == 0 {
+                MixerKind::Attention
+            } else {
+                MixerKind::LinearAttention
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn raw(s: &str) -> RawConfig {
+        RawConfig::parse(PathBuf::from("config.json"), s.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn both_layer_type_styles_agree() {
+        use MixerKind::{Attention as F, LinearAttention as L};
+        let hub =
+            raw(r#"{"hidden_size": 8, "num_hidden_layers": 8, "full_attention_interval": 4}"#);
+        let t5 = raw(
+            r#"{"hidden_size": 8, "num_hidden_layers": 8, "layer_types": ["linear_attention",
+            "linear_attention", "linear_attention", "full_attention", "linear_attention",
+            "linear_attention", "linear_attention", "full_attention"]}"#,
+        );
+        let a = parse_config(&hub).unwrap();
+        let b = parse_config(&t5).unwrap();
+        assert_eq!(a.mixers, vec![L, L, L, F, L, L, L, F]);
+        assert_eq!(a.mixers, b.mixers);
+        // Defaults are the released model's.
+        assert_eq!(a.rope.partial_rotary_factor, 0.25);
+        assert_eq!(a.head_dim, 256);
+        assert_eq!((a.router.num_experts, a.router.top_k), (512, 10));
+        let bad = raw(
+            r#"{"hidden_size": 8, "num_hidden_layers": 2, "layer_types": ["linear_attention"]}"#,
+        );
+        let e = parse_config(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("layer_types") && e.contains("1 entries for 2"),
+            "{e}"
+        );
+        let bad = raw(
+            r#"{"hidden_size": 8, "num_hidden_layers": 1, "layer_types": ["sliding_attention"]}"#,
+        );
+        let e = parse_config(&bad).unwrap_err().to_string();
+        assert!(e.contains("sliding_attention"), "{e}");
+    }
+
+    #[test]
+    fn partial_rotary_from_either_place() {
+        let top =
+            raw(r#"{"hidden_size": 8, "num_hidden_layers": 1, "partial_rotary_factor": 0.5}"#);
+        assert_eq!(parse_config(&top).unwrap().rope.partial_rotary_factor, 0.5);
+        let t5 = raw(
+            r#"{"hidden_size": 8, "num_hidden_layers": 1, "rope_parameters": {"rope_type":
+            "default", "rope_theta": 5.0, "partial_rotary_factor": 1.0}}"#,
+        );
+        let c = parse_config(&t5).unwrap();
+        assert_eq!((c.rope.partial_rotary_factor, c.rope.theta), (1.0, 5.0));
+    }
+}
