@@ -4,8 +4,11 @@
 //! cgroup-v1 memory limit of budget + 256 MiB, so the page cache cannot hide disk reads).
 //!
 //! `cargo bench --bench offload -- --model DIR [--budgets 4GiB,6GiB,12GiB]
-//! [--slot-shares 0.1,0.25,0.5] [--link-gb-per-s 25] [--prompt-tokens 32] [--decode-tokens 16]
-//! [--cgroup /sys/fs/cgroup/memory/NAME]` (build the release binary first: `cargo build --release`).
+//! [--slot-shares 0.1,0.25,0.5] [--vram-budgets 8GiB] [--link-gb-per-s 25] [--prompt-tokens 32]
+//! [--decode-tokens 16] [--cgroup /sys/fs/cgroup/memory/NAME] [-- EXTRA RUN FLAGS]` (build the
+//! release binary first: `cargo build --release`). `--vram-budgets` runs `sim` with the slots the
+//! memory plan derives from each budget; flags after `--` go to every run (e.g. `--quantization
+//! q8_0 --cache-dir DIR`).
 
 mod common;
 use common::{arg, cpu_model};
@@ -84,7 +87,11 @@ fn f(v: &serde_json::Value, path: &[&str]) -> f64 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let all: Vec<String> = std::env::args().collect();
+    let (args, passed) = match all.iter().skip(1).position(|a| a == "--") {
+        Some(i) => (all[..i + 1].to_vec(), all[i + 2..].to_vec()),
+        None => (all.clone(), Vec::new()),
+    };
     if args.iter().any(|a| a == "--list") {
         return;
     }
@@ -94,6 +101,7 @@ fn main() {
     };
     let budgets = arg(&args, "--budgets").unwrap_or_else(|| "4GiB,6GiB,12GiB".into());
     let shares = arg(&args, "--slot-shares").unwrap_or_else(|| "0.1,0.25,0.5".into());
+    let vram_budgets = arg(&args, "--vram-budgets").unwrap_or_default();
     let link = arg(&args, "--link-gb-per-s").unwrap_or_else(|| "25".into());
     let prompt_tokens: usize = arg(&args, "--prompt-tokens")
         .and_then(|v| v.parse().ok())
@@ -146,23 +154,22 @@ fn main() {
             .expect("budget")
             .0;
         let cg = cgroup.as_deref().map(|c| (c, bytes + (256 << 20)));
-        match run(
-            &model,
-            &["--ram-budget".into(), b.into()],
-            &prompt,
-            decode,
-            cg,
-        ) {
+        let mut extra = vec!["--ram-budget".to_string(), b.to_string()];
+        extra.extend_from_slice(&passed);
+        match run(&model, &extra, &prompt, decode, cg) {
             Ok(v) => row("cpu", b, "-", &v),
             Err(e) => println!("| cpu | {b} | - | error: {e} |"),
         }
     }
     // Device slots as a share of experts per layer, through a generated config file.
-    let settings = moe_runtime::Settings {
+    let mut settings = moe_runtime::Settings {
         model: Some(model.clone()),
         max_context: Some(512),
         ..Default::default()
     };
+    if let Some(q) = arg(&passed, "--quantization") {
+        settings.quantization = q.parse().expect("--quantization");
+    }
     let plan = match moe_runtime::plan_model(&settings) {
         Ok(p) => p.plan,
         Err(e) => {
@@ -189,13 +196,9 @@ fn main() {
             ),
         )
         .expect("config");
-        match run(
-            &model,
-            &["--config".into(), cfg.display().to_string()],
-            &prompt,
-            decode,
-            None,
-        ) {
+        let mut extra = vec!["--config".to_string(), cfg.display().to_string()];
+        extra.extend_from_slice(&passed);
+        match run(&model, &extra, &prompt, decode, None) {
             Ok(v) => row(
                 &format!("sim {link} GB/s"),
                 &format!("vram {:.2} GiB", vram as f64 / (1u64 << 30) as f64),
@@ -203,6 +206,40 @@ fn main() {
                 &v,
             ),
             Err(e) => println!("| sim | - | {slots} | error: {e} |"),
+        }
+    }
+    // Device budgets as a user would give them: the plan derives the slots.
+    for b in vram_budgets.split(',').filter(|s| !s.is_empty()) {
+        let abs_model = std::path::absolute(&model).unwrap_or_else(|_| PathBuf::from(&model));
+        let cfg = dir.join(format!("sim-{b}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "model = {:?}\ndevice = \"sim\"\nvram_budget = {b:?}\nmax_context = 512\n[experts]\nprefetch = true\n[sim]\nlink_gb_per_s = {link}\n",
+                abs_model.display().to_string()
+            ),
+        )
+        .expect("config");
+        let mut extra = vec!["--config".to_string(), cfg.display().to_string()];
+        extra.extend_from_slice(&passed);
+        let mut sim = settings.clone();
+        sim.device = moe_runtime::runconfig::DeviceKind::Sim;
+        sim.vram_budget = Some(
+            moe_runtime::runconfig::ByteSize::parse(b)
+                .expect("vram budget")
+                .0,
+        );
+        let slots = moe_runtime::plan_model(&sim)
+            .map(|p| p.plan.slots_per_layer.to_string())
+            .unwrap_or_else(|e| format!("plan failed: {e}"));
+        match run(&model, &extra, &prompt, decode, None) {
+            Ok(v) => row(
+                &format!("sim {link} GB/s"),
+                &format!("vram {b}"),
+                &slots,
+                &v,
+            ),
+            Err(e) => println!("| sim | vram {b} | - | error: {e} |"),
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

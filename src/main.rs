@@ -5,7 +5,8 @@
 //! `moe-serve run [--model DIR|HUB_ID] (--prompt TEXT | --prompt-ids 1,2,3) [--chat]
 //! [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
 //! [--ignore-eos] [--threads N] [--json] [--logits-out FILE]`, and
-//! `moe-serve synth --arch qwen3_moe --preset NAME --out DIR [--layers N] [--gguf PATH]`, and
+//! `moe-serve synth --arch qwen3_moe|qwen3_next --preset NAME --out DIR [--layers N] [--gguf PATH]`,
+//! and
 //! `moe-serve cache build [--force] | verify | info [--json] [--file PATH] | clear [--all]`, and
 //! `moe-serve serve [--host H] [--port P] [--max-batch N] [--max-queue N] [--model-name NAME]`
 //! (127.0.0.1:8080 by default; `[server]` config keys; bearer key from `[server] api_key` or
@@ -231,10 +232,11 @@ struct RunArgs {
 
 #[derive(Args)]
 struct SynthArgs {
-    /// Architecture to write.
+    /// Architecture to write: qwen3_moe or qwen3_next.
     #[arg(long, default_value = "qwen3_moe")]
     arch: String,
-    /// Size preset: demo, mini, bench-m.
+    /// Size preset: demo, mini, bench-m (qwen3_moe); next-demo, next-shape (48 layers x 512
+    /// experts, ~76k tensors, small dimensions), next-bench (the same shape, 12.6 GB) (qwen3_next).
     #[arg(long, default_value = "demo")]
     preset: String,
     /// Output folder (created; must be empty unless --overwrite).

@@ -446,29 +446,29 @@ impl Model {
             }
         }
         let unused_tensors = weights.unused();
-        // Multi-token-prediction heads (`mtp.*`, Qwen3-Next) are a known extra: one line.
-        let (mtp, other): (Vec<&String>, Vec<&String>) =
-            unused_tensors.iter().partition(|n| n.starts_with("mtp."));
-        if !mtp.is_empty() {
+        if !unused_tensors.is_empty() {
+            // Multi-token-prediction heads (`mtp.*`, Qwen3-Next's release) are a known extra.
+            let mtp = unused_tensors
+                .iter()
+                .filter(|n| n.starts_with("mtp."))
+                .count();
+            let why = if mtp > 0 {
+                format!("; {mtp} of them are multi-token-prediction heads (mtp.*), unused here")
+            } else {
+                String::new()
+            };
             tracing::warn!(
-                "ignoring the checkpoint's {} multi-token-prediction tensors (mtp.*): \
-                 speculative decoding with them is not used",
-                mtp.len()
-            );
-        }
-        if !other.is_empty() {
-            tracing::warn!(
-                "ignoring {} tensor(s) that {} does not use (e.g. `{}`)",
-                other.len(),
+                "ignoring {} tensor(s) that {} does not use (e.g. `{}`){why}",
+                unused_tensors.len(),
                 config.arch,
-                other[0]
+                unused_tensors[0]
             );
         }
         let check = cache
             .clone()
             .map(|c| c as Arc<dyn crate::store::ExpertCheck>);
         let store = TieredStore::with_check(
-            mw.experts.clone(),
+            std::mem::take(&mut mw.experts),
             config.hidden_size,
             config.moe_intermediate_size,
             TieredStoreConfig {

@@ -54,7 +54,8 @@ pub struct ModelWeights {
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     pub lm_head: Linear,
-    /// Per layer, its experts (empty for dense layers): handed to the expert store.
+    /// Per layer, its experts (empty for dense layers): moved into the expert store at load
+    /// (empty afterwards).
     pub experts: Vec<Vec<ExpertWeights>>,
 }
 

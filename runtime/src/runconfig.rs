@@ -2307,6 +2307,9 @@ drain_timeout_s = 5
                 "cpu-16gb.toml",
                 "gpu-24gb.toml",
                 "gpu-8gb-ram-64gb.toml",
+                "qwen3-next-80b-cpu-64gb.toml",
+                "qwen3-next-80b-gpu-24gb-ram-32gb.toml",
+                "qwen3-next-80b-gpu-8gb-ram-64gb.toml",
                 "sim-demo.toml"
             ]
         );
@@ -2374,5 +2377,46 @@ drain_timeout_s = 5
         assert_eq!(c.sim.link_gb_per_s, 25.0);
         assert_eq!(c.sim.copy_latency_us, 10.0);
         assert_eq!(c.server.model_name.as_deref(), Some("demo"));
+
+        for (name, device, vram, ram, ctx, batch, policy) in [
+            (
+                "qwen3-next-80b-cpu-64gb.toml",
+                DeviceKind::Cpu,
+                None,
+                56u64 << 30,
+                4096,
+                1,
+                EvictionPolicy::Lru,
+            ),
+            (
+                "qwen3-next-80b-gpu-24gb-ram-32gb.toml",
+                DeviceKind::Cuda,
+                Some(ByteSize(22 << 30)),
+                28 << 30,
+                8192,
+                4,
+                EvictionPolicy::Lru,
+            ),
+            (
+                "qwen3-next-80b-gpu-8gb-ram-64gb.toml",
+                DeviceKind::Cuda,
+                Some(ByteSize(7 << 30)),
+                56 << 30,
+                4096,
+                1,
+                EvictionPolicy::Lfu,
+            ),
+        ] {
+            let c = load(name);
+            assert_eq!(c.model, "Qwen/Qwen3-Next-80B-A3B-Instruct", "{name}");
+            assert_eq!(c.device, device, "{name}");
+            assert_eq!(c.vram_budget, vram, "{name}");
+            assert_eq!(c.ram_budget, Some(ByteSize(ram)), "{name}");
+            assert_eq!(c.max_context, Some(ctx), "{name}");
+            assert_eq!(c.max_batch, batch, "{name}");
+            assert_eq!(c.quantization, Quantization::Q4K, "{name}");
+            assert_eq!(c.resident_quantization, Some(Quantization::Q8_0), "{name}");
+            assert_eq!(c.experts.policy, policy, "{name}");
+        }
     }
 }

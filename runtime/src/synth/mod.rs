@@ -2,15 +2,28 @@
 //! Hub layout, so the runtime (and `transformers`) open them as if downloaded.
 //!
 //! This module owns the synthetic-model writer only; it depends on nothing else in the
-//! crate. For architecture `qwen3_moe` (`Qwen3MoeForCausalLM`) it writes into one folder:
+//! crate. For architectures `qwen3_moe` (`Qwen3MoeForCausalLM`) and `qwen3_next`
+//! (`Qwen3NextForCausalLM`) it writes into one folder:
 //! `config.json`, `generation_config.json`, `model-0000i-of-0000N.safetensors` shards,
 //! `model.safetensors.index.json` (always, even for one shard), `tokenizer.json`
 //! (byte-level BPE) and `tokenizer_config.json` (ChatML template).
 //!
+//! Each preset belongs to one architecture (`demo`, `mini`, `bench-m`: `qwen3_moe`;
+//! `next-demo`, `next-shape`, `next-bench`: `qwen3_next`); asking for a preset with
+//! another architecture is an error. A `qwen3_next` checkpoint has, like the
+//! `Qwen/Qwen3-Next-80B-A3B` release, linear-attention (Gated DeltaNet) layers with every
+//! `full_attention_interval`-th layer full (gated) attention, per-expert tensors plus a
+//! shared expert in every MoE block, zero-centred RMSNorm weights (zeros: scale 1), and
+//! the release's multi-token-prediction tensors `mtp.*` (which the runtime ignores).
+//!
 //! What must always hold:
-//! - Tensor names, shapes and dtype (BF16) are exactly the Hub's Qwen3-MoE ones; the
-//!   index maps every tensor to the shard holding it and `total_size` is the sum of
-//!   tensor data bytes; in each shard the `data_offsets` tile the data region exactly.
+//! - Tensor names, shapes and dtype (BF16) are exactly the Hub's Qwen3-MoE / Qwen3-Next
+//!   ones (Qwen3-Next: as the release stores them, one tensor per expert, `mtp.*`
+//!   included); the index maps every tensor to the shard holding it and `total_size` is
+//!   the sum of tensor data bytes; in each shard the `data_offsets` tile the data region
+//!   exactly.
+//! - The closed forms [`Preset::param_count`] and [`Preset::tensor_count`] equal the
+//!   tensor list's sums for every preset and layer count.
 //! - Output is a pure function of (arch, preset, layers, seed, shard limit): the same
 //!   inputs give byte-identical files whatever the thread count.
 //! - Memory stays bounded: tensor data is generated and written in chunks (a few MiB
@@ -20,7 +33,8 @@
 //! - A non-empty output folder is never written into unless `overwrite` is set.
 //! - [`synth_gguf`] writes the same weights (bit-identical) as one GGUF file in
 //!   llama.cpp's `qwen3moe` layout (see `twin.rs`), streamed through
-//!   [`crate::gguf::GgufWriter`] with the same bounded memory, atomically.
+//!   [`crate::gguf::GgufWriter`] with the same bounded memory, atomically. It exists for
+//!   `qwen3_moe` only; for `qwen3_next` it is refused (no file is written).
 //! - The tokenizer has exactly `vocab_size` ids: 256 byte tokens, merges (each joining
 //!   two earlier tokens into a new one), then `<|endoftext|>`, `<|im_start|>`,
 //!   `<|im_end|>`.
@@ -39,17 +53,21 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use preset::TensorSpec;
-pub use preset::{preset, preset_names, Preset, SpecialIds, HUB_SHARD_BYTES};
+pub use preset::{
+    preset, preset_names, preset_names_for, Preset, SpecialIds, HUB_SHARD_BYTES, QWEN3_MOE,
+    QWEN3_NEXT,
+};
 
 /// Architectures `synth` can write (Hub `model_type` names).
-pub const ARCHS: &[&str] = &["qwen3_moe"];
+pub const ARCHS: &[&str] = &[QWEN3_MOE, QWEN3_NEXT];
 
 /// What to write and where.
 #[derive(Debug, Clone)]
 pub struct SynthOptions {
-    /// Hub `model_type`; only `qwen3_moe`.
+    /// Hub `model_type`: `qwen3_moe` or `qwen3_next` (see [`ARCHS`]); must be the
+    /// preset's.
     pub arch: String,
-    /// Preset name, see [`preset_names`].
+    /// Preset name, see [`preset_names`] and [`preset_names_for`].
     pub preset: String,
     /// Overrides the preset's layer count.
     pub layers: Option<usize>,
@@ -83,6 +101,17 @@ pub enum SynthError {
     UnknownArch { got: String },
     #[error("unknown preset {got:?}; available: {}", preset_names().join(", "))]
     UnknownPreset { got: String },
+    /// The preset belongs to another architecture than the one asked for.
+    #[error(
+        "preset {preset} is a {preset_arch} preset; pass --arch {preset_arch} (or one of the \
+         {arch} presets: {})",
+        preset_names_for(arch).join(", ")
+    )]
+    WrongArch {
+        preset: String,
+        preset_arch: &'static str,
+        arch: String,
+    },
     #[error("invalid synth options: {0}")]
     Invalid(String),
     #[error("output folder {} is not empty (pass overwrite to replace the model files in it)", .0.display())]
@@ -110,6 +139,13 @@ pub fn resolve_preset(opts: &SynthOptions) -> Result<Preset, SynthError> {
     let mut p = preset(&opts.preset).ok_or_else(|| SynthError::UnknownPreset {
         got: opts.preset.clone(),
     })?;
+    if p.arch != opts.arch {
+        return Err(SynthError::WrongArch {
+            preset: opts.preset.clone(),
+            preset_arch: p.arch,
+            arch: opts.arch.clone(),
+        });
+    }
     if let Some(layers) = opts.layers {
         if layers == 0 {
             return Err(SynthError::Invalid("layers must be at least 1".into()));
@@ -200,7 +236,9 @@ pub fn synth(
 /// architecture `qwen3moe`, BF16 with F32 norms and router; the same weights, bit for
 /// bit, as [`synth`] writes for the same options). Uses `arch`, `preset`, `layers`,
 /// `seed` and `overwrite` (replace an existing file) from `opts`; `out` and
-/// `shard_bytes` are ignored. The parent folder is created if missing.
+/// `shard_bytes` are ignored. The parent folder is created if missing. Only for
+/// `qwen3_moe`: a `qwen3_next` model gives [`SynthError::Invalid`] (convert its folder
+/// with llama.cpp's `convert_hf_to_gguf.py` instead).
 /// `progress(written, total)` reports bytes of tensor data; the report's `weight_bytes`
 /// is the GGUF's tensor data bytes (F32 tensors count 4 bytes per element).
 pub fn synth_gguf(
@@ -209,6 +247,14 @@ pub fn synth_gguf(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<SynthReport, SynthError> {
     let p = resolve_preset(opts)?;
+    if p.arch != twin::HF_ARCH {
+        return Err(SynthError::Invalid(format!(
+            "the GGUF twin is written for {} only; convert a {} folder with llama.cpp's \
+             convert_hf_to_gguf.py",
+            twin::HF_ARCH,
+            p.arch
+        )));
+    }
     if path.exists() && !opts.overwrite {
         return Err(SynthError::Exists(path.to_path_buf()));
     }

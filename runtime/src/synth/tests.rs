@@ -832,3 +832,618 @@ fn fill_f32_is_fill_widened() {
         assert_eq!(f, widen_bf16(&bf), "start {start} n {n}");
     }
 }
+
+// ---- qwen3_next ----
+
+fn next_opts(preset: &str, out: &Path) -> SynthOptions {
+    SynthOptions {
+        arch: QWEN3_NEXT.into(),
+        ..opts(preset, out)
+    }
+}
+
+/// Expected Qwen3-Next tensor names and shapes, computed from config.json alone (the
+/// Hub release's layout), with `mtp_layers` multi-token-prediction layers.
+fn expected_next_shapes(cfg: &Value, mtp_layers: u64) -> BTreeMap<String, Vec<u64>> {
+    let g = |k: &str| cfg[k].as_u64().unwrap_or_else(|| panic!("config.{k}"));
+    let (h, v, hd, nh, nkv) = (
+        g("hidden_size"),
+        g("vocab_size"),
+        g("head_dim"),
+        g("num_attention_heads"),
+        g("num_key_value_heads"),
+    );
+    let (e, i, s, layers, interval) = (
+        g("num_experts"),
+        g("moe_intermediate_size"),
+        g("shared_expert_intermediate_size"),
+        g("num_hidden_layers"),
+        g("full_attention_interval"),
+    );
+    let (nk, nv, dk, dv, kernel) = (
+        g("linear_num_key_heads"),
+        g("linear_num_value_heads"),
+        g("linear_key_head_dim"),
+        g("linear_value_head_dim"),
+        g("linear_conv_kernel_dim"),
+    );
+    let mut m = BTreeMap::new();
+    let layer = |m: &mut BTreeMap<String, Vec<u64>>, p: &str, full: bool| {
+        let mut t = |name: &str, shape: Vec<u64>| {
+            assert!(m.insert(format!("{p}.{name}"), shape).is_none());
+        };
+        if full {
+            t("self_attn.q_proj.weight", vec![2 * nh * hd, h]);
+            t("self_attn.k_proj.weight", vec![nkv * hd, h]);
+            t("self_attn.v_proj.weight", vec![nkv * hd, h]);
+            t("self_attn.o_proj.weight", vec![h, nh * hd]);
+            t("self_attn.q_norm.weight", vec![hd]);
+            t("self_attn.k_norm.weight", vec![hd]);
+        } else {
+            let conv_dim = 2 * nk * dk + nv * dv;
+            t("linear_attn.A_log", vec![nv]);
+            t("linear_attn.conv1d.weight", vec![conv_dim, 1, kernel]);
+            t("linear_attn.dt_bias", vec![nv]);
+            t("linear_attn.in_proj_ba.weight", vec![2 * nv, h]);
+            t(
+                "linear_attn.in_proj_qkvz.weight",
+                vec![2 * nk * dk + 2 * nv * dv, h],
+            );
+            t("linear_attn.norm.weight", vec![dv]);
+            t("linear_attn.out_proj.weight", vec![h, nv * dv]);
+        }
+        t("mlp.gate.weight", vec![e, h]);
+        for x in 0..e {
+            t(&format!("mlp.experts.{x}.gate_proj.weight"), vec![i, h]);
+            t(&format!("mlp.experts.{x}.up_proj.weight"), vec![i, h]);
+            t(&format!("mlp.experts.{x}.down_proj.weight"), vec![h, i]);
+        }
+        t("mlp.shared_expert.gate_proj.weight", vec![s, h]);
+        t("mlp.shared_expert.up_proj.weight", vec![s, h]);
+        t("mlp.shared_expert.down_proj.weight", vec![h, s]);
+        t("mlp.shared_expert_gate.weight", vec![1, h]);
+        t("input_layernorm.weight", vec![h]);
+        t("post_attention_layernorm.weight", vec![h]);
+    };
+    m.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
+    for l in 0..layers {
+        layer(
+            &mut m,
+            &format!("model.layers.{l}"),
+            (l + 1) % interval == 0,
+        );
+    }
+    m.insert("model.norm.weight".to_string(), vec![h]);
+    m.insert("lm_head.weight".to_string(), vec![v, h]);
+    if mtp_layers > 0 {
+        m.insert("mtp.fc.weight".to_string(), vec![h, 2 * h]);
+        for k in 0..mtp_layers {
+            layer(&mut m, &format!("mtp.layers.{k}"), true);
+        }
+        for n in ["norm", "pre_fc_norm_embedding", "pre_fc_norm_hidden"] {
+            m.insert(format!("mtp.{n}.weight"), vec![h]);
+        }
+    }
+    m
+}
+
+/// Checks a written folder's shards and index against each other (names, shard file
+/// names, offsets tiling each data region, total_size) and returns name -> shape.
+fn check_hub_folder(dir: &Path, report: &SynthReport) -> BTreeMap<String, Vec<u64>> {
+    let names = file_names(dir);
+    let shards: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    for (i, s) in shards.iter().enumerate() {
+        assert_eq!(
+            **s,
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, shards.len())
+        );
+    }
+    assert_eq!(names.len(), shards.len() + 5, "{names:?}");
+    assert_eq!(report.files.len(), names.len());
+    assert_eq!(
+        report.files.last().unwrap().file_name().unwrap(),
+        "config.json",
+        "config.json written last"
+    );
+    let index = read_json(&dir.join("model.safetensors.index.json"));
+    let weight_map = index["weight_map"].as_object().unwrap();
+    assert_eq!(
+        index["metadata"]["total_size"].as_u64().unwrap(),
+        report.weight_bytes
+    );
+    let mut seen = BTreeMap::new();
+    let mut total = 0;
+    for s in &shards {
+        let (tensors, data_len) = parse_shard(&dir.join(s));
+        let mut ranges: Vec<[u64; 2]> = tensors.values().map(|t| t.1).collect();
+        ranges.sort();
+        let mut at = 0;
+        for r in &ranges {
+            assert_eq!(r[0], at, "{s}: gap or overlap");
+            assert!(r[1] > r[0]);
+            at = r[1];
+        }
+        assert_eq!(at, data_len, "{s}: data region fully used");
+        total += data_len;
+        for (name, (shape, off)) in tensors {
+            assert_eq!(off[1] - off[0], 2 * shape.iter().product::<u64>(), "{name}");
+            assert_eq!(weight_map[&name], **s, "{name}: index points to its shard");
+            assert!(seen.insert(name, shape).is_none(), "tensor in two shards");
+        }
+    }
+    assert_eq!(total, report.weight_bytes);
+    assert_eq!(weight_map.len(), seen.len(), "index maps every tensor");
+    assert_eq!(report.tensors, seen.len());
+    seen
+}
+
+#[test]
+fn next_shape_tensor_list_is_the_releases() {
+    let p = preset("next-shape").unwrap();
+    assert_eq!(p.arch, QWEN3_NEXT);
+    let specs = p.tensors();
+    assert_eq!(specs.len(), 75_944);
+    assert_eq!(p.tensor_count(), specs.len());
+    let names: HashSet<&str> = specs.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names.len(), specs.len(), "names unique");
+
+    // Layers: 48, 36 linear + 12 full by the interval rule, 512 * 3 expert tensors each.
+    let mut per_layer: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
+    for t in &specs {
+        if let Some(rest) = t.name.strip_prefix("model.layers.") {
+            let (l, name) = rest.split_once('.').unwrap();
+            per_layer.entry(l.parse().unwrap()).or_default().push(name);
+        }
+    }
+    assert_eq!(per_layer.len(), 48);
+    assert_eq!(*per_layer.keys().last().unwrap(), 47);
+    let (mut linear, mut full) = (0, 0);
+    for (&l, names) in &per_layer {
+        let is_linear = names.iter().any(|n| n.starts_with("linear_attn."));
+        let is_full = names.iter().any(|n| n.starts_with("self_attn."));
+        assert!(is_linear != is_full, "layer {l}: exactly one token mixer");
+        assert_eq!(is_full, (l + 1) % 4 == 0, "layer {l}");
+        assert_eq!(is_full, p.is_full_attention(l));
+        linear += usize::from(is_linear);
+        full += usize::from(is_full);
+        let experts = names
+            .iter()
+            .filter(|n| n.starts_with("mlp.experts."))
+            .count();
+        assert_eq!(experts, 512 * 3, "layer {l}");
+        assert_eq!(names.len(), 1543 + if is_full { 6 } else { 7 }, "layer {l}");
+    }
+    assert_eq!((linear, full), (36, 12));
+    assert_eq!(
+        (p.linear_attention_layers(), p.full_attention_layers()),
+        (36, 12)
+    );
+
+    // MTP tensors: fc, one full-attention layer, three norms; last in the list.
+    let mtp: Vec<&str> = specs
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|n| n.starts_with("mtp."))
+        .collect();
+    assert_eq!(mtp.len(), 1 + 1549 + 3);
+    for n in [
+        "mtp.fc.weight",
+        "mtp.norm.weight",
+        "mtp.pre_fc_norm_embedding.weight",
+        "mtp.pre_fc_norm_hidden.weight",
+        "mtp.layers.0.self_attn.q_proj.weight",
+        "mtp.layers.0.mlp.experts.511.down_proj.weight",
+        "mtp.layers.0.mlp.shared_expert_gate.weight",
+        "mtp.layers.0.post_attention_layernorm.weight",
+    ] {
+        assert!(names.contains(n), "{n}");
+    }
+    assert!(specs[specs.len() - mtp.len()..]
+        .iter()
+        .all(|t| t.name.starts_with("mtp.")));
+    // state_dict order: a layer's tensors are contiguous, layers in order.
+    let layer_of = |n: &str| {
+        n.strip_prefix("model.layers.")
+            .map(|r| r.split_once('.').unwrap().0.parse::<usize>().unwrap())
+    };
+    let order: Vec<usize> = specs.iter().filter_map(|t| layer_of(&t.name)).collect();
+    assert!(order.windows(2).all(|w| w[0] <= w[1]));
+    assert_eq!(specs[0].name, "model.embed_tokens.weight");
+
+    // Names and shapes exactly the release's, derived from config.json alone.
+    let cfg: Value = serde_json::from_slice(&super::hub::config_json(&p)).unwrap();
+    let got: BTreeMap<String, Vec<u64>> = specs
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone()))
+        .collect();
+    assert_eq!(got, expected_next_shapes(&cfg, 1));
+
+    // The release's scales: zero-centred norms (zeros), the gated norm and dt_bias ones.
+    let init = |n: &str| specs.iter().find(|t| t.name == n).unwrap().init;
+    for n in [
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+        "model.layers.3.self_attn.q_norm.weight",
+        "model.layers.3.self_attn.k_norm.weight",
+        "model.norm.weight",
+        "mtp.norm.weight",
+        "mtp.pre_fc_norm_embedding.weight",
+        "mtp.pre_fc_norm_hidden.weight",
+        "mtp.layers.0.input_layernorm.weight",
+    ] {
+        assert_eq!(init(n), Init::Zeros, "{n}");
+    }
+    for n in [
+        "model.layers.0.linear_attn.norm.weight",
+        "model.layers.0.linear_attn.dt_bias",
+    ] {
+        assert_eq!(init(n), Init::Ones, "{n}");
+    }
+    assert_eq!(
+        init("model.layers.0.linear_attn.A_log"),
+        Init::Normal { std: 0.5 }
+    );
+    assert_eq!(
+        init("model.layers.0.linear_attn.conv1d.weight"),
+        Init::Normal { std: 0.5 }
+    );
+    assert_eq!(
+        init("model.layers.0.mlp.shared_expert_gate.weight"),
+        Init::Normal { std: 0.125 }
+    );
+    assert_eq!(
+        init("model.layers.0.mlp.gate.weight"),
+        Init::Normal { std: 0.375 }
+    );
+}
+
+#[test]
+fn param_count_matches_tensor_list_for_every_preset() {
+    for name in preset_names() {
+        let base = preset(name).unwrap();
+        for layers in [None, Some(1), Some(3), Some(4), Some(5)] {
+            let mut p = base.clone();
+            if let Some(l) = layers {
+                p.num_hidden_layers = l;
+            }
+            p.validate().unwrap();
+            let specs = p.tensors();
+            let sum: u64 = specs.iter().map(|t| t.numel()).sum();
+            assert_eq!(sum, p.param_count(), "{name} {layers:?}");
+            assert_eq!(specs.len(), p.tensor_count(), "{name} {layers:?}");
+            assert_eq!(p.weight_bytes(), 2 * sum);
+        }
+    }
+    assert_eq!(preset_names_for(QWEN3_MOE), vec!["demo", "mini", "bench-m"]);
+    assert_eq!(
+        preset_names_for(QWEN3_NEXT),
+        vec!["next-demo", "next-shape", "next-bench"]
+    );
+    assert_eq!(preset_names().len(), 6);
+}
+
+#[test]
+fn next_preset_sizes() {
+    let shape = preset("next-shape").unwrap();
+    assert_eq!(shape.param_count(), 80_938_368);
+    assert_eq!(shape.weight_bytes(), 161_876_736);
+    // ~40 shards at the default limit, like the release's 41.
+    let specs = shape.tensors();
+    let shards = super::writer::plan_shards(&specs, shape.default_shard_bytes);
+    assert_eq!(shards.len(), 41);
+    for s in &shards {
+        assert!(s.iter().map(|&i| specs[i].size_bytes()).sum::<u64>() <= 4_000_000);
+    }
+
+    let bench = preset("next-bench").unwrap();
+    assert_eq!(bench.tensor_count(), 75_944);
+    assert_eq!(bench.param_count(), 6_312_429_120);
+    assert_eq!(bench.weight_bytes(), 12_624_858_240);
+    assert!(bench.weight_bytes() <= 16_000_000_000);
+    let specs = bench.tensors();
+    assert_eq!(specs.len(), 75_944);
+    let shards = super::writer::plan_shards(&specs, HUB_SHARD_BYTES);
+    assert_eq!(shards.len(), 3);
+
+    let demo = preset("next-demo").unwrap();
+    assert_eq!(
+        (demo.linear_attention_layers(), demo.full_attention_layers()),
+        (3, 1)
+    );
+    assert_eq!(demo.weight_bytes(), 1_829_520);
+    assert_eq!(demo.tensor_count(), 315);
+}
+
+#[test]
+fn next_demo_folder_is_hub_exact_and_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut outs = Vec::new();
+    for (threads, tag) in [(1, "a"), (2, "b")] {
+        let o = next_opts("next-demo", &tmp.path().join(tag));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let report = pool.install(|| run(&o));
+        let p = preset("next-demo").unwrap();
+        assert_eq!(report.params, p.param_count());
+        assert_eq!(report.tensors, p.tensor_count());
+        let seen = check_hub_folder(&o.out, &report);
+        let cfg = read_json(&o.out.join("config.json"));
+        assert_eq!(seen, expected_next_shapes(&cfg, 1));
+        outs.push(all_bytes(&o.out));
+    }
+    assert!(outs[0].len() >= 7, "at least two shards");
+    assert_eq!(
+        outs[0], outs[1],
+        "byte-identical across runs and thread counts"
+    );
+
+    let dir = tmp.path().join("a");
+    let cfg = read_json(&dir.join("config.json"));
+    let keys: Vec<&str> = cfg
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut want_keys = vec![
+        "architectures",
+        "attention_bias",
+        "attention_dropout",
+        "bos_token_id",
+        "decoder_sparse_step",
+        "eos_token_id",
+        "full_attention_interval",
+        "head_dim",
+        "hidden_act",
+        "hidden_size",
+        "initializer_range",
+        "intermediate_size",
+        "linear_conv_kernel_dim",
+        "linear_key_head_dim",
+        "linear_num_key_heads",
+        "linear_num_value_heads",
+        "linear_value_head_dim",
+        "max_position_embeddings",
+        "mlp_only_layers",
+        "model_type",
+        "moe_intermediate_size",
+        "norm_topk_prob",
+        "num_attention_heads",
+        "num_experts",
+        "num_experts_per_tok",
+        "num_hidden_layers",
+        "num_key_value_heads",
+        "output_router_logits",
+        "partial_rotary_factor",
+        "rms_norm_eps",
+        "rope_scaling",
+        "rope_theta",
+        "router_aux_loss_coef",
+        "shared_expert_intermediate_size",
+        "tie_word_embeddings",
+        "torch_dtype",
+        "transformers_version",
+        "use_cache",
+        "use_sliding_window",
+        "vocab_size",
+    ];
+    want_keys.sort();
+    let mut sorted_keys = keys.clone();
+    sorted_keys.sort();
+    assert_eq!(sorted_keys, want_keys);
+    // Written with sorted keys, whatever serde_json's features.
+    let text = String::from_utf8(fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let pos: Vec<usize> = want_keys
+        .iter()
+        .map(|k| text.find(&format!("\"{k}\":")).unwrap())
+        .collect();
+    assert!(pos.windows(2).all(|w| w[0] < w[1]), "keys sorted");
+    let p = preset("next-demo").unwrap();
+    assert_eq!(
+        cfg["architectures"],
+        serde_json::json!(["Qwen3NextForCausalLM"])
+    );
+    assert_eq!(cfg["model_type"], "qwen3_next");
+    assert_eq!(cfg["full_attention_interval"], 4);
+    assert_eq!(cfg["partial_rotary_factor"], 0.25);
+    assert_eq!(cfg["rope_theta"], 1e7);
+    assert_eq!(cfg["decoder_sparse_step"], 1);
+    assert_eq!(cfg["mlp_only_layers"], serde_json::json!([]));
+    assert_eq!(cfg["norm_topk_prob"], true);
+    assert_eq!(cfg["tie_word_embeddings"], false);
+    assert_eq!(cfg["use_sliding_window"], false);
+    assert_eq!(cfg["rope_scaling"], Value::Null);
+    assert_eq!(cfg["torch_dtype"], "bfloat16");
+    assert_eq!(cfg["transformers_version"], "4.57.0.dev0");
+    assert_eq!(cfg["rms_norm_eps"], 1e-6);
+    assert_eq!(cfg["router_aux_loss_coef"], 0.001);
+    let ids = p.special_ids();
+    assert_eq!(cfg["bos_token_id"], ids.endoftext);
+    assert_eq!(cfg["eos_token_id"], ids.im_end);
+    assert_eq!(cfg["num_experts"], 16);
+    assert_eq!(cfg["num_experts_per_tok"], 4);
+    assert_eq!(cfg["num_hidden_layers"], 4);
+    let gen = read_json(&dir.join("generation_config.json"));
+    assert_eq!(
+        gen["eos_token_id"],
+        serde_json::json!([ids.im_end, ids.endoftext])
+    );
+    let tc = read_json(&dir.join("tokenizer_config.json"));
+    assert_eq!(tc["eos_token"], "<|im_end|>");
+    assert_eq!(
+        fs::read(dir.join("tokenizer.json")).unwrap(),
+        super::tokenizer::tokenizer_json(&p)
+    );
+
+    // Values: finite everywhere; norms and biases as intended; spreads as intended.
+    let hf = hf_tensor_bytes(&dir);
+    let values = |name: &str| -> Vec<f32> {
+        hf[name]
+            .1
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()
+    };
+    for name in hf.keys() {
+        assert!(values(name).iter().all(|x| x.is_finite()), "{name}");
+    }
+    for name in [
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.3.self_attn.q_norm.weight",
+        "model.norm.weight",
+        "mtp.pre_fc_norm_hidden.weight",
+    ] {
+        assert!(values(name).iter().all(|&x| x == 0.0), "{name}");
+    }
+    for name in [
+        "model.layers.1.linear_attn.norm.weight",
+        "model.layers.1.linear_attn.dt_bias",
+    ] {
+        assert!(values(name).iter().all(|&x| x == 1.0), "{name}");
+    }
+    let a_log = values("model.layers.2.linear_attn.A_log");
+    assert!(a_log.iter().all(|x| x.abs() < 3.0), "{a_log:?}");
+    let std = |v: &[f32]| {
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt()
+    };
+    for (name, want) in [
+        ("model.layers.0.linear_attn.conv1d.weight", 0.5),
+        ("model.layers.0.linear_attn.in_proj_qkvz.weight", 0.125),
+        ("model.layers.3.self_attn.q_proj.weight", 0.125),
+        ("mtp.fc.weight", 1.0 / 128f64.sqrt()),
+    ] {
+        let s = std(&values(name));
+        assert!((s / want - 1.0).abs() < 0.1, "{name}: std {s} want {want}");
+    }
+}
+
+#[test]
+fn next_shape_shards_many_small_tensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = SynthOptions {
+        layers: Some(4),
+        ..next_opts("next-shape", &tmp.path().join("s"))
+    };
+    let report = run(&o);
+    assert_eq!(report.tensors, 7_755);
+    assert_eq!(report.weight_bytes, 17_001_280);
+    let seen = check_hub_folder(&o.out, &report);
+    let cfg = read_json(&o.out.join("config.json"));
+    assert_eq!(cfg["num_hidden_layers"], 4);
+    assert_eq!(seen, expected_next_shapes(&cfg, 1));
+    let shards: Vec<String> = file_names(&o.out)
+        .into_iter()
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    assert_eq!(shards.len(), 5);
+    for s in &shards {
+        let (_, data_len) = parse_shard(&o.out.join(s));
+        assert!(data_len <= 4_000_000, "{s}: {data_len}");
+    }
+}
+
+#[test]
+fn preset_of_another_arch_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("x");
+    let e = synth(&next_opts("demo", &dir), &mut |_, _| {}).unwrap_err();
+    assert!(matches!(e, SynthError::WrongArch { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("preset demo is a qwen3_moe preset; pass --arch qwen3_moe"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("next-demo"),
+        "names the qwen3_next presets: {msg}"
+    );
+    let e = synth(&opts("next-shape", &dir), &mut |_, _| {}).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("preset next-shape is a qwen3_next preset; pass --arch qwen3_next"),
+        "{msg}"
+    );
+    assert!(!dir.exists(), "nothing written");
+    let e = synth_gguf(
+        &opts("next-demo", &dir),
+        &dir.join("m.gguf"),
+        &mut |_, _| {},
+    )
+    .unwrap_err();
+    assert!(matches!(e, SynthError::WrongArch { .. }), "{e}");
+    // An unknown arch still names every supported one.
+    let mut o = next_opts("next-demo", &dir);
+    o.arch = "qwen3next".into();
+    let msg = synth(&o, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(msg.contains("qwen3_moe, qwen3_next"), "{msg}");
+    assert!(!dir.exists(), "nothing written");
+}
+
+#[test]
+fn gguf_twin_refuses_qwen3_next() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("twin").join("next.gguf");
+    let o = next_opts("next-demo", &tmp.path().join("hf"));
+    let e = synth_gguf(&o, &path, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(e, SynthError::Invalid(_)), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("the GGUF twin is written for qwen3_moe only")
+            && msg.contains("convert a qwen3_next folder with llama.cpp's convert_hf_to_gguf.py"),
+        "{msg}"
+    );
+    assert!(!path.parent().unwrap().exists(), "nothing written");
+}
+
+/// FNV-1a over (file name, length, bytes) of every file in `dir`, in name order.
+fn folder_fingerprint(dir: &Path) -> u64 {
+    let mut h = 0xCBF2_9CE4_8422_2325u64;
+    for (name, bytes) in all_bytes(dir) {
+        let len = (bytes.len() as u64).to_le_bytes();
+        for &b in name.as_bytes().iter().chain(&len).chain(&bytes) {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3);
+        }
+    }
+    h
+}
+
+/// Adding qwen3_next left the qwen3_moe output unchanged: the fingerprint of `demo`
+/// (seed 0) is the one the writer gave before (checked against the previous code).
+#[test]
+fn qwen3_moe_demo_output_is_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = opts("demo", &tmp.path().join("demo"));
+    run(&o);
+    assert_eq!(folder_fingerprint(&o.out), 0x0D17_AEA9_FEF6_E560);
+}
+
+/// Writes the whole next-shape model (~162 MB, 75,944 tensors) at its default shard
+/// limit: 41 shards, like the release (run with `-- --ignored`).
+#[test]
+#[ignore]
+fn next_shape_full_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = next_opts("next-shape", &tmp.path().join("s"));
+    let t0 = std::time::Instant::now();
+    let report = run(&o);
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(report.tensors, 75_944);
+    assert_eq!(report.weight_bytes, 161_876_736);
+    let seen = check_hub_folder(&o.out, &report);
+    let cfg = read_json(&o.out.join("config.json"));
+    assert_eq!(seen, expected_next_shapes(&cfg, 1));
+    let shards = report
+        .files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "safetensors"))
+        .count();
+    assert_eq!(shards, 41);
+    println!("next-shape: {shards} shards, {:.1} s", secs);
+}

@@ -1,5 +1,6 @@
 //! The GGUF twin: the same weights as the Hugging Face files, in llama.cpp's
-//! `qwen3moe` layout as its HF converter (`convert_hf_to_gguf.py`) writes it.
+//! `qwen3moe` layout as its HF converter (`convert_hf_to_gguf.py`) writes it. Written
+//! for `qwen3_moe` presets only ([`super::synth_gguf`] refuses `qwen3_next`).
 //!
 //! - Names: `token_embd`, `output_norm`, `output`, `blk.{l}.attn_{norm,q,k,v,output,
 //!   q_norm,k_norm}`, `blk.{l}.ffn_{norm,gate_inp,gate_exps,up_exps,down_exps}`.
@@ -19,6 +20,8 @@ use super::tokenizer::{build_bpe, CHAT_TEMPLATE, SPECIAL_TOKENS};
 
 /// llama.cpp's architecture name.
 pub(crate) const ARCH: &str = "qwen3moe";
+/// The Hub architecture (`model_type`) the twin is written for; the only one.
+pub(crate) const HF_ARCH: &str = super::preset::QWEN3_MOE;
 /// `LLAMA_FTYPE_MOSTLY_BF16`.
 const FILE_TYPE_BF16: u32 = 32;
 /// `GGML_QNT_VERSION`.
@@ -36,6 +39,7 @@ pub(crate) struct TwinTensor {
 
 /// The twin's tensors in write order: `token_embd`, the layers, `output_norm`, `output`.
 pub(crate) fn twin_tensors(p: &Preset, specs: &[TensorSpec]) -> Vec<TwinTensor> {
+    debug_assert_eq!(p.arch, HF_ARCH, "the twin layout is qwen3moe's");
     let index: HashMap<&str, usize> = specs
         .iter()
         .enumerate()

@@ -137,6 +137,7 @@ pub(crate) fn fill(key: u64, init: Init, start: u64, out: &mut [u8]) {
                 e.copy_from_slice(&one);
             }
         }
+        Init::Zeros => out.fill(0),
         Init::Normal { std } => {
             // Irwin-Hall(4) of 16-bit uniforms: mean 4 * 32767.5, variance 4 * (65536^2 - 1) / 12.
             let scale = std * (3.0f32).sqrt() / 65536.0;
