@@ -20,12 +20,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
-use common::{arg, binary, cpu_model, evict, run_measured, warm_page_cache};
+use common::{arg, binary, cpu_model, evict, llama_ttft, median, run_measured, warm_page_cache};
 
 const USAGE: &str = "usage: cargo bench --bench cache -- --model DIR --cache-dir DIR \
 [--types q8_0,q4_k] [--activations f32,q8] [--llama-dir DIR --gguf TYPE=FILE ...] [--runs 3] [--tiers HOT:COLD] [--gen 64] [--reuse]";
@@ -44,11 +44,6 @@ fn disk_read_rate(path: &Path) -> f64 {
         n += k as u64;
     }
     n as f64 / t.elapsed().as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 const PROMPT: &str = "11,7930,15849,23768,31687,7606,15525,23444";
@@ -78,63 +73,6 @@ fn ours_ttft(model: &str, quant: &str, act: &str, cache_dir: &Path) -> Result<(f
     let secs = t.elapsed().as_secs_f64();
     let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
     Ok((secs, v["load_ms"].as_f64().unwrap_or(f64::NAN) / 1e3))
-}
-
-/// Process start to first token of `llama-server` on `gguf`, seconds.
-fn llama_ttft(llama_dir: &Path, gguf: &Path, threads: usize) -> Result<f64, String> {
-    const PORT: u16 = 18931;
-    let t = Instant::now();
-    let mut child = Command::new(llama_dir.join("llama-server"))
-        .args([
-            "-m",
-            &gguf.to_string_lossy(),
-            "--port",
-            &PORT.to_string(),
-            "-c",
-            "512",
-            "-t",
-            &threads.to_string(),
-            "--no-webui",
-            "--no-warmup",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let request = |method: &str, path: &str, body: &str| -> Option<String> {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", PORT)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out)
-    };
-    let result = loop {
-        if let Some(r) = request("GET", "/health", "") {
-            if r.starts_with("HTTP/1.1 200") {
-                let body =
-                    format!("{{\"prompt\": [{PROMPT}], \"n_predict\": 1, \"temperature\": 0}}");
-                break match request("POST", "/completion", &body) {
-                    Some(r) if r.starts_with("HTTP/1.1 200") => Ok(t.elapsed().as_secs_f64()),
-                    other => Err(format!("completion failed: {other:?}")),
-                };
-            }
-        }
-        if t.elapsed() > Duration::from_secs(300) {
-            break Err("llama-server not ready after 300 s".into());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            break Err(format!("llama-server exited: {status}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    result
 }
 
 /// Decode tokens/s of `moe-serve run --config FILE`.
@@ -296,13 +234,13 @@ fn main() {
             let warm: Vec<f64> = (0..runs)
                 .map(|_| {
                     warm_page_cache(gguf);
-                    llama_ttft(dir, gguf, threads).expect("llama-server")
+                    llama_ttft(dir, gguf, threads, PROMPT).expect("llama-server")
                 })
                 .collect();
             let cold: Vec<f64> = (0..runs)
                 .map(|_| {
                     evict(gguf);
-                    llama_ttft(dir, gguf, threads).expect("llama-server")
+                    llama_ttft(dir, gguf, threads, PROMPT).expect("llama-server")
                 })
                 .collect();
             let size = std::fs::metadata(gguf).map_or(0, |m| m.len());

@@ -6,11 +6,14 @@
 //! wall time from spawn to exit covers opening every shard header, building the model and its
 //! expert store, planning, and the prefill that yields the first token. The JSON's `load_ms`
 //! and `prefill_ms` split it; peak RSS comes from the kernel (`wait4`). RSS divided by the
-//! tensor count bounds the per-tensor bookkeeping (weights are mapped, not copied).
+//! tensor count bounds the per-tensor bookkeeping (weights are mapped, not copied). With
+//! `--llama-dir DIR --gguf FILE` it times llama.cpp's `llama-server` on the same weights
+//! (converted by its `convert_hf_to_gguf.py`) the same way: spawn to the first token.
 //!
 //! ```sh
 //! cargo build --release
 //! cargo bench --bench ready -- --model DIR [--runs 5] [--prompt-tokens 16] [--cold-runs 3]
+//!     [--llama-dir LLAMA_CPP/build/bin --gguf FILE]
 //!     [-- EXTRA RUN FLAGS, e.g. --quantization q8_0 --cache-dir DIR]
 //! ```
 //! Without `--model` it prints its usage and exits successfully (so `cargo bench` passes).
@@ -21,10 +24,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use common::{arg, binary, cpu_model, evict, run_measured, warm_page_cache};
+use common::{arg, binary, cpu_model, evict, llama_ttft, median, run_measured, warm_page_cache};
 
 const USAGE: &str = "usage: cargo bench --bench ready -- --model DIR [--runs 5] \
-[--cold-runs 3] [--prompt-tokens 16] [-- EXTRA RUN FLAGS]";
+[--cold-runs 3] [--prompt-tokens 16] [--llama-dir DIR --gguf FILE] [-- EXTRA RUN FLAGS]";
 
 struct Sample {
     wall_s: f64,
@@ -58,11 +61,6 @@ fn one_run(model: &Path, ids: &str, extra: &[String]) -> Sample {
         load_rss: j["load_rss_bytes"].as_u64().unwrap_or(0),
         peak_rss: peak,
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn report(label: &str, s: &[Sample]) {
@@ -145,6 +143,31 @@ fn main() {
         .collect();
     if !cold.is_empty() {
         report("cold", &cold);
+    }
+    if let (Some(dir), Some(gguf)) = (arg(&args, "--llama-dir"), arg(&args, "--gguf")) {
+        let (dir, gguf) = (PathBuf::from(dir), PathBuf::from(gguf));
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let time = |cold: bool| {
+            if cold {
+                evict(&gguf);
+            } else {
+                warm_page_cache(&gguf);
+            }
+            llama_ttft(&dir, &gguf, threads, &ids).expect("llama-server")
+        };
+        let _ = time(false);
+        let warm: Vec<f64> = (0..runs).map(|_| time(false)).collect();
+        let cold: Vec<f64> = (0..cold_runs).map(|_| time(true)).collect();
+        println!(
+            "llama-server on {}: start->first token warm {:.2} s, cold {}",
+            gguf.display(),
+            median(warm),
+            if cold.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.2} s", median(cold))
+            }
+        );
     }
     if tensors > 0 {
         let rss = median(warm.iter().map(|s| s.load_rss as f64).collect());

@@ -1,9 +1,10 @@
 //! Helpers shared by the benchmark binaries.
 #![allow(dead_code)]
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// The CPU's model name (Linux), for the machine line every benchmark prints.
 pub fn cpu_model() -> String {
@@ -105,4 +106,73 @@ pub fn evict(path: &Path) {
             }
         }
     }
+}
+
+/// The middle value (upper middle for an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Process start to first token of `llama-server` on `gguf` (spawn, wait for `/health`, one
+/// completion of one token for `prompt`, comma-separated ids), seconds.
+pub fn llama_ttft(
+    llama_dir: &Path,
+    gguf: &Path,
+    threads: usize,
+    prompt: &str,
+) -> Result<f64, String> {
+    const PORT: u16 = 18931;
+    let t = Instant::now();
+    let mut child = Command::new(llama_dir.join("llama-server"))
+        .args([
+            "-m",
+            &gguf.to_string_lossy(),
+            "--port",
+            &PORT.to_string(),
+            "-c",
+            "512",
+            "-t",
+            &threads.to_string(),
+            "--no-webui",
+            "--no-warmup",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let request = |method: &str, path: &str, body: &str| -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", PORT)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let result = loop {
+        if let Some(r) = request("GET", "/health", "") {
+            if r.starts_with("HTTP/1.1 200") {
+                let body =
+                    format!("{{\"prompt\": [{prompt}], \"n_predict\": 1, \"temperature\": 0}}");
+                break match request("POST", "/completion", &body) {
+                    Some(r) if r.starts_with("HTTP/1.1 200") => Ok(t.elapsed().as_secs_f64()),
+                    other => Err(format!("completion failed: {other:?}")),
+                };
+            }
+        }
+        if t.elapsed() > Duration::from_secs(300) {
+            break Err("llama-server not ready after 300 s".into());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            break Err(format!("llama-server exited: {status}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }

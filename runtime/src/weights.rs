@@ -331,6 +331,113 @@ fn parse_header(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, TensorInfo
         ));
     }
     let data_start = 8 + header_len as usize;
+    let data_len = bytes.len() - data_start;
+    // Fast path: a typed parse straight into entries (a header of tens of thousands of tensors,
+    // as in a 512-expert checkpoint, parses several times faster than through `Value`s). Any
+    // header it rejects goes through the general parse below, which names what is wrong.
+    if let Ok(TypedHeader(entries)) = serde_json::from_slice(&bytes[8..data_start]) {
+        let mut tensors = BTreeMap::new();
+        for (name, t) in entries {
+            let dtype = Dtype::parse(&t.dtype);
+            let [b, e] = t.data_offsets;
+            let expect = t
+                .shape
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .and_then(|n| n.checked_mul(dtype?.size_bytes()));
+            match (dtype, expect) {
+                (Some(dtype), Some(expect))
+                    if b <= e && e <= data_len as u64 && (e - b) as usize == expect =>
+                {
+                    tensors.insert(
+                        name,
+                        TensorInfo {
+                            dtype,
+                            shape: t.shape,
+                            start: data_start + b as usize,
+                            end: data_start + e as usize,
+                        },
+                    );
+                }
+                _ => return parse_header_general(bytes, data_start, path),
+            }
+        }
+        return Ok(tensors);
+    }
+    parse_header_general(bytes, data_start, path)
+}
+
+/// One header entry as the typed fast path reads it.
+#[derive(serde::Deserialize)]
+struct TypedEntry<'a> {
+    #[serde(borrow)]
+    dtype: std::borrow::Cow<'a, str>,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
+}
+
+/// The header's tensor entries in file order (`__metadata__` skipped).
+struct TypedHeader<'a>(Vec<(String, TypedEntry<'a>)>);
+
+impl<'de> serde::Deserialize<'de> for TypedHeader<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = TypedHeader<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a safetensors header object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "__metadata__" {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    } else {
+                        out.push((key, map.next_value()?));
+                    }
+                }
+                Ok(TypedHeader(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// A JSON object of strings, as its (key, value) pairs in file order.
+struct StringPairs(Vec<(String, String)>);
+
+impl<'de> serde::Deserialize<'de> for StringPairs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = StringPairs;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of strings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some(kv) = map.next_entry()? {
+                    out.push(kv);
+                }
+                Ok(StringPairs(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// The general header parse: every entry checked field by field, errors naming the tensor.
+fn parse_header_general(
+    bytes: &[u8],
+    data_start: usize,
+    path: &Path,
+) -> Result<BTreeMap<String, TensorInfo>> {
     let header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&bytes[8..data_start]).map_err(|e| {
             Error::bad_file(path, format!("safetensors header is not valid JSON: {e}"))
@@ -741,8 +848,9 @@ pub struct WeightSet {
     /// Planning without weight files: every requested tensor exists, with this dtype, no bytes.
     virtual_dtype: Option<Dtype>,
     by_name: HashMap<String, usize>,
-    /// Names handed out through [`WeightSet::get`] (to report unused tensors).
-    used: parking_lot::Mutex<HashSet<String>>,
+    /// Names handed out through [`WeightSet::get`] (to report unused tensors), and their
+    /// bytes (each counted once).
+    used: parking_lot::Mutex<(HashSet<String>, u64)>,
     /// Sizes of the size-only tensors handed out by a virtual set.
     virtual_sizes: parking_lot::Mutex<HashMap<String, u64>>,
     label: String,
@@ -757,31 +865,45 @@ impl WeightSet {
         let mut by_name = HashMap::new();
         if let Some(raw) = files.read_small(INDEX)? {
             let index_path = files.path_of(INDEX);
-            let v: serde_json::Value = serde_json::from_slice(&raw)
-                .map_err(|e| Error::bad_file(&index_path, format!("not valid JSON: {e}")))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::bad_file(&index_path, "no `weight_map` object"))?;
-            // Shards in first-mention order for deterministic file numbering.
+            // Typed first (fast on ~76k entries); anything it rejects is parsed again as
+            // `Value`s so the error names the problem.
+            #[derive(serde::Deserialize)]
+            struct TypedIndex {
+                weight_map: StringPairs,
+            }
+            let entries: Vec<(String, String)> = match serde_json::from_slice::<TypedIndex>(&raw) {
+                Ok(t) => t.weight_map.0,
+                Err(_) => {
+                    let v: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| {
+                        Error::bad_file(&index_path, format!("not valid JSON: {e}"))
+                    })?;
+                    let map = v
+                        .get("weight_map")
+                        .and_then(|m| m.as_object())
+                        .ok_or_else(|| Error::bad_file(&index_path, "no `weight_map` object"))?;
+                    map.iter()
+                        .map(|(tensor, shard)| {
+                            let shard = shard.as_str().ok_or_else(|| {
+                                Error::bad_file(
+                                    &index_path,
+                                    format!("weight_map[`{tensor}`] is not a string"),
+                                )
+                            })?;
+                            Ok((tensor.clone(), shard.to_string()))
+                        })
+                        .collect::<Result<_>>()?
+                }
+            };
+            // Shards in name order for deterministic file numbering.
             let mut shard_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for (tensor, shard) in map {
-                let shard = shard.as_str().ok_or_else(|| {
-                    Error::bad_file(
-                        &index_path,
-                        format!("weight_map[`{tensor}`] is not a string"),
-                    )
-                })?;
+            for (tensor, shard) in entries {
                 if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
                     return Err(Error::bad_file(
                         &index_path,
                         format!("shard name `{shard}` is not a plain file name"),
                     ));
                 }
-                shard_of
-                    .entry(shard.to_string())
-                    .or_default()
-                    .push(tensor.clone());
+                shard_of.entry(shard).or_default().push(tensor);
             }
             for (shard, names) in shard_of {
                 if !files.exists(&shard) {
@@ -830,7 +952,7 @@ impl WeightSet {
             virtual_dtype: None,
             files: opened,
             by_name,
-            used: parking_lot::Mutex::new(HashSet::new()),
+            used: parking_lot::Mutex::new((HashSet::new(), 0)),
             virtual_sizes: parking_lot::Mutex::new(HashMap::new()),
             label: files.label(),
         })
@@ -844,7 +966,7 @@ impl WeightSet {
             files: Vec::new(),
             virtual_dtype: Some(dtype),
             by_name: HashMap::new(),
-            used: parking_lot::Mutex::new(HashSet::new()),
+            used: parking_lot::Mutex::new((HashSet::new(), 0)),
             virtual_sizes: parking_lot::Mutex::new(HashMap::new()),
             label: label.into(),
         }
@@ -868,11 +990,7 @@ impl WeightSet {
         if self.is_virtual() {
             return self.virtual_sizes.lock().values().sum();
         }
-        let used = self.used.lock();
-        used.iter()
-            .filter_map(|n| self.info(n))
-            .map(|t| t.size_bytes() as u64)
-            .sum()
+        self.used.lock().1
     }
 
     /// Header info of a tensor, without marking it used.
@@ -916,7 +1034,11 @@ impl WeightSet {
                 });
             }
         }
-        self.used.lock().insert(name.to_string());
+        let mut used = self.used.lock();
+        if used.0.insert(name.to_string()) {
+            used.1 += info.size_bytes() as u64;
+        }
+        drop(used);
         Ok(TensorRef {
             name: name.to_string(),
             path: Arc::new(file.path.clone()),
@@ -939,7 +1061,7 @@ impl WeightSet {
         let mut v: Vec<String> = self
             .by_name
             .keys()
-            .filter(|n| !used.contains(*n))
+            .filter(|n| !used.0.contains(*n))
             .cloned()
             .collect();
         v.sort();
