@@ -92,6 +92,8 @@ fn main() {
         Some(i) => (all[..i + 1].to_vec(), all[i + 2..].to_vec()),
         None => (all.clone(), Vec::new()),
     };
+    // `cargo bench` appends `--bench` to the arguments: it is not a run flag.
+    let passed: Vec<String> = passed.into_iter().filter(|a| a != "--bench").collect();
     if args.iter().any(|a| a == "--list") {
         return;
     }

@@ -13,9 +13,11 @@
 //! ```sh
 //! cargo build --release
 //! cargo bench --bench ready -- --model DIR [--runs 5] [--prompt-tokens 16] [--cold-runs 3]
-//!     [--llama-dir LLAMA_CPP/build/bin --gguf FILE]
+//!     [--llama-dir LLAMA_CPP/build/bin --gguf FILE] [--also PATH]
 //!     [-- EXTRA RUN FLAGS, e.g. --quantization q8_0 --cache-dir DIR]
 //! ```
+//! `--also PATH` (a file or folder, e.g. the quantized cache's folder) is warmed and evicted
+//! together with the model, so "cold" means cold for the files the run really reads.
 //! Without `--model` it prints its usage and exits successfully (so `cargo bench` passes).
 
 mod common;
@@ -27,7 +29,7 @@ use std::time::Instant;
 use common::{arg, binary, cpu_model, evict, llama_ttft, median, run_measured, warm_page_cache};
 
 const USAGE: &str = "usage: cargo bench --bench ready -- --model DIR [--runs 5] \
-[--cold-runs 3] [--prompt-tokens 16] [--llama-dir DIR --gguf FILE] [-- EXTRA RUN FLAGS]";
+[--cold-runs 3] [--prompt-tokens 16] [--llama-dir DIR --gguf FILE] [--also PATH] [-- EXTRA RUN FLAGS]";
 
 struct Sample {
     wall_s: f64,
@@ -98,6 +100,8 @@ fn main() {
         Some(i) => (all[..i + 1].to_vec(), all[i + 2..].to_vec()),
         None => (all.clone(), Vec::new()),
     };
+    // `cargo bench` appends `--bench` to the arguments: it is not a run flag.
+    let extra: Vec<String> = extra.into_iter().filter(|a| a != "--bench").collect();
     let Some(model) = arg(&args, "--model").map(PathBuf::from) else {
         println!("{USAGE}");
         return;
@@ -125,19 +129,22 @@ fn main() {
         model.display(),
         extra
     );
+    let mut paths = vec![model.clone()];
+    paths.extend(arg(&args, "--also").map(PathBuf::from));
+    let warm_all = || paths.iter().for_each(|p| warm_page_cache(p));
     // One untimed run (writes a quantized cache if the flags ask for one, fills the page cache).
-    warm_page_cache(&model);
+    warm_all();
     let _ = one_run(&model, &ids, &extra);
     let warm: Vec<Sample> = (0..runs)
         .map(|_| {
-            warm_page_cache(&model);
+            warm_all();
             one_run(&model, &ids, &extra)
         })
         .collect();
     report("warm", &warm);
     let cold: Vec<Sample> = (0..cold_runs)
         .map(|_| {
-            evict(&model);
+            paths.iter().for_each(|p| evict(p));
             one_run(&model, &ids, &extra)
         })
         .collect();
