@@ -112,8 +112,14 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(16);
     let cgroup = arg(&args, "--cgroup");
+    // Ids spread over the model's vocabulary (capped at 30000 to keep earlier runs' prompts).
+    let vocab = std::fs::read(std::path::Path::new(&model).join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["vocab_size"].as_u64())
+        .map_or(30000, |v| (v as usize).min(30000));
     let prompt: Vec<String> = (0..prompt_tokens)
-        .map(|i| ((i * 7919 + 11) % 30000).to_string())
+        .map(|i| ((i * 7919 + 11) % vocab).to_string())
         .collect();
     let prompt = prompt.join(",");
 
