@@ -46,6 +46,7 @@ pub mod mem;
 pub mod model;
 pub mod moe;
 pub mod plan;
+pub mod prequant;
 pub mod quantize;
 pub mod runconfig;
 pub mod sampler;
