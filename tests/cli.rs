@@ -603,3 +603,35 @@ fn activations_flag_is_reported_and_a_useless_one_warns() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not an activation type"));
 }
+
+#[test]
+fn a_pre_quantized_checkpoint_is_refused_at_open_naming_its_method() {
+    let tmp = common::copy_model(&common::fixtures().join("qwen3_moe").join("model"));
+    let cfg = tmp.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    v["quantization_config"] = serde_json::json!({"quant_method": "gptq", "bits": 4});
+    std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+    let model = tmp.path().to_str().unwrap();
+    for args in [
+        vec![
+            "run",
+            "--model",
+            model,
+            "--prompt-ids",
+            "1,2",
+            "--max-tokens",
+            "1",
+        ],
+        vec!["plan", "--model", model],
+    ] {
+        let out = run(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("quantization_config")
+                && stderr.contains("`gptq`")
+                && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+}

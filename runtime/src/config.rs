@@ -409,6 +409,7 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Checks the invariants layers rely on; errors name the offending field.
     pub fn validate(&self, raw: &RawConfig) -> Result<()> {
+        check_quantization_config(raw)?;
         let bad = |field: &str, why: String| {
             Err(Error::bad_config(
                 &raw.path,
@@ -502,6 +503,39 @@ impl ModelConfig {
     }
 }
 
+/// Refuses checkpoints whose weights were stored pre-quantized (`quantization_config`), naming
+/// the method: their tensors are not plain float weights, so opening them would otherwise fail
+/// later on a missing or mistyped tensor with no hint why.
+fn check_quantization_config(raw: &RawConfig) -> Result<()> {
+    let Some(q) = raw.value(&["quantization_config"]) else {
+        return Ok(());
+    };
+    let method = q
+        .get("quant_method")
+        .and_then(|m| m.as_str())
+        .unwrap_or("(no quant_method)");
+    let detail = match method {
+        "bitsandbytes" if q.get("load_in_8bit").and_then(|b| b.as_bool()) == Some(true) => {
+            "bitsandbytes 8-bit".to_string()
+        }
+        "bitsandbytes" => format!(
+            "bitsandbytes 4-bit ({})",
+            q.get("bnb_4bit_quant_type")
+                .and_then(|t| t.as_str())
+                .unwrap_or("fp4")
+        ),
+        other => format!("`{other}`"),
+    };
+    Err(Error::bad_config(
+        &raw.path,
+        format!(
+            "field `quantization_config`: the weights are stored pre-quantized ({detail}), which \
+             this build does not read; supported: unquantized checkpoints (f32, bf16, f16), \
+             quantized here with quantization = \"q8_0\" or \"q4_k\" (cached after the first start)"
+        ),
+    ))
+}
+
 /// `generation_config.json`: sampling defaults and extra EOS ids.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GenerationConfig {
@@ -578,6 +612,43 @@ mod tests {
         assert!(e.contains("weird"), "{e}");
         assert!(RawConfig::parse(PathBuf::from("c.json"), b"[1,2]").is_err());
         assert!(RawConfig::parse(PathBuf::from("c.json"), b"{garbage").is_err());
+    }
+
+    #[test]
+    fn pre_quantized_checkpoints_are_refused_naming_the_method() {
+        let base = r#""architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+            "vocab_size": 16"#;
+        for (q, named) in [
+            (r#"{"quant_method": "gptq", "bits": 4}"#, "`gptq`"),
+            (r#"{"quant_method": "awq"}"#, "`awq`"),
+            (r#"{"quant_method": "mxfp4"}"#, "`mxfp4`"),
+            (
+                r#"{"quant_method": "fp8", "weight_block_size": [128, 128]}"#,
+                "`fp8`",
+            ),
+            (
+                r#"{"quant_method": "bitsandbytes", "load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}"#,
+                "bitsandbytes 4-bit (nf4)",
+            ),
+            (
+                r#"{"quant_method": "bitsandbytes", "load_in_8bit": true}"#,
+                "bitsandbytes 8-bit",
+            ),
+            (r#"{"bits": 4}"#, "(no quant_method)"),
+        ] {
+            let r = raw(&format!(r#"{{{base}, "quantization_config": {q}}}"#));
+            let arch = crate::arch::lookup(&r).unwrap();
+            let cfg = (arch.parse_config)(&r).unwrap();
+            let e = cfg.validate(&r).unwrap_err().to_string();
+            assert!(
+                e.contains("quantization_config") && e.contains(named) && e.contains("q8_0"),
+                "{e}"
+            );
+        }
+        let r = raw(&format!(r#"{{{base}, "quantization_config": null}}"#));
+        let arch = crate::arch::lookup(&r).unwrap();
+        (arch.parse_config)(&r).unwrap().validate(&r).unwrap();
     }
 
     #[test]
