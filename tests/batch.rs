@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{greedy_generate, max_abs_diff, variants};
+use common::{greedy_generate, greedy_request, max_abs_diff, variants};
 use crossbeam_channel::Receiver;
 use moe_runtime::batch::{BatchConfig, Batcher, Event, Refused, RequestParams, Sink, Usage};
 use moe_runtime::model::Segment;
@@ -30,18 +30,6 @@ fn demo(max_batch: usize) -> Arc<Model> {
         })
         .unwrap(),
     )
-}
-
-fn greedy(n: usize) -> RequestParams {
-    RequestParams {
-        generate: GenerateParams {
-            max_tokens: Some(n),
-            temperature: Some(0.0),
-            ignore_eos: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    }
 }
 
 /// Everything a request produced: token ids, the text, and how it ended.
@@ -227,11 +215,11 @@ fn scheduler_matches_solo_generation_with_chunked_prefill_and_prefix_reuse() {
     cfg.prefill_chunk = 7;
     let b = Batcher::start(model.clone(), cfg);
     // The first request alone, so its prefix is cached before the rest arrive.
-    let first = collect(submit(&b, prompts[0].clone(), greedy(12)));
+    let first = collect(submit(&b, prompts[0].clone(), greedy_request(12)));
     assert_eq!(first.ids, expected[0]);
     let rxs: Vec<_> = prompts[1..]
         .iter()
-        .map(|p| submit(&b, p.clone(), greedy(12)))
+        .map(|p| submit(&b, p.clone(), greedy_request(12)))
         .collect();
     let mut cached = 0;
     for (i, rx) in rxs.into_iter().enumerate() {
@@ -263,7 +251,7 @@ fn queue_limit_refuses_and_validation_names_the_numbers() {
     let mut cfg = BatchConfig::for_model(&model, 2);
     cfg.max_batch = 1;
     let b = Batcher::start(model.clone(), cfg);
-    let long = greedy(400);
+    let long = greedy_request(400);
     let mut rxs = Vec::new();
     let mut refused = 0;
     for _ in 0..6 {
@@ -322,12 +310,12 @@ fn a_client_that_leaves_frees_its_slot_at_once() {
     let (tx, rx) = crossbeam_channel::unbounded();
     b.submit(
         vec![1, 2, 3],
-        greedy(1000.min(model.max_context - 4)),
+        greedy_request(1000.min(model.max_context - 4)),
         Box::new(HangUp { left: 3, tx }),
     )
     .unwrap();
     // The next request gets the only slot and completes.
-    let o = collect(submit(&b, vec![4, 5, 6], greedy(5)));
+    let o = collect(submit(&b, vec![4, 5, 6], greedy_request(5)));
     assert_eq!(o.ids.len(), 5);
     let tokens = rx.try_iter().count();
     assert!(tokens <= 4, "the first request stopped early: {tokens}");
@@ -340,13 +328,13 @@ fn stop_strings_cut_text_and_penalties_and_logprobs_follow_the_logits() {
         .encode_prompt(&moe_runtime::Prompt::Text("Hello there".into()))
         .unwrap();
     let b = Batcher::start(model.clone(), BatchConfig::for_model(&model, 4));
-    let plain = collect(submit(&b, prompt.clone(), greedy(24)));
+    let plain = collect(submit(&b, prompt.clone(), greedy_request(24)));
     assert!(plain.text.chars().count() > 6, "{:?}", plain.text);
     // Stop on a piece of the middle of the greedy text.
     let chars: Vec<char> = plain.text.chars().collect();
     let stop: String = chars[3..5].iter().collect();
     let at = plain.text.find(&stop).unwrap();
-    let mut p = greedy(24);
+    let mut p = greedy_request(24);
     p.stop = vec![stop.clone()];
     let cut = collect(submit(&b, prompt.clone(), p));
     assert_eq!(cut.text, plain.text[..at], "stop {stop:?}");
@@ -370,7 +358,7 @@ fn stop_strings_cut_text_and_penalties_and_logprobs_follow_the_logits() {
         *counts.entry(id).or_insert(0u32) += 1;
         logits = model.forward(&[id], &mut st, Logits::Last, None).unwrap();
     }
-    let mut p = greedy(10);
+    let mut p = greedy_request(10);
     p.presence_penalty = pres;
     p.frequency_penalty = freq;
     p.logprobs = Some(3);
@@ -411,10 +399,10 @@ fn a_panicking_request_fails_alone_and_the_scheduler_keeps_serving() {
     let b = Batcher::start(model.clone(), cfg);
     let good: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4], vec![9, 8, 7]];
     let expected: Vec<_> = good.iter().map(|p| greedy_generate(&model, p, 8)).collect();
-    let rx_bad = submit(&b, vec![5, 250, 6], greedy(8));
+    let rx_bad = submit(&b, vec![5, 250, 6], greedy_request(8));
     let rxs: Vec<_> = good
         .iter()
-        .map(|p| submit(&b, p.clone(), greedy(8)))
+        .map(|p| submit(&b, p.clone(), greedy_request(8)))
         .collect();
     let bad = collect(rx_bad);
     let msg = bad.end.unwrap_err();
@@ -425,7 +413,7 @@ fn a_panicking_request_fails_alone_and_the_scheduler_keeps_serving() {
         assert!(o.end.is_ok());
     }
     // Still serving afterwards.
-    let again = collect(submit(&b, good[0].clone(), greedy(8)));
+    let again = collect(submit(&b, good[0].clone(), greedy_request(8)));
     assert_eq!(again.ids, expected[0]);
     assert_eq!(
         b.counters()
@@ -440,13 +428,13 @@ fn shutdown_cancels_what_is_left() {
     let model = demo(1);
     let b = Batcher::start(model.clone(), BatchConfig::for_model(&model, 4));
     assert!(b.is_running());
-    let rx = submit(&b, vec![1, 2, 3], greedy(model.max_context - 8));
+    let rx = submit(&b, vec![1, 2, 3], greedy_request(model.max_context - 8));
     b.shutdown(Duration::from_millis(50));
     let o = collect(rx);
     assert_eq!(o.end.unwrap().0, FinishReason::Cancelled);
     let (tx, _rx) = crossbeam_channel::unbounded();
     assert_eq!(
-        b.submit(vec![1], greedy(1), Box::new(tx)),
+        b.submit(vec![1], greedy_request(1), Box::new(tx)),
         Err(Refused::ShuttingDown)
     );
     assert!(!b.is_running());

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 use moe_runtime::batch::{BatchConfig, Batcher, Event, RequestParams};
-use moe_runtime::{GenerateParams, Model, Settings};
+use moe_runtime::{Model, Settings};
 
 fn fixture(name: &str) -> std::path::PathBuf {
     common::fixtures().join(name).join("model")
@@ -133,18 +133,6 @@ fn the_multi_token_prediction_tensors_get_one_warning() {
     );
 }
 
-fn greedy(n: usize) -> RequestParams {
-    RequestParams {
-        generate: GenerateParams {
-            max_tokens: Some(n),
-            temperature: Some(0.0),
-            ignore_eos: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
-
 /// Generated ids and the usage's cached token count, or the failure message.
 fn collect(rx: Receiver<Event>) -> (Vec<u32>, Result<usize, String>) {
     let mut ids = Vec::new();
@@ -184,14 +172,14 @@ fn the_scheduler_reuses_whole_recurrent_prefixes_and_never_cuts_one() {
         let mut cfg = BatchConfig::for_model(&model, 8);
         cfg.prefill_chunk = 7;
         let b = Batcher::start(model.clone(), cfg);
-        let (ids, cached) = collect(submit(&b, first.clone(), greedy(6)));
+        let (ids, cached) = collect(submit(&b, first.clone(), common::greedy_request(6)));
         assert_eq!(ids, want_first, "{name}");
         assert_eq!(cached, Ok(0));
-        let (ids, cached) = collect(submit(&b, second.clone(), greedy(6)));
+        let (ids, cached) = collect(submit(&b, second.clone(), common::greedy_request(6)));
         assert_eq!(ids, want_second, "{name}");
         // Prompt plus the 5 generated tokens that were fed back: all of it was reused.
         assert_eq!(cached, Ok(first.len() + 5), "{name}");
-        let (ids, cached) = collect(submit(&b, third.clone(), greedy(6)));
+        let (ids, cached) = collect(submit(&b, third.clone(), common::greedy_request(6)));
         assert_eq!(ids, want_third, "{name}");
         assert_eq!(
             cached,
@@ -218,9 +206,13 @@ fn a_failed_step_restores_recurrent_state_before_the_retry() {
     // The good ones first: the bad one then joins a step in which they decode.
     let rxs: Vec<_> = good
         .iter()
-        .map(|p| submit(&b, p.clone(), greedy(8)))
+        .map(|p| submit(&b, p.clone(), common::greedy_request(8)))
         .collect();
-    let rx_bad = submit(&b, vec![5, 250, 6, 7, 8, 9, 10, 11], greedy(8));
+    let rx_bad = submit(
+        &b,
+        vec![5, 250, 6, 7, 8, 9, 10, 11],
+        common::greedy_request(8),
+    );
     let (_, bad) = collect(rx_bad);
     assert!(bad.unwrap_err().contains("internal error"));
     for (rx, want) in rxs.into_iter().zip(&expected) {
@@ -230,20 +222,23 @@ fn a_failed_step_restores_recurrent_state_before_the_retry() {
     }
 }
 
+/// `moe-serve plan ARGS --json`, paths relative to the repository root.
 fn plan_json(args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(common::bin())
-        .current_dir(common::root())
-        .arg("plan")
-        .args(args)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let root = common::root();
+    let abs: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.starts_with("configs/") || a.starts_with("tests/") {
+                root.join(a).to_string_lossy().into_owned()
+            } else {
+                a.to_string()
+            }
+        })
+        .collect();
+    let mut all: Vec<&str> = vec!["plan"];
+    all.extend(abs.iter().map(String::as_str));
+    all.push("--json");
+    common::moe_json(&all)
 }
 
 #[test]

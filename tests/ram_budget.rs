@@ -7,19 +7,9 @@ mod common;
 use std::process::Command;
 use std::time::Instant;
 
-use common::{bin, synth_model};
+use common::{bin, moe_json, synth_model};
 
 const OVERHEAD_BYTES: u64 = 256 << 20;
-
-fn run_json(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(bin()).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 #[test]
 fn peak_rss_stays_within_the_ram_budget_and_impossible_budgets_are_refused_fast() {
@@ -51,7 +41,7 @@ fn peak_rss_stays_within_the_ram_budget_and_impossible_budgets_are_refused_fast(
     let budget_arg = format!("{}", budget);
     let mut args = vec!["run", "--model", m, "--ram-budget", &budget_arg];
     args.extend_from_slice(&common);
-    let capped = run_json(&args);
+    let capped = moe_json(&args);
     let peak = capped["peak_rss_bytes"].as_u64().unwrap();
     eprintln!(
         "peak RSS with a {budget} byte budget: {peak}; experts: {}",
@@ -67,7 +57,7 @@ fn peak_rss_stays_within_the_ram_budget_and_impossible_budgets_are_refused_fast(
     // down, not the workload.
     let mut args = vec!["run", "--model", m];
     args.extend_from_slice(&common);
-    let free = run_json(&args);
+    let free = moe_json(&args);
     let free_peak = free["peak_rss_bytes"].as_u64().unwrap();
     eprintln!("peak RSS without a budget: {free_peak}");
     assert!(

@@ -153,3 +153,30 @@ pub fn synth_model(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
     );
     model
 }
+
+/// Runs `moe-serve ARGS` and parses its stdout as one JSON value (the run must succeed).
+pub fn moe_json(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Scheduler request parameters for `n` greedy tokens, EOS ignored.
+pub fn greedy_request(n: usize) -> moe_runtime::batch::RequestParams {
+    moe_runtime::batch::RequestParams {
+        generate: moe_runtime::GenerateParams {
+            max_tokens: Some(n),
+            temperature: Some(0.0),
+            ignore_eos: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}

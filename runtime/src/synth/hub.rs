@@ -34,105 +34,69 @@ fn pretty<T: serde::Serialize>(v: &T) -> Vec<u8> {
     s.into_bytes()
 }
 
-/// `config.json` for the preset's architecture.
+/// `config.json` for the preset's architecture: the keys both share, then each one's own
+/// (written sorted either way).
 pub(crate) fn config_json(p: &Preset) -> Vec<u8> {
+    let ids = p.special_ids();
+    let mut pairs = vec![
+        ("attention_bias", json!(false)),
+        ("attention_dropout", json!(0.0)),
+        ("bos_token_id", json!(ids.endoftext)),
+        ("decoder_sparse_step", json!(1)),
+        ("eos_token_id", json!(ids.im_end)),
+        ("head_dim", json!(p.head_dim)),
+        ("hidden_act", json!("silu")),
+        ("hidden_size", json!(p.hidden_size)),
+        ("initializer_range", json!(0.02)),
+        ("intermediate_size", json!(p.intermediate_size)),
+        ("max_position_embeddings", json!(p.max_position_embeddings)),
+        ("mlp_only_layers", json!([])),
+        ("moe_intermediate_size", json!(p.moe_intermediate_size)),
+        ("norm_topk_prob", json!(true)),
+        ("num_attention_heads", json!(p.num_attention_heads)),
+        ("num_experts", json!(p.num_experts)),
+        ("num_experts_per_tok", json!(p.num_experts_per_tok)),
+        ("num_hidden_layers", json!(p.num_hidden_layers)),
+        ("num_key_value_heads", json!(p.num_key_value_heads)),
+        ("output_router_logits", json!(false)),
+        ("rms_norm_eps", json!(RMS_NORM_EPS)),
+        ("rope_scaling", Value::Null),
+        ("rope_theta", json!(p.rope_theta)),
+        ("router_aux_loss_coef", json!(0.001)),
+        ("tie_word_embeddings", json!(false)),
+        ("torch_dtype", json!("bfloat16")),
+        ("use_cache", json!(true)),
+        ("use_sliding_window", json!(false)),
+        ("vocab_size", json!(p.vocab_size)),
+    ];
     if p.arch == QWEN3_NEXT {
-        qwen3_next_config_json(p)
+        // The keys of the `Qwen/Qwen3-Next-80B-A3B-Instruct` release.
+        pairs.extend([
+            ("architectures", json!(["Qwen3NextForCausalLM"])),
+            ("full_attention_interval", json!(p.full_attention_interval)),
+            ("linear_conv_kernel_dim", json!(p.linear_conv_kernel_dim)),
+            ("linear_key_head_dim", json!(p.linear_key_head_dim)),
+            ("linear_num_key_heads", json!(p.linear_num_key_heads)),
+            ("linear_num_value_heads", json!(p.linear_num_value_heads)),
+            ("linear_value_head_dim", json!(p.linear_value_head_dim)),
+            ("model_type", json!(QWEN3_NEXT)),
+            ("partial_rotary_factor", json!(p.partial_rotary_factor)),
+            (
+                "shared_expert_intermediate_size",
+                json!(p.shared_expert_intermediate_size),
+            ),
+            ("transformers_version", json!(TRANSFORMERS_VERSION_NEXT)),
+        ]);
     } else {
-        qwen3_moe_config_json(p)
+        pairs.extend([
+            ("architectures", json!(["Qwen3MoeForCausalLM"])),
+            ("max_window_layers", json!(p.num_hidden_layers)),
+            ("model_type", json!(QWEN3_MOE)),
+            ("sliding_window", Value::Null),
+            ("transformers_version", json!(TRANSFORMERS_VERSION)),
+        ]);
     }
-}
-
-/// `config.json` for `Qwen3MoeForCausalLM`.
-fn qwen3_moe_config_json(p: &Preset) -> Vec<u8> {
-    let ids = p.special_ids();
-    pretty(&sorted(vec![
-        ("architectures", json!(["Qwen3MoeForCausalLM"])),
-        ("attention_bias", json!(false)),
-        ("attention_dropout", json!(0.0)),
-        ("bos_token_id", json!(ids.endoftext)),
-        ("decoder_sparse_step", json!(1)),
-        ("eos_token_id", json!(ids.im_end)),
-        ("head_dim", json!(p.head_dim)),
-        ("hidden_act", json!("silu")),
-        ("hidden_size", json!(p.hidden_size)),
-        ("initializer_range", json!(0.02)),
-        ("intermediate_size", json!(p.intermediate_size)),
-        ("max_position_embeddings", json!(p.max_position_embeddings)),
-        ("max_window_layers", json!(p.num_hidden_layers)),
-        ("mlp_only_layers", json!([])),
-        ("model_type", json!(QWEN3_MOE)),
-        ("moe_intermediate_size", json!(p.moe_intermediate_size)),
-        ("norm_topk_prob", json!(true)),
-        ("num_attention_heads", json!(p.num_attention_heads)),
-        ("num_experts", json!(p.num_experts)),
-        ("num_experts_per_tok", json!(p.num_experts_per_tok)),
-        ("num_hidden_layers", json!(p.num_hidden_layers)),
-        ("num_key_value_heads", json!(p.num_key_value_heads)),
-        ("output_router_logits", json!(false)),
-        ("rms_norm_eps", json!(RMS_NORM_EPS)),
-        ("rope_scaling", Value::Null),
-        ("rope_theta", json!(p.rope_theta)),
-        ("router_aux_loss_coef", json!(0.001)),
-        ("sliding_window", Value::Null),
-        ("tie_word_embeddings", json!(false)),
-        ("torch_dtype", json!("bfloat16")),
-        ("transformers_version", json!(TRANSFORMERS_VERSION)),
-        ("use_cache", json!(true)),
-        ("use_sliding_window", json!(false)),
-        ("vocab_size", json!(p.vocab_size)),
-    ]))
-}
-
-/// `config.json` for `Qwen3NextForCausalLM`, with the keys of the
-/// `Qwen/Qwen3-Next-80B-A3B-Instruct` release.
-fn qwen3_next_config_json(p: &Preset) -> Vec<u8> {
-    let ids = p.special_ids();
-    pretty(&sorted(vec![
-        ("architectures", json!(["Qwen3NextForCausalLM"])),
-        ("attention_bias", json!(false)),
-        ("attention_dropout", json!(0.0)),
-        ("bos_token_id", json!(ids.endoftext)),
-        ("decoder_sparse_step", json!(1)),
-        ("eos_token_id", json!(ids.im_end)),
-        ("full_attention_interval", json!(p.full_attention_interval)),
-        ("head_dim", json!(p.head_dim)),
-        ("hidden_act", json!("silu")),
-        ("hidden_size", json!(p.hidden_size)),
-        ("initializer_range", json!(0.02)),
-        ("intermediate_size", json!(p.intermediate_size)),
-        ("linear_conv_kernel_dim", json!(p.linear_conv_kernel_dim)),
-        ("linear_key_head_dim", json!(p.linear_key_head_dim)),
-        ("linear_num_key_heads", json!(p.linear_num_key_heads)),
-        ("linear_num_value_heads", json!(p.linear_num_value_heads)),
-        ("linear_value_head_dim", json!(p.linear_value_head_dim)),
-        ("max_position_embeddings", json!(p.max_position_embeddings)),
-        ("mlp_only_layers", json!([])),
-        ("model_type", json!(QWEN3_NEXT)),
-        ("moe_intermediate_size", json!(p.moe_intermediate_size)),
-        ("norm_topk_prob", json!(true)),
-        ("num_attention_heads", json!(p.num_attention_heads)),
-        ("num_experts", json!(p.num_experts)),
-        ("num_experts_per_tok", json!(p.num_experts_per_tok)),
-        ("num_hidden_layers", json!(p.num_hidden_layers)),
-        ("num_key_value_heads", json!(p.num_key_value_heads)),
-        ("output_router_logits", json!(false)),
-        ("partial_rotary_factor", json!(p.partial_rotary_factor)),
-        ("rms_norm_eps", json!(RMS_NORM_EPS)),
-        ("rope_scaling", Value::Null),
-        ("rope_theta", json!(p.rope_theta)),
-        ("router_aux_loss_coef", json!(0.001)),
-        (
-            "shared_expert_intermediate_size",
-            json!(p.shared_expert_intermediate_size),
-        ),
-        ("tie_word_embeddings", json!(false)),
-        ("torch_dtype", json!("bfloat16")),
-        ("transformers_version", json!(TRANSFORMERS_VERSION_NEXT)),
-        ("use_cache", json!(true)),
-        ("use_sliding_window", json!(false)),
-        ("vocab_size", json!(p.vocab_size)),
-    ]))
+    pretty(&sorted(pairs))
 }
 
 /// `generation_config.json`: sampling defaults and both stop tokens.

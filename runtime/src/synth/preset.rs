@@ -281,6 +281,23 @@ impl Specs {
     fn push(&mut self, name: String, shape: Vec<u64>, init: Init) {
         self.0.push(TensorSpec { name, shape, init });
     }
+
+    /// A SwiGLU MLP under `prefix` (an expert or the shared expert): gate, up `[inter, h]`,
+    /// down `[h, inter]`, each with std 1/sqrt(fan_in).
+    fn push_swiglu(&mut self, prefix: &str, h: u64, inter: u64) {
+        for proj in ["gate_proj", "up_proj"] {
+            self.push(
+                format!("{prefix}.{proj}.weight"),
+                vec![inter, h],
+                normal(inv_sqrt(h)),
+            );
+        }
+        self.push(
+            format!("{prefix}.down_proj.weight"),
+            vec![h, inter],
+            normal(inv_sqrt(inter)),
+        );
+    }
 }
 
 fn normal(std: f32) -> Init {
@@ -546,41 +563,11 @@ impl Preset {
             normal(3.0 * inv_sqrt(h)),
         );
         for x in 0..e {
-            let ep = format!("{p}.mlp.experts.{x}");
-            out.push(
-                format!("{ep}.gate_proj.weight"),
-                vec![i, h],
-                normal(inv_sqrt(h)),
-            );
-            out.push(
-                format!("{ep}.up_proj.weight"),
-                vec![i, h],
-                normal(inv_sqrt(h)),
-            );
-            out.push(
-                format!("{ep}.down_proj.weight"),
-                vec![h, i],
-                normal(inv_sqrt(i)),
-            );
+            out.push_swiglu(&format!("{p}.mlp.experts.{x}"), h, i);
         }
         if self.shared_expert_intermediate_size > 0 {
             let s = self.shared_expert_intermediate_size as u64;
-            let sp = format!("{p}.mlp.shared_expert");
-            out.push(
-                format!("{sp}.gate_proj.weight"),
-                vec![s, h],
-                normal(inv_sqrt(h)),
-            );
-            out.push(
-                format!("{sp}.up_proj.weight"),
-                vec![s, h],
-                normal(inv_sqrt(h)),
-            );
-            out.push(
-                format!("{sp}.down_proj.weight"),
-                vec![h, s],
-                normal(inv_sqrt(s)),
-            );
+            out.push_swiglu(&format!("{p}.mlp.shared_expert"), h, s);
             out.push(
                 format!("{p}.mlp.shared_expert_gate.weight"),
                 vec![1, h],
