@@ -333,38 +333,65 @@ fn parse_header(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, TensorInfo
     let data_start = 8 + header_len as usize;
     let data_len = bytes.len() - data_start;
     // Fast path: a typed parse straight into entries (a header of tens of thousands of tensors,
-    // as in a 512-expert checkpoint, parses several times faster than through `Value`s). Any
-    // header it rejects goes through the general parse below, which names what is wrong.
+    // as in a 512-expert checkpoint, parses several times faster than through `Value`s). A
+    // header whose JSON it rejects goes through the general parse below, which names what is
+    // wrong; both check every entry with `tensor_info`.
     if let Ok(TypedHeader(entries)) = serde_json::from_slice(&bytes[8..data_start]) {
         let mut tensors = BTreeMap::new();
         for (name, t) in entries {
-            let dtype = Dtype::parse(&t.dtype);
-            let [b, e] = t.data_offsets;
-            let expect = t
-                .shape
-                .iter()
-                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-                .and_then(|n| n.checked_mul(dtype?.size_bytes()));
-            match (dtype, expect) {
-                (Some(dtype), Some(expect))
-                    if b <= e && e <= data_len as u64 && (e - b) as usize == expect =>
-                {
-                    tensors.insert(
-                        name,
-                        TensorInfo {
-                            dtype,
-                            shape: t.shape,
-                            start: data_start + b as usize,
-                            end: data_start + e as usize,
-                        },
-                    );
-                }
-                _ => return parse_header_general(bytes, data_start, path),
-            }
+            let info = tensor_info(
+                &name,
+                &t.dtype,
+                t.shape,
+                t.data_offsets,
+                data_start,
+                data_len,
+                path,
+            )?;
+            tensors.insert(name, info);
         }
         return Ok(tensors);
     }
     parse_header_general(bytes, data_start, path)
+}
+
+/// One tensor's header entry, checked: a known dtype, offsets inside the data region, and as
+/// many bytes as the shape and dtype need.
+fn tensor_info(
+    name: &str,
+    dtype_s: &str,
+    shape: Vec<usize>,
+    [b, e]: [u64; 2],
+    data_start: usize,
+    data_len: usize,
+    path: &Path,
+) -> Result<TensorInfo> {
+    let bad = |why: String| Error::bad_file(path, format!("tensor `{name}`: {why}"));
+    let dtype = Dtype::parse(dtype_s).ok_or_else(|| bad(format!("unknown dtype {dtype_s}")))?;
+    if b > e || e > data_len as u64 {
+        return Err(bad(format!(
+            "data_offsets [{b}, {e}] run past the data region ({data_len} bytes): file truncated or corrupt"
+        )));
+    }
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| bad("shape overflows".into()))?;
+    let expect = numel
+        .checked_mul(dtype.size_bytes())
+        .ok_or_else(|| bad("shape overflows".into()))?;
+    if (e - b) as usize != expect {
+        return Err(bad(format!(
+            "{} bytes for shape {shape:?} of {dtype_s}, expected {expect}",
+            e - b
+        )));
+    }
+    Ok(TensorInfo {
+        dtype,
+        shape,
+        start: data_start + b as usize,
+        end: data_start + e as usize,
+    })
 }
 
 /// One header entry as the typed fast path reads it.
@@ -456,7 +483,6 @@ fn parse_header_general(
             .get("dtype")
             .and_then(|v| v.as_str())
             .ok_or_else(|| bad("no dtype".into()))?;
-        let dtype = Dtype::parse(dtype_s).ok_or_else(|| bad(format!("unknown dtype {dtype_s}")))?;
         let shape: Vec<usize> = obj
             .get("shape")
             .and_then(|v| v.as_array())
@@ -471,34 +497,16 @@ fn parse_header_general(
             .and_then(|a| a.iter().map(|d| d.as_u64()).collect::<Option<Vec<_>>>())
             .filter(|a| a.len() == 2)
             .ok_or_else(|| bad("data_offsets is not [begin, end]".into()))?;
-        let (b, e) = (offs[0], offs[1]);
-        if b > e || e > data_len as u64 {
-            return Err(bad(format!(
-                "data_offsets [{b}, {e}] run past the data region ({data_len} bytes): file truncated or corrupt"
-            )));
-        }
-        let numel = shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| bad("shape overflows".into()))?;
-        let expect = numel
-            .checked_mul(dtype.size_bytes())
-            .ok_or_else(|| bad("shape overflows".into()))?;
-        if (e - b) as usize != expect {
-            return Err(bad(format!(
-                "{} bytes for shape {shape:?} of {dtype_s}, expected {expect}",
-                e - b
-            )));
-        }
-        tensors.insert(
-            name,
-            TensorInfo {
-                dtype,
-                shape,
-                start: data_start + b as usize,
-                end: data_start + e as usize,
-            },
-        );
+        let info = tensor_info(
+            &name,
+            dtype_s,
+            shape,
+            [offs[0], offs[1]],
+            data_start,
+            data_len,
+            path,
+        )?;
+        tensors.insert(name, info);
     }
     Ok(tensors)
 }
