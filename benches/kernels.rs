@@ -15,7 +15,8 @@ use std::time::Instant;
 
 use half::bf16;
 use moe_kernels::quant::{quantize_row_q4_k, quantize_row_q8_0};
-use moe_kernels::{BlockQ4K, BlockQ8_0, Q8Activations, Weights};
+use moe_kernels::{BlockF8, BlockFp4, BlockNf4, BlockQ4K, BlockQ8_0, Q8Activations, Weights};
+use moe_kernels::{QK_B4, QK_F8};
 
 const N: usize = 768;
 const K: usize = 2048;
@@ -25,6 +26,12 @@ const MATS: usize = 64;
 fn weight(i: usize) -> f32 {
     let h = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
     (h as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+}
+
+/// A deterministic code byte: pre-quantized blocks hold arbitrary codes, since their matvec
+/// throughput does not depend on the values.
+fn code_byte(i: usize) -> u8 {
+    ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
 }
 
 /// Best of `runs` sweeps of `f` over all matrices, weight bytes per second.
@@ -72,6 +79,27 @@ fn main() {
         quantize_row_q4_k(row, &mut w4[r * K / 256..(r + 1) * K / 256]);
     }
     drop(src);
+    let wf8: Vec<BlockF8> = (0..MATS * per / QK_F8)
+        .map(|b| BlockF8 {
+            d: 1e-3,
+            qs: std::array::from_fn(|i| {
+                let c = code_byte(b * QK_F8 + i);
+                // Not the NaN codes 0x7F / 0xFF.
+                if c & 0x7F == 0x7F {
+                    c - 1
+                } else {
+                    c
+                }
+            }),
+        })
+        .collect();
+    let wnf4: Vec<BlockNf4> = (0..MATS * per / QK_B4)
+        .map(|b| BlockNf4 {
+            d: 0.05,
+            qs: std::array::from_fn(|j| code_byte(b * QK_B4 / 2 + j)),
+        })
+        .collect();
+    let wfp4: Vec<BlockFp4> = wnf4.iter().map(|b| BlockFp4 { d: b.d, qs: b.qs }).collect();
     let x: Vec<f32> = (0..64 * K).map(|i| weight(i * 7 + 3) * 10.0).collect();
     let x1 = &x[..K];
     let mut out = vec![0f32; 64 * N];
@@ -120,6 +148,22 @@ fn main() {
         moe_kernels::matmul_q8(&xq, w, N, o)
     });
     println!("| q4_k, q8 activations | {:.1} |", gbs(b));
+    let b = stream(runs, wf8.len() * std::mem::size_of::<BlockF8>(), |j| {
+        let w = Weights::F8(&wf8[j * per / QK_F8..(j + 1) * per / QK_F8]);
+        moe_kernels::matmul_serial(x1, 1, K, w, N, o)
+    });
+    println!("| fp8 e4m3, f32 activations | {:.1} |", gbs(b));
+    let bytes_b4 = wnf4.len() * std::mem::size_of::<BlockNf4>();
+    let b = stream(runs, bytes_b4, |j| {
+        let w = Weights::Nf4(&wnf4[j * per / QK_B4..(j + 1) * per / QK_B4]);
+        moe_kernels::matmul_serial(x1, 1, K, w, N, o)
+    });
+    println!("| nf4, f32 activations | {:.1} |", gbs(b));
+    let b = stream(runs, bytes_b4, |j| {
+        let w = Weights::Fp4(&wfp4[j * per / QK_B4..(j + 1) * per / QK_B4]);
+        moe_kernels::matmul_serial(x1, 1, K, w, N, o)
+    });
+    println!("| fp4, f32 activations | {:.1} |", gbs(b));
 
     println!();
     println!("prefill: m = 64 rows x one [{N}, {K}] bf16 matrix (in cache), best of {runs}");

@@ -11,8 +11,12 @@
 //! ```sh
 //! cargo bench --bench quality -- --model DIR [--tokens 128] [--types bf16,q8_0,q4_k]
 //!     [--activations f32,q8,bf16] [--resident TYPE] [--threads N] [--cache-dir DIR]
-//!     [--tiers HOT:COLD] [--hot-fraction 0.25]
+//!     [--tiers HOT:COLD] [--hot-fraction 0.25] [--also DIR,DIR [--also-types none,q8_0]]
 //! ```
+//! `--also` adds rows for other checkpoints of the same model (e.g. its FP8 or bitsandbytes
+//! 4-bit release, same architecture and vocabulary) against the same reference, each loaded
+//! with every `--also-types` type (default `none`: as stored, a pre-quantized checkpoint
+//! dequantized exactly), with the load time (it maps, or first builds, the cache).
 //! `--tiers` adds a row for per-expert precision tiers (`[experts] hot_quantization` /
 //! `cold_quantization`): the model is loaded once with the tiers and no recorded popularity,
 //! runs a warm-up prompt of other ids (its routing is the trace the hot set is learned from),
@@ -37,7 +41,8 @@ use moe_runtime::{Logits, Model, Settings};
 
 const USAGE: &str = "usage: cargo bench --bench quality -- --model DIR [--tokens N (128)] \
 [--types bf16,q8_0,q4_k] [--activations f32,q8,bf16] [--resident none|bf16|q8_0|q4_k] [--threads N] \
-[--cache-dir DIR] [--tiers HOT:COLD] [--hot-fraction F (0.25)]";
+[--cache-dir DIR] [--tiers HOT:COLD] [--hot-fraction F (0.25)] [--also DIR,DIR] \
+[--also-types none,q8_0]";
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T>
 where
@@ -211,6 +216,19 @@ fn main() {
         })
     });
     let hot_fraction: f64 = arg(&args, "--hot-fraction").unwrap_or(0.25);
+    let also: Vec<String> = common::arg(&args, "--also")
+        .map(|a| a.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    let also_types: Vec<Quantization> = common::arg(&args, "--also-types")
+        .unwrap_or_else(|| "none".into())
+        .split(',')
+        .map(|t| {
+            t.trim().parse().unwrap_or_else(|e| {
+                eprintln!("error: --also-types: {e}\n{USAGE}");
+                exit(2)
+            })
+        })
+        .collect();
 
     let (reference, vocab, ref_load_s, m) = logits(&base, tokens);
     println!(
@@ -269,6 +287,35 @@ fn main() {
             println!(
                 "| {label} | {:.3e} | {:.3e} | {:.3e} | {:.1} % | {load_s:.2} |",
                 r.max_abs, r.mean_abs, r.mean_kl, r.top1_pct
+            );
+        }
+    }
+    for dir in &also {
+        for &q in &also_types {
+            let settings = Settings {
+                model: Some(dir.clone()),
+                quantization: q,
+                resident_quantization: resident,
+                ..base.clone()
+            };
+            let (got, v, load_s, m) = logits(&settings, tokens);
+            drop(m);
+            if v != vocab {
+                eprintln!("error: {dir} has vocabulary {v}, the reference {vocab}");
+                exit(1);
+            }
+            let r = compare(&reference, &got, vocab);
+            println!(
+                "| {dir}, {} | {:.3e} | {:.3e} | {:.3e} | {:.1} % | {load_s:.2} |",
+                if q == Quantization::None {
+                    "as stored"
+                } else {
+                    name(q)
+                },
+                r.max_abs,
+                r.mean_abs,
+                r.mean_kl,
+                r.top1_pct
             );
         }
     }

@@ -16,7 +16,8 @@
 //! `--quantization`, `--cache-dir DIR`, `--no-cache`, `--no-cache-rebuild`, ...).
 //! Without `--json`, generated text streams to stdout and timings go to stderr; with `--json`,
 //! stdout is exactly one JSON line (`run --json` adds `"cache"`: the quantized weight cache
-//! file, or null). A cache build draws a progress bar on stderr when it is a terminal and
+//! file, or null; and `"prequant"`: null, or the stored format, the number of pre-quantized
+//! weights and the `conversion_error` a requested quantization added in this run). A cache build draws a progress bar on stderr when it is a terminal and
 //! ends with one plain line (path, size, seconds, GB/s of source read) on stderr for `run`,
 //! on stdout for `cache build`. `cache verify` exits non-zero unless the file is intact.
 //! Errors: one line on stderr, non-zero exit, never a panic.
@@ -611,6 +612,9 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             "{}",
             build_line(&r.path, r.file_bytes, r.source_bytes, r.elapsed)
         );
+        if let Some(e) = r.prequant_error {
+            eprintln!("pre-quantized weights converted: {e} against their exact values");
+        }
     }
     let load_rss = rss_bytes();
 
@@ -740,6 +744,15 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             "quantization": settings.quantization,
             "activations": settings.activations,
             "cache": model.cache_path().map(|p| p.display().to_string()),
+            "prequant": model.prequant().map(|p| serde_json::json!({
+                "format": p.format,
+                "tensors": p.tensors,
+                "conversion_error": p.conversion_error.map(|e| serde_json::json!({
+                    "rel_rms": e.rel_rms,
+                    "max_abs": e.max_abs,
+                    "values": e.values,
+                })),
+            })),
         });
         println!("{v}");
     } else {
@@ -774,10 +787,15 @@ fn cache_build(a: CacheBuildArgs) -> Result<(), Box<dyn std::error::Error>> {
     meter.finish();
     let outcome = outcome?;
     match &outcome.report {
-        Some(r) => println!(
-            "{}",
-            build_line(&r.path, r.file_bytes, r.source_bytes, r.elapsed)
-        ),
+        Some(r) => {
+            println!(
+                "{}",
+                build_line(&r.path, r.file_bytes, r.source_bytes, r.elapsed)
+            );
+            if let Some(e) = r.prequant_error {
+                println!("pre-quantized weights converted: {e} against their exact values");
+            }
+        }
         None => println!(
             "{}: already built ({})",
             outcome.path.display(),

@@ -17,6 +17,7 @@ fn load(dir: &std::path::Path, max_batch: usize) -> Model {
     Model::load(&Settings {
         model: Some(dir.to_string_lossy().into_owned()),
         max_batch,
+        cache_dir: Some(common::test_cache_dir()),
         ..Settings::default()
     })
     .unwrap()

@@ -16,6 +16,7 @@ fn load(dir: &std::path::Path) -> Model {
         model: Some(dir.join("model").to_string_lossy().into_owned()),
         threads: Some(2),
         max_context: None,
+        cache_dir: Some(common::test_cache_dir()),
         ..Default::default()
     })
     .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -166,6 +167,7 @@ fn check_with_tiers(v: &common::Variant, tweak: impl Fn(&mut Settings, &moe_runt
         threads: Some(2),
         // A fresh state folder: no hot set from other runs.
         state_dir: Some(state.path().to_path_buf()),
+        cache_dir: Some(common::test_cache_dir()),
         ..Default::default()
     };
     let base = moe_runtime::plan_model(&settings).unwrap().plan;
@@ -248,6 +250,7 @@ fn logits_do_not_depend_on_thread_count() {
             let model = Model::load(&Settings {
                 model: Some(v.dir.join("model").to_string_lossy().into_owned()),
                 threads: Some(threads),
+                cache_dir: Some(common::test_cache_dir()),
                 ..Default::default()
             })
             .unwrap_or_else(|e| panic!("{}: {e}", v.name));

@@ -1,10 +1,12 @@
 //! CPU matmul kernels for moe-offload: plain functions on slices.
 //!
 //! This crate owns `y = x · Wᵀ` for weights in Hugging Face layout (`W` is `[n, k]`, row-major,
-//! stored as f32, bf16 or f16, or quantized in GGML's Q8_0 / Q4_K block layouts, see [`quant`]),
-//! plus `dot`, `axpy` and widening one stored row to f32. It knows nothing of tensors, models or
-//! files. Quantized weights keep f32 activations and f32 accumulation: the result is exactly the
-//! f32 kernel's on `dequantize(W)` (dequantization is exact and level-independent).
+//! stored as f32, bf16 or f16, quantized in GGML's Q8_0 / Q4_K block layouts (see [`quant`]), or
+//! in the blocks of pre-quantized checkpoints: FP8 E4M3 with per-128 scales and bitsandbytes
+//! NF4 / FP4 with per-64 scales (see [`prequant`])), plus `dot`, `axpy` and widening one stored
+//! row to f32. It knows nothing of tensors, models or files. Quantized weights keep f32
+//! activations and f32 accumulation: the result is exactly the f32 kernel's on `dequantize(W)`
+//! (dequantization is exact and level-independent).
 //! The q8-activation path ([`matmul_q8`], [`matmul_q8_par`] on [`Q8Activations`]) is the one
 //! that also rounds x (to 8 bits per 32-value block), for speed; callers opt into it.
 //!
@@ -16,8 +18,9 @@
 //!   `target-cpu=native`, and non-x86_64 targets compile the scalar path only.
 //! - Accumulation is in f32 and exact f32 semantics are kept: weights are widened exactly
 //!   (bf16: `bits << 16`; f16: IEEE conversion; quantized blocks: GGML's dequantization, each
-//!   value computed with one rounding at most) and `x` is never rounded to a narrower type
-//!   (except in [`matmul_q8_activations`], which says so).
+//!   value computed with one rounding at most; pre-quantized blocks: `scale · table[code]`, one
+//!   rounding) and `x` is never rounded to a narrower type (except in
+//!   [`matmul_q8_activations`], which says so).
 //! - Results are deterministic: which code path and summation order produce an output element
 //!   depends only on the SIMD level and on `m` (matvec vs GEMM), never on the thread count, the
 //!   chunking or the element's position in a tile, so `matmul` equals `matmul_serial` bit for bit.
@@ -41,6 +44,7 @@ mod bf16dot_tests;
 mod bf16dot_x86;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
+pub mod prequant;
 mod qdot;
 #[cfg(test)]
 mod qdot_tests;
@@ -56,6 +60,10 @@ pub mod scalar;
 mod tests;
 
 pub use bf16dot::{bf16_activations_supported, matmul_bf16, matmul_bf16_par};
+pub use prequant::{
+    dequantize_row_f8, dequantize_row_fp4, dequantize_row_nf4, BlockF8, BlockFp4, BlockNf4,
+    E4M3_TO_F32, FP4_TABLE, NF4_TABLE, QK_B4, QK_F8,
+};
 pub use qdot::{
     matmul_q8, matmul_q8_activations, matmul_q8_par, q8_activations_supported, Q8Activations,
 };
@@ -63,8 +71,9 @@ pub use quant::{BlockQ4K, BlockQ8_0};
 
 /// A weight matrix [n, k], row-major, in its stored dtype.
 ///
-/// The quantized variants hold GGML blocks ([`quant`]): row `j` is blocks
-/// `j·k/B .. (j+1)·k/B` with `B` = 32 (`Q8_0`) or 256 (`Q4K`), so `k` must be a multiple of `B`.
+/// The quantized variants hold GGML blocks ([`quant`]) or pre-quantized checkpoint blocks
+/// ([`prequant`]): row `j` is blocks `j·k/B .. (j+1)·k/B` with `B` = 32 (`Q8_0`), 256 (`Q4K`),
+/// 128 (`F8`) or 64 (`Nf4`, `Fp4`), so `k` must be a multiple of `B`.
 #[derive(Clone, Copy, Debug)]
 pub enum Weights<'a> {
     F32(&'a [f32]),
@@ -74,11 +83,17 @@ pub enum Weights<'a> {
     Q8_0(&'a [BlockQ8_0]),
     /// GGML Q4_K super-blocks, 256 weights each.
     Q4K(&'a [BlockQ4K]),
+    /// FP8 E4M3 blocks with an f32 scale, 128 weights each.
+    F8(&'a [BlockF8]),
+    /// bitsandbytes NF4 blocks with an f32 scale, 64 weights each.
+    Nf4(&'a [BlockNf4]),
+    /// bitsandbytes FP4 blocks with an f32 scale, 64 weights each.
+    Fp4(&'a [BlockFp4]),
 }
 
 impl<'a> Weights<'a> {
-    /// Number of weights (n·k): stored elements for f32/bf16/f16, blocks × 32 (`Q8_0`) or
-    /// blocks × 256 (`Q4K`) for quantized weights. `matmul` checks it against n·k.
+    /// Number of weights (n·k): stored elements for f32/bf16/f16, blocks × the block size
+    /// ([`Weights::block_size`]) for quantized weights. `matmul` checks it against n·k.
     pub fn len(&self) -> usize {
         match self {
             Weights::F32(w) => w.len(),
@@ -86,16 +101,21 @@ impl<'a> Weights<'a> {
             Weights::F16(w) => w.len(),
             Weights::Q8_0(w) => w.len() * quant::QK8_0,
             Weights::Q4K(w) => w.len() * quant::QK_K,
+            Weights::F8(w) => w.len() * QK_F8,
+            Weights::Nf4(w) => w.len() * QK_B4,
+            Weights::Fp4(w) => w.len() * QK_B4,
         }
     }
 
-    /// Weights per block: 1 for unquantized dtypes, 32 for `Q8_0`, 256 for `Q4K`. Row lengths
-    /// must be multiples of it.
+    /// Weights per block: 1 for unquantized dtypes, 32 for `Q8_0`, 256 for `Q4K`, 128 for `F8`,
+    /// 64 for `Nf4` and `Fp4`. Row lengths must be multiples of it.
     pub fn block_size(&self) -> usize {
         match self {
             Weights::F32(_) | Weights::Bf16(_) | Weights::F16(_) => 1,
             Weights::Q8_0(_) => quant::QK8_0,
             Weights::Q4K(_) => quant::QK_K,
+            Weights::F8(_) => QK_F8,
+            Weights::Nf4(_) | Weights::Fp4(_) => QK_B4,
         }
     }
 
@@ -117,6 +137,18 @@ impl<'a> Weights<'a> {
                 let b = k / quant::QK_K;
                 Weights::Q4K(&w[r0 * b..r1 * b])
             }
+            Weights::F8(w) => {
+                let b = k / QK_F8;
+                Weights::F8(&w[r0 * b..r1 * b])
+            }
+            Weights::Nf4(w) => {
+                let b = k / QK_B4;
+                Weights::Nf4(&w[r0 * b..r1 * b])
+            }
+            Weights::Fp4(w) => {
+                let b = k / QK_B4;
+                Weights::Fp4(&w[r0 * b..r1 * b])
+            }
         }
     }
 
@@ -125,7 +157,10 @@ impl<'a> Weights<'a> {
         match self {
             Weights::Q8_0(w) => Some(quant::QWeights::Q8_0(w)),
             Weights::Q4K(w) => Some(quant::QWeights::Q4K(w)),
-            _ => None,
+            Weights::F8(w) => Some(quant::QWeights::F8(w)),
+            Weights::Nf4(w) => Some(quant::QWeights::Nf4(w)),
+            Weights::Fp4(w) => Some(quant::QWeights::Fp4(w)),
+            Weights::F32(_) | Weights::Bf16(_) | Weights::F16(_) => None,
         }
     }
 }
@@ -512,7 +547,7 @@ fn run_block(level: Level, use_gemm: bool, x: &[f32], k: usize, w: Weights<'_>, 
             run_block_t(level, use_gemm, x, k, w, out)
         }
         Weights::F16(w) => run_block_t(level, use_gemm, x, k, w, out),
-        Weights::Q8_0(_) | Weights::Q4K(_) => {
+        Weights::Q8_0(_) | Weights::Q4K(_) | Weights::F8(_) | Weights::Nf4(_) | Weights::Fp4(_) => {
             let q = w.quantized().expect("quantized variant");
             quant::run_block(level, use_gemm, x, k, q, out)
         }
@@ -749,8 +784,9 @@ pub(crate) fn axpy_with(level: Level, alpha: f32, x: &[f32], out: &mut [f32]) {
 
 /// Convert one row of stored weights to f32 (embedding lookups): `out.len()` is the row length
 /// `k`, and the row is `w[row*k .. (row+1)*k]`. Widening is exact; quantized rows are
-/// dequantized (exactly as [`quant::dequantize_row_q8_0`] / [`quant::dequantize_row_q4_k`]),
-/// and `k` must then be a multiple of the block size. Panics if out of range.
+/// dequantized (exactly as [`quant::dequantize_row_q8_0`], [`quant::dequantize_row_q4_k`],
+/// [`dequantize_row_f8`], [`dequantize_row_nf4`] or [`dequantize_row_fp4`]), and `k` must then
+/// be a multiple of the block size. Panics if out of range.
 pub fn row_to_f32(w: Weights<'_>, row: usize, k: usize, out: &mut [f32]) {
     use half::slice::HalfFloatSliceExt;
     assert_eq!(out.len(), k, "row_to_f32: out.len() must equal k");
@@ -772,7 +808,11 @@ pub fn row_to_f32(w: Weights<'_>, row: usize, k: usize, out: &mut [f32]) {
         Weights::F32(r) => out.copy_from_slice(r),
         Weights::Bf16(r) => r.convert_to_f32_slice(out),
         Weights::F16(r) => r.convert_to_f32_slice(out),
-        r @ (Weights::Q8_0(_) | Weights::Q4K(_)) => {
+        r @ (Weights::Q8_0(_)
+        | Weights::Q4K(_)
+        | Weights::F8(_)
+        | Weights::Nf4(_)
+        | Weights::Fp4(_)) => {
             let q = r.quantized().expect("quantized variant");
             let blocks = k / r.block_size();
             quant::dequantize_with(level(), q, 0, blocks, out)

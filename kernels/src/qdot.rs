@@ -297,7 +297,8 @@ pub(crate) fn supported_kernels() -> Vec<Kernel> {
         .collect()
 }
 
-/// Whether [`matmul_q8`] / [`matmul_q8_par`] take these weights: Q8_0 and Q4_K.
+/// Whether [`matmul_q8`] / [`matmul_q8_par`] take these weights: Q8_0 and Q4_K (not f32, bf16,
+/// f16, nor the pre-quantized FP8 / NF4 / FP4 blocks).
 pub fn q8_activations_supported(w: &Weights<'_>) -> bool {
     matches!(w, Weights::Q8_0(_) | Weights::Q4K(_))
 }
@@ -353,6 +354,9 @@ pub(crate) fn matmul_q8_with(
                 Weights::F32(_) => "F32",
                 Weights::Bf16(_) => "Bf16",
                 Weights::F16(_) => "F16",
+                Weights::F8(_) => "F8",
+                Weights::Nf4(_) => "Nf4",
+                Weights::Fp4(_) => "Fp4",
                 Weights::Q8_0(_) | Weights::Q4K(_) => unreachable!(),
             }
         ),

@@ -23,11 +23,19 @@
 //!   scratch buffer and multiplied with the crate's f32 kernels at the same level. The result is
 //!   therefore exactly `x · dequantize(W)ᵀ` as the f32 kernels compute it (same summation order,
 //!   same matvec/GEMM choice by `m`), and deterministic across thread counts like them.
+//!
+//! The matmul driver here (`QWeights`, `dequantize_with`, `run_block`) also runs the blocks of
+//! pre-quantized checkpoints (FP8 E4M3, bitsandbytes NF4 / FP4), which [`crate::prequant`] owns
+//! together with their dequantizers; the same invariants hold for them.
 
 use std::cell::RefCell;
 
 use half::f16;
 
+use crate::prequant::{
+    dequantize_row_f8, dequantize_row_fp4, dequantize_row_nf4, BlockF8, BlockFp4, BlockNf4, QK_B4,
+    QK_F8,
+};
 use crate::{scalar, Level, OutBlock};
 
 /// Weights per `Q8_0` block.
@@ -527,6 +535,9 @@ fn round_to_level(t: f32, top: f32) -> u8 {
 pub(crate) enum QWeights<'a> {
     Q8_0(&'a [BlockQ8_0]),
     Q4K(&'a [BlockQ4K]),
+    F8(&'a [BlockF8]),
+    Nf4(&'a [BlockNf4]),
+    Fp4(&'a [BlockFp4]),
 }
 
 impl QWeights<'_> {
@@ -535,6 +546,8 @@ impl QWeights<'_> {
         match self {
             QWeights::Q8_0(_) => QK8_0,
             QWeights::Q4K(_) => QK_K,
+            QWeights::F8(_) => QK_F8,
+            QWeights::Nf4(_) | QWeights::Fp4(_) => QK_B4,
         }
     }
 }
@@ -551,6 +564,9 @@ pub(crate) fn dequantize_with(
     match (level, w) {
         (Level::Scalar, QWeights::Q8_0(w)) => dequantize_row_q8_0(&w[b0..b1], out),
         (Level::Scalar, QWeights::Q4K(w)) => dequantize_row_q4_k(&w[b0..b1], out),
+        (Level::Scalar, QWeights::F8(w)) => dequantize_row_f8(&w[b0..b1], out),
+        (Level::Scalar, QWeights::Nf4(w)) => dequantize_row_nf4(&w[b0..b1], out),
+        (Level::Scalar, QWeights::Fp4(w)) => dequantize_row_fp4(&w[b0..b1], out),
         #[cfg(target_arch = "x86_64")]
         (Level::Avx2, QWeights::Q8_0(w)) => {
             // SAFETY: assert_supported checked avx2/fma/f16c.
@@ -562,6 +578,21 @@ pub(crate) fn dequantize_with(
             unsafe { x86::dequant_q4_k_avx2(&w[b0..b1], out) }
         }
         #[cfg(target_arch = "x86_64")]
+        (Level::Avx2, QWeights::F8(w)) => {
+            // SAFETY: assert_supported checked avx2/fma/f16c.
+            unsafe { crate::quant_avx2::dequantize(&w[b0..b1], out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Level::Avx2, QWeights::Nf4(w)) => {
+            // SAFETY: assert_supported checked avx2/fma/f16c.
+            unsafe { crate::quant_avx2::dequantize(&w[b0..b1], out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Level::Avx2, QWeights::Fp4(w)) => {
+            // SAFETY: assert_supported checked avx2/fma/f16c.
+            unsafe { crate::quant_avx2::dequantize(&w[b0..b1], out) }
+        }
+        #[cfg(target_arch = "x86_64")]
         (Level::Avx512, QWeights::Q8_0(w)) => {
             // SAFETY: assert_supported checked avx512f/bw/vl (and the AVX2 level).
             unsafe { x86::dequant_q8_0_avx512(&w[b0..b1], out) }
@@ -570,6 +601,21 @@ pub(crate) fn dequantize_with(
         (Level::Avx512, QWeights::Q4K(w)) => {
             // SAFETY: assert_supported checked avx512f/bw/vl (and the AVX2 level).
             unsafe { x86::dequant_q4_k_avx512(&w[b0..b1], out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Level::Avx512, QWeights::F8(w)) => {
+            // SAFETY: assert_supported checked avx512f/bw/vl (and the AVX2 level's f16c).
+            unsafe { crate::quant_avx512::dequantize(&w[b0..b1], out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Level::Avx512, QWeights::Nf4(w)) => {
+            // SAFETY: assert_supported checked avx512f/bw/vl (and the AVX2 level's f16c).
+            unsafe { crate::quant_avx512::dequantize(&w[b0..b1], out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Level::Avx512, QWeights::Fp4(w)) => {
+            // SAFETY: assert_supported checked avx512f/bw/vl (and the AVX2 level's f16c).
+            unsafe { crate::quant_avx512::dequantize(&w[b0..b1], out) }
         }
     }
 }
@@ -610,6 +656,9 @@ pub(crate) fn run_block(
             match w {
                 QWeights::Q8_0(w) => crate::quant_avx512::matvec(x, k, w, &mut out),
                 QWeights::Q4K(w) => crate::quant_avx512::matvec(x, k, w, &mut out),
+                QWeights::F8(w) => crate::quant_avx512::matvec(x, k, w, &mut out),
+                QWeights::Nf4(w) => crate::quant_avx512::matvec(x, k, w, &mut out),
+                QWeights::Fp4(w) => crate::quant_avx512::matvec(x, k, w, &mut out),
             }
         }
         return;
@@ -623,6 +672,9 @@ pub(crate) fn run_block(
             match w {
                 QWeights::Q8_0(w) => crate::quant_avx2::matvec(x, k, w, &mut out),
                 QWeights::Q4K(w) => crate::quant_avx2::matvec(x, k, w, &mut out),
+                QWeights::F8(w) => crate::quant_avx2::matvec(x, k, w, &mut out),
+                QWeights::Nf4(w) => crate::quant_avx2::matvec(x, k, w, &mut out),
+                QWeights::Fp4(w) => crate::quant_avx2::matvec(x, k, w, &mut out),
             }
         }
         return;

@@ -8,10 +8,15 @@
 //! `p = 0, 8, 16, ..` in increasing order and is reduced with `avx2::hsum`, exactly as
 //! `avx2::matvec` does on the dequantized f32 row (k is a multiple of 32, so it has no tail):
 //! the result equals the f32 kernel on `dequantize(W)` bit for bit (tested).
+//!
+//! The group decoders of the pre-quantized blocks (FP8 E4M3, NF4, FP4) also serve their
+//! dequantizer at this level ([`dequantize`]), so the values the matvec multiplies are the
+//! values tested against the scalar dequantizers.
 
 use core::arch::x86_64::*;
 
 use crate::avx2::hsum;
+use crate::prequant::{BlockF8, BlockFp4, BlockNf4, Code4, QK_B4, QK_F8};
 use crate::quant::{BlockQ4K, BlockQ8_0, QK8_0, QK_K};
 use crate::OutBlock;
 
@@ -82,6 +87,142 @@ impl Group16 for BlockQ4K {
         let hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(q, q)));
         // (d·sc)·q is exact, so the single rounding of fmsub equals the scalar `d1 * q - m1`.
         (_mm256_fmsub_ps(d1, lo, m1), _mm256_fmsub_ps(d1, hi, m1))
+    }
+}
+
+/// E4M3 codes (one per 32-bit lane, `0..=255`) to their f32 values, bit for bit
+/// `prequant::E4M3_TO_F32` (the arithmetic decoding its doc describes; no gather).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn e4m3_to_f32(c: __m256i) -> __m256 {
+    let v = _mm256_and_si256(c, _mm256_set1_epi32(0x7F));
+    // Normal (v >= 8): exponent rebiased from 7 to 127, mantissa to the top of f32's.
+    let normal = _mm256_add_epi32(_mm256_slli_epi32::<20>(v), _mm256_set1_epi32(120 << 23));
+    // Subnormal (v < 8): v/8 · 2^-6 = v · 2^-9, exact.
+    let sub = _mm256_castps_si256(_mm256_mul_ps(
+        _mm256_cvtepi32_ps(v),
+        _mm256_set1_ps(1.0 / 512.0),
+    ));
+    let mag = _mm256_blendv_epi8(normal, sub, _mm256_cmpgt_epi32(_mm256_set1_epi32(8), v));
+    let nan = _mm256_cmpeq_epi32(v, _mm256_set1_epi32(0x7F));
+    let mag = _mm256_blendv_epi8(mag, _mm256_set1_epi32(0x7FC0_0000), nan);
+    let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(c, _mm256_set1_epi32(0x80)));
+    _mm256_castsi256_ps(_mm256_or_si256(mag, sign))
+}
+
+impl Group16 for BlockF8 {
+    const BLOCK: usize = QK_F8;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half(row: *const Self, blk: usize, i: usize) -> (__m256, __m256) {
+        debug_assert!(i < QK_F8 / 16);
+        // SAFETY: block blk is readable (caller); bytes 16i .. 16i + 16 of its 128-byte qs.
+        let (b, q) = unsafe {
+            let b = &*row.add(blk);
+            (b, _mm_loadu_si128(b.qs.as_ptr().add(16 * i).cast()))
+        };
+        let d = _mm256_set1_ps(b.d);
+        let lo = e4m3_to_f32(_mm256_cvtepu8_epi32(q));
+        let hi = e4m3_to_f32(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(q, q)));
+        // One rounding, as the scalar `d * E4M3_TO_F32[q]`.
+        (_mm256_mul_ps(d, lo), _mm256_mul_ps(d, hi))
+    }
+}
+
+/// `table[idx]` per lane for 4-bit indices (`0..16` in each 32-bit lane), the table given as
+/// its halves `table[..8]` and `table[8..]`: both halves are permuted by the low 3 bits and bit 3
+/// picks one (no gather).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn lookup16(idx: __m256i, lo: __m256, hi: __m256) -> __m256 {
+    let a = _mm256_permutevar8x32_ps(lo, idx);
+    let b = _mm256_permutevar8x32_ps(hi, idx);
+    // blendv reads the sign bit: move bit 3 there.
+    _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx)))
+}
+
+/// [`Group16::half`] of a bitsandbytes 4-bit block: weights `16i .. 16i + 16` are the 16
+/// nibbles of bytes `8i .. 8i + 8`, high nibble first.
+///
+/// # Safety
+/// As [`Group16::half`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half_b4<B: Code4>(row: *const B, blk: usize, i: usize) -> (__m256, __m256) {
+    debug_assert!(i < QK_B4 / 16);
+    // SAFETY: block blk is readable (caller); bytes 8i .. 8i + 8 of its 32 code bytes.
+    let (b, q) = unsafe {
+        let b = &*row.add(blk);
+        (b, _mm_loadl_epi64(b.codes().as_ptr().add(8 * i).cast()))
+    };
+    let nib = _mm_set1_epi8(0x0F);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), nib);
+    let lo = _mm_and_si128(q, nib);
+    // Weight 2j is the high nibble of byte j, weight 2j + 1 its low nibble.
+    let codes = _mm_unpacklo_epi8(hi, lo);
+    let table = B::TABLE;
+    // SAFETY: table has 16 floats; these read 0..8 and 8..16.
+    let (t_lo, t_hi) = unsafe {
+        (
+            _mm256_loadu_ps(table.as_ptr()),
+            _mm256_loadu_ps(table.as_ptr().add(8)),
+        )
+    };
+    let v0 = lookup16(_mm256_cvtepu8_epi32(codes), t_lo, t_hi);
+    let v1 = lookup16(
+        _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(codes, codes)),
+        t_lo,
+        t_hi,
+    );
+    let d = _mm256_set1_ps(b.scale());
+    // One rounding, as the scalar `d * TABLE[code]`.
+    (_mm256_mul_ps(d, v0), _mm256_mul_ps(d, v1))
+}
+
+impl Group16 for BlockNf4 {
+    const BLOCK: usize = QK_B4;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half(row: *const Self, blk: usize, i: usize) -> (__m256, __m256) {
+        // SAFETY: the caller's contract is half_b4's.
+        unsafe { half_b4(row, blk, i) }
+    }
+}
+
+impl Group16 for BlockFp4 {
+    const BLOCK: usize = QK_B4;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half(row: *const Self, blk: usize, i: usize) -> (__m256, __m256) {
+        // SAFETY: the caller's contract is half_b4's.
+        unsafe { half_b4(row, blk, i) }
+    }
+}
+
+/// Dequantizes whole blocks with the group decoder the matvec uses: `dst[Q::BLOCK·b + e]` is
+/// weight `e` of block `b`. Panics unless `dst.len() == Q::BLOCK · src.len()`.
+///
+/// # Safety
+/// The CPU must support avx2/fma/f16c.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dequantize<Q: Group16>(src: &[Q], dst: &mut [f32]) {
+    assert_eq!(dst.len(), src.len() * Q::BLOCK);
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    for blk in 0..src.len() {
+        for i in 0..Q::BLOCK / 16 {
+            // SAFETY: blk < src.len(), so the block is readable, and i < BLOCK/16 as half
+            // requires; the stores write dst[BLOCK·blk + 16i .. + 16], inside dst (asserted
+            // length); unaligned instructions.
+            unsafe {
+                let (a, b) = Q::half(sp, blk, i);
+                let o = dp.add(blk * Q::BLOCK + 16 * i);
+                _mm256_storeu_ps(o, a);
+                _mm256_storeu_ps(o.add(8), b);
+            }
+        }
     }
 }
 

@@ -8,10 +8,15 @@
 //! of element `(r, c)` for `p = 0, 16, 32, ..` in increasing order, reduced with
 //! `avx512::reduce_acc`: exactly what `avx512::matvec` does on the dequantized f32 row (k is a
 //! multiple of 32, so it has no tail). The result therefore equals the f32 kernel on `dequantize(W)` bit for bit (tested).
+//!
+//! The group decoders of the pre-quantized blocks (FP8 E4M3, NF4, FP4) also serve their
+//! dequantizer at this level ([`dequantize`]), so the values the matvec multiplies are the
+//! values tested against the scalar dequantizers.
 
 use core::arch::x86_64::*;
 
 use crate::avx512::{reduce_acc, ACC, MV_ROWS};
+use crate::prequant::{BlockF8, BlockFp4, BlockNf4, Code4, QK_B4, QK_F8};
 use crate::quant::{BlockQ4K, BlockQ8_0, QK8_0, QK_K};
 use crate::OutBlock;
 
@@ -80,6 +85,125 @@ impl Group32 for BlockQ4K {
         let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(q)));
         // (d·sc)·q is exact, so the single rounding of fmsub equals the scalar `d1 * q - m1`.
         (_mm512_fmsub_ps(d1, lo, m1), _mm512_fmsub_ps(d1, hi, m1))
+    }
+}
+
+/// E4M3 codes (one per 32-bit lane, `0..=255`) to their f32 values, bit for bit
+/// `prequant::E4M3_TO_F32` (the arithmetic decoding its doc describes; no gather).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+fn e4m3_to_f32(c: __m512i) -> __m512 {
+    let v = _mm512_and_si512(c, _mm512_set1_epi32(0x7F));
+    // Normal (v >= 8): exponent rebiased from 7 to 127, mantissa to the top of f32's.
+    let normal = _mm512_add_epi32(_mm512_slli_epi32::<20>(v), _mm512_set1_epi32(120 << 23));
+    // Subnormal (v < 8): v/8 · 2^-6 = v · 2^-9, exact.
+    let sub = _mm512_castps_si512(_mm512_mul_ps(
+        _mm512_cvtepi32_ps(v),
+        _mm512_set1_ps(1.0 / 512.0),
+    ));
+    let is_sub = _mm512_cmplt_epi32_mask(v, _mm512_set1_epi32(8));
+    let mag = _mm512_mask_blend_epi32(is_sub, normal, sub);
+    let is_nan = _mm512_cmpeq_epi32_mask(v, _mm512_set1_epi32(0x7F));
+    let mag = _mm512_mask_blend_epi32(is_nan, mag, _mm512_set1_epi32(0x7FC0_0000));
+    let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(c, _mm512_set1_epi32(0x80)));
+    _mm512_castsi512_ps(_mm512_or_si512(mag, sign))
+}
+
+impl Group32 for BlockF8 {
+    const BLOCK: usize = QK_F8;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn group(row: *const Self, blk: usize, i: usize) -> (__m512, __m512) {
+        debug_assert!(i < QK_F8 / 32);
+        // SAFETY: block blk is readable (caller); bytes 32i .. 32i + 32 of its 128-byte qs,
+        // one unaligned load.
+        let (b, q) = unsafe {
+            let b = &*row.add(blk);
+            (b, _mm256_loadu_si256(b.qs.as_ptr().add(32 * i).cast()))
+        };
+        let d = _mm512_set1_ps(b.d);
+        let lo = e4m3_to_f32(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q)));
+        let hi = e4m3_to_f32(_mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(q)));
+        // One rounding, as the scalar `d * E4M3_TO_F32[q]`.
+        (_mm512_mul_ps(d, lo), _mm512_mul_ps(d, hi))
+    }
+}
+
+/// [`Group32::group`] of a bitsandbytes 4-bit block: weights `32i .. 32i + 32` are the 32
+/// nibbles of bytes `16i .. 16i + 16`, high nibble first, looked up with one in-register
+/// permute of the 16-entry table per 16 weights (no gather).
+///
+/// # Safety
+/// As [`Group32::group`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn group_b4<B: Code4>(row: *const B, blk: usize, i: usize) -> (__m512, __m512) {
+    debug_assert!(i < QK_B4 / 32);
+    // SAFETY: block blk is readable (caller); bytes 16i .. 16i + 16 of its 32 code bytes.
+    let (b, q) = unsafe {
+        let b = &*row.add(blk);
+        (b, _mm_loadu_si128(b.codes().as_ptr().add(16 * i).cast()))
+    };
+    let nib = _mm_set1_epi8(0x0F);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), nib);
+    let lo = _mm_and_si128(q, nib);
+    // Weight 2j is the high nibble of byte j, weight 2j + 1 its low nibble.
+    let (c0, c1) = (_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo));
+    let table = B::TABLE;
+    // SAFETY: table has 16 floats, read with one unaligned load.
+    let t = unsafe { _mm512_loadu_ps(table.as_ptr()) };
+    // permutexvar reads the low 4 bits of each index: the code.
+    let v0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c0), t);
+    let v1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c1), t);
+    let d = _mm512_set1_ps(b.scale());
+    // One rounding, as the scalar `d * TABLE[code]`.
+    (_mm512_mul_ps(d, v0), _mm512_mul_ps(d, v1))
+}
+
+impl Group32 for BlockNf4 {
+    const BLOCK: usize = QK_B4;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn group(row: *const Self, blk: usize, i: usize) -> (__m512, __m512) {
+        // SAFETY: the caller's contract is group_b4's.
+        unsafe { group_b4(row, blk, i) }
+    }
+}
+
+impl Group32 for BlockFp4 {
+    const BLOCK: usize = QK_B4;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn group(row: *const Self, blk: usize, i: usize) -> (__m512, __m512) {
+        // SAFETY: the caller's contract is group_b4's.
+        unsafe { group_b4(row, blk, i) }
+    }
+}
+
+/// Dequantizes whole blocks with the group decoder the matvec uses: `dst[Q::BLOCK·b + e]` is
+/// weight `e` of block `b`. Panics unless `dst.len() == Q::BLOCK · src.len()`.
+///
+/// # Safety
+/// The CPU must support avx512f/bw/vl and f16c.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+pub(crate) unsafe fn dequantize<Q: Group32>(src: &[Q], dst: &mut [f32]) {
+    assert_eq!(dst.len(), src.len() * Q::BLOCK);
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    for blk in 0..src.len() {
+        for i in 0..Q::BLOCK / 32 {
+            // SAFETY: blk < src.len(), so the block is readable, and i < BLOCK/32 as group
+            // requires; the stores write dst[BLOCK·blk + 32i .. + 32], inside dst (asserted
+            // length); unaligned instructions.
+            unsafe {
+                let (a, b) = Q::group(sp, blk, i);
+                let o = dp.add(blk * Q::BLOCK + 32 * i);
+                _mm512_storeu_ps(o, a);
+                _mm512_storeu_ps(o.add(16), b);
+            }
+        }
     }
 }
 

@@ -409,7 +409,8 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Checks the invariants layers rely on; errors name the offending field.
     pub fn validate(&self, raw: &RawConfig) -> Result<()> {
-        check_quantization_config(raw)?;
+        // Refuses a pre-quantized format this build cannot read, naming it.
+        crate::prequant::PrequantConfig::parse(raw)?;
         let bad = |field: &str, why: String| {
             Err(Error::bad_config(
                 &raw.path,
@@ -503,39 +504,6 @@ impl ModelConfig {
     }
 }
 
-/// Refuses checkpoints whose weights were stored pre-quantized (`quantization_config`), naming
-/// the method: their tensors are not plain float weights, so opening them would otherwise fail
-/// later on a missing or mistyped tensor with no hint why.
-fn check_quantization_config(raw: &RawConfig) -> Result<()> {
-    let Some(q) = raw.value(&["quantization_config"]) else {
-        return Ok(());
-    };
-    let method = q
-        .get("quant_method")
-        .and_then(|m| m.as_str())
-        .unwrap_or("(no quant_method)");
-    let detail = match method {
-        "bitsandbytes" if q.get("load_in_8bit").and_then(|b| b.as_bool()) == Some(true) => {
-            "bitsandbytes 8-bit".to_string()
-        }
-        "bitsandbytes" => format!(
-            "bitsandbytes 4-bit ({})",
-            q.get("bnb_4bit_quant_type")
-                .and_then(|t| t.as_str())
-                .unwrap_or("fp4")
-        ),
-        other => format!("`{other}`"),
-    };
-    Err(Error::bad_config(
-        &raw.path,
-        format!(
-            "field `quantization_config`: the weights are stored pre-quantized ({detail}), which \
-             this build does not read; supported: unquantized checkpoints (f32, bf16, f16), \
-             quantized here with quantization = \"q8_0\" or \"q4_k\" (cached after the first start)"
-        ),
-    ))
-}
-
 /// `generation_config.json`: sampling defaults and extra EOS ids.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GenerationConfig {
@@ -615,7 +583,8 @@ mod tests {
     }
 
     #[test]
-    fn pre_quantized_checkpoints_are_refused_naming_the_method() {
+    fn pre_quantized_formats_are_read_or_refused_naming_the_method() {
+        use crate::prequant::{Code4, PrequantConfig};
         let base = r#""architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 8,
             "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
             "vocab_size": 16"#;
@@ -624,16 +593,16 @@ mod tests {
             (r#"{"quant_method": "awq"}"#, "`awq`"),
             (r#"{"quant_method": "mxfp4"}"#, "`mxfp4`"),
             (
-                r#"{"quant_method": "fp8", "weight_block_size": [128, 128]}"#,
-                "`fp8`",
-            ),
-            (
-                r#"{"quant_method": "bitsandbytes", "load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}"#,
-                "bitsandbytes 4-bit (nf4)",
+                r#"{"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}"#,
+                "fp8 in format `e5m2`",
             ),
             (
                 r#"{"quant_method": "bitsandbytes", "load_in_8bit": true}"#,
                 "bitsandbytes 8-bit",
+            ),
+            (
+                r#"{"quant_method": "bitsandbytes", "load_in_4bit": true, "bnb_4bit_quant_type": "int4"}"#,
+                "bitsandbytes 4-bit `int4`",
             ),
             (r#"{"bits": 4}"#, "(no quant_method)"),
         ] {
@@ -642,13 +611,61 @@ mod tests {
             let cfg = (arch.parse_config)(&r).unwrap();
             let e = cfg.validate(&r).unwrap_err().to_string();
             assert!(
-                e.contains("quantization_config") && e.contains(named) && e.contains("q8_0"),
+                e.contains("quantization_config")
+                    && e.contains(named)
+                    && e.contains("FP8 E4M3")
+                    && e.contains("bitsandbytes 4-bit")
+                    && e.contains("q8_0"),
                 "{e}"
             );
         }
+        for (q, want) in [
+            (
+                r#"{"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 64],
+                    "modules_to_not_convert": ["lm_head", "mlp.gate"]}"#,
+                PrequantConfig::Fp8 {
+                    block: Some([128, 64]),
+                    not_convert: vec!["lm_head".into(), "mlp.gate".into()],
+                },
+            ),
+            (
+                r#"{"quant_method": "fp8"}"#,
+                PrequantConfig::Fp8 {
+                    block: None,
+                    not_convert: vec![],
+                },
+            ),
+            (
+                r#"{"quant_method": "bitsandbytes", "load_in_4bit": true, "load_in_8bit": false,
+                    "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": true}"#,
+                PrequantConfig::Bnb4 {
+                    quant_type: Code4::Nf4,
+                    double_quant: true,
+                },
+            ),
+            (
+                r#"{"quant_method": "bitsandbytes", "load_in_4bit": true}"#,
+                PrequantConfig::Bnb4 {
+                    quant_type: Code4::Fp4,
+                    double_quant: false,
+                },
+            ),
+        ] {
+            let r = raw(&format!(r#"{{{base}, "quantization_config": {q}}}"#));
+            let arch = crate::arch::lookup(&r).unwrap();
+            (arch.parse_config)(&r).unwrap().validate(&r).unwrap();
+            assert_eq!(PrequantConfig::parse(&r).unwrap(), Some(want));
+        }
+        let e = PrequantConfig::parse(&raw(&format!(
+            r#"{{{base}, "quantization_config": {{"quant_method": "fp8", "weight_block_size": [128]}}}}"#
+        )))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("weight_block_size"), "{e}");
         let r = raw(&format!(r#"{{{base}, "quantization_config": null}}"#));
         let arch = crate::arch::lookup(&r).unwrap();
         (arch.parse_config)(&r).unwrap().validate(&r).unwrap();
+        assert_eq!(PrequantConfig::parse(&r).unwrap(), None);
     }
 
     #[test]

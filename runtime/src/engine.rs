@@ -193,13 +193,25 @@ impl Settings {
 
     /// Whether these settings map weights from the quantized cache.
     pub fn uses_cache(&self, types: &ExpertTypes) -> bool {
-        self.cache && self.quantizes(types)
+        self.uses_cache_for(types, false)
     }
 
-    /// The planner's request; quantized experts must fit RAM only when quantized at load (no
+    /// Whether these settings map weights from the quantized cache for a model that holds
+    /// pre-quantized weights (`prequant`: those are always converted, so cached too).
+    pub fn uses_cache_for(&self, types: &ExpertTypes, prequant: bool) -> bool {
+        self.cache && (self.quantizes(types) || prequant)
+    }
+
+    /// The planner's request; converted experts must fit RAM only when converted at load (no
     /// cache file to read them from).
-    fn plan_request(&self, max_context: usize, types: &ExpertTypes) -> Result<PlanRequest> {
-        let experts_in_ram = !self.uses_cache(types) && types.changes_anything();
+    fn plan_request(
+        &self,
+        max_context: usize,
+        types: &ExpertTypes,
+        prequant: bool,
+    ) -> Result<PlanRequest> {
+        let experts_in_ram =
+            !self.uses_cache_for(types, prequant) && (types.changes_anything() || prequant);
         let kv_elem_bytes = match self.kv_dtype {
             KvDtype::F32 => 4,
             KvDtype::Bf16 | KvDtype::F16 => 2,
@@ -253,7 +265,22 @@ pub struct Model {
     cache: Option<Arc<CacheHandle>>,
     /// What building the cache took, when this load built it.
     cache_build: Option<crate::cache::BuildReport>,
+    /// The checkpoint's pre-quantized weights, when it has any.
+    prequant: Option<PrequantInfo>,
     pool: rayon::ThreadPool,
+}
+
+/// What loading did with a checkpoint's pre-quantized weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrequantInfo {
+    /// The format, e.g. `fp8 e4m3, 128x128 blocks` or `bitsandbytes nf4, double quant`.
+    pub format: String,
+    /// Weights stored pre-quantized.
+    pub tensors: usize,
+    /// The error converting them to the requested quantization added against their exact
+    /// values, when this load converted them (None: kept without loss, or mapped from a cache
+    /// built earlier).
+    pub conversion_error: Option<crate::prequant::ErrorSummary>,
 }
 
 /// What to generate from.
@@ -348,7 +375,7 @@ impl Model {
 
     /// Loads from already-located files (a folder or the embedded demo).
     pub fn load_files(files: ModelFiles, settings: &Settings) -> Result<Model> {
-        let (cfg_bytes, _, arch, config) = read_config(&files)?;
+        let (cfg_bytes, raw, arch, config) = read_config(&files)?;
 
         let generation_config = match files.read_small("generation_config.json")? {
             Some(b) => GenerationConfig::parse(&RawConfig::parse(
@@ -368,7 +395,7 @@ impl Model {
                 "max_context must be at least 2".into(),
             ));
         }
-        let weights = WeightSet::open(&files)?;
+        let weights = open_weights(&files, &raw)?;
         let mut mw = arch::build_decoder(&config, &weights, arch.names)?;
         let resident_q = settings.resident_quantization();
         let state_dir = settings.resolved_state_dir();
@@ -390,9 +417,25 @@ impl Model {
                 }
             );
         }
-        let use_cache = settings.uses_cache(&expert_types);
-        let request = settings.plan_request(max_context, &expert_types)?;
         let quant = quantize_model(&mut mw, &expert_types, resident_q, true)?;
+        let prequant = quant.prequant_tensors > 0;
+        let use_cache = settings.uses_cache_for(&expert_types, prequant);
+        let request = settings.plan_request(max_context, &expert_types, prequant)?;
+        if prequant {
+            tracing::info!(
+                "pre-quantized checkpoint ({}): {} weight(s) {}",
+                weights.prequant_label(),
+                quant.prequant_tensors,
+                match settings.quantization {
+                    Quantization::None => "kept without loss in their own blocks".to_string(),
+                    q => format!(
+                        "converted to {} where rows fit its blocks (quantization), else kept \
+                         without loss",
+                        crate::cache::quantization_name(q)
+                    ),
+                }
+            );
+        }
         let sizes = ModelSizes::measure(&config, &weights, &mw, request.kv_elem_bytes, &quant);
         // Refuse before anything but headers has been read.
         let plan = make_plan(&sizes, &request, &profile)?;
@@ -400,16 +443,19 @@ impl Model {
             tracing::warn!("{w}");
         }
         let mut cache = None;
-        let mut cache_build = None;
+        let mut cache_build: Option<crate::cache::BuildReport> = None;
+        let mut conversion_error = None;
         if use_cache {
             let key = CacheKey::new(&files, &cfg_bytes, &weights, &expert_types, resident_q);
             let cache_plan = CachePlan::new(&mut mw, key, &expert_types, settings.cache_options())?;
             let (handle, report) = CacheHandle::attach(&mut mw, cache_plan, &expert_types)?;
             cache = Some(Arc::new(handle));
+            conversion_error = report.as_ref().and_then(|r| r.prequant_error);
             cache_build = report;
         } else if quant.quantized_tensors > 0 {
             let t0 = Instant::now();
-            quantize_model(&mut mw, &expert_types, resident_q, false)?;
+            conversion_error =
+                quantize_model(&mut mw, &expert_types, resident_q, false)?.prequant_error;
             tracing::info!(
                 "quantized {} tensors in {:.1} s",
                 quant.quantized_tensors,
@@ -528,6 +574,11 @@ impl Model {
             hotset: (hotset_path, fingerprint, hot_counts),
             cache,
             cache_build,
+            prequant: prequant.then(|| PrequantInfo {
+                format: weights.prequant_label(),
+                tensors: quant.prequant_tensors,
+                conversion_error,
+            }),
             pool,
         })
     }
@@ -535,6 +586,11 @@ impl Model {
     /// What building the quantized weight cache took, when this load built it.
     pub fn cache_build_report(&self) -> Option<&crate::cache::BuildReport> {
         self.cache_build.as_ref()
+    }
+
+    /// What loading did with the checkpoint's pre-quantized weights (None: it has none).
+    pub fn prequant(&self) -> Option<&PrequantInfo> {
+        self.prequant.as_ref()
     }
 
     /// The quantized weight cache file the weights are mapped from, if any.
@@ -761,6 +817,13 @@ pub(crate) fn read_config(
     Ok((cfg_bytes, raw, arch, config))
 }
 
+/// Opens a model's weight files, reading pre-quantized weights as `quantization_config` says.
+pub(crate) fn open_weights(files: &ModelFiles, raw: &RawConfig) -> Result<WeightSet> {
+    let mut weights = WeightSet::open(files)?;
+    weights.set_prequant(crate::prequant::PrequantConfig::parse(raw)?);
+    Ok(weights)
+}
+
 /// The model's hot-set file, its fingerprint and the popularity it holds (if any).
 pub(crate) fn hot_set(
     state_dir: &std::path::Path,
@@ -818,14 +881,16 @@ pub fn plan_model(settings: &Settings) -> Result<PlanReport> {
     let has_weights = !named_file
         && (files.exists("model.safetensors") || files.exists("model.safetensors.index.json"));
     let weights = if has_weights {
-        WeightSet::open(&files)?
+        open_weights(&files, &raw)?
     } else {
         let dtype = match raw.opt_str(&["torch_dtype", "dtype"])? {
             Some("float32") => crate::weights::Dtype::F32,
             Some("float16") => crate::weights::Dtype::F16,
             _ => crate::weights::Dtype::Bf16,
         };
-        WeightSet::virtual_set(dtype, files.label())
+        let mut w = WeightSet::virtual_set(dtype, files.label());
+        w.set_prequant(crate::prequant::PrequantConfig::parse(&raw)?);
+        w
     };
     let max_context = settings.max_context.unwrap_or_else(|| {
         config
@@ -841,13 +906,13 @@ pub fn plan_model(settings: &Settings) -> Result<PlanReport> {
         hot_set(&state_dir, &cfg_bytes, &weights, &experts_per_layer).2
     };
     let expert_types = settings.expert_types(hot_counts.as_deref(), &experts_per_layer);
-    let request = settings.plan_request(max_context, &expert_types)?;
     let quant = quantize_model(
         &mut mw,
         &expert_types,
         settings.resident_quantization(),
         true,
     )?;
+    let request = settings.plan_request(max_context, &expert_types, quant.prequant_tensors > 0)?;
     let sizes = ModelSizes::measure(&config, &weights, &mw, request.kv_elem_bytes, &quant);
     let profile = Profile::load(&state_dir);
     let plan = make_plan(&sizes, &request, &profile)?;

@@ -128,7 +128,15 @@ impl ModelSizes {
     ) -> ModelSizes {
         let experts: Vec<&crate::store::ExpertWeights> = mw.experts.iter().flatten().collect();
         let source_expert_bytes: u64 = experts.iter().map(|e| e.size_bytes() as u64).sum();
-        let total_expert_bytes = source_expert_bytes.saturating_sub(quant.expert_saved_bytes);
+        // The scales and tables beside pre-quantized experts' codes: read while converting,
+        // never held.
+        let expert_aux_bytes: u64 = experts
+            .iter()
+            .flat_map(|e| [&e.gate, &e.up, &e.down])
+            .map(|t| t.prequant_aux_bytes())
+            .sum();
+        let total_expert_bytes = (source_expert_bytes + quant.expert_added_bytes)
+            .saturating_sub(quant.expert_saved_bytes);
         // Experts of one model share shapes and types: scale the largest by the same ratio.
         let expert_bytes = experts
             .iter()
@@ -140,9 +148,8 @@ impl ModelSizes {
         } else {
             0
         };
-        let resident_bytes = w
-            .used_bytes()
-            .saturating_sub(source_expert_bytes)
+        let resident_bytes = (w.used_bytes() + quant.resident_added_bytes)
+            .saturating_sub(source_expert_bytes + expert_aux_bytes)
             .saturating_sub(quant.resident_saved_bytes);
         let embed_bytes = mw.embed.size_bytes() as u64;
         // Tied embeddings: the output projection reads the whole table every token.

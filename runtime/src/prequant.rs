@@ -1,51 +1,32 @@
-//! Pre-quantized checkpoint formats, dequantized exactly to f32: FP8 E4M3 with block scales
-//! (`quant_method = "fp8"`, DeepSeek-V3 / Qwen3 FP8 releases) and bitsandbytes 4-bit (nf4 and
-//! fp4, with or without double quantization).
+//! Pre-quantized checkpoints: FP8 E4M3 with block scales (`quant_method = "fp8"`, DeepSeek-V3
+//! / Qwen3 FP8 releases) and bitsandbytes 4-bit (nf4 and fp4, with or without double
+//! quantization). [`PrequantConfig`] reads `quantization_config` (and refuses every other
+//! method); [`open`] turns a stored weight and the tensors beside it into a [`Source`], which
+//! [`crate::weights::TensorRef`] carries until loading converts it: repacked into the kernels'
+//! blocks ([`Source::pack_row`]) or dequantized ([`Source::row_to_f32`]).
 //!
-//! What must always hold: results are exact f32 (`f32(code) * f32(scale)`, one rounding at
-//! most, the same as the formats' own definition); every function works on any range of rows
-//! or elements of a tensor, so large tensors convert in bounded chunks; a bitsandbytes tensor's
-//! code table is the one stored beside it (`quant_map`), never a built-in copy; bad shapes or
-//! table sizes are errors naming what does not match, never a panic.
+//! What must always hold: values are exact f32 (`f32(code) * f32(scale)`, one rounding at
+//! most, the same as the formats' own definition), and the repacked blocks hold the same codes
+//! and scales, so they dequantize to the same values bit for bit; every conversion works on any
+//! range of rows (starting mid-byte for 4-bit codes), reading only the scales those rows use,
+//! so large tensors convert in bounded chunks; a bitsandbytes weight's code table is the one
+//! stored beside it (`quant_map`; the built-in tables only name it when equal bit for bit);
+//! inconsistent shapes, grids, tables or quant states are errors naming the tensor, never a
+//! panic. [`Fp8Blocks`] and [`Bnb4`] are the plain slice dequantizers the tests hold the rest to.
 //!
 //! Written here rather than taken from the `anamnesis` crate (0.7): it fixes FP8 blocks at
 //! 128 x 128 whatever `weight_block_size` says, refuses bitsandbytes tensors whose last block
 //! is partial, and returns whole tensors as new buffers where the cache build converts rows in
 //! bounded chunks into its own memory.
 
+use std::sync::Arc;
+
+use crate::config::RawConfig;
 use crate::error::{Error, Result};
+use crate::weights::{Dtype, TensorRef, WeightSet};
 
-/// f32 value of every FP8 E4M3 byte (`float8_e4m3fn`: bias 7, no infinities, `S.1111.111` NaN).
-pub static E4M3: [f32; 256] = e4m3_table();
-
-const fn e4m3_table() -> [f32; 256] {
-    let mut t = [0f32; 256];
-    let mut b = 0usize;
-    while b < 256 {
-        let sign = ((b >> 7) as u32) << 31;
-        let exp = ((b >> 3) & 0xF) as u32;
-        let man = (b & 7) as u32;
-        let bits = if exp == 0xF && man == 7 {
-            0x7FC0_0000 | sign
-        } else if exp == 0 {
-            // Subnormal: man / 8 * 2^-6, exactly representable in f32 as a normal number.
-            if man == 0 {
-                sign
-            } else {
-                // Normalise: the highest set bit of `man` becomes the implicit one.
-                let lz = man.leading_zeros() - 29; // 0..=2 for man in 1..=7
-                let e = 127 - 6 - 1 - lz; // 2^(-7 - lz)
-                let m = (man << (lz + 1)) & 7;
-                sign | (e << 23) | (m << 20)
-            }
-        } else {
-            sign | ((exp + 127 - 7) << 23) | (man << 20)
-        };
-        t[b] = f32::from_bits(bits);
-        b += 1;
-    }
-    t
-}
+/// f32 value of every FP8 E4M3 byte (the kernels' table, checked there against the format).
+pub use moe_kernels::E4M3_TO_F32 as E4M3;
 
 /// An FP8 weight `[n, k]` with one scale per `block[0] x block[1]` block, `scales` row-major
 /// over the grid `[ceil(n / block[0]), ceil(k / block[1])]` (edge blocks may be partial).
@@ -197,47 +178,723 @@ impl Bnb4<'_> {
     }
 }
 
+/// What `quantization_config` says about a checkpoint stored pre-quantized (the formats this
+/// runtime reads; every other method is refused by [`PrequantConfig::parse`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum PrequantConfig {
+    /// `quant_method = "fp8"`: `X.weight` in F8_E4M3 with `X.weight_scale_inv` per block.
+    Fp8 {
+        /// `weight_block_size` `[rows, cols]`; absent means one scale per tensor.
+        block: Option<[usize; 2]>,
+        /// `modules_to_not_convert`: modules kept in their stored dtype.
+        not_convert: Vec<String>,
+    },
+    /// `quant_method = "bitsandbytes"` with `load_in_4bit`.
+    Bnb4 {
+        quant_type: Code4,
+        double_quant: bool,
+    },
+}
+
+/// The two bitsandbytes 4-bit code tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Code4 {
+    Nf4,
+    Fp4,
+}
+
+impl Code4 {
+    /// bitsandbytes' table (the one its quantizer stores as `quant_map`).
+    pub fn table(self) -> &'static [f32; 16] {
+        match self {
+            Code4::Nf4 => &moe_kernels::NF4_TABLE,
+            Code4::Fp4 => &moe_kernels::FP4_TABLE,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Code4::Nf4 => "nf4",
+            Code4::Fp4 => "fp4",
+        }
+    }
+}
+
+/// The formats this build reads, for error messages.
+const SUPPORTED: &str = "unquantized checkpoints (f32, bf16, f16), FP8 E4M3 with block scales \
+    (quant_method \"fp8\"), bitsandbytes 4-bit (nf4 / fp4, with or without double \
+    quantization); or quantize here with quantization = \"q8_0\" or \"q4_k\" (cached after the \
+    first start)";
+
+impl PrequantConfig {
+    /// Reads `quantization_config` (None when the checkpoint is not stored pre-quantized);
+    /// a method this build cannot read is an error naming it and what is supported.
+    pub fn parse(raw: &RawConfig) -> Result<Option<PrequantConfig>> {
+        let Some(q) = raw.value(&["quantization_config"]) else {
+            return Ok(None);
+        };
+        let bad = |why: String| {
+            Err(Error::bad_config(
+                &raw.path,
+                format!("field `quantization_config`: {why}"),
+            ))
+        };
+        let Some(q) = q.as_object() else {
+            return bad("not a JSON object".into());
+        };
+        let method = q
+            .get("quant_method")
+            .and_then(|m| m.as_str())
+            .unwrap_or("(no quant_method)");
+        let flag = |k: &str| q.get(k).and_then(|b| b.as_bool()) == Some(true);
+        let refuse = |detail: String| {
+            bad(format!(
+                "the weights are stored pre-quantized ({detail}), which this build does not \
+                 read; supported: {SUPPORTED}"
+            ))
+        };
+        match method {
+            "fp8" => {
+                if let Some(fmt) = q.get("fmt").and_then(|f| f.as_str()) {
+                    if fmt != "e4m3" {
+                        return refuse(format!("fp8 in format `{fmt}`"));
+                    }
+                }
+                let block = match q.get("weight_block_size") {
+                    None | Some(serde_json::Value::Null) => None,
+                    Some(v) => {
+                        let b: Option<Vec<usize>> = v.as_array().and_then(|a| {
+                            a.iter().map(|x| x.as_u64().map(|u| u as usize)).collect()
+                        });
+                        match b.as_deref() {
+                            Some(&[r, c]) if r > 0 && c > 0 => Some([r, c]),
+                            _ => {
+                                return bad(format!(
+                                    "`weight_block_size` must be two positive integers, found {v}"
+                                ))
+                            }
+                        }
+                    }
+                };
+                let not_convert = match q.get("modules_to_not_convert") {
+                    None | Some(serde_json::Value::Null) => Vec::new(),
+                    Some(v) => match v.as_array().and_then(|a| {
+                        a.iter()
+                            .map(|x| x.as_str().map(str::to_string))
+                            .collect::<Option<Vec<_>>>()
+                    }) {
+                        Some(list) => list,
+                        None => {
+                            return bad("`modules_to_not_convert` must be a list of strings".into())
+                        }
+                    },
+                };
+                Ok(Some(PrequantConfig::Fp8 { block, not_convert }))
+            }
+            "bitsandbytes" if flag("load_in_8bit") => refuse("bitsandbytes 8-bit".into()),
+            "bitsandbytes" => {
+                let t = q
+                    .get("bnb_4bit_quant_type")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("fp4");
+                if !flag("load_in_4bit") {
+                    return refuse(format!(
+                        "bitsandbytes without load_in_4bit (quant type `{t}`)"
+                    ));
+                }
+                let quant_type = match t {
+                    "nf4" => Code4::Nf4,
+                    "fp4" => Code4::Fp4,
+                    other => return refuse(format!("bitsandbytes 4-bit `{other}`")),
+                };
+                Ok(Some(PrequantConfig::Bnb4 {
+                    quant_type,
+                    double_quant: flag("bnb_4bit_use_double_quant"),
+                }))
+            }
+            other => refuse(format!("`{other}`")),
+        }
+    }
+
+    /// A short description for logs: `fp8 e4m3, 128x128 blocks`, `bitsandbytes nf4, double quant`.
+    pub fn label(&self) -> String {
+        match self {
+            PrequantConfig::Fp8 { block: Some(b), .. } => {
+                format!("fp8 e4m3, {}x{} blocks", b[0], b[1])
+            }
+            PrequantConfig::Fp8 { block: None, .. } => "fp8 e4m3, one scale per tensor".into(),
+            PrequantConfig::Bnb4 {
+                quant_type,
+                double_quant,
+            } => format!(
+                "bitsandbytes {}{}",
+                quant_type.name(),
+                if *double_quant { ", double quant" } else { "" }
+            ),
+        }
+    }
+}
+
+/// A stored pre-quantized 2-D weight `[n, k]` and what turns its codes into values: the scales
+/// and tables are views into the checkpoint, read only for the rows being converted.
+pub struct Source {
+    pub n: usize,
+    pub k: usize,
+    kind: Kind,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            Kind::Fp8 { block, .. } => {
+                write!(f, "fp8 [{}, {}] in {block:?} blocks", self.n, self.k)
+            }
+            Kind::Bnb4 { blocksize, .. } => {
+                write!(f, "bnb4 [{}, {}] in blocks of {blocksize}", self.n, self.k)
+            }
+        }
+    }
+}
+
+enum Kind {
+    Fp8 {
+        /// `[ceil(n / block[0]), ceil(k / block[1])]`, any float dtype.
+        scales: TensorRef,
+        block: [usize; 2],
+    },
+    Bnb4 {
+        blocksize: usize,
+        quant_map: [f32; 16],
+        /// The built-in table `quant_map` equals bit for bit, if any.
+        table: Option<Code4>,
+        absmax: Absmax,
+        /// Bytes of the code tables and the quant state in the files.
+        extra_bytes: usize,
+    },
+}
+
+enum Absmax {
+    /// One float per block.
+    Plain(TensorRef),
+    /// Double quantization: 8-bit codes into `map`, scaled per `nested_blocksize` codes.
+    Nested {
+        codes: TensorRef,
+        map: Box<[f32; 256]>,
+        nested: TensorRef,
+        nested_blocksize: usize,
+        offset: f32,
+    },
+}
+
+/// The scales a row range needs, read once per conversion.
+pub struct Resolved {
+    /// First scale-grid row (FP8) or first block (bnb) held in `scales`.
+    first: usize,
+    scales: Vec<f32>,
+}
+
+/// Lossless block types of the kernels: FP8 blocks of 128 with an f32 scale, 4-bit blocks of 64.
+const F8_BLOCK: usize = moe_kernels::QK_F8;
+const B4_BLOCK: usize = moe_kernels::QK_B4;
+
+impl Source {
+    /// Bytes of the tensors beside the codes (scales, code tables, quant state) in the files.
+    pub fn aux_bytes(&self) -> u64 {
+        let t = match &self.kind {
+            Kind::Fp8 { scales, .. } => scales.size_bytes(),
+            Kind::Bnb4 {
+                absmax,
+                extra_bytes,
+                ..
+            } => {
+                extra_bytes
+                    + match absmax {
+                        Absmax::Plain(a) => a.size_bytes(),
+                        Absmax::Nested { codes, nested, .. } => {
+                            codes.size_bytes() + nested.size_bytes()
+                        }
+                    }
+            }
+        };
+        t as u64
+    }
+
+    /// The bytes of the stored codes that rows `[r0, r1)` occupy.
+    pub fn byte_range(&self, r0: usize, r1: usize) -> std::ops::Range<usize> {
+        match self.kind {
+            Kind::Fp8 { .. } => r0 * self.k..r1 * self.k,
+            Kind::Bnb4 { .. } => (r0 * self.k) / 2..(r1 * self.k).div_ceil(2),
+        }
+    }
+
+    /// The type that holds this weight without any loss and the kernels compute with: the
+    /// format's own blocks when rows fall on whole blocks, f32 otherwise.
+    pub fn lossless(&self) -> Dtype {
+        match &self.kind {
+            Kind::Fp8 { block, .. } => {
+                if self.k.is_multiple_of(F8_BLOCK) && block[1].is_multiple_of(F8_BLOCK) {
+                    Dtype::F8B128
+                } else {
+                    Dtype::F32
+                }
+            }
+            Kind::Bnb4 {
+                blocksize, table, ..
+            } => match table {
+                Some(t)
+                    if self.k.is_multiple_of(B4_BLOCK) && blocksize.is_multiple_of(B4_BLOCK) =>
+                {
+                    match t {
+                        Code4::Nf4 => Dtype::Nf4,
+                        Code4::Fp4 => Dtype::Fp4,
+                    }
+                }
+                _ => Dtype::F32,
+            },
+        }
+    }
+
+    /// Reads the scales rows `[r0, r1)` use.
+    pub fn resolve(&self, r0: usize, r1: usize) -> Result<Resolved> {
+        if r0 >= r1 {
+            return Ok(Resolved {
+                first: 0,
+                scales: Vec::new(),
+            });
+        }
+        match &self.kind {
+            Kind::Fp8 { scales, block } => {
+                let (g0, g1) = (r0 / block[0], (r1 - 1) / block[0] + 1);
+                let view = if scales.shape.len() == 2 {
+                    scales.narrow(g0, g1 - g0)
+                } else {
+                    scales.clone()
+                };
+                Ok(Resolved {
+                    first: g0,
+                    scales: view.to_f32_vec()?,
+                })
+            }
+            Kind::Bnb4 {
+                blocksize, absmax, ..
+            } => {
+                let (b0, b1) = (r0 * self.k / blocksize, (r1 * self.k).div_ceil(*blocksize));
+                let scales = match absmax {
+                    Absmax::Plain(t) => t.narrow(b0, b1 - b0).to_f32_vec()?,
+                    Absmax::Nested {
+                        codes,
+                        map,
+                        nested,
+                        nested_blocksize,
+                        offset,
+                    } => {
+                        let c = codes.narrow(b0, b1 - b0).read_copy()?;
+                        let (n0, n1) = (b0 / nested_blocksize, (b1 - 1) / nested_blocksize + 1);
+                        let nest = nested.narrow(n0, n1 - n0).to_f32_vec()?;
+                        c.bytes()
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &code)| {
+                                let b = b0 + i;
+                                map[code as usize] * nest[b / nested_blocksize - n0] + *offset
+                            })
+                            .collect()
+                    }
+                };
+                Ok(Resolved { first: b0, scales })
+            }
+        }
+    }
+
+    /// Row `r` (of the whole tensor) as f32 into `out` (`k` values); `codes` are the stored
+    /// bytes starting at `byte_range(base, _).start`, `res` resolved for a range holding `r`.
+    pub fn row_to_f32(&self, res: &Resolved, codes: &[u8], base: usize, r: usize, out: &mut [f32]) {
+        debug_assert_eq!(out.len(), self.k);
+        let skip = self.byte_range(base, base).start;
+        match &self.kind {
+            Kind::Fp8 { block, .. } => {
+                let gk = self.k.div_ceil(block[1]);
+                let srow = &res.scales[(r / block[0] - res.first) * gk..][..gk];
+                let c = &codes[r * self.k - skip..][..self.k];
+                for ((o, c), &s) in out.chunks_mut(block[1]).zip(c.chunks(block[1])).zip(srow) {
+                    for (x, &b) in o.iter_mut().zip(c) {
+                        *x = E4M3[b as usize] * s;
+                    }
+                }
+            }
+            Kind::Bnb4 {
+                blocksize,
+                quant_map,
+                ..
+            } => {
+                let e0 = r * self.k;
+                for (j, x) in out.iter_mut().enumerate() {
+                    let e = e0 + j;
+                    let byte = codes[e / 2 - skip];
+                    let code = if e.is_multiple_of(2) {
+                        byte >> 4
+                    } else {
+                        byte & 0xF
+                    };
+                    *x = quant_map[code as usize] * res.scales[e / blocksize - res.first];
+                }
+            }
+        }
+    }
+
+    /// Row `r` repacked into the lossless block type ([`Source::lossless`], not f32): the same
+    /// codes and scales, no value changes. Arguments as for [`Source::row_to_f32`].
+    pub fn pack_row(&self, res: &Resolved, codes: &[u8], base: usize, r: usize, dst: &mut [u8]) {
+        let skip = self.byte_range(base, base).start;
+        match &self.kind {
+            Kind::Fp8 { block, .. } => {
+                let gk = self.k.div_ceil(block[1]);
+                let srow = &res.scales[(r / block[0] - res.first) * gk..][..gk];
+                let c = &codes[r * self.k - skip..][..self.k];
+                let out = F8_BLOCK + 4;
+                for (b, (d, q)) in dst
+                    .chunks_exact_mut(out)
+                    .zip(c.chunks_exact(F8_BLOCK))
+                    .enumerate()
+                {
+                    let s = srow[b * F8_BLOCK / block[1]];
+                    d[..4].copy_from_slice(&s.to_le_bytes());
+                    d[4..].copy_from_slice(q);
+                }
+            }
+            Kind::Bnb4 { blocksize, .. } => {
+                let e0 = r * self.k;
+                let out = B4_BLOCK / 2 + 4;
+                for (b, d) in dst.chunks_exact_mut(out).enumerate() {
+                    let e = e0 + b * B4_BLOCK;
+                    let s = res.scales[e / blocksize - res.first];
+                    d[..4].copy_from_slice(&s.to_le_bytes());
+                    d[4..].copy_from_slice(&codes[e / 2 - skip..][..B4_BLOCK / 2]);
+                }
+            }
+        }
+    }
+}
+
+/// Opens tensor `name` (already known to be stored pre-quantized: F8_E4M3, or U8 with an
+/// `.absmax` beside it) with the tensors that describe it, all checked against each other.
+/// `shape` is the logical shape the model expects.
+pub(crate) fn open(
+    ws: &WeightSet,
+    name: &str,
+    shape: Option<&[usize]>,
+    codes: TensorRef,
+    config: Option<&PrequantConfig>,
+) -> Result<TensorRef> {
+    let path = (*codes.path).clone();
+    let bad = |why: String| Err(Error::bad_file(&path, format!("tensor `{name}`: {why}")));
+    if codes.dtype == Dtype::F8E4M3 {
+        if codes.shape.len() != 2 {
+            return bad(format!(
+                "FP8 weights must be 2-D, found shape {:?}",
+                codes.shape
+            ));
+        }
+        let (n, k) = (codes.shape[0], codes.shape[1]);
+        if let Some(s) = shape {
+            if s != codes.shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    name: name.to_string(),
+                    path,
+                    expected: s.to_vec(),
+                    found: codes.shape.clone(),
+                });
+            }
+        }
+        let scale_name = format!("{name}_scale_inv");
+        if !ws.contains(&scale_name) {
+            return bad(format!(
+                "stored as F8_E4M3 but `{scale_name}` (its block scales) is missing"
+            ));
+        }
+        let scales = ws.get(&scale_name, None)?;
+        if !matches!(scales.dtype, Dtype::F32 | Dtype::Bf16 | Dtype::F16) {
+            return bad(format!(
+                "`{scale_name}` has dtype {}, expected a float type",
+                scales.dtype.name()
+            ));
+        }
+        // The file decides what is quantized (`modules_to_not_convert` only says what the
+        // writer skipped): an F8_E4M3 weight with its scales is read as one.
+        let block = match config {
+            Some(PrequantConfig::Fp8 { block, .. }) => *block,
+            _ => None,
+        };
+        let block = match block {
+            Some(b) => b,
+            None if scales.numel() == 1 => [n.max(1), k.max(1)],
+            None => {
+                return bad(format!(
+                    "has a {:?} scale grid but `quantization_config` gives no \
+                     `weight_block_size`",
+                    scales.shape
+                ))
+            }
+        };
+        let grid = Fp8Blocks::grid(n, k, block);
+        let ok = if scales.shape.len() == 2 {
+            scales.shape == grid
+        } else {
+            scales.numel() == 1 && grid == [1, 1]
+        };
+        if !ok {
+            return bad(format!(
+                "`{scale_name}` has shape {:?}; [{n}, {k}] in {block:?} blocks needs {grid:?}",
+                scales.shape
+            ));
+        }
+        let src = Source {
+            n,
+            k,
+            kind: Kind::Fp8 { scales, block },
+        };
+        return Ok(codes.with_source(Arc::new(src), vec![n, k]));
+    }
+
+    // bitsandbytes 4-bit.
+    let part = |suffix: &str| format!("{name}.{suffix}");
+    let state_name = [
+        "quant_state.bitsandbytes__nf4",
+        "quant_state.bitsandbytes__fp4",
+    ]
+    .iter()
+    .map(|s| part(s))
+    .find(|n| ws.contains(n));
+    let Some(state_name) = state_name else {
+        return bad(format!(
+            "stored as bitsandbytes 4-bit (`{}` exists) but `{}` is missing",
+            part("absmax"),
+            part("quant_state.bitsandbytes__nf4")
+        ));
+    };
+    let state_bytes = ws.get(&state_name, None)?.read_copy()?;
+    let state: serde_json::Value = serde_json::from_slice(state_bytes.bytes())
+        .map_err(|e| Error::bad_file(&path, format!("`{state_name}` is not valid JSON: {e}")))?;
+    let field_usize = |k: &str| state.get(k).and_then(|v| v.as_u64()).map(|u| u as usize);
+    let Some(blocksize) = field_usize("blocksize").filter(|&b| b > 0) else {
+        return bad(format!("`{state_name}` has no positive `blocksize`"));
+    };
+    let logical: Option<Vec<usize>> = state.get("shape").and_then(|s| {
+        s.as_array()?
+            .iter()
+            .map(|x| x.as_u64().map(|u| u as usize))
+            .collect()
+    });
+    let Some(logical) = logical.filter(|s| s.len() == 2) else {
+        return bad(format!(
+            "`{state_name}` must give a 2-D `shape`, found {}",
+            state.get("shape").map_or("none".into(), |s| s.to_string())
+        ));
+    };
+    if let Some(s) = shape {
+        if s != logical.as_slice() {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                path,
+                expected: s.to_vec(),
+                found: logical,
+            });
+        }
+    }
+    let (n, k) = (logical[0], logical[1]);
+    let numel = n * k;
+    if codes.size_bytes() != numel.div_ceil(2) {
+        return bad(format!(
+            "{} packed bytes for shape [{n}, {k}] (expected {})",
+            codes.size_bytes(),
+            numel.div_ceil(2)
+        ));
+    }
+    let small_f32 = |suffix: &str, len: usize| -> Result<Vec<f32>> {
+        let t = ws.get(&part(suffix), None)?;
+        if !matches!(t.dtype, Dtype::F32 | Dtype::Bf16 | Dtype::F16) || t.numel() != len {
+            return Err(Error::bad_file(
+                &path,
+                format!(
+                    "tensor `{}`: {} {:?}, expected {len} float values",
+                    part(suffix),
+                    t.dtype.name(),
+                    t.shape
+                ),
+            ));
+        }
+        t.read_copy()?.to_f32_vec()
+    };
+    let qm = small_f32("quant_map", 16)?;
+    let mut quant_map = [0f32; 16];
+    quant_map.copy_from_slice(&qm);
+    let table = [Code4::Nf4, Code4::Fp4].into_iter().find(|c| {
+        c.table()
+            .iter()
+            .zip(&quant_map)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    });
+    let blocks = numel.div_ceil(blocksize);
+    let absmax_t = ws.get(&part("absmax"), None)?;
+    if absmax_t.numel() != blocks {
+        return bad(format!(
+            "`{}` holds {} values for {blocks} blocks of {blocksize}",
+            part("absmax"),
+            absmax_t.numel()
+        ));
+    }
+    let absmax = if ws.contains(&part("nested_absmax")) {
+        if absmax_t.dtype != Dtype::U8 {
+            return bad(format!(
+                "double-quantized, but `{}` is {} rather than U8 codes",
+                part("absmax"),
+                absmax_t.dtype.name()
+            ));
+        }
+        let Some(nested_blocksize) = field_usize("nested_blocksize").filter(|&b| b > 0) else {
+            return bad(format!("`{state_name}` has no positive `nested_blocksize`"));
+        };
+        let offset = state
+            .get("nested_offset")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0) as f32;
+        let m = small_f32("nested_quant_map", 256)?;
+        let mut map = Box::new([0f32; 256]);
+        map.copy_from_slice(&m);
+        let nested = ws.get(&part("nested_absmax"), None)?;
+        if !matches!(nested.dtype, Dtype::F32 | Dtype::Bf16 | Dtype::F16)
+            || nested.numel() != blocks.div_ceil(nested_blocksize)
+        {
+            return bad(format!(
+                "`{}` is {} {:?}, expected {} float values",
+                part("nested_absmax"),
+                nested.dtype.name(),
+                nested.shape,
+                blocks.div_ceil(nested_blocksize)
+            ));
+        }
+        Absmax::Nested {
+            codes: absmax_t.flat(),
+            map,
+            nested: nested.flat(),
+            nested_blocksize,
+            offset,
+        }
+    } else {
+        if !matches!(absmax_t.dtype, Dtype::F32 | Dtype::Bf16 | Dtype::F16) {
+            return bad(format!(
+                "`{}` is {}, expected a float type (or U8 codes with `{}`)",
+                part("absmax"),
+                absmax_t.dtype.name(),
+                part("nested_absmax")
+            ));
+        }
+        Absmax::Plain(absmax_t.flat())
+    };
+    let src = Source {
+        n,
+        k,
+        kind: Kind::Bnb4 {
+            blocksize,
+            quant_map,
+            table,
+            absmax,
+            extra_bytes: [
+                "quant_map",
+                "nested_quant_map",
+                &state_name[name.len() + 1..],
+            ]
+            .iter()
+            .filter_map(|suffix| ws.info(&part(suffix)))
+            .map(|i| i.size_bytes())
+            .sum(),
+        },
+    };
+    Ok(codes.with_source(Arc::new(src), logical))
+}
+
+/// The error a conversion of pre-quantized weights to another type adds, against their exact
+/// values, summed over every converted value (shared by the threads converting).
+#[derive(Debug, Default)]
+pub struct ConversionError {
+    /// f64 bits of the sum of squared errors.
+    sq_err: std::sync::atomic::AtomicU64,
+    /// f64 bits of the sum of squared exact values.
+    sq_ref: std::sync::atomic::AtomicU64,
+    /// f32 bits of the largest absolute error.
+    max_abs: std::sync::atomic::AtomicU32,
+    values: std::sync::atomic::AtomicU64,
+}
+
+/// What [`ConversionError`] measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ErrorSummary {
+    /// sqrt(sum err² / sum exact²).
+    pub rel_rms: f64,
+    pub max_abs: f32,
+    pub values: u64,
+}
+
+impl std::fmt::Display for ErrorSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "relative RMS error {:.3} %, max abs error {:.3e} over {} values",
+            self.rel_rms * 100.0,
+            self.max_abs,
+            self.values
+        )
+    }
+}
+
+impl ConversionError {
+    /// Adds one row: its exact values and what the conversion gives back.
+    pub fn add(&self, exact: &[f32], got: &[f32]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (mut e2, mut r2, mut mx) = (0f64, 0f64, 0f32);
+        for (&a, &b) in exact.iter().zip(got) {
+            let d = a - b;
+            e2 += d as f64 * d as f64;
+            r2 += a as f64 * a as f64;
+            mx = mx.max(d.abs());
+        }
+        let add = |cell: &std::sync::atomic::AtomicU64, v: f64| {
+            let _ = cell.fetch_update(Relaxed, Relaxed, |b| {
+                Some((f64::from_bits(b) + v).to_bits())
+            });
+        };
+        add(&self.sq_err, e2);
+        add(&self.sq_ref, r2);
+        // Non-negative f32s order like their bits.
+        self.max_abs.fetch_max(mx.to_bits(), Relaxed);
+        self.values.fetch_add(exact.len() as u64, Relaxed);
+    }
+
+    /// The totals, or None when nothing was added.
+    pub fn summary(&self) -> Option<ErrorSummary> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let values = self.values.load(Relaxed);
+        (values > 0).then(|| {
+            let (e2, r2) = (
+                f64::from_bits(self.sq_err.load(Relaxed)),
+                f64::from_bits(self.sq_ref.load(Relaxed)),
+            );
+            ErrorSummary {
+                rel_rms: if r2 > 0.0 { (e2 / r2).sqrt() } else { 0.0 },
+                max_abs: f32::from_bits(self.max_abs.load(Relaxed)),
+                values,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "prequant_tests.rs"]
+mod source_tests;
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn e4m3_known_values() {
-        let cases: [(u8, f32); 12] = [
-            (0x00, 0.0),
-            (0x38, 1.0),
-            (0x3C, 1.5),
-            (0x40, 2.0),
-            (0x7E, 448.0),
-            (0x08, 2f32.powi(-6)),
-            (0x01, 2f32.powi(-9)),
-            (0x02, 2f32.powi(-8)),
-            (0x03, 3.0 * 2f32.powi(-9)),
-            (0x07, 7.0 * 2f32.powi(-9)),
-            (0xB8, -1.0),
-            (0xFE, -448.0),
-        ];
-        for (b, v) in cases {
-            assert_eq!(E4M3[b as usize], v, "{b:#04x}");
-        }
-        assert_eq!(E4M3[0x80].to_bits(), (-0.0f32).to_bits());
-        assert!(E4M3[0x7F].is_nan() && E4M3[0xFF].is_nan());
-        assert_eq!(E4M3.iter().filter(|v| v.is_nan()).count(), 2);
-        // Every other value: (-1)^s * 2^(e-7) * (1 + m/8), or m/8 * 2^-6 when e = 0.
-        for (b, &got) in E4M3.iter().enumerate() {
-            let (s, e, m) = (b >> 7, (b >> 3) & 15, b & 7);
-            if e == 15 && m == 7 {
-                continue;
-            }
-            let mag = if e == 0 {
-                m as f64 / 8.0 * 2f64.powi(-6)
-            } else {
-                (1.0 + m as f64 / 8.0) * 2f64.powi(e as i32 - 7)
-            };
-            let want = if s == 1 { -mag } else { mag };
-            assert_eq!(got as f64, want, "{b:#04x}");
-        }
-    }
 
     #[test]
     fn fp8_blocks_scale_each_block_including_ragged_edges() {
@@ -279,25 +936,7 @@ mod tests {
         );
     }
 
-    /// bitsandbytes' NF4 code table (the one its quantizer stores as `quant_map`).
-    const NF4: [f32; 16] = [
-        -1.0,
-        -0.696_192_8,
-        -0.525_073_05,
-        -0.394_917_5,
-        -0.284_441_38,
-        -0.184_773_43,
-        -0.091_050_036,
-        0.0,
-        0.079_580_3,
-        0.160_930_2,
-        0.246_112_3,
-        0.337_915_24,
-        0.440_709_83,
-        0.562_617,
-        0.722_956_84,
-        1.0,
-    ];
+    use moe_kernels::NF4_TABLE as NF4;
 
     #[test]
     fn bnb4_high_nibble_first_flat_blocks_and_a_partial_tail() {

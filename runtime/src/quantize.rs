@@ -31,6 +31,16 @@ pub struct QuantReport {
     /// Tensors that keep their source type because their rows do not fit the block size.
     pub kept: Vec<String>,
     pub quantized_tensors: usize,
+    /// Pre-quantized weights among them (converted whatever `quantization` says).
+    pub prequant_tensors: usize,
+    /// Bytes conversions add to the resident weights and to the experts (a pre-quantized
+    /// weight can grow: its scales widened to f32 beside the codes, or dequantized to f32 when
+    /// its rows do not fall on whole blocks).
+    pub resident_added_bytes: u64,
+    pub expert_added_bytes: u64,
+    /// What converting pre-quantized weights to the requested quantization changed against
+    /// their exact values (the real pass only; None when nothing lossy was done).
+    pub prequant_error: Option<crate::prequant::ErrorSummary>,
 }
 
 /// What the expert projections become: one type for every expert, or per-expert precision
@@ -103,11 +113,27 @@ impl ExpertTypes {
 }
 
 /// The type tensor `t` takes under `q` (its own type when `q` changes nothing or its rows do
-/// not fit the block size).
+/// not fit the block size). A pre-quantized weight always changes type: to `q`'s when it
+/// applies, else to the type that holds it without loss.
 pub fn target_dtype(t: &TensorRef, q: Quantization) -> Dtype {
+    if let Some(lossless) = t.lossless_dtype() {
+        return match target(q) {
+            Some(to) if t.converted_row_bytes(to).is_some() => to,
+            _ => lossless,
+        };
+    }
     match target(q) {
         Some(to) if size_as(t, to).is_some() && t.dtype != to => to,
         _ => t.dtype,
+    }
+}
+
+/// The type a resident tensor takes: projections follow `resident`, kept tensors keep their
+/// stored type (a pre-quantized one its lossless type: routers stay exact).
+pub fn resident_target(t: &TensorRef, role: ResidentRole, resident: Quantization) -> Dtype {
+    match role {
+        ResidentRole::Projection => target_dtype(t, resident),
+        ResidentRole::Kept => target_dtype(t, Quantization::None),
     }
 }
 
@@ -125,6 +151,11 @@ fn size_as(t: &TensorRef, to: Dtype) -> Option<u64> {
     if t.shape.len() != 2 {
         return None;
     }
+    if t.is_prequant() {
+        return t
+            .converted_row_bytes(to)
+            .map(|r| r as u64 * t.shape[0] as u64);
+    }
     let (n, k) = (t.shape[0] as u64, t.shape[1] as u64);
     match to {
         Dtype::Bf16 if t.dtype != Dtype::Bf16 => Some(n * k * 2),
@@ -139,9 +170,28 @@ fn size_as(t: &TensorRef, to: Dtype) -> Option<u64> {
 fn decide(
     t: &TensorRef,
     to: Option<Dtype>,
-    saved: &mut u64,
+    (saved, added): (&mut u64, &mut u64),
     report: &mut QuantReport,
 ) -> Option<Dtype> {
+    if t.is_prequant() {
+        // Always converted: to the requested type when it applies, else without loss.
+        let q = match to {
+            Some(Dtype::Bf16) => Quantization::Bf16,
+            Some(Dtype::Q8_0) => Quantization::Q8_0,
+            Some(Dtype::Q4K) => Quantization::Q4K,
+            _ => Quantization::None,
+        };
+        let to = target_dtype(t, q);
+        let new = size_as(t, to).unwrap_or(t.size_bytes() as u64);
+        *added += new.saturating_sub(t.size_bytes() as u64);
+        *saved += (t.size_bytes() as u64).saturating_sub(new);
+        report.quantized_tensors += 1;
+        report.prequant_tensors += 1;
+        if q != Quantization::None && to != target(q).unwrap_or(to) {
+            report.kept.push(t.name.clone());
+        }
+        return Some(to);
+    }
     let to = to?;
     if t.dtype == to {
         return None;
@@ -230,9 +280,18 @@ fn resident_linears<'a>(
 /// in model order: the embedding table first, then per layer, then the head. A head tied to
 /// the embedding is listed (as `Kept`) with the embedding's name.
 pub(crate) fn resident_tensors(w: &mut ModelWeights) -> Vec<(&mut TensorRef, ResidentRole)> {
-    let embed_name = w.embed.name.clone();
-    let mut out = vec![(&mut w.embed, ResidentRole::Kept)];
-    for (l, role) in resident_linears(&mut w.layers, &mut w.lm_head) {
+    resident_tensors_of(&mut w.embed, &mut w.layers, &mut w.lm_head)
+}
+
+/// [`resident_tensors`] over the fields it reads, leaving the experts free to borrow beside them.
+fn resident_tensors_of<'a>(
+    embed: &'a mut TensorRef,
+    layers: &'a mut [DecoderLayer],
+    lm_head: &'a mut Linear,
+) -> Vec<(&'a mut TensorRef, ResidentRole)> {
+    let embed_name = embed.name.clone();
+    let mut out = vec![(embed, ResidentRole::Kept)];
+    for (l, role) in resident_linears(layers, lm_head) {
         let role = if l.weight.name == embed_name {
             ResidentRole::Kept
         } else {
@@ -255,30 +314,35 @@ pub fn quantize_model(
     let embed_name = w.embed.name.clone();
     // Every tensor that changes, with its new type, in model order.
     let mut jobs: Vec<(&mut TensorRef, Dtype)> = Vec::new();
-    let mut saved = 0;
-    for l in linears_of(&mut w.layers, &mut w.lm_head) {
+    let (mut saved, mut added) = (0, 0);
+    for (t, role) in resident_tensors_of(&mut w.embed, &mut w.layers, &mut w.lm_head) {
         // A tied head is the embedding table itself: quantizing it would also need a quantized
-        // row lookup; keep it as stored.
-        if l.weight.name == embed_name {
-            continue;
-        }
-        if let Some(to) = decide(&l.weight, rt, &mut saved, &mut report) {
-            jobs.push((&mut l.weight, to));
+        // row lookup; keep it as stored. Kept tensors keep their type (a pre-quantized one is
+        // converted without loss).
+        let to = match role {
+            ResidentRole::Projection if t.name != embed_name => rt,
+            _ if t.is_prequant() => None,
+            _ => continue,
+        };
+        if let Some(to) = decide(t, to, (&mut saved, &mut added), &mut report) {
+            jobs.push((t, to));
         }
     }
     report.resident_saved_bytes = saved;
-    let mut saved = 0;
+    report.resident_added_bytes = added;
+    let (mut saved, mut added) = (0, 0);
     for (l, layer) in w.experts.iter_mut().enumerate() {
         for (i, e) in layer.iter_mut().enumerate() {
             let et = target(experts.of(l, i));
             for t in [&mut e.gate, &mut e.up, &mut e.down] {
-                if let Some(to) = decide(t, et, &mut saved, &mut report) {
+                if let Some(to) = decide(t, et, (&mut saved, &mut added), &mut report) {
                     jobs.push((t, to));
                 }
             }
         }
     }
     report.expert_saved_bytes = saved;
+    report.expert_added_bytes = added;
     if !report.kept.is_empty() {
         tracing::warn!(
             "{} tensor(s) keep their stored type: rows do not fit the block size (e.g. `{}`)",
@@ -291,10 +355,11 @@ pub fn quantize_model(
         // tensors (attention, narrow experts) keep every core busy. Every tensor's result is
         // independent of the others and of the thread count; the first error in model order
         // is the one reported.
+        let error = crate::prequant::ConversionError::default();
         let results: Vec<Result<()>> = jobs
             .into_par_iter()
             .map(|(t, to)| {
-                if let Some(q) = t.quantize(to)? {
+                if let Some(q) = t.quantize_measured(to, Some(&error))? {
                     // The source is no longer read: let its pages leave the resident set.
                     t.release_pages();
                     *t = q;
@@ -303,6 +368,12 @@ pub fn quantize_model(
             })
             .collect();
         results.into_iter().collect::<Result<()>>()?;
+        report.prequant_error = error.summary();
+        if let Some(e) = report.prequant_error {
+            tracing::info!(
+                "pre-quantized weights converted at load: {e} against their exact values"
+            );
+        }
     }
     Ok(report)
 }

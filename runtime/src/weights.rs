@@ -5,8 +5,11 @@
 //! the mapped bytes in the tensor's own dtype.
 //!
 //! Invariants:
-//! - Opening reads headers and small JSON files only. Nothing here allocates in proportion to the
-//!   total weights; tensor bytes are touched only when the compute reads them.
+//! - Opening reads headers and small JSON files only (and, for bitsandbytes 4-bit weights, their
+//!   code tables and quant state: a few hundred bytes each). Nothing here allocates in
+//!   proportion to the total weights; tensor bytes are touched only when the compute reads them.
+//! - A pre-quantized weight (FP8 codes with block scales, bitsandbytes 4-bit) is a view of its
+//!   stored codes with a [`crate::prequant::Source`]; it is converted before compute reads it.
 //! - Every tensor is bounds-checked against its file when the header is parsed: offsets inside the
 //!   data region, byte length equal to `numel * dtype size`.
 //! - With a `model.safetensors.index.json`, exactly the shards it names are opened, every shard it
@@ -47,6 +50,13 @@ pub enum Dtype {
     Q8_0,
     /// GGML Q4_K super-blocks (256 weights in 144 bytes); produced by quantizing at load.
     Q4K,
+    /// FP8 E4M3 codes in blocks of 128 with an f32 scale (132 bytes): an FP8 checkpoint's
+    /// weights repacked without loss.
+    F8B128,
+    /// bitsandbytes NF4 codes in blocks of 64 with an f32 scale (36 bytes), repacked without loss.
+    Nf4,
+    /// bitsandbytes FP4 codes in blocks of 64 with an f32 scale (36 bytes), repacked without loss.
+    Fp4,
 }
 
 impl Dtype {
@@ -79,7 +89,31 @@ impl Dtype {
             Dtype::F16 | Dtype::Bf16 | Dtype::I16 | Dtype::U16 => 2,
             Dtype::I8 | Dtype::U8 | Dtype::Bool | Dtype::F8E4M3 | Dtype::F8E5M2 => 1,
             // Block types have no per-element size; they never come from a safetensors header.
-            Dtype::Q8_0 | Dtype::Q4K => 0,
+            Dtype::Q8_0 | Dtype::Q4K | Dtype::F8B128 | Dtype::Nf4 | Dtype::Fp4 => 0,
+        }
+    }
+
+    /// For block types: (weights per block, bytes per block).
+    pub fn block(self) -> Option<(usize, usize)> {
+        use std::mem::size_of;
+        Some(match self {
+            Dtype::Q8_0 => (
+                moe_kernels::quant::QK8_0,
+                size_of::<moe_kernels::BlockQ8_0>(),
+            ),
+            Dtype::Q4K => (moe_kernels::quant::QK_K, size_of::<moe_kernels::BlockQ4K>()),
+            Dtype::F8B128 => (moe_kernels::QK_F8, size_of::<moe_kernels::BlockF8>()),
+            Dtype::Nf4 => (moe_kernels::QK_B4, size_of::<moe_kernels::BlockNf4>()),
+            Dtype::Fp4 => (moe_kernels::QK_B4, size_of::<moe_kernels::BlockFp4>()),
+            _ => return None,
+        })
+    }
+
+    /// Bytes of `n` weights in this type (`n` a multiple of the block size for block types).
+    pub fn bytes_for(self, n: usize) -> usize {
+        match self.block() {
+            Some((w, b)) => n / w * b,
+            None => n * self.size_bytes(),
         }
     }
 
@@ -103,6 +137,9 @@ impl Dtype {
             Dtype::F8E5M2 => "F8_E5M2",
             Dtype::Q8_0 => "Q8_0",
             Dtype::Q4K => "Q4_K",
+            Dtype::F8B128 => "F8_E4M3_B128",
+            Dtype::Nf4 => "NF4_B64",
+            Dtype::Fp4 => "FP4_B64",
         }
     }
 }
@@ -521,6 +558,17 @@ pub struct TensorRef {
     storage: Arc<Storage>,
     start: usize,
     end: usize,
+    /// Set for a weight stored pre-quantized (FP8, bitsandbytes 4-bit): `dtype` and the bytes
+    /// are the stored codes, `shape` the weight's, and the source says how codes become values.
+    /// Such a tensor is converted before any compute reads it.
+    prequant: Option<Prequant>,
+}
+
+/// A pre-quantized tensor's description and the first row this view starts at.
+#[derive(Clone)]
+struct Prequant {
+    src: Arc<crate::prequant::Source>,
+    row0: usize,
 }
 
 impl std::fmt::Debug for TensorRef {
@@ -602,18 +650,73 @@ impl TensorRef {
     /// Rows `[first, first + count)` of the leading dimension (a view, no copy).
     pub fn narrow(&self, first: usize, count: usize) -> TensorRef {
         assert!(first + count <= self.shape[0], "narrow out of range");
-        let row_bytes = self.size_bytes() / self.shape[0].max(1);
         let mut shape = self.shape.clone();
         shape[0] = count;
+        let name = format!("{}[{first}..{}]", self.name, first + count);
+        if let Some(p) = &self.prequant {
+            // Stored codes need not be whole bytes per row (4-bit, odd k): offsets come from
+            // the source, relative to where this view's bytes start.
+            let here = p.src.byte_range(p.row0, p.row0).start;
+            let r0 = p.row0 + first;
+            let want = p.src.byte_range(r0, r0 + count);
+            return TensorRef {
+                name,
+                shape,
+                start: self.start + (want.start - here),
+                end: self.start + (want.end - here),
+                prequant: Some(Prequant {
+                    src: p.src.clone(),
+                    row0: r0,
+                }),
+                ..self.clone()
+            };
+        }
+        let row_bytes = self.size_bytes() / self.shape[0].max(1);
         TensorRef {
-            name: format!("{}[{first}..{}]", self.name, first + count),
+            name,
             path: self.path.clone(),
             dtype: self.dtype,
             shape,
             storage: self.storage.clone(),
             start: self.start + first * row_bytes,
             end: self.start + (first + count) * row_bytes,
+            prequant: None,
         }
+    }
+
+    /// The same bytes as a 1-D tensor of all its elements (to take element ranges with
+    /// [`TensorRef::narrow`]).
+    pub(crate) fn flat(mut self) -> TensorRef {
+        self.shape = vec![self.numel()];
+        self
+    }
+
+    /// These stored codes as the pre-quantized weight `src` describes, of shape `shape`.
+    pub(crate) fn with_source(
+        mut self,
+        src: Arc<crate::prequant::Source>,
+        shape: Vec<usize>,
+    ) -> TensorRef {
+        self.shape = shape;
+        self.prequant = Some(Prequant { src, row0: 0 });
+        self
+    }
+
+    /// Bytes of the tensors that describe a pre-quantized weight's codes (scales, tables), read
+    /// only while converting it; 0 for any other tensor.
+    pub fn prequant_aux_bytes(&self) -> u64 {
+        self.prequant.as_ref().map_or(0, |p| p.src.aux_bytes())
+    }
+
+    /// Whether this is a pre-quantized weight still in its stored form.
+    pub fn is_prequant(&self) -> bool {
+        self.prequant.is_some()
+    }
+
+    /// For a pre-quantized weight: the type that holds it without loss (its own blocks
+    /// repacked, or f32).
+    pub fn lossless_dtype(&self) -> Option<Dtype> {
+        self.prequant.as_ref().map(|p| p.src.lossless())
     }
 
     fn squeeze_first(mut self) -> TensorRef {
@@ -624,8 +727,19 @@ impl TensorRef {
     /// Ensures the view is usable as typed compute weights: f32/bf16/f16 and aligned to the
     /// element size. A misaligned tensor (legal in safetensors, rare in practice) is copied once.
     pub fn into_compute(self) -> Result<TensorRef> {
+        if self.prequant.is_some() {
+            // Converted (to its lossless type or the requested quantization) before use.
+            return Ok(self);
+        }
         match self.dtype {
-            Dtype::F32 | Dtype::Bf16 | Dtype::F16 | Dtype::Q8_0 | Dtype::Q4K => {}
+            Dtype::F32
+            | Dtype::Bf16
+            | Dtype::F16
+            | Dtype::Q8_0
+            | Dtype::Q4K
+            | Dtype::F8B128
+            | Dtype::Nf4
+            | Dtype::Fp4 => {}
             other => {
                 return Err(Error::UnsupportedDtype {
                     name: self.name,
@@ -634,7 +748,10 @@ impl TensorRef {
                 })
             }
         }
-        let align = self.dtype.size_bytes();
+        let align = match self.dtype.block() {
+            Some(_) => 4,
+            None => self.dtype.size_bytes(),
+        };
         if self.is_virtual() || (self.bytes().as_ptr() as usize).is_multiple_of(align) {
             return Ok(self);
         }
@@ -687,12 +804,24 @@ impl TensorRef {
             storage: Arc::new(Storage::Words { words, len: n }),
             start: 0,
             end: n,
+            // A copy of stored codes is still pre-quantized; a conversion is not.
+            prequant: if dtype == self.dtype {
+                self.prequant.clone()
+            } else {
+                None
+            },
             ..self.clone()
         })
     }
 
-    /// Typed view for the kernels. Only valid after [`TensorRef::into_compute`].
+    /// Typed view for the kernels. Only valid after [`TensorRef::into_compute`], and never on
+    /// a pre-quantized weight still in its stored form (loading converts every one).
     pub fn weights(&self) -> Weights<'_> {
+        assert!(
+            self.prequant.is_none(),
+            "weights() on `{}` before its pre-quantized form was converted",
+            self.name
+        );
         let b = self.bytes();
         match self.dtype {
             Dtype::F32 => Weights::F32(cast_slice::<f32>(b)),
@@ -700,6 +829,9 @@ impl TensorRef {
             Dtype::F16 => Weights::F16(cast_slice::<f16>(b)),
             Dtype::Q8_0 => Weights::Q8_0(cast_slice::<moe_kernels::BlockQ8_0>(b)),
             Dtype::Q4K => Weights::Q4K(cast_slice::<moe_kernels::BlockQ4K>(b)),
+            Dtype::F8B128 => Weights::F8(cast_slice::<moe_kernels::BlockF8>(b)),
+            Dtype::Nf4 => Weights::Nf4(cast_slice::<moe_kernels::BlockNf4>(b)),
+            Dtype::Fp4 => Weights::Fp4(cast_slice::<moe_kernels::BlockFp4>(b)),
             _ => unreachable!("weights() on a non-float tensor (into_compute checks the dtype)"),
         }
     }
@@ -709,9 +841,13 @@ impl TensorRef {
     /// (the caller keeps the source type).
     pub fn converted_row_bytes(&self, to: Dtype) -> Option<usize> {
         let (block, block_bytes) = match to {
-            Dtype::Q8_0 => (32, std::mem::size_of::<moe_kernels::BlockQ8_0>()),
-            Dtype::Q4K => (256, std::mem::size_of::<moe_kernels::BlockQ4K>()),
+            Dtype::Q8_0 | Dtype::Q4K => to.block()?,
             Dtype::Bf16 => (1, 2),
+            // A pre-quantized weight also converts to f32 and to its own lossless blocks.
+            Dtype::F32 if self.prequant.is_some() => (1, 4),
+            Dtype::F8B128 | Dtype::Nf4 | Dtype::Fp4 if self.lossless_dtype() == Some(to) => {
+                to.block()?
+            }
             _ => return None,
         };
         if self.dtype == to || self.shape.len() != 2 || self.is_virtual() {
@@ -729,48 +865,55 @@ impl TensorRef {
     /// thread count. Panics when `to` does not apply or `dst` has the wrong length (callers
     /// check [`Self::converted_row_bytes`] first).
     pub fn convert_into(&self, to: Dtype, dst: &mut [u8]) -> Result<()> {
+        self.convert_into_measured(to, dst, None)
+    }
+
+    /// [`TensorRef::convert_into`], adding to `error` what converting a pre-quantized weight
+    /// to another type than its lossless one changes (each row decoded back and compared with
+    /// its exact values).
+    pub fn convert_into_measured(
+        &self,
+        to: Dtype,
+        dst: &mut [u8],
+        error: Option<&crate::prequant::ConversionError>,
+    ) -> Result<()> {
         use rayon::prelude::*;
         let row_bytes = self
             .converted_row_bytes(to)
             .expect("convert_into: conversion does not apply");
         let (n, k) = (self.shape[0], self.shape[1]);
         assert_eq!(dst.len(), n * row_bytes, "convert_into: destination size");
+        if let Some(p) = &self.prequant {
+            let (src, r0) = (&p.src, p.row0);
+            let res = src.resolve(r0, r0 + n)?;
+            let codes = self.bytes();
+            // The lossless block form is a copy of codes and scales; anything else goes
+            // through the exact f32 values.
+            let repack = Some(to) == self.lossless_dtype() && to.block().is_some();
+            let error = error.filter(|_| !repack && to != Dtype::F32);
+            dst.par_chunks_mut(row_bytes).enumerate().for_each_init(
+                || (vec![0f32; k], vec![0f32; k]),
+                |(row, back), (r, dst)| {
+                    if repack {
+                        src.pack_row(&res, codes, r0, r0 + r, dst);
+                        return;
+                    }
+                    src.row_to_f32(&res, codes, r0, r0 + r, row);
+                    encode_row(row, to, dst);
+                    if let Some(error) = error {
+                        decode_row(dst, to, back);
+                        error.add(row, back);
+                    }
+                },
+            );
+            return Ok(());
+        }
         let src = self.clone().into_compute()?;
         dst.par_chunks_mut(row_bytes).enumerate().for_each_init(
             || vec![0f32; k],
             |row, (r, dst)| {
                 moe_kernels::row_to_f32(src.weights(), r, k, row);
-                match to {
-                    Dtype::Bf16 => {
-                        for (d, x) in dst.chunks_exact_mut(2).zip(row.iter()) {
-                            d.copy_from_slice(&bf16::from_f32(*x).to_le_bytes());
-                        }
-                    }
-                    Dtype::Q8_0 => {
-                        let mut blocks = vec![
-                            moe_kernels::BlockQ8_0 {
-                                d: f16::ZERO,
-                                qs: [0; 32]
-                            };
-                            k / 32
-                        ];
-                        moe_kernels::quant::quantize_row_q8_0(row, &mut blocks);
-                        dst.copy_from_slice(block_bytes(&blocks));
-                    }
-                    _ => {
-                        let mut blocks = vec![
-                            moe_kernels::BlockQ4K {
-                                d: f16::ZERO,
-                                dmin: f16::ZERO,
-                                scales: [0; 12],
-                                qs: [0; 128]
-                            };
-                            k / 256
-                        ];
-                        moe_kernels::quant::quantize_row_q4_k(row, &mut blocks);
-                        dst.copy_from_slice(block_bytes(&blocks));
-                    }
-                }
+                encode_row(row, to, dst);
             },
         );
         Ok(())
@@ -780,10 +923,20 @@ impl TensorRef {
     /// length is not a multiple of the block size (the caller keeps the source type).
     /// Rows are quantized in parallel; the result does not depend on the thread count.
     pub fn quantize(&self, to: Dtype) -> Result<Option<TensorRef>> {
+        self.quantize_measured(to, None)
+    }
+
+    /// [`TensorRef::quantize`] adding the error of a pre-quantized weight's conversion to
+    /// `error` (see [`TensorRef::convert_into_measured`]).
+    pub fn quantize_measured(
+        &self,
+        to: Dtype,
+        error: Option<&crate::prequant::ConversionError>,
+    ) -> Result<Option<TensorRef>> {
         if self.converted_row_bytes(to).is_none() {
             return Ok(None);
         }
-        self.owned_as(to, |dst| self.convert_into(to, dst))
+        self.owned_as(to, |dst| self.convert_into_measured(to, dst, error))
             .map(Some)
     }
 
@@ -810,6 +963,7 @@ impl TensorRef {
             storage,
             start,
             end,
+            prequant: None,
         }
     }
 
@@ -817,6 +971,14 @@ impl TensorRef {
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         if self.is_virtual() {
             return Ok(vec![0.0; self.numel()]);
+        }
+        if self.prequant.is_some() && self.shape.len() == 2 {
+            let mut out = vec![0u8; self.numel() * 4];
+            self.convert_into(Dtype::F32, &mut out)?;
+            return Ok(out
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect());
         }
         let t = self.clone().into_compute()?;
         let n = t.numel();
@@ -826,6 +988,65 @@ impl TensorRef {
         }
         Ok(out)
     }
+}
+
+/// One row of f32 values written as `to` (f32, bf16, q8_0 or q4_k) into `dst`.
+fn encode_row(row: &[f32], to: Dtype, dst: &mut [u8]) {
+    let k = row.len();
+    match to {
+        Dtype::F32 => {
+            for (d, x) in dst.chunks_exact_mut(4).zip(row) {
+                d.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        Dtype::Bf16 => {
+            for (d, x) in dst.chunks_exact_mut(2).zip(row) {
+                d.copy_from_slice(&bf16::from_f32(*x).to_le_bytes());
+            }
+        }
+        Dtype::Q8_0 => {
+            let mut blocks = vec![
+                moe_kernels::BlockQ8_0 {
+                    d: f16::ZERO,
+                    qs: [0; 32]
+                };
+                k / 32
+            ];
+            moe_kernels::quant::quantize_row_q8_0(row, &mut blocks);
+            dst.copy_from_slice(block_bytes(&blocks));
+        }
+        Dtype::Q4K => {
+            let mut blocks = vec![
+                moe_kernels::BlockQ4K {
+                    d: f16::ZERO,
+                    dmin: f16::ZERO,
+                    scales: [0; 12],
+                    qs: [0; 128]
+                };
+                k / 256
+            ];
+            moe_kernels::quant::quantize_row_q4_k(row, &mut blocks);
+            dst.copy_from_slice(block_bytes(&blocks));
+        }
+        other => unreachable!("encode_row to {other:?}"),
+    }
+}
+
+/// One row written by [`encode_row`] read back as f32 (bf16, q8_0, q4_k).
+fn decode_row(bytes: &[u8], dtype: Dtype, out: &mut [f32]) {
+    let k = out.len();
+    let w = match dtype {
+        Dtype::Bf16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+            return;
+        }
+        Dtype::Q8_0 => Weights::Q8_0(cast_slice(bytes)),
+        Dtype::Q4K => Weights::Q4K(cast_slice(bytes)),
+        other => unreachable!("decode_row from {other:?}"),
+    };
+    moe_kernels::row_to_f32(w, 0, k, out);
 }
 
 fn cast_slice<T: Copy>(b: &[u8]) -> &[T] {
@@ -862,6 +1083,7 @@ pub struct WeightSet {
     /// Sizes of the size-only tensors handed out by a virtual set.
     virtual_sizes: parking_lot::Mutex<HashMap<String, u64>>,
     label: String,
+    prequant: Option<crate::prequant::PrequantConfig>,
 }
 
 impl WeightSet {
@@ -963,6 +1185,7 @@ impl WeightSet {
             used: parking_lot::Mutex::new((HashSet::new(), 0)),
             virtual_sizes: parking_lot::Mutex::new(HashMap::new()),
             label: files.label(),
+            prequant: None,
         })
     }
 
@@ -977,6 +1200,7 @@ impl WeightSet {
             used: parking_lot::Mutex::new((HashSet::new(), 0)),
             virtual_sizes: parking_lot::Mutex::new(HashMap::new()),
             label: label.into(),
+            prequant: None,
         }
     }
 
@@ -1012,7 +1236,8 @@ impl WeightSet {
     pub fn get(&self, name: &str, shape: Option<&[usize]>) -> Result<TensorRef> {
         if let Some(dtype) = self.virtual_dtype {
             let shape = shape.map(<[usize]>::to_vec).unwrap_or_default();
-            let size = shape.iter().product::<usize>() * dtype.size_bytes();
+            let dtype = self.virtual_prequant(name, &shape).unwrap_or(dtype);
+            let size = dtype.bytes_for(shape.iter().product::<usize>());
             self.virtual_sizes
                 .lock()
                 .insert(name.to_string(), size as u64);
@@ -1024,6 +1249,7 @@ impl WeightSet {
                 storage: Arc::new(Storage::Virtual),
                 start: 0,
                 end: size,
+                prequant: None,
             });
         }
         let &fi = self.by_name.get(name).ok_or_else(|| Error::MissingTensor {
@@ -1032,7 +1258,9 @@ impl WeightSet {
         })?;
         let file = &self.files[fi];
         let info = &file.tensors[name];
-        if let Some(shape) = shape {
+        let prequant = info.dtype == Dtype::F8E4M3
+            || (info.dtype == Dtype::U8 && self.by_name.contains_key(&format!("{name}.absmax")));
+        if let (Some(shape), false) = (shape, prequant) {
             if info.shape != shape {
                 return Err(Error::ShapeMismatch {
                     name: name.to_string(),
@@ -1047,7 +1275,7 @@ impl WeightSet {
             used.1 += info.size_bytes() as u64;
         }
         drop(used);
-        Ok(TensorRef {
+        let t = TensorRef {
             name: name.to_string(),
             path: Arc::new(file.path.clone()),
             dtype: info.dtype,
@@ -1055,7 +1283,68 @@ impl WeightSet {
             storage: file.storage.clone(),
             start: info.start,
             end: info.end,
-        })
+            prequant: None,
+        };
+        if prequant {
+            return crate::prequant::open(self, name, shape, t, self.prequant.as_ref());
+        }
+        Ok(t)
+    }
+
+    /// Planning a pre-quantized checkpoint from its config alone: the type a decoder-layer
+    /// projection `name` of `shape` takes once loaded (its lossless form, as a real load
+    /// converts it), or None for tensors such checkpoints keep as stored (embeddings, norms,
+    /// routers and gates, the head, `modules_to_not_convert`).
+    fn virtual_prequant(&self, name: &str, shape: &[usize]) -> Option<Dtype> {
+        let config = self.prequant.as_ref()?;
+        let module = name.strip_suffix(".weight")?;
+        let last = module.rsplit('.').next()?;
+        // `*_proj` and the DeltaNet's fused `in_proj_qkvz` (its small `in_proj_ba` is kept
+        // exact, as releases keep it).
+        let projection = last.ends_with("_proj") || last == "in_proj_qkvz";
+        if shape.len() != 2 || !module.contains(".layers.") || !projection {
+            return None;
+        }
+        let k = shape[1];
+        match config {
+            crate::prequant::PrequantConfig::Fp8 { block, not_convert } => {
+                let listed = not_convert
+                    .iter()
+                    .any(|m| module == m || module.ends_with(&format!(".{m}")));
+                if listed {
+                    return None;
+                }
+                let bk = block.map_or(k, |b| b[1]);
+                let (w, _) = Dtype::F8B128.block()?;
+                Some(if k.is_multiple_of(w) && bk.is_multiple_of(w) {
+                    Dtype::F8B128
+                } else {
+                    Dtype::F32
+                })
+            }
+            crate::prequant::PrequantConfig::Bnb4 { quant_type, .. } => {
+                let (w, _) = Dtype::Nf4.block()?;
+                Some(if !k.is_multiple_of(w) {
+                    Dtype::F32
+                } else if *quant_type == crate::prequant::Code4::Nf4 {
+                    Dtype::Nf4
+                } else {
+                    Dtype::Fp4
+                })
+            }
+        }
+    }
+
+    /// The pre-quantized format named by `quantization_config`, for logs.
+    pub fn prequant_label(&self) -> String {
+        self.prequant
+            .as_ref()
+            .map_or_else(|| "no quantization_config".into(), |p| p.label())
+    }
+
+    /// What `quantization_config` says about pre-quantized weights (read by [`WeightSet::get`]).
+    pub fn set_prequant(&mut self, config: Option<crate::prequant::PrequantConfig>) {
+        self.prequant = config;
     }
 
     /// Like [`WeightSet::get`] but for float weights used in compute (dtype + alignment checked).

@@ -19,6 +19,15 @@ pub struct Variant {
     pub dir: PathBuf,
 }
 
+/// A cache folder shared by one test binary's loads (removed when the process ends), so loads
+/// that build a cache (quantized or pre-quantized fixtures) never write to the user's.
+pub fn test_cache_dir() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().unwrap())
+        .path()
+        .to_path_buf()
+}
+
 pub fn variants() -> Vec<Variant> {
     let idx = fixtures().join("index.json");
     let text = std::fs::read_to_string(&idx)

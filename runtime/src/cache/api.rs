@@ -7,20 +7,21 @@ use super::{
     BuildReport, CacheFile, CacheKey, CachePlan, Problem, KEY_EXPERT_TYPES, KEY_FINGERPRINT,
     KEY_RESIDENT_TYPE, KEY_SOURCE, KEY_SOURCE_TYPES, KEY_VERSION,
 };
-use crate::engine::{model_files, read_config, Settings};
+use crate::engine::{model_files, open_weights, read_config, Settings};
 use crate::error::{Error, Result};
-use crate::weights::WeightSet;
 
 /// The cache plan of the model `settings` name (path, tensors), from its headers.
 pub fn plan_for(settings: &Settings) -> Result<CachePlan> {
     let files = model_files(settings)?;
-    let (cfg_bytes, _, arch, config) = read_config(&files)?;
-    let weights = WeightSet::open(&files)?;
+    let (cfg_bytes, raw, arch, config) = read_config(&files)?;
+    let weights = open_weights(&files, &raw)?;
     let mut mw = crate::arch::build_decoder(&config, &weights, arch.names)?;
     let experts_per_layer: Vec<usize> = mw.experts.iter().map(Vec::len).collect();
     // The file does not depend on the hot set (it holds every tier's type): none is read.
     let types = settings.expert_types(None, &experts_per_layer);
-    if !settings.quantizes(&types) {
+    let dry =
+        crate::quantize::quantize_model(&mut mw, &types, settings.resident_quantization(), true)?;
+    if !settings.quantizes(&types) && dry.prequant_tensors == 0 {
         return Err(Error::InvalidRequest(
             "quantization = \"none\": nothing is quantized, so nothing is cached (set quantization, e.g. \"q8_0\")".into(),
         ));

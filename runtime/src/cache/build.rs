@@ -17,7 +17,7 @@ use super::{cannot_write, CHECKSUMS_TENSOR};
 use crate::error::Error;
 use crate::gguf::{GgmlType, GgufWriter, TensorSpec, Value};
 use crate::model::ModelWeights;
-use crate::quantize::{resident_tensors, target_dtype, ExpertTypes, ResidentRole};
+use crate::quantize::{resident_target, resident_tensors, target_dtype, ExpertTypes};
 use crate::runconfig::Quantization;
 use crate::weights::{Dtype, TensorRef};
 
@@ -87,7 +87,13 @@ impl Entry {
     }
 
     /// The stored bytes of rows `[first, first + count)`, converted from the source.
-    fn produce(&self, first: usize, count: usize, whole: bool) -> crate::error::Result<Vec<u8>> {
+    fn produce(
+        &self,
+        first: usize,
+        count: usize,
+        whole: bool,
+        error: &crate::prequant::ConversionError,
+    ) -> crate::error::Result<Vec<u8>> {
         let view = if whole {
             self.source.clone()
         } else {
@@ -98,7 +104,8 @@ impl Entry {
         Ok(match view.converted_row_bytes(self.to) {
             Some(row) => {
                 let mut out = vec![0u8; row * count];
-                view.read_copy()?.convert_into(self.to, &mut out)?;
+                view.read_copy()?
+                    .convert_into_measured(self.to, &mut out, Some(error))?;
                 out
             }
             None => {
@@ -118,6 +125,9 @@ pub(crate) fn ggml_type(d: Dtype) -> Option<GgmlType> {
         Dtype::Bf16 => GgmlType::BF16,
         Dtype::Q8_0 => GgmlType::Q8_0,
         Dtype::Q4K => GgmlType::Q4_K,
+        Dtype::F8B128 => GgmlType::MoeF8B128,
+        Dtype::Nf4 => GgmlType::MoeNf4B64,
+        Dtype::Fp4 => GgmlType::MoeFp4B64,
         _ => return None,
     })
 }
@@ -142,10 +152,7 @@ pub fn entries(mw: &mut ModelWeights, experts: &ExpertTypes, resident: Quantizat
         if !seen.insert(t.name.clone()) {
             continue;
         }
-        let to = match role {
-            ResidentRole::Projection => target_dtype(t, resident),
-            ResidentRole::Kept => t.dtype,
-        };
+        let to = resident_target(t, role, resident);
         out.push(Entry {
             name: t.name.clone(),
             source: t.clone(),
@@ -226,6 +233,9 @@ pub struct BuildReport {
     pub reused_tensors: usize,
     /// Tensors converted from the source.
     pub converted_tensors: usize,
+    /// What converting pre-quantized weights to the cache's quantization changed against
+    /// their exact values (None when they were kept without loss, or there were none).
+    pub prequant_error: Option<crate::prequant::ErrorSummary>,
 }
 
 /// Where a tensor's bytes come from in a build.
@@ -276,6 +286,7 @@ pub(crate) fn build(job: BuildJob<'_>) -> crate::error::Result<BuildReport> {
         .collect();
     let total: u64 = entries.iter().map(|e| e.source.size_bytes() as u64).sum();
     let done = AtomicU64::new(0);
+    let error = crate::prequant::ConversionError::default();
 
     // Pieces in file order, grouped into batches of about BATCH_BYTES of output.
     let mut batches: Vec<Vec<Piece>> = vec![Vec::new()];
@@ -341,7 +352,7 @@ pub(crate) fn build(job: BuildJob<'_>) -> crate::error::Result<BuildReport> {
                 .map(|p| {
                     let e = &entries[p.entry];
                     let bytes = match sources[p.entry] {
-                        From::Source => e.produce(p.first, p.count, p.whole)?,
+                        From::Source => e.produce(p.first, p.count, p.whole, &error)?,
                         From::Donor(file, i) => {
                             let (_, row_bytes) = e.out_row_bytes();
                             if p.whole {
@@ -408,5 +419,6 @@ pub(crate) fn build(job: BuildJob<'_>) -> crate::error::Result<BuildReport> {
         elapsed: t0.elapsed(),
         reused_tensors: reused,
         converted_tensors: entries.len() - reused,
+        prequant_error: error.summary(),
     })
 }

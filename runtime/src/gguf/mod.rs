@@ -84,10 +84,17 @@ pub enum GgmlType {
     I64,
     F64,
     BF16,
+    /// This runtime's own block types (ids no GGML release uses; only our quantized cache holds
+    /// them, for pre-quantized checkpoints kept without loss): FP8 E4M3 x 128 + f32 scale.
+    MoeF8B128,
+    /// bitsandbytes NF4 x 64 + f32 scale (see [`GgmlType::MoeF8B128`]).
+    MoeNf4B64,
+    /// bitsandbytes FP4 x 64 + f32 scale (see [`GgmlType::MoeF8B128`]).
+    MoeFp4B64,
 }
 
 impl GgmlType {
-    const ALL: [GgmlType; 20] = [
+    const ALL: [GgmlType; 23] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
@@ -108,6 +115,9 @@ impl GgmlType {
         GgmlType::I64,
         GgmlType::F64,
         GgmlType::BF16,
+        GgmlType::MoeF8B128,
+        GgmlType::MoeNf4B64,
+        GgmlType::MoeFp4B64,
     ];
 
     /// The `ggml_type` id.
@@ -134,6 +144,9 @@ impl GgmlType {
             I64 => 27,
             F64 => 28,
             BF16 => 30,
+            MoeF8B128 => 1000,
+            MoeNf4B64 => 1001,
+            MoeFp4B64 => 1002,
         }
     }
 
@@ -166,6 +179,9 @@ impl GgmlType {
             I64 => "I64",
             F64 => "F64",
             BF16 => "BF16",
+            MoeF8B128 => "MOE_F8_E4M3_B128",
+            MoeNf4B64 => "MOE_NF4_B64",
+            MoeFp4B64 => "MOE_FP4_B64",
         }
     }
 
@@ -176,6 +192,8 @@ impl GgmlType {
             F32 | F16 | BF16 | I8 | I16 | I32 | I64 | F64 => 1,
             Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 => 32,
             Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K => 256,
+            MoeF8B128 => 128,
+            MoeNf4B64 | MoeFp4B64 => 64,
         }
     }
 
@@ -199,6 +217,8 @@ impl GgmlType {
             Q5_K => 176,
             Q6_K => 210,
             Q8_K => 292,
+            MoeF8B128 => 132,
+            MoeNf4B64 | MoeFp4B64 => 36,
         }
     }
 

@@ -163,11 +163,7 @@ impl ExpertBuf {
     /// The stored bytes of part `i` (0 gate, 1 up, 2 down).
     pub fn part_bytes(&self, i: usize) -> &[u8] {
         let (off, n, dtype) = self.parts[i];
-        let len = match dtype {
-            Dtype::Q8_0 => n / 32 * std::mem::size_of::<moe_kernels::BlockQ8_0>(),
-            Dtype::Q4K => n / 256 * std::mem::size_of::<moe_kernels::BlockQ4K>(),
-            d => n * d.size_bytes(),
-        };
+        let len = dtype.bytes_for(n);
         // SAFETY: the words are initialised and hold part i at [off, off + len) (see
         // `read_owned`); the view lives as long as `self`.
         unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>().add(off), len) }
@@ -177,7 +173,7 @@ impl ExpertBuf {
         let (off, n, dtype) = self.parts[i];
         let base = self.words.as_ptr().cast::<u8>();
         // SAFETY: `read_owned` placed part i at an 8-byte aligned offset with room for `n`
-        // elements of `dtype` (n/32 or n/256 blocks for block types); the words are initialised
+        // elements of `dtype` (n / block-size blocks for block types); the words are initialised
         // and live as long as `self`; the float and block types accept every bit pattern.
         unsafe {
             let p = base.add(off);
@@ -187,6 +183,9 @@ impl ExpertBuf {
                 Dtype::F16 => Weights::F16(std::slice::from_raw_parts(p.cast(), n)),
                 Dtype::Q8_0 => Weights::Q8_0(std::slice::from_raw_parts(p.cast(), n / 32)),
                 Dtype::Q4K => Weights::Q4K(std::slice::from_raw_parts(p.cast(), n / 256)),
+                Dtype::F8B128 => Weights::F8(std::slice::from_raw_parts(p.cast(), n / 128)),
+                Dtype::Nf4 => Weights::Nf4(std::slice::from_raw_parts(p.cast(), n / 64)),
+                Dtype::Fp4 => Weights::Fp4(std::slice::from_raw_parts(p.cast(), n / 64)),
                 other => unreachable!("expert dtype {other:?} passed into_compute"),
             }
         }

@@ -1,0 +1,251 @@
+//! Blocks of pre-quantized checkpoints, multiplied as stored: FP8 E4M3 with one f32 scale per 128
+//! weights ([`BlockF8`]) and bitsandbytes 4-bit codes with one f32 scale (bitsandbytes' absmax)
+//! per 64 weights, NF4 ([`BlockNf4`]) or FP4 ([`BlockFp4`]).
+//!
+//! This module owns the block types, their code tables ([`E4M3_TO_F32`], [`NF4_TABLE`],
+//! [`FP4_TABLE`]) and the reference (scalar) dequantizers. Their SIMD twins decode in registers
+//! beside the GGML formats' (`quant_avx2::Group16`, `quant_avx512::Group32`); those decoders also
+//! serve the SIMD dequantizers, and matmul runs through `quant::run_block` exactly as for
+//! [`crate::quant`]'s blocks. A matrix `[n, k]` is `n` rows of `k / 128` (FP8) or `k / 64`
+//! (NF4 / FP4) blocks, row-major, so `k` must be a multiple of the block size. There is no
+//! quantizer: the blocks come from checkpoints, and the loader fills them.
+//!
+//! What must hold:
+//! - Layouts: `#[repr(C)]`, the f32 scale `d` first, then the codes; sizes and alignment pinned
+//!   by const asserts (132 and 36 bytes, align 4).
+//! - Every weight is `d · TABLE[code]`: one f32 multiply, the only rounding. The tables are
+//!   exact: E4M3 values are f32 numbers, and the NF4 / FP4 tables are bitsandbytes 0.50's
+//!   float32 constants bit for bit. Codes 0x7F and 0xFF of E4M3 are NaN: the quiet NaN
+//!   0x7FC00000 with the code's sign bit, which the product keeps for a finite `d` (the NaN's
+//!   bits are not specified when `d` itself is NaN).
+//! - The SIMD decoders use no gathers: E4M3 is decoded arithmetically (see [`E4M3_TO_F32`]) and
+//!   4-bit codes by in-register permutes of the 16-entry table. They equal the scalar
+//!   dequantizers bit for bit for every code, NaN codes included, at every level (tested).
+//! - Matmul keeps f32 activations and f32 accumulation: the result equals the same level's f32
+//!   kernel on the dequantized weights bit for bit (tested), as for the GGML formats. These
+//!   types have no q8-activation path ([`crate::q8_activations_supported`] is false for them).
+
+/// Weights per FP8 block.
+pub const QK_F8: usize = 128;
+/// Weights per bitsandbytes 4-bit block (NF4 and FP4).
+pub const QK_B4: usize = 64;
+
+/// FP8 E4M3 (`float8_e4m3fn`) weights with one f32 scale per 128: weight `i` is
+/// `d · E4M3_TO_F32[qs[i]]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockF8 {
+    /// Scale (the checkpoint's per-block scale, e.g. `weight_scale_inv`).
+    pub d: f32,
+    /// E4M3 codes, one per weight, in weight order.
+    pub qs: [u8; QK_F8],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockF8>() == 132);
+const _: () = assert!(std::mem::align_of::<BlockF8>() == 4);
+
+/// bitsandbytes NF4 weights with one f32 scale (absmax) per 64: weight `2j` is
+/// `d · NF4_TABLE[qs[j] >> 4]`, weight `2j + 1` is `d · NF4_TABLE[qs[j] & 0xF]` (high nibble
+/// first, as bitsandbytes packs them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockNf4 {
+    /// Scale (bitsandbytes' absmax of the block).
+    pub d: f32,
+    /// Two codes per byte, high nibble first.
+    pub qs: [u8; QK_B4 / 2],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockNf4>() == 36);
+const _: () = assert!(std::mem::align_of::<BlockNf4>() == 4);
+
+/// bitsandbytes FP4 weights: the layout of [`BlockNf4`] with [`FP4_TABLE`] as the code table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockFp4 {
+    /// Scale (bitsandbytes' absmax of the block).
+    pub d: f32,
+    /// Two codes per byte, high nibble first.
+    pub qs: [u8; QK_B4 / 2],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockFp4>() == 36);
+const _: () = assert!(std::mem::align_of::<BlockFp4>() == 4);
+
+/// f32 value of every E4M3 code (`float8_e4m3fn`: sign, 4 exponent bits with bias 7, 3 mantissa
+/// bits; no infinities; exponent 0 holds the subnormals `m/8 · 2^-6`; codes 0x7F and 0xFF are
+/// NaN, here 0x7FC00000 / 0xFFC00000).
+///
+/// The SIMD decoders compute the same bits arithmetically from `v = code & 0x7F`: for `v >= 8`
+/// the f32 bits are `(v << 20) + (120 << 23)` (exponent rebiased from 7 to 127, mantissa moved
+/// to the top); for `v < 8`, `v · 2^-9` (exact); for `v == 0x7F`, 0x7FC00000; then the sign bit
+/// `(code & 0x80) << 24` is ORed in.
+pub static E4M3_TO_F32: [f32; 256] = e4m3_table();
+
+/// Builds [`E4M3_TO_F32`] from the format's definition.
+const fn e4m3_table() -> [f32; 256] {
+    let mut t = [0f32; 256];
+    let mut c = 0usize;
+    while c < 256 {
+        let sign = ((c >> 7) as u32) << 31;
+        let exp = ((c >> 3) & 0xF) as u32;
+        let man = (c & 7) as u32;
+        let bits = if exp == 0xF && man == 7 {
+            0x7FC0_0000 | sign
+        } else if exp == 0 {
+            // Subnormal: man/8 · 2^-6, a normal f32 (or zero).
+            if man == 0 {
+                sign
+            } else {
+                // Normalise: the highest set bit of `man` becomes the implicit one.
+                let lz = man.leading_zeros() - 29; // 0..=2 for man in 1..=7
+                let e = 127 - 6 - 1 - lz; // 2^(-7 - lz)
+                let m = (man << (lz + 1)) & 7;
+                sign | (e << 23) | (m << 20)
+            }
+        } else {
+            sign | ((exp + 127 - 7) << 23) | (man << 20)
+        };
+        t[c] = f32::from_bits(bits);
+        c += 1;
+    }
+    t
+}
+
+/// bitsandbytes 0.50's NF4 code values as f32 bits (`quant_map` of a `nf4` tensor).
+const NF4_BITS: [u32; 16] = [
+    0xbf80_0000,
+    0xbf32_39b1,
+    0xbf06_6b30,
+    0xbeca_32a0,
+    0xbe91_a24d,
+    0xbe3d_353f,
+    0xbdba_7871,
+    0x0000_0000,
+    0x3da2_faff,
+    0x3e24_cae3,
+    0x3e7c_04dd,
+    0x3ead_033a,
+    0x3ee1_a4b8,
+    0x3f10_07ab,
+    0x3f39_13b3,
+    0x3f80_0000,
+];
+
+/// bitsandbytes 0.50's FP4 code values as f32 bits (`quant_map` of a `fp4` tensor): sign bit 3,
+/// magnitudes `[0, 1/16, 8, 12, 4, 6, 2, 3] / 12`; code 8 is +0.0.
+const FP4_BITS: [u32; 16] = [
+    0x0000_0000,
+    0x3baa_aaab,
+    0x3f2a_aaab,
+    0x3f80_0000,
+    0x3eaa_aaab,
+    0x3f00_0000,
+    0x3e2a_aaab,
+    0x3e80_0000,
+    0x0000_0000,
+    0xbbaa_aaab,
+    0xbf2a_aaab,
+    0xbf80_0000,
+    0xbeaa_aaab,
+    0xbf00_0000,
+    0xbe2a_aaab,
+    0xbe80_0000,
+];
+
+const fn table16(bits: [u32; 16]) -> [f32; 16] {
+    let mut t = [0f32; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = f32::from_bits(bits[i]);
+        i += 1;
+    }
+    t
+}
+
+const NF4: [f32; 16] = table16(NF4_BITS);
+const FP4: [f32; 16] = table16(FP4_BITS);
+
+/// f32 value of every NF4 code (bitsandbytes 0.50, bit for bit).
+pub static NF4_TABLE: [f32; 16] = NF4;
+/// f32 value of every FP4 code (bitsandbytes 0.50, bit for bit; code 8 is +0.0).
+pub static FP4_TABLE: [f32; 16] = FP4;
+
+/// A bitsandbytes 4-bit block type ([`BlockNf4`], [`BlockFp4`]): the same layout, its own code
+/// table. Keeps the dequantizers and the SIMD decoders generic over the two.
+pub(crate) trait Code4: Copy {
+    /// The f32 value of every code.
+    const TABLE: [f32; 16];
+    /// The block's scale.
+    fn scale(&self) -> f32;
+    /// The 32 code bytes, two codes each, high nibble first.
+    fn codes(&self) -> &[u8; QK_B4 / 2];
+}
+
+impl Code4 for BlockNf4 {
+    const TABLE: [f32; 16] = NF4;
+    #[inline(always)]
+    fn scale(&self) -> f32 {
+        self.d
+    }
+    #[inline(always)]
+    fn codes(&self) -> &[u8; QK_B4 / 2] {
+        &self.qs
+    }
+}
+
+impl Code4 for BlockFp4 {
+    const TABLE: [f32; 16] = FP4;
+    #[inline(always)]
+    fn scale(&self) -> f32 {
+        self.d
+    }
+    #[inline(always)]
+    fn codes(&self) -> &[u8; QK_B4 / 2] {
+        &self.qs
+    }
+}
+
+/// Dequantizes FP8 blocks: `dst[128b + i] = d_b · E4M3_TO_F32[qs_b[i]]`. Panics unless
+/// `dst.len() == 128 · src.len()`.
+pub fn dequantize_row_f8(src: &[BlockF8], dst: &mut [f32]) {
+    assert_eq!(
+        dst.len(),
+        src.len() * QK_F8,
+        "dequantize_row_f8: length mismatch"
+    );
+    for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK_F8)) {
+        for (o, &q) in y.iter_mut().zip(&b.qs) {
+            *o = b.d * E4M3_TO_F32[q as usize];
+        }
+    }
+}
+
+/// Dequantizes NF4 blocks: `dst[64b + 2j] = d_b · NF4_TABLE[qs_b[j] >> 4]`,
+/// `dst[64b + 2j + 1] = d_b · NF4_TABLE[qs_b[j] & 0xF]`. Panics unless
+/// `dst.len() == 64 · src.len()`.
+pub fn dequantize_row_nf4(src: &[BlockNf4], dst: &mut [f32]) {
+    dequantize_b4("dequantize_row_nf4", src, dst)
+}
+
+/// Dequantizes FP4 blocks as [`dequantize_row_nf4`] does NF4 ones, with [`FP4_TABLE`].
+/// Panics unless `dst.len() == 64 · src.len()`.
+pub fn dequantize_row_fp4(src: &[BlockFp4], dst: &mut [f32]) {
+    dequantize_b4("dequantize_row_fp4", src, dst)
+}
+
+/// The body of the 4-bit dequantizers (`what` names the caller in the panic message).
+fn dequantize_b4<B: Code4>(what: &str, src: &[B], dst: &mut [f32]) {
+    assert_eq!(dst.len(), src.len() * QK_B4, "{what}: length mismatch");
+    for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK_B4)) {
+        let d = b.scale();
+        for (o, &q) in y.chunks_exact_mut(2).zip(b.codes()) {
+            o[0] = d * B::TABLE[(q >> 4) as usize];
+            o[1] = d * B::TABLE[(q & 0x0F) as usize];
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "prequant_tests.rs"]
+mod tests;

@@ -1,0 +1,434 @@
+//! Pre-quantized weights opened from real safetensors files: every conversion (f32, lossless
+//! repacking, any row range) against the slice dequantizers [`Fp8Blocks`] / [`Bnb4`], and the
+//! errors a damaged or inconsistent checkpoint gets.
+
+use super::*;
+use crate::weights::{safetensors_bytes, ModelFiles};
+use half::bf16;
+
+/// A small deterministic generator (xorshift), enough for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+    /// Uniform in [lo, hi).
+    fn f32(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Opens a one-file model holding `tensors` with `config` as its `quantization_config`.
+fn open_set(
+    tensors: &[(&str, Dtype, &[usize], &[u8])],
+    config: Option<PrequantConfig>,
+) -> (tempfile::TempDir, WeightSet) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        safetensors_bytes(tensors),
+    )
+    .unwrap();
+    let mut ws = WeightSet::open(&ModelFiles::Dir(dir.path().to_path_buf())).unwrap();
+    ws.set_prequant(config);
+    (dir, ws)
+}
+
+fn to_f32(t: &TensorRef) -> Vec<f32> {
+    let mut out = vec![0u8; t.numel() * 4];
+    t.convert_into(Dtype::F32, &mut out).unwrap();
+    out.chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// FP8 codes without the two NaN codes (real checkpoints hold none).
+fn fp8_codes(rng: &mut Rng, n: usize) -> Vec<u8> {
+    rng.bytes(n)
+        .into_iter()
+        .map(|b| if b & 0x7F == 0x7F { b - 1 } else { b })
+        .collect()
+}
+
+#[test]
+fn fp8_ragged_grid_in_bf16_converts_exactly_over_any_row_range() {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let (n, k, block) = (200, 300, [128, 128]);
+    let codes = fp8_codes(&mut rng, n * k);
+    let grid = Fp8Blocks::grid(n, k, block);
+    assert_eq!(grid, [2, 3]);
+    let scales: Vec<bf16> = (0..6)
+        .map(|_| bf16::from_f32(rng.f32(1e-4, 3e-2)))
+        .collect();
+    let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+    let (_dir, ws) = open_set(
+        &[
+            ("w.weight", Dtype::F8E4M3, &[n, k], &codes),
+            ("w.weight_scale_inv", Dtype::Bf16, &grid, &scale_bytes),
+        ],
+        Some(PrequantConfig::Fp8 {
+            block: Some(block),
+            not_convert: vec![],
+        }),
+    );
+    let t = ws.get("w.weight", Some(&[n, k])).unwrap();
+    assert!(t.is_prequant());
+    // k = 300 is not a multiple of 128: no lossless block form, f32 it is.
+    assert_eq!(t.lossless_dtype(), Some(Dtype::F32));
+    let s32: Vec<f32> = scales.iter().map(|s| s.to_f32()).collect();
+    let reference = Fp8Blocks {
+        codes: &codes,
+        n,
+        k,
+        scales: &s32,
+        block,
+    };
+    reference.check("w").unwrap();
+    let mut want = vec![0f32; n * k];
+    reference.rows_to_f32(0..n, &mut want);
+    assert!(same_bits(&to_f32(&t), &want));
+    assert!(same_bits(&t.to_f32_vec().unwrap(), &want));
+    // A range crossing the row-block edge at 128, also as an owned copy.
+    let part = t.narrow(57, 100);
+    assert!(same_bits(&to_f32(&part), &want[57 * k..157 * k]));
+    assert!(same_bits(
+        &to_f32(&part.read_copy().unwrap()),
+        &want[57 * k..157 * k]
+    ));
+    // Requested quantizations apply to the exact values.
+    assert_eq!(t.converted_row_bytes(Dtype::Bf16), Some(k * 2));
+    assert_eq!(t.converted_row_bytes(Dtype::Q8_0), None); // 300 % 32 != 0
+    let mut b = vec![0u8; n * k * 2];
+    t.convert_into(Dtype::Bf16, &mut b).unwrap();
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(
+            bf16::from_le_bytes([b[2 * i], b[2 * i + 1]]),
+            bf16::from_f32(*w)
+        );
+    }
+}
+
+#[test]
+fn fp8_whole_blocks_repack_without_loss() {
+    let mut rng = Rng(7);
+    let (n, k, block) = (130, 256, [128, 128]);
+    let codes = fp8_codes(&mut rng, n * k);
+    let grid = Fp8Blocks::grid(n, k, block);
+    let scales: Vec<f32> = (0..grid[0] * grid[1])
+        .map(|_| rng.f32(-0.05, 0.05))
+        .collect();
+    let (_dir, ws) = open_set(
+        &[
+            ("w.weight", Dtype::F8E4M3, &[n, k], &codes),
+            ("w.weight_scale_inv", Dtype::F32, &grid, &f32_bytes(&scales)),
+        ],
+        Some(PrequantConfig::Fp8 {
+            block: Some(block),
+            not_convert: vec![],
+        }),
+    );
+    let t = ws.get("w.weight", Some(&[n, k])).unwrap();
+    assert_eq!(t.lossless_dtype(), Some(Dtype::F8B128));
+    let mut want = vec![0f32; n * k];
+    Fp8Blocks {
+        codes: &codes,
+        n,
+        k,
+        scales: &scales,
+        block,
+    }
+    .rows_to_f32(0..n, &mut want);
+    for (first, count) in [(0, n), (100, 30), (129, 1)] {
+        let view = t.narrow(first, count);
+        let packed = view.quantize(Dtype::F8B128).unwrap().unwrap();
+        assert_eq!(packed.dtype, Dtype::F8B128);
+        assert!(!packed.is_prequant());
+        let mut row = vec![0f32; k];
+        for r in 0..count {
+            moe_kernels::row_to_f32(packed.weights(), r, k, &mut row);
+            assert!(
+                same_bits(&row, &want[(first + r) * k..][..k]),
+                "row {}",
+                first + r
+            );
+        }
+    }
+}
+
+/// bitsandbytes parts of one weight: (suffix, dtype, shape, bytes).
+type Parts = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
+
+/// A bitsandbytes 4-bit weight `[n, k]` with random codes and scales, stored as bitsandbytes
+/// writes it; returns its parts and the exact values.
+fn bnb_weight(
+    rng: &mut Rng,
+    n: usize,
+    k: usize,
+    blocksize: usize,
+    quant_map: &[f32; 16],
+    double: bool,
+) -> (Parts, Vec<f32>) {
+    let numel = n * k;
+    let packed = rng.bytes(numel.div_ceil(2));
+    let blocks = numel.div_ceil(blocksize);
+    let mut parts: Parts = vec![
+        (
+            "".into(),
+            Dtype::U8,
+            vec![numel.div_ceil(2), 1],
+            packed.clone(),
+        ),
+        (
+            ".quant_map".into(),
+            Dtype::F32,
+            vec![16],
+            f32_bytes(quant_map),
+        ),
+    ];
+    let kind = if std::ptr::eq(quant_map, &moe_kernels::FP4_TABLE) {
+        "fp4"
+    } else {
+        "nf4"
+    };
+    let mut state = serde_json::json!({
+        "quant_type": kind, "blocksize": blocksize, "dtype": "bfloat16", "shape": [n, k],
+    });
+    let absmax: Vec<f32> = if double {
+        let nested_bs = 3;
+        let codes = rng.bytes(blocks);
+        let map: Vec<f32> = (0..256).map(|i| (i as f32 - 127.5) / 127.5).collect();
+        let nested: Vec<f32> = (0..blocks.div_ceil(nested_bs))
+            .map(|_| rng.f32(0.01, 0.2))
+            .collect();
+        let offset = 0.0625f32;
+        state["nested_blocksize"] = nested_bs.into();
+        state["nested_offset"] = offset.into();
+        parts.push((".absmax".into(), Dtype::U8, vec![blocks], codes.clone()));
+        parts.push((
+            ".nested_quant_map".into(),
+            Dtype::F32,
+            vec![256],
+            f32_bytes(&map),
+        ));
+        parts.push((
+            ".nested_absmax".into(),
+            Dtype::F32,
+            vec![nested.len()],
+            f32_bytes(&nested),
+        ));
+        Bnb4::nested_absmax(&codes, &map, &nested, nested_bs, offset, "w").unwrap()
+    } else {
+        let a: Vec<f32> = (0..blocks).map(|_| rng.f32(0.01, 2.0)).collect();
+        parts.push((".absmax".into(), Dtype::F32, vec![blocks], f32_bytes(&a)));
+        a
+    };
+    let json = state.to_string().into_bytes();
+    parts.push((
+        format!(".quant_state.bitsandbytes__{kind}"),
+        Dtype::U8,
+        vec![json.len()],
+        json,
+    ));
+    let reference = Bnb4 {
+        packed: &packed,
+        numel,
+        blocksize,
+        quant_map,
+        absmax: &absmax,
+    };
+    reference.check("w").unwrap();
+    let mut want = vec![0f32; numel];
+    reference.to_f32(0..numel, &mut want);
+    (parts, want)
+}
+
+fn open_bnb(
+    parts: &Parts,
+    rename: impl Fn(&str) -> Option<String>,
+) -> (tempfile::TempDir, WeightSet) {
+    let named: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = parts
+        .iter()
+        .filter_map(|(s, d, sh, b)| {
+            rename(&format!("w.weight{s}")).map(|n| (n, *d, sh.clone(), b.clone()))
+        })
+        .collect();
+    let refs: Vec<(&str, Dtype, &[usize], &[u8])> = named
+        .iter()
+        .map(|(n, d, s, b)| (n.as_str(), *d, s.as_slice(), b.as_slice()))
+        .collect();
+    open_set(
+        &refs,
+        Some(PrequantConfig::Bnb4 {
+            quant_type: Code4::Nf4,
+            double_quant: true,
+        }),
+    )
+}
+
+#[test]
+fn bnb4_flat_blocks_across_rows_odd_rows_and_double_quant_convert_exactly() {
+    let mut rng = Rng(42);
+    for (n, k, table, double) in [
+        (7, 100, &moe_kernels::NF4_TABLE, true),
+        (5, 99, &moe_kernels::FP4_TABLE, false),
+    ] {
+        let (parts, want) = bnb_weight(&mut rng, n, k, 64, table, double);
+        let (_dir, ws) = open_bnb(&parts, |n| Some(n.to_string()));
+        let t = ws.get("w.weight", Some(&[n, k])).unwrap();
+        assert!(t.is_prequant());
+        assert_eq!(t.shape, [n, k]);
+        // Blocks of 64 cross rows of 100 / 99: no lossless block form.
+        assert_eq!(t.lossless_dtype(), Some(Dtype::F32));
+        assert!(same_bits(&to_f32(&t), &want), "[{n}, {k}]");
+        // Views starting on odd elements (row 1 of 99) and mid-block.
+        for (first, count) in [(1, 2), (3, n - 3), (n - 1, 1)] {
+            let v = t.narrow(first, count);
+            assert!(
+                same_bits(&to_f32(&v), &want[first * k..(first + count) * k]),
+                "[{n}, {k}] rows {first}+{count}"
+            );
+            assert!(same_bits(
+                &to_f32(&v.read_copy().unwrap()),
+                &want[first * k..(first + count) * k]
+            ));
+        }
+        // Nothing of the weight is reported unused.
+        assert!(ws.unused().is_empty(), "{:?}", ws.unused());
+    }
+}
+
+#[test]
+fn bnb4_rows_on_whole_blocks_repack_without_loss_unless_the_table_is_foreign() {
+    let mut rng = Rng(99);
+    for (table, dtype) in [
+        (&moe_kernels::NF4_TABLE, Dtype::Nf4),
+        (&moe_kernels::FP4_TABLE, Dtype::Fp4),
+    ] {
+        for double in [false, true] {
+            let (n, k) = (6, 192);
+            let (parts, want) = bnb_weight(&mut rng, n, k, 128, table, double);
+            let (_dir, ws) = open_bnb(&parts, |n| Some(n.to_string()));
+            let t = ws.get("w.weight", Some(&[n, k])).unwrap();
+            assert_eq!(t.lossless_dtype(), Some(dtype));
+            for (first, count) in [(0, n), (1, 4)] {
+                let packed = t.narrow(first, count).quantize(dtype).unwrap().unwrap();
+                let mut row = vec![0f32; k];
+                for r in 0..count {
+                    moe_kernels::row_to_f32(packed.weights(), r, k, &mut row);
+                    assert!(same_bits(&row, &want[(first + r) * k..][..k]));
+                }
+            }
+        }
+    }
+    // A table that is neither bitsandbytes' NF4 nor FP4 is used as stored, in f32.
+    let mut custom = moe_kernels::NF4_TABLE;
+    custom[3] = 0.123;
+    let (parts, want) = bnb_weight(&mut rng, 2, 64, 64, &custom, false);
+    let (_dir, ws) = open_bnb(&parts, |n| Some(n.to_string()));
+    let t = ws.get("w.weight", Some(&[2, 64])).unwrap();
+    assert_eq!(t.lossless_dtype(), Some(Dtype::F32));
+    assert!(same_bits(&to_f32(&t), &want));
+}
+
+fn err_of(r: Result<TensorRef>) -> String {
+    r.map(|_| ()).unwrap_err().to_string()
+}
+
+#[test]
+fn inconsistent_pre_quantized_tensors_are_named_errors() {
+    let codes = vec![0x38u8; 4 * 8];
+    let fp8 = |scale_shape: &[usize], block: Option<[usize; 2]>, with_scale: bool| {
+        let scales = vec![0u8; scale_shape.iter().product::<usize>() * 4];
+        let mut t: Vec<(&str, Dtype, &[usize], &[u8])> =
+            vec![("w.weight", Dtype::F8E4M3, &[4, 8], &codes)];
+        if with_scale {
+            t.push(("w.weight_scale_inv", Dtype::F32, scale_shape, &scales));
+        }
+        let (dir, ws) = open_set(
+            &t,
+            Some(PrequantConfig::Fp8 {
+                block,
+                not_convert: vec![],
+            }),
+        );
+        let e = err_of(ws.get("w.weight", Some(&[4, 8])));
+        drop(dir);
+        e
+    };
+    let e = fp8(&[1, 1], Some([2, 4]), false);
+    assert!(
+        e.contains("`w.weight`") && e.contains("w.weight_scale_inv") && e.contains("missing"),
+        "{e}"
+    );
+    let e = fp8(&[2, 1], Some([2, 4]), true);
+    assert!(e.contains("[2, 1]") && e.contains("[2, 2]"), "{e}");
+    let e = fp8(&[2, 2], None, true);
+    assert!(e.contains("weight_block_size"), "{e}");
+    // One scale for the whole tensor needs no block size.
+    let scales = f32_bytes(&[0.5]);
+    let (_dir, ws) = open_set(
+        &[
+            ("w.weight", Dtype::F8E4M3, &[4, 8], &codes),
+            ("w.weight_scale_inv", Dtype::F32, &[1], &scales),
+        ],
+        Some(PrequantConfig::Fp8 {
+            block: None,
+            not_convert: vec![],
+        }),
+    );
+    let t = ws.get("w.weight", Some(&[4, 8])).unwrap();
+    assert!(t.to_f32_vec().unwrap().iter().all(|&v| v == 0.5));
+    let e = err_of(ws.get("w.weight", Some(&[8, 4])));
+    assert!(e.contains("[8, 4]") && e.contains("[4, 8]"), "{e}");
+
+    let mut rng = Rng(5);
+    let (parts, _) = bnb_weight(&mut rng, 4, 64, 64, &moe_kernels::NF4_TABLE, true);
+    let (_d, ws) = open_bnb(&parts, |n| (!n.contains("quant_state")).then(|| n.into()));
+    let e = err_of(ws.get("w.weight", Some(&[4, 64])));
+    assert!(
+        e.contains("`w.weight`") && e.contains("quant_state.bitsandbytes__nf4"),
+        "{e}"
+    );
+    let (_d, ws) = open_bnb(&parts, |n| Some(n.into()));
+    let e = err_of(ws.get("w.weight", Some(&[64, 4])));
+    assert!(e.contains("[64, 4]") && e.contains("[4, 64]"), "{e}");
+    // Too few scales, and a nested table of the wrong size.
+    let mut short = parts.clone();
+    for p in &mut short {
+        if p.0 == ".absmax" {
+            p.2 = vec![3];
+            p.3.truncate(3);
+        }
+    }
+    let (_d, ws) = open_bnb(&short, |n| Some(n.into()));
+    let e = err_of(ws.get("w.weight", None));
+    assert!(
+        e.contains("w.weight.absmax") && e.contains("4 blocks"),
+        "{e}"
+    );
+    let mut bad_map = parts.clone();
+    for p in &mut bad_map {
+        if p.0 == ".nested_quant_map" {
+            p.2 = vec![255];
+            p.3.truncate(255 * 4);
+        }
+    }
+    let (_d, ws) = open_bnb(&bad_map, |n| Some(n.into()));
+    let e = err_of(ws.get("w.weight", None));
+    assert!(e.contains("nested_quant_map") && e.contains("256"), "{e}");
+}
