@@ -380,6 +380,49 @@ fn simd_dequantizers_equal_scalar_bitwise_for_every_code() {
     }
 }
 
+/// Blocks without NaN codes take the SIMD levels' fast decoding (codes read as scaled f16):
+/// every other code, at scales from subnormal to where `d · 2^8` overflows (the exact
+/// fallback), gives the scalar values bit for bit, through the dequantizer and the matvec.
+#[test]
+fn nan_free_f8_blocks_decode_exactly_at_every_scale() {
+    let codes: Vec<u8> = (0u8..=255).filter(|c| c & 0x7F != 0x7F).collect();
+    for d in [
+        1.0f32,
+        -2.5e-3,
+        3.0e-39,
+        1.0e-45,
+        7.0e30,
+        f32::MAX / 300.0,
+        f32::MAX / 2.0,
+        -f32::MAX,
+        0.0,
+    ] {
+        let blocks: Vec<BlockF8> = codes
+            .chunks(QK_F8)
+            .map(|c| {
+                let mut qs = [0u8; QK_F8];
+                qs[..c.len()].copy_from_slice(c);
+                BlockF8 { d, qs }
+            })
+            .collect();
+        let n = blocks.len() * QK_F8;
+        let mut want = vec![0f32; n];
+        dequantize_row_f8(&blocks, &mut want);
+        let x: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { 1.0 } else { 0.0 }).collect();
+        for level in supported_levels() {
+            let mut got = vec![f32::NAN; n];
+            dequantize_with(level, QWeights::F8(&blocks), 0, blocks.len(), &mut got);
+            assert_eq!(bits(&got), bits(&want), "{level:?} d = {d:e}");
+        }
+        // One row of all the blocks against its dequantized f32 row, at the running level.
+        let w = Weights::F8(&blocks);
+        let (mut a, mut b) = ([0f32; 1], [0f32; 1]);
+        crate::matmul(&x, 1, n, w, 1, &mut a);
+        crate::matmul(&x, 1, n, Weights::F32(&want), 1, &mut b);
+        assert_eq!(a[0].to_bits(), b[0].to_bits(), "matvec d = {d:e}");
+    }
+}
+
 #[test]
 fn simd_f8_decoding_equals_the_table_for_every_code_and_scale_one() {
     // With d = 1 the dequantized values are the table itself: every code, both NaNs included.
