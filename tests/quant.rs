@@ -214,7 +214,10 @@ fn lower_precision_activations_stay_close_and_take_effect() {
                 "{} {quantization:?} + {act:?} activations: max {max_err:.2e} KL {kl:.2e}",
                 v.name
             );
-            assert!(kl < 0.05, "{} {act:?}: KL {kl}", v.name);
+            // A bitsandbytes checkpoint's 4-bit values quantized again to q8_0 (16 levels per
+            // block scaled by absmax do not sit on q8_0's grid) add both errors: a looser bound.
+            let bound = if v.name.contains("bnb") { 0.1 } else { 0.05 };
+            assert!(kl < bound, "{} {act:?}: KL {kl}", v.name);
             let has_kernels = match act {
                 Activations::Bf16 => moe_kernels::bf16_activations_supported(),
                 _ => true,
