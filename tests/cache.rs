@@ -8,24 +8,9 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use common::{max_abs_diff, variants, Reference};
+use common::{cache_settings as settings, max_abs_diff, prefill_logits, variants, Reference};
 use moe_runtime::runconfig::{ExpertsConfig, Quantization};
 use moe_runtime::{GenerateParams, Logits, Model, Prompt, Settings};
-
-fn settings(model: &Path, q: Quantization, cache_dir: &Path) -> Settings {
-    Settings {
-        model: Some(model.to_string_lossy().into_owned()),
-        quantization: q,
-        cache_dir: Some(cache_dir.to_path_buf()),
-        state_dir: Some(cache_dir.join("state")),
-        ..Default::default()
-    }
-}
-
-fn prefill_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut st = model.new_state();
-    model.forward(ids, &mut st, Logits::All, None).unwrap()
-}
 
 fn greedy(model: &Model, ids: &[u32], n: usize) -> Vec<u32> {
     let params = GenerateParams {

@@ -7,13 +7,12 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 
-use common::{max_abs_diff, variants, Reference};
+use common::{cache_settings as settings, max_abs_diff, prefill_logits, variants, Reference};
 use moe_runtime::prequant::PrequantConfig;
 use moe_runtime::runconfig::Quantization;
 use moe_runtime::weights::{ModelFiles, WeightSet};
-use moe_runtime::{Logits, Model, Settings};
+use moe_runtime::{Model, Settings};
 
 /// The fixtures stored pre-quantized (generate.py's FP8 and bitsandbytes variants).
 fn prequant_variants() -> Vec<common::Variant> {
@@ -26,21 +25,6 @@ fn prequant_variants() -> Vec<common::Variant> {
         "pre-quantized fixtures missing from index.json"
     );
     v
-}
-
-fn settings(model: &Path, q: Quantization, cache_dir: &Path) -> Settings {
-    Settings {
-        model: Some(model.to_string_lossy().into_owned()),
-        quantization: q,
-        cache_dir: Some(cache_dir.to_path_buf()),
-        state_dir: Some(cache_dir.join("state")),
-        ..Default::default()
-    }
-}
-
-fn logits(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut st = model.new_state();
-    model.forward(ids, &mut st, Logits::All, None).unwrap()
 }
 
 #[test]
@@ -115,7 +99,7 @@ fn cache_round_trip_keeps_every_value_and_token() {
         .unwrap();
         assert!(in_ram.cache_path().is_none());
 
-        let want = logits(&in_ram, &ids);
+        let want = prefill_logits(&in_ram, &ids);
         assert!(
             max_abs_diff(&want, &r.f32("short.logits")) <= 1e-4,
             "{}: parity",
@@ -123,7 +107,7 @@ fn cache_round_trip_keeps_every_value_and_token() {
         );
         for m in [&first, &second] {
             assert_eq!(
-                max_abs_diff(&logits(m, &ids), &want),
+                max_abs_diff(&prefill_logits(m, &ids), &want),
                 0.0,
                 "{}: cached weights differ from the conversion in RAM",
                 v.name
@@ -162,12 +146,15 @@ fn a_requested_quantization_converts_the_exact_values_and_reports_its_error() {
         })
         .unwrap();
         assert_eq!(
-            max_abs_diff(&logits(&cached, &ids), &logits(&in_ram, &ids)),
+            max_abs_diff(
+                &prefill_logits(&cached, &ids),
+                &prefill_logits(&in_ram, &ids)
+            ),
             0.0,
             "{name}"
         );
         // The weights really changed (how close the logits stay: tests/quant.rs, every fixture).
-        let err = max_abs_diff(&logits(&in_ram, &ids), &r.f32("short.logits"));
+        let err = max_abs_diff(&prefill_logits(&in_ram, &ids), &r.f32("short.logits"));
         assert!(err > 1e-3, "{name}: q8_0 changed nothing ({err})");
     }
 }

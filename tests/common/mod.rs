@@ -127,6 +127,29 @@ pub fn bin() -> PathBuf {
 }
 
 /// `n` greedy tokens through the public `generate()` path, EOS ignored.
+/// Settings loading `model` with quantization `q`, its cache and state in `cache_dir`.
+pub fn cache_settings(
+    model: &Path,
+    q: moe_runtime::runconfig::Quantization,
+    cache_dir: &Path,
+) -> moe_runtime::Settings {
+    moe_runtime::Settings {
+        model: Some(model.to_string_lossy().into_owned()),
+        quantization: q,
+        cache_dir: Some(cache_dir.to_path_buf()),
+        state_dir: Some(cache_dir.join("state")),
+        ..Default::default()
+    }
+}
+
+/// The logits of every position of one prefill of `ids` from a fresh state.
+pub fn prefill_logits(model: &moe_runtime::Model, ids: &[u32]) -> Vec<f32> {
+    let mut st = model.new_state();
+    model
+        .forward(ids, &mut st, moe_runtime::Logits::All, None)
+        .unwrap()
+}
+
 pub fn greedy_generate(model: &moe_runtime::Model, ids: &[u32], n: usize) -> Vec<u32> {
     let params = moe_runtime::GenerateParams {
         max_tokens: Some(n),
