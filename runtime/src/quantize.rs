@@ -117,14 +117,20 @@ impl ExpertTypes {
 /// applies, else to the type that holds it without loss.
 pub fn target_dtype(t: &TensorRef, q: Quantization) -> Dtype {
     if let Some(lossless) = t.lossless_dtype() {
-        return match target(q) {
-            Some(to) if t.converted_row_bytes(to).is_some() => to,
-            _ => lossless,
-        };
+        return prequant_target(t, target(q), lossless);
     }
     match target(q) {
         Some(to) if size_as(t, to).is_some() && t.dtype != to => to,
         _ => t.dtype,
+    }
+}
+
+/// A pre-quantized weight's type: `to` (the requested quantization's) when its rows fit it,
+/// else `lossless`, the type that holds it without loss.
+fn prequant_target(t: &TensorRef, to: Option<Dtype>, lossless: Dtype) -> Dtype {
+    match to {
+        Some(to) if t.converted_row_bytes(to).is_some() => to,
+        _ => lossless,
     }
 }
 
@@ -173,24 +179,18 @@ fn decide(
     (saved, added): (&mut u64, &mut u64),
     report: &mut QuantReport,
 ) -> Option<Dtype> {
-    if t.is_prequant() {
+    if let Some(lossless) = t.lossless_dtype() {
         // Always converted: to the requested type when it applies, else without loss.
-        let q = match to {
-            Some(Dtype::Bf16) => Quantization::Bf16,
-            Some(Dtype::Q8_0) => Quantization::Q8_0,
-            Some(Dtype::Q4K) => Quantization::Q4K,
-            _ => Quantization::None,
-        };
-        let to = target_dtype(t, q);
-        let new = size_as(t, to).unwrap_or(t.size_bytes() as u64);
+        let new_to = prequant_target(t, to, lossless);
+        let new = size_as(t, new_to).unwrap_or(t.size_bytes() as u64);
         *added += new.saturating_sub(t.size_bytes() as u64);
         *saved += (t.size_bytes() as u64).saturating_sub(new);
         report.quantized_tensors += 1;
         report.prequant_tensors += 1;
-        if q != Quantization::None && to != target(q).unwrap_or(to) {
+        if to.is_some_and(|to| to != new_to) {
             report.kept.push(t.name.clone());
         }
-        return Some(to);
+        return Some(new_to);
     }
     let to = to?;
     if t.dtype == to {
@@ -345,7 +345,8 @@ pub fn quantize_model(
     report.expert_added_bytes = added;
     if !report.kept.is_empty() {
         tracing::warn!(
-            "{} tensor(s) keep their stored type: rows do not fit the block size (e.g. `{}`)",
+            "{} tensor(s) keep their stored type (pre-quantized ones: their exact values): rows \
+             do not fit the block size (e.g. `{}`)",
             report.kept.len(),
             report.kept[0]
         );
