@@ -506,6 +506,23 @@ impl Source {
         }
     }
 
+    /// Row `r` of an FP8 weight in `block` blocks: its scales (one per column block) and its
+    /// codes (`codes` starting `skip` bytes into the tensor).
+    fn fp8_row<'a>(
+        &self,
+        block: [usize; 2],
+        res: &'a Resolved,
+        codes: &'a [u8],
+        skip: usize,
+        r: usize,
+    ) -> (&'a [f32], &'a [u8]) {
+        let gk = self.k.div_ceil(block[1]);
+        (
+            &res.scales[(r / block[0] - res.first) * gk..][..gk],
+            &codes[r * self.k - skip..][..self.k],
+        )
+    }
+
     /// Row `r` (of the whole tensor) as f32 into `out` (`k` values); `codes` are the stored
     /// bytes starting at `byte_range(base, _).start`, `res` resolved for a range holding `r`.
     pub fn row_to_f32(&self, res: &Resolved, codes: &[u8], base: usize, r: usize, out: &mut [f32]) {
@@ -513,9 +530,7 @@ impl Source {
         let skip = self.byte_range(base, base).start;
         match &self.kind {
             Kind::Fp8 { block, .. } => {
-                let gk = self.k.div_ceil(block[1]);
-                let srow = &res.scales[(r / block[0] - res.first) * gk..][..gk];
-                let c = &codes[r * self.k - skip..][..self.k];
+                let (srow, c) = self.fp8_row(*block, res, codes, skip, r);
                 for ((o, c), &s) in out.chunks_mut(block[1]).zip(c.chunks(block[1])).zip(srow) {
                     for (x, &b) in o.iter_mut().zip(c) {
                         *x = E4M3[b as usize] * s;
@@ -548,9 +563,7 @@ impl Source {
         let skip = self.byte_range(base, base).start;
         match &self.kind {
             Kind::Fp8 { block, .. } => {
-                let gk = self.k.div_ceil(block[1]);
-                let srow = &res.scales[(r / block[0] - res.first) * gk..][..gk];
-                let c = &codes[r * self.k - skip..][..self.k];
+                let (srow, c) = self.fp8_row(*block, res, codes, skip, r);
                 let out = F8_BLOCK + 4;
                 for (b, (d, q)) in dst
                     .chunks_exact_mut(out)
