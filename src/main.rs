@@ -501,19 +501,22 @@ fn plan_cmd(a: PlanArgs) -> Result<(), Box<dyn std::error::Error>> {
             "from_config_only": report.from_config_only,
             "plan": report.plan,
         });
-        println!("{v}");
+        write_stdout(format!("{v}\n").as_bytes())?;
     } else {
-        println!(
-            "model: {} ({}{})",
-            report.label,
-            report.config.arch,
-            if report.from_config_only {
-                ", sizes from config.json"
-            } else {
-                ""
-            }
-        );
-        print!("{}", report.plan.render());
+        write_stdout(
+            format!(
+                "model: {} ({}{})\n{}",
+                report.label,
+                report.config.arch,
+                if report.from_config_only {
+                    ", sizes from config.json"
+                } else {
+                    ""
+                },
+                report.plan.render()
+            )
+            .as_bytes(),
+        )?;
     }
     Ok(())
 }
@@ -598,6 +601,15 @@ impl BuildMeter {
     }
 }
 
+/// Writes `bytes` to stdout and flushes: a full disk or a closed pipe is one error line
+/// (`cannot write the output: ...`) and a non-zero exit, never a panic as `println!` gives.
+fn write_stdout(bytes: &[u8]) -> Result<(), Box<dyn std::error::Error>> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("cannot write the output: {e}").into())
+}
+
 fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let t_load = Instant::now();
     let mut settings = a.model.settings()?;
@@ -643,22 +655,16 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut generation = model.generate(&prompt, &params, CancelToken::new())?;
     let mut text = String::new();
-    let stdout = std::io::stdout();
     for ev in generation.by_ref() {
         let ev = ev?;
         if !a.json {
-            let mut out = stdout.lock();
-            out.write_all(ev.text.as_bytes())?;
-            out.flush()?;
+            write_stdout(ev.text.as_bytes())?;
         }
         text.push_str(&ev.text);
     }
     let tail = generation.flush_text()?;
     if !a.json {
-        let mut out = stdout.lock();
-        out.write_all(tail.as_bytes())?;
-        out.write_all(b"\n")?;
-        out.flush()?;
+        write_stdout(format!("{tail}\n").as_bytes())?;
     }
     text.push_str(&tail);
     // A damaged tensor found while generating is being repaired in the background: let the
@@ -754,7 +760,7 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
                 })),
             })),
         });
-        println!("{v}");
+        write_stdout(format!("{v}\n").as_bytes())?;
     } else {
         eprintln!(
             "[{}] load {:.0} ms | prefill {} tokens {:.1} tok/s | decode {} tokens {:.1} tok/s | finish: {}",

@@ -248,11 +248,40 @@ fn the_api_key_guards_every_route_but_health() {
     for path in ["/v1/models", "/metrics"] {
         let r = c.get(s.url(path)).send().unwrap();
         assert_eq!(r.status(), 401, "{path}");
+        // RFC 7235: a 401 names the scheme it wants.
+        let challenge = r
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_string());
+        assert!(
+            challenge
+                .as_deref()
+                .is_some_and(|v| v.starts_with("Bearer")),
+            "{challenge:?}"
+        );
         assert_error_shape(&r.json().unwrap(), "invalid_api_key");
         let r = c.get(s.url(path)).bearer_auth("wrong").send().unwrap();
         assert_eq!(r.status(), 401, "{path}");
+        assert!(r.headers().contains_key("www-authenticate"));
         let r = c.get(s.url(path)).bearer_auth("sekrit").send().unwrap();
         assert_eq!(r.status(), 200, "{path}");
+        // The scheme is case-insensitive; the key is not.
+        for value in ["bearer sekrit", "BEARER  sekrit", "Bearer\tsekrit"] {
+            let r = c
+                .get(s.url(path))
+                .header("authorization", value)
+                .send()
+                .unwrap();
+            assert_eq!(r.status(), 200, "{path} {value:?}");
+        }
+        for value in ["bearer SEKRIT", "Basic sekrit", "Bearersekrit", "Bearer"] {
+            let r = c
+                .get(s.url(path))
+                .header("authorization", value)
+                .send()
+                .unwrap();
+            assert_eq!(r.status(), 401, "{path} {value:?}");
+        }
     }
     let r = send(&s, "/v1/chat/completions", &chat_body("hi", 2));
     assert_eq!(r.status(), 401);

@@ -11,7 +11,9 @@
 //!
 //! Invariants: at most `max_batch` sequences run and at most `max_queue` wait, everything beyond
 //! is refused at once ([`Refused::QueueFull`]); a sequence whose client is gone ([`Sink::closed`])
-//! is dropped with its KV cache before the next step; running KV caches plus cached prefixes stay
+//! is dropped with its KV cache before the next step, and a waiting request whose client is gone
+//! leaves the queue at the scheduler's next turn, or at once when [`Batcher::submit`] finds the
+//! queue full (so departed clients never cause a 429); running KV caches plus cached prefixes stay
 //! within `kv_budget` bytes; a panic or error inside a step fails only the sequences that cause it
 //! (the batch is rolled back and retried one sequence at a time) and never stops the scheduler;
 //! streamed text never ends inside a UTF-8 character nor shows any part of a stop string.
@@ -49,8 +51,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::engine::{FinishReason, GenerateParams, Model, DEFAULT_MAX_NEW_TOKENS};
 use crate::error::{Error, Result};
@@ -214,9 +215,66 @@ struct Job {
     submitted: Instant,
 }
 
+/// How long the idle scheduler sleeps before it looks at `stop` again (a new job wakes it at
+/// once): short enough that shutdown is prompt, long enough that idling costs nothing.
+const IDLE_WAIT: Duration = Duration::from_millis(50);
+
+/// The requests waiting for a batch slot, shared by [`Batcher::submit`] (which appends, and
+/// prunes departed clients when the queue is full) and the scheduler (which admits and prunes).
+struct Queue {
+    state: Mutex<QueueState>,
+    /// Signalled when a job arrives or the queue closes.
+    arrived: Condvar,
+}
+
+struct QueueState {
+    jobs: VecDeque<Job>,
+    /// False once the scheduler stops: submissions are refused from then on.
+    open: bool,
+}
+
+impl Queue {
+    /// Drops the waiting jobs whose clients are gone; keeps `counters.queued` equal to the
+    /// queue's length.
+    fn prune(state: &mut QueueState, counters: &BatchCounters) {
+        if state.jobs.iter().any(|j| j.sink.closed()) {
+            state.jobs.retain(|j| !j.sink.closed());
+        }
+        counters.queued.store(state.jobs.len(), Relaxed);
+    }
+
+    /// Refuses further jobs and takes the waiting ones.
+    fn close(&self, counters: &BatchCounters) -> VecDeque<Job> {
+        let mut q = self.state.lock();
+        q.open = false;
+        counters.queued.store(0, Relaxed);
+        let jobs = std::mem::take(&mut q.jobs);
+        drop(q);
+        self.arrived.notify_all();
+        jobs
+    }
+}
+
+/// Closes the queue when the scheduler thread ends, even by a panic, so that no request waits
+/// for a scheduler that is gone.
+struct CloseOnExit(Arc<Queue>, Arc<BatchCounters>);
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        for job in self.0.close(&self.1) {
+            let mut sink = job.sink;
+            sink.send(Event::Done {
+                finish: FinishReason::Cancelled,
+                text: String::new(),
+                usage: Usage::default(),
+            });
+        }
+    }
+}
+
 /// The scheduler: owns a thread that runs the model for every submitted request.
 pub struct Batcher {
-    tx: Mutex<Option<Sender<Job>>>,
+    queue: Arc<Queue>,
     counters: Arc<BatchCounters>,
     config: BatchConfig,
     model: Arc<Model>,
@@ -228,23 +286,33 @@ pub struct Batcher {
 impl Batcher {
     /// Starts the scheduler thread.
     pub fn start(model: Arc<Model>, config: BatchConfig) -> Batcher {
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState {
+                jobs: VecDeque::new(),
+                open: true,
+            }),
+            arrived: Condvar::new(),
+        });
         let counters = Arc::new(BatchCounters::default());
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (model, config, counters, stop) = (
+            let (model, config, counters, stop, queue) = (
                 model.clone(),
                 config.clone(),
                 counters.clone(),
                 stop.clone(),
+                queue.clone(),
             );
             std::thread::Builder::new()
                 .name("moe-batch".into())
-                .spawn(move || Scheduler::new(&model, config, counters, stop).run(rx))
+                .spawn(move || {
+                    let _close = CloseOnExit(queue.clone(), counters.clone());
+                    Scheduler::new(&model, config, counters, stop).run(&queue)
+                })
                 .expect("spawn the batch scheduler thread")
         };
         Batcher {
-            tx: Mutex::new(Some(tx)),
+            queue,
             counters,
             config,
             model,
@@ -270,6 +338,8 @@ impl Batcher {
     /// logprobs, and that the prompt plus `max_tokens` fit the context.
     pub fn validate(&self, prompt: &[u32], params: &RequestParams) -> Result<()> {
         let m = &self.model;
+        // A model whose files changed on disk serves nothing more (the error names the file).
+        m.check_files()?;
         m.sampling_params(&params.generate)?;
         for (name, v) in [
             ("presence_penalty", params.presence_penalty),
@@ -313,6 +383,7 @@ impl Batcher {
     }
 
     /// Queues a request (validated with [`Batcher::validate`] first); its events go to `sink`.
+    /// A full queue is first pruned of requests whose clients are gone.
     pub fn submit(
         &self,
         prompt: Vec<u32>,
@@ -323,26 +394,30 @@ impl Batcher {
             return Err(Refused::ShuttingDown);
         }
         let c = &self.counters;
-        let queued = c.queued.fetch_add(1, Relaxed);
+        let mut q = self.queue.state.lock();
+        if !q.open {
+            return Err(Refused::ShuttingDown);
+        }
+        if q.jobs.len() >= self.config.max_queue {
+            Queue::prune(&mut q, c);
+        }
+        let queued = q.jobs.len();
         if queued >= self.config.max_queue {
-            c.queued.fetch_sub(1, Relaxed);
             return Err(Refused::QueueFull {
                 running: c.running.load(Relaxed),
                 queued,
                 max_queue: self.config.max_queue,
             });
         }
-        let job = Job {
+        q.jobs.push_back(Job {
             prompt,
             params,
             sink,
             submitted: Instant::now(),
-        };
-        let sent = self.tx.lock().as_ref().map(|tx| tx.send(job).is_ok());
-        if sent != Some(true) {
-            c.queued.fetch_sub(1, Relaxed);
-            return Err(Refused::ShuttingDown);
-        }
+        });
+        c.queued.store(q.jobs.len(), Relaxed);
+        drop(q);
+        self.queue.arrived.notify_one();
         Ok(())
     }
 
@@ -368,7 +443,7 @@ impl Batcher {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.stop.store(true, Relaxed);
-        self.tx.lock().take();
+        self.queue.arrived.notify_all();
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
         }
@@ -425,7 +500,6 @@ struct Scheduler<'m> {
     config: BatchConfig,
     counters: Arc<BatchCounters>,
     stop: Arc<AtomicBool>,
-    waiting: VecDeque<Job>,
     running: Vec<Seq<'m>>,
     prefixes: Vec<Prefix>,
     clock: u64,
@@ -443,56 +517,50 @@ impl<'m> Scheduler<'m> {
             config,
             counters,
             stop,
-            waiting: VecDeque::new(),
             running: Vec::new(),
             prefixes: Vec::new(),
             clock: 0,
         }
     }
 
-    fn run(mut self, rx: Receiver<Job>) {
+    fn run(mut self, queue: &Queue) {
         loop {
             if self.stop.load(Relaxed) {
                 break;
             }
-            if self.running.is_empty() && self.waiting.is_empty() {
-                match rx.recv_timeout(Duration::from_millis(50)) {
-                    Ok(job) => self.waiting.push_back(job),
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => break,
+            {
+                let mut q = queue.state.lock();
+                // Every turn: waiting requests whose clients left give up their places.
+                Queue::prune(&mut q, &self.counters);
+                if self.running.is_empty() && q.jobs.is_empty() {
+                    queue.arrived.wait_for(&mut q, IDLE_WAIT);
+                    continue;
                 }
             }
-            while let Ok(job) = rx.try_recv() {
-                self.waiting.push_back(job);
-            }
-            self.admit();
+            self.admit(queue);
             self.drop_closed();
             if !self.running.is_empty() {
                 self.step();
             }
         }
-        // Cancel whatever is left.
-        for job in self.waiting.drain(..).chain(rx.try_iter()) {
-            let mut sink = job.sink;
-            sink.send(Event::Done {
-                finish: FinishReason::Cancelled,
-                text: String::new(),
-                usage: Usage::default(),
-            });
-            self.counters.queued.fetch_sub(1, Relaxed);
-        }
+        // Cancel whatever is left (the waiting jobs when the queue closes, on the way out).
         for i in (0..self.running.len()).rev() {
             self.finish(i, FinishReason::Cancelled);
         }
     }
 
     /// Moves waiting requests into free batch slots, reusing cached prefixes.
-    fn admit(&mut self) {
+    fn admit(&mut self, queue: &Queue) {
         while self.running.len() < self.config.max_batch {
-            let Some(job) = self.waiting.pop_front() else {
+            let job = {
+                let mut q = queue.state.lock();
+                let job = q.jobs.pop_front();
+                self.counters.queued.store(q.jobs.len(), Relaxed);
+                job
+            };
+            let Some(job) = job else {
                 break;
             };
-            self.counters.queued.fetch_sub(1, Relaxed);
             if job.sink.closed() {
                 continue;
             }
@@ -694,8 +762,9 @@ impl<'m> Scheduler<'m> {
                         self.counters.generated_tokens.fetch_add(1, Relaxed);
                         match catch_unwind(AssertUnwindSafe(|| emit_token(self.model, s, &logits)))
                         {
-                            Ok(Some(reason)) => done.push((*i, reason)),
-                            Ok(None) => {}
+                            Ok(Ok(Some(reason))) => done.push((*i, reason)),
+                            Ok(Ok(None)) => {}
+                            Ok(Err(msg)) => failed.push((*i, msg)),
                             Err(p) => failed.push((*i, panic_message(&p))),
                         }
                     }
@@ -822,8 +891,16 @@ impl<'m> Scheduler<'m> {
     }
 }
 
-/// Samples the next token of `s` from `logits`, sends it, and says whether `s` is done.
-fn emit_token(model: &Model, s: &mut Seq<'_>, logits: &[f32]) -> Option<FinishReason> {
+/// Samples the next token of `s` from `logits`, sends it, and says whether `s` is done; logits
+/// no token can be drawn from fail this sequence alone (the message says why).
+fn emit_token(
+    model: &Model,
+    s: &mut Seq<'_>,
+    logits: &[f32],
+) -> std::result::Result<Option<FinishReason>, String> {
+    let step = s.generated.len();
+    let non_finite = |logit| crate::error::Error::NonFiniteLogits { step, logit }.to_string();
+    crate::sampler::check_logits(logits).map_err(non_finite)?;
     let logprob_of = s.params.logprobs.map(|n| top_logprobs(model, logits, n));
     let id = if s.params.presence_penalty != 0.0 || s.params.frequency_penalty != 0.0 {
         let mut l = logits.to_vec();
@@ -835,7 +912,8 @@ fn emit_token(model: &Model, s: &mut Seq<'_>, logits: &[f32]) -> Option<FinishRe
         s.sampler.sample(&l)
     } else {
         s.sampler.sample(logits)
-    };
+    }
+    .map_err(non_finite)?;
     let now = Instant::now();
     s.first_token.get_or_insert(now);
     s.generated.push(id);
@@ -884,9 +962,9 @@ fn emit_token(model: &Model, s: &mut Seq<'_>, logits: &[f32]) -> Option<FinishRe
     s.next = finish.is_none().then_some(id);
     let alive = s.sink.send(Event::Token(TokenOut { id, text, logprob }));
     if !alive {
-        return Some(FinishReason::Cancelled);
+        return Ok(Some(FinishReason::Cancelled));
     }
-    finish
+    Ok(finish)
 }
 
 /// Log-sum-exp of `logits` and the `n` most likely tokens with their log-probabilities.
@@ -967,6 +1045,60 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sink whose client can be made to leave.
+    struct Leaving(Arc<AtomicBool>);
+
+    impl Sink for Leaving {
+        fn send(&mut self, _: Event) -> bool {
+            !self.0.load(Relaxed)
+        }
+        fn closed(&self) -> bool {
+            self.0.load(Relaxed)
+        }
+    }
+
+    #[test]
+    fn waiting_requests_whose_clients_left_free_the_queue() {
+        let model = Arc::new(Model::load(&crate::Settings::default()).unwrap());
+        let mut cfg = BatchConfig::for_model(&model, 2);
+        cfg.max_batch = 1;
+        let batcher = Batcher::start(model.clone(), cfg);
+        let prompt = model
+            .encode_prompt(&crate::Prompt::Text("hold".into()))
+            .unwrap();
+        let mut long = RequestParams::default();
+        long.generate.max_tokens = Some(model.max_context - prompt.len());
+        long.generate.ignore_eos = true;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        batcher
+            .submit(prompt.clone(), long.clone(), Box::new(tx))
+            .unwrap();
+        // The long request runs; two more fill the queue, then their clients leave.
+        assert!(matches!(rx.recv(), Ok(Event::Token(_))));
+        let gone = Arc::new(AtomicBool::new(false));
+        for _ in 0..2 {
+            let sink = Box::new(Leaving(gone.clone()));
+            batcher.submit(prompt.clone(), long.clone(), sink).unwrap();
+        }
+        let (tx2, _rx2) = crossbeam_channel::unbounded();
+        assert!(matches!(
+            batcher.submit(prompt.clone(), long.clone(), Box::new(tx2)),
+            Err(Refused::QueueFull { queued: 2, .. })
+        ));
+        gone.store(true, Relaxed);
+        // At once, while the long request still runs, a new request finds room.
+        let (tx3, _rx3) = crossbeam_channel::unbounded();
+        assert_eq!(
+            batcher.submit(prompt.clone(), long.clone(), Box::new(tx3)),
+            Ok(())
+        );
+        assert_eq!(batcher.counters().running.load(Relaxed), 1);
+        assert_eq!(batcher.counters().queued.load(Relaxed), 1);
+        drop(rx);
+        batcher.shutdown(Duration::ZERO);
+        assert_eq!(batcher.counters().queued.load(Relaxed), 0);
+    }
 
     #[test]
     fn stop_strings_are_found_and_partial_matches_held() {

@@ -14,54 +14,208 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
+/// A named bound on one size field of config.json.
+#[derive(Clone, Copy, Debug)]
+pub struct SizeLimit {
+    /// The JSON keys it bounds (aliases included).
+    pub keys: &'static [&'static str],
+    /// Largest accepted value.
+    pub max: usize,
+    /// Name of the limit in messages.
+    pub name: &'static str,
+}
+
+// The limits sit 8x or more above the largest released model in each dimension (Qwen3-Next-80B:
+// 48 layers, 512 experts; DeepSeek-V3 / Kimi-K2: 61 layers, 256-384 experts, hidden 7168, vocab
+// 163,840; Llama-style vocab 256k; contexts up to 10M tokens) and far below sizes whose per-layer
+// or per-expert bookkeeping alone would exhaust memory.
+/// Decoder layers (largest released MoE: 94).
+pub const MAX_LAYERS: usize = 1024;
+/// Model width (largest released: 16,384).
+pub const MAX_HIDDEN_SIZE: usize = 131_072;
+/// Attention heads, query or key/value (largest released: 128).
+pub const MAX_HEADS: usize = 2048;
+/// Width of one attention head (largest released: 256).
+pub const MAX_HEAD_DIM: usize = 4096;
+/// Routed experts per layer (largest released: 512).
+pub const MAX_EXPERTS: usize = 16_384;
+/// Experts over all layers (largest released: 61 x 384 = 23,424): each one is a set of tensor
+/// views built at open, so this bounds the memory of opening a config alone.
+pub const MAX_TOTAL_EXPERTS: usize = 262_144;
+/// Any MLP or expert width (largest released: 53,248).
+pub const MAX_INTERMEDIATE_SIZE: usize = 1 << 20;
+/// Vocabulary entries (largest released: 262,144).
+pub const MAX_VOCAB_SIZE: usize = 1 << 23;
+/// Positions, context and window lengths (largest released: 10M).
+pub const MAX_POSITIONS: usize = 1 << 28;
+/// Taps of the linear-attention convolution (released: 4).
+pub const MAX_CONV_KERNEL: usize = 1024;
+
+/// Every size field of the configs and its limit, checked as the field is read.
+pub static SIZE_LIMITS: &[SizeLimit] = &[
+    SizeLimit {
+        keys: &["num_hidden_layers"],
+        max: MAX_LAYERS,
+        name: "MAX_LAYERS",
+    },
+    SizeLimit {
+        keys: &["hidden_size"],
+        max: MAX_HIDDEN_SIZE,
+        name: "MAX_HIDDEN_SIZE",
+    },
+    SizeLimit {
+        keys: &[
+            "num_attention_heads",
+            "num_key_value_heads",
+            "linear_num_key_heads",
+            "linear_num_value_heads",
+        ],
+        max: MAX_HEADS,
+        name: "MAX_HEADS",
+    },
+    SizeLimit {
+        keys: &["head_dim", "linear_key_head_dim", "linear_value_head_dim"],
+        max: MAX_HEAD_DIM,
+        name: "MAX_HEAD_DIM",
+    },
+    SizeLimit {
+        keys: &[
+            "num_experts",
+            "num_local_experts",
+            "n_routed_experts",
+            "num_experts_per_tok",
+        ],
+        max: MAX_EXPERTS,
+        name: "MAX_EXPERTS",
+    },
+    SizeLimit {
+        keys: &[
+            "intermediate_size",
+            "moe_intermediate_size",
+            "shared_expert_intermediate_size",
+        ],
+        max: MAX_INTERMEDIATE_SIZE,
+        name: "MAX_INTERMEDIATE_SIZE",
+    },
+    SizeLimit {
+        keys: &["vocab_size"],
+        max: MAX_VOCAB_SIZE,
+        name: "MAX_VOCAB_SIZE",
+    },
+    SizeLimit {
+        keys: &[
+            "max_position_embeddings",
+            "original_max_position_embeddings",
+            "sliding_window",
+            "max_window_layers",
+            "max_new_tokens",
+        ],
+        max: MAX_POSITIONS,
+        name: "MAX_POSITIONS",
+    },
+    SizeLimit {
+        keys: &["linear_conv_kernel_dim"],
+        max: MAX_CONV_KERNEL,
+        name: "MAX_CONV_KERNEL",
+    },
+];
+
+/// The limit on size field `key`, if it is one.
+pub fn size_limit(key: &str) -> Option<&'static SizeLimit> {
+    SIZE_LIMITS.iter().find(|l| l.keys.contains(&key))
+}
+
 /// Typed access to one JSON config file.
 #[derive(Clone, Debug)]
 pub struct RawConfig {
     pub path: PathBuf,
     pub map: Map<String, Value>,
+    /// Where `map` sits in the file (`"rope_scaling."` for a nested object, else empty): errors
+    /// name fields with it.
+    pub scope: String,
 }
 
 impl RawConfig {
     pub fn parse(path: PathBuf, bytes: &[u8]) -> Result<RawConfig> {
-        let v: Value = serde_json::from_slice(bytes)
-            .map_err(|e| Error::bad_config(&path, format!("not valid JSON: {e}")))?;
+        let v: Value = serde_json::from_slice(bytes).map_err(|e| {
+            // Python's json writes NaN and Infinity, which JSON has no numbers for.
+            let text = String::from_utf8_lossy(bytes);
+            let hint = if ["NaN", "Infinity"].iter().any(|w| text.contains(w)) {
+                " (NaN and Infinity are not numbers in JSON; every value must be finite)"
+            } else {
+                ""
+            };
+            Error::bad_config(&path, format!("not valid JSON: {e}{hint}"))
+        })?;
         match v {
-            Value::Object(map) => Ok(RawConfig { path, map }),
+            Value::Object(map) => Ok(RawConfig {
+                path,
+                map,
+                scope: String::new(),
+            }),
             _ => Err(Error::bad_config(&path, "top level is not a JSON object")),
         }
     }
 
     /// The value of the first present, non-null key among `keys`.
     pub fn value(&self, keys: &[&str]) -> Option<&Value> {
+        self.entry(keys).map(|(_, v)| v)
+    }
+
+    /// The first present, non-null key among `keys` and its value.
+    fn entry<'k>(&self, keys: &[&'k str]) -> Option<(&'k str, &Value)> {
         keys.iter()
-            .filter_map(|k| self.map.get(*k))
-            .find(|v| !v.is_null())
+            .filter_map(|k| self.map.get(*k).map(|v| (*k, v)))
+            .find(|(_, v)| !v.is_null())
     }
 
     fn wrong(&self, key: &str, what: &str) -> Error {
-        Error::bad_config(&self.path, format!("field `{key}` must be {what}"))
+        Error::bad_config(
+            &self.path,
+            format!("field `{}{key}` must be {what}", self.scope),
+        )
     }
 
     fn missing(&self, keys: &[&str]) -> Error {
         Error::MissingField {
             path: self.path.clone(),
-            field: keys.join("` or `"),
+            field: keys
+                .iter()
+                .map(|k| format!("{}{k}", self.scope))
+                .collect::<Vec<_>>()
+                .join("` or `"),
         }
     }
 
+    /// A non-negative integer; a size field (see [`SIZE_LIMITS`]) above its limit is an error
+    /// naming the field, its value and the limit.
     pub fn opt_usize(&self, keys: &[&str]) -> Result<Option<usize>> {
-        match self.value(keys) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .or_else(|| {
-                    v.as_f64()
-                        .filter(|f| f.fract() == 0.0 && *f >= 0.0)
-                        .map(|f| f as u64)
-                })
-                .map(|u| Some(u as usize))
-                .ok_or_else(|| self.wrong(keys[0], "a non-negative integer")),
+        let Some((key, v)) = self.entry(keys) else {
+            return Ok(None);
+        };
+        let u = v
+            .as_u64()
+            .or_else(|| {
+                v.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < u64::MAX as f64)
+                    .map(|f| f as u64)
+            })
+            .ok_or_else(|| self.wrong(key, "a non-negative integer"))?;
+        if let Some(limit) = size_limit(key) {
+            if u > limit.max as u64 {
+                return Err(Error::bad_config(
+                    &self.path,
+                    format!(
+                        "field `{}{key}` is {u}, above the limit of {} ({}); no real model \
+                         is this large, so the file is likely damaged",
+                        self.scope, limit.max, limit.name
+                    ),
+                ));
+            }
         }
+        usize::try_from(u)
+            .map(Some)
+            .map_err(|_| self.wrong(key, "an integer this machine can address"))
     }
 
     pub fn usize(&self, keys: &[&str]) -> Result<usize> {
@@ -72,13 +226,26 @@ impl RawConfig {
         Ok(self.opt_usize(keys)?.unwrap_or(default))
     }
 
+    /// A finite number.
     pub fn opt_f64(&self, keys: &[&str]) -> Result<Option<f64>> {
-        match self.value(keys) {
+        match self.entry(keys) {
             None => Ok(None),
-            Some(v) => v
+            Some((key, v)) => v
                 .as_f64()
+                .filter(|f| f.is_finite())
                 .map(Some)
-                .ok_or_else(|| self.wrong(keys[0], "a number")),
+                .ok_or_else(|| self.wrong(key, "a finite number")),
+        }
+    }
+
+    /// A finite number above 0 (absent: `None`).
+    pub fn opt_positive_f64(&self, keys: &[&str]) -> Result<Option<f64>> {
+        match self.opt_f64(keys)? {
+            Some(x) if x <= 0.0 => Err(self.wrong(
+                self.entry(keys).map_or(keys[0], |(k, _)| k),
+                &format!("a finite number above 0 (got {x})"),
+            )),
+            x => Ok(x),
         }
     }
 
@@ -111,7 +278,7 @@ impl RawConfig {
             None => Ok(Vec::new()),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|x| x.as_u64().map(|u| u as usize))
+                .map(|x| x.as_u64().and_then(|u| usize::try_from(u).ok()))
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| self.wrong(keys[0], "a list of integers")),
             Some(_) => Err(self.wrong(keys[0], "a list of integers")),
@@ -132,19 +299,18 @@ impl RawConfig {
         }
     }
 
-    /// Token ids that may be an int or a list of ints (`eos_token_id`).
+    /// Token ids that may be an int or a list of ints (`eos_token_id`), each below 2^32.
     pub fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
+        let id = |x: &Value| x.as_u64().and_then(|u| u32::try_from(u).ok());
+        let what = "a token id (0 to 4294967295) or a list of them";
         match self.value(&[key]) {
             None => Ok(Vec::new()),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|x| x.as_u64().map(|u| u as u32))
+                .map(id)
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| self.wrong(key, "an integer or a list of integers")),
-            Some(v) => v
-                .as_u64()
-                .map(|u| vec![u as u32])
-                .ok_or_else(|| self.wrong(key, "an integer or a list of integers")),
+                .ok_or_else(|| self.wrong(key, what)),
+            Some(v) => id(v).map(|u| vec![u]).ok_or_else(|| self.wrong(key, what)),
         }
     }
 
@@ -207,92 +373,135 @@ pub struct RopeConfig {
 }
 
 impl RopeConfig {
+    /// Dimensions of a `head_dim`-wide head that are rotated (transformers:
+    /// `int(head_dim * partial_rotary_factor)`).
+    pub fn rotary_dim(&self, head_dim: usize) -> usize {
+        ((head_dim as f64) * self.partial_rotary_factor) as usize
+    }
+
     /// Reads rope settings in either style: `rope_parameters` (transformers 5) or `rope_theta` +
     /// `rope_scaling` (the Hub's). `default_theta` is the class default when none is given.
     pub fn parse(raw: &RawConfig, default_theta: f64) -> Result<RopeConfig> {
-        let params = raw
-            .value(&["rope_parameters"])
-            .or_else(|| raw.value(&["rope_scaling"]))
-            .cloned();
-        let mut obj = match params {
+        let params = raw.entry(&["rope_parameters", "rope_scaling"]);
+        let mut scope = params.map_or("rope_parameters", |(k, _)| k).to_string();
+        let mut obj = match params.map(|(_, v)| v.clone()) {
             None => Map::new(),
             Some(Value::Object(m)) => m,
-            Some(_) => return Err(raw.wrong("rope_parameters", "an object")),
+            Some(_) => return Err(raw.wrong(&scope, "an object")),
         };
         // Per-layer-type nesting (`{"full_attention": {...}}`): all our architectures use one.
         if let Some(Value::Object(inner)) = obj.get("full_attention").cloned() {
             obj = inner;
+            scope.push_str(".full_attention");
         }
         let sub = RawConfig {
             path: raw.path.clone(),
             map: obj,
+            scope: format!("{scope}."),
         };
-        let theta = match sub.opt_f64(&["rope_theta"])? {
+        // Where a key is found decides which name an error gives it.
+        let theta = match sub.opt_positive_f64(&["rope_theta"])? {
             Some(t) => t,
-            None => raw.f64_or(&["rope_theta"], default_theta)?,
+            None => match raw.opt_positive_f64(&["rope_theta"])? {
+                Some(t) => t,
+                None => default_theta,
+            },
         };
         let partial_rotary_factor = match sub.opt_f64(&["partial_rotary_factor"])? {
             Some(p) => p,
             None => raw.f64_or(&["partial_rotary_factor"], 1.0)?,
         };
+        if !(partial_rotary_factor > 0.0 && partial_rotary_factor <= 1.0) {
+            return Err(raw.wrong(
+                "partial_rotary_factor",
+                &format!(
+                    "a fraction of the head dimension above 0 and at most 1 (got \
+                     {partial_rotary_factor})"
+                ),
+            ));
+        }
         let kind = sub
             .opt_str(&["rope_type", "type"])?
             .unwrap_or("default")
             .to_string();
         let max_pos = raw.opt_usize(&["max_position_embeddings"])?;
         let orig = |sub: &RawConfig| -> Result<usize> {
-            match sub.opt_usize(&["original_max_position_embeddings"])? {
-                Some(o) => Ok(o),
+            let o = match sub.opt_usize(&["original_max_position_embeddings"])? {
+                Some(o) => o,
                 None => match raw.opt_usize(&["original_max_position_embeddings"])? {
-                    Some(o) => Ok(o),
-                    None => max_pos.ok_or_else(|| raw.missing(&["max_position_embeddings"])),
+                    Some(o) => o,
+                    None => max_pos.ok_or_else(|| raw.missing(&["max_position_embeddings"]))?,
                 },
+            };
+            if o == 0 {
+                return Err(sub.wrong(
+                    "original_max_position_embeddings",
+                    "above 0 (it, or max_position_embeddings it defaults to, is 0)",
+                ));
+            }
+            Ok(o)
+        };
+        // Every scaling factor divides or scales the frequencies: 0, negative or non-finite
+        // would turn them into NaN or infinity.
+        let factor = |sub: &RawConfig| -> Result<f64> {
+            sub.opt_positive_f64(&["factor"])?
+                .ok_or_else(|| sub.missing(&["factor"]))
+        };
+        // YaRN's betas: absent or 0 take the default; a negative one has no logarithm.
+        let beta = |sub: &RawConfig, key: &str, default: f64| -> Result<f64> {
+            match sub.opt_f64(&[key])? {
+                None | Some(0.0) => Ok(default),
+                Some(b) if b > 0.0 => Ok(b),
+                Some(b) => Err(sub.wrong(key, &format!("a finite number above 0 (got {b})"))),
             }
         };
         let scaling = match kind.as_str() {
             "default" => RopeScaling::Default,
             "linear" => RopeScaling::Linear {
-                factor: sub
-                    .opt_f64(&["factor"])?
-                    .ok_or_else(|| sub.missing(&["rope_scaling.factor"]))?,
+                factor: factor(&sub)?,
             },
             "dynamic" => RopeScaling::Dynamic {
-                factor: sub
-                    .opt_f64(&["factor"])?
-                    .ok_or_else(|| sub.missing(&["rope_scaling.factor"]))?,
+                factor: factor(&sub)?,
             },
             "yarn" => {
                 let original = orig(&sub)?;
-                let factor = match sub.opt_f64(&["factor"])? {
+                let factor = match sub.opt_positive_f64(&["factor"])? {
                     Some(f) => f,
                     None => max_pos.unwrap_or(original) as f64 / original as f64,
                 };
+                if factor <= 0.0 {
+                    return Err(sub.wrong("factor", "a finite number above 0"));
+                }
                 RopeScaling::Yarn {
                     factor,
                     original_max_position_embeddings: original,
-                    attention_factor: sub.opt_f64(&["attention_factor"])?,
+                    attention_factor: sub.opt_positive_f64(&["attention_factor"])?,
                     // transformers: `get("beta_fast") or 32` (0 also means the default)
-                    beta_fast: sub
-                        .opt_f64(&["beta_fast"])?
-                        .filter(|b| *b != 0.0)
-                        .unwrap_or(32.0),
-                    beta_slow: sub
-                        .opt_f64(&["beta_slow"])?
-                        .filter(|b| *b != 0.0)
-                        .unwrap_or(1.0),
+                    beta_fast: beta(&sub, "beta_fast", 32.0)?,
+                    beta_slow: beta(&sub, "beta_slow", 1.0)?,
                     mscale: sub.opt_f64(&["mscale"])?,
                     mscale_all_dim: sub.opt_f64(&["mscale_all_dim"])?,
                     truncate: sub.bool_or(&["truncate"], true)?,
                 }
             }
-            "llama3" => RopeScaling::Llama3 {
-                factor: sub
-                    .opt_f64(&["factor"])?
-                    .ok_or_else(|| sub.missing(&["rope_scaling.factor"]))?,
-                low_freq_factor: sub.f64_or(&["low_freq_factor"], 1.0)?,
-                high_freq_factor: sub.f64_or(&["high_freq_factor"], 4.0)?,
-                original_max_position_embeddings: orig(&sub)?,
-            },
+            "llama3" => {
+                let low_freq_factor = sub.opt_positive_f64(&["low_freq_factor"])?.unwrap_or(1.0);
+                let high_freq_factor = sub.opt_positive_f64(&["high_freq_factor"])?.unwrap_or(4.0);
+                if high_freq_factor <= low_freq_factor {
+                    return Err(sub.wrong(
+                        "high_freq_factor",
+                        &format!(
+                            "above low_freq_factor {low_freq_factor} (got {high_freq_factor})"
+                        ),
+                    ));
+                }
+                RopeScaling::Llama3 {
+                    factor: factor(&sub)?,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings: orig(&sub)?,
+                }
+            }
             other => {
                 return Err(Error::bad_config(
                     &raw.path,
@@ -441,6 +650,106 @@ impl ModelConfig {
                 format!("{} must be even and > 0", self.head_dim),
             );
         }
+        // Fields read from the file were bounded as they were read; class defaults and
+        // derived values are bounded here, before any layer is built from them.
+        for (field, value, limit) in [
+            ("num_hidden_layers", self.num_layers, MAX_LAYERS),
+            ("hidden_size", self.hidden_size, MAX_HIDDEN_SIZE),
+            ("num_attention_heads", self.num_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_kv_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_HEAD_DIM),
+            ("vocab_size", self.vocab_size, MAX_VOCAB_SIZE),
+            (
+                "intermediate_size",
+                self.intermediate_size,
+                MAX_INTERMEDIATE_SIZE,
+            ),
+            (
+                "moe_intermediate_size",
+                self.moe_intermediate_size,
+                MAX_INTERMEDIATE_SIZE,
+            ),
+            (
+                "shared_expert_intermediate_size",
+                self.shared_expert_intermediate_size,
+                MAX_INTERMEDIATE_SIZE,
+            ),
+            ("num_experts", self.router.num_experts, MAX_EXPERTS),
+            ("num_experts_per_tok", self.router.top_k, MAX_EXPERTS),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
+        ] {
+            if value > limit {
+                return bad(field, format!("{value} is above the limit of {limit}"));
+            }
+        }
+        let sparse = self.sparse_layers.iter().filter(|&&s| s).count();
+        if sparse.saturating_mul(self.router.num_experts) > MAX_TOTAL_EXPERTS {
+            return bad(
+                "num_experts",
+                format!(
+                    "{} experts in each of {sparse} sparse layers is {} in all, above the limit \
+                     of {MAX_TOTAL_EXPERTS} (MAX_TOTAL_EXPERTS)",
+                    self.router.num_experts,
+                    sparse.saturating_mul(self.router.num_experts)
+                ),
+            );
+        }
+        if self.sparse_layers.len() != self.num_layers
+            || self.sliding_window.len() != self.num_layers
+        {
+            return bad(
+                "num_hidden_layers",
+                format!(
+                    "{} layers, but {} sparse-layer and {} window entries",
+                    self.num_layers,
+                    self.sparse_layers.len(),
+                    self.sliding_window.len()
+                ),
+            );
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return bad(
+                "rms_norm_eps",
+                format!(
+                    "must be a finite number, 0 or more (got {})",
+                    self.rms_norm_eps
+                ),
+            );
+        }
+        if let Some(c) = self.clip_qkv {
+            if !(c.is_finite() && c > 0.0) {
+                return bad(
+                    "clip_qkv",
+                    format!("must be a finite number above 0 (got {c})"),
+                );
+            }
+        }
+        if self.mixers.contains(&MixerKind::Attention) {
+            let rot = self.rope.rotary_dim(self.head_dim);
+            if rot == 0 || !rot.is_multiple_of(2) || rot > self.head_dim {
+                return bad(
+                    "partial_rotary_factor",
+                    format!(
+                        "{} of head_dim {} rotates {rot} dimensions; it must be an even \
+                         number from 2 to head_dim",
+                        self.rope.partial_rotary_factor, self.head_dim
+                    ),
+                );
+            }
+            if !crate::layers::Rope::new(&self.rope, self.head_dim).is_finite() {
+                return bad(
+                    "rope_theta/rope_scaling",
+                    format!(
+                        "rope_theta {} with {:?} gives non-finite rotary frequencies",
+                        self.rope.theta, self.rope.scaling
+                    ),
+                );
+            }
+        }
         if self.sparse_layers.iter().any(|&s| s) {
             let r = self.router;
             if r.top_k == 0 || r.top_k > r.num_experts {
@@ -518,7 +827,15 @@ pub struct GenerationConfig {
 }
 
 impl GenerationConfig {
+    /// Reads the file; sampling values outside the ranges requests accept are refused here,
+    /// naming the field, rather than failing every request later.
     pub fn parse(raw: &RawConfig) -> Result<GenerationConfig> {
+        let in_range = |key: &str, ok: fn(f64) -> bool, range: &str| -> Result<Option<f64>> {
+            match raw.opt_f64(&[key])? {
+                Some(x) if !ok(x) => Err(raw.wrong(key, &format!("{range} (got {x})"))),
+                x => Ok(x),
+            }
+        };
         Ok(GenerationConfig {
             do_sample: raw
                 .value(&["do_sample"])
@@ -527,10 +844,10 @@ impl GenerationConfig {
                         .ok_or_else(|| raw.wrong("do_sample", "true or false"))
                 })
                 .transpose()?,
-            temperature: raw.opt_f64(&["temperature"])?,
-            top_p: raw.opt_f64(&["top_p"])?,
+            temperature: in_range("temperature", |t| t >= 0.0, "a finite number, 0 or more")?,
+            top_p: in_range("top_p", |p| p > 0.0 && p <= 1.0, "above 0 and at most 1")?,
             top_k: raw.opt_usize(&["top_k"])?,
-            min_p: raw.opt_f64(&["min_p"])?,
+            min_p: in_range("min_p", |p| (0.0..=1.0).contains(&p), "from 0 to 1")?,
             eos_token_ids: raw.token_ids("eos_token_id")?,
             bos_token_id: raw.token_ids("bos_token_id")?.first().copied(),
             max_new_tokens: raw.opt_usize(&["max_new_tokens"])?,

@@ -268,6 +268,8 @@ pub struct Model {
     /// The checkpoint's pre-quantized weights, when it has any.
     prequant: Option<PrequantInfo>,
     pool: rayon::ThreadPool,
+    /// The mapped files, checked after every forward pass (see [`crate::mapguard`]).
+    files_watch: crate::mapguard::FileWatch,
 }
 
 /// What loading did with a checkpoint's pre-quantized weights.
@@ -396,6 +398,9 @@ impl Model {
             ));
         }
         let weights = open_weights(&files, &raw)?;
+        // Watching from here: a file changed while loading reads it fails the load.
+        let mut files_watch =
+            crate::mapguard::FileWatch::new(weights.files.iter().map(|f| f.path.clone()).collect());
         let mut mw = arch::build_decoder(&config, &weights, arch.names)?;
         let resident_q = settings.resident_quantization();
         let state_dir = settings.resolved_state_dir();
@@ -555,7 +560,11 @@ impl Model {
             None
         };
 
-        let threads = settings.threads.unwrap_or(0);
+        if let Some(c) = &cache {
+            files_watch.add(c.path().to_path_buf());
+        }
+        files_watch.check()?;
+        let threads = crate::runconfig::compute_threads(settings.threads);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("moe-compute-{i}"))
@@ -580,7 +589,15 @@ impl Model {
                 conversion_error,
             }),
             pool,
+            files_watch,
         })
+    }
+
+    /// `Err(`[`Error::FileChanged`]`)` when a file this model maps was truncated or modified
+    /// on disk since it was opened (the model is unusable until restarted); stats the files
+    /// first (rate-limited), so a change is seen before a read trips on it.
+    pub fn check_files(&self) -> Result<()> {
+        self.files_watch.check_now()
     }
 
     /// What building the quantized weight cache took, when this load built it.
@@ -646,12 +663,30 @@ impl Model {
         })
     }
 
-    /// Turns a prompt into token ids.
+    /// Turns a prompt into token ids. Text and chat prompts are tokenized within the context
+    /// (one new token must fit): a longer one is refused with [`Error::ContextOverflow`] after
+    /// work and memory proportional to `max_context`, not to the prompt
+    /// ([`Tokenizer::encode_within`]); its `needed_tokens` is then a lower bound.
     pub fn encode_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>> {
-        let ids = match prompt {
-            Prompt::Ids(ids) => ids.clone(),
-            Prompt::Text(t) => self.tokenizer()?.encode(t, true)?,
-            Prompt::Chat(m) => self.tokenizer()?.encode_chat(m, true)?,
+        let max_prompt_tokens = self.max_context - 1;
+        let encoded = match prompt {
+            Prompt::Ids(ids) => Ok(ids.clone()),
+            Prompt::Text(t) => self.tokenizer()?.encode_within(t, true, max_prompt_tokens),
+            Prompt::Chat(m) => self
+                .tokenizer()?
+                .encode_chat_within(m, true, max_prompt_tokens),
+        };
+        let ids = match encoded {
+            Ok(ids) => ids,
+            Err(crate::tokenizer::TokenizerError::TooLong {
+                at_least_tokens, ..
+            }) => {
+                return Err(Error::ContextOverflow {
+                    needed_tokens: at_least_tokens + 1,
+                    max_context_tokens: self.max_context,
+                })
+            }
+            Err(e) => return Err(e.into()),
         };
         if ids.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
@@ -728,8 +763,13 @@ impl Model {
                 max_context_tokens: self.max_context,
             });
         }
-        self.pool
-            .install(|| self.decoder.forward(tokens, state, logits, trace))
+        self.files_watch.check()?;
+        let out = self
+            .pool
+            .install(|| self.decoder.forward(tokens, state, logits, trace));
+        // A pass that read a changed file (zeros past a truncated end) fails whole.
+        self.files_watch.check()?;
+        out
     }
 
     /// Runs several sequences' next tokens as one batch on this model's thread pool (see
@@ -743,7 +783,11 @@ impl Model {
                 });
             }
         }
-        self.pool.install(|| self.decoder.forward_batch(segs, None))
+        self.files_watch.check()?;
+        let out = self.pool.install(|| self.decoder.forward_batch(segs, None));
+        // A pass that read a changed file (zeros past a truncated end) fails whole.
+        self.files_watch.check()?;
+        out
     }
 
     /// A fresh per-sequence state.
@@ -759,6 +803,7 @@ impl Model {
         params: &GenerateParams,
         cancel: CancelToken,
     ) -> Result<Generation<'_>> {
+        self.check_files()?;
         let prompt_ids = self.encode_prompt(prompt)?;
         let sampling = self.sampling_params(params)?;
         let max_new = params
@@ -1037,7 +1082,13 @@ impl Generation<'_> {
         }
         let t0 = Instant::now();
         let logits = self.pending.take().expect("logits after prefill");
-        let id = self.sampler.sample(&logits);
+        let id = self
+            .sampler
+            .sample(&logits)
+            .map_err(|logit| Error::NonFiniteLogits {
+                step: self.generated.len(),
+                logit,
+            })?;
         self.generated.push(id);
         let text = match &mut self.decoder {
             Some(d) => d.push(id)?,

@@ -58,9 +58,10 @@ pub enum Error {
     /// A request the model cannot serve (bad ids, too long, bad sampling settings).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
-    /// The prompt plus generation would exceed the context.
+    /// The prompt plus generation would exceed the context (`needed_tokens` is a lower bound
+    /// when counting stopped early).
     #[error(
-        "context overflow: {needed_tokens} tokens needed, max_context is {max_context_tokens}"
+        "context overflow: at least {needed_tokens} tokens needed, max_context is {max_context_tokens}"
     )]
     ContextOverflow {
         needed_tokens: usize,
@@ -72,6 +73,29 @@ pub enum Error {
     /// The quantized weight cache cannot be used or written (the message says what to do).
     #[error("quantized weight cache {}: {reason}", path.display())]
     Cache { path: PathBuf, reason: String },
+    /// A mapped model or cache file changed on disk while in use (see [`crate::mapguard`]): the
+    /// model is unusable until the process restarts.
+    #[error(
+        "the {role} {} changed on disk while in use ({change}); restart moe-serve to load it",
+        path.display()
+    )]
+    FileChanged {
+        path: PathBuf,
+        /// "model file" or "quantized weight cache file".
+        role: &'static str,
+        /// "truncated", "modified in place", ...
+        change: &'static str,
+    },
+    /// The forward pass produced logits no token can be drawn from (NaN or +infinity).
+    #[error(
+        "the model produced non-finite logits at step {step} ({logit}); its weights or config \
+         are likely corrupt"
+    )]
+    NonFiniteLogits {
+        /// Generated tokens before it (0: the logits of the prompt's last token).
+        step: usize,
+        logit: crate::sampler::NonFiniteLogit,
+    },
     /// Tokenizer or chat-template failure.
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),

@@ -1,12 +1,26 @@
-//! Crash-safe file writing shared by everything that writes files (logits dumps, caches).
+//! Crash-safe file writing shared by everything that writes files (logits dumps, caches, state).
 //!
-//! Invariant: a file we write is either absent or complete: bytes go to a temporary file in the
-//! same folder, which is fsynced, renamed over the target, and the folder fsynced.
+//! Invariants:
+//! - A file we write is either absent or complete: bytes go to a temporary file
+//!   `.NAME.tmp-PID` in the same folder, which is fsynced, renamed over the target, and the
+//!   folder fsynced.
+//! - A temporary file does not outlive its writer for long: the writer holds an exclusive flock
+//!   on it while writing, and every write into a folder first removes the temporary files there
+//!   whose writer is gone (no lock held, not this process's, older than [`ORPHAN_MIN_AGE`]).
+//!   A live writer's file is never removed.
 
 use std::io::Write;
+use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
+
+/// A temporary file younger than this is never removed, even unlocked: it covers the instant
+/// between a writer creating its file and locking it (whatever its pid says, which may be of
+/// another pid namespace).
+pub const ORPHAN_MIN_AGE: Duration = Duration::from_secs(10);
 
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync folder).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -19,13 +33,34 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .ok_or_else(|| Error::bad_file(path, "not a file path"))?
         .to_string_lossy()
         .into_owned();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    remove_orphaned_temporaries(&dir);
+    let mut tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
+        let create = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(p)
+        };
+        let mut f = match create(&tmp) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // Another write of this process to the same file (or a leftover of a dead
+                // process that had this pid): never truncate it; use a name of our own.
+                static NEXT: AtomicU64 = AtomicU64::new(1);
+                let seq = NEXT.fetch_add(1, Ordering::Relaxed);
+                tmp = dir.join(format!(".{name}.tmp-{}-{seq}", std::process::id()));
+                create(&tmp)?
+            }
+            other => other?,
+        };
+        // SAFETY: flock on a descriptor we own; released when `f` is closed.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         f.write_all(bytes)?;
         f.sync_all()?;
-        drop(f);
         std::fs::rename(&tmp, path)?;
+        drop(f);
         // Persist the rename itself.
         if let Ok(d) = std::fs::File::open(&dir) {
             let _ = d.sync_all();
@@ -39,8 +74,67 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Whether `name` is a temporary file of [`write_atomic`] (`.NAME.tmp-PID` or
+/// `.NAME.tmp-PID-SEQ`); returns the pid.
+fn temporary_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let (target, tail) = rest.rsplit_once(".tmp-")?;
+    let (pid, seq) = tail.split_once('-').unwrap_or((tail, "0"));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if target.is_empty() || !digits(pid) || !digits(seq) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Removes from `dir` the temporary files of [`write_atomic`] whose writer is gone: not this
+/// process's, not locked, and older than [`ORPHAN_MIN_AGE`]. Returns how many.
+pub fn remove_orphaned_temporaries(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        match temporary_pid(&name) {
+            Some(pid) if pid != std::process::id() => {}
+            _ => continue,
+        }
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age >= ORPHAN_MIN_AGE);
+        if !meta.file_type().is_file() || !old {
+            continue;
+        }
+        let Ok(f) = std::fs::OpenOptions::new().read(true).open(&path) else {
+            continue;
+        };
+        // SAFETY: flock on a descriptor we own; released when `f` is dropped.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue; // its writer is alive
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+            tracing::info!(
+                "removed {}, left by a write that did not finish",
+                path.display()
+            );
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
+    use std::os::unix::io::AsRawFd;
+    use std::time::{Duration, SystemTime};
+
     #[test]
     fn writes_whole_file_and_no_temp_left() {
         let d = tempfile::tempdir().unwrap();
@@ -50,5 +144,42 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"world!");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
         assert!(super::write_atomic(&d.path().join("no/such/dir/x"), b"1").is_err());
+    }
+
+    /// A temporary file `age` old, of a writer with pid `pid`.
+    fn temporary(dir: &std::path::Path, name: &str, pid: u32, age: Duration) -> std::path::PathBuf {
+        let p = dir.join(format!(".{name}.tmp-{pid}"));
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_modified(SystemTime::now() - age).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_write_removes_temporaries_of_dead_writers_and_keeps_live_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        // A writer killed an hour ago, writing another file of this folder.
+        let dead = temporary(d.path(), "profile.json", 999_999_999, hour);
+        // A writer still writing (it holds the lock), and one that just started.
+        let live = temporary(d.path(), "hot.json", 999_999_998, hour);
+        let held = std::fs::File::open(&live).unwrap();
+        // SAFETY: flock on a descriptor this test owns, held while `held` is open.
+        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let young = temporary(d.path(), "x.json", 999_999_997, Duration::ZERO);
+        // Files that only look alike are never touched.
+        let mine = d.path().join("notes.tmp-12");
+        std::fs::write(&mine, b"a user's file").unwrap();
+        super::write_atomic(&d.path().join("out.json"), b"{}").unwrap();
+        assert!(!dead.exists(), "a dead writer's temporary file was kept");
+        assert!(live.exists(), "a live writer's temporary file was removed");
+        assert!(young.exists(), "a temporary file just created was removed");
+        assert!(mine.exists());
+        drop(held);
+        assert_eq!(super::remove_orphaned_temporaries(d.path()), 1);
+        assert!(!live.exists());
+        assert_eq!(super::temporary_pid(".a.tmp-12"), Some(12));
+        assert_eq!(super::temporary_pid("a.tmp-12"), None);
+        assert_eq!(super::temporary_pid(".a.tmp-12-3"), Some(12));
+        assert_eq!(super::temporary_pid(".a.tmp-1x"), None);
     }
 }

@@ -188,8 +188,10 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// `cfg` has passed [`crate::config::ModelConfig::validate`]: the rotated width is even and
+    /// at most `head_dim`, and every factor is finite and above 0.
     pub fn new(cfg: &RopeConfig, head_dim: usize) -> Rope {
-        let dim = ((head_dim as f64) * cfg.partial_rotary_factor) as usize;
+        let dim = cfg.rotary_dim(head_dim).min(head_dim);
         let base = cfg.theta;
         // Exponents are formed in f32 as transformers does (`arange(0, dim, 2).float() / dim`).
         let pos_freq: Vec<f64> = (0..dim / 2)
@@ -286,6 +288,12 @@ impl Rope {
             attention_scaling: attention_scaling as f32,
             rot_dim: dim,
         }
+    }
+
+    /// Whether every frequency and the attention scaling are finite (a config check: a
+    /// non-finite one would turn every attention output into NaN).
+    pub fn is_finite(&self) -> bool {
+        self.attention_scaling.is_finite() && self.inv_freq.iter().all(|f| f.is_finite())
     }
 
     /// Rotates every `head_dim`-wide head of `row` for absolute position `pos`.

@@ -27,6 +27,7 @@
 //! - [`synth`]: random-weight model writer; [`demo`]: the embedded demo model.
 //! - [`gguf`]: GGUF v3 container: streaming writer and header reader.
 //! - [`cache`]: the persisted quantized weight cache (a GGUF file per model and quantization).
+//! - [`mapguard`]: files changed under their mappings (SIGBUS guard, watcher, per-model check).
 
 pub mod arch;
 pub mod batch;
@@ -42,6 +43,7 @@ pub mod gguf;
 pub mod hotset;
 pub mod hub;
 pub mod layers;
+pub mod mapguard;
 pub mod mem;
 pub mod model;
 pub mod moe;

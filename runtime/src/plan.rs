@@ -326,9 +326,20 @@ fn gb(b: u64) -> String {
 pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Result<Plan> {
     let mut warnings = Vec::new();
     let total_experts = sizes.moe_layers * sizes.experts_per_layer;
-    let kv_bytes = (sizes.kv_bytes_per_token * req.max_context as u64
-        + sizes.state_bytes_per_sequence)
-        * req.max_batch as u64;
+    // Checked: `max_context` and `max_batch` may come from flags, and a product that wraps
+    // would plan a KV cache far too small.
+    let kv_bytes = sizes
+        .kv_bytes_per_token
+        .checked_mul(req.max_context as u64)
+        .and_then(|b| b.checked_add(sizes.state_bytes_per_sequence))
+        .and_then(|b| b.checked_mul(req.max_batch as u64))
+        .ok_or_else(|| {
+            Error::Budget(format!(
+                "max_context {} x max_batch {} sequences of KV cache ({} bytes per token) is \
+                 beyond any memory: lower max_context or max_batch",
+                req.max_context, req.max_batch, sizes.kv_bytes_per_token
+            ))
+        })?;
     // Experts in flight: one per loader thread plus one being computed (and one being copied
     // into a device slot).
     let transient_bytes = if total_experts > 0 {
@@ -353,7 +364,7 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
     };
     // Worth suggesting a smaller context when the KV cache is a large share of what is needed.
     let context_hint = |kv: u64| {
-        if kv * 4 > sizes.resident_bytes + kv {
+        if kv.saturating_mul(4) > sizes.resident_bytes.saturating_add(kv) {
             format!(", a smaller max_context (the KV cache takes {})", gb(kv))
         } else {
             String::new()
@@ -361,7 +372,15 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
     };
 
     let (vram_used, slots, device_experts, host_fixed) = match req.device {
-        Device::Cpu => (0, 0, 0, sizes.resident_bytes + kv_bytes + transient_bytes),
+        Device::Cpu => (
+            0,
+            0,
+            0,
+            sizes
+                .resident_bytes
+                .saturating_add(kv_bytes)
+                .saturating_add(transient_bytes),
+        ),
         Device::Cuda => {
             return Err(Error::Budget(
                 "device = \"cuda\": no CUDA backend is available in this build (no GPU found); use device = \"sim\" to simulate one or \"cpu\"".into(),
@@ -373,7 +392,7 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
                     "device = \"sim\" needs vram_budget (the simulated GPU's memory), e.g. vram_budget = \"8GiB\"".into(),
                 )
             })?;
-            let fixed = sizes.resident_bytes + kv_bytes;
+            let fixed = sizes.resident_bytes.saturating_add(kv_bytes);
             if fixed > vram {
                 return Err(Error::Budget(format!(
                     "vram_budget {} is below the resident set: {} needed ({} weights + {} KV cache); raise vram_budget{}, or use a quantized cache",
@@ -605,6 +624,19 @@ mod tests {
         assert!(p.warnings.iter().any(|w| w.contains("fewer than top_k")));
         r.slots_per_layer = Some(60);
         assert!(make_plan(&sizes(), &r, &Profile::default()).is_err());
+    }
+
+    #[test]
+    fn a_context_and_batch_beyond_any_memory_are_refused_not_wrapped() {
+        for device in [Device::Cpu, Device::Sim] {
+            let mut r = req(device);
+            r.max_context = usize::MAX / 2;
+            r.max_batch = 1 << 20;
+            let e = make_plan(&sizes(), &r, &Profile::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("max_context") && e.contains("max_batch"), "{e}");
+        }
     }
 
     #[test]

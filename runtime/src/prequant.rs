@@ -12,7 +12,10 @@
 //! so large tensors convert in bounded chunks; a bitsandbytes weight's code table is the one
 //! stored beside it (`quant_map`; the built-in tables only name it when equal bit for bit);
 //! inconsistent shapes, grids, tables or quant states are errors naming the tensor, never a
-//! panic. [`Fp8Blocks`] and [`Bnb4`] are the plain slice dequantizers the tests hold the rest to.
+//! panic; no conversion yields a NaN or an infinity: code tables are checked at open, and the
+//! scales and codes a conversion reads are checked as it reads them (a non-finite scale, one
+//! whose product with the largest code overflows f32, or an FP8 NaN code is an error naming the
+//! tensor), so opening still reads headers and small tables only. [`Fp8Blocks`] and [`Bnb4`] are the plain slice dequantizers the tests hold the rest to.
 //!
 //! Written here rather than taken from the `anamnesis` crate (0.7): it fixes FP8 blocks at
 //! 128 x 128 whatever `weight_block_size` says, refuses bitsandbytes tensors whose last block
@@ -341,6 +344,26 @@ pub struct Source {
     pub n: usize,
     pub k: usize,
     kind: Kind,
+    /// The stored weight's name and file, for errors.
+    name: String,
+    path: Arc<std::path::PathBuf>,
+}
+
+/// Largest magnitude of an FP8 E4M3 code: a scale times it must stay finite.
+const E4M3_MAX: f32 = 448.0;
+
+/// Whether FP8 E4M3 byte `b` is one of the format's two NaN codes (0x7F, 0xFF).
+pub fn is_e4m3_nan(b: u8) -> bool {
+    b & 0x7F == 0x7F
+}
+
+/// The first scale of `scales` that is not finite or whose product with `largest_code` (the
+/// largest code magnitude it multiplies) overflows f32, as `(index, value)`.
+fn bad_scale(scales: &[f32], largest_code: f32) -> Option<(usize, f32)> {
+    scales
+        .iter()
+        .position(|s| !(s * largest_code).is_finite())
+        .map(|i| (i, scales[i]))
 }
 
 impl std::fmt::Debug for Source {
@@ -454,8 +477,65 @@ impl Source {
         }
     }
 
-    /// Reads the scales rows `[r0, r1)` use.
+    /// Refuses codes no value exists for (FP8 E4M3 NaN codes), naming the tensor; `codes` are
+    /// stored bytes of this weight starting at `byte_range(base, _).start`.
+    pub fn check_codes(&self, codes: &[u8], base: usize) -> Result<()> {
+        if !matches!(self.kind, Kind::Fp8 { .. }) {
+            return Ok(()); // 4-bit codes index a checked 16-entry table: all have values.
+        }
+        let Some(i) = codes.iter().position(|&b| is_e4m3_nan(b)) else {
+            return Ok(());
+        };
+        let e = self.byte_range(base, base).start + i;
+        Err(Error::bad_file(
+            &*self.path,
+            format!(
+                "tensor `{}`: FP8 E4M3 code {:#04x} at row {}, column {} is NaN; the \
+                 checkpoint is damaged (re-download it)",
+                self.name,
+                codes[i],
+                e / self.k.max(1),
+                e % self.k.max(1)
+            ),
+        ))
+    }
+
+    /// Reads the scales rows `[r0, r1)` use; a scale that is not finite, or that overflows
+    /// f32 times the largest code, is an error naming its tensor.
     pub fn resolve(&self, r0: usize, r1: usize) -> Result<Resolved> {
+        let res = self.resolve_unchecked(r0, r1)?;
+        let (largest, tensor, path) = match &self.kind {
+            Kind::Fp8 { scales, .. } => (E4M3_MAX, &scales.name, &scales.path),
+            Kind::Bnb4 {
+                quant_map, absmax, ..
+            } => {
+                let t = match absmax {
+                    Absmax::Plain(t) => t,
+                    Absmax::Nested { nested, .. } => nested,
+                };
+                let largest = quant_map.iter().fold(0f32, |m, q| m.max(q.abs()));
+                (largest.max(f32::MIN_POSITIVE), &t.name, &t.path)
+            }
+        };
+        if let Some((i, v)) = bad_scale(&res.scales, largest) {
+            return Err(Error::bad_file(
+                &**path,
+                format!(
+                    "tensor `{tensor}`: scale {v} (number {} of the weight's scales) is not a \
+                     usable scale: {}; the checkpoint is damaged (re-download it)",
+                    res.first + i,
+                    if v.is_finite() {
+                        format!("times the largest code {largest} it overflows f32")
+                    } else {
+                        "it is not finite".to_string()
+                    }
+                ),
+            ));
+        }
+        Ok(res)
+    }
+
+    fn resolve_unchecked(&self, r0: usize, r1: usize) -> Result<Resolved> {
         if r0 >= r1 {
             return Ok(Resolved {
                 first: 0,
@@ -665,6 +745,8 @@ pub(crate) fn open(
             n,
             k,
             kind: Kind::Fp8 { scales, block },
+            name: name.to_string(),
+            path: codes.path.clone(),
         };
         return Ok(codes.with_source(Arc::new(src), vec![n, k]));
     }
@@ -738,7 +820,23 @@ pub(crate) fn open(
         }
         t.read_copy()?.to_f32_vec()
     };
+    // The code tables are small and read here: every value of them must be finite.
+    let finite_table = |suffix: &str, t: &[f32]| -> Result<()> {
+        match t.iter().position(|v| !v.is_finite()) {
+            None => Ok(()),
+            Some(i) => Err(Error::bad_file(
+                &path,
+                format!(
+                    "tensor `{}`: entry {i} is {}, not a finite value; the checkpoint is \
+                     damaged (re-download it)",
+                    part(suffix),
+                    t[i]
+                ),
+            )),
+        }
+    };
     let qm = small_f32("quant_map", 16)?;
+    finite_table("quant_map", &qm)?;
     let mut quant_map = [0f32; 16];
     quant_map.copy_from_slice(&qm);
     let table = [Code4::Nf4, Code4::Fp4].into_iter().find(|c| {
@@ -771,7 +869,13 @@ pub(crate) fn open(
             .get("nested_offset")
             .and_then(|v| v.as_f64())
             .unwrap_or(0.0) as f32;
+        if !offset.is_finite() {
+            return bad(format!(
+                "`{state_name}` has a `nested_offset` that is not a finite f32"
+            ));
+        }
         let m = small_f32("nested_quant_map", 256)?;
+        finite_table("nested_quant_map", &m)?;
         let mut map = Box::new([0f32; 256]);
         map.copy_from_slice(&m);
         let nested = ws.get(&part("nested_absmax"), None)?;
@@ -805,6 +909,8 @@ pub(crate) fn open(
         Absmax::Plain(absmax_t.flat())
     };
     let src = Source {
+        name: name.to_string(),
+        path: codes.path.clone(),
         n,
         k,
         kind: Kind::Bnb4 {

@@ -432,3 +432,134 @@ fn inconsistent_pre_quantized_tensors_are_named_errors() {
     let e = err_of(ws.get("w.weight", None));
     assert!(e.contains("nested_quant_map") && e.contains("256"), "{e}");
 }
+
+/// Converting `t` to f32, as every load and cache build does, as an error line.
+fn convert_err(t: &TensorRef) -> String {
+    let mut out = vec![0u8; t.numel() * 4];
+    t.convert_into(Dtype::F32, &mut out)
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn non_finite_or_overflowing_fp8_scales_and_nan_codes_are_refused_naming_the_tensor() {
+    let mut rng = Rng(11);
+    let (n, k, block) = (130, 256, [128, 128]);
+    let good_codes = fp8_codes(&mut rng, n * k);
+    let grid = Fp8Blocks::grid(n, k, block);
+    let cfg = || {
+        Some(PrequantConfig::Fp8 {
+            block: Some(block),
+            not_convert: vec![],
+        })
+    };
+    // 1e37 is finite, but 448 (the largest code) times it is not.
+    for (bad, what) in [
+        (f32::NAN, "not finite"),
+        (f32::INFINITY, "not finite"),
+        (-f32::INFINITY, "not finite"),
+        (1e37, "overflows f32"),
+    ] {
+        let mut scales: Vec<f32> = (0..grid[0] * grid[1]).map(|_| 0.01).collect();
+        scales[3] = bad;
+        let (_dir, ws) = open_set(
+            &[
+                ("w.weight", Dtype::F8E4M3, &[n, k], &good_codes),
+                ("w.weight_scale_inv", Dtype::F32, &grid, &f32_bytes(&scales)),
+            ],
+            cfg(),
+        );
+        // Opening reads headers only: the scales are checked where a conversion reads them.
+        let t = ws.get("w.weight", Some(&[n, k])).unwrap();
+        for e in [
+            convert_err(&t),
+            t.quantize(Dtype::F8B128)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string(),
+            t.to_f32_vec().map(|_| ()).unwrap_err().to_string(),
+        ] {
+            assert!(
+                e.contains("`w.weight_scale_inv`") && e.contains(what) && e.contains("number 3"),
+                "{bad}: {e}"
+            );
+        }
+        // Rows that do not use the bad scale (grid row 0 holds scales 0 and 1) convert.
+        let mut out = vec![0u8; 128 * k * 4];
+        t.narrow(0, 128).convert_into(Dtype::F32, &mut out).unwrap();
+    }
+    // The two NaN codes of E4M3, anywhere in the weight.
+    let scales = f32_bytes(&vec![0.01f32; grid[0] * grid[1]]);
+    for (at, code) in [(0usize, 0x7Fu8), (129 * k + 255, 0xFF)] {
+        let mut codes = good_codes.clone();
+        codes[at] = code;
+        let (_dir, ws) = open_set(
+            &[
+                ("w.weight", Dtype::F8E4M3, &[n, k], &codes),
+                ("w.weight_scale_inv", Dtype::F32, &grid, &scales),
+            ],
+            cfg(),
+        );
+        let t = ws.get("w.weight", Some(&[n, k])).unwrap();
+        let want = format!("row {}, column {}", at / k, at % k);
+        for e in [
+            convert_err(&t),
+            t.quantize(Dtype::F8B128)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string(),
+            t.narrow(at / k, 1)
+                .quantize(Dtype::Q8_0)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string(),
+        ] {
+            assert!(
+                e.contains("`w.weight`") && e.contains("is NaN") && e.contains(&want),
+                "{code:#x}: {e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn non_finite_bitsandbytes_scales_and_tables_are_refused_naming_the_tensor() {
+    let set_f32 = |parts: &Parts, suffix: &str, i: usize, v: f32| -> Parts {
+        let mut p = parts.clone();
+        for part in &mut p {
+            if part.0 == suffix {
+                part.3[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        p
+    };
+    let mut rng = Rng(13);
+    // Plain absmax: checked when a conversion reads it.
+    let (plain, _) = bnb_weight(&mut rng, 4, 64, 64, &moe_kernels::FP4_TABLE, false);
+    for v in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let (_d, ws) = open_bnb(&set_f32(&plain, ".absmax", 2, v), |n| Some(n.into()));
+        let t = ws.get("w.weight", Some(&[4, 64])).unwrap();
+        let e = convert_err(&t);
+        assert!(
+            e.contains("`w.weight.absmax`") && e.contains("number 2"),
+            "{v}: {e}"
+        );
+    }
+    // Double quantization: the nested scales combine into a non-finite one.
+    let (double, _) = bnb_weight(&mut rng, 4, 64, 64, &moe_kernels::NF4_TABLE, true);
+    let (_d, ws) = open_bnb(&set_f32(&double, ".nested_absmax", 0, f32::NAN), |n| {
+        Some(n.into())
+    });
+    let t = ws.get("w.weight", Some(&[4, 64])).unwrap();
+    let e = convert_err(&t);
+    assert!(e.contains("`w.weight.nested_absmax`"), "{e}");
+    // Code tables are small and read at open.
+    for (suffix, i) in [(".quant_map", 5), (".nested_quant_map", 200)] {
+        let (_d, ws) = open_bnb(&set_f32(&double, suffix, i, f32::NAN), |n| Some(n.into()));
+        let e = err_of(ws.get("w.weight", Some(&[4, 64])));
+        assert!(
+            e.contains(&format!("`w.weight{suffix}`")) && e.contains(&format!("entry {i}")),
+            "{e}"
+        );
+    }
+}

@@ -54,15 +54,17 @@ pub struct RunConfig {
     /// safety margin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ram_budget: Option<ByteSize>,
-    /// Longest sequence (prompt plus generated tokens), in tokens; at least 2.
-    /// Default: unset, meaning min(`max_position_embeddings`, 4096); see
+    /// Longest sequence (prompt plus generated tokens), in tokens; at least 2 and at most
+    /// [`MAX_CONTEXT_TOKENS`]. Default: unset, meaning min(`max_position_embeddings`, 4096); see
     /// [`RunConfig::max_context_for`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_context: Option<usize>,
-    /// Sequences decoded together, in sequences; at least 1. Default 1.
+    /// Sequences decoded together, in sequences; at least 1 and at most [`MAX_BATCH`].
+    /// Default 1.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
-    /// Compute threads; at least 1. Default: unset, meaning all cores.
+    /// Compute threads; at least 1 and at most [`MAX_THREADS`]; more than the host's cores are
+    /// capped at the cores (with a warning). Default: unset, meaning all cores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
     /// Folder for state the runtime keeps between runs (expert statistics, plans). In a file, a
@@ -289,6 +291,36 @@ impl ExpertsConfig {
 /// Largest accepted `experts.prefetch_depth`, in layers.
 pub const MAX_PREFETCH_DEPTH: usize = 4;
 
+/// Largest accepted `threads`: far above any host's cores, far below the thread counts that
+/// exhaust the process's thread or memory limits.
+pub const MAX_THREADS: usize = 4096;
+
+/// Largest accepted `max_context`, in tokens: the largest `max_position_embeddings` a model may
+/// declare ([`crate::config::MAX_POSITIONS`]); KV sizes computed from it stay far from overflow.
+pub const MAX_CONTEXT_TOKENS: usize = crate::config::MAX_POSITIONS;
+
+/// Largest accepted `max_batch`, in sequences: far above what one host decodes together, and
+/// small enough that per-sequence sizes multiplied by it stay far from overflow.
+pub const MAX_BATCH: usize = 65_536;
+
+/// The compute threads to start for a requested count (`threads`, `--threads`): all cores
+/// when unset or 0, and never more than the cores: a larger request is capped, with one
+/// warning naming the value and the cap (more threads than cores only contend).
+pub fn compute_threads(requested: Option<usize>) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match requested {
+        None | Some(0) => cores,
+        Some(n) if n > cores => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!("threads = {n} is more than the {cores} cores here; using {cores}")
+            });
+            cores
+        }
+        Some(n) => n,
+    }
+}
+
 /// The `[sim]` table: the link of the simulated device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -336,8 +368,25 @@ pub struct ServerConfig {
     pub prefix_cache: bool,
     /// Largest request body accepted; larger bodies get 413. Default 8 MiB.
     pub max_request_bytes: ByteSize,
-    /// On SIGTERM, seconds running requests get to finish before they are cut short. Default 30.
+    /// On SIGTERM, seconds running requests get to finish before they are cut short; at this
+    /// deadline every connection, half-sent requests included, is closed. Default 30.
     pub drain_timeout_s: u64,
+    /// Seconds a client has to send a whole request head (request line and headers), counted
+    /// from its connection's start or, on a kept-alive connection, from the head's first byte;
+    /// then the connection is closed. At least 1. Default 10.
+    pub header_timeout_s: u64,
+    /// Seconds a client has to send a whole request body once its head has arrived; then it gets
+    /// 408 and the connection is closed. At least 1. Default 30.
+    pub body_timeout_s: u64,
+    /// Seconds a kept-alive connection may wait for its next request before it is closed. At
+    /// least 1. Default 60.
+    pub idle_timeout_s: u64,
+    /// Open connections at most; at the cap a new connection closes the oldest one that has
+    /// not delivered a complete request (idle or slow), so slow clients cannot lock others
+    /// out. At least 1. Default: unset, meaning derived from the open-file limit (raised to its
+    /// hard limit at start) less a reserve for model and cache files, at most 4096.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -352,6 +401,10 @@ impl Default for ServerConfig {
             prefix_cache: true,
             max_request_bytes: ByteSize(8 << 20),
             drain_timeout_s: 30,
+            header_timeout_s: 10,
+            body_timeout_s: 30,
+            idle_timeout_s: 60,
+            max_connections: None,
         }
     }
 }
@@ -734,13 +787,39 @@ impl RunConfig {
                 );
             }
         }
+        if let Some(n) = self.max_context {
+            if n > MAX_CONTEXT_TOKENS {
+                return invalid(
+                    "max_context",
+                    format!("must be at most {MAX_CONTEXT_TOKENS} tokens (got {n})"),
+                );
+            }
+        }
         if self.max_batch < 1 {
             return invalid("max_batch", "must be at least 1 (got 0)");
+        }
+        if self.max_batch > MAX_BATCH {
+            return invalid(
+                "max_batch",
+                format!(
+                    "must be at most {MAX_BATCH} sequences (got {})",
+                    self.max_batch
+                ),
+            );
         }
         if self.threads == Some(0) {
             return invalid(
                 "threads",
                 "must be at least 1 (got 0; leave it out to use all cores)",
+            );
+        }
+        if let Some(n) = self.threads.filter(|&n| n > MAX_THREADS) {
+            return invalid(
+                "threads",
+                format!(
+                    "must be at most {MAX_THREADS} (got {n}; threads beyond the cores are \
+                     capped at the cores anyway)"
+                ),
             );
         }
         for (key, dir, what) in [
@@ -819,6 +898,21 @@ impl RunConfig {
                     "must be at least 1 KiB (got {} bytes)",
                     self.server.max_request_bytes.0
                 ),
+            );
+        }
+        for (key, secs) in [
+            ("server.header_timeout_s", self.server.header_timeout_s),
+            ("server.body_timeout_s", self.server.body_timeout_s),
+            ("server.idle_timeout_s", self.server.idle_timeout_s),
+        ] {
+            if secs == 0 {
+                return invalid(key, "must be at least 1 second (got 0)");
+            }
+        }
+        if self.server.max_connections == Some(0) {
+            return invalid(
+                "server.max_connections",
+                "must be at least 1 (leave it out to derive it from the open-file limit)",
             );
         }
         if self.server.api_key.as_deref().is_some_and(|k| k.is_empty()) {
@@ -1439,6 +1533,10 @@ mod tests {
         assert_eq!(c.server.api_key, None);
         assert_eq!(c.server.model_name, None);
         assert_eq!(c.server.max_queue, 64);
+        assert_eq!(c.server.header_timeout_s, 10);
+        assert_eq!(c.server.body_timeout_s, 30);
+        assert_eq!(c.server.idle_timeout_s, 60);
+        assert_eq!(c.server.max_connections, None);
         assert_eq!(c.validate(), Ok(()));
         // A file with only `model` means the same (a Hub id is not resolved as a path).
         assert_eq!(parse("model = \"Qwen/Qwen3-30B-A3B\"").unwrap(), c);
@@ -1500,6 +1598,10 @@ prefill_chunk = 64
 prefix_cache = false
 max_request_bytes = "1MiB"
 drain_timeout_s = 5
+header_timeout_s = 3
+body_timeout_s = 7
+idle_timeout_s = 11
+max_connections = 500
 "#;
         let c = parse(text).unwrap();
         let expected = RunConfig {
@@ -1541,6 +1643,10 @@ drain_timeout_s = 5
                 prefix_cache: false,
                 max_request_bytes: ByteSize(1 << 20),
                 drain_timeout_s: 5,
+                header_timeout_s: 3,
+                body_timeout_s: 7,
+                idle_timeout_s: 11,
+                max_connections: Some(500),
             },
         };
         assert_eq!(c, expected);
@@ -1722,6 +1828,17 @@ drain_timeout_s = 5
             ("model = \"\"", "model", "must not be empty"),
             ("max_batch = 0", "max_batch", "at least 1"),
             ("threads = 0", "threads", "at least 1"),
+            ("threads = 100000", "threads", "at most 4096 (got 100000"),
+            (
+                "max_batch = 1000000",
+                "max_batch",
+                "at most 65536 sequences",
+            ),
+            (
+                "max_context = 100000000000",
+                "max_context",
+                "at most 268435456 tokens",
+            ),
             ("max_context = 1", "max_context", "at least 2"),
             ("max_context = 0", "max_context", "at least 2"),
             ("ram_budget = 0", "ram_budget", "above 0"),
@@ -1798,6 +1915,26 @@ drain_timeout_s = 5
                 "at least 1 KiB",
             ),
             ("[server]\nhost = \"\"", "server.host", "must not be empty"),
+            (
+                "[server]\nheader_timeout_s = 0",
+                "server.header_timeout_s",
+                "at least 1 second",
+            ),
+            (
+                "[server]\nbody_timeout_s = 0",
+                "server.body_timeout_s",
+                "at least 1 second",
+            ),
+            (
+                "[server]\nidle_timeout_s = 0",
+                "server.idle_timeout_s",
+                "at least 1 second",
+            ),
+            (
+                "[server]\nmax_connections = 0",
+                "server.max_connections",
+                "at least 1",
+            ),
             (
                 "[server]\napi_key = \"\"",
                 "server.api_key",

@@ -2,7 +2,9 @@
 //!
 //! Invariants: greedy picks the first index of the maximum logit (as `argmax` does); sampling
 //! applies temperature, then top-k, then top-p, then min-p (transformers' warper order) and is
-//! reproducible for a given seed on every platform (own SplitMix64, no global RNG).
+//! reproducible for a given seed on every platform (own SplitMix64, no global RNG); logits that
+//! are NaN or +infinity are never turned into a token: [`Sampler::sample`] refuses them with
+//! [`NonFiniteLogit`] (-infinity is a token that cannot be drawn, as long as one can).
 
 /// Resolved sampling settings (`temperature == 0` means greedy).
 #[derive(Clone, Debug, PartialEq)]
@@ -56,6 +58,36 @@ impl Rng {
     }
 }
 
+/// Logits no token can be drawn from: a NaN or +infinity (the first one found), or no finite
+/// logit at all. The model's numbers have broken down (corrupt weights or config).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NonFiniteLogit {
+    /// Token id of the offending logit.
+    pub token: u32,
+    pub value: f32,
+}
+
+impl std::fmt::Display for NonFiniteLogit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "logit {} for token {}", self.value, self.token)
+    }
+}
+
+/// The first logit no token can be drawn from (see [`NonFiniteLogit`]), if any.
+pub fn check_logits(logits: &[f32]) -> Result<(), NonFiniteLogit> {
+    let bad = logits
+        .iter()
+        .position(|l| l.is_nan() || *l == f32::INFINITY)
+        .or_else(|| (!logits.iter().any(|l| l.is_finite())).then_some(0));
+    match bad {
+        None => Ok(()),
+        Some(i) => Err(NonFiniteLogit {
+            token: i as u32,
+            value: logits.get(i).copied().unwrap_or(f32::NAN),
+        }),
+    }
+}
+
 /// Picks tokens from logits.
 pub struct Sampler {
     params: SamplingParams,
@@ -70,7 +102,13 @@ impl Sampler {
         }
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// The next token; logits holding a NaN or +infinity, or no finite value, are refused.
+    pub fn sample(&mut self, logits: &[f32]) -> Result<u32, NonFiniteLogit> {
+        check_logits(logits)?;
+        Ok(self.draw(logits))
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
         if self.params.is_greedy() {
             return argmax(logits);
         }
@@ -145,7 +183,32 @@ mod tests {
     fn greedy_first_max() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
         let mut s = Sampler::new(SamplingParams::greedy());
-        assert_eq!(s.sample(&[0.0, 0.5, 0.2]), 1);
+        assert_eq!(s.sample(&[0.0, 0.5, 0.2]), Ok(1));
+        // -infinity is a token that cannot be drawn.
+        assert_eq!(s.sample(&[f32::NEG_INFINITY, 0.5, 0.2]), Ok(1));
+    }
+
+    #[test]
+    fn non_finite_logits_are_refused_not_turned_into_a_token() {
+        let sampling = SamplingParams {
+            temperature: 0.7,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 3,
+        };
+        for params in [SamplingParams::greedy(), sampling] {
+            let mut s = Sampler::new(params);
+            let e = s.sample(&[0.1, f32::NAN, 0.3]).unwrap_err();
+            assert_eq!(e.token, 1);
+            assert!(e.value.is_nan());
+            let e = s.sample(&[0.1, 0.2, f32::INFINITY]).unwrap_err();
+            assert_eq!((e.token, e.value), (2, f32::INFINITY));
+            assert!(s.sample(&[f32::NAN; 4]).is_err());
+            assert!(s.sample(&[f32::NEG_INFINITY; 4]).is_err());
+            assert!(s.sample(&[]).is_err());
+            assert!(e.to_string().contains("token 2"), "{e}");
+        }
     }
 
     #[test]
@@ -160,11 +223,11 @@ mod tests {
         };
         let a: Vec<u32> = {
             let mut s = Sampler::new(params.clone());
-            (0..200).map(|_| s.sample(&logits)).collect()
+            (0..200).map(|_| s.sample(&logits).unwrap()).collect()
         };
         let b: Vec<u32> = {
             let mut s = Sampler::new(params.clone());
-            (0..200).map(|_| s.sample(&logits)).collect()
+            (0..200).map(|_| s.sample(&logits).unwrap()).collect()
         };
         assert_eq!(a, b);
         // Only the top-5 logits may ever be drawn.
@@ -191,7 +254,7 @@ mod tests {
             seed: 1,
         });
         for _ in 0..50 {
-            assert_eq!(s.sample(&logits), 1);
+            assert_eq!(s.sample(&logits), Ok(1));
         }
     }
 }

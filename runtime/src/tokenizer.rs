@@ -13,6 +13,15 @@
 //! - Encoding follows `transformers`: truncation and padding stored in `tokenizer.json` are
 //!   ignored, and an explicit `add_bos_token` / `add_eos_token` in `tokenizer_config.json`
 //!   replaces the post-processor, as the tokenizers backend of `transformers` does.
+//! - Bounded encoding ([`Tokenizer::encode_within`], [`Tokenizer::encode_chat_within`]) does
+//!   work proportional to its token limit, not to the text: text longer than the limit can hold
+//!   is refused from its length alone where the pipeline proves a token covers at most so many
+//!   bytes, else counted in pieces that stop once the count is surely over. It never refuses
+//!   text that fits (each piece boundary is allowed a slack), and what it accepts it encodes in
+//!   one call, exactly as [`Tokenizer::encode`] does.
+//! - Chat-template rendering is bounded: an instruction and data budget (minijinja fuel) that
+//!   grows with the messages, a recursion limit, and an output cap derived from the token limit;
+//!   each failure is an error naming the chat template.
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -23,12 +32,54 @@ use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{context, Environment, ErrorKind, Value};
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::processors::PostProcessorWrapper;
+use tokenizers::{ModelWrapper, PostProcessor};
 
 /// Name under which the chat template is registered in its environment.
 const TEMPLATE_NAME: &str = "chat_template";
 
 /// Largest token id accepted (vocabularies in use stay well below a million).
 const MAX_TOKEN_ID: usize = 1 << 24;
+
+/// Longest text encoded in one call when it may hold more tokens than allowed: one piece's
+/// encoding (ids, offsets, token strings, alignments) stays within a few tens of MiB, and a
+/// piece holds more tokens than most contexts, so the first piece usually decides.
+const COUNT_PIECE_BYTES: usize = 64 * 1024;
+
+/// How far back from a piece's end a better cut is looked for (a quarter of the piece keeps
+/// pieces large while a cut at whitespace is almost always found).
+const CUT_SEARCH_BYTES: usize = COUNT_PIECE_BYTES / 4;
+
+/// Tokens by which cutting text at whitespace or a change of character class may raise the
+/// count of the pieces above the count of the whole (a prefix the normalizer adds to each
+/// piece, a split regex that sees the piece's edge). Generous: it only delays a refusal.
+const CUT_SLACK_TOKENS: usize = 16;
+
+/// How many bytes one token can stand for is multiplied by this for Unicode normalization
+/// (NFC, NFKC, ...) and lower-casing, which can shrink text: NFKC maps a 4-byte mathematical
+/// letter to a 1-byte ASCII one.
+const NORMALIZE_SHRINK: usize = 4;
+
+/// Instructions a chat template may run for one render before the per-message and per-byte
+/// allowances: known templates use a few thousand for a short chat, and at the engine's speed
+/// this is tens of milliseconds, with about 64 MiB of data (one fuel pays for 64 bytes).
+const TEMPLATE_FUEL_BASE: u64 = 1_000_000;
+
+/// Extra instructions per message (known templates use a few hundred per message, more with
+/// tools or reasoning content).
+const TEMPLATE_FUEL_PER_MESSAGE: u64 = 4_000;
+
+/// Extra fuel per byte of message content, as a divisor: a template may copy, trim and split
+/// each message several times (one fuel pays for 64 bytes, so 1/8 a byte is eight copies).
+const TEMPLATE_FUEL_CONTENT_DIVISOR: u64 = 8;
+
+/// Nested blocks, macro calls and includes a chat template may stack: known templates nest a
+/// few levels (a macro that prints a JSON schema recurses with its depth), and this keeps the
+/// stack well inside a 2 MiB thread (minijinja's own cap is 500).
+const TEMPLATE_RECURSION_LIMIT: usize = 100;
+
+/// Bytes a token is assumed to stand for when capping a chat template's output for a tokenizer
+/// whose pipeline gives no proven bound (a normalizer or pre-tokenizer that drops text).
+const FALLBACK_BYTES_PER_TOKEN: usize = 64;
 
 /// Keys of `tokenizer_config.json` that `transformers` passes to chat templates (its
 /// `special_tokens_map`), when they are set.
@@ -66,6 +117,13 @@ pub enum TokenizerError {
     /// The chat template called `raise_exception(message)`.
     #[error("chat template raised an exception: {message}")]
     TemplateException { message: String },
+    /// The text holds more tokens than allowed. Counting stops as soon as that is certain, so
+    /// `at_least_tokens` is a lower bound (exact when the whole text was encoded).
+    #[error("the text is at least {at_least_tokens} tokens, over the limit of {max_tokens}")]
+    TooLong {
+        at_least_tokens: usize,
+        max_tokens: usize,
+    },
 }
 
 /// One chat turn, as passed to chat templates (`message.role`, `message.content`).
@@ -107,6 +165,13 @@ pub struct Tokenizer {
     /// such a token may still change (a later byte can make the group invalid), so streaming
     /// holds it back until a different token follows.
     byte_fallback_ids: Option<Vec<bool>>,
+    /// Most bytes of input text one token can stand for, when the pipeline proves a bound
+    /// ([`proven_bytes_per_token`]); text longer than `limit * this` cannot fit `limit` tokens.
+    bytes_per_token: Option<usize>,
+    /// Characters of the longest vocabulary entry: the slack of a cut inside a word.
+    longest_token_chars: usize,
+    /// Added tokens longer than one byte: a piece is never cut inside one of them.
+    added_contents: Vec<String>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -252,6 +317,17 @@ impl Tokenizer {
                 marks
             });
 
+        let longest_token_chars = vocab.keys().map(|t| t.chars().count()).max().unwrap_or(1);
+        let bytes_per_token = proven_bytes_per_token(&inner, &vocab);
+        let mut added_contents: Vec<String> = inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .map(|t| t.content)
+            .filter(|c| c.len() > 1)
+            .collect();
+        added_contents.sort();
+        added_contents.dedup();
+
         let template_source = match chat_template {
             Some(text) => Some(Ok(text.to_string())),
             None => config_chat_template(config.get("chat_template")),
@@ -280,6 +356,9 @@ impl Tokenizer {
             known,
             vocab_size,
             byte_fallback_ids,
+            bytes_per_token,
+            longest_token_chars,
+            added_contents,
         })
     }
 
@@ -289,6 +368,129 @@ impl Tokenizer {
         let encoding = guarded(|| self.inner.encode_fast(text, add_special_tokens))
             .map_err(TokenizerError::Encode)?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Encodes as [`Tokenizer::encode`] does, but refuses text of more than `max_tokens` tokens
+    /// with [`TokenizerError::TooLong`] after work proportional to `max_tokens`, not to the
+    /// text: first from the text's length alone (where the pipeline bounds the bytes a token
+    /// stands for), then by counting pieces of at most [`COUNT_PIECE_BYTES`] until the count,
+    /// less a slack per cut, is over. Text that may fit is encoded whole, so accepted text gets
+    /// exactly the ids [`Tokenizer::encode`] gives.
+    pub fn encode_within(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+        max_tokens: usize,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let special = if add_special_tokens {
+            self.special_token_count()
+        } else {
+            0
+        };
+        if let Some(per_token) = self.bytes_per_token {
+            let at_least_tokens = text.len().div_ceil(per_token) + special;
+            if at_least_tokens > max_tokens {
+                return Err(TokenizerError::TooLong {
+                    at_least_tokens,
+                    max_tokens,
+                });
+            }
+        }
+        if text.len() > COUNT_PIECE_BYTES {
+            self.count_in_pieces(text, special, COUNT_PIECE_BYTES, Some(max_tokens))?;
+        }
+        let ids = self.encode(text, add_special_tokens)?;
+        if ids.len() > max_tokens {
+            return Err(TokenizerError::TooLong {
+                at_least_tokens: ids.len(),
+                max_tokens,
+            });
+        }
+        Ok(ids)
+    }
+
+    /// Tokens the post-processor adds to a single sequence (BOS, EOS).
+    fn special_token_count(&self) -> usize {
+        self.inner
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false))
+    }
+
+    /// Counts the tokens of `text` piece by piece (pieces of at most `piece_bytes`, cut by
+    /// [`Tokenizer::cut`]) plus `special`, and returns `(count, slack)`: the whole text's count
+    /// lies within `slack` of `count`. With `max_tokens`, stops with
+    /// [`TokenizerError::TooLong`] as soon as `count - slack` (the cuts made so far, including
+    /// the one after the last piece counted) is over it.
+    fn count_in_pieces(
+        &self,
+        text: &str,
+        special: usize,
+        piece_bytes: usize,
+        max_tokens: Option<usize>,
+    ) -> Result<(usize, usize), TokenizerError> {
+        let (mut count, mut slack) = (special, 0usize);
+        let mut start = 0;
+        while start < text.len() {
+            let end = if text.len() - start <= piece_bytes {
+                text.len()
+            } else {
+                let (end, cut_slack) = self.cut(text, start, start + piece_bytes);
+                slack += cut_slack;
+                end
+            };
+            let piece = &text[start..end];
+            let encoding =
+                guarded(|| self.inner.encode_fast(piece, false)).map_err(TokenizerError::Encode)?;
+            count += encoding.len();
+            drop(encoding);
+            start = end;
+            if let Some(max_tokens) = max_tokens {
+                let at_least_tokens = count.saturating_sub(slack);
+                if at_least_tokens > max_tokens {
+                    return Err(TokenizerError::TooLong {
+                        at_least_tokens,
+                        max_tokens,
+                    });
+                }
+            }
+        }
+        Ok((count, slack))
+    }
+
+    /// Where to end a piece that starts at `start` and may reach `limit` (both char boundaries
+    /// or `limit` past one), and the slack that cut needs. Prefers, looking back from `limit`
+    /// at most [`CUT_SEARCH_BYTES`]: just before whitespace that follows non-whitespace (where
+    /// pre-tokenizers split anyway), then a change between alphanumeric and other characters,
+    /// then any character boundary (a cut inside a word, whose slack is one longest token more).
+    /// Never inside an added token.
+    fn cut(&self, text: &str, start: usize, limit: usize) -> (usize, usize) {
+        let mut hi = limit.min(text.len());
+        while !text.is_char_boundary(hi) {
+            hi -= 1;
+        }
+        let lo = hi.saturating_sub(CUT_SEARCH_BYTES).max(start + 1);
+        let boundaries = || (lo..=hi).rev().filter(|&i| text.is_char_boundary(i));
+        let around = |i: usize| (text[..i].chars().next_back(), text[i..].chars().next());
+        let whitespace_cut = |i: usize| matches!(around(i), (Some(a), Some(b)) if !a.is_whitespace() && b.is_whitespace());
+        let class_cut = |i: usize| matches!(around(i), (Some(a), Some(b)) if a.is_alphanumeric() != b.is_alphanumeric());
+        for rule in [&whitespace_cut as &dyn Fn(usize) -> bool, &class_cut] {
+            if let Some(i) = boundaries().find(|&i| rule(i) && !self.inside_added(text, i)) {
+                return (i, CUT_SLACK_TOKENS);
+            }
+        }
+        let i = boundaries()
+            .find(|&i| !self.inside_added(text, i))
+            .unwrap_or(hi);
+        (i, CUT_SLACK_TOKENS + self.longest_token_chars)
+    }
+
+    /// Whether byte offset `i` falls strictly inside an occurrence of an added token.
+    fn inside_added(&self, text: &str, i: usize) -> bool {
+        let bytes = text.as_bytes();
+        self.added_contents.iter().any(|token| {
+            let t = token.as_bytes();
+            (i.saturating_sub(t.len() - 1)..i).any(|j| bytes.get(j..j + t.len()) == Some(t))
+        })
     }
 
     /// Decodes ids to text. Unknown ids are an error.
@@ -337,11 +539,36 @@ impl Tokenizer {
     }
 
     /// Renders the chat template as `transformers`' `apply_chat_template(messages,
-    /// add_generation_prompt=..., tokenize=False)` does.
+    /// add_generation_prompt=..., tokenize=False)` does, within the template's instruction and
+    /// data budget.
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        self.render_chat(messages, add_generation_prompt, None)
+    }
+
+    /// Renders the chat template and encodes the text without special tokens, refusing more
+    /// than `max_tokens` tokens ([`TokenizerError::TooLong`]) as [`Tokenizer::encode_within`]
+    /// does; rendering stops once its output is longer than `max_tokens` tokens can be.
+    pub fn encode_chat_within(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        max_tokens: usize,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let text = self.render_chat(messages, add_generation_prompt, Some(max_tokens))?;
+        self.encode_within(&text, false, max_tokens)
+    }
+
+    /// Renders the chat template with fuel for the messages' number and size and, with
+    /// `max_tokens`, an output cap of `max_tokens` times the bytes a token can stand for.
+    fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        max_tokens: Option<usize>,
     ) -> Result<String, TokenizerError> {
         let env = match &self.chat {
             ChatTemplate::None => return Err(TokenizerError::NoChatTemplate),
@@ -352,6 +579,14 @@ impl Tokenizer {
             }
             ChatTemplate::Ready(env) => env,
         };
+        let content_bytes: usize = messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len())
+            .sum();
+        let fuel = TEMPLATE_FUEL_BASE
+            .saturating_add(TEMPLATE_FUEL_PER_MESSAGE.saturating_mul(messages.len() as u64))
+            .saturating_add(content_bytes as u64 / TEMPLATE_FUEL_CONTENT_DIVISOR);
+        let message_count = messages.len();
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| {
@@ -368,8 +603,46 @@ impl Tokenizer {
             documents => (),
             ..Value::from(self.template_tokens.clone())
         };
+        let mut env = Environment::clone(env);
+        env.set_fuel(Some(fuel));
+        let cap_bytes = max_tokens.map_or(usize::MAX, |m| {
+            m.saturating_mul(self.bytes_per_token.unwrap_or(FALLBACK_BYTES_PER_TOKEN))
+        });
+        let mut out = CappedWriter {
+            bytes: Vec::new(),
+            cap_bytes,
+            over: false,
+        };
         let template = env.get_template(TEMPLATE_NAME).map_err(template_error)?;
-        guarded_render(|| template.render(ctx))
+        let rendered = guarded_render(|| template.render_captured_to(ctx, &mut out).map(|_| ()));
+        match (rendered, max_tokens) {
+            (Err(_), Some(max_tokens)) if out.over => Err(match self.bytes_per_token {
+                Some(_) => TokenizerError::TooLong {
+                    at_least_tokens: max_tokens + 1,
+                    max_tokens,
+                },
+                None => TokenizerError::Template {
+                    reason: format!(
+                        "the chat template's output passed {cap_bytes} bytes, the most allowed \
+                         for {max_tokens} tokens: shorten the messages"
+                    ),
+                },
+            }),
+            (Err(TokenizerError::Template { reason }), _) if reason == OUT_OF_FUEL => {
+                Err(TokenizerError::Template {
+                    reason: format!(
+                        "rendering ran past its budget of {fuel} steps for {} message(s) \
+                         ({content_bytes} bytes): the template loops or builds data without \
+                         bound; fix the chat template",
+                        message_count
+                    ),
+                })
+            }
+            (Err(e), _) => Err(e),
+            (Ok(()), _) => String::from_utf8(out.bytes).map_err(|e| TokenizerError::Template {
+                reason: format!("the output is not UTF-8: {e}"),
+            }),
+        }
     }
 
     /// Renders the chat template and encodes it without adding special tokens, as
@@ -549,11 +822,9 @@ fn guarded<T, E: std::fmt::Display>(f: impl FnOnce() -> Result<T, E>) -> Result<
     }
 }
 
-fn guarded_render(
-    f: impl FnOnce() -> Result<String, minijinja::Error>,
-) -> Result<String, TokenizerError> {
+fn guarded_render<T>(f: impl FnOnce() -> Result<T, minijinja::Error>) -> Result<T, TokenizerError> {
     match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(text)) => Ok(text),
+        Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(template_error(e)),
         Err(payload) => Err(TokenizerError::Template {
             reason: format!("internal panic: {}", panic_text(payload.as_ref())),
@@ -735,7 +1006,18 @@ impl std::fmt::Display for RaisedException {
 
 impl std::error::Error for RaisedException {}
 
+/// The reason [`template_error`] gives when rendering runs out of fuel ([`render_chat`] replaces
+/// it with one that names the budget).
+///
+/// [`render_chat`]: Tokenizer::render_chat
+const OUT_OF_FUEL: &str = "out of fuel";
+
 fn template_error(err: minijinja::Error) -> TokenizerError {
+    if err.kind() == ErrorKind::OutOfFuel {
+        return TokenizerError::Template {
+            reason: OUT_OF_FUEL.to_string(),
+        };
+    }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
     while let Some(e) = source {
         if let Some(raised) = e.downcast_ref::<RaisedException>() {
@@ -747,6 +1029,111 @@ fn template_error(err: minijinja::Error) -> TokenizerError {
     }
     TokenizerError::Template {
         reason: err.to_string(),
+    }
+}
+
+/// A render target that refuses to grow past `cap_bytes` (and records that it did).
+struct CappedWriter {
+    bytes: Vec<u8>,
+    cap_bytes: usize,
+    over: bool,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > self.cap_bytes {
+            self.over = true;
+            return Err(std::io::Error::other("chat template output over its cap"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Most bytes of input one token can stand for, when the pipeline proves it: a BPE model whose
+/// every input character has a token (a complete byte-level alphabet, complete `<0xNN>` byte
+/// fallback, or an unknown token that is not fused), a normalizer and pre-tokenizer that never
+/// drop text, and a bound on how much the normalizer can shrink it. `None` for any other
+/// pipeline (WordPiece, Unigram, a normalizer that strips accents or control characters, a
+/// pre-tokenizer that drops whitespace): such text is counted, never judged by its length.
+fn proven_bytes_per_token(
+    inner: &tokenizers::Tokenizer,
+    vocab: &std::collections::HashMap<String, u32>,
+) -> Option<usize> {
+    let ModelWrapper::BPE(bpe) = inner.get_model() else {
+        return None;
+    };
+    let (shrink, normalizer_byte_level) = match inner.get_normalizer() {
+        None => (1, false),
+        Some(n) => normalizer_shrink(&serde_json::to_value(n).ok()?)?,
+    };
+    let pre_byte_level = match inner.get_pre_tokenizer() {
+        None => false,
+        Some(p) => pre_tokenizer_keeps_text(&serde_json::to_value(p).ok()?)?,
+    };
+    let byte_level_alphabet = || {
+        tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+            .iter()
+            .all(|c| vocab.contains_key(&c.to_string()))
+    };
+    let byte_fallback_alphabet =
+        || (0..=255u8).all(|b| vocab.contains_key(&format!("<0x{b:02X}>")));
+    let every_char_has_a_token = ((pre_byte_level || normalizer_byte_level)
+        && byte_level_alphabet())
+        || (bpe.byte_fallback && byte_fallback_alphabet())
+        || (bpe.unk_token.is_some() && !bpe.fuse_unk);
+    if !every_char_has_a_token {
+        return None;
+    }
+    // An unknown character (up to 4 bytes) becomes one token.
+    let longest = vocab.keys().map(String::len).max()?.max(4);
+    longest.checked_mul(shrink)
+}
+
+/// How many times a normalizer can shrink text (and whether it maps bytes to the byte-level
+/// alphabet); `None` when it can drop text or its effect is not known.
+fn normalizer_shrink(n: &serde_json::Value) -> Option<(usize, bool)> {
+    match n.get("type")?.as_str()? {
+        "NFC" | "NFD" | "NFKC" | "NFKD" | "Lowercase" => Some((NORMALIZE_SHRINK, false)),
+        "Prepend" => Some((1, false)),
+        "ByteLevel" => Some((1, true)),
+        "Replace" => {
+            let pattern = n.get("pattern")?.get("String")?.as_str()?;
+            let content = n.get("content")?.as_str()?;
+            (!content.is_empty()).then(|| (pattern.len().div_ceil(content.len()).max(1), false))
+        }
+        "Sequence" => n.get("normalizers")?.as_array()?.iter().try_fold(
+            (1usize, false),
+            |(shrink, byte_level), n| {
+                let (s, b) = normalizer_shrink(n)?;
+                Some((shrink.checked_mul(s)?, byte_level || b))
+            },
+        ),
+        _ => None,
+    }
+}
+
+/// Whether a pre-tokenizer keeps every byte of its input (`Some(uses byte-level)`), or `None`
+/// when it can drop some (whitespace splitters, `Removed` splits) or is not known.
+fn pre_tokenizer_keeps_text(p: &serde_json::Value) -> Option<bool> {
+    match p.get("type")?.as_str()? {
+        "ByteLevel" => Some(true),
+        "Metaspace" | "Digits" | "FixedLength" => Some(false),
+        "Split" | "Punctuation" => {
+            (p.get("behavior").and_then(|b| b.as_str()) != Some("Removed")).then_some(false)
+        }
+        "Sequence" => p
+            .get("pretokenizers")?
+            .as_array()?
+            .iter()
+            .try_fold(false, |byte_level, p| {
+                Some(byte_level || pre_tokenizer_keeps_text(p)?)
+            }),
+        _ => None,
     }
 }
 
@@ -762,6 +1149,7 @@ fn compile_template(source: &str) -> Result<Environment<'static>, String> {
         .build()
         .map_err(|e| e.to_string())?;
     env.set_syntax(syntax);
+    env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
     env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
     env.set_unknown_method_callback(|state, value, method, args| {
         // `str.title()` capitalises after any uncased character (`bar_baz` → `Bar_Baz`);
@@ -2317,5 +2705,387 @@ mod tests {
     fn tokenizer_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Tokenizer>();
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Bounded encoding and rendering
+    // -----------------------------------------------------------------------------------------
+
+    /// The demo model's tokenizer (Qwen2 style: NFC, regex split, byte-level BPE).
+    fn demo() -> Tokenizer {
+        Tokenizer::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("demo")).unwrap()
+    }
+
+    /// Mistral style: no pre-tokenizer, a normalizer that prepends `▁` and replaces spaces,
+    /// byte fallback.
+    fn sp_normalized() -> Tokenizer {
+        let mut doc: serde_json::Value = serde_json::from_str(&sp_json(SpDecoder::Llama)).unwrap();
+        doc["pre_tokenizer"] = json!(null);
+        doc["normalizer"] = json!({"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+        ]});
+        Tokenizer::from_bytes(doc.to_string().as_bytes(), None, None).unwrap()
+    }
+
+    fn bounded_tokenizers() -> Vec<(&'static str, Tokenizer)> {
+        let gpt2 = byte_level(None);
+        let qwen =
+            Tokenizer::from_bytes(byte_level_json(true, |_| {}).as_bytes(), None, None).unwrap();
+        vec![
+            ("demo", demo()),
+            ("byte-level/gpt2", gpt2),
+            ("byte-level/qwen", qwen),
+            ("sentencepiece/llama", sp(SpDecoder::Llama, None)),
+            ("sentencepiece/normalizer", sp_normalized()),
+        ]
+    }
+
+    const FRAGMENTS: [&str; 24] = [
+        "hello",
+        "world",
+        "Hello",
+        " ",
+        "  ",
+        "   ",
+        "\n",
+        "\n\n",
+        "\t",
+        " \n ",
+        "中文",
+        "日本語",
+        "😀",
+        "naïve",
+        "café",
+        ",",
+        ". ",
+        "'s",
+        "123",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<s>",
+        "aaaaaaaaaaaaaaaaaaaa",
+        "=====",
+    ];
+
+    /// Random text from [`FRAGMENTS`] and random characters, about `bytes` long.
+    fn random_text(rng: &mut Rng, bytes: usize) -> String {
+        let mut text = String::new();
+        while text.len() < bytes {
+            match rng.below(10) {
+                0 => text.push(char::from_u32(0x20 + rng.below(0x3000) as u32).unwrap_or('?')),
+                1 => text.push(' '),
+                _ => text.push_str(FRAGMENTS[rng.below(FRAGMENTS.len())]),
+            }
+        }
+        text
+    }
+
+    /// Runs `f` on a thread with a 2 MiB stack (as tokio's blocking threads have) and fails if
+    /// it takes longer than `limit`.
+    fn within<T: Send + 'static>(
+        limit: std::time::Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let _ = tx.send(f());
+            })
+            .unwrap();
+        rx.recv_timeout(limit)
+            .unwrap_or_else(|e| panic!("not done within {limit:?}: {e}"))
+    }
+
+    #[test]
+    fn byte_bound_only_for_pipelines_that_keep_every_byte() {
+        // The demo: longest entry 14 bytes, NFC may shrink text up to 4 times.
+        assert_eq!(demo().bytes_per_token, Some(14 * NORMALIZE_SHRINK));
+        for (name, tok) in bounded_tokenizers() {
+            assert!(tok.bytes_per_token.is_some(), "{name}");
+        }
+        let tweaked = |f: &dyn Fn(&mut serde_json::Value)| {
+            let json = byte_level_json(true, |d| f(d));
+            Tokenizer::from_bytes(json.as_bytes(), None, None)
+                .unwrap()
+                .bytes_per_token
+        };
+        assert!(tweaked(&|_| {}).is_some());
+        // Text that a pipeline can drop is never judged by its length.
+        assert_eq!(
+            tweaked(&|d| d["normalizer"] = json!({"type": "StripAccents"})),
+            None
+        );
+        assert_eq!(
+            tweaked(&|d| d["normalizer"] =
+                json!({"type": "Replace", "pattern": {"String": " "}, "content": ""})),
+            None
+        );
+        assert_eq!(
+            tweaked(&|d| d["pre_tokenizer"] = json!({"type": "Whitespace"})),
+            None
+        );
+        assert_eq!(
+            tweaked(&|d| d["pre_tokenizer"]["pretokenizers"][0]["behavior"] = json!("Removed")),
+            None
+        );
+        // Without the byte-level pre-tokenizer, characters outside the vocabulary are dropped.
+        assert_eq!(
+            tweaked(&|d| d["pre_tokenizer"] = json!({"type": "Digits", "individual_digits": false})),
+            None
+        );
+        // A fused unknown token can stand for any length of text.
+        let mut doc: serde_json::Value = serde_json::from_str(&sp_json(SpDecoder::Llama)).unwrap();
+        doc["model"]["byte_fallback"] = json!(false);
+        let fused = Tokenizer::from_bytes(doc.to_string().as_bytes(), None, None).unwrap();
+        assert_eq!(fused.bytes_per_token, None);
+        // A normalizer that replaces 3 bytes by 1 triples the bound.
+        let replaced = tweaked(&|d| {
+            d["normalizer"] =
+                json!({"type": "Replace", "pattern": {"String": "abc"}, "content": "x"})
+        });
+        assert_eq!(
+            replaced,
+            tweaked(&|d| d["normalizer"] = json!(null)).map(|b| b * 3)
+        );
+    }
+
+    /// The count of text cut into pieces lies within the cuts' slack of the whole text's count,
+    /// so a refusal from pieces is never wrong (random text, fixed cases, many cuts per text).
+    #[test]
+    fn piece_counts_agree_with_the_whole_within_the_slack() {
+        let mut rng = Rng(0x51A0_C0DE_0000_0001);
+        for (name, tok) in bounded_tokenizers() {
+            for case in 0..150 {
+                let bytes = 1 + rng.below(2000);
+                let text = random_text(&mut rng, bytes);
+                let piece_bytes = 4 + rng.below(300);
+                let add_special = case % 2 == 0;
+                let special = if add_special {
+                    tok.special_token_count()
+                } else {
+                    0
+                };
+                let (count, slack) = tok
+                    .count_in_pieces(&text, special, piece_bytes, None)
+                    .unwrap();
+                let whole = tok.encode(&text, add_special).unwrap().len();
+                assert!(
+                    count.abs_diff(whole) <= slack,
+                    "{name} case {case}: pieces of {piece_bytes} bytes count {count}, the whole \
+                     {whole}, slack {slack}: {text:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn pieces_are_never_cut_inside_an_added_token() {
+        let tok = demo();
+        let text = "<|im_start|>".repeat(1000);
+        let mut start = 0;
+        while start < text.len() {
+            let (end, _) = tok.cut(&text, start, (start + 100).min(text.len()));
+            assert!(end > start);
+            assert_eq!(end % "<|im_start|>".len(), 0, "cut at {end}");
+            start = end;
+            if text.len() - start <= 100 {
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn accepted_text_encodes_exactly_as_before() {
+        let mut rng = Rng(0xACCE_9750_0000_0002);
+        for (name, tok) in bounded_tokenizers() {
+            for case in 0..12 {
+                // Short texts and texts over one piece (counted first, then encoded whole).
+                let bytes = if case % 3 == 0 {
+                    70_000 + rng.below(60_000)
+                } else {
+                    rng.below(3000)
+                };
+                let text = random_text(&mut rng, bytes);
+                let add_special = case % 2 == 0;
+                let expected = tok.encode(&text, add_special).unwrap();
+                assert_eq!(
+                    tok.encode_within(&text, add_special, expected.len())
+                        .unwrap(),
+                    expected,
+                    "{name} case {case}"
+                );
+                assert_eq!(
+                    tok.encode_within(&text, add_special, usize::MAX / 2)
+                        .unwrap(),
+                    expected,
+                    "{name} case {case}"
+                );
+                if !expected.is_empty() {
+                    match tok.encode_within(&text, add_special, expected.len() - 1) {
+                        Err(TokenizerError::TooLong {
+                            at_least_tokens,
+                            max_tokens,
+                        }) => {
+                            assert!(at_least_tokens > max_tokens, "{name} case {case}");
+                            assert!(at_least_tokens <= expected.len(), "{name} case {case}");
+                        }
+                        other => panic!("{name} case {case}: {other:?}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// A prompt far over the limit is refused after work proportional to the limit: from its
+    /// length where the pipeline bounds a token's bytes, else after the first pieces.
+    #[test]
+    fn long_text_is_refused_after_bounded_work() {
+        let mut rng = Rng(0x1009_0000_0000_0003);
+        let text = random_text(&mut rng, 8 << 20);
+        for (name, mut tok) in bounded_tokenizers() {
+            for proven in [true, false] {
+                if !proven {
+                    tok.bytes_per_token = None;
+                }
+                let t0 = std::time::Instant::now();
+                match tok.encode_within(&text, true, 4095) {
+                    Err(TokenizerError::TooLong {
+                        at_least_tokens,
+                        max_tokens: 4095,
+                    }) => {
+                        assert!(at_least_tokens > 4095, "{name}");
+                        if let Some(per_token) = tok.bytes_per_token {
+                            // Refused from the length alone.
+                            let special = tok.special_token_count();
+                            assert_eq!(at_least_tokens, text.len().div_ceil(per_token) + special);
+                        } else {
+                            // The whole text is millions of tokens; a few pieces are under 100k.
+                            assert!(
+                                at_least_tokens < 250_000,
+                                "{name} counted {at_least_tokens} tokens"
+                            );
+                        }
+                    }
+                    other => panic!("{name}: {other:?}"),
+                }
+                let took = t0.elapsed();
+                assert!(
+                    took.as_secs_f64() < 2.0,
+                    "{name} (proven bound: {proven}) took {took:?}"
+                );
+            }
+        }
+        let err = demo()
+            .encode_within(&text, true, 4095)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least"), "{err}");
+    }
+
+    #[test]
+    fn chat_output_is_capped_by_the_token_limit() {
+        let tok = demo();
+        let long = "word ".repeat(1 << 20);
+        let messages = vec![ChatMessage::new("user", long.as_str())];
+        match tok.encode_chat_within(&messages, true, 4095) {
+            Err(TokenizerError::TooLong {
+                at_least_tokens,
+                max_tokens: 4095,
+            }) => assert!(at_least_tokens > 4095),
+            other => panic!("{other:?}"),
+        }
+        // A template that repeats a short message is stopped by the cap as soon as its output
+        // cannot fit, long before it ends (240 MB).
+        let flood = with_template(
+            "{% for i in range(100000) %}{% for j in range(100) %}{{ messages[0]['content'] }}{% endfor %}{% endfor %}",
+        );
+        let refused = within(std::time::Duration::from_secs(10), move || {
+            flood.encode_chat_within(&msgs(&[("user", "hello world, hello world")]), true, 100)
+        });
+        match refused {
+            Err(TokenizerError::TooLong {
+                at_least_tokens: 101,
+                max_tokens: 100,
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        // What fits renders and encodes as the unbounded calls do.
+        let messages = msgs(&[("system", "be terse"), ("user", "hello world")]);
+        assert_eq!(
+            tok.encode_chat_within(&messages, true, 4095).unwrap(),
+            tok.encode_chat(&messages, true).unwrap()
+        );
+    }
+
+    /// Templates that loop without end, build data without bound or recurse without end fail
+    /// quickly with an error that names the chat template.
+    #[test]
+    fn runaway_templates_fail_quickly_naming_the_chat_template() {
+        let limit = std::time::Duration::from_secs(10);
+        let templates = [
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            "{% set s = namespace(v='abcdefgh') %}{% for i in range(64) %}{% set s.v = s.v ~ s.v %}{% endfor %}{{ s.v|length }}",
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "{% for m in messages recursive %}{{ loop([m]) }}{% endfor %}",
+        ];
+        for template in templates {
+            let t0 = std::time::Instant::now();
+            let err = within(limit, move || {
+                with_template(template)
+                    .apply_chat_template(&msgs(&[("user", "hi")]), true)
+                    .unwrap_err()
+            });
+            let took = t0.elapsed();
+            let text = err.to_string();
+            assert!(text.contains("chat template"), "{template}: {text}");
+            assert!(took.as_secs_f64() < 5.0, "{template} took {took:?}");
+        }
+        let err = with_template(templates[0])
+            .apply_chat_template(&msgs(&[("user", "hi")]), true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("budget") && err.contains("steps"), "{err}");
+    }
+
+    /// Long conversations with the demo's and a Python-flavoured template stay well inside the
+    /// rendering budget, and render exactly as without one.
+    #[test]
+    fn normal_templates_render_unchanged_within_the_budget() {
+        let tok = demo();
+        let messages: Vec<ChatMessage> = (0..2000)
+            .map(|i| {
+                ChatMessage::new(
+                    ["user", "assistant"][i % 2],
+                    format!("message {i} ").repeat(20),
+                )
+            })
+            .collect();
+        let text = tok.apply_chat_template(&messages, true).unwrap();
+        let mut expected = String::new();
+        for m in &messages {
+            expected.push_str(&format!(
+                "<|im_start|>{}\n{}<|im_end|>\n",
+                m.role, m.content
+            ));
+        }
+        expected.push_str("<|im_start|>assistant\n");
+        assert_eq!(text, expected);
+        assert_eq!(
+            render(CHATML, &[("system", "s"), ("user", "Hi")], true),
+            "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nHi (last)<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let long: Vec<(&str, &str)> = (0..2000)
+            .map(|i| {
+                if i % 2 == 0 {
+                    ("user", "Hello there, how are you?")
+                } else {
+                    ("assistant", "Fine.")
+                }
+            })
+            .collect();
+        assert!(render(CHATML, &long, true).ends_with("<|im_start|>assistant\n"));
     }
 }

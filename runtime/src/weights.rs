@@ -12,6 +12,12 @@
 //!   stored codes with a [`crate::prequant::Source`]; it is converted before compute reads it.
 //! - Every tensor is bounds-checked against its file when the header is parsed: offsets inside the
 //!   data region, byte length equal to `numel * dtype size`.
+//! - A safetensors file opens only if the official `safetensors` library would open it: header
+//!   length within its limit, the header a JSON object (space padding allowed) with an optional
+//!   `__metadata__` object of strings, and the tensors' `data_offsets`, in offset order, tiling
+//!   the data region from byte 0 to the end of the file with no gap, overlap or trailing byte
+//!   (so a wrong header length cannot shift every tensor). Each refusal names the file, the
+//!   tensor and the byte ranges.
 //! - With a `model.safetensors.index.json`, exactly the shards it names are opened, every shard it
 //!   names must exist, and every tensor it maps must be in that shard's header.
 
@@ -25,8 +31,9 @@ use moe_kernels::Weights;
 
 use crate::error::{Error, Result};
 
-/// Largest safetensors header we accept: real headers of 75k-tensor checkpoints are a few MB.
-const MAX_HEADER_BYTES: u64 = 256 << 20;
+/// Largest safetensors header accepted: the official library's limit, so that every file it
+/// opens opens here and none it refuses does (headers of 75k-tensor checkpoints are a few MB).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// Element types found in safetensors files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -146,8 +153,10 @@ impl Dtype {
 
 /// Bytes of one file: a read-only mapping, or static bytes compiled into the binary.
 pub enum Storage {
-    /// A mapped file, with the open file for positioned reads that bypass the mapping.
+    /// A mapped file, with the open file for positioned reads that bypass the mapping. The
+    /// guard's registration comes first, so it is dropped before the mapping is unmapped.
     Mmap {
+        guard: crate::mapguard::Registration,
         map: memmap2::Mmap,
         file: File,
     },
@@ -264,11 +273,13 @@ pub(crate) fn map_path(path: &Path) -> Result<Storage> {
     if len == 0 {
         return Ok(Storage::Empty);
     }
-    // SAFETY: read-only private mapping. Model files are treated as immutable while open (as
-    // every inference engine does; truncating one under us is a user error outside what Rust can
-    // guard against), and cache files are only ever replaced by rename, never written in place.
+    // SAFETY: read-only private mapping. Model files are treated as immutable while open, and
+    // cache files are only ever replaced by rename, never written in place; a file truncated or
+    // rewritten under us anyway is caught by `mapguard` (reads past its end get zeros instead
+    // of SIGBUS, and the model fails naming the file), registered here.
     let map = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(|e| Error::io(path, e))?;
-    Ok(Storage::Mmap { map, file })
+    let guard = crate::mapguard::register(&map, &file, path);
+    Ok(Storage::Mmap { guard, map, file })
 }
 
 impl Storage {
@@ -349,7 +360,12 @@ impl SafetensorsFile {
     }
 }
 
-/// Parses a safetensors header from the start of `bytes` (the whole file).
+/// Parses a safetensors header from the start of `bytes` (the whole file) and checks it as the
+/// official `safetensors` library does: the length within bounds, the header a JSON object
+/// (trailing spaces allowed as padding) of tensor entries and an optional `__metadata__` object
+/// of strings, each tensor's byte length equal to its element count times its dtype size, and
+/// the tensors' `data_offsets`, in offset order, tiling the data region from 0 to its very end
+/// with no gap, overlap or trailing byte.
 fn parse_header(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
     let file_len = bytes.len() as u64;
     if file_len < 8 {
@@ -359,7 +375,15 @@ fn parse_header(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, TensorInfo
         ));
     }
     let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-    if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
+    if header_len > MAX_HEADER_BYTES {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "safetensors header length {header_len} is over the format's limit of {MAX_HEADER_BYTES} bytes: corrupt or not a safetensors file"
+            ),
+        ));
+    }
+    if 8 + header_len > file_len {
         return Err(Error::bad_file(
             path,
             format!(
@@ -372,24 +396,91 @@ fn parse_header(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, TensorInfo
     // Fast path: a typed parse straight into entries (a header of tens of thousands of tensors,
     // as in a 512-expert checkpoint, parses several times faster than through `Value`s). A
     // header whose JSON it rejects goes through the general parse below, which names what is
-    // wrong; both check every entry with `tensor_info`.
-    if let Ok(TypedHeader(entries)) = serde_json::from_slice(&bytes[8..data_start]) {
-        let mut tensors = BTreeMap::new();
-        for (name, t) in entries {
-            let info = tensor_info(
-                &name,
-                &t.dtype,
-                t.shape,
-                t.data_offsets,
-                data_start,
-                data_len,
+    // wrong; both check every entry with `tensor_info` and the layout with `check_layout`.
+    let entries = match serde_json::from_slice::<TypedHeader>(&bytes[8..data_start]) {
+        Ok(TypedHeader(entries)) => entries
+            .into_iter()
+            .map(|(name, t)| {
+                let info = tensor_info(
+                    &name,
+                    &t.dtype,
+                    t.shape,
+                    t.data_offsets,
+                    data_start,
+                    data_len,
+                    path,
+                )?;
+                Ok((name, info))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        Err(_) => parse_header_general(bytes, data_start, path)?,
+    };
+    check_layout(entries, data_start, data_len, header_len, path)
+}
+
+/// Checks that the tensors, taken in `data_offsets` order, tile the data region exactly (the
+/// first at 0, each starting where the previous one ends, the last ending at the end of the
+/// file) and that no name appears twice; returns them by name. Zero-sized tensors may share an
+/// offset with their neighbours, as in the official library.
+fn check_layout(
+    entries: Vec<(String, TensorInfo)>,
+    data_start: usize,
+    data_len: usize,
+    header_len: u64,
+    path: &Path,
+) -> Result<BTreeMap<String, TensorInfo>> {
+    let mut tensors = BTreeMap::new();
+    for (name, info) in entries {
+        if tensors.contains_key(&name) {
+            return Err(Error::bad_file(
                 path,
-            )?;
-            tensors.insert(name, info);
+                format!("tensor `{name}` appears twice in the header"),
+            ));
         }
-        return Ok(tensors);
+        tensors.insert(name, info);
     }
-    parse_header_general(bytes, data_start, path)
+    // Offsets relative to the data region, as the header writes them.
+    let rel = |t: &TensorInfo| (t.start - data_start, t.end - data_start);
+    let mut order: Vec<(&String, (usize, usize))> =
+        tensors.iter().map(|(n, t)| (n, rel(t))).collect();
+    order.sort_by_key(|&(_, r)| r);
+    let mut at = 0usize;
+    let mut prev: Option<(&String, (usize, usize))> = None;
+    for &(name, (b, e)) in &order {
+        if b != at {
+            let why = match prev {
+                None => format!(
+                    "tensor `{name}` has data_offsets [{b}, {e}], but the first tensor must start at 0: bytes [0, {b}) of the data region belong to no tensor"
+                ),
+                Some((pn, (pb, pe))) if b > at => format!(
+                    "tensors `{pn}` [{pb}, {pe}] and `{name}` [{b}, {e}] leave a gap: bytes [{pe}, {b}) of the data region belong to no tensor"
+                ),
+                Some((pn, (pb, pe))) => format!(
+                    "tensors `{pn}` [{pb}, {pe}] and `{name}` [{b}, {e}] overlap: `{name}` starts at byte {b}, before `{pn}` ends at {pe}"
+                ),
+            };
+            return Err(Error::bad_file(
+                path,
+                format!("{why} (data_offsets must tile the data region with no gap or overlap)"),
+            ));
+        }
+        at = e;
+        prev = Some((name, (b, e)));
+    }
+    if at != data_len {
+        let extra = data_len - at;
+        let last = match prev {
+            Some((n, _)) => format!("the last tensor `{n}` ends at byte {at}"),
+            None => "there are no tensors".to_string(),
+        };
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "the data region is {data_len} bytes but {last}: {extra} trailing bytes, or a wrong header length ({header_len} bytes)"
+            ),
+        ));
+    }
+    Ok(tensors)
 }
 
 /// One tensor's header entry, checked: a known dtype, offsets inside the data region, and as
@@ -405,7 +496,12 @@ fn tensor_info(
 ) -> Result<TensorInfo> {
     let bad = |why: String| Error::bad_file(path, format!("tensor `{name}`: {why}"));
     let dtype = Dtype::parse(dtype_s).ok_or_else(|| bad(format!("unknown dtype {dtype_s}")))?;
-    if b > e || e > data_len as u64 {
+    if b > e {
+        return Err(bad(format!(
+            "data_offsets [{b}, {e}] end before they begin"
+        )));
+    }
+    if e > data_len as u64 {
         return Err(bad(format!(
             "data_offsets [{b}, {e}] run past the data region ({data_len} bytes): file truncated or corrupt"
         )));
@@ -440,7 +536,8 @@ struct TypedEntry<'a> {
     data_offsets: [u64; 2],
 }
 
-/// The header's tensor entries in file order (`__metadata__` skipped).
+/// The header's tensor entries in file order (`__metadata__` checked to be an object of
+/// strings, as the official library requires, then skipped).
 struct TypedHeader<'a>(Vec<(String, TypedEntry<'a>)>);
 
 impl<'de> serde::Deserialize<'de> for TypedHeader<'de> {
@@ -457,8 +554,8 @@ impl<'de> serde::Deserialize<'de> for TypedHeader<'de> {
             ) -> std::result::Result<Self::Value, A::Error> {
                 let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0));
                 while let Some(key) = map.next_key::<String>()? {
-                    if key == "__metadata__" {
-                        map.next_value::<serde::de::IgnoredAny>()?;
+                    if key == METADATA_KEY {
+                        map.next_value::<Option<Pairs<String>>>()?;
                     } else {
                         out.push((key, map.next_value()?));
                     }
@@ -470,16 +567,23 @@ impl<'de> serde::Deserialize<'de> for TypedHeader<'de> {
     }
 }
 
-/// A JSON object of strings, as its (key, value) pairs in file order.
-struct StringPairs(Vec<(String, String)>);
+/// The free-form string map a safetensors header may carry beside its tensors.
+const METADATA_KEY: &str = "__metadata__";
 
-impl<'de> serde::Deserialize<'de> for StringPairs {
+/// A JSON object as its (key, value) pairs in file order, duplicates kept (so they can be
+/// refused by name rather than silently collapsed).
+struct Pairs<V>(Vec<(String, V)>);
+
+/// A JSON object of strings (the shard index's `weight_map`).
+type StringPairs = Pairs<String>;
+
+impl<'de, V: serde::Deserialize<'de>> serde::Deserialize<'de> for Pairs<V> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = StringPairs;
+        struct Visit<V>(std::marker::PhantomData<V>);
+        impl<'de, V: serde::Deserialize<'de>> serde::de::Visitor<'de> for Visit<V> {
+            type Value = Pairs<V>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object of strings")
+                f.write_str("a JSON object")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
@@ -489,27 +593,44 @@ impl<'de> serde::Deserialize<'de> for StringPairs {
                 while let Some(kv) = map.next_entry()? {
                     out.push(kv);
                 }
-                Ok(StringPairs(out))
+                Ok(Pairs(out))
             }
         }
-        d.deserialize_map(Visit)
+        d.deserialize_map(Visit(std::marker::PhantomData))
     }
 }
 
 /// The general header parse: every entry checked field by field, errors naming the tensor.
+/// Returns the entries in file order (the layout is checked by the caller).
 fn parse_header_general(
     bytes: &[u8],
     data_start: usize,
     path: &Path,
-) -> Result<BTreeMap<String, TensorInfo>> {
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&bytes[8..data_start]).map_err(|e| {
-            Error::bad_file(path, format!("safetensors header is not valid JSON: {e}"))
-        })?;
+) -> Result<Vec<(String, TensorInfo)>> {
+    let Pairs(header) = serde_json::from_slice::<Pairs<serde_json::Value>>(&bytes[8..data_start])
+        .map_err(|e| {
+        Error::bad_file(
+            path,
+            format!("safetensors header is not a valid JSON object: {e}"),
+        )
+    })?;
     let data_len = bytes.len() - data_start;
-    let mut tensors = BTreeMap::new();
+    let mut tensors = Vec::with_capacity(header.len());
     for (name, entry) in header {
-        if name == "__metadata__" {
+        if name == METADATA_KEY {
+            let strings = match &entry {
+                serde_json::Value::Null => true,
+                serde_json::Value::Object(m) => m.values().all(serde_json::Value::is_string),
+                _ => false,
+            };
+            if !strings {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "`{METADATA_KEY}` in the safetensors header is not an object of strings"
+                    ),
+                ));
+            }
             continue;
         }
         let bad = |why: String| Error::bad_file(path, format!("tensor `{name}`: {why}"));
@@ -525,9 +646,9 @@ fn parse_header_general(
             .and_then(|v| v.as_array())
             .ok_or_else(|| bad("no shape".into()))?
             .iter()
-            .map(|d| d.as_u64().map(|d| d as usize))
+            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
             .collect::<Option<_>>()
-            .ok_or_else(|| bad("shape is not a list of integers".into()))?;
+            .ok_or_else(|| bad("shape is not a list of non-negative integers".into()))?;
         let offs: Vec<u64> = obj
             .get("data_offsets")
             .and_then(|v| v.as_array())
@@ -543,7 +664,7 @@ fn parse_header_general(
             data_len,
             path,
         )?;
-        tensors.insert(name, info);
+        tensors.push((name, info));
     }
     Ok(tensors)
 }
@@ -639,7 +760,7 @@ impl TensorRef {
         }
         self.storage
             .read_at(self.start as u64, dst)
-            .map_err(|e| Error::io((*self.path).clone(), e))
+            .map_err(|e| crate::mapguard::read_failed(&self.path, e))
     }
 
     /// Element `i` of the leading dimension, as its own tensor (a view, no copy).
@@ -887,6 +1008,7 @@ impl TensorRef {
             let (src, r0) = (&p.src, p.row0);
             let res = src.resolve(r0, r0 + n)?;
             let codes = self.bytes();
+            src.check_codes(codes, r0)?;
             // The lossless block form is a copy of codes and scales; anything else goes
             // through the exact f32 values.
             let repack = Some(to) == self.lossless_dtype() && to.block().is_some();
@@ -1468,6 +1590,173 @@ mod tests {
             vec![1.5, -2.0, 3.25]
         );
         assert_eq!(ws.info("e").unwrap().dtype, Dtype::I64);
+    }
+
+    /// The error (as its one-line message) of parsing a file of `header` and `data_len` bytes.
+    fn refusal(header: &str, data_len: usize) -> String {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.resize(b.len() + data_len, 0);
+        let err = parse_header(&b, Path::new("m.safetensors"))
+            .expect_err("refused")
+            .to_string();
+        assert!(err.starts_with("m.safetensors: "), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        err
+    }
+
+    fn accepted(header: &str, data_len: usize) -> BTreeMap<String, TensorInfo> {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.resize(b.len() + data_len, 0);
+        parse_header(&b, Path::new("m.safetensors")).unwrap()
+    }
+
+    #[test]
+    fn overlapping_tensors_are_refused() {
+        let h = r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#;
+        let err = refusal(h, 24);
+        assert!(err.contains("`a` [0, 16] and `b` [8, 24] overlap"), "{err}");
+        // The same range twice (two names on the same bytes).
+        let h = r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#;
+        let err = refusal(h, 16);
+        assert!(err.contains("overlap"), "{err}");
+        // A zero-sized tensor inside another one.
+        let h = r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"z":{"dtype":"F32","shape":[0],"data_offsets":[8,8]}}"#;
+        let err = refusal(h, 16);
+        assert!(
+            err.contains("`z` starts at byte 8, before `a` ends at 16"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn gaps_and_trailing_bytes_are_refused() {
+        let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[12,20]}}"#;
+        let err = refusal(h, 20);
+        assert!(err.contains("leave a gap: bytes [8, 12)"), "{err}");
+        let h = r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[4,20]}}"#;
+        let err = refusal(h, 20);
+        assert!(
+            err.contains("tensor `a`") && err.contains("[0, 4)"),
+            "{err}"
+        );
+        let h = r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#;
+        let err = refusal(h, 20);
+        assert!(
+            err.contains(
+                "data region is 20 bytes but the last tensor `a` ends at byte 16: 4 trailing bytes"
+            ),
+            "{err}"
+        );
+        let err = refusal(r#"{"__metadata__":{"format":"pt"}}"#, 3);
+        assert!(err.contains("no tensors"), "{err}");
+    }
+
+    #[test]
+    fn header_length_one_byte_off_is_refused() {
+        // A padded header, as every writer makes it: one byte short still parses as JSON (one
+        // space less) but would shift every tensor by a byte.
+        let vals: Vec<u8> = (0..16).collect();
+        let mut img = safetensors_bytes(&[
+            ("a", Dtype::F32, &[2], &vals[..8]),
+            ("b", Dtype::F32, &[2], &vals[8..]),
+        ]);
+        assert!(parse_header(&img, Path::new("m.safetensors")).is_ok());
+        let n = u64::from_le_bytes(img[..8].try_into().unwrap());
+        assert_eq!(img[8 + n as usize - 1], b' ', "padded");
+        img[..8].copy_from_slice(&(n - 1).to_le_bytes());
+        let err = parse_header(&img, Path::new("m.safetensors"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("1 trailing bytes, or a wrong header length"),
+            "{err}"
+        );
+        // One byte long: the data region is a byte short of the last tensor.
+        img[..8].copy_from_slice(&(n + 1).to_le_bytes());
+        assert!(parse_header(&img, Path::new("m.safetensors")).is_err());
+    }
+
+    #[test]
+    fn header_limits_metadata_and_duplicates_follow_the_format() {
+        // Over the format's header limit (refused before looking at the file length).
+        let mut b = 150_000_000u64.to_le_bytes().to_vec();
+        b.extend_from_slice(b"{}");
+        let err = parse_header(&b, Path::new("m.safetensors"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("over the format's limit"), "{err}");
+        // `__metadata__` must be an object of strings.
+        let h =
+            r#"{"__metadata__":{"format":1},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
+        let err = refusal(h, 1);
+        assert!(err.contains("not an object of strings"), "{err}");
+        // A name twice.
+        let h = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
+        let err = refusal(h, 2);
+        assert!(err.contains("tensor `a` appears twice"), "{err}");
+        // Offsets that end before they begin.
+        let h = r#"{"a":{"dtype":"U8","shape":[0],"data_offsets":[1,0]}}"#;
+        let err = refusal(h, 1);
+        assert!(err.contains("end before they begin"), "{err}");
+    }
+
+    #[test]
+    fn any_entry_order_and_empty_tensors_are_accepted() {
+        // Entries in any order (the official library sorts by offsets); zero-sized tensors
+        // share an offset with their neighbours; trailing spaces pad the header; metadata null.
+        let h = r#"{"b":{"dtype":"BF16","shape":[2],"data_offsets":[4,8]},"e":{"dtype":"F32","shape":[0,3],"data_offsets":[4,4]},"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"z":{"dtype":"I64","shape":[0],"data_offsets":[8,8]},"__metadata__":null}    "#;
+        let t = accepted(h, 8);
+        assert_eq!(t.len(), 4);
+        let data_start = 8 + h.len();
+        assert_eq!((t["b"].start - data_start, t["b"].end - data_start), (4, 8));
+        assert!(accepted("{}", 0).is_empty());
+    }
+
+    /// Every checkpoint the project ships or writes still opens under the strict checks: the
+    /// test fixtures (written by the official library), the demo model, and `synth` output.
+    #[test]
+    fn fixtures_demo_and_synth_models_open() {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(dir).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if p.extension().is_some_and(|x| x == "safetensors") {
+                    out.push(p);
+                }
+            }
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut found = Vec::new();
+        walk(&root.join("../tests/fixtures"), &mut found);
+        walk(&root.join("demo"), &mut found);
+        assert!(found.len() > 20, "{found:?}");
+        for p in &found {
+            let files = ModelFiles::Dir(p.parent().unwrap().to_path_buf());
+            let name = p.file_name().unwrap().to_str().unwrap();
+            SafetensorsFile::open(&files, name).unwrap_or_else(|e| panic!("{e}"));
+        }
+        WeightSet::open(&crate::demo::files()).unwrap();
+        for (arch, preset) in [("qwen3_moe", "demo"), ("qwen3_next", "next-demo")] {
+            let dir = tempfile::tempdir().unwrap();
+            let opts = crate::synth::SynthOptions {
+                arch: arch.into(),
+                preset: preset.into(),
+                layers: Some(2),
+                seed: 1,
+                out: dir.path().to_path_buf(),
+                // Small shards, so several files (and the index) are checked.
+                shard_bytes: Some(256 << 10),
+                overwrite: false,
+            };
+            crate::synth::synth(&opts, &mut |_, _| {}).unwrap();
+            let ws = WeightSet::open(&ModelFiles::Dir(dir.path().to_path_buf())).unwrap();
+            assert!(ws.files.len() > 1, "{arch}: {} shards", ws.files.len());
+        }
     }
 
     #[test]

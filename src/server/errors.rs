@@ -1,7 +1,8 @@
 //! OpenAI-shaped errors: every failure the server answers is `{"error": {"message", "type",
 //! "code", "param"}}` with the matching HTTP status, including axum's own body rejections.
 //!
-//! Invariant: no response with a status >= 400 leaves the server without this shape.
+//! Invariant: no response with a status >= 400 leaves the server without this shape; every 401
+//! carries `WWW-Authenticate: Bearer` (RFC 6750).
 
 use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -75,6 +76,26 @@ impl ApiError {
         .code("not_found")
     }
 
+    /// A body over `server.max_request_bytes` (declared or received).
+    pub fn too_large() -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "the request body is larger than the server accepts (server.max_request_bytes)",
+        )
+        .code("request_too_large")
+    }
+
+    /// A body that did not all arrive within `server.body_timeout_s`.
+    pub fn body_timeout() -> ApiError {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "the request body did not arrive in time (server.body_timeout_s): send it at once",
+        )
+        .code("request_timeout")
+    }
+
     pub fn loading() -> ApiError {
         let mut e = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -119,6 +140,12 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"moe-serve\""),
+            );
+        }
         r
     }
 }
@@ -141,12 +168,7 @@ impl From<JsonRejection> for ApiError {
 impl From<BytesRejection> for ApiError {
     fn from(r: BytesRejection) -> ApiError {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "the request body is larger than the server accepts (server.max_request_bytes)",
-            )
-            .code("request_too_large")
+            ApiError::too_large()
         } else {
             ApiError::bad_request(r.body_text())
         }

@@ -1,6 +1,6 @@
 //! Prometheus metrics (through the `prometheus` crate's registry and text encoder): requests,
-//! latencies, time to first token, tokens/s, queue and batch, and the expert store's per-layer
-//! counters as `moe_expert_*`.
+//! latencies, time to first token, tokens/s, queue and batch, HTTP connections (open, and closed
+//! by the server by reason), and the expert store's per-layer counters as `moe_expert_*`.
 //!
 //! Invariants: every metric family is registered before the server answers its first request;
 //! the expert families get one series per MoE layer (and tier), at 0, as soon as the layer list
@@ -40,6 +40,10 @@ pub struct Metrics {
     steps: IntCounter,
     prefix_cache_bytes: IntGauge,
     scheduler_failures: IntCounter,
+    /// Open HTTP connections (kept by the connection layer).
+    pub connections: IntGauge,
+    /// HTTP connections the server closed, by reason (kept by the connection layer).
+    pub connections_closed: IntCounterVec,
     expert_hits: IntCounterVec,
     expert_misses: IntCounterVec,
     expert_prefetch_hits: IntCounterVec,
@@ -138,6 +142,14 @@ impl Metrics {
             scheduler_failures: counter(
                 "moe_scheduler_failures_total",
                 "Requests failed by a panic or an error inside a batched step",
+            ),
+            connections: gauge("moe_http_connections", "Open HTTP connections"),
+            connections_closed: counter_vec(
+                "moe_http_connections_closed_total",
+                "HTTP connections the server closed, by reason: header_timeout, body_timeout, \
+                 idle_timeout, write_timeout, evicted or refused (at server.max_connections), \
+                 drain",
+                &["reason"],
             ),
             expert_hits: counter_vec(
                 "moe_expert_hits_total",

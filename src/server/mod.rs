@@ -1,15 +1,27 @@
 //! `moe-serve serve`: the OpenAI-compatible HTTP server (axum on tokio) over the batch scheduler.
 //!
 //! The listener opens first and answers `/health` with 503 while the model loads on a blocking
-//! thread; then every route works. Compute never runs on the async runtime: requests go to the
-//! [`Batcher`]'s thread and come back as events through an unbounded channel per request.
+//! thread; then every route works. Compute never runs on the async runtime: prompts are
+//! tokenized on blocking threads (at most two at a time, stopping once a prompt surely exceeds
+//! the context), requests go to the [`Batcher`]'s thread and come back as events through an
+//! unbounded channel per request. `/health` answers 503 naming the file once a model file
+//! changed on disk under the process.
 //!
-//! Invariants: every route but `/health` needs the bearer key when one is set; every error is
-//! OpenAI-shaped ([`errors::ApiError`]), including body rejections, unknown routes and panics
-//! (caught per request); a client that goes away drops its receiver, which the scheduler sees
-//! before its next step; SIGTERM/SIGINT stop accepting, let running requests finish until
-//! `drain_timeout_s`, then cut them short and exit.
+//! Connections are ours ([`conn`]): an accept loop over hyper's HTTP/1 server with header, body
+//! and idle timeouts, a connection cap that closes the oldest slow connection to make room, and
+//! an up-front 413 for a declared body over `max_request_bytes`.
+//!
+//! Invariants: every route but `/health` needs the bearer key when one is set (the `Bearer`
+//! scheme in any case, the key compared in constant time; every 401 says
+//! `WWW-Authenticate: Bearer`); every error is OpenAI-shaped ([`errors::ApiError`]), including
+//! body rejections, unknown routes and panics (caught per request); a client that goes away
+//! drops its receiver, which the scheduler sees before its next step (running) or at its next
+//! turn (queued; at once when the queue is full); SIGTERM/SIGINT start a drain: connections are
+//! still accepted, `/health` and new API requests answer 503 (`shutting_down`), idle
+//! connections close, running requests finish until `drain_timeout_s`, then they are cut short,
+//! every connection (half-sent requests included) is closed, and the process exits.
 
+pub mod conn;
 pub mod errors;
 pub mod metrics;
 pub mod openai;
@@ -179,7 +191,27 @@ async fn serve_async(opts: ServeOptions) -> Result<(), Box<dyn std::error::Error
         });
     }
 
-    let router = router(app.clone(), server.max_request_bytes.0 as usize);
+    let router = router(app.clone(), server.max_request_bytes.0);
+    let fd_limit = conn::raise_fd_limit();
+    let (max_connections, cut) = conn::connection_cap(server.max_connections, fd_limit);
+    if cut {
+        eprintln!(
+            "moe-serve: server.max_connections is over what the open-file limit ({fd_limit}) \
+             allows; using {max_connections} (raise the limit with `ulimit -n`)"
+        );
+    }
+    let connections = conn::Connections::new(
+        conn::Limits {
+            header_timeout: Duration::from_secs(server.header_timeout_s),
+            body_timeout: Duration::from_secs(server.body_timeout_s),
+            idle_timeout: Duration::from_secs(server.idle_timeout_s),
+            max_connections,
+        },
+        conn::ConnMetrics {
+            open: app.metrics.connections.clone(),
+            closed: app.metrics.connections_closed.clone(),
+        },
+    );
     let fatal: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
     let shutdown = {
         let app = app.clone();
@@ -204,8 +236,8 @@ async fn serve_async(opts: ServeOptions) -> Result<(), Box<dyn std::error::Error
                     drain.as_secs()
                 );
                 let app = app.clone();
-                // Running requests finish (or are cut at the deadline) while axum waits for
-                // their connections.
+                // Running requests finish (or are cut at the deadline) while the connections
+                // drain.
                 tokio::task::spawn_blocking(move || {
                     if let Some(e) = app.engine.get() {
                         e.batcher.shutdown(drain);
@@ -214,16 +246,12 @@ async fn serve_async(opts: ServeOptions) -> Result<(), Box<dyn std::error::Error
             }
         }
     };
-    // Each streamed token is a small write: without TCP_NODELAY, Nagle's algorithm can hold one
-    // back until the peer's delayed ACK (~40 ms), e.g. behind a proxy's kept-alive connection.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let accepting = tokio::spawn(connections.clone().run(listener, router));
+    shutdown.await;
+    connections
+        .drain(Duration::from_secs(server.drain_timeout_s))
+        .await;
+    let _ = accepting.await;
     if let Some(e) = app.engine.get() {
         e.batcher.shutdown(Duration::ZERO);
         if let Err(err) = e.model.save_hot_set() {
@@ -253,7 +281,7 @@ async fn termination() {
     }
 }
 
-fn router(app: Arc<App>, max_body: usize) -> Router {
+fn router(app: Arc<App>, max_body: u64) -> Router {
     let api = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model_by_id))
@@ -266,7 +294,10 @@ fn router(app: Arc<App>, max_body: usize) -> Router {
         .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body))
+        .layer(DefaultBodyLimit::max(
+            usize::try_from(max_body).unwrap_or(usize::MAX),
+        ))
+        .layer(middleware::from_fn_with_state(max_body, conn::guard_body))
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
@@ -282,13 +313,24 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes()));
+            .and_then(bearer_token)
+            .is_some_and(|given| constant_time_eq(given.as_bytes(), key.as_bytes()));
         if !ok {
             return ApiError::unauthorized().into_response();
         }
     }
     next.run(req).await
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 7235) and may be followed by any run of spaces.
+fn bearer_token(value: &str) -> Option<&str> {
+    let value = value.trim();
+    let (scheme, token) = value.split_once([' ', '\t'])?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -338,13 +380,19 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     match app.engine() {
         Ok(e) if !e.batcher.is_running() => ApiError::internal("the batch scheduler has stopped")
             .into_response_with(StatusCode::SERVICE_UNAVAILABLE),
-        Ok(e) => Json(json!({
-            "status": "ok",
-            "model": app.model_name,
-            "running": e.batcher.counters().running.load(Relaxed),
-            "queued": e.batcher.counters().queued.load(Relaxed),
-        }))
-        .into_response(),
+        Ok(e) => match e.model.check_files() {
+            // A model file changed on disk: nothing is served until a restart (names the file).
+            Err(why) => ApiError::internal(why.to_string())
+                .code("model_files_changed")
+                .into_response_with(StatusCode::SERVICE_UNAVAILABLE),
+            Ok(()) => Json(json!({
+                "status": "ok",
+                "model": app.model_name,
+                "running": e.batcher.counters().running.load(Relaxed),
+                "queued": e.batcher.counters().queued.load(Relaxed),
+            }))
+            .into_response(),
+        },
         Err(err) => err.into_response(),
     }
 }
@@ -416,15 +464,37 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Tokenizes a prompt; one that leaves no room for a new token is a 400 naming `param`.
-fn encode(engine: &Engine, prompt: &Prompt, param: &str) -> Result<Vec<u32>, ApiError> {
-    engine.model.encode_prompt(prompt).map_err(|e| match e {
+/// Prompts tokenized at once. Each holds up to a few tens of MiB while it is counted and
+/// encoded (work bounded by the context, see `Model::encode_prompt`); two keep a small host's
+/// cores busy while concurrent huge prompts cannot multiply that memory (the rest wait here).
+const TOKENIZE_CONCURRENCY: usize = 2;
+
+static TOKENIZE_PERMITS: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(TOKENIZE_CONCURRENCY);
+
+/// Tokenizes a prompt on a blocking thread, at most [`TOKENIZE_CONCURRENCY`] at once, so the
+/// async workers (`/health`, streams) never wait on it; one that leaves no room for a new
+/// token is a 400 naming `param`.
+async fn encode(engine: &Engine, prompt: Prompt, param: &str) -> Result<Vec<u32>, ApiError> {
+    let permit = TOKENIZE_PERMITS
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("the tokenizer queue is closed"))?;
+    let model = engine.model.clone();
+    let encoded = tokio::task::spawn_blocking(move || {
+        // The permit goes with the work: a client that leaves does not free it early.
+        let _permit = permit;
+        model.encode_prompt(&prompt)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("tokenizing the prompt failed: {e}")))?;
+    encoded.map_err(|e| match e {
         moe_runtime::Error::ContextOverflow {
             needed_tokens,
             max_context_tokens,
         } => ApiError::bad_request(format!(
-            "the prompt is {} tokens; this model's context is {max_context_tokens} tokens and \
-             at least one new token must fit: shorten the prompt",
+            "the prompt is at least {} tokens; this model's context is {max_context_tokens} \
+             tokens and at least one new token must fit: shorten the prompt",
             needed_tokens - 1
         ))
         .code("context_length_exceeded")
@@ -480,7 +550,7 @@ async fn chat(
     let t0 = Instant::now();
     let Json(req) = body?;
     let (engine, params) = admit(&app, &req.model, req.params())?;
-    let ids = encode(engine, &Prompt::Chat(req.chat_messages()?), "messages")?;
+    let ids = encode(engine, Prompt::Chat(req.chat_messages()?), "messages").await?;
     let rx = submit(engine, ids, params)?;
     respond(app.clone(), Kind::Chat, rx, &req.sampling, t0).await
 }
@@ -495,9 +565,9 @@ async fn completions(
     let ids = match req.prompt {
         PromptSpec::Ids(ids) => ids,
         PromptSpec::IdLists(mut v) if v.len() == 1 => v.remove(0),
-        PromptSpec::Text(t) => encode(engine, &Prompt::Text(t), "prompt")?,
+        PromptSpec::Text(t) => encode(engine, Prompt::Text(t), "prompt").await?,
         PromptSpec::Texts(mut v) if v.len() == 1 => {
-            encode(engine, &Prompt::Text(v.remove(0)), "prompt")?
+            encode(engine, Prompt::Text(v.remove(0)), "prompt").await?
         }
         _ => {
             return Err(

@@ -17,7 +17,29 @@ impl Server {
     /// Starts `moe-serve serve --port 0 ARGS` with `env` and waits until it listens (not until
     /// the model is ready: see [`Server::wait_ready`]).
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_with_fd_limit(args, env, None)
+    }
+
+    /// [`Server::start`] with the child's open-file limit (soft and hard) set to `nofile`.
+    pub fn start_with_fd_limit(args: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Server {
         let mut cmd = Command::new(crate::common::bin());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs in the forked child before exec and calls only
+            // setrlimit(2), which is async-signal-safe, on a struct it owns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n as libc::rlim_t,
+                        rlim_max: n as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.arg("serve")
             .args(["--port", "0"])
             .args(args)
@@ -67,6 +89,16 @@ impl Server {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// `host:port` of the listener.
+    pub fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_string()
+    }
+
+    /// A raw TCP connection to the server.
+    pub fn connect(&self) -> std::net::TcpStream {
+        std::net::TcpStream::connect(self.addr()).expect("connect to the server")
     }
 
     pub fn wait_ready(&self) {

@@ -66,16 +66,20 @@ pub struct VerifyReport {
     pub tensors: usize,
     /// Tensors whose checksum fails.
     pub damaged: Vec<String>,
+    /// Weight files whose bytes differ from what the cache was built from (the cache is
+    /// stale; `problem` says so too, naming the first).
+    pub changed_sources: Vec<String>,
     pub file_bytes: u64,
 }
 
 impl VerifyReport {
     pub fn ok(&self) -> bool {
-        self.problem.is_none() && self.damaged.is_empty()
+        self.problem.is_none() && self.damaged.is_empty() && self.changed_sources.is_empty()
     }
 }
 
-/// Reads the whole cache file of the model `settings` name and checks every checksum.
+/// Reads the whole cache file of the model `settings` name and checks every checksum, and
+/// hashes every weight file of the model again to check the cache was built from its bytes.
 pub fn verify(settings: &Settings) -> Result<VerifyReport> {
     let plan = plan_for(settings)?;
     let mut report = VerifyReport {
@@ -83,11 +87,27 @@ pub fn verify(settings: &Settings) -> Result<VerifyReport> {
         problem: None,
         tensors: plan.entries.len(),
         damaged: Vec::new(),
+        changed_sources: Vec::new(),
         file_bytes: 0,
     };
-    match plan.open() {
+    match plan.open_header() {
         Err(p) => report.problem = Some(p.to_string()),
         Ok(file) => {
+            report.changed_sources = plan.changed_sources(&file)?;
+            if let Some(first) = report.changed_sources.first() {
+                let more = report.changed_sources.len() - 1;
+                report.problem = Some(format!(
+                    "{}{}",
+                    Problem::SourceChanged {
+                        file: first.clone()
+                    },
+                    if more > 0 {
+                        format!(" (and {more} more weight file(s))")
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
             report.file_bytes = file.file_bytes();
             let intact = file.verify_all()?;
             report.damaged = intact
@@ -206,9 +226,12 @@ pub fn clear(settings: &Settings, all: bool) -> Result<Vec<(PathBuf, u64)>> {
         }
         std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
         let _ = std::fs::remove_file(super::with_suffix(&path, ".lock"));
+        let _ = std::fs::remove_file(super::sources::sidecar_path(&path));
         removed.push((path, h.file_len));
     }
-    // Temporary files of interrupted builds of the removed files.
+    // Temporary files of interrupted builds: of any file whose builder is gone, and of the
+    // removed files.
+    super::remove_orphaned_temporaries(&dir);
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();

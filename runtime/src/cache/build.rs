@@ -263,7 +263,15 @@ pub(crate) struct BuildJob<'a> {
     pub progress: &'a (dyn Fn(BuildProgress) + Sync),
     /// Test hook: fail writes past this many bytes.
     pub fail_after: Option<u64>,
+    /// Metadata known only once the data is written (the source's hashes, taken alongside
+    /// the build): each replaces the value of its key in `metadata`, at the same encoded
+    /// length, before the checksum table (which covers the header) is computed.
+    pub late_metadata: Option<&'a LateMetadata<'a>>,
 }
+
+/// A source of metadata known only once a build's data is written.
+pub(crate) type LateMetadata<'a> =
+    dyn Fn() -> crate::error::Result<Vec<(String, Value)>> + Sync + 'a;
 
 /// Writes a cache file (atomically: temp file, fsync, rename, fsync of the folder).
 pub(crate) fn build(job: BuildJob<'_>) -> crate::error::Result<BuildReport> {
@@ -275,7 +283,6 @@ pub(crate) fn build(job: BuildJob<'_>) -> crate::error::Result<BuildReport> {
     if let Some(limit) = job.fail_after {
         writer.fail_after(limit);
     }
-    let header = writer.header_bytes().to_vec();
     let file_bytes = writer.file_len();
 
     let sources: Vec<From<'_>> = (0..entries.len())
@@ -399,7 +406,14 @@ pub(crate) fn build(job: BuildJob<'_>) -> crate::error::Result<BuildReport> {
         written
     });
     let (mut writer, mut sums) = result?;
-    let table = table_checksum(&header, &sums);
+    if let Some(late) = job.late_metadata {
+        for (key, value) in late()? {
+            writer
+                .replace_metadata(&key, &value)
+                .map_err(|e| cannot_write(path, &e.to_string()))?;
+        }
+    }
+    let table = table_checksum(writer.header_bytes(), &sums);
     sums.push(table);
     let table_bytes: Vec<u8> = sums.iter().flat_map(|s| s.to_le_bytes()).collect();
     writer

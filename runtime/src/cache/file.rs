@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use super::build::{table_checksum, Entry};
+use super::sources::Record;
 use super::{Problem, CHECKSUMS_TENSOR, FORMAT_VERSION, KEY_FINGERPRINT, KEY_VERSION};
 use crate::error::{Error, Result};
 use crate::gguf::{GgmlType, GgufFile, TensorSpec};
@@ -36,6 +37,11 @@ pub struct CacheFile {
     extents: Vec<(u64, u64)>,
     checksums: Vec<u64>,
     verified: Vec<AtomicBool>,
+    /// The checksum of the header and the checksum table: differs between any two files that
+    /// differ in their header (which records the source) or in any tensor's checksum.
+    pub(crate) identity: u64,
+    /// What the header records of each weight file the cache was built from.
+    pub(crate) sources: Vec<Record>,
 }
 
 impl std::fmt::Debug for CacheFile {
@@ -131,6 +137,7 @@ impl CacheFile {
         if table_checksum(&head, &checksums) != stored_table_sum {
             return Err(Problem::HeaderChecksum);
         }
+        let sources = super::sources::from_header(&header).map_err(Problem::Unreadable)?;
         let extents = header.tensors[..n - 1]
             .iter()
             .map(|t| (t.offset, t.size))
@@ -142,6 +149,8 @@ impl CacheFile {
             header,
             extents,
             checksums,
+            identity: stored_table_sum,
+            sources,
         })
     }
 

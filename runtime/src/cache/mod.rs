@@ -3,8 +3,13 @@
 //!
 //! One file per model and quantization in `cache_dir`, a GGUF container (readable by any GGUF
 //! reader; not a llama.cpp model) named `<model>.<fingerprint>.x-<expert types>.r-<resident
-//! type>.v<format>.gguf`. The fingerprint covers config.json and every weight file's name, size
-//! and header, so a changed model never maps another's cache. The file holds every weight the
+//! type>.v<format>.gguf`. The fingerprint covers the layout of the source: config.json, the
+//! shard index and every weight file's name, size and header. The bytes are covered too: the
+//! file records each weight file's xxh3-128 (taken alongside the build, by positioned reads)
+//! and its size, mtime, ctime, inode and device (see `sources`). Every start stats the weight
+//! files (no read); a file whose stat differs is hashed again: same bytes, its new stat is
+//! remembered in a sidecar (`<file>.sources.json`) and nothing is rebuilt; other bytes, the
+//! cache is stale and rebuilt (or refused, naming the file). The file holds every weight the
 //! model reads through a view (resident weights first, then each expert's gate, up and down side
 //! by side in each held type, so one expert in one type is one contiguous range), 256-byte
 //! aligned, then a checksum table: one xxh3-64 per tensor and one over the header and the table.
@@ -13,9 +18,16 @@
 //! - **Written once, atomically.** A build streams into a temporary file in `cache_dir`, fsyncs
 //!   it, renames it into place and fsyncs the folder; a file that has its final name is never
 //!   opened for writing again (a repair writes a new file and renames it over the old one). A
-//!   build killed at any point leaves at most a temporary file, which nothing reads and the
-//!   next build removes. Builders of one file take an exclusive lock beside it, so two processes
-//!   never build the same file at once; the second waits and maps the first one's result.
+//!   build killed at any point leaves at most a temporary file (`<file>.tmp-<pid>`), which
+//!   nothing reads and the next start using `cache_dir` removes, whatever model or quantization
+//!   it was for. Builders of one file take an exclusive lock beside it (`<file>.lock`) before
+//!   creating their temporary file, so two processes never build the same file at once (the
+//!   second waits and maps the first one's result), and a temporary file whose lock is free
+//!   has no live builder; one whose lock is held is never removed.
+//! - **Never used for other bytes of the model.** A weight file is trusted without reading it
+//!   only when its stat equals the one recorded with its hash (in the file, or in the verified
+//!   sidecar); otherwise its hash decides. A file of an older format (without the record) is
+//!   rebuilt. `moe-serve cache verify` hashes every weight file again and names a changed one.
 //! - **Never used silently damaged.** Opening checks the header, the version, the fingerprint,
 //!   the tensor list, the length and the checksum table; each tensor's checksum is checked the
 //!   first time its bytes are used (resident weights at load, experts when first routed), never
@@ -29,6 +41,7 @@
 pub mod api;
 mod build;
 mod file;
+mod sources;
 
 #[cfg(test)]
 mod tests;
@@ -54,7 +67,7 @@ use crate::store::{ExpertCheck, ExpertWeights};
 use crate::weights::{ModelFiles, WeightSet};
 
 /// Version of the file layout; a file of another version is rebuilt (or refused).
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Tensor alignment in the file: a multiple of every SIMD width and of the device copy
 /// engine's preferred alignment (the whole file is mapped, so pages need no alignment).
 pub const ALIGNMENT: u64 = 256;
@@ -91,6 +104,8 @@ pub enum Problem {
     Version { found: u64 },
     #[error("stale: written for another model or another version of it (fingerprint {found:?})")]
     Stale { found: String },
+    #[error("stale: weight file {file} changed since the cache was built (its bytes differ)")]
+    SourceChanged { file: String },
     #[error("written for other settings: {0}")]
     Layout(String),
     #[error("truncated or extended: {len} bytes, expected {expected}")]
@@ -126,7 +141,8 @@ impl std::fmt::Debug for ProgressSink {
 /// Which model and settings a cache file is for.
 #[derive(Clone, Debug)]
 pub struct CacheKey {
-    /// xxh3-128 of config.json and the weight files' names, sizes and headers (hex).
+    /// xxh3-128 of config.json, the shard index and the weight files' names, sizes and
+    /// headers (hex). The weight files' bytes are checked through their recorded hashes.
     pub fingerprint: String,
     /// Expert types held, hot first.
     pub expert_types: Vec<Quantization>,
@@ -135,6 +151,11 @@ pub struct CacheKey {
     pub label: String,
     /// Where the model came from (its folder, or the embedded model's label).
     pub source: String,
+    /// The weight files, in the weight set's order.
+    pub(crate) sources: Vec<sources::Source>,
+    /// Each weight file's stat when the model was opened (`None` when embedded or unreadable):
+    /// a build fails if a file changed since, as its bytes may no longer be what was opened.
+    pub(crate) opened: Vec<Option<sources::Stat>>,
 }
 
 impl CacheKey {
@@ -157,8 +178,22 @@ impl CacheKey {
         .take(64)
         .collect();
         let source = source_of(files);
+        let sources = sources::sources_of(files, weights);
+        let opened = sources
+            .iter()
+            .map(|s| match s {
+                sources::Source::File { path, .. } => sources::Stat::of(path).ok(),
+                sources::Source::Embedded { .. } => None,
+            })
+            .collect();
+        let index = files
+            .read_small("model.safetensors.index.json")
+            .ok()
+            .flatten();
         CacheKey {
-            fingerprint: fingerprint(config_json, weights),
+            fingerprint: fingerprint(config_json, index.as_deref(), weights),
+            sources,
+            opened,
             expert_types: experts.held(),
             resident,
             label: if label.is_empty() {
@@ -186,8 +221,8 @@ impl CacheKey {
         )
     }
 
-    fn metadata(&self, entries: &[Entry]) -> Vec<(String, Value)> {
-        vec![
+    fn metadata(&self, entries: &[Entry], records: &[sources::Record]) -> Vec<(String, Value)> {
+        let mut out = vec![
             (
                 "general.architecture".into(),
                 Value::String(ARCHITECTURE.into()),
@@ -214,7 +249,9 @@ impl CacheKey {
                 KEY_SOURCE_TYPES.into(),
                 Value::strings(entries.iter().map(|e| e.source.dtype.name())),
             ),
-        ]
+        ];
+        out.extend(sources::metadata(records));
+        out
     }
 }
 
@@ -230,12 +267,17 @@ pub(crate) fn source_of(files: &ModelFiles) -> String {
     }
 }
 
-/// xxh3-128 over config.json and every weight file's name, length and header (hex).
-pub fn fingerprint(config_json: &[u8], weights: &WeightSet) -> String {
+/// xxh3-128 over config.json, the shard index (when there is one) and every weight file's
+/// name, length and header (hex): the layout of the source. Its bytes are covered by the
+/// content hashes a cache file records (see `sources`).
+pub fn fingerprint(config_json: &[u8], index_json: Option<&[u8]>, weights: &WeightSet) -> String {
     let mut h = Xxh3::new();
-    h.update(b"moe-offload source fingerprint 1\0");
+    h.update(b"moe-offload source fingerprint 2\0");
     h.update(&(config_json.len() as u64).to_le_bytes());
     h.update(config_json);
+    let index = index_json.unwrap_or_default();
+    h.update(&(index.len() as u64).to_le_bytes());
+    h.update(index);
     for f in &weights.files {
         h.update(&(f.name.len() as u64).to_le_bytes());
         h.update(f.name.as_bytes());
@@ -273,6 +315,55 @@ impl BuildLock {
         }
         Ok(BuildLock(f))
     }
+}
+
+/// Removes the temporary files (`<file>.gguf.tmp-<pid>`) of builds whose builder is gone, for
+/// any model and quantization, from `dir`; returns how many. A builder holds the build lock
+/// (`<file>.gguf.lock`) from before it creates its temporary file until it renames or removes
+/// it, so a temporary file whose lock is absent or can be taken has no live builder; the file
+/// is removed while this process holds that lock, so no build can start meanwhile. A temporary
+/// file whose lock is held (by another process, or another build in this one) is kept.
+pub fn remove_orphaned_temporaries(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((target, pid)) = name.rsplit_once(".tmp-") else {
+            continue;
+        };
+        if !target.ends_with(".gguf") || pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let lock_path = dir.join(format!("{target}.lock"));
+        let lock = match std::fs::OpenOptions::new().write(true).open(&lock_path) {
+            Ok(f) => Some(f),
+            // Builders take the lock before creating their temporary file: none is building.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(_) => continue,
+        };
+        if let Some(f) = &lock {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: flock on a descriptor we own; released when `lock` is dropped below.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                continue; // a live build of that file
+            }
+        }
+        let path = entry.path();
+        let bytes = entry.metadata().map_or(0, |m| m.len());
+        if std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+            tracing::info!(
+                "removed {} ({:.2} GB), left by a cache build that did not finish",
+                path.display(),
+                bytes as f64 / 1e9
+            );
+        }
+        drop(lock);
+    }
+    removed
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -322,6 +413,9 @@ pub struct CachePlan {
     pub entries: Vec<Entry>,
     specs: Vec<crate::gguf::TensorSpec>,
     options: CacheOptions,
+    /// Bytes of weight files hashed by this plan's checks so far (stat changes; 0 when every
+    /// start found its stats unchanged).
+    hashed_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl CachePlan {
@@ -340,6 +434,7 @@ impl CachePlan {
             entries,
             specs,
             options,
+            hashed_bytes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -360,19 +455,94 @@ impl CachePlan {
         }
     }
 
-    /// Opens the file as it is.
+    /// Opens the file and checks it was built from the model's current bytes: the header
+    /// (see [`CacheFile`]), then every weight file's stat against the record, hashing only the
+    /// files whose stat changed.
     pub fn open(&self) -> std::result::Result<CacheFile, Problem> {
+        let f = self.open_header()?;
+        self.check_sources(&f)?;
+        Ok(f)
+    }
+
+    /// Bytes of weight files this plan hashed to check the cache against them.
+    pub fn source_bytes_hashed(&self) -> u64 {
+        self.hashed_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Opens the file and checks its header, not the source.
+    pub(crate) fn open_header(&self) -> std::result::Result<CacheFile, Problem> {
         CacheFile::open(&self.path, Some(&self.expected()))
     }
 
-    /// Opens the file, building it first when absent, and rebuilding it when unusable (or
-    /// failing, with `rebuild = false`). `force` rebuilds even an intact file.
+    /// Whether `f` was built from the weight files as they are now (see `sources`).
+    fn check_sources(&self, f: &CacheFile) -> std::result::Result<(), Problem> {
+        let names_match = f.sources.len() == self.key.sources.len()
+            && f.sources
+                .iter()
+                .zip(&self.key.sources)
+                .all(|(r, s)| r.name == s.name());
+        if !names_match {
+            // The fingerprint covers the names, so only a damaged header gets here.
+            return Err(Problem::Unreadable(
+                "its record of the weight files does not match the model's".into(),
+            ));
+        }
+        match sources::check(
+            &self.path,
+            f.identity,
+            &self.key.sources,
+            &self.key.opened,
+            &f.sources,
+        ) {
+            sources::Check::Current { hashed_bytes } => {
+                self.hashed_bytes
+                    .fetch_add(hashed_bytes, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+            sources::Check::Changed { file } => Err(Problem::SourceChanged { file }),
+            sources::Check::Unreadable(why) => Err(Problem::Io(why)),
+        }
+    }
+
+    /// Re-hashes every weight file (whatever its stat) and returns the names of those whose
+    /// bytes differ from what `f` records, or the error reading one.
+    pub(crate) fn changed_sources(&self, f: &CacheFile) -> Result<Vec<String>> {
+        let all: Vec<usize> = (0..self.key.sources.len()).collect();
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let hashed = sources::hash_many(&self.key.sources, &all, &[], &cancel);
+        let mut changed = Vec::new();
+        for (i, r) in hashed.into_iter().enumerate() {
+            let r = r.map_err(|why| Error::cache(&self.path, why))?;
+            let recorded = f.sources.iter().find(|x| x.name == r.name);
+            if recorded.is_none_or(|x| x.xxh3_128 != r.xxh3_128) {
+                changed.push(self.key.sources[i].shown());
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Opens the file, building it first when absent, and rebuilding it when unusable or
+    /// built from other bytes of the model (or failing, with `rebuild = false`). `force`
+    /// rebuilds even an intact file. Removes temporary files of dead builders in `cache_dir`
+    /// first.
     pub fn open_or_build(&self, force: bool) -> Result<(CacheFile, Option<BuildReport>)> {
+        remove_orphaned_temporaries(&self.options.dir);
+        // The identity of a file found built from other bytes: not checked (hashed) again.
+        let mut rejected = None;
         if !force {
-            match self.open() {
-                Ok(f) => return Ok((f, None)),
-                Err(Problem::Missing) => {}
-                Err(p) if !self.options.rebuild => {
+            let problem = match self.open_header() {
+                Ok(f) => match self.check_sources(&f) {
+                    Ok(()) => return Ok((f, None)),
+                    Err(p) => {
+                        rejected = Some(f.identity);
+                        p
+                    }
+                },
+                Err(p) => p,
+            };
+            match problem {
+                Problem::Missing => {}
+                p if !self.options.rebuild => {
                     return Err(Error::cache(
                         &self.path,
                         format!(
@@ -380,7 +550,7 @@ impl CachePlan {
                         ),
                     ))
                 }
-                Err(p) => tracing::warn!(
+                p => tracing::warn!(
                     "quantized weight cache {}: {p}; rebuilding it from {}",
                     self.path.display(),
                     self.key.source
@@ -392,8 +562,10 @@ impl CachePlan {
         let _lock = BuildLock::acquire(&self.path)?;
         if !force {
             // Another process may have built it while this one waited for the lock.
-            if let Ok(f) = self.open() {
-                return Ok((f, None));
+            if let Ok(f) = self.open_header() {
+                if Some(f.identity) != rejected && self.check_sources(&f).is_ok() {
+                    return Ok((f, None));
+                }
             }
         }
         self.remove_leftovers();
@@ -418,7 +590,8 @@ impl CachePlan {
             self.key.source
         );
         let report = self.write(None)?;
-        let f = self.open().map_err(|p| {
+        // The build recorded the source it read: only the header needs checking.
+        let f = self.open_header().map_err(|p| {
             Error::cache(
                 &self.path,
                 format!("the file just written does not read back: {p}"),
@@ -427,22 +600,65 @@ impl CachePlan {
         Ok((f, Some(report)))
     }
 
+    /// Writes the file (atomically). A fresh build hashes every weight file alongside and
+    /// records the hashes; a repair (`donor`, checked against the source when opened) keeps
+    /// the damaged file's record, so it gives the very bytes of the intact file.
     fn write(&self, donor: Option<(&CacheFile, &[bool])>) -> Result<BuildReport> {
         let progress = |p: BuildProgress| {
             if let Some(sink) = &self.options.progress {
                 (sink.0)(p)
             }
         };
-        build::build(build::BuildJob {
-            path: &self.path,
-            entries: &self.entries,
-            metadata: self.key.metadata(&self.entries),
-            alignment: ALIGNMENT,
-            donor,
-            progress: &progress,
-            fail_after: self.options.fail_after_bytes,
-        })
-        .map_err(|e| match e {
+        let known = donor.map(|(file, _)| file.sources.clone());
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let all: Vec<usize> = (0..self.key.sources.len()).collect();
+        let result = std::thread::scope(|scope| {
+            let hashing = match &known {
+                Some(_) => None,
+                None => Some(scope.spawn(|| {
+                    sources::hash_many(&self.key.sources, &all, &self.key.opened, &cancel)
+                })),
+            };
+            let hashing = Mutex::new(hashing);
+            let late = || -> Result<Vec<(String, Value)>> {
+                let records: Vec<sources::Record> = match hashing.lock().take() {
+                    Some(h) => h
+                        .join()
+                        .map_err(|_| {
+                            Error::cache(&self.path, "the source hashing thread panicked")
+                        })?
+                        .into_iter()
+                        .collect::<std::result::Result<_, String>>()
+                        .map_err(|why| {
+                            Error::cache(
+                                &self.path,
+                                format!("hashing the model's weight files: {why}"),
+                            )
+                        })?,
+                    None => known.clone().unwrap_or_default(),
+                };
+                Ok(sources::metadata(&records))
+            };
+            let placeholders = sources::placeholders(&self.key.sources);
+            let r = build::build(build::BuildJob {
+                path: &self.path,
+                entries: &self.entries,
+                metadata: self.key.metadata(&self.entries, &placeholders),
+                alignment: ALIGNMENT,
+                donor,
+                progress: &progress,
+                fail_after: self.options.fail_after_bytes,
+                late_metadata: Some(&late),
+            });
+            // A failed build stops the hashing at its next chunk.
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            r
+        });
+        if result.is_ok() {
+            // The sidecar belonged to the file replaced (its identity no longer matches).
+            let _ = std::fs::remove_file(sources::sidecar_path(&self.path));
+        }
+        result.map_err(|e| match e {
             Error::Cache { .. } => e,
             other => cannot_write(&self.path, &other.to_string()),
         })
@@ -489,6 +705,7 @@ impl CachePlan {
                 );
                 let _ = std::fs::remove_file(entry.path());
                 let _ = std::fs::remove_file(with_suffix(&entry.path(), ".lock"));
+                let _ = std::fs::remove_file(sources::sidecar_path(&entry.path()));
             }
         }
     }

@@ -70,7 +70,7 @@ fn rebuilds_are_byte_identical_at_any_thread_count() {
     assert!(x == y, "cache bytes depend on the thread count");
     // The name carries the fingerprint, the types and the format version.
     let name = pa.file_name().unwrap().to_string_lossy().into_owned();
-    assert!(name.ends_with(".x-q8_0.r-q8_0.v1.gguf"), "{name}");
+    assert!(name.ends_with(".x-q8_0.r-q8_0.v2.gguf"), "{name}");
 }
 
 #[test]
@@ -329,4 +329,273 @@ fn settings_resolve_the_cache_folder() {
     assert!(!none.uses_cache(&ExpertTypes::Uniform(Quantization::None)));
     let off = Settings { cache: false, ..q };
     assert!(!off.uses_cache(&ExpertTypes::Uniform(Quantization::Q8_0)));
+}
+
+/// A random-weight demo model on disk (`seed`), written over `dir`'s files when present; with
+/// `shard_bytes`, in several shards.
+fn synth_on_disk(dir: &Path, seed: u64, shard_bytes: Option<u64>) {
+    let o = crate::synth::SynthOptions {
+        arch: "qwen3_moe".into(),
+        preset: "demo".into(),
+        layers: None,
+        seed,
+        out: dir.to_path_buf(),
+        shard_bytes,
+        overwrite: true,
+    };
+    crate::synth::synth(&o, &mut |_, _| {}).unwrap();
+}
+
+/// The cache plan of the model in `model` for q8_0 in `cache`.
+fn disk_plan(model: &Path, cache: &Path, rebuild: bool) -> CachePlan {
+    let files = crate::weights::ModelFiles::Dir(model.to_path_buf());
+    let (cfg, _, arch, config) = read_config(&files).unwrap();
+    let weights = WeightSet::open(&files).unwrap();
+    let mut mw = crate::arch::build_decoder(&config, &weights, arch.names).unwrap();
+    let q = Quantization::Q8_0;
+    let types = ExpertTypes::Uniform(q);
+    let key = CacheKey::new(&files, &cfg, &weights, &types, q);
+    CachePlan::new(
+        &mut mw,
+        key,
+        &types,
+        CacheOptions {
+            dir: cache.to_path_buf(),
+            rebuild,
+            progress: None,
+            fail_after_bytes: None,
+        },
+    )
+    .unwrap()
+}
+
+/// The weight files of a model folder, sorted.
+fn shards(model: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(model)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits until a file changed now is older than the window in which its stat is not trusted.
+fn let_stats_settle() {
+    std::thread::sleep(std::time::Duration::from_nanos(
+        sources::RACY_WINDOW_NS as u64 + 100_000_000,
+    ));
+}
+
+#[test]
+fn a_model_re_saved_in_place_with_the_same_layout_is_stale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, cache) = (tmp.path().join("m"), tmp.path().join("cache"));
+    // Small shards, so that one changed file among several is named.
+    synth_on_disk(&model, 0, Some(1 << 20));
+    let files = shards(&model);
+    assert!(files.len() >= 2, "{files:?}");
+    let plan = disk_plan(&model, &cache, true);
+    assert!(plan.open_or_build(false).unwrap().1.is_some());
+    let built = plan.open_header().unwrap();
+    assert_eq!(built.sources.len(), files.len());
+    assert!(plan.changed_sources(&built).unwrap().is_empty());
+
+    // Other weights, same layout: the fingerprint (config, names, sizes, headers) is the same.
+    synth_on_disk(&model, 1, Some(1 << 20));
+    let again = disk_plan(&model, &cache, true);
+    assert_eq!(again.key.fingerprint, plan.key.fingerprint);
+    assert_eq!(again.path, plan.path);
+    match again.open() {
+        Err(Problem::SourceChanged { file }) => {
+            assert!(
+                files.iter().any(|f| file == f.display().to_string()),
+                "{file}"
+            )
+        }
+        other => panic!("a re-saved model's cache was trusted: {other:?}"),
+    }
+    // `cache verify` hashes every shard: all of them changed.
+    let changed = again.changed_sources(&built).unwrap();
+    assert_eq!(changed.len(), files.len(), "{changed:?}");
+    // cache_rebuild = false refuses, naming the file and the changed shard.
+    let strict = disk_plan(&model, &cache, false);
+    let err = strict.open_or_build(false).unwrap_err().to_string();
+    assert!(
+        err.contains(&plan.path.display().to_string())
+            && err.contains("changed since the cache was built")
+            && err.contains(".safetensors")
+            && err.contains("cache_rebuild = false"),
+        "{err}"
+    );
+    // By default it is rebuilt from the new bytes, under the same name.
+    let (f, report) = again.open_or_build(false).unwrap();
+    assert!(report.is_some(), "not rebuilt");
+    assert_ne!(f.identity, built.identity);
+    assert!(again.changed_sources(&f).unwrap().is_empty());
+    let fresh = tempfile::tempdir().unwrap();
+    let direct = disk_plan(&model, fresh.path(), true);
+    direct.open_or_build(false).unwrap();
+    let bytes = |p: &Path| std::fs::read(p).unwrap();
+    let tensors_of = |p: &Path| {
+        let f = CacheFile::open(p, None).unwrap();
+        // Every tensor, and every tensor's checksum (the table's last entry covers the
+        // header, which records when and what was hashed).
+        let first = f.header.tensors[0].offset as usize;
+        let table = f.header.tensors.last().unwrap();
+        let end = (table.offset + table.size - 8) as usize;
+        bytes(p)[first..end].to_vec()
+    };
+    assert!(
+        tensors_of(&again.path) == tensors_of(&direct.path),
+        "the rebuilt cache differs from one built from scratch"
+    );
+}
+
+#[test]
+fn a_touched_file_is_hashed_once_and_never_rebuilt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, cache) = (tmp.path().join("m"), tmp.path().join("cache"));
+    synth_on_disk(&model, 0, None);
+    let_stats_settle();
+    let plan = disk_plan(&model, &cache, true);
+    plan.open_or_build(false).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let ident = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.ino(), m.mtime(), m.mtime_nsec())
+    };
+    let before = ident(&plan.path);
+    // Nothing changed: the stats vouch for every file, nothing is read.
+    let p = disk_plan(&model, &cache, true);
+    assert!(p.open_or_build(false).unwrap().1.is_none());
+    assert_eq!(p.source_bytes_hashed(), 0, "an unchanged start hashed");
+
+    // A touch: new mtime and ctime, same bytes.
+    let shard = &shards(&model)[0];
+    std::fs::File::options()
+        .write(true)
+        .open(shard)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now())
+        .unwrap();
+    let_stats_settle();
+    let p = disk_plan(&model, &cache, true);
+    assert!(p.open_or_build(false).unwrap().1.is_none(), "rebuilt");
+    let size = std::fs::metadata(shard).unwrap().len();
+    assert_eq!(p.source_bytes_hashed(), size, "the touched file is hashed");
+    assert_eq!(ident(&plan.path), before, "the cache file was rewritten");
+    let sidecar = sources::sidecar_path(&plan.path);
+    assert!(sidecar.is_file(), "the new stat is not remembered");
+    let side_before = ident(&sidecar);
+    // The next start trusts the remembered stat: no hashing, no write.
+    let p = disk_plan(&model, &cache, true);
+    assert!(p.open_or_build(false).unwrap().1.is_none());
+    assert_eq!(p.source_bytes_hashed(), 0, "the second start hashed again");
+    assert_eq!(ident(&sidecar), side_before);
+
+    // A damaged sidecar vouches for nothing: the file is hashed again (and it is rewritten).
+    let mut text = std::fs::read_to_string(&sidecar).unwrap();
+    text = text.replacen("\"inode\": ", "\"inode\": 1", 1);
+    std::fs::write(&sidecar, text).unwrap();
+    let p = disk_plan(&model, &cache, true);
+    assert!(p.open_or_build(false).unwrap().1.is_none());
+    assert_eq!(p.source_bytes_hashed(), size);
+    // A sidecar cannot vouch for other bytes: change the shard's bytes keeping its size; the
+    // sidecar's stat no longer matches, the hash differs, and the cache is rebuilt.
+    let mut b = std::fs::read(shard).unwrap();
+    let n = b.len();
+    b[n - 3] ^= 0x01;
+    std::fs::write(shard, &b).unwrap();
+    let p = disk_plan(&model, &cache, true);
+    assert!(p.open_or_build(false).unwrap().1.is_some(), "not rebuilt");
+    assert!(!sidecar.exists(), "the replaced file's sidecar was kept");
+}
+
+#[test]
+fn a_file_of_the_previous_format_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, path) = build_in(dir.path());
+    // The same file as the previous format would have named it, version 1, no source record
+    // (unreadable to this build either way: the version is checked first).
+    let key = KEY_VERSION.as_bytes();
+    let mut b = std::fs::read(&path).unwrap();
+    let at = b.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 4;
+    b[at..at + 4].copy_from_slice(&1u32.to_le_bytes());
+    let old = dir
+        .path()
+        .join(plan.key.file_name().replace(".v2.gguf", ".v1.gguf"));
+    std::fs::write(&old, &b).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(matches!(
+        CacheFile::open(&old, None),
+        Err(Problem::Version { found: 1 })
+    ));
+    let plan = demo_plan(dir.path(), Quantization::Q8_0, true);
+    assert!(plan.open_or_build(false).unwrap().1.is_some());
+    assert!(!old.exists(), "the previous format's file was kept");
+}
+
+#[test]
+fn the_embedded_model_is_checked_by_its_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, _) = build_in(dir.path());
+    let f = plan.open().unwrap();
+    assert!(!f.sources.is_empty());
+    assert!(f
+        .sources
+        .iter()
+        .all(|r| r.xxh3_128 != format!("{:032x}", 0)));
+    assert!(plan.changed_sources(&f).unwrap().is_empty());
+    // Another model's bytes under the same names: stale.
+    let mut other = demo_plan(dir.path(), Quantization::Q8_0, true);
+    for s in &mut other.key.sources {
+        if let sources::Source::Embedded { bytes, .. } = s {
+            *bytes = b"other bytes";
+        }
+    }
+    assert!(matches!(other.open(), Err(Problem::SourceChanged { .. })));
+}
+
+/// A temporary file of a build of `name`, as a builder with pid `pid` leaves it.
+fn temp_of(dir: &Path, name: &str, pid: u32) -> PathBuf {
+    let p = dir.join(format!("{name}.tmp-{pid}"));
+    std::fs::write(&p, b"GGUF partial").unwrap();
+    p
+}
+
+#[test]
+fn every_start_removes_temporaries_of_dead_builders_of_any_file_and_keeps_live_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = demo_plan(dir.path(), Quantization::Q8_0, true);
+    // Killed builds of other files (another quantization, another model): one never got a
+    // lock file left, one left its lock file (unlocked since the builder died).
+    let gone = temp_of(dir.path(), "other.0123.x-q4_k.r-q4_k.v2.gguf", 999_999_999);
+    let unlocked = temp_of(dir.path(), "other.0123.x-bf16.r-bf16.v1.gguf", 999_999_998);
+    std::fs::write(
+        dir.path().join("other.0123.x-bf16.r-bf16.v1.gguf.lock"),
+        b"",
+    )
+    .unwrap();
+    // A live build of another file: its builder holds the lock.
+    let live_name = "live.4567.x-q8_0.r-q8_0.v2.gguf";
+    let live = temp_of(dir.path(), live_name, 999_999_997);
+    let lock = std::fs::File::create(dir.path().join(format!("{live_name}.lock"))).unwrap();
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock on a descriptor this test owns, held while `lock` is open.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    // Not ours: never touched.
+    let foreign = temp_of(dir.path(), "notes.txt", 1);
+    plan.open_or_build(false).unwrap();
+    assert!(
+        !gone.exists() && !unlocked.exists(),
+        "{:?}",
+        files_in(dir.path())
+    );
+    assert!(live.exists(), "a live build's temporary file was removed");
+    assert!(foreign.exists());
+    drop(lock);
+    assert_eq!(remove_orphaned_temporaries(dir.path()), 1);
+    assert!(!live.exists());
 }

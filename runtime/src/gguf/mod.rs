@@ -19,8 +19,9 @@
 //!   rename, fsync of the folder) and a writer dropped before [`GgufWriter::finish`]
 //!   leaves nothing behind.
 //! - The reader reads the header only, with every count, length, dimension and tensor
-//!   extent checked against the file length before use; a bad file is an error naming
-//!   the file, never a panic or an allocation sized by untrusted input.
+//!   extent checked against the file length, and names, strings, arrays and counts against
+//!   fixed limits, before use; a bad file is an error naming the file, never a panic or an
+//!   allocation sized by untrusted input (`tests/fuzz_parsers.rs` fuzzes it).
 
 mod reader;
 mod writer;

@@ -1,5 +1,10 @@
 //! The GGUF header reader: metadata and tensor infos, every length checked against the
 //! file before it is used.
+//!
+//! What must always hold: every count and length read from the file is checked against the
+//! bytes left in the file and against a fixed limit before anything is allocated for it, so
+//! a damaged or hostile header costs at most a small multiple of its own size in memory and
+//! time, and ends in a [`GgufError::Format`] naming the file, never a panic.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -43,14 +48,28 @@ pub struct GgufFile {
 /// they are read), so a lying count cannot make a large allocation.
 const PREALLOC: u64 = 1 << 12;
 
-struct Cursor<'a> {
-    r: BufReader<File>,
+/// Longest metadata key or tensor name: real ones are dotted paths of under 100 bytes
+/// (GGML itself stops at 64), so anything longer is damage, refused before it is read.
+const MAX_NAME_BYTES: u64 = 4096;
+/// Longest metadata string: the longest real ones (chat templates) are tens of KB.
+const MAX_STRING_BYTES: u64 = 64 << 20;
+/// Most elements of one metadata array: the largest real ones (a tokenizer's vocabulary or
+/// merges) have a few hundred thousand.
+const MAX_ARRAY_ITEMS: u64 = 1 << 24;
+/// Most metadata entries: real files have tens to a few hundred.
+const MAX_METADATA: u64 = 1 << 16;
+/// Most tensors: the largest checkpoints (512 experts x 48 layers x 3 projections, each a
+/// tensor in our cache) have under 100k.
+const MAX_TENSORS: u64 = 1 << 22;
+
+struct Cursor<'a, R> {
+    r: R,
     pos: u64,
     len: u64,
     path: &'a Path,
 }
 
-impl Cursor<'_> {
+impl<R: Read> Cursor<'_, R> {
     fn bad(&self, msg: String) -> GgufError {
         GgufError::Format {
             path: self.path.to_path_buf(),
@@ -96,8 +115,15 @@ impl Cursor<'_> {
         Ok(u64::from_le_bytes(self.array(what)?))
     }
 
-    fn string(&mut self, what: &str) -> Result<String, GgufError> {
+    /// A string of at most `max` bytes.
+    fn string_max(&mut self, max: u64, what: &str) -> Result<String, GgufError> {
         let n = self.u64(what)?;
+        if n > max {
+            return Err(self.bad(format!(
+                "{what}: length {n} at offset {} is over the limit of {max} bytes",
+                self.pos - 8
+            )));
+        }
         let b = self.bytes(n, what)?;
         String::from_utf8(b).map_err(|_| self.bad(format!("{what} is not UTF-8")))
     }
@@ -116,7 +142,7 @@ impl Cursor<'_> {
                 1 => Value::Bool(true),
                 b => return Err(self.bad(format!("{what}: bool byte {b}"))),
             },
-            ValueType::String => Value::String(self.string(what)?),
+            ValueType::String => Value::String(self.string_max(MAX_STRING_BYTES, what)?),
             ValueType::U64 => Value::U64(self.u64(what)?),
             ValueType::I64 => Value::I64(i64::from_le_bytes(self.array(what)?)),
             ValueType::F64 => Value::F64(f64::from_le_bytes(self.array(what)?)),
@@ -136,6 +162,11 @@ impl Cursor<'_> {
         }
         let elem = self.value_type(what)?;
         let count = self.u64(what)?;
+        if count > MAX_ARRAY_ITEMS {
+            return Err(self.bad(format!(
+                "{what}: array of {count} items is over the limit of {MAX_ARRAY_ITEMS}"
+            )));
+        }
         // Smallest encoding of one element: scalars their size, strings their length.
         let min = elem.scalar_bytes().unwrap_or(8);
         self.need(count.saturating_mul(min), what)?;
@@ -159,8 +190,19 @@ impl GgufFile {
         };
         let file = File::open(path).map_err(io("open"))?;
         let len = file.metadata().map_err(io("stat"))?.len();
+        Self::read_header(BufReader::with_capacity(1 << 16, file), len, path)
+    }
+
+    /// Reads and checks the header of a whole GGUF file held in `bytes` (`path` names it in
+    /// errors); the same checks as [`GgufFile::open`].
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile, GgufError> {
+        Self::read_header(bytes, bytes.len() as u64, path)
+    }
+
+    /// The header parse over `r`, the start of a file of `len` bytes.
+    fn read_header<R: Read>(r: R, len: u64, path: &Path) -> Result<GgufFile, GgufError> {
         let mut c = Cursor {
-            r: BufReader::with_capacity(1 << 16, file),
+            r,
             pos: 0,
             len,
             path,
@@ -175,6 +217,11 @@ impl GgufFile {
         }
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
+        if n_tensors > MAX_TENSORS || n_kv > MAX_METADATA {
+            return Err(c.bad(format!(
+                "{n_tensors} tensors and {n_kv} metadata entries: over the limits of {MAX_TENSORS} and {MAX_METADATA}"
+            )));
+        }
         // Each KV takes at least 13 bytes (key length, type, one byte); each tensor info
         // at least 32 (name length, n_dims, one dim, type, offset).
         c.need(n_kv.saturating_mul(13), "metadata")?;
@@ -182,7 +229,7 @@ impl GgufFile {
         let mut metadata = Vec::with_capacity(n_kv.min(PREALLOC) as usize);
         let mut keys = HashSet::new();
         for i in 0..n_kv {
-            let key = c.string(&format!("metadata key #{i}"))?;
+            let key = c.string_max(MAX_NAME_BYTES, &format!("metadata key #{i}"))?;
             let v = c.value(&format!("metadata {key:?}"))?;
             if !keys.insert(key.clone()) {
                 return Err(c.bad(format!("metadata key {key:?} appears twice")));
@@ -203,7 +250,7 @@ impl GgufFile {
         let mut tensors = Vec::with_capacity(n_tensors.min(PREALLOC) as usize);
         let mut names = HashSet::new();
         for i in 0..n_tensors {
-            let name = c.string(&format!("tensor #{i} name"))?;
+            let name = c.string_max(MAX_NAME_BYTES, &format!("tensor #{i} name"))?;
             let what = format!("tensor {name:?}");
             let n_dims = c.u32(&what)? as usize;
             if n_dims == 0 || n_dims > MAX_DIMS {

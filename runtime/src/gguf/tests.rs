@@ -202,7 +202,7 @@ fn truncated_and_garbage_files_are_errors() {
     b.extend_from_slice(&u64::MAX.to_le_bytes());
     fs::write(&bad, &b).unwrap();
     let e = GgufFile::open(&bad).unwrap_err().to_string();
-    assert!(e.contains("truncated"), "{e}");
+    assert!(e.contains("over the limits"), "{e}");
     fs::write(&bad, b"GGML\x03\0\0\0").unwrap();
     assert!(GgufFile::open(&bad)
         .unwrap_err()
@@ -216,4 +216,77 @@ fn truncated_and_garbage_files_are_errors() {
     let missing = tmp.path().join("missing.gguf");
     let e = GgufFile::open(&missing).unwrap_err().to_string();
     assert!(e.contains("missing.gguf"), "{e}");
+}
+
+/// A header of `n_tensors` tensors and the metadata `kvs` (already encoded: key, type, value).
+fn raw_header(n_tensors: u64, n_kv: u64, kvs: &[u8]) -> Vec<u8> {
+    let mut b = b"GGUF\x03\0\0\0".to_vec();
+    b.extend_from_slice(&n_tensors.to_le_bytes());
+    b.extend_from_slice(&n_kv.to_le_bytes());
+    b.extend_from_slice(kvs);
+    b
+}
+
+fn raw_kv(key: &str, value_type: ValueType, value: &[u8]) -> Vec<u8> {
+    let mut b = (key.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(key.as_bytes());
+    b.extend_from_slice(&value_type.id().to_le_bytes());
+    b.extend_from_slice(value);
+    b
+}
+
+#[test]
+fn names_arrays_and_counts_over_the_limits_are_refused_before_reading() {
+    let path = Path::new("l.gguf");
+    // A well-formed header of one KV parses.
+    let ok = raw_header(0, 1, &raw_kv("k", ValueType::U8, &[7]));
+    assert_eq!(
+        GgufFile::parse(path, &ok).unwrap().get("k"),
+        Some(&Value::U8(7))
+    );
+    // A key longer than any real one (the bytes are all there).
+    let long = "k".repeat(5000);
+    let e = GgufFile::parse(path, &raw_header(0, 1, &raw_kv(&long, ValueType::U8, &[7])))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("l.gguf") && e.contains("over the limit of 4096"),
+        "{e}"
+    );
+    // A tensor name as long.
+    let mut t = raw_header(1, 0, &[]);
+    t.extend_from_slice(&5000u64.to_le_bytes());
+    t.extend_from_slice(long.as_bytes());
+    t.extend_from_slice(&1u32.to_le_bytes());
+    t.extend_from_slice(&4u64.to_le_bytes());
+    t.extend_from_slice(&0u32.to_le_bytes());
+    t.extend_from_slice(&0u64.to_le_bytes());
+    t.resize(t.len().next_multiple_of(32) + 16, 0);
+    let e = GgufFile::parse(path, &t).unwrap_err().to_string();
+    assert!(
+        e.contains("tensor #0 name") && e.contains("over the limit"),
+        "{e}"
+    );
+    // More metadata entries than any real file has, every one present.
+    let n = (1u64 << 16) + 1;
+    let mut kvs = Vec::new();
+    for i in 0..n {
+        kvs.extend_from_slice(&raw_kv(&format!("k{i}"), ValueType::U8, &[1]));
+    }
+    let e = GgufFile::parse(path, &raw_header(0, n, &kvs))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("65537 metadata entries"), "{e}");
+    // An array longer than any real one, every item present.
+    let items = (1u64 << 24) + 1;
+    let mut arr = ValueType::U8.id().to_le_bytes().to_vec();
+    arr.extend_from_slice(&items.to_le_bytes());
+    arr.resize(arr.len() + items as usize, 0);
+    let e = GgufFile::parse(
+        path,
+        &raw_header(0, 1, &raw_kv("a", ValueType::Array, &arr)),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("16777217 items is over the limit"), "{e}");
 }

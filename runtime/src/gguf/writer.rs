@@ -59,6 +59,9 @@ pub struct GgufWriter {
     written: u64,
     /// Test hook: writes past this many bytes fail with an injected error.
     fail_after: Option<u64>,
+    /// Each metadata value's key, type and byte range in the header (for
+    /// [`GgufWriter::replace_metadata`]).
+    values: Vec<(String, ValueType, std::ops::Range<usize>)>,
 }
 
 const ZEROS: [u8; 4096] = [0; 4096];
@@ -175,10 +178,13 @@ impl GgufWriter {
         header.extend_from_slice(&VERSION.to_le_bytes());
         header.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
         header.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
+        let mut values = Vec::with_capacity(kvs.len());
         for (k, v) in &kvs {
             put_str(&mut header, k);
             header.extend_from_slice(&v.value_type().id().to_le_bytes());
+            let start = header.len();
             put_value(&mut header, v);
+            values.push((k.to_string(), v.value_type(), start..header.len()));
         }
         for (t, s) in tensors.iter().zip(&slots) {
             put_str(&mut header, &t.name);
@@ -215,6 +221,7 @@ impl GgufWriter {
             header: Vec::new(),
             written: 0,
             fail_after: None,
+            values,
         };
         w.raw(&header)?;
         w.header = header;
@@ -245,6 +252,54 @@ impl GgufWriter {
     /// The header bytes (magic up to the data section, padding included).
     pub fn header_bytes(&self) -> &[u8] {
         &self.header
+    }
+
+    /// Replaces the value of metadata `key` in the header already written, for values known
+    /// only once the data is written (a digest of what was read meanwhile). The new value must
+    /// have the type and the encoded length of the one given at [`GgufWriter::create`]
+    /// (same-length strings, same-length arrays), so no byte of the layout moves.
+    pub fn replace_metadata(&mut self, key: &str, value: &Value) -> Result<(), GgufError> {
+        let usage = |msg: String| GgufError::Usage {
+            path: self.path.clone(),
+            msg,
+        };
+        let Some((_, ty, range)) = self.values.iter().find(|(k, _, _)| k == key) else {
+            return Err(usage(format!("metadata key {key:?} was not written")));
+        };
+        let mut bytes = Vec::with_capacity(range.len());
+        if let Value::Array(elem, items) = value {
+            if items
+                .iter()
+                .any(|i| i.value_type() != *elem || *elem == ValueType::Array)
+            {
+                return Err(usage(format!(
+                    "metadata {key:?}: array items must all be scalars or strings of {elem:?}"
+                )));
+            }
+        }
+        put_value(&mut bytes, value);
+        if value.value_type() != *ty || bytes.len() != range.len() {
+            return Err(usage(format!(
+                "metadata {key:?}: the new value ({:?}, {} bytes) must have the type and length of the one written ({ty:?}, {} bytes)",
+                value.value_type(),
+                bytes.len(),
+                range.len()
+            )));
+        }
+        let range = range.clone();
+        let f = self.file.as_mut().expect("open until finish");
+        let io = |op: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source: io::Error| GgufError::Io { op, path, source }
+        };
+        // The header may still sit in the buffer: flush it, then write the value in place.
+        f.flush().map_err(io("write", &self.tmp))?;
+        use std::os::unix::fs::FileExt;
+        f.get_ref()
+            .write_all_at(&bytes, range.start as u64)
+            .map_err(io("write", &self.tmp))?;
+        self.header[range].copy_from_slice(&bytes);
+        Ok(())
     }
 
     /// Fault injection for tests: every write that would take the file past `bytes` fails
@@ -352,5 +407,56 @@ impl Drop for GgufWriter {
         if self.file.take().is_some() || self.tmp.exists() {
             let _ = fs::remove_file(&self.tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_replaced_in_place_reads_back_and_moves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("x.gguf");
+        let meta = vec![
+            ("a.hash".to_string(), Value::strings(["0000", "0000"])),
+            (
+                "a.sizes".to_string(),
+                Value::Array(ValueType::U64, vec![Value::U64(0), Value::U64(0)]),
+            ),
+        ];
+        let spec = TensorSpec::new("t", vec![8], GgmlType::F32);
+        let mut w = GgufWriter::create(&path, &meta, &[spec], 32).unwrap();
+        let len = w.header_bytes().len();
+        w.write(&[7u8; 32]).unwrap();
+        w.replace_metadata("a.hash", &Value::strings(["beef", "cafe"]))
+            .unwrap();
+        let sizes = Value::Array(ValueType::U64, vec![Value::U64(5), Value::U64(u64::MAX)]);
+        w.replace_metadata("a.sizes", &sizes).unwrap();
+        // Another length, another type or an unknown key is refused.
+        assert!(w
+            .replace_metadata("a.hash", &Value::strings(["beefy", "cafe"]))
+            .is_err());
+        assert!(w
+            .replace_metadata("a.sizes", &Value::strings(["x"]))
+            .is_err());
+        assert!(w.replace_metadata("nope", &Value::U32(1)).is_err());
+        assert_eq!(w.header_bytes().len(), len);
+        let header = w.header_bytes().to_vec();
+        w.finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..len], &header[..]);
+        let f = crate::gguf::GgufFile::open(&path).unwrap();
+        let hashes: Vec<&str> = f
+            .get("a.hash")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(hashes, ["beef", "cafe"]);
+        assert_eq!(f.get("a.sizes"), Some(&sizes));
+        assert_eq!(&bytes[f.tensors[0].offset as usize..][..32], &[7u8; 32]);
     }
 }
