@@ -17,9 +17,12 @@ use std::os::unix::io::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
+
+mod common;
+use common::{stderr, stdout, tokens, Sandbox};
 
 /// Prompt of the generation runs: long enough, with enough new tokens, that most experts of
 /// the demo model are routed at least once.
@@ -39,40 +42,7 @@ fn generate_args(n: &str) -> [&str; 8] {
     ]
 }
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_moe-serve")
-}
-
-/// One test's folder: models, the cache folder and the per-user folders.
-struct Sandbox {
-    tmp: tempfile::TempDir,
-}
-
 impl Sandbox {
-    fn new() -> Sandbox {
-        Sandbox {
-            tmp: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.tmp.path()
-    }
-
-    fn cache_dir(&self) -> PathBuf {
-        self.path().join("cache")
-    }
-
-    /// `moe-serve` with the per-user folders inside the sandbox and default logging.
-    fn command(&self) -> Command {
-        let mut c = Command::new(bin());
-        c.env("XDG_CACHE_HOME", self.path().join("xdg-cache"))
-            .env("XDG_STATE_HOME", self.path().join("xdg-state"))
-            .env("HF_HUB_CACHE", "/nonexistent-hub-cache")
-            .env_remove("RUST_LOG");
-        c
-    }
-
     /// Writes a random-weight model of `preset` (in `<sandbox>/<preset>`).
     fn synth(&self, preset: &str) -> PathBuf {
         let out = self.path().join(preset);
@@ -119,33 +89,12 @@ impl Sandbox {
         assert!(ok, "{report}");
     }
 
-    /// File names in the cache folder, sorted.
-    fn listing(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(self.cache_dir())
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    }
-
     /// The cache files (`*.gguf`) in the cache folder.
     fn cache_files(&self) -> Vec<PathBuf> {
         self.listing()
             .into_iter()
             .filter(|n| n.ends_with(".gguf"))
             .map(|n| self.cache_dir().join(n))
-            .collect()
-    }
-
-    /// Temporary files of builds (`*.tmp-<pid>`) in the cache folder.
-    fn temp_files(&self) -> Vec<String> {
-        self.listing()
-            .into_iter()
-            .filter(|n| n.contains(".tmp-"))
             .collect()
     }
 
@@ -169,14 +118,6 @@ impl Sandbox {
     }
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// The one JSON line a successful command printed on stdout.
 fn json_line(o: &Output) -> Value {
     assert!(o.status.success(), "exit {:?}: {}", o.status, stderr(o));
@@ -184,15 +125,6 @@ fn json_line(o: &Output) -> Value {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 1, "stdout must be one JSON line: {out:?}");
     serde_json::from_str(lines[0]).unwrap()
-}
-
-fn tokens(v: &Value) -> Vec<u64> {
-    v["tokens"]
-        .as_array()
-        .expect("tokens")
-        .iter()
-        .map(|t| t.as_u64().unwrap())
-        .collect()
 }
 
 /// A failed command: a plain non-zero exit (no signal), exactly one `error:` line on stderr
@@ -476,43 +408,8 @@ fn build_killed_midway_leaves_only_a_temp_file() {
     // ~300 MB of bf16 weights: the q8_0 build takes about a second, long enough to be caught
     // half-written.
     let model = sb.synth("mini");
-    let mut attempt = 0;
-    let seen = loop {
-        attempt += 1;
-        let mut child = sb
-            .command_for(&["cache", "build"], Some(&model), &[])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        // Wait for the temporary file to appear and grow past its header.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut caught = None;
-        while Instant::now() < deadline {
-            if let Some(t) = sb.temp_files().first() {
-                let len = std::fs::metadata(sb.cache_dir().join(t)).map_or(0, |m| m.len());
-                if len >= 8 << 20 {
-                    caught = Some((t.clone(), len));
-                    break;
-                }
-            }
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        child.kill().unwrap(); // SIGKILL
-        let status = child.wait().unwrap();
-        match caught {
-            Some(seen) if status.signal() == Some(libc::SIGKILL) => break seen,
-            _ => {
-                // It finished before the kill landed (a very fast machine): start over.
-                assert!(attempt < 3, "could not catch the build midway: {status:?}");
-                std::fs::remove_dir_all(sb.cache_dir()).unwrap();
-            }
-        }
-    };
-    let (temp, len) = seen;
+    let (temp, len, attempt) =
+        sb.kill_build_midway(|| sb.command_for(&["cache", "build"], Some(&model), &[]));
     eprintln!("killed the build at attempt {attempt} with {len} bytes in {temp}");
     assert!(sb.cache_files().is_empty(), "{:?}", sb.listing());
     assert_eq!(sb.temp_files(), vec![temp.clone()], "{len} bytes seen");

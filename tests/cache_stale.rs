@@ -10,45 +10,19 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use serde_json::Value;
+
+mod common;
+use common::{cache_of, stderr, stdout, tokens, Sandbox};
 
 /// Longer than the window in which a just-changed file's stat is not trusted (2 s).
 const SETTLE: Duration = Duration::from_millis(2_200);
 
-struct Sandbox {
-    tmp: tempfile::TempDir,
-}
-
 impl Sandbox {
-    fn new() -> Sandbox {
-        Sandbox {
-            tmp: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.tmp.path()
-    }
-
-    fn cache_dir(&self) -> PathBuf {
-        self.path().join("cache")
-    }
-
-    /// `moe-serve` with the per-user folders inside the sandbox and default logging.
-    fn command(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_moe-serve"));
-        c.env("XDG_CACHE_HOME", self.path().join("xdg-cache"))
-            .env("XDG_STATE_HOME", self.path().join("xdg-state"))
-            .env("HF_HUB_CACHE", "/nonexistent-hub-cache")
-            .env_remove("RUST_LOG");
-        c
-    }
-
     /// `moe-serve synth --preset P --out <sandbox>/<name> ARGS`.
     fn synth(&self, name: &str, preset: &str, args: &[&str]) -> PathBuf {
         let out = self.path().join(name);
@@ -76,6 +50,21 @@ impl Sandbox {
         c
     }
 
+    /// A start of another model at another quantization (another file name) in the cache
+    /// folder: a `run` of 2 tokens at q4_k without a model; it must succeed.
+    fn start_other_model(&self) {
+        let o = self
+            .command_for(
+                &["run"],
+                None,
+                "q4_k",
+                &["--prompt-ids", "1,2,3", "--max-tokens", "2"],
+            )
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+
     /// A greedy `run --json` of 12 tokens past end-of-sequence at q8_0, with `RUST_LOG`.
     fn generate(&self, model: &Path, extra: &[&str], log: &str) -> Output {
         let args = [
@@ -94,33 +83,6 @@ impl Sandbox {
             .output()
             .unwrap()
     }
-
-    fn listing(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(self.cache_dir())
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    }
-
-    fn temp_files(&self) -> Vec<String> {
-        self.listing()
-            .into_iter()
-            .filter(|n| n.contains(".tmp-"))
-            .collect()
-    }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// The JSON line of a successful `run --json`.
@@ -128,15 +90,6 @@ fn json_line(o: &Output) -> Value {
     assert!(o.status.success(), "exit {:?}: {}", o.status, stderr(o));
     let out = stdout(o);
     serde_json::from_str(out.lines().last().expect("one JSON line")).unwrap()
-}
-
-fn tokens(v: &Value) -> Vec<u64> {
-    v["tokens"]
-        .as_array()
-        .expect("tokens")
-        .iter()
-        .map(|t| t.as_u64().unwrap())
-        .collect()
 }
 
 /// The weight files of a model folder, sorted.
@@ -150,10 +103,6 @@ fn shards(model: &Path) -> Vec<PathBuf> {
     v.sort();
     assert!(!v.is_empty(), "no weight file in {}", model.display());
     v
-}
-
-fn cache_of(v: &Value) -> PathBuf {
-    PathBuf::from(v["cache"].as_str().expect("a cache is used"))
 }
 
 /// Inode and mtime of a file: equal before and after means it was neither replaced nor
@@ -269,40 +218,8 @@ fn a_killed_build_leaves_no_temporary_file_past_the_next_start() {
     let sb = Sandbox::new();
     // ~300 MB of bf16 weights: the q8_0 build takes a second or more.
     let model = sb.synth("mini", "mini", &[]);
-    let mut attempt = 0;
-    let killed = loop {
-        attempt += 1;
-        let mut child = sb
-            .command_for(&["cache", "build"], Some(&model), "q8_0", &[])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut caught = None;
-        while Instant::now() < deadline {
-            if let Some(t) = sb.temp_files().first() {
-                let len = std::fs::metadata(sb.cache_dir().join(t)).map_or(0, |m| m.len());
-                if len >= 8 << 20 {
-                    caught = Some(t.clone());
-                    break;
-                }
-            }
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        child.kill().unwrap(); // SIGKILL
-        let status = child.wait().unwrap();
-        match caught {
-            Some(t) if status.signal() == Some(libc::SIGKILL) => break t,
-            _ => {
-                assert!(attempt < 3, "could not catch the build midway: {status:?}");
-                std::fs::remove_dir_all(sb.cache_dir()).unwrap();
-            }
-        }
-    };
+    let (killed, _, _) =
+        sb.kill_build_midway(|| sb.command_for(&["cache", "build"], Some(&model), "q8_0", &[]));
     assert_eq!(sb.temp_files(), vec![killed.clone()]);
 
     // A live build of yet another file: the test holds its lock, as a builder does.
@@ -316,16 +233,7 @@ fn a_killed_build_leaves_no_temporary_file_past_the_next_start() {
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
 
     // A start of another model at another quantization (another file name) in the same folder.
-    let o = sb
-        .command_for(
-            &["run"],
-            None,
-            "q4_k",
-            &["--prompt-ids", "1,2,3", "--max-tokens", "2"],
-        )
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    sb.start_other_model();
     let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
     assert_eq!(
         sb.temp_files(),
@@ -335,15 +243,6 @@ fn a_killed_build_leaves_no_temporary_file_past_the_next_start() {
 
     // Once that builder is gone too, the next start removes its file as well.
     drop(lock);
-    let o = sb
-        .command_for(
-            &["run"],
-            None,
-            "q4_k",
-            &["--prompt-ids", "1,2,3", "--max-tokens", "2"],
-        )
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    sb.start_other_model();
     assert!(sb.temp_files().is_empty(), "{:?}", sb.listing());
 }

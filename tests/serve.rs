@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use server::{client, demo_config, Server};
+use server::{assert_ends_with_done, client, demo_config, Server};
 
 fn post(s: &Server, path: &str, body: &Value) -> (u16, Value) {
     let r = send(s, path, body);
@@ -463,13 +463,7 @@ fn health_is_503_while_loading_and_sigterm_drains() {
     assert!(first.starts_with("data: "), "{first}");
     let status = s.terminate(Duration::from_secs(60));
     let rest: Vec<String> = reader.lines().map_while(Result::ok).collect();
-    assert_eq!(
-        rest.iter()
-            .rev()
-            .find(|l| l.starts_with("data: "))
-            .map(String::as_str),
-        Some("data: [DONE]")
-    );
+    assert_ends_with_done(&rest);
     assert!(rest
         .iter()
         .any(|l| l.contains("\"finish_reason\":\"length\"")));

@@ -12,7 +12,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use server::{client, demo_config, Server};
+use server::{assert_ends_with_done, client, demo_config, Server};
 
 /// Reads until the server closes the connection (EOF or reset), at most `limit`. Returns the
 /// bytes read and how long it took to close, or `None` for the time if it was still open.
@@ -344,13 +344,7 @@ fn drain_answers_503_and_a_half_sent_request_does_not_hold_the_exit() {
     assert_eq!(r.json::<Value>().unwrap()["error"]["code"], "shutting_down");
     // The stream is cut at the deadline and still ends properly.
     let rest: Vec<String> = stream.lines().map_while(Result::ok).collect();
-    assert_eq!(
-        rest.iter()
-            .rev()
-            .find(|l| l.starts_with("data: "))
-            .map(String::as_str),
-        Some("data: [DONE]")
-    );
+    assert_ends_with_done(&rest);
     // The half-sent request does not keep the process alive past the deadline.
     let status = loop {
         if let Ok(Some(st)) = s.child.try_wait() {

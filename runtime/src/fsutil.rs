@@ -53,10 +53,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             }
             other => other?,
         };
-        // SAFETY: flock on a descriptor we own; released when `f` is closed.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        // Released when `f` is closed.
+        try_lock_exclusive(&f)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -87,47 +85,75 @@ fn temporary_pid(name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
-/// Removes from `dir` the temporary files of [`write_atomic`] whose writer is gone: not this
-/// process's, not locked, and older than [`ORPHAN_MIN_AGE`]. Returns how many.
-pub fn remove_orphaned_temporaries(dir: &Path) -> usize {
+/// Takes an exclusive flock on `f` without waiting: an error where another descriptor holds
+/// it. The lock is released when `f` is closed.
+pub fn try_lock_exclusive(f: &std::fs::File) -> std::io::Result<()> {
+    // SAFETY: flock on a descriptor the caller owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes from `dir` the files whose writer is gone; returns how many. `claim` looks at each
+/// entry (with its name) and returns `None` to keep it, or what shows its writer gone (a lock
+/// taken with [`try_lock_exclusive`]), which is held while the file is removed and then handed
+/// to `removed` with the file's path.
+pub fn remove_orphans<T>(
+    dir: &Path,
+    mut claim: impl FnMut(&std::fs::DirEntry, &str) -> Option<T>,
+    mut removed: impl FnMut(&Path, T),
+) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
-    let mut removed = 0;
+    let mut count = 0;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        match temporary_pid(&name) {
-            Some(pid) if pid != std::process::id() => {}
-            _ => continue,
-        }
+        let Some(claimed) = claim(&entry, &name) else {
+            continue;
+        };
         let path = entry.path();
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        let old = meta
-            .modified()
-            .ok()
-            .and_then(|m| m.elapsed().ok())
-            .is_some_and(|age| age >= ORPHAN_MIN_AGE);
-        if !meta.file_type().is_file() || !old {
-            continue;
-        }
-        let Ok(f) = std::fs::OpenOptions::new().read(true).open(&path) else {
-            continue;
-        };
-        // SAFETY: flock on a descriptor we own; released when `f` is dropped.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            continue; // its writer is alive
-        }
         if std::fs::remove_file(&path).is_ok() {
-            removed += 1;
+            count += 1;
+            removed(&path, claimed);
+        }
+    }
+    count
+}
+
+/// Removes from `dir` the temporary files of [`write_atomic`] whose writer is gone: not this
+/// process's, not locked, and older than [`ORPHAN_MIN_AGE`]. Returns how many.
+pub fn remove_orphaned_temporaries(dir: &Path) -> usize {
+    remove_orphans(
+        dir,
+        |entry, name| {
+            match temporary_pid(name) {
+                Some(pid) if pid != std::process::id() => {}
+                _ => return None,
+            }
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path).ok()?;
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age >= ORPHAN_MIN_AGE);
+            if !meta.file_type().is_file() || !old {
+                return None;
+            }
+            let f = std::fs::OpenOptions::new().read(true).open(&path).ok()?;
+            // Its writer is alive where the lock is held; else it is kept until removed.
+            try_lock_exclusive(&f).ok()?;
+            Some(f)
+        },
+        |path, _lock| {
             tracing::info!(
                 "removed {}, left by a write that did not finish",
                 path.display()
             );
-        }
-    }
-    removed
+        },
+    )
 }
 
 #[cfg(test)]

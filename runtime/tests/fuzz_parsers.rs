@@ -523,6 +523,33 @@ fn seed_and_mutations<M: Strategy<Value = Mutation>>(
     (any::<Index>(), prop::collection::vec(mutation, 1..5))
 }
 
+/// Runs `n` cases of target `name` over `seeds`, each with edits of `mutation` anywhere in it:
+/// `check` gets each input, recorded first as the one being parsed.
+fn run_seeded<M>(
+    name: &'static str,
+    n: u32,
+    seeds: Vec<Vec<u8>>,
+    mutation: M,
+    check: impl Fn(&[u8]) -> Result<(), TestCaseError> + Send + 'static,
+) where
+    M: Strategy<Value = Mutation> + Send + 'static,
+{
+    let strategy = seed_and_mutations(seeds.len(), mutation);
+    run_target(name, n, strategy, move |(seed, muts), current| {
+        let seed = &seeds[seed.index(seeds.len())];
+        let bytes = mutate(seed, muts, usize::MAX);
+        record(current, &bytes);
+        check(&bytes)
+    });
+}
+
+/// The message of a refused input, which must be one line.
+fn one_line(e: &impl std::fmt::Display) -> Result<String, TestCaseError> {
+    let msg = e.to_string();
+    prop_assert!(!msg.contains('\n'), "one line: {}", msg);
+    Ok(msg)
+}
+
 // ---------------------------------------------------------------------------------------------
 // safetensors
 
@@ -632,8 +659,7 @@ fn fuzz_safetensors_header() {
                 }
                 Err(e) => {
                     c.1 += 1;
-                    let msg = e.to_string();
-                    prop_assert!(!msg.contains('\n'), "one line: {}", msg);
+                    let msg = one_line(e)?;
                     prop_assert!(msg.contains("model.safetensors"), "names the file: {}", msg);
                     // The official library keeps the last of two entries of one name; we
                     // refuse the file instead.
@@ -688,8 +714,7 @@ fn fuzz_shard_index() {
                     }
                 }
                 Err(e) => {
-                    let msg = e.to_string();
-                    prop_assert!(!msg.contains('\n'), "one line: {}", msg);
+                    one_line(&e)?;
                 }
             }
             Ok(())
@@ -702,26 +727,21 @@ fn fuzz_shard_index() {
 
 #[test]
 fn fuzz_config_json() {
-    let seeds = Arc::new(seeds_named("config.json"));
-    let s2 = seeds.clone();
-    run_target(
+    run_seeded(
         "config",
         800,
-        seed_and_mutations(seeds.len(), json_mutation()),
-        move |(seed, muts), current| {
-            let seed = &s2[seed.index(s2.len())];
-            let bytes = mutate(seed, muts, usize::MAX);
-            record(current, &bytes);
+        seeds_named("config.json"),
+        json_mutation(),
+        |bytes| {
             let res = bounded(bytes.len(), || -> moe_runtime::Result<()> {
-                let raw = RawConfig::parse(PathBuf::from("config.json"), &bytes)?;
+                let raw = RawConfig::parse(PathBuf::from("config.json"), bytes)?;
                 let arch = moe_runtime::arch::lookup(&raw)?;
                 let config = (arch.parse_config)(&raw)?;
                 config.validate(&raw)?;
                 Ok(())
             })?;
             if let Err(e) = res {
-                let msg = e.to_string();
-                prop_assert!(!msg.contains('\n'), "one line: {}", msg);
+                one_line(&e)?;
             }
             Ok(())
         },
@@ -732,8 +752,6 @@ fn fuzz_config_json() {
 /// tensors and sizes every budget, so every size field must be bounded before it is used.
 #[test]
 fn fuzz_config_plan() {
-    let seeds = Arc::new(seeds_named("config.json"));
-    let s2 = seeds.clone();
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("config.json");
     let settings = moe_runtime::Settings {
@@ -741,21 +759,18 @@ fn fuzz_config_plan() {
         state_dir: Some(dir.path().join("state")),
         ..Default::default()
     };
-    run_target(
+    run_seeded(
         "config_plan",
         300,
-        seed_and_mutations(seeds.len(), json_mutation()),
-        move |(seed, muts), current| {
-            let seed = &s2[seed.index(s2.len())];
-            let bytes = mutate(seed, muts, usize::MAX);
-            record(current, &bytes);
-            std::fs::write(&cfg, &bytes).unwrap();
+        seeds_named("config.json"),
+        json_mutation(),
+        move |bytes| {
+            std::fs::write(&cfg, bytes).unwrap();
             let res = bounded_by(PLAN_ALLOC_BYTES, bytes.len(), || {
                 moe_runtime::plan_model(&settings).map(|_| ())
             })?;
             if let Err(e) = res {
-                let msg = e.to_string();
-                prop_assert!(!msg.contains('\n'), "one line: {}", msg);
+                one_line(&e)?;
             }
             Ok(())
         },
@@ -764,23 +779,18 @@ fn fuzz_config_plan() {
 
 #[test]
 fn fuzz_generation_config_json() {
-    let seeds = Arc::new(seeds_named("generation_config.json"));
-    let s2 = seeds.clone();
-    run_target(
+    run_seeded(
         "generation_config",
         400,
-        seed_and_mutations(seeds.len(), json_mutation()),
-        move |(seed, muts), current| {
-            let seed = &s2[seed.index(s2.len())];
-            let bytes = mutate(seed, muts, usize::MAX);
-            record(current, &bytes);
+        seeds_named("generation_config.json"),
+        json_mutation(),
+        |bytes| {
             let res = bounded(bytes.len(), || -> moe_runtime::Result<GenerationConfig> {
-                let raw = RawConfig::parse(PathBuf::from("generation_config.json"), &bytes)?;
+                let raw = RawConfig::parse(PathBuf::from("generation_config.json"), bytes)?;
                 GenerationConfig::parse(&raw)
             })?;
             if let Err(e) = res {
-                let msg = e.to_string();
-                prop_assert!(!msg.contains('\n'), "one line: {}", msg);
+                one_line(&e)?;
             }
             Ok(())
         },
@@ -877,8 +887,7 @@ fn fuzz_gguf_header() {
                     }
                 }
                 Err(e) => {
-                    let msg = e.to_string();
-                    prop_assert!(!msg.contains('\n'), "one line: {}", msg);
+                    let msg = one_line(&e)?;
                     prop_assert!(msg.contains("m.gguf"), "names the file: {}", msg);
                 }
             }
@@ -904,8 +913,7 @@ fn fuzz_cache_file_header() {
             std::fs::write(&probe, &bytes).unwrap();
             let res = bounded(bytes.len(), || moe_runtime::cache::api::info(&probe))?;
             if let Err(e) = res {
-                let msg = e.to_string();
-                prop_assert!(!msg.contains('\n'), "one line: {}", msg);
+                one_line(&e)?;
             }
             Ok(())
         },
@@ -938,29 +946,19 @@ quantization = "q8_0"
 "#
         .to_vec(),
     );
-    let seeds = Arc::new(seeds);
-    let s2 = seeds.clone();
     let base = repo().join("configs");
-    run_target(
-        "runconfig",
-        500,
-        seed_and_mutations(seeds.len(), text_mutation()),
-        move |(seed, muts), current| {
-            let seed = &s2[seed.index(s2.len())];
-            let bytes = mutate(seed, muts, usize::MAX);
-            record(current, &bytes);
-            let Ok(text) = std::str::from_utf8(&bytes) else {
-                // `from_file` refuses non-UTF-8 before parsing.
-                return Ok(());
-            };
-            let res = bounded(bytes.len(), || {
-                moe_runtime::RunConfig::from_toml_str(text, &base, Path::new("run.toml"))
-            })?;
-            if let Err(e) = res {
-                let msg = e.to_string();
-                prop_assert!(msg.contains("run.toml"), "names the file: {}", msg);
-            }
-            Ok(())
-        },
-    );
+    run_seeded("runconfig", 500, seeds, text_mutation(), move |bytes| {
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            // `from_file` refuses non-UTF-8 before parsing.
+            return Ok(());
+        };
+        let res = bounded(bytes.len(), || {
+            moe_runtime::RunConfig::from_toml_str(text, &base, Path::new("run.toml"))
+        })?;
+        if let Err(e) = res {
+            let msg = e.to_string();
+            prop_assert!(msg.contains("run.toml"), "names the file: {}", msg);
+        }
+        Ok(())
+    });
 }

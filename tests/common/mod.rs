@@ -212,3 +212,127 @@ pub fn greedy_request(n: usize) -> moe_runtime::batch::RequestParams {
         ..Default::default()
     }
 }
+
+/// One test's folder: models, the cache folder and the per-user folders, so nothing touches
+/// the real ones.
+pub struct Sandbox {
+    tmp: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        Sandbox {
+            tmp: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.path().join("cache")
+    }
+
+    /// `moe-serve` with the per-user folders inside the sandbox and default logging.
+    pub fn command(&self) -> std::process::Command {
+        let mut c = std::process::Command::new(bin());
+        c.env("XDG_CACHE_HOME", self.path().join("xdg-cache"))
+            .env("XDG_STATE_HOME", self.path().join("xdg-state"))
+            .env("HF_HUB_CACHE", "/nonexistent-hub-cache")
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    /// File names in the cache folder, sorted.
+    pub fn listing(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.cache_dir())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Temporary files of builds (`*.tmp-<pid>`) in the cache folder.
+    pub fn temp_files(&self) -> Vec<String> {
+        self.listing()
+            .into_iter()
+            .filter(|n| n.contains(".tmp-"))
+            .collect()
+    }
+
+    /// Runs the `cache build` child `build` makes and kills it (SIGKILL) once its temporary
+    /// file has grown past 8 MiB, starting over (the cache folder cleared) where the build
+    /// finished first, at most 3 attempts. Returns the temporary file's name and length, and
+    /// the attempt that caught it.
+    pub fn kill_build_midway(
+        &self,
+        build: impl Fn() -> std::process::Command,
+    ) -> (String, u64, u32) {
+        use std::os::unix::process::ExitStatusExt;
+        use std::time::{Duration, Instant};
+        let mut attempt = 0;
+        let (temp, len) = loop {
+            attempt += 1;
+            let mut child = build()
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            // Wait for the temporary file to appear and grow past its header.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut caught = None;
+            while Instant::now() < deadline {
+                if let Some(t) = self.temp_files().first() {
+                    let len = std::fs::metadata(self.cache_dir().join(t)).map_or(0, |m| m.len());
+                    if len >= 8 << 20 {
+                        caught = Some((t.clone(), len));
+                        break;
+                    }
+                }
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            child.kill().unwrap(); // SIGKILL
+            let status = child.wait().unwrap();
+            match caught {
+                Some(seen) if status.signal() == Some(libc::SIGKILL) => break seen,
+                _ => {
+                    // It finished before the kill landed (a very fast machine): start over.
+                    assert!(attempt < 3, "could not catch the build midway: {status:?}");
+                    std::fs::remove_dir_all(self.cache_dir()).unwrap();
+                }
+            }
+        };
+        (temp, len, attempt)
+    }
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The `tokens` of a `run --json` line.
+pub fn tokens(v: &serde_json::Value) -> Vec<u64> {
+    v["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect()
+}
+
+/// The cache file a `run --json` line names.
+pub fn cache_of(v: &serde_json::Value) -> PathBuf {
+    PathBuf::from(v["cache"].as_str().expect("a cache is used"))
+}

@@ -177,3 +177,16 @@ pub fn demo_config(dir: &Path, top: &str, server: &str) -> std::path::PathBuf {
     .unwrap();
     path
 }
+
+/// The last `data: ` line of a stream's `lines` is `data: [DONE]`.
+#[track_caller]
+pub fn assert_ends_with_done(lines: &[String]) {
+    assert_eq!(
+        lines
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("data: "))
+            .map(String::as_str),
+        Some("data: [DONE]")
+    );
+}

@@ -302,12 +302,12 @@ impl BuildLock {
             .write(true)
             .open(&lock_path)
             .map_err(|e| cannot_write(path, &e.to_string()))?;
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: flock on a file descriptor we own, for the life of `f`.
-        let busy = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0;
-        if busy {
+        // Held for the life of `f`.
+        if crate::fsutil::try_lock_exclusive(&f).is_err() {
             tracing::info!("waiting for another process building {}", path.display());
-            // SAFETY: as above; blocks until the other builder's lock is released.
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: flock on a file descriptor we own, for the life of `f`; blocks until the
+            // other builder's lock is released.
             if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
                 let e = std::io::Error::last_os_error();
                 return Err(Error::io(lock_path, e));
@@ -324,46 +324,38 @@ impl BuildLock {
 /// is removed while this process holds that lock, so no build can start meanwhile. A temporary
 /// file whose lock is held (by another process, or another build in this one) is kept.
 pub fn remove_orphaned_temporaries(dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    let mut removed = 0;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some((target, pid)) = name.rsplit_once(".tmp-") else {
-            continue;
-        };
-        if !target.ends_with(".gguf") || pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit())
-        {
-            continue;
-        }
-        let lock_path = dir.join(format!("{target}.lock"));
-        let lock = match std::fs::OpenOptions::new().write(true).open(&lock_path) {
-            Ok(f) => Some(f),
-            // Builders take the lock before creating their temporary file: none is building.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(_) => continue,
-        };
-        if let Some(f) = &lock {
-            use std::os::unix::io::AsRawFd;
-            // SAFETY: flock on a descriptor we own; released when `lock` is dropped below.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                continue; // a live build of that file
+    crate::fsutil::remove_orphans(
+        dir,
+        |entry, name| {
+            let (target, pid) = name.rsplit_once(".tmp-")?;
+            if !target.ends_with(".gguf")
+                || pid.is_empty()
+                || !pid.bytes().all(|b| b.is_ascii_digit())
+            {
+                return None;
             }
-        }
-        let path = entry.path();
-        let bytes = entry.metadata().map_or(0, |m| m.len());
-        if std::fs::remove_file(&path).is_ok() {
-            removed += 1;
+            let lock_path = dir.join(format!("{target}.lock"));
+            let lock = match std::fs::OpenOptions::new().write(true).open(&lock_path) {
+                Ok(f) => Some(f),
+                // Builders take the lock before creating their temporary file: none is building.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(_) => return None,
+            };
+            if let Some(f) = &lock {
+                // Released when `lock` is dropped, after the removal; held: a live build.
+                crate::fsutil::try_lock_exclusive(f).ok()?;
+            }
+            let bytes = entry.metadata().map_or(0, |m| m.len());
+            Some((lock, bytes))
+        },
+        |path, (_lock, bytes)| {
             tracing::info!(
                 "removed {} ({:.2} GB), left by a cache build that did not finish",
                 path.display(),
                 bytes as f64 / 1e9
             );
-        }
-        drop(lock);
-    }
-    removed
+        },
+    )
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {

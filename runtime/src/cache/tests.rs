@@ -7,16 +7,20 @@ use super::*;
 use crate::engine::{read_config, Settings};
 use crate::quantize::ExpertTypes;
 use crate::runconfig::Quantization;
-use crate::weights::WeightSet;
+use crate::weights::{ModelFiles, WeightSet};
 
 /// The demo model's cache plan for `q` in `dir`.
 fn demo_plan(dir: &Path, q: Quantization, rebuild: bool) -> CachePlan {
-    let files = crate::demo::files();
-    let (cfg, _, arch, config) = read_config(&files).unwrap();
-    let weights = WeightSet::open(&files).unwrap();
+    plan_of(&crate::demo::files(), q, dir, rebuild)
+}
+
+/// The cache plan of the model `files` for `q` in `dir`.
+fn plan_of(files: &ModelFiles, q: Quantization, dir: &Path, rebuild: bool) -> CachePlan {
+    let (cfg, _, arch, config) = read_config(files).unwrap();
+    let weights = WeightSet::open(files).unwrap();
     let mut mw = crate::arch::build_decoder(&config, &weights, arch.names).unwrap();
     let types = ExpertTypes::Uniform(q);
-    let key = CacheKey::new(&files, &cfg, &weights, &types, q);
+    let key = CacheKey::new(files, &cfg, &weights, &types, q);
     CachePlan::new(
         &mut mw,
         key,
@@ -348,25 +352,8 @@ fn synth_on_disk(dir: &Path, seed: u64, shard_bytes: Option<u64>) {
 
 /// The cache plan of the model in `model` for q8_0 in `cache`.
 fn disk_plan(model: &Path, cache: &Path, rebuild: bool) -> CachePlan {
-    let files = crate::weights::ModelFiles::Dir(model.to_path_buf());
-    let (cfg, _, arch, config) = read_config(&files).unwrap();
-    let weights = WeightSet::open(&files).unwrap();
-    let mut mw = crate::arch::build_decoder(&config, &weights, arch.names).unwrap();
-    let q = Quantization::Q8_0;
-    let types = ExpertTypes::Uniform(q);
-    let key = CacheKey::new(&files, &cfg, &weights, &types, q);
-    CachePlan::new(
-        &mut mw,
-        key,
-        &types,
-        CacheOptions {
-            dir: cache.to_path_buf(),
-            rebuild,
-            progress: None,
-            fail_after_bytes: None,
-        },
-    )
-    .unwrap()
+    let files = ModelFiles::Dir(model.to_path_buf());
+    plan_of(&files, Quantization::Q8_0, cache, rebuild)
 }
 
 /// The weight files of a model folder, sorted.
