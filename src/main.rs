@@ -4,7 +4,8 @@
 //! Contract (relied on outside this repository; add, never rename):
 //! `moe-serve run [--model DIR|HUB_ID] (--prompt TEXT | --prompt-ids 1,2,3) [--chat]
 //! [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
-//! [--ignore-eos] [--threads N] [--json] [--logits-out FILE]`, and
+//! [--ignore-eos] [--stop TEXT]... [--presence-penalty P] [--frequency-penalty P] [--threads N]
+//! [--json] [--logits-out FILE]`, and
 //! `moe-serve synth --arch qwen3_moe|qwen3_next --preset NAME --out DIR [--layers N] [--gguf PATH]`,
 //! and
 //! `moe-serve cache build [--force] | verify | info [--json] [--file PATH] | clear [--all]`, and
@@ -20,6 +21,9 @@
 //! weights and the `conversion_error` a requested quantization added in this run). A cache build draws a progress bar on stderr when it is a terminal and
 //! ends with one plain line (path, size, seconds, GB/s of source read) on stderr for `run`,
 //! on stdout for `cache build`. `cache verify` exits non-zero unless the file is intact.
+//! `run`'s text follows the same per-sequence rules as the server (`moe_runtime::sequence`): an
+//! EOS token ends it without its text (the token still counts in `completion_tokens`), and a
+//! `--stop` string ends it with neither it nor what follows printed.
 //! Errors: one line on stderr, non-zero exit, never a panic.
 
 use std::io::Write;
@@ -220,6 +224,15 @@ struct RunArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Stop before the first occurrence of TEXT (not printed); repeat for several.
+    #[arg(long, value_name = "TEXT")]
+    stop: Vec<String>,
+    /// Subtracted once from the logit of every token already generated (-2..=2).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Subtracted from a token's logit per time it was generated (-2..=2).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
     /// Print one JSON object on stdout instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -652,6 +665,9 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         ignore_eos: a.ignore_eos,
         return_prompt_logits: a.logits_out.is_some(),
         record_routing: a.trace.is_some(),
+        stop: a.stop.clone(),
+        presence_penalty: a.presence_penalty,
+        frequency_penalty: a.frequency_penalty,
     };
     let mut generation = model.generate(&prompt, &params, CancelToken::new())?;
     let mut text = String::new();

@@ -279,7 +279,10 @@ fn queue_limit_refuses_and_validation_names_the_numbers() {
     assert!(e.contains(&format!("{}", model.max_context + 3)), "{e}");
     assert!(e.contains(&format!("{}", model.max_context)), "{e}");
     let bad = RequestParams {
-        presence_penalty: 3.0,
+        generate: GenerateParams {
+            presence_penalty: 3.0,
+            ..Default::default()
+        },
         ..Default::default()
     };
     assert!(b.validate(&[1], &bad).is_err());
@@ -336,7 +339,7 @@ fn stop_strings_cut_text_and_penalties_and_logprobs_follow_the_logits() {
     let stop: String = chars[3..5].iter().collect();
     let at = plain.text.find(&stop).unwrap();
     let mut p = greedy_request(24);
-    p.stop = vec![stop.clone()];
+    p.generate.stop = vec![stop.clone()];
     let cut = collect(submit(&b, prompt.clone(), p));
     assert_eq!(cut.text, plain.text[..at], "stop {stop:?}");
     let (finish, usage) = cut.end.unwrap();
@@ -360,8 +363,8 @@ fn stop_strings_cut_text_and_penalties_and_logprobs_follow_the_logits() {
         logits = model.forward(&[id], &mut st, Logits::Last, None).unwrap();
     }
     let mut p = greedy_request(10);
-    p.presence_penalty = pres;
-    p.frequency_penalty = freq;
+    p.generate.presence_penalty = pres;
+    p.generate.frequency_penalty = freq;
     p.logprobs = Some(3);
     let (tx, rx) = crossbeam_channel::unbounded();
     b.submit(prompt.clone(), p, Box::new(tx)).unwrap();

@@ -409,6 +409,69 @@ fn prompt_ids_outside_vocab_are_a_clear_error() {
 }
 
 #[test]
+fn stop_strings_and_penalties_are_checked_and_cut_the_text() {
+    for (flag, value, needle) in [
+        ("--presence-penalty", "2.5", "presence_penalty"),
+        ("--frequency-penalty", "-3", "frequency_penalty"),
+        ("--stop", "", "stop"),
+    ] {
+        let out = run(&[
+            "run",
+            "--prompt",
+            "Hello there",
+            "--max-tokens",
+            "4",
+            flag,
+            value,
+            "--json",
+        ]);
+        assert_clean_error(&out, &[needle]);
+    }
+    let greedy = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--prompt",
+            "Hello there",
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json_of(&run(&args))
+    };
+    let full = greedy(&["--frequency-penalty", "-0.5", "--presence-penalty", "0.25"]);
+    let text = full["text"].as_str().unwrap();
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() > 6, "{text:?}");
+    let stop: String = chars[4..6].iter().collect();
+    let cut = greedy(&[
+        "--frequency-penalty",
+        "-0.5",
+        "--presence-penalty",
+        "0.25",
+        "--stop",
+        "no such text",
+        "--stop",
+        &stop,
+    ]);
+    assert_eq!(
+        cut["text"],
+        text[..text.find(&stop).unwrap()],
+        "stop {stop:?}"
+    );
+    assert_eq!(cut["finish_reason"], "stop");
+    let n = cut["tokens"].as_array().unwrap().len();
+    assert_eq!(
+        cut["tokens"].as_array().unwrap()[..],
+        full["tokens"].as_array().unwrap()[..n]
+    );
+    assert_ne!(full["tokens"], greedy(&[])["tokens"], "the penalties apply");
+}
+
+#[test]
 fn prompt_longer_than_context_is_a_clear_error() {
     let m = fixture_model("qwen3_moe");
     let ids = vec!["1"; 40].join(",");

@@ -470,3 +470,50 @@ fn health_is_503_while_loading_and_sigterm_drains() {
     assert!(status.is_some_and(|st| st.success()), "{status:?}");
     assert!(client().get(s.url("/health")).send().is_err());
 }
+
+#[test]
+fn an_expert_that_fails_to_load_answers_500_naming_it_never_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("cache");
+    let top = format!(
+        "quantization = \"q8_0\"\ncache_dir = {:?}\ncache_rebuild = false",
+        cache_dir.to_string_lossy()
+    );
+    let cfg = demo_config(dir.path(), &top, "");
+    let args = ["--config", cfg.to_str().unwrap()];
+    // The first start writes the quantized weight cache.
+    let mut s = Server::ready(&args, &[]);
+    assert!(s.terminate(Duration::from_secs(60)).is_some());
+    let file = std::fs::read_dir(&cache_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .expect("a cache file");
+    // Damage every expert (as a disk error would), replacing the file before the next start.
+    let h = moe_runtime::gguf::GgufFile::open(&file).unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mut damaged = 0;
+    for t in h.tensors.iter().filter(|t| t.name.contains(".experts.")) {
+        bytes[(t.offset + t.size / 2) as usize] ^= 0x55;
+        damaged += 1;
+    }
+    assert!(damaged > 0, "no expert tensors in {}", file.display());
+    let tmp = file.with_extension("damaged");
+    std::fs::write(&tmp, &bytes).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+
+    // The model loads (experts are checked on first use); the request that needs one fails as
+    // the server's fault, naming the expert and the cache file.
+    let s = Server::ready(&args, &[]);
+    let (st, v) = post(&s, "/v1/chat/completions", &chat_body("hello", 2));
+    assert_eq!(st, 500, "{v}");
+    assert_error_shape(&v, "");
+    assert_eq!(v["error"]["type"], "server_error", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("could not be loaded")
+            && msg.contains(&*file.to_string_lossy())
+            && !msg.contains("invalid request"),
+        "{v}"
+    );
+}

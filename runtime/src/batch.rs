@@ -16,7 +16,9 @@
 //! queue full (so departed clients never cause a 429); running KV caches plus cached prefixes stay
 //! within `kv_budget` bytes; a panic or error inside a step fails only the sequences that cause it
 //! (the batch is rolled back and retried one sequence at a time) and never stops the scheduler;
-//! streamed text never ends inside a UTF-8 character nor shows any part of a stop string.
+//! streamed text never ends inside a UTF-8 character nor shows any part of a stop string. Each
+//! sequence's tokens and text come from one [`SeqDecoder`] ([`crate::sequence`]), as in
+//! [`Model::generate`], so a request gives the same tokens and text through both.
 //!
 //! ```
 //! use moe_runtime::batch::{BatchConfig, Batcher, Event, RequestParams};
@@ -44,7 +46,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -53,14 +55,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::engine::{FinishReason, GenerateParams, Model, DEFAULT_MAX_NEW_TOKENS};
+use crate::engine::{FinishReason, GenerateParams, Model};
 use crate::error::{Error, Result};
 use crate::model::{Logits, Segment, SeqState};
-use crate::sampler::Sampler;
-use crate::tokenizer::IncrementalDecoder;
-
-/// Most alternatives a request may ask for per token (OpenAI's limit).
-pub const MAX_TOP_LOGPROBS: usize = 20;
+use crate::sequence::SeqDecoder;
+pub use crate::sequence::{TokenLogprob, MAX_TOP_LOGPROBS};
 
 /// How the scheduler shares the model.
 #[derive(Clone, Debug)]
@@ -95,27 +94,13 @@ impl BatchConfig {
     }
 }
 
-/// One request's settings beyond [`GenerateParams`].
+/// One request's settings beyond [`GenerateParams`] (which holds the stop strings and the
+/// penalties, shared with [`Model::generate`]).
 #[derive(Clone, Debug, Default)]
 pub struct RequestParams {
     pub generate: GenerateParams,
-    /// Generation stops before the first occurrence of any of these (not included in the text).
-    pub stop: Vec<String>,
-    /// Subtracted once from the logit of every token already generated (-2..=2).
-    pub presence_penalty: f32,
-    /// Subtracted from a token's logit per time it was generated (-2..=2).
-    pub frequency_penalty: f32,
     /// Report the chosen token's log-probability and this many alternatives (0..=20).
     pub logprobs: Option<usize>,
-}
-
-/// A token's log-probability under the model (before penalties and temperature).
-#[derive(Clone, Debug, PartialEq)]
-pub struct TokenLogprob {
-    pub id: u32,
-    /// The token alone, decoded (may hold U+FFFD for part of a character).
-    pub text: String,
-    pub logprob: f32,
 }
 
 /// One generated token.
@@ -341,28 +326,13 @@ impl Batcher {
         // A model whose files changed on disk serves nothing more (the error names the file).
         m.check_files()?;
         m.sampling_params(&params.generate)?;
-        for (name, v) in [
-            ("presence_penalty", params.presence_penalty),
-            ("frequency_penalty", params.frequency_penalty),
-        ] {
-            if !(-2.0..=2.0).contains(&v) {
-                return Err(Error::InvalidRequest(format!(
-                    "{name} must be between -2 and 2, got {v}"
-                )));
-            }
-        }
-        if let Some(n) = params.logprobs {
-            if n > MAX_TOP_LOGPROBS {
-                return Err(Error::InvalidRequest(format!(
-                    "top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {n}"
-                )));
-            }
-        }
-        if params.stop.iter().any(String::is_empty) {
-            return Err(Error::InvalidRequest(
-                "stop strings must not be empty".into(),
-            ));
-        }
+        let g = &params.generate;
+        crate::sequence::validate(
+            &g.stop,
+            g.presence_penalty,
+            g.frequency_penalty,
+            params.logprobs,
+        )?;
         if prompt.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
@@ -459,24 +429,15 @@ impl Drop for Batcher {
 /// One running request.
 struct Seq<'m> {
     prompt: Vec<u32>,
-    params: RequestParams,
     sink: Box<dyn Sink>,
     state: SeqState,
     /// Prompt tokens already in `state`.
     fed: usize,
     cached: usize,
-    sampler: Sampler,
-    decoder: Option<IncrementalDecoder<'m>>,
-    generated: Vec<u32>,
-    counts: HashMap<u32, u32>,
+    /// Sampling, EOS, stop strings, penalties, logprobs, token limit and text.
+    seq: SeqDecoder<'m>,
     /// The sampled token to feed next step.
     next: Option<u32>,
-    max_new: usize,
-    eos: Vec<u32>,
-    /// Text decoded but not yet sent (it may be the start of a stop string).
-    held: String,
-    /// Ended on a stop string: the text after it is dropped.
-    hit_stop_string: bool,
     submitted: Instant,
     admitted: Instant,
     first_token: Option<Instant>,
@@ -577,20 +538,13 @@ impl<'m> Scheduler<'m> {
     }
 
     fn start_seq(&mut self, job: Job) -> std::result::Result<Seq<'m>, (Box<dyn Sink>, Error)> {
-        let m = self.model;
-        let p = &job.params.generate;
-        let sampling = match m.sampling_params(p) {
+        let seq = match self.model.seq_decoder(
+            job.prompt.len(),
+            &job.params.generate,
+            job.params.logprobs,
+        ) {
             Ok(s) => s,
             Err(e) => return Err((job.sink, e)),
-        };
-        let max_new = p
-            .max_tokens
-            .or(m.generation_config.max_new_tokens)
-            .unwrap_or(DEFAULT_MAX_NEW_TOKENS);
-        let eos = if p.ignore_eos {
-            Vec::new()
-        } else {
-            m.eos_token_ids()
         };
         let (state, cached) = self.reuse_prefix(&job.prompt);
         self.counters
@@ -603,20 +557,12 @@ impl<'m> Scheduler<'m> {
             state,
             fed: cached,
             cached,
-            sampler: Sampler::new(sampling),
-            decoder: m.tokenizer.as_ref().map(|t| t.decoder()),
-            generated: Vec::new(),
-            counts: HashMap::new(),
+            seq,
             next: None,
-            max_new,
-            eos,
-            held: String::new(),
-            hit_stop_string: false,
             submitted: job.submitted,
             admitted: Instant::now(),
             first_token: None,
             prompt: job.prompt,
-            params: job.params,
             sink: job.sink,
         })
     }
@@ -760,8 +706,7 @@ impl<'m> Scheduler<'m> {
                     let s = &mut self.running[*i];
                     if let Some(logits) = logits {
                         self.counters.generated_tokens.fetch_add(1, Relaxed);
-                        match catch_unwind(AssertUnwindSafe(|| emit_token(self.model, s, &logits)))
-                        {
+                        match catch_unwind(AssertUnwindSafe(|| emit_token(s, &logits))) {
                             Ok(Ok(Some(reason))) => done.push((*i, reason)),
                             Ok(Ok(None)) => {}
                             Ok(Err(msg)) => failed.push((*i, msg)),
@@ -859,18 +804,22 @@ impl<'m> Scheduler<'m> {
     fn finish(&mut self, i: usize, reason: FinishReason) {
         let mut s = self.running.swap_remove(i);
         self.counters.running.fetch_sub(1, Relaxed);
-        let mut text = std::mem::take(&mut s.held);
-        if !s.hit_stop_string {
-            if let Some(d) = &mut s.decoder {
-                text.push_str(&d.finish().unwrap_or_default());
+        let text = match s.seq.finish(reason) {
+            Ok(text) => text,
+            Err(e) => {
+                let msg = e.to_string();
+                self.counters.failed.fetch_add(1, Relaxed);
+                tracing::error!("request failed inside the scheduler: {msg}");
+                s.sink.send(Event::Failed(msg));
+                return;
             }
-        }
+        };
         let now = Instant::now();
         let first = s.first_token.unwrap_or(now);
         let usage = Usage {
             prompt_tokens: s.prompt.len(),
             cached_tokens: s.cached,
-            completion_tokens: s.generated.len(),
+            completion_tokens: s.seq.generated().len(),
             time_to_first_token: first - s.submitted,
             decode_time: now - first,
             queue_time: s.admitted - s.submitted,
@@ -882,7 +831,7 @@ impl<'m> Scheduler<'m> {
         });
         if self.config.prefix_cache && s.state.len > 0 {
             let mut tokens = s.prompt;
-            tokens.extend_from_slice(&s.generated);
+            tokens.extend_from_slice(s.seq.generated());
             tokens.truncate(s.state.len);
             if tokens.len() == s.state.len {
                 self.remember(tokens, s.state);
@@ -892,145 +841,28 @@ impl<'m> Scheduler<'m> {
 }
 
 /// Samples the next token of `s` from `logits`, sends it, and says whether `s` is done; logits
-/// no token can be drawn from fail this sequence alone (the message says why).
+/// no token can be drawn from, or a token that cannot be decoded, fail this sequence alone (the
+/// message says why).
 fn emit_token(
-    model: &Model,
     s: &mut Seq<'_>,
     logits: &[f32],
 ) -> std::result::Result<Option<FinishReason>, String> {
-    let step = s.generated.len();
-    let non_finite = |logit| crate::error::Error::NonFiniteLogits { step, logit }.to_string();
-    crate::sampler::check_logits(logits).map_err(non_finite)?;
-    let logprob_of = s.params.logprobs.map(|n| top_logprobs(model, logits, n));
-    let id = if s.params.presence_penalty != 0.0 || s.params.frequency_penalty != 0.0 {
-        let mut l = logits.to_vec();
-        for (&tok, &c) in &s.counts {
-            if let Some(x) = l.get_mut(tok as usize) {
-                *x -= s.params.presence_penalty + s.params.frequency_penalty * c as f32;
-            }
-        }
-        s.sampler.sample(&l)
-    } else {
-        s.sampler.sample(logits)
-    }
-    .map_err(non_finite)?;
-    let now = Instant::now();
-    s.first_token.get_or_insert(now);
-    s.generated.push(id);
-    *s.counts.entry(id).or_insert(0) += 1;
-    let logprob = logprob_of.map(|(lse, top)| {
-        let own = TokenLogprob {
-            id,
-            text: token_text(model, id),
-            logprob: logits
-                .get(id as usize)
-                .copied()
-                .unwrap_or(f32::NEG_INFINITY)
-                - lse,
-        };
-        (own, top)
-    });
-    let is_eos = s.eos.contains(&id);
-    let mut finish = None;
-    let mut text = String::new();
-    if !is_eos {
-        let piece = match &mut s.decoder {
-            Some(d) => d.push(id).unwrap_or_default(),
-            None => String::new(),
-        };
-        s.held.push_str(&piece);
-        match find_stop(&s.held, &s.params.stop) {
-            Some(at) => {
-                text = s.held[..at].to_string();
-                s.held.clear();
-                s.hit_stop_string = true;
-                finish = Some(FinishReason::Stop);
-            }
-            None => {
-                let keep = held_back(&s.held, &s.params.stop);
-                text = s.held[..s.held.len() - keep].to_string();
-                s.held.drain(..s.held.len() - keep);
-            }
-        }
-    }
-    let ctx_full = s.state.len + 1 >= model.max_context;
-    if is_eos {
-        finish = Some(FinishReason::Stop);
-    } else if finish.is_none() && (s.generated.len() >= s.max_new || ctx_full) {
-        finish = Some(FinishReason::Length);
-    }
-    s.next = finish.is_none().then_some(id);
-    let alive = s.sink.send(Event::Token(TokenOut { id, text, logprob }));
+    let step = s.seq.on_logits(logits).map_err(|e| e.to_string())?;
+    s.first_token.get_or_insert_with(Instant::now);
+    s.next = step.finish.is_none().then_some(step.id);
+    let alive = s.sink.send(Event::Token(TokenOut {
+        id: step.id,
+        text: step.text,
+        logprob: step.logprob,
+    }));
     if !alive {
         return Ok(Some(FinishReason::Cancelled));
     }
-    Ok(finish)
-}
-
-/// Log-sum-exp of `logits` and the `n` most likely tokens with their log-probabilities.
-fn top_logprobs(model: &Model, logits: &[f32], n: usize) -> (f32, Vec<TokenLogprob>) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let lse = max + sum.ln() as f32;
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let n = n.min(idx.len());
-    if n > 0 {
-        idx.select_nth_unstable_by(n - 1, |&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
-    }
-    idx.truncate(n);
-    idx.sort_by(|&a, &b| {
-        logits[b as usize]
-            .total_cmp(&logits[a as usize])
-            .then(a.cmp(&b))
-    });
-    let top = idx
-        .into_iter()
-        .map(|id| TokenLogprob {
-            id,
-            text: token_text(model, id),
-            logprob: logits[id as usize] - lse,
-        })
-        .collect();
-    (lse, top)
-}
-
-fn token_text(model: &Model, id: u32) -> String {
-    model
-        .tokenizer
-        .as_ref()
-        .and_then(|t| t.decode(&[id], false).ok())
-        .unwrap_or_default()
+    Ok(step.finish)
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
-/// Byte offset of the earliest stop string in `text`.
-fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter_map(|s| text.find(s.as_str())).min()
-}
-
-/// Bytes at the end of `text` that could begin a stop string (held back until decided).
-fn held_back(text: &str, stops: &[String]) -> usize {
-    let mut keep = 0;
-    for s in stops {
-        for (i, _) in text.char_indices() {
-            let tail = &text[i..];
-            if tail.len() <= keep {
-                break;
-            }
-            if s.starts_with(tail) {
-                keep = tail.len();
-                break;
-            }
-        }
-    }
-    keep
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
@@ -1098,21 +930,6 @@ mod tests {
         drop(rx);
         batcher.shutdown(Duration::ZERO);
         assert_eq!(batcher.counters().queued.load(Relaxed), 0);
-    }
-
-    #[test]
-    fn stop_strings_are_found_and_partial_matches_held() {
-        let stops = vec!["END".to_string(), "\n\n".to_string()];
-        assert_eq!(find_stop("abc END x", &stops), Some(4));
-        assert_eq!(find_stop("a\n\nEND", &stops), Some(1));
-        assert_eq!(find_stop("abc", &stops), None);
-        assert_eq!(held_back("abc EN", &stops), 2);
-        assert_eq!(held_back("abc E", &stops), 1);
-        assert_eq!(held_back("abc\n", &stops), 1);
-        assert_eq!(held_back("abc", &stops), 0);
-        // Multi-byte characters: never split.
-        let stops = vec!["é!".to_string()];
-        assert_eq!(held_back("café", &stops), "é".len());
     }
 
     #[test]

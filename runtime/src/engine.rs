@@ -3,6 +3,8 @@
 //! The CLI and the server go through exactly this path. Loading maps the weights and parses
 //! headers; it never reads the weights' bytes. Generation prefills the prompt in one batched pass,
 //! then decodes token by token with the KV cache, checking a [`CancelToken`] between steps.
+//! Each token is chosen, checked against EOS, stop strings and the token limit, and turned into
+//! text by one [`SeqDecoder`] ([`crate::sequence`]), the same one the batcher drives per request.
 //!
 //! Invariants: flags not given take their values from `generation_config.json`; EOS is the union
 //! of `eos_token_id` in `generation_config.json` and `config.json`; a prompt that does not fit the
@@ -22,9 +24,10 @@ use crate::quantize::{quantize_model, ExpertTypes};
 use crate::runconfig::{
     Activations, DeviceKind, ExpertsConfig, KvDtype, Quantization, RunConfig, SimConfig,
 };
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sampler::SamplingParams;
+use crate::sequence::{SeqDecoder, SeqSettings};
 use crate::store::{TieredStore, TieredStoreConfig};
-use crate::tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
+use crate::tokenizer::{ChatMessage, Tokenizer};
 use crate::weights::{ModelFiles, WeightSet};
 use std::path::PathBuf;
 
@@ -311,6 +314,13 @@ pub struct GenerateParams {
     pub return_prompt_logits: bool,
     /// Record which experts every token was routed to ([`Generation::routing_trace`]).
     pub record_routing: bool,
+    /// Generation stops before the first occurrence of any of these (not included in the
+    /// text); empty = none.
+    pub stop: Vec<String>,
+    /// Subtracted once from the logit of every token already generated (-2..=2; 0 = off).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit per time it was generated (-2..=2; 0 = off).
+    pub frequency_penalty: f32,
 }
 
 /// One routing decision: a token's experts in one layer.
@@ -344,7 +354,7 @@ impl CancelToken {
 /// Why generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
-    /// An EOS token was generated.
+    /// An EOS token was generated, or a stop string was reached.
     Stop,
     /// `max_tokens` or the context was reached.
     Length,
@@ -362,7 +372,8 @@ impl FinishReason {
     }
 }
 
-/// One generated token and the text it completed (may be empty mid-character).
+/// One generated token and the text it released: complete characters, with any text that may
+/// begin a stop string held back (empty mid-character, while held, and for an EOS token).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokenEvent {
     pub id: u32,
@@ -569,7 +580,7 @@ impl Model {
             .num_threads(threads)
             .thread_name(|i| format!("moe-compute-{i}"))
             .build()
-            .map_err(|e| Error::InvalidRequest(format!("cannot start {threads} threads: {e}")))?;
+            .map_err(|e| Error::Internal(format!("cannot start {threads} threads: {e}")))?;
         Ok(Model {
             config,
             generation_config,
@@ -749,6 +760,43 @@ impl Model {
         })
     }
 
+    /// The per-token state machine of one request whose prompt holds `prompt_tokens` tokens:
+    /// sampling settings resolved as [`Model::sampling_params`] does, the token limit
+    /// (request, then generation_config.json, then [`DEFAULT_MAX_NEW_TOKENS`], and never past
+    /// the context), the EOS set (none with `ignore_eos`), stop strings and penalties.
+    pub fn seq_decoder(
+        &self,
+        prompt_tokens: usize,
+        params: &GenerateParams,
+        logprobs: Option<usize>,
+    ) -> Result<SeqDecoder<'_>> {
+        let sampling = self.sampling_params(params)?;
+        crate::sequence::validate(
+            &params.stop,
+            params.presence_penalty,
+            params.frequency_penalty,
+            logprobs,
+        )?;
+        let max_new = params
+            .max_tokens
+            .or(self.generation_config.max_new_tokens)
+            .unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+        let eos = if params.ignore_eos {
+            Vec::new()
+        } else {
+            self.eos_token_ids()
+        };
+        let settings = SeqSettings {
+            eos,
+            max_new_tokens: max_new.min(self.max_context.saturating_sub(prompt_tokens)),
+            stop: params.stop.clone(),
+            presence_penalty: params.presence_penalty,
+            frequency_penalty: params.frequency_penalty,
+            logprobs,
+        };
+        Ok(SeqDecoder::new(sampling, settings, self.tokenizer.as_ref()))
+    }
+
     /// Runs a forward pass on this model's thread pool.
     pub fn forward(
         &self,
@@ -805,26 +853,13 @@ impl Model {
     ) -> Result<Generation<'_>> {
         self.check_files()?;
         let prompt_ids = self.encode_prompt(prompt)?;
-        let sampling = self.sampling_params(params)?;
-        let max_new = params
-            .max_tokens
-            .or(self.generation_config.max_new_tokens)
-            .unwrap_or(DEFAULT_MAX_NEW_TOKENS);
-        let eos = if params.ignore_eos {
-            Vec::new()
-        } else {
-            self.eos_token_ids()
-        };
+        let seq = self.seq_decoder(prompt_ids.len(), params, None)?;
         Ok(Generation {
             model: self,
             state: self.new_state(),
             prompt_ids,
-            sampler: Sampler::new(sampling),
-            max_new,
-            eos,
+            seq,
             cancel,
-            decoder: self.tokenizer.as_ref().map(Tokenizer::decoder),
-            generated: Vec::new(),
             pending: None,
             finish: None,
             return_prompt_logits: params.return_prompt_logits,
@@ -974,12 +1009,9 @@ pub struct Generation<'m> {
     model: &'m Model,
     state: SeqState,
     prompt_ids: Vec<u32>,
-    sampler: Sampler,
-    max_new: usize,
-    eos: Vec<u32>,
+    /// Sampling, EOS, stop strings, penalties, token limit and text.
+    seq: SeqDecoder<'m>,
     cancel: CancelToken,
-    decoder: Option<IncrementalDecoder<'m>>,
-    generated: Vec<u32>,
     /// Logits for the next token, from the last forward pass.
     pending: Option<Vec<f32>>,
     finish: Option<FinishReason>,
@@ -995,7 +1027,7 @@ impl Generation<'_> {
         &self.prompt_ids
     }
     pub fn generated(&self) -> &[u32] {
-        &self.generated
+        self.seq.generated()
     }
     pub fn finish_reason(&self) -> Option<FinishReason> {
         self.finish
@@ -1042,12 +1074,12 @@ impl Generation<'_> {
     pub fn decode_time(&self) -> Duration {
         self.decode_time
     }
-    /// Text still buffered by the incremental decoder (an incomplete character at the end).
+    /// Text still held when generation ended: a partial stop-string match that never completed
+    /// and an incomplete character at the end (empty after a stop string). Call it once the
+    /// iterator is exhausted.
     pub fn flush_text(&mut self) -> Result<String> {
-        match &mut self.decoder {
-            Some(d) => Ok(d.finish()?),
-            None => Ok(String::new()),
-        }
+        let reason = self.finish.unwrap_or(FinishReason::Cancelled);
+        self.seq.finish(reason)
     }
 
     fn step(&mut self) -> Result<Option<TokenEvent>> {
@@ -1076,38 +1108,25 @@ impl Generation<'_> {
             self.pending = Some(last);
             self.prefill_time = t0.elapsed();
         }
-        if self.generated.len() >= self.max_new || self.state.len >= self.model.max_context {
+        if self.seq.generated().len() >= self.seq.max_new_tokens() {
             self.finish = Some(FinishReason::Length);
             return Ok(None);
         }
         let t0 = Instant::now();
         let logits = self.pending.take().expect("logits after prefill");
-        let id = self
-            .sampler
-            .sample(&logits)
-            .map_err(|logit| Error::NonFiniteLogits {
-                step: self.generated.len(),
-                logit,
-            })?;
-        self.generated.push(id);
-        let text = match &mut self.decoder {
-            Some(d) => d.push(id)?,
-            None => String::new(),
-        };
-        if self.eos.contains(&id) {
-            self.finish = Some(FinishReason::Stop);
-        } else if self.generated.len() >= self.max_new
-            || self.state.len + 1 >= self.model.max_context
-        {
-            self.finish = Some(FinishReason::Length);
+        let step = self.seq.on_logits(&logits)?;
+        if let Some(f) = step.finish {
+            self.finish = Some(f);
         } else if !self.cancel.is_cancelled() {
-            self.pending = Some(self.forward(&[id], Logits::Last)?);
-        }
-        if self.pending.is_none() && self.finish.is_none() {
+            self.pending = Some(self.forward(&[step.id], Logits::Last)?);
+        } else {
             self.finish = Some(FinishReason::Cancelled);
         }
         self.decode_time += t0.elapsed();
-        Ok(Some(TokenEvent { id, text }))
+        Ok(Some(TokenEvent {
+            id: step.id,
+            text: step.text,
+        }))
     }
 }
 

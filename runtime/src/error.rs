@@ -3,8 +3,17 @@
 //! Every failure a user can cause (a bad file, a wrong config, an impossible request) is a
 //! structured variant whose `Display` is a single line naming the file, tensor or field at fault.
 //! Nothing in the runtime panics on user input; panics are reserved for broken internal invariants.
+//!
+//! Errors are sorted by kind, and callers (the server's status codes, the CLI's exit lines) rely
+//! on it: [`Error::InvalidRequest`] and [`Error::ContextOverflow`] are the only variants a request
+//! itself causes (with [`Error::Tokenizer`] when a request's text or template fails); a failure
+//! to load an expert is [`Error::ExpertLoad`] carrying its cause, never a request error; a
+//! failure of the process (a thread that cannot start, a broken internal invariant reached
+//! without a panic) is [`Error::Internal`]; a plan that does not fit its memory is
+//! [`Error::BudgetExceeded`] with the budget, the bytes and the remedy as fields.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Result alias used throughout the runtime.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -55,7 +64,12 @@ pub enum Error {
     /// `--model` is neither a folder nor a Hub id present in the local cache.
     #[error("model `{spec}` not found: {reason}")]
     ModelNotFound { spec: String, reason: String },
-    /// A request the model cannot serve (bad ids, too long, bad sampling settings).
+    /// A pre-quantized tensor whose parts do not agree (scales, codes, block sizes); `name` is the
+    /// tensor.
+    #[error("tensor `{name}`: {reason}")]
+    BadTensor { name: String, reason: String },
+    /// A request the model cannot serve (bad ids, too long, bad sampling settings). Only
+    /// requests: a failure of the files or the process is another variant.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     /// The prompt plus generation would exceed the context (`needed_tokens` is a lower bound
@@ -67,9 +81,35 @@ pub enum Error {
         needed_tokens: usize,
         max_context_tokens: usize,
     },
-    /// A plan that cannot fit its budgets (the message names the budget, bytes and remedy).
+    /// A plan that does not fit a memory budget: `budget` names it (the config key, or the free
+    /// memory when none is set), `needed_bytes` is what the part in `need` takes, `limit_bytes`
+    /// the budget, and `remedy` says what to change.
+    #[error("{}", need.message(budget, *needed_bytes, *limit_bytes, remedy))]
+    BudgetExceeded {
+        budget: &'static str,
+        needed_bytes: u64,
+        limit_bytes: u64,
+        need: BudgetNeed,
+        remedy: String,
+    },
+    /// Settings no plan can be made from, with no byte count to give (a missing budget, a KV
+    /// cache beyond any memory, a device this build lacks); the message says what to change.
     #[error("{0}")]
-    Budget(String),
+    Unplannable(String),
+    /// An expert's bytes could not be brought in (I/O error, checksum failure of the cache file,
+    /// a file changed on disk): the model, not the request, is at fault. `source` is shared
+    /// because every computation waiting on the expert receives it.
+    #[error("expert {expert} of layer {layer} could not be loaded: {source}")]
+    ExpertLoad {
+        layer: usize,
+        expert: usize,
+        #[source]
+        source: Arc<Error>,
+    },
+    /// A failure of the process rather than of the files or the request (a thread pool that
+    /// cannot start, an internal invariant found broken).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The quantized weight cache cannot be used or written (the message says what to do).
     #[error("quantized weight cache {}: {reason}", path.display())]
     Cache { path: PathBuf, reason: String },
@@ -104,7 +144,82 @@ pub enum Error {
     Synth(#[from] crate::synth::SynthError),
 }
 
+/// What a [`Error::BudgetExceeded`] refusal needed the bytes for; it shapes the message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BudgetNeed {
+    /// Weights and KV cache that must stay on the device; `detail` splits the bytes.
+    DeviceResident { detail: String },
+    /// What must stay in RAM (resident weights, KV cache, expert buffers); `detail` splits it.
+    HostResident { detail: String },
+    /// Quantized experts held in RAM (no cache file to stream them from): `fit` of `total` fit.
+    QuantizedExperts { fit: usize, total: usize },
+    /// `slots` device slots per layer (`slots_per_layer`) in what the resident set leaves of the
+    /// device budget, `free_bytes`.
+    DeviceSlots { slots: usize, free_bytes: u64 },
+}
+
+impl BudgetNeed {
+    /// The one-line refusal (the planner's wording; the CLI and tests read it).
+    fn message(&self, budget: &str, needed_bytes: u64, limit_bytes: u64, remedy: &str) -> String {
+        let (needed, limit) = (human_bytes(needed_bytes), human_bytes(limit_bytes));
+        match self {
+            BudgetNeed::DeviceResident { detail } => format!(
+                "{budget} {limit} is below the resident set: {needed} needed ({detail}); {remedy}"
+            ),
+            BudgetNeed::HostResident { detail } => format!(
+                "{budget} {limit} is below what must stay in RAM: {needed} needed ({detail}); \
+                 {remedy}"
+            ),
+            BudgetNeed::QuantizedExperts { fit, total } => format!(
+                "quantized experts are held in RAM (quantized at load, cache = false): {needed} \
+                 needed, but {budget} {limit} leaves room for {fit} of {total}; {remedy}"
+            ),
+            BudgetNeed::DeviceSlots { slots, free_bytes } => format!(
+                "slots_per_layer = {slots} needs {needed} of device memory for experts, but \
+                 {budget} {limit} leaves {} after the resident set; {remedy}",
+                human_bytes(*free_bytes)
+            ),
+        }
+    }
+}
+
+/// Bytes in binary units with two decimals (`12.00 GiB`), whole bytes below 1 KiB: the form of
+/// `runconfig::ByteSize`'s `Display` (a plan test holds them equal), written here so this module
+/// imports nothing from the modules that use it.
+pub fn human_bytes(bytes: u64) -> String {
+    const BINARY: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    BINARY.iter().find(|&&(_, m)| bytes >= m).map_or_else(
+        || format!("{bytes} B"),
+        |&(name, m)| format!("{:.2} {name}", bytes as f64 / m as f64),
+    )
+}
+
 impl Error {
+    /// Whether the request itself is at fault (the server answers 400), as opposed to the
+    /// model's files or the process (500 or 503). Tokenizer failures are not counted: one may be
+    /// the request's text or a tokenizer file, and only the caller knows which.
+    pub fn is_request_error(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidRequest(_) | Error::ContextOverflow { .. }
+        )
+    }
+
+    /// Whether the model cannot serve anything until the process restarts: a mapped file changed
+    /// on disk, found directly or as the cause of an expert that could not be loaded.
+    pub fn model_unusable(&self) -> bool {
+        match self {
+            Error::FileChanged { .. } => true,
+            Error::ExpertLoad { source, .. } => source.model_unusable(),
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

@@ -23,11 +23,16 @@
 //! - [`model`]: the decoder stack and forward pass; [`arch`]: one file per architecture.
 //! - [`layers`], [`moe`], [`deltanet`]: building blocks; [`store`]: the expert store interface.
 //! - [`weights`]: the only reader of model files; [`config`]: config.json; [`hub`]: model lookup.
-//! - [`tokenizer`]: tokenizer.json and chat templates; [`sampler`]: next-token choice.
+//! - [`tokenizer`]: tokenizer.json and chat templates; [`sampler`]: next-token choice;
+//!   [`sequence`]: one sequence's per-token state machine (sampling, stops, EOS, text).
 //! - [`synth`]: random-weight model writer; [`demo`]: the embedded demo model.
 //! - [`gguf`]: GGUF v3 container: streaming writer and header reader.
 //! - [`cache`]: the persisted quantized weight cache (a GGUF file per model and quantization).
 //! - [`mapguard`]: files changed under their mappings (SIGBUS guard, watcher, per-model check).
+
+// Every unsafe operation sits in its own `unsafe` block with its SAFETY comment, even inside an
+// `unsafe fn`.
+#![warn(unsafe_op_in_unsafe_fn)]
 
 pub mod arch;
 pub mod batch;
@@ -52,6 +57,7 @@ pub mod prequant;
 pub mod quantize;
 pub mod runconfig;
 pub mod sampler;
+pub mod sequence;
 pub mod store;
 pub mod synth;
 pub mod tokenizer;

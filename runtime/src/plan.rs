@@ -12,7 +12,7 @@
 use std::path::Path;
 
 use crate::config::ModelConfig;
-use crate::error::{Error, Result};
+use crate::error::{BudgetNeed, Error, Result};
 use crate::model::ModelWeights;
 use crate::store::{DeviceTierConfig, HostTierConfig};
 use crate::weights::WeightSet;
@@ -334,7 +334,7 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
         .and_then(|b| b.checked_add(sizes.state_bytes_per_sequence))
         .and_then(|b| b.checked_mul(req.max_batch as u64))
         .ok_or_else(|| {
-            Error::Budget(format!(
+            Error::Unplannable(format!(
                 "max_context {} x max_batch {} sequences of KV cache ({} bytes per token) is \
                  beyond any memory: lower max_context or max_batch",
                 req.max_context, req.max_batch, sizes.kv_bytes_per_token
@@ -382,37 +382,49 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
                 .saturating_add(transient_bytes),
         ),
         Device::Cuda => {
-            return Err(Error::Budget(
+            return Err(Error::Unplannable(
                 "device = \"cuda\": no CUDA backend is available in this build (no GPU found); use device = \"sim\" to simulate one or \"cpu\"".into(),
             ))
         }
         Device::Sim => {
             let vram = req.vram_budget_bytes.ok_or_else(|| {
-                Error::Budget(
+                Error::Unplannable(
                     "device = \"sim\" needs vram_budget (the simulated GPU's memory), e.g. vram_budget = \"8GiB\"".into(),
                 )
             })?;
             let fixed = sizes.resident_bytes.saturating_add(kv_bytes);
             if fixed > vram {
-                return Err(Error::Budget(format!(
-                    "vram_budget {} is below the resident set: {} needed ({} weights + {} KV cache); raise vram_budget{}, or use a quantized cache",
-                    gb(vram),
-                    gb(fixed),
-                    gb(sizes.resident_bytes),
-                    gb(kv_bytes),
-                    context_hint(kv_bytes)
-                )));
+                return Err(Error::BudgetExceeded {
+                    budget: "vram_budget",
+                    needed_bytes: fixed,
+                    limit_bytes: vram,
+                    need: BudgetNeed::DeviceResident {
+                        detail: format!(
+                            "{} weights + {} KV cache",
+                            gb(sizes.resident_bytes),
+                            gb(kv_bytes)
+                        ),
+                    },
+                    remedy: format!(
+                        "raise vram_budget{}, or use a quantized cache",
+                        context_hint(kv_bytes)
+                    ),
+                });
             }
             let per_slot_row = sizes.expert_bytes * sizes.moe_layers as u64;
             let fit = (vram - fixed).checked_div(per_slot_row).unwrap_or(0) as usize;
             let slots = match req.slots_per_layer {
                 Some(s) if s > fit => {
-                    return Err(Error::Budget(format!(
-                        "slots_per_layer = {s} needs {} of device memory for experts, but vram_budget {} leaves {} after the resident set; at most {fit} slots fit",
-                        gb(s as u64 * per_slot_row),
-                        gb(vram),
-                        gb(vram - fixed)
-                    )))
+                    return Err(Error::BudgetExceeded {
+                        budget: "vram_budget",
+                        needed_bytes: (s as u64).saturating_mul(per_slot_row),
+                        limit_bytes: vram,
+                        need: BudgetNeed::DeviceSlots {
+                            slots: s,
+                            free_bytes: vram - fixed,
+                        },
+                        remedy: format!("at most {fit} slots fit"),
+                    })
                 }
                 Some(s) => s,
                 None => fit,
@@ -437,23 +449,34 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
         } else {
             format!("{} expert buffers", gb(transient_bytes))
         };
-        return Err(Error::Budget(format!(
-            "{ram_key} {} is below what must stay in RAM: {} needed ({what}); raise ram_budget{}, or use a quantized cache",
-            gb(ram_budget),
-            gb(host_fixed),
-            context_hint(kv_bytes)
-        )));
+        return Err(Error::BudgetExceeded {
+            budget: ram_key,
+            needed_bytes: host_fixed,
+            limit_bytes: ram_budget,
+            need: BudgetNeed::HostResident { detail: what },
+            remedy: format!(
+                "raise ram_budget{}, or use a quantized cache",
+                context_hint(kv_bytes)
+            ),
+        });
     }
     let ram_experts = (ram_budget - host_fixed)
         .checked_div(sizes.expert_bytes)
         .map_or(0, |n| (n as usize).min(total_experts));
     let file_experts = total_experts - ram_experts.min(total_experts);
     if req.experts_in_ram && file_experts > 0 {
-        return Err(Error::Budget(format!(
-            "quantized experts are held in RAM (quantized at load, cache = false): {} needed, but {ram_key} {} leaves room for {ram_experts} of {total_experts}; raise ram_budget, set cache = true (experts then stream from the cache file) or use quantization = \"none\"",
-            gb(sizes.total_expert_bytes + host_fixed),
-            gb(ram_budget)
-        )));
+        return Err(Error::BudgetExceeded {
+            budget: ram_key,
+            needed_bytes: sizes.total_expert_bytes + host_fixed,
+            limit_bytes: ram_budget,
+            need: BudgetNeed::QuantizedExperts {
+                fit: ram_experts,
+                total: total_experts,
+            },
+            remedy: "raise ram_budget, set cache = true (experts then stream from the cache \
+                     file) or use quantization = \"none\""
+                .into(),
+        });
     }
     if req.device == Device::Sim && slots < sizes.top_k && total_experts > 0 {
         warnings.push(format!(
@@ -636,6 +659,119 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("max_context") && e.contains("max_batch"), "{e}");
+        }
+    }
+
+    #[test]
+    fn budget_refusals_carry_budget_bytes_and_remedy_in_the_planner_wording() {
+        let refuse = |r: &PlanRequest| make_plan(&sizes(), r, &Profile::default()).unwrap_err();
+        // (request, budget, needed bytes, limit bytes, the message word for word)
+        let mut ram = req(Device::Cpu);
+        ram.ram_budget_bytes = Some(512 << 20);
+        let mut vram = req(Device::Sim);
+        vram.vram_budget_bytes = Some(256 << 20);
+        let mut slots = req(Device::Sim);
+        slots.slots_per_layer = Some(60);
+        let mut in_ram = req(Device::Cpu);
+        in_ram.experts_in_ram = true;
+        let kv = sizes().kv_bytes_per_token * 4096;
+        let host_fixed = (1 << 30) + kv + 4 * (10 << 20);
+        let cases = [
+            (
+                ram,
+                "ram_budget",
+                host_fixed,
+                512 << 20,
+                "ram_budget 512.00 MiB is below what must stay in RAM: 1.41 GiB needed (1.00 GiB \
+                 resident weights + 384.00 MiB KV cache + 40.00 MiB expert buffers); raise \
+                 ram_budget, a smaller max_context (the KV cache takes 384.00 MiB), or use a \
+                 quantized cache",
+            ),
+            (
+                vram,
+                "vram_budget",
+                (1 << 30) + kv,
+                256 << 20,
+                "vram_budget 256.00 MiB is below the resident set: 1.38 GiB needed (1.00 GiB \
+                 weights + 384.00 MiB KV cache); raise vram_budget, a smaller max_context (the \
+                 KV cache takes 384.00 MiB), or use a quantized cache",
+            ),
+            (
+                slots,
+                "vram_budget",
+                60 * 24 * (10 << 20),
+                4 << 30,
+                "slots_per_layer = 60 needs 14.06 GiB of device memory for experts, but \
+                 vram_budget 4.00 GiB leaves 2.62 GiB after the resident set; at most 11 slots fit",
+            ),
+            (
+                in_ram,
+                "ram_budget",
+                sizes().total_expert_bytes + host_fixed,
+                6 << 30,
+                "quantized experts are held in RAM (quantized at load, cache = false): 16.41 GiB \
+                 needed, but ram_budget 6.00 GiB leaves room for 469 of 1536; raise ram_budget, \
+                 set cache = true (experts then stream from the cache file) or use quantization \
+                 = \"none\"",
+            ),
+        ];
+        for (r, want_budget, want_needed, want_limit, want_text) in cases {
+            let e = refuse(&r);
+            assert_eq!(e.to_string(), want_text);
+            let Error::BudgetExceeded {
+                budget,
+                needed_bytes,
+                limit_bytes,
+                remedy,
+                ..
+            } = e
+            else {
+                panic!("not a structured budget refusal: {e:?}");
+            };
+            assert_eq!(
+                (budget, needed_bytes, limit_bytes),
+                (want_budget, want_needed, want_limit)
+            );
+            assert!(
+                !remedy.is_empty() && want_text.ends_with(&remedy),
+                "{remedy}"
+            );
+            assert!(needed_bytes > 0 && limit_bytes > 0);
+        }
+        // Without a budget set, the refusal names the free memory as the budget.
+        let mut auto = req(Device::Cpu);
+        auto.ram_budget_bytes = None;
+        auto.max_context = 1 << 30;
+        match refuse(&auto) {
+            Error::BudgetExceeded { budget, .. } => {
+                assert_eq!(budget, "the free memory (no ram_budget set)")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Refusals with no byte count are a separate kind.
+        assert!(matches!(refuse(&req(Device::Cuda)), Error::Unplannable(_)));
+    }
+
+    #[test]
+    fn budget_messages_write_sizes_as_the_config_does() {
+        for b in [
+            0,
+            1,
+            1023,
+            1024,
+            1536,
+            (1 << 20) - 1,
+            3 << 20,
+            1 << 30,
+            (1 << 30) * 5 / 4,
+        ]
+        .into_iter()
+        .chain([u64::MAX, (1 << 40) + 12345, 12 << 30])
+        {
+            assert_eq!(
+                crate::error::human_bytes(b),
+                crate::runconfig::ByteSize(b).to_string()
+            );
         }
     }
 

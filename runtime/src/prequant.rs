@@ -49,7 +49,12 @@ impl Fp8Blocks<'_> {
 
     /// Checks sizes (called by constructors of real tensors; `what` names the tensor).
     pub fn check(&self, what: &str) -> Result<()> {
-        let bad = |why: String| Err(Error::InvalidRequest(format!("{what}: {why}")));
+        let bad = |reason: String| {
+            Err(Error::BadTensor {
+                name: what.to_string(),
+                reason,
+            })
+        };
         if self.block[0] == 0 || self.block[1] == 0 {
             return bad(format!("block size {:?} has a zero side", self.block));
         }
@@ -108,7 +113,12 @@ pub struct Bnb4<'a> {
 impl Bnb4<'_> {
     /// Checks sizes; `what` names the tensor.
     pub fn check(&self, what: &str) -> Result<()> {
-        let bad = |why: String| Err(Error::InvalidRequest(format!("{what}: {why}")));
+        let bad = |reason: String| {
+            Err(Error::BadTensor {
+                name: what.to_string(),
+                reason,
+            })
+        };
         if self.blocksize == 0 {
             return bad("blocksize 0".into());
         }
@@ -157,7 +167,12 @@ impl Bnb4<'_> {
         offset: f32,
         what: &str,
     ) -> Result<Vec<f32>> {
-        let bad = |why: String| Err(Error::InvalidRequest(format!("{what}: {why}")));
+        let bad = |reason: String| {
+            Err(Error::BadTensor {
+                name: what.to_string(),
+                reason,
+            })
+        };
         if nested_quant_map.len() != 256 {
             return bad(format!(
                 "nested_quant_map has {} entries, not 256",
@@ -1053,6 +1068,43 @@ mod tests {
             e.contains("layer.weight") && e.contains("[3, 3] grid"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn malformed_prequant_tensors_are_tensor_errors_not_request_errors() {
+        let codes = [0u8; 6];
+        let scales = [1.0f32; 2];
+        let fp8 = Fp8Blocks {
+            codes: &codes,
+            n: 2,
+            k: 3,
+            scales: &scales,
+            block: [0, 3],
+        };
+        let absmax = [1.0f32];
+        let bnb = Bnb4 {
+            packed: &codes,
+            numel: 12,
+            blocksize: 4,
+            quant_map: &NF4,
+            absmax: &absmax,
+        };
+        let nested = Bnb4::nested_absmax(&codes, &NF4, &[1.0], 3, 0.0, "n.weight").unwrap_err();
+        for (e, tensor) in [
+            (fp8.check("f.weight").unwrap_err(), "f.weight"),
+            (bnb.check("b.weight").unwrap_err(), "b.weight"),
+            (nested, "n.weight"),
+        ] {
+            assert!(!e.is_request_error(), "{e}");
+            match &e {
+                Error::BadTensor { name, reason } => {
+                    assert_eq!(name, tensor);
+                    assert!(!reason.is_empty());
+                    assert!(e.to_string().starts_with(&format!("tensor `{tensor}`: ")));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     use moe_kernels::NF4_TABLE as NF4;

@@ -14,8 +14,9 @@
 //!   passed [`RunConfig::validate`], and its relative `model`, `state_dir` and `cache_dir` paths
 //!   have been resolved against the configuration file's folder (a Hub id `org/name` is left as
 //!   written).
-//! - Every error is one line naming the file, the key (dotted, e.g. `experts.policy`) where one is
-//!   at fault, and the problem.
+//! - Every error is one line naming the file, the key (dotted, e.g. `experts.policy`, as serde
+//!   was reading it) where one is at fault, and the problem, with the line and column where the
+//!   TOML parser reports one.
 //! - The state folder ([`RunConfig::resolved_state_dir`]) and the cache folder
 //!   ([`RunConfig::resolved_cache_dir`], [`default_cache_dir`]) are never inside the model folder:
 //!   model folders stay read-only inputs.
@@ -705,18 +706,19 @@ impl RunConfig {
         if let Err(e) = text.parse::<toml::Table>() {
             return Err(ConfigFileError::Parse {
                 path: origin.to_path_buf(),
-                message: describe_toml_error(text, &e, false),
+                message: describe_toml_error(text, &e, None),
             });
         }
-        let mut config: RunConfig = toml::from_str(text).map_err(|e| {
+        // serde_path_to_error records the dotted key being read when an error is raised; toml's
+        // error carries the span that gives the line and column.
+        let deserializer = toml::Deserializer::new(text);
+        let mut config: RunConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let path = key_path(e.path());
+            let e = e.into_inner();
             if let Some(field) = missing_field(e.message()) {
-                let table = e
-                    .span()
-                    .map(|span| key_context(text, span.start).container)
-                    .unwrap_or_default();
                 ConfigFileError::Invalid {
                     path: origin.to_path_buf(),
-                    key: join_key(&table, Some(field)),
+                    key: join_key(&path, Some(field)),
                     message: if field == "model" {
                         "is required (a model folder or a Hub id such as \"Qwen/Qwen3-30B-A3B\")"
                             .to_string()
@@ -727,7 +729,7 @@ impl RunConfig {
             } else {
                 ConfigFileError::Parse {
                     path: origin.to_path_buf(),
-                    message: describe_toml_error(text, &e, true),
+                    message: describe_toml_error(text, &e, Some(&path)),
                 }
             }
         })?;
@@ -1129,7 +1131,7 @@ fn user_dir_from(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Error messages: one line, with the dotted key found from the error's position in the text.
+// Error messages: one line, with the dotted key serde was reading and the error's position.
 
 /// `Some(name)` for serde's "missing field `name`".
 fn missing_field(message: &str) -> Option<&str> {
@@ -1144,14 +1146,33 @@ fn unknown_field(message: &str) -> Option<&str> {
     rest.split_once('`').map(|(name, _)| name)
 }
 
+/// The keys of a serde path: table and key names, with an array index written `key[i]`.
+fn key_path(path: &serde_path_to_error::Path) -> Vec<String> {
+    use serde_path_to_error::Segment;
+    let mut keys: Vec<String> = Vec::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Map { key } => keys.push(key.clone()),
+            Segment::Seq { index } => match keys.last_mut() {
+                Some(last) => last.push_str(&format!("[{index}]")),
+                None => keys.push(format!("[{index}]")),
+            },
+            // Enum variants and untracked steps name no key.
+            Segment::Enum { .. } | Segment::Unknown => {}
+        }
+    }
+    keys
+}
+
 fn join_key(container: &[String], last: Option<&str>) -> String {
     let mut parts: Vec<&str> = container.iter().map(String::as_str).collect();
     parts.extend(last);
     parts.join(".")
 }
 
-/// One line: `line L, column C: key: message` (the key only when `with_key` and one is found).
-fn describe_toml_error(text: &str, error: &toml::de::Error, with_key: bool) -> String {
+/// One line: `line L, column C: key: message`. `path` is the key serde was reading (none for a
+/// syntax error).
+fn describe_toml_error(text: &str, error: &toml::de::Error, path: Option<&[String]>) -> String {
     let message = error
         .message()
         .lines()
@@ -1171,193 +1192,18 @@ fn describe_toml_error(text: &str, error: &toml::de::Error, with_key: bool) -> S
         .chars()
         .count()
         + 1;
-    let key = if with_key {
-        let context = key_context(text, offset);
-        match (context.value_key, unknown_field(&message)) {
-            (_, Some(field)) => Some(join_key(&context.container, Some(field))),
-            (Some(key), None) => Some(join_key(&key, None)),
-            (None, None) if !context.container.is_empty() => {
-                Some(join_key(&context.container, None))
-            }
-            (None, None) => None,
+    // For an unknown key the path may or may not end with the key itself (serde reads the name
+    // before refusing it, except at the top of some tables): name it exactly once.
+    let key = path.map(|path| match unknown_field(&message) {
+        Some(field) if path.last().map(String::as_str) != Some(field) => {
+            join_key(path, Some(field))
         }
-    } else {
-        None
-    };
+        _ => join_key(path, None),
+    });
     match key {
         Some(key) if !key.is_empty() => format!("line {line}, column {column}: {key}: {message}"),
         _ => format!("line {line}, column {column}: {message}"),
     }
-}
-
-/// What a TOML text defines at a byte offset.
-#[derive(Debug, Default, PartialEq)]
-struct KeyContext {
-    /// The table (dotted path) whose keys are being written at the offset.
-    container: Vec<String>,
-    /// When the offset is in a value: the full dotted key of that value.
-    value_key: Option<Vec<String>>,
-}
-
-/// Finds the dotted key in force at `offset` by scanning the (already syntax-checked) text:
-/// table headers, dotted keys, inline tables, arrays, strings and comments.
-fn key_context(text: &str, offset: usize) -> KeyContext {
-    let b = text.as_bytes();
-    let end = offset.min(b.len());
-    // Current table plus the keys of enclosing inline tables.
-    let mut path: Vec<String> = Vec::new();
-    // Open brackets after `=`: (path length to restore, true for an inline table).
-    let mut nest: Vec<(usize, bool)> = Vec::new();
-    let mut in_key = true;
-    let mut key_start = 0usize;
-    let mut key: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < end {
-        match b[i] {
-            b'#' => {
-                while i < end && b[i] != b'\n' {
-                    i += 1;
-                }
-                continue;
-            }
-            b'"' | b'\'' => {
-                i = skip_string(b, i);
-                continue;
-            }
-            b'\n' if nest.is_empty() => {
-                in_key = true;
-                key_start = i + 1;
-            }
-            b'=' if in_key => {
-                key = path.clone();
-                key.extend(parse_dotted(text.get(key_start..i).unwrap_or("")));
-                in_key = false;
-            }
-            b'[' if in_key
-                && nest.is_empty()
-                && text.get(key_start..i).is_some_and(|s| s.trim().is_empty()) =>
-            {
-                let open = if b.get(i + 1) == Some(&b'[') { 2 } else { 1 };
-                let mut j = i + open;
-                while j < b.len() && b[j] != b']' && b[j] != b'\n' {
-                    j = if b[j] == b'"' || b[j] == b'\'' {
-                        skip_string(b, j)
-                    } else {
-                        j + 1
-                    };
-                }
-                path = parse_dotted(text.get(i + open..j.min(b.len())).unwrap_or(""));
-                key.clear();
-                while j < b.len() && b[j] != b'\n' {
-                    j += 1;
-                }
-                i = j;
-                continue;
-            }
-            b'[' if !in_key => nest.push((path.len(), false)),
-            b']' if !in_key => {
-                if let Some(&(_, false)) = nest.last() {
-                    nest.pop();
-                }
-            }
-            b'{' if !in_key => {
-                nest.push((path.len(), true));
-                path = key.clone();
-                in_key = true;
-                key_start = i + 1;
-            }
-            b'}' => {
-                if let Some(&(len, true)) = nest.last() {
-                    nest.pop();
-                    path.truncate(len);
-                    in_key = false;
-                }
-            }
-            b',' if matches!(nest.last(), Some(&(_, true))) => {
-                in_key = true;
-                key_start = i + 1;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    if in_key {
-        let mut container = path;
-        container.extend(parse_dotted(text.get(key_start..end).unwrap_or("")));
-        // A key being written at the offset: its last segment is not complete yet.
-        let written = text.get(key_start..end).unwrap_or("").trim_end();
-        if !written.is_empty() && !written.ends_with('.') {
-            container.pop();
-        }
-        KeyContext {
-            container,
-            value_key: None,
-        }
-    } else {
-        let container = key[..key.len().saturating_sub(1)].to_vec();
-        KeyContext {
-            container,
-            value_key: Some(key),
-        }
-    }
-}
-
-/// Index just past the string starting at `b[start]` (a quote), or the end of the line for an
-/// unterminated single-line string.
-fn skip_string(b: &[u8], start: usize) -> usize {
-    let q = b[start];
-    let escapes = q == b'"';
-    let triple = b.get(start..start + 3) == Some(&[q, q, q][..]);
-    let mut j = start + if triple { 3 } else { 1 };
-    while j < b.len() {
-        if escapes && b[j] == b'\\' {
-            j += 2;
-            continue;
-        }
-        if triple {
-            if b.get(j..j + 3) == Some(&[q, q, q][..]) {
-                j += 3;
-                // Up to two more quotes may belong to the content before the closing three.
-                let mut extra = 0;
-                while extra < 2 && b.get(j) == Some(&q) {
-                    j += 1;
-                    extra += 1;
-                }
-                return j;
-            }
-        } else if b[j] == q {
-            return j + 1;
-        } else if b[j] == b'\n' {
-            return j;
-        }
-        j += 1;
-    }
-    b.len()
-}
-
-/// Splits a dotted key (`a."b.c".d`) into its segments, dropping quotes and empty segments.
-fn parse_dotted(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut current = String::new();
-    let mut quote: Option<char> = None;
-    for c in s.chars() {
-        match quote {
-            Some(q) if c == q => quote = None,
-            Some(_) => current.push(c),
-            None if c == '"' || c == '\'' => quote = Some(c),
-            None if c == '.' => {
-                let seg = std::mem::take(&mut current);
-                if !seg.trim().is_empty() {
-                    out.push(seg.trim().to_string());
-                }
-            }
-            None => current.push(c),
-        }
-    }
-    if !current.trim().is_empty() {
-        out.push(current.trim().to_string());
-    }
-    out
 }
 
 #[cfg(test)]
@@ -2405,28 +2251,57 @@ max_connections = 500
     }
 
     #[test]
-    fn key_context_scanner() {
-        let text = "a = 1\n[t.u]\nb = { c = [1, { d = 2 }], e = \"x\" }\n";
-        let at = |needle: &str| key_context(text, text.find(needle).unwrap());
-        assert_eq!(at("1\n").value_key, Some(vec!["a".to_string()]));
-        assert_eq!(
-            at("2 }").value_key,
-            Some(vec![
-                "t".into(),
-                "u".into(),
-                "b".into(),
-                "c".into(),
-                "d".into()
-            ])
+    fn keys_are_named_in_every_toml_form() {
+        let cases = [
+            // Quoted table and key names, a dotted key inside a table, an inline table.
+            (
+                "model = \"m\"\n[\"experts\"]\n\"policy\" = 1\n",
+                "line 3, column 12: experts.policy: wanted string",
+            ),
+            (
+                "model = \"m\"\n\"experts\".prefetch = \"yes\"\n",
+                "line 2, column 22: experts.prefetch: invalid type",
+            ),
+            (
+                "model = \"m\"\nexperts = { prefetch = \"yes\" }\n",
+                "line 2, column 24: experts.prefetch: invalid type",
+            ),
+            // An array where a number belongs.
+            (
+                "model = \"m\"\nmax_batch = [1]\n",
+                "line 2, column 13: max_batch: invalid type",
+            ),
+            // Brackets, `=` and `#` inside strings and comments do not move the key.
+            (
+                "model = \"m = [x]\" # y = {\n[server] # [sim]\nhost = \"#\"\nbogus = 1\n",
+                "line 4, column 1: server.bogus: unknown field",
+            ),
+        ];
+        for (text, expected) in cases {
+            let line = error_line(text);
+            assert!(line.contains(expected), "{text:?}: {line}");
+        }
+
+        // Array elements are named with their index.
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Inner {
+            b: u32,
+        }
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Outer {
+            a: Vec<Inner>,
+        }
+        let text = "a = [{ b = 1 }, { b = \"x\" }]\n";
+        let e = serde_path_to_error::deserialize::<_, Outer>(toml::Deserializer::new(text))
+            .expect_err("a wrong type");
+        assert_eq!(join_key(&key_path(e.path()), None), "a[1].b");
+        let message = describe_toml_error(text, e.inner(), Some(&key_path(e.path())));
+        assert!(
+            message.starts_with("line 1, column 23: a[1].b: invalid type"),
+            "{message}"
         );
-        assert_eq!(
-            at("\"x\"").value_key,
-            Some(vec!["t".into(), "u".into(), "b".into(), "e".into()])
-        );
-        let on_key = at("e =");
-        assert_eq!(on_key.value_key, None);
-        assert_eq!(on_key.container, vec!["t", "u", "b"]);
-        assert_eq!(parse_dotted(" a . \"b.c\" .'d' "), vec!["a", "b.c", "d"]);
     }
 
     #[test]

@@ -22,7 +22,11 @@
 //! - Chat-template rendering is bounded: an instruction and data budget (minijinja fuel) that
 //!   grows with the messages, a recursion limit, and an output cap derived from the token limit;
 //!   each failure is an error naming the chat template.
+//! - The template helpers print what `transformers`' do: `tojson` is Python's `json.dumps`
+//!   (serde_json with a formatter for Python's separators, indent, `ensure_ascii` and float
+//!   `repr`), `strftime_now` is C `strftime` in the C locale (chrono's calendar, UTC).
 
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -1398,9 +1402,7 @@ fn tojson_filter(value: &Value, kwargs: Kwargs) -> Result<Value, minijinja::Erro
         key_sep,
         sort_keys: sort_keys.unwrap_or(false),
     };
-    let mut out = String::new();
-    write_json(&mut out, value, &options, 0)?;
-    Ok(Value::from(out))
+    to_python_json(value, &options).map(Value::from)
 }
 
 fn bad_separators() -> minijinja::Error {
@@ -1420,99 +1422,279 @@ struct JsonOptions {
 
 const MAX_JSON_DEPTH: usize = 256;
 
-fn write_json(
-    out: &mut String,
-    value: &Value,
-    opts: &JsonOptions,
-    depth: usize,
-) -> Result<(), minijinja::Error> {
-    if depth > MAX_JSON_DEPTH {
-        return Err(minijinja::Error::new(
-            ErrorKind::InvalidOperation,
-            "tojson: value is nested too deeply",
-        ));
+/// `value` written by serde_json in the shape of Python's `json.dumps` (see [`PythonJson`]).
+fn to_python_json(value: &Value, opts: &JsonOptions) -> Result<String, minijinja::Error> {
+    let state = JsonState {
+        sort_keys: opts.sort_keys,
+        error: RefCell::new(None),
+        non_finite: Cell::new(None),
+    };
+    let mut out = Vec::new();
+    let formatter = PythonJson {
+        opts,
+        non_finite: &state.non_finite,
+        depth: 0,
+        has_value: false,
+    };
+    let mut serializer = serde_json::Serializer::with_formatter(&mut out, formatter);
+    let written = serde::Serialize::serialize(
+        &JsonValue {
+            value,
+            depth: 0,
+            state: &state,
+        },
+        &mut serializer,
+    );
+    if let Err(e) = written {
+        return Err(state.error.take().unwrap_or_else(|| {
+            minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}"))
+        }));
     }
-    match value.kind() {
-        ValueKind::Undefined => {
-            return Err(minijinja::Error::new(
-                ErrorKind::UndefinedError,
-                "tojson: value is undefined",
-            ))
-        }
-        ValueKind::None => out.push_str("null"),
-        ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
-        ValueKind::Number => out.push_str(&python_number(value)),
-        ValueKind::String => write_json_string(out, value.as_str().unwrap_or_default(), opts),
-        ValueKind::Seq | ValueKind::Iterable => {
-            let items: Vec<Value> = value.try_iter()?.collect();
-            write_json_container(out, '[', ']', items.len(), opts, depth, |out, i, depth| {
-                write_json(out, &items[i], opts, depth)
-            })?;
-        }
-        ValueKind::Map | ValueKind::Plain => {
-            let mut entries: Vec<(String, Value)> = Vec::new();
-            for key in value.try_iter()? {
-                let item = value.get_item(&key)?;
-                entries.push((json_key(&key)?, item));
-            }
-            if opts.sort_keys {
-                entries.sort_by(|a, b| a.0.cmp(&b.0));
-            }
-            write_json_container(
-                out,
-                '{',
-                '}',
-                entries.len(),
-                opts,
-                depth,
-                |out, i, depth| {
-                    let (key, item) = &entries[i];
-                    write_json_string(out, key, opts);
-                    out.push_str(&opts.key_sep);
-                    write_json(out, item, opts, depth)
-                },
-            )?;
-        }
-        _ => {
-            return Err(minijinja::Error::new(
-                ErrorKind::InvalidOperation,
-                format!("tojson: cannot serialise a value of type {}", value.kind()),
-            ))
-        }
-    }
-    Ok(())
+    // Everything written is UTF-8: strings as given, escapes and numbers in ASCII.
+    String::from_utf8(out)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))
 }
 
-fn write_json_container(
-    out: &mut String,
-    open: char,
-    close: char,
-    len: usize,
-    opts: &JsonOptions,
+/// What [`JsonValue`] and [`PythonJson`] share while one value is written.
+struct JsonState {
+    sort_keys: bool,
+    /// The template error that stopped serialisation (serde's error type cannot carry it).
+    error: RefCell<Option<minijinja::Error>>,
+    /// A NaN or infinity being written: serde_json writes those through `write_null`, and Python
+    /// writes `NaN`, `Infinity` and `-Infinity`.
+    non_finite: Cell<Option<f64>>,
+}
+
+/// A template value as Python's `json` module sees it: keys made strings, tuples and iterables
+/// as arrays, undefined refused.
+struct JsonValue<'a> {
+    value: &'a Value,
     depth: usize,
-    mut item: impl FnMut(&mut String, usize, usize) -> Result<(), minijinja::Error>,
-) -> Result<(), minijinja::Error> {
-    out.push(open);
-    if len == 0 {
-        out.push(close);
-        return Ok(());
+    state: &'a JsonState,
+}
+
+impl JsonValue<'_> {
+    fn fail<E: serde::ser::Error>(&self, error: minijinja::Error) -> E {
+        let message = error.to_string();
+        *self.state.error.borrow_mut() = Some(error);
+        E::custom(message)
     }
-    for i in 0..len {
-        if i > 0 {
-            out.push_str(&opts.item_sep);
+
+    fn child<'b>(&'b self, value: &'b Value) -> JsonValue<'b> {
+        JsonValue {
+            value,
+            depth: self.depth + 1,
+            state: self.state,
         }
-        if let Some(indent) = &opts.indent {
-            out.push('\n');
-            out.push_str(&indent.repeat(depth + 1));
+    }
+}
+
+impl serde::Serialize for JsonValue<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        if self.depth > MAX_JSON_DEPTH {
+            return Err(self.fail(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: value is nested too deeply",
+            )));
         }
-        item(out, i, depth + 1)?;
+        let value = self.value;
+        match value.kind() {
+            ValueKind::Undefined => Err(self.fail(minijinja::Error::new(
+                ErrorKind::UndefinedError,
+                "tojson: value is undefined",
+            ))),
+            ValueKind::None => serializer.serialize_unit(),
+            ValueKind::Bool => serializer.serialize_bool(value.is_true()),
+            ValueKind::Number if value.is_integer() => {
+                if let Ok(n) = i64::try_from(value.clone()) {
+                    serializer.serialize_i64(n)
+                } else if let Ok(n) = u64::try_from(value.clone()) {
+                    serializer.serialize_u64(n)
+                } else if let Ok(n) = i128::try_from(value.clone()) {
+                    serializer.serialize_i128(n)
+                } else {
+                    match u128::try_from(value.clone()) {
+                        Ok(n) => serializer.serialize_u128(n),
+                        Err(e) => Err(self.fail(e)),
+                    }
+                }
+            }
+            ValueKind::Number => match f64::try_from(value.clone()) {
+                Ok(f) => {
+                    if !f.is_finite() {
+                        self.state.non_finite.set(Some(f));
+                    }
+                    serializer.serialize_f64(f)
+                }
+                Err(e) => Err(self.fail(e)),
+            },
+            ValueKind::String => serializer.serialize_str(value.as_str().unwrap_or_default()),
+            ValueKind::Seq | ValueKind::Iterable => {
+                let items: Vec<Value> = value.try_iter().map_err(|e| self.fail(e))?.collect();
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for item in &items {
+                    seq.serialize_element(&self.child(item))?;
+                }
+                seq.end()
+            }
+            ValueKind::Map | ValueKind::Plain => {
+                let mut entries: Vec<(String, Value)> = Vec::new();
+                for key in value.try_iter().map_err(|e| self.fail(e))? {
+                    let item = value.get_item(&key).map_err(|e| self.fail(e))?;
+                    entries.push((json_key(&key).map_err(|e| self.fail(e))?, item));
+                }
+                if self.state.sort_keys {
+                    entries.sort_by(|a, b| a.0.cmp(&b.0));
+                }
+                let mut map = serializer.serialize_map(Some(entries.len()))?;
+                for (key, item) in &entries {
+                    map.serialize_entry(key, &self.child(item))?;
+                }
+                map.end()
+            }
+            other => Err(self.fail(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: cannot serialise a value of type {other}"),
+            ))),
+        }
     }
-    if let Some(indent) = &opts.indent {
-        out.push('\n');
-        out.push_str(&indent.repeat(depth));
+}
+
+/// serde_json output in Python's `json.dumps` shape: the item and key separators as given
+/// (`", "` and `": "` by default), an indent string repeated per level with a newline before
+/// each item and before the closing bracket of a non-empty container, every character outside
+/// printable ASCII escaped (UTF-16 units, lowercase hex) when `ensure_ascii`, floats as
+/// Python's `repr`, and NaN / infinities as `NaN` / `Infinity` / `-Infinity`. Control
+/// characters, quotes and backslashes are escaped by serde_json exactly as Python does.
+struct PythonJson<'a> {
+    opts: &'a JsonOptions,
+    non_finite: &'a Cell<Option<f64>>,
+    /// Containers open around the item being written.
+    depth: usize,
+    /// Whether the innermost open container has an item yet.
+    has_value: bool,
+}
+
+impl PythonJson<'_> {
+    fn open<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        bracket: &[u8],
+    ) -> std::io::Result<()> {
+        self.depth += 1;
+        self.has_value = false;
+        w.write_all(bracket)
     }
-    out.push(close);
-    Ok(())
+
+    fn item<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if !first {
+            w.write_all(self.opts.item_sep.as_bytes())?;
+        }
+        self.newline(w, self.depth)
+    }
+
+    fn close<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        bracket: &[u8],
+    ) -> std::io::Result<()> {
+        self.depth -= 1;
+        if self.has_value {
+            self.newline(w, self.depth)?;
+        }
+        w.write_all(bracket)
+    }
+
+    fn newline<W: ?Sized + std::io::Write>(&self, w: &mut W, depth: usize) -> std::io::Result<()> {
+        if let Some(indent) = &self.opts.indent {
+            w.write_all(b"\n")?;
+            for _ in 0..depth {
+                w.write_all(indent.as_bytes())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl serde_json::ser::Formatter for PythonJson<'_> {
+    fn write_null<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        match self.non_finite.take() {
+            Some(f) => w.write_all(python_float_repr(f).as_bytes()),
+            None => w.write_all(b"null"),
+        }
+    }
+
+    fn write_f64<W: ?Sized + std::io::Write>(&mut self, w: &mut W, f: f64) -> std::io::Result<()> {
+        w.write_all(python_float_repr(f).as_bytes())
+    }
+
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        if !self.opts.ensure_ascii {
+            return w.write_all(fragment.as_bytes());
+        }
+        for c in fragment.chars() {
+            if (' '..='~').contains(&c) {
+                w.write_all(&[c as u8])?;
+            } else {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    write!(w, "\\u{unit:04x}")?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.open(w, b"[")
+    }
+
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"]")
+    }
+
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.item(w, first)
+    }
+
+    fn end_array_value<W: ?Sized + std::io::Write>(&mut self, _w: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.open(w, b"{")
+    }
+
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"}")
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.item(w, first)
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(self.opts.key_sep.as_bytes())
+    }
+
+    fn end_object_value<W: ?Sized + std::io::Write>(&mut self, _w: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
 }
 
 /// Python turns non-string keys into strings the way it writes them as values.
@@ -1563,74 +1745,18 @@ fn python_float_repr(f: f64) -> String {
     }
 }
 
-fn write_json_string(out: &mut String, s: &str, opts: &JsonOptions) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{08}' => out.push_str("\\b"),
-            '\u{0c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 => push_json_escape(out, c as u32),
-            c if opts.ensure_ascii && !(' '..='~').contains(&c) => {
-                let mut units = [0u16; 2];
-                for unit in c.encode_utf16(&mut units) {
-                    push_json_escape(out, u32::from(*unit));
-                }
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
-fn push_json_escape(out: &mut String, unit: u32) {
-    out.push_str(&format!("\\u{unit:04x}"));
-}
-
-/// C `strftime` (C locale) for a UTC Unix time, covering the conversions chat templates use.
-/// A `-` flag (`%-d`) drops zero padding, as glibc does.
+/// C `strftime` (C locale) of a UTC Unix time, covering the conversions chat templates use,
+/// with chrono's calendar and conversions. A `-` flag (`%-d`) drops a number's padding, as glibc
+/// does, and is ignored elsewhere; an unknown conversion is written as it stands. Years print
+/// without padding (`%Y` of year 1 is `1`), as glibc does. Times outside Python's `datetime`
+/// (what `strftime_now` calls in `transformers`), years 1 to 9999, are clamped into it.
 fn strftime_utc(format: &str, unix_secs: i64) -> String {
-    const DAYS: [&str; 7] = [
-        "Sunday",
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-    ];
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    let days = unix_secs.div_euclid(86_400);
-    let secs_of_day = unix_secs.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    let (hour, minute, second) = (
-        secs_of_day / 3600,
-        (secs_of_day % 3600) / 60,
-        secs_of_day % 60,
-    );
-    let weekday = (days + 4).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
-    let yday = days - days_from_civil(year, 1, 1) + 1;
-    let month_name = MONTHS[(month - 1) as usize];
-    let day_name = DAYS[weekday];
-    let hour12 = if hour % 12 == 0 { 12 } else { hour % 12 };
-
+    use std::fmt::Write as _;
+    // Python's `datetime` range (years 1 to 9999); the clock never leaves it.
+    const FIRST_SECS: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
+    const LAST_SECS: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let time = chrono::DateTime::from_timestamp(unix_secs.clamp(FIRST_SECS, LAST_SECS), 0)
+        .unwrap_or_default();
     let mut out = String::new();
     let mut chars = format.chars().peekable();
     while let Some(c) = chars.next() {
@@ -1642,91 +1768,65 @@ fn strftime_utc(format: &str, unix_secs: i64) -> String {
         if no_pad {
             chars.next();
         }
-        let num = |n: i64, width: usize, pad: char| -> String {
+        let Some(conversion) = chars.next() else {
+            out.push('%');
             if no_pad {
-                n.to_string()
-            } else if pad == '0' {
-                format!("{n:0width$}")
-            } else {
-                format!("{n:width$}")
+                out.push('-');
             }
+            break;
         };
-        match chars.next() {
-            Some('Y') => out.push_str(&year.to_string()),
-            Some('C') => out.push_str(&num(year.div_euclid(100), 2, '0')),
-            Some('y') => out.push_str(&num(year.rem_euclid(100), 2, '0')),
-            Some('m') => out.push_str(&num(month as i64, 2, '0')),
-            Some('d') => out.push_str(&num(day as i64, 2, '0')),
-            Some('e') => out.push_str(&num(day as i64, 2, ' ')),
-            Some('j') => out.push_str(&num(yday, 3, '0')),
-            Some('H') => out.push_str(&num(hour, 2, '0')),
-            Some('I') => out.push_str(&num(hour12, 2, '0')),
-            Some('M') => out.push_str(&num(minute, 2, '0')),
-            Some('S') => out.push_str(&num(second, 2, '0')),
-            Some('p') => out.push_str(if hour < 12 { "AM" } else { "PM" }),
-            Some('B') => out.push_str(month_name),
-            Some('b') | Some('h') => out.push_str(&month_name[..3]),
-            Some('A') => out.push_str(day_name),
-            Some('a') => out.push_str(&day_name[..3]),
-            Some('u') => out.push_str(&(if weekday == 0 { 7 } else { weekday }).to_string()),
-            Some('w') => out.push_str(&weekday.to_string()),
-            Some('F') => out.push_str(&format!("{year:04}-{month:02}-{day:02}")),
-            Some('D') | Some('x') => {
-                out.push_str(&format!("{month:02}/{day:02}/{:02}", year.rem_euclid(100)))
-            }
-            Some('T') | Some('X') => out.push_str(&format!("{hour:02}:{minute:02}:{second:02}")),
-            Some('R') => out.push_str(&format!("{hour:02}:{minute:02}")),
-            Some('c') => out.push_str(&format!(
-                "{} {} {day:>2} {hour:02}:{minute:02}:{second:02} {year}",
-                &day_name[..3],
-                &month_name[..3]
-            )),
-            Some('Z') => out.push_str("UTC"),
-            Some('z') => out.push_str("+0000"),
-            Some('n') => out.push('\n'),
-            Some('t') => out.push('\t'),
-            Some('%') => out.push('%'),
-            Some(other) => {
-                out.push('%');
-                if no_pad {
-                    out.push('-');
-                }
-                out.push(other);
+        match c_conversion(conversion) {
+            Some((padded, unpadded)) => {
+                let spec = if no_pad { unpadded } else { padded };
+                // Every spec in the table is one chrono knows, so writing cannot fail.
+                let _ = write!(out, "{}", time.format(spec));
             }
             None => {
                 out.push('%');
                 if no_pad {
                     out.push('-');
                 }
+                out.push(conversion);
             }
         }
     }
     out
 }
 
-/// (year, month 1-12, day 1-31) of a day count since 1970-01-01 (proleptic Gregorian).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// Day count since 1970-01-01 of a (proleptic Gregorian) date.
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let yoe = year.rem_euclid(400);
-    let month = i64::from(month);
-    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// The chrono format of a C `strftime` conversion (C locale, UTC): (as written, with the `-`
+/// flag). `None` for a conversion the chat templates do not use.
+fn c_conversion(conversion: char) -> Option<(&'static str, &'static str)> {
+    Some(match conversion {
+        'Y' => ("%-Y", "%-Y"),
+        'C' => ("%C", "%-C"),
+        'y' => ("%y", "%-y"),
+        'm' => ("%m", "%-m"),
+        'd' => ("%d", "%-d"),
+        'e' => ("%e", "%-e"),
+        'j' => ("%j", "%-j"),
+        'H' => ("%H", "%-H"),
+        'I' => ("%I", "%-I"),
+        'M' => ("%M", "%-M"),
+        'S' => ("%S", "%-S"),
+        'u' => ("%u", "%-u"),
+        'w' => ("%w", "%-w"),
+        'p' => ("%p", "%p"),
+        'B' => ("%B", "%B"),
+        'b' | 'h' => ("%b", "%b"),
+        'A' => ("%A", "%A"),
+        'a' => ("%a", "%a"),
+        'F' => ("%Y-%m-%d", "%Y-%m-%d"),
+        'D' | 'x' => ("%m/%d/%y", "%m/%d/%y"),
+        'T' | 'X' => ("%H:%M:%S", "%H:%M:%S"),
+        'R' => ("%H:%M", "%H:%M"),
+        'c' => ("%a %b %e %H:%M:%S %-Y", "%a %b %e %H:%M:%S %-Y"),
+        'Z' => ("%Z", "%Z"),
+        'z' => ("%z", "%z"),
+        'n' => ("%n", "%n"),
+        't' => ("%t", "%t"),
+        '%' => ("%%", "%%"),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -2498,6 +2598,71 @@ mod tests {
                 "{template}"
             );
         }
+
+        // Keys, numbers, escapes, indents and separators as Python writes them.
+        let more = [
+            (
+                "{{ {1: 'a', 2.5: 'b', none: 'd'}|tojson }}",
+                r#"{"1": "a", "2.5": "b", "null": "d"}"#,
+            ),
+            (
+                "{{ [1e400, -1e400, 2.0, 1e16, 1e-7, -0.0, 12345678901234567890, -12345678901234567890]|tojson }}",
+                "[Infinity, -Infinity, 2.0, 1e+16, 1e-07, -0.0, 12345678901234567890, -12345678901234567890]",
+            ),
+            ("{{ [(1e400 - 1e400), none]|tojson }}", "[NaN, null]"),
+            ("{{ (0.1 + 0.2)|tojson }}", "0.30000000000000004"),
+            (
+                "{{ {'a': [1, {'b': []}]}|tojson(indent='\t') }}",
+                "{\n\t\"a\": [\n\t\t1,\n\t\t{\n\t\t\t\"b\": []\n\t\t}\n\t]\n}",
+            ),
+            (
+                "{{ {'b': 1, 'a': {'d': 1, 'c': 2}}|tojson(indent=1, sort_keys=true) }}",
+                "{\n \"a\": {\n  \"c\": 2,\n  \"d\": 1\n },\n \"b\": 1\n}",
+            ),
+            (
+                "{{ {'a': [1, 2]}|tojson(indent=2, separators=(';', '=')) }}",
+                "{\n  \"a\"=[\n    1;\n    2\n  ]\n}",
+            ),
+            ("{{ [1,[2]]|tojson(indent=-1) }}", "[\n1,\n[\n2\n]\n]"),
+            ("{{ 3|tojson(indent=-1) }}", "3"),
+            ("{{ []|tojson }}{{ {}|tojson }}{{ [[]]|tojson(indent=0) }}", "[]{}[\n[]\n]"),
+            (
+                "{{ 'x\u{7f}\u{8}\u{c}\n\t\u{1f}é'|tojson(ensure_ascii=true) }}",
+                r#""x\u007f\b\f\n\t\u001f\u00e9""#,
+            ),
+            (
+                "{{ 'x\u{7f}\u{8}\u{c}\n\t\u{1f}é/'|tojson }}",
+                "\"x\u{7f}\\b\\f\\n\\t\\u001fé/\"",
+            ),
+            ("{{ {'é': 1}|tojson(ensure_ascii=true) }}", r#"{"\u00e9": 1}"#),
+            ("{{ (1, 2)|tojson }}{{ range(3)|tojson }}", "[1, 2][0, 1, 2]"),
+            ("{{ {'a': 1}.items()|tojson }}", r#"[["a", 1]]"#),
+            ("{{ 'abc'|list|tojson }}", r#"["a", "b", "c"]"#),
+            ("{{ namespace(a=1)|tojson }}", r#"{"a": 1}"#),
+        ];
+        for (template, expected) in more {
+            assert_eq!(render(template, &[], false), expected, "{template}");
+        }
+        for (template, expected) in [
+            ("{{ undefined_thing|tojson }}", "undefined value: tojson: value is undefined"),
+            ("{{ [undefined_thing]|tojson }}", "undefined value: tojson: value is undefined"),
+            (
+                "{{ {(1,2): 1}|tojson }}",
+                "tojson: keys must be str, int, float, bool or None, not sequence",
+            ),
+            ("{{ [1]|tojson(indent=1.5) }}", "tojson: indent must be an integer or a string"),
+            ("{{ [1]|tojson(separators=[',']) }}", "tojson: separators must be a pair of strings"),
+            (
+                "{% set ns = namespace(v=[]) %}{% for _ in range(300) %}{% set ns.v = [ns.v] %}{% endfor %}{{ ns.v|tojson }}",
+                "tojson: value is nested too deeply",
+            ),
+        ] {
+            let err = with_template(template)
+                .apply_chat_template(&[], false)
+                .expect_err(template)
+                .to_string();
+            assert!(err.contains(expected), "{template}: {err}");
+        }
     }
 
     #[test]
@@ -2530,6 +2695,64 @@ mod tests {
         assert_eq!(strftime_utc("%F %a %j", -86_400), "1969-12-31 Wed 365");
         assert_eq!(strftime_utc("%F %a %j", 951_782_400), "2000-02-29 Tue 060");
         assert_eq!(strftime_utc("%d %b %Y %q %", 0), "01 Jan 1970 %q %");
+        // Every conversion, padded and with the `-` flag, at midnight, in the morning and at
+        // the ends of the years Python's datetime holds.
+        let all = "%C|%h|%x|%X|%R|%Z|%z|%n|%t|%M|%S";
+        let unpadded = "%-m|%-H|%-I|%-j|%-e|%-y|%-C|%-p|%-Y|%-%|%-M|%-S|%-d";
+        let unknown = "%-q|%E|%k|%l|%P|%s|%U|%G|%r|%f";
+        let cases: [(i64, &str, &str); 14] = [
+            (
+                0,
+                all,
+                "19|Jan|01/01/70|00:00:00|00:00|UTC|+0000|\n|\t|00|00",
+            ),
+            (0, unpadded, "1|0|12|1|1|70|19|AM|1970|%|0|0|1"),
+            (0, "%I %p %u %w %a", "12 AM 4 4 Thu"),
+            (t, unpadded, "2|13|1|60|29|24|20|PM|2024|%|5|9|29"),
+            (
+                1_699_953_200,
+                all,
+                "20|Nov|11/14/23|09:13:20|09:13|UTC|+0000|\n|\t|13|20",
+            ),
+            (
+                1_699_953_200,
+                unpadded,
+                "11|9|9|318|14|23|20|AM|2023|%|13|20|14",
+            ),
+            (1_699_953_200, "%I %p %u %w %a", "09 AM 2 2 Tue"),
+            (
+                1_735_689_599,
+                "%Y %C %y %F %D %c %j",
+                "2024 20 24 2024-12-31 12/31/24 Tue Dec 31 23:59:59 2024 366",
+            ),
+            (
+                -62_135_596_800,
+                "%Y %C %y %F %D %c %j",
+                "1 00 01 0001-01-01 01/01/01 Mon Jan  1 00:00:00 1 001",
+            ),
+            (-62_135_596_800, unpadded, "1|0|12|1|1|1|0|AM|1|%|0|0|1"),
+            (
+                -30_000_000_000,
+                "%Y %C %y %F %D %c %j %u",
+                "1019 10 19 1019-05-04 05/04/19 Tue May  4 18:40:00 1019 124 2",
+            ),
+            (
+                253_402_300_799,
+                "%Y %C %y %F %D %c %j",
+                "9999 99 99 9999-12-31 12/31/99 Fri Dec 31 23:59:59 9999 365",
+            ),
+            (1_735_689_599, unknown, unknown),
+            (0, "%-|%", "%-|%"),
+        ];
+        for (secs, format, expected) in cases {
+            assert_eq!(strftime_utc(format, secs), expected, "{format} at {secs}");
+        }
+        // Outside Python's years, the nearest time it holds.
+        assert_eq!(
+            strftime_utc("%F %T", -70_000_000_000),
+            "0001-01-01 00:00:00"
+        );
+        assert_eq!(strftime_utc("%F %T", i64::MAX), "9999-12-31 23:59:59");
         let rendered = render("{{ strftime_now('%Y') }}", &[], false);
         assert_eq!(rendered.len(), 4);
         assert!(rendered.chars().all(|c| c.is_ascii_digit()), "{rendered}");

@@ -176,11 +176,8 @@ impl Storage {
         match self {
             Storage::Mmap { map, .. } => map,
             Storage::Static(s) => s,
-            // SAFETY: reinterpreting initialised u64s as bytes is always valid; `len` never
-            // exceeds the words' byte length (set by the only constructor above).
-            Storage::Words { words, len } => unsafe {
-                std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), *len)
-            },
+            // `len` never exceeds the words' byte length (set by the only constructor above).
+            Storage::Words { words, len } => &bytemuck::cast_slice::<u64, u8>(words)[..*len],
             Storage::Empty | Storage::Virtual => &[],
         }
     }
@@ -912,14 +909,7 @@ impl TensorRef {
                 * self.shape[0]
         };
         let mut words = crate::mem::zeroed_words(n.div_ceil(8));
-        {
-            // SAFETY: u64 has no padding and any byte pattern is a valid u64; the byte view
-            // covers exactly the words' storage and `words` is exclusively borrowed here.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
-            };
-            fill(&mut dst[..n])?;
-        }
+        fill(&mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..n])?;
         Ok(TensorRef {
             dtype,
             storage: Arc::new(Storage::Words { words, len: n }),
@@ -943,18 +933,7 @@ impl TensorRef {
             "weights() on `{}` before its pre-quantized form was converted",
             self.name
         );
-        let b = self.bytes();
-        match self.dtype {
-            Dtype::F32 => Weights::F32(cast_slice::<f32>(b)),
-            Dtype::Bf16 => Weights::Bf16(cast_slice::<bf16>(b)),
-            Dtype::F16 => Weights::F16(cast_slice::<f16>(b)),
-            Dtype::Q8_0 => Weights::Q8_0(cast_slice::<moe_kernels::BlockQ8_0>(b)),
-            Dtype::Q4K => Weights::Q4K(cast_slice::<moe_kernels::BlockQ4K>(b)),
-            Dtype::F8B128 => Weights::F8(cast_slice::<moe_kernels::BlockF8>(b)),
-            Dtype::Nf4 => Weights::Nf4(cast_slice::<moe_kernels::BlockNf4>(b)),
-            Dtype::Fp4 => Weights::Fp4(cast_slice::<moe_kernels::BlockFp4>(b)),
-            _ => unreachable!("weights() on a non-float tensor (into_compute checks the dtype)"),
-        }
+        typed_weights(self.bytes(), self.dtype)
     }
 
     /// Bytes of one row of this 2-D weight once converted to `to`, or `None` when `to` changes
@@ -1164,30 +1143,76 @@ fn decode_row(bytes: &[u8], dtype: Dtype, out: &mut [f32]) {
             }
             return;
         }
-        Dtype::Q8_0 => Weights::Q8_0(cast_slice(bytes)),
-        Dtype::Q4K => Weights::Q4K(cast_slice(bytes)),
+        Dtype::Q8_0 => Weights::Q8_0(blocks_of(bytes)),
+        Dtype::Q4K => Weights::Q4K(blocks_of(bytes)),
         other => unreachable!("decode_row from {other:?}"),
     };
     moe_kernels::row_to_f32(w, 0, k, out);
 }
 
-fn cast_slice<T: Copy>(b: &[u8]) -> &[T] {
+/// Stored bytes of a compute dtype as the kernels' typed view. Panics on bytes misaligned for
+/// the type or not a whole number of elements (into_compute and the expert buffers guarantee
+/// both), and on a dtype the kernels do not take.
+pub(crate) fn typed_weights(b: &[u8], dtype: Dtype) -> Weights<'_> {
+    match dtype {
+        Dtype::F32 => Weights::F32(bytemuck::cast_slice::<u8, f32>(b)),
+        Dtype::Bf16 => Weights::Bf16(bytemuck::cast_slice::<u8, bf16>(b)),
+        Dtype::F16 => Weights::F16(bytemuck::cast_slice::<u8, f16>(b)),
+        Dtype::Q8_0 => Weights::Q8_0(blocks_of::<moe_kernels::BlockQ8_0>(b)),
+        Dtype::Q4K => Weights::Q4K(blocks_of::<moe_kernels::BlockQ4K>(b)),
+        Dtype::F8B128 => Weights::F8(blocks_of::<moe_kernels::BlockF8>(b)),
+        Dtype::Nf4 => Weights::Nf4(blocks_of::<moe_kernels::BlockNf4>(b)),
+        Dtype::Fp4 => Weights::Fp4(blocks_of::<moe_kernels::BlockFp4>(b)),
+        other => unreachable!("{other:?} is not a compute dtype (into_compute checks the dtype)"),
+    }
+}
+
+/// The GGML-style weight blocks of moe-kernels, which are read from and written to raw bytes.
+///
+/// They cannot be `bytemuck::Pod` (a foreign trait on types of another crate), so this marker
+/// lists them and [`blocks_of`] / [`block_bytes`] keep the two casts bytemuck would do.
+///
+/// # Safety
+/// An implementor is `repr(C)`, has no padding bytes, and is valid for every bit pattern.
+unsafe trait RawBlock: Copy {}
+
+// Each block's size is the sum of its fields' sizes, so none has padding.
+const _: () = assert!(std::mem::size_of::<moe_kernels::BlockQ8_0>() == 2 + 32);
+const _: () = assert!(std::mem::size_of::<moe_kernels::BlockQ4K>() == 2 + 2 + 12 + 128);
+const _: () = assert!(std::mem::size_of::<moe_kernels::BlockF8>() == 4 + 128);
+const _: () = assert!(std::mem::size_of::<moe_kernels::BlockNf4>() == 4 + 32);
+const _: () = assert!(std::mem::size_of::<moe_kernels::BlockFp4>() == 4 + 32);
+
+// SAFETY (all five): repr(C) structs of f16 / f32 scales and integer arrays; the assertions
+// above prove there is no padding, and every bit pattern of f16, f32 and integers is valid.
+unsafe impl RawBlock for moe_kernels::BlockQ8_0 {}
+// SAFETY: as above.
+unsafe impl RawBlock for moe_kernels::BlockQ4K {}
+// SAFETY: as above.
+unsafe impl RawBlock for moe_kernels::BlockF8 {}
+// SAFETY: as above.
+unsafe impl RawBlock for moe_kernels::BlockNf4 {}
+// SAFETY: as above.
+unsafe impl RawBlock for moe_kernels::BlockFp4 {}
+
+/// Bytes viewed as blocks; panics on misaligned bytes or a partial block, as
+/// `bytemuck::cast_slice` does (into_compute guarantees alignment and whole blocks).
+fn blocks_of<T: RawBlock>(b: &[u8]) -> &[T] {
     let size = std::mem::size_of::<T>();
     assert!(
         (b.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
             && b.len().is_multiple_of(size),
-        "cast_slice on misaligned bytes (into_compute guarantees alignment)"
+        "blocks_of on misaligned bytes (into_compute guarantees alignment)"
     );
-    // SAFETY: alignment and length were checked just above; T is a plain float type (f32, bf16,
-    // f16) for which every bit pattern is valid; the lifetime is tied to `b`.
+    // SAFETY: alignment and length were checked just above; `T: RawBlock` is valid for every
+    // bit pattern; the lifetime is tied to `b`.
     unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<T>(), b.len() / size) }
 }
 
-/// The bytes of a slice of GGML blocks.
-fn block_bytes<T: Copy>(blocks: &[T]) -> &[u8] {
-    // SAFETY: the block types are repr(C) structs of integers and f16 with no padding
-    // (their sizes are pinned by const assertions in moe_kernels::quant); any initialised
-    // value is valid to read as bytes, and the lifetime is tied to `blocks`.
+/// The bytes of a slice of blocks.
+fn block_bytes<T: RawBlock>(blocks: &[T]) -> &[u8] {
+    // SAFETY: `T: RawBlock` has no padding, so every byte of an initialised block is
+    // initialised; u8 has alignment 1; the lifetime is tied to `blocks`.
     unsafe {
         std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), std::mem::size_of_val(blocks))
     }
@@ -1533,6 +1558,64 @@ pub fn safetensors_bytes(tensors: &[(&str, Dtype, &[usize], &[u8])]) -> Vec<u8> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typed_views_read_the_stored_bytes() {
+        // Eight-byte aligned storage, as into_compute and the expert buffers give.
+        let words_for = |bytes: &[u8]| {
+            let mut words = vec![0u64; bytes.len().div_ceil(8)];
+            bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+            words
+        };
+        let floats = [1.5f32, -2.0, 0.25, 7.0];
+        let bytes: Vec<u8> = floats.iter().flat_map(|f| f.to_le_bytes()).collect();
+        let words = words_for(&bytes);
+        let view = &bytemuck::cast_slice::<u64, u8>(&words)[..bytes.len()];
+        assert!(matches!(typed_weights(view, Dtype::F32), Weights::F32(w) if w == floats));
+        let halves: Vec<bf16> = floats.iter().map(|&f| bf16::from_f32(f)).collect();
+        let bytes: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
+        let words = words_for(&bytes);
+        let view = &bytemuck::cast_slice::<u64, u8>(&words)[..bytes.len()];
+        assert!(matches!(typed_weights(view, Dtype::Bf16), Weights::Bf16(w) if w == halves));
+
+        // Blocks written as bytes read back as the same blocks, in the layout GGML stores.
+        let row: Vec<f32> = (0..512).map(|i| (i as f32 * 0.37).sin()).collect();
+        for dtype in [Dtype::Q8_0, Dtype::Q4K] {
+            let n = dtype.bytes_for(row.len());
+            let mut bytes = vec![0u8; n];
+            encode_row(&row, dtype, &mut bytes);
+            let words = words_for(&bytes);
+            let view = &bytemuck::cast_slice::<u64, u8>(&words)[..n];
+            match typed_weights(view, dtype) {
+                Weights::Q8_0(blocks) => {
+                    assert_eq!(blocks.len(), 16);
+                    assert_eq!(block_bytes(blocks), &bytes[..]);
+                    assert_eq!(blocks[0].d.to_le_bytes(), [bytes[0], bytes[1]]);
+                    assert_eq!(blocks[1].qs[0] as u8, bytes[34 + 2]);
+                }
+                Weights::Q4K(blocks) => {
+                    assert_eq!(blocks.len(), 2);
+                    assert_eq!(block_bytes(blocks), &bytes[..]);
+                    assert_eq!(blocks[1].qs[127], bytes[144 + 4 + 12 + 127]);
+                }
+                _ => panic!("{dtype:?} viewed as another type"),
+            }
+            let mut back = vec![0f32; row.len()];
+            decode_row(view, dtype, &mut back);
+            let mut direct = vec![0f32; row.len()];
+            moe_kernels::row_to_f32(typed_weights(view, dtype), 0, row.len(), &mut direct);
+            assert_eq!(back, direct);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "misaligned")]
+    fn typed_views_refuse_misaligned_blocks() {
+        let words = [0u64; 10];
+        let bytes = bytemuck::cast_slice::<u64, u8>(&words);
+        // Block types align to 2 (Q8_0): an odd offset cannot be viewed.
+        let _ = typed_weights(&bytes[1..35], Dtype::Q8_0);
+    }
 
     fn write_st(path: &Path, header: &str, data_len: usize) {
         let mut b = (header.len() as u64).to_le_bytes().to_vec();

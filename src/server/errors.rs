@@ -176,6 +176,9 @@ impl From<BytesRejection> for ApiError {
 }
 
 impl From<RtError> for ApiError {
+    /// By kind: the request's own faults are 400; a model whose files changed on disk is 503
+    /// until a restart; everything else (an expert that could not be loaded, I/O, the cache, a
+    /// thread that could not start) is the server's fault, 500, never 400.
     fn from(e: RtError) -> ApiError {
         match &e {
             RtError::ContextOverflow { .. } => ApiError::bad_request(e.to_string())
@@ -183,6 +186,14 @@ impl From<RtError> for ApiError {
                 .param("max_tokens"),
             RtError::InvalidRequest(_) | RtError::Tokenizer(_) => {
                 ApiError::bad_request(e.to_string())
+            }
+            _ if e.model_unusable() => {
+                let mut api = ApiError::internal(e.to_string()).code("model_files_changed");
+                api.status = StatusCode::SERVICE_UNAVAILABLE;
+                api
+            }
+            RtError::ExpertLoad { .. } => {
+                ApiError::internal(e.to_string()).code("expert_load_failed")
             }
             _ => ApiError::internal(e.to_string()),
         }
@@ -198,5 +209,121 @@ impl From<Refused> for ApiError {
         let mut e = ApiError::new(status, "server_error", r.to_string()).code(code);
         e.retry_after = Some(1);
         e
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Status, `type` and `code` of the response for `e`, after checking the body's shape.
+    fn answer(e: RtError) -> (StatusCode, String, String) {
+        let text = e.to_string();
+        let api = ApiError::from(e);
+        let body = api.body();
+        let err = &body["error"];
+        assert_eq!(err["message"], text.as_str(), "{body}");
+        for field in ["message", "type", "code", "param"] {
+            assert!(err.get(field).is_some(), "`{field}` missing: {body}");
+        }
+        let r = api.clone().into_response();
+        assert_eq!(r.status(), api.status);
+        (
+            api.status,
+            err["type"].as_str().unwrap().into(),
+            err["code"].as_str().unwrap_or_default().into(),
+        )
+    }
+
+    fn expert_load(cause: RtError) -> RtError {
+        RtError::ExpertLoad {
+            layer: 3,
+            expert: 17,
+            source: Arc::new(cause),
+        }
+    }
+
+    #[test]
+    fn an_expert_that_fails_to_load_is_a_500_not_a_bad_request() {
+        let disk = expert_load(RtError::Io {
+            path: "/models/m/model-00002-of-00004.safetensors".into(),
+            source: std::io::Error::other("Input/output error"),
+        });
+        let checksum = expert_load(RtError::Cache {
+            path: "/state/cache/m.moeq".into(),
+            reason: "checksum mismatch in expert 17 of layer 3".into(),
+        });
+        for e in [disk, checksum] {
+            let (status, kind, code) = answer(e);
+            assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+            assert_eq!(
+                (kind.as_str(), code.as_str()),
+                ("server_error", "expert_load_failed")
+            );
+        }
+    }
+
+    #[test]
+    fn failures_of_the_files_or_the_process_are_never_400() {
+        let changed = || RtError::FileChanged {
+            path: "/models/m/model.safetensors".into(),
+            role: "model file",
+            change: "truncated",
+        };
+        let cases = [
+            (
+                RtError::Internal("cannot start 8 threads: out of memory".into()),
+                500,
+            ),
+            (
+                RtError::Io {
+                    path: "/models/m/config.json".into(),
+                    source: std::io::Error::other("gone"),
+                },
+                500,
+            ),
+            (
+                RtError::Cache {
+                    path: "/state/cache/m.moeq".into(),
+                    reason: "cannot be written".into(),
+                },
+                500,
+            ),
+            (
+                RtError::BadTensor {
+                    name: "model.layers.0.mlp.down_proj.weight".into(),
+                    reason: "3 absmax values for 4 blocks of 64".into(),
+                },
+                500,
+            ),
+            // A model whose files changed is unusable until a restart, whether found directly
+            // or while loading an expert.
+            (changed(), 503),
+            (expert_load(changed()), 503),
+        ];
+        for (e, want) in cases {
+            let text = e.to_string();
+            let (status, kind, _) = answer(e);
+            assert_eq!(status.as_u16(), want, "{text}");
+            assert_eq!(kind, "server_error", "{text}");
+        }
+    }
+
+    #[test]
+    fn request_errors_stay_400() {
+        let (status, kind, _) = answer(RtError::InvalidRequest("temperature must be >= 0".into()));
+        assert_eq!(
+            (status, kind.as_str()),
+            (StatusCode::BAD_REQUEST, "invalid_request_error")
+        );
+        let (status, _, code) = answer(RtError::ContextOverflow {
+            needed_tokens: 9000,
+            max_context_tokens: 4096,
+        });
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::BAD_REQUEST, "context_length_exceeded")
+        );
     }
 }

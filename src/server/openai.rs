@@ -237,11 +237,11 @@ impl Sampling {
                 min_p: self.min_p,
                 seed: self.seed.map(|s| s as u64),
                 ignore_eos: self.ignore_eos.unwrap_or(false),
+                stop,
+                presence_penalty: self.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
                 ..Default::default()
             },
-            stop,
-            presence_penalty: self.presence_penalty.unwrap_or(0.0),
-            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             logprobs,
         })
     }

@@ -128,15 +128,9 @@ impl ExpertWeights {
             offsets[i + 1] = offsets[i] + t.size_bytes().div_ceil(8) * 8;
         }
         let mut words = crate::mem::zeroed_words(offsets[3] / 8);
-        {
-            // SAFETY: u64 has no padding and every byte pattern is valid; the byte view covers
-            // exactly the words' storage and `words` is exclusively borrowed for this block.
-            let bytes = unsafe {
-                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
-            };
-            for (i, t) in parts.iter().enumerate() {
-                t.read_into(&mut bytes[offsets[i]..offsets[i] + t.size_bytes()])?;
-            }
+        let bytes = bytemuck::cast_slice_mut::<u64, u8>(&mut words);
+        for (i, t) in parts.iter().enumerate() {
+            t.read_into(&mut bytes[offsets[i]..offsets[i] + t.size_bytes()])?;
         }
         Ok(ExpertBuf {
             words,
@@ -163,32 +157,13 @@ impl ExpertBuf {
     /// The stored bytes of part `i` (0 gate, 1 up, 2 down).
     pub fn part_bytes(&self, i: usize) -> &[u8] {
         let (off, n, dtype) = self.parts[i];
-        let len = dtype.bytes_for(n);
-        // SAFETY: the words are initialised and hold part i at [off, off + len) (see
-        // `read_owned`); the view lives as long as `self`.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>().add(off), len) }
+        // `read_owned` placed part i at [off, off + len).
+        &bytemuck::cast_slice::<u64, u8>(&self.words)[off..off + dtype.bytes_for(n)]
     }
 
     fn part(&self, i: usize) -> Weights<'_> {
-        let (off, n, dtype) = self.parts[i];
-        let base = self.words.as_ptr().cast::<u8>();
-        // SAFETY: `read_owned` placed part i at an 8-byte aligned offset with room for `n`
-        // elements of `dtype` (n / block-size blocks for block types); the words are initialised
-        // and live as long as `self`; the float and block types accept every bit pattern.
-        unsafe {
-            let p = base.add(off);
-            match dtype {
-                Dtype::F32 => Weights::F32(std::slice::from_raw_parts(p.cast(), n)),
-                Dtype::Bf16 => Weights::Bf16(std::slice::from_raw_parts(p.cast(), n)),
-                Dtype::F16 => Weights::F16(std::slice::from_raw_parts(p.cast(), n)),
-                Dtype::Q8_0 => Weights::Q8_0(std::slice::from_raw_parts(p.cast(), n / 32)),
-                Dtype::Q4K => Weights::Q4K(std::slice::from_raw_parts(p.cast(), n / 256)),
-                Dtype::F8B128 => Weights::F8(std::slice::from_raw_parts(p.cast(), n / 128)),
-                Dtype::Nf4 => Weights::Nf4(std::slice::from_raw_parts(p.cast(), n / 64)),
-                Dtype::Fp4 => Weights::Fp4(std::slice::from_raw_parts(p.cast(), n / 64)),
-                other => unreachable!("expert dtype {other:?} passed into_compute"),
-            }
-        }
+        // Each part starts 8-byte aligned (see `read_owned`), enough for every compute dtype.
+        crate::weights::typed_weights(self.part_bytes(i), self.parts[i].2)
     }
 }
 

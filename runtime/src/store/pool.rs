@@ -6,7 +6,9 @@
 //! `Arc` even if its entry is evicted meanwhile.
 //!
 //! Invariants: at most `capacity` entries exist; an entry still loading is never evicted; when no
-//! entry can be evicted, `reserve` says so and the caller computes the expert where it lies.
+//! entry can be evicted, `reserve` says so and the caller computes the expert where it lies; a
+//! failed load keeps its cause (the runtime's error, shared) for every waiter, so a disk or
+//! checksum failure reaches the caller as itself.
 //! Victim choice scans the entries (O(capacity), at most a few hundred per layer): cheap next to
 //! the megabytes each miss copies, and it serves every policy with one structure.
 
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex};
 
 use super::ExpertBuf;
+use crate::error::Error;
 
 pub use crate::runconfig::EvictionPolicy;
 
@@ -23,7 +26,7 @@ pub use crate::runconfig::EvictionPolicy;
 enum SlotState {
     Loading,
     Ready(Arc<ExpertBuf>),
-    Failed(String),
+    Failed(Arc<Error>),
 }
 
 /// One pool entry, shared between the loader filling it and the computations waiting on it.
@@ -40,8 +43,8 @@ impl Slot {
         })
     }
 
-    /// Publishes the load result and wakes waiters.
-    pub fn fill(&self, result: Result<ExpertBuf, String>) {
+    /// Publishes the load result (the buffer, or why it could not be loaded) and wakes waiters.
+    pub fn fill(&self, result: Result<ExpertBuf, Arc<Error>>) {
         let mut st = self.state.lock();
         *st = match result {
             Ok(b) => SlotState::Ready(Arc::new(b)),
@@ -50,8 +53,8 @@ impl Slot {
         self.ready.notify_all();
     }
 
-    /// Blocks until the slot is filled.
-    pub fn wait(&self) -> Result<Arc<ExpertBuf>, String> {
+    /// Blocks until the slot is filled; a failed load gives every waiter the same cause.
+    pub fn wait(&self) -> Result<Arc<ExpertBuf>, Arc<Error>> {
         let mut st = self.state.lock();
         loop {
             match &*st {
@@ -286,7 +289,15 @@ mod tests {
         let s = Slot::loading();
         let s2 = s.clone();
         let t = std::thread::spawn(move || s2.wait());
-        s.fill(Err("disk gone".into()));
-        assert_eq!(t.join().unwrap().err().unwrap(), "disk gone");
+        let cause = Arc::new(Error::io(
+            "/models/x/model-00001.safetensors",
+            std::io::Error::other("disk gone"),
+        ));
+        s.fill(Err(cause.clone()));
+        let seen = t.join().unwrap().err().unwrap();
+        // The waiter gets the cause itself (its kind and its text), not a copy of the message.
+        assert!(Arc::ptr_eq(&seen, &cause));
+        assert!(matches!(*seen, Error::Io { .. }), "{seen:?}");
+        assert!(matches!(s.wait(), Err(e) if Arc::ptr_eq(&e, &cause)));
     }
 }

@@ -11,6 +11,9 @@
 //!   predictions are scored against the experts that layer then uses (precision, recall).
 //! - **Miss policy**: a device miss is copied, or computed where the expert lies when the modelled
 //!   copy would take longer than computing it there.
+//! - **Failures**: an expert that cannot be brought in (I/O error, checksum failure, a file changed
+//!   on disk) fails the computation that needs it with [`Error::ExpertLoad`] naming the layer and
+//!   expert and carrying the cause; every computation waiting on the same load gets the same cause.
 //!
 //! Invariants: this is the only code that moves expert bytes between tiers; results do not depend
 //! on where an expert is computed (every tier holds the stored dtype and the same kernels run), so
@@ -130,7 +133,20 @@ enum HostView<'a> {
 }
 
 /// The outcome of checking one expert's bytes: intact (`None`), its replacement, or the error.
-type Checked = std::result::Result<Option<ExpertWeights>, (std::path::PathBuf, String)>;
+type Checked = std::result::Result<Option<ExpertWeights>, Arc<Error>>;
+
+/// Why an expert could not be brought in: the runtime's error, shared by every computation
+/// waiting on that load (wrapped into [`Error::ExpertLoad`] where a computation fails on it).
+type Cause = Arc<Error>;
+
+/// The error a computation fails with when its expert could not be loaded.
+fn load_failed(layer: usize, expert: usize) -> impl FnOnce(Cause) -> Error {
+    move |source| Error::ExpertLoad {
+        layer,
+        expert,
+        source,
+    }
+}
 
 struct Shared {
     experts: Vec<Vec<ExpertWeights>>,
@@ -186,29 +202,25 @@ impl Shared {
     /// Runs the check on `parts` (the expert's bytes as read) once per expert.
     fn checked(&self, layer: usize, expert: usize, parts: [&[u8]; 3]) -> &Checked {
         let check = self.check.as_ref().expect("called with a check only");
-        self.checked[layer][expert].get_or_init(|| {
-            check.check(layer, expert, parts).map_err(|e| match e {
-                Error::Cache { path, reason } => (path, reason),
-                other => (std::path::PathBuf::new(), other.to_string()),
-            })
-        })
+        self.checked[layer][expert]
+            .get_or_init(|| check.check(layer, expert, parts).map_err(Arc::new))
     }
 
     /// The weights an outcome says to use.
-    fn resolve<'a>(outcome: &'a Checked, original: &'a ExpertWeights) -> Result<&'a ExpertWeights> {
+    fn resolve<'a>(
+        outcome: &'a Checked,
+        original: &'a ExpertWeights,
+    ) -> std::result::Result<&'a ExpertWeights, Cause> {
         match outcome {
             Ok(None) => Ok(original),
             Ok(Some(replacement)) => Ok(replacement),
-            Err((path, reason)) => Err(Error::Cache {
-                path: path.clone(),
-                reason: reason.clone(),
-            }),
+            Err(cause) => Err(cause.clone()),
         }
     }
 
     /// The expert's weights for computing where they lie (the mapped file): checked on first
     /// use, replaced when damaged.
-    fn expert(&self, layer: usize, expert: usize) -> Result<&ExpertWeights> {
+    fn expert(&self, layer: usize, expert: usize) -> std::result::Result<&ExpertWeights, Cause> {
         let original = &self.experts[layer][expert];
         if self.check.is_none() {
             return Ok(original);
@@ -224,19 +236,25 @@ impl Shared {
     /// Reads an expert from its file into an owned buffer (checking it on first use). `into_ram`
     /// counts the bytes as moved into the RAM tier (a direct file-to-device copy counts only as
     /// device bytes).
-    fn read_from_file(&self, layer: usize, expert: usize, into_ram: bool) -> Result<ExpertBuf> {
+    fn read_from_file(
+        &self,
+        layer: usize,
+        expert: usize,
+        into_ram: bool,
+    ) -> std::result::Result<ExpertBuf, Cause> {
         let original = &self.experts[layer][expert];
+        let read = |w: &ExpertWeights| w.read_owned().map_err(Arc::new);
         let buf = match (&self.check, self.checked[layer][expert].get()) {
-            (None, _) => original.read_owned()?,
-            (Some(_), Some(outcome)) => Self::resolve(outcome, original)?.read_owned()?,
+            (None, _) => read(original)?,
+            (Some(_), Some(outcome)) => read(Self::resolve(outcome, original)?)?,
             (Some(_), None) => {
-                let buf = original.read_owned()?;
+                let buf = read(original)?;
                 let parts = [buf.part_bytes(0), buf.part_bytes(1), buf.part_bytes(2)];
                 let w = Self::resolve(self.checked(layer, expert, parts), original)?;
                 if std::ptr::eq(w, original) {
                     buf
                 } else {
-                    w.read_owned()?
+                    read(w)?
                 }
             }
         };
@@ -253,7 +271,9 @@ impl Shared {
 /// The store behind every model: see the module docs.
 pub struct TieredStore {
     shared: Arc<Shared>,
-    device: Option<(DeviceTierConfig, Vec<SlotPool>)>,
+    /// The device tier's settings and per-layer slot pools (shared with the copy jobs, which
+    /// drop a slot whose copy failed).
+    device: Option<(DeviceTierConfig, Arc<Vec<SlotPool>>)>,
     loader: Loader,
     config: TieredStoreConfig,
     /// Per layer: the experts last predicted for it, scored when it routes.
@@ -294,7 +314,7 @@ impl TieredStore {
             let pools: Vec<SlotPool> = (0..layers)
                 .map(|_| SlotPool::new(d.slots_per_layer, config.policy))
                 .collect();
-            (d, pools)
+            (d, Arc::new(pools))
         });
         let shared = Arc::new(Shared {
             checked: experts
@@ -361,7 +381,7 @@ impl TieredStore {
                             p.remove(key);
                         }
                     }
-                    slot.fill(r.map_err(|e| e.to_string()));
+                    slot.fill(r);
                 });
                 let q = if prefetch {
                     &self.loader.prefetch
@@ -383,12 +403,16 @@ impl TieredStore {
             if count {
                 LayerCounters::add(&c.hits, 1);
             }
-            return Ok(HostView::Mapped(self.shared.expert(layer, expert)?));
+            let w = self
+                .shared
+                .expert(layer, expert)
+                .map_err(load_failed(layer, expert))?;
+            return Ok(HostView::Mapped(w));
         };
         let key = self.shared.key(layer, expert);
         if let Some(Found { slot, prefetch_hit }) = pool.lookup(key) {
             let t0 = Instant::now();
-            let buf = slot.wait().map_err(Error::InvalidRequest)?;
+            let buf = slot.wait().map_err(load_failed(layer, expert))?;
             if count {
                 LayerCounters::add(&c.hits, 1);
                 LayerCounters::add(&c.stall_ns, t0.elapsed().as_nanos() as u64);
@@ -402,11 +426,15 @@ impl TieredStore {
             LayerCounters::add(&c.misses, 1);
         }
         let t0 = Instant::now();
-        let view = match self.host_slot(layer, expert, false) {
-            Some((slot, _)) => HostView::Owned(slot.wait().map_err(Error::InvalidRequest)?),
+        let buf = match self.host_slot(layer, expert, false) {
+            Some((slot, _)) => slot.wait(),
             // Pool full of in-flight loads: read once into a transient buffer.
-            None => HostView::Owned(Arc::new(self.shared.read_from_file(layer, expert, true)?)),
+            None => self
+                .shared
+                .read_from_file(layer, expert, true)
+                .map(Arc::new),
         };
+        let view = HostView::Owned(buf.map_err(load_failed(layer, expert))?);
         if count {
             LayerCounters::add(&c.stall_ns, t0.elapsed().as_nanos() as u64);
         }
@@ -436,13 +464,12 @@ impl TieredStore {
         let link = dev.link_bytes_per_s;
         let latency = dev.copy_latency;
         let target = slot.clone();
+        let pools = pools.clone();
         let job: Job = Box::new(move || {
             let t0 = Instant::now();
-            let src: std::result::Result<ExpertBuf, String> = match host_slot {
+            let src = match host_slot {
                 Some(h) => h.wait().map(|b| (*b).clone()),
-                None => shared
-                    .read_from_file(layer, expert, false)
-                    .map_err(|e| e.to_string()),
+                None => shared.read_from_file(layer, expert, false),
             };
             if let Ok(b) = &src {
                 let bytes = b.size_bytes();
@@ -453,6 +480,11 @@ impl TieredStore {
                     std::thread::sleep(rest);
                 }
                 shared.copy_rate.record(bytes, t0.elapsed());
+            } else {
+                // Like the host pool: a failed copy leaves no entry, so a later use tries again
+                // (the waiters of this one still get the cause). The entry is still this slot:
+                // a loading entry is never evicted.
+                pools[layer].remove(expert);
             }
             target.fill(src);
         });
@@ -489,7 +521,7 @@ impl TieredStore {
         match slot {
             Some(slot) => {
                 let t0 = Instant::now();
-                let buf = slot.wait().map_err(Error::InvalidRequest)?;
+                let buf = slot.wait().map_err(load_failed(layer, b.expert))?;
                 LayerCounters::add(&c.stall_ns, t0.elapsed().as_nanos() as u64);
                 buf.forward_rows(b, x, hidden, self.config.activations, out);
             }
@@ -634,7 +666,9 @@ impl ExpertStore for TieredStore {
     ) -> Result<()> {
         let n = self.num_experts(layer);
         if let Some(b) = batches.iter().find(|b| b.expert >= n) {
-            return Err(Error::InvalidRequest(format!(
+            // The router picks among the layer's experts: an index past them is a broken
+            // invariant of the model code, not something a request can cause.
+            return Err(Error::Internal(format!(
                 "expert {} of layer {layer} does not exist ({n} experts)",
                 b.expert
             )));
@@ -736,5 +770,203 @@ impl ExpertStore for TieredStore {
                 .map(|(l, c)| c.snapshot(l))
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::{Dtype, Storage, TensorRef};
+
+    const HIDDEN: usize = 4;
+    const INTER: usize = 2;
+
+    /// An f32 tensor of `shape` holding `value` everywhere, in owned storage.
+    fn tensor(name: &str, shape: [usize; 2], value: f32) -> TensorRef {
+        let n = shape[0] * shape[1];
+        let bytes: Vec<u8> = (0..n).flat_map(|_| value.to_le_bytes()).collect();
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        for (w, c) in words.iter_mut().zip(bytes.chunks(8)) {
+            let mut b = [0u8; 8];
+            b[..c.len()].copy_from_slice(c);
+            *w = u64::from_le_bytes(b);
+        }
+        let storage = Arc::new(Storage::Words {
+            words,
+            len: bytes.len(),
+        });
+        let path = Arc::new(std::path::PathBuf::from("/models/t/experts.safetensors"));
+        TensorRef::in_storage(
+            name.into(),
+            path,
+            Dtype::F32,
+            shape.to_vec(),
+            storage,
+            0,
+            bytes.len(),
+        )
+    }
+
+    fn experts(layers: usize, per_layer: usize) -> Vec<Vec<ExpertWeights>> {
+        (0..layers)
+            .map(|l| {
+                (0..per_layer)
+                    .map(|e| ExpertWeights {
+                        gate: tensor(&format!("l{l}.e{e}.gate"), [INTER, HIDDEN], 0.5),
+                        up: tensor(&format!("l{l}.e{e}.up"), [INTER, HIDDEN], 0.5),
+                        down: tensor(&format!("l{l}.e{e}.down"), [HIDDEN, INTER], 0.5),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// A checksum check that fails for one expert, counting how often it runs.
+    struct FailOne {
+        layer: usize,
+        expert: usize,
+        runs: AtomicU64,
+    }
+
+    impl ExpertCheck for FailOne {
+        fn check(
+            &self,
+            layer: usize,
+            expert: usize,
+            _parts: [&[u8]; 3],
+        ) -> Result<Option<ExpertWeights>> {
+            self.runs.fetch_add(1, Relaxed);
+            if (layer, expert) == (self.layer, self.expert) {
+                return Err(Error::Cache {
+                    path: "/state/cache/model.moeq".into(),
+                    reason: format!("checksum mismatch in expert {expert} of layer {layer}"),
+                });
+            }
+            Ok(None)
+        }
+    }
+
+    fn store(config: TieredStoreConfig) -> (TieredStore, Arc<FailOne>) {
+        let check = Arc::new(FailOne {
+            layer: 1,
+            expert: 2,
+            runs: AtomicU64::new(0),
+        });
+        let dyn_check: Arc<dyn ExpertCheck> = check.clone();
+        let s =
+            TieredStore::with_check(experts(2, 4), HIDDEN, INTER, config, Some(dyn_check)).unwrap();
+        (s, check)
+    }
+
+    fn run(s: &TieredStore, layer: usize, expert: usize) -> Result<Vec<f32>> {
+        let x = vec![1.0f32; HIDDEN];
+        let mut out = vec![0f32; HIDDEN];
+        let b = ExpertBatch {
+            expert,
+            rows: vec![0],
+            weights: vec![1.0],
+        };
+        s.compute(layer, &[b], &x, HIDDEN, &mut out)?;
+        Ok(out)
+    }
+
+    /// The failure of expert 2 of layer 1 as the caller sees it: a load error naming the expert
+    /// and carrying the checksum failure, never a request error.
+    fn assert_load_failure(e: Error) -> Arc<Error> {
+        assert!(!e.is_request_error(), "{e}");
+        let text = e.to_string();
+        let Error::ExpertLoad {
+            layer,
+            expert,
+            source,
+        } = e
+        else {
+            panic!("not an expert load failure: {text}");
+        };
+        assert_eq!((layer, expert), (1, 2));
+        assert!(matches!(*source, Error::Cache { .. }), "{source:?}");
+        assert!(
+            text.starts_with("expert 2 of layer 1 could not be loaded: ")
+                && text.contains("/state/cache/model.moeq")
+                && text.contains("checksum mismatch"),
+            "{text}"
+        );
+        source
+    }
+
+    fn tiers() -> Vec<(&'static str, TieredStoreConfig)> {
+        let pool = TieredStoreConfig {
+            host: HostTierConfig::Pool { experts: 3 },
+            ..TieredStoreConfig::default()
+        };
+        let device = TieredStoreConfig {
+            host: HostTierConfig::Pool { experts: 3 },
+            device: Some(DeviceTierConfig {
+                slots_per_layer: 2,
+                link_bytes_per_s: 1e12,
+                copy_latency: Duration::ZERO,
+                // Slow enough that every miss is copied rather than computed in place.
+                host_compute_bytes_per_s: 1.0,
+            }),
+            ..TieredStoreConfig::default()
+        };
+        let device_from_files = TieredStoreConfig {
+            host: HostTierConfig::Mapped,
+            ..device.clone()
+        };
+        vec![
+            ("mapped", TieredStoreConfig::default()),
+            ("ram pool", pool),
+            ("device slots over a ram pool", device),
+            ("device slots over the files", device_from_files),
+        ]
+    }
+
+    #[test]
+    fn an_expert_that_fails_to_load_is_a_load_error_with_its_cause_on_every_tier() {
+        for (name, config) in tiers() {
+            let (s, check) = store(config);
+            // The healthy experts compute (0.5 * 4 summed, SiLU-gated, then down-projected).
+            let ok = run(&s, 1, 1).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(ok.iter().all(|v| *v > 0.0), "{name}: {ok:?}");
+            let first = assert_load_failure(run(&s, 1, 2).unwrap_err());
+            // No tier keeps an entry for the failed expert.
+            if let Some((_, pools)) = &s.device {
+                assert!(!pools[1].contains(2), "{name}: a failed device slot stayed");
+            }
+            if let Some(p) = &s.shared.host_pool {
+                assert!(
+                    !p.contains(s.shared.key(1, 2)),
+                    "{name}: a failed RAM entry stayed"
+                );
+            }
+            // Asked again (the failed entry was dropped, so this is a new load): the same
+            // cause, from the check that ran once.
+            let again = assert_load_failure(run(&s, 1, 2).unwrap_err());
+            assert!(Arc::ptr_eq(&first, &again), "{name}");
+            // The failure does not poison the store: other experts still compute.
+            run(&s, 0, 2).unwrap_or_else(|e| panic!("{name}: {e}"));
+            run(&s, 1, 3).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(check.runs.load(Relaxed) >= 4, "{name}");
+        }
+    }
+
+    #[test]
+    fn prefetching_a_failing_expert_fails_only_the_computation_that_uses_it() {
+        for (name, mut config) in tiers().into_iter().skip(1) {
+            config.prefetch = true;
+            let (s, _) = store(config);
+            s.prefetch(1, &[2, 3]);
+            run(&s, 1, 3).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_load_failure(run(&s, 1, 2).unwrap_err());
+        }
+    }
+
+    #[test]
+    fn an_expert_index_past_the_layer_is_internal_not_a_request_error() {
+        let (s, _) = store(TieredStoreConfig::default());
+        let e = run(&s, 0, 9).unwrap_err();
+        assert!(matches!(e, Error::Internal(_)), "{e:?}");
+        assert!(e.to_string().contains("expert 9 of layer 0"), "{e}");
     }
 }
