@@ -155,11 +155,11 @@ fn main() {
             cache_dir: Some(cache_dir.clone()),
             ..Default::default()
         };
-        let plan = moe_runtime::cache::api::plan_for(&settings).expect("plan");
+        let plan = moe_runtime::open::cache_cmd::plan_for(&settings).expect("plan");
         let build = if reuse && plan.open().is_ok() {
             None
         } else {
-            let _ = moe_runtime::cache::api::clear(&settings, false);
+            let _ = moe_runtime::open::cache_cmd::clear(&settings, false);
             warm_page_cache(Path::new(&model));
             let t = Instant::now();
             let build = run_measured(Command::new(binary()).args([

@@ -36,7 +36,8 @@ mod server;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use moe_runtime::cache::{api as cache_api, BuildProgress, ProgressSink};
+use moe_runtime::cache::{BuildProgress, ProgressSink};
+use moe_runtime::open::cache_cmd as cache_api;
 use moe_runtime::runconfig::{Activations, ByteSize, DeviceKind, Quantization};
 use moe_runtime::synth::{synth, synth_gguf, SynthOptions};
 use moe_runtime::weights::{safetensors_bytes, Dtype};

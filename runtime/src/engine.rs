@@ -14,226 +14,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::arch;
-use crate::cache::{CacheHandle, CacheKey, CacheOptions, CachePlan, ProgressSink};
+use crate::cache::{CacheHandle, CacheKey, CachePlan};
 use crate::config::{GenerationConfig, ModelConfig, RawConfig};
 use crate::error::{Error, Result};
 use crate::model::{Decoder, Logits, Segment, SeqState, Trace};
-use crate::plan::{make_plan, ModelSizes, Plan, PlanRequest, Profile};
+use crate::open::{model_files, open, open_files, HotSet, Opened, Purpose};
+pub use crate::open::{Settings, DEFAULT_MAX_CONTEXT_TOKENS, LOADER_THREADS};
+use crate::plan::{make_plan, ModelSizes, Plan, Profile};
 use crate::quantize::{quantize_model, ExpertTypes};
-use crate::runconfig::{
-    Activations, DeviceKind, ExpertsConfig, KvDtype, Quantization, RunConfig, SimConfig,
-};
+use crate::runconfig::{Activations, Quantization};
 use crate::sampler::SamplingParams;
 use crate::sequence::{SeqDecoder, SeqSettings};
 use crate::store::{TieredStore, TieredStoreConfig};
 use crate::tokenizer::{ChatMessage, Tokenizer};
-use crate::weights::{ModelFiles, WeightSet};
+use crate::weights::ModelFiles;
 use std::path::PathBuf;
-
-/// Default context cap when none is set: long enough for real prompts, small enough that the
-/// KV cache of a big model stays modest.
-pub const DEFAULT_MAX_CONTEXT_TOKENS: usize = 4096;
-
-/// How to load a model: the settings of a config file (see [`RunConfig`]) as a plain struct.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    /// A folder or a Hub id in the local cache; `None` = the bundled demo model.
-    pub model: Option<String>,
-    /// Compute threads; `None` = all cores.
-    pub threads: Option<usize>,
-    /// Longest sequence (prompt + generated); `None` = min(max_position_embeddings, 4096).
-    pub max_context: Option<usize>,
-    pub device: DeviceKind,
-    /// Device-side budget in bytes (cuda/sim).
-    pub vram_budget: Option<u64>,
-    /// Host-side budget in bytes; on cpu it caps everything the process holds. `None` = what
-    /// the machine has available minus a margin.
-    pub ram_budget: Option<u64>,
-    /// Sequences served at once (sizes the KV cache in the plan).
-    pub max_batch: usize,
-    pub kv_dtype: KvDtype,
-    /// How expert weights are held in memory (quantized at load).
-    pub quantization: Quantization,
-    /// How resident weights are held; `None` = as `quantization`.
-    pub resident_quantization: Option<Quantization>,
-    /// How activations meet quantized weights (f32, or q8 with integer dot products).
-    pub activations: Activations,
-    /// Where learned state (expert popularity, calibration) is kept; `None` = per-user folder.
-    pub state_dir: Option<PathBuf>,
-    /// Persist quantized weights in `cache_dir` on the first start and map them afterwards;
-    /// `false` quantizes at load on every start and holds the result in RAM.
-    pub cache: bool,
-    /// Folder of the quantized weight cache; `None` = the per-user cache folder.
-    pub cache_dir: Option<PathBuf>,
-    /// Rebuild a damaged cache (or its damaged tensors); `false` fails naming the file.
-    pub cache_rebuild: bool,
-    /// Called as a cache build progresses (the CLI draws a progress bar with it).
-    pub cache_progress: Option<ProgressSink>,
-    /// Test hook: cache builds fail writing past this many bytes.
-    #[doc(hidden)]
-    pub cache_fail_after_bytes: Option<u64>,
-    pub experts: ExpertsConfig,
-    pub sim: SimConfig,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            model: None,
-            threads: None,
-            max_context: None,
-            device: DeviceKind::Cpu,
-            vram_budget: None,
-            ram_budget: None,
-            max_batch: 1,
-            kv_dtype: KvDtype::F32,
-            quantization: Quantization::None,
-            resident_quantization: None,
-            activations: Activations::F32,
-            state_dir: None,
-            cache: true,
-            cache_dir: None,
-            cache_rebuild: true,
-            cache_progress: None,
-            cache_fail_after_bytes: None,
-            experts: ExpertsConfig::default(),
-            sim: SimConfig::default(),
-        }
-    }
-}
-
-impl Settings {
-    /// The settings a config file describes.
-    pub fn from_run_config(c: &RunConfig) -> Settings {
-        Settings {
-            model: Some(c.model.clone()),
-            threads: c.threads,
-            max_context: c.max_context,
-            device: c.device,
-            vram_budget: c.vram_budget.map(|b| b.0),
-            ram_budget: c.ram_budget.map(|b| b.0),
-            max_batch: c.max_batch,
-            kv_dtype: c.kv_dtype,
-            quantization: c.quantization,
-            resident_quantization: c.resident_quantization,
-            activations: c.activations,
-            state_dir: Some(c.resolved_state_dir()),
-            cache: c.cache,
-            cache_dir: Some(c.resolved_cache_dir()),
-            cache_rebuild: c.cache_rebuild,
-            cache_progress: None,
-            cache_fail_after_bytes: None,
-            experts: c.experts.clone(),
-            sim: c.sim.clone(),
-        }
-    }
-
-    /// The state folder (as a config file would resolve it).
-    pub fn resolved_state_dir(&self) -> PathBuf {
-        match &self.state_dir {
-            Some(d) => d.clone(),
-            None => {
-                RunConfig::for_model(self.model.clone().unwrap_or_default()).resolved_state_dir()
-            }
-        }
-    }
-
-    /// The cache folder (as a config file would resolve it).
-    pub fn resolved_cache_dir(&self) -> PathBuf {
-        match &self.cache_dir {
-            Some(d) => d.clone(),
-            None => {
-                let model_dir = self
-                    .model
-                    .as_deref()
-                    .map(std::path::Path::new)
-                    .filter(|p| p.is_dir());
-                crate::runconfig::default_cache_dir(model_dir)
-            }
-        }
-    }
-
-    /// How the cache is used, when it is.
-    pub(crate) fn cache_options(&self) -> CacheOptions {
-        CacheOptions {
-            dir: self.resolved_cache_dir(),
-            rebuild: self.cache_rebuild,
-            progress: self.cache_progress.clone(),
-            fail_after_bytes: self.cache_fail_after_bytes,
-        }
-    }
-
-    /// The resident weights' quantization.
-    pub fn resident_quantization(&self) -> Quantization {
-        self.resident_quantization.unwrap_or(self.quantization)
-    }
-
-    /// What each expert becomes: `quantization`, or the hot / cold tiers with the hot set
-    /// taken from the recorded popularity (`None`: nothing recorded, every expert is cold).
-    pub fn expert_types(
-        &self,
-        popularity: Option<&[Vec<u64>]>,
-        experts_per_layer: &[usize],
-    ) -> ExpertTypes {
-        match self.experts.tiers(self.quantization) {
-            None => ExpertTypes::Uniform(self.quantization),
-            Some((hot, cold)) => ExpertTypes::Tiered {
-                hot,
-                cold,
-                hot_set: match popularity {
-                    Some(counts) => ExpertTypes::hot_set_from(counts, self.experts.hot_fraction),
-                    None => experts_per_layer.iter().map(|&n| vec![false; n]).collect(),
-                },
-            },
-        }
-    }
-
-    /// Whether any weight changes type under these settings (what a cache would hold).
-    pub fn quantizes(&self, types: &ExpertTypes) -> bool {
-        types.changes_anything() || self.resident_quantization() != Quantization::None
-    }
-
-    /// Whether these settings map weights from the quantized cache.
-    pub fn uses_cache(&self, types: &ExpertTypes) -> bool {
-        self.uses_cache_for(types, false)
-    }
-
-    /// Whether these settings map weights from the quantized cache for a model that holds
-    /// pre-quantized weights (`prequant`: those are always converted, so cached too).
-    pub fn uses_cache_for(&self, types: &ExpertTypes, prequant: bool) -> bool {
-        self.cache && (self.quantizes(types) || prequant)
-    }
-
-    /// The planner's request; converted experts must fit RAM only when converted at load (no
-    /// cache file to read them from).
-    fn plan_request(
-        &self,
-        max_context: usize,
-        types: &ExpertTypes,
-        prequant: bool,
-    ) -> Result<PlanRequest> {
-        let experts_in_ram =
-            !self.uses_cache_for(types, prequant) && (types.changes_anything() || prequant);
-        let kv_elem_bytes = match self.kv_dtype {
-            KvDtype::F32 => 4,
-            KvDtype::Bf16 | KvDtype::F16 => 2,
-        };
-        Ok(PlanRequest {
-            device: self.device,
-            vram_budget_bytes: self.vram_budget,
-            ram_budget_bytes: self.ram_budget,
-            max_context,
-            max_batch: self.max_batch.max(1),
-            slots_per_layer: self.experts.slots_per_layer,
-            link_bytes_per_s: self.sim.link_gb_per_s * 1e9,
-            copy_latency_s: self.sim.copy_latency_us * 1e-6,
-            loader_threads: LOADER_THREADS,
-            kv_elem_bytes,
-            experts_in_ram,
-        })
-    }
-}
 
 /// Whether `act` takes a lower-precision kernel for weights of type `dtype` on this CPU.
 fn activation_path_covers(act: Activations, dtype: crate::weights::Dtype) -> bool {
@@ -244,9 +39,6 @@ fn activation_path_covers(act: Activations, dtype: crate::weights::Dtype) -> boo
         Activations::Bf16 => dtype == Dtype::Bf16 && moe_kernels::bf16_activations_supported(),
     }
 }
-
-/// Threads that read and copy experts (I/O-bound; two keep a disk and a link busy).
-pub const LOADER_THREADS: usize = 2;
 
 /// A loaded model, ready to generate. Cheap to share behind an `Arc`.
 pub struct Model {
@@ -388,8 +180,21 @@ impl Model {
 
     /// Loads from already-located files (a folder or the embedded demo).
     pub fn load_files(files: ModelFiles, settings: &Settings) -> Result<Model> {
-        let (cfg_bytes, raw, arch, config) = read_config(&files)?;
-
+        let Opened {
+            files,
+            config_bytes,
+            raw: _,
+            arch: _,
+            config,
+            weights,
+            skeleton: mut mw,
+            experts_per_layer,
+            hot_set,
+            expert_types,
+            dry: quant,
+            mut files_watch,
+            from_config_only: _,
+        } = open_files(files, settings, Purpose::Load)?;
         let generation_config = match files.read_small("generation_config.json")? {
             Some(b) => GenerationConfig::parse(&RawConfig::parse(
                 files.path_of("generation_config.json"),
@@ -397,29 +202,20 @@ impl Model {
             )?)?,
             None => GenerationConfig::default(),
         };
-
-        let max_context = settings.max_context.unwrap_or_else(|| {
-            config
-                .max_position_embeddings
-                .clamp(1, DEFAULT_MAX_CONTEXT_TOKENS)
-        });
+        let max_context = settings.max_context_for(&config);
         if max_context < 2 {
             return Err(Error::InvalidRequest(
                 "max_context must be at least 2".into(),
             ));
         }
-        let weights = open_weights(&files, &raw)?;
-        // Watching from here: a file changed while loading reads it fails the load.
-        let mut files_watch =
-            crate::mapguard::FileWatch::new(weights.files.iter().map(|f| f.path.clone()).collect());
-        let mut mw = arch::build_decoder(&config, &weights, arch.names)?;
         let resident_q = settings.resident_quantization();
-        let state_dir = settings.resolved_state_dir();
-        let profile = Profile::load(&state_dir);
-        let experts_per_layer: Vec<usize> = mw.experts.iter().map(Vec::len).collect();
-        let (hotset_path, fingerprint, hot_counts) =
-            hot_set(&state_dir, &cfg_bytes, &weights, &experts_per_layer);
-        let expert_types = settings.expert_types(hot_counts.as_deref(), &experts_per_layer);
+        let profile = Profile::load(&settings.resolved_state_dir());
+        let HotSet {
+            path: hotset_path,
+            fingerprint,
+            counts: hot_counts,
+        } = hot_set
+            .ok_or_else(|| Error::Internal("opened for loading without a hot set".into()))?;
         if let ExpertTypes::Tiered { hot, hot_set, .. } = &expert_types {
             let n_hot = hot_set.iter().flatten().filter(|h| **h).count();
             let n_all: usize = experts_per_layer.iter().sum();
@@ -433,7 +229,6 @@ impl Model {
                 }
             );
         }
-        let quant = quantize_model(&mut mw, &expert_types, resident_q, true)?;
         let prequant = quant.prequant_tensors > 0;
         let use_cache = settings.uses_cache_for(&expert_types, prequant);
         let request = settings.plan_request(max_context, &expert_types, prequant)?;
@@ -462,7 +257,7 @@ impl Model {
         let mut cache_build: Option<crate::cache::BuildReport> = None;
         let mut conversion_error = None;
         if use_cache {
-            let key = CacheKey::new(&files, &cfg_bytes, &weights, &expert_types, resident_q);
+            let key = CacheKey::new(&files, &config_bytes, &weights, &expert_types, resident_q);
             let cache_plan = CachePlan::new(&mut mw, key, &expert_types, settings.cache_options())?;
             let (handle, report) = CacheHandle::attach(&mut mw, cache_plan, &expert_types)?;
             cache = Some(Arc::new(handle));
@@ -553,11 +348,7 @@ impl Model {
             vocab_size: config.vocab_size,
             store: Box::new(store),
             w: mw,
-            kv_elem: match settings.kv_dtype {
-                KvDtype::F32 => crate::layers::KvElem::F32,
-                KvDtype::Bf16 => crate::layers::KvElem::Bf16,
-                KvDtype::F16 => crate::layers::KvElem::F16,
-            },
+            kv_elem: settings.kv_dtype,
         };
 
         let tokenizer = if files.exists("tokenizer.json") {
@@ -880,127 +671,27 @@ pub struct PlanReport {
     pub label: String,
 }
 
-/// Reads and checks config.json: its bytes, the parsed file, the architecture and its config.
-pub(crate) fn read_config(
-    files: &ModelFiles,
-) -> Result<(Vec<u8>, RawConfig, &'static arch::Arch, ModelConfig)> {
-    let cfg_bytes = files
-        .read_small("config.json")?
-        .ok_or_else(|| Error::ModelNotFound {
-            spec: files.label(),
-            reason: "no config.json".into(),
-        })?;
-    let raw = RawConfig::parse(files.path_of("config.json"), &cfg_bytes)?;
-    let arch = arch::lookup(&raw)?;
-    let config = (arch.parse_config)(&raw)?;
-    config.validate(&raw)?;
-    Ok((cfg_bytes, raw, arch, config))
-}
-
-/// Opens a model's weight files, reading pre-quantized weights as `quantization_config` says.
-pub(crate) fn open_weights(files: &ModelFiles, raw: &RawConfig) -> Result<WeightSet> {
-    let mut weights = WeightSet::open(files)?;
-    weights.set_prequant(crate::prequant::PrequantConfig::parse(raw)?);
-    Ok(weights)
-}
-
-/// The model's hot-set file, its fingerprint and the popularity it holds (if any).
-pub(crate) fn hot_set(
-    state_dir: &std::path::Path,
-    cfg_bytes: &[u8],
-    weights: &WeightSet,
-    experts_per_layer: &[usize],
-) -> (PathBuf, String, Option<Vec<Vec<u64>>>) {
-    let fingerprint = crate::hotset::fingerprint(cfg_bytes, weights);
-    let path = crate::hotset::path(state_dir, &fingerprint);
-    let counts = crate::hotset::load(&path, &fingerprint, experts_per_layer);
-    (path, fingerprint, counts)
-}
-
-/// The files `settings.model` names (the demo model when none).
-pub(crate) fn model_files(settings: &Settings) -> Result<ModelFiles> {
-    Ok(match &settings.model {
-        None => crate::demo::files(),
-        Some(spec) => ModelFiles::Dir(crate::hub::resolve(spec)?),
-    })
-}
-
 /// Plans a model without loading it: from its headers, or from a bare `config.json` (a folder
 /// without weights, or the file itself) so a user can ask whether a model fits before
 /// downloading it. Never reads weight bytes, never measures anything.
 pub fn plan_model(settings: &Settings) -> Result<PlanReport> {
-    let spec = settings.model.clone();
-    let (files, cfg_name) = match &spec {
-        None => (crate::demo::files(), "config.json".to_string()),
-        Some(s) if s.ends_with(".json") && std::path::Path::new(s).is_file() => {
-            let p = std::path::Path::new(s);
-            let dir = p
-                .parent()
-                .map(|d| d.to_path_buf())
-                .unwrap_or_else(|| ".".into());
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
-            (ModelFiles::Dir(dir), name.unwrap_or_default())
-        }
-        Some(s) => (
-            ModelFiles::Dir(crate::hub::resolve(s)?),
-            "config.json".to_string(),
-        ),
-    };
-    let cfg_bytes = files
-        .read_small(&cfg_name)?
-        .ok_or_else(|| Error::ModelNotFound {
-            spec: files.label(),
-            reason: format!("no {cfg_name}"),
-        })?;
-    let raw = RawConfig::parse(files.path_of(&cfg_name), &cfg_bytes)?;
-    let arch = arch::lookup(&raw)?;
-    let config = (arch.parse_config)(&raw)?;
-    config.validate(&raw)?;
-    // A config file named directly means "plan from the config alone", even beside weights.
-    let named_file = spec.as_deref().is_some_and(|s| s.ends_with(".json"));
-    let has_weights = !named_file
-        && (files.exists("model.safetensors") || files.exists("model.safetensors.index.json"));
-    let weights = if has_weights {
-        open_weights(&files, &raw)?
-    } else {
-        let dtype = match raw.opt_str(&["torch_dtype", "dtype"])? {
-            Some("float32") => crate::weights::Dtype::F32,
-            Some("float16") => crate::weights::Dtype::F16,
-            _ => crate::weights::Dtype::Bf16,
-        };
-        let mut w = WeightSet::virtual_set(dtype, files.label());
-        w.set_prequant(crate::prequant::PrequantConfig::parse(&raw)?);
-        w
-    };
-    let max_context = settings.max_context.unwrap_or_else(|| {
-        config
-            .max_position_embeddings
-            .clamp(1, DEFAULT_MAX_CONTEXT_TOKENS)
-    });
-    let mut mw = arch::build_decoder(&config, &weights, arch.names)?;
-    let experts_per_layer: Vec<usize> = mw.experts.iter().map(Vec::len).collect();
-    let state_dir = settings.resolved_state_dir();
-    let hot_counts = if weights.is_virtual() {
-        None
-    } else {
-        hot_set(&state_dir, &cfg_bytes, &weights, &experts_per_layer).2
-    };
-    let expert_types = settings.expert_types(hot_counts.as_deref(), &experts_per_layer);
-    let quant = quantize_model(
-        &mut mw,
-        &expert_types,
-        settings.resident_quantization(),
-        true,
-    )?;
-    let request = settings.plan_request(max_context, &expert_types, quant.prequant_tensors > 0)?;
-    let sizes = ModelSizes::measure(&config, &weights, &mw, request.kv_elem_bytes, &quant);
-    let profile = Profile::load(&state_dir);
+    let o = open(settings, Purpose::Plan)?;
+    let max_context = settings.max_context_for(&o.config);
+    let request = settings.plan_request(max_context, &o.expert_types, o.prequant())?;
+    let sizes = ModelSizes::measure(
+        &o.config,
+        &o.weights,
+        &o.skeleton,
+        request.kv_elem_bytes,
+        &o.dry,
+    );
+    let profile = Profile::load(&settings.resolved_state_dir());
     let plan = make_plan(&sizes, &request, &profile)?;
     Ok(PlanReport {
-        config,
+        config: o.config,
         plan,
-        from_config_only: !has_weights,
-        label: files.label(),
+        from_config_only: o.from_config_only,
+        label: o.files.label(),
     })
 }
 

@@ -321,16 +321,30 @@ impl Rope {
     }
 }
 
-/// Element type the KV cache stores (compute is f32 either way).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// Element type the KV cache stores (compute is f32 either way); the config key `kv_dtype`
+/// names it (`runconfig::KvDtype` is this type).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum KvElem {
-    /// Exact.
+    /// Exact; 4 bytes per element (`"f32"`).
     #[default]
     F32,
-    /// Half the bytes; values rounded to bf16 when stored.
+    /// Half the bytes, 8-bit exponent; values rounded to bf16 when stored (`"bf16"`).
     Bf16,
-    /// Half the bytes; values rounded to f16 when stored.
+    /// Half the bytes, 5-bit exponent; values rounded to f16 when stored (`"f16"`).
     F16,
+}
+
+impl KvElem {
+    /// Bytes one element takes in the cache.
+    pub fn elem_bytes(self) -> u64 {
+        match self {
+            KvElem::F32 => 4,
+            KvElem::Bf16 | KvElem::F16 => 2,
+        }
+    }
 }
 
 /// One of the cache's two tensors, `[tokens, kv_heads * head_dim]` in its element type.

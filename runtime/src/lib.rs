@@ -18,7 +18,9 @@
 //! ```
 //!
 //! Module map (dependencies point downwards):
-//! - [`engine`]: the public API (settings, load, generate, cancellation).
+//! - [`engine`]: the public API (load, generate, cancellation).
+//! - [`open`]: settings and the one opening pipeline (files, config, weights, quantization
+//!   plan) that load, plan and the cache commands share.
 //! - [`batch`]: continuous batching of many requests over one model (the server's scheduler).
 //! - [`model`]: the decoder stack and forward pass; [`arch`]: one file per architecture.
 //! - [`layers`], [`moe`], [`deltanet`]: building blocks; [`store`]: the expert store interface.
@@ -52,6 +54,7 @@ pub mod mapguard;
 pub mod mem;
 pub mod model;
 pub mod moe;
+pub mod open;
 pub mod plan;
 pub mod prequant;
 pub mod quantize;

@@ -204,18 +204,8 @@ impl std::str::FromStr for Activations {
     }
 }
 
-/// Element type of the KV cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KvDtype {
-    /// 4 bytes per element (`"f32"`).
-    #[default]
-    F32,
-    /// 2 bytes per element, 8-bit exponent (`"bf16"`).
-    Bf16,
-    /// 2 bytes per element, 5-bit exponent (`"f16"`).
-    F16,
-}
+/// Element type of the KV cache (`kv_dtype`): the KV cache's own type, named here.
+pub use crate::layers::KvElem as KvDtype;
 
 /// Which cached expert gives up its slot when a new one needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]

@@ -843,7 +843,7 @@ fn demo_cache_file(dir: &Path) -> PathBuf {
         state_dir: Some(dir.join("state")),
         ..Default::default()
     };
-    moe_runtime::cache::api::build(&settings, false)
+    moe_runtime::open::cache_cmd::build(&settings, false)
         .expect("demo cache builds")
         .path
 }

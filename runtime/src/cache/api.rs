@@ -1,40 +1,15 @@
-//! The cache commands of the embedded API (`moe-serve cache build|verify|info|clear`): each
-//! opens the model's headers only, never its weights, except to build.
+//! The cache commands' work on a cache file (`moe-serve cache build|verify|info|clear`):
+//! building or checking one from its [`CachePlan`], describing one from its header, removing a
+//! folder's files. Locating and opening the model is [`crate::open::cache_cmd`]'s; nothing here
+//! knows the settings or the engine.
 
 use std::path::{Path, PathBuf};
 
 use super::{
-    BuildReport, CacheFile, CacheKey, CachePlan, Problem, KEY_EXPERT_TYPES, KEY_FINGERPRINT,
+    BuildReport, CacheFile, CachePlan, Problem, KEY_EXPERT_TYPES, KEY_FINGERPRINT,
     KEY_RESIDENT_TYPE, KEY_SOURCE, KEY_SOURCE_TYPES, KEY_VERSION,
 };
-use crate::engine::{model_files, open_weights, read_config, Settings};
 use crate::error::{Error, Result};
-
-/// The cache plan of the model `settings` name (path, tensors), from its headers.
-pub fn plan_for(settings: &Settings) -> Result<CachePlan> {
-    let files = model_files(settings)?;
-    let (cfg_bytes, raw, arch, config) = read_config(&files)?;
-    let weights = open_weights(&files, &raw)?;
-    let mut mw = crate::arch::build_decoder(&config, &weights, arch.names)?;
-    let experts_per_layer: Vec<usize> = mw.experts.iter().map(Vec::len).collect();
-    // The file does not depend on the hot set (it holds every tier's type): none is read.
-    let types = settings.expert_types(None, &experts_per_layer);
-    let dry =
-        crate::quantize::quantize_model(&mut mw, &types, settings.resident_quantization(), true)?;
-    if !settings.quantizes(&types) && dry.prequant_tensors == 0 {
-        return Err(Error::InvalidRequest(
-            "quantization = \"none\": nothing is quantized, so nothing is cached (set quantization, e.g. \"q8_0\")".into(),
-        ));
-    }
-    let key = CacheKey::new(
-        &files,
-        &cfg_bytes,
-        &weights,
-        &types,
-        settings.resident_quantization(),
-    );
-    CachePlan::new(&mut mw, key, &types, settings.cache_options())
-}
 
 /// What `build` did.
 #[derive(Clone, Debug)]
@@ -45,10 +20,9 @@ pub struct BuildOutcome {
     pub report: Option<BuildReport>,
 }
 
-/// Builds the cache of the model `settings` name, unless an intact one exists (`force`
-/// rebuilds it anyway).
-pub fn build(settings: &Settings, force: bool) -> Result<BuildOutcome> {
-    let plan = plan_for(settings)?;
+/// Builds the cache `plan` describes, unless an intact one exists (`force` rebuilds it
+/// anyway).
+pub fn build_plan(plan: &CachePlan, force: bool) -> Result<BuildOutcome> {
     let (file, report) = plan.open_or_build(force)?;
     Ok(BuildOutcome {
         path: plan.path.clone(),
@@ -78,10 +52,9 @@ impl VerifyReport {
     }
 }
 
-/// Reads the whole cache file of the model `settings` name and checks every checksum, and
-/// hashes every weight file of the model again to check the cache was built from its bytes.
-pub fn verify(settings: &Settings) -> Result<VerifyReport> {
-    let plan = plan_for(settings)?;
+/// Reads the whole cache file `plan` describes and checks every checksum, and hashes every
+/// weight file of the model again to check the cache was built from its bytes.
+pub fn verify_plan(plan: &CachePlan) -> Result<VerifyReport> {
     let mut report = VerifyReport {
         path: plan.path.clone(),
         problem: None,
@@ -190,16 +163,11 @@ pub fn info(path: &Path) -> Result<CacheInfo> {
     })
 }
 
-/// Removes the cache files of the model `settings` name (every quantization, fingerprint and
-/// version built from its folder), or with `all` every cache file in `cache_dir`, with their
-/// lock and temporary files. Returns each removed cache file and its size.
-pub fn clear(settings: &Settings, all: bool) -> Result<Vec<(PathBuf, u64)>> {
-    let dir = settings.resolved_cache_dir();
-    let source = if all {
-        None
-    } else {
-        Some(super::source_of(&model_files(settings)?))
-    };
+/// Removes the cache files in `dir` built from `source` (every quantization, fingerprint and
+/// version built from that folder), or with `None` every cache file in `dir`, with their lock
+/// and temporary files. Returns each removed cache file and its size.
+pub fn clear_dir(dir: &Path, source: Option<&str>) -> Result<Vec<(PathBuf, u64)>> {
+    let dir = dir.to_path_buf();
     let mut removed = Vec::new();
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
@@ -217,9 +185,9 @@ pub fn clear(settings: &Settings, all: bool) -> Result<Vec<(PathBuf, u64)>> {
         if h.get(KEY_VERSION).is_none() {
             continue; // not one of ours
         }
-        let matches = match &source {
+        let matches = match source {
             None => true,
-            Some(s) => h.get(KEY_SOURCE).and_then(|v| v.as_str()) == Some(s.as_str()),
+            Some(s) => h.get(KEY_SOURCE).and_then(|v| v.as_str()) == Some(s),
         };
         if !matches {
             continue;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::engine::{read_config, Settings};
+use crate::open::Settings;
 use crate::quantize::ExpertTypes;
 use crate::runconfig::Quantization;
 use crate::weights::{ModelFiles, WeightSet};
@@ -16,7 +16,10 @@ fn demo_plan(dir: &Path, q: Quantization, rebuild: bool) -> CachePlan {
 
 /// The cache plan of the model `files` for `q` in `dir`.
 fn plan_of(files: &ModelFiles, q: Quantization, dir: &Path, rebuild: bool) -> CachePlan {
-    let (cfg, _, arch, config) = read_config(files).unwrap();
+    let cfg = files.read_small("config.json").unwrap().unwrap();
+    let raw = crate::config::RawConfig::parse(files.path_of("config.json"), &cfg).unwrap();
+    let arch = crate::arch::lookup(&raw).unwrap();
+    let config = (arch.parse_config)(&raw).unwrap();
     let weights = WeightSet::open(files).unwrap();
     let mut mw = crate::arch::build_decoder(&config, &weights, arch.names).unwrap();
     let types = ExpertTypes::Uniform(q);

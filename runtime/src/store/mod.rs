@@ -5,16 +5,26 @@
 //! those rows. Where the expert's bytes live (mmapped file, RAM pool, device slot) and where it is
 //! computed is the store's business alone; tiers, slots, LRU and prefetch live behind this trait.
 //!
+//! Inside, mechanism and policy are split: `pool.rs` is the slot pool (LRU / LFU / pinned-LRU),
+//! generic over what a slot holds; `device.rs` the device-tier interface (allocate a slot, copy an
+//! expert in with a completion ticket, run its FFN in a slot, record a slot's last use); `sim.rs`
+//! the simulated tier (`device = "sim"`); `tiered.rs` the policy shared by every tier (hit or
+//! miss, prefetch, demand before prefetch, copy or compute on the host); `stats.rs` the counters.
+//!
 //! Invariants: an expert is addressed by (layer, expert); `compute` adds exactly
 //! `weight * ffn_e(x[row])` to `out[row]` for every (row, weight) pair and touches no other row;
 //! experts within a call are applied in ascending expert order (the reference's order), so results
 //! do not depend on how the store schedules its work.
 
+mod device;
 mod pool;
+mod sim;
 mod stats;
 mod tiered;
 
+pub use device::DeviceTier;
 pub use pool::{EvictionPolicy, Found, Reserved, Slot, SlotPool};
+pub use sim::{SimTicket, SimTier};
 pub use stats::{LayerStats, StoreStats};
 pub use tiered::{DeviceTierConfig, HostTierConfig, TieredStore, TieredStoreConfig};
 

@@ -1,14 +1,19 @@
-//! A bounded pool of expert buffers (device slots of one layer, or the RAM tier) with eviction.
+//! A bounded pool of expert payloads (device slots of one layer, or the RAM tier) with eviction.
+//!
+//! The pool is mechanism only and generic over what it holds (`P`): owned host buffers
+//! ([`ExpertBuf`], the RAM tier) or a device tier's slots (see [`super::device`]). It knows keys,
+//! readiness, use counts and the eviction policy (LRU / LFU / pinned-LRU); it never moves bytes.
 //!
 //! Entries are filled asynchronously: [`SlotPool::reserve`] inserts a `Loading` slot that a loader
-//! thread fills, and computing threads wait on it. Eviction picks, among entries that are ready and
-//! not pinned, the one the policy ranks lowest; a buffer being computed on stays alive through its
-//! `Arc` even if its entry is evicted meanwhile.
+//! thread fills, and computing threads wait on it. Eviction picks, among entries that are ready,
+//! not pinned and that the caller says may go ([`SlotPool::reserve_where`]: a device slot whose
+//! last use is still pending may not), the one the policy ranks lowest; a payload being computed
+//! on stays alive through its `Arc` even if its entry is evicted meanwhile.
 //!
-//! Invariants: at most `capacity` entries exist; an entry still loading is never evicted; when no
-//! entry can be evicted, `reserve` says so and the caller computes the expert where it lies; a
-//! failed load keeps its cause (the runtime's error, shared) for every waiter, so a disk or
-//! checksum failure reaches the caller as itself.
+//! Invariants: at most `capacity` entries exist; an entry still loading is never evicted, nor one
+//! the caller's predicate holds back; when no entry can be evicted, `reserve` says so and the
+//! caller computes the expert where it lies; a failed load keeps its cause (the runtime's error,
+//! shared) for every waiter, so a disk or checksum failure reaches the caller as itself.
 //! Victim choice scans the entries (O(capacity), at most a few hundred per layer): cheap next to
 //! the megabytes each miss copies, and it serves every policy with one structure.
 
@@ -23,20 +28,20 @@ use crate::error::Error;
 pub use crate::runconfig::EvictionPolicy;
 
 /// What a slot holds.
-enum SlotState {
+enum SlotState<P> {
     Loading,
-    Ready(Arc<ExpertBuf>),
+    Ready(Arc<P>),
     Failed(Arc<Error>),
 }
 
 /// One pool entry, shared between the loader filling it and the computations waiting on it.
-pub struct Slot {
-    state: Mutex<SlotState>,
+pub struct Slot<P = ExpertBuf> {
+    state: Mutex<SlotState<P>>,
     ready: Condvar,
 }
 
-impl Slot {
-    fn loading() -> Arc<Slot> {
+impl<P> Slot<P> {
+    fn loading() -> Arc<Slot<P>> {
         Arc::new(Slot {
             state: Mutex::new(SlotState::Loading),
             ready: Condvar::new(),
@@ -44,7 +49,7 @@ impl Slot {
     }
 
     /// Publishes the load result (the buffer, or why it could not be loaded) and wakes waiters.
-    pub fn fill(&self, result: Result<ExpertBuf, Arc<Error>>) {
+    pub fn fill(&self, result: Result<P, Arc<Error>>) {
         let mut st = self.state.lock();
         *st = match result {
             Ok(b) => SlotState::Ready(Arc::new(b)),
@@ -54,7 +59,7 @@ impl Slot {
     }
 
     /// Blocks until the slot is filled; a failed load gives every waiter the same cause.
-    pub fn wait(&self) -> Result<Arc<ExpertBuf>, Arc<Error>> {
+    pub fn wait(&self) -> Result<Arc<P>, Arc<Error>> {
         let mut st = self.state.lock();
         loop {
             match &*st {
@@ -65,13 +70,19 @@ impl Slot {
         }
     }
 
-    fn is_loading(&self) -> bool {
-        matches!(*self.state.lock(), SlotState::Loading)
+    /// May this entry go? Never while loading; a failed one always; a ready one if
+    /// `may_evict` accepts its payload.
+    fn evictable(&self, may_evict: &impl Fn(&Arc<P>) -> bool) -> bool {
+        match &*self.state.lock() {
+            SlotState::Loading => false,
+            SlotState::Failed(_) => true,
+            SlotState::Ready(p) => may_evict(p),
+        }
     }
 }
 
-struct Entry {
-    slot: Arc<Slot>,
+struct Entry<P> {
+    slot: Arc<Slot<P>>,
     last_use: u64,
     uses: u64,
     /// Brought in by prefetch and not used since.
@@ -79,37 +90,37 @@ struct Entry {
 }
 
 /// Result of a lookup.
-pub struct Found {
-    pub slot: Arc<Slot>,
+pub struct Found<P = ExpertBuf> {
+    pub slot: Arc<Slot<P>>,
     /// This use is the first since a prefetch brought the entry in.
     pub prefetch_hit: bool,
 }
 
-/// A bounded set of expert buffers keyed by expert id.
-pub struct SlotPool {
+/// A bounded set of expert payloads keyed by expert id.
+pub struct SlotPool<P = ExpertBuf> {
     capacity: usize,
     policy: EvictionPolicy,
-    inner: Mutex<Inner>,
+    inner: Mutex<Inner<P>>,
 }
 
-struct Inner {
-    entries: HashMap<usize, Entry>,
+struct Inner<P> {
+    entries: HashMap<usize, Entry<P>>,
     pinned: std::collections::HashSet<usize>,
     tick: u64,
 }
 
 /// What `reserve` did.
-pub enum Reserved {
+pub enum Reserved<P = ExpertBuf> {
     /// A new loading slot: the caller must arrange for it to be filled.
-    New(Arc<Slot>),
+    New(Arc<Slot<P>>),
     /// The key was already present (possibly still loading).
-    Present(Arc<Slot>),
+    Present(Arc<Slot<P>>),
     /// Full of entries that cannot be evicted now.
     Full,
 }
 
-impl SlotPool {
-    pub fn new(capacity: usize, policy: EvictionPolicy) -> SlotPool {
+impl<P> SlotPool<P> {
+    pub fn new(capacity: usize, policy: EvictionPolicy) -> SlotPool<P> {
         SlotPool {
             capacity,
             policy,
@@ -139,7 +150,7 @@ impl SlotPool {
     }
 
     /// Finds `key` and records a use.
-    pub fn lookup(&self, key: usize) -> Option<Found> {
+    pub fn lookup(&self, key: usize) -> Option<Found<P>> {
         let mut inner = self.inner.lock();
         inner.tick += 1;
         let tick = inner.tick;
@@ -160,7 +171,19 @@ impl SlotPool {
 
     /// Inserts a loading slot for `key`, evicting if full. Returns the evicted entry's
     /// "prefetched but never used" flag through `wasted`.
-    pub fn reserve(&self, key: usize, by_prefetch: bool, wasted: &mut bool) -> Reserved {
+    pub fn reserve(&self, key: usize, by_prefetch: bool, wasted: &mut bool) -> Reserved<P> {
+        self.reserve_where(key, by_prefetch, wasted, |_| true)
+    }
+
+    /// [`SlotPool::reserve`], evicting only ready entries whose payload `may_evict` accepts (a
+    /// device slot whose last use has not completed is held back).
+    pub fn reserve_where(
+        &self,
+        key: usize,
+        by_prefetch: bool,
+        wasted: &mut bool,
+        may_evict: impl Fn(&Arc<P>) -> bool,
+    ) -> Reserved<P> {
         let mut inner = self.inner.lock();
         if let Some(e) = inner.entries.get(&key) {
             return Reserved::Present(e.slot.clone());
@@ -175,7 +198,7 @@ impl SlotPool {
                 .iter()
                 .filter(|(k, e)| {
                     let pinned = self.policy == EvictionPolicy::PinnedLru && pinned.contains(k);
-                    !pinned && !e.slot.is_loading()
+                    !pinned && e.slot.evictable(&may_evict)
                 })
                 .min_by_key(|(_, e)| match self.policy {
                     EvictionPolicy::Lru | EvictionPolicy::PinnedLru => (e.last_use, 0),
@@ -285,8 +308,35 @@ mod tests {
     }
 
     #[test]
+    fn entries_the_caller_holds_back_are_not_evicted() {
+        // A pool over another payload: the pool is generic over what a slot holds.
+        let p: SlotPool<u32> = SlotPool::new(2, EvictionPolicy::Lru);
+        let mut w = false;
+        for (k, v) in [(1, 10), (2, 20)] {
+            match p.reserve(k, false, &mut w) {
+                Reserved::New(s) => s.fill(Ok(v)),
+                _ => panic!("expected a new slot for {k}"),
+            }
+        }
+        // 1 is least recent, but its payload is held back: 2 goes instead.
+        assert!(matches!(
+            p.reserve_where(3, false, &mut w, |v| **v != 10),
+            Reserved::New(_)
+        ));
+        assert!(p.contains(1) && !p.contains(2) && p.contains(3));
+        // 1 held back and 3 still loading: nothing may go.
+        assert!(matches!(
+            p.reserve_where(4, false, &mut w, |v| **v != 10),
+            Reserved::Full
+        ));
+        // Unconstrained, the least recent ready entry goes as before.
+        assert!(matches!(p.reserve(4, false, &mut w), Reserved::New(_)));
+        assert!(!p.contains(1) && p.contains(3) && p.contains(4));
+    }
+
+    #[test]
     fn waiters_see_failures() {
-        let s = Slot::loading();
+        let s = Slot::<ExpertBuf>::loading();
         let s2 = s.clone();
         let t = std::thread::spawn(move || s2.wait());
         let cause = Arc::new(Error::io(

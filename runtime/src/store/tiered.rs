@@ -1,10 +1,18 @@
 //! The tiered expert store: device slots (per layer) -> RAM -> mmapped files.
 //!
+//! This file is the store's *policy*, generic over the device tier's *mechanism*
+//! ([`DeviceTier`]): which tier serves an expert (hit or miss), what to prefetch, demand loads
+//! before prefetches, copy or compute on the host, warm-up from the hot set, and every counter.
+//! It never moves bytes into device memory or computes there itself; the tier does (`sim` is
+//! [`SimTier`]), so a real device tier runs exactly this code, and it is tested against a fake
+//! tier without a model.
+//!
 //! - **Host tier**: either every expert mapped from its file (the model fits the RAM budget; pages
 //!   come in as the compute touches them), or a bounded RAM pool filled by positioned reads, so
 //!   experts beyond the budget never enter this process's resident set through the mapping.
-//! - **Device tier** (optional): per-layer slot pools. On `sim` the slots are RAM buffers and each
-//!   copy takes the modelled link time; the CUDA backend plugs in the same way.
+//! - **Device tier** (optional): per-layer pools ([`SlotPool`]) of the tier's slots. On `sim`
+//!   the slots are RAM buffers and each copy takes the modelled link time; another tier
+//!   implements [`DeviceTier`] and plugs in through [`TieredStore::with_tier`].
 //! - **Loads** run on loader threads; demand loads go before prefetches, so a computation never
 //!   waits behind a copy meant for a later layer.
 //! - **Prefetch**: the model predicts a later layer's experts and calls [`ExpertStore::prefetch`];
@@ -18,7 +26,9 @@
 //! Invariants: this is the only code that moves expert bytes between tiers; results do not depend
 //! on where an expert is computed (every tier holds the stored dtype and the same kernels run), so
 //! parity holds with every tier in play; RAM use is bounded by the pool capacities plus the
-//! buffers computations hold at that moment.
+//! buffers computations hold at that moment; a device slot is published only after its copy
+//! completed, every computation on it records its last use, and eviction skips a slot whose last
+//! use is pending, so no copy overwrites a slot before the work reading it has completed.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -28,7 +38,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
+use super::device::{DeviceTier, Resident};
 use super::pool::{Found, Reserved, Slot, SlotPool};
+use super::sim::SimTier;
 use super::stats::LayerCounters;
 use super::{
     EvictionPolicy, ExpertBatch, ExpertBuf, ExpertCheck, ExpertParts, ExpertStore, ExpertWeights,
@@ -268,21 +280,28 @@ impl Shared {
     }
 }
 
-/// The store behind every model: see the module docs.
-pub struct TieredStore {
+/// The device side of a store: the tier (mechanism), its settings and its per-layer slot pools
+/// (shared with the copy jobs, which drop a slot whose copy failed).
+struct DeviceSide<D: DeviceTier> {
+    config: DeviceTierConfig,
+    tier: D,
+    pools: Vec<SlotPool<Resident<D>>>,
+}
+
+/// The store behind every model: see the module docs. `D` is the device tier; the policy here
+/// is the same for every tier.
+pub struct TieredStore<D: DeviceTier = SimTier> {
     shared: Arc<Shared>,
-    /// The device tier's settings and per-layer slot pools (shared with the copy jobs, which
-    /// drop a slot whose copy failed).
-    device: Option<(DeviceTierConfig, Arc<Vec<SlotPool>>)>,
+    device: Option<Arc<DeviceSide<D>>>,
     loader: Loader,
     config: TieredStoreConfig,
     /// Per layer: the experts last predicted for it, scored when it routes.
     predicted: Mutex<Vec<Option<HashSet<usize>>>>,
 }
 
-impl TieredStore {
+impl TieredStore<SimTier> {
     /// `experts[l]` are layer l's experts (empty for dense layers), each checked against
-    /// `[inter, hidden]`.
+    /// `[inter, hidden]`. The device tier, when configured, is `sim`.
     pub fn new(
         experts: Vec<Vec<ExpertWeights>>,
         hidden: usize,
@@ -300,6 +319,25 @@ impl TieredStore {
         config: TieredStoreConfig,
         check: Option<Arc<dyn ExpertCheck>>,
     ) -> Result<TieredStore> {
+        let tier = config
+            .device
+            .as_ref()
+            .map(|d| SimTier::new(d.link_bytes_per_s, d.copy_latency));
+        TieredStore::with_tier(experts, hidden, inter, config, check, tier)
+    }
+}
+
+impl<D: DeviceTier> TieredStore<D> {
+    /// [`TieredStore::with_check`] over a given device tier. `tier` is used when
+    /// `config.device` is set (its slot count and host compute speed), ignored otherwise.
+    pub fn with_tier(
+        experts: Vec<Vec<ExpertWeights>>,
+        hidden: usize,
+        inter: usize,
+        config: TieredStoreConfig,
+        check: Option<Arc<dyn ExpertCheck>>,
+        tier: Option<D>,
+    ) -> Result<TieredStore<D>> {
         for e in experts.iter().flatten() {
             e.check(hidden, inter)?;
         }
@@ -310,11 +348,15 @@ impl TieredStore {
             HostTierConfig::Mapped => None,
             HostTierConfig::Pool { experts } => Some(SlotPool::new(experts, config.policy)),
         };
-        let device = config.device.clone().map(|d| {
-            let pools: Vec<SlotPool> = (0..layers)
+        let device = config.device.clone().zip(tier).map(|(d, tier)| {
+            let pools = (0..layers)
                 .map(|_| SlotPool::new(d.slots_per_layer, config.policy))
                 .collect();
-            (d, Arc::new(pools))
+            Arc::new(DeviceSide {
+                config: d,
+                tier,
+                pools,
+            })
         });
         let shared = Arc::new(Shared {
             checked: experts
@@ -337,9 +379,9 @@ impl TieredStore {
             if let Some(p) = &shared.host_pool {
                 p.pin(config.hot.iter().map(|&(l, e)| shared.key(l, e)));
             }
-            if let Some((_, pools)) = &device {
+            if let Some(dev) = &device {
                 for &(l, e) in &config.hot {
-                    if let Some(p) = pools.get(l) {
+                    if let Some(p) = dev.pools.get(l) {
                         p.pin([e]);
                     }
                 }
@@ -442,10 +484,18 @@ impl TieredStore {
     }
 
     /// Starts copying an expert to its device slot; returns the slot.
-    fn device_load(&self, layer: usize, expert: usize, prefetch: bool) -> Option<Arc<Slot>> {
-        let (dev, pools) = self.device.as_ref()?;
+    fn device_load(
+        &self,
+        layer: usize,
+        expert: usize,
+        prefetch: bool,
+    ) -> Option<Arc<Slot<Resident<D>>>> {
+        let dev = self.device.as_ref()?;
         let mut wasted = false;
-        let slot = match pools[layer].reserve(expert, prefetch, &mut wasted) {
+        // A slot whose last use is still pending is never the one overwritten.
+        let reserved =
+            dev.pools[layer].reserve_where(expert, prefetch, &mut wasted, |r| r.idle(&dev.tier));
+        let slot = match reserved {
             Reserved::Present(s) => return Some(s),
             Reserved::Full => return None,
             Reserved::New(s) => s,
@@ -461,32 +511,34 @@ impl TieredStore {
             .and_then(|_| self.host_slot(layer, expert, prefetch))
             .map(|(s, _)| s);
         let shared = self.shared.clone();
-        let link = dev.link_bytes_per_s;
-        let latency = dev.copy_latency;
         let target = slot.clone();
-        let pools = pools.clone();
+        let dev = dev.clone();
         let job: Job = Box::new(move || {
             let t0 = Instant::now();
-            let src = match host_slot {
-                Some(h) => h.wait().map(|b| (*b).clone()),
-                None => shared.read_from_file(layer, expert, false),
-            };
-            if let Ok(b) = &src {
+            let copied = match host_slot {
+                Some(h) => h.wait(),
+                None => shared.read_from_file(layer, expert, false).map(Arc::new),
+            }
+            .and_then(|b| {
                 let bytes = b.size_bytes();
                 LayerCounters::add(&shared.counters[layer].bytes_to_device, bytes as u64);
-                // The modelled transfer: latency plus bytes over the link.
-                let modelled = latency + Duration::from_secs_f64(bytes as f64 / link);
-                if let Some(rest) = modelled.checked_sub(t0.elapsed()) {
-                    std::thread::sleep(rest);
-                }
+                let copy = || -> Result<Resident<D>> {
+                    let mut s = dev.tier.alloc(bytes)?;
+                    let ticket = dev.tier.copy_in(b, &mut s, t0)?;
+                    dev.tier.wait(&ticket)?;
+                    Ok(Resident::new(s))
+                };
+                let resident = copy().map_err(Arc::new)?;
                 shared.copy_rate.record(bytes, t0.elapsed());
-            } else {
+                Ok(resident)
+            });
+            if copied.is_err() {
                 // Like the host pool: a failed copy leaves no entry, so a later use tries again
                 // (the waiters of this one still get the cause). The entry is still this slot:
                 // a loading entry is never evicted.
-                pools[layer].remove(expert);
+                dev.pools[layer].remove(expert);
             }
-            target.fill(src);
+            target.fill(copied);
         });
         let q = if prefetch {
             &self.loader.prefetch
@@ -512,7 +564,7 @@ impl TieredStore {
         &self,
         layer: usize,
         b: &ExpertBatch,
-        slot: Option<Arc<Slot>>,
+        slot: Option<Arc<Slot<Resident<D>>>>,
         x: &[f32],
         hidden: usize,
         out: &mut [f32],
@@ -521,9 +573,19 @@ impl TieredStore {
         match slot {
             Some(slot) => {
                 let t0 = Instant::now();
-                let buf = slot.wait().map_err(load_failed(layer, b.expert))?;
+                let resident = slot.wait().map_err(load_failed(layer, b.expert))?;
                 LayerCounters::add(&c.stall_ns, t0.elapsed().as_nanos() as u64);
-                buf.forward_rows(b, x, hidden, self.config.activations, out);
+                let Some(dev) = self.device.as_ref() else {
+                    return Err(Error::Internal(format!(
+                        "expert {} of layer {layer} has a device slot but the store has no \
+                         device tier",
+                        b.expert
+                    )));
+                };
+                let ticket =
+                    dev.tier
+                        .ffn(&resident.slot, b, x, hidden, self.config.activations, out)?;
+                resident.record_use(ticket);
             }
             None => {
                 LayerCounters::add(&c.computed_in_place, 1);
@@ -536,19 +598,20 @@ impl TieredStore {
     /// Copy or compute in place? Copy unless computing where the expert lies is faster than
     /// copying it, using the speeds measured so far (the configured ones until then).
     fn worth_copying(&self, layer: usize, expert: usize) -> bool {
-        let Some((dev, _)) = &self.device else {
+        let Some(dev) = &self.device else {
             return false;
         };
-        let bytes = self.shared.experts[layer][expert].size_bytes() as f64;
+        let size_bytes = self.shared.experts[layer][expert].size_bytes();
+        let bytes = size_bytes as f64;
         let copy_s = match self.shared.copy_rate.get() {
             Some(rate) => bytes / rate,
-            None => dev.copy_latency.as_secs_f64() + bytes / dev.link_bytes_per_s,
+            None => dev.tier.estimated_copy_s(size_bytes),
         };
         let host_rate = self
             .shared
             .host_rate
             .get()
-            .unwrap_or(dev.host_compute_bytes_per_s);
+            .unwrap_or(dev.config.host_compute_bytes_per_s);
         bytes / host_rate >= copy_s
     }
 
@@ -556,7 +619,8 @@ impl TieredStore {
     /// capacity, so a restart begins with the working set of the last run.
     fn warm_up(&self) {
         let hot = self.config.hot.clone();
-        if let Some((_, pools)) = &self.device {
+        if let Some(dev) = &self.device {
+            let pools = &dev.pools;
             let mut per_layer = vec![0usize; pools.len()];
             for (l, e) in hot {
                 if l < pools.len() && e < self.num_experts(l) && per_layer[l] < pools[l].capacity()
@@ -655,7 +719,7 @@ fn experts_side_by_side(batches: &[ExpertBatch]) -> bool {
             .all(|b| b.rows.len() <= moe_kernels::MATVEC_MAX_M)
 }
 
-impl ExpertStore for TieredStore {
+impl<D: DeviceTier> ExpertStore for TieredStore<D> {
     fn compute(
         &self,
         layer: usize,
@@ -678,7 +742,7 @@ impl ExpertStore for TieredStore {
         for b in batches {
             self.shared.popularity[layer][b.expert].fetch_add(b.rows.len() as u64, Relaxed);
         }
-        let Some((_, pools)) = &self.device else {
+        let Some(dev) = &self.device else {
             if experts_side_by_side(batches) {
                 return self.compute_on_host_parallel(layer, batches, x, hidden, out);
             }
@@ -691,9 +755,9 @@ impl ExpertStore for TieredStore {
         // copies overlap earlier experts' compute. Experts are then computed in ascending order
         // (the reference's summation order).
         let c = self.counters(layer);
-        let slots: Vec<Option<Arc<Slot>>> = batches
+        let slots: Vec<Option<Arc<Slot<Resident<D>>>>> = batches
             .iter()
-            .map(|b| match pools[layer].lookup(b.expert) {
+            .map(|b| match dev.pools[layer].lookup(b.expert) {
                 Some(Found { slot, prefetch_hit }) => {
                     LayerCounters::add(&c.hits, 1);
                     if prefetch_hit {
@@ -727,8 +791,8 @@ impl ExpertStore for TieredStore {
         let mut sorted: Vec<usize> = set.iter().copied().collect();
         sorted.sort_unstable();
         for &e in &sorted {
-            if let Some((_, pools)) = &self.device {
-                if !pools[layer].contains(e) {
+            if let Some(dev) = &self.device {
+                if !dev.pools[layer].contains(e) {
                     let _ = self.device_load(layer, e, true);
                 }
             } else if let Some(pool) = &self.shared.host_pool {
@@ -858,7 +922,7 @@ mod tests {
         (s, check)
     }
 
-    fn run(s: &TieredStore, layer: usize, expert: usize) -> Result<Vec<f32>> {
+    fn run<D: DeviceTier>(s: &TieredStore<D>, layer: usize, expert: usize) -> Result<Vec<f32>> {
         let x = vec![1.0f32; HIDDEN];
         let mut out = vec![0f32; HIDDEN];
         let b = ExpertBatch {
@@ -931,8 +995,11 @@ mod tests {
             assert!(ok.iter().all(|v| *v > 0.0), "{name}: {ok:?}");
             let first = assert_load_failure(run(&s, 1, 2).unwrap_err());
             // No tier keeps an entry for the failed expert.
-            if let Some((_, pools)) = &s.device {
-                assert!(!pools[1].contains(2), "{name}: a failed device slot stayed");
+            if let Some(dev) = &s.device {
+                assert!(
+                    !dev.pools[1].contains(2),
+                    "{name}: a failed device slot stayed"
+                );
             }
             if let Some(p) = &s.shared.host_pool {
                 assert!(
@@ -968,5 +1035,299 @@ mod tests {
         let e = run(&s, 0, 9).unwrap_err();
         assert!(matches!(e, Error::Internal(_)), "{e:?}");
         assert!(e.to_string().contains("expert 9 of layer 0"), "{e}");
+    }
+
+    /// The policy code against a fake device tier: no model, no modelled sleeps; the fake counts
+    /// copies, can hold them at a gate, fail them, or leave its computations pending.
+    mod fake_tier {
+        use super::*;
+        use parking_lot::Condvar;
+        use std::sync::atomic::AtomicBool;
+
+        /// What the test controls and observes; shared between the test and the tier it hands
+        /// to the store.
+        #[derive(Default)]
+        struct FakeState {
+            /// Experts in the order their copies began.
+            copies: Mutex<Vec<usize>>,
+            /// While true, copies wait at the gate.
+            gate_closed: Mutex<bool>,
+            gate: Condvar,
+            /// The expert whose copies fail.
+            fail: Option<usize>,
+            /// Computations report a ticket that stays pending until `release`.
+            pending_ffn: AtomicBool,
+            pending: Mutex<Vec<Arc<AtomicBool>>>,
+            /// What `estimated_copy_s` answers.
+            copy_s: f64,
+        }
+
+        impl FakeState {
+            fn open_gate(&self) {
+                *self.gate_closed.lock() = false;
+                self.gate.notify_all();
+            }
+
+            fn release(&self) {
+                for t in self.pending.lock().drain(..) {
+                    t.store(true, Relaxed);
+                }
+            }
+
+            fn copies(&self) -> Vec<usize> {
+                self.copies.lock().clone()
+            }
+        }
+
+        struct Fake(Arc<FakeState>);
+
+        /// The expert a buffer holds: its gate is filled with `expert_value(e)`.
+        fn expert_of(buf: &ExpertBuf) -> usize {
+            let v = f32::from_le_bytes(buf.part_bytes(0)[..4].try_into().unwrap());
+            (v * 10.0).round() as usize - 1
+        }
+
+        fn expert_value(e: usize) -> f32 {
+            (e + 1) as f32 / 10.0
+        }
+
+        impl DeviceTier for Fake {
+            type Slot = ExpertBuf;
+            type Ticket = Arc<AtomicBool>;
+
+            fn alloc(&self, _bytes: usize) -> Result<ExpertBuf> {
+                Ok(ExpertBuf::empty())
+            }
+
+            fn copy_in(
+                &self,
+                src: Arc<ExpertBuf>,
+                dst: &mut ExpertBuf,
+                _started: Instant,
+            ) -> Result<Arc<AtomicBool>> {
+                let e = expert_of(&src);
+                self.0.copies.lock().push(e);
+                let mut closed = self.0.gate_closed.lock();
+                while *closed {
+                    self.0.gate.wait(&mut closed);
+                }
+                if self.0.fail == Some(e) {
+                    return Err(Error::io(
+                        "/dev/fake-device",
+                        std::io::Error::other("copy engine fault"),
+                    ));
+                }
+                *dst = (*src).clone();
+                Ok(Arc::new(AtomicBool::new(true)))
+            }
+
+            fn wait(&self, ticket: &Arc<AtomicBool>) -> Result<()> {
+                while !ticket.load(Relaxed) {
+                    std::thread::yield_now();
+                }
+                Ok(())
+            }
+
+            fn is_done(&self, ticket: &Arc<AtomicBool>) -> bool {
+                ticket.load(Relaxed)
+            }
+
+            fn ffn(
+                &self,
+                slot: &ExpertBuf,
+                batch: &ExpertBatch,
+                x: &[f32],
+                hidden: usize,
+                act: crate::runconfig::Activations,
+                out: &mut [f32],
+            ) -> Result<Arc<AtomicBool>> {
+                slot.forward_rows(batch, x, hidden, act, out);
+                let pending = self.0.pending_ffn.load(Relaxed);
+                let t = Arc::new(AtomicBool::new(!pending));
+                if pending {
+                    self.0.pending.lock().push(t.clone());
+                }
+                Ok(t)
+            }
+
+            fn estimated_copy_s(&self, _bytes: usize) -> f64 {
+                self.0.copy_s
+            }
+        }
+
+        /// One layer of `n` experts, expert e's gate and up filled with `expert_value(e)`.
+        fn distinct_experts(n: usize) -> Vec<Vec<ExpertWeights>> {
+            vec![(0..n)
+                .map(|e| ExpertWeights {
+                    gate: tensor(&format!("e{e}.gate"), [INTER, HIDDEN], expert_value(e)),
+                    up: tensor(&format!("e{e}.up"), [INTER, HIDDEN], expert_value(e)),
+                    down: tensor(&format!("e{e}.down"), [HIDDEN, INTER], 0.5),
+                })
+                .collect()]
+        }
+
+        /// A store of one 6-expert layer over the files, with `slots` device slots on `state`.
+        fn fake_store(
+            state: &Arc<FakeState>,
+            slots: usize,
+            host_compute_bytes_per_s: f64,
+        ) -> TieredStore<Fake> {
+            let config = TieredStoreConfig {
+                device: Some(DeviceTierConfig {
+                    slots_per_layer: slots,
+                    // Unused by the fake (it answers `estimated_copy_s` itself).
+                    link_bytes_per_s: 1.0,
+                    copy_latency: Duration::ZERO,
+                    host_compute_bytes_per_s,
+                }),
+                prefetch: true,
+                loader_threads: 1,
+                ..TieredStoreConfig::default()
+            };
+            let tier = Fake(state.clone());
+            TieredStore::with_tier(distinct_experts(6), HIDDEN, INTER, config, None, Some(tier))
+                .unwrap()
+        }
+
+        /// Expert e computed on the host straight from its weights: what every tier must give.
+        fn reference(e: usize) -> Vec<f32> {
+            let s = TieredStore::new(
+                distinct_experts(6),
+                HIDDEN,
+                INTER,
+                TieredStoreConfig::default(),
+            )
+            .unwrap();
+            run(&s, 0, e).unwrap()
+        }
+
+        fn stats(s: &TieredStore<Fake>) -> LayerStats {
+            s.stats().per_layer[0].clone()
+        }
+
+        use crate::store::LayerStats;
+
+        #[test]
+        fn hits_and_misses_are_counted_and_the_tier_computes_what_the_host_does() {
+            let state = Arc::new(FakeState::default());
+            let s = fake_store(&state, 4, 1.0);
+            assert_eq!(run(&s, 0, 0).unwrap(), reference(0));
+            assert_eq!(run(&s, 0, 0).unwrap(), reference(0));
+            assert_eq!(run(&s, 0, 1).unwrap(), reference(1));
+            s.prefetch(0, &[2]);
+            assert_eq!(run(&s, 0, 2).unwrap(), reference(2));
+            let st = stats(&s);
+            assert_eq!((st.hits, st.misses), (2, 2), "{st:?}");
+            assert_eq!(st.prefetch_hits, 1, "{st:?}");
+            assert_eq!(st.computed_in_place, 0, "{st:?}");
+            assert_eq!(
+                state.copies(),
+                vec![0, 1, 2],
+                "one copy per expert brought in"
+            );
+            assert!(st.bytes_to_device > 0, "{st:?}");
+        }
+
+        #[test]
+        fn demand_loads_go_before_queued_prefetches() {
+            let state = Arc::new(FakeState::default());
+            *state.gate_closed.lock() = true;
+            let s = Arc::new(fake_store(&state, 6, 1.0));
+            // One loader thread: the copy of 0 holds it at the gate while 1 and 2 queue.
+            s.prefetch(0, &[0, 1, 2]);
+            while state.copies() != vec![0] {
+                std::thread::yield_now();
+            }
+            let demand = {
+                let s = s.clone();
+                std::thread::spawn(move || run(&*s, 0, 3))
+            };
+            // The demand copy is queued right after its slot is reserved.
+            while !s.device.as_ref().unwrap().pools[0].contains(3) {
+                std::thread::yield_now();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            state.open_gate();
+            assert_eq!(demand.join().unwrap().unwrap(), reference(3));
+            for e in [1, 2] {
+                assert_eq!(run(&*s, 0, e).unwrap(), reference(e));
+            }
+            assert_eq!(state.copies(), vec![0, 3, 1, 2]);
+        }
+
+        #[test]
+        fn a_slot_whose_last_use_is_pending_is_never_evicted() {
+            let state = Arc::new(FakeState::default());
+            state.pending_ffn.store(true, Relaxed);
+            let s = fake_store(&state, 1, 1.0);
+            assert_eq!(run(&s, 0, 0).unwrap(), reference(0));
+            // Expert 0's computation has not completed: its slot may not be overwritten, so
+            // expert 1 is computed where it lies instead of being copied over it.
+            assert_eq!(run(&s, 0, 1).unwrap(), reference(1));
+            assert_eq!(state.copies(), vec![0]);
+            assert_eq!(stats(&s).computed_in_place, 1);
+            // Nor does a prefetch copy over it.
+            s.prefetch(0, &[2]);
+            assert_eq!(state.copies(), vec![0]);
+            let pools = &s.device.as_ref().unwrap().pools[0];
+            assert!(pools.contains(0) && !pools.contains(2));
+            // Once it completes, the slot is reused (a prefetch: the copy-or-compute choice
+            // now rests on measured speeds, which this test does not control).
+            state.release();
+            s.prefetch(0, &[1]);
+            assert_eq!(run(&s, 0, 1).unwrap(), reference(1));
+            assert_eq!(state.copies(), vec![0, 1]);
+            assert!(pools.contains(1) && !pools.contains(0));
+            assert_eq!(stats(&s).prefetch_hits, 1);
+        }
+
+        #[test]
+        fn a_miss_is_copied_or_computed_where_it_lies_by_the_estimated_speeds() {
+            // Copying takes far longer than computing on the host: compute in place.
+            let slow_link = Arc::new(FakeState {
+                copy_s: 1e6,
+                ..FakeState::default()
+            });
+            let s = fake_store(&slow_link, 4, 1e12);
+            assert_eq!(run(&s, 0, 0).unwrap(), reference(0));
+            assert!(slow_link.copies().is_empty());
+            let st = stats(&s);
+            assert_eq!((st.misses, st.computed_in_place), (1, 1), "{st:?}");
+            // Copying is quicker than the host: copy.
+            let fast_link = Arc::new(FakeState::default());
+            let s = fake_store(&fast_link, 4, 1.0);
+            assert_eq!(run(&s, 0, 0).unwrap(), reference(0));
+            assert_eq!(fast_link.copies(), vec![0]);
+            let st = stats(&s);
+            assert_eq!((st.misses, st.computed_in_place), (1, 0), "{st:?}");
+        }
+
+        #[test]
+        fn a_failed_copy_is_a_load_error_and_leaves_no_slot() {
+            let state = Arc::new(FakeState {
+                fail: Some(2),
+                ..FakeState::default()
+            });
+            let s = fake_store(&state, 4, 1.0);
+            for _ in 0..2 {
+                let e = run(&s, 0, 2).unwrap_err();
+                assert!(!e.is_request_error(), "{e}");
+                let Error::ExpertLoad {
+                    layer,
+                    expert,
+                    source,
+                } = &e
+                else {
+                    panic!("not an expert load failure: {e}");
+                };
+                assert_eq!((*layer, *expert), (0, 2));
+                assert!(e.to_string().contains("copy engine fault"), "{e}");
+                assert!(matches!(**source, Error::Io { .. }), "{source:?}");
+                assert!(!s.device.as_ref().unwrap().pools[0].contains(2));
+            }
+            // Each use tried again; the other experts are unaffected.
+            assert_eq!(state.copies(), vec![2, 2]);
+            assert_eq!(run(&s, 0, 1).unwrap(), reference(1));
+        }
     }
 }
