@@ -7,7 +7,6 @@ mod common;
 #[allow(dead_code)]
 mod server;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,19 +98,7 @@ fn run_flags(prompt: &[u32], params: &GenerateParams) -> Vec<String> {
 
 fn cli(prompt: &[u32], params: &GenerateParams) -> Outcome {
     let state = tempfile::tempdir().unwrap();
-    let out = Command::new(common::bin())
-        .args(run_flags(prompt, params))
-        .env("XDG_CACHE_HOME", state.path().join("cache"))
-        .env("XDG_STATE_HOME", state.path().join("state"))
-        .env("HF_HUB_CACHE", "/nonexistent-hub-cache")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = common::moe_json_in(state.path(), &run_flags(prompt, params));
     assert_eq!(
         v["completion_tokens"],
         v["tokens"].as_array().unwrap().len()
@@ -228,18 +215,7 @@ fn an_eos_token_ends_run_and_the_server_alike_without_its_text() {
             "--json",
         ];
         args.extend_from_slice(extra);
-        let out = Command::new(common::bin())
-            .args(&args)
-            .env("XDG_CACHE_HOME", dir.path().join("cache"))
-            .env("XDG_STATE_HOME", dir.path().join("state"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        common::moe_json_in(dir.path(), &args)
     };
     // Make a token the greedy continuation reaches (not its first) an EOS token.
     let free = common::tokens(&run(12, &["--ignore-eos"]));

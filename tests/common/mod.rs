@@ -188,10 +188,25 @@ pub fn synth_model(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
 
 /// Runs `moe-serve ARGS` and parses its stdout as one JSON value (the run must succeed).
 pub fn moe_json(args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(bin())
-        .args(args)
-        .output()
-        .unwrap();
+    json_of(std::process::Command::new(bin()).args(args))
+}
+
+/// Runs `moe-serve ARGS` with its cache and state folders under `dir`, and parses its stdout as
+/// one JSON value (the run must succeed).
+pub fn moe_json_in<S: AsRef<std::ffi::OsStr>>(dir: &Path, args: &[S]) -> serde_json::Value {
+    json_of(
+        std::process::Command::new(bin())
+            .args(args)
+            .env("XDG_CACHE_HOME", dir.join("cache"))
+            .env("XDG_STATE_HOME", dir.join("state"))
+            .env("HF_HUB_CACHE", "/nonexistent-hub-cache"),
+    )
+}
+
+/// Runs `cmd`, which must succeed, and parses its stdout as one JSON value.
+#[track_caller]
+pub fn json_of(cmd: &mut std::process::Command) -> serde_json::Value {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
