@@ -7,11 +7,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{bin, copy_model, fixtures, greedy_request};
+use common::{copy_model, fixtures, greedy_request, Sandbox};
 use moe_runtime::batch::{BatchConfig, Batcher, Event};
 use moe_runtime::config::RawConfig;
 use moe_runtime::{CancelToken, Error, GenerateParams, Model, Prompt, Settings};
@@ -44,12 +44,11 @@ struct Outcome {
 
 /// Runs `moe-serve ARGS` (stdout to `stdout`, or captured), killing it after 60 s.
 fn moe(args: &[&str], stdout: Option<Stdio>) -> Outcome {
-    let state = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::new();
     let t0 = Instant::now();
-    let mut child = Command::new(bin())
+    let mut child = sandbox
+        .command()
         .args(args)
-        .env("XDG_STATE_HOME", state.path())
-        .env("XDG_CACHE_HOME", state.path())
         .stdout(stdout.unwrap_or_else(Stdio::piped))
         .stderr(Stdio::piped())
         .spawn()

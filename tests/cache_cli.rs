@@ -13,7 +13,6 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::io::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
@@ -43,34 +42,10 @@ fn generate_args(n: &str) -> [&str; 8] {
 }
 
 impl Sandbox {
-    /// Writes a random-weight model of `preset` (in `<sandbox>/<preset>`).
-    fn synth(&self, preset: &str) -> PathBuf {
-        let out = self.path().join(preset);
-        let o = self
-            .command()
-            .args(["synth", "--preset", preset, "--out"])
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "synth: {}", stderr(&o));
-        out
-    }
-
-    /// `moe-serve <sub...> [--model M] --quantization q8_0 --cache-dir <cache> <extra...>`.
-    fn command_for(&self, sub: &[&str], model: Option<&Path>, extra: &[&str]) -> Command {
-        let mut c = self.command();
-        c.args(sub);
-        if let Some(m) = model {
-            c.arg("--model").arg(m);
-        }
-        c.args(["--quantization", "q8_0", "--cache-dir"])
-            .arg(self.cache_dir())
-            .args(extra);
-        c
-    }
-
     fn serve(&self, sub: &[&str], model: Option<&Path>, extra: &[&str]) -> Output {
-        self.command_for(sub, model, extra).output().unwrap()
+        self.command_for(sub, model, "q8_0", extra)
+            .output()
+            .unwrap()
     }
 
     /// Greedy `run --json` of `max_tokens` tokens past end-of-sequence.
@@ -213,7 +188,7 @@ fn cache_of(v: &Value) -> PathBuf {
 #[test]
 fn second_start_maps_the_cache_the_first_built() {
     let sb = Sandbox::new();
-    let model = sb.synth("demo");
+    let model = sb.synth("demo", "demo", &[]);
     let first_out = sb.generate(Some(&model), 8, &[]);
     let first = json_line(&first_out);
     let file = cache_of(&first);
@@ -295,7 +270,7 @@ fn damaged_tensor_is_detected_and_repaired(
 #[test]
 fn flipped_bytes_never_change_the_output() {
     let sb = Sandbox::new();
-    let model = sb.synth("demo");
+    let model = sb.synth("demo", "demo", &[]);
     let trace = sb.path().join("trace.jsonl");
     let clean = json_line(&sb.generate(Some(&model), 24, &["--trace", trace.to_str().unwrap()]));
     let clean_tokens = tokens(&clean);
@@ -360,7 +335,7 @@ fn flipped_bytes_never_change_the_output() {
 #[test]
 fn truncated_cache_is_rebuilt_or_refused() {
     let sb = Sandbox::new();
-    let model = sb.synth("demo");
+    let model = sb.synth("demo", "demo", &[]);
     // A weight file changed in the last 2 s has its stat recorded as unknown: let them settle,
     // so that both builds record the same stats and the rebuild is byte for byte the first.
     std::thread::sleep(Duration::from_millis(2_200));
@@ -407,9 +382,9 @@ fn build_killed_midway_leaves_only_a_temp_file() {
     let sb = Sandbox::new();
     // ~300 MB of bf16 weights: the q8_0 build takes about a second, long enough to be caught
     // half-written.
-    let model = sb.synth("mini");
+    let model = sb.synth("mini", "mini", &[]);
     let (temp, len, attempt) =
-        sb.kill_build_midway(|| sb.command_for(&["cache", "build"], Some(&model), &[]));
+        sb.kill_build_midway(|| sb.command_for(&["cache", "build"], Some(&model), "q8_0", &[]));
     eprintln!("killed the build at attempt {attempt} with {len} bytes in {temp}");
     assert!(sb.cache_files().is_empty(), "{:?}", sb.listing());
     assert_eq!(sb.temp_files(), vec![temp.clone()], "{len} bytes seen");
@@ -423,7 +398,7 @@ fn build_killed_midway_leaves_only_a_temp_file() {
 #[test]
 fn file_size_limit_is_a_clean_error_that_leaves_nothing() {
     let sb = Sandbox::new();
-    let model = sb.synth("demo");
+    let model = sb.synth("demo", "demo", &[]);
     let model_before = snapshot(&model);
     // Where the file would go: `cache verify` names it, and says how to build it.
     let absent = sb.serve(&["cache", "verify"], Some(&model), &[]);
@@ -437,7 +412,7 @@ fn file_size_limit_is_a_clean_error_that_leaves_nothing() {
     assert!(path.ends_with(".gguf"), "{report}");
 
     const LIMIT_BYTES: libc::rlim_t = 64 << 10;
-    let mut cmd = sb.command_for(&["cache", "build"], Some(&model), &[]);
+    let mut cmd = sb.command_for(&["cache", "build"], Some(&model), "q8_0", &[]);
     // SAFETY: the closure runs in the child between fork and exec and only calls setrlimit,
     // which is async-signal-safe, on a value on its own stack.
     unsafe {
@@ -469,7 +444,7 @@ fn file_size_limit_is_a_clean_error_that_leaves_nothing() {
 #[test]
 fn cache_dir_that_cannot_be_created_is_a_clean_error() {
     let sb = Sandbox::new();
-    let model = sb.synth("demo");
+    let model = sb.synth("demo", "demo", &[]);
     let blocker = sb.path().join("a-file");
     std::fs::write(&blocker, b"not a folder").unwrap();
     let cache_dir = blocker.join("cache");
@@ -514,7 +489,7 @@ fn watch_stderr(
 #[test]
 fn two_processes_building_the_same_cache_share_one_file() {
     let sb = Sandbox::new();
-    let model = sb.synth("demo");
+    let model = sb.synth("demo", "demo", &[]);
     let absent = sb.serve(&["cache", "verify"], Some(&model), &[]);
     let report = stdout(&absent);
     let path = report.split_once(": absent").expect("absent").0.to_string();
@@ -528,15 +503,14 @@ fn two_processes_building_the_same_cache_share_one_file() {
         .write(true)
         .open(format!("{path}.lock"))
         .unwrap();
-    // SAFETY: flock on a descriptor this test owns, for as long as `lock` is open.
-    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    moe_runtime::fsutil::lock_exclusive(&lock).unwrap();
 
     let (tx, rx) = std::sync::mpsc::channel();
     let mut children = Vec::new();
     for _ in 0..2 {
         let n = "16".to_string();
         let mut child = sb
-            .command_for(&["run"], Some(&model), &generate_args(&n))
+            .command_for(&["run"], Some(&model), "q8_0", &generate_args(&n))
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -724,7 +698,7 @@ fn cache_file_reads_with_the_gguf_python_package() {
         return;
     }
     let sb = Sandbox::new();
-    let model = sb.synth("demo");
+    let model = sb.synth("demo", "demo", &[]);
     let built = sb.serve(&["cache", "build"], Some(&model), &[]);
     assert!(built.status.success(), "{}", stderr(&built));
     let info = sb.serve(&["cache", "info"], Some(&model), &["--json"]);

@@ -9,7 +9,6 @@
 //! per-user folders, so nothing touches the real ones.
 
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -23,33 +22,6 @@ use common::{cache_of, stderr, stdout, tokens, Sandbox};
 const SETTLE: Duration = Duration::from_millis(2_200);
 
 impl Sandbox {
-    /// `moe-serve synth --preset P --out <sandbox>/<name> ARGS`.
-    fn synth(&self, name: &str, preset: &str, args: &[&str]) -> PathBuf {
-        let out = self.path().join(name);
-        let o = self
-            .command()
-            .args(["synth", "--preset", preset, "--out"])
-            .arg(&out)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "synth: {}", stderr(&o));
-        out
-    }
-
-    /// `moe-serve <sub...> [--model M] --quantization q --cache-dir <cache> <extra...>`.
-    fn command_for(&self, sub: &[&str], model: Option<&Path>, q: &str, extra: &[&str]) -> Command {
-        let mut c = self.command();
-        c.args(sub);
-        if let Some(m) = model {
-            c.arg("--model").arg(m);
-        }
-        c.args(["--quantization", q, "--cache-dir"])
-            .arg(self.cache_dir())
-            .args(extra);
-        c
-    }
-
     /// A start of another model at another quantization (another file name) in the cache
     /// folder: a `run` of 2 tokens at q4_k without a model; it must succeed.
     fn start_other_model(&self) {
@@ -229,8 +201,7 @@ fn a_killed_build_leaves_no_temporary_file_past_the_next_start() {
         .join(format!("{live_name}.tmp-{}", std::process::id()));
     std::fs::write(&live, b"GGUF partial").unwrap();
     let lock = std::fs::File::create(sb.cache_dir().join(format!("{live_name}.lock"))).unwrap();
-    // SAFETY: flock on a descriptor this test owns, held while `lock` is open.
-    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    moe_runtime::fsutil::lock_exclusive(&lock).unwrap();
 
     // A start of another model at another quantization (another file name) in the same folder.
     sb.start_other_model();

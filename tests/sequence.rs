@@ -165,16 +165,10 @@ fn one_request_gives_the_same_tokens_and_text_through_every_front_end() {
         "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
         "stop": params.stop,
     });
-    let r = server::client()
-        .post(s.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let v: Value = r.json().unwrap();
-    assert_eq!(v["choices"][0]["text"], want.text.as_str(), "{v}");
-    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
-    assert_eq!(v["usage"]["completion_tokens"], want.tokens.len(), "{v}");
+    let (text, finish, completion_tokens) = served(&s, &body);
+    assert_eq!(text, want.text);
+    assert_eq!(finish, "stop");
+    assert_eq!(completion_tokens, want.tokens.len() as u64);
 }
 
 /// A `/v1/completions` request's text, finish reason and completion token count.

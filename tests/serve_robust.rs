@@ -401,16 +401,16 @@ fn queued_clients_that_hang_up_leave_the_queue_at_once() {
     assert_eq!(s.metric("moe_running_requests", None), Some(1.0));
 }
 
-/// SplitMix64: a fixed seed gives the same cases on every run.
-struct Rng(u64);
+/// The sampler's SplitMix64: a fixed seed gives the same cases on every run.
+struct Rng(moe_runtime::sampler::Rng);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(moe_runtime::sampler::Rng::new(seed))
+    }
+
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     fn below(&mut self, n: usize) -> usize {
@@ -572,7 +572,7 @@ fn fuzzed_request_bodies_always_get_openai_shaped_answers() {
     ];
     // CI runs a fixed 600 cases; longer or other runs: MOE_SERVE_FUZZ_CASES, MOE_SERVE_FUZZ_SEED.
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
-    let mut rng = Rng(env("MOE_SERVE_FUZZ_SEED").unwrap_or(0x6d6f_652d_6675_7a7a));
+    let mut rng = Rng::new(env("MOE_SERVE_FUZZ_SEED").unwrap_or(0x6d6f_652d_6675_7a7a));
     let types = [
         Some("application/json"),
         Some("application/json; charset=utf-8"),

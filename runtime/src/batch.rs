@@ -325,14 +325,7 @@ impl Batcher {
         let m = &self.model;
         // A model whose files changed on disk serves nothing more (the error names the file).
         m.check_files()?;
-        m.sampling_params(&params.generate)?;
-        let g = &params.generate;
-        crate::sequence::validate(
-            &g.stop,
-            g.presence_penalty,
-            g.frequency_penalty,
-            params.logprobs,
-        )?;
+        m.request_sampling(&params.generate, params.logprobs)?;
         if prompt.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }

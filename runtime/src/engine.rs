@@ -551,6 +551,24 @@ impl Model {
         })
     }
 
+    /// Checks a request's per-sequence settings (sampling, stop strings, penalties, logprobs)
+    /// and resolves its sampling: the one check behind [`Model::seq_decoder`] and the batcher's
+    /// admission.
+    pub fn request_sampling(
+        &self,
+        params: &GenerateParams,
+        logprobs: Option<usize>,
+    ) -> Result<SamplingParams> {
+        let sampling = self.sampling_params(params)?;
+        crate::sequence::validate(
+            &params.stop,
+            params.presence_penalty,
+            params.frequency_penalty,
+            logprobs,
+        )?;
+        Ok(sampling)
+    }
+
     /// The per-token state machine of one request whose prompt holds `prompt_tokens` tokens:
     /// sampling settings resolved as [`Model::sampling_params`] does, the token limit
     /// (request, then generation_config.json, then [`DEFAULT_MAX_NEW_TOKENS`], and never past
@@ -561,13 +579,7 @@ impl Model {
         params: &GenerateParams,
         logprobs: Option<usize>,
     ) -> Result<SeqDecoder<'_>> {
-        let sampling = self.sampling_params(params)?;
-        crate::sequence::validate(
-            &params.stop,
-            params.presence_penalty,
-            params.frequency_penalty,
-            logprobs,
-        )?;
+        let sampling = self.request_sampling(params, logprobs)?;
         let max_new = params
             .max_tokens
             .or(self.generation_config.max_new_tokens)

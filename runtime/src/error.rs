@@ -15,6 +15,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::runconfig::ByteSize;
+
 /// Result alias used throughout the runtime.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -161,7 +163,7 @@ pub enum BudgetNeed {
 impl BudgetNeed {
     /// The one-line refusal (the planner's wording; the CLI and tests read it).
     fn message(&self, budget: &str, needed_bytes: u64, limit_bytes: u64, remedy: &str) -> String {
-        let (needed, limit) = (human_bytes(needed_bytes), human_bytes(limit_bytes));
+        let (needed, limit) = (ByteSize(needed_bytes), ByteSize(limit_bytes));
         match self {
             BudgetNeed::DeviceResident { detail } => format!(
                 "{budget} {limit} is below the resident set: {needed} needed ({detail}); {remedy}"
@@ -177,26 +179,10 @@ impl BudgetNeed {
             BudgetNeed::DeviceSlots { slots, free_bytes } => format!(
                 "slots_per_layer = {slots} needs {needed} of device memory for experts, but \
                  {budget} {limit} leaves {} after the resident set; {remedy}",
-                human_bytes(*free_bytes)
+                ByteSize(*free_bytes)
             ),
         }
     }
-}
-
-/// Bytes in binary units with two decimals (`12.00 GiB`), whole bytes below 1 KiB: the form of
-/// `runconfig::ByteSize`'s `Display` (a plan test holds them equal), written here so this module
-/// imports nothing from the modules that use it.
-pub fn human_bytes(bytes: u64) -> String {
-    const BINARY: [(&str, u64); 4] = [
-        ("TiB", 1 << 40),
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-    ];
-    BINARY.iter().find(|&&(_, m)| bytes >= m).map_or_else(
-        || format!("{bytes} B"),
-        |&(name, m)| format!("{:.2} {name}", bytes as f64 / m as f64),
-    )
 }
 
 impl Error {

@@ -22,6 +22,39 @@ use crate::error::{Error, Result};
 /// another pid namespace).
 pub const ORPHAN_MIN_AGE: Duration = Duration::from_secs(10);
 
+/// What `stat` says of a file: enough that any write or replacement changes it (a write changes
+/// mtime and ctime, which user programs cannot set back; a replacement changes the inode).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct FileStat {
+    pub size_bytes: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub inode: u64,
+    pub device: u64,
+}
+
+impl FileStat {
+    pub fn of_metadata(m: &std::fs::Metadata) -> FileStat {
+        use std::os::unix::fs::MetadataExt;
+        FileStat {
+            size_bytes: m.len(),
+            mtime_ns: m.mtime().saturating_mul(1_000_000_000) + m.mtime_nsec(),
+            ctime_ns: m.ctime().saturating_mul(1_000_000_000) + m.ctime_nsec(),
+            inode: m.ino(),
+            device: m.dev(),
+        }
+    }
+
+    pub fn of(path: &Path) -> std::io::Result<FileStat> {
+        std::fs::metadata(path).map(|m| FileStat::of_metadata(&m))
+    }
+
+    /// The same file (device and inode), whatever its contents.
+    pub fn same_inode(&self, other: &FileStat) -> bool {
+        self.device == other.device && self.inode == other.inode
+    }
+}
+
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync folder).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
@@ -95,6 +128,16 @@ pub fn try_lock_exclusive(f: &std::fs::File) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Takes an exclusive flock on `f`, waiting while another descriptor holds it. The lock is
+/// released when `f` is closed.
+pub fn lock_exclusive(f: &std::fs::File) -> std::io::Result<()> {
+    // SAFETY: flock on a descriptor the caller owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Removes from `dir` the files whose writer is gone; returns how many. `claim` looks at each
 /// entry (with its name) and returns `None` to keep it, or what shows its writer gone (a lock
 /// taken with [`try_lock_exclusive`]), which is held while the file is removed and then handed
@@ -158,7 +201,6 @@ pub fn remove_orphaned_temporaries(dir: &Path) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::io::AsRawFd;
     use std::time::{Duration, SystemTime};
 
     #[test]
@@ -189,8 +231,7 @@ mod tests {
         // A writer still writing (it holds the lock), and one that just started.
         let live = temporary(d.path(), "hot.json", 999_999_998, hour);
         let held = std::fs::File::open(&live).unwrap();
-        // SAFETY: flock on a descriptor this test owns, held while `held` is open.
-        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+        super::lock_exclusive(&held).unwrap();
         let young = temporary(d.path(), "x.json", 999_999_997, Duration::ZERO);
         // Files that only look alike are never touched.
         let mine = d.path().join("notes.tmp-12");

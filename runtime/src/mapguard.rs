@@ -33,6 +33,7 @@ use std::sync::{Mutex, MutexGuard, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::fsutil::FileStat;
 
 /// Mappings watched at once: a checkpoint has at most a few hundred shards, plus one cache
 /// file; more than this (many models in one process) are mapped unguarded, with a warning.
@@ -84,7 +85,7 @@ struct Meta {
     path: PathBuf,
     /// Registrations are numbered in order, so a model's check covers only its own mappings.
     serial: u64,
-    id: FileId,
+    id: FileStat,
     change: Option<Change>,
     /// The error line was logged.
     reported: bool,
@@ -149,31 +150,6 @@ impl Change {
     }
 }
 
-/// Identity and state of a file when it was mapped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-    len_bytes: u64,
-    mtime_ns: i128,
-}
-
-impl FileId {
-    fn of(m: &std::fs::Metadata) -> FileId {
-        use std::os::unix::fs::MetadataExt;
-        FileId {
-            dev: m.dev(),
-            ino: m.ino(),
-            len_bytes: m.len(),
-            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-        }
-    }
-
-    fn same_inode(&self, other: &FileId) -> bool {
-        self.dev == other.dev && self.ino == other.ino
-    }
-}
-
 /// What a stat of the path says now, against the file that was mapped.
 enum Seen {
     Same,
@@ -182,16 +158,15 @@ enum Seen {
     Changed(Change),
 }
 
-fn look(path: &Path, was: &FileId) -> Seen {
-    let Ok(m) = std::fs::metadata(path) else {
+fn look(path: &Path, was: &FileStat) -> Seen {
+    let Ok(now) = FileStat::of(path) else {
         return Seen::Replaced;
     };
-    let now = FileId::of(&m);
     if !now.same_inode(was) {
         Seen::Replaced
-    } else if now.len_bytes < was.len_bytes {
+    } else if now.size_bytes < was.size_bytes {
         Seen::Changed(Change::Truncated)
-    } else if now.len_bytes != was.len_bytes || now.mtime_ns != was.mtime_ns {
+    } else if now.size_bytes != was.size_bytes || now.mtime_ns != was.mtime_ns {
         Seen::Changed(Change::Modified)
     } else {
         Seen::Same
@@ -257,7 +232,7 @@ pub fn register(map: &[u8], file: &File, path: &Path) -> Registration {
         return Registration { slot: None };
     }
     let id = match file.metadata() {
-        Ok(m) => FileId::of(&m),
+        Ok(m) => FileStat::of_metadata(&m),
         Err(_) => return Registration { slot: None },
     };
     let Some(i) = claim() else {

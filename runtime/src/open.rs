@@ -30,6 +30,13 @@ use crate::weights::{ModelFiles, WeightSet};
 /// KV cache of a big model stays modest.
 pub const DEFAULT_MAX_CONTEXT_TOKENS: usize = 4096;
 
+/// The longest sequence a model is run with: `max_context` when set, else
+/// min(`max_position_embeddings`, [`DEFAULT_MAX_CONTEXT_TOKENS`]) (at least 1). The one rule
+/// behind [`Settings::max_context_for`] and [`crate::runconfig::RunConfig::max_context_for`].
+pub fn context_tokens(max_context: Option<usize>, max_position_embeddings: usize) -> usize {
+    max_context.unwrap_or_else(|| max_position_embeddings.clamp(1, DEFAULT_MAX_CONTEXT_TOKENS))
+}
+
 /// How to load a model: the settings of a config file (see [`RunConfig`]) as a plain struct.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -161,11 +168,7 @@ impl Settings {
 
     /// The longest sequence: `max_context`, or min(max_position_embeddings, 4096).
     pub fn max_context_for(&self, config: &ModelConfig) -> usize {
-        self.max_context.unwrap_or_else(|| {
-            config
-                .max_position_embeddings
-                .clamp(1, DEFAULT_MAX_CONTEXT_TOKENS)
-        })
+        context_tokens(self.max_context, config.max_position_embeddings)
     }
 
     /// The resident weights' quantization.

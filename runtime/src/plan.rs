@@ -768,9 +768,17 @@ mod tests {
         .into_iter()
         .chain([u64::MAX, (1 << 40) + 12345, 12 << 30])
         {
+            let e = Error::BudgetExceeded {
+                budget: "ram_budget",
+                needed_bytes: b,
+                limit_bytes: b,
+                need: crate::error::BudgetNeed::DeviceResident { detail: "d".into() },
+                remedy: "r".into(),
+            };
+            let size = crate::runconfig::ByteSize(b).to_string();
             assert_eq!(
-                crate::error::human_bytes(b),
-                crate::runconfig::ByteSize(b).to_string()
+                e.to_string(),
+                format!("ram_budget {size} is below the resident set: {size} needed (d); r")
             );
         }
     }

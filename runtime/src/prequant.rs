@@ -49,12 +49,7 @@ impl Fp8Blocks<'_> {
 
     /// Checks sizes (called by constructors of real tensors; `what` names the tensor).
     pub fn check(&self, what: &str) -> Result<()> {
-        let bad = |reason: String| {
-            Err(Error::BadTensor {
-                name: what.to_string(),
-                reason,
-            })
-        };
+        let bad = |reason: String| bad_tensor(what, reason);
         if self.block[0] == 0 || self.block[1] == 0 {
             return bad(format!("block size {:?} has a zero side", self.block));
         }
@@ -110,15 +105,18 @@ pub struct Bnb4<'a> {
     pub absmax: &'a [f32],
 }
 
+/// A malformed stored tensor `name` (a file fault, not a request's).
+fn bad_tensor<T>(name: &str, reason: String) -> Result<T> {
+    Err(Error::BadTensor {
+        name: name.to_string(),
+        reason,
+    })
+}
+
 impl Bnb4<'_> {
     /// Checks sizes; `what` names the tensor.
     pub fn check(&self, what: &str) -> Result<()> {
-        let bad = |reason: String| {
-            Err(Error::BadTensor {
-                name: what.to_string(),
-                reason,
-            })
-        };
+        let bad = |reason: String| bad_tensor(what, reason);
         if self.blocksize == 0 {
             return bad("blocksize 0".into());
         }
@@ -167,12 +165,7 @@ impl Bnb4<'_> {
         offset: f32,
         what: &str,
     ) -> Result<Vec<f32>> {
-        let bad = |reason: String| {
-            Err(Error::BadTensor {
-                name: what.to_string(),
-                reason,
-            })
-        };
+        let bad = |reason: String| bad_tensor(what, reason);
         if nested_quant_map.len() != 256 {
             return bad(format!(
                 "nested_quant_map has {} entries, not 256",
@@ -498,9 +491,21 @@ impl Source {
         if !matches!(self.kind, Kind::Fp8 { .. }) {
             return Ok(()); // 4-bit codes index a checked 16-entry table: all have values.
         }
-        let Some(i) = codes.iter().position(|&b| is_e4m3_nan(b)) else {
+        // Every code of every converted weight passes here, before its rows convert: chunks
+        // in parallel, each scanned without an early exit (which the compiler vectorizes).
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 16;
+        let Some(c) = codes
+            .par_chunks(CHUNK)
+            .position_first(|c| c.iter().fold(false, |nan, &b| nan | is_e4m3_nan(b)))
+        else {
             return Ok(());
         };
+        let i = c * CHUNK
+            + codes[c * CHUNK..]
+                .iter()
+                .position(|&b| is_e4m3_nan(b))
+                .unwrap();
         let e = self.byte_range(base, base).start + i;
         Err(Error::bad_file(
             &*self.path,

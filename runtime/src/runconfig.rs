@@ -954,9 +954,7 @@ impl RunConfig {
     /// The context length to use for a model whose `max_position_embeddings` is given:
     /// `max_context` when set, else min(`max_position_embeddings`, 4096).
     pub fn max_context_for(&self, max_position_embeddings: usize) -> usize {
-        self.max_context.unwrap_or_else(|| {
-            max_position_embeddings.min(crate::engine::DEFAULT_MAX_CONTEXT_TOKENS)
-        })
+        crate::open::context_tokens(self.max_context, max_position_embeddings)
     }
 
     /// The model folder when `model` is a path on this machine (absolute, or existing relative to

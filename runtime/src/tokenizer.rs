@@ -377,9 +377,10 @@ impl Tokenizer {
     /// Encodes as [`Tokenizer::encode`] does, but refuses text of more than `max_tokens` tokens
     /// with [`TokenizerError::TooLong`] after work proportional to `max_tokens`, not to the
     /// text: first from the text's length alone (where the pipeline bounds the bytes a token
-    /// stands for), then by counting pieces of at most [`COUNT_PIECE_BYTES`] until the count,
-    /// less a slack per cut, is over. Text that may fit is encoded whole, so accepted text gets
-    /// exactly the ids [`Tokenizer::encode`] gives.
+    /// stands for), then, for text longer than a piece and than `max_tokens` bytes, by counting
+    /// pieces of at most [`COUNT_PIECE_BYTES`] until the count, less a slack per cut, is over.
+    /// Text that may fit is encoded whole, so accepted text gets exactly the ids
+    /// [`Tokenizer::encode`] gives.
     pub fn encode_within(
         &self,
         text: &str,
@@ -400,7 +401,9 @@ impl Tokenizer {
                 });
             }
         }
-        if text.len() > COUNT_PIECE_BYTES {
+        // Text of at most `max_tokens` bytes costs no more to encode whole than an accepted
+        // prompt does: counting it first would only tokenize it twice.
+        if text.len() > COUNT_PIECE_BYTES.max(max_tokens) {
             self.count_in_pieces(text, special, COUNT_PIECE_BYTES, Some(max_tokens))?;
         }
         let ids = self.encode(text, add_special_tokens)?;

@@ -1676,11 +1676,16 @@ mod tests {
     }
 
     /// The error (as its one-line message) of parsing a file of `header` and `data_len` bytes.
-    fn refusal(header: &str, data_len: usize) -> String {
+    /// A safetensors image of `header` followed by `data_len` zero bytes.
+    fn image(header: &str, data_len: usize) -> Vec<u8> {
         let mut b = (header.len() as u64).to_le_bytes().to_vec();
         b.extend_from_slice(header.as_bytes());
         b.resize(b.len() + data_len, 0);
-        let err = parse_header(&b, Path::new("m.safetensors"))
+        b
+    }
+
+    fn refusal(header: &str, data_len: usize) -> String {
+        let err = parse_header(&image(header, data_len), Path::new("m.safetensors"))
             .expect_err("refused")
             .to_string();
         assert!(err.starts_with("m.safetensors: "), "{err}");
@@ -1689,10 +1694,7 @@ mod tests {
     }
 
     fn accepted(header: &str, data_len: usize) -> BTreeMap<String, TensorInfo> {
-        let mut b = (header.len() as u64).to_le_bytes().to_vec();
-        b.extend_from_slice(header.as_bytes());
-        b.resize(b.len() + data_len, 0);
-        parse_header(&b, Path::new("m.safetensors")).unwrap()
+        parse_header(&image(header, data_len), Path::new("m.safetensors")).unwrap()
     }
 
     #[test]

@@ -217,12 +217,14 @@ impl Phase {
         }
     }
 
-    /// Why a connection past its deadline in this phase is closed.
-    fn timeout_reason(self) -> CloseReason {
+    /// How long a connection may stay in this phase (from its start), and why it is closed
+    /// past that.
+    fn timeout(self, l: &Limits) -> Option<(Duration, CloseReason)> {
         match self {
-            Phase::Fresh | Phase::Head => CloseReason::HeaderTimeout,
-            Phase::Idle => CloseReason::IdleTimeout,
-            Phase::Body | Phase::Busy => CloseReason::BodyTimeout,
+            Phase::Fresh | Phase::Head => Some((l.header_timeout, CloseReason::HeaderTimeout)),
+            Phase::Idle => Some((l.idle_timeout, CloseReason::IdleTimeout)),
+            Phase::Body => Some((l.body_timeout + BODY_CLOSE_GRACE, CloseReason::BodyTimeout)),
+            Phase::Busy => None,
         }
     }
 }
@@ -237,13 +239,16 @@ const CTL_CLOSE: u8 = 2;
 /// A deadline of "none".
 const NO_DEADLINE: u64 = u64::MAX;
 
+/// Low bits of [`Conn::state`] that hold the [`Phase`].
+const PHASE_BITS: u32 = 3;
+const PHASE_MASK: u64 = (1 << PHASE_BITS) - 1;
+
 /// One open connection, shared by its task, its IO, its request bodies and the sweep.
 struct Conn {
-    phase: AtomicU8,
-    /// When the phase began, in ms since [`Shared::epoch`] (eviction picks the oldest).
-    since_ms: AtomicU64,
-    /// When the connection is closed unless it moves on, in ms since the epoch.
-    deadline_ms: AtomicU64,
+    /// The [`Phase`] and, above [`PHASE_BITS`], when it began in ms since [`Shared::epoch`]
+    /// (eviction picks the oldest); one word, so the sweep never sees one without the other.
+    /// Its deadline is the start plus [`Phase::timeout`].
+    state: AtomicU64,
     /// Since when a write to the client has been blocked (its receive window full), in ms since
     /// the epoch; [`NO_DEADLINE`] while writes go through.
     write_blocked_ms: AtomicU64,
@@ -253,51 +258,69 @@ struct Conn {
 }
 
 impl Conn {
-    fn phase(&self) -> Phase {
-        Phase::from_u8(self.phase.load(Relaxed))
+    /// A connection accepted now.
+    fn new(shared: Arc<Shared>) -> Conn {
+        Conn {
+            state: AtomicU64::new(shared.now_ms() << PHASE_BITS | Phase::Fresh as u64),
+            write_blocked_ms: AtomicU64::new(NO_DEADLINE),
+            ctl: AtomicU8::new(CTL_NONE),
+            wake: Notify::new(),
+            shared,
+        }
     }
 
-    fn set(&self, phase: Phase, deadline_ms: u64) {
-        self.phase.store(phase as u8, Relaxed);
-        self.since_ms.store(self.shared.now_ms(), Relaxed);
-        self.deadline_ms.store(deadline_ms, Relaxed);
+    /// The phase and when it began (ms since the epoch).
+    fn state(&self) -> (Phase, u64) {
+        let s = self.state.load(Relaxed);
+        (Phase::from_u8((s & PHASE_MASK) as u8), s >> PHASE_BITS)
+    }
+
+    fn phase(&self) -> Phase {
+        self.state().0
+    }
+
+    /// Enters `phase` now.
+    fn set(&self, phase: Phase) {
+        let s = self.shared.now_ms() << PHASE_BITS | phase as u64;
+        self.state.store(s, Relaxed);
+    }
+
+    /// Why the connection is closed if it has not moved on by `now_ms` (ms since the epoch).
+    fn expired(&self, now_ms: u64) -> Option<CloseReason> {
+        let (phase, since) = self.state();
+        let (t, why) = phase.timeout(&self.shared.limits)?;
+        (since.saturating_add(t.as_millis() as u64) <= now_ms).then_some(why)
     }
 
     /// Bytes arrived: a waiting connection starts receiving a request head.
     fn on_bytes(&self) {
-        match self.phase() {
-            // The first head's deadline counts from the accept.
-            Phase::Fresh => self.phase.store(Phase::Head as u8, Relaxed),
-            Phase::Idle => {
-                let l = &self.shared.limits;
-                self.set(Phase::Head, self.shared.after(l.header_timeout));
+        let s = self.state.load(Relaxed);
+        match Phase::from_u8((s & PHASE_MASK) as u8) {
+            // The first head's deadline counts from the accept: the start is kept.
+            Phase::Fresh => {
+                let head = (s & !PHASE_MASK) | Phase::Head as u64;
+                let _ = self.state.compare_exchange(s, head, Relaxed, Relaxed);
             }
+            Phase::Idle => self.set(Phase::Head),
             _ => {}
         }
     }
 
     /// hyper parsed a request head; `ended`: it has no body to wait for.
     fn on_head(&self, ended: bool) {
-        if ended {
-            self.set(Phase::Busy, NO_DEADLINE);
-        } else {
-            let l = &self.shared.limits;
-            let d = self.shared.after(l.body_timeout + BODY_CLOSE_GRACE);
-            self.set(Phase::Body, d);
-        }
+        self.set(if ended { Phase::Busy } else { Phase::Body });
     }
 
     /// The request body has all arrived.
     fn on_body_end(&self) {
         if self.phase() == Phase::Body {
-            self.set(Phase::Busy, NO_DEADLINE);
+            self.set(Phase::Busy);
         }
     }
 
     /// The response has been written (or abandoned): wait for the next request.
     fn on_response_end(&self) {
-        let l = &self.shared.limits;
-        self.set(Phase::Idle, self.shared.after(l.idle_timeout));
+        self.set(Phase::Idle);
     }
 
     /// A write returned `Pending` (the client is not reading) or went through.
@@ -345,10 +368,6 @@ impl Shared {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn after(&self, d: Duration) -> u64 {
-        self.now_ms().saturating_add(d.as_millis() as u64)
-    }
-
     /// Closes the oldest connection that is not answering a complete request; false if every
     /// connection is.
     fn evict_one(&self) -> bool {
@@ -357,7 +376,7 @@ impl Shared {
             .lock()
             .values()
             .filter(|c| c.phase() != Phase::Busy && c.ctl.load(Relaxed) != CTL_CLOSE)
-            .min_by_key(|c| c.since_ms.load(Relaxed))
+            .min_by_key(|c| c.state().1)
             .cloned();
         match victim {
             Some(c) => {
@@ -389,10 +408,8 @@ impl Shared {
                 let blocked = c.write_blocked_ms.load(Relaxed);
                 if blocked != NO_DEADLINE && now.saturating_sub(blocked) >= write_limit_ms {
                     Some((c.clone(), CloseReason::WriteTimeout))
-                } else if c.deadline_ms.load(Relaxed) <= now {
-                    Some((c.clone(), c.phase().timeout_reason()))
                 } else {
-                    None
+                    c.expired(now).map(|why| (c.clone(), why))
                 }
             })
             .collect();
@@ -491,15 +508,7 @@ impl Connections {
                 continue;
             }
             next_id += 1;
-            let conn = Arc::new(Conn {
-                phase: AtomicU8::new(Phase::Fresh as u8),
-                since_ms: AtomicU64::new(self.shared.now_ms()),
-                deadline_ms: AtomicU64::new(self.shared.after(self.shared.limits.header_timeout)),
-                write_blocked_ms: AtomicU64::new(NO_DEADLINE),
-                ctl: AtomicU8::new(CTL_NONE),
-                wake: Notify::new(),
-                shared: self.shared.clone(),
-            });
+            let conn = Arc::new(Conn::new(self.shared.clone()));
             self.shared.conns.lock().insert(next_id, conn.clone());
             self.shared.metrics.open.inc();
             tokio::spawn(serve_conn(next_id, tcp, conn, router.clone()));

@@ -381,10 +381,9 @@ async fn health(State(app): State<Arc<App>>) -> Response {
         Ok(e) if !e.batcher.is_running() => ApiError::internal("the batch scheduler has stopped")
             .into_response_with(StatusCode::SERVICE_UNAVAILABLE),
         Ok(e) => match e.model.check_files() {
-            // A model file changed on disk: nothing is served until a restart (names the file).
-            Err(why) => ApiError::internal(why.to_string())
-                .code("model_files_changed")
-                .into_response_with(StatusCode::SERVICE_UNAVAILABLE),
+            // A model file changed on disk: nothing is served until a restart (a 503 naming the
+            // file).
+            Err(why) => ApiError::from(why).into_response(),
             Ok(()) => Json(json!({
                 "status": "ok",
                 "model": app.model_name,

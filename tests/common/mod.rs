@@ -259,6 +259,39 @@ impl Sandbox {
         c
     }
 
+    /// `moe-serve synth --preset P --out <sandbox>/<name> ARGS`.
+    pub fn synth(&self, name: &str, preset: &str, args: &[&str]) -> PathBuf {
+        let out = self.path().join(name);
+        let o = self
+            .command()
+            .args(["synth", "--preset", preset, "--out"])
+            .arg(&out)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "synth: {}", stderr(&o));
+        out
+    }
+
+    /// `moe-serve <sub...> [--model M] --quantization Q --cache-dir <cache> <extra...>`.
+    pub fn command_for(
+        &self,
+        sub: &[&str],
+        model: Option<&Path>,
+        q: &str,
+        extra: &[&str],
+    ) -> std::process::Command {
+        let mut c = self.command();
+        c.args(sub);
+        if let Some(m) = model {
+            c.arg("--model").arg(m);
+        }
+        c.args(["--quantization", q, "--cache-dir"])
+            .arg(self.cache_dir())
+            .args(extra);
+        c
+    }
+
     /// File names in the cache folder, sorted.
     pub fn listing(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.cache_dir())

@@ -305,13 +305,8 @@ impl BuildLock {
         // Held for the life of `f`.
         if crate::fsutil::try_lock_exclusive(&f).is_err() {
             tracing::info!("waiting for another process building {}", path.display());
-            use std::os::unix::io::AsRawFd;
-            // SAFETY: flock on a file descriptor we own, for the life of `f`; blocks until the
-            // other builder's lock is released.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                let e = std::io::Error::last_os_error();
-                return Err(Error::io(lock_path, e));
-            }
+            // Blocks until the other builder's lock is released.
+            crate::fsutil::lock_exclusive(&f).map_err(|e| Error::io(lock_path, e))?;
         }
         Ok(BuildLock(f))
     }
@@ -601,41 +596,42 @@ impl CachePlan {
                 (sink.0)(p)
             }
         };
-        let known = donor.map(|(file, _)| file.sources.clone());
         let cancel = std::sync::atomic::AtomicBool::new(false);
         let all: Vec<usize> = (0..self.key.sources.len()).collect();
         let result = std::thread::scope(|scope| {
-            let hashing = match &known {
-                Some(_) => None,
-                None => Some(scope.spawn(|| {
+            let hashing = donor.is_none().then(|| {
+                scope.spawn(|| {
                     sources::hash_many(&self.key.sources, &all, &self.key.opened, &cancel)
-                })),
-            };
+                })
+            });
             let hashing = Mutex::new(hashing);
             let late = || -> Result<Vec<(String, Value)>> {
-                let records: Vec<sources::Record> = match hashing.lock().take() {
-                    Some(h) => h
-                        .join()
-                        .map_err(|_| {
-                            Error::cache(&self.path, "the source hashing thread panicked")
-                        })?
-                        .into_iter()
-                        .collect::<std::result::Result<_, String>>()
-                        .map_err(|why| {
-                            Error::cache(
-                                &self.path,
-                                format!("hashing the model's weight files: {why}"),
-                            )
-                        })?,
-                    None => known.clone().unwrap_or_default(),
+                let Some(h) = hashing.lock().take() else {
+                    return Ok(Vec::new());
                 };
+                let records: Vec<sources::Record> = h
+                    .join()
+                    .map_err(|_| Error::cache(&self.path, "the source hashing thread panicked"))?
+                    .into_iter()
+                    .collect::<std::result::Result<_, String>>()
+                    .map_err(|why| {
+                        Error::cache(
+                            &self.path,
+                            format!("hashing the model's weight files: {why}"),
+                        )
+                    })?;
                 Ok(sources::metadata(&records))
             };
-            let placeholders = sources::placeholders(&self.key.sources);
+            // A repair records the donor's source as it is; a fresh build records placeholders
+            // of the same encoded length, replaced once the hashes are known.
+            let records = match donor {
+                Some((file, _)) => file.sources.clone(),
+                None => sources::placeholders(&self.key.sources),
+            };
             let r = build::build(build::BuildJob {
                 path: &self.path,
                 entries: &self.entries,
-                metadata: self.key.metadata(&self.entries, &placeholders),
+                metadata: self.key.metadata(&self.entries, &records),
                 alignment: ALIGNMENT,
                 donor,
                 progress: &progress,

@@ -24,7 +24,7 @@
 //!   cache file itself records; a damaged, foreign or outdated sidecar is ignored.
 //! - **Bounded memory.** Hashing holds one chunk per thread, whatever the shard's size.
 
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -61,31 +61,7 @@ pub(crate) const KEY_CTIMES_NS: &str = "moe.cache.source_ctimes_ns";
 pub(crate) const KEY_INODES: &str = "moe.cache.source_inodes";
 pub(crate) const KEY_DEVICES: &str = "moe.cache.source_devices";
 
-/// What `stat` says of a file: enough that any write or replacement changes it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(crate) struct Stat {
-    pub size_bytes: u64,
-    pub mtime_ns: i64,
-    pub ctime_ns: i64,
-    pub inode: u64,
-    pub device: u64,
-}
-
-impl Stat {
-    fn of_metadata(m: &std::fs::Metadata) -> Stat {
-        Stat {
-            size_bytes: m.len(),
-            mtime_ns: m.mtime().saturating_mul(1_000_000_000) + m.mtime_nsec(),
-            ctime_ns: m.ctime().saturating_mul(1_000_000_000) + m.ctime_nsec(),
-            inode: m.ino(),
-            device: m.dev(),
-        }
-    }
-
-    pub fn of(path: &Path) -> std::io::Result<Stat> {
-        std::fs::metadata(path).map(|m| Stat::of_metadata(&m))
-    }
-}
+pub(crate) use crate::fsutil::FileStat as Stat;
 
 /// One weight file as a cache file records it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -459,10 +435,11 @@ pub(crate) fn check(
     opened: &[Option<Stat>],
     recorded: &[Record],
 ) -> Check {
-    let side = read_sidecar(cache, identity, recorded);
     let mut current: Vec<Record> = recorded.to_vec();
     let mut to_hash = Vec::new();
     let mut sizes = vec![0u64; sources.len()];
+    // Files whose stat the cache file's record does not vouch for, with that stat.
+    let mut moved = Vec::new();
     for (i, src) in sources.iter().enumerate() {
         match src {
             Source::Embedded { .. } => to_hash.push(i),
@@ -477,13 +454,19 @@ pub(crate) fn check(
                     Err(e) => return Check::Unreadable(format!("{}: {e}", path.display())),
                 };
                 sizes[i] = now.size_bytes;
-                if recorded[i].vouches_for(&now) {
-                    continue;
+                if !recorded[i].vouches_for(&now) {
+                    moved.push((i, now));
                 }
-                match &side[i] {
-                    Some(r) if r.vouches_for(&now) => current[i] = r.clone(),
-                    _ => to_hash.push(i),
-                }
+            }
+        }
+    }
+    // The sidecar is read only when a stat changed since the build.
+    if !moved.is_empty() {
+        let side = read_sidecar(cache, identity, recorded);
+        for (i, now) in moved {
+            match &side[i] {
+                Some(r) if r.vouches_for(&now) => current[i] = r.clone(),
+                _ => to_hash.push(i),
             }
         }
     }

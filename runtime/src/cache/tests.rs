@@ -572,9 +572,7 @@ fn every_start_removes_temporaries_of_dead_builders_of_any_file_and_keeps_live_o
     let live_name = "live.4567.x-q8_0.r-q8_0.v2.gguf";
     let live = temp_of(dir.path(), live_name, 999_999_997);
     let lock = std::fs::File::create(dir.path().join(format!("{live_name}.lock"))).unwrap();
-    use std::os::unix::io::AsRawFd;
-    // SAFETY: flock on a descriptor this test owns, held while `lock` is open.
-    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    crate::fsutil::lock_exclusive(&lock).unwrap();
     // Not ours: never touched.
     let foreign = temp_of(dir.path(), "notes.txt", 1);
     plan.open_or_build(false).unwrap();

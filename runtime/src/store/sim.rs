@@ -32,11 +32,6 @@ impl SimTier {
             copy_latency,
         }
     }
-
-    /// The modelled transfer time of `bytes`.
-    fn modelled(&self, bytes: usize) -> Duration {
-        self.copy_latency + Duration::from_secs_f64(bytes as f64 / self.link_bytes_per_s)
-    }
 }
 
 impl DeviceTier for SimTier {
@@ -58,10 +53,8 @@ impl DeviceTier for SimTier {
         *dst = Arc::try_unwrap(src).unwrap_or_else(|shared| (*shared).clone());
         // The modelled transfer counts from when bringing the expert in began: a real link
         // streams while the source is read.
-        if let Some(rest) = self
-            .modelled(dst.size_bytes())
-            .checked_sub(started.elapsed())
-        {
+        let modelled = Duration::from_secs_f64(self.estimated_copy_s(dst.size_bytes()));
+        if let Some(rest) = modelled.checked_sub(started.elapsed()) {
             std::thread::sleep(rest);
         }
         Ok(SimTicket)
@@ -88,6 +81,7 @@ impl DeviceTier for SimTier {
         Ok(SimTicket)
     }
 
+    /// The modelled transfer time: latency plus bytes over the link.
     fn estimated_copy_s(&self, bytes: usize) -> f64 {
         self.copy_latency.as_secs_f64() + bytes as f64 / self.link_bytes_per_s
     }

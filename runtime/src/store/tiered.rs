@@ -558,43 +558,6 @@ impl<D: DeviceTier> TieredStore<D> {
         }
     }
 
-    /// Computes one expert on the device tier. `slot` is its device slot when it was resident
-    /// or a copy was started for it; None means compute where it lies.
-    fn compute_on_device(
-        &self,
-        layer: usize,
-        b: &ExpertBatch,
-        slot: Option<Arc<Slot<Resident<D>>>>,
-        x: &[f32],
-        hidden: usize,
-        out: &mut [f32],
-    ) -> Result<()> {
-        let c = self.counters(layer);
-        match slot {
-            Some(slot) => {
-                let t0 = Instant::now();
-                let resident = slot.wait().map_err(load_failed(layer, b.expert))?;
-                LayerCounters::add(&c.stall_ns, t0.elapsed().as_nanos() as u64);
-                let Some(dev) = self.device.as_ref() else {
-                    return Err(Error::Internal(format!(
-                        "expert {} of layer {layer} has a device slot but the store has no \
-                         device tier",
-                        b.expert
-                    )));
-                };
-                let ticket =
-                    dev.tier
-                        .ffn(&resident.slot, b, x, hidden, self.config.activations, out)?;
-                resident.record_use(ticket);
-            }
-            None => {
-                LayerCounters::add(&c.computed_in_place, 1);
-                self.compute_on_host(layer, b, x, hidden, out, false)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Copy or compute in place? Copy unless computing where the expert lies is faster than
     /// copying it, using the speeds measured so far (the configured ones until then).
     fn worth_copying(&self, layer: usize, expert: usize) -> bool {
@@ -775,8 +738,23 @@ impl<D: DeviceTier> ExpertStore for TieredStore<D> {
                 }
             })
             .collect();
+        // A device slot (resident, or a copy started for it) computes there; none means
+        // compute where the expert lies.
         for (b, slot) in batches.iter().zip(slots) {
-            self.compute_on_device(layer, b, slot, x, hidden, out)?;
+            match slot {
+                Some(slot) => {
+                    let t0 = Instant::now();
+                    let resident = slot.wait().map_err(load_failed(layer, b.expert))?;
+                    LayerCounters::add(&c.stall_ns, t0.elapsed().as_nanos() as u64);
+                    let act = self.config.activations;
+                    let ticket = dev.tier.ffn(&resident.slot, b, x, hidden, act, out)?;
+                    resident.record_use(ticket);
+                }
+                None => {
+                    LayerCounters::add(&c.computed_in_place, 1);
+                    self.compute_on_host(layer, b, x, hidden, out, false)?;
+                }
+            }
         }
         Ok(())
     }
