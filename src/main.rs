@@ -38,7 +38,8 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_runtime::cache::{BuildProgress, ProgressSink};
 use moe_runtime::open::cache_cmd as cache_api;
-use moe_runtime::runconfig::{Activations, ByteSize, DeviceKind, Quantization};
+use moe_runtime::open::{Overrides, Resolved};
+use moe_runtime::runconfig::{Activations, ByteSize, ConfigFileError, DeviceKind, Quantization};
 use moe_runtime::synth::{synth, synth_gguf, SynthOptions};
 use moe_runtime::weights::{safetensors_bytes, Dtype};
 use moe_runtime::{
@@ -127,52 +128,38 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 impl ModelArgs {
-    fn settings(&self) -> Result<Settings, Box<dyn std::error::Error>> {
-        let mut s = match &self.config {
-            Some(path) => Settings::from_run_config(&RunConfig::from_file(path)?),
-            None => Settings::default(),
-        };
-        if self.model.is_some() {
-            s.model = self.model.clone();
-        }
-        if let Some(d) = &self.device {
-            s.device = match d.as_str() {
+    /// The flags as an overlay on the config file.
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            model: self.model.clone(),
+            device: self.device.as_deref().map(|d| match d {
                 "cuda" => DeviceKind::Cuda,
                 "sim" => DeviceKind::Sim,
                 _ => DeviceKind::Cpu,
-            };
+            }),
+            ram_budget: self.ram_budget,
+            vram_budget: self.vram_budget,
+            max_context: self.max_context,
+            threads: self.threads,
+            max_batch: None,
+            quantization: self.quantization,
+            resident_quantization: self.resident_quantization,
+            activations: self.activations,
+            cache_dir: self.cache_dir.clone(),
+            cache: self.no_cache.then_some(false),
+            cache_rebuild: self.no_cache_rebuild.then_some(false),
         }
-        if self.ram_budget.is_some() {
-            s.ram_budget = self.ram_budget;
-        }
-        if self.vram_budget.is_some() {
-            s.vram_budget = self.vram_budget;
-        }
-        if self.max_context.is_some() {
-            s.max_context = self.max_context;
-        }
-        if self.threads.is_some() {
-            s.threads = self.threads;
-        }
-        if let Some(q) = self.quantization {
-            s.quantization = q;
-        }
-        if self.resident_quantization.is_some() {
-            s.resident_quantization = self.resident_quantization;
-        }
-        if let Some(a) = self.activations {
-            s.activations = a;
-        }
-        if self.cache_dir.is_some() {
-            s.cache_dir = self.cache_dir.clone();
-        }
-        if self.no_cache {
-            s.cache = false;
-        }
-        if self.no_cache_rebuild {
-            s.cache_rebuild = false;
-        }
-        Ok(s)
+    }
+
+    /// The config file, then the flags, read once and checked by one set of rules.
+    fn resolve(&self, extra: impl FnOnce(&mut Overrides)) -> Result<Resolved, ConfigFileError> {
+        let mut o = self.overrides();
+        extra(&mut o);
+        moe_runtime::open::resolve(self.config.as_deref(), &o)
+    }
+
+    fn settings(&self) -> Result<Settings, Box<dyn std::error::Error>> {
+        Ok(self.resolve(|_| {})?.settings)
     }
 }
 
@@ -407,22 +394,15 @@ fn main() -> ExitCode {
 }
 
 fn serve_cmd(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut settings = a.model.settings()?;
-    let mut server = match &a.model.config {
-        Some(path) => RunConfig::from_file(path)?.server,
-        None => Default::default(),
-    };
+    let Resolved {
+        settings,
+        config: RunConfig { mut server, .. },
+    } = a.model.resolve(|o| o.max_batch = a.max_batch)?;
     if let Some(h) = a.host {
         server.host = h;
     }
     if let Some(p) = a.port {
         server.port = p;
-    }
-    if let Some(n) = a.max_batch {
-        if n == 0 {
-            return Err("--max-batch must be at least 1".into());
-        }
-        settings.max_batch = n;
     }
     if let Some(q) = a.max_queue {
         if q == 0 {
@@ -478,14 +458,7 @@ fn peak_rss_bytes() -> Option<u64> {
 }
 
 fn calibrate_cmd(a: CalibrateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let cfg = match &a.config {
-        Some(p) => Some(RunConfig::from_file(p)?),
-        None => None,
-    };
-    let settings = cfg
-        .as_ref()
-        .map(Settings::from_run_config)
-        .unwrap_or_default();
+    let settings = moe_runtime::open::resolve(a.config.as_deref(), &Default::default())?.settings;
     let state_dir = a
         .state_dir
         .clone()

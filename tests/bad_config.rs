@@ -546,7 +546,7 @@ fn the_batcher_fails_only_the_sequence_whose_logits_are_not_finite() {
             {
                 Event::Token(_) => tokens += 1,
                 Event::Done { .. } => return (tokens, Ok(())),
-                Event::Failed(m) => return (tokens, Err(m)),
+                Event::Failed(m) => return (tokens, Err(m.to_string())),
             }
         }
     };

@@ -63,7 +63,7 @@ fn collect(rx: Receiver<Event>) -> Outcome {
                 break;
             }
             Event::Failed(m) => {
-                o.end = Err(m);
+                o.end = Err(m.to_string());
                 break;
             }
         }

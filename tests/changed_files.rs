@@ -71,16 +71,19 @@ fn serve_then_truncate(args: &[&str], env: &[(&str, &str)], victim: impl Fn() ->
 
     // The next request reads the truncated pages (or the admission check sees the new size):
     // it fails naming the file instead of killing the server or answering from zeros.
+    // Whether the scheduler or the admission check found it, the error keeps its kind: 503
+    // `model_files_changed`, never a generic 500.
     let (st, v) = complete(&s);
     let msg = message(&v);
-    assert_ne!(st, 200, "{v}");
+    assert_eq!(st, 503, "{v}");
+    assert_eq!(v["error"]["code"], "model_files_changed", "{v}");
     assert!(
         msg.contains(&name) && msg.contains("changed on disk") && msg.contains("truncated"),
         "{v}"
     );
     // Every later request fails the same way; /health says why.
     let (st, v) = complete(&s);
-    assert_ne!(st, 200, "{v}");
+    assert_eq!(st, 503, "{v}");
     assert!(message(&v).contains(&name), "{v}");
     let r = client().get(s.url("/health")).send().unwrap();
     assert_eq!(r.status(), 503);

@@ -403,6 +403,18 @@ fn bad_configuration_is_a_one_line_error() {
         ),
         ("model = \"./no-such-model\"\n", &[], &["no-such-model"]),
         (good, &["--ram-budget", "1KiB"], &["ram_budget", "needed"]),
+        // Flags obey the rules of the keys they set, and the error names the flag.
+        (
+            good,
+            &["--threads", "0"],
+            &["command line", "--threads", "at least 1"],
+        ),
+        (
+            good,
+            &["--max-context", "1"],
+            &["command line", "--max-context", "at least 2"],
+        ),
+        (good, &["--model", " "], &["--model", "must not be empty"]),
         ("model = \"./model\"\ndevice = \"cuda\"\n", &[], &["cuda"]),
         (
             "model = \"./model\"\ndevice = \"sim\"\n",

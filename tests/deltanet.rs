@@ -6,7 +6,7 @@
 mod common;
 
 use common::{fixtures, max_abs_diff, Reference};
-use moe_runtime::deltanet::{causal_conv1d_silu, chunked, recurrent, HeadInput};
+use moe_runtime::backend::cpu::deltanet::{causal_conv1d_silu, chunked, recurrent, HeadInput};
 
 /// transformers' `l2norm`: `x * rsqrt(sum(x^2) + 1e-6)`.
 fn l2norm(row: &[f32]) -> Vec<f32> {

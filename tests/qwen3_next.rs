@@ -140,7 +140,7 @@ fn collect(rx: Receiver<Event>) -> (Vec<u32>, Result<usize, String>) {
         match ev {
             Event::Token(t) => ids.push(t.id),
             Event::Done { usage, .. } => return (ids, Ok(usage.cached_tokens)),
-            Event::Failed(m) => return (ids, Err(m)),
+            Event::Failed(m) => return (ids, Err(m.to_string())),
         }
     }
     (ids, Err("channel closed".into()))

@@ -139,8 +139,9 @@ pub enum Event {
         text: String,
         usage: Usage,
     },
-    /// The request failed inside the scheduler (the message says why).
-    Failed(String),
+    /// The request failed inside the scheduler; the error keeps its kind (a bad request, an
+    /// expert that could not be loaded, model files changed on disk, an internal fault).
+    Failed(Error),
 }
 
 /// Where a request's events go.
@@ -524,7 +525,7 @@ impl<'m> Scheduler<'m> {
                     self.counters.running.fetch_add(1, Relaxed);
                 }
                 Err((mut sink, e)) => {
-                    sink.send(Event::Failed(e.to_string()));
+                    sink.send(Event::Failed(e));
                 }
             }
         }
@@ -617,16 +618,17 @@ impl<'m> Scheduler<'m> {
 
     /// Evicts least recently used prefixes until running and cached KV fit the budget.
     fn fit_budget(&mut self) {
+        let dec = &self.model.decoder;
         let running: u64 = self
             .running
             .iter()
-            .map(|s| s.state.size_bytes() as u64)
+            .map(|s| dec.state_bytes(&s.state) as u64)
             .sum();
         let allowed = self.config.kv_budget.saturating_sub(running);
         let mut cached: u64 = self
             .prefixes
             .iter()
-            .map(|p| p.state.size_bytes() as u64)
+            .map(|p| dec.state_bytes(&p.state) as u64)
             .sum();
         while cached > allowed && !self.prefixes.is_empty() {
             let (i, _) = self
@@ -635,7 +637,7 @@ impl<'m> Scheduler<'m> {
                 .enumerate()
                 .min_by_key(|(_, p)| p.last_used)
                 .expect("not empty");
-            cached -= self.prefixes.swap_remove(i).state.size_bytes() as u64;
+            cached -= dec.state_bytes(&self.prefixes.swap_remove(i).state) as u64;
         }
         self.counters.prefix_cache_bytes.store(cached, Relaxed);
     }
@@ -683,7 +685,7 @@ impl<'m> Scheduler<'m> {
             Err(_) => self.isolate(&feeds),
         };
         let mut done: Vec<(usize, FinishReason)> = Vec::new();
-        let mut failed: Vec<(usize, String)> = Vec::new();
+        let mut failed: Vec<(usize, Error)> = Vec::new();
         for ((i, tokens, _), res) in feeds.iter().zip(results) {
             let s = &mut self.running[*i];
             match res {
@@ -703,13 +705,13 @@ impl<'m> Scheduler<'m> {
                             Ok(Ok(Some(reason))) => done.push((*i, reason)),
                             Ok(Ok(None)) => {}
                             Ok(Err(msg)) => failed.push((*i, msg)),
-                            Err(p) => failed.push((*i, panic_message(&p))),
+                            Err(p) => failed.push((*i, panic_error(&p))),
                         }
                     }
                 }
             }
         }
-        let mut ends: Vec<(usize, std::result::Result<FinishReason, String>)> = done
+        let mut ends: Vec<(usize, std::result::Result<FinishReason, Error>)> = done
             .into_iter()
             .map(|(i, r)| (i, Ok(r)))
             .chain(failed.into_iter().map(|(i, m)| (i, Err(m))))
@@ -720,12 +722,12 @@ impl<'m> Scheduler<'m> {
         for (i, end) in ends {
             match end {
                 Ok(reason) => self.finish(i, reason),
-                Err(msg) => {
+                Err(e) => {
                     let mut s = self.running.swap_remove(i);
                     self.counters.running.fetch_sub(1, Relaxed);
                     self.counters.failed.fetch_add(1, Relaxed);
-                    tracing::error!("request failed inside the scheduler: {msg}");
-                    s.sink.send(Event::Failed(msg));
+                    tracing::error!("request failed inside the scheduler: {e}");
+                    s.sink.send(Event::Failed(e));
                 }
             }
         }
@@ -737,7 +739,7 @@ impl<'m> Scheduler<'m> {
     fn forward(
         &mut self,
         feeds: &[(usize, Vec<u32>, bool)],
-    ) -> std::result::Result<Vec<std::result::Result<Option<Vec<f32>>, String>>, String> {
+    ) -> std::result::Result<Vec<std::result::Result<Option<Vec<f32>>, Error>>, Error> {
         let model = self.model;
         let snaps: Vec<_> = feeds
             .iter()
@@ -769,8 +771,8 @@ impl<'m> Scheduler<'m> {
         }));
         let err = match out {
             Ok(Ok(logits)) => return Ok(logits.into_iter().map(Ok).collect()),
-            Ok(Err(e)) => e.to_string(),
-            Err(p) => panic_message(&p),
+            Ok(Err(e)) => e,
+            Err(p) => panic_error(&p),
         };
         drop(segs);
         for (f, snap) in feeds.iter().zip(snaps) {
@@ -783,7 +785,7 @@ impl<'m> Scheduler<'m> {
     fn isolate(
         &mut self,
         feeds: &[(usize, Vec<u32>, bool)],
-    ) -> Vec<std::result::Result<Option<Vec<f32>>, String>> {
+    ) -> Vec<std::result::Result<Option<Vec<f32>>, Error>> {
         feeds
             .iter()
             .map(|f| match self.forward(std::slice::from_ref(f)) {
@@ -800,10 +802,9 @@ impl<'m> Scheduler<'m> {
         let text = match s.seq.finish(reason) {
             Ok(text) => text,
             Err(e) => {
-                let msg = e.to_string();
                 self.counters.failed.fetch_add(1, Relaxed);
-                tracing::error!("request failed inside the scheduler: {msg}");
-                s.sink.send(Event::Failed(msg));
+                tracing::error!("request failed inside the scheduler: {e}");
+                s.sink.send(Event::Failed(e));
                 return;
             }
         };
@@ -835,12 +836,9 @@ impl<'m> Scheduler<'m> {
 
 /// Samples the next token of `s` from `logits`, sends it, and says whether `s` is done; logits
 /// no token can be drawn from, or a token that cannot be decoded, fail this sequence alone (the
-/// message says why).
-fn emit_token(
-    s: &mut Seq<'_>,
-    logits: &[f32],
-) -> std::result::Result<Option<FinishReason>, String> {
-    let step = s.seq.on_logits(logits).map_err(|e| e.to_string())?;
+/// error says why).
+fn emit_token(s: &mut Seq<'_>, logits: &[f32]) -> Result<Option<FinishReason>> {
+    let step = s.seq.on_logits(logits)?;
     s.first_token.get_or_insert_with(Instant::now);
     s.next = step.finish.is_none().then_some(step.id);
     let alive = s.sink.send(Event::Token(TokenOut {
@@ -858,13 +856,14 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+/// A panic caught while generating, as the internal error it is.
+fn panic_error(p: &Box<dyn std::any::Any + Send>) -> Error {
     let what = p
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into());
-    format!("internal error while generating: {what}")
+    Error::Internal(format!("a panic while generating: {what}"))
 }
 
 #[cfg(test)]

@@ -1,12 +1,18 @@
 //! Hugging Face `config.json` / `generation_config.json`, read leniently.
 //!
 //! [`RawConfig`] gives typed, null-tolerant access to the JSON with the field name in every error;
-//! each architecture file turns it into the normalised [`ModelConfig`] the layers are built from
-//! (it alone knows its field names, aliases and transformers' class defaults).
+//! each architecture file turns it into the normalised [`ModelConfig`] the layers are built from.
+//! [`ModelConfig::common`] reads the fields every architecture shares, once, with the class
+//! defaults the architecture gives in [`CommonDefaults`]; the architecture file then states only
+//! what differs (its own fields, aliases and transformers' class defaults).
 //!
 //! Invariants: an absent or `null` optional field takes the transformers class default; a missing
 //! required field is an error naming it; both config styles (the Hub's `rope_theta`/`rope_scaling`/
-//! `torch_dtype` and transformers 5's `rope_parameters`/`dtype`) give the same `ModelConfig`.
+//! `torch_dtype` and transformers 5's `rope_parameters`/`dtype`) give the same `ModelConfig`; a
+//! field every architecture has is read in [`ModelConfig::common`] alone, and a new
+//! `ModelConfig` field gets its neutral value there. The context-length rule
+//! ([`context_tokens`]) lives here, below the run configuration and the opening path that both
+//! apply it.
 
 use std::path::PathBuf;
 
@@ -50,6 +56,17 @@ pub const MAX_VOCAB_SIZE: usize = 1 << 23;
 pub const MAX_POSITIONS: usize = 1 << 28;
 /// Taps of the linear-attention convolution (released: 4).
 pub const MAX_CONV_KERNEL: usize = 1024;
+
+/// Default context cap when none is set: long enough for real prompts, small enough that the
+/// KV cache of a big model stays modest.
+pub const DEFAULT_MAX_CONTEXT_TOKENS: usize = 4096;
+
+/// The longest sequence a model is run with: `max_context` when set, else
+/// min(`max_position_embeddings`, [`DEFAULT_MAX_CONTEXT_TOKENS`]) (at least 1). The one rule
+/// behind `Settings::max_context_for` and `RunConfig::max_context_for`.
+pub fn context_tokens(max_context: Option<usize>, max_position_embeddings: usize) -> usize {
+    max_context.unwrap_or_else(|| max_position_embeddings.clamp(1, DEFAULT_MAX_CONTEXT_TOKENS))
+}
 
 /// Every size field of the configs and its limit, checked as the field is read.
 pub static SIZE_LIMITS: &[SizeLimit] = &[
@@ -615,11 +632,111 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// An architecture's class defaults for the fields every architecture shares (transformers'
+/// `*Config.__init__` defaults), the input of [`ModelConfig::common`].
+#[derive(Clone, Copy, Debug)]
+pub struct CommonDefaults {
+    /// `num_attention_heads` when absent; `None`: the field is required.
+    pub num_heads: Option<usize>,
+    /// `num_key_value_heads` when absent; `None`: `num_attention_heads` (no grouping).
+    pub num_kv_heads: Option<usize>,
+    /// The class's rule for `head_dim` given the raw config, `hidden_size` and the head count
+    /// (most derive it as hidden / heads when absent; some have a fixed default).
+    pub head_dim: fn(&RawConfig, usize, usize) -> Result<usize>,
+    /// `vocab_size` when absent; `None`: the field is required.
+    pub vocab_size: Option<usize>,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    /// `rope_theta` when neither style of rope settings gives one.
+    pub rope_theta: f64,
+    /// `Some(default)`: q, k, v and o biases all follow `attention_bias`; `None`: the class has
+    /// no such field and no attention bias unless the architecture sets one.
+    pub attention_bias: Option<bool>,
+    /// Keys of the routed expert count, the class's own name first (a config may carry both).
+    pub num_experts_keys: &'static [&'static str],
+    pub num_experts: usize,
+    /// `num_experts_per_tok` when absent.
+    pub top_k: usize,
+    /// `norm_topk_prob` when absent; `None`: the class always renormalises and has no such field.
+    pub norm_topk_prob: Option<bool>,
+}
+
 impl ModelConfig {
+    /// The fields every architecture shares, read once from `raw` with the class defaults `d`;
+    /// the architecture-specific ones take their neutral values (a MoE block in every layer,
+    /// softmax attention everywhere over the full causal context, no shared expert, no dense MLP
+    /// width, no expert width, no q/k norm, no clamp, no linear attention, no output gate, plain
+    /// norms). Architecture files override what differs with `ModelConfig { .., ..base }`; a new
+    /// field gets its neutral value here.
+    pub fn common(raw: &RawConfig, arch: &'static str, d: &CommonDefaults) -> Result<ModelConfig> {
+        let hidden_size = raw.usize(&["hidden_size"])?;
+        let num_layers = raw.usize(&["num_hidden_layers"])?;
+        let num_heads = match d.num_heads {
+            Some(n) => raw.usize_or(&["num_attention_heads"], n)?,
+            None => raw.usize(&["num_attention_heads"])?,
+        };
+        let num_kv_heads = raw.usize_or(
+            &["num_key_value_heads"],
+            d.num_kv_heads.unwrap_or(num_heads),
+        )?;
+        let head_dim = (d.head_dim)(raw, hidden_size, num_heads)?;
+        let vocab_size = match d.vocab_size {
+            Some(n) => raw.usize_or(&["vocab_size"], n)?,
+            None => raw.usize(&["vocab_size"])?,
+        };
+        let max_position_embeddings =
+            raw.usize_or(&["max_position_embeddings"], d.max_position_embeddings)?;
+        let rms_norm_eps = raw.f64_or(&["rms_norm_eps"], d.rms_norm_eps)?;
+        let rope = RopeConfig::parse(raw, d.rope_theta)?;
+        let tie_word_embeddings = raw.bool_or(&["tie_word_embeddings"], false)?;
+        let router = RouterConfig {
+            num_experts: raw.usize_or(d.num_experts_keys, d.num_experts)?,
+            top_k: raw.usize_or(&["num_experts_per_tok"], d.top_k)?,
+            norm_topk_prob: match d.norm_topk_prob {
+                Some(b) => raw.bool_or(&["norm_topk_prob"], b)?,
+                None => true,
+            },
+        };
+        let bias = match d.attention_bias {
+            Some(b) => raw.bool_or(&["attention_bias"], b)?,
+            None => false,
+        };
+        Ok(ModelConfig {
+            arch,
+            hidden_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size,
+            intermediate_size: 0,
+            moe_intermediate_size: 0,
+            max_position_embeddings,
+            rms_norm_eps,
+            rope,
+            tie_word_embeddings,
+            router,
+            sparse_layers: vec![true; num_layers],
+            shared_expert_intermediate_size: 0,
+            qkv_bias: bias,
+            o_bias: bias,
+            qk_norm: QkNorm::None,
+            clip_qkv: None,
+            sliding_window: vec![None; num_layers],
+            mixers: vec![MixerKind::Attention; num_layers],
+            linear_attention: None,
+            attn_output_gate: false,
+            norm_zero_centred: false,
+            hidden_act: raw.opt_str(&["hidden_act"])?.unwrap_or("silu").to_string(),
+            bos_token_id: raw.token_ids("bos_token_id")?.first().copied(),
+            eos_token_ids: raw.token_ids("eos_token_id")?,
+        })
+    }
+
     /// Checks the invariants layers rely on; errors name the offending field.
+    /// (`quantization_config` is the pre-quantized formats' own, checked by
+    /// `prequant::PrequantConfig::parse`, which the opening path calls before this.)
     pub fn validate(&self, raw: &RawConfig) -> Result<()> {
-        // Refuses a pre-quantized format this build cannot read, naming it.
-        crate::prequant::PrequantConfig::parse(raw)?;
         let bad = |field: &str, why: String| {
             Err(Error::bad_config(
                 &raw.path,
@@ -740,7 +857,7 @@ impl ModelConfig {
                     ),
                 );
             }
-            if !crate::layers::Rope::new(&self.rope, self.head_dim).is_finite() {
+            if !Rope::new(&self.rope, self.head_dim).is_finite() {
                 return bad(
                     "rope_theta/rope_scaling",
                     format!(
@@ -855,6 +972,126 @@ impl GenerationConfig {
     }
 }
 
+/// Rotary position embedding (rotate-half convention) with transformers' scaling variants.
+pub struct Rope {
+    /// Inverse frequencies, `rot_dim / 2` of them.
+    pub inv_freq: Vec<f32>,
+    /// Multiplies cos and sin (YaRN's attention factor; 1 otherwise).
+    pub attention_scaling: f32,
+    /// Leading values of each head that rotate (the rest pass through).
+    pub rot_dim: usize,
+}
+
+impl Rope {
+    /// `cfg` has passed [`ModelConfig::validate`]: the rotated width is even and
+    /// at most `head_dim`, and every factor is finite and above 0.
+    pub fn new(cfg: &RopeConfig, head_dim: usize) -> Rope {
+        let dim = cfg.rotary_dim(head_dim).min(head_dim);
+        let base = cfg.theta;
+        // Exponents are formed in f32 as transformers does (`arange(0, dim, 2).float() / dim`).
+        let pos_freq: Vec<f64> = (0..dim / 2)
+            .map(|i| base.powf(((2 * i) as f32 / dim as f32) as f64))
+            .collect();
+        let mut attention_scaling = 1.0f64;
+        let inv: Vec<f64> = match &cfg.scaling {
+            RopeScaling::Default | RopeScaling::Dynamic { .. } => {
+                pos_freq.iter().map(|p| 1.0 / p).collect()
+            }
+            RopeScaling::Linear { factor } => pos_freq.iter().map(|p| 1.0 / p / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old = *original_max_position_embeddings as f64;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                pos_freq
+                    .iter()
+                    .map(|p| {
+                        let f = 1.0 / p;
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen > low_wavelen {
+                            f / factor
+                        } else if wavelen < high_wavelen {
+                            f
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                attention_factor,
+                beta_fast,
+                beta_slow,
+                mscale,
+                mscale_all_dim,
+                truncate,
+            } => {
+                let get_mscale = |scale: f64, m: f64| {
+                    if scale <= 1.0 {
+                        1.0
+                    } else {
+                        0.1 * m * scale.ln() + 1.0
+                    }
+                };
+                attention_scaling = match attention_factor {
+                    Some(a) => *a,
+                    None => match (mscale, mscale_all_dim) {
+                        (Some(m), Some(ma)) if *m != 0.0 && *ma != 0.0 => {
+                            get_mscale(*factor, *m) / get_mscale(*factor, *ma)
+                        }
+                        _ => get_mscale(*factor, 1.0),
+                    },
+                };
+                let orig = *original_max_position_embeddings as f64;
+                let d = dim as f64;
+                let corr = |rot: f64| {
+                    (d * (orig / (rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln())
+                };
+                let (mut low, mut high) = (corr(*beta_fast), corr(*beta_slow));
+                if *truncate {
+                    low = low.floor();
+                    high = high.ceil();
+                }
+                let low = low.max(0.0);
+                let mut high = high.min(d - 1.0);
+                if low == high {
+                    high += 0.001; // transformers: "Prevent singularity"
+                }
+                pos_freq
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        let extrap_factor = 1.0 - ramp;
+                        let interp = 1.0 / (factor * p);
+                        let extrap = 1.0 / p;
+                        interp * (1.0 - extrap_factor) + extrap * extrap_factor
+                    })
+                    .collect()
+            }
+        };
+        Rope {
+            inv_freq: inv.iter().map(|&f| f as f32).collect(),
+            attention_scaling: attention_scaling as f32,
+            rot_dim: dim,
+        }
+    }
+
+    /// Whether every frequency and the attention scaling are finite (a config check: a
+    /// non-finite one would turn every attention output into NaN).
+    pub fn is_finite(&self) -> bool {
+        self.attention_scaling.is_finite() && self.inv_freq.iter().all(|f| f.is_finite())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -901,7 +1138,7 @@ mod tests {
 
     #[test]
     fn pre_quantized_formats_are_read_or_refused_naming_the_method() {
-        use crate::prequant::{Code4, PrequantConfig};
+        use crate::weights::prequant::{Code4, PrequantConfig};
         let base = r#""architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 8,
             "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
             "vocab_size": 16"#;
@@ -926,7 +1163,9 @@ mod tests {
             let r = raw(&format!(r#"{{{base}, "quantization_config": {q}}}"#));
             let arch = crate::arch::lookup(&r).unwrap();
             let cfg = (arch.parse_config)(&r).unwrap();
-            let e = cfg.validate(&r).unwrap_err().to_string();
+            // The model's own fields are fine; the format is refused by its own parser.
+            cfg.validate(&r).unwrap();
+            let e = PrequantConfig::parse(&r).unwrap_err().to_string();
             assert!(
                 e.contains("quantization_config")
                     && e.contains(named)
@@ -983,6 +1222,232 @@ mod tests {
         let arch = crate::arch::lookup(&r).unwrap();
         (arch.parse_config)(&r).unwrap().validate(&r).unwrap();
         assert_eq!(PrequantConfig::parse(&r).unwrap(), None);
+    }
+
+    /// Parses a fixture's config.json through the registry, with the file's JSON beside it.
+    fn fixture(rel: &str) -> (ModelConfig, Value) {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(rel);
+        let bytes = std::fs::read(&path).unwrap();
+        let r = RawConfig::parse(path, &bytes).unwrap();
+        let cfg = (crate::arch::lookup(&r).unwrap().parse_config)(&r).unwrap();
+        cfg.validate(&r).unwrap();
+        (cfg, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    fn u(j: &Value, key: &str) -> usize {
+        j[key].as_u64().unwrap_or_else(|| panic!("{key}")) as usize
+    }
+
+    /// Every field of the parsed config, against the file's values (and the class default where
+    /// the file has none). The destructuring names every field: a new one fails to compile here
+    /// until the test checks it.
+    #[test]
+    fn every_field_matches_the_file() {
+        let (cfg, j) = fixture("qwen2_moe/model/config.json");
+        let ModelConfig {
+            arch,
+            hidden_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size,
+            intermediate_size,
+            moe_intermediate_size,
+            max_position_embeddings,
+            rms_norm_eps,
+            rope,
+            tie_word_embeddings,
+            router,
+            sparse_layers,
+            shared_expert_intermediate_size,
+            qkv_bias,
+            o_bias,
+            qk_norm,
+            clip_qkv,
+            sliding_window,
+            mixers,
+            linear_attention,
+            attn_output_gate,
+            norm_zero_centred,
+            hidden_act,
+            bos_token_id,
+            eos_token_ids,
+        } = cfg;
+        let layers = u(&j, "num_hidden_layers");
+        assert_eq!(arch, j["model_type"].as_str().unwrap());
+        assert_eq!(hidden_size, u(&j, "hidden_size"));
+        assert_eq!(num_layers, layers);
+        assert_eq!(num_heads, u(&j, "num_attention_heads"));
+        assert_eq!(num_kv_heads, u(&j, "num_key_value_heads"));
+        assert!(j.get("head_dim").is_none());
+        assert_eq!(head_dim, hidden_size / num_heads);
+        assert_eq!(vocab_size, u(&j, "vocab_size"));
+        assert_eq!(intermediate_size, u(&j, "intermediate_size"));
+        assert_eq!(moe_intermediate_size, u(&j, "moe_intermediate_size"));
+        assert_eq!(max_position_embeddings, u(&j, "max_position_embeddings"));
+        assert_eq!(rms_norm_eps, j["rms_norm_eps"].as_f64().unwrap());
+        assert_eq!(
+            rope,
+            RopeConfig {
+                theta: j["rope_theta"].as_f64().unwrap(),
+                scaling: RopeScaling::Linear {
+                    factor: j["rope_scaling"]["factor"].as_f64().unwrap()
+                },
+                partial_rotary_factor: 1.0,
+            }
+        );
+        assert_eq!(
+            tie_word_embeddings,
+            j["tie_word_embeddings"].as_bool().unwrap()
+        );
+        assert_eq!(
+            router,
+            RouterConfig {
+                num_experts: u(&j, "num_experts"),
+                top_k: u(&j, "num_experts_per_tok"),
+                norm_topk_prob: j["norm_topk_prob"].as_bool().unwrap(),
+            }
+        );
+        // decoder_sparse_step 1 and no mlp_only_layers: every layer is sparse.
+        assert_eq!(
+            (u(&j, "decoder_sparse_step"), &j["mlp_only_layers"]),
+            (1, &Value::Array(vec![]))
+        );
+        assert_eq!(sparse_layers, vec![true; layers]);
+        assert_eq!(
+            shared_expert_intermediate_size,
+            u(&j, "shared_expert_intermediate_size")
+        );
+        // Qwen2MoeConfig: `qkv_bias` defaults to true; there is no o bias.
+        assert!(j.get("qkv_bias").is_none());
+        assert!(qkv_bias && !o_bias);
+        assert_eq!(qk_norm, QkNorm::None);
+        assert_eq!(clip_qkv, None);
+        // `sliding_window` is given but off (`use_sliding_window` false).
+        assert_eq!(j["use_sliding_window"], Value::Bool(false));
+        assert_eq!(sliding_window, vec![None; layers]);
+        assert_eq!(mixers, vec![MixerKind::Attention; layers]);
+        assert_eq!(linear_attention, None);
+        assert!(!attn_output_gate && !norm_zero_centred);
+        assert_eq!(hidden_act, j["hidden_act"].as_str().unwrap());
+        assert!(j["bos_token_id"].is_null() && j["eos_token_id"].is_null());
+        assert_eq!((bos_token_id, eos_token_ids), (None, vec![]));
+
+        let (cfg, j) = fixture("qwen3_next_80b/config.json");
+        let ModelConfig {
+            arch,
+            hidden_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size,
+            intermediate_size,
+            moe_intermediate_size,
+            max_position_embeddings,
+            rms_norm_eps,
+            rope,
+            tie_word_embeddings,
+            router,
+            sparse_layers,
+            shared_expert_intermediate_size,
+            qkv_bias,
+            o_bias,
+            qk_norm,
+            clip_qkv,
+            sliding_window,
+            mixers,
+            linear_attention,
+            attn_output_gate,
+            norm_zero_centred,
+            hidden_act,
+            bos_token_id,
+            eos_token_ids,
+        } = cfg;
+        let layers = u(&j, "num_hidden_layers");
+        assert_eq!(arch, j["model_type"].as_str().unwrap());
+        assert_eq!(hidden_size, u(&j, "hidden_size"));
+        assert_eq!(num_layers, layers);
+        assert_eq!(num_heads, u(&j, "num_attention_heads"));
+        assert_eq!(num_kv_heads, u(&j, "num_key_value_heads"));
+        assert_eq!(head_dim, u(&j, "head_dim"));
+        assert_eq!(vocab_size, u(&j, "vocab_size"));
+        assert_eq!(intermediate_size, u(&j, "intermediate_size"));
+        assert_eq!(moe_intermediate_size, u(&j, "moe_intermediate_size"));
+        assert_eq!(max_position_embeddings, u(&j, "max_position_embeddings"));
+        assert_eq!(rms_norm_eps, j["rms_norm_eps"].as_f64().unwrap());
+        assert!(j["rope_scaling"].is_null());
+        assert_eq!(
+            rope,
+            RopeConfig {
+                theta: j["rope_theta"].as_f64().unwrap(),
+                scaling: RopeScaling::Default,
+                partial_rotary_factor: j["partial_rotary_factor"].as_f64().unwrap(),
+            }
+        );
+        assert_eq!(
+            tie_word_embeddings,
+            j["tie_word_embeddings"].as_bool().unwrap()
+        );
+        assert_eq!(
+            router,
+            RouterConfig {
+                num_experts: u(&j, "num_experts"),
+                top_k: u(&j, "num_experts_per_tok"),
+                norm_topk_prob: j["norm_topk_prob"].as_bool().unwrap(),
+            }
+        );
+        assert_eq!(
+            (u(&j, "decoder_sparse_step"), &j["mlp_only_layers"]),
+            (1, &Value::Array(vec![]))
+        );
+        assert_eq!(sparse_layers, vec![true; layers]);
+        assert_eq!(
+            shared_expert_intermediate_size,
+            u(&j, "shared_expert_intermediate_size")
+        );
+        let bias = j["attention_bias"].as_bool().unwrap();
+        assert_eq!((qkv_bias, o_bias), (bias, bias));
+        assert_eq!(qk_norm, QkNorm::PerHead);
+        assert_eq!(clip_qkv, None);
+        assert_eq!(sliding_window, vec![None; layers]);
+        // Layer `l` is full attention when `(l + 1) % full_attention_interval == 0`.
+        let interval = u(&j, "full_attention_interval");
+        let kinds: Vec<MixerKind> = (0..layers)
+            .map(|l| {
+                if (l + 1) % interval == 0 {
+                    MixerKind::Attention
+                } else {
+                    MixerKind::LinearAttention
+                }
+            })
+            .collect();
+        assert_eq!(mixers, kinds);
+        assert_eq!(
+            linear_attention,
+            Some(LinearAttentionConfig {
+                num_key_heads: u(&j, "linear_num_key_heads"),
+                num_value_heads: u(&j, "linear_num_value_heads"),
+                key_head_dim: u(&j, "linear_key_head_dim"),
+                value_head_dim: u(&j, "linear_value_head_dim"),
+                conv_kernel: u(&j, "linear_conv_kernel_dim"),
+            })
+        );
+        assert!(attn_output_gate && norm_zero_centred);
+        assert_eq!(hidden_act, j["hidden_act"].as_str().unwrap());
+        assert_eq!(bos_token_id, Some(u(&j, "bos_token_id") as u32));
+        assert_eq!(eos_token_ids, vec![u(&j, "eos_token_id") as u32]);
+    }
+
+    #[test]
+    fn context_defaults_to_the_cap_or_the_model() {
+        assert_eq!(context_tokens(None, 1 << 20), DEFAULT_MAX_CONTEXT_TOKENS);
+        assert_eq!(context_tokens(None, 512), 512);
+        assert_eq!(context_tokens(None, 0), 1);
+        assert_eq!(context_tokens(Some(7), 512), 7);
     }
 
     #[test]

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backend::cpu::{activation_path_covers, bf16_activations_supported};
+use crate::backend::{select, Activations, AnyBackend};
 use crate::cache::{CacheHandle, CacheKey, CachePlan};
 use crate::config::{GenerationConfig, ModelConfig, RawConfig};
 use crate::error::{Error, Result};
@@ -22,23 +24,13 @@ use crate::open::{model_files, open, open_files, HotSet, Opened, Purpose};
 pub use crate::open::{Settings, DEFAULT_MAX_CONTEXT_TOKENS, LOADER_THREADS};
 use crate::plan::{make_plan, ModelSizes, Plan, Profile};
 use crate::quantize::{quantize_model, ExpertTypes};
-use crate::runconfig::{Activations, Quantization};
+use crate::runconfig::Quantization;
 use crate::sampler::SamplingParams;
 use crate::sequence::{SeqDecoder, SeqSettings};
 use crate::store::{TieredStore, TieredStoreConfig};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 use crate::weights::ModelFiles;
 use std::path::PathBuf;
-
-/// Whether `act` takes a lower-precision kernel for weights of type `dtype` on this CPU.
-fn activation_path_covers(act: Activations, dtype: crate::weights::Dtype) -> bool {
-    use crate::weights::Dtype;
-    match act {
-        Activations::F32 => false,
-        Activations::Q8 => matches!(dtype, Dtype::Q8_0 | Dtype::Q4K),
-        Activations::Bf16 => dtype == Dtype::Bf16 && moe_kernels::bf16_activations_supported(),
-    }
-}
 
 /// A loaded model, ready to generate. Cheap to share behind an `Arc`.
 pub struct Model {
@@ -77,7 +69,7 @@ pub struct PrequantInfo {
     /// The error converting them to the requested quantization added against their exact
     /// values, when this load converted them (None: kept without loss, or mapped from a cache
     /// built earlier).
-    pub conversion_error: Option<crate::prequant::ErrorSummary>,
+    pub conversion_error: Option<crate::weights::prequant::ErrorSummary>,
 }
 
 /// What to generate from.
@@ -143,26 +135,8 @@ impl CancelToken {
     }
 }
 
-/// Why generation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// An EOS token was generated, or a stop string was reached.
-    Stop,
-    /// `max_tokens` or the context was reached.
-    Length,
-    /// The cancel token was set.
-    Cancelled,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::Cancelled => "cancelled",
-        }
-    }
-}
+/// Why generation ended (owned by the per-sequence state machine).
+pub use crate::sequence::FinishReason;
 
 /// One generated token and the text it released: complete characters, with any text that may
 /// begin a stop string held back (empty mid-character, while held, and for an EOS token).
@@ -275,14 +249,13 @@ impl Model {
         }
         let mut covered = 0usize;
         for l in crate::quantize::linears(&mut mw) {
-            l.activations = settings.activations;
             covered += usize::from(activation_path_covers(settings.activations, l.weight.dtype));
         }
         covered += mw
             .experts
             .iter()
             .flatten()
-            .filter(|e| activation_path_covers(settings.activations, e.gate.dtype))
+            .filter(|e| activation_path_covers(settings.activations, e.first_matrix().dtype))
             .count();
         if covered == 0 {
             let why = match settings.activations {
@@ -291,7 +264,7 @@ impl Model {
                     "activations = \"q8\" changes nothing: the model holds no q8_0 / q4_k \
                      weights (set quantization = \"q8_0\" or \"q4_k\")",
                 ),
-                Activations::Bf16 if !moe_kernels::bf16_activations_supported() => {
+                Activations::Bf16 if !bf16_activations_supported() => {
                     Some("activations = \"bf16\" changes nothing: this CPU lacks AVX512_BF16")
                 }
                 Activations::Bf16 => {
@@ -343,11 +316,24 @@ impl Model {
             },
             check,
         )?;
+        // The one place the device setting picks the compute backend.
+        let backend = match select(settings.device, settings.activations)? {
+            AnyBackend::Cpu(cpu) => cpu,
+            AnyBackend::Cuda(_) => {
+                return Err(Error::BackendUnavailable {
+                    backend: "cuda".into(),
+                    reason: "the CUDA backend opened, but this build runs models on the CPU \
+                             only; set device = \"cpu\" or \"sim\""
+                        .into(),
+                })
+            }
+        };
         let decoder = Decoder {
             hidden_size: config.hidden_size,
             vocab_size: config.vocab_size,
             store: Box::new(store),
-            w: mw,
+            w: mw.upload(&backend)?,
+            backend,
             kv_elem: settings.kv_dtype,
         };
 

@@ -15,7 +15,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::runconfig::ByteSize;
+use crate::size::ByteSize;
 
 /// Result alias used throughout the runtime.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -112,6 +112,10 @@ pub enum Error {
     /// cannot start, an internal invariant found broken).
     #[error("internal error: {0}")]
     Internal(String),
+    /// The compute backend a setting asks for cannot be opened here (the reason says what to
+    /// set instead).
+    #[error("{backend} backend unavailable: {reason}")]
+    BackendUnavailable { backend: String, reason: String },
     /// The quantized weight cache cannot be used or written (the message says what to do).
     #[error("quantized weight cache {}: {reason}", path.display())]
     Cache { path: PathBuf, reason: String },
@@ -141,9 +145,6 @@ pub enum Error {
     /// Tokenizer or chat-template failure.
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
-    /// Synthetic model writer failure.
-    #[error(transparent)]
-    Synth(#[from] crate::synth::SynthError),
 }
 
 /// What a [`Error::BudgetExceeded`] refusal needed the bytes for; it shapes the message.

@@ -37,6 +37,7 @@
 #![warn(unsafe_op_in_unsafe_fn)]
 
 pub mod arch;
+pub mod backend;
 pub mod batch;
 pub mod cache;
 pub mod calibrate;
@@ -56,11 +57,11 @@ pub mod model;
 pub mod moe;
 pub mod open;
 pub mod plan;
-pub mod prequant;
 pub mod quantize;
 pub mod runconfig;
 pub mod sampler;
 pub mod sequence;
+pub mod size;
 pub mod store;
 pub mod synth;
 pub mod tokenizer;
@@ -74,3 +75,5 @@ pub use error::{Error, Result};
 pub use model::{Logits, SeqState, Trace};
 pub use runconfig::RunConfig;
 pub use tokenizer::ChatMessage;
+/// Pre-quantized checkpoints (FP8, bitsandbytes): a part of the weights reader.
+pub use weights::prequant;

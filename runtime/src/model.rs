@@ -10,72 +10,113 @@
 //! never reads expert weights except through the [`ExpertStore`]; a state with recurrent layers
 //! only rolls back to a [`Snapshot`] taken at that length (a KV cache can be cut anywhere).
 
-use crate::deltanet::{GatedDeltaNet, LinearState};
+use std::ops::Range;
+
+use crate::backend::{Backend, Host, KvElem};
+use crate::deltanet::GatedDeltaNet;
 use crate::error::{Error, Result};
-use crate::layers::{Attention, KvCache, KvElem, Linear, Mlp, RmsNorm};
+use crate::layers::{Attention, Linear, Mlp, RmsNorm};
 use crate::moe::{MoeBlock, Routing};
 use crate::store::{ExpertStore, ExpertWeights};
-use crate::weights::TensorRef;
 
 /// Mixes information across positions.
 // One value per layer, built once at load: the variants' size difference costs nothing.
 #[allow(clippy::large_enum_variant)]
-pub enum Mixer {
-    Attention(Attention),
-    Linear(GatedDeltaNet),
+pub enum Mixer<B: Backend = Host> {
+    Attention(Attention<B>),
+    Linear(GatedDeltaNet<B>),
 }
 
 /// Per-sequence state of one mixer.
-#[derive(Clone)]
-pub enum MixerState {
-    Kv(KvCache),
-    Linear(LinearState),
+pub enum MixerState<B: Backend = Host> {
+    Kv(B::Kv),
+    Linear(B::Recurrent),
+}
+
+impl<B: Backend> Clone for MixerState<B> {
+    fn clone(&self) -> Self {
+        match self {
+            MixerState::Kv(kv) => MixerState::Kv(kv.clone()),
+            MixerState::Linear(st) => MixerState::Linear(st.clone()),
+        }
+    }
 }
 
 /// Mixes information across channels.
 // One value per layer, built once at load: the variants' size difference costs nothing.
 #[allow(clippy::large_enum_variant)]
-pub enum Ffn {
-    Dense(Mlp),
-    Moe(MoeBlock),
+pub enum Ffn<B: Backend = Host> {
+    Dense(Mlp<B>),
+    Moe(MoeBlock<B>),
 }
 
 /// A pre-norm decoder layer: `x += mixer(norm(x)); x += ffn(norm(x))`.
-pub struct DecoderLayer {
-    pub input_norm: RmsNorm,
-    pub mixer: Mixer,
-    pub post_norm: RmsNorm,
-    pub ffn: Ffn,
+pub struct DecoderLayer<B: Backend = Host> {
+    pub input_norm: RmsNorm<B>,
+    pub mixer: Mixer<B>,
+    pub post_norm: RmsNorm<B>,
+    pub ffn: Ffn<B>,
 }
 
-/// Everything an architecture file builds.
-pub struct ModelWeights {
-    pub embed: TensorRef,
-    pub layers: Vec<DecoderLayer>,
-    pub norm: RmsNorm,
-    pub lm_head: Linear,
+impl DecoderLayer<Host> {
+    /// The same layer on backend `b`.
+    pub fn upload<B: Backend>(self, b: &B) -> Result<DecoderLayer<B>> {
+        Ok(DecoderLayer {
+            input_norm: self.input_norm.upload(b)?,
+            mixer: match self.mixer {
+                Mixer::Attention(a) => Mixer::Attention(a.upload(b)?),
+                Mixer::Linear(d) => Mixer::Linear(d.upload(b)?),
+            },
+            post_norm: self.post_norm.upload(b)?,
+            ffn: match self.ffn {
+                Ffn::Dense(m) => Ffn::Dense(m.upload(b)?),
+                Ffn::Moe(m) => Ffn::Moe(m.upload(b)?),
+            },
+        })
+    }
+}
+
+/// Everything an architecture file builds (in host form, `ModelWeights<Host>`; the quantizer and
+/// the cache rewrite its weights there before it moves to its backend).
+pub struct ModelWeights<B: Backend = Host> {
+    pub embed: B::Weight,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    pub lm_head: Linear<B>,
     /// Per layer, its experts (empty for dense layers): moved into the expert store at load
     /// (empty afterwards).
     pub experts: Vec<Vec<ExpertWeights>>,
 }
 
+impl ModelWeights<Host> {
+    /// The whole resident set on backend `b` (the experts stay host-side, for the store).
+    pub fn upload<B: Backend>(self, b: &B) -> Result<ModelWeights<B>> {
+        Ok(ModelWeights {
+            embed: b.upload_weight(self.embed)?,
+            layers: self
+                .layers
+                .into_iter()
+                .map(|l| l.upload(b))
+                .collect::<Result<_>>()?,
+            norm: self.norm.upload(b)?,
+            lm_head: self.lm_head.upload(b)?,
+            experts: self.experts,
+        })
+    }
+}
+
 /// The per-sequence state: position and one mixer state per layer.
-#[derive(Clone)]
-pub struct SeqState {
-    pub layers: Vec<MixerState>,
+pub struct SeqState<B: Backend = Host> {
+    pub layers: Vec<MixerState<B>>,
     pub len: usize,
 }
 
-impl SeqState {
-    /// Bytes held by the caches.
-    pub fn size_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| match l {
-                MixerState::Kv(kv) => kv.size_bytes(),
-                MixerState::Linear(st) => st.size_bytes(),
-            })
-            .sum()
+impl<B: Backend> Clone for SeqState<B> {
+    fn clone(&self) -> Self {
+        SeqState {
+            layers: self.layers.clone(),
+            len: self.len,
+        }
     }
 }
 
@@ -97,9 +138,11 @@ pub struct Trace {
     pub routing: Vec<Option<Routing>>,
 }
 
-/// The decoder: weights plus the expert store its sparse layers use.
-pub struct Decoder {
-    pub w: ModelWeights,
+/// The decoder: the backend it computes on, its weights there, and the expert store its
+/// sparse layers use.
+pub struct Decoder<B: Backend = Host> {
+    pub backend: B,
+    pub w: ModelWeights<B>,
     pub store: Box<dyn ExpertStore>,
     pub hidden_size: usize,
     pub vocab_size: usize,
@@ -107,21 +150,35 @@ pub struct Decoder {
     pub kv_elem: KvElem,
 }
 
-impl Decoder {
+impl<B: Backend> Decoder<B> {
     /// A fresh state for one sequence.
-    pub fn new_state(&self) -> SeqState {
+    pub fn new_state(&self) -> SeqState<B> {
+        let b = &self.backend;
         SeqState {
             layers: self
                 .w
                 .layers
                 .iter()
                 .map(|l| match &l.mixer {
-                    Mixer::Attention(_) => MixerState::Kv(KvCache::new(self.kv_elem)),
-                    Mixer::Linear(d) => MixerState::Linear(d.new_state()),
+                    Mixer::Attention(_) => MixerState::Kv(b.kv_new(self.kv_elem)),
+                    Mixer::Linear(d) => MixerState::Linear(d.new_state(b)),
                 })
                 .collect(),
             len: 0,
         }
+    }
+
+    /// Bytes held by a sequence's caches.
+    pub fn state_bytes(&self, state: &SeqState<B>) -> usize {
+        let b = &self.backend;
+        state
+            .layers
+            .iter()
+            .map(|l| match l {
+                MixerState::Kv(kv) => b.kv_bytes(kv),
+                MixerState::Linear(st) => b.recurrent_bytes(st),
+            })
+            .sum()
     }
 
     /// Runs `tokens` (the next tokens of the sequence) through the model, appending to `state`.
@@ -129,7 +186,7 @@ impl Decoder {
     pub fn forward(
         &self,
         tokens: &[u32],
-        state: &mut SeqState,
+        state: &mut SeqState<B>,
         logits: Logits,
         trace: Option<&mut Trace>,
     ) -> Result<Vec<f32>> {
@@ -148,26 +205,24 @@ impl Decoder {
     /// Returns, per segment, the logits it asked for.
     pub fn forward_batch(
         &self,
-        segs: &mut [Segment<'_>],
+        segs: &mut [Segment<'_, B>],
         mut trace: Option<&mut Trace>,
     ) -> Result<Vec<Option<Vec<f32>>>> {
+        let b = &self.backend;
         let h = self.hidden_size;
         let lens: Vec<usize> = segs.iter().map(|s| s.tokens.len()).collect();
         let t: usize = lens.iter().sum();
         if segs.is_empty() || lens.contains(&0) {
             return Err(Error::InvalidRequest("no tokens to process".into()));
         }
-        let mut x = vec![0f32; t * h];
-        let ids = segs.iter().flat_map(|s| s.tokens.iter());
-        for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
-            if id as usize >= self.vocab_size {
-                return Err(Error::InvalidRequest(format!(
-                    "token id {id} is outside the vocabulary (vocab_size {})",
-                    self.vocab_size
-                )));
-            }
-            moe_kernels::row_to_f32(self.w.embed.weights(), id as usize, h, row);
+        let ids: Vec<u32> = segs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(Error::InvalidRequest(format!(
+                "token id {id} is outside the vocabulary (vocab_size {})",
+                self.vocab_size
+            )));
         }
+        let mut x = b.embed(&self.w.embed, &ids, h);
         let lookahead = if self.store.wants_prefetch() {
             self.store.prefetch_depth()
         } else {
@@ -177,50 +232,50 @@ impl Decoder {
             for ahead in 1..=lookahead {
                 self.predict_and_prefetch(l + ahead, &x, t);
             }
-            let normed = layer.input_norm.forward(&x);
+            let normed = layer.input_norm.forward(b, &x);
             let mixed = match &layer.mixer {
                 Mixer::Attention(a) => {
-                    let mut caches: Vec<&mut KvCache> = segs
+                    let mut caches: Vec<&mut B::Kv> = segs
                         .iter_mut()
                         .map(|s| match &mut s.state.layers[l] {
                             MixerState::Kv(kv) => kv,
                             MixerState::Linear(_) => unreachable!("state built for this model"),
                         })
                         .collect();
-                    a.forward_batch(&normed, &lens, &mut caches)
+                    a.forward_batch(b, &normed, &lens, &mut caches)
                 }
                 Mixer::Linear(d) => {
-                    let mut states: Vec<&mut LinearState> = segs
+                    let mut states: Vec<&mut B::Recurrent> = segs
                         .iter_mut()
                         .map(|s| match &mut s.state.layers[l] {
                             MixerState::Linear(st) => st,
                             MixerState::Kv(_) => unreachable!("state built for this model"),
                         })
                         .collect();
-                    d.forward_batch(&normed, &lens, &mut states)
+                    d.forward_batch(b, &normed, &lens, &mut states)
                 }
             };
-            add_inplace(&mut x, &mixed);
-            let normed = layer.post_norm.forward(&x);
+            b.add(&mut x, &mixed);
+            let normed = layer.post_norm.forward(b, &x);
             let (y, routing) = match &layer.ffn {
-                Ffn::Dense(mlp) => (mlp.forward(&normed, t), None),
+                Ffn::Dense(mlp) => (mlp.forward(b, &normed, t), None),
                 Ffn::Moe(moe) => {
-                    let (y, r) = moe.forward(&normed, t, h, self.store.as_ref())?;
+                    let (y, r) = moe.forward(b, &normed, t, h, self.store.as_ref())?;
                     (y, Some(r))
                 }
             };
-            add_inplace(&mut x, &y);
+            b.add(&mut x, &y);
             if let Some(tr) = trace.as_deref_mut() {
                 if tr.hidden.len() <= l {
                     tr.hidden.resize(l + 1, Vec::new());
                     tr.routing.resize(l + 1, None);
                 }
-                tr.hidden[l] = x.clone();
+                tr.hidden[l] = b.to_host(&x).into_owned();
                 tr.routing[l] = routing;
             }
         }
         // The rows whose logits are wanted, gathered so the head runs once over all of them.
-        let mut rows = Vec::new();
+        let mut ranges: Vec<Range<usize>> = Vec::new();
         let mut counts = Vec::with_capacity(segs.len());
         let mut row0 = 0;
         for (seg, &n) in segs.iter_mut().zip(&lens) {
@@ -231,13 +286,15 @@ impl Decoder {
                 Some(Logits::All) => row0..row0 + n,
             };
             counts.push(take.len());
-            rows.extend_from_slice(&x[take.start * h..take.end * h]);
+            ranges.push(take);
             row0 += n;
         }
-        let m = rows.len() / h;
+        let m: usize = counts.iter().sum();
         let all = if m > 0 {
-            let normed = self.w.norm.forward(&rows);
-            self.w.lm_head.forward(&normed, m)
+            let mut rows = b.take_rows(&x, h, &ranges);
+            self.w.norm.forward_inplace(b, &mut rows);
+            let logits = self.w.lm_head.forward(b, &rows, m);
+            b.to_host(&logits).into_owned()
         } else {
             Vec::new()
         };
@@ -268,7 +325,7 @@ impl Decoder {
     /// false, changing nothing, when that would need a recurrent layer's past state
     /// (`len < state.len` in a model where [`Decoder::can_truncate`] is false).
     #[must_use]
-    pub fn truncate(&self, state: &mut SeqState, len: usize) -> bool {
+    pub fn truncate(&self, state: &mut SeqState<B>, len: usize) -> bool {
         if len >= state.len {
             return true;
         }
@@ -279,10 +336,10 @@ impl Decoder {
         true
     }
 
-    fn cut_kv(&self, state: &mut SeqState, len: usize) {
+    fn cut_kv(&self, state: &mut SeqState<B>, len: usize) {
         for (layer, st) in self.w.layers.iter().zip(&mut state.layers) {
             if let (Mixer::Attention(a), MixerState::Kv(kv)) = (&layer.mixer, st) {
-                kv.truncate(len, a.num_kv_heads * a.head_dim)
+                self.backend.kv_truncate(kv, len, a.kv_row())
             }
         }
         state.len = state.len.min(len);
@@ -290,7 +347,7 @@ impl Decoder {
 
     /// What [`Decoder::restore`] needs to bring `state` back to where it is now: its length,
     /// plus a copy of its recurrent layers' states (none in attention-only models).
-    pub fn snapshot(&self, state: &SeqState) -> Snapshot {
+    pub fn snapshot(&self, state: &SeqState<B>) -> Snapshot<B> {
         Snapshot {
             len: state.len,
             linear: state
@@ -305,7 +362,7 @@ impl Decoder {
     }
 
     /// Rolls `state` back to `snap`, taken from it earlier (rollback of a failed step).
-    pub fn restore(&self, state: &mut SeqState, snap: Snapshot) {
+    pub fn restore(&self, state: &mut SeqState<B>, snap: Snapshot<B>) {
         self.cut_kv(state, snap.len);
         for (st, saved) in state.layers.iter_mut().zip(snap.linear) {
             if let (MixerState::Linear(st), Some(saved)) = (st, saved) {
@@ -317,40 +374,35 @@ impl Decoder {
 }
 
 /// A sequence state's length and recurrent parts at one moment (see [`Decoder::snapshot`]).
-pub struct Snapshot {
+pub struct Snapshot<B: Backend = Host> {
     len: usize,
-    linear: Vec<Option<LinearState>>,
+    linear: Vec<Option<B::Recurrent>>,
 }
 
 /// The next tokens of one sequence in a batched forward pass.
-pub struct Segment<'a> {
+pub struct Segment<'a, B: Backend = Host> {
     pub tokens: &'a [u32],
-    pub state: &'a mut SeqState,
+    pub state: &'a mut SeqState<B>,
     /// Which logits to return; `None` = none (a prefill chunk that is not the prompt's last).
     pub logits: Option<Logits>,
 }
 
-impl Decoder {
+impl<B: Backend> Decoder<B> {
     /// Router lookahead: runs layer `target`'s router on the current hidden state (through that
     /// layer's own pre-FFN norm) and asks the store to start loading the experts it picks.
-    fn predict_and_prefetch(&self, target: usize, x: &[f32], t: usize) {
+    fn predict_and_prefetch(&self, target: usize, x: &B::Act, t: usize) {
         let Some(layer) = self.w.layers.get(target) else {
             return;
         };
         let Ffn::Moe(moe) = &layer.ffn else {
             return;
         };
-        let normed = layer.post_norm.forward(x);
-        let routing = moe.router.route(&normed, t);
+        let b = &self.backend;
+        let normed = layer.post_norm.forward(b, x);
+        let routing = moe.router.route(b, &normed, t);
         let mut experts: Vec<usize> = routing.indices.iter().map(|&e| e as usize).collect();
         experts.sort_unstable();
         experts.dedup();
         self.store.prefetch(target, &experts);
-    }
-}
-
-fn add_inplace(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
     }
 }

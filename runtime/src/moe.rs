@@ -1,68 +1,47 @@
-//! Sparse MoE blocks: the router (softmax over experts, top-k, optional renormalisation) and the
-//! dispatch of routed token rows to the expert store, plus Qwen2-MoE's gated shared expert.
+//! Sparse MoE blocks: the router (a gate projection and a [`RouterRule`]) and the dispatch of
+//! routed token rows to the expert store, plus Qwen2-MoE's gated shared expert.
 //!
-//! Invariants: router logits, probabilities and weights are f32; top-k order is descending
-//! probability with ties broken towards the lower expert index (as `torch.topk` on CPU does for
-//! distinct values); the block never touches expert weights itself, only through [`ExpertStore`].
+//! Invariants: router logits, scores and weights are f32 and the rule is data (the backend's
+//! `route` op computes any of them); top-k order is descending score with ties broken towards
+//! the lower expert index (as `torch.topk` on CPU does for distinct values); the block never
+//! touches expert weights itself, only through [`ExpertStore`].
 
 use std::collections::BTreeMap;
 
-use crate::config::RouterConfig;
+pub use crate::backend::Routing;
+use crate::backend::{Backend, Host, RouterRule};
 use crate::error::Result;
 use crate::layers::{Linear, Mlp};
 use crate::store::{ExpertBatch, ExpertStore};
 
-/// Routing decisions of one layer for `tokens` rows.
-#[derive(Clone, Debug, Default)]
-pub struct Routing {
-    /// `[tokens, top_k]` expert indices, best first.
-    pub indices: Vec<u32>,
-    /// `[tokens, top_k]` routing weights actually applied.
-    pub weights: Vec<f32>,
-    /// `[tokens, num_experts]` raw router logits.
-    pub logits: Vec<f32>,
+/// The gate projection and the routing rule.
+pub struct Router<B: Backend = Host> {
+    pub gate: Linear<B>,
+    pub rule: RouterRule,
+    /// Added to the scores when choosing experts, never to the weights (DeepSeek-V3's
+    /// `e_score_correction_bias`); one per expert.
+    pub selection_bias: Option<B::Vector>,
 }
 
-/// The gate projection and the top-k rule.
-pub struct Router {
-    pub gate: Linear,
-    pub cfg: RouterConfig,
+impl Router<Host> {
+    /// The same router on backend `b`.
+    pub fn upload<B: Backend>(self, b: &B) -> Result<Router<B>> {
+        Ok(Router {
+            gate: self.gate.upload(b)?,
+            rule: self.rule,
+            selection_bias: self
+                .selection_bias
+                .map(|v| b.upload_vector(v))
+                .transpose()?,
+        })
+    }
 }
 
-impl Router {
+impl<B: Backend> Router<B> {
     /// Routes `t` rows of `x` (`[t, hidden]`).
-    pub fn route(&self, x: &[f32], t: usize) -> Routing {
-        let e = self.cfg.num_experts;
-        let k = self.cfg.top_k;
-        let logits = self.gate.forward(x, t);
-        let mut indices = Vec::with_capacity(t * k);
-        let mut weights = Vec::with_capacity(t * k);
-        let mut order: Vec<usize> = Vec::with_capacity(e);
-        for row in logits.chunks_exact(e) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let exps: Vec<f32> = row.iter().map(|&l| (l - max).exp()).collect();
-            let sum: f32 = exps.iter().sum();
-            let probs: Vec<f32> = exps.iter().map(|x| x / sum).collect();
-            order.clear();
-            order.extend(0..e);
-            // Stable sort: equal probabilities keep ascending expert order.
-            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
-            let top = &order[..k];
-            let denom: f32 = if self.cfg.norm_topk_prob {
-                top.iter().map(|&i| probs[i]).sum()
-            } else {
-                1.0
-            };
-            for &i in top {
-                indices.push(i as u32);
-                weights.push(probs[i] / denom);
-            }
-        }
-        Routing {
-            indices,
-            weights,
-            logits,
-        }
+    pub fn route(&self, b: &B, x: &B::Act, t: usize) -> Routing {
+        let logits = self.gate.forward(b, x, t);
+        b.route(logits, &self.rule, self.selection_bias.as_ref())
     }
 }
 
@@ -82,45 +61,55 @@ pub fn group_by_expert(r: &Routing, top_k: usize) -> Vec<ExpertBatch> {
 }
 
 /// An always-on expert whose output is scaled by `sigmoid(gate(x))` (Qwen2-MoE).
-pub struct SharedExpert {
-    pub mlp: Mlp,
-    pub gate: Linear,
+pub struct SharedExpert<B: Backend = Host> {
+    pub mlp: Mlp<B>,
+    pub gate: Linear<B>,
 }
 
 /// A sparse MoE feed-forward block.
-pub struct MoeBlock {
+pub struct MoeBlock<B: Backend = Host> {
     /// Model layer index: the store's address for this block's experts.
     pub layer: usize,
-    pub router: Router,
-    pub shared: Option<SharedExpert>,
+    pub router: Router<B>,
+    pub shared: Option<SharedExpert<B>>,
 }
 
-impl MoeBlock {
+impl MoeBlock<Host> {
+    /// The same block on backend `b`.
+    pub fn upload<B: Backend>(self, b: &B) -> Result<MoeBlock<B>> {
+        Ok(MoeBlock {
+            layer: self.layer,
+            router: self.router.upload(b)?,
+            shared: match self.shared {
+                Some(s) => Some(SharedExpert {
+                    mlp: s.mlp.upload(b)?,
+                    gate: s.gate.upload(b)?,
+                }),
+                None => None,
+            },
+        })
+    }
+}
+
+impl<B: Backend> MoeBlock<B> {
     /// `x` is `[t, hidden]`; returns `[t, hidden]` and the routing decisions.
     pub fn forward(
         &self,
-        x: &[f32],
+        b: &B,
+        x: &B::Act,
         t: usize,
         hidden: usize,
         store: &dyn ExpertStore,
-    ) -> Result<(Vec<f32>, Routing)> {
-        let routing = self.router.route(x, t);
-        let batches = group_by_expert(&routing, self.router.cfg.top_k);
+    ) -> Result<(B::Act, Routing)> {
+        let routing = self.router.route(b, x, t);
+        let batches = group_by_expert(&routing, self.router.rule.top_k);
         let mut out = vec![0f32; t * hidden];
-        store.compute(self.layer, &batches, x, hidden, &mut out)?;
+        store.compute(self.layer, &batches, &b.to_host(x), hidden, &mut out)?;
+        let mut out = b.act_from_host(out);
         if let Some(s) = &self.shared {
-            let y = s.mlp.forward(x, t);
-            let g = s.gate.forward(x, t);
-            for ((o, yr), g) in out
-                .chunks_exact_mut(hidden)
-                .zip(y.chunks_exact(hidden))
-                .zip(g)
-            {
-                let sig = 1.0 / (1.0 + (-g).exp());
-                for (o, y) in o.iter_mut().zip(yr) {
-                    *o += sig * y;
-                }
-            }
+            let y = s.mlp.forward(b, x, t);
+            let g = s.gate.forward(b, x, t);
+            b.add_gated_rows(&mut out, &y, &g, hidden);
         }
         Ok((out, routing))
     }

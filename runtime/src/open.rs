@@ -22,20 +22,13 @@ use crate::model::ModelWeights;
 use crate::plan::PlanRequest;
 use crate::quantize::{quantize_model, ExpertTypes, QuantReport};
 use crate::runconfig::{
-    Activations, DeviceKind, ExpertsConfig, KvDtype, Quantization, RunConfig, SimConfig,
+    Activations, ConfigFileError, DeviceKind, ExpertsConfig, KvDtype, Quantization, RunConfig,
+    SimConfig,
 };
 use crate::weights::{ModelFiles, WeightSet};
 
-/// Default context cap when none is set: long enough for real prompts, small enough that the
-/// KV cache of a big model stays modest.
-pub const DEFAULT_MAX_CONTEXT_TOKENS: usize = 4096;
-
-/// The longest sequence a model is run with: `max_context` when set, else
-/// min(`max_position_embeddings`, [`DEFAULT_MAX_CONTEXT_TOKENS`]) (at least 1). The one rule
-/// behind [`Settings::max_context_for`] and [`crate::runconfig::RunConfig::max_context_for`].
-pub fn context_tokens(max_context: Option<usize>, max_position_embeddings: usize) -> usize {
-    max_context.unwrap_or_else(|| max_position_embeddings.clamp(1, DEFAULT_MAX_CONTEXT_TOKENS))
-}
+/// The context rule lives with the model config, below the run configuration that uses it too.
+pub use crate::config::{context_tokens, DEFAULT_MAX_CONTEXT_TOKENS};
 
 /// How to load a model: the settings of a config file (see [`RunConfig`]) as a plain struct.
 #[derive(Clone, Debug)]
@@ -103,6 +96,151 @@ impl Default for Settings {
             sim: SimConfig::default(),
         }
     }
+}
+
+/// Choices laid over a config file (the command line's flags, or a caller's): each `Some`
+/// replaces the file's value, and the result is checked by the file's own rules (one exception:
+/// `threads` from a flag may exceed the file's bound; it is capped at the cores with a warning).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub model: Option<String>,
+    pub device: Option<DeviceKind>,
+    pub ram_budget: Option<u64>,
+    pub vram_budget: Option<u64>,
+    pub max_context: Option<usize>,
+    pub threads: Option<usize>,
+    pub max_batch: Option<usize>,
+    pub quantization: Option<Quantization>,
+    pub resident_quantization: Option<Quantization>,
+    pub activations: Option<Activations>,
+    pub cache_dir: Option<PathBuf>,
+    pub cache: Option<bool>,
+    pub cache_rebuild: Option<bool>,
+}
+
+impl Overrides {
+    /// Lays every `Some` over `c`.
+    pub fn apply(&self, c: &mut RunConfig) {
+        use crate::runconfig::ByteSize;
+        if let Some(m) = &self.model {
+            c.model = m.clone();
+        }
+        set(&mut c.device, self.device);
+        set_some(&mut c.ram_budget, self.ram_budget.map(ByteSize));
+        set_some(&mut c.vram_budget, self.vram_budget.map(ByteSize));
+        set_some(&mut c.max_context, self.max_context);
+        set_some(&mut c.threads, self.threads);
+        set(&mut c.max_batch, self.max_batch);
+        set(&mut c.quantization, self.quantization);
+        set_some(&mut c.resident_quantization, self.resident_quantization);
+        set(&mut c.activations, self.activations);
+        set_some(&mut c.cache_dir, self.cache_dir.clone());
+        set(&mut c.cache, self.cache);
+        set(&mut c.cache_rebuild, self.cache_rebuild);
+    }
+
+    /// The flag that set `key`, when one did (for error messages).
+    fn flag_for(&self, key: &str) -> Option<&'static str> {
+        [
+            ("model", "--model", self.model.is_some()),
+            ("device", "--device", self.device.is_some()),
+            ("ram_budget", "--ram-budget", self.ram_budget.is_some()),
+            ("vram_budget", "--vram-budget", self.vram_budget.is_some()),
+            ("max_context", "--max-context", self.max_context.is_some()),
+            ("threads", "--threads", self.threads.is_some()),
+            ("max_batch", "--max-batch", self.max_batch.is_some()),
+            (
+                "quantization",
+                "--quantization",
+                self.quantization.is_some(),
+            ),
+            (
+                "resident_quantization",
+                "--resident-quantization",
+                self.resident_quantization.is_some(),
+            ),
+            ("activations", "--activations", self.activations.is_some()),
+            ("cache_dir", "--cache-dir", self.cache_dir.is_some()),
+        ]
+        .into_iter()
+        .find(|&(k, _, set)| set && k == key)
+        .map(|(_, flag, _)| flag)
+    }
+}
+
+fn set<T>(field: &mut T, v: Option<T>) {
+    if let Some(v) = v {
+        *field = v;
+    }
+}
+
+fn set_some<T>(field: &mut Option<T>, v: Option<T>) {
+    if v.is_some() {
+        *field = v;
+    }
+}
+
+/// Settings read once: the config file (or the defaults), then the overrides laid over it, then
+/// every rule checked on the result, so a flag obeys exactly what the same key in a file obeys.
+pub struct Resolved {
+    pub settings: Settings,
+    /// The run configuration the settings came from (its `[server]` table included).
+    pub config: RunConfig,
+}
+
+/// The one way settings are read (see [`Resolved`]). Without a file and without a model the
+/// settings name the bundled demo model. A broken rule names the flag that set the value, or
+/// else the file and key.
+pub fn resolve(
+    file: Option<&Path>,
+    o: &Overrides,
+) -> std::result::Result<Resolved, ConfigFileError> {
+    // The demo model has no name in a run configuration: a stand-in passes the model rule.
+    let demo = file.is_none() && o.model.is_none();
+    let mut config = match file {
+        Some(path) => RunConfig::from_file(path)?,
+        None => RunConfig::for_model(o.model.clone().unwrap_or_else(|| "demo".into())),
+    };
+    // `--threads` above the cores runs on the cores with a warning (a file's `threads` is
+    // bounded at MAX_THREADS); 0 is refused either way.
+    if o.threads == Some(0) {
+        return Err(ConfigFileError::Invalid {
+            path: PathBuf::from("command line"),
+            key: "--threads".into(),
+            message: "must be at least 1 (got 0; leave it out to use all cores)".into(),
+        });
+    }
+    Overrides {
+        threads: None,
+        ..o.clone()
+    }
+    .apply(&mut config);
+    config.validate().map_err(|e| match o.flag_for(&e.key) {
+        Some(flag) => ConfigFileError::Invalid {
+            path: PathBuf::from("command line"),
+            key: flag.to_string(),
+            message: e.message,
+        },
+        None => ConfigFileError::Invalid {
+            path: file.map_or_else(|| PathBuf::from("settings"), Path::to_path_buf),
+            key: e.key,
+            message: e.message,
+        },
+    })?;
+    if o.threads.is_some() {
+        config.threads = o.threads;
+    }
+    let mut settings = Settings::from_run_config(&config);
+    if file.is_none() {
+        // Without a file the folders stay unset: they resolve per model when used, as the
+        // defaults of a file naming the same model would.
+        settings.state_dir = None;
+        settings.cache_dir = o.cache_dir.clone();
+    }
+    if demo {
+        settings.model = None;
+    }
+    Ok(Resolved { settings, config })
 }
 
 impl Settings {
@@ -361,7 +499,7 @@ fn open_inner(
             _ => crate::weights::Dtype::Bf16,
         };
         let mut w = WeightSet::virtual_set(dtype, files.label());
-        w.set_prequant(crate::prequant::PrequantConfig::parse(&raw)?);
+        w.set_prequant(crate::weights::prequant::PrequantConfig::parse(&raw)?);
         w
     };
     // Watching from here: a file changed while loading reads it fails the load.
@@ -418,6 +556,8 @@ fn read_config(
     let raw = RawConfig::parse(files.path_of(name), &cfg_bytes)?;
     let arch = arch::lookup(&raw)?;
     let config = (arch.parse_config)(&raw)?;
+    // Refuses a pre-quantized format this build cannot read, naming it.
+    crate::weights::prequant::PrequantConfig::parse(&raw)?;
     config.validate(&raw)?;
     Ok((cfg_bytes, raw, arch, config))
 }
@@ -425,7 +565,7 @@ fn read_config(
 /// Opens a model's weight files, reading pre-quantized weights as `quantization_config` says.
 fn open_weights(files: &ModelFiles, raw: &RawConfig) -> Result<WeightSet> {
     let mut weights = WeightSet::open(files)?;
-    weights.set_prequant(crate::prequant::PrequantConfig::parse(raw)?);
+    weights.set_prequant(crate::weights::prequant::PrequantConfig::parse(raw)?);
     Ok(weights)
 }
 
@@ -511,7 +651,7 @@ pub mod cache_cmd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::KvElem;
+    use crate::backend::KvElem;
 
     /// Settings for the demo model that quantize, with state and cache in `dir`.
     fn demo_settings(dir: &Path) -> Settings {
@@ -521,6 +661,61 @@ mod tests {
             cache_dir: Some(dir.join("cache")),
             ..Settings::default()
         }
+    }
+
+    #[test]
+    fn flags_lay_over_the_file_and_obey_its_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("run.toml");
+        std::fs::write(
+            &file,
+            "model = \"org/name\"\nthreads = 4\nmax_context = 512\n",
+        )
+        .unwrap();
+        // No override: the file's values.
+        let r = resolve(Some(&file), &Overrides::default()).unwrap();
+        assert_eq!(
+            (r.settings.threads, r.settings.max_context),
+            (Some(4), Some(512))
+        );
+        assert_eq!(r.settings.model.as_deref(), Some("org/name"));
+        // An override wins; what it does not name stays the file's.
+        let o = Overrides {
+            threads: Some(2),
+            quantization: Some(Quantization::Q8_0),
+            cache: Some(false),
+            ..Default::default()
+        };
+        let r = resolve(Some(&file), &o).unwrap();
+        assert_eq!(
+            (r.settings.threads, r.settings.max_context),
+            (Some(2), Some(512))
+        );
+        assert_eq!(r.settings.quantization, Quantization::Q8_0);
+        assert!(!r.settings.cache);
+        assert_eq!(r.config.threads, Some(2));
+        // A broken rule names the flag when a flag set the value...
+        let o = Overrides {
+            max_batch: Some(0),
+            ..Default::default()
+        };
+        let e = resolve(Some(&file), &o).err().unwrap().to_string();
+        assert!(
+            e.contains("command line") && e.contains("--max-batch"),
+            "{e}"
+        );
+        // ...and without a file, the demo model is the default.
+        let r = resolve(None, &Overrides::default()).unwrap();
+        assert_eq!(r.settings.model, None);
+        assert_eq!(r.settings.state_dir, None);
+        let o = Overrides {
+            model: Some("org/other".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            resolve(None, &o).unwrap().settings.model.as_deref(),
+            Some("org/other")
+        );
     }
 
     #[test]

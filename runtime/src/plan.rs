@@ -24,7 +24,7 @@ pub const FIXED_OVERHEAD_BYTES: u64 = 256 << 20;
 /// Margin kept free when a budget is taken from what the machine has available.
 pub const AUTO_BUDGET_MARGIN_BYTES: u64 = 1 << 30;
 
-pub use crate::runconfig::DeviceKind as Device;
+pub use crate::backend::DeviceKind as Device;
 
 fn device_name(d: Device) -> &'static str {
     match d {
@@ -132,7 +132,7 @@ impl ModelSizes {
         // never held.
         let expert_aux_bytes: u64 = experts
             .iter()
-            .flat_map(|e| [&e.gate, &e.up, &e.down])
+            .flat_map(|e| &e.parts)
             .map(|t| t.prequant_aux_bytes())
             .sum();
         let total_expert_bytes = (source_expert_bytes + quant.expert_added_bytes)
@@ -319,7 +319,7 @@ pub fn available_memory_bytes() -> Option<u64> {
 }
 
 fn gb(b: u64) -> String {
-    crate::runconfig::ByteSize(b).to_string()
+    crate::size::ByteSize(b).to_string()
 }
 
 /// Decides the placement or explains why it cannot fit.
@@ -775,7 +775,7 @@ mod tests {
                 need: crate::error::BudgetNeed::DeviceResident { detail: "d".into() },
                 remedy: "r".into(),
             };
-            let size = crate::runconfig::ByteSize(b).to_string();
+            let size = crate::size::ByteSize(b).to_string();
             assert_eq!(
                 e.to_string(),
                 format!("ram_budget {size} is below the resident set: {size} needed (d); r")

@@ -1,11 +1,12 @@
 //! Quantization at load: turns a model's weights into the types `quantization` /
 //! `resident_quantization` ask for (bf16, GGML q8_0 or q4_K), held in RAM.
 //!
-//! One traversal decides which tensors change: expert projections follow `quantization`;
-//! attention, dense and shared-expert projections and the output head follow
-//! `resident_quantization`. Routers, norms and embeddings keep their type (routing decisions and
-//! lookups stay exact). A tensor whose row length is not a multiple of the block size keeps its
-//! type and is reported. A dry run gives the sizes the planner needs before any weight is read.
+//! One traversal decides which tensors change: expert projections follow `quantization` (an
+//! expert's bias vectors keep their type); attention, dense and shared-expert projections and
+//! the output head follow `resident_quantization`. Routers, norms and embeddings keep their type
+//! (routing decisions and lookups stay exact). A tensor whose row length is not a multiple of
+//! the block size keeps its type and is reported. A dry run gives the sizes the planner needs
+//! before any weight is read.
 //!
 //! The real pass quantizes the chosen tensors in parallel (tensors across threads, and each
 //! tensor's rows across threads); the quantizers are in `moe_kernels::quant`.
@@ -14,12 +15,46 @@
 //! the result does not depend on the thread count or the order tensors finish in.
 
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::layers::Linear;
 use crate::model::{DecoderLayer, Ffn, Mixer, ModelWeights};
-use crate::runconfig::Quantization;
+use crate::store::PartRole;
 use crate::weights::{Dtype, TensorRef};
+
+/// How weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum Quantization {
+    /// As stored in the files (`"none"`).
+    #[default]
+    #[serde(rename = "none")]
+    None,
+    /// bf16 (`"bf16"`): f32 and f16 weights converted.
+    #[serde(rename = "bf16")]
+    Bf16,
+    /// GGML Q8_0, 8.5 bits per weight (`"q8_0"`).
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// GGML Q4_K, 4.5 bits per weight (`"q4_k"`).
+    #[serde(rename = "q4_k")]
+    Q4K,
+}
+
+impl std::str::FromStr for Quantization {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Quantization::None),
+            "bf16" => Ok(Quantization::Bf16),
+            "q8_0" => Ok(Quantization::Q8_0),
+            "q4_k" => Ok(Quantization::Q4K),
+            other => Err(format!(
+                "`{other}` is not a quantization (none, bf16, q8_0, q4_k)"
+            )),
+        }
+    }
+}
 
 /// What a quantization pass did (or would do).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -40,7 +75,7 @@ pub struct QuantReport {
     pub expert_added_bytes: u64,
     /// What converting pre-quantized weights to the requested quantization changed against
     /// their exact values (the real pass only; None when nothing lossy was done).
-    pub prequant_error: Option<crate::prequant::ErrorSummary>,
+    pub prequant_error: Option<crate::weights::prequant::ErrorSummary>,
 }
 
 /// What the expert projections become: one type for every expert, or per-expert precision
@@ -131,6 +166,16 @@ fn prequant_target(t: &TensorRef, to: Option<Dtype>, lossless: Dtype) -> Dtype {
     match to {
         Some(to) if t.converted_row_bytes(to).is_some() => to,
         _ => lossless,
+    }
+}
+
+/// The type part `role` of an expert takes under `q`: a projection follows `q` (see
+/// [`target_dtype`]); a bias keeps its stored type (a pre-quantized one its lossless type).
+pub fn expert_part_target(t: &TensorRef, role: PartRole, q: Quantization) -> Dtype {
+    if role.is_bias() {
+        target_dtype(t, Quantization::None)
+    } else {
+        target_dtype(t, q)
     }
 }
 
@@ -334,8 +379,10 @@ pub fn quantize_model(
     for (l, layer) in w.experts.iter_mut().enumerate() {
         for (i, e) in layer.iter_mut().enumerate() {
             let et = target(experts.of(l, i));
-            for t in [&mut e.gate, &mut e.up, &mut e.down] {
-                if let Some(to) = decide(t, et, (&mut saved, &mut added), &mut report) {
+            for (role, t) in e.with_roles_mut() {
+                // Biases stay at full precision (a pre-quantized one is still converted).
+                let to = if role.is_bias() { None } else { et };
+                if let Some(to) = decide(t, to, (&mut saved, &mut added), &mut report) {
                     jobs.push((t, to));
                 }
             }
@@ -356,7 +403,7 @@ pub fn quantize_model(
         // tensors (attention, narrow experts) keep every core busy. Every tensor's result is
         // independent of the others and of the thread count; the first error in model order
         // is the one reported.
-        let error = crate::prequant::ConversionError::default();
+        let error = crate::weights::prequant::ConversionError::default();
         let results: Vec<Result<()>> = jobs
             .into_par_iter()
             .map(|(t, to)| {

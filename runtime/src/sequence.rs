@@ -22,10 +22,30 @@
 
 use std::collections::HashMap;
 
-use crate::engine::FinishReason;
 use crate::error::{Error, Result};
 use crate::sampler::{check_logits, Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS token was generated, or a stop string was reached.
+    Stop,
+    /// `max_tokens` or the context was reached.
+    Length,
+    /// The cancel token was set.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
 
 /// Most alternatives a request may ask for per token (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;

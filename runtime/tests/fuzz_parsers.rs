@@ -737,6 +737,7 @@ fn fuzz_config_json() {
                 let raw = RawConfig::parse(PathBuf::from("config.json"), bytes)?;
                 let arch = moe_runtime::arch::lookup(&raw)?;
                 let config = (arch.parse_config)(&raw)?;
+                moe_runtime::prequant::PrequantConfig::parse(&raw)?;
                 config.validate(&raw)?;
                 Ok(())
             })?;

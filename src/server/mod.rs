@@ -675,7 +675,7 @@ async fn collect(
                     "usage": openai::usage_json(&usage),
                 }));
             }
-            Event::Failed(msg) => return Err(ApiError::internal(msg)),
+            Event::Failed(e) => return Err(ApiError::from(e)),
         }
     }
     Err(ApiError::internal("the request ended without a result"))
@@ -782,9 +782,8 @@ impl StreamState {
                 self.out.push_back("[DONE]".into());
                 self.finished = true;
             }
-            Event::Failed(msg) => {
-                self.out
-                    .push_back(ApiError::internal(msg).body().to_string());
+            Event::Failed(e) => {
+                self.out.push_back(ApiError::from(e).body().to_string());
                 self.out.push_back("[DONE]".into());
                 self.finished = true;
             }
@@ -844,7 +843,9 @@ fn sse_stream(
             match st.rx.recv().await {
                 Some(ev) => st.on_event(ev),
                 None => {
-                    st.on_event(Event::Failed("the request ended without a result".into()));
+                    st.on_event(Event::Failed(moe_runtime::Error::Internal(
+                        "the request ended without a result".into(),
+                    )));
                 }
             }
         }

@@ -15,13 +15,14 @@ mod qwen2_moe;
 mod qwen3_moe;
 mod qwen3_next;
 
+use crate::backend::RouterRule;
 use crate::config::{MixerKind, ModelConfig, QkNorm, RawConfig};
 use crate::deltanet::GatedDeltaNet;
 use crate::error::{Error, Result};
 use crate::layers::{Attention, Linear, Mlp, QkNormLayer, RmsNorm, Rope};
 use crate::model::{DecoderLayer, Ffn, Mixer, ModelWeights};
 use crate::moe::{MoeBlock, Router, SharedExpert};
-use crate::store::ExpertWeights;
+use crate::store::{ExpertLayout, ExpertWeights};
 use crate::weights::WeightSet;
 
 /// One supported architecture.
@@ -297,9 +298,13 @@ fn load_moe(
         .unwrap_or_else(|| format!("{layer_prefix}.{}", names.moe_modules[0]));
     let router = Router {
         gate: Linear::load(w, &format!("{module}.{}", names.router), h, e_count, false)?,
-        cfg: cfg.router,
+        rule: RouterRule::from(&cfg.router),
+        selection_bias: None,
     };
     let [g, u, d] = names.expert_proj;
+    // Every architecture loaded today: separate gate, up and down, no biases, SwiGLU (the
+    // fused checkpoint layout below is split into two row views, so nothing else moves).
+    let layout = ExpertLayout::swiglu(h, inter);
     let fused_gate_up = format!("{module}.experts.gate_up_proj");
     let experts = if w.contains(&fused_gate_up) {
         // transformers 5 layout: gate_up [E, 2I, H] (gate rows first), down [E, H, I].
@@ -308,22 +313,24 @@ fn load_moe(
         (0..e_count)
             .map(|e| {
                 let gu = gate_up.index(e);
-                ExpertWeights {
-                    gate: gu.narrow(0, inter),
-                    up: gu.narrow(inter, inter),
-                    down: down.index(e),
-                }
+                ExpertWeights::new(
+                    layout,
+                    vec![gu.narrow(0, inter), gu.narrow(inter, inter), down.index(e)],
+                )
             })
             .collect()
     } else {
         (0..e_count)
             .map(|e| {
                 let p = format!("{module}.experts.{e}");
-                Ok(ExpertWeights {
-                    gate: w.compute(&format!("{p}.{g}.weight"), &[inter, h])?,
-                    up: w.compute(&format!("{p}.{u}.weight"), &[inter, h])?,
-                    down: w.compute(&format!("{p}.{d}.weight"), &[h, inter])?,
-                })
+                Ok(ExpertWeights::new(
+                    layout,
+                    vec![
+                        w.compute(&format!("{p}.{g}.weight"), &[inter, h])?,
+                        w.compute(&format!("{p}.{u}.weight"), &[inter, h])?,
+                        w.compute(&format!("{p}.{d}.weight"), &[h, inter])?,
+                    ],
+                ))
             })
             .collect::<Result<Vec<_>>>()?
     };

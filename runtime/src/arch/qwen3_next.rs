@@ -13,7 +13,7 @@
 
 use super::{qwen_sparse_layers, Arch, NameScheme};
 use crate::config::{
-    LinearAttentionConfig, MixerKind, ModelConfig, QkNorm, RawConfig, RopeConfig, RouterConfig,
+    CommonDefaults, LinearAttentionConfig, MixerKind, ModelConfig, QkNorm, RawConfig,
 };
 use crate::error::{Error, Result};
 
@@ -32,44 +32,35 @@ static NAMES: NameScheme = NameScheme {
 /// `Qwen3NextConfig`'s default when neither `rope_parameters` nor the top level gives one.
 const DEFAULT_PARTIAL_ROTARY: f64 = 0.25;
 
+/// `Qwen3NextConfig`'s defaults.
+const DEFAULTS: CommonDefaults = CommonDefaults {
+    num_heads: Some(16),
+    num_kv_heads: Some(2),
+    // Qwen3NextConfig's head_dim defaults to 256, not hidden / heads.
+    head_dim: |raw, _, _| raw.usize_or(&["head_dim"], 256),
+    vocab_size: Some(151936),
+    max_position_embeddings: 32768,
+    rms_norm_eps: 1e-6,
+    rope_theta: 10000.0,
+    attention_bias: Some(false),
+    num_experts_keys: &["num_experts", "num_local_experts"],
+    num_experts: 512,
+    top_k: 10,
+    norm_topk_prob: Some(true),
+};
+
 fn parse_config(raw: &RawConfig) -> Result<ModelConfig> {
-    let hidden = raw.usize(&["hidden_size"])?;
-    let layers = raw.usize(&["num_hidden_layers"])?;
-    let heads = raw.usize_or(&["num_attention_heads"], 16)?;
-    let num_experts = raw.usize_or(&["num_experts", "num_local_experts"], 512)?;
-    let mut rope = RopeConfig::parse(raw, 10000.0)?;
+    let mut base = ModelConfig::common(raw, ARCH.model_type, &DEFAULTS)?;
     if !partial_rotary_given(raw) {
-        rope.partial_rotary_factor = DEFAULT_PARTIAL_ROTARY;
+        base.rope.partial_rotary_factor = DEFAULT_PARTIAL_ROTARY;
     }
-    let bias = raw.bool_or(&["attention_bias"], false)?;
     Ok(ModelConfig {
-        arch: ARCH.model_type,
-        hidden_size: hidden,
-        num_layers: layers,
-        num_heads: heads,
-        num_kv_heads: raw.usize_or(&["num_key_value_heads"], 2)?,
-        // Qwen3NextConfig's head_dim defaults to 256, not hidden / heads.
-        head_dim: raw.usize_or(&["head_dim"], 256)?,
-        vocab_size: raw.usize_or(&["vocab_size"], 151936)?,
         intermediate_size: raw.usize_or(&["intermediate_size"], 5632)?,
         moe_intermediate_size: raw.usize_or(&["moe_intermediate_size"], 512)?,
-        max_position_embeddings: raw.usize_or(&["max_position_embeddings"], 32768)?,
-        rms_norm_eps: raw.f64_or(&["rms_norm_eps"], 1e-6)?,
-        rope,
-        tie_word_embeddings: raw.bool_or(&["tie_word_embeddings"], false)?,
-        router: RouterConfig {
-            num_experts,
-            top_k: raw.usize_or(&["num_experts_per_tok"], 10)?,
-            norm_topk_prob: raw.bool_or(&["norm_topk_prob"], true)?,
-        },
-        sparse_layers: qwen_sparse_layers(raw, layers, num_experts)?,
+        sparse_layers: qwen_sparse_layers(raw, base.num_layers, base.router.num_experts)?,
         shared_expert_intermediate_size: raw.usize_or(&["shared_expert_intermediate_size"], 512)?,
-        qkv_bias: bias,
-        o_bias: bias,
         qk_norm: QkNorm::PerHead,
-        clip_qkv: None,
-        sliding_window: vec![None; layers],
-        mixers: layer_kinds(raw, layers)?,
+        mixers: layer_kinds(raw, base.num_layers)?,
         linear_attention: Some(LinearAttentionConfig {
             num_key_heads: raw.usize_or(&["linear_num_key_heads"], 16)?,
             num_value_heads: raw.usize_or(&["linear_num_value_heads"], 32)?,
@@ -79,9 +70,7 @@ fn parse_config(raw: &RawConfig) -> Result<ModelConfig> {
         }),
         attn_output_gate: true,
         norm_zero_centred: true,
-        hidden_act: raw.opt_str(&["hidden_act"])?.unwrap_or("silu").to_string(),
-        bos_token_id: raw.token_ids("bos_token_id")?.first().copied(),
-        eos_token_ids: raw.token_ids("eos_token_id")?,
+        ..base
     })
 }
 

@@ -17,8 +17,9 @@ use super::{cannot_write, CHECKSUMS_TENSOR};
 use crate::error::Error;
 use crate::gguf::{GgmlType, GgufWriter, TensorSpec, Value};
 use crate::model::ModelWeights;
-use crate::quantize::{resident_target, resident_tensors, target_dtype, ExpertTypes};
-use crate::runconfig::Quantization;
+use crate::quantize::Quantization;
+use crate::quantize::{expert_part_target, resident_target, resident_tensors, ExpertTypes};
+use crate::store::PartRole;
 use crate::weights::{Dtype, TensorRef};
 
 /// Output bytes per converted chunk: small enough that a batch of them stays far below the
@@ -35,7 +36,8 @@ const QUEUED_BATCHES: usize = 1;
 pub enum Role {
     /// A weight outside the experts (attention, embeddings, routers, head...).
     Resident,
-    /// Part `part` (0 gate, 1 up, 2 down) of expert `expert` of `layer`, in type `ty`.
+    /// Part `part` (its index in the expert layout's order: 0 gate, 1 up, 2 down for the
+    /// separate layout) of expert `expert` of `layer`, in type `ty`.
     Expert {
         layer: usize,
         expert: usize,
@@ -92,7 +94,7 @@ impl Entry {
         first: usize,
         count: usize,
         whole: bool,
-        error: &crate::prequant::ConversionError,
+        error: &crate::weights::prequant::ConversionError,
     ) -> crate::error::Result<Vec<u8>> {
         let view = if whole {
             self.source.clone()
@@ -132,19 +134,20 @@ pub(crate) fn ggml_type(d: Dtype) -> Option<GgmlType> {
     })
 }
 
-/// The name of expert tensors in a cache file.
-fn expert_name(layer: usize, expert: usize, part: usize, ty: Quantization) -> String {
-    const PARTS: [&str; 3] = ["gate", "up", "down"];
+/// The name of expert tensors in a cache file (`gate`, `up`, `down` for the separate layout,
+/// as every cache file written so far holds).
+fn expert_name(layer: usize, expert: usize, role: PartRole, ty: Quantization) -> String {
     format!(
         "moe.layers.{layer}.experts.{expert}.{}.{}",
-        PARTS[part],
+        role.name(),
         super::quantization_name(ty)
     )
 }
 
 /// Every tensor a cache for this model and these types holds, in file order: the resident
 /// weights in model order (a tied head once), then layer by layer, expert by expert, each
-/// held type's gate, up and down side by side (one expert in one type is one contiguous range).
+/// held type's parts side by side in the layout's order (one expert in one type is one
+/// contiguous range; biases keep their stored type).
 pub fn entries(mw: &mut ModelWeights, experts: &ExpertTypes, resident: Quantization) -> Vec<Entry> {
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -164,11 +167,11 @@ pub fn entries(mw: &mut ModelWeights, experts: &ExpertTypes, resident: Quantizat
     for (layer, list) in mw.experts.iter().enumerate() {
         for (expert, e) in list.iter().enumerate() {
             for &ty in &held {
-                for (part, t) in [&e.gate, &e.up, &e.down].into_iter().enumerate() {
+                for (part, (role, t)) in e.with_roles().enumerate() {
                     out.push(Entry {
-                        name: expert_name(layer, expert, part, ty),
+                        name: expert_name(layer, expert, role, ty),
                         source: t.clone(),
-                        to: target_dtype(t, ty),
+                        to: expert_part_target(t, role, ty),
                         role: Role::Expert {
                             layer,
                             expert,
@@ -235,7 +238,7 @@ pub struct BuildReport {
     pub converted_tensors: usize,
     /// What converting pre-quantized weights to the cache's quantization changed against
     /// their exact values (None when they were kept without loss, or there were none).
-    pub prequant_error: Option<crate::prequant::ErrorSummary>,
+    pub prequant_error: Option<crate::weights::prequant::ErrorSummary>,
 }
 
 /// Where a tensor's bytes come from in a build.
@@ -293,7 +296,7 @@ pub(crate) fn build(job: BuildJob<'_>) -> crate::error::Result<BuildReport> {
         .collect();
     let total: u64 = entries.iter().map(|e| e.source.size_bytes() as u64).sum();
     let done = AtomicU64::new(0);
-    let error = crate::prequant::ConversionError::default();
+    let error = crate::weights::prequant::ConversionError::default();
 
     // Pieces in file order, grouped into batches of about BATCH_BYTES of output.
     let mut batches: Vec<Vec<Piece>> = vec![Vec::new()];
@@ -435,4 +438,56 @@ pub(crate) fn build(job: BuildJob<'_>) -> crate::error::Result<BuildReport> {
         converted_tensors: entries.len() - reused,
         prequant_error: error.summary(),
     })
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::weights::Storage;
+
+    fn zeros(name: &str, shape: &[usize]) -> TensorRef {
+        let len = shape.iter().product::<usize>() * 4;
+        TensorRef::in_storage(
+            name.into(),
+            Arc::new("/models/t/experts.safetensors".into()),
+            Dtype::F32,
+            shape.to_vec(),
+            Arc::new(Storage::Words {
+                words: vec![0; len.div_ceil(8)],
+                len,
+            }),
+            0,
+            len,
+        )
+    }
+
+    #[test]
+    fn separate_parts_keep_their_names_and_biases_keep_their_type() {
+        // The names every cache file written so far holds.
+        for (role, name) in [
+            (PartRole::Gate, "gate"),
+            (PartRole::Up, "up"),
+            (PartRole::Down, "down"),
+        ] {
+            assert_eq!(
+                expert_name(3, 7, role, Quantization::Q8_0),
+                format!("moe.layers.3.experts.7.{name}.q8_0")
+            );
+        }
+        assert_eq!(
+            expert_name(0, 1, PartRole::GateUpBias, Quantization::Q4K),
+            "moe.layers.0.experts.1.gate_up_bias.q4_k"
+        );
+        let matrix = zeros("e.gate_up", &[64, 256]);
+        let bias = zeros("e.gate_up_bias", &[64]);
+        for q in [Quantization::Bf16, Quantization::Q8_0, Quantization::Q4K] {
+            assert_ne!(expert_part_target(&matrix, PartRole::GateUp, q), Dtype::F32);
+            assert_eq!(
+                expert_part_target(&bias, PartRole::GateUpBias, q),
+                Dtype::F32
+            );
+        }
+    }
 }

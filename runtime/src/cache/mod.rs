@@ -61,9 +61,8 @@ pub use file::CacheFile;
 use crate::error::{Error, Result};
 use crate::gguf::Value;
 use crate::model::ModelWeights;
-use crate::quantize::{resident_tensors, ExpertTypes};
-use crate::runconfig::Quantization;
-use crate::store::{ExpertCheck, ExpertWeights};
+use crate::quantize::{resident_tensors, ExpertTypes, Quantization};
+use crate::store::{ExpertCheck, ExpertLayout, ExpertWeights};
 use crate::weights::{ModelFiles, WeightSet};
 
 /// Version of the file layout; a file of another version is rebuilt (or refused).
@@ -707,8 +706,9 @@ pub struct CacheHandle {
 struct Inner {
     plan: CachePlan,
     file: Arc<CacheFile>,
-    /// Per layer, per expert: index of the entry of its gate in the type it uses.
-    expert_first: Vec<Vec<usize>>,
+    /// Per layer, per expert: index of the entry of its first part in the type it uses (its
+    /// parts follow in the layout's order), and its layout (to rebuild a damaged expert).
+    expert_first: Vec<Vec<(usize, ExpertLayout)>>,
     /// The background repair started in this run (at most one: it checks every tensor).
     repair: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -788,10 +788,10 @@ impl CacheHandle {
             let mut firsts = Vec::with_capacity(list.len());
             for (x, e) in list.iter_mut().enumerate() {
                 let i = first[&(l, x, experts.of(l, x))];
-                e.gate = file.tensor_ref(i, &plan.entries[i]);
-                e.up = file.tensor_ref(i + 1, &plan.entries[i + 1]);
-                e.down = file.tensor_ref(i + 2, &plan.entries[i + 2]);
-                firsts.push(i);
+                for (p, t) in e.parts.iter_mut().enumerate() {
+                    *t = file.tensor_ref(i + p, &plan.entries[i + p]);
+                }
+                firsts.push((i, e.layout));
             }
             expert_first.push(firsts);
         }
@@ -863,15 +863,10 @@ fn convert_again(e: &Entry) -> Result<crate::weights::TensorRef> {
 }
 
 impl ExpertCheck for CacheHandle {
-    fn check(
-        &self,
-        layer: usize,
-        expert: usize,
-        parts: [&[u8]; 3],
-    ) -> Result<Option<ExpertWeights>> {
+    fn check(&self, layer: usize, expert: usize, parts: &[&[u8]]) -> Result<Option<ExpertWeights>> {
         let inner = &self.inner;
-        let first = inner.expert_first[layer][expert];
-        let bad: Vec<usize> = (0..3)
+        let (first, layout) = inner.expert_first[layer][expert];
+        let bad: Vec<usize> = (0..parts.len())
             .filter(|&p| !inner.file.check(first + p, parts[p]))
             .map(|p| first + p)
             .collect();
@@ -897,11 +892,12 @@ impl ExpertCheck for CacheHandle {
             names.join(", ")
         );
         let e = &inner.plan.entries;
-        let rebuilt = ExpertWeights {
-            gate: convert_again(&e[first])?,
-            up: convert_again(&e[first + 1])?,
-            down: convert_again(&e[first + 2])?,
-        };
+        let rebuilt = ExpertWeights::new(
+            layout,
+            (first..first + parts.len())
+                .map(|i| convert_again(&e[i]))
+                .collect::<Result<_>>()?,
+        );
         self.start_repair();
         Ok(Some(rebuilt))
     }

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::{ExpertBatch, ExpertBuf};
+use crate::backend::Activations;
 use crate::error::Result;
-use crate::runconfig::Activations;
 
 /// A device tier: memory for expert slots, a copy engine into it, and compute over it.
 pub trait DeviceTier: Send + Sync + 'static {

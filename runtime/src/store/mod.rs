@@ -9,7 +9,9 @@
 //! generic over what a slot holds; `device.rs` the device-tier interface (allocate a slot, copy an
 //! expert in with a completion ticket, run its FFN in a slot, record a slot's last use); `sim.rs`
 //! the simulated tier (`device = "sim"`); `tiered.rs` the policy shared by every tier (hit or
-//! miss, prefetch, demand before prefetch, copy or compute on the host); `stats.rs` the counters.
+//! miss, prefetch, demand before prefetch, copy or compute on the host); `stats.rs` the counters;
+//! `layout.rs` the expert layout as data (which parts, fused or not, biases, the gated
+//! activation), and [`expert_ffn_rows`] here the one FFN every tier runs through it.
 //!
 //! Invariants: an expert is addressed by (layer, expert); `compute` adds exactly
 //! `weight * ffn_e(x[row])` to `out[row]` for every (row, weight) pair and touches no other row;
@@ -17,12 +19,14 @@
 //! do not depend on how the store schedules its work.
 
 mod device;
+mod layout;
 mod pool;
 mod sim;
 mod stats;
 mod tiered;
 
 pub use device::DeviceTier;
+pub use layout::{ExpertLayout, GateUp, PartRole};
 pub use pool::{EvictionPolicy, Found, Reserved, Slot, SlotPool};
 pub use sim::{SimTicket, SimTier};
 pub use stats::{LayerStats, StoreStats};
@@ -30,9 +34,9 @@ pub use tiered::{DeviceTierConfig, HostTierConfig, TieredStore, TieredStoreConfi
 
 use moe_kernels::Weights;
 
-use crate::error::{Error, Result};
-use crate::layers::{silu_mul, Input};
-use crate::runconfig::Activations;
+use crate::backend::cpu::{glu, Input};
+use crate::backend::Activations;
+use crate::error::Result;
 use crate::weights::{Dtype, TensorRef};
 
 /// Tokens routed to one expert in one layer.
@@ -88,64 +92,74 @@ pub trait ExpertStore: Send + Sync {
 /// Checks expert bytes the first time they are used, for experts mapped from a checksummed file
 /// (the quantized weight cache), and supplies a replacement for a damaged one.
 pub trait ExpertCheck: Send + Sync {
-    /// `parts` are the bytes of gate, up and down as read. `Ok(None)`: intact. `Ok(Some(w))`:
-    /// damaged, `w` is rebuilt from the source and used instead. `Err`: damaged, no replacement.
-    fn check(
-        &self,
-        layer: usize,
-        expert: usize,
-        parts: [&[u8]; 3],
-    ) -> Result<Option<ExpertWeights>>;
+    /// `parts` are the bytes of the expert's parts as read, in its layout's order (see
+    /// [`ExpertLayout::roles`]). `Ok(None)`: intact. `Ok(Some(w))`: damaged, `w` is rebuilt
+    /// from the source and used instead. `Err`: damaged, no replacement.
+    fn check(&self, layer: usize, expert: usize, parts: &[&[u8]]) -> Result<Option<ExpertWeights>>;
 }
 
-/// One expert's SwiGLU weights: gate and up `[inter, hidden]`, down `[hidden, inter]`.
+/// One expert's weights: its parts in its layout's order (see [`ExpertLayout::roles`]), e.g.
+/// gate and up `[inter, hidden]` and down `[hidden, inter]` for the separate SwiGLU layout.
 #[derive(Clone, Debug)]
 pub struct ExpertWeights {
-    pub gate: TensorRef,
-    pub up: TensorRef,
-    pub down: TensorRef,
+    pub layout: ExpertLayout,
+    pub parts: Vec<TensorRef>,
 }
 
 impl ExpertWeights {
-    pub fn size_bytes(&self) -> usize {
-        self.gate.size_bytes() + self.up.size_bytes() + self.down.size_bytes()
+    /// An expert of `layout` made of `parts` (in the layout's order; checked by the store).
+    pub fn new(layout: ExpertLayout, parts: Vec<TensorRef>) -> ExpertWeights {
+        ExpertWeights { layout, parts }
     }
 
+    pub fn size_bytes(&self) -> usize {
+        self.parts.iter().map(TensorRef::size_bytes).sum()
+    }
+
+    /// Every part with its role, in the layout's order.
+    pub fn with_roles(&self) -> impl Iterator<Item = (PartRole, &TensorRef)> {
+        self.layout.roles().iter().copied().zip(&self.parts)
+    }
+
+    /// [`ExpertWeights::with_roles`], mutably (quantization and the cache swap parts).
+    pub fn with_roles_mut(&mut self) -> impl Iterator<Item = (PartRole, &mut TensorRef)> {
+        self.layout.roles().iter().copied().zip(&mut self.parts)
+    }
+
+    /// The first matrix part (gate, or gate_up): its dtype is the expert's compute dtype.
+    pub fn first_matrix(&self) -> &TensorRef {
+        &self.parts[0]
+    }
+
+    /// Checks the expert against its layout with the model's `hidden` and `inter`: the number
+    /// of parts, each part's shape (naming the tensor) and each bias's dtype.
     pub(crate) fn check(&self, hidden: usize, inter: usize) -> Result<()> {
-        for (t, shape) in [
-            (&self.gate, [inter, hidden]),
-            (&self.up, [inter, hidden]),
-            (&self.down, [hidden, inter]),
-        ] {
-            if t.shape != shape {
-                return Err(Error::ShapeMismatch {
-                    name: t.name.clone(),
-                    path: (*t.path).clone(),
-                    expected: shape.to_vec(),
-                    found: t.shape.clone(),
-                });
-            }
+        ExpertLayout {
+            hidden,
+            inter,
+            ..self.layout
         }
-        Ok(())
+        .check(&self.parts)
     }
 
     /// Copies the expert into one owned buffer (positioned reads for mapped files).
     pub fn read_owned(&self) -> Result<ExpertBuf> {
-        let parts = [&self.gate, &self.up, &self.down];
-        let mut offsets = [0usize; 4];
-        for (i, t) in parts.iter().enumerate() {
+        let mut parts = Vec::with_capacity(self.parts.len());
+        let mut end = 0usize;
+        for t in &self.parts {
+            parts.push((end, t.numel(), t.dtype));
             // Each part starts 8-byte aligned inside the buffer.
-            offsets[i + 1] = offsets[i] + t.size_bytes().div_ceil(8) * 8;
+            end += t.size_bytes().div_ceil(8) * 8;
         }
-        let mut words = crate::mem::zeroed_words(offsets[3] / 8);
+        let mut words = crate::mem::zeroed_words(end / 8);
         let bytes = bytemuck::cast_slice_mut::<u64, u8>(&mut words);
-        for (i, t) in parts.iter().enumerate() {
-            t.read_into(&mut bytes[offsets[i]..offsets[i] + t.size_bytes()])?;
+        for (t, &(off, _, _)) in self.parts.iter().zip(&parts) {
+            t.read_into(&mut bytes[off..off + t.size_bytes()])?;
         }
         Ok(ExpertBuf {
             words,
-            parts: [0, 1, 2].map(|i| (offsets[i], parts[i].numel(), parts[i].dtype)),
-            inter: self.gate.shape[0],
+            parts,
+            layout: self.layout,
         })
     }
 }
@@ -154,9 +168,9 @@ impl ExpertWeights {
 #[derive(Clone)]
 pub struct ExpertBuf {
     words: Vec<u64>,
-    /// (byte offset, element count, dtype) of gate, up and down.
-    parts: [(usize, usize, Dtype); 3],
-    inter: usize,
+    /// (byte offset, element count, dtype) of each part, in the layout's order.
+    parts: Vec<(usize, usize, Dtype)>,
+    layout: ExpertLayout,
 }
 
 impl ExpertBuf {
@@ -164,25 +178,40 @@ impl ExpertBuf {
         self.words.len() * 8
     }
 
-    /// The stored bytes of part `i` (0 gate, 1 up, 2 down).
+    /// Number of parts held (the layout's).
+    pub fn num_parts(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// The stored bytes of part `i` (in the layout's order; for the separate layout 0 gate,
+    /// 1 up, 2 down).
     pub fn part_bytes(&self, i: usize) -> &[u8] {
         let (off, n, dtype) = self.parts[i];
         // `read_owned` placed part i at [off, off + len).
         &bytemuck::cast_slice::<u64, u8>(&self.words)[off..off + dtype.bytes_for(n)]
     }
 
-    fn part(&self, i: usize) -> Weights<'_> {
-        // Each part starts 8-byte aligned (see `read_owned`), enough for every compute dtype.
-        crate::weights::typed_weights(self.part_bytes(i), self.parts[i].2)
+    /// The bytes of every part, in the layout's order (what [`ExpertCheck::check`] takes).
+    pub fn all_part_bytes(&self) -> Vec<&[u8]> {
+        (0..self.parts.len()).map(|i| self.part_bytes(i)).collect()
+    }
+
+    /// A buffer holding no expert (for pool bookkeeping in tests and replays).
+    pub fn empty() -> ExpertBuf {
+        ExpertBuf {
+            words: Vec::new(),
+            parts: Vec::new(),
+            layout: ExpertLayout::swiglu(0, 0),
+        }
     }
 }
 
-/// An expert's three projections as kernel weights, wherever its bytes live (mapped file or
-/// owned buffer); the SwiGLU computation is written once, here.
+/// An expert's parts as kernel weights, wherever its bytes live (mapped file or owned buffer);
+/// the FFN is written once, in [`expert_ffn_rows`].
 pub trait ExpertParts {
-    /// gate `[inter, hidden]`, up `[inter, hidden]`, down `[hidden, inter]`.
-    fn parts(&self) -> [Weights<'_>; 3];
-    fn inter(&self) -> usize;
+    fn layout(&self) -> &ExpertLayout;
+    /// Part `i` (in the layout's order) as kernel weights.
+    fn part_weights(&self, i: usize) -> Weights<'_>;
 
     /// Unweighted expert output for the gathered rows (see [`expert_ffn_rows`]).
     fn ffn_rows(
@@ -193,11 +222,14 @@ pub trait ExpertParts {
         parallel: bool,
         act: Activations,
     ) -> Vec<f32> {
-        expert_ffn_rows(self.parts(), self.inter(), rows, x, hidden, parallel, act)
+        let parts: Vec<Weights<'_>> = (0..self.layout().roles().len())
+            .map(|i| self.part_weights(i))
+            .collect();
+        expert_ffn_rows(self.layout(), &parts, rows, x, hidden, parallel, act)
     }
 
-    /// `out[r] += w_r * down(silu(gate(x_r)) * up(x_r))` for the batch's rows of `x`, each
-    /// matmul split over the current rayon pool.
+    /// `out[r] += w_r * ffn(x_r)` for the batch's rows of `x`, each matmul split over the
+    /// current rayon pool.
     fn forward_rows(
         &self,
         b: &ExpertBatch,
@@ -212,52 +244,123 @@ pub trait ExpertParts {
 }
 
 impl ExpertParts for ExpertWeights {
-    fn parts(&self) -> [Weights<'_>; 3] {
-        [self.gate.weights(), self.up.weights(), self.down.weights()]
+    fn layout(&self) -> &ExpertLayout {
+        &self.layout
     }
-    fn inter(&self) -> usize {
-        self.gate.shape[0]
+    fn part_weights(&self, i: usize) -> Weights<'_> {
+        self.parts[i].weights()
     }
 }
 
 impl ExpertParts for ExpertBuf {
-    fn parts(&self) -> [Weights<'_>; 3] {
-        [self.part(0), self.part(1), self.part(2)]
+    fn layout(&self) -> &ExpertLayout {
+        &self.layout
     }
-    fn inter(&self) -> usize {
-        self.inter
+    fn part_weights(&self, i: usize) -> Weights<'_> {
+        // Each part starts 8-byte aligned (see `read_owned`), enough for every compute dtype.
+        crate::weights::typed_weights(self.part_bytes(i), self.parts[i].2)
     }
 }
 
-/// `down(silu(gate x_r) * up x_r)` for the gathered rows, `[rows.len(), hidden]`, unweighted.
+/// The expert's FFN for the gathered rows, `[rows.len(), hidden]`, unweighted, following
+/// `layout` (`parts` in its order):
+/// - separate: gate and up share one prepared input (quantized once on the q8 path), one
+///   matmul each;
+/// - fused: one matmul over gate_up `[2I, H]`, then gate and up are its halves (`Fused`) or its
+///   even and odd values (`FusedInterleaved`), the same dot products as the separate layout;
+/// - biases (f32 sums) added after each matmul; then `up = glu(gate, up)`, then down (+ bias).
+///
 /// `parallel` splits each matmul over the current rayon pool; the result is the same bit for
 /// bit either way (the kernels' contract), so callers may run several experts side by side
 /// with `parallel = false` instead. `act` is the `activations` setting (see
-/// [`crate::layers::Input`]).
+/// [`crate::backend::cpu::Input`]).
 pub fn expert_ffn_rows(
-    [gate, up, down]: [Weights<'_>; 3],
-    inter: usize,
+    layout: &ExpertLayout,
+    parts: &[Weights<'_>],
     rows: &[usize],
     x: &[f32],
     hidden: usize,
     parallel: bool,
     act: Activations,
 ) -> Vec<f32> {
+    let inter = layout.inter;
     let m = rows.len();
     let mut xs = Vec::with_capacity(m * hidden);
     for &r in rows {
         xs.extend_from_slice(&x[r * hidden..(r + 1) * hidden]);
     }
-    // Gate and up share one prepared input (quantized once on the q8 path).
-    let xin = Input::new(&xs, m, hidden, act, &[gate, up]);
-    let mut g = vec![0f32; m * inter];
-    let mut u = vec![0f32; m * inter];
-    xin.matmul(gate, inter, &mut g, parallel);
-    xin.matmul(up, inter, &mut u, parallel);
-    silu_mul(&g, &mut u);
+    let bias = |role: PartRole| layout.index_of(role).map(|i| parts[i]);
+    let (g, mut u) = match layout.gate_up {
+        GateUp::Separate => {
+            let (gate, up) = (parts[0], parts[1]);
+            // Gate and up share one prepared input (quantized once on the q8 path).
+            let xin = Input::new(&xs, m, hidden, act, &[gate, up]);
+            let mut g = vec![0f32; m * inter];
+            let mut u = vec![0f32; m * inter];
+            xin.matmul(gate, inter, &mut g, parallel);
+            xin.matmul(up, inter, &mut u, parallel);
+            if let Some(b) = bias(PartRole::GateBias) {
+                add_bias_rows(&mut g, b);
+            }
+            if let Some(b) = bias(PartRole::UpBias) {
+                add_bias_rows(&mut u, b);
+            }
+            (g, u)
+        }
+        GateUp::Fused | GateUp::FusedInterleaved => {
+            let gate_up = parts[0];
+            let mut gu = vec![0f32; m * 2 * inter];
+            Input::new(&xs, m, hidden, act, &[gate_up]).matmul(
+                gate_up,
+                2 * inter,
+                &mut gu,
+                parallel,
+            );
+            if let Some(b) = bias(PartRole::GateUpBias) {
+                add_bias_rows(&mut gu, b);
+            }
+            let mut g = Vec::with_capacity(m * inter);
+            let mut u = Vec::with_capacity(m * inter);
+            for row in gu.chunks_exact(2 * inter) {
+                if layout.gate_up == GateUp::Fused {
+                    let (gr, ur) = row.split_at(inter);
+                    g.extend_from_slice(gr);
+                    u.extend_from_slice(ur);
+                } else {
+                    for pair in row.chunks_exact(2) {
+                        g.push(pair[0]);
+                        u.push(pair[1]);
+                    }
+                }
+            }
+            (g, u)
+        }
+    };
+    glu(&g, &mut u, layout.glu);
+    let down = parts[layout.down_index()];
     let mut y = vec![0f32; m * hidden];
     Input::new(&u, m, inter, act, &[down]).matmul(down, hidden, &mut y, parallel);
+    if let Some(b) = bias(PartRole::DownBias) {
+        add_bias_rows(&mut y, b);
+    }
     y
+}
+
+/// Adds the bias vector `b` (f32, bf16 or f16, as [`ExpertLayout::check`] allows) to every
+/// `b.len()`-wide row of `y`, in f32.
+fn add_bias_rows(y: &mut [f32], b: Weights<'_>) {
+    let b: Vec<f32> = match b {
+        Weights::F32(b) => b.to_vec(),
+        Weights::Bf16(b) => b.iter().map(|v| v.to_f32()).collect(),
+        Weights::F16(b) => b.iter().map(|v| v.to_f32()).collect(),
+        // The layout check refuses any other bias dtype when the store is built.
+        _ => unreachable!("an expert bias is f32, bf16 or f16 (checked by the layout)"),
+    };
+    for row in y.chunks_exact_mut(b.len()) {
+        for (v, b) in row.iter_mut().zip(&b) {
+            *v += b;
+        }
+    }
 }
 
 /// `out[r] += w_r * y_i` for the i-th of `rows` (one rounded multiply, one rounded add).
@@ -272,17 +375,6 @@ pub fn add_weighted_rows(
         let o = &mut out[r * hidden..(r + 1) * hidden];
         for (o, y) in o.iter_mut().zip(yr) {
             *o += y * w;
-        }
-    }
-}
-
-impl ExpertBuf {
-    /// A buffer holding no expert (for pool bookkeeping in tests and replays).
-    pub fn empty() -> ExpertBuf {
-        ExpertBuf {
-            words: Vec::new(),
-            parts: [(0, 0, Dtype::F32); 3],
-            inter: 0,
         }
     }
 }

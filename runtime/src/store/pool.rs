@@ -21,11 +21,23 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
 
 use super::ExpertBuf;
 use crate::error::Error;
 
-pub use crate::runconfig::EvictionPolicy;
+/// Which cached expert gives up its slot when a new one needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvictionPolicy {
+    /// Least recently used (`"lru"`).
+    #[default]
+    Lru,
+    /// Least frequently used (`"lfu"`).
+    Lfu,
+    /// The most used experts stay pinned; LRU among the rest (`"pinned-lru"`).
+    PinnedLru,
+}
 
 /// What a slot holds.
 enum SlotState<P> {

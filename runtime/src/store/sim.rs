@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use super::device::DeviceTier;
 use super::{ExpertBatch, ExpertBuf, ExpertParts};
+use crate::backend::Activations;
 use crate::error::Result;
-use crate::runconfig::Activations;
 
 /// The simulated device: RAM slots behind a modelled link.
 pub struct SimTier {

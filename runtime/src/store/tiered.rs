@@ -43,8 +43,8 @@ use super::pool::{Found, Reserved, Slot, SlotPool};
 use super::sim::SimTier;
 use super::stats::LayerCounters;
 use super::{
-    EvictionPolicy, ExpertBatch, ExpertBuf, ExpertCheck, ExpertParts, ExpertStore, ExpertWeights,
-    StoreStats,
+    EvictionPolicy, ExpertBatch, ExpertBuf, ExpertCheck, ExpertLayout, ExpertParts, ExpertStore,
+    ExpertWeights, StoreStats,
 };
 use crate::error::{Error, Result};
 
@@ -81,7 +81,7 @@ pub struct TieredStoreConfig {
     /// Experts to place first (hot set), as (layer, expert), hottest first.
     pub hot: Vec<(usize, usize)>,
     /// How expert inputs meet the expert weights (`activations`).
-    pub activations: crate::runconfig::Activations,
+    pub activations: crate::backend::Activations,
 }
 
 impl Default for TieredStoreConfig {
@@ -94,7 +94,7 @@ impl Default for TieredStoreConfig {
             prefetch_depth: 1,
             loader_threads: 2,
             hot: Vec::new(),
-            activations: crate::runconfig::Activations::F32,
+            activations: crate::backend::Activations::F32,
         }
     }
 }
@@ -212,7 +212,7 @@ impl Shared {
     }
 
     /// Runs the check on `parts` (the expert's bytes as read) once per expert.
-    fn checked(&self, layer: usize, expert: usize, parts: [&[u8]; 3]) -> &Checked {
+    fn checked(&self, layer: usize, expert: usize, parts: &[&[u8]]) -> &Checked {
         let check = self.check.as_ref().expect("called with a check only");
         self.checked[layer][expert]
             .get_or_init(|| check.check(layer, expert, parts).map_err(Arc::new))
@@ -237,12 +237,8 @@ impl Shared {
         if self.check.is_none() {
             return Ok(original);
         }
-        let parts = [
-            original.gate.bytes(),
-            original.up.bytes(),
-            original.down.bytes(),
-        ];
-        Self::resolve(self.checked(layer, expert, parts), original)
+        let parts: Vec<&[u8]> = original.parts.iter().map(|t| t.bytes()).collect();
+        Self::resolve(self.checked(layer, expert, &parts), original)
     }
 
     /// Reads an expert from its file into an owned buffer (checking it on first use). `into_ram`
@@ -261,8 +257,8 @@ impl Shared {
             (Some(_), Some(outcome)) => read(Self::resolve(outcome, original)?)?,
             (Some(_), None) => {
                 let buf = read(original)?;
-                let parts = [buf.part_bytes(0), buf.part_bytes(1), buf.part_bytes(2)];
-                let w = Self::resolve(self.checked(layer, expert, parts), original)?;
+                let w =
+                    Self::resolve(self.checked(layer, expert, &buf.all_part_bytes()), original)?;
                 if std::ptr::eq(w, original) {
                     buf
                 } else {
@@ -292,6 +288,8 @@ struct DeviceSide<D: DeviceTier> {
 /// is the same for every tier.
 pub struct TieredStore<D: DeviceTier = SimTier> {
     shared: Arc<Shared>,
+    /// The layout every expert shares (None when the model has no experts).
+    layout: Option<ExpertLayout>,
     device: Option<Arc<DeviceSide<D>>>,
     loader: Loader,
     config: TieredStoreConfig,
@@ -300,8 +298,9 @@ pub struct TieredStore<D: DeviceTier = SimTier> {
 }
 
 impl TieredStore<SimTier> {
-    /// `experts[l]` are layer l's experts (empty for dense layers), each checked against
-    /// `[inter, hidden]`. The device tier, when configured, is `sim`.
+    /// `experts[l]` are layer l's experts (empty for dense layers), all of one layout, each
+    /// checked against it with the model's `hidden` and `inter`. The device tier, when
+    /// configured, is `sim`.
     pub fn new(
         experts: Vec<Vec<ExpertWeights>>,
         hidden: usize,
@@ -338,8 +337,22 @@ impl<D: DeviceTier> TieredStore<D> {
         check: Option<Arc<dyn ExpertCheck>>,
         tier: Option<D>,
     ) -> Result<TieredStore<D>> {
+        let layout = experts.iter().flatten().next().map(|e| ExpertLayout {
+            hidden,
+            inter,
+            ..e.layout
+        });
         for e in experts.iter().flatten() {
             e.check(hidden, inter)?;
+            if Some(e.layout) != layout {
+                return Err(Error::Internal(format!(
+                    "expert `{}` has layout {:?}, unlike the model's first expert ({:?}): one \
+                     model has one expert layout",
+                    e.parts.first().map_or("?", |t| t.name.as_str()),
+                    e.layout,
+                    layout
+                )));
+            }
         }
         let layers = experts.len();
         let experts_per_layer: Vec<usize> = experts.iter().map(Vec::len).collect();
@@ -390,6 +403,7 @@ impl<D: DeviceTier> TieredStore<D> {
         let store = TieredStore {
             loader: Loader::new(config.loader_threads),
             predicted: Mutex::new(vec![None; layers]),
+            layout,
             shared,
             device,
             config,
@@ -667,6 +681,11 @@ impl<D: DeviceTier> TieredStore<D> {
     }
 
     /// The configuration this store runs with.
+    /// The layout every expert of the model shares (None when it has no experts).
+    pub fn layout(&self) -> Option<&ExpertLayout> {
+        self.layout.as_ref()
+    }
+
     pub fn config(&self) -> &TieredStoreConfig {
         &self.config
     }
@@ -825,8 +844,12 @@ mod tests {
 
     /// An f32 tensor of `shape` holding `value` everywhere, in owned storage.
     fn tensor(name: &str, shape: [usize; 2], value: f32) -> TensorRef {
-        let n = shape[0] * shape[1];
-        let bytes: Vec<u8> = (0..n).flat_map(|_| value.to_le_bytes()).collect();
+        tensor_of(name, &shape, &vec![value; shape[0] * shape[1]])
+    }
+
+    /// An f32 tensor of `shape` holding `data`, in owned storage.
+    fn tensor_of(name: &str, shape: &[usize], data: &[f32]) -> TensorRef {
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut words = vec![0u64; bytes.len().div_ceil(8)];
         for (w, c) in words.iter_mut().zip(bytes.chunks(8)) {
             let mut b = [0u8; 8];
@@ -853,14 +876,99 @@ mod tests {
         (0..layers)
             .map(|l| {
                 (0..per_layer)
-                    .map(|e| ExpertWeights {
-                        gate: tensor(&format!("l{l}.e{e}.gate"), [INTER, HIDDEN], 0.5),
-                        up: tensor(&format!("l{l}.e{e}.up"), [INTER, HIDDEN], 0.5),
-                        down: tensor(&format!("l{l}.e{e}.down"), [HIDDEN, INTER], 0.5),
+                    .map(|e| {
+                        ExpertWeights::new(
+                            ExpertLayout::swiglu(HIDDEN, INTER),
+                            vec![
+                                tensor(&format!("l{l}.e{e}.gate"), [INTER, HIDDEN], 0.5),
+                                tensor(&format!("l{l}.e{e}.up"), [INTER, HIDDEN], 0.5),
+                                tensor(&format!("l{l}.e{e}.down"), [HIDDEN, INTER], 0.5),
+                            ],
+                        )
                     })
                     .collect()
             })
             .collect()
+    }
+
+    /// Every tier computes an expert of another layout (fused interleaved gate_up, biases, the
+    /// clamped activation) exactly as the host does from its weights.
+    #[test]
+    fn every_tier_computes_a_fused_expert_with_biases_as_the_host_does() {
+        use crate::backend::Glu;
+        use crate::store::GateUp;
+        let layout = ExpertLayout {
+            hidden: HIDDEN,
+            inter: INTER,
+            gate_up: GateUp::FusedInterleaved,
+            bias: true,
+            glu: Glu::ClampedSwiGlu {
+                limit: 1.5,
+                alpha: 1.702,
+            },
+        };
+        let ramp = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|k| ((k * 7 + seed * 3) % 11) as f32 / 4.0 - 1.2)
+                .collect()
+        };
+        let experts = || -> Vec<Vec<ExpertWeights>> {
+            (0..2)
+                .map(|l| {
+                    (0..4)
+                        .map(|e| {
+                            let p = format!("l{l}.e{e}");
+                            let seed = l * 4 + e;
+                            ExpertWeights::new(
+                                layout,
+                                vec![
+                                    tensor_of(
+                                        &format!("{p}.gate_up"),
+                                        &[2 * INTER, HIDDEN],
+                                        &ramp(2 * INTER * HIDDEN, seed),
+                                    ),
+                                    tensor_of(
+                                        &format!("{p}.down"),
+                                        &[HIDDEN, INTER],
+                                        &ramp(HIDDEN * INTER, seed + 1),
+                                    ),
+                                    tensor_of(
+                                        &format!("{p}.gate_up_bias"),
+                                        &[2 * INTER],
+                                        &ramp(2 * INTER, seed + 2),
+                                    ),
+                                    tensor_of(
+                                        &format!("{p}.down_bias"),
+                                        &[HIDDEN],
+                                        &ramp(HIDDEN, seed + 3),
+                                    ),
+                                ],
+                            )
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let x = vec![1.0f32; HIDDEN];
+        let reference = experts();
+        for (name, config) in tiers() {
+            let s = TieredStore::new(experts(), HIDDEN, INTER, config).unwrap();
+            assert_eq!(s.layout(), Some(&layout), "{name}");
+            // Twice: the second pass is served by the tier the first brought the expert into.
+            for _ in 0..2 {
+                for (l, list) in reference.iter().enumerate() {
+                    for (e, w) in list.iter().enumerate() {
+                        let want = w.ffn_rows(&[0], &x, HIDDEN, true, Default::default());
+                        let got = run(&s, l, e).unwrap_or_else(|err| panic!("{name}: {err}"));
+                        assert_eq!(
+                            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            "{name}: expert {e} of layer {l}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// A checksum check that fails for one expert, counting how often it runs.
@@ -875,7 +983,7 @@ mod tests {
             &self,
             layer: usize,
             expert: usize,
-            _parts: [&[u8]; 3],
+            _parts: &[&[u8]],
         ) -> Result<Option<ExpertWeights>> {
             self.runs.fetch_add(1, Relaxed);
             if (layer, expert) == (self.layer, self.expert) {
@@ -1116,7 +1224,7 @@ mod tests {
                 batch: &ExpertBatch,
                 x: &[f32],
                 hidden: usize,
-                act: crate::runconfig::Activations,
+                act: crate::backend::Activations,
                 out: &mut [f32],
             ) -> Result<Arc<AtomicBool>> {
                 slot.forward_rows(batch, x, hidden, act, out);
@@ -1136,10 +1244,15 @@ mod tests {
         /// One layer of `n` experts, expert e's gate and up filled with `expert_value(e)`.
         fn distinct_experts(n: usize) -> Vec<Vec<ExpertWeights>> {
             vec![(0..n)
-                .map(|e| ExpertWeights {
-                    gate: tensor(&format!("e{e}.gate"), [INTER, HIDDEN], expert_value(e)),
-                    up: tensor(&format!("e{e}.up"), [INTER, HIDDEN], expert_value(e)),
-                    down: tensor(&format!("e{e}.down"), [HIDDEN, INTER], 0.5),
+                .map(|e| {
+                    ExpertWeights::new(
+                        ExpertLayout::swiglu(HIDDEN, INTER),
+                        vec![
+                            tensor(&format!("e{e}.gate"), [INTER, HIDDEN], expert_value(e)),
+                            tensor(&format!("e{e}.up"), [INTER, HIDDEN], expert_value(e)),
+                            tensor(&format!("e{e}.down"), [HIDDEN, INTER], 0.5),
+                        ],
+                    )
                 })
                 .collect()]
         }

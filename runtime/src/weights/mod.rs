@@ -9,7 +9,7 @@
 //!   code tables and quant state: a few hundred bytes each). Nothing here allocates in
 //!   proportion to the total weights; tensor bytes are touched only when the compute reads them.
 //! - A pre-quantized weight (FP8 codes with block scales, bitsandbytes 4-bit) is a view of its
-//!   stored codes with a [`crate::prequant::Source`]; it is converted before compute reads it.
+//!   stored codes with a [`crate::weights::prequant::Source`]; it is converted before compute reads it.
 //! - Every tensor is bounds-checked against its file when the header is parsed: offsets inside the
 //!   data region, byte length equal to `numel * dtype size`.
 //! - A safetensors file opens only if the official `safetensors` library would open it: header
@@ -20,6 +20,8 @@
 //!   tensor and the byte ranges.
 //! - With a `model.safetensors.index.json`, exactly the shards it names are opened, every shard it
 //!   names must exist, and every tensor it maps must be in that shard's header.
+
+pub mod prequant;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -685,7 +687,7 @@ pub struct TensorRef {
 /// A pre-quantized tensor's description and the first row this view starts at.
 #[derive(Clone)]
 struct Prequant {
-    src: Arc<crate::prequant::Source>,
+    src: Arc<crate::weights::prequant::Source>,
     row0: usize,
 }
 
@@ -812,7 +814,7 @@ impl TensorRef {
     /// These stored codes as the pre-quantized weight `src` describes, of shape `shape`.
     pub(crate) fn with_source(
         mut self,
-        src: Arc<crate::prequant::Source>,
+        src: Arc<crate::weights::prequant::Source>,
         shape: Vec<usize>,
     ) -> TensorRef {
         self.shape = shape;
@@ -975,7 +977,7 @@ impl TensorRef {
         &self,
         to: Dtype,
         dst: &mut [u8],
-        error: Option<&crate::prequant::ConversionError>,
+        error: Option<&crate::weights::prequant::ConversionError>,
     ) -> Result<()> {
         use rayon::prelude::*;
         let row_bytes = self
@@ -1032,7 +1034,7 @@ impl TensorRef {
     pub fn quantize_measured(
         &self,
         to: Dtype,
-        error: Option<&crate::prequant::ConversionError>,
+        error: Option<&crate::weights::prequant::ConversionError>,
     ) -> Result<Option<TensorRef>> {
         if self.converted_row_bytes(to).is_none() {
             return Ok(None);
@@ -1230,7 +1232,7 @@ pub struct WeightSet {
     /// Sizes of the size-only tensors handed out by a virtual set.
     virtual_sizes: parking_lot::Mutex<HashMap<String, u64>>,
     label: String,
-    prequant: Option<crate::prequant::PrequantConfig>,
+    prequant: Option<crate::weights::prequant::PrequantConfig>,
 }
 
 impl WeightSet {
@@ -1433,7 +1435,7 @@ impl WeightSet {
             prequant: None,
         };
         if prequant {
-            return crate::prequant::open(self, name, shape, t, self.prequant.as_ref());
+            return crate::weights::prequant::open(self, name, shape, t, self.prequant.as_ref());
         }
         Ok(t)
     }
@@ -1454,7 +1456,7 @@ impl WeightSet {
         }
         let k = shape[1];
         match config {
-            crate::prequant::PrequantConfig::Fp8 { block, not_convert } => {
+            crate::weights::prequant::PrequantConfig::Fp8 { block, not_convert } => {
                 let listed = not_convert
                     .iter()
                     .any(|m| module == m || module.ends_with(&format!(".{m}")));
@@ -1469,11 +1471,11 @@ impl WeightSet {
                     Dtype::F32
                 })
             }
-            crate::prequant::PrequantConfig::Bnb4 { quant_type, .. } => {
+            crate::weights::prequant::PrequantConfig::Bnb4 { quant_type, .. } => {
                 let (w, _) = Dtype::Nf4.block()?;
                 Some(if !k.is_multiple_of(w) {
                     Dtype::F32
-                } else if *quant_type == crate::prequant::Code4::Nf4 {
+                } else if *quant_type == crate::weights::prequant::Code4::Nf4 {
                     Dtype::Nf4
                 } else {
                     Dtype::Fp4
@@ -1490,7 +1492,7 @@ impl WeightSet {
     }
 
     /// What `quantization_config` says about pre-quantized weights (read by [`WeightSet::get`]).
-    pub fn set_prequant(&mut self, config: Option<crate::prequant::PrequantConfig>) {
+    pub fn set_prequant(&mut self, config: Option<crate::weights::prequant::PrequantConfig>) {
         self.prequant = config;
     }
 

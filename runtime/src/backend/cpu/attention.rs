@@ -1,0 +1,193 @@
+//! The CPU KV cache ([`KvCache`]) and causal attention over it ([`attend`]).
+//!
+//! Invariants: compute is f32 whatever the cache stores; a 2-byte cache rounds values once, when
+//! stored; scores are scaled by `head_dim^-1/2` and soft-maxed per query row in f32; the `group`
+//! query heads that share a KV head read each cached row once.
+
+use rayon::prelude::*;
+
+use crate::backend::{AttnShape, KvElem};
+
+/// One of the cache's two tensors, `[tokens, kv_heads * head_dim]` in its element type.
+#[derive(Clone)]
+pub enum KvData {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
+}
+
+impl KvData {
+    fn new(elem: KvElem) -> KvData {
+        match elem {
+            KvElem::F32 => KvData::F32(Vec::new()),
+            KvElem::Bf16 => KvData::Bf16(Vec::new()),
+            KvElem::F16 => KvData::F16(Vec::new()),
+        }
+    }
+
+    fn extend(&mut self, src: &[f32]) {
+        match self {
+            KvData::F32(v) => v.extend_from_slice(src),
+            KvData::Bf16(v) => v.extend(src.iter().map(|&x| half::bf16::from_f32(x))),
+            KvData::F16(v) => v.extend(src.iter().map(|&x| half::f16::from_f32(x))),
+        }
+    }
+
+    fn truncate(&mut self, n: usize) {
+        match self {
+            KvData::F32(v) => v.truncate(n),
+            KvData::Bf16(v) => v.truncate(n),
+            KvData::F16(v) => v.truncate(n),
+        }
+    }
+
+    fn capacity_bytes(&self) -> usize {
+        match self {
+            KvData::F32(v) => v.capacity() * 4,
+            KvData::Bf16(v) => v.capacity() * 2,
+            KvData::F16(v) => v.capacity() * 2,
+        }
+    }
+
+    /// Elements `[from, to)` as f32: borrowed when stored as f32, widened otherwise.
+    fn f32_range(&self, from: usize, to: usize) -> std::borrow::Cow<'_, [f32]> {
+        use std::borrow::Cow;
+        let widen = |w: moe_kernels::Weights<'_>| {
+            let mut out = vec![0f32; to - from];
+            if to > from {
+                moe_kernels::row_to_f32(w, 0, to - from, &mut out);
+            }
+            Cow::Owned(out)
+        };
+        match self {
+            KvData::F32(v) => Cow::Borrowed(&v[from..to]),
+            KvData::Bf16(v) => widen(moe_kernels::Weights::Bf16(&v[from..to])),
+            KvData::F16(v) => widen(moe_kernels::Weights::F16(&v[from..to])),
+        }
+    }
+}
+
+/// Keys and values of one attention layer for one sequence.
+#[derive(Clone)]
+pub struct KvCache {
+    pub k: KvData,
+    pub v: KvData,
+    pub len: usize,
+}
+
+impl Default for KvCache {
+    fn default() -> Self {
+        KvCache::new(KvElem::F32)
+    }
+}
+
+impl KvCache {
+    pub fn new(elem: KvElem) -> KvCache {
+        KvCache {
+            k: KvData::new(elem),
+            v: KvData::new(elem),
+            len: 0,
+        }
+    }
+
+    /// Drops everything after the first `len` tokens (prefix reuse, rollback).
+    pub fn truncate(&mut self, len: usize, row: usize) {
+        self.len = self.len.min(len);
+        self.k.truncate(self.len * row);
+        self.v.truncate(self.len * row);
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.k.capacity_bytes() + self.v.capacity_bytes()
+    }
+}
+
+/// See [`crate::backend::Backend::attend`].
+pub fn attend(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    lens: &[usize],
+    caches: &mut [&mut KvCache],
+    shape: &AttnShape,
+) -> Vec<f32> {
+    debug_assert_eq!(lens.len(), caches.len());
+    let (nh, hd, nkv) = (shape.num_heads, shape.head_dim, shape.num_kv_heads);
+    let kvr = nkv * hd;
+    let t: usize = lens.iter().sum();
+    // Row r belongs to sequence seq_of[r] at position pos_of[r].
+    let mut seq_of = Vec::with_capacity(t);
+    let mut pos_of = Vec::with_capacity(t);
+    for (s, (&n, cache)) in lens.iter().zip(caches.iter()).enumerate() {
+        seq_of.extend(std::iter::repeat_n(s, n));
+        pos_of.extend(cache.len..cache.len + n);
+    }
+    let window = shape.sliding_window;
+    // Per sequence: its first new position, the first cached position any of its queries
+    // attends to, and the keys and values from there on as f32 (a view for an f32 cache;
+    // a widened copy of just this window for 2-byte caches).
+    let mut row0 = 0;
+    let mut firsts = Vec::with_capacity(lens.len());
+    for (&n, cache) in lens.iter().zip(caches.iter_mut()) {
+        cache.k.extend(&k[row0 * kvr..(row0 + n) * kvr]);
+        cache.v.extend(&v[row0 * kvr..(row0 + n) * kvr]);
+        let pos0 = cache.len;
+        cache.len += n;
+        row0 += n;
+        let lo = match window {
+            Some(w) if w > 0 => (pos0 + 1).saturating_sub(w),
+            _ => 0,
+        };
+        firsts.push(lo);
+    }
+    let views: Vec<_> = caches
+        .iter()
+        .zip(&firsts)
+        .map(|(cache, &lo)| {
+            (
+                cache.k.f32_range(lo * kvr, cache.len * kvr),
+                cache.v.f32_range(lo * kvr, cache.len * kvr),
+            )
+        })
+        .collect();
+    let scale = (hd as f32).powf(-0.5);
+    let group = nh / nkv;
+    let mut attn = vec![0f32; t * nh * hd];
+    // One task per (row, KV head): the `group` query heads that share a KV head are scored
+    // together, so each cached key and value row is read once for all of them.
+    attn.par_chunks_mut(group * hd)
+        .enumerate()
+        .for_each(|(c, out)| {
+            let (r, kvh) = (c / nkv, c % nkv);
+            let (s, pos) = (seq_of[r], pos_of[r]);
+            let (ck, cv) = (&views[s].0[..], &views[s].1[..]);
+            let lo = firsts[s];
+            let first = match window {
+                Some(w) if w > 0 => (pos + 1).saturating_sub(w),
+                _ => 0,
+            };
+            let n = pos + 1 - first;
+            // Heads kvh·group .. (kvh + 1)·group are adjacent in q's row.
+            let qg = &q[r * nh * hd + kvh * group * hd..][..group * hd];
+            let base = (first - lo) * kvr + kvh * hd;
+            let mut scores = vec![0f32; group * n];
+            moe_kernels::dot_rows_strided(qg, group, hd, &ck[base..], kvr, n, &mut scores);
+            for row in scores.chunks_exact_mut(n) {
+                let mut max = f32::NEG_INFINITY;
+                for s in row.iter_mut() {
+                    *s *= scale;
+                    max = max.max(*s);
+                }
+                let mut sum = 0f32;
+                for s in row.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                for s in row.iter_mut() {
+                    *s /= sum;
+                }
+            }
+            moe_kernels::weighted_sum_strided(&scores, group, n, &cv[base..], kvr, hd, out);
+        });
+    attn
+}

@@ -1,0 +1,369 @@
+//! The CPU backend: activations, weights and per-sequence state in host memory, computed by
+//! `moe_kernels` and the loops here. Weights stay where the loader put them (mapped files, the
+//! cache or converted buffers): uploading is a move.
+//!
+//! Invariants: every op is the code the model ran before the backend seam, unchanged (the parity
+//! suite pins it); parallel ops split work over the current rayon pool without changing results;
+//! nothing here allocates per weight (views only).
+
+pub mod attention;
+pub mod deltanet;
+pub mod matmul;
+pub mod route;
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+pub use attention::{KvCache, KvData};
+pub use deltanet::LinearState;
+pub use matmul::{activation_path_covers, bf16_activations_supported, Input};
+
+use crate::backend::{
+    Activations, AttnShape, Backend, DeltaNetParams, Glu, KvElem, RouterRule, Routing,
+};
+use crate::config::Rope;
+use crate::error::Result;
+use crate::weights::TensorRef;
+
+/// Host compute under an `activations` setting.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu {
+    pub activations: Activations,
+}
+
+impl Cpu {
+    pub fn new(activations: Activations) -> Cpu {
+        Cpu { activations }
+    }
+}
+
+/// RMSNorm of every `d`-wide row of `x` in place.
+pub fn rms_norm_rows(x: &mut [f32], w: &[f32], d: usize, eps: f32) {
+    for row in x.chunks_exact_mut(d) {
+        let ss: f32 = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let r = 1.0 / (ss + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(w) {
+            *v = *w * (*v * r);
+        }
+    }
+}
+
+/// The logistic function.
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `u[i] = silu(g[i]) * u[i]`.
+pub fn silu_mul(g: &[f32], u: &mut [f32]) {
+    for (u, &g) in u.iter_mut().zip(g) {
+        *u *= g / (1.0 + (-g).exp());
+    }
+}
+
+/// `up = act(gate) * up` for any [`Glu`].
+pub fn glu(g: &[f32], u: &mut [f32], kind: Glu) {
+    match kind {
+        Glu::SwiGlu => silu_mul(g, u),
+        Glu::ClampedSwiGlu { limit, alpha } => {
+            for (u, &g) in u.iter_mut().zip(g) {
+                let g = g.min(limit);
+                let up = u.clamp(-limit, limit);
+                *u = (up + 1.0) * g * sigmoid(alpha * g);
+            }
+        }
+    }
+}
+
+/// Rotates every `head_dim`-wide head of `row` for absolute position `pos` (rotate-half
+/// convention over the first `rot_dim` values of each head).
+pub fn rope_row(rope: &Rope, row: &mut [f32], head_dim: usize, pos: usize) {
+    let half = rope.rot_dim / 2;
+    let (cos, sin): (Vec<f32>, Vec<f32>) = rope
+        .inv_freq
+        .iter()
+        .map(|f| {
+            let a = f * pos as f32;
+            (
+                (a as f64).cos() as f32 * rope.attention_scaling,
+                (a as f64).sin() as f32 * rope.attention_scaling,
+            )
+        })
+        .unzip();
+    for head in row.chunks_exact_mut(head_dim) {
+        for i in 0..half {
+            let x1 = head[i];
+            let x2 = head[i + half];
+            head[i] = x1 * cos[i] - x2 * sin[i];
+            head[i + half] = x2 * cos[i] + x1 * sin[i];
+        }
+    }
+}
+
+impl Backend for Cpu {
+    type Weight = TensorRef;
+    type Vector = Vec<f32>;
+    type Act = Vec<f32>;
+    type Kv = KvCache;
+    type Recurrent = LinearState;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload_weight(&self, t: TensorRef) -> Result<TensorRef> {
+        Ok(t)
+    }
+
+    fn upload_vector(&self, v: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(v)
+    }
+
+    fn act_from_host(&self, v: Vec<f32>) -> Vec<f32> {
+        v
+    }
+
+    fn to_host<'a>(&self, x: &'a Vec<f32>) -> Cow<'a, [f32]> {
+        Cow::Borrowed(x)
+    }
+
+    fn embed(&self, table: &TensorRef, ids: &[u32], width: usize) -> Vec<f32> {
+        let mut x = vec![0f32; ids.len() * width];
+        let w = table.weights();
+        for (row, &id) in x.chunks_exact_mut(width).zip(ids) {
+            moe_kernels::row_to_f32(w, id as usize, width, row);
+        }
+        x
+    }
+
+    fn matmul(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        w: &TensorRef,
+        n_in: usize,
+        n_out: usize,
+        bias: Option<&Vec<f32>>,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; rows * n_out];
+        let wk = w.weights();
+        Input::new(x, rows, n_in, self.activations, &[wk]).matmul(wk, n_out, &mut out, true);
+        if let Some(b) = bias {
+            for row in out.chunks_exact_mut(n_out) {
+                for (o, b) in row.iter_mut().zip(b) {
+                    *o += b;
+                }
+            }
+        }
+        out
+    }
+
+    fn rms_norm(&self, x: &mut Vec<f32>, w: &Vec<f32>, width: usize, eps: f32) {
+        rms_norm_rows(x, w, width, eps)
+    }
+
+    fn copy(&self, x: &Vec<f32>) -> Vec<f32> {
+        x.clone()
+    }
+
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) {
+        for (a, b) in x.iter_mut().zip(y) {
+            *a += b;
+        }
+    }
+
+    fn take_rows(&self, x: &Vec<f32>, width: usize, ranges: &[Range<usize>]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(ranges.iter().map(|r| r.len()).sum::<usize>() * width);
+        for r in ranges {
+            out.extend_from_slice(&x[r.start * width..r.end * width]);
+        }
+        out
+    }
+
+    fn split_halves(&self, x: &Vec<f32>, d: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut a = Vec::with_capacity(x.len() / 2);
+        let mut b = Vec::with_capacity(x.len() / 2);
+        for block in x.chunks_exact(2 * d) {
+            a.extend_from_slice(&block[..d]);
+            b.extend_from_slice(&block[d..]);
+        }
+        (a, b)
+    }
+
+    fn clamp(&self, x: &mut Vec<f32>, limit: f32) {
+        for v in x.iter_mut() {
+            *v = v.clamp(-limit, limit);
+        }
+    }
+
+    fn rope(
+        &self,
+        q: &mut Vec<f32>,
+        k: &mut Vec<f32>,
+        head_dim: usize,
+        positions: &[usize],
+        rope: &Rope,
+    ) {
+        let rows = positions.len().max(1);
+        let (qw, kw) = (q.len() / rows, k.len() / rows);
+        q.par_chunks_mut(qw)
+            .zip(k.par_chunks_mut(kw))
+            .zip(positions.par_iter())
+            .for_each(|((qr, kr), &pos)| {
+                rope_row(rope, qr, head_dim, pos);
+                rope_row(rope, kr, head_dim, pos);
+            });
+    }
+
+    fn mul_sigmoid(&self, x: &mut Vec<f32>, gate: &Vec<f32>) {
+        for (a, g) in x.iter_mut().zip(gate) {
+            *a *= sigmoid(*g);
+        }
+    }
+
+    fn glu(&self, gate: &Vec<f32>, up: &mut Vec<f32>, kind: Glu) {
+        glu(gate, up, kind)
+    }
+
+    fn add_gated_rows(&self, out: &mut Vec<f32>, y: &Vec<f32>, gate: &Vec<f32>, width: usize) {
+        for ((o, yr), g) in out
+            .chunks_exact_mut(width)
+            .zip(y.chunks_exact(width))
+            .zip(gate)
+        {
+            let sig = 1.0 / (1.0 + (-g).exp());
+            for (o, y) in o.iter_mut().zip(yr) {
+                *o += sig * y;
+            }
+        }
+    }
+
+    fn route(
+        &self,
+        logits: Vec<f32>,
+        rule: &RouterRule,
+        selection_bias: Option<&Vec<f32>>,
+    ) -> Routing {
+        route::route(logits, rule, selection_bias.map(|b| &b[..]))
+    }
+
+    fn kv_new(&self, elem: KvElem) -> KvCache {
+        KvCache::new(elem)
+    }
+
+    fn kv_len(&self, kv: &KvCache) -> usize {
+        kv.len
+    }
+
+    fn kv_truncate(&self, kv: &mut KvCache, len: usize, row: usize) {
+        kv.truncate(len, row)
+    }
+
+    fn kv_bytes(&self, kv: &KvCache) -> usize {
+        kv.size_bytes()
+    }
+
+    fn attend(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        lens: &[usize],
+        caches: &mut [&mut KvCache],
+        shape: &AttnShape,
+    ) -> Vec<f32> {
+        attention::attend(q, k, v, lens, caches, shape)
+    }
+
+    fn recurrent_new(&self, conv: usize, ssm: usize) -> LinearState {
+        LinearState {
+            conv: vec![0.0; conv],
+            ssm: vec![0.0; ssm],
+        }
+    }
+
+    fn recurrent_bytes(&self, st: &LinearState) -> usize {
+        st.size_bytes()
+    }
+
+    fn delta_net(
+        &self,
+        qkvz: &Vec<f32>,
+        ba: &Vec<f32>,
+        p: &DeltaNetParams<'_, Cpu>,
+        lens: &[usize],
+        states: &mut [&mut LinearState],
+    ) -> Vec<f32> {
+        deltanet::delta_net(qkvz, ba, p, lens, states)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RopeConfig, RopeScaling};
+
+    #[test]
+    fn rope_rotation_preserves_norm_and_matches_formula() {
+        let cfg = RopeConfig {
+            theta: 10000.0,
+            scaling: RopeScaling::Default,
+            partial_rotary_factor: 1.0,
+        };
+        let rope = Rope::new(&cfg, 8);
+        let x: Vec<f32> = (0..16).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut y = x.clone();
+        rope_row(&rope, &mut y, 8, 5);
+        // Position 5, pair 1: angle = 5 / 10000^(2/8).
+        let a = 5.0f64 / 10000f64.powf(0.25);
+        let (x1, x2) = (x[1] as f64, x[5] as f64);
+        assert!((y[1] as f64 - (x1 * a.cos() - x2 * a.sin())).abs() < 1e-5);
+        assert!((y[5] as f64 - (x2 * a.cos() + x1 * a.sin())).abs() < 1e-5);
+        let n0: f32 = x.iter().map(|v| v * v).sum();
+        let n1: f32 = y.iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-4);
+        let mut z = x.clone();
+        rope_row(&rope, &mut z, 8, 0);
+        assert_eq!(z, x);
+    }
+
+    #[test]
+    fn rmsnorm_unit_rms() {
+        let mut y = vec![1.0, -2.0, 3.0, -4.0, 2.0, 2.0, 2.0, 2.0];
+        rms_norm_rows(&mut y, &[1.0; 4], 4, 0.0);
+        for row in y.chunks(4) {
+            let rms = (row.iter().map(|v| v * v).sum::<f32>() / 4.0).sqrt();
+            assert!((rms - 1.0).abs() < 1e-6);
+        }
+        assert!((y[4] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn clamped_swiglu_matches_its_formula() {
+        let g = [-9.0f32, -1.0, 0.5, 8.0];
+        let mut u = [10.0f32, -0.5, 0.25, -8.0];
+        let (limit, alpha) = (7.0f32, 1.702f32);
+        let want: Vec<f32> = g
+            .iter()
+            .zip(u)
+            .map(|(&g, u)| {
+                let g = g.min(limit);
+                let u = u.clamp(-limit, limit);
+                (u + 1.0) * g / (1.0 + (-alpha * g).exp())
+            })
+            .collect();
+        glu(&g, &mut u, Glu::ClampedSwiGlu { limit, alpha });
+        for (got, want) in u.iter().zip(&want) {
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{got} vs {want}"
+            );
+        }
+        // The limit binds: g = 8 acts as 7, u = 10 as 7 and u = -8 as -7.
+        assert!((u[3] - (-6.0 * 7.0 * sigmoid(alpha * 7.0))).abs() < 1e-5);
+        let mut u2 = [1.0f32, 1.0, 1.0, 1.0];
+        glu(&g, &mut u2, Glu::SwiGlu);
+        assert!((u2[2] - 0.5 / (1.0 + (-0.5f32).exp())).abs() < 1e-7);
+    }
+}
