@@ -19,7 +19,7 @@ use crate::backend::{select, Activations, AnyBackend};
 use crate::cache::{CacheHandle, CacheKey, CachePlan};
 use crate::config::{GenerationConfig, ModelConfig, RawConfig};
 use crate::error::{Error, Result};
-use crate::model::{Decoder, Logits, Segment, SeqState, Trace};
+use crate::model::{Decoder, Logits, ModelWeights, Segment, SeqState, Trace};
 use crate::open::{model_files, open, open_files, HotSet, Opened, Purpose};
 pub use crate::open::{Settings, DEFAULT_MAX_CONTEXT_TOKENS, LOADER_THREADS};
 use crate::plan::{make_plan, ModelSizes, Plan, Profile};
@@ -169,13 +169,7 @@ impl Model {
             mut files_watch,
             from_config_only: _,
         } = open_files(files, settings, Purpose::Load)?;
-        let generation_config = match files.read_small("generation_config.json")? {
-            Some(b) => GenerationConfig::parse(&RawConfig::parse(
-                files.path_of("generation_config.json"),
-                &b,
-            )?)?,
-            None => GenerationConfig::default(),
-        };
+        let generation_config = read_generation_config(&files)?;
         let max_context = settings.max_context_for(&config);
         if max_context < 2 {
             return Err(Error::InvalidRequest(
@@ -190,36 +184,12 @@ impl Model {
             counts: hot_counts,
         } = hot_set
             .ok_or_else(|| Error::Internal("opened for loading without a hot set".into()))?;
-        if let ExpertTypes::Tiered { hot, hot_set, .. } = &expert_types {
-            let n_hot = hot_set.iter().flatten().filter(|h| **h).count();
-            let n_all: usize = experts_per_layer.iter().sum();
-            tracing::info!(
-                "precision tiers: {n_hot} of {n_all} experts hot ({}){}",
-                crate::cache::quantization_name(*hot),
-                if hot_counts.is_none() {
-                    "; no expert popularity recorded yet, so every expert starts cold"
-                } else {
-                    ""
-                }
-            );
-        }
+        log_tiers(&expert_types, &experts_per_layer, hot_counts.is_some());
         let prequant = quant.prequant_tensors > 0;
         let use_cache = settings.uses_cache_for(&expert_types, prequant);
         let request = settings.plan_request(max_context, &expert_types, prequant)?;
         if prequant {
-            tracing::info!(
-                "pre-quantized checkpoint ({}): {} weight(s) {}",
-                weights.prequant_label(),
-                quant.prequant_tensors,
-                match settings.quantization {
-                    Quantization::None => "kept without loss in their own blocks".to_string(),
-                    q => format!(
-                        "converted to {} where rows fit its blocks (quantization), else kept \
-                         without loss",
-                        crate::cache::quantization_name(q)
-                    ),
-                }
-            );
+            log_prequant(&weights, quant.prequant_tensors, settings.quantization);
         }
         let sizes = ModelSizes::measure(&config, &weights, &mw, request.kv_elem_bytes, &quant);
         // Refuse before anything but headers has been read.
@@ -227,73 +197,19 @@ impl Model {
         for w in &plan.warnings {
             tracing::warn!("{w}");
         }
-        let mut cache = None;
-        let mut cache_build: Option<crate::cache::BuildReport> = None;
-        let mut conversion_error = None;
-        if use_cache {
+        let Finished {
+            cache,
+            cache_build,
+            conversion_error,
+        } = if use_cache {
             let key = CacheKey::new(&files, &config_bytes, &weights, &expert_types, resident_q);
-            let cache_plan = CachePlan::new(&mut mw, key, &expert_types, settings.cache_options())?;
-            let (handle, report) = CacheHandle::attach(&mut mw, cache_plan, &expert_types)?;
-            cache = Some(Arc::new(handle));
-            conversion_error = report.as_ref().and_then(|r| r.prequant_error);
-            cache_build = report;
-        } else if quant.quantized_tensors > 0 {
-            let t0 = Instant::now();
-            conversion_error =
-                quantize_model(&mut mw, &expert_types, resident_q, false)?.prequant_error;
-            tracing::info!(
-                "quantized {} tensors in {:.1} s",
-                quant.quantized_tensors,
-                t0.elapsed().as_secs_f64()
-            );
-        }
-        let mut covered = 0usize;
-        for l in crate::quantize::linears(&mut mw) {
-            covered += usize::from(activation_path_covers(settings.activations, l.weight.dtype));
-        }
-        covered += mw
-            .experts
-            .iter()
-            .flatten()
-            .filter(|e| activation_path_covers(settings.activations, e.first_matrix().dtype))
-            .count();
-        if covered == 0 {
-            let why = match settings.activations {
-                Activations::F32 => None,
-                Activations::Q8 => Some(
-                    "activations = \"q8\" changes nothing: the model holds no q8_0 / q4_k \
-                     weights (set quantization = \"q8_0\" or \"q4_k\")",
-                ),
-                Activations::Bf16 if !bf16_activations_supported() => {
-                    Some("activations = \"bf16\" changes nothing: this CPU lacks AVX512_BF16")
-                }
-                Activations::Bf16 => {
-                    Some("activations = \"bf16\" changes nothing: the model holds no bf16 weights")
-                }
-            };
-            if let Some(why) = why {
-                tracing::warn!("{why}; every matmul stays f32");
-            }
-        }
+            finish_from_cache(&mut mw, key, &expert_types, settings)?
+        } else {
+            finish_in_memory(&mut mw, &expert_types, resident_q, quant.quantized_tensors)?
+        };
+        warn_if_activations_change_nothing(settings.activations, &mut mw);
         let unused_tensors = weights.unused();
-        if !unused_tensors.is_empty() {
-            // Multi-token-prediction heads (`mtp.*`, Qwen3-Next's release) are a known extra.
-            let mtp = unused_tensors
-                .iter()
-                .filter(|n| n.starts_with("mtp."))
-                .count();
-            let why = if mtp > 0 {
-                format!("; {mtp} of them are multi-token-prediction heads (mtp.*), unused here")
-            } else {
-                String::new()
-            };
-            tracing::warn!(
-                "ignoring {} tensor(s) that {} does not use (e.g. `{}`){why}",
-                unused_tensors.len(),
-                config.arch,
-                unused_tensors[0]
-            );
-        }
+        warn_unused(&unused_tensors, config.arch);
         let check = cache
             .clone()
             .map(|c| c as Arc<dyn crate::store::ExpertCheck>);
@@ -316,48 +232,13 @@ impl Model {
             },
             check,
         )?;
-        // The one place the device setting picks the compute backend.
-        let backend = match select(settings.device, settings.activations)? {
-            AnyBackend::Cpu(cpu) => cpu,
-            AnyBackend::Cuda(_) => {
-                return Err(Error::BackendUnavailable {
-                    backend: "cuda".into(),
-                    reason: "the CUDA backend opened, but this build runs models on the CPU \
-                             only; set device = \"cpu\" or \"sim\""
-                        .into(),
-                })
-            }
-        };
-        let decoder = Decoder {
-            hidden_size: config.hidden_size,
-            vocab_size: config.vocab_size,
-            store: Box::new(store),
-            w: mw.upload(&backend)?,
-            backend,
-            kv_elem: settings.kv_dtype,
-        };
-
-        let tokenizer = if files.exists("tokenizer.json") {
-            let tj = files.read_small("tokenizer.json")?.unwrap_or_default();
-            let tc = files.read_small("tokenizer_config.json")?;
-            let ct = files
-                .read_small("chat_template.jinja")?
-                .map(|b| String::from_utf8_lossy(&b).into_owned());
-            Some(Tokenizer::from_bytes(&tj, tc.as_deref(), ct.as_deref())?)
-        } else {
-            None
-        };
-
+        let decoder = decoder_on_backend(settings, &config, mw, Box::new(store))?;
+        let tokenizer = read_tokenizer(&files)?;
         if let Some(c) = &cache {
             files_watch.add(c.path().to_path_buf());
         }
         files_watch.check()?;
-        let threads = crate::runconfig::compute_threads(settings.threads);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("moe-compute-{i}"))
-            .build()
-            .map_err(|e| Error::Internal(format!("cannot start {threads} threads: {e}")))?;
+        let pool = compute_pool(settings.threads)?;
         Ok(Model {
             config,
             generation_config,
@@ -667,6 +548,202 @@ pub struct PlanReport {
     /// True when sizes came from config.json alone (no weight files).
     pub from_config_only: bool,
     pub label: String,
+}
+
+/// What finishing the weights (converting, quantizing or mapping them from the cache) left.
+struct Finished {
+    cache: Option<Arc<CacheHandle>>,
+    cache_build: Option<crate::cache::BuildReport>,
+    conversion_error: Option<crate::weights::prequant::ErrorSummary>,
+}
+
+/// Points the weights at the quantized weight cache, building it first when needed.
+fn finish_from_cache(
+    mw: &mut ModelWeights,
+    key: CacheKey,
+    expert_types: &ExpertTypes,
+    settings: &Settings,
+) -> Result<Finished> {
+    let cache_plan = CachePlan::new(mw, key, expert_types, settings.cache_options())?;
+    let (handle, report) = CacheHandle::attach(mw, cache_plan, expert_types)?;
+    Ok(Finished {
+        cache: Some(Arc::new(handle)),
+        conversion_error: report.as_ref().and_then(|r| r.prequant_error),
+        cache_build: report,
+    })
+}
+
+/// Converts and quantizes the weights in memory (the cache is off), when anything changes.
+fn finish_in_memory(
+    mw: &mut ModelWeights,
+    expert_types: &ExpertTypes,
+    resident_q: Quantization,
+    quantized_tensors: usize,
+) -> Result<Finished> {
+    let mut conversion_error = None;
+    if quantized_tensors > 0 {
+        let t0 = Instant::now();
+        conversion_error = quantize_model(mw, expert_types, resident_q, false)?.prequant_error;
+        tracing::info!(
+            "quantized {quantized_tensors} tensors in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(Finished {
+        cache: None,
+        cache_build: None,
+        conversion_error,
+    })
+}
+
+/// `generation_config.json`, or the defaults without one.
+fn read_generation_config(files: &ModelFiles) -> Result<GenerationConfig> {
+    Ok(match files.read_small("generation_config.json")? {
+        Some(b) => GenerationConfig::parse(&RawConfig::parse(
+            files.path_of("generation_config.json"),
+            &b,
+        )?)?,
+        None => GenerationConfig::default(),
+    })
+}
+
+/// The tokenizer, when the model has one.
+fn read_tokenizer(files: &ModelFiles) -> Result<Option<Tokenizer>> {
+    if !files.exists("tokenizer.json") {
+        return Ok(None);
+    }
+    let tj = files.read_small("tokenizer.json")?.unwrap_or_default();
+    let tc = files.read_small("tokenizer_config.json")?;
+    let ct = files
+        .read_small("chat_template.jinja")?
+        .map(|b| String::from_utf8_lossy(&b).into_owned());
+    Ok(Some(Tokenizer::from_bytes(
+        &tj,
+        tc.as_deref(),
+        ct.as_deref(),
+    )?))
+}
+
+/// The decoder on the backend the `device` setting picks (the one match on it).
+fn decoder_on_backend(
+    settings: &Settings,
+    config: &ModelConfig,
+    mw: ModelWeights,
+    store: Box<dyn crate::store::ExpertStore>,
+) -> Result<Decoder> {
+    let backend = match select(settings.device, settings.activations)? {
+        AnyBackend::Cpu(cpu) => cpu,
+        AnyBackend::Cuda(_) => {
+            return Err(Error::BackendUnavailable {
+                backend: "cuda".into(),
+                reason: "the CUDA backend opened, but this build runs models on the CPU \
+                         only; set device = \"cpu\" or \"sim\""
+                    .into(),
+            })
+        }
+    };
+    Ok(Decoder {
+        hidden_size: config.hidden_size,
+        vocab_size: config.vocab_size,
+        store,
+        w: mw.upload(&backend)?,
+        backend,
+        kv_elem: settings.kv_dtype,
+    })
+}
+
+/// The compute threads (`threads`, capped at the cores).
+fn compute_pool(requested: Option<usize>) -> Result<rayon::ThreadPool> {
+    let threads = crate::runconfig::compute_threads(requested);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("moe-compute-{i}"))
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start {threads} threads: {e}")))
+}
+
+/// One line on the precision tiers, when experts are tiered.
+fn log_tiers(expert_types: &ExpertTypes, experts_per_layer: &[usize], recorded: bool) {
+    if let ExpertTypes::Tiered { hot, hot_set, .. } = expert_types {
+        let n_hot = hot_set.iter().flatten().filter(|h| **h).count();
+        let n_all: usize = experts_per_layer.iter().sum();
+        tracing::info!(
+            "precision tiers: {n_hot} of {n_all} experts hot ({}){}",
+            crate::cache::quantization_name(*hot),
+            if recorded {
+                ""
+            } else {
+                "; no expert popularity recorded yet, so every expert starts cold"
+            }
+        );
+    }
+}
+
+/// One line on what becomes of a pre-quantized checkpoint's weights.
+fn log_prequant(weights: &crate::weights::WeightSet, tensors: usize, q: Quantization) {
+    tracing::info!(
+        "pre-quantized checkpoint ({}): {tensors} weight(s) {}",
+        weights.prequant_label(),
+        match q {
+            Quantization::None => "kept without loss in their own blocks".to_string(),
+            q => format!(
+                "converted to {} where rows fit its blocks (quantization), else kept without \
+                 loss",
+                crate::cache::quantization_name(q)
+            ),
+        }
+    );
+}
+
+/// A warning when an `activations` setting meets no weight it applies to.
+fn warn_if_activations_change_nothing(act: Activations, mw: &mut ModelWeights) {
+    let mut covered = 0usize;
+    for l in crate::quantize::linears(mw) {
+        covered += usize::from(activation_path_covers(act, l.weight.dtype));
+    }
+    covered += mw
+        .experts
+        .iter()
+        .flatten()
+        .filter(|e| activation_path_covers(act, e.first_matrix().dtype))
+        .count();
+    if covered > 0 {
+        return;
+    }
+    let why = match act {
+        Activations::F32 => None,
+        Activations::Q8 => Some(
+            "activations = \"q8\" changes nothing: the model holds no q8_0 / q4_k weights (set \
+             quantization = \"q8_0\" or \"q4_k\")",
+        ),
+        Activations::Bf16 if !bf16_activations_supported() => {
+            Some("activations = \"bf16\" changes nothing: this CPU lacks AVX512_BF16")
+        }
+        Activations::Bf16 => {
+            Some("activations = \"bf16\" changes nothing: the model holds no bf16 weights")
+        }
+    };
+    if let Some(why) = why {
+        tracing::warn!("{why}; every matmul stays f32");
+    }
+}
+
+/// A warning naming tensors present in the files that the architecture does not use.
+fn warn_unused(unused: &[String], arch: &str) {
+    let Some(first) = unused.first() else {
+        return;
+    };
+    // Multi-token-prediction heads (`mtp.*`, Qwen3-Next's release) are a known extra.
+    let mtp = unused.iter().filter(|n| n.starts_with("mtp.")).count();
+    let why = if mtp > 0 {
+        format!("; {mtp} of them are multi-token-prediction heads (mtp.*), unused here")
+    } else {
+        String::new()
+    };
+    tracing::warn!(
+        "ignoring {} tensor(s) that {arch} does not use (e.g. `{first}`){why}",
+        unused.len()
+    );
 }
 
 /// Plans a model without loading it: from its headers, or from a bare `config.json` (a folder
