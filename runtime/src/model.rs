@@ -143,7 +143,7 @@ pub struct Trace {
 pub struct Decoder<B: Backend = Host> {
     pub backend: B,
     pub w: ModelWeights<B>,
-    pub store: Box<dyn ExpertStore>,
+    pub store: Box<dyn ExpertStore<B>>,
     pub hidden_size: usize,
     pub vocab_size: usize,
     /// Element type of new sequences' KV caches.

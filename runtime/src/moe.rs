@@ -99,13 +99,11 @@ impl<B: Backend> MoeBlock<B> {
         x: &B::Act,
         t: usize,
         hidden: usize,
-        store: &dyn ExpertStore,
+        store: &dyn ExpertStore<B>,
     ) -> Result<(B::Act, Routing)> {
         let routing = self.router.route(b, x, t);
         let batches = group_by_expert(&routing, self.router.rule.top_k);
-        let mut out = vec![0f32; t * hidden];
-        store.compute(self.layer, &batches, &b.to_host(x), hidden, &mut out)?;
-        let mut out = b.act_from_host(out);
+        let mut out = store.compute(b, self.layer, &batches, x, hidden)?;
         if let Some(s) = &self.shared {
             let y = s.mlp.forward(b, x, t);
             let g = s.gate.forward(b, x, t);

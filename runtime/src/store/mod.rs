@@ -1,9 +1,11 @@
 //! The expert store: the one door through which model code reaches expert weights.
 //!
 //! Model files never hold expert tensors. A sparse layer hands the store, per expert, the batch of
-//! token rows routed to it ([`ExpertBatch`]), and the store adds each expert's weighted output to
-//! those rows. Where the expert's bytes live (mmapped file, RAM pool, device slot) and where it is
-//! computed is the store's business alone; tiers, slots, LRU and prefetch live behind this trait.
+//! token rows routed to it ([`ExpertBatch`]), and the store returns the sum of the experts'
+//! weighted outputs for those rows. Where the expert's bytes live (mmapped file, RAM pool, device
+//! slot) and where it is computed is the store's business alone; tiers, slots, LRU and prefetch
+//! live behind this trait. The trait is generic over the decoder's backend (activations come in
+//! and go out as that backend's); the tiered store computes on host rows for any backend.
 //!
 //! Inside, mechanism and policy are split: `pool.rs` is the slot pool (LRU / LFU / pinned-LRU),
 //! generic over what a slot holds; `device.rs` the device-tier interface (allocate a slot, copy an
@@ -13,8 +15,8 @@
 //! `layout.rs` the expert layout as data (which parts, fused or not, biases, the gated
 //! activation), and [`expert_ffn_rows`] here the one FFN every tier runs through it.
 //!
-//! Invariants: an expert is addressed by (layer, expert); `compute` adds exactly
-//! `weight * ffn_e(x[row])` to `out[row]` for every (row, weight) pair and touches no other row;
+//! Invariants: an expert is addressed by (layer, expert); `compute` returns, per row, exactly the
+//! sum of `weight * ffn_e(x[row])` over that row's (expert, weight) pairs (zero for other rows);
 //! experts within a call are applied in ascending expert order (the reference's order), so results
 //! do not depend on how the store schedules its work.
 
@@ -35,7 +37,7 @@ pub use tiered::{DeviceTierConfig, HostTierConfig, TieredStore, TieredStoreConfi
 use moe_kernels::Weights;
 
 use crate::backend::cpu::{glu, Input};
-use crate::backend::Activations;
+use crate::backend::{Activations, Backend, Cpu};
 use crate::error::Result;
 use crate::weights::{Dtype, TensorRef};
 
@@ -49,18 +51,19 @@ pub struct ExpertBatch {
     pub weights: Vec<f32>,
 }
 
-/// Where experts are kept and computed.
-pub trait ExpertStore: Send + Sync {
-    /// For every batch: `out[row] += weight * ffn_expert(x[row])`. `x` and `out` are
-    /// `[tokens, hidden]`; batches are sorted by expert.
+/// Where experts are kept and computed, for a decoder on backend `B`.
+pub trait ExpertStore<B: Backend = Cpu>: Send + Sync {
+    /// `y[row] = sum of weight * ffn_expert(x[row])` over the batches that hold `row`, added in
+    /// ascending expert order (zero for a row no batch holds). `x` and `y` are `[tokens,
+    /// hidden]` on the backend; batches are sorted by expert.
     fn compute(
         &self,
+        b: &B,
         layer: usize,
         batches: &[ExpertBatch],
-        x: &[f32],
+        x: &B::Act,
         hidden: usize,
-        out: &mut [f32],
-    ) -> Result<()>;
+    ) -> Result<B::Act>;
 
     /// A hint that `experts` of `layer` will be needed soon (router lookahead). Default: none.
     fn prefetch(&self, _layer: usize, _experts: &[usize]) {}

@@ -46,6 +46,7 @@ use super::{
     EvictionPolicy, ExpertBatch, ExpertBuf, ExpertCheck, ExpertLayout, ExpertParts, ExpertStore,
     ExpertWeights, StoreStats,
 };
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 
 /// Host (RAM) tier settings.
@@ -701,8 +702,10 @@ fn experts_side_by_side(batches: &[ExpertBatch]) -> bool {
             .all(|b| b.rows.len() <= moe_kernels::MATVEC_MAX_M)
 }
 
-impl<D: DeviceTier> ExpertStore for TieredStore<D> {
-    fn compute(
+impl<D: DeviceTier> TieredStore<D> {
+    /// For every batch: `out[row] += weight * ffn_expert(x[row])` on host rows (see
+    /// [`ExpertStore::compute`]).
+    pub fn compute_host(
         &self,
         layer: usize,
         batches: &[ExpertBatch],
@@ -777,8 +780,15 @@ impl<D: DeviceTier> ExpertStore for TieredStore<D> {
         }
         Ok(())
     }
+}
 
-    fn prefetch(&self, layer: usize, experts: &[usize]) {
+/// The tiered store computes where its experts lie (RAM pool, mapped files, its device tier's
+/// slots), all on host rows: another backend's activations come to the host for it and the
+/// output goes back (`to_host` / `act_from_host`, a borrow and a move on the CPU).
+/// The store's non-compute side, callable without naming a backend.
+impl<D: DeviceTier> TieredStore<D> {
+    /// See [`ExpertStore::prefetch`].
+    pub fn prefetch(&self, layer: usize, experts: &[usize]) {
         if !self.config.prefetch || layer >= self.shared.experts.len() {
             return;
         }
@@ -801,19 +811,23 @@ impl<D: DeviceTier> ExpertStore for TieredStore<D> {
         self.predicted.lock()[layer] = Some(set);
     }
 
-    fn num_experts(&self, layer: usize) -> usize {
+    /// See [`ExpertStore::num_experts`].
+    pub fn num_experts(&self, layer: usize) -> usize {
         self.shared.experts.get(layer).map_or(0, Vec::len)
     }
 
-    fn wants_prefetch(&self) -> bool {
+    /// See [`ExpertStore::wants_prefetch`].
+    pub fn wants_prefetch(&self) -> bool {
         self.config.prefetch && (self.device.is_some() || self.shared.host_pool.is_some())
     }
 
-    fn prefetch_depth(&self) -> usize {
+    /// See [`ExpertStore::prefetch_depth`].
+    pub fn prefetch_depth(&self) -> usize {
         self.config.prefetch_depth
     }
 
-    fn popularity(&self) -> Vec<Vec<u64>> {
+    /// See [`ExpertStore::popularity`].
+    pub fn popularity(&self) -> Vec<Vec<u64>> {
         self.shared
             .popularity
             .iter()
@@ -821,7 +835,8 @@ impl<D: DeviceTier> ExpertStore for TieredStore<D> {
             .collect()
     }
 
-    fn stats(&self) -> StoreStats {
+    /// See [`ExpertStore::stats`].
+    pub fn stats(&self) -> StoreStats {
         StoreStats::from_layers(
             self.shared
                 .counters
@@ -831,6 +846,46 @@ impl<D: DeviceTier> ExpertStore for TieredStore<D> {
                 .map(|(l, c)| c.snapshot(l))
                 .collect(),
         )
+    }
+}
+
+impl<D: DeviceTier, B: Backend> ExpertStore<B> for TieredStore<D> {
+    fn compute(
+        &self,
+        b: &B,
+        layer: usize,
+        batches: &[ExpertBatch],
+        x: &B::Act,
+        hidden: usize,
+    ) -> Result<B::Act> {
+        let x = b.to_host(x);
+        let mut out = vec![0f32; x.len()];
+        self.compute_host(layer, batches, &x, hidden, &mut out)?;
+        Ok(b.act_from_host(out))
+    }
+
+    fn prefetch(&self, layer: usize, experts: &[usize]) {
+        TieredStore::prefetch(self, layer, experts)
+    }
+
+    fn num_experts(&self, layer: usize) -> usize {
+        TieredStore::num_experts(self, layer)
+    }
+
+    fn wants_prefetch(&self) -> bool {
+        TieredStore::wants_prefetch(self)
+    }
+
+    fn prefetch_depth(&self) -> usize {
+        TieredStore::prefetch_depth(self)
+    }
+
+    fn popularity(&self) -> Vec<Vec<u64>> {
+        TieredStore::popularity(self)
+    }
+
+    fn stats(&self) -> StoreStats {
+        TieredStore::stats(self)
     }
 }
 
@@ -1016,7 +1071,7 @@ mod tests {
             rows: vec![0],
             weights: vec![1.0],
         };
-        s.compute(layer, &[b], &x, HIDDEN, &mut out)?;
+        s.compute_host(layer, &[b], &x, HIDDEN, &mut out)?;
         Ok(out)
     }
 
