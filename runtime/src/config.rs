@@ -1240,12 +1240,22 @@ mod tests {
         j[key].as_u64().unwrap_or_else(|| panic!("{key}")) as usize
     }
 
-    /// Every field of the parsed config, against the file's values (and the class default where
-    /// the file has none). The destructuring names every field: a new one fails to compile here
-    /// until the test checks it.
-    #[test]
-    fn every_field_matches_the_file() {
-        let (cfg, j) = fixture("qwen2_moe/model/config.json");
+    /// What one fixture's fields must be where the two architectures read them differently.
+    struct Differs {
+        head_dim: usize,
+        rope: RopeConfig,
+        biases: (bool, bool),
+        qk_norm: QkNorm,
+        mixers: Vec<MixerKind>,
+        linear_attention: Option<LinearAttentionConfig>,
+        gate_and_zero_centred: (bool, bool),
+        bos_eos: (Option<u32>, Vec<u32>),
+    }
+
+    /// Every field of `cfg` against the file `j` (the fields both architectures read the same
+    /// way) and `want` (the others). The destructuring names every field: a new one fails to
+    /// compile here until it is checked.
+    fn check_every_field(cfg: ModelConfig, j: &Value, want: Differs) {
         let ModelConfig {
             arch,
             hidden_size,
@@ -1276,29 +1286,19 @@ mod tests {
             bos_token_id,
             eos_token_ids,
         } = cfg;
-        let layers = u(&j, "num_hidden_layers");
+        let layers = u(j, "num_hidden_layers");
         assert_eq!(arch, j["model_type"].as_str().unwrap());
-        assert_eq!(hidden_size, u(&j, "hidden_size"));
+        assert_eq!(hidden_size, u(j, "hidden_size"));
         assert_eq!(num_layers, layers);
-        assert_eq!(num_heads, u(&j, "num_attention_heads"));
-        assert_eq!(num_kv_heads, u(&j, "num_key_value_heads"));
-        assert!(j.get("head_dim").is_none());
-        assert_eq!(head_dim, hidden_size / num_heads);
-        assert_eq!(vocab_size, u(&j, "vocab_size"));
-        assert_eq!(intermediate_size, u(&j, "intermediate_size"));
-        assert_eq!(moe_intermediate_size, u(&j, "moe_intermediate_size"));
-        assert_eq!(max_position_embeddings, u(&j, "max_position_embeddings"));
+        assert_eq!(num_heads, u(j, "num_attention_heads"));
+        assert_eq!(num_kv_heads, u(j, "num_key_value_heads"));
+        assert_eq!(head_dim, want.head_dim);
+        assert_eq!(vocab_size, u(j, "vocab_size"));
+        assert_eq!(intermediate_size, u(j, "intermediate_size"));
+        assert_eq!(moe_intermediate_size, u(j, "moe_intermediate_size"));
+        assert_eq!(max_position_embeddings, u(j, "max_position_embeddings"));
         assert_eq!(rms_norm_eps, j["rms_norm_eps"].as_f64().unwrap());
-        assert_eq!(
-            rope,
-            RopeConfig {
-                theta: j["rope_theta"].as_f64().unwrap(),
-                scaling: RopeScaling::Linear {
-                    factor: j["rope_scaling"]["factor"].as_f64().unwrap()
-                },
-                partial_rotary_factor: 1.0,
-            }
-        );
+        assert_eq!(rope, want.rope);
         assert_eq!(
             tie_word_embeddings,
             j["tie_word_embeddings"].as_bool().unwrap()
@@ -1306,140 +1306,103 @@ mod tests {
         assert_eq!(
             router,
             RouterConfig {
-                num_experts: u(&j, "num_experts"),
-                top_k: u(&j, "num_experts_per_tok"),
+                num_experts: u(j, "num_experts"),
+                top_k: u(j, "num_experts_per_tok"),
                 norm_topk_prob: j["norm_topk_prob"].as_bool().unwrap(),
             }
         );
         // decoder_sparse_step 1 and no mlp_only_layers: every layer is sparse.
         assert_eq!(
-            (u(&j, "decoder_sparse_step"), &j["mlp_only_layers"]),
+            (u(j, "decoder_sparse_step"), &j["mlp_only_layers"]),
             (1, &Value::Array(vec![]))
         );
         assert_eq!(sparse_layers, vec![true; layers]);
         assert_eq!(
             shared_expert_intermediate_size,
-            u(&j, "shared_expert_intermediate_size")
+            u(j, "shared_expert_intermediate_size")
         );
+        assert_eq!((qkv_bias, o_bias), want.biases);
+        assert_eq!(qk_norm, want.qk_norm);
+        assert_eq!(clip_qkv, None);
+        // Neither uses a sliding window (Qwen2-MoE gives one, but `use_sliding_window` is off).
+        assert_ne!(j["use_sliding_window"], Value::Bool(true));
+        assert_eq!(sliding_window, vec![None; layers]);
+        assert_eq!(mixers, want.mixers);
+        assert_eq!(linear_attention, want.linear_attention);
+        assert_eq!(
+            (attn_output_gate, norm_zero_centred),
+            want.gate_and_zero_centred
+        );
+        assert_eq!(hidden_act, j["hidden_act"].as_str().unwrap());
+        assert_eq!((bos_token_id, eos_token_ids), want.bos_eos);
+    }
+
+    /// Every field of the parsed config, against the file's values (and the class default where
+    /// the file has none), for an attention-only and a hybrid architecture.
+    #[test]
+    fn every_field_matches_the_file() {
+        let (cfg, j) = fixture("qwen2_moe/model/config.json");
+        let layers = u(&j, "num_hidden_layers");
+        assert!(j.get("head_dim").is_none());
         // Qwen2MoeConfig: `qkv_bias` defaults to true; there is no o bias.
         assert!(j.get("qkv_bias").is_none());
-        assert!(qkv_bias && !o_bias);
-        assert_eq!(qk_norm, QkNorm::None);
-        assert_eq!(clip_qkv, None);
-        // `sliding_window` is given but off (`use_sliding_window` false).
-        assert_eq!(j["use_sliding_window"], Value::Bool(false));
-        assert_eq!(sliding_window, vec![None; layers]);
-        assert_eq!(mixers, vec![MixerKind::Attention; layers]);
-        assert_eq!(linear_attention, None);
-        assert!(!attn_output_gate && !norm_zero_centred);
-        assert_eq!(hidden_act, j["hidden_act"].as_str().unwrap());
         assert!(j["bos_token_id"].is_null() && j["eos_token_id"].is_null());
-        assert_eq!((bos_token_id, eos_token_ids), (None, vec![]));
+        let want = Differs {
+            head_dim: u(&j, "hidden_size") / u(&j, "num_attention_heads"),
+            rope: RopeConfig {
+                theta: j["rope_theta"].as_f64().unwrap(),
+                scaling: RopeScaling::Linear {
+                    factor: j["rope_scaling"]["factor"].as_f64().unwrap(),
+                },
+                partial_rotary_factor: 1.0,
+            },
+            biases: (true, false),
+            qk_norm: QkNorm::None,
+            mixers: vec![MixerKind::Attention; layers],
+            linear_attention: None,
+            gate_and_zero_centred: (false, false),
+            bos_eos: (None, vec![]),
+        };
+        check_every_field(cfg, &j, want);
 
         let (cfg, j) = fixture("qwen3_next_80b/config.json");
-        let ModelConfig {
-            arch,
-            hidden_size,
-            num_layers,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            vocab_size,
-            intermediate_size,
-            moe_intermediate_size,
-            max_position_embeddings,
-            rms_norm_eps,
-            rope,
-            tie_word_embeddings,
-            router,
-            sparse_layers,
-            shared_expert_intermediate_size,
-            qkv_bias,
-            o_bias,
-            qk_norm,
-            clip_qkv,
-            sliding_window,
-            mixers,
-            linear_attention,
-            attn_output_gate,
-            norm_zero_centred,
-            hidden_act,
-            bos_token_id,
-            eos_token_ids,
-        } = cfg;
         let layers = u(&j, "num_hidden_layers");
-        assert_eq!(arch, j["model_type"].as_str().unwrap());
-        assert_eq!(hidden_size, u(&j, "hidden_size"));
-        assert_eq!(num_layers, layers);
-        assert_eq!(num_heads, u(&j, "num_attention_heads"));
-        assert_eq!(num_kv_heads, u(&j, "num_key_value_heads"));
-        assert_eq!(head_dim, u(&j, "head_dim"));
-        assert_eq!(vocab_size, u(&j, "vocab_size"));
-        assert_eq!(intermediate_size, u(&j, "intermediate_size"));
-        assert_eq!(moe_intermediate_size, u(&j, "moe_intermediate_size"));
-        assert_eq!(max_position_embeddings, u(&j, "max_position_embeddings"));
-        assert_eq!(rms_norm_eps, j["rms_norm_eps"].as_f64().unwrap());
         assert!(j["rope_scaling"].is_null());
-        assert_eq!(
-            rope,
-            RopeConfig {
+        let bias = j["attention_bias"].as_bool().unwrap();
+        // Layer `l` is full attention when `(l + 1) % full_attention_interval == 0`.
+        let interval = u(&j, "full_attention_interval");
+        let want = Differs {
+            head_dim: u(&j, "head_dim"),
+            rope: RopeConfig {
                 theta: j["rope_theta"].as_f64().unwrap(),
                 scaling: RopeScaling::Default,
                 partial_rotary_factor: j["partial_rotary_factor"].as_f64().unwrap(),
-            }
-        );
-        assert_eq!(
-            tie_word_embeddings,
-            j["tie_word_embeddings"].as_bool().unwrap()
-        );
-        assert_eq!(
-            router,
-            RouterConfig {
-                num_experts: u(&j, "num_experts"),
-                top_k: u(&j, "num_experts_per_tok"),
-                norm_topk_prob: j["norm_topk_prob"].as_bool().unwrap(),
-            }
-        );
-        assert_eq!(
-            (u(&j, "decoder_sparse_step"), &j["mlp_only_layers"]),
-            (1, &Value::Array(vec![]))
-        );
-        assert_eq!(sparse_layers, vec![true; layers]);
-        assert_eq!(
-            shared_expert_intermediate_size,
-            u(&j, "shared_expert_intermediate_size")
-        );
-        let bias = j["attention_bias"].as_bool().unwrap();
-        assert_eq!((qkv_bias, o_bias), (bias, bias));
-        assert_eq!(qk_norm, QkNorm::PerHead);
-        assert_eq!(clip_qkv, None);
-        assert_eq!(sliding_window, vec![None; layers]);
-        // Layer `l` is full attention when `(l + 1) % full_attention_interval == 0`.
-        let interval = u(&j, "full_attention_interval");
-        let kinds: Vec<MixerKind> = (0..layers)
-            .map(|l| {
-                if (l + 1) % interval == 0 {
-                    MixerKind::Attention
-                } else {
-                    MixerKind::LinearAttention
-                }
-            })
-            .collect();
-        assert_eq!(mixers, kinds);
-        assert_eq!(
-            linear_attention,
-            Some(LinearAttentionConfig {
+            },
+            biases: (bias, bias),
+            qk_norm: QkNorm::PerHead,
+            mixers: (0..layers)
+                .map(|l| {
+                    if (l + 1) % interval == 0 {
+                        MixerKind::Attention
+                    } else {
+                        MixerKind::LinearAttention
+                    }
+                })
+                .collect(),
+            linear_attention: Some(LinearAttentionConfig {
                 num_key_heads: u(&j, "linear_num_key_heads"),
                 num_value_heads: u(&j, "linear_num_value_heads"),
                 key_head_dim: u(&j, "linear_key_head_dim"),
                 value_head_dim: u(&j, "linear_value_head_dim"),
                 conv_kernel: u(&j, "linear_conv_kernel_dim"),
-            })
-        );
-        assert!(attn_output_gate && norm_zero_centred);
-        assert_eq!(hidden_act, j["hidden_act"].as_str().unwrap());
-        assert_eq!(bos_token_id, Some(u(&j, "bos_token_id") as u32));
-        assert_eq!(eos_token_ids, vec![u(&j, "eos_token_id") as u32]);
+            }),
+            gate_and_zero_centred: (true, true),
+            bos_eos: (
+                Some(u(&j, "bos_token_id") as u32),
+                vec![u(&j, "eos_token_id") as u32],
+            ),
+        };
+        check_every_field(cfg, &j, want);
     }
 
     #[test]
