@@ -84,8 +84,9 @@ struct ModelArgs {
     /// A TOML run configuration (budgets, device, experts); see configs/.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Where compute happens: cpu, cuda or sim.
-    #[arg(long, value_parser = ["cpu", "cuda", "sim"])]
+    /// Where compute happens: cpu, cuda, sim, or auto (cuda when a usable GPU is present, else
+    /// cpu).
+    #[arg(long, value_parser = ["cpu", "cuda", "sim", "auto"])]
     device: Option<String>,
     /// Host memory budget, e.g. 12GiB (on cpu: everything the process holds).
     #[arg(long, value_parser = parse_size)]
@@ -135,6 +136,7 @@ impl ModelArgs {
             device: self.device.as_deref().map(|d| match d {
                 "cuda" => DeviceKind::Cuda,
                 "sim" => DeviceKind::Sim,
+                "auto" => DeviceKind::Auto,
                 _ => DeviceKind::Cpu,
             }),
             ram_budget: self.ram_budget,
@@ -736,7 +738,7 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             "peak_rss_bytes": peak_rss_bytes(),
             "major_page_faults": major_page_faults(),
             "experts": stats,
-            "device": settings.device,
+            "device": model.plan.device,
             "quantization": settings.quantization,
             "activations": settings.activations,
             "cache": model.cache_path().map(|p| p.display().to_string()),

@@ -211,6 +211,35 @@ fn run_with_config_file_reports_experts_rss_and_device() {
     );
 }
 
+/// `device = "auto"` takes the GPU only when the CUDA backend opens; otherwise it computes on
+/// the CPU, reports `cpu`, and gives the CPU's tokens.
+#[test]
+fn auto_device_falls_back_to_the_cpu_with_the_same_tokens() {
+    let ws = Workspace::with_fixture("qwen3_moe");
+    let run = |device: &str| {
+        let cfg = ws.config(
+            &format!("{device}.toml"),
+            &format!("model = \"./model\"\ndevice = \"{device}\"\nmax_context = 64\n"),
+        );
+        json_of(&moe(&[
+            "run",
+            "--config",
+            &cfg,
+            "--prompt-ids",
+            "1,2,3,4",
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--json",
+        ]))
+    };
+    let (auto, cpu) = (run("auto"), run("cpu"));
+    assert_eq!(auto["device"], "cpu", "{auto}");
+    assert_eq!(auto["tokens"], cpu["tokens"]);
+}
+
 #[test]
 fn flags_override_the_config_file() {
     let ws = Workspace::with_fixture("qwen3_moe");
@@ -415,7 +444,12 @@ fn bad_configuration_is_a_one_line_error() {
             &["command line", "--max-context", "at least 2"],
         ),
         (good, &["--model", " "], &["--model", "must not be empty"]),
-        ("model = \"./model\"\ndevice = \"cuda\"\n", &[], &["cuda"]),
+        // Without a usable GPU and CUDA backend: one line naming what is missing and the fix.
+        (
+            "model = \"./model\"\ndevice = \"cuda\"\n",
+            &[],
+            &["cuda backend unavailable", "device = \"cpu\""],
+        ),
         (
             "model = \"./model\"\ndevice = \"sim\"\n",
             &[],

@@ -42,6 +42,7 @@ mod bf16dot;
 mod bf16dot_tests;
 #[cfg(target_arch = "x86_64")]
 mod bf16dot_x86;
+pub mod cuda;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
 pub mod prequant;

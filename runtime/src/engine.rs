@@ -154,6 +154,18 @@ impl Model {
 
     /// Loads from already-located files (a folder or the embedded demo).
     pub fn load_files(files: ModelFiles, settings: &Settings) -> Result<Model> {
+        // The backend first: a device that cannot open fails before the model is opened.
+        let backend = match select(settings.device, settings.activations)? {
+            AnyBackend::Cpu(cpu) => cpu,
+            AnyBackend::Cuda(_) => {
+                return Err(Error::BackendUnavailable {
+                    backend: "cuda".into(),
+                    reason: "the CUDA backend opened, but this build runs models on the CPU \
+                             only; set device = \"cpu\" or \"sim\""
+                        .into(),
+                })
+            }
+        };
         let Opened {
             files,
             config_bytes,
@@ -232,7 +244,7 @@ impl Model {
             },
             check,
         )?;
-        let decoder = decoder_on_backend(settings, &config, mw, Box::new(store))?;
+        let decoder = decoder_on_backend(settings, &config, mw, Box::new(store), backend)?;
         let tokenizer = read_tokenizer(&files)?;
         if let Some(c) = &cache {
             files_watch.add(c.path().to_path_buf());
@@ -624,24 +636,14 @@ fn read_tokenizer(files: &ModelFiles) -> Result<Option<Tokenizer>> {
     )?))
 }
 
-/// The decoder on the backend the `device` setting picks (the one match on it).
+/// The decoder on `backend`.
 fn decoder_on_backend(
     settings: &Settings,
     config: &ModelConfig,
     mw: ModelWeights,
     store: Box<dyn crate::store::ExpertStore>,
+    backend: crate::backend::Cpu,
 ) -> Result<Decoder> {
-    let backend = match select(settings.device, settings.activations)? {
-        AnyBackend::Cpu(cpu) => cpu,
-        AnyBackend::Cuda(_) => {
-            return Err(Error::BackendUnavailable {
-                backend: "cuda".into(),
-                reason: "the CUDA backend opened, but this build runs models on the CPU \
-                         only; set device = \"cpu\" or \"sim\""
-                    .into(),
-            })
-        }
-    };
     Ok(Decoder {
         hidden_size: config.hidden_size,
         vocab_size: config.vocab_size,

@@ -361,8 +361,23 @@ impl Settings {
         let experts_in_ram =
             !self.uses_cache_for(types, prequant) && (types.changes_anything() || prequant);
         let kv_elem_bytes = self.kv_dtype.elem_bytes();
+        let device = match self.device {
+            DeviceKind::Cuda => DeviceKind::Cuda,
+            d => d.resolve()?,
+        };
+        // A GPU's free memory is the default `vram_budget`. Without a GPU here, a plan for a
+        // card of `vram_budget` is still a plan (loading then says what is missing).
+        let device_free_bytes = match device {
+            DeviceKind::Cuda => match crate::backend::probe(0) {
+                Ok(dev) => Some(dev.free_bytes),
+                Err(_) if self.vram_budget.is_some() => None,
+                Err(e) => return Err(e),
+            },
+            _ => None,
+        };
         Ok(PlanRequest {
-            device: self.device,
+            device,
+            device_free_bytes,
             vram_budget_bytes: self.vram_budget,
             ram_budget_bytes: self.ram_budget,
             max_context,

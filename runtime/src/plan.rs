@@ -23,6 +23,12 @@ pub const FIXED_OVERHEAD_BYTES: u64 = 256 << 20;
 
 /// Margin kept free when a budget is taken from what the machine has available.
 pub const AUTO_BUDGET_MARGIN_BYTES: u64 = 1 << 30;
+/// Left free on a GPU when `vram_budget` is not set: the CUDA context, library workspaces and
+/// allocator slack (the CUDA context alone is ~0.5 GiB on current drivers).
+pub const VRAM_MARGIN_BYTES: u64 = 1 << 30;
+/// Device memory a CUDA step needs besides weights, caches and slots: activations of a prefill
+/// chunk, attention scores and the cuBLAS workspace (a bound until measured on a GPU).
+pub const DEVICE_SCRATCH_BYTES: u64 = 512 << 20;
 
 pub use crate::backend::DeviceKind as Device;
 
@@ -31,6 +37,7 @@ fn device_name(d: Device) -> &'static str {
         Device::Cpu => "cpu",
         Device::Cuda => "cuda",
         Device::Sim => "sim",
+        Device::Auto => "auto",
     }
 }
 
@@ -94,6 +101,9 @@ pub struct PlanRequest {
     /// Every expert must be held in RAM (quantized at load with `cache = false`: there is no
     /// file to read them from).
     pub experts_in_ram: bool,
+    /// Free memory of the GPU (`device = "cuda"`, probed; `None` without one): the default
+    /// `vram_budget` is this minus [`VRAM_MARGIN_BYTES`].
+    pub device_free_bytes: Option<u64>,
 }
 
 /// Sizes of a model, from its tensor map.
@@ -223,7 +233,7 @@ impl Plan {
 
     pub fn device_tier(&self, req: &PlanRequest, profile: &Profile) -> Option<DeviceTierConfig> {
         match self.device {
-            Device::Cpu => None,
+            Device::Cpu | Device::Auto => None,
             Device::Sim | Device::Cuda => Some(DeviceTierConfig {
                 slots_per_layer: self.slots_per_layer,
                 link_bytes_per_s: req.link_bytes_per_s,
@@ -371,6 +381,23 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
         }
     };
 
+    let vram_budget = match (req.device, req.vram_budget_bytes, req.device_free_bytes) {
+        (Device::Cpu | Device::Auto, _, _) => None,
+        (_, Some(v), _) => Some(v),
+        (Device::Cuda, None, Some(free)) => Some(free.saturating_sub(VRAM_MARGIN_BYTES)),
+        (Device::Cuda, None, None) => {
+            return Err(Error::Unplannable(
+                "device = \"cuda\" without a GPU to measure needs vram_budget (the \
+                 card's memory to plan for), e.g. vram_budget = \"22GiB\""
+                    .into(),
+            ))
+        }
+        _ => {
+            return Err(Error::Unplannable(
+                "device = \"sim\" needs vram_budget (the simulated GPU's memory), e.g. vram_budget = \"8GiB\"".into(),
+            ))
+        }
+    };
     let (vram_used, slots, device_experts, host_fixed) = match req.device {
         Device::Cpu => (
             0,
@@ -381,29 +408,45 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
                 .saturating_add(kv_bytes)
                 .saturating_add(transient_bytes),
         ),
-        Device::Cuda => {
-            return Err(Error::Unplannable(
-                "device = \"cuda\": no CUDA backend is available in this build (no GPU found); use device = \"sim\" to simulate one or \"cpu\"".into(),
+        Device::Auto => {
+            return Err(Error::Internal(
+                "device = \"auto\" reached the planner unresolved (Settings::plan_request \
+                 resolves it)"
+                    .into(),
             ))
         }
-        Device::Sim => {
-            let vram = req.vram_budget_bytes.ok_or_else(|| {
-                Error::Unplannable(
-                    "device = \"sim\" needs vram_budget (the simulated GPU's memory), e.g. vram_budget = \"8GiB\"".into(),
-                )
-            })?;
-            let fixed = sizes.resident_bytes.saturating_add(kv_bytes);
+        Device::Sim | Device::Cuda => {
+            let vram = vram_budget.unwrap_or_default();
+            // A real GPU also needs room for a step's activations and workspaces.
+            let scratch = if req.device == Device::Cuda {
+                DEVICE_SCRATCH_BYTES
+            } else {
+                0
+            };
+            let fixed = sizes
+                .resident_bytes
+                .saturating_add(kv_bytes)
+                .saturating_add(scratch);
             if fixed > vram {
                 return Err(Error::BudgetExceeded {
                     budget: "vram_budget",
                     needed_bytes: fixed,
                     limit_bytes: vram,
                     need: BudgetNeed::DeviceResident {
-                        detail: format!(
-                            "{} weights + {} KV cache",
-                            gb(sizes.resident_bytes),
-                            gb(kv_bytes)
-                        ),
+                        detail: if scratch > 0 {
+                            format!(
+                                "{} weights + {} KV cache + {} scratch",
+                                gb(sizes.resident_bytes),
+                                gb(kv_bytes),
+                                gb(scratch)
+                            )
+                        } else {
+                            format!(
+                                "{} weights + {} KV cache",
+                                gb(sizes.resident_bytes),
+                                gb(kv_bytes)
+                            )
+                        },
                     },
                     remedy: format!(
                         "raise vram_budget{}, or use a quantized cache",
@@ -543,11 +586,7 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
         device: req.device,
         sizes: sizes.clone(),
         kv_bytes,
-        vram_budget_bytes: if req.device == Device::Cpu {
-            None
-        } else {
-            req.vram_budget_bytes
-        },
+        vram_budget_bytes: vram_budget,
         vram_used_bytes: vram_used,
         ram_budget_bytes: ram_budget,
         ram_budget_auto: ram_auto,
@@ -597,6 +636,7 @@ mod tests {
             loader_threads: 2,
             kv_elem_bytes: 4,
             experts_in_ram: false,
+            device_free_bytes: None,
         }
     }
 
@@ -749,7 +789,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Refusals with no byte count are a separate kind.
-        assert!(matches!(refuse(&req(Device::Cuda)), Error::Unplannable(_)));
+        let mut no_budget = req(Device::Cuda);
+        no_budget.vram_budget_bytes = None;
+        assert!(matches!(refuse(&no_budget), Error::Unplannable(_)));
     }
 
     #[test]
@@ -784,10 +826,43 @@ mod tests {
     }
 
     #[test]
-    fn cuda_without_backend_is_refused() {
-        let e = make_plan(&sizes(), &req(Device::Cuda), &Profile::default())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("cuda"), "{e}");
+    fn cuda_plans_like_a_real_card_from_its_free_memory_or_the_budget() {
+        let profile = Profile::default();
+        // With vram_budget: the same placement as `sim`, minus the scratch a real GPU needs.
+        let sim = make_plan(&sizes(), &req(Device::Sim), &profile).unwrap();
+        let cuda = make_plan(&sizes(), &req(Device::Cuda), &profile).unwrap();
+        assert_eq!(cuda.vram_budget_bytes, Some(4 << 30));
+        assert!(cuda.vram_used_bytes <= 4 << 30);
+        let per_slot_row = sizes().expert_bytes * sizes().moe_layers as u64;
+        let slots_lost = DEVICE_SCRATCH_BYTES.div_ceil(per_slot_row) as usize;
+        assert!(cuda.slots_per_layer + slots_lost >= sim.slots_per_layer);
+        assert!(cuda.slots_per_layer < sim.slots_per_layer);
+        // Without vram_budget: the probed free memory minus the margin.
+        let mut r = req(Device::Cuda);
+        r.vram_budget_bytes = None;
+        r.device_free_bytes = Some(6 << 30);
+        let p = make_plan(&sizes(), &r, &profile).unwrap();
+        assert_eq!(p.vram_budget_bytes, Some((6 << 30) - VRAM_MARGIN_BYTES));
+        assert!(p.vram_used_bytes <= (6 << 30) - VRAM_MARGIN_BYTES);
+        // Neither a budget nor a GPU: say what to set.
+        r.device_free_bytes = None;
+        let e = make_plan(&sizes(), &r, &profile).unwrap_err().to_string();
+        assert!(e.contains("vram_budget") && e.contains("cuda"), "{e}");
+        // A card too small for the resident set, the KV cache and the scratch: refused naming
+        // all three and the budget.
+        r.device_free_bytes = Some(VRAM_MARGIN_BYTES + (1 << 30));
+        let e = make_plan(&sizes(), &r, &profile).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::BudgetExceeded {
+                    budget: "vram_budget",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = e.to_string();
+        assert!(e.contains("scratch") && e.contains("KV cache"), "{e}");
     }
 }

@@ -42,7 +42,9 @@ pub struct RunConfig {
     /// or names something that exists there; `~/` expands to the home folder. Anything else is
     /// taken as a Hub id.
     pub model: String,
-    /// Where experts are computed. Default `"cpu"`.
+    /// Where the model computes: `"cpu"`, `"cuda"` (a GPU through CUDA, loaded at run time; one
+    /// line names what is missing where it cannot open), `"sim"` (a simulated GPU) or `"auto"`
+    /// (`cuda` when it opens, else `cpu`). Default `"cpu"`.
     #[serde(default)]
     pub device: DeviceKind,
     /// Device-side memory budget (`cuda`, `sim`), in bytes or a size string such as `"22GiB"`.
@@ -1238,6 +1240,7 @@ max_connections = 500
             ("cpu", DeviceKind::Cpu),
             ("cuda", DeviceKind::Cuda),
             ("sim", DeviceKind::Sim),
+            ("auto", DeviceKind::Auto),
         ] {
             let c = parse(&format!("model = \"m\"\ndevice = \"{value}\"")).unwrap();
             assert_eq!(c.device, kind);

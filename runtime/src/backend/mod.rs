@@ -18,7 +18,7 @@
 //! moves it onto a device once, at load.
 
 pub mod cpu;
-mod cuda_stub;
+mod cuda;
 #[cfg(test)]
 mod traced;
 
@@ -33,7 +33,7 @@ use crate::error::Result;
 use crate::weights::TensorRef;
 
 pub use cpu::Cpu;
-pub use cuda_stub::Cuda;
+pub use cuda::{probe, Cuda, CudaDevice};
 
 /// The host form of a model: what architecture files build and the quantizer and the cache
 /// rewrite (weights as mapped or converted host tensors). It is the CPU backend's own form, so
@@ -51,6 +51,27 @@ pub enum DeviceKind {
     Cuda,
     /// A simulated device: CPU compute with device memory and link costs modelled (`"sim"`).
     Sim,
+    /// `cuda` when a usable GPU and CUDA backend are present, else `cpu` (`"auto"`).
+    Auto,
+}
+
+impl DeviceKind {
+    /// The device a setting means on this machine: `auto` becomes `cuda` when the CUDA backend
+    /// opens and `cpu` otherwise (saying why once); `cuda` where it cannot open is an error
+    /// naming what is missing; `cpu` and `sim` are themselves.
+    pub fn resolve(self) -> Result<DeviceKind> {
+        match self {
+            DeviceKind::Cpu | DeviceKind::Sim => Ok(self),
+            DeviceKind::Cuda => Cuda::new(0).map(|_| DeviceKind::Cuda),
+            DeviceKind::Auto => Ok(match Cuda::new(0) {
+                Ok(_) => DeviceKind::Cuda,
+                Err(e) => {
+                    tracing::info!("device = \"auto\": {e}; computing on the CPU");
+                    DeviceKind::Cpu
+                }
+            }),
+        }
+    }
 }
 
 /// How activations meet quantized weights on the CPU (`activations`).
@@ -309,11 +330,13 @@ pub enum AnyBackend {
 }
 
 /// The one place a `device` setting picks a backend: `cpu` and `sim` compute on the CPU (with
-/// `activations`); `cuda` opens the GPU backend, which fails with a clear error where the build
-/// or the machine has none.
+/// `activations`); `cuda` opens the GPU backend, which fails with a clear error where the
+/// machine has none; `auto` takes the GPU when it opens (see [`DeviceKind::resolve`]).
 pub fn select(device: DeviceKind, activations: Activations) -> Result<AnyBackend> {
-    Ok(match device {
-        DeviceKind::Cpu | DeviceKind::Sim => AnyBackend::Cpu(Cpu::new(activations)),
+    Ok(match device.resolve()? {
+        DeviceKind::Cpu | DeviceKind::Sim | DeviceKind::Auto => {
+            AnyBackend::Cpu(Cpu::new(activations))
+        }
         DeviceKind::Cuda => AnyBackend::Cuda(Cuda::new(0)?),
     })
 }

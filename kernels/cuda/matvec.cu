@@ -1,0 +1,305 @@
+// Decode matvec: out[m, n] = x[m, k] · W[n, k]ᵀ for few activation rows, W in f32, bf16, f16,
+// GGML q8_0 or GGML q4_k (block layouts of kernels/src/quant.rs: BlockQ8_0 is a little-endian
+// f16 `d` then 32 i8 quants, 34 bytes; BlockQ4K is f16 `d`, f16 `dmin`, 12 bytes of packed
+// 6-bit scales / mins, then 128 bytes of nibbles, 144 bytes).
+//
+// Header-free CUDA C compiled by NVRTC (kernels/src/cuda.rs lists the entry points and options).
+// Launch: block = 256 threads (8 warps), grid = ceil(n / 8). Warp w of block b computes output
+// column j = 8b + w for every activation row, so each weight row is read once for up to 8
+// activation rows (rows beyond 8 run in further groups of 8, re-reading the weights).
+// Requirements the host checks: k a multiple of the block size (32 for q8_0, 256 for q4_k); for
+// q8_0 and q4_k, x 16-byte aligned (device allocations are 256-byte aligned; x is read as
+// float4, scalar fallbacks there would cost registers past the budget) and W 2-byte (q8_0) or
+// 4-byte (q4_k) aligned. f32 / bf16 / f16 use 16-byte loads when x and W are 16-byte aligned
+// and k a multiple of 4 (f32) or 8 (bf16, f16), scalar loads otherwise.
+// Arithmetic: weights are widened exactly as the CPU twins do (bf16: bits << 16; f16:
+// cvt.f32.f16; q8_0: d * q; q4_k: (d * sc) * q - dmin * m, unfused), products accumulate in f32
+// with FMA per lane in a fixed order, then a fixed xor-shuffle tree: deterministic, and within
+// the stated tolerance of the CPU twin (whose summation order differs).
+
+#define MV_MAX_ROWS 8
+#define QK8_0_VALUES 32
+#define Q8_0_BYTES 34
+#define QK_K_VALUES 256
+#define Q4_K_BYTES 144
+
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
+    float f;
+    asm("{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return ((unsigned long long)p & 15ull) == 0;
+}
+
+// Four consecutive floats, as one 16-byte load when `vec`.
+__device__ __forceinline__ float4 ld4(const float* __restrict__ p, bool vec) {
+    if (vec) return __ldg((const float4*)p);
+    return make_float4(__ldg(p), __ldg(p + 1), __ldg(p + 2), __ldg(p + 3));
+}
+
+template <int M>
+__device__ __forceinline__ void fma4(float (&acc)[M], const float* __restrict__ x, unsigned k,
+                                     size_t col, bool vec, float w0, float w1, float w2,
+                                     float w3) {
+#pragma unroll
+    for (int r = 0; r < M; r++) {
+        float4 a = ld4(x + (size_t)r * k + col, vec);
+        acc[r] = fmaf(a.x, w0, acc[r]);
+        acc[r] = fmaf(a.y, w1, acc[r]);
+        acc[r] = fmaf(a.z, w2, acc[r]);
+        acc[r] = fmaf(a.w, w3, acc[r]);
+    }
+}
+
+template <int M>
+__device__ __forceinline__ void store_rows(float (&acc)[M], float* __restrict__ out,
+                                           unsigned n, unsigned j, unsigned lane) {
+#pragma unroll
+    for (int r = 0; r < M; r++) {
+        float s = warp_sum(acc[r]);
+        if (lane == 0) out[(size_t)r * n + j] = s;
+    }
+}
+
+template <int M>
+__device__ __forceinline__ void mv_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                       float* __restrict__ out, unsigned n, unsigned k,
+                                       unsigned j, unsigned lane) {
+    float acc[M];
+#pragma unroll
+    for (int r = 0; r < M; r++) acc[r] = 0.0f;
+    const float* row = w + (size_t)j * k;
+    if (k % 4 == 0 && aligned16(w) && aligned16(x)) {
+#pragma unroll 1
+        for (unsigned i = lane; i < k / 4; i += 32) {
+            float4 v = __ldg((const float4*)row + i);
+            fma4<M>(acc, x, k, (size_t)i * 4, true, v.x, v.y, v.z, v.w);
+        }
+    } else {
+        for (unsigned i = lane; i < k; i += 32) {
+            float v = __ldg(row + i);
+#pragma unroll
+            for (int r = 0; r < M; r++) acc[r] = fmaf(__ldg(x + (size_t)r * k + i), v, acc[r]);
+        }
+    }
+    store_rows<M>(acc, out, n, j, lane);
+}
+
+// Eight 16-bit weights of one 16-byte load, widened: bf16 (`F16` false) or f16.
+template <bool F16>
+__device__ __forceinline__ float wide16(unsigned bits) {
+    if (F16) return f16_to_f32((unsigned short)bits);
+    return __uint_as_float(bits << 16);
+}
+
+template <int M, bool F16>
+__device__ __forceinline__ void mv_half(const float* __restrict__ x,
+                                        const unsigned short* __restrict__ w,
+                                        float* __restrict__ out, unsigned n, unsigned k,
+                                        unsigned j, unsigned lane) {
+    float acc[M];
+#pragma unroll
+    for (int r = 0; r < M; r++) acc[r] = 0.0f;
+    const unsigned short* row = w + (size_t)j * k;
+    if (k % 8 == 0 && aligned16(w) && aligned16(x)) {
+#pragma unroll 1
+        for (unsigned i = lane; i < k / 8; i += 32) {
+            uint4 v = __ldg((const uint4*)row + i);
+            size_t col = (size_t)i * 8;
+            fma4<M>(acc, x, k, col, true, wide16<F16>(v.x & 0xffffu), wide16<F16>(v.x >> 16),
+                    wide16<F16>(v.y & 0xffffu), wide16<F16>(v.y >> 16));
+            fma4<M>(acc, x, k, col + 4, true, wide16<F16>(v.z & 0xffffu),
+                    wide16<F16>(v.z >> 16), wide16<F16>(v.w & 0xffffu), wide16<F16>(v.w >> 16));
+        }
+    } else {
+        for (unsigned i = lane; i < k; i += 32) {
+            float v = wide16<F16>(__ldg(row + i));
+#pragma unroll
+            for (int r = 0; r < M; r++) acc[r] = fmaf(__ldg(x + (size_t)r * k + i), v, acc[r]);
+        }
+    }
+    store_rows<M>(acc, out, n, j, lane);
+}
+
+// q8_0: lanes 8g..8g+7 take block b = g, g + 4, ...; lane 8g + p takes quants 4p..4p+3.
+template <int M>
+__device__ __forceinline__ void mv_q8_0(const float* __restrict__ x,
+                                        const unsigned char* __restrict__ w,
+                                        float* __restrict__ out, unsigned n, unsigned k,
+                                        unsigned j, unsigned lane) {
+    float acc[M];
+#pragma unroll
+    for (int r = 0; r < M; r++) acc[r] = 0.0f;
+    unsigned nb = k / QK8_0_VALUES;
+    const unsigned char* row = w + (size_t)j * nb * Q8_0_BYTES;
+    unsigned g = lane >> 3, p = lane & 7;
+#pragma unroll 1
+    for (unsigned b = g; b < nb; b += 4) {
+        const unsigned char* blk = row + (size_t)b * Q8_0_BYTES;
+        float d = f16_to_f32(__ldg((const unsigned short*)blk));
+        const unsigned short* qp = (const unsigned short*)(blk + 2 + 4 * p);
+        unsigned short q01 = __ldg(qp), q23 = __ldg(qp + 1);
+        fma4<M>(acc, x, k, (size_t)b * QK8_0_VALUES + 4 * p, true,
+                __fmul_rn(d, (float)(signed char)(q01 & 0xff)),
+                __fmul_rn(d, (float)(signed char)(q01 >> 8)),
+                __fmul_rn(d, (float)(signed char)(q23 & 0xff)),
+                __fmul_rn(d, (float)(signed char)(q23 >> 8)));
+    }
+    store_rows<M>(acc, out, n, j, lane);
+}
+
+// GGML's get_scale_min_k4 (`BlockQ4K::scale_min`): the six-bit (scale, min) of sub-block s of
+// a q4_k block, from its 12 scale bytes held as three little-endian words.
+__device__ __forceinline__ void q4k_scale_min_w(unsigned s0, unsigned s1, unsigned s2,
+                                                unsigned s, unsigned* sc, unsigned* m) {
+    unsigned sh = 8 * (s & 3);
+    if (s < 4) {
+        *sc = (s0 >> sh) & 63;
+        *m = (s1 >> sh) & 63;
+    } else {
+        *sc = ((s2 >> sh) & 0x0F) | (((s0 >> sh) >> 6 & 3) << 4);
+        *m = ((s2 >> sh) >> 4 & 0x0F) | (((s1 >> sh) >> 6 & 3) << 4);
+    }
+}
+
+// q4_k: the warp takes one block at a time; lane 8c + p reads nibble bytes 32c + 4p..+3, that
+// is weights 64c + 4p..+3 (low nibbles, sub-block 2c) and 64c + 32 + 4p..+3 (high nibbles,
+// sub-block 2c + 1).
+template <int M>
+__device__ __forceinline__ void mv_q4_k(const float* __restrict__ x,
+                                        const unsigned char* __restrict__ w,
+                                        float* __restrict__ out, unsigned n, unsigned k,
+                                        unsigned j, unsigned lane) {
+    float acc[M];
+#pragma unroll
+    for (int r = 0; r < M; r++) acc[r] = 0.0f;
+    unsigned nb = k / QK_K_VALUES;
+    const unsigned char* row = w + (size_t)j * nb * Q4_K_BYTES;
+    unsigned c = lane >> 3, p = lane & 7;
+#pragma unroll 1
+    for (unsigned b = 0; b < nb; b++) {
+        const unsigned char* blk = row + (size_t)b * Q4_K_BYTES;
+        unsigned dd = __ldg((const unsigned*)blk);
+        float d = f16_to_f32((unsigned short)(dd & 0xffffu));
+        float dmin = f16_to_f32((unsigned short)(dd >> 16));
+        // The 12 scale bytes as three words: s0 = scales[0..4], s1 = [4..8], s2 = [8..12].
+        unsigned s0 = __ldg((const unsigned*)(blk + 4)), s1 = __ldg((const unsigned*)(blk + 8)),
+                 s2 = __ldg((const unsigned*)(blk + 12));
+        unsigned sc1, m1, sc2, m2;
+        q4k_scale_min_w(s0, s1, s2, 2 * c, &sc1, &m1);
+        q4k_scale_min_w(s0, s1, s2, 2 * c + 1, &sc2, &m2);
+        float d1 = __fmul_rn(d, (float)sc1), mn1 = __fmul_rn(dmin, (float)m1);
+        float d2 = __fmul_rn(d, (float)sc2), mn2 = __fmul_rn(dmin, (float)m2);
+        unsigned qv = __ldg((const unsigned*)(blk + 16 + 32 * c + 4 * p));
+        size_t col = (size_t)b * QK_K_VALUES + 64 * c + 4 * p;
+        fma4<M>(acc, x, k, col, true,
+                __fsub_rn(__fmul_rn(d1, (float)(qv & 15)), mn1),
+                __fsub_rn(__fmul_rn(d1, (float)((qv >> 8) & 15)), mn1),
+                __fsub_rn(__fmul_rn(d1, (float)((qv >> 16) & 15)), mn1),
+                __fsub_rn(__fmul_rn(d1, (float)((qv >> 24) & 15)), mn1));
+        fma4<M>(acc, x, k, col + 32, true,
+                __fsub_rn(__fmul_rn(d2, (float)((qv >> 4) & 15)), mn2),
+                __fsub_rn(__fmul_rn(d2, (float)((qv >> 12) & 15)), mn2),
+                __fsub_rn(__fmul_rn(d2, (float)((qv >> 20) & 15)), mn2),
+                __fsub_rn(__fmul_rn(d2, (float)(qv >> 28)), mn2));
+    }
+    store_rows<M>(acc, out, n, j, lane);
+}
+
+template <int M>
+__device__ __forceinline__ void mv_bf16(const float* __restrict__ x,
+                                        const unsigned short* __restrict__ w,
+                                        float* __restrict__ out, unsigned n, unsigned k,
+                                        unsigned j, unsigned lane) {
+    mv_half<M, false>(x, w, out, n, k, j, lane);
+}
+
+template <int M>
+__device__ __forceinline__ void mv_f16(const float* __restrict__ x,
+                                       const unsigned short* __restrict__ w,
+                                       float* __restrict__ out, unsigned n, unsigned k,
+                                       unsigned j, unsigned lane) {
+    mv_half<M, true>(x, w, out, n, k, j, lane);
+}
+
+enum Format { F32, BF16, F16, Q8_0, Q4_K };
+
+template <Format F, int M>
+__device__ __forceinline__ void mv_body(const float* __restrict__ x, const void* __restrict__ w,
+                                        float* __restrict__ out, unsigned n, unsigned k,
+                                        unsigned j, unsigned lane) {
+    if constexpr (F == F32) mv_f32<M>(x, (const float*)w, out, n, k, j, lane);
+    if constexpr (F == BF16) mv_bf16<M>(x, (const unsigned short*)w, out, n, k, j, lane);
+    if constexpr (F == F16) mv_f16<M>(x, (const unsigned short*)w, out, n, k, j, lane);
+    if constexpr (F == Q8_0) mv_q8_0<M>(x, (const unsigned char*)w, out, n, k, j, lane);
+    if constexpr (F == Q4_K) mv_q4_k<M>(x, (const unsigned char*)w, out, n, k, j, lane);
+}
+
+// The body of every entry point: warp -> output column j, then groups of up to 8 activation
+// rows, each run by the body compiled for exactly that many rows.
+template <Format F>
+__device__ __forceinline__ void mv_entry(const float* __restrict__ x,
+                                         const void* __restrict__ w, float* __restrict__ out,
+                                         unsigned m, unsigned n, unsigned k) {
+    unsigned lane = threadIdx.x & 31;
+    unsigned j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (j >= n) return;
+    for (unsigned r0 = 0; r0 < m; r0 += MV_MAX_ROWS) {
+        const float* xr = x + (size_t)r0 * k;
+        float* o = out + (size_t)r0 * n;
+        unsigned rows = m - r0 < MV_MAX_ROWS ? m - r0 : MV_MAX_ROWS;
+        switch (rows) {
+        case 1: mv_body<F, 1>(xr, w, o, n, k, j, lane); break;
+        case 2: mv_body<F, 2>(xr, w, o, n, k, j, lane); break;
+        case 3: mv_body<F, 3>(xr, w, o, n, k, j, lane); break;
+        case 4: mv_body<F, 4>(xr, w, o, n, k, j, lane); break;
+        case 5: mv_body<F, 5>(xr, w, o, n, k, j, lane); break;
+        case 6: mv_body<F, 6>(xr, w, o, n, k, j, lane); break;
+        case 7: mv_body<F, 7>(xr, w, o, n, k, j, lane); break;
+        default: mv_body<F, 8>(xr, w, o, n, k, j, lane); break;
+        }
+    }
+}
+
+// Twin: `moe_kernels::matmul` on `Weights::F32` (reference: `moe_kernels::scalar::matmul`).
+extern "C" __global__ void __launch_bounds__(256)
+matvec_f32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ out,
+           unsigned m, unsigned n, unsigned k) {
+    mv_entry<F32>(x, w, out, m, n, k);
+}
+
+// Twin: `moe_kernels::matmul` on `Weights::Bf16` (reference: `moe_kernels::scalar::matmul`).
+extern "C" __global__ void __launch_bounds__(256)
+matvec_bf16(const float* __restrict__ x, const unsigned short* __restrict__ w,
+            float* __restrict__ out, unsigned m, unsigned n, unsigned k) {
+    mv_entry<BF16>(x, w, out, m, n, k);
+}
+
+// Twin: `moe_kernels::matmul` on `Weights::F16` (reference: `moe_kernels::scalar::matmul`).
+extern "C" __global__ void __launch_bounds__(256)
+matvec_f16(const float* __restrict__ x, const unsigned short* __restrict__ w,
+           float* __restrict__ out, unsigned m, unsigned n, unsigned k) {
+    mv_entry<F16>(x, w, out, m, n, k);
+}
+
+// Twin: `moe_kernels::matmul` on `Weights::Q8_0` (dequantize_row_q8_0, then the f32 kernel).
+extern "C" __global__ void __launch_bounds__(256)
+matvec_q8_0(const float* __restrict__ x, const unsigned char* __restrict__ w,
+            float* __restrict__ out, unsigned m, unsigned n, unsigned k) {
+    mv_entry<Q8_0>(x, w, out, m, n, k);
+}
+
+// Twin: `moe_kernels::matmul` on `Weights::Q4K` (dequantize_row_q4_k, then the f32 kernel).
+extern "C" __global__ void __launch_bounds__(256)
+matvec_q4_k(const float* __restrict__ x, const unsigned char* __restrict__ w,
+            float* __restrict__ out, unsigned m, unsigned n, unsigned k) {
+    mv_entry<Q4_K>(x, w, out, m, n, k);
+}
