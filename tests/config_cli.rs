@@ -211,6 +211,42 @@ fn run_with_config_file_reports_experts_rss_and_device() {
     );
 }
 
+/// The shipped GPU configurations plan for their cards on a machine without a GPU (their
+/// `vram_budget` says what card), as their comments say: Qwen3-30B-A3B from its config.json.
+#[test]
+fn gpu_configs_plan_for_their_cards_as_their_comments_say() {
+    let model = "tests/fixtures/qwen3_30b_a3b/config.json";
+    for (toml, slots, vram) in [
+        ("configs/gpu-8gb-ram-64gb.toml", 8, 7u64 << 30),
+        ("configs/gpu-24gb.toml", 37, 22 << 30),
+    ] {
+        let v = json_of(&moe(&[
+            "plan", "--config", toml, "--model", model, "--json",
+        ]));
+        let p = &v["plan"];
+        assert_eq!(p["device"], "cuda", "{toml}: {p}");
+        assert_eq!(p["slots_per_layer"], slots, "{toml}: {p}");
+        assert_eq!(p["vram_budget_bytes"], vram, "{toml}: {p}");
+        assert!(
+            p["vram_used_bytes"].as_u64().unwrap() <= vram,
+            "{toml}: {p}"
+        );
+        assert_eq!(
+            p["warnings"].as_array().map(Vec::len),
+            Some(0),
+            "{toml}: {p}"
+        );
+        // The link rate the estimates assume is shown (the `[sim]` default until measured).
+        assert_eq!(p["link_bytes_per_s"].as_f64(), Some(25e9), "{toml}: {p}");
+        let text =
+            String::from_utf8(moe(&["plan", "--config", toml, "--model", model]).stdout).unwrap();
+        assert!(text.contains("link: 25.0 GB/s host to device"), "{text}");
+    }
+    // Without vram_budget and without a GPU there is no card to plan for: say what to set.
+    let out = moe(&["plan", "--model", model, "--device", "cuda"]);
+    assert_clean_error(&out, &["cuda"]);
+}
+
 /// `device = "auto"` takes the GPU only when the CUDA backend opens; otherwise it computes on
 /// the CPU, reports `cpu`, and gives the CPU's tokens.
 #[test]

@@ -271,12 +271,24 @@ fn the_real_80b_model_plans_from_its_config_alone() {
     );
 
     // Every shipped configuration fits as its comments say.
+    // The GPU ones plan for their card (`vram_budget`) on a machine without one, and as `sim`.
     for (toml, device, from_files) in [
+        (
+            "configs/qwen3-next-80b-gpu-8gb-ram-64gb.toml",
+            "cuda",
+            false,
+        ),
         ("configs/qwen3-next-80b-gpu-8gb-ram-64gb.toml", "sim", false),
+        (
+            "configs/qwen3-next-80b-gpu-24gb-ram-32gb.toml",
+            "cuda",
+            true,
+        ),
         ("configs/qwen3-next-80b-gpu-24gb-ram-32gb.toml", "sim", true),
         ("configs/qwen3-next-80b-cpu-64gb.toml", "cpu", false),
     ] {
         let j = plan_json(&["--config", toml, "--model", cfg, "--device", device]);
+        assert_eq!(j["plan"]["device"], device, "{toml}");
         let p = &j["plan"];
         assert_eq!(
             p["warnings"].as_array().map(Vec::len),
@@ -286,8 +298,9 @@ fn the_real_80b_model_plans_from_its_config_alone() {
         let file_experts = p["file_experts"].as_u64().unwrap();
         assert_eq!(file_experts > 0, from_files, "{toml}: {p}");
         assert!(p["ram_used_bytes"].as_u64() <= p["ram_budget_bytes"].as_u64());
-        if device == "sim" {
+        if device != "cpu" {
             assert!(p["slots_per_layer"].as_u64().unwrap() >= 40, "{toml}: {p}");
+            assert!(p["vram_used_bytes"].as_u64() <= p["vram_budget_bytes"].as_u64());
         }
     }
 }

@@ -26,9 +26,10 @@ pub const AUTO_BUDGET_MARGIN_BYTES: u64 = 1 << 30;
 /// Left free on a GPU when `vram_budget` is not set: the CUDA context, library workspaces and
 /// allocator slack (the CUDA context alone is ~0.5 GiB on current drivers).
 pub const VRAM_MARGIN_BYTES: u64 = 1 << 30;
-/// Device memory a CUDA step needs besides weights, caches and slots: activations of a prefill
-/// chunk, attention scores and the cuBLAS workspace (a bound until measured on a GPU).
-pub const DEVICE_SCRATCH_BYTES: u64 = 512 << 20;
+/// Device memory a CUDA step needs besides weights, caches and slots: a prefill chunk's
+/// activations (512 x hidden x 4 B: a few MiB), its attention scores (32 heads x 512 x 512 x 4 B
+/// = 32 MiB) and the cuBLAS workspace (32 MiB), rounded up (a bound until measured on a GPU).
+pub const DEVICE_SCRATCH_BYTES: u64 = 256 << 20;
 
 pub use crate::backend::DeviceKind as Device;
 
@@ -200,6 +201,9 @@ pub struct Plan {
     /// Device-side budget and use (GPU / sim).
     pub vram_budget_bytes: Option<u64>,
     pub vram_used_bytes: u64,
+    /// Host-to-device copy rate the estimates assume, bytes/s (device plans only; the
+    /// `[sim] link_gb_per_s` setting until a GPU's copies are measured).
+    pub link_bytes_per_s: Option<f64>,
     pub ram_budget_bytes: u64,
     /// Whether the RAM budget came from the machine (no `ram_budget` key).
     pub ram_budget_auto: bool,
@@ -289,6 +293,13 @@ impl Plan {
                 gib(v),
                 self.slots_per_layer,
                 self.device_experts
+            );
+        }
+        if let Some(link) = self.link_bytes_per_s {
+            let _ = writeln!(
+                out,
+                "link: {:.1} GB/s host to device assumed ([sim] link_gb_per_s)",
+                link / 1e9
             );
         }
         let _ = writeln!(
@@ -521,7 +532,8 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
                 .into(),
         });
     }
-    if req.device == Device::Sim && slots < sizes.top_k && total_experts > 0 {
+    if matches!(req.device, Device::Sim | Device::Cuda) && slots < sizes.top_k && total_experts > 0
+    {
         warnings.push(format!(
             "{slots} device slots per layer is fewer than top_k = {}: experts run in waves or where they lie",
             sizes.top_k
@@ -588,6 +600,7 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
         kv_bytes,
         vram_budget_bytes: vram_budget,
         vram_used_bytes: vram_used,
+        link_bytes_per_s: vram_budget.map(|_| req.link_bytes_per_s),
         ram_budget_bytes: ram_budget,
         ram_budget_auto: ram_auto,
         ram_used_bytes: ram_used,
