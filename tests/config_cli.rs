@@ -149,17 +149,12 @@ fn u64s(v: &serde_json::Value) -> Vec<u64> {
         .collect()
 }
 
-#[test]
-fn run_with_config_file_reports_experts_rss_and_device() {
-    let ws = Workspace::with_fixture("qwen3_moe");
-    let cfg = ws.config(
-        "run.toml",
-        "model = \"./model\"\ndevice = \"cpu\"\nthreads = 1\nmax_context = 64\n",
-    );
-    let v = json_of(&moe(&[
+/// `run --config CFG` on prompt 1,2,3,4, four greedy tokens past EOS, as JSON.
+fn run_four_greedy(cfg: &str) -> serde_json::Value {
+    json_of(&moe(&[
         "run",
         "--config",
-        &cfg,
+        cfg,
         "--prompt-ids",
         "1,2,3,4",
         "--max-tokens",
@@ -168,7 +163,17 @@ fn run_with_config_file_reports_experts_rss_and_device() {
         "0",
         "--ignore-eos",
         "--json",
-    ]));
+    ]))
+}
+
+#[test]
+fn run_with_config_file_reports_experts_rss_and_device() {
+    let ws = Workspace::with_fixture("qwen3_moe");
+    let cfg = ws.config(
+        "run.toml",
+        "model = \"./model\"\ndevice = \"cpu\"\nthreads = 1\nmax_context = 64\n",
+    );
+    let v = run_four_greedy(&cfg);
     assert_eq!(v["arch"], "qwen3_moe");
     assert_eq!(v["device"], "cpu");
     assert_eq!(v["threads"], 1, "threads from the file");
@@ -257,19 +262,7 @@ fn auto_device_falls_back_to_the_cpu_with_the_same_tokens() {
             &format!("{device}.toml"),
             &format!("model = \"./model\"\ndevice = \"{device}\"\nmax_context = 64\n"),
         );
-        json_of(&moe(&[
-            "run",
-            "--config",
-            &cfg,
-            "--prompt-ids",
-            "1,2,3,4",
-            "--max-tokens",
-            "4",
-            "--temperature",
-            "0",
-            "--ignore-eos",
-            "--json",
-        ]))
+        run_four_greedy(&cfg)
     };
     let (auto, cpu) = (run("auto"), run("cpu"));
     assert_eq!(auto["device"], "cpu", "{auto}");
