@@ -18,6 +18,7 @@
 //! moves it onto a device once, at load.
 
 pub mod cpu;
+mod cubin;
 mod cuda;
 #[cfg(test)]
 mod traced;
@@ -33,6 +34,7 @@ use crate::error::Result;
 use crate::weights::TensorRef;
 
 pub use cpu::Cpu;
+pub use cubin::{Cubin, CubinCache};
 pub use cuda::{probe, Cuda, CudaDevice};
 
 /// The host form of a model: what architecture files build and the quantizer and the cache
