@@ -1,20 +1,29 @@
-// Dequantization of GGML q8_0 and q4_k blocks to f32 (block layouts of kernels/src/quant.rs:
-// BlockQ8_0 is a little-endian f16 `d` then 32 i8 quants, 34 bytes; BlockQ4K is f16 `d`, f16
-// `dmin`, 12 bytes of packed 6-bit scales / mins, then 128 bytes of nibbles, 144 bytes).
+// Dequantization of GGML q8_0 and q4_k blocks and of the pre-quantized FP8 / NF4 / FP4 blocks
+// to f32 (block layouts of kernels/src/quant.rs: BlockQ8_0 is a little-endian f16 `d` then 32
+// i8 quants, 34 bytes; BlockQ4K is f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit scales / mins,
+// then 128 bytes of nibbles, 144 bytes; and of kernels/src/prequant.rs: BlockF8 is an f32 `d`
+// then 128 E4M3 codes, 132 bytes; BlockNf4 / BlockFp4 are an f32 `d` then 32 bytes of 4-bit
+// codes, high nibble first, 36 bytes).
 //
 // Header-free CUDA C compiled by NVRTC (kernels/src/cuda.rs lists the entry points and options).
 // Launch: block = 256 threads, grid = ceil(n_blocks * values_per_block / 256) (grid-stride
 // loops, so fewer blocks also work); one thread per output value. Rows of a [n, k] matrix are
 // consecutive blocks, so dequantizing rows a..b is n_blocks = (b - a) * k / block_size from
 // the block of row a. Requirements the host checks: `w` 2-byte aligned (q8_0) or 4-byte aligned
-// (q4_k).
+// (q4_k, FP8, NF4, FP4).
 // Bit-exact with `moe_kernels::row_to_f32` (dequantize_row_q8_0 / dequantize_row_q4_k): the same
-// products in the same order, each rounded once (`d * q`; `(d * sc) * q - dmin * m`, unfused).
+// products in the same order, each rounded once (`d * q`; `(d * sc) * q - dmin * m`, unfused;
+// `d * TABLE[code]` for FP8 / NF4 / FP4, with a NaN code giving the table's NaN bits, as the
+// CPU's multiply does for a finite `d`; the GPU's multiply would give its canonical NaN).
 
 #define QK8_0 32
 #define Q8_0_BYTES 34
 #define QK_K 256
 #define Q4_K_BYTES 144
+#define QK_F8 128
+#define F8_BYTES 132
+#define QK_B4 64
+#define B4_BYTES 36
 
 __device__ __forceinline__ float f16_to_f32(unsigned short h) {
     float f;
@@ -66,4 +75,78 @@ dequant_q4_k(const unsigned char* __restrict__ w, unsigned long long n_blocks,
         unsigned qv = hi ? byte >> 4 : byte & 15;
         out[i] = __fsub_rn(__fmul_rn(d1, (float)qv), m1);
     }
+}
+
+// The f32 bits of every E4M3 code (`moe_kernels::prequant::E4M3_TO_F32`), computed from
+// v = code & 0x7F as that table's documentation states: for v >= 8, (v << 20) + (120 << 23)
+// (exponent rebiased from 7 to 127); for v < 8, v * 2^-9 (exact); for v == 0x7F, 0x7FC00000;
+// then the sign bit (code & 0x80) << 24.
+__device__ __forceinline__ float e4m3_to_f32(unsigned code) {
+    unsigned v = code & 0x7Fu;
+    unsigned bits = v >= 8 ? (v << 20) + (120u << 23) : __float_as_uint((float)v * 0.001953125f);
+    bits = v == 0x7Fu ? 0x7FC00000u : bits;
+    return __uint_as_float(bits | ((code & 0x80u) << 24));
+}
+
+// `moe_kernels::prequant::NF4_TABLE` and `FP4_TABLE` as f32 bits (bitsandbytes 0.50's code
+// values; kernels/src/cuda.rs tests that these lines equal the Rust tables bit for bit).
+__constant__ unsigned NF4_BITS[16] = {
+    0xbf800000u, 0xbf3239b1u, 0xbf066b30u, 0xbeca32a0u, 0xbe91a24du, 0xbe3d353fu, 0xbdba7871u, 0x00000000u,
+    0x3da2faffu, 0x3e24cae3u, 0x3e7c04ddu, 0x3ead033au, 0x3ee1a4b8u, 0x3f1007abu, 0x3f3913b3u, 0x3f800000u};
+__constant__ unsigned FP4_BITS[16] = {
+    0x00000000u, 0x3baaaaabu, 0x3f2aaaabu, 0x3f800000u, 0x3eaaaaabu, 0x3f000000u, 0x3e2aaaabu, 0x3e800000u,
+    0x00000000u, 0xbbaaaaabu, 0xbf2aaaabu, 0xbf800000u, 0xbeaaaaabu, 0xbf000000u, 0xbe2aaaabu, 0xbe800000u};
+
+// d * t, rounded once; a NaN t (an FP8 NaN code) passes through with its own bits, as the CPU's
+// multiply returns its NaN operand for a finite d.
+__device__ __forceinline__ float scale_code(float d, float t) {
+    return t != t ? t : __fmul_rn(d, t);
+}
+
+// Twin: `moe_kernels::prequant::dequantize_row_f8` (`row_to_f32` on `Weights::F8`):
+// out[128b + i] = d_b * E4M3_TO_F32[qs_b[i]].
+extern "C" __global__ void __launch_bounds__(256)
+dequant_f8(const unsigned char* __restrict__ w, unsigned long long n_blocks,
+           float* __restrict__ out) {
+    unsigned long long n = n_blocks * QK_F8;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        const unsigned char* blk = w + (i / QK_F8) * F8_BYTES;
+        float d = __ldg((const float*)blk);
+        out[i] = scale_code(d, e4m3_to_f32(__ldg(blk + 4 + i % QK_F8)));
+    }
+}
+
+// The 4-bit body: value 2j of a block is d * table[qs[j] >> 4], value 2j + 1 is
+// d * table[qs[j] & 15]. The table is copied to shared memory first (16 banks: the lanes'
+// lookups never conflict, where constant memory would serialize distinct addresses).
+__device__ __forceinline__ void dequant_b4(const unsigned char* __restrict__ w,
+                                           unsigned long long n_blocks, float* __restrict__ out,
+                                           const unsigned* bits) {
+    __shared__ float table[16];
+    if (threadIdx.x < 16) table[threadIdx.x] = __uint_as_float(bits[threadIdx.x]);
+    __syncthreads();
+    unsigned long long n = n_blocks * QK_B4;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        const unsigned char* blk = w + (i / QK_B4) * B4_BYTES;
+        unsigned v = (unsigned)(i % QK_B4);
+        unsigned byte = __ldg(blk + 4 + v / 2);
+        unsigned code = (v & 1) ? byte & 15 : byte >> 4;
+        out[i] = scale_code(__ldg((const float*)blk), table[code]);
+    }
+}
+
+// Twin: `moe_kernels::prequant::dequantize_row_nf4` (`row_to_f32` on `Weights::Nf4`).
+extern "C" __global__ void __launch_bounds__(256)
+dequant_nf4(const unsigned char* __restrict__ w, unsigned long long n_blocks,
+            float* __restrict__ out) {
+    dequant_b4(w, n_blocks, out, NF4_BITS);
+}
+
+// Twin: `moe_kernels::prequant::dequantize_row_fp4` (`row_to_f32` on `Weights::Fp4`).
+extern "C" __global__ void __launch_bounds__(256)
+dequant_fp4(const unsigned char* __restrict__ w, unsigned long long n_blocks,
+            float* __restrict__ out) {
+    dequant_b4(w, n_blocks, out, FP4_BITS);
 }

@@ -1,19 +1,23 @@
 // Decode matvec: out[m, n] = x[m, k] · W[n, k]ᵀ for few activation rows, W in f32, bf16, f16,
-// GGML q8_0 or GGML q4_k (block layouts of kernels/src/quant.rs: BlockQ8_0 is a little-endian
-// f16 `d` then 32 i8 quants, 34 bytes; BlockQ4K is f16 `d`, f16 `dmin`, 12 bytes of packed
-// 6-bit scales / mins, then 128 bytes of nibbles, 144 bytes).
+// GGML q8_0, GGML q4_k, FP8 E4M3, NF4 or FP4 (block layouts of kernels/src/quant.rs: BlockQ8_0
+// is a little-endian f16 `d` then 32 i8 quants, 34 bytes; BlockQ4K is f16 `d`, f16 `dmin`, 12
+// bytes of packed 6-bit scales / mins, then 128 bytes of nibbles, 144 bytes; and of
+// kernels/src/prequant.rs: BlockF8 is an f32 `d` then 128 E4M3 codes, 132 bytes; BlockNf4 /
+// BlockFp4 are an f32 `d` then 32 bytes of 4-bit codes, high nibble first, 36 bytes).
 //
 // Header-free CUDA C compiled by NVRTC (kernels/src/cuda.rs lists the entry points and options).
 // Launch: block = 256 threads (8 warps), grid = ceil(n / 8). Warp w of block b computes output
 // column j = 8b + w for every activation row, so each weight row is read once for up to 8
 // activation rows (rows beyond 8 run in further groups of 8, re-reading the weights).
-// Requirements the host checks: k a multiple of the block size (32 for q8_0, 256 for q4_k); for
-// q8_0 and q4_k, x 16-byte aligned (device allocations are 256-byte aligned; x is read as
-// float4, scalar fallbacks there would cost registers past the budget) and W 2-byte (q8_0) or
-// 4-byte (q4_k) aligned. f32 / bf16 / f16 use 16-byte loads when x and W are 16-byte aligned
-// and k a multiple of 4 (f32) or 8 (bf16, f16), scalar loads otherwise.
+// Requirements the host checks: k a multiple of the block size (32 for q8_0, 256 for q4_k, 128
+// for FP8, 64 for NF4 / FP4); for the block formats, x 16-byte aligned (device allocations are
+// 256-byte aligned; x is read as float4, scalar fallbacks there would cost registers past the
+// budget) and W 2-byte (q8_0) or 4-byte (q4_k, FP8, NF4, FP4) aligned. f32 / bf16 / f16 use
+// 16-byte loads when x and W are 16-byte aligned and k a multiple of 4 (f32) or 8 (bf16, f16),
+// scalar loads otherwise.
 // Arithmetic: weights are widened exactly as the CPU twins do (bf16: bits << 16; f16:
-// cvt.f32.f16; q8_0: d * q; q4_k: (d * sc) * q - dmin * m, unfused), products accumulate in f32
+// cvt.f32.f16; q8_0: d * q; q4_k: (d * sc) * q - dmin * m, unfused; FP8 / NF4 / FP4:
+// d * TABLE[code] through the tables of kernels/src/prequant.rs), products accumulate in f32
 // with FMA per lane in a fixed order, then a fixed xor-shuffle tree: deterministic, and within
 // the stated tolerance of the CPU twin (whose summation order differs).
 
@@ -22,6 +26,10 @@
 #define Q8_0_BYTES 34
 #define QK_K_VALUES 256
 #define Q4_K_BYTES 144
+#define QK_F8_VALUES 128
+#define F8_BYTES 132
+#define QK_B4_VALUES 64
+#define B4_BYTES 36
 
 __device__ __forceinline__ float f16_to_f32(unsigned short h) {
     float f;
@@ -230,17 +238,88 @@ __device__ __forceinline__ void mv_f16(const float* __restrict__ x,
     mv_half<M, true>(x, w, out, n, k, j, lane);
 }
 
-enum Format { F32, BF16, F16, Q8_0, Q4_K };
+// The f32 value of an E4M3 code (`moe_kernels::prequant::E4M3_TO_F32`, computed as that
+// table's documentation states; the same function as in dequant.cu).
+__device__ __forceinline__ float e4m3_to_f32(unsigned code) {
+    unsigned v = code & 0x7Fu;
+    unsigned bits = v >= 8 ? (v << 20) + (120u << 23) : __float_as_uint((float)v * 0.001953125f);
+    bits = v == 0x7Fu ? 0x7FC00000u : bits;
+    return __uint_as_float(bits | ((code & 0x80u) << 24));
+}
+
+// `moe_kernels::prequant::NF4_TABLE` and `FP4_TABLE` as f32 bits (kernels/src/cuda.rs tests that
+// these lines equal the Rust tables bit for bit).
+__constant__ unsigned NF4_BITS[16] = {
+    0xbf800000u, 0xbf3239b1u, 0xbf066b30u, 0xbeca32a0u, 0xbe91a24du, 0xbe3d353fu, 0xbdba7871u, 0x00000000u,
+    0x3da2faffu, 0x3e24cae3u, 0x3e7c04ddu, 0x3ead033au, 0x3ee1a4b8u, 0x3f1007abu, 0x3f3913b3u, 0x3f800000u};
+__constant__ unsigned FP4_BITS[16] = {
+    0x00000000u, 0x3baaaaabu, 0x3f2aaaabu, 0x3f800000u, 0x3eaaaaabu, 0x3f000000u, 0x3e2aaaabu, 0x3e800000u,
+    0x00000000u, 0xbbaaaaabu, 0xbf2aaaabu, 0xbf800000u, 0xbeaaaaabu, 0xbf000000u, 0xbe2aaaabu, 0xbe800000u};
+
+// FP8: the warp takes one block at a time; lane p reads codes 4p..4p+3 (one 4-byte load).
+template <int M>
+__device__ __forceinline__ void mv_f8(const float* __restrict__ x,
+                                      const unsigned char* __restrict__ w,
+                                      float* __restrict__ out, unsigned n, unsigned k, unsigned j,
+                                      unsigned lane) {
+    float acc[M];
+#pragma unroll
+    for (int r = 0; r < M; r++) acc[r] = 0.0f;
+    unsigned nb = k / QK_F8_VALUES;
+    const unsigned char* row = w + (size_t)j * nb * F8_BYTES;
+#pragma unroll 1
+    for (unsigned b = 0; b < nb; b++) {
+        const unsigned char* blk = row + (size_t)b * F8_BYTES;
+        float d = __ldg((const float*)blk);
+        unsigned q = __ldg((const unsigned*)(blk + 4 + 4 * lane));
+        fma4<M>(acc, x, k, (size_t)b * QK_F8_VALUES + 4 * lane, true,
+                __fmul_rn(d, e4m3_to_f32(q & 0xff)), __fmul_rn(d, e4m3_to_f32((q >> 8) & 0xff)),
+                __fmul_rn(d, e4m3_to_f32((q >> 16) & 0xff)), __fmul_rn(d, e4m3_to_f32(q >> 24)));
+    }
+    store_rows<M>(acc, out, n, j, lane);
+}
+
+// NF4 / FP4: lanes 16g..16g+15 take block b = g, g + 2, ...; lane 16g + p reads code bytes 2p,
+// 2p + 1 (one 2-byte load), that is weights 4p..4p+3 (high nibble first). `table` is the code
+// table in shared memory: the 16 entries sit in 16 banks, so the lanes' lookups never conflict
+// (constant memory would serialize a warp's distinct addresses).
+template <int M>
+__device__ __forceinline__ void mv_b4(const float* __restrict__ x,
+                                      const unsigned char* __restrict__ w,
+                                      float* __restrict__ out, unsigned n, unsigned k, unsigned j,
+                                      unsigned lane, const float* table) {
+    float acc[M];
+#pragma unroll
+    for (int r = 0; r < M; r++) acc[r] = 0.0f;
+    unsigned nb = k / QK_B4_VALUES;
+    const unsigned char* row = w + (size_t)j * nb * B4_BYTES;
+    unsigned g = lane >> 4, p = lane & 15;
+#pragma unroll 1
+    for (unsigned b = g; b < nb; b += 2) {
+        const unsigned char* blk = row + (size_t)b * B4_BYTES;
+        float d = __ldg((const float*)blk);
+        unsigned q = __ldg((const unsigned short*)(blk + 4 + 2 * p));
+        fma4<M>(acc, x, k, (size_t)b * QK_B4_VALUES + 4 * p, true,
+                __fmul_rn(d, table[(q >> 4) & 15]), __fmul_rn(d, table[q & 15]),
+                __fmul_rn(d, table[(q >> 12) & 15]), __fmul_rn(d, table[(q >> 8) & 15]));
+    }
+    store_rows<M>(acc, out, n, j, lane);
+}
+
+enum Format { F32, BF16, F16, Q8_0, Q4_K, F8, NF4, FP4 };
 
 template <Format F, int M>
 __device__ __forceinline__ void mv_body(const float* __restrict__ x, const void* __restrict__ w,
                                         float* __restrict__ out, unsigned n, unsigned k,
-                                        unsigned j, unsigned lane) {
+                                        unsigned j, unsigned lane, const float* table) {
     if constexpr (F == F32) mv_f32<M>(x, (const float*)w, out, n, k, j, lane);
     if constexpr (F == BF16) mv_bf16<M>(x, (const unsigned short*)w, out, n, k, j, lane);
     if constexpr (F == F16) mv_f16<M>(x, (const unsigned short*)w, out, n, k, j, lane);
     if constexpr (F == Q8_0) mv_q8_0<M>(x, (const unsigned char*)w, out, n, k, j, lane);
     if constexpr (F == Q4_K) mv_q4_k<M>(x, (const unsigned char*)w, out, n, k, j, lane);
+    if constexpr (F == F8) mv_f8<M>(x, (const unsigned char*)w, out, n, k, j, lane);
+    if constexpr (F == NF4) mv_b4<M>(x, (const unsigned char*)w, out, n, k, j, lane, table);
+    if constexpr (F == FP4) mv_b4<M>(x, (const unsigned char*)w, out, n, k, j, lane, table);
 }
 
 // The body of every entry point: warp -> output column j, then groups of up to 8 activation
@@ -248,7 +327,8 @@ __device__ __forceinline__ void mv_body(const float* __restrict__ x, const void*
 template <Format F>
 __device__ __forceinline__ void mv_entry(const float* __restrict__ x,
                                          const void* __restrict__ w, float* __restrict__ out,
-                                         unsigned m, unsigned n, unsigned k) {
+                                         unsigned m, unsigned n, unsigned k,
+                                         const float* table = nullptr) {
     unsigned lane = threadIdx.x & 31;
     unsigned j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (j >= n) return;
@@ -257,14 +337,14 @@ __device__ __forceinline__ void mv_entry(const float* __restrict__ x,
         float* o = out + (size_t)r0 * n;
         unsigned rows = m - r0 < MV_MAX_ROWS ? m - r0 : MV_MAX_ROWS;
         switch (rows) {
-        case 1: mv_body<F, 1>(xr, w, o, n, k, j, lane); break;
-        case 2: mv_body<F, 2>(xr, w, o, n, k, j, lane); break;
-        case 3: mv_body<F, 3>(xr, w, o, n, k, j, lane); break;
-        case 4: mv_body<F, 4>(xr, w, o, n, k, j, lane); break;
-        case 5: mv_body<F, 5>(xr, w, o, n, k, j, lane); break;
-        case 6: mv_body<F, 6>(xr, w, o, n, k, j, lane); break;
-        case 7: mv_body<F, 7>(xr, w, o, n, k, j, lane); break;
-        default: mv_body<F, 8>(xr, w, o, n, k, j, lane); break;
+        case 1: mv_body<F, 1>(xr, w, o, n, k, j, lane, table); break;
+        case 2: mv_body<F, 2>(xr, w, o, n, k, j, lane, table); break;
+        case 3: mv_body<F, 3>(xr, w, o, n, k, j, lane, table); break;
+        case 4: mv_body<F, 4>(xr, w, o, n, k, j, lane, table); break;
+        case 5: mv_body<F, 5>(xr, w, o, n, k, j, lane, table); break;
+        case 6: mv_body<F, 6>(xr, w, o, n, k, j, lane, table); break;
+        case 7: mv_body<F, 7>(xr, w, o, n, k, j, lane, table); break;
+        default: mv_body<F, 8>(xr, w, o, n, k, j, lane, table); break;
         }
     }
 }
@@ -302,4 +382,31 @@ extern "C" __global__ void __launch_bounds__(256)
 matvec_q4_k(const float* __restrict__ x, const unsigned char* __restrict__ w,
             float* __restrict__ out, unsigned m, unsigned n, unsigned k) {
     mv_entry<Q4_K>(x, w, out, m, n, k);
+}
+
+// Twin: `moe_kernels::matmul` on `Weights::F8` (dequantize_row_f8, then the f32 kernel).
+extern "C" __global__ void __launch_bounds__(256)
+matvec_f8(const float* __restrict__ x, const unsigned char* __restrict__ w,
+          float* __restrict__ out, unsigned m, unsigned n, unsigned k) {
+    mv_entry<F8>(x, w, out, m, n, k);
+}
+
+// Twin: `moe_kernels::matmul` on `Weights::Nf4` (dequantize_row_nf4, then the f32 kernel).
+extern "C" __global__ void __launch_bounds__(256)
+matvec_nf4(const float* __restrict__ x, const unsigned char* __restrict__ w,
+           float* __restrict__ out, unsigned m, unsigned n, unsigned k) {
+    __shared__ float table[16];
+    if (threadIdx.x < 16) table[threadIdx.x] = __uint_as_float(NF4_BITS[threadIdx.x]);
+    __syncthreads();
+    mv_entry<NF4>(x, w, out, m, n, k, table);
+}
+
+// Twin: `moe_kernels::matmul` on `Weights::Fp4` (dequantize_row_fp4, then the f32 kernel).
+extern "C" __global__ void __launch_bounds__(256)
+matvec_fp4(const float* __restrict__ x, const unsigned char* __restrict__ w,
+           float* __restrict__ out, unsigned m, unsigned n, unsigned k) {
+    __shared__ float table[16];
+    if (threadIdx.x < 16) table[threadIdx.x] = __uint_as_float(FP4_BITS[threadIdx.x]);
+    __syncthreads();
+    mv_entry<FP4>(x, w, out, m, n, k, table);
 }

@@ -16,6 +16,10 @@
 //! - Every kernel names its CPU twin in a comment above it; the twin is the reference its GPU
 //!   result is checked against. Dequantization is bit-exact with the twin; reductions use a
 //!   fixed order (no atomics in sums), so results on the GPU are deterministic.
+//! - Sources that decode NF4 / FP4 (`matvec.cu`, `dequant.cu`) hold their own copies of
+//!   [`crate::prequant::NF4_TABLE`] and [`crate::prequant::FP4_TABLE`] as f32 bits (a source
+//!   cannot include another); a unit test below keeps every copy equal to the Rust tables.
+//!   E4M3 codes are decoded arithmetically as [`crate::prequant::E4M3_TO_F32`] documents.
 //! - The options never enable fast math (`--use_fast_math`, `--ftz`, `--prec-div=false`,
 //!   `--prec-sqrt=false`): exact widening and round-to-nearest arithmetic are part of the
 //!   contract with the twins.
@@ -23,8 +27,9 @@
 //!   [`REGISTER_BUDGET_PER_THREAD`] registers, to PTX of ISA at most [`MAX_PTX_ISA`] (the NVRTC
 //!   gate fails otherwise, naming the kernel and architecture).
 //!
-//! Launch shapes are stated in each source's header comment; every kernel is written for
-//! blocks of [`BLOCK_THREADS`] threads (`__launch_bounds__(256)`).
+//! Launch shapes (grids of one to three dimensions: rows, heads, splits) and what the host must
+//! check before a launch are stated in each source's header comment; every kernel is written
+//! for blocks of [`BLOCK_THREADS`] threads (`__launch_bounds__(256)`).
 
 /// One `.cu` source and the entry points it defines.
 #[derive(Clone, Copy, Debug)]
@@ -74,12 +79,46 @@ pub const SOURCES: &[CudaSource] = &[
             "matvec_f16",
             "matvec_q8_0",
             "matvec_q4_k",
+            "matvec_f8",
+            "matvec_nf4",
+            "matvec_fp4",
         ],
     },
     CudaSource {
         file: "dequant.cu",
         source: include_str!("../cuda/dequant.cu"),
-        kernels: &["dequant_q8_0", "dequant_q4_k"],
+        kernels: &[
+            "dequant_q8_0",
+            "dequant_q4_k",
+            "dequant_f8",
+            "dequant_nf4",
+            "dequant_fp4",
+        ],
+    },
+    CudaSource {
+        file: "attention.cu",
+        source: include_str!("../cuda/attention.cu"),
+        kernels: &[
+            "attention_decode_f32",
+            "attention_decode_bf16",
+            "attention_decode_f16",
+            "attention_merge_f32",
+        ],
+    },
+    CudaSource {
+        file: "route.cu",
+        source: include_str!("../cuda/route.cu"),
+        kernels: &["route_softmax_topk_f32"],
+    },
+    CudaSource {
+        file: "moe_sum.cu",
+        source: include_str!("../cuda/moe_sum.cu"),
+        kernels: &["moe_sum_f32"],
+    },
+    CudaSource {
+        file: "deltanet.cu",
+        source: include_str!("../cuda/deltanet.cu"),
+        kernels: &["conv1d_silu_step_f32", "gated_delta_step_f32"],
     },
 ];
 
@@ -218,6 +257,55 @@ mod tests {
         assert!(defines_kernel(src, "foo"));
         assert!(!defines_kernel(src, "bar"), "bar is not extern \"C\"");
         assert!(!defines_kernel(src, "baz"));
+    }
+
+    /// The `unsigned` constants of the array `name` in `src` (`__constant__ unsigned
+    /// NAME[16] = {0x...u, ...};`), or why they cannot be read.
+    fn constant_table(src: &str, name: &str) -> Result<Vec<u32>, String> {
+        let head = format!("{name}[16] = {{");
+        let at = src.find(&head).ok_or_else(|| format!("no `{head}`"))?;
+        let body = src[at + head.len()..]
+            .split('}')
+            .next()
+            .ok_or_else(|| format!("`{name}` is not closed"))?;
+        body.split(',')
+            .map(|v| {
+                let v = v.trim().trim_end_matches('u');
+                let hex = v
+                    .strip_prefix("0x")
+                    .ok_or_else(|| format!("`{v}` is not hex"))?;
+                u32::from_str_radix(hex, 16).map_err(|e| format!("`{v}`: {e}"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn four_bit_code_tables_in_the_sources_equal_the_cpu_tables() {
+        let tables = [
+            ("NF4_BITS", &crate::prequant::NF4_TABLE),
+            ("FP4_BITS", &crate::prequant::FP4_TABLE),
+        ];
+        let mut checked = 0;
+        for file in ["matvec.cu", "dequant.cu"] {
+            let src = SOURCES
+                .iter()
+                .find(|s| s.file == file)
+                .expect("listed")
+                .source;
+            for (name, table) in tables {
+                let got = constant_table(src, name)
+                    .unwrap_or_else(|e| panic!("kernels/cuda/{file}: {name}: {e}"));
+                let want: Vec<u32> = table.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(
+                    got, want,
+                    "kernels/cuda/{file}: {name} differs from moe_kernels::prequant's table; \
+                     copy the bits from kernels/src/prequant.rs"
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 4);
+        assert!(constant_table("unsigned X[16] = {0x1u, 0xzz};", "X").is_err());
     }
 
     #[test]

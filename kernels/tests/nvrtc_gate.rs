@@ -274,7 +274,7 @@ fn gate(src: &CudaSource, cc: u32) -> (Vec<String>, Vec<String>) {
         };
         let regs = s.registers.unwrap_or(0);
         lines.push(format!(
-            "{arch}  {k:<20} registers {regs:>3}/{REGISTER_BUDGET_PER_THREAD}  spill stores {} B  \
+            "{arch}  {k:<24} registers {regs:>3}/{REGISTER_BUDGET_PER_THREAD}  spill stores {} B  \
              spill loads {} B  stack {} B",
             s.spill_store_bytes, s.spill_load_bytes, s.stack_bytes
         ));
