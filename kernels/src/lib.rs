@@ -45,6 +45,7 @@ mod bf16dot_x86;
 pub mod cuda;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
+pub mod nvrtc;
 pub mod prequant;
 mod qdot;
 #[cfg(test)]

@@ -206,6 +206,27 @@ mod tests {
         assert_eq!(calls.get(), 5);
     }
 
+    /// The real compiler where NVRTC is present (CI installs it): a kernel source compiles to an
+    /// ELF CUBIN once, and the second request loads the same bytes from the cache.
+    #[test]
+    fn real_kernels_compile_once_then_load_where_nvrtc_is_present() {
+        let version = match moe_kernels::nvrtc::probe() {
+            Ok(v) => v,
+            Err(why) => {
+                eprintln!("skipped: {why}");
+                return;
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CubinCache::new(dir.path(), version);
+        let compile = |s: &CudaSource, o: &[String]| moe_kernels::nvrtc::compile_cubin(s, o);
+        let src = &moe_kernels::cuda::SOURCES[0];
+        let first = cache.get(src, 90, &compile).unwrap();
+        assert!(!first.cached && first.bytes.starts_with(b"\x7fELF"));
+        let again = cache.get(src, 90, &compile).unwrap();
+        assert!(again.cached && again.bytes == first.bytes);
+    }
+
     #[test]
     fn a_compile_error_names_the_file_and_arch_and_an_unwritable_cache_still_compiles() {
         let dir = tempfile::tempdir().unwrap();
