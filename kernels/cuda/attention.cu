@@ -32,12 +32,6 @@
 #define ATT_PER_LANE 8 // ATT_MAX_HEAD_DIM / 32
 #define ATT_WARPS 8
 
-__device__ __forceinline__ float f16_to_f32(unsigned short h) {
-    float f;
-    asm("{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h));
-    return f;
-}
-
 __device__ __forceinline__ float att_warp_sum(float v) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);

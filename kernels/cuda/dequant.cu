@@ -25,12 +25,6 @@
 #define QK_B4 64
 #define B4_BYTES 36
 
-__device__ __forceinline__ float f16_to_f32(unsigned short h) {
-    float f;
-    asm("{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h));
-    return f;
-}
-
 // Twin: `moe_kernels::quant::dequantize_row_q8_0` (`row_to_f32` on `Weights::Q8_0`):
 // out[32b + i] = d_b * qs_b[i].
 extern "C" __global__ void __launch_bounds__(256)
@@ -76,26 +70,6 @@ dequant_q4_k(const unsigned char* __restrict__ w, unsigned long long n_blocks,
         out[i] = __fsub_rn(__fmul_rn(d1, (float)qv), m1);
     }
 }
-
-// The f32 bits of every E4M3 code (`moe_kernels::prequant::E4M3_TO_F32`), computed from
-// v = code & 0x7F as that table's documentation states: for v >= 8, (v << 20) + (120 << 23)
-// (exponent rebiased from 7 to 127); for v < 8, v * 2^-9 (exact); for v == 0x7F, 0x7FC00000;
-// then the sign bit (code & 0x80) << 24.
-__device__ __forceinline__ float e4m3_to_f32(unsigned code) {
-    unsigned v = code & 0x7Fu;
-    unsigned bits = v >= 8 ? (v << 20) + (120u << 23) : __float_as_uint((float)v * 0.001953125f);
-    bits = v == 0x7Fu ? 0x7FC00000u : bits;
-    return __uint_as_float(bits | ((code & 0x80u) << 24));
-}
-
-// `moe_kernels::prequant::NF4_TABLE` and `FP4_TABLE` as f32 bits (bitsandbytes 0.50's code
-// values; kernels/src/cuda.rs tests that these lines equal the Rust tables bit for bit).
-__constant__ unsigned NF4_BITS[16] = {
-    0xbf800000u, 0xbf3239b1u, 0xbf066b30u, 0xbeca32a0u, 0xbe91a24du, 0xbe3d353fu, 0xbdba7871u, 0x00000000u,
-    0x3da2faffu, 0x3e24cae3u, 0x3e7c04ddu, 0x3ead033au, 0x3ee1a4b8u, 0x3f1007abu, 0x3f3913b3u, 0x3f800000u};
-__constant__ unsigned FP4_BITS[16] = {
-    0x00000000u, 0x3baaaaabu, 0x3f2aaaabu, 0x3f800000u, 0x3eaaaaabu, 0x3f000000u, 0x3e2aaaabu, 0x3e800000u,
-    0x00000000u, 0xbbaaaaabu, 0xbf2aaaabu, 0xbf800000u, 0xbeaaaaabu, 0xbf000000u, 0xbe2aaaabu, 0xbe800000u};
 
 // d * t, rounded once; a NaN t (an FP8 NaN code) passes through with its own bits, as the CPU's
 // multiply returns its NaN operand for a finite d.

@@ -11,12 +11,6 @@ __device__ __forceinline__ float bf16_to_f32(unsigned short b) {
     return __uint_as_float((unsigned)b << 16);
 }
 
-__device__ __forceinline__ float f16_to_f32(unsigned short h) {
-    float f;
-    asm("{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h));
-    return f;
-}
-
 // Twin: `moe_kernels::row_to_f32` on `Weights::F32` (the CPU backend's `embed`).
 extern "C" __global__ void __launch_bounds__(256)
 embed_f32(const float* __restrict__ table, const unsigned* __restrict__ ids, unsigned n_ids,

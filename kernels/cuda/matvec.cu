@@ -31,18 +31,6 @@
 #define QK_B4_VALUES 64
 #define B4_BYTES 36
 
-__device__ __forceinline__ float f16_to_f32(unsigned short h) {
-    float f;
-    asm("{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    return v;
-}
-
 __device__ __forceinline__ bool aligned16(const void* p) {
     return ((unsigned long long)p & 15ull) == 0;
 }
@@ -237,24 +225,6 @@ __device__ __forceinline__ void mv_f16(const float* __restrict__ x,
                                        unsigned j, unsigned lane) {
     mv_half<M, true>(x, w, out, n, k, j, lane);
 }
-
-// The f32 value of an E4M3 code (`moe_kernels::prequant::E4M3_TO_F32`, computed as that
-// table's documentation states; the same function as in dequant.cu).
-__device__ __forceinline__ float e4m3_to_f32(unsigned code) {
-    unsigned v = code & 0x7Fu;
-    unsigned bits = v >= 8 ? (v << 20) + (120u << 23) : __float_as_uint((float)v * 0.001953125f);
-    bits = v == 0x7Fu ? 0x7FC00000u : bits;
-    return __uint_as_float(bits | ((code & 0x80u) << 24));
-}
-
-// `moe_kernels::prequant::NF4_TABLE` and `FP4_TABLE` as f32 bits (kernels/src/cuda.rs tests that
-// these lines equal the Rust tables bit for bit).
-__constant__ unsigned NF4_BITS[16] = {
-    0xbf800000u, 0xbf3239b1u, 0xbf066b30u, 0xbeca32a0u, 0xbe91a24du, 0xbe3d353fu, 0xbdba7871u, 0x00000000u,
-    0x3da2faffu, 0x3e24cae3u, 0x3e7c04ddu, 0x3ead033au, 0x3ee1a4b8u, 0x3f1007abu, 0x3f3913b3u, 0x3f800000u};
-__constant__ unsigned FP4_BITS[16] = {
-    0x00000000u, 0x3baaaaabu, 0x3f2aaaabu, 0x3f800000u, 0x3eaaaaabu, 0x3f000000u, 0x3e2aaaabu, 0x3e800000u,
-    0x00000000u, 0xbbaaaaabu, 0xbf2aaaabu, 0xbf800000u, 0xbeaaaaabu, 0xbf000000u, 0xbe2aaaabu, 0xbe800000u};
 
 // FP8: the warp takes one block at a time; lane p reads codes 4p..4p+3 (one 4-byte load).
 template <int M>

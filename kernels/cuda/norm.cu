@@ -8,12 +8,6 @@
 // (its sum runs left to right); the scale and the products are (IEEE division and square root,
 // no contraction).
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    return v;
-}
-
 // Twin: `rms_norm_rows` in runtime/src/backend/cpu/mod.rs:
 // `x = w * (x * (1 / sqrt(sum(x^2) / width + eps)))`.
 extern "C" __global__ void __launch_bounds__(256)

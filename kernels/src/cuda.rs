@@ -16,10 +16,11 @@
 //! - Every kernel names its CPU twin in a comment above it; the twin is the reference its GPU
 //!   result is checked against. Dequantization is bit-exact with the twin; reductions use a
 //!   fixed order (no atomics in sums), so results on the GPU are deterministic.
-//! - Sources that decode NF4 / FP4 (`matvec.cu`, `dequant.cu`) hold their own copies of
-//!   [`crate::prequant::NF4_TABLE`] and [`crate::prequant::FP4_TABLE`] as f32 bits (a source
-//!   cannot include another); a unit test below keeps every copy equal to the Rust tables.
-//!   E4M3 codes are decoded arithmetically as [`crate::prequant::E4M3_TO_F32`] documents.
+//! - Helpers shared by several sources (f16 widening, the warp sum, the E4M3 decode and the
+//!   NF4 / FP4 code tables) live once in `common.cu`, [`PRELUDE`], which every program starts
+//!   with ([`CudaSource::program`]: a source cannot include another). A unit test keeps the code
+//!   tables equal to [`crate::prequant::NF4_TABLE`] and [`crate::prequant::FP4_TABLE`] bit for
+//!   bit; E4M3 codes are decoded arithmetically as [`crate::prequant::E4M3_TO_F32`] documents.
 //! - The options never enable fast math (`--use_fast_math`, `--ftz`, `--prec-div=false`,
 //!   `--prec-sqrt=false`): exact widening and round-to-nearest arithmetic are part of the
 //!   contract with the twins.
@@ -40,6 +41,16 @@ pub struct CudaSource {
     pub source: &'static str,
     /// Its `extern "C" __global__` entry points.
     pub kernels: &'static [&'static str],
+}
+
+/// Device helpers every program starts with (`kernels/cuda/common.cu`; no entry points).
+pub const PRELUDE: &str = include_str!("../cuda/common.cu");
+
+impl CudaSource {
+    /// The text NVRTC compiles: [`PRELUDE`], then the source.
+    pub fn program(&self) -> String {
+        format!("{PRELUDE}\n{}", self.source)
+    }
 }
 
 /// Every kernel source, with its entry points.
@@ -210,15 +221,20 @@ mod tests {
 
     #[test]
     fn no_source_includes_a_header() {
-        for s in SOURCES {
+        for (file, text) in SOURCES
+            .iter()
+            .map(|s| (s.file, s.source))
+            .chain([("common.cu", PRELUDE)])
+        {
             assert!(
-                !s.source
-                    .lines()
-                    .any(|l| l.trim_start().starts_with("#include")),
-                "kernels/cuda/{}: has an #include (NVRTC ships no CUDA headers)",
-                s.file
+                !text.lines().any(|l| l.trim_start().starts_with("#include")),
+                "kernels/cuda/{file}: has an #include (NVRTC ships no CUDA headers)"
             );
         }
+        assert!(
+            global_kernels(PRELUDE).is_empty(),
+            "common.cu has entry points"
+        );
     }
 
     #[test]
@@ -285,26 +301,26 @@ mod tests {
             ("NF4_BITS", &crate::prequant::NF4_TABLE),
             ("FP4_BITS", &crate::prequant::FP4_TABLE),
         ];
-        let mut checked = 0;
-        for file in ["matvec.cu", "dequant.cu"] {
-            let src = SOURCES
-                .iter()
-                .find(|s| s.file == file)
-                .expect("listed")
-                .source;
-            for (name, table) in tables {
-                let got = constant_table(src, name)
-                    .unwrap_or_else(|e| panic!("kernels/cuda/{file}: {name}: {e}"));
-                let want: Vec<u32> = table.iter().map(|v| v.to_bits()).collect();
-                assert_eq!(
-                    got, want,
-                    "kernels/cuda/{file}: {name} differs from moe_kernels::prequant's table; \
-                     copy the bits from kernels/src/prequant.rs"
+        for (name, table) in tables {
+            let got = constant_table(PRELUDE, name)
+                .unwrap_or_else(|e| panic!("kernels/cuda/common.cu: {name}: {e}"));
+            let want: Vec<u32> = table.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(
+                got, want,
+                "kernels/cuda/common.cu: {name} differs from moe_kernels::prequant's table; \
+                 copy the bits from kernels/src/prequant.rs"
+            );
+        }
+        // No source keeps a copy of its own.
+        for s in SOURCES {
+            for (name, _) in tables {
+                assert!(
+                    constant_table(s.source, name).is_err(),
+                    "{}: {name}",
+                    s.file
                 );
-                checked += 1;
             }
         }
-        assert_eq!(checked, 4);
         assert!(constant_table("unsigned X[16] = {0x1u, 0xzz};", "X").is_err());
     }
 

@@ -78,7 +78,7 @@ pub struct Compiled {
 
 /// Compiles `src` with `options` (the log is returned even when the compile fails).
 pub fn compile(src: &CudaSource, options: &[String], output: Output) -> Compiled {
-    let text = match CString::new(src.source) {
+    let text = match CString::new(src.program()) {
         Ok(t) => t,
         Err(_) => {
             return Compiled {

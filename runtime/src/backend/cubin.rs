@@ -48,7 +48,7 @@ impl CubinCache {
     /// The file that holds `src` compiled for `sm_{cc}`.
     pub fn path_for(&self, src: &CudaSource, cc: u32) -> PathBuf {
         let mut h = Xxh3::new();
-        h.update(src.source.as_bytes());
+        h.update(src.program().as_bytes());
         for o in cubin_options(cc) {
             h.update(&[0]);
             h.update(o.as_bytes());

@@ -333,12 +333,13 @@ pub enum AnyBackend {
 
 /// The one place a `device` setting picks a backend: `cpu` and `sim` compute on the CPU (with
 /// `activations`); `cuda` opens the GPU backend, which fails with a clear error where the
-/// machine has none; `auto` takes the GPU when it opens (see [`DeviceKind::resolve`]).
+/// machine has none; `auto` takes the GPU when it opens, else the CPU (the planner's
+/// [`DeviceKind::resolve`] says why, once). The GPU is probed once per call.
 pub fn select(device: DeviceKind, activations: Activations) -> Result<AnyBackend> {
-    Ok(match device.resolve()? {
-        DeviceKind::Cpu | DeviceKind::Sim | DeviceKind::Auto => {
-            AnyBackend::Cpu(Cpu::new(activations))
-        }
+    let cpu = || AnyBackend::Cpu(Cpu::new(activations));
+    Ok(match device {
+        DeviceKind::Cpu | DeviceKind::Sim => cpu(),
         DeviceKind::Cuda => AnyBackend::Cuda(Cuda::new(0)?),
+        DeviceKind::Auto => Cuda::new(0).map_or_else(|_| cpu(), AnyBackend::Cuda),
     })
 }

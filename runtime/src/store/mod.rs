@@ -51,27 +51,16 @@ pub struct ExpertBatch {
     pub weights: Vec<f32>,
 }
 
-/// Where experts are kept and computed, for a decoder on backend `B`.
-pub trait ExpertStore<B: Backend = Cpu>: Send + Sync {
-    /// `y[row] = sum of weight * ffn_expert(x[row])` over the batches that hold `row`, added in
-    /// ascending expert order (zero for a row no batch holds). `x` and `y` are `[tokens,
-    /// hidden]` on the backend; batches are sorted by expert.
-    fn compute(
-        &self,
-        b: &B,
-        layer: usize,
-        batches: &[ExpertBatch],
-        x: &B::Act,
-        hidden: usize,
-    ) -> Result<B::Act>;
-
+/// Where experts are kept, whatever backend computes with them: lookahead, counters, the hot
+/// set (the side of a store that never touches activations).
+pub trait ExpertSource: Send + Sync {
     /// A hint that `experts` of `layer` will be needed soon (router lookahead). Default: none.
     fn prefetch(&self, _layer: usize, _experts: &[usize]) {}
 
     /// Number of experts in `layer` (0 for dense layers).
     fn num_experts(&self, layer: usize) -> usize;
 
-    /// Whether [`ExpertStore::prefetch`] does anything (the model skips the lookahead if not).
+    /// Whether [`ExpertSource::prefetch`] does anything (the model skips the lookahead if not).
     fn wants_prefetch(&self) -> bool {
         false
     }
@@ -90,6 +79,21 @@ pub trait ExpertStore<B: Backend = Cpu>: Send + Sync {
     fn popularity(&self) -> Vec<Vec<u64>> {
         Vec::new()
     }
+}
+
+/// Where experts are kept and computed, for a decoder on backend `B`.
+pub trait ExpertStore<B: Backend = Cpu>: ExpertSource {
+    /// `y[row] = sum of weight * ffn_expert(x[row])` over the batches that hold `row`, added in
+    /// ascending expert order (zero for a row no batch holds). `x` and `y` are `[tokens,
+    /// hidden]` on the backend; batches are sorted by expert.
+    fn compute(
+        &self,
+        b: &B,
+        layer: usize,
+        batches: &[ExpertBatch],
+        x: &B::Act,
+        hidden: usize,
+    ) -> Result<B::Act>;
 }
 
 /// Checks expert bytes the first time they are used, for experts mapped from a checksummed file

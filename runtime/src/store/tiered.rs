@@ -15,7 +15,7 @@
 //!   implements [`DeviceTier`] and plugs in through [`TieredStore::with_tier`].
 //! - **Loads** run on loader threads; demand loads go before prefetches, so a computation never
 //!   waits behind a copy meant for a later layer.
-//! - **Prefetch**: the model predicts a later layer's experts and calls [`ExpertStore::prefetch`];
+//! - **Prefetch**: the model predicts a later layer's experts and calls [`ExpertSource::prefetch`];
 //!   predictions are scored against the experts that layer then uses (precision, recall).
 //! - **Miss policy**: a device miss is copied, or computed where the expert lies when the modelled
 //!   copy would take longer than computing it there.
@@ -43,8 +43,8 @@ use super::pool::{Found, Reserved, Slot, SlotPool};
 use super::sim::SimTier;
 use super::stats::LayerCounters;
 use super::{
-    EvictionPolicy, ExpertBatch, ExpertBuf, ExpertCheck, ExpertLayout, ExpertParts, ExpertStore,
-    ExpertWeights, StoreStats,
+    EvictionPolicy, ExpertBatch, ExpertBuf, ExpertCheck, ExpertLayout, ExpertParts, ExpertSource,
+    ExpertStore, ExpertWeights, StoreStats,
 };
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -782,13 +782,8 @@ impl<D: DeviceTier> TieredStore<D> {
     }
 }
 
-/// The tiered store computes where its experts lie (RAM pool, mapped files, its device tier's
-/// slots), all on host rows: another backend's activations come to the host for it and the
-/// output goes back (`to_host` / `act_from_host`, a borrow and a move on the CPU).
-/// The store's non-compute side, callable without naming a backend.
-impl<D: DeviceTier> TieredStore<D> {
-    /// See [`ExpertStore::prefetch`].
-    pub fn prefetch(&self, layer: usize, experts: &[usize]) {
+impl<D: DeviceTier> ExpertSource for TieredStore<D> {
+    fn prefetch(&self, layer: usize, experts: &[usize]) {
         if !self.config.prefetch || layer >= self.shared.experts.len() {
             return;
         }
@@ -811,23 +806,19 @@ impl<D: DeviceTier> TieredStore<D> {
         self.predicted.lock()[layer] = Some(set);
     }
 
-    /// See [`ExpertStore::num_experts`].
-    pub fn num_experts(&self, layer: usize) -> usize {
+    fn num_experts(&self, layer: usize) -> usize {
         self.shared.experts.get(layer).map_or(0, Vec::len)
     }
 
-    /// See [`ExpertStore::wants_prefetch`].
-    pub fn wants_prefetch(&self) -> bool {
+    fn wants_prefetch(&self) -> bool {
         self.config.prefetch && (self.device.is_some() || self.shared.host_pool.is_some())
     }
 
-    /// See [`ExpertStore::prefetch_depth`].
-    pub fn prefetch_depth(&self) -> usize {
+    fn prefetch_depth(&self) -> usize {
         self.config.prefetch_depth
     }
 
-    /// See [`ExpertStore::popularity`].
-    pub fn popularity(&self) -> Vec<Vec<u64>> {
+    fn popularity(&self) -> Vec<Vec<u64>> {
         self.shared
             .popularity
             .iter()
@@ -835,8 +826,7 @@ impl<D: DeviceTier> TieredStore<D> {
             .collect()
     }
 
-    /// See [`ExpertStore::stats`].
-    pub fn stats(&self) -> StoreStats {
+    fn stats(&self) -> StoreStats {
         StoreStats::from_layers(
             self.shared
                 .counters
@@ -849,6 +839,9 @@ impl<D: DeviceTier> TieredStore<D> {
     }
 }
 
+/// The tiered store computes where its experts lie (RAM pool, mapped files, its device tier's
+/// slots), all on host rows: another backend's activations come to the host for it and the
+/// output goes back (`to_host` / `act_from_host`, a borrow and a move on the CPU).
 impl<D: DeviceTier, B: Backend> ExpertStore<B> for TieredStore<D> {
     fn compute(
         &self,
@@ -862,30 +855,6 @@ impl<D: DeviceTier, B: Backend> ExpertStore<B> for TieredStore<D> {
         let mut out = vec![0f32; x.len()];
         self.compute_host(layer, batches, &x, hidden, &mut out)?;
         Ok(b.act_from_host(out))
-    }
-
-    fn prefetch(&self, layer: usize, experts: &[usize]) {
-        TieredStore::prefetch(self, layer, experts)
-    }
-
-    fn num_experts(&self, layer: usize) -> usize {
-        TieredStore::num_experts(self, layer)
-    }
-
-    fn wants_prefetch(&self) -> bool {
-        TieredStore::wants_prefetch(self)
-    }
-
-    fn prefetch_depth(&self) -> usize {
-        TieredStore::prefetch_depth(self)
-    }
-
-    fn popularity(&self) -> Vec<Vec<u64>> {
-        TieredStore::popularity(self)
-    }
-
-    fn stats(&self) -> StoreStats {
-        TieredStore::stats(self)
     }
 }
 

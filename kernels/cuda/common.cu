@@ -1,0 +1,37 @@
+// Device helpers shared by every kernel source. The sources are header-free (NVRTC has no
+// CUDA headers built in), so kernels/src/cuda.rs prepends this text to each source before it is
+// compiled (`CudaSource::program`); nothing here is an entry point.
+
+// f16 -> f32, exact (`cvt.f32.f16`).
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
+    float f;
+    asm("{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Sum over the 32 lanes of a warp, in a fixed butterfly order (deterministic).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+// The f32 bits of every E4M3 code (`moe_kernels::prequant::E4M3_TO_F32`), computed from
+// v = code & 0x7F as that table's documentation states: for v >= 8, (v << 20) + (120 << 23)
+// (exponent rebiased from 7 to 127); for v < 8, v * 2^-9 (exact); for v == 0x7F, 0x7FC00000;
+// then the sign bit (code & 0x80) << 24.
+__device__ __forceinline__ float e4m3_to_f32(unsigned code) {
+    unsigned v = code & 0x7Fu;
+    unsigned bits = v >= 8 ? (v << 20) + (120u << 23) : __float_as_uint((float)v * 0.001953125f);
+    bits = v == 0x7Fu ? 0x7FC00000u : bits;
+    return __uint_as_float(bits | ((code & 0x80u) << 24));
+}
+
+// `moe_kernels::prequant::NF4_TABLE` and `FP4_TABLE` as f32 bits (bitsandbytes 0.50's code
+// values; kernels/src/cuda.rs tests that these lines equal the Rust tables bit for bit).
+__constant__ unsigned NF4_BITS[16] = {
+    0xbf800000u, 0xbf3239b1u, 0xbf066b30u, 0xbeca32a0u, 0xbe91a24du, 0xbe3d353fu, 0xbdba7871u, 0x00000000u,
+    0x3da2faffu, 0x3e24cae3u, 0x3e7c04ddu, 0x3ead033au, 0x3ee1a4b8u, 0x3f1007abu, 0x3f3913b3u, 0x3f800000u};
+__constant__ unsigned FP4_BITS[16] = {
+    0x00000000u, 0x3baaaaabu, 0x3f2aaaabu, 0x3f800000u, 0x3eaaaaabu, 0x3f000000u, 0x3e2aaaabu, 0x3e800000u,
+    0x00000000u, 0xbbaaaaabu, 0xbf2aaaabu, 0xbf800000u, 0xbeaaaaabu, 0xbf000000u, 0xbe2aaaabu, 0xbe800000u};
