@@ -714,7 +714,7 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         moe_runtime::fsutil::write_atomic(path, text.as_bytes())?;
     }
-    let stats = model.decoder.store.stats();
+    let stats = model.decoder.store().stats();
     if let Err(e) = model.save_hot_set() {
         tracing::warn!("could not save the hot set: {e}");
     }

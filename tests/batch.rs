@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{greedy_generate, greedy_request, max_abs_diff, variants};
 use crossbeam_channel::Receiver;
 use moe_runtime::batch::{BatchConfig, Batcher, Event, Refused, RequestParams, Sink, Usage};
-use moe_runtime::model::Segment;
+use moe_runtime::dispatch::Segment;
 use moe_runtime::{FinishReason, GenerateParams, Logits, Model, Settings};
 
 fn load(dir: &std::path::Path, max_batch: usize) -> Model {
@@ -128,7 +128,7 @@ fn batched_forward_equals_solo_on_every_fixture() {
                 "{} prompt {i}: batched vs solo {e} (logits up to {scale})",
                 v.name
             );
-            assert_eq!(states[i].len, solo_states[i].len);
+            assert_eq!(states[i].len(), solo_states[i].len());
         }
     }
 }
@@ -139,7 +139,7 @@ fn a_batched_step_fetches_each_routed_expert_once_per_layer() {
     let mut states: Vec<_> = (0..4).map(|_| model.new_state()).collect();
     let prompts: [[u32; 1]; 4] = [[3], [17], [42], [99]];
     let uses = |m: &Model| {
-        let s = m.decoder.store.stats();
+        let s = m.decoder.store().stats();
         s.hits + s.misses
     };
     let before = uses(&model);
@@ -194,7 +194,7 @@ fn segments_without_logits_return_none_and_advance() {
     let out = model.forward_batch(&mut segs).unwrap();
     assert!(out[0].is_none());
     assert_eq!(out[1].as_ref().unwrap().len(), model.config.vocab_size);
-    assert_eq!((a.len, b.len), (3, 2));
+    assert_eq!((a.len(), b.len()), (3, 2));
 }
 
 #[test]

@@ -196,7 +196,7 @@ fn check_with_tiers(v: &common::Variant, tweak: impl Fn(&mut Settings, &moe_runt
         let got = greedy_generate(&model, &ids, want.len());
         assert_eq!(got, want, "{} {p}: greedy with tiers", v.name);
     }
-    let stats = model.decoder.store.stats();
+    let stats = model.decoder.store().stats();
     assert!(
         stats.misses > 0 && stats.hits > 0 && stats.bytes_moved > 0,
         "{}: the tiers were not exercised: {stats:?}",

@@ -69,3 +69,46 @@ add_gated_rows_f32(float* __restrict__ out, const float* __restrict__ y,
     size_t i = (size_t)r * width + c;
     out[i] = __fadd_rn(out[i], __fmul_rn(s, y[i]));
 }
+
+// Twin: the bias loop of the CPU backend's `matmul` (runtime/src/backend/cpu/mod.rs:
+// `*o += b` over each row of the output): x[r, c] += b[c] for x of shape [rows, width] and one
+// bias row b of `width` values.
+// Launch: grid = (rows, ceil(width / 256)) (rows on x, which has no 65 535 limit); the host
+// checks that x holds rows * width values and b holds width.
+extern "C" __global__ void __launch_bounds__(256)
+add_rows_f32(float* __restrict__ x, const float* __restrict__ b, unsigned rows, unsigned width) {
+    unsigned r = blockIdx.x;
+    unsigned c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (r >= rows || c >= width) return;
+    size_t i = (size_t)r * width + c;
+    x[i] = __fadd_rn(x[i], b[c]);
+}
+
+// Twin: the CPU backend's `clamp`: x[i] = x[i].clamp(-limit, limit), as Rust's f32::clamp
+// computes it (a NaN stays NaN, -0.0 stays -0.0 inside the range).
+// Launch: grid-stride, grid = ceil(n / 256) or fewer blocks; the host checks that limit is a
+// number >= 0 (Rust's clamp panics otherwise, so the twin never sees another limit).
+extern "C" __global__ void __launch_bounds__(256)
+clamp_f32(float* __restrict__ x, unsigned n, float limit) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float v = x[i];
+        x[i] = v < -limit ? -limit : (v > limit ? limit : v);
+    }
+}
+
+// Twin: the CPU backend's `split_halves`: x holds `blocks` blocks of 2 * d values; the first d
+// of block i go to a[i * d ..], the last d to b[i * d ..]. A copy, bit for bit.
+// Launch: grid = (blocks, ceil(d / 256)) (blocks on x, which has no 65 535 limit); the host
+// checks d > 0, that x holds blocks * 2 * d values and a and b hold blocks * d each.
+extern "C" __global__ void __launch_bounds__(256)
+split_halves_f32(const float* __restrict__ x, float* __restrict__ a, float* __restrict__ b,
+                 unsigned blocks, unsigned d) {
+    unsigned i = blockIdx.x;
+    unsigned j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= blocks || j >= d) return;
+    size_t src = (size_t)i * 2 * d + j;
+    size_t dst = (size_t)i * d + j;
+    a[dst] = x[src];
+    b[dst] = x[src + d];
+}

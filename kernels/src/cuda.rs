@@ -79,6 +79,9 @@ pub const SOURCES: &[CudaSource] = &[
             "glu_clamped_f32",
             "mul_sigmoid_f32",
             "add_gated_rows_f32",
+            "add_rows_f32",
+            "clamp_f32",
+            "split_halves_f32",
         ],
     },
     CudaSource {
@@ -130,6 +133,11 @@ pub const SOURCES: &[CudaSource] = &[
         file: "deltanet.cu",
         source: include_str!("../cuda/deltanet.cu"),
         kernels: &["conv1d_silu_step_f32", "gated_delta_step_f32"],
+    },
+    CudaSource {
+        file: "kv.cu",
+        source: include_str!("../cuda/kv.cu"),
+        kernels: &["kv_store_f32", "kv_store_bf16", "kv_store_f16"],
     },
 ];
 

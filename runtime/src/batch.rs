@@ -55,9 +55,10 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::dispatch::{Segment, SeqState};
 use crate::engine::{FinishReason, GenerateParams, Model};
 use crate::error::{Error, Result};
-use crate::model::{Logits, Segment, SeqState};
+use crate::model::Logits;
 use crate::sequence::SeqDecoder;
 pub use crate::sequence::{TokenLogprob, MAX_TOP_LOGPROBS};
 
@@ -595,7 +596,7 @@ impl<'m> Scheduler<'m> {
         if !self.config.prefix_cache || tokens.is_empty() {
             return;
         }
-        debug_assert_eq!(tokens.len(), state.len);
+        debug_assert_eq!(tokens.len(), state.len());
         self.clock += 1;
         // A prefix of the new entry is redundant; the new entry is redundant under a longer one.
         self.prefixes
@@ -823,11 +824,11 @@ impl<'m> Scheduler<'m> {
             text,
             usage,
         });
-        if self.config.prefix_cache && s.state.len > 0 {
+        if self.config.prefix_cache && !s.state.is_empty() {
             let mut tokens = s.prompt;
             tokens.extend_from_slice(s.seq.generated());
-            tokens.truncate(s.state.len);
-            if tokens.len() == s.state.len {
+            tokens.truncate(s.state.len());
+            if tokens.len() == s.state.len() {
                 self.remember(tokens, s.state);
             }
         }

@@ -18,8 +18,9 @@ use crate::backend::cpu::{activation_path_covers, bf16_activations_supported};
 use crate::backend::{select, Activations, AnyBackend};
 use crate::cache::{CacheHandle, CacheKey, CachePlan};
 use crate::config::{GenerationConfig, ModelConfig, RawConfig};
+use crate::dispatch::{AnyDecoder, Segment, SeqState};
 use crate::error::{Error, Result};
-use crate::model::{Decoder, Logits, ModelWeights, Segment, SeqState, Trace};
+use crate::model::{Decoder, Logits, ModelWeights, Trace};
 use crate::open::{model_files, open, open_files, HotSet, Opened, Purpose};
 pub use crate::open::{Settings, DEFAULT_MAX_CONTEXT_TOKENS, LOADER_THREADS};
 use crate::plan::{make_plan, ModelSizes, Plan, Profile};
@@ -37,7 +38,7 @@ pub struct Model {
     pub config: ModelConfig,
     pub generation_config: GenerationConfig,
     pub tokenizer: Option<Tokenizer>,
-    pub decoder: Decoder,
+    pub decoder: AnyDecoder,
     pub files: ModelFiles,
     pub max_context: usize,
     /// Sequences the plan sized the KV cache for (`Settings::max_batch`).
@@ -152,20 +153,30 @@ impl Model {
         Self::load_files(model_files(settings)?, settings)
     }
 
+    /// Loads the model named by `settings` onto `backend` (tests pass the CUDA backend on the
+    /// mock device here).
+    pub fn load_on(settings: &Settings, backend: AnyBackend) -> Result<Model> {
+        Self::load_files_on(model_files(settings)?, settings, backend)
+    }
+
     /// Loads from already-located files (a folder or the embedded demo).
     pub fn load_files(files: ModelFiles, settings: &Settings) -> Result<Model> {
         // The backend first: a device that cannot open fails before the model is opened.
-        let backend = match select(settings.device, settings.activations)? {
-            AnyBackend::Cpu(cpu) => cpu,
-            AnyBackend::Cuda(_) => {
-                return Err(Error::BackendUnavailable {
-                    backend: "cuda".into(),
-                    reason: "the CUDA backend opened, but this build runs models on the CPU \
-                             only; set device = \"cpu\" or \"sim\""
-                        .into(),
-                })
-            }
-        };
+        let backend = select(
+            settings.device,
+            settings.activations,
+            &settings.resolved_cache_dir(),
+        )?;
+        Self::load_files_on(files, settings, backend)
+    }
+
+    /// Loads from already-located files onto `backend` (tests pass the CUDA backend on the
+    /// mock device here).
+    pub fn load_files_on(
+        files: ModelFiles,
+        settings: &Settings,
+        mut backend: AnyBackend,
+    ) -> Result<Model> {
         let Opened {
             files,
             config_bytes,
@@ -206,6 +217,12 @@ impl Model {
         let sizes = ModelSizes::measure(&config, &weights, &mw, request.kv_elem_bytes, &quant);
         // Refuse before anything but headers has been read.
         let plan = make_plan(&sizes, &request, &profile)?;
+        if let AnyBackend::Cuda(cuda) = &mut backend {
+            // Every device allocation stays within the planned budget.
+            if let Some(cap) = plan.vram_budget_bytes {
+                cuda.set_vram_cap(cap);
+            }
+        }
         for w in &plan.warnings {
             tracing::warn!("{w}");
         }
@@ -231,7 +248,11 @@ impl Model {
             config.moe_intermediate_size,
             TieredStoreConfig {
                 host: plan.host_tier(),
-                device: plan.device_tier(&request, &profile),
+                // The CUDA backend computes experts on the host until its device tier exists.
+                device: match backend {
+                    AnyBackend::Cuda(_) => None,
+                    AnyBackend::Cpu(_) => plan.device_tier(&request, &profile),
+                },
                 policy: settings.experts.policy,
                 prefetch: settings.experts.prefetch,
                 prefetch_depth: settings.experts.prefetch_depth,
@@ -244,7 +265,29 @@ impl Model {
             },
             check,
         )?;
-        let decoder = decoder_on_backend(settings, &config, mw, Box::new(store), backend)?;
+        let decoder = match backend {
+            AnyBackend::Cpu(cpu) => AnyDecoder::Cpu(decoder_on_backend(
+                settings,
+                &config,
+                mw,
+                Box::new(store),
+                cpu,
+            )?),
+            AnyBackend::Cuda(cuda) => {
+                tracing::info!(
+                    "computing on {} ({} of VRAM budget); experts are computed on the CPU",
+                    cuda.describe(),
+                    crate::size::ByteSize(cuda.vram_usage().cap_bytes)
+                );
+                AnyDecoder::Cuda(decoder_on_backend(
+                    settings,
+                    &config,
+                    mw,
+                    Box::new(store),
+                    cuda,
+                )?)
+            }
+        };
         let tokenizer = read_tokenizer(&files)?;
         if let Some(c) = &cache {
             files_watch.add(c.path().to_path_buf());
@@ -306,7 +349,7 @@ impl Model {
 
     /// Remembers this run's expert popularity in `state_dir` for the next start.
     pub fn save_hot_set(&self) -> Result<()> {
-        let run = self.decoder.store.popularity();
+        let run = self.decoder.store().popularity();
         if run.iter().flatten().all(|&c| c == 0) {
             return Ok(());
         }
@@ -487,9 +530,9 @@ impl Model {
         logits: Logits,
         trace: Option<&mut Trace>,
     ) -> Result<Vec<f32>> {
-        if state.len + tokens.len() > self.max_context {
+        if state.len() + tokens.len() > self.max_context {
             return Err(Error::ContextOverflow {
-                needed_tokens: state.len + tokens.len(),
+                needed_tokens: state.len() + tokens.len(),
                 max_context_tokens: self.max_context,
             });
         }
@@ -506,9 +549,9 @@ impl Model {
     /// [`Decoder::forward_batch`]).
     pub fn forward_batch(&self, segs: &mut [Segment<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
         for s in segs.iter() {
-            if s.state.len + s.tokens.len() > self.max_context {
+            if s.state.len() + s.tokens.len() > self.max_context {
                 return Err(Error::ContextOverflow {
-                    needed_tokens: s.state.len + s.tokens.len(),
+                    needed_tokens: s.state.len() + s.tokens.len(),
                     max_context_tokens: self.max_context,
                 });
             }
@@ -637,13 +680,13 @@ fn read_tokenizer(files: &ModelFiles) -> Result<Option<Tokenizer>> {
 }
 
 /// The decoder on `backend`.
-fn decoder_on_backend(
+fn decoder_on_backend<B: crate::backend::Backend>(
     settings: &Settings,
     config: &ModelConfig,
     mw: ModelWeights,
-    store: Box<dyn crate::store::ExpertStore>,
-    backend: crate::backend::Cpu,
-) -> Result<Decoder> {
+    store: Box<dyn crate::store::ExpertStore<B>>,
+    backend: B,
+) -> Result<Decoder<B>> {
     Ok(Decoder {
         hidden_size: config.hidden_size,
         vocab_size: config.vocab_size,
@@ -811,7 +854,7 @@ impl Generation<'_> {
 
     /// Runs the model, recording routing when asked.
     fn forward(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>> {
-        let pos0 = self.state.len;
+        let pos0 = self.state.len();
         let top_k = self.model.config.router.top_k;
         if self.routing.is_none() {
             return self.model.forward(tokens, &mut self.state, logits, None);

@@ -116,6 +116,10 @@ pub enum Error {
     /// set instead).
     #[error("{backend} backend unavailable: {reason}")]
     BackendUnavailable { backend: String, reason: String },
+    /// The GPU failed an operation, or an allocation would pass the VRAM budget at run time.
+    /// `fatal`: the device context is unusable (a kernel fault); the model must be reloaded.
+    #[error("cuda device: {reason}")]
+    Device { reason: String, fatal: bool },
     /// The quantized weight cache cannot be used or written (the message says what to do).
     #[error("quantized weight cache {}: {reason}", path.display())]
     Cache { path: PathBuf, reason: String },
@@ -201,7 +205,7 @@ impl Error {
     /// on disk, found directly or as the cause of an expert that could not be loaded.
     pub fn model_unusable(&self) -> bool {
         match self {
-            Error::FileChanged { .. } => true,
+            Error::FileChanged { .. } | Error::Device { fatal: true, .. } => true,
             Error::ExpertLoad { source, .. } => source.model_unusable(),
             _ => false,
         }

@@ -44,6 +44,7 @@ pub mod calibrate;
 pub mod config;
 pub mod deltanet;
 pub mod demo;
+pub mod dispatch;
 pub mod engine;
 pub mod error;
 pub mod fsutil;
@@ -67,12 +68,13 @@ pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 
+pub use dispatch::SeqState;
 pub use engine::{
     plan_model, CancelToken, FinishReason, GenerateParams, Generation, Model, PlanReport, Prompt,
     Settings, TokenEvent,
 };
 pub use error::{Error, Result};
-pub use model::{Logits, SeqState, Trace};
+pub use model::{Logits, Trace};
 pub use runconfig::RunConfig;
 pub use tokenizer::ChatMessage;
 /// Pre-quantized checkpoints (FP8, bitsandbytes): a part of the weights reader.

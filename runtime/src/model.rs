@@ -222,6 +222,8 @@ impl<B: Backend> Decoder<B> {
                 self.vocab_size
             )));
         }
+        // A failure left by an earlier pass that ended early belongs to that pass.
+        b.check().ok();
         let mut x = b.embed(&self.w.embed, &ids, h);
         let lookahead = if self.store.wants_prefetch() {
             self.store.prefetch_depth()
@@ -274,6 +276,8 @@ impl<B: Backend> Decoder<B> {
                 tr.routing[l] = routing;
             }
         }
+        // A failed device operation fails the pass (before the states count the new rows).
+        b.check()?;
         // The rows whose logits are wanted, gathered so the head runs once over all of them.
         let mut ranges: Vec<Range<usize>> = Vec::new();
         let mut counts = Vec::with_capacity(segs.len());
@@ -298,6 +302,7 @@ impl<B: Backend> Decoder<B> {
         } else {
             Vec::new()
         };
+        b.check()?;
         let vocab = self.vocab_size;
         let mut out = Vec::with_capacity(segs.len());
         let mut at = 0;
@@ -377,6 +382,16 @@ impl<B: Backend> Decoder<B> {
 pub struct Snapshot<B: Backend = Host> {
     len: usize,
     linear: Vec<Option<B::Recurrent>>,
+}
+
+impl<B: Backend> Snapshot<B> {
+    /// A snapshot of the length alone (restores nothing recurrent).
+    pub fn of_len(len: usize) -> Snapshot<B> {
+        Snapshot {
+            len,
+            linear: Vec::new(),
+        }
+    }
 }
 
 /// The next tokens of one sequence in a batched forward pass.

@@ -33,6 +33,8 @@ const LAYERS: &[&[&str]] = &[
     &["deltanet", "store"],
     &["moe"],
     &["model"],
+    // The decoder on the backend chosen at run time.
+    &["dispatch"],
     &["arch"],
     // What is done with a built model before it runs.
     &["quantize", "hotset"],

@@ -419,7 +419,7 @@ async fn model_by_id(State(app): State<Arc<App>>, Path(id): Path<String>) -> Res
 
 async fn metrics_route(State(app): State<Arc<App>>) -> Response {
     let engine = app.engine.get();
-    let stats = engine.map(|e| e.model.decoder.store.stats().per_layer);
+    let stats = engine.map(|e| e.model.decoder.store().stats().per_layer);
     let body = app
         .metrics
         .render(stats.as_deref(), engine.map(|e| e.batcher.counters()));

@@ -18,8 +18,7 @@
 //! moves it onto a device once, at load.
 
 pub mod cpu;
-mod cubin;
-mod cuda;
+pub mod cuda;
 #[cfg(test)]
 mod traced;
 
@@ -34,8 +33,7 @@ use crate::error::Result;
 use crate::weights::TensorRef;
 
 pub use cpu::Cpu;
-pub use cubin::{Cubin, CubinCache};
-pub use cuda::{probe, Cuda, CudaDevice};
+pub use cuda::{probe, CubinCache, Cuda, CudaDevice};
 
 /// The host form of a model: what architecture files build and the quantizer and the cache
 /// rewrite (weights as mapped or converted host tensors). It is the CPU backend's own form, so
@@ -64,8 +62,8 @@ impl DeviceKind {
     pub fn resolve(self) -> Result<DeviceKind> {
         match self {
             DeviceKind::Cpu | DeviceKind::Sim => Ok(self),
-            DeviceKind::Cuda => Cuda::new(0).map(|_| DeviceKind::Cuda),
-            DeviceKind::Auto => Ok(match Cuda::new(0) {
+            DeviceKind::Cuda => cuda::usable(0).map(|_| DeviceKind::Cuda),
+            DeviceKind::Auto => Ok(match cuda::usable(0) {
                 Ok(_) => DeviceKind::Cuda,
                 Err(e) => {
                     tracing::info!("device = \"auto\": {e}; computing on the CPU");
@@ -229,6 +227,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Short name for logs and reports.
     fn name(&self) -> &'static str;
 
+    /// The first failure of an operation since the last call, if any. Ops cannot return
+    /// errors (a device reports them late), so a backend keeps the first and the decoder asks
+    /// at the end of every forward pass. Default: none (the CPU's ops cannot fail).
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Makes a host weight (mapped, converted or cached) resident on this backend.
     fn upload_weight(&self, t: TensorRef) -> Result<Self::Weight>;
     /// Makes a small host vector resident on this backend.
@@ -332,14 +337,18 @@ pub enum AnyBackend {
 }
 
 /// The one place a `device` setting picks a backend: `cpu` and `sim` compute on the CPU (with
-/// `activations`); `cuda` opens the GPU backend, which fails with a clear error where the
-/// machine has none; `auto` takes the GPU when it opens, else the CPU (the planner's
-/// [`DeviceKind::resolve`] says why, once). The GPU is probed once per call.
-pub fn select(device: DeviceKind, activations: Activations) -> Result<AnyBackend> {
+/// `activations`); `cuda` opens the GPU backend (kernels compiled into `cache_dir`), which fails
+/// with a clear error where the machine has none; `auto` takes the GPU when it opens, else the
+/// CPU (the planner's [`DeviceKind::resolve`] says why, once). The GPU is probed once per call.
+pub fn select(
+    device: DeviceKind,
+    activations: Activations,
+    cache_dir: &std::path::Path,
+) -> Result<AnyBackend> {
     let cpu = || AnyBackend::Cpu(Cpu::new(activations));
     Ok(match device {
         DeviceKind::Cpu | DeviceKind::Sim => cpu(),
-        DeviceKind::Cuda => AnyBackend::Cuda(Cuda::new(0)?),
-        DeviceKind::Auto => Cuda::new(0).map_or_else(|_| cpu(), AnyBackend::Cuda),
+        DeviceKind::Cuda => AnyBackend::Cuda(Cuda::new(0, cache_dir)?),
+        DeviceKind::Auto => Cuda::new(0, cache_dir).map_or_else(|_| cpu(), AnyBackend::Cuda),
     })
 }

@@ -102,6 +102,76 @@ impl KvCache {
     }
 }
 
+/// The `group` query heads `qg` (`[group, hd]`) that share one KV head, attending over `n`
+/// cached positions: `ck` / `cv` start at that head's values in the first attended row, rows
+/// `kvr` apart. Scores are scaled by `scale` and soft-maxed in f32 with the maximum subtracted.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_group(
+    qg: &[f32],
+    group: usize,
+    hd: usize,
+    ck: &[f32],
+    cv: &[f32],
+    kvr: usize,
+    n: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let mut scores = vec![0f32; group * n];
+    moe_kernels::dot_rows_strided(qg, group, hd, ck, kvr, n, &mut scores);
+    for row in scores.chunks_exact_mut(n) {
+        let mut max = f32::NEG_INFINITY;
+        for s in row.iter_mut() {
+            *s *= scale;
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        for s in row.iter_mut() {
+            *s /= sum;
+        }
+    }
+    moe_kernels::weighted_sum_strided(&scores, group, n, cv, kvr, hd, out);
+}
+
+/// `src` in a cache's element type, as stored bytes (what [`KvData`] holds for it).
+pub fn encode_kv(elem: KvElem, src: &[f32]) -> Vec<u8> {
+    match elem {
+        KvElem::F32 => bytemuck::cast_slice(src).to_vec(),
+        KvElem::Bf16 => src
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
+            .collect(),
+        KvElem::F16 => src
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes())
+            .collect(),
+    }
+}
+
+/// Stored cache bytes of element type `elem` widened to f32 (as attention reads them).
+pub fn decode_kv(elem: KvElem, bytes: &[u8]) -> Vec<f32> {
+    match elem {
+        KvElem::F32 => bytemuck::pod_collect_to_vec(bytes),
+        KvElem::Bf16 | KvElem::F16 => {
+            let bits: Vec<u16> = bytemuck::pod_collect_to_vec(bytes);
+            let mut out = vec![0f32; bits.len()];
+            let w = if elem == KvElem::Bf16 {
+                moe_kernels::Weights::Bf16(bytemuck::cast_slice(&bits))
+            } else {
+                moe_kernels::Weights::F16(bytemuck::cast_slice(&bits))
+            };
+            if !out.is_empty() {
+                moe_kernels::row_to_f32(w, 0, out.len(), &mut out);
+            }
+            out
+        }
+    }
+}
+
 /// See [`crate::backend::Backend::attend`].
 pub fn attend(
     q: &[f32],
@@ -170,24 +240,7 @@ pub fn attend(
             // Heads kvh·group .. (kvh + 1)·group are adjacent in q's row.
             let qg = &q[r * nh * hd + kvh * group * hd..][..group * hd];
             let base = (first - lo) * kvr + kvh * hd;
-            let mut scores = vec![0f32; group * n];
-            moe_kernels::dot_rows_strided(qg, group, hd, &ck[base..], kvr, n, &mut scores);
-            for row in scores.chunks_exact_mut(n) {
-                let mut max = f32::NEG_INFINITY;
-                for s in row.iter_mut() {
-                    *s *= scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0f32;
-                for s in row.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                for s in row.iter_mut() {
-                    *s /= sum;
-                }
-            }
-            moe_kernels::weighted_sum_strided(&scores, group, n, &cv[base..], kvr, hd, out);
+            attend_group(qg, group, hd, &ck[base..], &cv[base..], kvr, n, scale, out);
         });
     attn
 }

@@ -76,6 +76,47 @@ pub fn glu(g: &[f32], u: &mut [f32], kind: Glu) {
     }
 }
 
+/// `out[r] += sigmoid(gate[r]) * y[r]` for `width`-wide rows (the backend's `add_gated_rows`).
+pub fn add_gated_rows(out: &mut [f32], y: &[f32], gate: &[f32], width: usize) {
+    for ((o, yr), g) in out
+        .chunks_exact_mut(width)
+        .zip(y.chunks_exact(width))
+        .zip(gate)
+    {
+        let sig = 1.0 / (1.0 + (-g).exp());
+        for (o, y) in o.iter_mut().zip(yr) {
+            *o += sig * y;
+        }
+    }
+}
+
+/// Adds `b` to every `b.len()`-wide row of `x` (a matmul's bias).
+pub fn add_bias_rows(x: &mut [f32], b: &[f32]) {
+    for row in x.chunks_exact_mut(b.len()) {
+        for (o, b) in row.iter_mut().zip(b) {
+            *o += b;
+        }
+    }
+}
+
+/// `x = clamp(x, -limit, limit)` (NaN stays NaN).
+pub fn clamp(x: &mut [f32], limit: f32) {
+    for v in x.iter_mut() {
+        *v = v.clamp(-limit, limit);
+    }
+}
+
+/// Splits every `2d`-wide block of `x` into its first and second halves, gathered.
+pub fn split_halves(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut a = Vec::with_capacity(x.len() / 2);
+    let mut b = Vec::with_capacity(x.len() / 2);
+    for block in x.chunks_exact(2 * d) {
+        a.extend_from_slice(&block[..d]);
+        b.extend_from_slice(&block[d..]);
+    }
+    (a, b)
+}
+
 /// Rotates every `head_dim`-wide head of `row` for absolute position `pos` (rotate-half
 /// convention over the first `rot_dim` values of each head).
 pub fn rope_row(rope: &Rope, row: &mut [f32], head_dim: usize, pos: usize) {
@@ -150,11 +191,7 @@ impl Backend for Cpu {
         let wk = w.weights();
         Input::new(x, rows, n_in, self.activations, &[wk]).matmul(wk, n_out, &mut out, true);
         if let Some(b) = bias {
-            for row in out.chunks_exact_mut(n_out) {
-                for (o, b) in row.iter_mut().zip(b) {
-                    *o += b;
-                }
-            }
+            add_bias_rows(&mut out, b);
         }
         out
     }
@@ -182,19 +219,11 @@ impl Backend for Cpu {
     }
 
     fn split_halves(&self, x: &Vec<f32>, d: usize) -> (Vec<f32>, Vec<f32>) {
-        let mut a = Vec::with_capacity(x.len() / 2);
-        let mut b = Vec::with_capacity(x.len() / 2);
-        for block in x.chunks_exact(2 * d) {
-            a.extend_from_slice(&block[..d]);
-            b.extend_from_slice(&block[d..]);
-        }
-        (a, b)
+        split_halves(x, d)
     }
 
     fn clamp(&self, x: &mut Vec<f32>, limit: f32) {
-        for v in x.iter_mut() {
-            *v = v.clamp(-limit, limit);
-        }
+        clamp(x, limit)
     }
 
     fn rope(
@@ -227,16 +256,7 @@ impl Backend for Cpu {
     }
 
     fn add_gated_rows(&self, out: &mut Vec<f32>, y: &Vec<f32>, gate: &Vec<f32>, width: usize) {
-        for ((o, yr), g) in out
-            .chunks_exact_mut(width)
-            .zip(y.chunks_exact(width))
-            .zip(gate)
-        {
-            let sig = 1.0 / (1.0 + (-g).exp());
-            for (o, y) in o.iter_mut().zip(yr) {
-                *o += sig * y;
-            }
-        }
+        add_gated_rows(out, y, gate, width)
     }
 
     fn route(

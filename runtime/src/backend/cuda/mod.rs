@@ -1,0 +1,877 @@
+//! The CUDA backend: weights, activations, KV caches and recurrent state in device memory,
+//! computed by the kernels of `moe_kernels::cuda` launched by name through a [`Gpu`] (the CUDA
+//! driver, or the mock device that runs each kernel's CPU twin).
+//!
+//! Every device buffer comes from one accounting allocator ([`Vram`]) whose cap is the planned
+//! VRAM budget. Backend ops cannot return errors, so a failed operation (an allocation past the
+//! cap, a driver error) is kept as this backend's fault: later operations are skipped and the
+//! decoder's [`Backend::check`] returns it at the end of the forward pass.
+//!
+//! What runs where: embedding, matmuls (+ bias), norms, RoPE, the elementwise ops, KV stores and
+//! attention run as kernels; routing takes the router logits to the host (one small copy per
+//! MoE layer, which the expert store needs anyway) and runs the CPU rule; the gated DeltaNet
+//! mixer runs its CPU code over states copied to the host and back (its prefill kernels are
+//! still to come); experts are computed by the expert store.
+//!
+//! Invariants: on the mock device every result equals the CPU backend's (activations `f32`)
+//! bit for bit; on a GPU dequantization, elementwise ops and KV stores are bit-exact with the
+//! CPU and reductions (matvec, norms, attention) are deterministic and within the tolerances
+//! ARCHITECTURE.md states; the host checks each kernel's launch requirements (block-multiple
+//! row lengths, head_dim within the attention kernel's limit) before launching.
+
+mod cubin;
+pub mod driver;
+pub mod gpu;
+pub mod mock;
+mod probe;
+pub mod signature;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+pub use cubin::{Cubin, CubinCache};
+pub use gpu::{DevBuf, DevPtr, Gpu, Grid, KArg, Vram, VramUsage};
+pub use probe::{probe, CudaDevice};
+
+use crate::backend::cpu::{self, LinearState};
+use crate::backend::{AttnShape, Backend, Cpu, DeltaNetParams, Glu, KvElem, RouterRule, Routing};
+use crate::config::Rope;
+use crate::error::{Error, Result};
+use crate::weights::{Dtype, TensorRef};
+
+/// Largest head_dim the attention kernel takes (`ATT_MAX_HEAD_DIM` in attention.cu).
+pub const ATTENTION_MAX_HEAD_DIM: usize = 256;
+
+/// KV caches grow by whole multiples of this many positions: a copy per 256 new tokens, and at
+/// most 255 unused positions per cache.
+const KV_GROW_POSITIONS: usize = 256;
+
+/// Most blocks a grid-stride kernel is launched with (enough to fill any current GPU).
+const MAX_STRIDE_BLOCKS: usize = 8192;
+
+/// The GPU backend (see the module doc).
+pub struct Cuda {
+    gpu: Arc<dyn Gpu>,
+    vram: Arc<Vram>,
+    fault: Mutex<Option<Error>>,
+    /// RoPE frequency tables on the device, by their bits (one per distinct table).
+    rope_tables: Mutex<HashMap<Vec<u32>, Arc<DevBuf>>>,
+}
+
+/// A resident weight on the device, in its stored type.
+pub struct DevWeight {
+    buf: DevBuf,
+    dtype: Dtype,
+    numel: usize,
+}
+
+/// A small f32 vector on the device, with its host copy (routing biases and the DeltaNet
+/// parameters are read on the host).
+pub struct DevVec {
+    buf: DevBuf,
+    host: Vec<f32>,
+}
+
+/// One attention layer's KV cache on the device: `cap` positions of `[kv_heads * head_dim]`
+/// values in `elem`, the first `len` valid.
+pub struct DevKv {
+    k: DevBuf,
+    v: DevBuf,
+    elem: KvElem,
+    len: usize,
+    cap: usize,
+}
+
+/// One DeltaNet layer's state on the device.
+pub struct DevRecurrent {
+    conv: DevBuf,
+    ssm: DevBuf,
+    conv_len: usize,
+    ssm_len: usize,
+}
+
+/// Whether CUDA can run here: the probe of device `ordinal` and NVRTC (kernels compile at first
+/// use), without opening a context for a model.
+pub fn usable(ordinal: usize) -> Result<CudaDevice> {
+    let dev = probe(ordinal)?;
+    moe_kernels::nvrtc::probe()
+        .map_err(|e| probe::unavailable(format!("{e}; set device = \"cpu\"")))?;
+    Ok(dev)
+}
+
+/// A device copy of `src` (used by the state types' `Clone`, which cannot fail: a failure
+/// leaves an empty buffer and is reported by the next operation that needs it).
+fn clone_buf(src: &DevBuf) -> DevBuf {
+    let vram = src.vram().clone();
+    match vram.alloc(src.bytes()) {
+        Ok(b) => {
+            if src.bytes() > 0 {
+                if let Err(e) = vram.gpu().dtod(b.ptr(), src.ptr(), src.bytes()) {
+                    tracing::error!("copying a device state failed: {e}");
+                }
+            }
+            b
+        }
+        Err(e) => {
+            tracing::error!("copying a device state failed: {e}");
+            vram.alloc(0).expect("an empty buffer always exists")
+        }
+    }
+}
+
+impl Clone for DevKv {
+    fn clone(&self) -> Self {
+        DevKv {
+            k: clone_buf(&self.k),
+            v: clone_buf(&self.v),
+            elem: self.elem,
+            len: self.len,
+            cap: self.cap,
+        }
+    }
+}
+
+impl Clone for DevRecurrent {
+    fn clone(&self) -> Self {
+        DevRecurrent {
+            conv: clone_buf(&self.conv),
+            ssm: clone_buf(&self.ssm),
+            conv_len: self.conv_len,
+            ssm_len: self.ssm_len,
+        }
+    }
+}
+
+/// Blocks for a grid-stride kernel over `n` elements.
+fn stride_blocks(n: usize) -> u32 {
+    n.div_ceil(moe_kernels::cuda::BLOCK_THREADS as usize)
+        .clamp(1, MAX_STRIDE_BLOCKS) as u32
+}
+
+/// Blocks to cover `n` columns with one thread each.
+fn col_blocks(n: usize) -> u32 {
+    n.div_ceil(moe_kernels::cuda::BLOCK_THREADS as usize).max(1) as u32
+}
+
+fn u32_of(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+impl Cuda {
+    /// The backend on `gpu`, allocating at most `cap_bytes` (the planner lowers or raises the
+    /// cap to the planned budget with [`Cuda::set_vram_cap`]).
+    pub fn on(gpu: Arc<dyn Gpu>, cap_bytes: u64) -> Cuda {
+        Cuda {
+            vram: Vram::new(gpu.clone(), cap_bytes),
+            gpu,
+            fault: Mutex::new(None),
+            rope_tables: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The backend on the mock device (host memory, CPU twins): the CUDA path without a GPU.
+    pub fn mock(cap_bytes: u64) -> Cuda {
+        Cuda::on(Arc::new(mock::MockGpu::new()), cap_bytes)
+    }
+
+    /// Opens GPU `ordinal` through the CUDA driver, compiling kernels into (or loading them
+    /// from) `cache_dir`; the VRAM cap starts at the device's free memory.
+    pub fn new(ordinal: usize, cache_dir: &std::path::Path) -> Result<Cuda> {
+        let dev = probe(ordinal)?;
+        let gpu = driver::DriverGpu::open(&dev, cache_dir)?;
+        Ok(Cuda::on(Arc::new(gpu), dev.free_bytes))
+    }
+
+    /// What the backend computes on.
+    pub fn describe(&self) -> String {
+        self.gpu.describe()
+    }
+
+    /// The device interface (tests read the mock's launch log through it).
+    pub fn gpu(&self) -> &Arc<dyn Gpu> {
+        &self.gpu
+    }
+
+    /// Sets the VRAM cap (the planned budget).
+    pub fn set_vram_cap(&mut self, cap_bytes: u64) {
+        let vram = Vram::new(self.gpu.clone(), cap_bytes);
+        self.vram = vram;
+    }
+
+    pub fn vram_usage(&self) -> VramUsage {
+        self.vram.usage()
+    }
+
+    fn faulted(&self) -> bool {
+        self.fault.lock().is_some()
+    }
+
+    /// Keeps the first failure (see the module doc).
+    fn record(&self, e: Error) {
+        let mut f = self.fault.lock();
+        if f.is_none() {
+            tracing::error!("{e}");
+            *f = Some(e);
+        }
+    }
+
+    fn ok<T>(&self, r: Result<T>) -> Option<T> {
+        r.map_err(|e| self.record(e)).ok()
+    }
+
+    /// A buffer of `bytes`, or an empty one after recording the failure.
+    fn alloc(&self, bytes: usize) -> DevBuf {
+        match self.vram.alloc(bytes) {
+            Ok(b) => b,
+            Err(e) => {
+                self.record(e);
+                self.vram.alloc(0).expect("an empty buffer always exists")
+            }
+        }
+    }
+
+    fn launch(&self, kernel: &'static str, grid: Grid, args: &[KArg]) {
+        if !self.faulted() {
+            let r = self.gpu.launch(kernel, grid, args);
+            self.ok(r);
+        }
+    }
+
+    fn upload<T: bytemuck::Pod>(&self, v: &[T]) -> DevBuf {
+        let bytes: &[u8] = bytemuck::cast_slice(v);
+        let b = self.alloc(bytes.len());
+        if !self.faulted() && !bytes.is_empty() {
+            let r = self.gpu.htod(b.ptr(), bytes);
+            self.ok(r);
+        }
+        b
+    }
+
+    fn f32_buf(&self, n: usize) -> DevBuf {
+        self.alloc(n * 4)
+    }
+
+    fn n_f32(x: &DevBuf) -> usize {
+        x.bytes() / 4
+    }
+
+    /// A host check before a launch failed: no launch, the forward pass fails with `reason`.
+    fn refuse(&self, reason: String) {
+        self.record(Error::Device {
+            reason,
+            fatal: false,
+        });
+    }
+
+    fn rope_table(&self, rope: &Rope) -> Arc<DevBuf> {
+        let key: Vec<u32> = rope.inv_freq.iter().map(|f| f.to_bits()).collect();
+        if let Some(b) = self.rope_tables.lock().get(&key) {
+            return b.clone();
+        }
+        let b = Arc::new(self.upload(&rope.inv_freq));
+        self.rope_tables.lock().insert(key, b.clone());
+        b
+    }
+
+    /// Makes room in `kv` for `n` more positions of `row` values.
+    fn kv_reserve(&self, kv: &mut DevKv, n: usize, row: usize) {
+        if kv.len + n <= kv.cap {
+            return;
+        }
+        let cap = (kv.len + n).next_multiple_of(KV_GROW_POSITIONS);
+        let eb = kv.elem.elem_bytes() as usize;
+        let (k, v) = (self.alloc(cap * row * eb), self.alloc(cap * row * eb));
+        let used = kv.len * row * eb;
+        if used > 0 && !self.faulted() {
+            let r = self
+                .gpu
+                .dtod(k.ptr(), kv.k.ptr(), used)
+                .and_then(|()| self.gpu.dtod(v.ptr(), kv.v.ptr(), used));
+            self.ok(r);
+        }
+        if !self.faulted() {
+            kv.k = k;
+            kv.v = v;
+            kv.cap = cap;
+        }
+    }
+
+    fn host_f32(&self, x: &DevBuf) -> Vec<f32> {
+        let mut out = vec![0f32; Self::n_f32(x)];
+        if !self.faulted() && !out.is_empty() {
+            let r = self.gpu.dtoh(x.ptr(), bytemuck::cast_slice_mut(&mut out));
+            self.ok(r);
+        }
+        out
+    }
+
+    fn store_f32(&self, dst: &DevBuf, v: &[f32]) {
+        if !self.faulted() && !v.is_empty() {
+            let r = self.gpu.htod(dst.ptr(), bytemuck::cast_slice(v));
+            self.ok(r);
+        }
+    }
+}
+
+/// The kernel name suffix of a weight type (`matvec_<suffix>`, `dequant_<suffix>`).
+fn kernel_suffix(dtype: Dtype) -> Option<&'static str> {
+    Some(match dtype {
+        Dtype::F32 => "f32",
+        Dtype::Bf16 => "bf16",
+        Dtype::F16 => "f16",
+        Dtype::Q8_0 => "q8_0",
+        Dtype::Q4K => "q4_k",
+        Dtype::F8B128 => "f8",
+        Dtype::Nf4 => "nf4",
+        Dtype::Fp4 => "fp4",
+        _ => return None,
+    })
+}
+
+fn matvec_kernel(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => "matvec_f32",
+        Dtype::Bf16 => "matvec_bf16",
+        Dtype::F16 => "matvec_f16",
+        Dtype::Q8_0 => "matvec_q8_0",
+        Dtype::Q4K => "matvec_q4_k",
+        Dtype::F8B128 => "matvec_f8",
+        Dtype::Nf4 => "matvec_nf4",
+        _ => "matvec_fp4",
+    }
+}
+
+fn dequant_kernel(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::Q8_0 => "dequant_q8_0",
+        Dtype::Q4K => "dequant_q4_k",
+        Dtype::F8B128 => "dequant_f8",
+        Dtype::Nf4 => "dequant_nf4",
+        _ => "dequant_fp4",
+    }
+}
+
+fn kv_kernels(elem: KvElem) -> (&'static str, &'static str) {
+    match elem {
+        KvElem::F32 => ("kv_store_f32", "attention_decode_f32"),
+        KvElem::Bf16 => ("kv_store_bf16", "attention_decode_bf16"),
+        KvElem::F16 => ("kv_store_f16", "attention_decode_f16"),
+    }
+}
+
+impl Backend for Cuda {
+    type Weight = DevWeight;
+    type Vector = DevVec;
+    type Act = DevBuf;
+    type Kv = DevKv;
+    type Recurrent = DevRecurrent;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn check(&self) -> Result<()> {
+        match self.fault.lock().take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn upload_weight(&self, t: TensorRef) -> Result<DevWeight> {
+        if kernel_suffix(t.dtype).is_none() {
+            return Err(Error::BadTensor {
+                name: t.name.to_string(),
+                reason: format!("dtype {} has no CUDA kernels", t.dtype.name()),
+            });
+        }
+        if t.is_virtual() {
+            return Err(Error::BadTensor {
+                name: t.name.to_string(),
+                reason: "has no data (planned without weights)".into(),
+            });
+        }
+        let bytes = t.bytes();
+        let buf = self.vram.alloc(bytes.len())?;
+        if !bytes.is_empty() {
+            self.gpu.htod(buf.ptr(), bytes)?;
+        }
+        Ok(DevWeight {
+            buf,
+            dtype: t.dtype,
+            numel: t.numel(),
+        })
+    }
+
+    fn upload_vector(&self, v: Vec<f32>) -> Result<DevVec> {
+        let buf = self.vram.alloc(v.len() * 4)?;
+        if !v.is_empty() {
+            self.gpu.htod(buf.ptr(), bytemuck::cast_slice(&v))?;
+        }
+        Ok(DevVec { buf, host: v })
+    }
+
+    fn act_from_host(&self, v: Vec<f32>) -> DevBuf {
+        self.upload(&v)
+    }
+
+    fn to_host<'a>(&self, x: &'a DevBuf) -> Cow<'a, [f32]> {
+        Cow::Owned(self.host_f32(x))
+    }
+
+    fn embed(&self, table: &DevWeight, ids: &[u32], width: usize) -> DevBuf {
+        let out = self.f32_buf(ids.len() * width);
+        if ids.is_empty() || width == 0 {
+            return out;
+        }
+        let vocab = table.numel / width;
+        match table.dtype {
+            Dtype::F32 | Dtype::Bf16 | Dtype::F16 => {
+                let kernel = match table.dtype {
+                    Dtype::F32 => "embed_f32",
+                    Dtype::Bf16 => "embed_bf16",
+                    _ => "embed_f16",
+                };
+                let ids_d = self.upload(ids);
+                self.launch(
+                    kernel,
+                    [u32_of(ids.len()), col_blocks(width), 1],
+                    &[
+                        table.buf.arg(),
+                        ids_d.arg(),
+                        KArg::U32(u32_of(ids.len())),
+                        KArg::U32(u32_of(vocab)),
+                        KArg::U32(u32_of(width)),
+                        out.arg(),
+                    ],
+                );
+            }
+            dtype => {
+                // A block-quantized table: each row dequantized on its own.
+                let (block, block_bytes) = dtype.block().expect("a block format");
+                if !width.is_multiple_of(block) {
+                    self.refuse(format!(
+                        "embedding rows of {width} values are not whole {block}-value blocks"
+                    ));
+                    return out;
+                }
+                let row_bytes = width / block * block_bytes;
+                for (i, &id) in ids.iter().enumerate() {
+                    self.launch(
+                        dequant_kernel(dtype),
+                        [col_blocks(width), 1, 1],
+                        &[
+                            KArg::Ptr(table.buf.at(id as usize * row_bytes)),
+                            KArg::U64((width / block) as u64),
+                            KArg::Ptr(out.at(i * width * 4)),
+                        ],
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    fn matmul(
+        &self,
+        x: &DevBuf,
+        rows: usize,
+        w: &DevWeight,
+        n_in: usize,
+        n_out: usize,
+        bias: Option<&DevVec>,
+    ) -> DevBuf {
+        let out = self.f32_buf(rows * n_out);
+        if rows == 0 || n_out == 0 {
+            return out;
+        }
+        if let Some((block, _)) = w.dtype.block() {
+            if !n_in.is_multiple_of(block) {
+                self.refuse(format!(
+                    "a {} weight with rows of {n_in} values: not whole {block}-value blocks",
+                    w.dtype.name()
+                ));
+                return out;
+            }
+        }
+        self.launch(
+            matvec_kernel(w.dtype),
+            [u32_of(n_out.div_ceil(8)), 1, 1],
+            &[
+                x.arg(),
+                w.buf.arg(),
+                out.arg(),
+                KArg::U32(u32_of(rows)),
+                KArg::U32(u32_of(n_out)),
+                KArg::U32(u32_of(n_in)),
+            ],
+        );
+        if let Some(b) = bias {
+            self.launch(
+                "add_rows_f32",
+                [u32_of(rows), col_blocks(n_out), 1],
+                &[
+                    out.arg(),
+                    b.buf.arg(),
+                    KArg::U32(u32_of(rows)),
+                    KArg::U32(u32_of(n_out)),
+                ],
+            );
+        }
+        out
+    }
+
+    fn rms_norm(&self, x: &mut DevBuf, w: &DevVec, width: usize, eps: f32) {
+        let rows = Self::n_f32(x) / width.max(1);
+        if rows == 0 {
+            return;
+        }
+        self.launch(
+            "rms_norm_f32",
+            [u32_of(rows), 1, 1],
+            &[
+                x.arg(),
+                w.buf.arg(),
+                KArg::U32(u32_of(rows)),
+                KArg::U32(u32_of(width)),
+                KArg::F32(eps),
+            ],
+        );
+    }
+
+    fn copy(&self, x: &DevBuf) -> DevBuf {
+        let out = self.alloc(x.bytes());
+        if x.bytes() > 0 && !self.faulted() {
+            let r = self.gpu.dtod(out.ptr(), x.ptr(), x.bytes());
+            self.ok(r);
+        }
+        out
+    }
+
+    fn add(&self, x: &mut DevBuf, y: &DevBuf) {
+        let n = Self::n_f32(x);
+        if n > 0 {
+            self.launch(
+                "add_f32",
+                [stride_blocks(n), 1, 1],
+                &[x.arg(), y.arg(), KArg::U32(u32_of(n))],
+            );
+        }
+    }
+
+    fn take_rows(&self, x: &DevBuf, width: usize, ranges: &[Range<usize>]) -> DevBuf {
+        let total: usize = ranges.iter().map(|r| r.len()).sum();
+        let out = self.f32_buf(total * width);
+        let mut at = 0;
+        for r in ranges.iter().filter(|r| !r.is_empty()) {
+            let bytes = r.len() * width * 4;
+            if !self.faulted() {
+                let res = self.gpu.dtod(out.at(at), x.at(r.start * width * 4), bytes);
+                self.ok(res);
+            }
+            at += bytes;
+        }
+        out
+    }
+
+    fn split_halves(&self, x: &DevBuf, d: usize) -> (DevBuf, DevBuf) {
+        let n = Self::n_f32(x);
+        let (a, b) = (self.f32_buf(n / 2), self.f32_buf(n / 2));
+        let blocks = n / (2 * d).max(1);
+        if blocks > 0 {
+            self.launch(
+                "split_halves_f32",
+                [u32_of(blocks), col_blocks(d), 1],
+                &[
+                    x.arg(),
+                    a.arg(),
+                    b.arg(),
+                    KArg::U32(u32_of(blocks)),
+                    KArg::U32(u32_of(d)),
+                ],
+            );
+        }
+        (a, b)
+    }
+
+    fn clamp(&self, x: &mut DevBuf, limit: f32) {
+        let n = Self::n_f32(x);
+        if limit.is_nan() || limit < 0.0 {
+            // The CPU's clamp refuses such a limit too (config validation keeps it positive).
+            self.refuse(format!("clamp limit {limit} is not a non-negative number"));
+            return;
+        }
+        if n > 0 {
+            self.launch(
+                "clamp_f32",
+                [stride_blocks(n), 1, 1],
+                &[x.arg(), KArg::U32(u32_of(n)), KArg::F32(limit)],
+            );
+        }
+    }
+
+    fn rope(
+        &self,
+        q: &mut DevBuf,
+        k: &mut DevBuf,
+        head_dim: usize,
+        positions: &[usize],
+        rope: &Rope,
+    ) {
+        let rows = positions.len();
+        if rows == 0 || rope.rot_dim == 0 {
+            return;
+        }
+        let (qw, kw) = (Self::n_f32(q) / rows, Self::n_f32(k) / rows);
+        let pos: Vec<u32> = positions.iter().map(|&p| u32_of(p)).collect();
+        let pos_d = self.upload(&pos);
+        let table = self.rope_table(rope);
+        self.launch(
+            "rope_f32",
+            [u32_of(rows), 1, 1],
+            &[
+                q.arg(),
+                k.arg(),
+                pos_d.arg(),
+                table.arg(),
+                KArg::U32(u32_of(rows)),
+                KArg::U32(u32_of(qw)),
+                KArg::U32(u32_of(kw)),
+                KArg::U32(u32_of(head_dim)),
+                KArg::U32(u32_of(rope.rot_dim)),
+                KArg::F32(rope.attention_scaling),
+            ],
+        );
+    }
+
+    fn mul_sigmoid(&self, x: &mut DevBuf, gate: &DevBuf) {
+        let n = Self::n_f32(x);
+        if n > 0 {
+            self.launch(
+                "mul_sigmoid_f32",
+                [stride_blocks(n), 1, 1],
+                &[x.arg(), gate.arg(), KArg::U32(u32_of(n))],
+            );
+        }
+    }
+
+    fn glu(&self, gate: &DevBuf, up: &mut DevBuf, kind: Glu) {
+        let n = Self::n_f32(up);
+        if n == 0 {
+            return;
+        }
+        let grid = [stride_blocks(n), 1, 1];
+        match kind {
+            Glu::SwiGlu => self.launch(
+                "silu_mul_f32",
+                grid,
+                &[gate.arg(), up.arg(), KArg::U32(u32_of(n))],
+            ),
+            Glu::ClampedSwiGlu { limit, alpha } => self.launch(
+                "glu_clamped_f32",
+                grid,
+                &[
+                    gate.arg(),
+                    up.arg(),
+                    KArg::U32(u32_of(n)),
+                    KArg::F32(limit),
+                    KArg::F32(alpha),
+                ],
+            ),
+        }
+    }
+
+    fn add_gated_rows(&self, out: &mut DevBuf, y: &DevBuf, gate: &DevBuf, width: usize) {
+        let rows = Self::n_f32(gate);
+        if rows == 0 || width == 0 {
+            return;
+        }
+        self.launch(
+            "add_gated_rows_f32",
+            [u32_of(rows), col_blocks(width), 1],
+            &[
+                out.arg(),
+                y.arg(),
+                gate.arg(),
+                KArg::U32(u32_of(rows)),
+                KArg::U32(u32_of(width)),
+            ],
+        );
+    }
+
+    fn route(&self, logits: DevBuf, rule: &RouterRule, selection_bias: Option<&DevVec>) -> Routing {
+        // The logits come to the host (the store decides hits and misses there) and the CPU
+        // rule picks: the same routing as the CPU backend, bit for bit.
+        let host = self.host_f32(&logits);
+        cpu::route::route(host, rule, selection_bias.map(|b| &b.host[..]))
+    }
+
+    fn kv_new(&self, elem: KvElem) -> DevKv {
+        DevKv {
+            k: self.alloc(0),
+            v: self.alloc(0),
+            elem,
+            len: 0,
+            cap: 0,
+        }
+    }
+
+    fn kv_len(&self, kv: &DevKv) -> usize {
+        kv.len
+    }
+
+    fn kv_truncate(&self, kv: &mut DevKv, len: usize, _row: usize) {
+        kv.len = kv.len.min(len);
+    }
+
+    fn kv_bytes(&self, kv: &DevKv) -> usize {
+        kv.k.bytes() + kv.v.bytes()
+    }
+
+    fn attend(
+        &self,
+        q: &DevBuf,
+        k: &DevBuf,
+        v: &DevBuf,
+        lens: &[usize],
+        caches: &mut [&mut DevKv],
+        shape: &AttnShape,
+    ) -> DevBuf {
+        let (nh, nkv, hd) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
+        let rows: usize = lens.iter().sum();
+        let out = self.f32_buf(rows * nh * hd);
+        if rows == 0 {
+            return out;
+        }
+        if hd > ATTENTION_MAX_HEAD_DIM || nkv == 0 || nh % nkv != 0 {
+            self.refuse(format!(
+                "attention with {nh} heads, {nkv} KV heads and head_dim {hd}: the CUDA kernel \
+                 takes head_dim <= {ATTENTION_MAX_HEAD_DIM} and heads a multiple of KV heads"
+            ));
+            return out;
+        }
+        let kvr = nkv * hd;
+        let mut k_addr = Vec::with_capacity(rows);
+        let mut v_addr = Vec::with_capacity(rows);
+        let mut pos = Vec::with_capacity(rows);
+        let mut row0 = 0;
+        let mut attention = None;
+        for (&n, kv) in lens.iter().zip(caches.iter_mut()) {
+            self.kv_reserve(kv, n, kvr);
+            let (store, attend) = kv_kernels(kv.elem);
+            attention = Some(attend);
+            let eb = kv.elem.elem_bytes() as usize;
+            for (src, dst) in [(k, &kv.k), (v, &kv.v)] {
+                self.launch(
+                    store,
+                    [stride_blocks(n * kvr), 1, 1],
+                    &[
+                        KArg::Ptr(src.at(row0 * kvr * 4)),
+                        KArg::Ptr(dst.at(kv.len * kvr * eb)),
+                        KArg::U64((n * kvr) as u64),
+                    ],
+                );
+            }
+            for i in 0..n {
+                k_addr.push(kv.k.ptr());
+                v_addr.push(kv.v.ptr());
+                pos.push(u32_of(kv.len + i));
+            }
+            kv.len += n;
+            row0 += n;
+        }
+        let Some(kernel) = attention else {
+            return out;
+        };
+        if caches.iter().any(|c| kv_kernels(c.elem).1 != kernel) {
+            self.refuse("sequences of one batch hold KV caches of different types".into());
+            return out;
+        }
+        let (k_addr, v_addr, pos) = (
+            self.upload(&k_addr),
+            self.upload(&v_addr),
+            self.upload(&pos),
+        );
+        let window = shape.sliding_window.filter(|&w| w > 0).map_or(0, u32_of);
+        let scale = (hd as f32).powf(-0.5);
+        self.launch(
+            kernel,
+            [u32_of(rows), u32_of(nkv), 1],
+            &[
+                q.arg(),
+                k_addr.arg(),
+                v_addr.arg(),
+                pos.arg(),
+                KArg::U32(window),
+                KArg::U32(u32_of(nh)),
+                KArg::U32(u32_of(nkv)),
+                KArg::U32(u32_of(hd)),
+                KArg::F32(scale),
+                KArg::U32(1),
+                KArg::Ptr(0),
+                out.arg(),
+            ],
+        );
+        out
+    }
+
+    fn recurrent_new(&self, conv: usize, ssm: usize) -> DevRecurrent {
+        let st = DevRecurrent {
+            conv: self.f32_buf(conv),
+            ssm: self.f32_buf(ssm),
+            conv_len: conv,
+            ssm_len: ssm,
+        };
+        for b in [&st.conv, &st.ssm] {
+            if b.bytes() > 0 && !self.faulted() {
+                let r = self.gpu.zero(b.ptr(), b.bytes());
+                self.ok(r);
+            }
+        }
+        st
+    }
+
+    fn recurrent_bytes(&self, st: &DevRecurrent) -> usize {
+        st.conv.bytes() + st.ssm.bytes()
+    }
+
+    fn delta_net(
+        &self,
+        qkvz: &DevBuf,
+        ba: &DevBuf,
+        p: &DeltaNetParams<'_, Cuda>,
+        lens: &[usize],
+        states: &mut [&mut DevRecurrent],
+    ) -> DevBuf {
+        // The CPU code over host copies of the inputs and states (see the module doc).
+        let (qkvz, ba) = (self.host_f32(qkvz), self.host_f32(ba));
+        let mut host: Vec<LinearState> = states
+            .iter()
+            .map(|st| LinearState {
+                conv: self.host_f32(&st.conv),
+                ssm: self.host_f32(&st.ssm),
+            })
+            .collect();
+        if self.faulted() {
+            return self.alloc(0);
+        }
+        let params = DeltaNetParams::<'_, Cpu> {
+            dims: p.dims,
+            conv_weight: &p.conv_weight.host,
+            neg_a: &p.neg_a.host,
+            dt_bias: &p.dt_bias.host,
+            norm: &p.norm.host,
+            norm_eps: p.norm_eps,
+        };
+        let mut refs: Vec<&mut LinearState> = host.iter_mut().collect();
+        let out = cpu::deltanet::delta_net(&qkvz, &ba, &params, lens, &mut refs);
+        for (st, h) in states.iter().zip(&host) {
+            self.store_f32(&st.conv, &h.conv);
+            self.store_f32(&st.ssm, &h.ssm);
+        }
+        self.upload(&out)
+    }
+}
