@@ -141,6 +141,21 @@ fn the_mock_runs_the_kernels_and_a_too_small_budget_fails_cleanly() {
         assert!(launched.contains(&k), "{k} was not launched: {launched:?}");
     }
     assert!(launched.iter().any(|k| k.starts_with("matvec_")));
+    // Experts ran in VRAM slots: rows gathered there and summed there.
+    for k in ["gather_rows_f32", "moe_sum_f32"] {
+        assert!(launched.contains(&k), "{k} was not launched");
+    }
+    let stats = cuda.decoder.store().stats();
+    assert!(
+        stats.hits + stats.misses > 0
+            && stats
+                .per_layer
+                .iter()
+                .map(|l| l.bytes_to_device)
+                .sum::<u64>()
+                > 0,
+        "{stats:?}"
+    );
     let live = mock.allocations();
     drop(cuda);
     assert!(
@@ -155,4 +170,43 @@ fn the_mock_runs_the_kernels_and_a_too_small_budget_fails_cleanly() {
         .expect("refused")
         .to_string();
     assert!(e.contains("vram_budget"), "{e}");
+}
+
+#[test]
+fn eviction_churn_with_as_many_slots_as_top_k_matches_the_cpu() {
+    for name in [
+        "qwen3_moe",
+        "mixtral",
+        "qwen3_next",
+        "qwen3_moe_bnb",
+        "olmoe",
+    ] {
+        let dir = common::fixtures().join(name);
+        let cpu = Model::load(&settings(&dir, DeviceKind::Cpu, KvElem::F32)).unwrap();
+        let top_k = cpu.config.router.top_k;
+        let mut s = settings(&dir, DeviceKind::Cuda, KvElem::F32);
+        s.experts.slots_per_layer = Some(top_k);
+        s.experts.prefetch = true;
+        let cuda = Model::load_on(&s, AnyBackend::Cuda(Cuda::mock(u64::MAX))).unwrap();
+        for ids in prompts(&cpu) {
+            let a = common::greedy_generate(&cpu, &ids, 8);
+            let b = common::greedy_generate(&cuda, &ids, 8);
+            assert_eq!(a, b, "{name}: greedy tokens differ under churn");
+            assert!(
+                bits(&common::prefill_logits(&cpu, &ids))
+                    == bits(&common::prefill_logits(&cuda, &ids)),
+                "{name}: prefill logits differ under churn"
+            );
+        }
+        let st = cuda.decoder.store().stats();
+        assert!(
+            st.misses > 0 && st.per_layer.iter().map(|l| l.bytes_to_device).sum::<u64>() > 0,
+            "{name}: {st:?}"
+        );
+        let in_place: u64 = st.per_layer.iter().map(|l| l.computed_in_place).sum();
+        eprintln!(
+            "{name}: {} hits, {} misses, {in_place} computed in place",
+            st.hits, st.misses
+        );
+    }
 }

@@ -112,3 +112,17 @@ split_halves_f32(const float* __restrict__ x, float* __restrict__ a, float* __re
     a[dst] = x[src];
     b[dst] = x[src + d];
 }
+
+// Row gather: out[i] = x[rows[i]] for n rows of `width` values (the token rows routed to one
+// expert, gathered before its matmuls). Plain copies, so bit-exact with the twin.
+// Launch: block = 256 threads, grid = (n, ceil(width / 256)) (rows on x, which has no 65 535
+// limit). Requirements the host checks: every rows[i] below the row count of x.
+// Twin: the row gather of `moe_runtime::store::expert_ffn_rows`.
+extern "C" __global__ void __launch_bounds__(256)
+gather_rows_f32(const float* __restrict__ x, const unsigned* __restrict__ rows, unsigned n,
+                unsigned width, float* __restrict__ out) {
+    unsigned i = blockIdx.x;
+    unsigned c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= n || c >= width) return;
+    out[(size_t)i * width + c] = x[(size_t)__ldg(rows + i) * width + c];
+}

@@ -82,6 +82,7 @@ pub const SOURCES: &[CudaSource] = &[
             "add_rows_f32",
             "clamp_f32",
             "split_halves_f32",
+            "gather_rows_f32",
         ],
     },
     CudaSource {

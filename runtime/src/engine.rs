@@ -242,43 +242,73 @@ impl Model {
         let check = cache
             .clone()
             .map(|c| c as Arc<dyn crate::store::ExpertCheck>);
-        let store = TieredStore::with_check(
-            std::mem::take(&mut mw.experts),
-            config.hidden_size,
-            config.moe_intermediate_size,
-            TieredStoreConfig {
-                host: plan.host_tier(),
-                // The CUDA backend computes experts on the host until its device tier exists.
-                device: match backend {
-                    AnyBackend::Cuda(_) => None,
-                    AnyBackend::Cpu(_) => plan.device_tier(&request, &profile),
-                },
-                policy: settings.experts.policy,
-                prefetch: settings.experts.prefetch,
-                prefetch_depth: settings.experts.prefetch_depth,
-                loader_threads: LOADER_THREADS,
-                hot: hot_counts
-                    .as_deref()
-                    .map(crate::hotset::ranking)
-                    .unwrap_or_default(),
-                activations: settings.activations,
-            },
-            check,
-        )?;
+        let experts = std::mem::take(&mut mw.experts);
+        let (hidden, inter) = (config.hidden_size, config.moe_intermediate_size);
+        let store_config = |device| TieredStoreConfig {
+            host: plan.host_tier(),
+            device,
+            policy: settings.experts.policy,
+            prefetch: settings.experts.prefetch,
+            prefetch_depth: settings.experts.prefetch_depth,
+            loader_threads: LOADER_THREADS,
+            hot: hot_counts
+                .as_deref()
+                .map(crate::hotset::ranking)
+                .unwrap_or_default(),
+            activations: settings.activations,
+        };
+        let device_tier = plan.device_tier(&request, &profile);
         let decoder = match backend {
-            AnyBackend::Cpu(cpu) => AnyDecoder::Cpu(decoder_on_backend(
-                settings,
-                &config,
-                mw,
-                Box::new(store),
-                cpu,
-            )?),
+            AnyBackend::Cpu(cpu) => {
+                let store = TieredStore::with_check(
+                    experts,
+                    hidden,
+                    inter,
+                    store_config(device_tier),
+                    check,
+                )?;
+                AnyDecoder::Cpu(decoder_on_backend(
+                    settings,
+                    &config,
+                    mw,
+                    Box::new(store),
+                    cpu,
+                )?)
+            }
             AnyBackend::Cuda(cuda) => {
+                // Expert slots in VRAM where the device runs the expert layout; else every
+                // expert is computed on the host.
+                let layout = experts
+                    .iter()
+                    .flatten()
+                    .next()
+                    .map(|e| crate::store::ExpertLayout {
+                        hidden,
+                        inter,
+                        ..e.layout
+                    });
+                let tier = device_tier
+                    .as_ref()
+                    .zip(layout)
+                    .and_then(|(d, l)| crate::store::CudaTier::new(&cuda, &l, d.link_bytes_per_s));
+                let device = device_tier.filter(|_| tier.is_some());
                 tracing::info!(
-                    "computing on {} ({} of VRAM budget); experts are computed on the CPU",
+                    "computing on {} within a {} VRAM budget; {}",
                     cuda.describe(),
-                    crate::size::ByteSize(cuda.vram_usage().cap_bytes)
+                    crate::size::ByteSize(cuda.vram_usage().cap_bytes),
+                    match &device {
+                        Some(d) => format!("{} expert slots per layer in VRAM", d.slots_per_layer),
+                        None => "experts are computed on the CPU".to_string(),
+                    }
                 );
+                let store = TieredStore::with_tier(
+                    experts,
+                    hidden,
+                    inter,
+                    store_config(device),
+                    check,
+                    tier,
+                )?;
                 AnyDecoder::Cuda(decoder_on_backend(
                     settings,
                     &config,

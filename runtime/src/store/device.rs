@@ -69,6 +69,47 @@ pub trait DeviceTier: Send + Sync + 'static {
     fn estimated_copy_s(&self, bytes: usize) -> f64;
 }
 
+/// A tier whose expert FFN runs on host rows ([`DeviceTier::ffn`] with a [`HostFrame`]): such a
+/// store serves any backend through host copies of the activations.
+pub trait HostRows {}
+
+/// A layer's expert input and output during one computation, wherever they live: the policy
+/// code hands each expert either to the device tier (a slot) or to the host, and the frame adds
+/// the expert's weighted output where the output is kept, in the order it is called (ascending
+/// expert order).
+pub trait Frame<D: DeviceTier> {
+    /// The layer's input rows `[tokens, hidden]` on the host (a device frame copies them once).
+    fn x_host(&mut self) -> Result<&[f32]>;
+    /// `out[rows[i]] += weights[i] * y[i]` for one expert's unweighted host output `y`
+    /// (`[rows, hidden]`).
+    fn add_host(&mut self, batch: &ExpertBatch, y: &[f32]) -> Result<()>;
+    /// Runs the expert held in `slot` on the batch's rows, adding its weighted output.
+    fn ffn(&mut self, tier: &D, slot: &D::Slot, batch: &ExpertBatch) -> Result<D::Ticket>;
+}
+
+/// A frame on host rows: what every tier whose slots the host can read computes on.
+pub struct HostFrame<'a> {
+    pub x: &'a [f32],
+    pub out: &'a mut [f32],
+    pub hidden: usize,
+    pub act: Activations,
+}
+
+impl<D: DeviceTier> Frame<D> for HostFrame<'_> {
+    fn x_host(&mut self) -> Result<&[f32]> {
+        Ok(self.x)
+    }
+
+    fn add_host(&mut self, batch: &ExpertBatch, y: &[f32]) -> Result<()> {
+        super::add_weighted_rows(&batch.rows, &batch.weights, y, self.hidden, self.out);
+        Ok(())
+    }
+
+    fn ffn(&mut self, tier: &D, slot: &D::Slot, batch: &ExpertBatch) -> Result<D::Ticket> {
+        tier.ffn(slot, batch, self.x, self.hidden, self.act, self.out)
+    }
+}
+
 /// A filled device slot as the pool holds it: the tier's slot plus its last recorded use.
 pub struct Resident<D: DeviceTier> {
     pub(crate) slot: D::Slot,

@@ -20,6 +20,7 @@
 //! experts within a call are applied in ascending expert order (the reference's order), so results
 //! do not depend on how the store schedules its work.
 
+mod cuda;
 mod device;
 mod layout;
 mod pool;
@@ -27,7 +28,8 @@ mod sim;
 mod stats;
 mod tiered;
 
-pub use device::DeviceTier;
+pub use cuda::CudaTier;
+pub use device::{DeviceTier, Frame, HostFrame, HostRows};
 pub use layout::{ExpertLayout, GateUp, PartRole};
 pub use pool::{EvictionPolicy, Found, Reserved, Slot, SlotPool};
 pub use sim::{SimTicket, SimTier};
@@ -183,6 +185,23 @@ pub struct ExpertBuf {
 impl ExpertBuf {
     pub fn size_bytes(&self) -> usize {
         self.words.len() * 8
+    }
+
+    /// The whole buffer (every part at its offset; see [`ExpertBuf::part`]): what a device slot
+    /// holds, byte for byte.
+    pub fn bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.words)
+    }
+
+    /// Byte offset, element count and dtype of part `i` (in the layout's order) within
+    /// [`ExpertBuf::bytes`].
+    pub fn part(&self, i: usize) -> (usize, usize, Dtype) {
+        self.parts[i]
+    }
+
+    /// The expert's layout.
+    pub fn layout(&self) -> &ExpertLayout {
+        &self.layout
     }
 
     /// Number of parts held (the layout's).

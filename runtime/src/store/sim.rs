@@ -34,6 +34,8 @@ impl SimTier {
     }
 }
 
+impl super::device::HostRows for SimTier {}
+
 impl DeviceTier for SimTier {
     type Slot = ExpertBuf;
     type Ticket = SimTicket;

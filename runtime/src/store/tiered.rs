@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
-use super::device::{DeviceTier, Resident};
+use super::device::{DeviceTier, Frame, HostFrame, HostRows, Resident};
 use super::pool::{Found, Reserved, Slot, SlotPool};
 use super::sim::SimTier;
 use super::stats::LayerCounters;
@@ -616,45 +616,43 @@ impl<D: DeviceTier> TieredStore<D> {
         }
     }
 
-    fn compute_on_host(
+    fn compute_on_host<D2: DeviceTier>(
         &self,
         layer: usize,
         b: &ExpertBatch,
-        x: &[f32],
+        frame: &mut dyn Frame<D2>,
         hidden: usize,
-        out: &mut [f32],
         count: bool,
     ) -> Result<()> {
         let view = self.host_view(layer, b.expert, count)?;
+        let x = frame.x_host()?;
         let t0 = Instant::now();
-        let bytes = match view {
-            HostView::Mapped(w) => {
-                w.forward_rows(b, x, hidden, self.config.activations, out);
-                w.size_bytes()
-            }
-            HostView::Owned(buf) => {
-                buf.forward_rows(b, x, hidden, self.config.activations, out);
-                buf.size_bytes()
-            }
+        let act = self.config.activations;
+        let (y, bytes) = match view {
+            HostView::Mapped(w) => (w.ffn_rows(&b.rows, x, hidden, true, act), w.size_bytes()),
+            HostView::Owned(buf) => (
+                buf.ffn_rows(&b.rows, x, hidden, true, act),
+                buf.size_bytes(),
+            ),
         };
         self.shared.host_rate.record(bytes, t0.elapsed());
-        Ok(())
+        frame.add_host(b, &y)
     }
 
     /// Decode-sized batches on the host: each expert runs whole on one thread, experts side by
     /// side on the current rayon pool (one fork-join per layer instead of three per expert), and
     /// their outputs are added in ascending expert order, so the sum is the sequential one bit
     /// for bit.
-    fn compute_on_host_parallel(
+    fn compute_on_host_parallel<D2: DeviceTier>(
         &self,
         layer: usize,
         batches: &[ExpertBatch],
-        x: &[f32],
+        frame: &mut dyn Frame<D2>,
         hidden: usize,
-        out: &mut [f32],
     ) -> Result<()> {
         use rayon::prelude::*;
         let act = self.config.activations;
+        let x = frame.x_host()?;
         let t0 = Instant::now();
         let ys: Vec<Result<(Vec<f32>, usize)>> = batches
             .par_iter()
@@ -672,12 +670,16 @@ impl<D: DeviceTier> TieredStore<D> {
             })
             .collect();
         let mut bytes = 0;
-        for (b, y) in batches.iter().zip(ys) {
+        let mut outputs = Vec::with_capacity(batches.len());
+        for y in ys {
             let (y, n) = y?;
             bytes += n;
-            super::add_weighted_rows(&b.rows, &b.weights, &y, hidden, out);
+            outputs.push(y);
         }
         self.shared.host_rate.record(bytes, t0.elapsed());
+        for (b, y) in batches.iter().zip(&outputs) {
+            frame.add_host(b, y)?;
+        }
         Ok(())
     }
 
@@ -713,6 +715,24 @@ impl<D: DeviceTier> TieredStore<D> {
         hidden: usize,
         out: &mut [f32],
     ) -> Result<()> {
+        let mut frame = HostFrame {
+            x,
+            out,
+            hidden,
+            act: self.config.activations,
+        };
+        self.compute_frame(layer, batches, &mut frame, hidden)
+    }
+
+    /// [`TieredStore::compute_host`] over any [`Frame`]: where the layer's input and output
+    /// live is the frame's business.
+    pub fn compute_frame(
+        &self,
+        layer: usize,
+        batches: &[ExpertBatch],
+        frame: &mut dyn Frame<D>,
+        hidden: usize,
+    ) -> Result<()> {
         let n = self.num_experts(layer);
         if let Some(b) = batches.iter().find(|b| b.expert >= n) {
             // The router picks among the layer's experts: an index past them is a broken
@@ -729,10 +749,10 @@ impl<D: DeviceTier> TieredStore<D> {
         }
         let Some(dev) = &self.device else {
             if experts_side_by_side(batches) {
-                return self.compute_on_host_parallel(layer, batches, x, hidden, out);
+                return self.compute_on_host_parallel(layer, batches, frame, hidden);
             }
             for b in batches {
-                self.compute_on_host(layer, b, x, hidden, out, true)?;
+                self.compute_on_host(layer, b, frame, hidden, true)?;
             }
             return Ok(());
         };
@@ -768,13 +788,12 @@ impl<D: DeviceTier> TieredStore<D> {
                     let t0 = Instant::now();
                     let resident = slot.wait().map_err(load_failed(layer, b.expert))?;
                     LayerCounters::add(&c.stall_ns, t0.elapsed().as_nanos() as u64);
-                    let act = self.config.activations;
-                    let ticket = dev.tier.ffn(&resident.slot, b, x, hidden, act, out)?;
+                    let ticket = frame.ffn(&dev.tier, &resident.slot, b)?;
                     resident.record_use(ticket);
                 }
                 None => {
                     LayerCounters::add(&c.computed_in_place, 1);
-                    self.compute_on_host(layer, b, x, hidden, out, false)?;
+                    self.compute_on_host(layer, b, frame, hidden, false)?;
                 }
             }
         }
@@ -839,10 +858,11 @@ impl<D: DeviceTier> ExpertSource for TieredStore<D> {
     }
 }
 
-/// The tiered store computes where its experts lie (RAM pool, mapped files, its device tier's
-/// slots), all on host rows: another backend's activations come to the host for it and the
-/// output goes back (`to_host` / `act_from_host`, a borrow and a move on the CPU).
-impl<D: DeviceTier, B: Backend> ExpertStore<B> for TieredStore<D> {
+/// A store whose device tier computes on host rows (`sim`, test tiers) computes where its experts
+/// lie (RAM pool, mapped files, its device tier's slots), all on host rows: another backend's
+/// activations come to the host for it and the output goes back (`to_host` / `act_from_host`,
+/// a borrow and a move on the CPU).
+impl<D: DeviceTier + HostRows, B: Backend> ExpertStore<B> for TieredStore<D> {
     fn compute(
         &self,
         b: &B,
@@ -1200,6 +1220,8 @@ mod tests {
         fn expert_value(e: usize) -> f32 {
             (e + 1) as f32 / 10.0
         }
+
+        impl crate::store::device::HostRows for Fake {}
 
         impl DeviceTier for Fake {
             type Slot = ExpertBuf;

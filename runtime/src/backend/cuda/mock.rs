@@ -262,6 +262,15 @@ impl MockGpu {
                 self.write_f32(a.ptr(1), &p)?;
                 self.write_f32(a.ptr(2), &q)
             }
+            "gather_rows_f32" => {
+                let (n, width) = (a.u32(2) as usize, a.u32(3) as usize);
+                let rows = self.read_u32(a.ptr(1), n)?;
+                let mut out = Vec::with_capacity(n * width);
+                for &r in &rows {
+                    out.extend(self.read_f32(a.ptr(0) + (r as usize * width * 4) as u64, width)?);
+                }
+                self.write_f32(a.ptr(4), &out)
+            }
             "kv_store_f32" | "kv_store_bf16" | "kv_store_f16" => {
                 let n = a.u64(2) as usize;
                 let src = self.read_f32(a.ptr(0), n)?;
