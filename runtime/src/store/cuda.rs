@@ -4,23 +4,51 @@
 //! ([`CudaFrame`]); experts the store leaves on the host are computed there and their outputs
 //! added on the device in the same ascending expert order.
 //!
+//! The copy engine: an expert's bytes go from the host buffer into one of a ring of pinned
+//! staging buffers, then by an asynchronous copy on the copy stream into the slot, beside the
+//! compute stream. Ordering is by events only, the host never waits for compute:
+//! - a slot's `ready` event (recorded on the copy stream after its copy) is the copy's ticket;
+//!   the store publishes the slot once it completed, so every kernel reading the slot is issued
+//!   after the copy;
+//! - a slot's `last use` event (recorded on the compute stream after the kernels reading it) is
+//!   kept with its memory when the slot is evicted; the next copy into that memory waits for it
+//!   on the copy stream, so no copy overwrites an expert a queued kernel still reads; memory new
+//!   from the allocator waits for the compute work issued before;
+//! - a staging buffer is rewritten only after the event of the copy that read it completed, and
+//!   the ring bounds the bytes in flight (`STAGING_BUFFERS` experts).
+//!
 //! Invariants: a slot holds the expert's [`ExpertBuf`] byte for byte (each part at its offset);
 //! results equal the host's (the same products in the same order; bit for bit on the mock
-//! device); every copy and launch goes to the backend's one ordered stream, so a slot's copy
-//! completes before any kernel reading it runs and a slot reused for another expert is
-//! overwritten only after the kernels issued before on the old contents (tickets are complete
-//! in stream order, which is why `wait` and `is_done` have nothing to wait for).
+//! device, which also checks the ordering rules above on every operation); slot memory is never
+//! returned to the general allocator while the tier lives (its last-use event stays with it).
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+
 use super::device::{DeviceTier, Frame};
 use super::layout::GateUp;
 use super::{ExpertBatch, ExpertBuf, ExpertLayout, ExpertStore, TieredStore};
+use crate::backend::cuda::gpu::{Event, HostBuf, Stream};
 use crate::backend::cuda::{DevBuf, DeviceExpert, Gpu, Vram};
 use crate::backend::{Activations, Backend, Cuda};
 use crate::error::{Error, Result};
 use crate::weights::Dtype;
+
+/// Pinned staging buffers in the ring: copies of this many experts may be in flight at once
+/// (two loader threads, plus one being refilled).
+const STAGING_BUFFERS: usize = 3;
+
+/// Slot memory an evicted slot left, with the last compute work that read it.
+type Recycled = Arc<Mutex<Vec<(DevBuf, Option<Arc<Event>>)>>>;
+
+/// One pinned staging buffer and the copy that last read it.
+struct Staging {
+    buf: Option<HostBuf>,
+    busy: Option<Arc<Event>>,
+}
 
 /// The CUDA device tier (see the module doc).
 pub struct CudaTier {
@@ -28,17 +56,39 @@ pub struct CudaTier {
     gpu: Arc<dyn Gpu>,
     /// Host-to-device bytes per second assumed before a copy has been measured.
     link_bytes_per_s: f64,
+    ring: (Sender<Staging>, Receiver<Staging>),
+    recycled: Recycled,
 }
 
 /// One expert's bytes in VRAM and where its parts start.
 pub struct CudaSlot {
-    buf: DevBuf,
+    buf: Option<DevBuf>,
     parts: Vec<(usize, usize, Dtype)>,
     layout: Option<ExpertLayout>,
+    /// The last compute work that read this memory (None: none since the tier has had it).
+    last_use: Mutex<Option<Arc<Event>>>,
+    /// New from the allocator: the compute stream may have used it for something else.
+    fresh: bool,
+    recycled: Recycled,
 }
 
-/// Completion of work on a slot: complete in stream order (see the module doc).
-pub struct CudaTicket;
+impl CudaSlot {
+    fn buf(&self) -> &DevBuf {
+        self.buf.as_ref().expect("a live slot holds its memory")
+    }
+}
+
+impl Drop for CudaSlot {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            let last = self.last_use.get_mut().take();
+            self.recycled.lock().push((buf, last));
+        }
+    }
+}
+
+/// Completion of a copy or of an expert's kernels: an event on the device.
+pub type CudaTicket = Arc<Event>;
 
 impl CudaTier {
     /// The tier on `cuda`'s device and allocator, for experts of `layout`; None when the
@@ -46,11 +96,48 @@ impl CudaTier {
     /// case experts are computed on the host.
     pub fn new(cuda: &Cuda, layout: &ExpertLayout, link_bytes_per_s: f64) -> Option<CudaTier> {
         let runs = !layout.bias && layout.gate_up != GateUp::FusedInterleaved;
-        runs.then(|| CudaTier {
-            vram: cuda.vram().clone(),
-            gpu: cuda.gpu().clone(),
-            link_bytes_per_s,
+        runs.then(|| {
+            let ring = crossbeam_channel::bounded(STAGING_BUFFERS);
+            for _ in 0..STAGING_BUFFERS {
+                let _ = ring.0.send(Staging {
+                    buf: None,
+                    busy: None,
+                });
+            }
+            CudaTier {
+                vram: cuda.vram().clone(),
+                gpu: cuda.gpu().clone(),
+                link_bytes_per_s,
+                ring,
+                recycled: Arc::new(Mutex::new(Vec::new())),
+            }
         })
+    }
+
+    /// Copies `bytes` into `dst` through a staging buffer on the copy stream; the event after it.
+    fn stage_and_copy(&self, bytes: &[u8], dst: &DevBuf) -> Result<Arc<Event>> {
+        let mut st = self
+            .ring
+            .1
+            .recv()
+            .map_err(|_| Error::Internal("the staging ring is closed".into()))?;
+        let done = (|| {
+            if let Some(busy) = st.busy.take() {
+                busy.sync()?;
+            }
+            if st.buf.as_ref().is_none_or(|b| b.bytes() < bytes.len()) {
+                st.buf = None;
+                st.buf = Some(HostBuf::new(&self.gpu, bytes.len())?);
+            }
+            let host = st.buf.as_ref().expect("allocated above");
+            self.gpu.host_write(host.id(), bytes)?;
+            self.gpu.copy_async(dst.ptr(), host.id(), bytes.len())?;
+            let ready = Arc::new(Event::record(&self.gpu, Stream::Copy)?);
+            st.busy = Some(ready.clone());
+            Ok(ready)
+        })();
+        let _ = self.ring.0.send(st);
+        done
     }
 }
 
@@ -59,10 +146,23 @@ impl DeviceTier for CudaTier {
     type Ticket = CudaTicket;
 
     fn alloc(&self, bytes: usize) -> Result<CudaSlot> {
+        let reused = {
+            let mut r = self.recycled.lock();
+            r.iter()
+                .position(|(b, _)| b.bytes() >= bytes)
+                .map(|i| r.swap_remove(i))
+        };
+        let (buf, last, fresh) = match reused {
+            Some((buf, last)) => (buf, last, false),
+            None => (self.vram.alloc(bytes)?, None, true),
+        };
         Ok(CudaSlot {
-            buf: self.vram.alloc(bytes)?,
+            buf: Some(buf),
             parts: Vec::new(),
             layout: None,
+            last_use: Mutex::new(last),
+            fresh,
+            recycled: self.recycled.clone(),
         })
     }
 
@@ -73,27 +173,33 @@ impl DeviceTier for CudaTier {
         _started: Instant,
     ) -> Result<CudaTicket> {
         let bytes = src.bytes();
-        if bytes.len() > dst.buf.bytes() {
+        if bytes.len() > dst.buf().bytes() {
             return Err(Error::Internal(format!(
                 "a {}-byte expert does not fit its {}-byte slot",
                 bytes.len(),
-                dst.buf.bytes()
+                dst.buf().bytes()
             )));
         }
-        if !bytes.is_empty() {
-            self.gpu.htod(dst.buf.ptr(), bytes)?;
+        // The copy stream waits for the compute work that last read this memory.
+        if dst.fresh {
+            let issued = Event::record(&self.gpu, Stream::Compute)?;
+            self.gpu.wait_event(Stream::Copy, issued.id())?;
+            dst.fresh = false;
+        } else if let Some(last) = dst.last_use.get_mut().take() {
+            self.gpu.wait_event(Stream::Copy, last.id())?;
         }
+        let ready = self.stage_and_copy(bytes, dst.buf())?;
         dst.parts = (0..src.num_parts()).map(|i| src.part(i)).collect();
         dst.layout = Some(*src.layout());
-        Ok(CudaTicket)
+        Ok(ready)
     }
 
-    fn wait(&self, _: &CudaTicket) -> Result<()> {
-        Ok(())
+    fn wait(&self, ticket: &CudaTicket) -> Result<()> {
+        ticket.sync()
     }
 
-    fn is_done(&self, _: &CudaTicket) -> bool {
-        true
+    fn is_done(&self, ticket: &CudaTicket) -> bool {
+        ticket.done().unwrap_or(false)
     }
 
     fn ffn(
@@ -140,18 +246,13 @@ impl Frame<CudaTier> for CudaFrame<'_> {
         Ok(())
     }
 
-    fn ffn(
-        &mut self,
-        _tier: &CudaTier,
-        slot: &CudaSlot,
-        batch: &ExpertBatch,
-    ) -> Result<CudaTicket> {
+    fn ffn(&mut self, tier: &CudaTier, slot: &CudaSlot, batch: &ExpertBatch) -> Result<CudaTicket> {
         let layout = slot
             .layout
             .ok_or_else(|| Error::Internal("an expert slot used before its copy".into()))?;
         let part = |i: usize| {
             let (off, _, dtype) = slot.parts[i];
-            (slot.buf.at(off), dtype)
+            (slot.buf().at(off), dtype)
         };
         let e = match layout.gate_up {
             GateUp::Separate => DeviceExpert {
@@ -182,7 +283,10 @@ impl Frame<CudaTier> for CudaFrame<'_> {
             &e,
             &self.out,
         );
-        Ok(CudaTicket)
+        // The slot's last use: its memory is overwritten only after these kernels.
+        let used = Arc::new(Event::record(&tier.gpu, Stream::Compute)?);
+        *slot.last_use.lock() = Some(used.clone());
+        Ok(used)
     }
 }
 

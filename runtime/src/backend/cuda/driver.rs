@@ -2,9 +2,10 @@
 //! run time). Kernels are compiled by NVRTC for the device's compute capability at their first
 //! launch, one source at a time, and the CUBIN is kept in the compiled-kernel cache.
 //!
-//! Invariants: every operation runs on the context's legacy default stream, so copies, memsets
-//! and launches execute in the order they are issued and a device-to-host copy returns after
-//! everything before it; the context is made current on the calling thread before every call
+//! Invariants: compute work (launches, memsets, the ops' synchronous copies) runs on the
+//! context's legacy default stream, so it executes in the order it is issued and a
+//! device-to-host copy returns after everything before it; expert copies run on one
+//! non-blocking copy stream from pinned host buffers, ordered against compute by events only; the context is made current on the calling thread before every call
 //! (the backend is used from the compute pool's threads); a launch's argument list is checked
 //! against the kernel's declared parameters before it reaches the driver; driver failures
 //! become [`Error::Device`] (fatal, except a failed allocation).
@@ -18,7 +19,7 @@ use cudarc::driver::{result, sys, CudaContext};
 use parking_lot::Mutex;
 
 use super::cubin::CubinCache;
-use super::gpu::{DevPtr, Gpu, Grid, KArg};
+use super::gpu::{DevPtr, EventId, Gpu, Grid, HostId, KArg, Stream};
 use super::probe::CudaDevice;
 use super::signature::{self, Param};
 use crate::error::{Error, Result};
@@ -48,7 +49,20 @@ pub struct DriverGpu {
     name: String,
     cache: CubinCache,
     loaded: Mutex<Loaded>,
+    /// The copy stream (non-blocking: it does not wait for the legacy stream).
+    copy: CopyStream,
+    /// Pinned host buffers by address, with their sizes.
+    host: Mutex<HashMap<u64, usize>>,
 }
+
+/// The copy stream's handle.
+struct CopyStream(sys::CUstream);
+
+// SAFETY: a stream handle is usable from any thread while its context is current (every use
+// below binds the context first).
+unsafe impl Send for CopyStream {}
+// SAFETY: as above; the handle is only read.
+unsafe impl Sync for CopyStream {}
 
 fn fail(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device {
@@ -66,12 +80,18 @@ impl DriverGpu {
         })?;
         let ctx = CudaContext::new(dev.ordinal).map_err(|e| fail("opening the CUDA context", e))?;
         let (major, minor) = dev.compute_capability;
+        ctx.bind_to_thread()
+            .map_err(|e| fail("making the CUDA context current", e))?;
+        let copy = result::stream::create(result::stream::StreamKind::NonBlocking)
+            .map_err(|e| fail("creating the copy stream", e))?;
         Ok(DriverGpu {
             ctx,
             cc: (major * 10 + minor) as u32,
             name: dev.name.clone(),
             cache: CubinCache::new(cache_dir, nvrtc),
             loaded: Mutex::new(Loaded::default()),
+            copy: CopyStream(copy),
+            host: Mutex::new(HashMap::new()),
         })
     }
 
@@ -212,5 +232,124 @@ impl Gpu for DriverGpu {
         self.ctx
             .synchronize()
             .map_err(|e| fail("synchronizing the device", e))
+    }
+
+    fn host_alloc(&self, bytes: usize) -> Result<HostId> {
+        self.bind()?;
+        // Portable, not write-combined: the CPU writes it with a memcpy and may read it.
+        // SAFETY: the context is current; the buffer is freed once, by `host_free`.
+        let p = unsafe { result::malloc_host(bytes.max(1), sys::CU_MEMHOSTALLOC_PORTABLE) }
+            .map_err(|e| Error::Device {
+                reason: format!("allocating {bytes} bytes of pinned host memory failed: {e:?}"),
+                fatal: false,
+            })?;
+        self.host.lock().insert(p as u64, bytes);
+        Ok(p as u64)
+    }
+
+    fn host_free(&self, id: HostId) {
+        if self.host.lock().remove(&id).is_some() && self.bind().is_ok() {
+            // SAFETY: `id` is the address `host_alloc` returned, freed once (removed above).
+            if let Err(e) = unsafe { result::free_host(id as *mut c_void) } {
+                tracing::warn!("freeing pinned host memory failed: {e:?}");
+            }
+        }
+    }
+
+    fn host_write(&self, id: HostId, src: &[u8]) -> Result<()> {
+        let len = self.host.lock().get(&id).copied();
+        match len {
+            Some(len) if src.len() <= len => {
+                // SAFETY: `id` is a live pinned buffer of `len >= src.len()` bytes (checked
+                // above), which no copy in flight reads (the caller's contract), and `src` is a
+                // separate Rust slice.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), id as *mut u8, src.len()) };
+                Ok(())
+            }
+            _ => Err(Error::Internal(format!(
+                "a write of {} bytes to pinned buffer {id:#x} ({len:?} bytes)",
+                src.len()
+            ))),
+        }
+    }
+
+    fn copy_async(&self, dst: DevPtr, src: HostId, bytes: usize) -> Result<()> {
+        self.bind()?;
+        let len = self.host.lock().get(&src).copied().unwrap_or(0);
+        if bytes > len {
+            return Err(Error::Internal(format!(
+                "a copy of {bytes} bytes from a {len}-byte pinned buffer"
+            )));
+        }
+        // SAFETY: `src` is a live pinned buffer of at least `bytes` bytes (checked above) that
+        // the caller leaves untouched until the copy's event completes; `dst` is a slot of at
+        // least `bytes` bytes whose readers the copy stream has waited for.
+        let host = unsafe { std::slice::from_raw_parts(src as *const u8, bytes) };
+        // SAFETY: as above.
+        unsafe { result::memcpy_htod_async(dst, host, self.copy.0) }
+            .map_err(|e| fail("an expert copy", e))
+    }
+
+    fn record(&self, stream: Stream) -> Result<EventId> {
+        self.bind()?;
+        let ev = result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map_err(|e| fail("creating an event", e))?;
+        let s = match stream {
+            Stream::Compute => std::ptr::null_mut(),
+            Stream::Copy => self.copy.0,
+        };
+        // SAFETY: the event was just created and the stream lives as long as the device.
+        unsafe { result::event::record(ev, s) }.map_err(|e| fail("recording an event", e))?;
+        Ok(ev as u64)
+    }
+
+    fn wait_event(&self, stream: Stream, event: EventId) -> Result<()> {
+        self.bind()?;
+        let s = match stream {
+            Stream::Compute => std::ptr::null_mut(),
+            Stream::Copy => self.copy.0,
+        };
+        // SAFETY: `event` came from `record` and is not yet freed (the caller holds it).
+        unsafe {
+            result::stream::wait_event(
+                s,
+                event as sys::CUevent,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(|e| fail("waiting for an event", e))
+    }
+
+    fn event_done(&self, event: EventId) -> Result<bool> {
+        self.bind()?;
+        // SAFETY: as above.
+        match unsafe { result::event::query(event as sys::CUevent) } {
+            Ok(()) => Ok(true),
+            Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_NOT_READY => Ok(false),
+            Err(e) => Err(fail("querying an event", e)),
+        }
+    }
+
+    fn event_sync(&self, event: EventId) -> Result<()> {
+        self.bind()?;
+        // SAFETY: as above.
+        unsafe { result::event::synchronize(event as sys::CUevent) }
+            .map_err(|e| fail("waiting for an event", e))
+    }
+
+    fn elapsed_ms(&self, start: EventId, end: EventId) -> Result<f32> {
+        self.bind()?;
+        // SAFETY: as above, both events recorded and completed.
+        unsafe { result::event::elapsed(start as sys::CUevent, end as sys::CUevent) }
+            .map_err(|e| fail("timing events", e))
+    }
+
+    fn event_free(&self, event: EventId) {
+        if self.bind().is_ok() {
+            // SAFETY: `event` came from `record` and is freed once (by its owner's drop).
+            if let Err(e) = unsafe { result::event::destroy(event as sys::CUevent) } {
+                tracing::warn!("releasing an event failed: {e:?}");
+            }
+        }
     }
 }

@@ -37,6 +37,21 @@ pub enum KArg {
     F32(f32),
 }
 
+/// The two streams work is ordered on: kernels and the ops' small copies on `Compute`; expert
+/// copies into device slots on `Copy`, beside compute. Work on one stream runs in issue order;
+/// across streams only events order it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Compute,
+    Copy,
+}
+
+/// A pinned host buffer the copy stream reads from (see [`Gpu::host_alloc`]).
+pub type HostId = u64;
+
+/// An event recorded on a stream (see [`Gpu::record`]).
+pub type EventId = u64;
+
 /// A grid: blocks along x, y and z (every kernel runs blocks of
 /// [`moe_kernels::cuda::BLOCK_THREADS`] threads).
 pub type Grid = [u32; 3];
@@ -61,6 +76,88 @@ pub trait Gpu: Send + Sync {
     fn launch(&self, kernel: &'static str, grid: Grid, args: &[KArg]) -> Result<()>;
     /// Waits for everything issued so far.
     fn synchronize(&self) -> Result<()>;
+
+    /// A pinned (page-locked, portable) host buffer of `bytes` for asynchronous copies.
+    fn host_alloc(&self, bytes: usize) -> Result<HostId>;
+    /// Releases a buffer of [`Gpu::host_alloc`] (after the copies issued from it).
+    fn host_free(&self, id: HostId);
+    /// Writes `src` at the start of host buffer `id` (which must not be read by a copy still
+    /// in flight).
+    fn host_write(&self, id: HostId, src: &[u8]) -> Result<()>;
+    /// Copies the first `bytes` of host buffer `src` to `dst` on the copy stream.
+    fn copy_async(&self, dst: DevPtr, src: HostId, bytes: usize) -> Result<()>;
+    /// An event after the work issued to `stream` so far.
+    fn record(&self, stream: Stream) -> Result<EventId>;
+    /// Makes `stream` wait, on the device, until `event` has completed.
+    fn wait_event(&self, stream: Stream, event: EventId) -> Result<()>;
+    /// Whether `event` has completed (without blocking).
+    fn event_done(&self, event: EventId) -> Result<bool>;
+    /// Blocks until `event` has completed.
+    fn event_sync(&self, event: EventId) -> Result<()>;
+    /// Milliseconds between two completed events.
+    fn elapsed_ms(&self, start: EventId, end: EventId) -> Result<f32>;
+    /// Releases an event.
+    fn event_free(&self, event: EventId);
+}
+
+/// An event that is released when dropped.
+pub struct Event {
+    id: EventId,
+    gpu: Arc<dyn Gpu>,
+}
+
+impl Event {
+    /// An event after the work issued to `stream` so far.
+    pub fn record(gpu: &Arc<dyn Gpu>, stream: Stream) -> Result<Event> {
+        Ok(Event {
+            id: gpu.record(stream)?,
+            gpu: gpu.clone(),
+        })
+    }
+    pub fn id(&self) -> EventId {
+        self.id
+    }
+    pub fn done(&self) -> Result<bool> {
+        self.gpu.event_done(self.id)
+    }
+    pub fn sync(&self) -> Result<()> {
+        self.gpu.event_sync(self.id)
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        self.gpu.event_free(self.id);
+    }
+}
+
+/// A pinned host buffer, released when dropped.
+pub struct HostBuf {
+    id: HostId,
+    bytes: usize,
+    gpu: Arc<dyn Gpu>,
+}
+
+impl HostBuf {
+    pub fn new(gpu: &Arc<dyn Gpu>, bytes: usize) -> Result<HostBuf> {
+        Ok(HostBuf {
+            id: gpu.host_alloc(bytes)?,
+            bytes,
+            gpu: gpu.clone(),
+        })
+    }
+    pub fn id(&self) -> HostId {
+        self.id
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for HostBuf {
+    fn drop(&mut self) {
+        self.gpu.host_free(self.id);
+    }
 }
 
 /// Allocation granule: requests are rounded up to it (the driver's alignment), so buffers of

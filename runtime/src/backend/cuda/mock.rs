@@ -3,6 +3,13 @@
 //! offsets, argument lists, copies, the order of operations) runs, and is checked against the
 //! CPU backend, on machines without a GPU.
 //!
+//! The mock runs every operation at once, in issue order, but checks the ordering discipline a
+//! real device needs between its two streams ([`Order`]): a kernel or compute-stream copy that
+//! touches memory the copy stream wrote must come after an event of that copy was waited for
+//! (by the compute stream or the host); a copy-stream write into memory a kernel used must come
+//! after an event of that kernel was waited for; a pinned buffer must not be rewritten while a
+//! copy from it may be in flight. A violation is a fatal device error naming the kernel or copy.
+//!
 //! Invariants: addresses are fake (they start far from zero and allocations are separated by
 //! gaps), and every access through an address is checked to lie inside one live allocation, so
 //! an offset or size error fails the launch (as a fatal device error) instead of reading
@@ -17,7 +24,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use moe_kernels::Weights;
 use parking_lot::Mutex;
 
-use super::gpu::{DevPtr, Gpu, Grid, KArg};
+use std::collections::HashMap;
+
+use super::gpu::{DevPtr, EventId, Gpu, Grid, HostId, KArg, Stream};
 use super::signature::{check_args, Param};
 use crate::backend::cpu;
 use crate::config::Rope;
@@ -32,6 +41,7 @@ const GAP_BYTES: u64 = 4096;
 /// The mock device (see the module doc).
 pub struct MockGpu {
     mem: Mutex<Memory>,
+    order: Mutex<Order>,
     allocations: AtomicUsize,
     launches: Mutex<Vec<&'static str>>,
 }
@@ -62,9 +72,38 @@ impl MockGpu {
                 next: BASE_ADDRESS,
                 blocks: BTreeMap::new(),
             }),
+            order: Mutex::new(Order::default()),
             allocations: AtomicUsize::new(0),
             launches: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The allocation holding `ptr` (its base address), if any.
+    fn base_of(&self, ptr: DevPtr) -> Option<u64> {
+        let mem = self.mem.lock();
+        let (&base, (size, _)) = mem.blocks.range(..=ptr).next_back()?;
+        (ptr < base + (*size).max(1) as u64).then_some(base)
+    }
+
+    /// Checks and records a compute-stream use of the allocations holding `ptrs`.
+    fn compute_use(&self, what: &str, ptrs: &[DevPtr]) -> Result<()> {
+        let bases: Vec<u64> = ptrs.iter().filter_map(|&p| self.base_of(p)).collect();
+        let mut o = self.order.lock();
+        for b in &bases {
+            let written = o.allocs.get(b).map_or(0, |a| a.copy_write);
+            if written > o.copy_visible {
+                return Err(fault(format!(
+                    "{what} uses memory at {b:#x} that copy #{written} on the copy stream writes, \
+                     before an event after that copy was waited for"
+                )));
+            }
+        }
+        o.compute_seq += 1;
+        let seq = o.compute_seq;
+        for b in bases {
+            o.allocs.entry(b).or_default().compute_use = seq;
+        }
+        Ok(())
     }
 
     /// Allocations live now.
@@ -365,6 +404,49 @@ impl MockGpu {
     }
 }
 
+/// The ordering state of the two streams (see the module doc). Sequence numbers count each
+/// stream's operations from 1; 0 is "none".
+#[derive(Default)]
+struct Order {
+    compute_seq: u64,
+    copy_seq: u64,
+    next_event: u64,
+    events: HashMap<EventId, (Stream, u64)>,
+    /// Copy-stream work that compute-stream work issued from now on comes after.
+    copy_visible: u64,
+    /// Compute-stream work that copy-stream work issued from now on comes after.
+    compute_visible: u64,
+    /// Copy-stream work the host has seen complete.
+    copy_seen_by_host: u64,
+    allocs: HashMap<u64, Uses>,
+    hosts: HashMap<HostId, (Vec<u8>, u64)>,
+}
+
+/// The last copy-stream write and compute-stream use of one allocation.
+#[derive(Default, Clone, Copy)]
+struct Uses {
+    copy_write: u64,
+    compute_use: u64,
+}
+
+impl Order {
+    /// The host saw `event` complete: work after it is ordered after its stream's work.
+    fn host_saw(&mut self, event: EventId) -> Result<()> {
+        let &(stream, seq) = self
+            .events
+            .get(&event)
+            .ok_or_else(|| fault(format!("event {event} does not exist")))?;
+        match stream {
+            Stream::Copy => {
+                self.copy_visible = self.copy_visible.max(seq);
+                self.copy_seen_by_host = self.copy_seen_by_host.max(seq);
+            }
+            Stream::Compute => self.compute_visible = self.compute_visible.max(seq),
+        }
+        Ok(())
+    }
+}
+
 /// The storage type a kernel's name ends in.
 fn dtype_of(kernel: &str) -> Dtype {
     match kernel.rsplit('_').next().unwrap_or("") {
@@ -438,20 +520,27 @@ impl Gpu for MockGpu {
     }
 
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
+        self.compute_use("a host-to-device copy", &[dst])?;
         self.write(dst, src)
     }
 
     fn dtoh(&self, src: DevPtr, dst: &mut [u8]) -> Result<()> {
+        self.compute_use("a device-to-host copy", &[src])?;
         dst.copy_from_slice(&self.read(src, dst.len())?);
+        // The copy returns after all compute work before it.
+        let mut o = self.order.lock();
+        o.compute_visible = o.compute_seq;
         Ok(())
     }
 
     fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
+        self.compute_use("a device-to-device copy", &[dst, src])?;
         let data = self.read(src, bytes)?;
         self.write(dst, &data)
     }
 
     fn zero(&self, dst: DevPtr, bytes: usize) -> Result<()> {
+        self.compute_use("a memset", &[dst])?;
         self.write(dst, &vec![0u8; bytes])
     }
 
@@ -462,11 +551,229 @@ impl Gpu for MockGpu {
         if grid.contains(&0) {
             return Err(fault(format!("{kernel}: empty grid {grid:?}")));
         }
+        let ptrs: Vec<DevPtr> = args
+            .iter()
+            .filter_map(|a| match a {
+                KArg::Ptr(p) if *p != 0 => Some(*p),
+                _ => None,
+            })
+            .collect();
+        self.compute_use(&format!("kernel {kernel}"), &ptrs)?;
         self.launches.lock().push(kernel);
         self.run_twin(kernel, grid, &Args(args))
     }
 
     fn synchronize(&self) -> Result<()> {
+        let mut o = self.order.lock();
+        o.copy_visible = o.copy_seq;
+        o.copy_seen_by_host = o.copy_seq;
+        o.compute_visible = o.compute_seq;
         Ok(())
+    }
+
+    fn host_alloc(&self, bytes: usize) -> Result<HostId> {
+        let mut o = self.order.lock();
+        o.next_event += 1;
+        let id = 0x5000_0000_0000 + o.next_event * 0x1000;
+        o.hosts.insert(id, (vec![0u8; bytes], 0));
+        Ok(id)
+    }
+
+    fn host_free(&self, id: HostId) {
+        self.order.lock().hosts.remove(&id);
+    }
+
+    fn host_write(&self, id: HostId, src: &[u8]) -> Result<()> {
+        let mut o = self.order.lock();
+        let seen = o.copy_seen_by_host;
+        let (buf, last_copy) = o
+            .hosts
+            .get_mut(&id)
+            .ok_or_else(|| fault(format!("pinned buffer {id:#x} does not exist")))?;
+        if *last_copy > seen {
+            return Err(fault(format!(
+                "pinned buffer {id:#x} rewritten while copy #{last_copy} from it may be in flight"
+            )));
+        }
+        if src.len() > buf.len() {
+            return Err(fault(format!(
+                "a write of {} bytes to a {}-byte pinned buffer",
+                src.len(),
+                buf.len()
+            )));
+        }
+        buf[..src.len()].copy_from_slice(src);
+        Ok(())
+    }
+
+    fn copy_async(&self, dst: DevPtr, src: HostId, bytes: usize) -> Result<()> {
+        let base = self
+            .base_of(dst)
+            .ok_or_else(|| fault(format!("copy to {dst:#x}: no allocation")))?;
+        let data = {
+            let mut o = self.order.lock();
+            let used = o.allocs.get(&base).map_or(0, |a| a.compute_use);
+            if used > o.compute_visible {
+                return Err(fault(format!(
+                    "a copy overwrites memory at {base:#x} that compute operation #{used} uses, \
+                     before an event after it was waited for"
+                )));
+            }
+            o.copy_seq += 1;
+            let seq = o.copy_seq;
+            o.allocs.entry(base).or_default().copy_write = seq;
+            let (buf, last_copy) = o
+                .hosts
+                .get_mut(&src)
+                .ok_or_else(|| fault(format!("pinned buffer {src:#x} does not exist")))?;
+            if bytes > buf.len() {
+                return Err(fault(format!(
+                    "a copy of {bytes} bytes from a {}-byte pinned buffer",
+                    buf.len()
+                )));
+            }
+            *last_copy = seq;
+            buf[..bytes].to_vec()
+        };
+        self.write(dst, &data)
+    }
+
+    fn record(&self, stream: Stream) -> Result<EventId> {
+        let mut o = self.order.lock();
+        o.next_event += 1;
+        let id = o.next_event;
+        let seq = match stream {
+            Stream::Compute => o.compute_seq,
+            Stream::Copy => o.copy_seq,
+        };
+        o.events.insert(id, (stream, seq));
+        Ok(id)
+    }
+
+    fn wait_event(&self, stream: Stream, event: EventId) -> Result<()> {
+        let mut o = self.order.lock();
+        let &(from, seq) = o
+            .events
+            .get(&event)
+            .ok_or_else(|| fault(format!("event {event} does not exist")))?;
+        match (stream, from) {
+            (Stream::Compute, Stream::Copy) => o.copy_visible = o.copy_visible.max(seq),
+            (Stream::Copy, Stream::Compute) => o.compute_visible = o.compute_visible.max(seq),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn event_done(&self, event: EventId) -> Result<bool> {
+        self.order.lock().host_saw(event)?;
+        Ok(true)
+    }
+
+    fn event_sync(&self, event: EventId) -> Result<()> {
+        self.order.lock().host_saw(event)
+    }
+
+    fn elapsed_ms(&self, _start: EventId, _end: EventId) -> Result<f32> {
+        Ok(0.0)
+    }
+
+    fn event_free(&self, event: EventId) {
+        self.order.lock().events.remove(&event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        bytemuck::cast_slice(v).to_vec()
+    }
+
+    /// `add_f32(x, y, n)`: a kernel that reads and writes `x` and reads `y`.
+    fn add(gpu: &MockGpu, x: DevPtr, y: DevPtr, n: u32) -> Result<()> {
+        gpu.launch(
+            "add_f32",
+            [1, 1, 1],
+            &[KArg::Ptr(x), KArg::Ptr(y), KArg::U32(n)],
+        )
+    }
+
+    #[test]
+    fn a_kernel_reading_a_copy_must_wait_for_its_event() {
+        let gpu = MockGpu::new();
+        let (x, y) = (gpu.alloc(16).unwrap(), gpu.alloc(16).unwrap());
+        let h = gpu.host_alloc(16).unwrap();
+        gpu.host_write(h, &f32_bytes(&[1.0, 2.0, 3.0, 4.0]))
+            .unwrap();
+        gpu.copy_async(y, h, 16).unwrap();
+        let ready = gpu.record(Stream::Copy).unwrap();
+        let e = add(&gpu, x, y, 4).unwrap_err().to_string();
+        assert!(
+            e.contains("kernel add_f32 uses memory") && e.contains("copy #1"),
+            "{e}"
+        );
+        gpu.wait_event(Stream::Compute, ready).unwrap();
+        add(&gpu, x, y, 4).unwrap();
+        let mut out = [0u8; 16];
+        gpu.dtoh(x, &mut out).unwrap();
+        assert_eq!(out.to_vec(), f32_bytes(&[1.0, 2.0, 3.0, 4.0]));
+    }
+
+    #[test]
+    fn a_copy_over_memory_a_kernel_used_must_wait_for_its_last_use() {
+        let gpu = MockGpu::new();
+        let (x, y) = (gpu.alloc(16).unwrap(), gpu.alloc(16).unwrap());
+        let h = gpu.host_alloc(16).unwrap();
+        add(&gpu, x, y, 4).unwrap();
+        let e = gpu.copy_async(y, h, 16).unwrap_err().to_string();
+        assert!(e.contains("a copy overwrites memory"), "{e}");
+        let used = gpu.record(Stream::Compute).unwrap();
+        gpu.wait_event(Stream::Copy, used).unwrap();
+        gpu.copy_async(y, h, 16).unwrap();
+        // Seeing a compute event complete on the host orders later copies after it too.
+        add(&gpu, x, x, 4).unwrap();
+        let used = gpu.record(Stream::Compute).unwrap();
+        assert!(gpu.copy_async(x, h, 16).is_err());
+        assert!(gpu.event_done(used).unwrap());
+        gpu.copy_async(x, h, 16).unwrap();
+    }
+
+    #[test]
+    fn a_staging_buffer_is_rewritten_only_after_its_copy_completed() {
+        let gpu = MockGpu::new();
+        let d = gpu.alloc(8).unwrap();
+        let h = gpu.host_alloc(8).unwrap();
+        gpu.host_write(h, &[1; 8]).unwrap();
+        gpu.copy_async(d, h, 8).unwrap();
+        let done = gpu.record(Stream::Copy).unwrap();
+        let e = gpu.host_write(h, &[2; 8]).unwrap_err().to_string();
+        assert!(e.contains("rewritten while copy #1"), "{e}");
+        gpu.event_sync(done).unwrap();
+        gpu.host_write(h, &[2; 8]).unwrap();
+        // A copy from a buffer larger than it is refused.
+        assert!(gpu.copy_async(d, h, 9).is_err());
+    }
+
+    #[test]
+    fn out_of_bounds_access_and_wrong_argument_lists_are_faults() {
+        let gpu = MockGpu::new();
+        let (x, y) = (gpu.alloc(16).unwrap(), gpu.alloc(16).unwrap());
+        // Five floats from a four-float buffer.
+        let e = add(&gpu, x, y, 5).unwrap_err();
+        assert!(matches!(e, Error::Device { fatal: true, .. }), "{e}");
+        assert!(e.to_string().contains("passes the end"), "{e}");
+        let e = gpu
+            .launch("add_f32", [1, 1, 1], &[KArg::Ptr(x), KArg::U32(4)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("takes 3 parameters"), "{e}");
+        let e = gpu
+            .launch("no_such_kernel", [1, 1, 1], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no kernel named"), "{e}");
+        gpu.free(x);
+        assert!(add(&gpu, x, y, 4).is_err(), "a freed buffer is gone");
     }
 }
