@@ -471,8 +471,16 @@ fn calibrate_cmd(a: CalibrateArgs) -> Result<(), Box<dyn std::error::Error>> {
         .and_then(|m| moe_runtime::hub::resolve(m).ok());
     eprintln!("measuring (about 10 s)...");
     let p = moe_runtime::calibrate::calibrate(&state_dir, model_dir.as_deref())?;
+    let link = match (p.link_pinned_bytes_per_s, p.link_pageable_bytes_per_s) {
+        (Some(pinned), Some(pageable)) => format!(
+            ", host-to-device {:.1} GB/s pinned / {:.1} GB/s pageable",
+            pinned / 1e9,
+            pageable / 1e9
+        ),
+        _ => String::new(),
+    };
     println!(
-        "RAM compute {:.1} GB/s, file read {:.2} GB/s; saved to {}",
+        "RAM compute {:.1} GB/s, file read {:.2} GB/s{link}; saved to {}",
         p.ram_compute_bytes_per_s / 1e9,
         p.file_read_bytes_per_s / 1e9,
         state_dir.join("profile.json").display()

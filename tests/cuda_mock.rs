@@ -210,3 +210,26 @@ fn eviction_churn_with_as_many_slots_as_top_k_matches_the_cpu() {
         );
     }
 }
+
+#[test]
+fn deltanet_decode_steps_run_as_kernels_on_the_device() {
+    let dir = common::fixtures().join("qwen3_next");
+    let mock = std::sync::Arc::new(MockGpu::new());
+    let cuda = Model::load_on(
+        &settings(&dir, DeviceKind::Cuda, KvElem::F32),
+        AnyBackend::Cuda(Cuda::on(mock.clone(), u64::MAX)),
+    )
+    .unwrap();
+    let ids = prompts(&cuda).remove(0);
+    common::greedy_generate(&cuda, &ids, 3);
+    let launched = mock.launched();
+    for k in [
+        "deltanet_split_f32",
+        "conv1d_silu_step_f32",
+        "l2norm_heads_f32",
+        "gated_delta_step_f32",
+        "mul_silu_f32",
+    ] {
+        assert!(launched.contains(&k), "{k} was not launched");
+    }
+}

@@ -82,3 +82,90 @@ gated_delta_step_f32(const float* __restrict__ qkv, unsigned conv_dim,
     }
     out[(size_t)r * nv * dv + j] = o;
 }
+
+// The gated DeltaNet's input split: each token row's interleaved projections, per key head h
+// `[q (dk) | k (dk) | v (group dv) | z (group dv)]` (`qkvz`, [rows, nk * (2 dk + 2 group dv)])
+// and `[b (group) | a (group)]` (`ba`, [rows, 2 nv]), into the convolution's channel order
+// `mixed` ([rows, conv_dim]: all q heads, all k heads, all v heads), the output gate `z`
+// ([rows, nv dv]) and per value head beta = sigmoid(b) and g = neg_a * softplus(a + dt_bias)
+// ([rows, nv]), softplus linear above 20 as torch's is; group = nv / nk.
+// Launch: block = 256 threads, grid = (rows, ceil(nk * (2 dk + 2 group dv) / 256)); thread e of
+// row r moves element e of the qkvz row, and threads e < nv of the first column block also
+// compute beta and g of value head e. The host checks nv a multiple of nk.
+// Copies are exact; beta and g use expf / logf (within a few ulp of the CPU twin).
+// Twin: `moe_runtime::backend::cpu::deltanet::split_inputs`.
+extern "C" __global__ void __launch_bounds__(256)
+deltanet_split_f32(const float* __restrict__ qkvz, const float* __restrict__ ba,
+                   const float* __restrict__ neg_a, const float* __restrict__ dt_bias,
+                   unsigned rows, unsigned nk, unsigned nv, unsigned dk, unsigned dv,
+                   float* __restrict__ mixed, float* __restrict__ z, float* __restrict__ beta,
+                   float* __restrict__ g) {
+    unsigned r = blockIdx.x;
+    unsigned e = blockIdx.y * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    unsigned group = nv / nk, per_k = 2 * dk + 2 * group * dv;
+    unsigned key_dim = nk * dk, conv_dim = 2 * key_dim + nv * dv;
+    if (e < nk * per_k) {
+        unsigned h = e / per_k, s = e % per_k;
+        float v = __ldg(qkvz + (size_t)r * nk * per_k + e);
+        if (s < dk)
+            mixed[(size_t)r * conv_dim + h * dk + s] = v;
+        else if (s < 2 * dk)
+            mixed[(size_t)r * conv_dim + key_dim + h * dk + (s - dk)] = v;
+        else if (s < 2 * dk + group * dv)
+            mixed[(size_t)r * conv_dim + 2 * key_dim + h * group * dv + (s - 2 * dk)] = v;
+        else
+            z[(size_t)r * nv * dv + h * group * dv + (s - 2 * dk - group * dv)] = v;
+    }
+    if (blockIdx.y == 0 && threadIdx.x < nv) {
+        unsigned vh = threadIdx.x, h = vh / group, j = vh % group;
+        const float* bar = ba + (size_t)r * 2 * nv + h * 2 * group;
+        float b = __ldg(bar + j);
+        beta[(size_t)r * nv + vh] = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-b)));
+        float x = __fadd_rn(__ldg(bar + group + j), __ldg(dt_bias + vh));
+        float sp = x > 20.0f ? x : log1pf(expf(x));
+        g[(size_t)r * nv + vh] = __fmul_rn(__ldg(neg_a + vh), sp);
+    }
+}
+
+// q and k of every key head l2-normalised, q also scaled: per row of the convolution output
+// (`x`, [rows, stride]), heads 0..nk (q) and nk..2 nk (k) of dk values at the row's start,
+// v = v * f with f = 1 / sqrt(sum v^2 + 1e-6), times `scale` for q heads.
+// Launch: block = 256 threads, grid = (rows, 2 nk); one block per head, dk <= 256 (the host
+// checks). Deterministic: a fixed xor-shuffle tree per warp, then the warps in ascending order
+// (not bit-identical to the twin, whose sum runs left to right; the scale and products are).
+// Twin: `moe_runtime::backend::cpu::deltanet::normalize_qk`.
+extern "C" __global__ void __launch_bounds__(256)
+l2norm_heads_f32(float* __restrict__ x, unsigned rows, unsigned stride, unsigned nk,
+                 unsigned dk, float scale) {
+    __shared__ float warp_sums[8];
+    __shared__ float factor;
+    unsigned r = blockIdx.x, h = blockIdx.y, t = threadIdx.x;
+    if (r >= rows || h >= 2 * nk) return;
+    float* head = x + (size_t)r * stride + (size_t)h * dk;
+    float v = t < dk ? head[t] : 0.0f;
+    float s = warp_sum(__fmul_rn(v, v));
+    if ((t & 31) == 0) warp_sums[t >> 5] = s;
+    __syncthreads();
+    if (t == 0) {
+        float sum = 0.0f;
+        for (unsigned w = 0; w < 8; w++) sum = __fadd_rn(sum, warp_sums[w]);
+        float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(sum, 1e-6f)));
+        factor = h < nk ? __fmul_rn(inv, scale) : inv;
+    }
+    __syncthreads();
+    if (t < dk) head[t] = __fmul_rn(v, factor);
+}
+
+// The output gate: x = x * (z * sigmoid(z)) elementwise, in that order (the twin's).
+// Launch: block = 256 threads, grid = ceil(n / 256) (grid-stride).
+// Twin: `moe_runtime::backend::cpu::deltanet::mul_silu`.
+extern "C" __global__ void __launch_bounds__(256)
+mul_silu_f32(float* __restrict__ x, const float* __restrict__ z, unsigned n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float zv = z[i];
+        float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-zv)));
+        x[i] = __fmul_rn(x[i], __fmul_rn(zv, s));
+    }
+}

@@ -51,6 +51,13 @@ pub struct Profile {
     pub file_read_bytes_per_s: f64,
     /// Device compute over weights in device memory, bytes/s.
     pub device_compute_bytes_per_s: f64,
+    /// Host-to-device copies from pinned memory (the expert copy path), bytes/s, where a GPU
+    /// was measured; the CUDA plan assumes it for the link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_pinned_bytes_per_s: Option<f64>,
+    /// Host-to-device copies from pageable memory, bytes/s, where a GPU was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_pageable_bytes_per_s: Option<f64>,
     /// Where the numbers come from ("defaults" or the calibration's date).
     pub source: String,
 }
@@ -62,6 +69,8 @@ impl Default for Profile {
             ram_compute_bytes_per_s: 20e9,
             file_read_bytes_per_s: 2e9,
             device_compute_bytes_per_s: 2000e9,
+            link_pinned_bytes_per_s: None,
+            link_pageable_bytes_per_s: None,
             source: "defaults".into(),
         }
     }

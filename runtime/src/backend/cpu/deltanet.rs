@@ -260,34 +260,7 @@ pub fn delta_net(
     let (key_dim, value_dim) = (nk * dk, nv * dv);
     let conv_dim = p.dims.conv_dim();
     let t: usize = lens.iter().sum();
-    // De-interleave into the convolution's channel order and the per-head z, b, a.
-    let mut mixed = vec![0f32; t * conv_dim];
-    let mut z = vec![0f32; t * value_dim];
-    let mut beta = vec![0f32; t * nv];
-    let mut g = vec![0f32; t * nv];
-    let per_k = 2 * dk + 2 * group * dv;
-    for r in 0..t {
-        let src = &qkvz[r * nk * per_k..][..nk * per_k];
-        let dst = &mut mixed[r * conv_dim..][..conv_dim];
-        let zr = &mut z[r * value_dim..][..value_dim];
-        for h in 0..nk {
-            let s = &src[h * per_k..][..per_k];
-            dst[h * dk..][..dk].copy_from_slice(&s[..dk]);
-            dst[key_dim + h * dk..][..dk].copy_from_slice(&s[dk..2 * dk]);
-            dst[2 * key_dim + h * group * dv..][..group * dv]
-                .copy_from_slice(&s[2 * dk..2 * dk + group * dv]);
-            zr[h * group * dv..][..group * dv].copy_from_slice(&s[2 * dk + group * dv..]);
-        }
-        let bar = &ba[r * 2 * nv..][..2 * nv];
-        for h in 0..nk {
-            let s = &bar[h * 2 * group..][..2 * group];
-            for j in 0..group {
-                let vh = h * group + j;
-                beta[r * nv + vh] = sigmoid(s[j]);
-                g[r * nv + vh] = p.neg_a[vh] * softplus(s[group + j] + p.dt_bias[vh]);
-            }
-        }
-    }
+    let (mixed, z, beta, g) = split_inputs(qkvz, ba, p.neg_a, p.dt_bias, &p.dims, t);
     // The convolution per sequence (it carries the previous rows); then q and k
     // l2-normalised and q scaled, in f32 as the model computes them.
     let mut conv_out = vec![0f32; t * conv_dim];
@@ -304,14 +277,7 @@ pub fn delta_net(
         );
         row0 += n;
     }
-    let scale = (dk as f32).powf(-0.5);
-    for row in conv_out.chunks_exact_mut(conv_dim) {
-        for (h, head) in row[..2 * key_dim].chunks_exact_mut(dk).enumerate() {
-            let inv = 1.0 / (head.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt();
-            let f = if h < nk { inv * scale } else { inv };
-            head.iter_mut().for_each(|v| *v *= f);
-        }
-    }
+    normalize_qk(&mut conv_out, conv_dim, nk, dk, (dk as f32).powf(-0.5));
     // One task per (sequence, value head), each owning that head's slice of the state.
     let mut tasks = Vec::with_capacity(lens.len() * nv);
     let mut row0 = 0;
@@ -367,10 +333,79 @@ pub fn delta_net(
         row0 += n;
     }
     rms_norm_rows(&mut core, p.norm, dv, p.norm_eps);
-    for (c, zv) in core.iter_mut().zip(&z) {
+    mul_silu(&mut core, &z);
+    core
+}
+
+/// De-interleaves `t` rows of the input projections (`qkvz`, per key head `[q | k | v | z]`;
+/// `ba`, per key head `[b | a]`) into the convolution's channel order (`mixed`: every q head,
+/// every k head, every v head), the output gate `z`, and per value head `beta = sigmoid(b)`
+/// and `g = neg_a * softplus(a + dt_bias)`.
+#[allow(clippy::type_complexity)]
+pub fn split_inputs(
+    qkvz: &[f32],
+    ba: &[f32],
+    neg_a: &[f32],
+    dt_bias: &[f32],
+    dims: &LinearAttentionConfig,
+    t: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (nk, nv, dk, dv) = (
+        dims.num_key_heads,
+        dims.num_value_heads,
+        dims.key_head_dim,
+        dims.value_head_dim,
+    );
+    let group = nv / nk;
+    let (key_dim, value_dim) = (nk * dk, nv * dv);
+    let conv_dim = dims.conv_dim();
+    let mut mixed = vec![0f32; t * conv_dim];
+    let mut z = vec![0f32; t * value_dim];
+    let mut beta = vec![0f32; t * nv];
+    let mut g = vec![0f32; t * nv];
+    let per_k = 2 * dk + 2 * group * dv;
+    for r in 0..t {
+        let src = &qkvz[r * nk * per_k..][..nk * per_k];
+        let dst = &mut mixed[r * conv_dim..][..conv_dim];
+        let zr = &mut z[r * value_dim..][..value_dim];
+        for h in 0..nk {
+            let s = &src[h * per_k..][..per_k];
+            dst[h * dk..][..dk].copy_from_slice(&s[..dk]);
+            dst[key_dim + h * dk..][..dk].copy_from_slice(&s[dk..2 * dk]);
+            dst[2 * key_dim + h * group * dv..][..group * dv]
+                .copy_from_slice(&s[2 * dk..2 * dk + group * dv]);
+            zr[h * group * dv..][..group * dv].copy_from_slice(&s[2 * dk + group * dv..]);
+        }
+        let bar = &ba[r * 2 * nv..][..2 * nv];
+        for h in 0..nk {
+            let s = &bar[h * 2 * group..][..2 * group];
+            for j in 0..group {
+                let vh = h * group + j;
+                beta[r * nv + vh] = sigmoid(s[j]);
+                g[r * nv + vh] = neg_a[vh] * softplus(s[group + j] + dt_bias[vh]);
+            }
+        }
+    }
+    (mixed, z, beta, g)
+}
+
+/// l2-normalises the `nk` q heads and `nk` k heads (`dk` values each) at the start of every
+/// `stride`-wide row of `x`, the q heads also scaled by `scale`.
+pub fn normalize_qk(x: &mut [f32], stride: usize, nk: usize, dk: usize, scale: f32) {
+    for row in x.chunks_exact_mut(stride) {
+        for (h, head) in row[..2 * nk * dk].chunks_exact_mut(dk).enumerate() {
+            let inv = 1.0 / (head.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt();
+            let f = if h < nk { inv * scale } else { inv };
+            head.iter_mut().for_each(|v| *v *= f);
+        }
+    }
+}
+
+/// `x *= z * sigmoid(z)` elementwise (the output gate).
+pub fn mul_silu(x: &mut [f32], z: &[f32]) {
+    for (c, zv) in x.iter_mut().zip(z) {
         *c *= zv * sigmoid(*zv);
     }
-    core
 }
 
 /// `log(1 + exp(x))`, linear above 20 as torch's `softplus` is.

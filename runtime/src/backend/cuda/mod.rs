@@ -10,8 +10,11 @@
 //! What runs where: embedding, matmuls (+ bias), norms, RoPE, the elementwise ops, KV stores and
 //! attention run as kernels; routing takes the router logits to the host (one small copy per
 //! MoE layer, which the expert store needs anyway) and runs the CPU rule; the gated DeltaNet
-//! mixer runs its CPU code over states copied to the host and back (its prefill kernels are
-//! still to come); experts are computed by the expert store.
+//! mixer runs as kernels for decode steps (one new token per sequence: split, convolution step,
+//! q/k normalisation, the delta rule on the state in VRAM, norm and gate), while a prefill
+//! chunk runs the CPU's chunked form over the state copied to the host and back (a device
+//! chunked kernel is still to come); experts are computed by the expert store (in VRAM slots
+//! through `store::CudaTier`, or on the host).
 //!
 //! Invariants: on the mock device every result equals the CPU backend's (activations `f32`)
 //! bit for bit; on a GPU dequantization, elementwise ops and KV stores are bit-exact with the
@@ -314,6 +317,114 @@ impl Cuda {
             let r = self.gpu.htod(dst.ptr(), bytemuck::cast_slice(v));
             self.ok(r);
         }
+    }
+}
+
+/// Longest convolution the DeltaNet step kernel keeps in registers (`CONV_MAX_KERNEL`).
+const CONV_MAX_KERNEL: usize = 8;
+/// Largest key head the q/k normalisation kernel takes (one block of threads per head).
+const L2NORM_MAX_HEAD_DIM: usize = 256;
+
+impl Cuda {
+    /// One new token per sequence through the gated DeltaNet on the device: the input split,
+    /// per sequence the convolution step and the delta rule on its state, the per-head norm
+    /// and the output gate.
+    fn delta_net_step(
+        &self,
+        qkvz: &DevBuf,
+        ba: &DevBuf,
+        p: &DeltaNetParams<'_, Cuda>,
+        states: &mut [&mut DevRecurrent],
+    ) -> DevBuf {
+        let d = p.dims;
+        let (nk, nv, dk, dv) = (
+            d.num_key_heads,
+            d.num_value_heads,
+            d.key_head_dim,
+            d.value_head_dim,
+        );
+        let (conv_dim, value_dim) = (d.conv_dim(), nv * dv);
+        let t = states.len();
+        let per_row = nk * (2 * dk + 2 * (nv / nk) * dv);
+        let (mixed, z) = (self.f32_buf(t * conv_dim), self.f32_buf(t * value_dim));
+        let (beta, g) = (self.f32_buf(t * nv), self.f32_buf(t * nv));
+        self.launch(
+            "deltanet_split_f32",
+            [u32_of(t), col_blocks(per_row.max(nv)), 1],
+            &[
+                qkvz.arg(),
+                ba.arg(),
+                p.neg_a.buf.arg(),
+                p.dt_bias.buf.arg(),
+                KArg::U32(u32_of(t)),
+                KArg::U32(u32_of(nk)),
+                KArg::U32(u32_of(nv)),
+                KArg::U32(u32_of(dk)),
+                KArg::U32(u32_of(dv)),
+                mixed.arg(),
+                z.arg(),
+                beta.arg(),
+                g.arg(),
+            ],
+        );
+        // Each sequence's state is its own buffer: slot 0 of it.
+        let slot0 = self.upload(&[0u32]);
+        let conv = self.f32_buf(t * conv_dim);
+        for (r, st) in states.iter().enumerate() {
+            self.launch(
+                "conv1d_silu_step_f32",
+                [col_blocks(conv_dim), 1, 1],
+                &[
+                    KArg::Ptr(mixed.at(r * conv_dim * 4)),
+                    p.conv_weight.buf.arg(),
+                    st.conv.arg(),
+                    slot0.arg(),
+                    KArg::U32(u32_of(conv_dim)),
+                    KArg::U32(u32_of(d.conv_kernel)),
+                    KArg::Ptr(conv.at(r * conv_dim * 4)),
+                ],
+            );
+        }
+        self.launch(
+            "l2norm_heads_f32",
+            [u32_of(t), u32_of(2 * nk), 1],
+            &[
+                conv.arg(),
+                KArg::U32(u32_of(t)),
+                KArg::U32(u32_of(conv_dim)),
+                KArg::U32(u32_of(nk)),
+                KArg::U32(u32_of(dk)),
+                KArg::F32((dk as f32).powf(-0.5)),
+            ],
+        );
+        let mut core = self.f32_buf(t * value_dim);
+        for (r, st) in states.iter().enumerate() {
+            self.launch(
+                "gated_delta_step_f32",
+                [col_blocks(value_dim), 1, 1],
+                &[
+                    KArg::Ptr(conv.at(r * conv_dim * 4)),
+                    KArg::U32(u32_of(conv_dim)),
+                    KArg::Ptr(g.at(r * nv * 4)),
+                    KArg::Ptr(beta.at(r * nv * 4)),
+                    st.ssm.arg(),
+                    slot0.arg(),
+                    KArg::U32(u32_of(nk)),
+                    KArg::U32(u32_of(nv)),
+                    KArg::U32(u32_of(dk)),
+                    KArg::U32(u32_of(dv)),
+                    KArg::Ptr(core.at(r * value_dim * 4)),
+                ],
+            );
+        }
+        self.rms_norm(&mut core, p.norm, dv, p.norm_eps);
+        let n = t * value_dim;
+        self.launch(
+            "mul_silu_f32",
+            [stride_blocks(n), 1, 1],
+            &[core.arg(), z.arg(), KArg::U32(u32_of(n))],
+        );
+        core
     }
 }
 
@@ -989,7 +1100,16 @@ impl Backend for Cuda {
         lens: &[usize],
         states: &mut [&mut DevRecurrent],
     ) -> DevBuf {
-        // The CPU code over host copies of the inputs and states (see the module doc).
+        let d = p.dims;
+        let decode = lens.iter().all(|&n| n == 1)
+            && (1..=CONV_MAX_KERNEL).contains(&d.conv_kernel)
+            && d.key_head_dim <= L2NORM_MAX_HEAD_DIM
+            && d.num_key_heads > 0
+            && d.num_value_heads.is_multiple_of(d.num_key_heads);
+        if decode {
+            return self.delta_net_step(qkvz, ba, p, states);
+        }
+        // Prefill: the CPU code (its chunked form) over host copies of the inputs and states.
         let (qkvz, ba) = (self.host_f32(qkvz), self.host_f32(ba));
         let mut host: Vec<LinearState> = states
             .iter()
