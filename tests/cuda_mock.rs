@@ -45,6 +45,8 @@ fn prompts(m: &Model) -> Vec<Vec<u32>> {
     vec![
         (0..7).map(|i| (i * 37 + 11) % vocab).collect(),
         (0..19).map(|i| (i * 53 + 5) % vocab).collect(),
+        // Long enough for the prefill GEMM path.
+        (0..41).map(|i| (i * 29 + 17) % vocab).collect(),
     ]
 }
 
@@ -141,6 +143,12 @@ fn the_mock_runs_the_kernels_and_a_too_small_budget_fails_cleanly() {
         assert!(launched.contains(&k), "{k} was not launched: {launched:?}");
     }
     assert!(launched.iter().any(|k| k.starts_with("matvec_")));
+    // The 41-token prompt's projections and head went through the GEMM.
+    common::prefill_logits(&cuda, &prompts(&cuda)[2]);
+    assert!(
+        mock.launched().contains(&"gemm"),
+        "no GEMM for a long prefill"
+    );
     // Experts ran in VRAM slots: rows gathered there and summed there.
     for k in ["gather_rows_f32", "moe_sum_f32"] {
         assert!(launched.contains(&k), "{k} was not launched");

@@ -124,3 +124,25 @@ dequant_fp4(const unsigned char* __restrict__ w, unsigned long long n_blocks,
             float* __restrict__ out) {
     dequant_b4(w, n_blocks, out, FP4_BITS);
 }
+
+// bf16 and f16 widened to f32 (the "blocks" are single values), exactly: bf16 bits << 16;
+// f16 through cvt.f32.f16. For the prefill GEMM, which multiplies f32 tiles.
+// Launch: as the other dequantizers (grid-stride over n values). Requirements the host checks:
+// `w` 2-byte aligned.
+// Twin: `moe_kernels::row_to_f32` on `Weights::Bf16` (`convert_to_f32_slice`).
+extern "C" __global__ void __launch_bounds__(256)
+dequant_bf16(const unsigned short* __restrict__ w, unsigned long long n,
+             float* __restrict__ out) {
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        out[i] = __uint_as_float((unsigned)__ldg(w + i) << 16);
+}
+
+// Twin: `moe_kernels::row_to_f32` on `Weights::F16` (`convert_to_f32_slice`).
+extern "C" __global__ void __launch_bounds__(256)
+dequant_f16(const unsigned short* __restrict__ w, unsigned long long n,
+            float* __restrict__ out) {
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        out[i] = f16_to_f32(__ldg(w + i));
+}

@@ -108,6 +108,8 @@ pub const SOURCES: &[CudaSource] = &[
             "dequant_f8",
             "dequant_nf4",
             "dequant_fp4",
+            "dequant_bf16",
+            "dequant_f16",
         ],
     },
     CudaSource {

@@ -53,7 +53,15 @@ pub struct DriverGpu {
     copy: CopyStream,
     /// Pinned host buffers by address, with their sizes.
     host: Mutex<HashMap<u64, usize>>,
+    /// The cuBLAS handle, created at the first GEMM.
+    blas: Mutex<Option<Blas>>,
 }
+
+/// A cuBLAS handle on the legacy stream.
+struct Blas(cudarc::cublas::sys::cublasHandle_t);
+
+// SAFETY: the handle is used under the mutex that holds it, with the context current.
+unsafe impl Send for Blas {}
 
 /// The copy stream's handle.
 struct CopyStream(sys::CUstream);
@@ -92,6 +100,7 @@ impl DriverGpu {
             loaded: Mutex::new(Loaded::default()),
             copy: CopyStream(copy),
             host: Mutex::new(HashMap::new()),
+            blas: Mutex::new(None),
         })
     }
 
@@ -232,6 +241,102 @@ impl Gpu for DriverGpu {
         self.ctx
             .synchronize()
             .map_err(|e| fail("synchronizing the device", e))
+    }
+
+    fn gemm(
+        &self,
+        x: DevPtr,
+        w: DevPtr,
+        dtype: crate::weights::Dtype,
+        out: DevPtr,
+        m: usize,
+        n: usize,
+        k: usize,
+        scratch: DevPtr,
+        scratch_bytes: usize,
+    ) -> Result<()> {
+        use crate::weights::Dtype;
+        use cudarc::cublas::{result as blas, sys as bsys};
+        self.bind()?;
+        let int =
+            |v: usize| i32::try_from(v).map_err(|_| Error::Internal(format!("GEMM size {v}")));
+        let mut guard = self.blas.lock();
+        if guard.is_none() {
+            let h = blas::create_handle().map_err(|e| fail("creating the cuBLAS handle", e))?;
+            // SAFETY: the handle was just created; the null stream is the legacy stream.
+            unsafe { blas::set_stream(h, std::ptr::null_mut()) }
+                .map_err(|e| fail("setting the cuBLAS stream", e))?;
+            *guard = Some(Blas(h));
+        }
+        let h = guard.as_ref().expect("created above").0;
+        // Column-major: C[n, m] = Wᵀ-view[n, k] · X[k, m], W row-major [n, k] read transposed.
+        let sgemm = |rows: usize, a: DevPtr, c: DevPtr| -> Result<()> {
+            let (one, zero) = (1.0f32, 0.0f32);
+            // SAFETY: `a` holds `rows` rows of k f32, `x` m rows of k, `c` m rows of n floats
+            // starting at the tile's column (ldc = n); all live on this device and ordered on
+            // the legacy stream; alpha and beta are host scalars that outlive the call.
+            unsafe {
+                blas::sgemm(
+                    h,
+                    bsys::cublasOperation_t::CUBLAS_OP_T,
+                    bsys::cublasOperation_t::CUBLAS_OP_N,
+                    int(rows)?,
+                    int(m)?,
+                    int(k)?,
+                    &one,
+                    a as *const f32,
+                    int(k)?,
+                    x as *const f32,
+                    int(k)?,
+                    &zero,
+                    c as *mut f32,
+                    int(n)?,
+                )
+            }
+            .map_err(|e| fail("a cuBLAS GEMM", e))
+        };
+        if dtype == Dtype::F32 {
+            return sgemm(n, w, out);
+        }
+        let (block, block_bytes) = dtype.block().unwrap_or((1, dtype.bytes_for(1)));
+        let kernel = match dtype {
+            Dtype::Bf16 => "dequant_bf16",
+            Dtype::F16 => "dequant_f16",
+            Dtype::Q8_0 => "dequant_q8_0",
+            Dtype::Q4K => "dequant_q4_k",
+            Dtype::F8B128 => "dequant_f8",
+            Dtype::Nf4 => "dequant_nf4",
+            Dtype::Fp4 => "dequant_fp4",
+            other => {
+                return Err(Error::Internal(format!(
+                    "no GEMM for {} weights",
+                    other.name()
+                )))
+            }
+        };
+        let tile = (scratch_bytes / (k * 4)).clamp(1, n.max(1));
+        let row_bytes = k / block * block_bytes;
+        let mut r0 = 0;
+        while r0 < n {
+            let rows = tile.min(n - r0);
+            let values = (rows * k) as u64;
+            self.launch(
+                kernel,
+                [
+                    ((values as usize).div_ceil(256)).clamp(1, 8192) as u32,
+                    1,
+                    1,
+                ],
+                &[
+                    KArg::Ptr(w + (r0 * row_bytes) as u64),
+                    KArg::U64(values / block as u64),
+                    KArg::Ptr(scratch),
+                ],
+            )?;
+            sgemm(rows, scratch, out + (r0 * 4) as u64)?;
+            r0 += rows;
+        }
+        Ok(())
     }
 
     fn host_alloc(&self, bytes: usize) -> Result<HostId> {

@@ -77,6 +77,23 @@ pub trait Gpu: Send + Sync {
     /// Waits for everything issued so far.
     fn synchronize(&self) -> Result<()>;
 
+    /// `out[m, n] = x[m, k] · w[n, k]ᵀ` in f32 on the compute stream, for a weight stored as
+    /// `dtype` (the prefill product): f32 weights directly, other types widened to f32 into
+    /// `scratch` (`scratch_bytes`, at least one row) a tile of rows at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        x: DevPtr,
+        w: DevPtr,
+        dtype: crate::weights::Dtype,
+        out: DevPtr,
+        m: usize,
+        n: usize,
+        k: usize,
+        scratch: DevPtr,
+        scratch_bytes: usize,
+    ) -> Result<()>;
+
     /// A pinned (page-locked, portable) host buffer of `bytes` for asynchronous copies.
     fn host_alloc(&self, bytes: usize) -> Result<HostId>;
     /// Releases a buffer of [`Gpu::host_alloc`] (after the copies issued from it).

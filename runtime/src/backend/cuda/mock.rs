@@ -200,7 +200,7 @@ impl MockGpu {
             }
             k if k.starts_with("dequant_") => {
                 let dtype = dtype_of(k);
-                let (block, _) = dtype.block().expect("a block format");
+                let block = dtype.block().map_or(1, |b| b.0);
                 let n = a.u64(1) as usize * block;
                 let words = self.read_typed(a.ptr(0), dtype, n)?;
                 let w = weights_of(&words, dtype, n);
@@ -656,6 +656,39 @@ impl Gpu for MockGpu {
         o.copy_seen_by_host = o.copy_seq;
         o.compute_visible = o.compute_seq;
         Ok(())
+    }
+
+    fn gemm(
+        &self,
+        x: DevPtr,
+        w: DevPtr,
+        dtype: Dtype,
+        out: DevPtr,
+        m: usize,
+        n: usize,
+        k: usize,
+        scratch: DevPtr,
+        scratch_bytes: usize,
+    ) -> Result<()> {
+        let mut ptrs = vec![x, w, out];
+        if dtype != Dtype::F32 {
+            if scratch_bytes < k * 4 {
+                return Err(fault(format!(
+                    "gemm scratch of {scratch_bytes} bytes holds no row of {k} values"
+                )));
+            }
+            ptrs.push(scratch);
+        }
+        self.compute_use("gemm", &ptrs)?;
+        // The CPU backend's product over the stored weights (bit for bit).
+        let xs = self.read_f32(x, m * k)?;
+        let words = self.read_typed(w, dtype, n * k)?;
+        let wt = weights_of(&words, dtype, n * k);
+        let mut y = vec![0f32; m * n];
+        cpu::Input::new(&xs, m, k, crate::backend::Activations::F32, &[wt])
+            .matmul(wt, n, &mut y, true);
+        self.launches.lock().push("gemm");
+        self.write_f32(out, &y)
     }
 
     fn host_alloc(&self, bytes: usize) -> Result<HostId> {

@@ -23,7 +23,9 @@
 //! row lengths, head_dim within the attention kernel's limit) before launching.
 
 mod cubin;
+mod deltanet;
 pub mod driver;
+mod experts;
 pub mod gpu;
 pub mod mock;
 mod probe;
@@ -37,6 +39,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 pub use cubin::{Cubin, CubinCache};
+pub use experts::DeviceExpert;
 pub use gpu::{DevBuf, DevPtr, Gpu, Grid, KArg, Vram, VramUsage};
 pub use probe::{probe, CudaDevice};
 
@@ -320,126 +323,12 @@ impl Cuda {
     }
 }
 
-/// Longest convolution the DeltaNet step kernel keeps in registers (`CONV_MAX_KERNEL`).
-const CONV_MAX_KERNEL: usize = 8;
-/// Largest key head the q/k normalisation kernel takes (one block of threads per head).
-const L2NORM_MAX_HEAD_DIM: usize = 256;
-
-impl Cuda {
-    /// One new token per sequence through the gated DeltaNet on the device: the input split,
-    /// per sequence the convolution step and the delta rule on its state, the per-head norm
-    /// and the output gate.
-    fn delta_net_step(
-        &self,
-        qkvz: &DevBuf,
-        ba: &DevBuf,
-        p: &DeltaNetParams<'_, Cuda>,
-        states: &mut [&mut DevRecurrent],
-    ) -> DevBuf {
-        let d = p.dims;
-        let (nk, nv, dk, dv) = (
-            d.num_key_heads,
-            d.num_value_heads,
-            d.key_head_dim,
-            d.value_head_dim,
-        );
-        let (conv_dim, value_dim) = (d.conv_dim(), nv * dv);
-        let t = states.len();
-        let per_row = nk * (2 * dk + 2 * (nv / nk) * dv);
-        let (mixed, z) = (self.f32_buf(t * conv_dim), self.f32_buf(t * value_dim));
-        let (beta, g) = (self.f32_buf(t * nv), self.f32_buf(t * nv));
-        self.launch(
-            "deltanet_split_f32",
-            [u32_of(t), col_blocks(per_row.max(nv)), 1],
-            &[
-                qkvz.arg(),
-                ba.arg(),
-                p.neg_a.buf.arg(),
-                p.dt_bias.buf.arg(),
-                KArg::U32(u32_of(t)),
-                KArg::U32(u32_of(nk)),
-                KArg::U32(u32_of(nv)),
-                KArg::U32(u32_of(dk)),
-                KArg::U32(u32_of(dv)),
-                mixed.arg(),
-                z.arg(),
-                beta.arg(),
-                g.arg(),
-            ],
-        );
-        // Each sequence's state is its own buffer: slot 0 of it.
-        let slot0 = self.upload(&[0u32]);
-        let conv = self.f32_buf(t * conv_dim);
-        for (r, st) in states.iter().enumerate() {
-            self.launch(
-                "conv1d_silu_step_f32",
-                [col_blocks(conv_dim), 1, 1],
-                &[
-                    KArg::Ptr(mixed.at(r * conv_dim * 4)),
-                    p.conv_weight.buf.arg(),
-                    st.conv.arg(),
-                    slot0.arg(),
-                    KArg::U32(u32_of(conv_dim)),
-                    KArg::U32(u32_of(d.conv_kernel)),
-                    KArg::Ptr(conv.at(r * conv_dim * 4)),
-                ],
-            );
-        }
-        self.launch(
-            "l2norm_heads_f32",
-            [u32_of(t), u32_of(2 * nk), 1],
-            &[
-                conv.arg(),
-                KArg::U32(u32_of(t)),
-                KArg::U32(u32_of(conv_dim)),
-                KArg::U32(u32_of(nk)),
-                KArg::U32(u32_of(dk)),
-                KArg::F32((dk as f32).powf(-0.5)),
-            ],
-        );
-        let mut core = self.f32_buf(t * value_dim);
-        for (r, st) in states.iter().enumerate() {
-            self.launch(
-                "gated_delta_step_f32",
-                [col_blocks(value_dim), 1, 1],
-                &[
-                    KArg::Ptr(conv.at(r * conv_dim * 4)),
-                    KArg::U32(u32_of(conv_dim)),
-                    KArg::Ptr(g.at(r * nv * 4)),
-                    KArg::Ptr(beta.at(r * nv * 4)),
-                    st.ssm.arg(),
-                    slot0.arg(),
-                    KArg::U32(u32_of(nk)),
-                    KArg::U32(u32_of(nv)),
-                    KArg::U32(u32_of(dk)),
-                    KArg::U32(u32_of(dv)),
-                    KArg::Ptr(core.at(r * value_dim * 4)),
-                ],
-            );
-        }
-        self.rms_norm(&mut core, p.norm, dv, p.norm_eps);
-        let n = t * value_dim;
-        self.launch(
-            "mul_silu_f32",
-            [stride_blocks(n), 1, 1],
-            &[core.arg(), z.arg(), KArg::U32(u32_of(n))],
-        );
-        core
-    }
-}
-
-/// One expert's matrices in a device slot, for [`Cuda::expert_ffn_add`].
-#[derive(Clone, Copy, Debug)]
-pub struct DeviceExpert {
-    /// Gate `[inter, hidden]`, or with `up` None the fused gate_up `[2 inter, hidden]` (the
-    /// gate rows, then the up rows).
-    pub gate: (DevPtr, Dtype),
-    pub up: Option<(DevPtr, Dtype)>,
-    /// Down `[hidden, inter]`.
-    pub down: (DevPtr, Dtype),
-    pub inter: usize,
-    pub glu: Glu,
-}
+/// Rows from which a matmul is one GEMM rather than the matvec kernel (which reads the weight
+/// once per 8 rows).
+const GEMM_MIN_ROWS: usize = 32;
+/// Most scratch a GEMM widens weights into at once (64 MiB: within the planner's device
+/// scratch, and tiles of thousands of rows for common widths).
+const GEMM_SCRATCH_BYTES: usize = 64 << 20;
 
 impl Cuda {
     /// The accounting allocator every device buffer of this backend comes from.
@@ -470,6 +359,31 @@ impl Cuda {
                 return out;
             }
         }
+        if rows >= GEMM_MIN_ROWS {
+            // Prefill: one GEMM (cuBLAS over f32 tiles) instead of re-reading the weight for
+            // every 8 rows.
+            let scratch_bytes = if dtype == Dtype::F32 {
+                0
+            } else {
+                (n_out * n_in * 4).min(GEMM_SCRATCH_BYTES.max(n_in * 4))
+            };
+            let scratch = self.alloc(scratch_bytes);
+            if !self.faulted() {
+                let r = self.gpu.gemm(
+                    x.ptr(),
+                    w,
+                    dtype,
+                    out.ptr(),
+                    rows,
+                    n_out,
+                    n_in,
+                    scratch.ptr(),
+                    scratch_bytes,
+                );
+                self.ok(r);
+            }
+            return out;
+        }
         self.launch(
             matvec_kernel(dtype),
             [u32_of(n_out.div_ceil(8)), 1, 1],
@@ -493,105 +407,6 @@ impl Cuda {
             self.ok(r);
         }
         b
-    }
-
-    /// `out[rows[i]] += weights[i] * y[i]` for `[rows.len(), hidden]` rows `y`, on the device
-    /// (the deterministic expert sum: call it expert after expert in ascending order).
-    fn moe_sum(&self, out: &DevBuf, rows: &DevBuf, weights: &[f32], y: &DevBuf, hidden: usize) {
-        let n = weights.len();
-        if n == 0 {
-            return;
-        }
-        let w = self.upload(weights);
-        self.launch(
-            "moe_sum_f32",
-            [col_blocks(hidden), u32_of(n.min(65535)), 1],
-            &[
-                out.arg(),
-                rows.arg(),
-                w.arg(),
-                y.arg(),
-                KArg::U32(u32_of(n)),
-                KArg::U32(u32_of(hidden)),
-            ],
-        );
-    }
-
-    fn row_indices(&self, rows: &[usize], x: &DevBuf, hidden: usize) -> Option<DevBuf> {
-        let total = Self::n_f32(x) / hidden.max(1);
-        if let Some(&r) = rows.iter().find(|&&r| r >= total) {
-            self.refuse(format!(
-                "routed row {r} is past the {total} rows of the layer"
-            ));
-            return None;
-        }
-        let idx: Vec<u32> = rows.iter().map(|&r| u32_of(r)).collect();
-        Some(self.upload(&idx))
-    }
-
-    /// `out[r] += w_r * y_i` for an expert's unweighted output computed on the host (`y` is
-    /// `[rows.len(), hidden]`).
-    pub fn add_weighted_host_rows(
-        &self,
-        out: &DevBuf,
-        rows: &[usize],
-        weights: &[f32],
-        y: &[f32],
-        hidden: usize,
-    ) {
-        let Some(idx) = self.row_indices(rows, out, hidden) else {
-            return;
-        };
-        let y = self.upload(y);
-        self.moe_sum(out, &idx, weights, &y, hidden);
-    }
-
-    /// `out[r] += w_r * ffn(x_r)` for the routed `rows` of `x` (`[tokens, hidden]`), with the
-    /// expert's matrices in device memory: the rows gathered, gate and up (or the fused
-    /// gate_up, split in halves), the gated activation, down, then the weighted sum into `out`.
-    /// The same products in the same order as the host's expert FFN.
-    pub fn expert_ffn_add(
-        &self,
-        x: &DevBuf,
-        hidden: usize,
-        rows: &[usize],
-        weights: &[f32],
-        e: &DeviceExpert,
-        out: &DevBuf,
-    ) {
-        let m = rows.len();
-        if m == 0 {
-            return;
-        }
-        let Some(idx) = self.row_indices(rows, x, hidden) else {
-            return;
-        };
-        let xs = self.f32_buf(m * hidden);
-        self.launch(
-            "gather_rows_f32",
-            [u32_of(m), col_blocks(hidden), 1],
-            &[
-                x.arg(),
-                idx.arg(),
-                KArg::U32(u32_of(m)),
-                KArg::U32(u32_of(hidden)),
-                xs.arg(),
-            ],
-        );
-        let inter = e.inter;
-        let (g, mut u) = match e.up {
-            Some(up) => (
-                self.matvec(&xs, m, e.gate.0, e.gate.1, hidden, inter),
-                self.matvec(&xs, m, up.0, up.1, hidden, inter),
-            ),
-            None => {
-                let gu = self.matvec(&xs, m, e.gate.0, e.gate.1, hidden, 2 * inter);
-                self.split_halves(&gu, inter)
-            }
-        };
-        self.glu(&g, &mut u, e.glu);
-        let y = self.matvec(&u, m, e.down.0, e.down.1, inter, hidden);
-        self.moe_sum(out, &idx, weights, &y, hidden);
     }
 }
 
@@ -1102,8 +917,8 @@ impl Backend for Cuda {
     ) -> DevBuf {
         let d = p.dims;
         let decode = lens.iter().all(|&n| n == 1)
-            && (1..=CONV_MAX_KERNEL).contains(&d.conv_kernel)
-            && d.key_head_dim <= L2NORM_MAX_HEAD_DIM
+            && (1..=deltanet::CONV_MAX_KERNEL).contains(&d.conv_kernel)
+            && d.key_head_dim <= deltanet::L2NORM_MAX_HEAD_DIM
             && d.num_key_heads > 0
             && d.num_value_heads.is_multiple_of(d.num_key_heads);
         if decode {

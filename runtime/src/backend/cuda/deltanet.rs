@@ -1,0 +1,119 @@
+//! The gated DeltaNet's decode step on the device: one new token per sequence through the input
+//! split, the convolution step and the delta rule on each sequence's state in VRAM, the q/k
+//! normalisation, the per-head norm and the output gate ([`Cuda::delta_net_step`]).
+//!
+//! Invariants: every kernel's twin is the CPU code the CPU backend runs for a one-token step
+//! (`cpu::deltanet::{split_inputs, causal_conv1d_silu, normalize_qk, recurrent, mul_silu}`),
+//! so the step equals the CPU's bit for bit on the mock device; a sequence's state buffers are
+//! read and written by its own launches only.
+
+use super::{col_blocks, stride_blocks, u32_of, Cuda, DevBuf, DevRecurrent, KArg};
+use crate::backend::{Backend, DeltaNetParams};
+
+/// Longest convolution the DeltaNet step kernel keeps in registers (`CONV_MAX_KERNEL`).
+pub(super) const CONV_MAX_KERNEL: usize = 8;
+/// Largest key head the q/k normalisation kernel takes (one block of threads per head).
+pub(super) const L2NORM_MAX_HEAD_DIM: usize = 256;
+
+impl Cuda {
+    /// One new token per sequence through the gated DeltaNet on the device: the input split,
+    /// per sequence the convolution step and the delta rule on its state, the per-head norm
+    /// and the output gate.
+    pub(super) fn delta_net_step(
+        &self,
+        qkvz: &DevBuf,
+        ba: &DevBuf,
+        p: &DeltaNetParams<'_, Cuda>,
+        states: &mut [&mut DevRecurrent],
+    ) -> DevBuf {
+        let d = p.dims;
+        let (nk, nv, dk, dv) = (
+            d.num_key_heads,
+            d.num_value_heads,
+            d.key_head_dim,
+            d.value_head_dim,
+        );
+        let (conv_dim, value_dim) = (d.conv_dim(), nv * dv);
+        let t = states.len();
+        let per_row = nk * (2 * dk + 2 * (nv / nk) * dv);
+        let (mixed, z) = (self.f32_buf(t * conv_dim), self.f32_buf(t * value_dim));
+        let (beta, g) = (self.f32_buf(t * nv), self.f32_buf(t * nv));
+        self.launch(
+            "deltanet_split_f32",
+            [u32_of(t), col_blocks(per_row.max(nv)), 1],
+            &[
+                qkvz.arg(),
+                ba.arg(),
+                p.neg_a.buf.arg(),
+                p.dt_bias.buf.arg(),
+                KArg::U32(u32_of(t)),
+                KArg::U32(u32_of(nk)),
+                KArg::U32(u32_of(nv)),
+                KArg::U32(u32_of(dk)),
+                KArg::U32(u32_of(dv)),
+                mixed.arg(),
+                z.arg(),
+                beta.arg(),
+                g.arg(),
+            ],
+        );
+        // Each sequence's state is its own buffer: slot 0 of it.
+        let slot0 = self.upload(&[0u32]);
+        let conv = self.f32_buf(t * conv_dim);
+        for (r, st) in states.iter().enumerate() {
+            self.launch(
+                "conv1d_silu_step_f32",
+                [col_blocks(conv_dim), 1, 1],
+                &[
+                    KArg::Ptr(mixed.at(r * conv_dim * 4)),
+                    p.conv_weight.buf.arg(),
+                    st.conv.arg(),
+                    slot0.arg(),
+                    KArg::U32(u32_of(conv_dim)),
+                    KArg::U32(u32_of(d.conv_kernel)),
+                    KArg::Ptr(conv.at(r * conv_dim * 4)),
+                ],
+            );
+        }
+        self.launch(
+            "l2norm_heads_f32",
+            [u32_of(t), u32_of(2 * nk), 1],
+            &[
+                conv.arg(),
+                KArg::U32(u32_of(t)),
+                KArg::U32(u32_of(conv_dim)),
+                KArg::U32(u32_of(nk)),
+                KArg::U32(u32_of(dk)),
+                KArg::F32((dk as f32).powf(-0.5)),
+            ],
+        );
+        let mut core = self.f32_buf(t * value_dim);
+        for (r, st) in states.iter().enumerate() {
+            self.launch(
+                "gated_delta_step_f32",
+                [col_blocks(value_dim), 1, 1],
+                &[
+                    KArg::Ptr(conv.at(r * conv_dim * 4)),
+                    KArg::U32(u32_of(conv_dim)),
+                    KArg::Ptr(g.at(r * nv * 4)),
+                    KArg::Ptr(beta.at(r * nv * 4)),
+                    st.ssm.arg(),
+                    slot0.arg(),
+                    KArg::U32(u32_of(nk)),
+                    KArg::U32(u32_of(nv)),
+                    KArg::U32(u32_of(dk)),
+                    KArg::U32(u32_of(dv)),
+                    KArg::Ptr(core.at(r * value_dim * 4)),
+                ],
+            );
+        }
+        self.rms_norm(&mut core, p.norm, dv, p.norm_eps);
+        let n = t * value_dim;
+        self.launch(
+            "mul_silu_f32",
+            [stride_blocks(n), 1, 1],
+            &[core.arg(), z.arg(), KArg::U32(u32_of(n))],
+        );
+        core
+    }
+}
