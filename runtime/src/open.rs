@@ -375,6 +375,13 @@ impl Settings {
             },
             _ => None,
         };
+        // A measured link (`calibrate` on a GPU machine) for CUDA; the stated one otherwise.
+        let measured_link = match device {
+            DeviceKind::Cuda => {
+                crate::plan::Profile::load(&self.resolved_state_dir()).link_pinned_bytes_per_s
+            }
+            _ => None,
+        };
         Ok(PlanRequest {
             device,
             device_free_bytes,
@@ -383,13 +390,8 @@ impl Settings {
             max_context,
             max_batch: self.max_batch.max(1),
             slots_per_layer: self.experts.slots_per_layer,
-            // A measured link (`calibrate` on a GPU machine) for CUDA; the stated one otherwise.
-            link_bytes_per_s: match device {
-                DeviceKind::Cuda => crate::plan::Profile::load(&self.resolved_state_dir())
-                    .link_pinned_bytes_per_s
-                    .unwrap_or(self.sim.link_gb_per_s * 1e9),
-                _ => self.sim.link_gb_per_s * 1e9,
-            },
+            link_bytes_per_s: measured_link.unwrap_or(self.sim.link_gb_per_s * 1e9),
+            link_measured: measured_link.is_some(),
             copy_latency_s: self.sim.copy_latency_us * 1e-6,
             loader_threads: LOADER_THREADS,
             kv_elem_bytes,

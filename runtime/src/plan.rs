@@ -104,6 +104,8 @@ pub struct PlanRequest {
     pub max_batch: usize,
     pub slots_per_layer: Option<usize>,
     pub link_bytes_per_s: f64,
+    /// Whether `link_bytes_per_s` was measured (`calibrate` on a GPU) rather than stated.
+    pub link_measured: bool,
     pub copy_latency_s: f64,
     pub loader_threads: usize,
     /// Bytes per KV element.
@@ -213,6 +215,8 @@ pub struct Plan {
     /// Host-to-device copy rate the estimates assume, bytes/s (device plans only; the
     /// `[sim] link_gb_per_s` setting until a GPU's copies are measured).
     pub link_bytes_per_s: Option<f64>,
+    /// Whether the link rate was measured (`calibrate`) rather than stated (`[sim]`).
+    pub link_measured: bool,
     pub ram_budget_bytes: u64,
     /// Whether the RAM budget came from the machine (no `ram_budget` key).
     pub ram_budget_auto: bool,
@@ -307,8 +311,13 @@ impl Plan {
         if let Some(link) = self.link_bytes_per_s {
             let _ = writeln!(
                 out,
-                "link: {:.1} GB/s host to device assumed ([sim] link_gb_per_s)",
-                link / 1e9
+                "link: {:.1} GB/s host to device {}",
+                link / 1e9,
+                if self.link_measured {
+                    "measured (calibrate, pinned copies)"
+                } else {
+                    "assumed ([sim] link_gb_per_s)"
+                }
             );
         }
         let _ = writeln!(
@@ -610,6 +619,7 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
         vram_budget_bytes: vram_budget,
         vram_used_bytes: vram_used,
         link_bytes_per_s: vram_budget.map(|_| req.link_bytes_per_s),
+        link_measured: req.link_measured,
         ram_budget_bytes: ram_budget,
         ram_budget_auto: ram_auto,
         ram_used_bytes: ram_used,
@@ -654,6 +664,7 @@ mod tests {
             max_batch: 1,
             slots_per_layer: None,
             link_bytes_per_s: 25e9,
+            link_measured: false,
             copy_latency_s: 10e-6,
             loader_threads: 2,
             kv_elem_bytes: 4,

@@ -1,0 +1,1446 @@
+//! The GPU check: what only a real CUDA device can prove about the CUDA backend, run on a GPU
+//! machine by `scripts/gpu-check.sh` (the binary is built and carried by
+//! `scripts/gpu-package.sh`).
+//!
+//! - Kernel parity: every kernel the backend launches, on ragged shapes with random inputs from
+//!   a fixed seed, launched the same way (the same buffers uploaded, the same argument list) on
+//!   the mock device (each kernel's CPU twin) and on the driver; results bit-exact where the
+//!   kernel's source promises it (dequantization, embedding, KV stores, copies, adds, clamps,
+//!   ordered expert sums), else within the named tolerances below. What must hold: every
+//!   kernel of `moe_kernels::cuda::SOURCES` has a case here or is listed in [`NOT_COVERED`]
+//!   with why (a new kernel without either fails the harness test, on every machine).
+//! - Every fixture with `device = "cuda"`: greedy tokens identical to the transformers
+//!   reference and to the CPU backend, logits within [`CUDA_LOGIT_TOL`] of both.
+//! - Eviction churn: a fixture with `[experts] slots_per_layer` = its top_k gives the CPU's
+//!   greedy tokens.
+//!
+//! Without a usable device (`moe_runtime::backend::cuda::usable(0)` fails) each GPU test prints
+//! why and passes, unless `MOE_GPU_REQUIRED=1` (the GPU check sets it), where it fails. The
+//! harness itself (every case's buffers and argument list, the comparison) runs everywhere:
+//! mock against mock must agree bit for bit, and a corrupted result must be reported.
+//! Each comparison prints one `gpu-metric {json}` line that the GPU check collects.
+
+mod common;
+
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use moe_kernels::quant::{quantize_row_q4_k, quantize_row_q8_0, BlockQ4K, BlockQ8_0, QK8_0, QK_K};
+use moe_runtime::backend::cuda::driver::DriverGpu;
+use moe_runtime::backend::cuda::mock::MockGpu;
+use moe_runtime::backend::cuda::{usable, CudaDevice, DevPtr, Gpu, Grid, KArg};
+use moe_runtime::backend::DeviceKind;
+use moe_runtime::sampler::argmax;
+use moe_runtime::{Logits, Model, Settings};
+
+/// Matvec outputs, relative to the launch's largest output: f32 sums of k products in two
+/// different orders differ by about sqrt(k)·2^-24 of the partial sums (≈3e-6 at k = 4096);
+/// 1e-4 leaves 30x for the worst of thousands of outputs, while a wrong index, stride or
+/// widening is off by order 1.
+const MATVEC_REL_TOL: f32 = 1e-4;
+/// RMSNorm outputs, relative to each value: one sum of up to ~2k positive squares in another
+/// order moves the row's scale by a few sqrt(width)·2^-24 (≈3e-6); the products are exact.
+const NORM_REL_TOL: f32 = 5e-5;
+/// Decode attention outputs, relative to the launch's largest output: the device's expf is
+/// within 2 ulp, its dot products and its online softmax sum in another order than the twin's
+/// two passes; each is ~1e-6 of the output scale.
+const ATTENTION_REL_TOL: f32 = 1e-4;
+/// RoPE outputs, relative to the launch's largest output: cos / sin in double, rounded to f32,
+/// may land one f32 ulp (6e-8) apart where the device's double result straddles a rounding
+/// boundary, and each output is two products of such values.
+const ROPE_REL_TOL: f32 = 1e-6;
+/// expf-based elementwise kernels (SiLU, clamped SwiGLU, sigmoid gates), in ulps of each value:
+/// the device's expf is within 2 ulp, Rust's within 1, and the sigmoid's add and divide carry
+/// that into the result with at most one more rounding each.
+const EXPF_MAX_ULPS: u32 = 6;
+/// `add_gated_rows_f32`, relative to the launch's largest output: the gate's sigmoid carries
+/// the expf difference (≤ EXPF_MAX_ULPS) into a product that is then added, where cancellation
+/// turns ulps of a term into an absolute error bounded by the terms' size.
+const GATED_ADD_REL_TOL: f32 = 1e-6;
+/// Gated DeltaNet step outputs and states, relative to the launch's largest value: the decay
+/// expf(g) is within 2 ulp of the twin's and scales every state term alike, the products and
+/// sums run in the twin's order, so results stay within a few ulps of the largest term.
+const DELTANET_REL_TOL: f32 = 1e-5;
+/// Fixture logits on the GPU against transformers and against the CPU backend: the CPU meets
+/// 1e-4 against transformers (tests/parity.rs); the GPU's reduction orders differ from both by
+/// the same few ulps per operation, so twice that bar bounds both comparisons.
+const CUDA_LOGIT_TOL: f32 = 2e-4;
+
+/// Seed of every random input.
+const SEED: u64 = 0x6770_755f_6368_6b31;
+
+// ---------------------------------------------------------------------------------------------
+// Devices.
+
+/// The probed device, or None after printing why the GPU tests are skipped (a failure instead
+/// when `MOE_GPU_REQUIRED=1`, as the GPU check sets it).
+fn usable_device() -> Option<CudaDevice> {
+    let required = std::env::var("MOE_GPU_REQUIRED").is_ok_and(|v| v == "1");
+    match usable(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            assert!(
+                !required,
+                "MOE_GPU_REQUIRED=1 but no usable CUDA device: {e}"
+            );
+            eprintln!("skipped: no usable CUDA device here ({e})");
+            None
+        }
+    }
+}
+
+/// The driver device (see [`usable_device`]).
+fn driver() -> Option<Arc<dyn Gpu>> {
+    let dev = usable_device()?;
+    eprintln!(
+        "gpu-metric {{\"device\":\"{}\",\"compute_capability\":\"{}.{}\",\"total_bytes\":{},\
+         \"free_bytes\":{}}}",
+        dev.name,
+        dev.compute_capability.0,
+        dev.compute_capability.1,
+        dev.total_bytes,
+        dev.free_bytes
+    );
+    let gpu = DriverGpu::open(&dev, &common::test_cache_dir())
+        .unwrap_or_else(|e| panic!("opening {}: {e}", dev.name));
+    Some(Arc::new(gpu))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch cases: buffers, an argument list, and which buffers to compare how.
+
+/// One device buffer's initial contents.
+enum Buf {
+    Bytes(Vec<u8>),
+    /// A table of device addresses (u64): buffer index and byte offset, resolved per device.
+    Addrs(Vec<(usize, usize)>),
+}
+
+/// One kernel argument.
+#[derive(Clone, Copy)]
+enum A {
+    Buf(usize),
+    At(usize, usize),
+    Null,
+    U32(u32),
+    U64(u64),
+    F32(f32),
+}
+
+/// How a result buffer is compared.
+#[derive(Clone, Copy, Debug)]
+enum Cmp {
+    /// Bit for bit.
+    Exact,
+    /// f32 values: |a - b| <= tol * max |b| over the buffer.
+    Norm(f32),
+    /// f32 values: |a - b| <= tol * |b|.
+    Rel(f32),
+    /// f32 values: at most this many ulps apart (any NaN equals any NaN).
+    Ulps(u32),
+}
+
+struct Case {
+    name: String,
+    kernel: &'static str,
+    grid: Grid,
+    bufs: Vec<Buf>,
+    args: Vec<A>,
+    checks: Vec<(usize, Cmp)>,
+}
+
+/// Runs `case` on `gpu` and returns the checked buffers' bytes (every buffer is freed).
+fn execute(gpu: &dyn Gpu, case: &Case) -> Result<Vec<Vec<u8>>, String> {
+    let sizes: Vec<usize> = case
+        .bufs
+        .iter()
+        .map(|b| match b {
+            Buf::Bytes(v) => v.len(),
+            Buf::Addrs(a) => a.len() * 8,
+        })
+        .collect();
+    let mut ptrs: Vec<DevPtr> = Vec::new();
+    let result = (|| -> moe_runtime::Result<Vec<Vec<u8>>> {
+        for &s in &sizes {
+            ptrs.push(gpu.alloc(s.max(1))?);
+        }
+        for (i, b) in case.bufs.iter().enumerate() {
+            let bytes = match b {
+                Buf::Bytes(v) => v.clone(),
+                Buf::Addrs(a) => a
+                    .iter()
+                    .flat_map(|&(j, off)| (ptrs[j] + off as u64).to_le_bytes())
+                    .collect(),
+            };
+            if !bytes.is_empty() {
+                gpu.htod(ptrs[i], &bytes)?;
+            }
+        }
+        let args: Vec<KArg> = case
+            .args
+            .iter()
+            .map(|a| match *a {
+                A::Buf(i) => KArg::Ptr(ptrs[i]),
+                A::At(i, off) => KArg::Ptr(ptrs[i] + off as u64),
+                A::Null => KArg::Ptr(0),
+                A::U32(v) => KArg::U32(v),
+                A::U64(v) => KArg::U64(v),
+                A::F32(v) => KArg::F32(v),
+            })
+            .collect();
+        gpu.launch(case.kernel, case.grid, &args)?;
+        gpu.synchronize()?;
+        let mut out = Vec::new();
+        for &(i, _) in &case.checks {
+            let mut v = vec![0u8; sizes[i]];
+            gpu.dtoh(ptrs[i], &mut v)?;
+            out.push(v);
+        }
+        Ok(out)
+    })();
+    for p in ptrs {
+        gpu.free(p);
+    }
+    result.map_err(|e| format!("{}: {e}", case.name))
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// Distance in ulps between two f32 values (signed zeros are 0 apart; NaN never reaches it).
+fn ulps(a: f32, b: f32) -> u32 {
+    let key = |x: f32| {
+        let i = x.to_bits() as i32;
+        if i < 0 {
+            -i64::from(i & 0x7FFF_FFFF)
+        } else {
+            i64::from(i)
+        }
+    };
+    (key(a) - key(b)).unsigned_abs().min(u64::from(u32::MAX)) as u32
+}
+
+/// Compares `got` (device) to `want` (twin); Ok(largest error in the comparison's unit) or the
+/// first mismatch.
+fn compare(cmp: Cmp, want: &[u8], got: &[u8]) -> Result<f64, String> {
+    if want.len() != got.len() {
+        return Err(format!("{} bytes, expected {}", got.len(), want.len()));
+    }
+    match cmp {
+        Cmp::Exact => match want.iter().zip(got).position(|(a, b)| a != b) {
+            None => Ok(0.0),
+            Some(i) => {
+                let w = i / 4 * 4;
+                let word = |v: &[u8]| {
+                    v.get(w..w + 4)
+                        .map_or(0, |c| u32::from_le_bytes(c.try_into().unwrap()))
+                };
+                Err(format!(
+                    "byte {i} differs (word {:#010x}, expected {:#010x})",
+                    word(got),
+                    word(want)
+                ))
+            }
+        },
+        Cmp::Norm(tol) | Cmp::Rel(tol) => {
+            let (w, g) = (f32s(want), f32s(got));
+            let scale = w
+                .iter()
+                .filter(|x| x.is_finite())
+                .fold(0f32, |m, x| m.max(x.abs()));
+            let mut worst = 0f64;
+            for (i, (&a, &b)) in w.iter().zip(&g).enumerate() {
+                if a.is_nan() && b.is_nan() || a == b {
+                    continue;
+                }
+                let denom = match cmp {
+                    Cmp::Norm(_) => scale,
+                    _ => a.abs(),
+                }
+                .max(f32::MIN_POSITIVE);
+                let err = f64::from((a - b).abs()) / f64::from(denom);
+                if !err.is_finite() || err > f64::from(tol) {
+                    return Err(format!(
+                        "value {i} is {b:e}, expected {a:e} (relative error {err:e} > {tol:e})"
+                    ));
+                }
+                worst = worst.max(err);
+            }
+            Ok(worst)
+        }
+        Cmp::Ulps(max) => {
+            let (w, g) = (f32s(want), f32s(got));
+            let mut worst = 0u32;
+            for (i, (&a, &b)) in w.iter().zip(&g).enumerate() {
+                if a.is_nan() && b.is_nan() {
+                    continue;
+                }
+                let d = if a.is_nan() || b.is_nan() {
+                    u32::MAX
+                } else {
+                    ulps(a, b)
+                };
+                if d > max {
+                    return Err(format!(
+                        "value {i} is {b:e}, expected {a:e} ({d} ulps > {max})"
+                    ));
+                }
+                worst = worst.max(d);
+            }
+            Ok(f64::from(worst))
+        }
+    }
+}
+
+/// Runs every case on `twin` and `device` and compares; the list of failures, and with `report`
+/// one `gpu-metric` line per case. `corrupt` changes the device's results first (the harness's
+/// own test: a wrong result must be reported).
+fn run_cases(
+    twin: &dyn Gpu,
+    device: &dyn Gpu,
+    cases: &[Case],
+    report: bool,
+    corrupt: Option<Corruption>,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    for case in cases {
+        let outcome = execute(twin, case)
+            .map_err(|e| format!("twin: {e}"))
+            .and_then(|want| {
+                let mut got = execute(device, case).map_err(|e| format!("device: {e}"))?;
+                if let Some(how) = corrupt {
+                    got.iter_mut().for_each(|g| tamper(how, g));
+                }
+                let mut worst = Vec::new();
+                for (k, &(buf, cmp)) in case.checks.iter().enumerate() {
+                    let err = compare(cmp, &want[k], &got[k])
+                        .map_err(|e| format!("buffer {buf} ({cmp:?}): {e}"))?;
+                    worst.push((cmp, err));
+                }
+                Ok(worst)
+            });
+        if !report {
+            if let Err(e) = outcome {
+                failures.push(format!("{}: {e}", case.name));
+            }
+            continue;
+        }
+        match outcome {
+            Ok(worst) => {
+                for (cmp, err) in worst {
+                    let (unit, bound) = match cmp {
+                        Cmp::Exact => ("bits", 0.0),
+                        Cmp::Norm(t) => ("rel_to_max", f64::from(t)),
+                        Cmp::Rel(t) => ("rel", f64::from(t)),
+                        Cmp::Ulps(u) => ("ulps", f64::from(u)),
+                    };
+                    eprintln!(
+                        "gpu-metric {{\"on\":\"{}\",\"kernel\":\"{}\",\"case\":\"{}\",\
+                         \"unit\":\"{unit}\",\"max_err\":{err:e},\"bound\":{bound:e}}}",
+                        device.describe(),
+                        case.kernel,
+                        case.name
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!(
+                    "gpu-metric {{\"on\":\"{}\",\"kernel\":\"{}\",\"case\":\"{}\",\
+                     \"failed\":true}}",
+                    device.describe(),
+                    case.kernel,
+                    case.name
+                );
+                failures.push(format!("{}: {e}", case.name));
+            }
+        }
+    }
+    failures
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs.
+
+/// splitmix64: a small deterministic generator (no dependency).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.unit() * scale).collect()
+    }
+    fn below(&mut self, n: u32) -> u32 {
+        (self.next() % u64::from(n)) as u32
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+fn le_f32(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn le_u32(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn le_bf16(v: &[f32]) -> Vec<u8> {
+    v.iter()
+        .flat_map(|&x| bf16::from_f32(x).to_bits().to_le_bytes())
+        .collect()
+}
+
+fn le_f16(v: &[f32]) -> Vec<u8> {
+    v.iter()
+        .flat_map(|&x| f16::from_f32(x).to_bits().to_le_bytes())
+        .collect()
+}
+
+fn q8_0_bytes(src: &[f32]) -> Vec<u8> {
+    let mut blocks = vec![
+        BlockQ8_0 {
+            d: f16::ZERO,
+            qs: [0; QK8_0],
+        };
+        src.len() / QK8_0
+    ];
+    quantize_row_q8_0(src, &mut blocks);
+    blocks
+        .iter()
+        .flat_map(|b| {
+            let mut v = b.d.to_bits().to_le_bytes().to_vec();
+            v.extend(b.qs.iter().map(|&q| q as u8));
+            v
+        })
+        .collect()
+}
+
+fn q4_k_bytes(src: &[f32]) -> Vec<u8> {
+    let mut blocks = vec![
+        BlockQ4K {
+            d: f16::ZERO,
+            dmin: f16::ZERO,
+            scales: [0; 12],
+            qs: [0; QK_K / 2],
+        };
+        src.len() / QK_K
+    ];
+    quantize_row_q4_k(src, &mut blocks);
+    blocks
+        .iter()
+        .flat_map(|b| {
+            let mut v = b.d.to_bits().to_le_bytes().to_vec();
+            v.extend(b.dmin.to_bits().to_le_bytes());
+            v.extend(b.scales);
+            v.extend(b.qs);
+            v
+        })
+        .collect()
+}
+
+/// Blocks of an f32 scale then `codes` code bytes (FP8 E4M3 x 128: 128 bytes; NF4 / FP4 x 64:
+/// 32 bytes): random codes, positive and negative scales; `nan_codes` keeps the E4M3 NaN codes
+/// (0x7F, 0xFF), otherwise they are replaced.
+fn scaled_blocks(rng: &mut Rng, blocks: usize, codes: usize, nan_codes: bool) -> Vec<u8> {
+    let mut v = Vec::new();
+    for _ in 0..blocks {
+        let d = rng.unit() * 0.05 + if rng.below(2) == 0 { 0.06 } else { -0.06 };
+        v.extend(d.to_le_bytes());
+        for c in rng.bytes(codes) {
+            v.push(if !nan_codes && c & 0x7F == 0x7F {
+                c ^ 1
+            } else {
+                c
+            });
+        }
+    }
+    v
+}
+
+/// Values that exercise rounding: NaN payloads, infinities, signed zeros, subnormals, exact
+/// bf16 / f16 ties and the f16 overflow edge.
+fn edge_values() -> Vec<f32> {
+    let bits: [u32; 22] = [
+        0x7FC0_0001, // quiet NaN with payload
+        0xFFA0_0000, // signalling NaN, negative
+        0x7F80_0001, // smallest signalling NaN payload
+        0x7F80_0000, // +inf
+        0xFF80_0000, // -inf
+        0x8000_0000, // -0.0
+        0x0000_0001, // smallest subnormal
+        0x807F_FFFF, // largest negative subnormal
+        0x3F80_8000, // bf16 tie, round to even (down)
+        0x3F81_8000, // bf16 tie, round to even (up)
+        0x3F80_8001, // just above a bf16 tie
+        0x7F7F_FFFF, // f32::MAX (bf16 rounds to inf)
+        0x477F_E000, // 65504: largest f16
+        0x477F_EFFF, // just below the f16 overflow tie
+        0x477F_F000, // 65520: f16 tie to infinity
+        0x3380_0000, // 2^-24: smallest f16 subnormal
+        0x3300_0000, // 2^-25: f16 tie to zero
+        0x3300_0001, // just above 2^-25: rounds up to 2^-24
+        0x387F_C000, // just below 2^-14, f16 subnormal rounding
+        0x3F80_1000, // f16 tie at 1 + 2^-11 (to even: down)
+        0x3F80_3000, // f16 tie (to even: up)
+        0xC2F6_E979, // -123.456
+    ];
+    bits.iter().map(|&b| f32::from_bits(b)).collect()
+}
+
+fn blocks_for(n: usize) -> u32 {
+    n.div_ceil(256).max(1) as u32
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cases.
+
+/// Every kernel of `moe_kernels::cuda::SOURCES` the backend launches has cases below; these
+/// do not, with why.
+const NOT_COVERED: &[(&str, &str)] = &[
+    (
+        "attention_merge_f32",
+        "the backend launches decode attention with one split",
+    ),
+    (
+        "route_softmax_topk_f32",
+        "routing runs the CPU rule on the host",
+    ),
+];
+
+fn cases() -> Vec<Case> {
+    let mut rng = Rng(SEED);
+    let mut v = Vec::new();
+    embed_cases(&mut rng, &mut v);
+    dequant_cases(&mut rng, &mut v);
+    matvec_cases(&mut rng, &mut v);
+    norm_and_rope_cases(&mut rng, &mut v);
+    elementwise_cases(&mut rng, &mut v);
+    kv_store_cases(&mut rng, &mut v);
+    attention_cases(&mut rng, &mut v);
+    moe_cases(&mut rng, &mut v);
+    deltanet_cases(&mut rng, &mut v);
+    v
+}
+
+fn embed_cases(rng: &mut Rng, v: &mut Vec<Case>) {
+    let (vocab, width) = (37usize, 300usize);
+    // Token 37 is past the vocabulary: a row of zeros.
+    let ids = [3u32, 36, 0, 37, 12, 3];
+    for (kernel, table) in [
+        ("embed_f32", le_f32(&rng.vec(vocab * width, 2.0))),
+        ("embed_bf16", {
+            let mut t = le_bf16(&rng.vec(vocab * width, 2.0));
+            // NaN and infinity bits widen exactly too.
+            t[0..2].copy_from_slice(&0x7FC1u16.to_le_bytes());
+            t[2..4].copy_from_slice(&0xFF80u16.to_le_bytes());
+            t
+        }),
+        ("embed_f16", {
+            let mut vals = rng.vec(vocab * width, 2.0);
+            // f16 subnormals, infinities and the largest value.
+            vals[..4].copy_from_slice(&[6e-8, -3e-6, f32::INFINITY, 65504.0]);
+            le_f16(&vals)
+        }),
+    ] {
+        v.push(Case {
+            name: format!("{kernel} vocab {vocab} width {width}"),
+            kernel,
+            grid: [ids.len() as u32, blocks_for(width), 1],
+            bufs: vec![
+                Buf::Bytes(table),
+                Buf::Bytes(le_u32(&ids)),
+                Buf::Bytes(vec![0xAB; ids.len() * width * 4]),
+            ],
+            args: vec![
+                A::Buf(0),
+                A::Buf(1),
+                A::U32(ids.len() as u32),
+                A::U32(vocab as u32),
+                A::U32(width as u32),
+                A::Buf(2),
+            ],
+            checks: vec![(2, Cmp::Exact)],
+        });
+    }
+}
+
+/// Weight bytes of `rows` x `k` in `kernel`'s format and the values per block.
+fn weight_bytes(rng: &mut Rng, suffix: &str, rows: usize, k: usize, nan_codes: bool) -> Vec<u8> {
+    let n = rows * k;
+    match suffix {
+        "f32" => le_f32(&rng.vec(n, 1.0)),
+        "bf16" => le_bf16(&rng.vec(n, 1.0)),
+        "f16" => le_f16(&rng.vec(n, 1.0)),
+        "q8_0" => q8_0_bytes(&rng.vec(n, 1.0)),
+        "q4_k" => q4_k_bytes(&rng.vec(n, 1.0)),
+        "f8" => scaled_blocks(rng, n / 128, 128, nan_codes),
+        _ => scaled_blocks(rng, n / 64, 32, false),
+    }
+}
+
+fn block_of(suffix: &str) -> (usize, usize) {
+    match suffix {
+        "q8_0" => (32, 34),
+        "q4_k" => (256, 144),
+        "f8" => (128, 132),
+        "nf4" | "fp4" => (64, 36),
+        "bf16" | "f16" => (1, 2),
+        _ => (1, 4),
+    }
+}
+
+/// Widening-exact special values at the start of a bf16 / f16 weight (NaN and infinities for
+/// bf16, whose widening is a shift; subnormals, infinity and the largest value for f16, whose
+/// NaN payloads the widening does not promise to keep).
+fn with_specials(suffix: &str, mut w: Vec<u8>) -> Vec<u8> {
+    let specials: &[u16] = match suffix {
+        "bf16" => &[0x7FC1, 0xFF80, 0x0001, 0x8000],
+        "f16" => &[0x0001, 0x83FF, 0x7C00, 0xFBFF],
+        _ => &[],
+    };
+    for (i, b) in specials.iter().enumerate() {
+        w[2 * i..2 * i + 2].copy_from_slice(&b.to_le_bytes());
+    }
+    w
+}
+
+fn dequant_cases(rng: &mut Rng, v: &mut Vec<Case>) {
+    // bf16 / f16 "blocks" are single values (the argument counts values).
+    for (kernel, suffix, n_blocks) in [
+        ("dequant_q8_0", "q8_0", 37usize),
+        ("dequant_q4_k", "q4_k", 7),
+        ("dequant_f8", "f8", 9),
+        ("dequant_nf4", "nf4", 11),
+        ("dequant_fp4", "fp4", 13),
+        ("dequant_bf16", "bf16", 1001),
+        ("dequant_f16", "f16", 999),
+    ] {
+        let (block, block_bytes) = block_of(suffix);
+        let w = with_specials(suffix, weight_bytes(rng, suffix, n_blocks, block, true));
+        let values = n_blocks * block;
+        v.push(Case {
+            name: format!("{kernel} {n_blocks} blocks"),
+            kernel,
+            grid: [blocks_for(values), 1, 1],
+            bufs: vec![Buf::Bytes(w), Buf::Bytes(vec![0; values * 4])],
+            args: vec![A::Buf(0), A::U64(n_blocks as u64), A::Buf(1)],
+            checks: vec![(1, Cmp::Exact)],
+        });
+        // From the third block on (a row of an embedding table, a slice of an expert), with
+        // one block of threads striding over the rest.
+        let rest = n_blocks - 3;
+        v.push(Case {
+            name: format!("{kernel} {rest} blocks at block 3, one thread block"),
+            kernel,
+            grid: [1, 1, 1],
+            bufs: vec![
+                Buf::Bytes(weight_bytes(rng, suffix, n_blocks, block, true)),
+                Buf::Bytes(vec![0; rest * block * 4]),
+            ],
+            args: vec![A::At(0, 3 * block_bytes), A::U64(rest as u64), A::Buf(1)],
+            checks: vec![(1, Cmp::Exact)],
+        });
+    }
+}
+
+fn matvec_cases(rng: &mut Rng, v: &mut Vec<Case>) {
+    // (kernel, format, activation rows, outputs, inputs): outputs never a multiple of 8; for
+    // f32 / bf16 / f16 inputs both on and off the 16-byte load path; for the block formats
+    // whole blocks that are not multiples of 256 where the format allows.
+    let shapes: &[(&'static str, &str, usize, usize, usize)] = &[
+        ("matvec_f32", "f32", 1, 37, 1027),
+        ("matvec_f32", "f32", 11, 45, 1024),
+        ("matvec_bf16", "bf16", 3, 29, 4104),
+        ("matvec_bf16", "bf16", 8, 41, 1001),
+        ("matvec_f16", "f16", 1, 33, 998),
+        ("matvec_f16", "f16", 9, 39, 1016),
+        ("matvec_q8_0", "q8_0", 1, 37, 928),
+        ("matvec_q8_0", "q8_0", 11, 45, 2080),
+        ("matvec_q4_k", "q4_k", 1, 37, 768),
+        ("matvec_q4_k", "q4_k", 10, 21, 1280),
+        ("matvec_f8", "f8", 1, 37, 640),
+        ("matvec_f8", "f8", 9, 27, 1152),
+        ("matvec_nf4", "nf4", 1, 37, 832),
+        ("matvec_nf4", "nf4", 12, 19, 448),
+        ("matvec_fp4", "fp4", 1, 37, 832),
+        ("matvec_fp4", "fp4", 7, 43, 1088),
+    ];
+    for &(kernel, suffix, m, n, k) in shapes {
+        v.push(Case {
+            name: format!("{kernel} m {m} n {n} k {k}"),
+            kernel,
+            grid: [n.div_ceil(8) as u32, 1, 1],
+            bufs: vec![
+                Buf::Bytes(le_f32(&rng.vec(m * k, 1.0))),
+                Buf::Bytes(weight_bytes(rng, suffix, n, k, false)),
+                Buf::Bytes(vec![0; m * n * 4]),
+            ],
+            args: vec![
+                A::Buf(0),
+                A::Buf(1),
+                A::Buf(2),
+                A::U32(m as u32),
+                A::U32(n as u32),
+                A::U32(k as u32),
+            ],
+            checks: vec![(2, Cmp::Norm(MATVEC_REL_TOL))],
+        });
+    }
+}
+
+/// One RoPE launch's shape.
+struct RopeShape {
+    positions: &'static [u32],
+    q_heads: usize,
+    k_heads: usize,
+    head_dim: usize,
+    rot_dim: usize,
+    theta: f32,
+    scaling: f32,
+}
+
+fn norm_and_rope_cases(rng: &mut Rng, v: &mut Vec<Case>) {
+    for (rows, width) in [(5usize, 2051usize), (3, 64)] {
+        let mut x = Vec::new();
+        for r in 0..rows {
+            // Rows of very different scales.
+            x.extend(rng.vec(width, [1e-3, 1.0, 100.0][r % 3]));
+        }
+        v.push(Case {
+            name: format!("rms_norm_f32 {rows} x {width}"),
+            kernel: "rms_norm_f32",
+            grid: [rows as u32, 1, 1],
+            bufs: vec![
+                Buf::Bytes(le_f32(&x)),
+                Buf::Bytes(le_f32(&rng.vec(width, 1.5))),
+            ],
+            args: vec![
+                A::Buf(0),
+                A::Buf(1),
+                A::U32(rows as u32),
+                A::U32(width as u32),
+                A::F32(1e-6),
+            ],
+            checks: vec![(0, Cmp::Rel(NORM_REL_TOL))],
+        });
+    }
+    // Partial rotary with the angles in shared memory, and a rot_dim past the shared table
+    // (per-thread angles).
+    let shapes = [
+        RopeShape {
+            positions: &[0, 1, 777, 40_000],
+            q_heads: 4,
+            k_heads: 2,
+            head_dim: 128,
+            rot_dim: 64,
+            theta: 1e6,
+            scaling: 1.0,
+        },
+        RopeShape {
+            positions: &[5, 123_456],
+            q_heads: 2,
+            k_heads: 1,
+            head_dim: 600,
+            rot_dim: 600,
+            theta: 1e4,
+            scaling: 0.87,
+        },
+    ];
+    for sh in shapes {
+        let (pos, qh, kh, hd, rot) = (
+            sh.positions,
+            sh.q_heads,
+            sh.k_heads,
+            sh.head_dim,
+            sh.rot_dim,
+        );
+        let (theta, scaling) = (sh.theta, sh.scaling);
+        let rows = pos.len();
+        let inv_freq: Vec<f32> = (0..rot / 2)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f32 / rot as f32))
+            .collect();
+        v.push(Case {
+            name: format!("rope_f32 head_dim {hd} rot_dim {rot}"),
+            kernel: "rope_f32",
+            grid: [rows as u32, 1, 1],
+            bufs: vec![
+                Buf::Bytes(le_f32(&rng.vec(rows * qh * hd, 3.0))),
+                Buf::Bytes(le_f32(&rng.vec(rows * kh * hd, 3.0))),
+                Buf::Bytes(le_u32(pos)),
+                Buf::Bytes(le_f32(&inv_freq)),
+            ],
+            args: vec![
+                A::Buf(0),
+                A::Buf(1),
+                A::Buf(2),
+                A::Buf(3),
+                A::U32(rows as u32),
+                A::U32((qh * hd) as u32),
+                A::U32((kh * hd) as u32),
+                A::U32(hd as u32),
+                A::U32(rot as u32),
+                A::F32(scaling),
+            ],
+            checks: vec![(0, Cmp::Norm(ROPE_REL_TOL)), (1, Cmp::Norm(ROPE_REL_TOL))],
+        });
+    }
+}
+
+fn elementwise_cases(rng: &mut Rng, v: &mut Vec<Case>) {
+    // Finite values with subnormals and signed zeros (a NaN's payload after an add is not part
+    // of the contract; flushing subnormals would be).
+    let finite = |rng: &mut Rng, n: usize| {
+        let mut x = rng.vec(n, 10.0);
+        x[..4].copy_from_slice(&[1e-40, -1e-41, -0.0, 0.0]);
+        x
+    };
+    let n = 10_007;
+    v.push(Case {
+        name: format!("add_f32 {n}, 3 blocks striding"),
+        kernel: "add_f32",
+        grid: [3, 1, 1],
+        bufs: vec![
+            Buf::Bytes(le_f32(&finite(rng, n))),
+            Buf::Bytes(le_f32(&finite(rng, n))),
+        ],
+        args: vec![A::Buf(0), A::Buf(1), A::U32(n as u32)],
+        checks: vec![(0, Cmp::Exact)],
+    });
+    // The expf-based kernels, over a wide range with NaN and infinities in the inputs.
+    let wide = |rng: &mut Rng, n: usize| {
+        let mut x = rng.vec(n, 30.0);
+        x[..5].copy_from_slice(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 100.0]);
+        x
+    };
+    let n = 5003;
+    v.push(Case {
+        name: format!("silu_mul_f32 {n}"),
+        kernel: "silu_mul_f32",
+        grid: [blocks_for(n), 1, 1],
+        bufs: vec![
+            Buf::Bytes(le_f32(&wide(rng, n))),
+            Buf::Bytes(le_f32(&rng.vec(n, 4.0))),
+        ],
+        args: vec![A::Buf(0), A::Buf(1), A::U32(n as u32)],
+        checks: vec![(1, Cmp::Ulps(EXPF_MAX_ULPS))],
+    });
+    let mut u = rng.vec(n, 12.0);
+    u[7] = f32::NAN;
+    v.push(Case {
+        name: format!("glu_clamped_f32 {n}"),
+        kernel: "glu_clamped_f32",
+        grid: [blocks_for(n), 1, 1],
+        bufs: vec![Buf::Bytes(le_f32(&wide(rng, n))), Buf::Bytes(le_f32(&u))],
+        args: vec![
+            A::Buf(0),
+            A::Buf(1),
+            A::U32(n as u32),
+            A::F32(7.0),
+            A::F32(1.702),
+        ],
+        checks: vec![(1, Cmp::Ulps(EXPF_MAX_ULPS))],
+    });
+    v.push(Case {
+        name: format!("mul_sigmoid_f32 {n}"),
+        kernel: "mul_sigmoid_f32",
+        grid: [blocks_for(n), 1, 1],
+        bufs: vec![
+            Buf::Bytes(le_f32(&rng.vec(n, 4.0))),
+            Buf::Bytes(le_f32(&wide(rng, n))),
+        ],
+        args: vec![A::Buf(0), A::Buf(1), A::U32(n as u32)],
+        checks: vec![(0, Cmp::Ulps(EXPF_MAX_ULPS))],
+    });
+    let (rows, width) = (6usize, 700usize);
+    v.push(Case {
+        name: format!("add_gated_rows_f32 {rows} x {width}"),
+        kernel: "add_gated_rows_f32",
+        grid: [rows as u32, blocks_for(width), 1],
+        bufs: vec![
+            Buf::Bytes(le_f32(&rng.vec(rows * width, 3.0))),
+            Buf::Bytes(le_f32(&rng.vec(rows * width, 3.0))),
+            Buf::Bytes(le_f32(&rng.vec(rows, 6.0))),
+        ],
+        args: vec![
+            A::Buf(0),
+            A::Buf(1),
+            A::Buf(2),
+            A::U32(rows as u32),
+            A::U32(width as u32),
+        ],
+        checks: vec![(0, Cmp::Norm(GATED_ADD_REL_TOL))],
+    });
+    let (rows, width) = (7usize, 300usize);
+    v.push(Case {
+        name: format!("add_rows_f32 {rows} x {width}"),
+        kernel: "add_rows_f32",
+        grid: [rows as u32, blocks_for(width), 1],
+        bufs: vec![
+            Buf::Bytes(le_f32(&finite(rng, rows * width))),
+            Buf::Bytes(le_f32(&finite(rng, width))),
+        ],
+        args: vec![
+            A::Buf(0),
+            A::Buf(1),
+            A::U32(rows as u32),
+            A::U32(width as u32),
+        ],
+        checks: vec![(0, Cmp::Exact)],
+    });
+    let mut x = rng.vec(1001, 8.0);
+    x[..6].copy_from_slice(&[
+        f32::NAN,
+        f32::from_bits(0xFFC0_1234),
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        -0.0,
+        3.5,
+    ]);
+    v.push(Case {
+        name: "clamp_f32 1001, 2 blocks striding".into(),
+        kernel: "clamp_f32",
+        grid: [2, 1, 1],
+        bufs: vec![Buf::Bytes(le_f32(&x))],
+        args: vec![A::Buf(0), A::U32(1001), A::F32(3.5)],
+        checks: vec![(0, Cmp::Exact)],
+    });
+    let (blocks, d) = (9usize, 300usize);
+    v.push(Case {
+        name: format!("split_halves_f32 {blocks} x 2 x {d}"),
+        kernel: "split_halves_f32",
+        grid: [blocks as u32, blocks_for(d), 1],
+        bufs: vec![
+            Buf::Bytes(le_f32(&wide(rng, blocks * 2 * d))),
+            Buf::Bytes(vec![0; blocks * d * 4]),
+            Buf::Bytes(vec![0; blocks * d * 4]),
+        ],
+        args: vec![
+            A::Buf(0),
+            A::Buf(1),
+            A::Buf(2),
+            A::U32(blocks as u32),
+            A::U32(d as u32),
+        ],
+        checks: vec![(1, Cmp::Exact), (2, Cmp::Exact)],
+    });
+    let (total, width) = (13usize, 333usize);
+    let rows = [12u32, 0, 5, 5, 7];
+    v.push(Case {
+        name: format!("gather_rows_f32 {} of {total} x {width}", rows.len()),
+        kernel: "gather_rows_f32",
+        grid: [rows.len() as u32, blocks_for(width), 1],
+        bufs: vec![
+            Buf::Bytes(le_f32(&wide(rng, total * width))),
+            Buf::Bytes(le_u32(&rows)),
+            Buf::Bytes(vec![0; rows.len() * width * 4]),
+        ],
+        args: vec![
+            A::Buf(0),
+            A::Buf(1),
+            A::U32(rows.len() as u32),
+            A::U32(width as u32),
+            A::Buf(2),
+        ],
+        checks: vec![(2, Cmp::Exact)],
+    });
+}
+
+fn kv_store_cases(rng: &mut Rng, v: &mut Vec<Case>) {
+    let n = 4099usize;
+    let mut src = rng.vec(n, 50.0);
+    let edges = edge_values();
+    src[..edges.len()].copy_from_slice(&edges);
+    // Tiny values around the f16 subnormal range.
+    for x in &mut src[edges.len()..200] {
+        *x *= 1e-6;
+    }
+    for (kernel, elem_bytes) in [
+        ("kv_store_f32", 4usize),
+        ("kv_store_bf16", 2),
+        ("kv_store_f16", 2),
+    ] {
+        // Stored after 3 existing positions' worth of values; the rest of the cache must keep
+        // its bytes.
+        let skip = 3usize;
+        v.push(Case {
+            name: format!("{kernel} {n} values at element {skip}"),
+            kernel,
+            grid: [blocks_for(n), 1, 1],
+            bufs: vec![
+                Buf::Bytes(le_f32(&src)),
+                Buf::Bytes(rng.bytes((n + skip + 5) * elem_bytes)),
+            ],
+            args: vec![A::Buf(0), A::At(1, skip * elem_bytes), A::U64(n as u64)],
+            checks: vec![(1, Cmp::Exact)],
+        });
+    }
+}
+
+fn attention_cases(rng: &mut Rng, v: &mut Vec<Case>) {
+    // Two sequences' caches (300 and 45 positions), three rows: the first sequence's last
+    // position, one of its earlier positions (a prefill row), the second's last; grouped
+    // query attention with 4 query heads per KV head.
+    let (nh, nkv) = (8usize, 2usize);
+    let (len_a, len_b) = (300usize, 45usize);
+    let pos = [299u32, 150, 44];
+    for (kernel, hd, window) in [
+        ("attention_decode_f32", 72usize, 0u32),
+        ("attention_decode_bf16", 128, 0),
+        ("attention_decode_f16", 256, 100),
+    ] {
+        let kvr = nkv * hd;
+        let enc = |vals: Vec<f32>| match kernel {
+            "attention_decode_f32" => le_f32(&vals),
+            "attention_decode_bf16" => le_bf16(&vals),
+            _ => le_f16(&vals),
+        };
+        v.push(Case {
+            name: format!("{kernel} head_dim {hd} window {window}"),
+            kernel,
+            grid: [pos.len() as u32, nkv as u32, 1],
+            bufs: vec![
+                Buf::Bytes(le_f32(&rng.vec(pos.len() * nh * hd, 0.6))), // 0: q
+                Buf::Bytes(enc(rng.vec(len_a * kvr, 1.0))),             // 1: k, sequence a
+                Buf::Bytes(enc(rng.vec(len_a * kvr, 2.0))),             // 2: v, sequence a
+                Buf::Bytes(enc(rng.vec(len_b * kvr, 1.0))),             // 3: k, sequence b
+                Buf::Bytes(enc(rng.vec(len_b * kvr, 2.0))),             // 4: v, sequence b
+                Buf::Addrs(vec![(1, 0), (1, 0), (3, 0)]),               // 5: k per row
+                Buf::Addrs(vec![(2, 0), (2, 0), (4, 0)]),               // 6: v per row
+                Buf::Bytes(le_u32(&pos)),                               // 7
+                Buf::Bytes(vec![0; pos.len() * nh * hd * 4]),           // 8: out
+            ],
+            args: vec![
+                A::Buf(0),
+                A::Buf(5),
+                A::Buf(6),
+                A::Buf(7),
+                A::U32(window),
+                A::U32(nh as u32),
+                A::U32(nkv as u32),
+                A::U32(hd as u32),
+                A::F32((hd as f32).powf(-0.5)),
+                A::U32(1),
+                A::Null,
+                A::Buf(8),
+            ],
+            checks: vec![(8, Cmp::Norm(ATTENTION_REL_TOL))],
+        });
+    }
+}
+
+fn moe_cases(rng: &mut Rng, v: &mut Vec<Case>) {
+    let (rows, hidden) = (10usize, 700usize);
+    let routed = [7u32, 2, 9, 0];
+    let n = routed.len();
+    v.push(Case {
+        name: format!("moe_sum_f32 {n} of {rows} rows x {hidden}"),
+        kernel: "moe_sum_f32",
+        grid: [blocks_for(hidden), n as u32, 1],
+        bufs: vec![
+            Buf::Bytes(le_f32(&rng.vec(rows * hidden, 2.0))),
+            Buf::Bytes(le_u32(&routed)),
+            Buf::Bytes(le_f32(&rng.vec(n, 1.0))),
+            Buf::Bytes(le_f32(&rng.vec(n * hidden, 3.0))),
+        ],
+        args: vec![
+            A::Buf(0),
+            A::Buf(1),
+            A::Buf(2),
+            A::Buf(3),
+            A::U32(n as u32),
+            A::U32(hidden as u32),
+        ],
+        checks: vec![(0, Cmp::Exact)],
+    });
+}
+
+fn deltanet_cases(rng: &mut Rng, v: &mut Vec<Case>) {
+    // Qwen3-Next's layout at small, ragged sizes: 2 key heads, 8 value heads (group 4).
+    let (rows, nk, nv, dk, dv) = (3usize, 2usize, 8usize, 24usize, 40usize);
+    let group = nv / nk;
+    let per_k = 2 * dk + 2 * group * dv;
+    let conv_dim = 2 * nk * dk + nv * dv;
+    let mut ba = rng.vec(rows * 2 * nv, 8.0);
+    // a + dt_bias past softplus's linear threshold (20) and far below it.
+    ba[group] = 40.0;
+    ba[group + 1] = -60.0;
+    let neg_a: Vec<f32> = (0..nv).map(|_| -(rng.unit() + 1.5)).collect();
+    v.push(Case {
+        name: format!("deltanet_split_f32 {rows} rows, {nk} key / {nv} value heads"),
+        kernel: "deltanet_split_f32",
+        grid: [rows as u32, blocks_for(nk * per_k), 1],
+        bufs: vec![
+            Buf::Bytes(le_f32(&rng.vec(rows * nk * per_k, 3.0))),
+            Buf::Bytes(le_f32(&ba)),
+            Buf::Bytes(le_f32(&neg_a)),
+            Buf::Bytes(le_f32(&rng.vec(nv, 1.0))),
+            Buf::Bytes(vec![0; rows * conv_dim * 4]),
+            Buf::Bytes(vec![0; rows * nv * dv * 4]),
+            Buf::Bytes(vec![0; rows * nv * 4]),
+            Buf::Bytes(vec![0; rows * nv * 4]),
+        ],
+        args: vec![
+            A::Buf(0),
+            A::Buf(1),
+            A::Buf(2),
+            A::Buf(3),
+            A::U32(rows as u32),
+            A::U32(nk as u32),
+            A::U32(nv as u32),
+            A::U32(dk as u32),
+            A::U32(dv as u32),
+            A::Buf(4),
+            A::Buf(5),
+            A::Buf(6),
+            A::Buf(7),
+        ],
+        checks: vec![
+            (4, Cmp::Exact),
+            (5, Cmp::Exact),
+            (6, Cmp::Ulps(EXPF_MAX_ULPS)),
+            (7, Cmp::Ulps(EXPF_MAX_ULPS)),
+        ],
+    });
+    for (k_dim, extra) in [(dk, 0usize), (128, 40)] {
+        let stride = 2 * nk * k_dim + extra;
+        let mut x = Vec::new();
+        for r in 0..rows {
+            x.extend(rng.vec(stride, [0.01, 1.0, 30.0][r % 3]));
+        }
+        v.push(Case {
+            name: format!("l2norm_heads_f32 {rows} rows, {nk} heads of {k_dim}"),
+            kernel: "l2norm_heads_f32",
+            grid: [rows as u32, 2 * nk as u32, 1],
+            bufs: vec![Buf::Bytes(le_f32(&x))],
+            args: vec![
+                A::Buf(0),
+                A::U32(rows as u32),
+                A::U32(stride as u32),
+                A::U32(nk as u32),
+                A::U32(k_dim as u32),
+                A::F32((k_dim as f32).powf(-0.5)),
+            ],
+            checks: vec![(0, Cmp::Rel(NORM_REL_TOL))],
+        });
+    }
+    // The convolution step: 3 rows writing 3 of 4 state slots, 300 channels, 4 taps.
+    let (c, taps, slots) = (300usize, 4usize, 4usize);
+    let slot = [2u32, 0, 3];
+    v.push(Case {
+        name: format!("conv1d_silu_step_f32 {c} channels, {taps} taps"),
+        kernel: "conv1d_silu_step_f32",
+        grid: [blocks_for(c), rows as u32, 1],
+        bufs: vec![
+            Buf::Bytes(le_f32(&rng.vec(rows * c, 3.0))),
+            Buf::Bytes(le_f32(&rng.vec(c * taps, 1.0))),
+            Buf::Bytes(le_f32(&rng.vec(slots * (taps - 1) * c, 3.0))),
+            Buf::Bytes(le_u32(&slot)),
+            Buf::Bytes(vec![0; rows * c * 4]),
+        ],
+        args: vec![
+            A::Buf(0),
+            A::Buf(1),
+            A::Buf(2),
+            A::Buf(3),
+            A::U32(c as u32),
+            A::U32(taps as u32),
+            A::Buf(4),
+        ],
+        checks: vec![(2, Cmp::Exact), (4, Cmp::Ulps(EXPF_MAX_ULPS))],
+    });
+    // The delta rule step over the same slots.
+    let g: Vec<f32> = (0..rows * nv).map(|_| -(rng.unit() + 1.0) * 2.0).collect();
+    let beta: Vec<f32> = (0..rows * nv).map(|_| (rng.unit() + 1.0) / 2.0).collect();
+    v.push(Case {
+        name: format!("gated_delta_step_f32 {rows} rows, {nv} value heads, {dk} x {dv}"),
+        kernel: "gated_delta_step_f32",
+        grid: [blocks_for(nv * dv), rows as u32, 1],
+        bufs: vec![
+            Buf::Bytes(le_f32(&rng.vec(rows * conv_dim, 0.3))),
+            Buf::Bytes(le_f32(&g)),
+            Buf::Bytes(le_f32(&beta)),
+            Buf::Bytes(le_f32(&rng.vec(slots * nv * dk * dv, 1.0))),
+            Buf::Bytes(le_u32(&slot)),
+            Buf::Bytes(vec![0; rows * nv * dv * 4]),
+        ],
+        args: vec![
+            A::Buf(0),
+            A::U32(conv_dim as u32),
+            A::Buf(1),
+            A::Buf(2),
+            A::Buf(3),
+            A::Buf(4),
+            A::U32(nk as u32),
+            A::U32(nv as u32),
+            A::U32(dk as u32),
+            A::U32(dv as u32),
+            A::Buf(5),
+        ],
+        checks: vec![
+            (3, Cmp::Norm(DELTANET_REL_TOL)),
+            (5, Cmp::Norm(DELTANET_REL_TOL)),
+        ],
+    });
+    let n = 3001;
+    let mut z = rng.vec(n, 30.0);
+    z[..3].copy_from_slice(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY]);
+    v.push(Case {
+        name: format!("mul_silu_f32 {n}"),
+        kernel: "mul_silu_f32",
+        grid: [blocks_for(n), 1, 1],
+        bufs: vec![Buf::Bytes(le_f32(&rng.vec(n, 4.0))), Buf::Bytes(le_f32(&z))],
+        args: vec![A::Buf(0), A::Buf(1), A::U32(n as u32)],
+        checks: vec![(0, Cmp::Ulps(EXPF_MAX_ULPS))],
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The harness, checked everywhere.
+
+#[test]
+fn the_parity_cases_cover_every_launched_kernel_and_run_on_the_mock() {
+    let cases = cases();
+    let covered: std::collections::BTreeSet<&str> = cases.iter().map(|c| c.kernel).collect();
+    for src in moe_kernels::cuda::SOURCES {
+        for &k in src.kernels {
+            let skipped = NOT_COVERED.iter().any(|(n, _)| *n == k);
+            assert!(
+                covered.contains(k) != skipped,
+                "kernel {k} ({}): {}",
+                src.file,
+                if skipped {
+                    "has cases but is listed in NOT_COVERED"
+                } else {
+                    "has no parity case in tests/gpu.rs; add one or list it in NOT_COVERED"
+                }
+            );
+        }
+    }
+    // Mock against mock: every launch is accepted (argument kinds, bounds of every access)
+    // and gives the same bits.
+    let failures = run_cases(&MockGpu::new(), &MockGpu::new(), &cases, false, None);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// How [`tamper`] changes one value of a result.
+#[derive(Clone, Copy)]
+enum Corruption {
+    /// The lowest bit flipped: one ulp for an f32.
+    OneUlp,
+    /// Multiplied by 1.5.
+    Scale,
+}
+
+/// Changes the last finite non-zero f32 word of a result buffer (the first byte where there is
+/// none), as a wrong device result would.
+fn tamper(how: Corruption, dst: &mut [u8]) {
+    let word = |d: &[u8], i: usize| f32::from_le_bytes(d[i * 4..i * 4 + 4].try_into().unwrap());
+    let at = (0..dst.len() / 4).rev().find(|&i| {
+        let x = word(dst, i);
+        x.is_finite() && x != 0.0
+    });
+    match at {
+        Some(i) => {
+            let x = word(dst, i);
+            let y = match how {
+                Corruption::OneUlp => f32::from_bits(x.to_bits() ^ 1),
+                Corruption::Scale => x * 1.5,
+            };
+            dst[i * 4..i * 4 + 4].copy_from_slice(&y.to_le_bytes());
+        }
+        None => dst[0] ^= 1,
+    }
+}
+
+#[test]
+fn the_parity_harness_reports_wrong_results() {
+    let cases = cases();
+    // One ulp: a case with a bit-exact buffer fails, the tolerances accept it.
+    let mock = MockGpu::new();
+    let failures = run_cases(&mock, &mock, &cases, false, Some(Corruption::OneUlp));
+    for c in &cases {
+        let exact = c.checks.iter().any(|(_, cmp)| matches!(cmp, Cmp::Exact));
+        let failed = failures
+            .iter()
+            .any(|f| f.starts_with(&format!("{}:", c.name)));
+        assert_eq!(
+            exact, failed,
+            "{}: one ulp off, failures {failures:?}",
+            c.name
+        );
+    }
+    // A value off by half of itself: every comparison fails.
+    let failures = run_cases(&mock, &mock, &cases, false, Some(Corruption::Scale));
+    assert_eq!(failures.len(), cases.len(), "{failures:?}");
+    // The comparison itself: NaN equals NaN only where NaN is expected, ulps are counted
+    // across zero.
+    let b = |v: &[f32]| le_f32(v);
+    assert!(compare(Cmp::Ulps(0), &b(&[f32::NAN]), &b(&[-f32::NAN])).is_ok());
+    assert!(compare(Cmp::Ulps(9), &b(&[1.0]), &b(&[f32::NAN])).is_err());
+    assert_eq!(ulps(f32::from_bits(1), -f32::from_bits(1)), 2);
+    assert!(compare(Cmp::Rel(1e-3), &b(&[2.0]), &b(&[2.001])).is_ok());
+    assert!(compare(Cmp::Rel(1e-3), &b(&[2.0]), &b(&[2.01])).is_err());
+    assert!(compare(Cmp::Norm(1e-3), &b(&[100.0, 0.0]), &b(&[100.0, 0.05])).is_ok());
+}
+
+// ---------------------------------------------------------------------------------------------
+// On the GPU.
+
+#[test]
+fn kernels_on_the_gpu_match_their_cpu_twins() {
+    let Some(gpu) = driver() else { return };
+    let cases = cases();
+    let failures = run_cases(&MockGpu::new(), gpu.as_ref(), &cases, true, None);
+    assert!(
+        failures.is_empty(),
+        "{} of {} kernel cases differ from the CPU twins:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+fn settings(dir: &std::path::Path, device: DeviceKind) -> Settings {
+    Settings {
+        model: Some(dir.join("model").to_string_lossy().into_owned()),
+        threads: Some(4),
+        cache_dir: Some(common::test_cache_dir()),
+        state_dir: Some(common::test_cache_dir().join("state")),
+        device,
+        ..Default::default()
+    }
+}
+
+fn load(dir: &std::path::Path, s: &Settings) -> Model {
+    Model::load(s).unwrap_or_else(|e| panic!("{} on {:?}: {e}", dir.display(), s.device))
+}
+
+fn ids_of(r: &common::Reference, name: &str) -> Vec<u32> {
+    r.i64(name).iter().map(|&x| x as u32).collect()
+}
+
+#[test]
+fn every_fixture_on_the_gpu_matches_transformers_and_the_cpu() {
+    if usable_device().is_none() {
+        return;
+    }
+    let mut failures = Vec::new();
+    let variants = common::variants();
+    assert!(variants.len() >= 8, "expected every fixture variant");
+    for v in &variants {
+        let cpu = load(&v.dir, &settings(&v.dir, DeviceKind::Cpu));
+        let gpu = load(&v.dir, &settings(&v.dir, DeviceKind::Cuda));
+        assert_eq!(gpu.decoder.backend_name(), "cuda", "{}", v.name);
+        let r = common::Reference::open(&v.dir.join("reference.safetensors"));
+        for p in ["short", "long"] {
+            let ids = ids_of(&r, &format!("{p}.input_ids"));
+            let logits = common::prefill_logits(&gpu, &ids);
+            let vs_ref = common::max_abs_diff(&logits, &r.f32(&format!("{p}.logits")));
+            let vs_cpu = common::max_abs_diff(&logits, &common::prefill_logits(&cpu, &ids));
+            eprintln!(
+                "gpu-metric {{\"fixture\":\"{}\",\"prompt\":\"{p}\",\"logits_err_vs_transformers\":\
+                 {vs_ref:e},\"logits_err_vs_cpu\":{vs_cpu:e},\"bound\":{CUDA_LOGIT_TOL:e}}}",
+                v.name
+            );
+            if vs_ref.is_nan() || vs_ref > CUDA_LOGIT_TOL {
+                failures.push(format!(
+                    "{} {p}: logits {vs_ref:e} from transformers (> {CUDA_LOGIT_TOL:e})",
+                    v.name
+                ));
+            }
+            if vs_cpu.is_nan() || vs_cpu > CUDA_LOGIT_TOL {
+                failures.push(format!(
+                    "{} {p}: logits {vs_cpu:e} from the CPU backend (> {CUDA_LOGIT_TOL:e})",
+                    v.name
+                ));
+            }
+            // Greedy with the KV cache, one token at a time, against the reference.
+            let want = ids_of(&r, &format!("{p}.greedy"));
+            let mut state = gpu.new_state();
+            let mut next = gpu.forward(&ids, &mut state, Logits::Last, None).unwrap();
+            let mut got = Vec::new();
+            for _ in 0..want.len() {
+                let tok = argmax(&next);
+                got.push(tok);
+                next = gpu.forward(&[tok], &mut state, Logits::Last, None).unwrap();
+            }
+            if got != want {
+                failures.push(format!(
+                    "{} {p}: greedy {got:?} != transformers {want:?}",
+                    v.name
+                ));
+            }
+            // The public generate() path, against the CPU backend's.
+            let n = want.len().max(8);
+            let (a, b) = (
+                common::greedy_generate(&cpu, &ids, n),
+                common::greedy_generate(&gpu, &ids, n),
+            );
+            if a != b {
+                failures.push(format!("{} {p}: generate() {b:?} != CPU {a:?}", v.name));
+            }
+        }
+        if let Some(d) = gpu.decoder.cuda() {
+            eprintln!(
+                "gpu-metric {{\"fixture\":\"{}\",\"peak_vram_bytes\":{}}}",
+                v.name,
+                d.backend.vram_usage().peak_live_bytes
+            );
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "GPU parity failures:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn eviction_churn_on_the_gpu_gives_the_cpu_tokens() {
+    if usable_device().is_none() {
+        return;
+    }
+    for name in ["qwen3_moe", "mixtral", "qwen3_next"] {
+        let dir = common::fixtures().join(name);
+        let cpu = load(&dir, &settings(&dir, DeviceKind::Cpu));
+        let top_k = cpu.config.router.top_k;
+        let mut s = settings(&dir, DeviceKind::Cuda);
+        // As few slots as one token routes to: nearly every token evicts.
+        s.experts.slots_per_layer = Some(top_k);
+        s.experts.prefetch = true;
+        let gpu = load(&dir, &s);
+        assert_eq!(gpu.plan.slots_per_layer, top_k, "{name}: the plan's slots");
+        let r = common::Reference::open(&dir.join("reference.safetensors"));
+        for p in ["short", "long"] {
+            let ids = ids_of(&r, &format!("{p}.input_ids"));
+            let (a, b) = (
+                common::greedy_generate(&cpu, &ids, 24),
+                common::greedy_generate(&gpu, &ids, 24),
+            );
+            assert_eq!(
+                a, b,
+                "{name} {p}: greedy tokens with {top_k} slots per layer"
+            );
+        }
+        let st = gpu.decoder.store().stats();
+        eprintln!(
+            "gpu-metric {{\"churn\":\"{name}\",\"slots_per_layer\":{top_k},\"hits\":{},\
+             \"misses\":{},\"bytes_moved\":{}}}",
+            st.hits, st.misses, st.bytes_moved
+        );
+    }
+}
