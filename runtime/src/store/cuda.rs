@@ -15,7 +15,11 @@
 //!   on the copy stream, so no copy overwrites an expert a queued kernel still reads; memory new
 //!   from the allocator waits for the compute work issued before;
 //! - a staging buffer is rewritten only after the event of the copy that read it completed, and
-//!   the ring bounds the bytes in flight (`STAGING_BUFFERS` experts).
+//!   the ring bounds the bytes in flight (`STAGING_BUFFERS` experts);
+//! - experts read from their files (into the RAM pool, or for one copy) land by positioned reads
+//!   in pinned host memory from the tier's [`PinnedPool`] (portable, not write-combined: the
+//!   CPU also computes from it), and are copied to the device from there without staging; the
+//!   copy's ticket holds the buffer until the copy completed.
 //!
 //! Invariants: a slot holds the expert's [`ExpertBuf`] byte for byte (each part at its offset);
 //! results equal the host's (the same products in the same order; bit for bit on the mock
@@ -42,12 +46,12 @@ use crate::weights::Dtype;
 const STAGING_BUFFERS: usize = 3;
 
 /// Slot memory an evicted slot left, with the last compute work that read it.
-type Recycled = Arc<Mutex<Vec<(DevBuf, Option<Arc<Event>>)>>>;
+type Recycled = Arc<Mutex<Vec<(DevBuf, Option<CudaTicket>)>>>;
 
 /// One pinned staging buffer and the copy that last read it.
 struct Staging {
     buf: Option<HostBuf>,
-    busy: Option<Arc<Event>>,
+    busy: Option<CudaTicket>,
 }
 
 /// The CUDA device tier (see the module doc).
@@ -58,6 +62,7 @@ pub struct CudaTier {
     link_bytes_per_s: f64,
     ring: (Sender<Staging>, Receiver<Staging>),
     recycled: Recycled,
+    pinned: Arc<PinnedPool>,
 }
 
 /// One expert's bytes in VRAM and where its parts start.
@@ -66,7 +71,7 @@ pub struct CudaSlot {
     parts: Vec<(usize, usize, Dtype)>,
     layout: Option<ExpertLayout>,
     /// The last compute work that read this memory (None: none since the tier has had it).
-    last_use: Mutex<Option<Arc<Event>>>,
+    last_use: Mutex<Option<CudaTicket>>,
     /// New from the allocator: the compute stream may have used it for something else.
     fresh: bool,
     recycled: Recycled,
@@ -87,8 +92,86 @@ impl Drop for CudaSlot {
     }
 }
 
-/// Completion of a copy or of an expert's kernels: an event on the device.
-pub type CudaTicket = Arc<Event>;
+/// Completion of a copy or of an expert's kernels: an event on the device, holding the host
+/// buffer a copy reads until it completed.
+pub type CudaTicket = Arc<Completion>;
+
+/// An event, and what must outlive the work before it.
+pub struct Completion {
+    event: Event,
+    _reads: Option<Arc<ExpertBuf>>,
+}
+
+/// Freed pinned buffers a pool keeps for reuse (pinning memory is slow: experts of one model
+/// share a few sizes, so reads after warm-up allocate nothing).
+const PINNED_KEPT_BUFFERS: usize = 8;
+
+/// Pinned host memory for expert buffers (see the module doc): allocations of the same size
+/// are reused, up to [`PINNED_KEPT_BUFFERS`] kept free.
+pub struct PinnedPool {
+    gpu: Arc<dyn Gpu>,
+    kept: Mutex<Vec<HostBuf>>,
+}
+
+/// Words of pinned memory from a [`PinnedPool`], returned to it when dropped.
+pub struct PinnedWords {
+    buf: Option<HostBuf>,
+    words: usize,
+    pool: Arc<PinnedPool>,
+}
+
+impl PinnedPool {
+    pub fn new(gpu: Arc<dyn Gpu>) -> Arc<PinnedPool> {
+        Arc::new(PinnedPool {
+            gpu,
+            kept: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// `words` 8-byte words of pinned memory (contents undefined until written).
+    pub fn alloc(self: &Arc<Self>, words: usize) -> Result<PinnedWords> {
+        let bytes = words * 8;
+        let reused = {
+            let mut kept = self.kept.lock();
+            kept.iter()
+                .position(|b| b.bytes() == bytes)
+                .map(|i| kept.swap_remove(i))
+        };
+        let buf = match reused {
+            Some(b) => b,
+            None => HostBuf::new(&self.gpu, bytes)?,
+        };
+        Ok(PinnedWords {
+            buf: Some(buf),
+            words,
+            pool: self.clone(),
+        })
+    }
+}
+
+impl PinnedWords {
+    pub fn words(&self) -> &[u64] {
+        &self.buf.as_ref().expect("live").words()[..self.words]
+    }
+    pub fn words_mut(&mut self) -> &mut [u64] {
+        let n = self.words;
+        &mut self.buf.as_mut().expect("live").words_mut()[..n]
+    }
+    pub fn id(&self) -> crate::backend::cuda::gpu::HostId {
+        self.buf.as_ref().expect("live").id()
+    }
+}
+
+impl Drop for PinnedWords {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            let mut kept = self.pool.kept.lock();
+            if kept.len() < PINNED_KEPT_BUFFERS {
+                kept.push(b);
+            }
+        }
+    }
+}
 
 impl CudaTier {
     /// The tier on `cuda`'s device and allocator, for experts of `layout`; None when the
@@ -110,12 +193,13 @@ impl CudaTier {
                 link_bytes_per_s,
                 ring,
                 recycled: Arc::new(Mutex::new(Vec::new())),
+                pinned: PinnedPool::new(cuda.gpu().clone()),
             }
         })
     }
 
     /// Copies `bytes` into `dst` through a staging buffer on the copy stream; the event after it.
-    fn stage_and_copy(&self, bytes: &[u8], dst: &DevBuf) -> Result<Arc<Event>> {
+    fn stage_and_copy(&self, bytes: &[u8], dst: &DevBuf) -> Result<CudaTicket> {
         let mut st = self
             .ring
             .1
@@ -123,7 +207,7 @@ impl CudaTier {
             .map_err(|_| Error::Internal("the staging ring is closed".into()))?;
         let done = (|| {
             if let Some(busy) = st.busy.take() {
-                busy.sync()?;
+                busy.event.sync()?;
             }
             if st.buf.as_ref().is_none_or(|b| b.bytes() < bytes.len()) {
                 st.buf = None;
@@ -132,7 +216,10 @@ impl CudaTier {
             let host = st.buf.as_ref().expect("allocated above");
             self.gpu.host_write(host.id(), bytes)?;
             self.gpu.copy_async(dst.ptr(), host.id(), bytes.len())?;
-            let ready = Arc::new(Event::record(&self.gpu, Stream::Copy)?);
+            let ready = Arc::new(Completion {
+                event: Event::record(&self.gpu, Stream::Copy)?,
+                _reads: None,
+            });
             st.busy = Some(ready.clone());
             Ok(ready)
         })();
@@ -186,20 +273,34 @@ impl DeviceTier for CudaTier {
             self.gpu.wait_event(Stream::Copy, issued.id())?;
             dst.fresh = false;
         } else if let Some(last) = dst.last_use.get_mut().take() {
-            self.gpu.wait_event(Stream::Copy, last.id())?;
+            self.gpu.wait_event(Stream::Copy, last.event.id())?;
         }
-        let ready = self.stage_and_copy(bytes, dst.buf())?;
+        let ready = match src.pinned() {
+            // Already in pinned memory: straight to the device; the ticket keeps it alive.
+            Some(host) => {
+                self.gpu.copy_async(dst.buf().ptr(), host, bytes.len())?;
+                Arc::new(Completion {
+                    event: Event::record(&self.gpu, Stream::Copy)?,
+                    _reads: Some(src.clone()),
+                })
+            }
+            None => self.stage_and_copy(bytes, dst.buf())?,
+        };
         dst.parts = (0..src.num_parts()).map(|i| src.part(i)).collect();
         dst.layout = Some(*src.layout());
         Ok(ready)
     }
 
     fn wait(&self, ticket: &CudaTicket) -> Result<()> {
-        ticket.sync()
+        ticket.event.sync()
     }
 
     fn is_done(&self, ticket: &CudaTicket) -> bool {
-        ticket.done().unwrap_or(false)
+        ticket.event.done().unwrap_or(false)
+    }
+
+    fn host_memory(&self) -> Option<Arc<PinnedPool>> {
+        Some(self.pinned.clone())
     }
 
     fn ffn(
@@ -284,7 +385,10 @@ impl Frame<CudaTier> for CudaFrame<'_> {
             &self.out,
         );
         // The slot's last use: its memory is overwritten only after these kernels.
-        let used = Arc::new(Event::record(&tier.gpu, Stream::Compute)?);
+        let used = Arc::new(Completion {
+            event: Event::record(&tier.gpu, Stream::Compute)?,
+            _reads: None,
+        });
         *slot.last_use.lock() = Some(used.clone());
         Ok(used)
     }
@@ -311,5 +415,128 @@ impl ExpertStore<Cuda> for TieredStore<CudaTier> {
         };
         self.compute_frame(layer, batches, &mut frame, hidden)?;
         Ok(frame.out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::mock::MockGpu;
+    use crate::store::{ExpertSource, ExpertWeights, TieredStore};
+    use crate::weights::{Storage, TensorRef};
+
+    fn expert(hidden: usize, inter: usize, seed: f32) -> ExpertWeights {
+        let part = |name: &str, rows: usize, cols: usize| {
+            let data: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i as f32 + seed) * 0.37).sin())
+                .collect();
+            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let mut words = vec![0u64; bytes.len().div_ceil(8)];
+            bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
+            TensorRef::in_storage(
+                name.into(),
+                Arc::new(std::path::PathBuf::from("/models/t/experts.safetensors")),
+                Dtype::F32,
+                vec![rows, cols],
+                Arc::new(Storage::Words {
+                    words,
+                    len: bytes.len(),
+                }),
+                0,
+                bytes.len(),
+            )
+        };
+        ExpertWeights::new(
+            ExpertLayout::swiglu(hidden, inter),
+            vec![
+                part("gate", inter, hidden),
+                part("up", inter, hidden),
+                part("down", hidden, inter),
+            ],
+        )
+    }
+
+    #[test]
+    fn copies_from_the_heap_and_from_pinned_memory_land_byte_for_byte() {
+        let mock = Arc::new(MockGpu::new());
+        let cuda = Cuda::on(mock.clone(), u64::MAX);
+        let layout = ExpertLayout::swiglu(8, 4);
+        let tier = CudaTier::new(&cuda, &layout, 25e9).unwrap();
+        let pool = tier.host_memory().unwrap();
+        // More copies in flight than staging buffers: the ring must wait for a buffer's last
+        // copy before refilling it (the mock fails the write otherwise).
+        let mut copies = Vec::new();
+        for i in 0..(2 * STAGING_BUFFERS + 1) {
+            let e = expert(8, 4, i as f32);
+            let src = if i % 3 == 2 {
+                e.read_owned_in(Some(&pool)).unwrap()
+            } else {
+                e.read_owned().unwrap()
+            };
+            assert_eq!(src.pinned().is_some(), i % 3 == 2);
+            let src = Arc::new(src);
+            let mut slot = tier.alloc(src.size_bytes()).unwrap();
+            let ticket = tier
+                .copy_in(src.clone(), &mut slot, Instant::now())
+                .unwrap();
+            copies.push((src, slot, ticket));
+        }
+        for (i, (src, slot, ticket)) in copies.iter().enumerate() {
+            tier.wait(ticket).unwrap();
+            let mut back = vec![0u8; src.size_bytes()];
+            mock.dtoh(slot.buf().ptr(), &mut back).unwrap();
+            assert_eq!(back, src.bytes(), "copy {i}");
+        }
+    }
+
+    #[test]
+    fn a_store_on_the_cuda_tier_computes_what_the_host_computes() {
+        let (hidden, inter) = (8, 4);
+        let experts = vec![(0..4).map(|e| expert(hidden, inter, e as f32)).collect()];
+        let cuda = Cuda::mock(u64::MAX);
+        let layout = ExpertLayout::swiglu(hidden, inter);
+        let tier = CudaTier::new(&cuda, &layout, 25e9);
+        let config = |device| crate::store::TieredStoreConfig {
+            device,
+            ..Default::default()
+        };
+        let dev = crate::store::DeviceTierConfig {
+            slots_per_layer: 2,
+            link_bytes_per_s: 25e9,
+            copy_latency: std::time::Duration::ZERO,
+            host_compute_bytes_per_s: 1.0,
+        };
+        let on_gpu = TieredStore::with_tier(
+            experts.clone(),
+            hidden,
+            inter,
+            config(Some(dev)),
+            None,
+            tier,
+        )
+        .unwrap();
+        let host = TieredStore::new(experts, hidden, inter, config(None)).unwrap();
+        let x: Vec<f32> = (0..3 * hidden).map(|i| (i as f32 * 0.11).cos()).collect();
+        let batches = vec![
+            ExpertBatch {
+                expert: 0,
+                rows: vec![0, 2],
+                weights: vec![0.25, 0.5],
+            },
+            ExpertBatch {
+                expert: 3,
+                rows: vec![1],
+                weights: vec![0.75],
+            },
+        ];
+        for _ in 0..3 {
+            let xd = cuda.act_from_host(x.clone());
+            let yd = on_gpu.compute(&cuda, 0, &batches, &xd, hidden).unwrap();
+            let mut want = vec![0f32; x.len()];
+            host.compute_host(0, &batches, &x, hidden, &mut want)
+                .unwrap();
+            assert_eq!(cuda.to_host(&yd).into_owned(), want);
+        }
+        assert!(on_gpu.stats().hits > 0, "the second pass hits the slots");
     }
 }

@@ -67,6 +67,12 @@ pub trait DeviceTier: Send + Sync + 'static {
 
     /// Seconds a copy of `bytes` is expected to take before any copy has been measured.
     fn estimated_copy_s(&self, bytes: usize) -> f64;
+
+    /// Host memory the store should read experts into (the RAM pool and reads for one copy),
+    /// so copies from it need no staging: pinned memory on a GPU. Default: the heap.
+    fn host_memory(&self) -> Option<Arc<super::cuda::PinnedPool>> {
+        None
+    }
 }
 
 /// A tier whose expert FFN runs on host rows ([`DeviceTier::ffn`] with a [`HostFrame`]): such a

@@ -28,13 +28,15 @@ mod sim;
 mod stats;
 mod tiered;
 
-pub use cuda::CudaTier;
+pub use cuda::{CudaTier, PinnedPool};
 pub use device::{DeviceTier, Frame, HostFrame, HostRows};
 pub use layout::{ExpertLayout, GateUp, PartRole};
 pub use pool::{EvictionPolicy, Found, Reserved, Slot, SlotPool};
 pub use sim::{SimTicket, SimTier};
 pub use stats::{LayerStats, StoreStats};
 pub use tiered::{DeviceTierConfig, HostTierConfig, TieredStore, TieredStoreConfig};
+
+use std::sync::Arc;
 
 use moe_kernels::Weights;
 
@@ -153,6 +155,12 @@ impl ExpertWeights {
 
     /// Copies the expert into one owned buffer (positioned reads for mapped files).
     pub fn read_owned(&self) -> Result<ExpertBuf> {
+        self.read_owned_in(None)
+    }
+
+    /// [`ExpertWeights::read_owned`] into pinned host memory from `pinned` when given (the
+    /// positioned reads land there directly), else on the heap.
+    pub fn read_owned_in(&self, pinned: Option<&Arc<cuda::PinnedPool>>) -> Result<ExpertBuf> {
         let mut parts = Vec::with_capacity(self.parts.len());
         let mut end = 0usize;
         for t in &self.parts {
@@ -160,8 +168,16 @@ impl ExpertWeights {
             // Each part starts 8-byte aligned inside the buffer.
             end += t.size_bytes().div_ceil(8) * 8;
         }
-        let mut words = crate::mem::zeroed_words(end / 8);
-        let bytes = bytemuck::cast_slice_mut::<u64, u8>(&mut words);
+        let mut words = match pinned.map(|pool| pool.alloc(end / 8)) {
+            Some(Ok(p)) => Words::Pinned(p),
+            // No pinned memory left: the heap (copies then go through the staging ring).
+            Some(Err(e)) => {
+                tracing::debug!("expert buffer on the heap: {e}");
+                Words::Heap(crate::mem::zeroed_words(end / 8))
+            }
+            None => Words::Heap(crate::mem::zeroed_words(end / 8)),
+        };
+        let bytes = bytemuck::cast_slice_mut::<u64, u8>(words.as_mut_slice());
         for (t, &(off, _, _)) in self.parts.iter().zip(&parts) {
             t.read_into(&mut bytes[off..off + t.size_bytes()])?;
         }
@@ -173,24 +189,66 @@ impl ExpertWeights {
     }
 }
 
+/// Where an owned expert buffer's words live.
+enum Words {
+    Heap(Vec<u64>),
+    /// Pinned host memory (a device tier's pool): copied to the device without staging.
+    Pinned(cuda::PinnedWords),
+}
+
+impl Words {
+    fn as_slice(&self) -> &[u64] {
+        match self {
+            Words::Heap(v) => v,
+            Words::Pinned(p) => p.words(),
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u64] {
+        match self {
+            Words::Heap(v) => v,
+            Words::Pinned(p) => p.words_mut(),
+        }
+    }
+}
+
 /// An expert copied out of its file into memory we own (a RAM pool entry or a device slot).
-#[derive(Clone)]
 pub struct ExpertBuf {
-    words: Vec<u64>,
+    words: Words,
     /// (byte offset, element count, dtype) of each part, in the layout's order.
     parts: Vec<(usize, usize, Dtype)>,
     layout: ExpertLayout,
 }
 
+/// A copy on the heap (a pinned buffer's clone is not pinned).
+impl Clone for ExpertBuf {
+    fn clone(&self) -> Self {
+        ExpertBuf {
+            words: Words::Heap(self.words.as_slice().to_vec()),
+            parts: self.parts.clone(),
+            layout: self.layout,
+        }
+    }
+}
+
 impl ExpertBuf {
     pub fn size_bytes(&self) -> usize {
-        self.words.len() * 8
+        self.words.as_slice().len() * 8
     }
 
     /// The whole buffer (every part at its offset; see [`ExpertBuf::part`]): what a device slot
     /// holds, byte for byte.
     pub fn bytes(&self) -> &[u8] {
-        bytemuck::cast_slice(&self.words)
+        bytemuck::cast_slice(self.words.as_slice())
+    }
+
+    /// The pinned host buffer holding this expert, when it lives in one (a device copy can read
+    /// it directly).
+    pub fn pinned(&self) -> Option<crate::backend::cuda::gpu::HostId> {
+        match &self.words {
+            Words::Pinned(p) => Some(p.id()),
+            Words::Heap(_) => None,
+        }
     }
 
     /// Byte offset, element count and dtype of part `i` (in the layout's order) within
@@ -214,7 +272,7 @@ impl ExpertBuf {
     pub fn part_bytes(&self, i: usize) -> &[u8] {
         let (off, n, dtype) = self.parts[i];
         // `read_owned` placed part i at [off, off + len).
-        &bytemuck::cast_slice::<u64, u8>(&self.words)[off..off + dtype.bytes_for(n)]
+        &bytemuck::cast_slice::<u64, u8>(self.words.as_slice())[off..off + dtype.bytes_for(n)]
     }
 
     /// The bytes of every part, in the layout's order (what [`ExpertCheck::check`] takes).
@@ -225,7 +283,7 @@ impl ExpertBuf {
     /// A buffer holding no expert (for pool bookkeeping in tests and replays).
     pub fn empty() -> ExpertBuf {
         ExpertBuf {
-            words: Vec::new(),
+            words: Words::Heap(Vec::new()),
             parts: Vec::new(),
             layout: ExpertLayout::swiglu(0, 0),
         }

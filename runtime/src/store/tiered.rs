@@ -176,6 +176,8 @@ struct Shared {
     copy_rate: Rate,
     /// Measured host compute speed over expert weights, bytes/s (0 until measured).
     host_rate: Rate,
+    /// Where owned expert buffers are read into (the device tier's pinned memory, or the heap).
+    host_memory: Option<Arc<super::cuda::PinnedPool>>,
 }
 
 /// A running estimate of a speed (exponential moving average of samples), lock-free.
@@ -252,7 +254,7 @@ impl Shared {
         into_ram: bool,
     ) -> std::result::Result<ExpertBuf, Cause> {
         let original = &self.experts[layer][expert];
-        let read = |w: &ExpertWeights| w.read_owned().map_err(Arc::new);
+        let read = |w: &ExpertWeights| w.read_owned_in(self.host_memory.as_ref()).map_err(Arc::new);
         let buf = match (&self.check, self.checked[layer][expert].get()) {
             (None, _) => read(original)?,
             (Some(_), Some(outcome)) => read(Self::resolve(outcome, original)?)?,
@@ -388,6 +390,7 @@ impl<D: DeviceTier> TieredStore<D> {
                 .collect(),
             copy_rate: Rate::default(),
             host_rate: Rate::default(),
+            host_memory: device.as_ref().and_then(|d| d.tier.host_memory()),
         });
         if config.policy == EvictionPolicy::PinnedLru {
             if let Some(p) = &shared.host_pool {

@@ -55,7 +55,28 @@ pub struct DriverGpu {
     host: Mutex<HashMap<u64, usize>>,
     /// The cuBLAS handle, created at the first GEMM.
     blas: Mutex<Option<Blas>>,
+    /// Pinned memory the ops' small uploads are staged in (created at the first one).
+    uploads: Mutex<Option<UploadRing>>,
 }
+
+/// Bytes of the small-upload ring: thousands of uploads (positions, row indices, routing
+/// weights) between two waits.
+const UPLOAD_RING_BYTES: usize = 4 << 20;
+/// Largest upload staged in the ring; larger ones (weights at load) are plain synchronous
+/// copies.
+const UPLOAD_MAX_BYTES: usize = 64 << 10;
+
+/// A pinned ring the ops' small host-to-device copies are staged in, so they run
+/// asynchronously on the legacy stream instead of making the host wait for the device at every
+/// one: a region is written once per pass of the ring, and before the ring wraps the host waits
+/// once for the stream (every copy out of the ring has then completed).
+struct UploadRing {
+    base: *mut u8,
+    head: usize,
+}
+
+// SAFETY: the ring's pinned memory is only touched under the mutex that holds it.
+unsafe impl Send for UploadRing {}
 
 /// A cuBLAS handle on the legacy stream.
 struct Blas(cudarc::cublas::sys::cublasHandle_t);
@@ -101,6 +122,7 @@ impl DriverGpu {
             copy: CopyStream(copy),
             host: Mutex::new(HashMap::new()),
             blas: Mutex::new(None),
+            uploads: Mutex::new(None),
         })
     }
 
@@ -145,6 +167,69 @@ impl DriverGpu {
     }
 }
 
+impl DriverGpu {
+    /// A small upload through the pinned ring (see [`UploadRing`]), ordered on the legacy
+    /// stream like every compute operation.
+    fn htod_staged(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
+        let mut guard = self.uploads.lock();
+        if guard.is_none() {
+            // SAFETY: the context is current; the ring lives as long as the device (freed in
+            // Drop).
+            let base = unsafe { result::malloc_host(UPLOAD_RING_BYTES, 0) }
+                .map_err(|e| fail("allocating the pinned upload ring", e))?;
+            *guard = Some(UploadRing {
+                base: base as *mut u8,
+                head: 0,
+            });
+        }
+        let ring = guard.as_mut().expect("created above");
+        if ring.head + src.len() > UPLOAD_RING_BYTES {
+            // Every copy out of the ring has completed once the stream has caught up.
+            // SAFETY: the null stream is the context's legacy stream.
+            unsafe { result::stream::synchronize(std::ptr::null_mut()) }
+                .map_err(|e| fail("waiting for the device", e))?;
+            ring.head = 0;
+        }
+        // SAFETY: [head, head + len) lies in the ring (checked above) and no copy issued since
+        // the last wait reads it; `src` is a separate Rust slice.
+        let staged = unsafe {
+            let at = ring.base.add(ring.head);
+            std::ptr::copy_nonoverlapping(src.as_ptr(), at, src.len());
+            std::slice::from_raw_parts(at as *const u8, src.len())
+        };
+        // 16-byte steps keep every staged upload aligned for any element type.
+        ring.head += src.len().next_multiple_of(16);
+        // SAFETY: `staged` is pinned memory left untouched until the stream passes this copy
+        // (above); `dst` holds at least `src.len()` bytes of a live allocation.
+        unsafe { result::memcpy_htod_async(dst, staged, std::ptr::null_mut()) }
+            .map_err(|e| fail("host-to-device copy", e))
+    }
+}
+
+impl Drop for DriverGpu {
+    fn drop(&mut self) {
+        if let Some(ring) = self.uploads.get_mut().take() {
+            if self.bind().is_ok() {
+                // SAFETY: the ring came from malloc_host and is freed once; waiting for the
+                // device first means no copy still reads it.
+                unsafe {
+                    let _ = result::stream::synchronize(std::ptr::null_mut());
+                    let _ = result::free_host(ring.base as *mut c_void);
+                }
+            }
+        }
+        if let Some(blas) = self.blas.get_mut().take() {
+            // SAFETY: the handle was created by this device and is destroyed once.
+            let _ = unsafe { cudarc::cublas::result::destroy_handle(blas.0) };
+        }
+        if self.bind().is_ok() {
+            // SAFETY: the copy stream was created by `open` and is destroyed once; the driver
+            // lets queued work finish first.
+            let _ = unsafe { result::stream::destroy(self.copy.0) };
+        }
+    }
+}
+
 impl Gpu for DriverGpu {
     fn describe(&self) -> String {
         format!("{} (sm_{})", self.name, self.cc)
@@ -171,6 +256,9 @@ impl Gpu for DriverGpu {
 
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
         self.bind()?;
+        if src.len() <= UPLOAD_MAX_BYTES {
+            return self.htod_staged(dst, src);
+        }
         // SAFETY: `dst` points to at least `src.len()` bytes of a live allocation (callers copy
         // into their own buffers); the synchronous copy reads `src` before returning.
         unsafe { result::memcpy_htod_sync(dst, src) }.map_err(|e| fail("host-to-device copy", e))

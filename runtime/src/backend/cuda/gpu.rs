@@ -46,7 +46,8 @@ pub enum Stream {
     Copy,
 }
 
-/// A pinned host buffer the copy stream reads from (see [`Gpu::host_alloc`]).
+/// A pinned host buffer the copy stream reads from (see [`Gpu::host_alloc`]): its address in
+/// this process, 8-byte aligned.
 pub type HostId = u64;
 
 /// An event recorded on a stream (see [`Gpu::record`]).
@@ -168,6 +169,20 @@ impl HostBuf {
     }
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// The buffer as words, to fill in place (positioned reads straight into pinned memory).
+    /// The caller must not write while a copy from it is in flight.
+    pub fn words_mut(&mut self) -> &mut [u64] {
+        // SAFETY: `id` is the address of a live allocation of at least `bytes` bytes, 8-byte
+        // aligned (the `HostId` contract), owned by this value alone while it lives.
+        unsafe { std::slice::from_raw_parts_mut(self.id as *mut u64, self.bytes / 8) }
+    }
+
+    /// The buffer as words.
+    pub fn words(&self) -> &[u64] {
+        // SAFETY: as above, shared.
+        unsafe { std::slice::from_raw_parts(self.id as *const u64, self.bytes / 8) }
     }
 }
 

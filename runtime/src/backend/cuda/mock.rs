@@ -506,7 +506,9 @@ struct Order {
     /// Copy-stream work the host has seen complete.
     copy_seen_by_host: u64,
     allocs: HashMap<u64, Uses>,
-    hosts: HashMap<HostId, (Vec<u8>, u64)>,
+    /// Pinned buffers by address: real host memory (8-byte words, so the address is the id, as
+    /// on the driver), its size in bytes, and the last copy that read it.
+    hosts: HashMap<HostId, (Vec<u64>, usize, u64)>,
 }
 
 /// The last copy-stream write and compute-stream use of one allocation.
@@ -692,10 +694,9 @@ impl Gpu for MockGpu {
     }
 
     fn host_alloc(&self, bytes: usize) -> Result<HostId> {
-        let mut o = self.order.lock();
-        o.next_event += 1;
-        let id = 0x5000_0000_0000 + o.next_event * 0x1000;
-        o.hosts.insert(id, (vec![0u8; bytes], 0));
+        let words = vec![0u64; bytes.div_ceil(8).max(1)];
+        let id = words.as_ptr() as HostId;
+        self.order.lock().hosts.insert(id, (words, bytes, 0));
         Ok(id)
     }
 
@@ -706,7 +707,7 @@ impl Gpu for MockGpu {
     fn host_write(&self, id: HostId, src: &[u8]) -> Result<()> {
         let mut o = self.order.lock();
         let seen = o.copy_seen_by_host;
-        let (buf, last_copy) = o
+        let (words, len, last_copy) = o
             .hosts
             .get_mut(&id)
             .ok_or_else(|| fault(format!("pinned buffer {id:#x} does not exist")))?;
@@ -715,14 +716,13 @@ impl Gpu for MockGpu {
                 "pinned buffer {id:#x} rewritten while copy #{last_copy} from it may be in flight"
             )));
         }
-        if src.len() > buf.len() {
+        if src.len() > *len {
             return Err(fault(format!(
-                "a write of {} bytes to a {}-byte pinned buffer",
-                src.len(),
-                buf.len()
+                "a write of {} bytes to a {len}-byte pinned buffer",
+                src.len()
             )));
         }
-        buf[..src.len()].copy_from_slice(src);
+        bytemuck::cast_slice_mut::<u64, u8>(words)[..src.len()].copy_from_slice(src);
         Ok(())
     }
 
@@ -742,18 +742,17 @@ impl Gpu for MockGpu {
             o.copy_seq += 1;
             let seq = o.copy_seq;
             o.allocs.entry(base).or_default().copy_write = seq;
-            let (buf, last_copy) = o
+            let (words, len, last_copy) = o
                 .hosts
                 .get_mut(&src)
                 .ok_or_else(|| fault(format!("pinned buffer {src:#x} does not exist")))?;
-            if bytes > buf.len() {
+            if bytes > *len {
                 return Err(fault(format!(
-                    "a copy of {bytes} bytes from a {}-byte pinned buffer",
-                    buf.len()
+                    "a copy of {bytes} bytes from a {len}-byte pinned buffer"
                 )));
             }
             *last_copy = seq;
-            buf[..bytes].to_vec()
+            bytemuck::cast_slice::<u64, u8>(words)[..bytes].to_vec()
         };
         self.write(dst, &data)
     }
