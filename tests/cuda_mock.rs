@@ -36,6 +36,24 @@ fn pair(dir: &std::path::Path, kv: KvElem) -> (Model, Model) {
     (cpu, cuda)
 }
 
+/// The model in `dir` loaded onto a fresh mock device, after `n` greedy tokens of the first
+/// prompt; the mock keeps the launch log.
+fn generate_on_mock(
+    dir: &std::path::Path,
+    kv: KvElem,
+    n: usize,
+) -> (Model, std::sync::Arc<MockGpu>) {
+    let mock = std::sync::Arc::new(MockGpu::new());
+    let cuda = Model::load_on(
+        &settings(dir, DeviceKind::Cuda, kv),
+        AnyBackend::Cuda(Cuda::on(mock.clone(), u64::MAX)),
+    )
+    .unwrap();
+    let ids = prompts(&cuda).remove(0);
+    common::greedy_generate(&cuda, &ids, n);
+    (cuda, mock)
+}
+
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
@@ -123,14 +141,7 @@ fn batched_steps_and_two_byte_kv_caches_match_the_cpu() {
 #[test]
 fn the_mock_runs_the_kernels_and_a_too_small_budget_fails_cleanly() {
     let dir = common::fixtures().join("qwen3_moe");
-    let mock = std::sync::Arc::new(MockGpu::new());
-    let cuda = Model::load_on(
-        &settings(&dir, DeviceKind::Cuda, KvElem::Bf16),
-        AnyBackend::Cuda(Cuda::on(mock.clone(), u64::MAX)),
-    )
-    .unwrap();
-    let ids = prompts(&cuda).remove(0);
-    common::greedy_generate(&cuda, &ids, 2);
+    let (cuda, mock) = generate_on_mock(&dir, KvElem::Bf16, 2);
     let launched = mock.launched();
     for k in [
         "embed_f32",
@@ -222,14 +233,7 @@ fn eviction_churn_with_as_many_slots_as_top_k_matches_the_cpu() {
 #[test]
 fn deltanet_decode_steps_run_as_kernels_on_the_device() {
     let dir = common::fixtures().join("qwen3_next");
-    let mock = std::sync::Arc::new(MockGpu::new());
-    let cuda = Model::load_on(
-        &settings(&dir, DeviceKind::Cuda, KvElem::F32),
-        AnyBackend::Cuda(Cuda::on(mock.clone(), u64::MAX)),
-    )
-    .unwrap();
-    let ids = prompts(&cuda).remove(0);
-    common::greedy_generate(&cuda, &ids, 3);
+    let (_cuda, mock) = generate_on_mock(&dir, KvElem::F32, 3);
     let launched = mock.launched();
     for k in [
         "deltanet_split_f32",
