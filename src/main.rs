@@ -747,6 +747,15 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             "major_page_faults": major_page_faults(),
             "experts": stats,
             "device": model.plan.device,
+            "vram": model.decoder.cuda().map(|d| {
+                let u = d.backend.vram_usage();
+                serde_json::json!({
+                    "gpu": d.backend.describe(),
+                    "budget_bytes": u.cap_bytes,
+                    "held_bytes": u.held_bytes,
+                    "peak_live_bytes": u.peak_live_bytes,
+                })
+            }),
             "quantization": settings.quantization,
             "activations": settings.activations,
             "cache": model.cache_path().map(|p| p.display().to_string()),

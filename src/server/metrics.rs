@@ -9,12 +9,13 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use moe_runtime::backend::cuda::VramUsage;
 use moe_runtime::batch::BatchCounters;
 use moe_runtime::store::LayerStats;
 use parking_lot::Mutex;
 use prometheus::{
     CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, Opts, Registry, TextEncoder,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -50,6 +51,7 @@ pub struct Metrics {
     expert_prefetch_wasted: IntCounterVec,
     expert_stall_seconds: CounterVec,
     expert_bytes: IntCounterVec,
+    vram_bytes: IntGaugeVec,
     /// Store counters already copied into the registry, per layer.
     seen: Mutex<Vec<LayerStats>>,
     /// Scheduler counters already copied: steps, failures, prompt, cached and generated tokens.
@@ -151,6 +153,19 @@ impl Metrics {
                  drain",
                 &["reason"],
             ),
+            vram_bytes: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "moe_vram_bytes",
+                        "Device memory on cuda, by kind: budget (the planned cap), held \
+                         (allocated from the device, kept buffers included), live (in use now), \
+                         peak_live (the most in use so far)",
+                    ),
+                    &["kind"],
+                )
+                .expect("valid"),
+            ),
             expert_hits: counter_vec(
                 "moe_expert_hits_total",
                 "Expert uses served from the fastest tier holding compute for it, per layer",
@@ -217,7 +232,24 @@ impl Metrics {
     }
 
     /// Copies the store's and the scheduler's counters in, then renders the text format.
-    pub fn render(&self, store: Option<&[LayerStats]>, sched: Option<&BatchCounters>) -> String {
+    pub fn render(
+        &self,
+        store: Option<&[LayerStats]>,
+        sched: Option<&BatchCounters>,
+        vram: Option<VramUsage>,
+    ) -> String {
+        if let Some(v) = vram {
+            for (kind, bytes) in [
+                ("budget", v.cap_bytes),
+                ("held", v.held_bytes),
+                ("live", v.live_bytes),
+                ("peak_live", v.peak_live_bytes),
+            ] {
+                self.vram_bytes
+                    .with_label_values(&[kind])
+                    .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            }
+        }
         if let Some(layers) = store {
             let mut seen = self.seen.lock();
             for now in layers {
@@ -293,5 +325,33 @@ impl Metrics {
         // Encoding gathered families into a Vec cannot fail.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_memory_is_exported_only_on_cuda() {
+        let m = Metrics::new();
+        let text = m.render(None, None, None);
+        assert!(!text.contains("moe_vram_bytes{"), "{text}");
+        let usage = VramUsage {
+            cap_bytes: 7 << 30,
+            held_bytes: 5 << 30,
+            live_bytes: 3 << 30,
+            peak_live_bytes: 4 << 30,
+        };
+        let text = m.render(None, None, Some(usage));
+        for (kind, bytes) in [
+            ("budget", 7u64 << 30),
+            ("held", 5 << 30),
+            ("live", 3 << 30),
+            ("peak_live", 4 << 30),
+        ] {
+            let line = format!("moe_vram_bytes{{kind=\"{kind}\"}} {bytes}");
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+        }
     }
 }

@@ -420,9 +420,10 @@ async fn model_by_id(State(app): State<Arc<App>>, Path(id): Path<String>) -> Res
 async fn metrics_route(State(app): State<Arc<App>>) -> Response {
     let engine = app.engine.get();
     let stats = engine.map(|e| e.model.decoder.store().stats().per_layer);
+    let vram = engine.and_then(|e| e.model.decoder.cuda().map(|d| d.backend.vram_usage()));
     let body = app
         .metrics
-        .render(stats.as_deref(), engine.map(|e| e.batcher.counters()));
+        .render(stats.as_deref(), engine.map(|e| e.batcher.counters()), vram);
     (
         [(
             header::CONTENT_TYPE,
