@@ -1,17 +1,20 @@
 //! The device interface the CUDA backend drives ([`Gpu`]: device memory, copies, kernel launches
-//! by name with their argument lists, all on one ordered stream) and the one accounting
-//! allocator every device buffer comes from ([`Vram`], [`DevBuf`]).
+//! by name with their argument lists, a compute and a copy stream with events between them,
+//! pinned host buffers, the prefill GEMM) and the one accounting allocator every device buffer
+//! comes from ([`Vram`], [`DevBuf`]).
 //!
 //! Two implementations stand behind [`Gpu`]: the CUDA driver (`driver.rs`) and the mock device
-//! (`mock.rs`: host memory, each launch running the CPU twin of the named kernel), so every
-//! host-side part of the CUDA path (allocation, offsets, argument lists, copies) runs on machines
-//! without a GPU.
+//! (`mock.rs`: host memory, each launch running the CPU twin of the named kernel, the streams'
+//! ordering rules checked), so every host-side part of the CUDA path (allocation, offsets,
+//! argument lists, copies, events) runs on machines without a GPU.
 //!
 //! Invariants: every device allocation of the backend goes through [`Vram::alloc`], whose
 //! `cap_bytes` is a hard limit (buffers kept for reuse count against it and are released first
-//! when an allocation would pass it); a [`DevBuf`] returns its bytes when dropped; operations are
-//! executed in the order they are issued; a launch names a registered kernel and passes exactly
-//! the parameters its source declares, in order.
+//! when an allocation would pass it); a [`DevBuf`] returns its bytes when dropped, and a kept
+//! buffer the copy stream is to write waits for the compute work issued before it (expert
+//! slots, `store::CudaTier`, then keep their memory with its last-use event); work on one stream executes in the order it is issued, and only
+//! events order the two streams; a launch names a registered kernel and passes exactly the
+//! parameters its source declares, in order.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -65,7 +68,8 @@ pub trait Gpu: Send + Sync {
     fn alloc(&self, bytes: usize) -> Result<DevPtr>;
     /// Returns an allocation made by [`Gpu::alloc`] (after the work issued so far that uses it).
     fn free(&self, ptr: DevPtr);
-    /// Host to device, complete when it returns.
+    /// Host to device on the compute stream (ordered before everything issued after it);
+    /// `src` may be reused as soon as it returns.
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()>;
     /// Device to host, after every operation issued before it.
     fn dtoh(&self, src: DevPtr, dst: &mut [u8]) -> Result<()>;
