@@ -160,8 +160,9 @@ fn the_mock_runs_the_kernels_and_a_too_small_budget_fails_cleanly() {
         mock.launched().contains(&"gemm"),
         "no GEMM for a long prefill"
     );
-    // Experts ran in VRAM slots: rows gathered there and summed there.
-    for k in ["gather_rows_f32", "moe_sum_f32"] {
+    // Experts ran in VRAM slots, a decode step's as one group: rows gathered, the grouped
+    // matvecs, one ordered sum.
+    for k in ["gather_rows_f32", "matvec_grouped_f32", "moe_sum_rows_f32"] {
         assert!(launched.contains(&k), "{k} was not launched");
     }
     let stats = cuda.decoder.store().stats();

@@ -114,6 +114,15 @@ enum Buf {
     Bytes(Vec<u8>),
     /// A table of device addresses (u64): buffer index and byte offset, resolved per device.
     Addrs(Vec<(usize, usize)>),
+    /// A table of u64 words, each a device address (resolved per device) or a number.
+    Table(Vec<W>),
+}
+
+/// One word of a [`Buf::Table`].
+#[derive(Clone, Copy)]
+enum W {
+    Addr(usize, usize),
+    Val(u64),
 }
 
 /// One kernel argument.
@@ -157,6 +166,7 @@ fn execute(gpu: &dyn Gpu, case: &Case) -> Result<Vec<Vec<u8>>, String> {
         .map(|b| match b {
             Buf::Bytes(v) => v.len(),
             Buf::Addrs(a) => a.len() * 8,
+            Buf::Table(t) => t.len() * 8,
         })
         .collect();
     let mut ptrs: Vec<DevPtr> = Vec::new();
@@ -170,6 +180,13 @@ fn execute(gpu: &dyn Gpu, case: &Case) -> Result<Vec<Vec<u8>>, String> {
                 Buf::Addrs(a) => a
                     .iter()
                     .flat_map(|&(j, off)| (ptrs[j] + off as u64).to_le_bytes())
+                    .collect(),
+                Buf::Table(t) => t
+                    .iter()
+                    .flat_map(|w| match *w {
+                        W::Addr(j, off) => (ptrs[j] + off as u64).to_le_bytes(),
+                        W::Val(v) => v.to_le_bytes(),
+                    })
                     .collect(),
             };
             if !bytes.is_empty() {
@@ -527,11 +544,13 @@ fn cases() -> Vec<Case> {
     embed_cases(&mut rng, &mut v);
     dequant_cases(&mut rng, &mut v);
     matvec_cases(&mut rng, &mut v);
+    grouped_matvec_cases(&mut rng, &mut v);
     norm_and_rope_cases(&mut rng, &mut v);
     elementwise_cases(&mut rng, &mut v);
     kv_store_cases(&mut rng, &mut v);
     attention_cases(&mut rng, &mut v);
     moe_cases(&mut rng, &mut v);
+    moe_sum_rows_cases(&mut rng, &mut v);
     deltanet_cases(&mut rng, &mut v);
     v
 }
@@ -694,6 +713,59 @@ fn matvec_cases(rng: &mut Rng, v: &mut Vec<Case>) {
                 A::Buf(1),
                 A::Buf(2),
                 A::U32(m as u32),
+                A::U32(n as u32),
+                A::U32(k as u32),
+            ],
+            checks: vec![(2, Cmp::Norm(MATVEC_REL_TOL))],
+        });
+    }
+}
+
+/// Grouped matvecs: per weight type, three experts' weights (own buffers) with 1, 3 and 8
+/// activation rows, one launch; each entry equals the single-weight kernel's result.
+fn grouped_matvec_cases(rng: &mut Rng, v: &mut Vec<Case>) {
+    let shapes: &[(&'static str, &str, usize, usize)] = &[
+        ("matvec_grouped_f32", "f32", 37, 1027),
+        ("matvec_grouped_bf16", "bf16", 29, 1001),
+        ("matvec_grouped_f16", "f16", 33, 1016),
+        ("matvec_grouped_q8_0", "q8_0", 37, 928),
+        ("matvec_grouped_q4_k", "q4_k", 21, 1280),
+        ("matvec_grouped_f8", "f8", 27, 1152),
+        ("matvec_grouped_nf4", "nf4", 19, 448),
+        ("matvec_grouped_fp4", "fp4", 43, 1088),
+    ];
+    let rows = [1usize, 3, 8];
+    let total: usize = rows.iter().sum();
+    for &(kernel, suffix, n, k) in shapes {
+        // Buffers: 0 the table, 1 x, 2 out, 3.. the weights.
+        let mut table = Vec::new();
+        let mut at = 0;
+        for (e, &m) in rows.iter().enumerate() {
+            table.extend([
+                W::Addr(3 + e, 0),
+                W::Addr(1, at * k * 4),
+                W::Addr(2, at * n * 4),
+                W::Val(m as u64),
+            ]);
+            at += m;
+        }
+        let mut bufs = vec![
+            Buf::Table(table),
+            Buf::Bytes(le_f32(&rng.vec(total * k, 1.0))),
+            Buf::Bytes(vec![0; total * n * 4]),
+        ];
+        for _ in &rows {
+            bufs.push(Buf::Bytes(weight_bytes(rng, suffix, n, k, false)));
+        }
+        v.push(Case {
+            name: format!("{kernel} rows {rows:?} n {n} k {k}"),
+            kernel,
+            grid: [n.div_ceil(8) as u32, rows.len() as u32, 1],
+            bufs,
+            args: vec![
+                A::Buf(0),
+                A::Buf(1),
+                A::Buf(2),
                 A::U32(n as u32),
                 A::U32(k as u32),
             ],
@@ -1062,6 +1134,41 @@ fn moe_cases(rng: &mut Rng, v: &mut Vec<Case>) {
             A::Buf(2),
             A::Buf(3),
             A::U32(n as u32),
+            A::U32(hidden as u32),
+        ],
+        checks: vec![(0, Cmp::Exact)],
+    });
+}
+
+/// The layer's ordered expert sum: 6 token rows, 5 expert rows, rows listing 0 to 2 entries.
+fn moe_sum_rows_cases(rng: &mut Rng, v: &mut Vec<Case>) {
+    let (rows, hidden) = (6usize, 700usize);
+    let lists: [&[u32]; 6] = [&[0, 3], &[], &[1], &[4, 2, 0], &[3], &[]];
+    let mut start = vec![0u32];
+    let mut entries = Vec::new();
+    for l in lists {
+        entries.extend_from_slice(l);
+        start.push(entries.len() as u32);
+    }
+    let n_y = 5;
+    v.push(Case {
+        name: format!("moe_sum_rows_f32 {rows} rows x {hidden}, {n_y} expert rows"),
+        kernel: "moe_sum_rows_f32",
+        grid: [rows as u32, blocks_for(hidden), 1],
+        bufs: vec![
+            Buf::Bytes(le_f32(&rng.vec(rows * hidden, 2.0))),
+            Buf::Bytes(le_u32(&start)),
+            Buf::Bytes(le_u32(&entries)),
+            Buf::Bytes(le_f32(&rng.vec(n_y, 1.0))),
+            Buf::Bytes(le_f32(&rng.vec(n_y * hidden, 3.0))),
+        ],
+        args: vec![
+            A::Buf(0),
+            A::Buf(1),
+            A::Buf(2),
+            A::Buf(3),
+            A::Buf(4),
+            A::U32(rows as u32),
             A::U32(hidden as u32),
         ],
         checks: vec![(0, Cmp::Exact)],

@@ -380,3 +380,91 @@ matvec_fp4(const float* __restrict__ x, const unsigned char* __restrict__ w,
     __syncthreads();
     mv_entry<FP4>(x, w, out, m, n, k, table);
 }
+
+// Grouped decode matvec: the experts of one layer in one launch. Block row y takes entry y of
+// `table` (four 64-bit words per entry: the addresses of the weight, of the entry's first
+// activation row and of its first output row, and its row count m, at most 8: the host splits
+// an expert's rows into entries of up to 8): out_y[r, :] = x_y[r, :] · W_yᵀ for its m rows,
+// exactly as the single-weight kernel computes a group of m rows (the same body, so the same
+// order and results). `x` and `out` name the buffers the entries point into.
+// Launch: block = 256 threads, grid = (ceil(n / 8), entries). Requirements the host checks:
+// those of the single-weight kernel for every entry (each x_y 16-byte aligned for the block
+// formats: whole rows of k into x, k a multiple of the block size), 1 <= m <= 8,
+// entries <= 65 535.
+// Twin: `moe_kernels::matmul` per entry, as the single-weight kernels.
+template <Format F>
+__device__ __forceinline__ void mv_grouped(const unsigned long long* __restrict__ table,
+                                           unsigned n, unsigned k, const float* tab = nullptr) {
+    const unsigned long long* e = table + 4 * (size_t)blockIdx.y;
+    unsigned lane = threadIdx.x & 31;
+    unsigned j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (j >= n) return;
+    const float* x = (const float*)__ldg(e + 1);
+    const void* w = (const void*)__ldg(e);
+    float* o = (float*)__ldg(e + 2);
+    switch ((unsigned)__ldg(e + 3)) {
+    case 1: mv_body<F, 1>(x, w, o, n, k, j, lane, tab); break;
+    case 2: mv_body<F, 2>(x, w, o, n, k, j, lane, tab); break;
+    case 3: mv_body<F, 3>(x, w, o, n, k, j, lane, tab); break;
+    case 4: mv_body<F, 4>(x, w, o, n, k, j, lane, tab); break;
+    case 5: mv_body<F, 5>(x, w, o, n, k, j, lane, tab); break;
+    case 6: mv_body<F, 6>(x, w, o, n, k, j, lane, tab); break;
+    case 7: mv_body<F, 7>(x, w, o, n, k, j, lane, tab); break;
+    case 8: mv_body<F, 8>(x, w, o, n, k, j, lane, tab); break;
+    default: break;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+matvec_grouped_f32(const unsigned long long* __restrict__ table, const float* __restrict__ x,
+                   float* __restrict__ out, unsigned n, unsigned k) {
+    mv_grouped<F32>(table, n, k);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+matvec_grouped_bf16(const unsigned long long* __restrict__ table, const float* __restrict__ x,
+                    float* __restrict__ out, unsigned n, unsigned k) {
+    mv_grouped<BF16>(table, n, k);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+matvec_grouped_f16(const unsigned long long* __restrict__ table, const float* __restrict__ x,
+                   float* __restrict__ out, unsigned n, unsigned k) {
+    mv_grouped<F16>(table, n, k);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+matvec_grouped_q8_0(const unsigned long long* __restrict__ table, const float* __restrict__ x,
+                    float* __restrict__ out, unsigned n, unsigned k) {
+    mv_grouped<Q8_0>(table, n, k);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+matvec_grouped_q4_k(const unsigned long long* __restrict__ table, const float* __restrict__ x,
+                    float* __restrict__ out, unsigned n, unsigned k) {
+    mv_grouped<Q4_K>(table, n, k);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+matvec_grouped_f8(const unsigned long long* __restrict__ table, const float* __restrict__ x,
+                  float* __restrict__ out, unsigned n, unsigned k) {
+    mv_grouped<F8>(table, n, k);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+matvec_grouped_nf4(const unsigned long long* __restrict__ table, const float* __restrict__ x,
+                   float* __restrict__ out, unsigned n, unsigned k) {
+    __shared__ float tab[16];
+    if (threadIdx.x < 16) tab[threadIdx.x] = __uint_as_float(NF4_BITS[threadIdx.x]);
+    __syncthreads();
+    mv_grouped<NF4>(table, n, k, tab);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+matvec_grouped_fp4(const unsigned long long* __restrict__ table, const float* __restrict__ x,
+                   float* __restrict__ out, unsigned n, unsigned k) {
+    __shared__ float tab[16];
+    if (threadIdx.x < 16) tab[threadIdx.x] = __uint_as_float(FP4_BITS[threadIdx.x]);
+    __syncthreads();
+    mv_grouped<FP4>(table, n, k, tab);
+}

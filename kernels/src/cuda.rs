@@ -97,6 +97,14 @@ pub const SOURCES: &[CudaSource] = &[
             "matvec_f8",
             "matvec_nf4",
             "matvec_fp4",
+            "matvec_grouped_f32",
+            "matvec_grouped_bf16",
+            "matvec_grouped_f16",
+            "matvec_grouped_q8_0",
+            "matvec_grouped_q4_k",
+            "matvec_grouped_f8",
+            "matvec_grouped_nf4",
+            "matvec_grouped_fp4",
         ],
     },
     CudaSource {
@@ -130,7 +138,7 @@ pub const SOURCES: &[CudaSource] = &[
     CudaSource {
         file: "moe_sum.cu",
         source: include_str!("../cuda/moe_sum.cu"),
-        kernels: &["moe_sum_f32"],
+        kernels: &["moe_sum_f32", "moe_sum_rows_f32"],
     },
     CudaSource {
         file: "deltanet.cu",

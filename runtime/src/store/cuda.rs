@@ -1,8 +1,11 @@
 //! The CUDA device tier: expert slots in VRAM (allocated from the backend's accounting
 //! allocator, so the VRAM budget covers them), filled with an expert's bytes exactly as the host
 //! buffer holds them, and experts computed there on the layer's device-resident activations
-//! ([`CudaFrame`]); experts the store leaves on the host are computed there and their outputs
-//! added on the device in the same ascending expert order.
+//! ([`CudaFrame`]: it collects the layer's experts and issues them together when the layer's
+//! policy pass ends, so a decode step takes a handful of launches); experts the store leaves on
+//! the host are computed there and their outputs added on the device in the same ascending
+//! expert order. A slot's last use is the layer's event, set when its kernels are issued; slot
+//! memory whose readers are not issued yet is not reused.
 //!
 //! The copy engine: an expert's bytes go from the host buffer into one of a ring of pinned
 //! staging buffers, then by an asynchronous copy on the copy stream into the slot, beside the
@@ -36,7 +39,7 @@ use super::device::{DeviceTier, Frame};
 use super::layout::GateUp;
 use super::{ExpertBatch, ExpertBuf, ExpertLayout, ExpertStore, TieredStore};
 use crate::backend::cuda::gpu::{Event, HostBuf, Stream};
-use crate::backend::cuda::{DevBuf, DeviceExpert, Gpu, Vram};
+use crate::backend::cuda::{DevBuf, DeviceExpert, ExpertWork, Gpu, Vram};
 use crate::backend::{Activations, Backend, Cuda};
 use crate::error::{Error, Result};
 use crate::weights::Dtype;
@@ -96,10 +99,40 @@ impl Drop for CudaSlot {
 /// buffer a copy reads until it completed.
 pub type CudaTicket = Arc<Completion>;
 
-/// An event, and what must outlive the work before it.
+/// An event, and what must outlive the work before it. An expert's kernels are issued when the
+/// layer's frame finishes, so its completion's event is set then.
 pub struct Completion {
-    event: Event,
+    event: std::sync::OnceLock<Arc<Event>>,
     _reads: Option<Arc<ExpertBuf>>,
+}
+
+impl Completion {
+    fn of(event: Event, reads: Option<Arc<ExpertBuf>>) -> Arc<Completion> {
+        let c = Completion {
+            event: std::sync::OnceLock::new(),
+            _reads: reads,
+        };
+        let _ = c.event.set(Arc::new(event));
+        Arc::new(c)
+    }
+
+    fn pending() -> Arc<Completion> {
+        Arc::new(Completion {
+            event: std::sync::OnceLock::new(),
+            _reads: None,
+        })
+    }
+
+    fn done(&self) -> bool {
+        self.event.get().is_some_and(|e| e.done().unwrap_or(false))
+    }
+
+    fn sync(&self) -> Result<()> {
+        match self.event.get() {
+            Some(e) => e.sync(),
+            None => Err(Error::Internal("waited for work never issued".into())),
+        }
+    }
 }
 
 /// Freed pinned buffers a pool keeps for reuse (pinning memory is slow: experts of one model
@@ -207,7 +240,7 @@ impl CudaTier {
             .map_err(|_| Error::Internal("the staging ring is closed".into()))?;
         let done = (|| {
             if let Some(busy) = st.busy.take() {
-                busy.event.sync()?;
+                busy.sync()?;
             }
             if st.buf.as_ref().is_none_or(|b| b.bytes() < bytes.len()) {
                 st.buf = None;
@@ -216,10 +249,7 @@ impl CudaTier {
             let host = st.buf.as_ref().expect("allocated above");
             self.gpu.host_write(host.id(), bytes)?;
             self.gpu.copy_async(dst.ptr(), host.id(), bytes.len())?;
-            let ready = Arc::new(Completion {
-                event: Event::record(&self.gpu, Stream::Copy)?,
-                _reads: None,
-            });
+            let ready = Completion::of(Event::record(&self.gpu, Stream::Copy)?, None);
             st.busy = Some(ready.clone());
             Ok(ready)
         })();
@@ -235,8 +265,12 @@ impl DeviceTier for CudaTier {
     fn alloc(&self, bytes: usize) -> Result<CudaSlot> {
         let reused = {
             let mut r = self.recycled.lock();
+            // Memory whose last readers are not issued yet (its layer is still collecting
+            // experts) waits until they are: only then is there an event to order a copy after.
             r.iter()
-                .position(|(b, _)| b.bytes() >= bytes)
+                .position(|(b, last)| {
+                    b.bytes() >= bytes && last.as_ref().is_none_or(|t| t.event.get().is_some())
+                })
                 .map(|i| r.swap_remove(i))
         };
         let (buf, last, fresh) = match reused {
@@ -273,16 +307,20 @@ impl DeviceTier for CudaTier {
             self.gpu.wait_event(Stream::Copy, issued.id())?;
             dst.fresh = false;
         } else if let Some(last) = dst.last_use.get_mut().take() {
-            self.gpu.wait_event(Stream::Copy, last.event.id())?;
+            match last.event.get() {
+                Some(e) => self.gpu.wait_event(Stream::Copy, e.id())?,
+                // Never issued (its layer failed first): wait for all compute so far.
+                None => {
+                    let issued = Event::record(&self.gpu, Stream::Compute)?;
+                    self.gpu.wait_event(Stream::Copy, issued.id())?;
+                }
+            }
         }
         let ready = match src.pinned() {
             // Already in pinned memory: straight to the device; the ticket keeps it alive.
             Some(host) => {
                 self.gpu.copy_async(dst.buf().ptr(), host, bytes.len())?;
-                Arc::new(Completion {
-                    event: Event::record(&self.gpu, Stream::Copy)?,
-                    _reads: Some(src.clone()),
-                })
+                Completion::of(Event::record(&self.gpu, Stream::Copy)?, Some(src.clone()))
             }
             None => self.stage_and_copy(bytes, dst.buf())?,
         };
@@ -292,11 +330,11 @@ impl DeviceTier for CudaTier {
     }
 
     fn wait(&self, ticket: &CudaTicket) -> Result<()> {
-        ticket.event.sync()
+        ticket.sync()
     }
 
     fn is_done(&self, ticket: &CudaTicket) -> bool {
-        ticket.event.done().unwrap_or(false)
+        ticket.done()
     }
 
     fn host_memory(&self) -> Option<Arc<PinnedPool>> {
@@ -322,13 +360,65 @@ impl DeviceTier for CudaTier {
     }
 }
 
-/// A layer's input and output on the CUDA device (see [`Frame`]).
+/// A layer's input and output on the CUDA device (see [`Frame`]). Experts are collected in the
+/// order the store hands them over and run together when the frame finishes
+/// ([`CudaFrame::finish`]), so a decode step's experts take a handful of launches.
 pub struct CudaFrame<'a> {
     cuda: &'a Cuda,
     x: &'a DevBuf,
     out: DevBuf,
     hidden: usize,
     x_host: Option<Vec<f32>>,
+    work: Vec<Pending>,
+}
+
+/// One expert of the layer, collected.
+struct Pending {
+    rows: Vec<usize>,
+    weights: Vec<f32>,
+    /// Its matrices in VRAM and the completion its slot waits for, or its host output.
+    on: Result<(DeviceExpert, CudaTicket), Vec<f32>>,
+}
+
+impl CudaFrame<'_> {
+    /// Issues every collected expert (see [`Cuda::experts_add`]), then records the event each
+    /// device expert's completion (its slot's last use) waits for; returns the output.
+    fn finish(mut self) -> Result<DevBuf> {
+        let work: Vec<ExpertWork<'_>> = self
+            .work
+            .iter()
+            .map(|p| match &p.on {
+                Ok((expert, _)) => ExpertWork::Device {
+                    expert: *expert,
+                    rows: &p.rows,
+                    weights: &p.weights,
+                },
+                Err(y) => ExpertWork::Host {
+                    y,
+                    rows: &p.rows,
+                    weights: &p.weights,
+                },
+            })
+            .collect();
+        if !work.is_empty() {
+            self.cuda.experts_add(self.x, self.hidden, &work, &self.out);
+        }
+        let pending: Vec<&CudaTicket> = self
+            .work
+            .iter()
+            .filter_map(|p| p.on.as_ref().ok().map(|(_, t)| t))
+            .collect();
+        if !pending.is_empty() {
+            let gpu = self.cuda.gpu().clone();
+            // One event for the whole layer, shared by its experts' completions.
+            let issued = Arc::new(Event::record(&gpu, Stream::Compute)?);
+            for t in pending {
+                let _ = t.event.set(issued.clone());
+            }
+        }
+        self.work.clear();
+        Ok(std::mem::replace(&mut self.out, self.cuda.zeros(0)))
+    }
 }
 
 impl Frame<CudaTier> for CudaFrame<'_> {
@@ -342,12 +432,20 @@ impl Frame<CudaTier> for CudaFrame<'_> {
     }
 
     fn add_host(&mut self, batch: &ExpertBatch, y: &[f32]) -> Result<()> {
-        self.cuda
-            .add_weighted_host_rows(&self.out, &batch.rows, &batch.weights, y, self.hidden);
+        self.work.push(Pending {
+            rows: batch.rows.clone(),
+            weights: batch.weights.clone(),
+            on: Err(y.to_vec()),
+        });
         Ok(())
     }
 
-    fn ffn(&mut self, tier: &CudaTier, slot: &CudaSlot, batch: &ExpertBatch) -> Result<CudaTicket> {
+    fn ffn(
+        &mut self,
+        _tier: &CudaTier,
+        slot: &CudaSlot,
+        batch: &ExpertBatch,
+    ) -> Result<CudaTicket> {
         let layout = slot
             .layout
             .ok_or_else(|| Error::Internal("an expert slot used before its copy".into()))?;
@@ -376,20 +474,15 @@ impl Frame<CudaTier> for CudaFrame<'_> {
                 ))
             }
         };
-        self.cuda.expert_ffn_add(
-            self.x,
-            self.hidden,
-            &batch.rows,
-            &batch.weights,
-            &e,
-            &self.out,
-        );
-        // The slot's last use: its memory is overwritten only after these kernels.
-        let used = Arc::new(Completion {
-            event: Event::record(&tier.gpu, Stream::Compute)?,
-            _reads: None,
-        });
+        // The slot's last use: its memory is overwritten only after the layer's kernels, whose
+        // event this completion receives when the frame finishes.
+        let used = Completion::pending();
         *slot.last_use.lock() = Some(used.clone());
+        self.work.push(Pending {
+            rows: batch.rows.clone(),
+            weights: batch.weights.clone(),
+            on: Ok((e, used.clone())),
+        });
         Ok(used)
     }
 }
@@ -412,9 +505,13 @@ impl ExpertStore<Cuda> for TieredStore<CudaTier> {
             out: b.zeros(x.bytes() / 4),
             hidden,
             x_host: None,
+            work: Vec::new(),
         };
-        self.compute_frame(layer, batches, &mut frame, hidden)?;
-        Ok(frame.out)
+        let computed = self.compute_frame(layer, batches, &mut frame, hidden);
+        // Issued even after a failure, so every slot's last use gets its event.
+        let out = frame.finish();
+        computed?;
+        out
     }
 }
 

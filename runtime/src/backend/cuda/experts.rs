@@ -1,11 +1,15 @@
-//! Experts on the device: one expert's FFN over the rows routed to it, with its matrices in a
-//! VRAM slot ([`Cuda::expert_ffn_add`]), and the ordered sum of expert outputs into the layer's
-//! output, for experts computed there or on the host ([`Cuda::add_weighted_host_rows`]).
+//! Experts on the device: a layer's experts, with their matrices in VRAM slots or their outputs
+//! computed on the host, added into the layer's output in ascending expert order
+//! ([`Cuda::experts_add`]). A decode step (every device expert at most 8 rows) runs as one
+//! gather, one grouped matvec per matrix and weight type (`matvec_grouped_*`, a table of
+//! weight / input / output addresses), one activation and one ordered sum over all experts
+//! (`moe_sum_rows_f32`); larger batches run expert after expert ([`Cuda::expert_ffn_add`],
+//! [`Cuda::add_weighted_host_rows`]).
 //!
 //! Invariants: the FFN is the host's (`store::expert_ffn_rows`): the same products in the same
-//! order, so it equals the host's bit for bit on the mock device; outputs are added by
-//! `moe_sum_f32`, launched once per expert in the order the store calls (ascending expert
-//! order), never with atomics; routed rows are checked against the layer's row count first.
+//! order, so it equals the host's bit for bit on the mock device; every output element
+//! receives its experts' terms in the order given, one rounded multiply and add each, never
+//! with atomics; routed rows are checked against the layer's row count first.
 
 use super::{col_blocks, u32_of, Cuda, DevBuf, DevPtr, KArg};
 use crate::backend::{Backend, Glu};
@@ -122,5 +126,273 @@ impl Cuda {
         self.glu(&g, &mut u, e.glu);
         let y = self.matvec(&u, m, e.down.0, e.down.1, inter, hidden);
         self.moe_sum(out, &idx, weights, &y, hidden);
+    }
+}
+
+/// One expert of a layer for [`Cuda::experts_add`], in the order its output is to be added.
+pub enum ExpertWork<'a> {
+    /// Computed here from its matrices in VRAM.
+    Device {
+        expert: DeviceExpert,
+        rows: &'a [usize],
+        weights: &'a [f32],
+    },
+    /// Computed on the host: its unweighted output `[rows, hidden]`.
+    Host {
+        y: &'a [f32],
+        rows: &'a [usize],
+        weights: &'a [f32],
+    },
+}
+
+/// Rows one grouped matvec entry covers (the kernels' `MV_MAX_ROWS`).
+const GROUP_ROWS: usize = 8;
+
+impl Cuda {
+    /// `out[r] += w_r * ffn_e(x_r)` for every expert of a layer, added in the order given
+    /// (ascending expert order). With every device expert at most 8 rows (decode), the layer
+    /// runs as one gather, one grouped matvec per matrix and weight type, one activation and
+    /// one ordered sum for all experts; otherwise expert after expert.
+    pub fn experts_add(&self, x: &DevBuf, hidden: usize, work: &[ExpertWork<'_>], out: &DevBuf) {
+        let grouped = work.iter().all(|w| match w {
+            ExpertWork::Device { rows, .. } => rows.len() <= GROUP_ROWS,
+            ExpertWork::Host { .. } => true,
+        });
+        if !grouped {
+            for w in work {
+                match w {
+                    ExpertWork::Device {
+                        expert,
+                        rows,
+                        weights,
+                    } => self.expert_ffn_add(x, hidden, rows, weights, expert, out),
+                    ExpertWork::Host { y, rows, weights } => {
+                        self.add_weighted_host_rows(out, rows, weights, y, hidden)
+                    }
+                }
+            }
+            return;
+        }
+        self.experts_grouped(x, hidden, work, out);
+    }
+
+    fn experts_grouped(&self, x: &DevBuf, hidden: usize, work: &[ExpertWork<'_>], out: &DevBuf) {
+        let dev: Vec<(&DeviceExpert, &[usize])> = work
+            .iter()
+            .filter_map(|w| match w {
+                ExpertWork::Device { expert, rows, .. } => Some((expert, *rows)),
+                ExpertWork::Host { .. } => None,
+            })
+            .collect();
+        let dev_rows: usize = dev.iter().map(|(_, r)| r.len()).sum();
+        let host_rows: usize = work
+            .iter()
+            .map(|w| match w {
+                ExpertWork::Host { rows, .. } => rows.len(),
+                ExpertWork::Device { .. } => 0,
+            })
+            .sum();
+        // Every expert's output rows, device ones first, then the host ones, in work order.
+        let y = self.f32_buf((dev_rows + host_rows) * hidden);
+        if let Some(&(first, _)) = dev.first() {
+            let inter = first.inter;
+            if dev
+                .iter()
+                .any(|(e, _)| e.inter != inter || e.up.is_some() != first.up.is_some())
+            {
+                self.refuse("the experts of one layer differ in shape".into());
+                return;
+            }
+            let all_rows: Vec<usize> = dev.iter().flat_map(|(_, r)| r.iter().copied()).collect();
+            let Some(idx) = self.row_indices(&all_rows, x, hidden) else {
+                return;
+            };
+            let xs = self.f32_buf(dev_rows * hidden);
+            self.launch(
+                "gather_rows_f32",
+                [u32_of(dev_rows), col_blocks(hidden), 1],
+                &[
+                    x.arg(),
+                    idx.arg(),
+                    KArg::U32(u32_of(dev_rows)),
+                    KArg::U32(u32_of(hidden)),
+                    xs.arg(),
+                ],
+            );
+            let mats = |pick: &dyn Fn(&DeviceExpert) -> (DevPtr, Dtype),
+                        input: &DevBuf,
+                        k: usize,
+                        output: &DevBuf,
+                        n: usize| {
+                let mut at = 0;
+                let mut entries: Vec<(Dtype, [u64; 4])> = Vec::new();
+                for (e, rows) in &dev {
+                    let (w, dtype) = pick(e);
+                    for r0 in (0..rows.len()).step_by(GROUP_ROWS) {
+                        let m = (rows.len() - r0).min(GROUP_ROWS);
+                        entries.push((
+                            dtype,
+                            [
+                                w,
+                                input.at((at + r0) * k * 4),
+                                output.at((at + r0) * n * 4),
+                                m as u64,
+                            ],
+                        ));
+                    }
+                    at += rows.len();
+                }
+                self.grouped_matvec(&entries, input, output, n, k);
+            };
+            let (g, mut u) = match first.up {
+                Some(_) => {
+                    let (g, u) = (
+                        self.f32_buf(dev_rows * inter),
+                        self.f32_buf(dev_rows * inter),
+                    );
+                    mats(&|e| e.gate, &xs, hidden, &g, inter);
+                    mats(&|e| e.up.expect("checked above"), &xs, hidden, &u, inter);
+                    (g, u)
+                }
+                None => {
+                    let gu = self.f32_buf(dev_rows * 2 * inter);
+                    mats(&|e| e.gate, &xs, hidden, &gu, 2 * inter);
+                    self.split_halves(&gu, inter)
+                }
+            };
+            self.glu(&g, &mut u, first.glu);
+            mats(&|e| e.down, &u, inter, &y, hidden);
+        }
+        // The host experts' outputs after the device ones.
+        let host_y: Vec<f32> = work
+            .iter()
+            .flat_map(|w| match w {
+                ExpertWork::Host { y, .. } => y.iter().copied(),
+                ExpertWork::Device { .. } => [].iter().copied(),
+            })
+            .collect();
+        if !host_y.is_empty() && !self.faulted() {
+            let r = self
+                .gpu
+                .htod(y.at(dev_rows * hidden * 4), bytemuck::cast_slice(&host_y));
+            self.ok(r);
+        }
+        // Per token row, its entries in work order (ascending expert order).
+        let tokens = Self::n_f32(out) / hidden.max(1);
+        let mut lists: Vec<Vec<u32>> = vec![Vec::new(); tokens];
+        let mut w_all = vec![0f32; dev_rows + host_rows];
+        let (mut at_dev, mut at_host) = (0usize, dev_rows);
+        for w in work {
+            let (rows, weights, base) = match w {
+                ExpertWork::Device { rows, weights, .. } => {
+                    at_dev += rows.len();
+                    (rows, weights, at_dev - rows.len())
+                }
+                ExpertWork::Host { rows, weights, .. } => {
+                    at_host += rows.len();
+                    (rows, weights, at_host - rows.len())
+                }
+            };
+            for (i, (&r, &wt)) in rows.iter().zip(weights.iter()).enumerate() {
+                if r >= tokens {
+                    self.refuse(format!(
+                        "routed row {r} is past the {tokens} rows of the layer"
+                    ));
+                    return;
+                }
+                lists[r].push(u32_of(base + i));
+                w_all[base + i] = wt;
+            }
+        }
+        let mut start = Vec::with_capacity(tokens + 1);
+        let mut entries = Vec::with_capacity(w_all.len());
+        start.push(0u32);
+        for l in &lists {
+            entries.extend_from_slice(l);
+            start.push(u32_of(entries.len()));
+        }
+        if entries.is_empty() {
+            return;
+        }
+        let (start, entries, w_all) = (
+            self.upload(&start),
+            self.upload(&entries),
+            self.upload(&w_all),
+        );
+        self.launch(
+            "moe_sum_rows_f32",
+            [u32_of(tokens), col_blocks(hidden), 1],
+            &[
+                out.arg(),
+                start.arg(),
+                entries.arg(),
+                w_all.arg(),
+                y.arg(),
+                KArg::U32(u32_of(tokens)),
+                KArg::U32(u32_of(hidden)),
+            ],
+        );
+    }
+
+    /// One grouped matvec launch per weight type over `entries` (weight, input row, output
+    /// row, rows) reading `input` (`k` wide) and writing `output` (`n` wide).
+    fn grouped_matvec(
+        &self,
+        entries: &[(Dtype, [u64; 4])],
+        input: &DevBuf,
+        output: &DevBuf,
+        n: usize,
+        k: usize,
+    ) {
+        let mut dtypes: Vec<Dtype> = entries.iter().map(|(d, _)| *d).collect();
+        dtypes.dedup();
+        dtypes.sort_by_key(|d| d.name());
+        dtypes.dedup();
+        for dtype in dtypes {
+            if let Some((block, _)) = dtype.block() {
+                if !k.is_multiple_of(block) {
+                    self.refuse(format!(
+                        "a {} weight with rows of {k} values: not whole {block}-value blocks",
+                        dtype.name()
+                    ));
+                    return;
+                }
+            }
+            let table: Vec<u64> = entries
+                .iter()
+                .filter(|(d, _)| *d == dtype)
+                .flat_map(|(_, e)| e.iter().copied())
+                .collect();
+            for chunk in table.chunks(4 * MAX_GROUP_ENTRIES) {
+                let t = self.upload(chunk);
+                self.launch(
+                    grouped_kernel(dtype),
+                    [u32_of(n.div_ceil(8)), u32_of(chunk.len() / 4), 1],
+                    &[
+                        t.arg(),
+                        input.arg(),
+                        output.arg(),
+                        KArg::U32(u32_of(n)),
+                        KArg::U32(u32_of(k)),
+                    ],
+                );
+            }
+        }
+    }
+}
+
+/// Entries one grouped launch takes (the grid's y limit).
+const MAX_GROUP_ENTRIES: usize = 65535;
+
+fn grouped_kernel(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => "matvec_grouped_f32",
+        Dtype::Bf16 => "matvec_grouped_bf16",
+        Dtype::F16 => "matvec_grouped_f16",
+        Dtype::Q8_0 => "matvec_grouped_q8_0",
+        Dtype::Q4K => "matvec_grouped_q4_k",
+        Dtype::F8B128 => "matvec_grouped_f8",
+        Dtype::Nf4 => "matvec_grouped_nf4",
+        _ => "matvec_grouped_fp4",
     }
 }

@@ -208,6 +208,30 @@ impl MockGpu {
                 moe_kernels::row_to_f32(w, 0, n, &mut out);
                 self.write_f32(a.ptr(2), &out)
             }
+            k if k.starts_with("matvec_grouped_") => {
+                let dtype = dtype_of(k);
+                let entries = grid[1] as usize;
+                let (n, kk) = (a.u32(3) as usize, a.u32(4) as usize);
+                let table: Vec<u64> =
+                    bytemuck::pod_collect_to_vec(&self.read(a.ptr(0), entries * 32)?);
+                // The weights the table points to are read by this launch too.
+                let ws: Vec<DevPtr> = table.chunks_exact(4).map(|e| e[0]).collect();
+                self.compute_use(&format!("kernel {k} (its weights)"), &ws)?;
+                for e in table.chunks_exact(4) {
+                    let (w, xp, op, m) = (e[0], e[1], e[2], e[3] as usize);
+                    if !(1..=8).contains(&m) {
+                        return Err(fault(format!("{k}: an entry of {m} rows (1 to 8)")));
+                    }
+                    let x = self.read_f32(xp, m * kk)?;
+                    let words = self.read_typed(w, dtype, n * kk)?;
+                    let wt = weights_of(&words, dtype, n * kk);
+                    let mut out = vec![0f32; m * n];
+                    cpu::Input::new(&x, m, kk, crate::backend::Activations::F32, &[wt])
+                        .matmul(wt, n, &mut out, true);
+                    self.write_f32(op, &out)?;
+                }
+                Ok(())
+            }
             k if k.starts_with("matvec_") => {
                 let dtype = dtype_of(k);
                 let (m, n, kk) = (a.u32(3) as usize, a.u32(4) as usize, a.u32(5) as usize);
@@ -218,6 +242,26 @@ impl MockGpu {
                 cpu::Input::new(&x, m, kk, crate::backend::Activations::F32, &[w])
                     .matmul(w, n, &mut out, true);
                 self.write_f32(a.ptr(2), &out)
+            }
+            "moe_sum_rows_f32" => {
+                let (rows, hidden) = (a.u32(5) as usize, a.u32(6) as usize);
+                let start = self.read_u32(a.ptr(1), rows + 1)?;
+                let total = start[rows] as usize;
+                let entries = self.read_u32(a.ptr(2), total)?;
+                let n_y = entries.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
+                let w = self.read_f32(a.ptr(3), n_y)?;
+                let y = self.read_f32(a.ptr(4), n_y * hidden)?;
+                let mut out = self.read_f32(a.ptr(0), rows * hidden)?;
+                for r in 0..rows {
+                    let o = &mut out[r * hidden..(r + 1) * hidden];
+                    for &i in &entries[start[r] as usize..start[r + 1] as usize] {
+                        let i = i as usize;
+                        for (o, y) in o.iter_mut().zip(&y[i * hidden..(i + 1) * hidden]) {
+                            *o += y * w[i];
+                        }
+                    }
+                }
+                self.write_f32(a.ptr(0), &out)
             }
             "rms_norm_f32" => {
                 let (rows, width) = (a.u32(2) as usize, a.u32(3) as usize);

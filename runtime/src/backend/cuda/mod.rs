@@ -39,7 +39,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 pub use cubin::{Cubin, CubinCache};
-pub use experts::DeviceExpert;
+pub use experts::{DeviceExpert, ExpertWork};
 pub use gpu::{DevBuf, DevPtr, Gpu, Grid, KArg, Vram, VramUsage};
 pub use probe::{probe, CudaDevice};
 
