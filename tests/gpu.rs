@@ -527,16 +527,10 @@ fn blocks_for(n: usize) -> u32 {
 
 /// Every kernel of `moe_kernels::cuda::SOURCES` the backend launches has cases below; these
 /// do not, with why.
-const NOT_COVERED: &[(&str, &str)] = &[
-    (
-        "attention_merge_f32",
-        "the backend launches decode attention with one split",
-    ),
-    (
-        "route_softmax_topk_f32",
-        "routing runs the CPU rule on the host",
-    ),
-];
+const NOT_COVERED: &[(&str, &str)] = &[(
+    "route_softmax_topk_f32",
+    "routing runs the CPU rule on the host",
+)];
 
 fn cases() -> Vec<Case> {
     let mut rng = Rng(SEED);
@@ -1112,6 +1106,75 @@ fn attention_cases(rng: &mut Rng, v: &mut Vec<Case>) {
             checks: vec![(8, Cmp::Norm(ATTENTION_REL_TOL))],
         });
     }
+    // Long contexts: the positions split over 3 blocks per (row, KV head), each writing its
+    // softmax state, then merged in ascending order.
+    let (hd, splits, len) = (64usize, 3usize, 1400usize);
+    let kvr = nkv * hd;
+    let pos = [1399u32, 700];
+    let rows = pos.len();
+    let state = rows * nh * splits * (hd + 2);
+    v.push(Case {
+        name: format!("attention_decode_f32 {splits} splits over {len} positions"),
+        kernel: "attention_decode_f32",
+        grid: [rows as u32, nkv as u32, splits as u32],
+        bufs: vec![
+            Buf::Bytes(le_f32(&rng.vec(rows * nh * hd, 0.6))),
+            Buf::Bytes(le_f32(&rng.vec(len * kvr, 1.0))),
+            Buf::Bytes(le_f32(&rng.vec(len * kvr, 2.0))),
+            Buf::Addrs(vec![(1, 0), (1, 0)]),
+            Buf::Addrs(vec![(2, 0), (2, 0)]),
+            Buf::Bytes(le_u32(&pos)),
+            Buf::Bytes(vec![0; state * 4]),
+            Buf::Bytes(vec![0; rows * nh * hd * 4]),
+        ],
+        args: vec![
+            A::Buf(0),
+            A::Buf(3),
+            A::Buf(4),
+            A::Buf(5),
+            A::U32(0),
+            A::U32(nh as u32),
+            A::U32(nkv as u32),
+            A::U32(hd as u32),
+            A::F32((hd as f32).powf(-0.5)),
+            A::U32(splits as u32),
+            A::Buf(6),
+            A::Buf(7),
+        ],
+        checks: vec![(6, Cmp::Norm(ATTENTION_REL_TOL))],
+    });
+    // The merge alone, over states with a wide range of maxima and one empty split.
+    let mut part = Vec::with_capacity(state);
+    for i in 0..rows * nh {
+        for z in 0..splits {
+            if z == 2 && i % 3 == 0 {
+                part.push(f32::NEG_INFINITY);
+                part.push(0.0);
+                part.extend(std::iter::repeat_n(0.0, hd));
+            } else {
+                part.push(rng.vec(1, 8.0)[0]);
+                part.push(1.0 + rng.vec(1, 0.5)[0].abs() * 100.0);
+                part.extend(rng.vec(hd, 50.0));
+            }
+        }
+    }
+    v.push(Case {
+        name: format!("attention_merge_f32 {splits} splits"),
+        kernel: "attention_merge_f32",
+        grid: [rows as u32, nh as u32, 1],
+        bufs: vec![
+            Buf::Bytes(le_f32(&part)),
+            Buf::Bytes(vec![0; rows * nh * hd * 4]),
+        ],
+        args: vec![
+            A::Buf(0),
+            A::U32(splits as u32),
+            A::U32(nh as u32),
+            A::U32(hd as u32),
+            A::Buf(1),
+        ],
+        checks: vec![(1, Cmp::Norm(ATTENTION_REL_TOL))],
+    });
 }
 
 fn moe_cases(rng: &mut Rng, v: &mut Vec<Case>) {

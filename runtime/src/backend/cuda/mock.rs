@@ -454,6 +454,17 @@ impl MockGpu {
             "attention_decode_f32" | "attention_decode_bf16" | "attention_decode_f16" => {
                 self.attention_twin(kernel, grid, a)
             }
+            "attention_merge_f32" => {
+                let (splits, nh, hd) = (a.u32(1) as usize, a.u32(2) as usize, a.u32(3) as usize);
+                let rows = grid[0] as usize;
+                if grid[1] as usize != nh {
+                    return Err(fault(format!(
+                        "attention_merge_f32: grid {grid:?}, {nh} heads"
+                    )));
+                }
+                let part = self.read_f32(a.ptr(0), rows * nh * splits * (hd + 2))?;
+                self.write_f32(a.ptr(4), &merge_states(&part, splits, hd))
+            }
             "moe_sum_f32" => {
                 let (n, hidden) = (a.u32(4) as usize, a.u32(5) as usize);
                 let rows = self.read_u32(a.ptr(1), n)?;
@@ -483,10 +494,10 @@ impl MockGpu {
             a.u32(6) as usize,
             a.u32(7) as usize,
         );
-        let (scale, splits) = (a.f32(8), a.u32(9));
-        if splits != 1 || grid[2] != 1 || grid[1] as usize != nkv {
+        let (scale, splits) = (a.f32(8), a.u32(9) as usize);
+        if splits == 0 || grid[2] as usize != splits || grid[1] as usize != nkv {
             return Err(fault(format!(
-                "{kernel}: the twin runs one split (grid {grid:?}, splits {splits})"
+                "{kernel}: grid {grid:?} does not match {nkv} KV heads and {splits} splits"
             )));
         }
         let elem = match kernel {
@@ -515,6 +526,22 @@ impl MockGpu {
                 Ok(cpu::attention::decode_kv(elem, &bytes))
             };
             let (ck, cv) = (widen(kc[r])?, widen(vc[r])?);
+            if splits > 1 {
+                // Each split's softmax state over its run of positions, as the kernel writes it.
+                let chunk = n.div_ceil(splits);
+                for h in 0..nh {
+                    let kvh = h / group;
+                    let qh = &q[(r * nh + h) * hd..][..hd];
+                    for z in 0..splits {
+                        let lo = (z * chunk).min(n);
+                        let hi = (lo + chunk).min(n);
+                        let part = split_state(qh, &ck, &cv, kvr, kvh * hd, hd, lo..hi, scale);
+                        let at = a.ptr(10) + ((((r * nh + h) * splits) + z) * (hd + 2) * 4) as u64;
+                        self.write_f32(at, &part)?;
+                    }
+                }
+                continue;
+            }
             for kvh in 0..nkv {
                 let qg = &q[r * nh * hd + kvh * group * hd..][..group * hd];
                 let o = &mut out[r * nh * hd + kvh * group * hd..][..group * hd];
@@ -530,6 +557,10 @@ impl MockGpu {
                     o,
                 );
             }
+        }
+        if splits > 1 {
+            // With several splits the kernel writes only the states (merged by another launch).
+            return Ok(());
         }
         self.write_f32(a.ptr(11), &out)
     }
@@ -578,6 +609,66 @@ impl Order {
         }
         Ok(())
     }
+}
+
+/// One split's softmax state `[max, sum, weighted values (hd)]` of query head `q` over the
+/// cached positions `run` (`k`, `v` rows `kvr` apart, this head's values at `off`): the state
+/// `attention_decode_*` writes with several splits (max -inf and zeros for an empty run).
+#[allow(clippy::too_many_arguments)]
+fn split_state(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kvr: usize,
+    off: usize,
+    hd: usize,
+    run: std::ops::Range<usize>,
+    scale: f32,
+) -> Vec<f32> {
+    let scores: Vec<f32> = run
+        .clone()
+        .map(|t| {
+            let kt = &k[t * kvr + off..][..hd];
+            q.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * scale
+        })
+        .collect();
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut state = vec![0f32; hd + 2];
+    state[0] = max;
+    for (t, s) in run.zip(&scores) {
+        let e = (s - max).exp();
+        state[1] += e;
+        for (o, vt) in state[2..].iter_mut().zip(&v[t * kvr + off..][..hd]) {
+            *o += e * vt;
+        }
+    }
+    state
+}
+
+/// `attention_merge_f32`: the splits' states of every (row, head) merged in ascending order.
+fn merge_states(part: &[f32], splits: usize, hd: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(part.len() / splits / (hd + 2) * hd);
+    for states in part.chunks_exact(splits * (hd + 2)) {
+        let mx = states
+            .chunks_exact(hd + 2)
+            .map(|s| s[0])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut den = 0f32;
+        let mut num = vec![0f32; hd];
+        for s in states.chunks_exact(hd + 2) {
+            let f = if s[0] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (s[0] - mx).exp()
+            };
+            den += s[1] * f;
+            for (n, v) in num.iter_mut().zip(&s[2..]) {
+                *n += v * f;
+            }
+        }
+        out.extend(num.iter().map(|n| n / den));
+    }
+    out
 }
 
 /// The storage type a kernel's name ends in.

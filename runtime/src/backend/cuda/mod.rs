@@ -52,6 +52,26 @@ use crate::weights::{Dtype, TensorRef};
 /// Largest head_dim the attention kernel takes (`ATT_MAX_HEAD_DIM` in attention.cu).
 pub const ATTENTION_MAX_HEAD_DIM: usize = 256;
 
+/// Attended positions up to which decode attention runs as one block per (row, KV head); past
+/// it the positions are split over blocks and merged, so a long context keeps the GPU busy.
+const ATTENTION_SPLIT_FROM_POSITIONS: usize = 1024;
+/// Positions per split past [`ATTENTION_SPLIT_FROM_POSITIONS`].
+const ATTENTION_POSITIONS_PER_SPLIT: usize = 512;
+/// Most splits (enough blocks for every SM of a large GPU at one sequence and 4 KV heads).
+const ATTENTION_MAX_SPLITS: usize = 64;
+
+/// Splits of decode attention for a launch whose longest row attends to `positions`: from the
+/// context length alone (never from load or timing), so results do not vary between runs.
+fn attention_splits(positions: usize) -> usize {
+    if positions <= ATTENTION_SPLIT_FROM_POSITIONS {
+        1
+    } else {
+        positions
+            .div_ceil(ATTENTION_POSITIONS_PER_SPLIT)
+            .min(ATTENTION_MAX_SPLITS)
+    }
+}
+
 /// KV caches grow by whole multiples of this many positions: a copy per 256 new tokens, and at
 /// most 255 unused positions per cache.
 const KV_GROW_POSITIONS: usize = 256;
@@ -828,6 +848,8 @@ impl Backend for Cuda {
         let mut pos = Vec::with_capacity(rows);
         let mut row0 = 0;
         let mut attention = None;
+        // The most positions any row attends to: it alone decides the splits.
+        let mut longest = 0usize;
         for (&n, kv) in lens.iter().zip(caches.iter_mut()) {
             self.kv_reserve(kv, n, kvr);
             let (store, attend) = kv_kernels(kv.elem);
@@ -849,6 +871,11 @@ impl Backend for Cuda {
                 v_addr.push(kv.v.ptr());
                 pos.push(u32_of(kv.len + i));
             }
+            let attended = match shape.sliding_window {
+                Some(w) if w > 0 => (kv.len + n).min(w),
+                _ => kv.len + n,
+            };
+            longest = longest.max(attended);
             kv.len += n;
             row0 += n;
         }
@@ -866,9 +893,11 @@ impl Backend for Cuda {
         );
         let window = shape.sliding_window.filter(|&w| w > 0).map_or(0, u32_of);
         let scale = (hd as f32).powf(-0.5);
+        let splits = attention_splits(longest);
+        let partial = (splits > 1).then(|| self.f32_buf(rows * nh * splits * (hd + 2)));
         self.launch(
             kernel,
-            [u32_of(rows), u32_of(nkv), 1],
+            [u32_of(rows), u32_of(nkv), u32_of(splits)],
             &[
                 q.arg(),
                 k_addr.arg(),
@@ -879,11 +908,24 @@ impl Backend for Cuda {
                 KArg::U32(u32_of(nkv)),
                 KArg::U32(u32_of(hd)),
                 KArg::F32(scale),
-                KArg::U32(1),
-                KArg::Ptr(0),
+                KArg::U32(u32_of(splits)),
+                partial.as_ref().map_or(KArg::Ptr(0), DevBuf::arg),
                 out.arg(),
             ],
         );
+        if let Some(partial) = &partial {
+            self.launch(
+                "attention_merge_f32",
+                [u32_of(rows), u32_of(nh), 1],
+                &[
+                    partial.arg(),
+                    KArg::U32(u32_of(splits)),
+                    KArg::U32(u32_of(nh)),
+                    KArg::U32(u32_of(hd)),
+                    out.arg(),
+                ],
+            );
+        }
         out
     }
 
@@ -951,5 +993,56 @@ impl Backend for Cuda {
             self.store_f32(&st.ssm, &h.ssm);
         }
         self.upload(&out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampler::Rng;
+
+    fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn long_contexts_split_attention_and_stay_within_rounding_of_the_cpu() {
+        assert_eq!(attention_splits(ATTENTION_SPLIT_FROM_POSITIONS), 1);
+        assert_eq!(attention_splits(1500), 3);
+        assert_eq!(attention_splits(1 << 20), ATTENTION_MAX_SPLITS);
+        let (nh, nkv, hd) = (4usize, 2usize, 16usize);
+        let cuda = Cuda::mock(u64::MAX);
+        let cpu = Cpu::default();
+        let mut rng = Rng::new(7);
+        for (elem, window) in [(KvElem::F32, None), (KvElem::Bf16, Some(1200))] {
+            let shape = AttnShape {
+                num_heads: nh,
+                num_kv_heads: nkv,
+                head_dim: hd,
+                sliding_window: window,
+            };
+            let (mut kc, mut kg) = (cpu.kv_new(elem), cuda.kv_new(elem));
+            // A 1400-position prompt, then two decode steps: every step past the split point.
+            for n in [1400usize, 1, 1] {
+                let q = random(&mut rng, n * nh * hd);
+                let k = random(&mut rng, n * nkv * hd);
+                let v = random(&mut rng, n * nkv * hd);
+                let want = cpu.attend(&q, &k, &v, &[n], &mut [&mut kc], &shape);
+                let (qd, kd, vd) = (
+                    cuda.act_from_host(q),
+                    cuda.act_from_host(k),
+                    cuda.act_from_host(v),
+                );
+                let got = cuda.attend(&qd, &kd, &vd, &[n], &mut [&mut kg], &shape);
+                cuda.check().unwrap();
+                let got = cuda.to_host(&got).into_owned();
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst < 1e-5, "{elem:?} {window:?} {n} rows: off by {worst}");
+            }
+        }
     }
 }
