@@ -169,3 +169,76 @@ mul_silu_f32(float* __restrict__ x, const float* __restrict__ z, unsigned n) {
         x[i] = __fmul_rn(x[i], __fmul_rn(zv, s));
     }
 }
+
+// The convolution over the n new rows of one sequence (a prefill chunk), token after token per
+// channel: the step above, repeated with the window carried in registers.
+// Twin: `moe_runtime::backend::cpu::deltanet::causal_conv1d_silu` over n rows.
+// Launch: block = 256 threads, grid = ceil(c / 256). x and out are [n, c], state [kernel - 1, c]
+// (this sequence's), w [c, kernel]. The host checks 1 <= kernel <= CONV_MAX_KERNEL.
+extern "C" __global__ void __launch_bounds__(256)
+conv1d_silu_seq_f32(const float* __restrict__ x, const float* __restrict__ w,
+                    float* __restrict__ state, unsigned n, unsigned c, unsigned kernel,
+                    float* __restrict__ out) {
+    unsigned ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c || kernel == 0 || kernel > CONV_MAX_KERNEL) return;
+    float* st = state + ch;
+    const float* taps = w + (size_t)ch * kernel;
+    float win[CONV_MAX_KERNEL];
+#pragma unroll
+    for (unsigned j = 0; j < CONV_MAX_KERNEL; j++)
+        if (j + 1 < kernel) win[j] = st[(size_t)j * c];
+#pragma unroll 1
+    for (unsigned t = 0; t < n; t++) {
+        float xv = __ldg(x + (size_t)t * c + ch);
+        float acc = 0.0f;
+#pragma unroll
+        for (unsigned j = 0; j < CONV_MAX_KERNEL; j++)
+            if (j + 1 < kernel) acc = __fadd_rn(acc, __fmul_rn(__ldg(taps + j), win[j]));
+        acc = __fadd_rn(acc, __fmul_rn(__ldg(taps + kernel - 1), xv));
+        out[(size_t)t * c + ch] = __fdiv_rn(acc, __fadd_rn(1.0f, expf(-acc)));
+#pragma unroll
+        for (unsigned j = 0; j + 1 < CONV_MAX_KERNEL; j++)
+            if (j + 2 < kernel) win[j] = win[j + 1];
+        if (kernel > 1) win[kernel - 2] = xv;
+    }
+#pragma unroll
+    for (unsigned j = 0; j < CONV_MAX_KERNEL; j++)
+        if (j + 1 < kernel) st[(size_t)j * c] = win[j];
+}
+
+// The gated delta rule over the n new tokens of one sequence, token after token per state
+// column: the step above, repeated, the state read and written in place.
+// Twin: `moe_runtime::backend::cpu::deltanet::recurrent` over n tokens (per value head).
+// Launch: block = 256 threads, grid = ceil(nv * dv / 256). qkv is [n, conv_dim] (after the q/k
+// normalisation), g and beta [n, nv], state [nv, dk, dv] (this sequence's), out [n, nv * dv].
+// The host checks nv a multiple of nk.
+extern "C" __global__ void __launch_bounds__(256)
+gated_delta_seq_f32(const float* __restrict__ qkv, unsigned conv_dim,
+                    const float* __restrict__ g, const float* __restrict__ beta,
+                    float* __restrict__ state, unsigned n, unsigned nk, unsigned nv,
+                    unsigned dk, unsigned dv, float* __restrict__ out) {
+    unsigned j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= nv * dv) return;
+    unsigned vh = j / dv, d = j % dv, kh = vh / (nv / nk);
+    float* s = state + (size_t)vh * dk * dv + d;
+#pragma unroll 1
+    for (unsigned t = 0; t < n; t++) {
+        const float* row = qkv + (size_t)t * conv_dim;
+        const float* q = row + (size_t)kh * dk;
+        const float* k = row + (size_t)nk * dk + (size_t)kh * dk;
+        float decay = expf(__ldg(g + (size_t)t * nv + vh));
+        float delta = __ldg(row + 2 * (size_t)nk * dk + (size_t)vh * dv + d);
+#pragma unroll 4
+        for (unsigned i = 0; i < dk; i++)
+            delta = __fsub_rn(delta, __fmul_rn(__fmul_rn(s[(size_t)i * dv], decay), __ldg(k + i)));
+        delta = __fmul_rn(delta, __ldg(beta + (size_t)t * nv + vh));
+        float o = 0.0f;
+#pragma unroll 4
+        for (unsigned i = 0; i < dk; i++) {
+            float v = __fadd_rn(__fmul_rn(s[(size_t)i * dv], decay), __fmul_rn(__ldg(k + i), delta));
+            s[(size_t)i * dv] = v;
+            o = __fadd_rn(o, __fmul_rn(v, __ldg(q + i)));
+        }
+        out[(size_t)t * nv * dv + j] = o;
+    }
+}

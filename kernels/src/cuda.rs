@@ -149,6 +149,8 @@ pub const SOURCES: &[CudaSource] = &[
             "deltanet_split_f32",
             "l2norm_heads_f32",
             "mul_silu_f32",
+            "conv1d_silu_seq_f32",
+            "gated_delta_seq_f32",
         ],
     },
     CudaSource {

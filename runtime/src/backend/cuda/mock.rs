@@ -361,6 +361,61 @@ impl MockGpu {
                 }
                 Ok(())
             }
+            "conv1d_silu_seq_f32" => {
+                let (n, c, k) = (a.u32(3) as usize, a.u32(4) as usize, a.u32(5) as usize);
+                let w = self.read_f32(a.ptr(1), c * k)?;
+                let mut st = self.read_f32(a.ptr(2), (k - 1) * c)?;
+                let x = self.read_f32(a.ptr(0), n * c)?;
+                let mut out = vec![0f32; n * c];
+                cpu::deltanet::causal_conv1d_silu(&x, c, &w, k, &mut st, &mut out);
+                self.write_f32(a.ptr(2), &st)?;
+                self.write_f32(a.ptr(6), &out)
+            }
+            "gated_delta_seq_f32" => {
+                let conv_dim = a.u32(1) as usize;
+                let (n, nk, nv, dk, dv) = (
+                    a.u32(5) as usize,
+                    a.u32(6) as usize,
+                    a.u32(7) as usize,
+                    a.u32(8) as usize,
+                    a.u32(9) as usize,
+                );
+                let qkv = self.read_f32(a.ptr(0), n * conv_dim)?;
+                let g = self.read_f32(a.ptr(2), n * nv)?;
+                let beta = self.read_f32(a.ptr(3), n * nv)?;
+                let mut st = self.read_f32(a.ptr(4), nv * dk * dv)?;
+                let mut out = vec![0f32; n * nv * dv];
+                for vh in 0..nv {
+                    let kh = vh / (nv / nk);
+                    let col = |off: usize, d: usize| -> Vec<f32> {
+                        (0..n)
+                            .flat_map(|t| qkv[t * conv_dim + off..][..d].iter().copied())
+                            .collect()
+                    };
+                    let (q, k, v) = (
+                        col(kh * dk, dk),
+                        col(nk * dk + kh * dk, dk),
+                        col(2 * nk * dk + vh * dv, dv),
+                    );
+                    let gh: Vec<f32> = (0..n).map(|t| g[t * nv + vh]).collect();
+                    let bh: Vec<f32> = (0..n).map(|t| beta[t * nv + vh]).collect();
+                    let input = cpu::deltanet::HeadInput {
+                        q: &q,
+                        k: &k,
+                        v: &v,
+                        g: &gh,
+                        beta: &bh,
+                    };
+                    let mut o = vec![0f32; n * dv];
+                    let s = &mut st[vh * dk * dv..][..dk * dv];
+                    cpu::deltanet::recurrent(&input, dk, dv, s, &mut o);
+                    for t in 0..n {
+                        out[t * nv * dv + vh * dv..][..dv].copy_from_slice(&o[t * dv..][..dv]);
+                    }
+                }
+                self.write_f32(a.ptr(4), &st)?;
+                self.write_f32(a.ptr(10), &out)
+            }
             "gated_delta_step_f32" => {
                 let rows = grid[1] as usize;
                 let conv_dim = a.u32(1) as usize;

@@ -11,13 +11,16 @@
 //! attention run as kernels; routing takes the router logits to the host (one small copy per
 //! MoE layer, which the expert store needs anyway) and runs the CPU rule; the gated DeltaNet
 //! mixer runs as kernels for decode steps (one new token per sequence: split, convolution step,
-//! q/k normalisation, the delta rule on the state in VRAM, norm and gate), while a prefill
-//! chunk runs the CPU's chunked form over the state copied to the host and back (a device
-//! chunked kernel is still to come); experts are computed by the expert store (in VRAM slots
-//! through `store::CudaTier`, or on the host).
+//! q/k normalisation, the delta rule on the state in VRAM, norm and gate) and for prefill
+//! chunks of at least 64 tokens (the recurrent form, token after token in one launch per
+//! sequence); a shorter chunk runs the CPU's chunked form over the state copied to the host
+//! and back; experts are computed by the expert store (in VRAM slots through
+//! `store::CudaTier`, or on the host).
 //!
 //! Invariants: on the mock device every result equals the CPU backend's (activations `f32`)
-//! bit for bit; on a GPU dequantization, elementwise ops and KV stores are bit-exact with the
+//! bit for bit, except where the device takes another form of the same computation (attention
+//! split over positions past 1024, DeltaNet prefill chunks of 64 tokens or more in the
+//! recurrent form), which stays within rounding of it; on a GPU dequantization, elementwise ops and KV stores are bit-exact with the
 //! CPU and reductions (matvec, norms, attention) are deterministic and within the tolerances
 //! ARCHITECTURE.md states; the host checks each kernel's launch requirements (block-multiple
 //! row lengths, head_dim within the attention kernel's limit) before launching.
@@ -958,13 +961,21 @@ impl Backend for Cuda {
         states: &mut [&mut DevRecurrent],
     ) -> DevBuf {
         let d = p.dims;
-        let decode = lens.iter().all(|&n| n == 1)
-            && (1..=deltanet::CONV_MAX_KERNEL).contains(&d.conv_kernel)
+        let kernels_fit = (1..=deltanet::CONV_MAX_KERNEL).contains(&d.conv_kernel)
             && d.key_head_dim <= deltanet::L2NORM_MAX_HEAD_DIM
             && d.num_key_heads > 0
             && d.num_value_heads.is_multiple_of(d.num_key_heads);
-        if decode {
+        if kernels_fit && lens.iter().all(|&n| n == 1) {
             return self.delta_net_step(qkvz, ba, p, states);
+        }
+        // Long prefill chunks run the recurrent form on the device (the state stays there);
+        // short ones the CPU's chunked form.
+        if kernels_fit
+            && lens
+                .iter()
+                .all(|&n| n == 1 || n >= deltanet::DEVICE_PREFILL_MIN_TOKENS)
+        {
+            return self.delta_net_seq(qkvz, ba, p, lens, states);
         }
         // Prefill: the CPU code (its chunked form) over host copies of the inputs and states.
         let (qkvz, ba) = (self.host_f32(qkvz), self.host_f32(ba));
@@ -1003,6 +1014,86 @@ mod tests {
 
     fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
         (0..n).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn long_deltanet_prefill_chunks_run_on_the_device_within_rounding_of_the_cpu() {
+        use crate::config::LinearAttentionConfig;
+        let dims = LinearAttentionConfig {
+            num_key_heads: 2,
+            num_value_heads: 4,
+            key_head_dim: 16,
+            value_head_dim: 8,
+            conv_kernel: 4,
+        };
+        let (nk, nv, dk, dv) = (2usize, 4usize, 16usize, 8usize);
+        let conv_dim = dims.conv_dim();
+        let per_row = nk * (2 * dk + 2 * (nv / nk) * dv);
+        let mut rng = Rng::new(11);
+        let conv_w = random(&mut rng, conv_dim * dims.conv_kernel);
+        let neg_a: Vec<f32> = random(&mut rng, nv)
+            .iter()
+            .map(|v| -v.abs() - 0.1)
+            .collect();
+        let dt_bias = random(&mut rng, nv);
+        let norm: Vec<f32> = random(&mut rng, dv).iter().map(|v| 1.0 + v * 0.1).collect();
+        let mock = Arc::new(mock::MockGpu::new());
+        let cuda = Cuda::on(mock.clone(), u64::MAX);
+        let cpu = Cpu::default();
+        let up = |v: &Vec<f32>| cuda.upload_vector(v.clone()).unwrap();
+        let (cw, na, dt, nm) = (up(&conv_w), up(&neg_a), up(&dt_bias), up(&norm));
+        let pg = DeltaNetParams::<'_, Cuda> {
+            dims,
+            conv_weight: &cw,
+            neg_a: &na,
+            dt_bias: &dt,
+            norm: &nm,
+            norm_eps: 1e-6,
+        };
+        let pc = DeltaNetParams::<'_, Cpu> {
+            dims,
+            conv_weight: &conv_w,
+            neg_a: &neg_a,
+            dt_bias: &dt_bias,
+            norm: &norm,
+            norm_eps: 1e-6,
+        };
+        let (conv_len, ssm_len) = ((dims.conv_kernel - 1) * conv_dim, nv * dk * dv);
+        let (mut sc, mut sg) = (
+            cpu.recurrent_new(conv_len, ssm_len),
+            cuda.recurrent_new(conv_len, ssm_len),
+        );
+        // A 100-token chunk (on the device), then a decode step, then another long chunk.
+        for n in [100usize, 1, 70] {
+            let qkvz = random(&mut rng, n * per_row);
+            let ba = random(&mut rng, n * 2 * nv);
+            let want = cpu.delta_net(&qkvz, &ba, &pc, &[n], &mut [&mut sc]);
+            let (qd, bd) = (cuda.act_from_host(qkvz), cuda.act_from_host(ba));
+            let got = cuda.delta_net(&qd, &bd, &pg, &[n], &mut [&mut sg]);
+            cuda.check().unwrap();
+            let got = cuda.to_host(&got).into_owned();
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{n} tokens: off by {worst}");
+            let state = cuda.host_f32(&sg.ssm);
+            let worst = state
+                .iter()
+                .zip(&sc.ssm)
+                .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{n} tokens: state off by {worst}");
+        }
+        let launched = mock.launched();
+        for k in [
+            "conv1d_silu_seq_f32",
+            "gated_delta_seq_f32",
+            "gated_delta_step_f32",
+        ] {
+            assert!(launched.contains(&k), "{k} was not launched");
+        }
     }
 
     #[test]
