@@ -44,6 +44,30 @@ conv1d_silu_step_f32(const float* __restrict__ x, const float* __restrict__ w,
     if (kernel > 1) st[(size_t)(kernel - 2) * c] = xv;
 }
 
+// One token of the gated delta rule for one state column: `s` is the column (dk values, dv
+// apart) of a value head's [dk, dv] state, q and k the token's key-head vectors, v its value
+// for this column: S *= exp(g); delta = beta * (v - Sᵀ k), k in ascending order; S += k delta,
+// stored; returns o = Sᵀ q from the updated state. Each operation rounded once, in the twin's
+// order.
+__device__ __forceinline__ float delta_token(float* __restrict__ s, const float* __restrict__ q,
+                                             const float* __restrict__ k, float v, unsigned dk,
+                                             unsigned dv, float g, float beta) {
+    float decay = expf(g);
+    float delta = v;
+#pragma unroll 4
+    for (unsigned i = 0; i < dk; i++)
+        delta = __fsub_rn(delta, __fmul_rn(__fmul_rn(s[(size_t)i * dv], decay), __ldg(k + i)));
+    delta = __fmul_rn(delta, beta);
+    float o = 0.0f;
+#pragma unroll 4
+    for (unsigned i = 0; i < dk; i++) {
+        float x = __fadd_rn(__fmul_rn(s[(size_t)i * dv], decay), __fmul_rn(__ldg(k + i), delta));
+        s[(size_t)i * dv] = x;
+        o = __fadd_rn(o, __fmul_rn(x, __ldg(q + i)));
+    }
+    return o;
+}
+
 // Twin: `moe_runtime::backend::cpu::deltanet::recurrent` for one token (per value head vh of
 // row r, with key head kh = vh / (nv / nk)):
 //   S *= exp(g);  delta = beta * (v - Sᵀ k);  S += k deltaᵀ;  o = Sᵀ q.
@@ -65,22 +89,9 @@ gated_delta_step_f32(const float* __restrict__ qkv, unsigned conv_dim,
     const float* q = row + (size_t)kh * dk;
     const float* k = row + (size_t)nk * dk + (size_t)kh * dk;
     float* s = state + ((size_t)__ldg(slot + r) * nv + vh) * dk * dv + d;
-    float decay = expf(__ldg(g + (size_t)r * nv + vh));
-    // delta = beta * (v - Sᵀ k) over the decayed state, k in ascending order.
-    float delta = __ldg(row + 2 * (size_t)nk * dk + (size_t)vh * dv + d);
-#pragma unroll 4
-    for (unsigned i = 0; i < dk; i++)
-        delta = __fsub_rn(delta, __fmul_rn(__fmul_rn(s[(size_t)i * dv], decay), __ldg(k + i)));
-    delta = __fmul_rn(delta, __ldg(beta + (size_t)r * nv + vh));
-    // S = S * decay + k delta, stored; o = Sᵀ q from the updated state.
-    float o = 0.0f;
-#pragma unroll 4
-    for (unsigned i = 0; i < dk; i++) {
-        float v = __fadd_rn(__fmul_rn(s[(size_t)i * dv], decay), __fmul_rn(__ldg(k + i), delta));
-        s[(size_t)i * dv] = v;
-        o = __fadd_rn(o, __fmul_rn(v, __ldg(q + i)));
-    }
-    out[(size_t)r * nv * dv + j] = o;
+    out[(size_t)r * nv * dv + j] =
+        delta_token(s, q, k, __ldg(row + 2 * (size_t)nk * dk + (size_t)vh * dv + d), dk, dv,
+                    __ldg(g + (size_t)r * nv + vh), __ldg(beta + (size_t)r * nv + vh));
 }
 
 // The gated DeltaNet's input split: each token row's interleaved projections, per key head h
@@ -226,19 +237,8 @@ gated_delta_seq_f32(const float* __restrict__ qkv, unsigned conv_dim,
         const float* row = qkv + (size_t)t * conv_dim;
         const float* q = row + (size_t)kh * dk;
         const float* k = row + (size_t)nk * dk + (size_t)kh * dk;
-        float decay = expf(__ldg(g + (size_t)t * nv + vh));
-        float delta = __ldg(row + 2 * (size_t)nk * dk + (size_t)vh * dv + d);
-#pragma unroll 4
-        for (unsigned i = 0; i < dk; i++)
-            delta = __fsub_rn(delta, __fmul_rn(__fmul_rn(s[(size_t)i * dv], decay), __ldg(k + i)));
-        delta = __fmul_rn(delta, __ldg(beta + (size_t)t * nv + vh));
-        float o = 0.0f;
-#pragma unroll 4
-        for (unsigned i = 0; i < dk; i++) {
-            float v = __fadd_rn(__fmul_rn(s[(size_t)i * dv], decay), __fmul_rn(__ldg(k + i), delta));
-            s[(size_t)i * dv] = v;
-            o = __fadd_rn(o, __fmul_rn(v, __ldg(q + i)));
-        }
-        out[(size_t)t * nv * dv + j] = o;
+        out[(size_t)t * nv * dv + j] =
+            delta_token(s, q, k, __ldg(row + 2 * (size_t)nk * dk + (size_t)vh * dv + d), dk, dv,
+                        __ldg(g + (size_t)t * nv + vh), __ldg(beta + (size_t)t * nv + vh));
     }
 }
