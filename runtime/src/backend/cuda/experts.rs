@@ -219,18 +219,20 @@ impl Cuda {
                     xs.arg(),
                 ],
             );
-            let mats = |pick: &dyn Fn(&DeviceExpert) -> (DevPtr, Dtype),
-                        input: &DevBuf,
-                        k: usize,
-                        output: &DevBuf,
-                        n: usize| {
+            // The table entries of one matrix of every expert: (weight, input row, output row,
+            // rows), up to 8 rows an entry.
+            let entries = |pick: &dyn Fn(&DeviceExpert) -> (DevPtr, Dtype),
+                           input: &DevBuf,
+                           k: usize,
+                           output: &DevBuf,
+                           n: usize| {
                 let mut at = 0;
-                let mut entries: Vec<(Dtype, [u64; 4])> = Vec::new();
+                let mut list: Vec<(Dtype, [u64; 4])> = Vec::new();
                 for (e, rows) in &dev {
                     let (w, dtype) = pick(e);
                     for r0 in (0..rows.len()).step_by(GROUP_ROWS) {
                         let m = (rows.len() - r0).min(GROUP_ROWS);
-                        entries.push((
+                        list.push((
                             dtype,
                             [
                                 w,
@@ -242,7 +244,7 @@ impl Cuda {
                     }
                     at += rows.len();
                 }
-                self.grouped_matvec(&entries, input, output, n, k);
+                list
             };
             let (g, mut u) = match first.up {
                 Some(_) => {
@@ -250,18 +252,28 @@ impl Cuda {
                         self.f32_buf(dev_rows * inter),
                         self.f32_buf(dev_rows * inter),
                     );
-                    mats(&|e| e.gate, &xs, hidden, &g, inter);
-                    mats(&|e| e.up.expect("checked above"), &xs, hidden, &u, inter);
+                    // Gate and up share their shape: one launch for both.
+                    let mut both = entries(&|e| e.gate, &xs, hidden, &g, inter);
+                    both.extend(entries(
+                        &|e| e.up.expect("checked above"),
+                        &xs,
+                        hidden,
+                        &u,
+                        inter,
+                    ));
+                    self.grouped_matvec(&both, &xs, &g, inter, hidden);
                     (g, u)
                 }
                 None => {
                     let gu = self.f32_buf(dev_rows * 2 * inter);
-                    mats(&|e| e.gate, &xs, hidden, &gu, 2 * inter);
+                    let list = entries(&|e| e.gate, &xs, hidden, &gu, 2 * inter);
+                    self.grouped_matvec(&list, &xs, &gu, 2 * inter, hidden);
                     self.split_halves(&gu, inter)
                 }
             };
             self.glu(&g, &mut u, first.glu);
-            mats(&|e| e.down, &u, inter, &y, hidden);
+            let list = entries(&|e| e.down, &u, inter, &y, hidden);
+            self.grouped_matvec(&list, &u, &y, hidden, inter);
         }
         // The host experts' outputs after the device ones.
         let host_y: Vec<f32> = work
@@ -335,7 +347,8 @@ impl Cuda {
     }
 
     /// One grouped matvec launch per weight type over `entries` (weight, input row, output
-    /// row, rows) reading `input` (`k` wide) and writing `output` (`n` wide).
+    /// row, rows), `k` wide in and `n` wide out; `input` and `output` name the buffers the
+    /// entries point into (the first output buffer where several are written).
     fn grouped_matvec(
         &self,
         entries: &[(Dtype, [u64; 4])],
