@@ -396,7 +396,7 @@ figures() { # the run --json fields the comparison needs, as JSON fields
 import json, sys
 r = json.load(sys.stdin)
 keys = ["prefill_tokens_per_s", "decode_tokens_per_s", "prefill_ms", "decode_ms", "load_ms",
-        "prompt_tokens", "completion_tokens", "device", "peak_rss_bytes"]
+        "prompt_tokens", "completion_tokens", "device", "peak_rss_bytes", "vram"]
 out = {k: r.get(k) for k in keys}
 e = r.get("experts") or {}
 out["experts"] = {k: e.get(k) for k in ["hits", "misses", "bytes_moved", "stall_ms"]}
