@@ -34,12 +34,7 @@ impl Cuda {
         states: &mut [&mut DevRecurrent],
     ) -> DevBuf {
         let d = p.dims;
-        let (nk, nv, dk, dv) = (
-            d.num_key_heads,
-            d.num_value_heads,
-            d.key_head_dim,
-            d.value_head_dim,
-        );
+        let (nk, nv, dk, dv) = heads(&d);
         let (conv_dim, value_dim) = (d.conv_dim(), nv * dv);
         let t = states.len();
         let (mixed, z, beta, g) = self.delta_inputs(qkvz, ba, p, t);
@@ -100,12 +95,7 @@ impl Cuda {
         states: &mut [&mut DevRecurrent],
     ) -> DevBuf {
         let d = p.dims;
-        let (nk, nv, dk, dv) = (
-            d.num_key_heads,
-            d.num_value_heads,
-            d.key_head_dim,
-            d.value_head_dim,
-        );
+        let (nk, nv, dk, dv) = heads(&d);
         let (conv_dim, value_dim) = (d.conv_dim(), nv * dv);
         let t: usize = lens.iter().sum();
         let (mixed, z, beta, g) = self.delta_inputs(qkvz, ba, p, t);
@@ -165,12 +155,7 @@ impl Cuda {
         t: usize,
     ) -> (DevBuf, DevBuf, DevBuf, DevBuf) {
         let d = p.dims;
-        let (nk, nv, dk, dv) = (
-            d.num_key_heads,
-            d.num_value_heads,
-            d.key_head_dim,
-            d.value_head_dim,
-        );
+        let (nk, nv, dk, dv) = heads(&d);
         let (conv_dim, value_dim) = (d.conv_dim(), nv * dv);
         let per_row = nk * (2 * dk + 2 * (nv / nk) * dv);
         let (mixed, z) = (self.f32_buf(t * conv_dim), self.f32_buf(t * value_dim));
@@ -225,4 +210,14 @@ impl Cuda {
             &[core.arg(), z.arg(), KArg::U32(u32_of(total))],
         );
     }
+}
+
+/// Key heads, value heads, key head width, value head width.
+fn heads(d: &crate::config::LinearAttentionConfig) -> (usize, usize, usize, usize) {
+    (
+        d.num_key_heads,
+        d.num_value_heads,
+        d.key_head_dim,
+        d.value_head_dim,
+    )
 }
