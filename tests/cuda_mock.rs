@@ -238,9 +238,9 @@ fn deltanet_decode_steps_run_as_kernels_on_the_device() {
     let launched = mock.launched();
     for k in [
         "deltanet_split_f32",
-        "conv1d_silu_step_f32",
+        "conv1d_silu_seq_f32",
         "l2norm_heads_f32",
-        "gated_delta_step_f32",
+        "gated_delta_seq_f32",
         "mul_silu_f32",
     ] {
         assert!(launched.contains(&k), "{k} was not launched");

@@ -1,48 +1,17 @@
-// Gated DeltaNet decode step (one new token per sequence): the causal depthwise conv1d with
-// SiLU and its rolling state, and the recurrent gated delta rule for one token per value head
-// with its [dk, dv] state.
+// Gated DeltaNet over the new tokens of one sequence (one for a decode step, a prefill chunk
+// otherwise): the input split, the causal depthwise conv1d with SiLU and its rolling state, the
+// q/k normalisation, the recurrent gated delta rule per value head with its [dk, dv] state, and
+// the output gate.
 //
 // Header-free CUDA C compiled by NVRTC (kernels/src/cuda.rs lists the entry points and options).
-// States live in slot arrays; `slot[r]` names the state of the sequence whose new row is r.
-// Every thread owns one state column (a conv channel; a (value head, value dim) pair), so no
-// two threads touch the same state element and no barrier is needed.
+// In the convolution and the delta rule every thread owns one state column (a conv channel; a
+// (value head, value dim) pair) and walks the tokens in order, so no two threads touch the same
+// state element and no barrier is needed.
 // Arithmetic: the twins' operations in the twins' order, each rounded once (unfused multiply
 // and add, IEEE division): results are bit-exact with the twins wherever `expf` agrees with the
 // CPU's `exp` (CUDA's expf is within 2 ulp, so the GPU result is within a few ulp per step).
 
 #define CONV_MAX_KERNEL 8
-
-// Twin: `moe_runtime::backend::cpu::deltanet::causal_conv1d_silu` for one new row.
-// Launch: block = 256 threads, grid = (ceil(c / 256), rows). x is [rows, c], w is [c, kernel]
-// (channel-major taps, oldest first), state is [slots, kernel - 1, c] (the last kernel - 1 input
-// rows, oldest first), out is [rows, c]. The host checks 1 <= kernel <= CONV_MAX_KERNEL (8:
-// models use 4; the window stays in registers) and distinct slots.
-// out = acc / (1 + exp(-acc)), acc = sum_j w[ch, j] * window[j] (window = state rows then x);
-// the state then drops its oldest row and appends x.
-extern "C" __global__ void __launch_bounds__(256)
-conv1d_silu_step_f32(const float* __restrict__ x, const float* __restrict__ w,
-                     float* __restrict__ state, const unsigned* __restrict__ slot,
-                     unsigned c, unsigned kernel, float* __restrict__ out) {
-    unsigned ch = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
-    if (ch >= c || kernel == 0 || kernel > CONV_MAX_KERNEL) return;
-    float* st = state + (size_t)__ldg(slot + r) * (kernel - 1) * c + ch;
-    const float* taps = w + (size_t)ch * kernel;
-    float win[CONV_MAX_KERNEL];
-#pragma unroll
-    for (unsigned j = 0; j < CONV_MAX_KERNEL; j++)
-        if (j + 1 < kernel) win[j] = st[(size_t)j * c];
-    float xv = __ldg(x + (size_t)r * c + ch);
-    float acc = 0.0f;
-#pragma unroll
-    for (unsigned j = 0; j < CONV_MAX_KERNEL; j++)
-        if (j + 1 < kernel) acc = __fadd_rn(acc, __fmul_rn(__ldg(taps + j), win[j]));
-    acc = __fadd_rn(acc, __fmul_rn(__ldg(taps + kernel - 1), xv));
-    out[(size_t)r * c + ch] = __fdiv_rn(acc, __fadd_rn(1.0f, expf(-acc)));
-#pragma unroll
-    for (unsigned j = 1; j < CONV_MAX_KERNEL; j++)
-        if (j + 1 < kernel) st[(size_t)(j - 1) * c] = win[j];
-    if (kernel > 1) st[(size_t)(kernel - 2) * c] = xv;
-}
 
 // One token of the gated delta rule for one state column: `s` is the column (dk values, dv
 // apart) of a value head's [dk, dv] state, q and k the token's key-head vectors, v its value
@@ -66,32 +35,6 @@ __device__ __forceinline__ float delta_token(float* __restrict__ s, const float*
         o = __fadd_rn(o, __fmul_rn(x, __ldg(q + i)));
     }
     return o;
-}
-
-// Twin: `moe_runtime::backend::cpu::deltanet::recurrent` for one token (per value head vh of
-// row r, with key head kh = vh / (nv / nk)):
-//   S *= exp(g);  delta = beta * (v - Sᵀ k);  S += k deltaᵀ;  o = Sᵀ q.
-// Launch: block = 256 threads, grid = (ceil(nv * dv / 256), rows); thread j of row r owns value
-// column (vh, d) = (j / dv, j % dv) of that head's state. qkv is the [rows, conv_dim] output of
-// the convolution after the per-head q / k normalisation (q of key head kh at kh * dk, k at
-// nk * dk + kh * dk, v of value head vh at 2 * nk * dk + vh * dv), g and beta are [rows, nv],
-// state is [slots, nv, dk, dv] (row-major [dk, dv] per head), out is [rows, nv * dv]. The host
-// checks nv a multiple of nk, conv_dim >= 2 * nk * dk + nv * dv and distinct slots.
-extern "C" __global__ void __launch_bounds__(256)
-gated_delta_step_f32(const float* __restrict__ qkv, unsigned conv_dim,
-                     const float* __restrict__ g, const float* __restrict__ beta,
-                     float* __restrict__ state, const unsigned* __restrict__ slot, unsigned nk,
-                     unsigned nv, unsigned dk, unsigned dv, float* __restrict__ out) {
-    unsigned j = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
-    if (j >= nv * dv) return;
-    unsigned vh = j / dv, d = j % dv, kh = vh / (nv / nk);
-    const float* row = qkv + (size_t)r * conv_dim;
-    const float* q = row + (size_t)kh * dk;
-    const float* k = row + (size_t)nk * dk + (size_t)kh * dk;
-    float* s = state + ((size_t)__ldg(slot + r) * nv + vh) * dk * dv + d;
-    out[(size_t)r * nv * dv + j] =
-        delta_token(s, q, k, __ldg(row + 2 * (size_t)nk * dk + (size_t)vh * dv + d), dk, dv,
-                    __ldg(g + (size_t)r * nv + vh), __ldg(beta + (size_t)r * nv + vh));
 }
 
 // The gated DeltaNet's input split: each token row's interleaved projections, per key head h
@@ -181,8 +124,9 @@ mul_silu_f32(float* __restrict__ x, const float* __restrict__ z, unsigned n) {
     }
 }
 
-// The convolution over the n new rows of one sequence (a prefill chunk), token after token per
-// channel: the step above, repeated with the window carried in registers.
+// The convolution over the n new rows of one sequence, token after token per channel, the
+// window carried in registers: out = acc / (1 + exp(-acc)), acc = sum_j w[ch, j] * window[j]
+// (window = the state rows then the row), then the state drops its oldest row and appends it.
 // Twin: `moe_runtime::backend::cpu::deltanet::causal_conv1d_silu` over n rows.
 // Launch: block = 256 threads, grid = ceil(c / 256). x and out are [n, c], state [kernel - 1, c]
 // (this sequence's), w [c, kernel]. The host checks 1 <= kernel <= CONV_MAX_KERNEL.
@@ -218,7 +162,7 @@ conv1d_silu_seq_f32(const float* __restrict__ x, const float* __restrict__ w,
 }
 
 // The gated delta rule over the n new tokens of one sequence, token after token per state
-// column: the step above, repeated, the state read and written in place.
+// column (`delta_token`), the state read and written in place.
 // Twin: `moe_runtime::backend::cpu::deltanet::recurrent` over n tokens (per value head).
 // Launch: block = 256 threads, grid = ceil(nv * dv / 256). qkv is [n, conv_dim] (after the q/k
 // normalisation), g and beta [n, nv], state [nv, dk, dv] (this sequence's), out [n, nv * dv].

@@ -144,8 +144,6 @@ pub const SOURCES: &[CudaSource] = &[
         file: "deltanet.cu",
         source: include_str!("../cuda/deltanet.cu"),
         kernels: &[
-            "conv1d_silu_step_f32",
-            "gated_delta_step_f32",
             "deltanet_split_f32",
             "l2norm_heads_f32",
             "mul_silu_f32",

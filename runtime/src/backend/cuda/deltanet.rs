@@ -1,8 +1,8 @@
-//! The gated DeltaNet on the device: one new token per sequence through the input split, the
-//! convolution step and the delta rule on each sequence's state in VRAM, the q/k normalisation,
-//! the per-head norm and the output gate ([`Cuda::delta_net_step`]); and long prefill chunks
-//! the same way with each sequence's tokens run one after another, the recurrent form
-//! ([`Cuda::delta_net_seq`]), within rounding of the CPU's chunked form.
+//! The gated DeltaNet on the device ([`Cuda::delta_net_seq`]): the input split, per sequence the
+//! convolution and the delta rule over its new tokens one after another (the recurrent form) on
+//! its state in VRAM, the q/k normalisation, the per-head norm and the output gate. For one
+//! token per sequence (decode) that is the CPU's computation exactly; for a long prefill chunk
+//! it is within rounding of the CPU's chunked form.
 //!
 //! Invariants: every kernel's twin is the CPU code the CPU backend runs for a one-token step
 //! (`cpu::deltanet::{split_inputs, causal_conv1d_silu, normalize_qk, recurrent, mul_silu}`),
@@ -12,7 +12,7 @@
 use super::{col_blocks, stride_blocks, u32_of, Cuda, DevBuf, DevRecurrent, KArg};
 use crate::backend::{Backend, DeltaNetParams};
 
-/// Longest convolution the DeltaNet step kernel keeps in registers (`CONV_MAX_KERNEL`).
+/// Longest convolution the DeltaNet kernel keeps in registers (`CONV_MAX_KERNEL`).
 pub(super) const CONV_MAX_KERNEL: usize = 8;
 /// Tokens of one sequence from which a DeltaNet prefill chunk runs the recurrent form on the
 /// device instead of the CPU's chunked form over a host copy of the state (moving the state
@@ -23,69 +23,8 @@ pub(super) const DEVICE_PREFILL_MIN_TOKENS: usize = 64;
 pub(super) const L2NORM_MAX_HEAD_DIM: usize = 256;
 
 impl Cuda {
-    /// One new token per sequence through the gated DeltaNet on the device: the input split,
-    /// per sequence the convolution step and the delta rule on its state, the per-head norm
-    /// and the output gate.
-    pub(super) fn delta_net_step(
-        &self,
-        qkvz: &DevBuf,
-        ba: &DevBuf,
-        p: &DeltaNetParams<'_, Cuda>,
-        states: &mut [&mut DevRecurrent],
-    ) -> DevBuf {
-        let d = p.dims;
-        let (nk, nv, dk, dv) = heads(&d);
-        let (conv_dim, value_dim) = (d.conv_dim(), nv * dv);
-        let t = states.len();
-        let (mixed, z, beta, g) = self.delta_inputs(qkvz, ba, p, t);
-        // Each sequence's state is its own buffer: slot 0 of it.
-        let slot0 = self.upload(&[0u32]);
-        let conv = self.f32_buf(t * conv_dim);
-        for (r, st) in states.iter().enumerate() {
-            self.launch(
-                "conv1d_silu_step_f32",
-                [col_blocks(conv_dim), 1, 1],
-                &[
-                    KArg::Ptr(mixed.at(r * conv_dim * 4)),
-                    p.conv_weight.buf.arg(),
-                    st.conv.arg(),
-                    slot0.arg(),
-                    KArg::U32(u32_of(conv_dim)),
-                    KArg::U32(u32_of(d.conv_kernel)),
-                    KArg::Ptr(conv.at(r * conv_dim * 4)),
-                ],
-            );
-        }
-        self.delta_normalize(&conv, p, t);
-        let mut core = self.f32_buf(t * value_dim);
-        for (r, st) in states.iter().enumerate() {
-            self.launch(
-                "gated_delta_step_f32",
-                [col_blocks(value_dim), 1, 1],
-                &[
-                    KArg::Ptr(conv.at(r * conv_dim * 4)),
-                    KArg::U32(u32_of(conv_dim)),
-                    KArg::Ptr(g.at(r * nv * 4)),
-                    KArg::Ptr(beta.at(r * nv * 4)),
-                    st.ssm.arg(),
-                    slot0.arg(),
-                    KArg::U32(u32_of(nk)),
-                    KArg::U32(u32_of(nv)),
-                    KArg::U32(u32_of(dk)),
-                    KArg::U32(u32_of(dv)),
-                    KArg::Ptr(core.at(r * value_dim * 4)),
-                ],
-            );
-        }
-        self.delta_gate(&mut core, &z, p);
-        core
-    }
-}
-
-impl Cuda {
-    /// Several new tokens per sequence (each sequence one token, or at least
-    /// [`DEVICE_PREFILL_MIN_TOKENS`]): as [`Cuda::delta_net_step`], with each sequence's
-    /// convolution and delta rule run over its tokens in order by one launch.
+    /// The new tokens of every sequence (one each, or at least [`DEVICE_PREFILL_MIN_TOKENS`]),
+    /// each sequence's convolution and delta rule over its tokens in order by one launch.
     pub(super) fn delta_net_seq(
         &self,
         qkvz: &DevBuf,

@@ -278,10 +278,12 @@ impl Cuda {
         // The host experts' outputs after the device ones.
         let host_y: Vec<f32> = work
             .iter()
-            .flat_map(|w| match w {
-                ExpertWork::Host { y, .. } => y.iter().copied(),
-                ExpertWork::Device { .. } => [].iter().copied(),
+            .filter_map(|w| match w {
+                ExpertWork::Host { y, .. } => Some(*y),
+                ExpertWork::Device { .. } => None,
             })
+            .flatten()
+            .copied()
             .collect();
         if !host_y.is_empty() && !self.faulted() {
             let r = self
@@ -358,7 +360,6 @@ impl Cuda {
         k: usize,
     ) {
         let mut dtypes: Vec<Dtype> = entries.iter().map(|(d, _)| *d).collect();
-        dtypes.dedup();
         dtypes.sort_by_key(|d| d.name());
         dtypes.dedup();
         for dtype in dtypes {

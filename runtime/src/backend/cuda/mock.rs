@@ -345,22 +345,6 @@ impl MockGpu {
                 self.write_f32(a.ptr(1), &p)?;
                 self.write_f32(a.ptr(2), &q)
             }
-            "conv1d_silu_step_f32" => {
-                let rows = grid[1] as usize;
-                let (c, k) = (a.u32(4) as usize, a.u32(5) as usize);
-                let w = self.read_f32(a.ptr(1), c * k)?;
-                let slots = self.read_u32(a.ptr(3), rows)?;
-                for (r, &slot) in slots.iter().enumerate() {
-                    let at = a.ptr(2) + (slot as usize * (k - 1) * c * 4) as u64;
-                    let mut st = self.read_f32(at, (k - 1) * c)?;
-                    let x = self.read_f32(a.ptr(0) + (r * c * 4) as u64, c)?;
-                    let mut out = vec![0f32; c];
-                    cpu::deltanet::causal_conv1d_silu(&x, c, &w, k, &mut st, &mut out);
-                    self.write_f32(at, &st)?;
-                    self.write_f32(a.ptr(6) + (r * c * 4) as u64, &out)?;
-                }
-                Ok(())
-            }
             "conv1d_silu_seq_f32" => {
                 let (n, c, k) = (a.u32(3) as usize, a.u32(4) as usize, a.u32(5) as usize);
                 let w = self.read_f32(a.ptr(1), c * k)?;
@@ -414,40 +398,6 @@ impl MockGpu {
                     }
                 }
                 self.write_f32(a.ptr(4), &st)?;
-                self.write_f32(a.ptr(10), &out)
-            }
-            "gated_delta_step_f32" => {
-                let rows = grid[1] as usize;
-                let conv_dim = a.u32(1) as usize;
-                let (nk, nv, dk, dv) = (
-                    a.u32(6) as usize,
-                    a.u32(7) as usize,
-                    a.u32(8) as usize,
-                    a.u32(9) as usize,
-                );
-                let slots = self.read_u32(a.ptr(5), rows)?;
-                let g = self.read_f32(a.ptr(2), rows * nv)?;
-                let beta = self.read_f32(a.ptr(3), rows * nv)?;
-                let qkv = self.read_f32(a.ptr(0), rows * conv_dim)?;
-                let mut out = vec![0f32; rows * nv * dv];
-                for (r, &slot) in slots.iter().enumerate() {
-                    let row = &qkv[r * conv_dim..][..conv_dim];
-                    for vh in 0..nv {
-                        let kh = vh / (nv / nk);
-                        let at = a.ptr(4) + ((slot as usize * nv + vh) * dk * dv * 4) as u64;
-                        let mut st = self.read_f32(at, dk * dv)?;
-                        let input = cpu::deltanet::HeadInput {
-                            q: &row[kh * dk..][..dk],
-                            k: &row[nk * dk + kh * dk..][..dk],
-                            v: &row[2 * nk * dk + vh * dv..][..dv],
-                            g: &g[r * nv + vh..][..1],
-                            beta: &beta[r * nv + vh..][..1],
-                        };
-                        let o = &mut out[r * nv * dv + vh * dv..][..dv];
-                        cpu::deltanet::recurrent(&input, dk, dv, &mut st, o);
-                        self.write_f32(at, &st)?;
-                    }
-                }
                 self.write_f32(a.ptr(10), &out)
             }
             "deltanet_split_f32" => {

@@ -10,11 +10,10 @@
 //! What runs where: embedding, matmuls (+ bias), norms, RoPE, the elementwise ops, KV stores and
 //! attention run as kernels; routing takes the router logits to the host (one small copy per
 //! MoE layer, which the expert store needs anyway) and runs the CPU rule; the gated DeltaNet
-//! mixer runs as kernels for decode steps (one new token per sequence: split, convolution step,
-//! q/k normalisation, the delta rule on the state in VRAM, norm and gate) and for prefill
-//! chunks of at least 64 tokens (the recurrent form, token after token in one launch per
-//! sequence); a shorter chunk runs the CPU's chunked form over the state copied to the host
-//! and back; experts are computed by the expert store (in VRAM slots through
+//! mixer runs as kernels (split, convolution, q/k normalisation, the delta rule on the state in
+//! VRAM, norm and gate; each sequence's tokens one after another, the recurrent form) for
+//! decode steps and prefill chunks of at least 64 tokens; a shorter chunk runs the CPU's
+//! chunked form over the state copied to the host and back; experts are computed by the expert store (in VRAM slots through
 //! `store::CudaTier`, or on the host).
 //!
 //! Invariants: on the mock device every result equals the CPU backend's (activations `f32`)
@@ -965,11 +964,8 @@ impl Backend for Cuda {
             && d.key_head_dim <= deltanet::L2NORM_MAX_HEAD_DIM
             && d.num_key_heads > 0
             && d.num_value_heads.is_multiple_of(d.num_key_heads);
-        if kernels_fit && lens.iter().all(|&n| n == 1) {
-            return self.delta_net_step(qkvz, ba, p, states);
-        }
-        // Long prefill chunks run the recurrent form on the device (the state stays there);
-        // short ones the CPU's chunked form.
+        // Decode steps and long prefill chunks run the recurrent form on the device (the state
+        // stays there); short prefill chunks the CPU's chunked form.
         if kernels_fit
             && lens
                 .iter()
@@ -1087,11 +1083,7 @@ mod tests {
             assert!(worst < 1e-4, "{n} tokens: state off by {worst}");
         }
         let launched = mock.launched();
-        for k in [
-            "conv1d_silu_seq_f32",
-            "gated_delta_seq_f32",
-            "gated_delta_step_f32",
-        ] {
+        for k in ["conv1d_silu_seq_f32", "gated_delta_seq_f32"] {
             assert!(launched.contains(&k), "{k} was not launched");
         }
     }
