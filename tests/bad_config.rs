@@ -242,6 +242,59 @@ fn inconsistent_sizes_are_named_not_panics() {
 }
 
 #[test]
+fn a_group_limited_router_that_cannot_choose_top_k_is_named() {
+    // glm4_moe_groups: 16 experts, top-4.
+    for (key, value, needles) in [
+        ("n_group", json!(3), &["`n_group`", "16 routed experts"][..]),
+        ("n_group", json!(0), &["`n_group`"][..]),
+        (
+            "topk_group",
+            json!(5),
+            &["`topk_group`", "`n_group` (4)"][..],
+        ),
+        // One kept group of 4 experts holds exactly top-4; top-5 cannot be chosen.
+        ("topk_group", json!(1), &[][..]),
+        (
+            "routed_scaling_factor",
+            json!(-1.0),
+            &["`routed_scaling_factor`"][..],
+        ),
+    ] {
+        let dir = edited("glm4_moe_groups", set(key, value.clone()));
+        if needles.is_empty() {
+            edit_json(
+                &dir.path().join("config.json"),
+                set("num_experts_per_tok", json!(5)),
+            );
+            refused(
+                dir.path(),
+                &["`num_experts_per_tok` is 5", "hold only 4 experts"],
+            );
+        } else {
+            refused(dir.path(), needles);
+        }
+    }
+}
+
+#[test]
+fn a_missing_selection_bias_is_named() {
+    let dir = copy_model(&fixtures().join("glm4_moe").join("model"));
+    let file = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let gone = "model.layers.2.mlp.gate.e_score_correction_bias";
+    let kept: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != gone)
+        .collect();
+    assert_eq!(kept.len() + 1, st.len());
+    let out = safetensors::serialize(kept, &None).unwrap();
+    std::fs::write(&file, out).unwrap();
+    refused(dir.path(), &[gone]);
+}
+
+#[test]
 fn rotary_fractions_must_rotate_an_even_part_of_the_head() {
     // qwen3_next's fixture: head_dim 16.
     for (factor, needle) in [
@@ -571,6 +624,7 @@ fn every_fixture_and_released_config_passes_the_limits() {
         .collect();
     configs.push(fixtures().join("qwen3_next_80b/config.json"));
     configs.push(fixtures().join("qwen3_next_80b_fp8/config.json"));
+    configs.push(fixtures().join("glm45_air/config.json"));
     for path in configs {
         let raw = RawConfig::parse(path.clone(), &std::fs::read(&path).unwrap()).unwrap();
         let arch = moe_runtime::arch::lookup(&raw).unwrap();

@@ -150,6 +150,7 @@ fn the_mock_runs_the_kernels_and_a_too_small_budget_fails_cleanly() {
         "kv_store_bf16",
         "attention_decode_bf16",
         "add_f32",
+        "route_softmax_topk_f32",
     ] {
         assert!(launched.contains(&k), "{k} was not launched: {launched:?}");
     }

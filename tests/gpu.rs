@@ -529,10 +529,7 @@ fn blocks_for(n: usize) -> u32 {
 
 /// Every kernel of `moe_kernels::cuda::SOURCES` the backend launches has cases below; these
 /// do not, with why.
-const NOT_COVERED: &[(&str, &str)] = &[(
-    "route_softmax_topk_f32",
-    "routing runs the CPU rule on the host",
-)];
+const NOT_COVERED: &[(&str, &str)] = &[];
 
 fn cases() -> Vec<Case> {
     let mut rng = Rng(SEED);
@@ -547,6 +544,7 @@ fn cases() -> Vec<Case> {
     attention_cases(&mut rng, &mut v);
     moe_cases(&mut rng, &mut v);
     moe_sum_rows_cases(&mut rng, &mut v);
+    route_cases(&mut rng, &mut v);
     deltanet_cases(&mut rng, &mut v);
     v
 }
@@ -1238,6 +1236,61 @@ fn moe_sum_rows_cases(rng: &mut Rng, v: &mut Vec<Case>) {
         ],
         checks: vec![(0, Cmp::Exact)],
     });
+}
+
+fn route_cases(rng: &mut Rng, v: &mut Vec<Case>) {
+    // (experts, k, renormalize, scale, selection bias): Mixtral's and Qwen3's shapes, a
+    // 512-expert one, the kernel's limits, and ragged counts past a warp and a block.
+    let shapes = [
+        (8usize, 2usize, true, 1.0f32, false),
+        (60, 4, false, 1.0, true),
+        (128, 8, true, 1.0, false),
+        (300, 7, false, 2.5, true),
+        (512, 10, true, 1.0, false),
+        (1024, 32, true, 0.75, true),
+    ];
+    for (e, k, renorm, scale, with_bias) in shapes {
+        let rows = 5usize;
+        let mut logits = rng.vec(rows * e, 4.0);
+        // Exact ties (the lower index wins on both), signed zeros, and a row with an -inf.
+        logits[1] = logits[0];
+        logits[e + 2] = 0.0;
+        logits[e + 3] = -0.0;
+        logits[2 * e + 1] = f32::NEG_INFINITY;
+        let mut bufs = vec![
+            Buf::Bytes(le_f32(&logits)),
+            Buf::Bytes(vec![0u8; rows * k * 4]),
+            Buf::Bytes(vec![0u8; rows * k * 4]),
+        ];
+        let bias = if with_bias {
+            bufs.push(Buf::Bytes(le_f32(&rng.vec(e, 0.05))));
+            A::Buf(3)
+        } else {
+            A::Null
+        };
+        v.push(Case {
+            name: format!(
+                "route_softmax_topk_f32 {rows} rows x {e} experts, top {k}, renormalize \
+                 {renorm}, scale {scale}, bias {with_bias}"
+            ),
+            kernel: "route_softmax_topk_f32",
+            grid: [rows as u32, 1, 1],
+            bufs,
+            args: vec![
+                A::Buf(0),
+                bias,
+                A::U32(e as u32),
+                A::U32(k as u32),
+                A::U32(u32::from(renorm)),
+                A::F32(scale),
+                A::Buf(1),
+                A::Buf(2),
+            ],
+            // The same experts in the same order; weights within a few ulps (the device's
+            // expf and its tree-ordered sum against the twin's sequential one).
+            checks: vec![(1, Cmp::Exact), (2, Cmp::Ulps(16))],
+        });
+    }
 }
 
 fn deltanet_cases(rng: &mut Rng, v: &mut Vec<Case>) {

@@ -399,6 +399,16 @@ impl RopeConfig {
     /// Reads rope settings in either style: `rope_parameters` (transformers 5) or `rope_theta` +
     /// `rope_scaling` (the Hub's). `default_theta` is the class default when none is given.
     pub fn parse(raw: &RawConfig, default_theta: f64) -> Result<RopeConfig> {
+        Self::parse_with(raw, default_theta, 1.0)
+    }
+
+    /// [`RopeConfig::parse`] for a class whose `partial_rotary_factor` defaults to
+    /// `default_partial` (GLM-4.5: 0.5) rather than 1.
+    pub fn parse_with(
+        raw: &RawConfig,
+        default_theta: f64,
+        default_partial: f64,
+    ) -> Result<RopeConfig> {
         let params = raw.entry(&["rope_parameters", "rope_scaling"]);
         let mut scope = params.map_or("rope_parameters", |(k, _)| k).to_string();
         let mut obj = match params.map(|(_, v)| v.clone()) {
@@ -426,7 +436,7 @@ impl RopeConfig {
         };
         let partial_rotary_factor = match sub.opt_f64(&["partial_rotary_factor"])? {
             Some(p) => p,
-            None => raw.f64_or(&["partial_rotary_factor"], 1.0)?,
+            None => raw.f64_or(&["partial_rotary_factor"], default_partial)?,
         };
         if !(partial_rotary_factor > 0.0 && partial_rotary_factor <= 1.0) {
             return Err(raw.wrong(
@@ -580,13 +590,33 @@ impl LinearAttentionConfig {
     }
 }
 
-/// Routing rule of a sparse MoE layer.
+/// How router logits become scores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scoring {
+    /// Softmax over all experts, then selection (Mixtral, Qwen, OLMoE).
+    Softmax,
+    /// Selection on the raw logits, then softmax over the selected ones (gpt-oss).
+    TopKThenSoftmax,
+    /// `sigmoid(logit)` per expert (DeepSeek-V3, GLM-4.5).
+    Sigmoid,
+}
+
+/// Routing rule of a sparse MoE layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RouterConfig {
     pub num_experts: usize,
     pub top_k: usize,
     /// Renormalise the top-k probabilities to sum to 1.
     pub norm_topk_prob: bool,
+    /// How logits become scores (softmax unless the architecture says otherwise).
+    pub scoring: Scoring,
+    /// Group-limited selection `(n_group, topk_group)`; None: every expert competes.
+    pub groups: Option<(usize, usize)>,
+    /// Multiplies the final weights (`routed_scaling_factor`; 1 otherwise).
+    pub scale: f32,
+    /// The router carries a per-expert selection bias (`e_score_correction_bias`), added to the
+    /// scores when choosing experts only.
+    pub selection_bias: bool,
 }
 
 /// The normalised description every architecture file produces.
@@ -696,6 +726,10 @@ impl ModelConfig {
                 Some(b) => raw.bool_or(&["norm_topk_prob"], b)?,
                 None => true,
             },
+            scoring: Scoring::Softmax,
+            groups: None,
+            scale: 1.0,
+            selection_bias: false,
         };
         let bias = match d.attention_bias {
             Some(b) => raw.bool_or(&["attention_bias"], b)?,
@@ -1145,7 +1179,6 @@ mod tests {
         for (q, named) in [
             (r#"{"quant_method": "gptq", "bits": 4}"#, "`gptq`"),
             (r#"{"quant_method": "awq"}"#, "`awq`"),
-            (r#"{"quant_method": "mxfp4"}"#, "`mxfp4`"),
             (
                 r#"{"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}"#,
                 "fp8 in format `e5m2`",
@@ -1309,6 +1342,10 @@ mod tests {
                 num_experts: u(j, "num_experts"),
                 top_k: u(j, "num_experts_per_tok"),
                 norm_topk_prob: j["norm_topk_prob"].as_bool().unwrap(),
+                scoring: Scoring::Softmax,
+                groups: None,
+                scale: 1.0,
+                selection_bias: false,
             }
         );
         // decoder_sparse_step 1 and no mlp_only_layers: every layer is sparse.

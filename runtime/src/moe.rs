@@ -60,10 +60,11 @@ pub fn group_by_expert(r: &Routing, top_k: usize) -> Vec<ExpertBatch> {
     by.into_values().collect()
 }
 
-/// An always-on expert whose output is scaled by `sigmoid(gate(x))` (Qwen2-MoE).
+/// An always-on expert added to the routed experts' sum: scaled by `sigmoid(gate(x))` when it
+/// has a gate (Qwen2-MoE, Qwen3-Next), added as it is otherwise (GLM-4.5, DeepSeek-V3).
 pub struct SharedExpert<B: Backend = Host> {
     pub mlp: Mlp<B>,
-    pub gate: Linear<B>,
+    pub gate: Option<Linear<B>>,
 }
 
 /// A sparse MoE feed-forward block.
@@ -83,7 +84,7 @@ impl MoeBlock<Host> {
             shared: match self.shared {
                 Some(s) => Some(SharedExpert {
                     mlp: s.mlp.upload(b)?,
-                    gate: s.gate.upload(b)?,
+                    gate: s.gate.map(|g| g.upload(b)).transpose()?,
                 }),
                 None => None,
             },
@@ -106,8 +107,13 @@ impl<B: Backend> MoeBlock<B> {
         let mut out = store.compute(b, self.layer, &batches, x, hidden)?;
         if let Some(s) = &self.shared {
             let y = s.mlp.forward(b, x, t);
-            let g = s.gate.forward(b, x, t);
-            b.add_gated_rows(&mut out, &y, &g, hidden);
+            match &s.gate {
+                Some(gate) => {
+                    let g = gate.forward(b, x, t);
+                    b.add_gated_rows(&mut out, &y, &g, hidden);
+                }
+                None => b.add(&mut out, &y),
+            }
         }
         Ok((out, routing))
     }

@@ -312,7 +312,9 @@ fn resident_linears<'a>(
                     out.extend(
                         [&mut s.mlp.gate, &mut s.mlp.up, &mut s.mlp.down].map(|l| (l, Projection)),
                     );
-                    out.push((&mut s.gate, Kept));
+                    if let Some(g) = &mut s.gate {
+                        out.push((g, Kept));
+                    }
                 }
             }
         }

@@ -2043,6 +2043,7 @@ max_connections = 500
             names,
             [
                 "cpu-16gb.toml",
+                "glm45-air-gpu-24gb-ram-64gb.toml",
                 "gpu-24gb.toml",
                 "gpu-8gb-ram-64gb.toml",
                 "qwen3-next-80b-cpu-64gb.toml",
@@ -2053,6 +2054,12 @@ max_connections = 500
         );
         let load =
             |name: &str| RunConfig::from_file(&dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
+
+        let c = load("glm45-air-gpu-24gb-ram-64gb.toml");
+        assert_eq!(c.model, "zai-org/GLM-4.5-Air");
+        assert_eq!(c.device, DeviceKind::Cuda);
+        assert_eq!(c.vram_budget, Some(ByteSize(21 << 30)));
+        assert_eq!(c.ram_budget, Some(ByteSize(56 << 30)));
 
         let c = load("cpu-16gb.toml");
         assert_eq!(c.model, "Qwen/Qwen3-30B-A3B");

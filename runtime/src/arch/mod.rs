@@ -9,6 +9,7 @@
 //! is requested through the [`WeightSet`] (so unused tensors can be reported and missing ones are
 //! errors naming the tensor).
 
+mod glm4_moe;
 mod mixtral;
 mod olmoe;
 mod qwen2_moe;
@@ -16,7 +17,7 @@ mod qwen3_moe;
 mod qwen3_next;
 
 use crate::backend::RouterRule;
-use crate::config::{MixerKind, ModelConfig, QkNorm, RawConfig};
+use crate::config::{MixerKind, ModelConfig, QkNorm, RawConfig, RouterConfig, Scoring};
 use crate::deltanet::GatedDeltaNet;
 use crate::error::{Error, Result};
 use crate::layers::{Attention, Linear, Mlp, QkNormLayer, RmsNorm, Rope};
@@ -43,6 +44,7 @@ pub static ARCHITECTURES: &[&Arch] = &[
     &qwen2_moe::ARCH,
     &olmoe::ARCH,
     &qwen3_next::ARCH,
+    &glm4_moe::ARCH,
 ];
 
 /// Finds the architecture of a config: by `architectures[0]`, else by `model_type`.
@@ -96,8 +98,9 @@ pub struct NameScheme {
     /// Dense MLP module and its projection names: gate, up, down.
     pub dense_mlp: &'static str,
     pub dense_proj: [&'static str; 3],
-    /// Shared expert module and its gate (Qwen2-MoE), under the MoE module.
-    pub shared_expert: Option<(&'static str, &'static str)>,
+    /// Shared expert module and its sigmoid gate (Qwen2-MoE; None: ungated, as GLM-4.5's and
+    /// DeepSeek-V3's `shared_experts`), under the MoE module.
+    pub shared_expert: Option<(&'static str, Option<&'static str>)>,
 }
 
 impl NameScheme {
@@ -296,10 +299,17 @@ fn load_moe(
         .map(|m| format!("{layer_prefix}.{m}"))
         .find(|m| w.contains(&format!("{m}.{}.weight", names.router)))
         .unwrap_or_else(|| format!("{layer_prefix}.{}", names.moe_modules[0]));
+    let router_name = format!("{module}.{}", names.router);
+    let selection_bias = if cfg.router.selection_bias {
+        let name = format!("{router_name}.e_score_correction_bias");
+        Some(w.compute(&name, &[e_count])?.to_f32_vec()?)
+    } else {
+        None
+    };
     let router = Router {
-        gate: Linear::load(w, &format!("{module}.{}", names.router), h, e_count, false)?,
+        gate: Linear::load(w, &router_name, h, e_count, false)?,
         rule: RouterRule::from(&cfg.router),
-        selection_bias: None,
+        selection_bias,
     };
     let [g, u, d] = names.expert_proj;
     // Every architecture loaded today: separate gate, up and down, no biases, SwiGLU (the
@@ -344,7 +354,9 @@ fn load_moe(
                     cfg.shared_expert_intermediate_size,
                     names.dense_proj,
                 )?,
-                gate: Linear::load(w, &format!("{module}.{gate_name}"), h, 1, false)?,
+                gate: gate_name
+                    .map(|g| Linear::load(w, &format!("{module}.{g}"), h, 1, false))
+                    .transpose()?,
             })
         }
         _ => None,
@@ -371,6 +383,47 @@ pub fn qwen_sparse_layers(
     Ok((0..num_layers)
         .map(|l| !mlp_only.contains(&l) && num_experts > 0 && step > 0 && (l + 1) % step == 0)
         .collect())
+}
+
+/// The sigmoid router GLM-4.5 and DeepSeek-V3 share: scores are `sigmoid(logit)`, experts are
+/// chosen by score plus the router's `e_score_correction_bias` among the best `topk_group` of
+/// `n_group` groups, and the chosen scores (renormalised when `norm_topk_prob`) are multiplied by
+/// `routed_scaling_factor`. `base` holds the expert count, top-k and renormalisation.
+pub fn biased_sigmoid_router(raw: &RawConfig, base: RouterConfig) -> Result<RouterConfig> {
+    let (e, k) = (base.num_experts, base.top_k);
+    let n_group = raw.usize_or(&["n_group"], 1)?;
+    let topk_group = raw.usize_or(&["topk_group"], 1)?;
+    let scale = raw.f64_or(&["routed_scaling_factor"], 1.0)?;
+    let bad = |reason: String| Err(Error::bad_config(&raw.path, reason));
+    if n_group == 0 || !e.is_multiple_of(n_group) {
+        return bad(format!(
+            "field `n_group` is {n_group}: it must divide the {e} routed experts into equal groups"
+        ));
+    }
+    if topk_group == 0 || topk_group > n_group {
+        return bad(format!(
+            "field `topk_group` is {topk_group}: it must be between 1 and `n_group` ({n_group})"
+        ));
+    }
+    let eligible = topk_group * (e / n_group);
+    if k > eligible {
+        return bad(format!(
+            "field `num_experts_per_tok` is {k}, but the {topk_group} kept groups of `topk_group` \
+             hold only {eligible} experts"
+        ));
+    }
+    if !(scale.is_finite() && scale > 0.0) {
+        return bad(format!(
+            "field `routed_scaling_factor` is {scale}: it must be a positive number"
+        ));
+    }
+    Ok(RouterConfig {
+        scoring: Scoring::Sigmoid,
+        groups: (n_group > 1 && topk_group < n_group).then_some((n_group, topk_group)),
+        scale: scale as f32,
+        selection_bias: true,
+        ..base
+    })
 }
 
 /// `head_dim` if given (not null), else hidden / heads.

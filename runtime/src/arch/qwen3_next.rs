@@ -25,7 +25,7 @@ pub static ARCH: Arch = Arch {
 };
 
 static NAMES: NameScheme = NameScheme {
-    shared_expert: Some(("shared_expert", "shared_expert_gate")),
+    shared_expert: Some(("shared_expert", Some("shared_expert_gate"))),
     ..NameScheme::HF_STANDARD
 };
 

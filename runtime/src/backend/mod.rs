@@ -136,16 +136,8 @@ pub enum Glu {
     ClampedSwiGlu { limit: f32, alpha: f32 },
 }
 
-/// How router logits become scores.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scoring {
-    /// Softmax over all experts, then selection (Mixtral, Qwen, OLMoE).
-    Softmax,
-    /// Selection on the raw logits, then softmax over the selected ones (gpt-oss).
-    TopKThenSoftmax,
-    /// `sigmoid(logit)` per expert (DeepSeek-V3, GLM-4.5).
-    Sigmoid,
-}
+/// How router logits become scores (part of a model's description, so it lives in `config`).
+pub use crate::config::Scoring;
 
 /// Routing decisions of one layer for `rows` token rows.
 #[derive(Clone, Debug, Default)]
@@ -180,10 +172,10 @@ impl From<&RouterConfig> for RouterRule {
         RouterRule {
             num_experts: c.num_experts,
             top_k: c.top_k,
-            scoring: Scoring::Softmax,
+            scoring: c.scoring,
             renormalize: c.norm_topk_prob,
-            groups: None,
-            scale: 1.0,
+            groups: c.groups,
+            scale: c.scale,
         }
     }
 }

@@ -38,8 +38,8 @@ use parking_lot::Mutex;
 use super::device::{DeviceTier, Frame};
 use super::layout::GateUp;
 use super::{ExpertBatch, ExpertBuf, ExpertLayout, ExpertStore, TieredStore};
-use crate::backend::cuda::gpu::{Event, HostBuf, Stream};
-use crate::backend::cuda::{DevBuf, DeviceExpert, ExpertWork, Gpu, Vram};
+use crate::backend::cuda::gpu::{Event, HostBuf, HostId, Stream};
+use crate::backend::cuda::{DevBuf, DevPtr, DeviceExpert, ExpertWork, Gpu, Vram};
 use crate::backend::{Activations, Backend, Cuda};
 use crate::error::{Error, Result};
 use crate::weights::Dtype;
@@ -66,6 +66,9 @@ pub struct CudaTier {
     ring: (Sender<Staging>, Receiver<Staging>),
     recycled: Recycled,
     pinned: Arc<PinnedPool>,
+    /// Held while one copy and the two events around it are issued, so no other copy falls
+    /// between them: the events then time that transfer alone.
+    issue: Mutex<()>,
 }
 
 /// One expert's bytes in VRAM and where its parts start.
@@ -103,22 +106,28 @@ pub type CudaTicket = Arc<Completion>;
 /// layer's frame finishes, so its completion's event is set then.
 pub struct Completion {
     event: std::sync::OnceLock<Arc<Event>>,
+    /// For a copy: an event recorded on the copy stream just before it, so the two events time
+    /// the transfer alone (after whatever the stream waited for).
+    started: Option<Event>,
     _reads: Option<Arc<ExpertBuf>>,
 }
 
 impl Completion {
-    fn of(event: Event, reads: Option<Arc<ExpertBuf>>) -> Arc<Completion> {
+    /// A copy's completion: `end` recorded after it, `started` just before it.
+    fn copy(started: Event, end: Event, reads: Option<Arc<ExpertBuf>>) -> Arc<Completion> {
         let c = Completion {
             event: std::sync::OnceLock::new(),
+            started: Some(started),
             _reads: reads,
         };
-        let _ = c.event.set(Arc::new(event));
+        let _ = c.event.set(Arc::new(end));
         Arc::new(c)
     }
 
     fn pending() -> Arc<Completion> {
         Arc::new(Completion {
             event: std::sync::OnceLock::new(),
+            started: None,
             _reads: None,
         })
     }
@@ -227,8 +236,25 @@ impl CudaTier {
                 ring,
                 recycled: Arc::new(Mutex::new(Vec::new())),
                 pinned: PinnedPool::new(cuda.gpu().clone()),
+                issue: Mutex::new(()),
             }
         })
+    }
+
+    /// Issues a copy of `bytes` from pinned `src` to `dst` on the copy stream between two events;
+    /// the completion keeps `reads` until it is done.
+    fn timed_copy(
+        &self,
+        dst: DevPtr,
+        src: HostId,
+        bytes: usize,
+        reads: Option<Arc<ExpertBuf>>,
+    ) -> Result<CudaTicket> {
+        let _alone = self.issue.lock();
+        let started = Event::record(&self.gpu, Stream::Copy)?;
+        self.gpu.copy_async(dst, src, bytes)?;
+        let end = Event::record(&self.gpu, Stream::Copy)?;
+        Ok(Completion::copy(started, end, reads))
     }
 
     /// Copies `bytes` into `dst` through a staging buffer on the copy stream; the event after it.
@@ -248,8 +274,7 @@ impl CudaTier {
             }
             let host = st.buf.as_ref().expect("allocated above");
             self.gpu.host_write(host.id(), bytes)?;
-            self.gpu.copy_async(dst.ptr(), host.id(), bytes.len())?;
-            let ready = Completion::of(Event::record(&self.gpu, Stream::Copy)?, None);
+            let ready = self.timed_copy(dst.ptr(), host.id(), bytes.len(), None)?;
             st.busy = Some(ready.clone());
             Ok(ready)
         })();
@@ -318,10 +343,7 @@ impl DeviceTier for CudaTier {
         }
         let ready = match src.pinned() {
             // Already in pinned memory: straight to the device; the ticket keeps it alive.
-            Some(host) => {
-                self.gpu.copy_async(dst.buf().ptr(), host, bytes.len())?;
-                Completion::of(Event::record(&self.gpu, Stream::Copy)?, Some(src.clone()))
-            }
+            Some(host) => self.timed_copy(dst.buf().ptr(), host, bytes.len(), Some(src.clone()))?,
             None => self.stage_and_copy(bytes, dst.buf())?,
         };
         dst.parts = (0..src.num_parts()).map(|i| src.part(i)).collect();
@@ -335,6 +357,12 @@ impl DeviceTier for CudaTier {
 
     fn is_done(&self, ticket: &CudaTicket) -> bool {
         ticket.done()
+    }
+
+    fn copy_seconds(&self, ticket: &CudaTicket) -> Option<f64> {
+        let (start, end) = (ticket.started.as_ref()?, ticket.event.get()?);
+        let ms = self.gpu.elapsed_ms(start.id(), end.id()).ok()?;
+        (ms > 0.0).then(|| f64::from(ms) / 1e3)
     }
 
     fn host_memory(&self) -> Option<Arc<PinnedPool>> {
@@ -635,5 +663,13 @@ mod tests {
             assert_eq!(cuda.to_host(&yd).into_owned(), want);
         }
         assert!(on_gpu.stats().hits > 0, "the second pass hits the slots");
+        // The copy speed is the device's event timing of the transfers (the mock's modelled
+        // link), not the host's clock around reading and copying (far slower for such tiny
+        // experts).
+        let link = crate::backend::cuda::mock::MOCK_LINK_BYTES_PER_S;
+        let rate = on_gpu
+            .measured_copy_bytes_per_s()
+            .expect("copies were timed");
+        assert!((rate / link - 1.0).abs() < 1e-3, "{rate} vs {link}");
     }
 }

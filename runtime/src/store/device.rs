@@ -53,6 +53,13 @@ pub trait DeviceTier: Send + Sync + 'static {
     /// Has the ticket's work completed (without blocking)?
     fn is_done(&self, ticket: &Self::Ticket) -> bool;
 
+    /// Seconds the link spent on the copy behind a completed `ticket`, timed on the device
+    /// (events around the transfer alone); None where the tier does not time its copies, and
+    /// the store then times the whole load (reading the source included) on the host clock.
+    fn copy_seconds(&self, _ticket: &Self::Ticket) -> Option<f64> {
+        None
+    }
+
     /// `out[r] += w_r * ffn(x_r)` for the batch's rows, with the expert held in `slot`. `x` and
     /// `out` are `[tokens, hidden]` host rows; `act` is the `activations` setting.
     fn ffn(

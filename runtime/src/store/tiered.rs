@@ -189,7 +189,10 @@ impl Rate {
     const ALPHA: f64 = 0.2;
 
     fn record(&self, bytes: usize, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64();
+        self.record_secs(bytes, elapsed.as_secs_f64());
+    }
+
+    fn record_secs(&self, bytes: usize, secs: f64) {
         if secs <= 0.0 || bytes == 0 {
             return;
         }
@@ -540,14 +543,18 @@ impl<D: DeviceTier> TieredStore<D> {
             .and_then(|b| {
                 let bytes = b.size_bytes();
                 LayerCounters::add(&shared.counters[layer].bytes_to_device, bytes as u64);
-                let copy = || -> Result<Resident<D>> {
+                let copy = || -> Result<(Resident<D>, Option<f64>)> {
                     let mut s = dev.tier.alloc(bytes)?;
                     let ticket = dev.tier.copy_in(b, &mut s, t0)?;
                     dev.tier.wait(&ticket)?;
-                    Ok(Resident::new(s))
+                    Ok((Resident::new(s), dev.tier.copy_seconds(&ticket)))
                 };
-                let resident = copy().map_err(Arc::new)?;
-                shared.copy_rate.record(bytes, t0.elapsed());
+                let (resident, timed) = copy().map_err(Arc::new)?;
+                // The link's own time where the device times it: reading the source is paid
+                // whether the expert is copied or computed where it lies, so only the transfer
+                // weighs in the copy-or-compute choice.
+                let took = timed.unwrap_or_else(|| t0.elapsed().as_secs_f64());
+                shared.copy_rate.record_secs(bytes, took);
                 Ok(resident)
             });
             if copied.is_err() {
@@ -686,12 +693,18 @@ impl<D: DeviceTier> TieredStore<D> {
         Ok(())
     }
 
-    /// The configuration this store runs with.
+    /// The copy speed the copy-or-compute choice uses, bytes/s: measured over the copies so far
+    /// (on a GPU by events around each transfer), None before the first.
+    pub fn measured_copy_bytes_per_s(&self) -> Option<f64> {
+        self.shared.copy_rate.get()
+    }
+
     /// The layout every expert of the model shares (None when it has no experts).
     pub fn layout(&self) -> Option<&ExpertLayout> {
         self.layout.as_ref()
     }
 
+    /// The configuration this store runs with.
     pub fn config(&self) -> &TieredStoreConfig {
         &self.config
     }

@@ -71,8 +71,9 @@ fn softmax(row: &[f32]) -> Vec<f32> {
 }
 
 /// Group-limited selection: each of `groups` equal groups scores the sum of its best two
-/// choice scores; the experts outside the best `keep` groups get a choice score of 0 (as the
-/// reference masks them).
+/// choice scores; the experts outside the best `keep` groups get a choice score of -inf (as
+/// transformers' DeepSeek-V3 and GLM-4.5 routers mask them), so they are never chosen even when
+/// a selection bias makes the kept scores negative.
 fn limit_groups(choice: &mut [f32], groups: usize, keep: usize) {
     if groups <= 1 || keep >= groups {
         return;
@@ -101,7 +102,7 @@ fn limit_groups(choice: &mut [f32], groups: usize, keep: usize) {
     }
     for (g, c) in choice.chunks_exact_mut(per).enumerate() {
         if !kept[g] {
-            c.fill(0.0);
+            c.fill(f32::NEG_INFINITY);
         }
     }
 }
@@ -181,6 +182,21 @@ mod tests {
         let mut c = vec![0.9, 0.1, 0.5, 0.5, 0.2, 0.3];
         limit_groups(&mut c, 3, 1);
         // Group sums: 1.0, 1.0, 0.5: the first best (group 0) is kept.
-        assert_eq!(c, vec![0.9, 0.1, 0.0, 0.0, 0.0, 0.0]);
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(c, vec![0.9, 0.1, inf, inf, inf, inf]);
+        // Negative kept scores (a selection bias below -1 after a sigmoid) still win over the
+        // masked groups.
+        let mut c = vec![-0.4, -0.6, 0.5, -2.0, -0.5, -0.5];
+        limit_groups(&mut c, 3, 1);
+        assert_eq!(c, vec![-0.4, -0.6, inf, inf, inf, inf]);
+        let r = route(
+            vec![0.0; 6],
+            &RouterRule {
+                groups: Some((3, 1)),
+                ..rule(Scoring::Sigmoid, 6, 2, false)
+            },
+            Some(&[-1.0, -1.2, 0.0, -3.0, -1.1, -1.1]),
+        );
+        assert_eq!(r.indices, vec![0, 1]);
     }
 }

@@ -9,6 +9,8 @@
 //! (by the compute stream or the host); a copy-stream write into memory a kernel used must come
 //! after an event of that kernel was waited for; a pinned buffer must not be rewritten while a
 //! copy from it may be in flight. A violation is a fatal device error naming the kernel or copy.
+//! Copies on the copy stream advance a modelled clock that events read, so event timings of
+//! copies are those of a link of [`MOCK_LINK_BYTES_PER_S`].
 //!
 //! Invariants: addresses are fake (they start far from zero and allocations are separated by
 //! gaps), and every access through an address is checked to lie inside one live allocation, so
@@ -37,6 +39,10 @@ use crate::weights::{typed_weights, Dtype};
 const BASE_ADDRESS: u64 = 0x7e00_0000_0000;
 /// Unmapped gap after every allocation, so an overrun does not land in the next one.
 const GAP_BYTES: u64 = 4096;
+
+/// The modelled speed of copies on the copy stream (a PCIe 4.0 x16 link's order), which event
+/// timings report (see [`Order`]).
+pub const MOCK_LINK_BYTES_PER_S: f64 = 25e9;
 
 /// The mock device (see the module doc).
 pub struct MockGpu {
@@ -242,6 +248,26 @@ impl MockGpu {
                 cpu::Input::new(&x, m, kk, crate::backend::Activations::F32, &[w])
                     .matmul(w, n, &mut out, true);
                 self.write_f32(a.ptr(2), &out)
+            }
+            "route_softmax_topk_f32" => {
+                let rows = grid[0] as usize;
+                let (e, k) = (a.u32(2) as usize, a.u32(3) as usize);
+                let logits = self.read_f32(a.ptr(0), rows * e)?;
+                let bias = match a.ptr(1) {
+                    0 => None,
+                    p => Some(self.read_f32(p, e)?),
+                };
+                let rule = crate::backend::RouterRule {
+                    num_experts: e,
+                    top_k: k,
+                    scoring: crate::backend::Scoring::Softmax,
+                    renormalize: a.u32(4) != 0,
+                    groups: None,
+                    scale: a.f32(5),
+                };
+                let r = cpu::route::route(logits, &rule, bias.as_deref());
+                self.write(a.ptr(6), bytemuck::cast_slice(&r.indices))?;
+                self.write_f32(a.ptr(7), &r.weights)
             }
             "moe_sum_rows_f32" => {
                 let (rows, hidden) = (a.u32(5) as usize, a.u32(6) as usize);
@@ -579,6 +605,11 @@ struct Order {
     copy_seq: u64,
     next_event: u64,
     events: HashMap<EventId, (Stream, u64)>,
+    /// The copy stream's modelled clock, seconds: each copy advances it by its bytes over
+    /// [`MOCK_LINK_BYTES_PER_S`]. Events recorded on the copy stream read it, so timing two of
+    /// them gives the modelled transfer time, as events on a real link give the measured one.
+    copy_clock_s: f64,
+    event_clock_s: HashMap<EventId, f64>,
     /// Copy-stream work that compute-stream work issued from now on comes after.
     copy_visible: u64,
     /// Compute-stream work that copy-stream work issued from now on comes after.
@@ -892,7 +923,9 @@ impl Gpu for MockGpu {
                 )));
             }
             *last_copy = seq;
-            bytemuck::cast_slice::<u64, u8>(words)[..bytes].to_vec()
+            let data = bytemuck::cast_slice::<u64, u8>(words)[..bytes].to_vec();
+            o.copy_clock_s += bytes as f64 / MOCK_LINK_BYTES_PER_S;
+            data
         };
         self.write(dst, &data)
     }
@@ -906,6 +939,11 @@ impl Gpu for MockGpu {
             Stream::Copy => o.copy_seq,
         };
         o.events.insert(id, (stream, seq));
+        let clock = match stream {
+            Stream::Compute => 0.0,
+            Stream::Copy => o.copy_clock_s,
+        };
+        o.event_clock_s.insert(id, clock);
         Ok(id)
     }
 
@@ -932,12 +970,23 @@ impl Gpu for MockGpu {
         self.order.lock().host_saw(event)
     }
 
-    fn elapsed_ms(&self, _start: EventId, _end: EventId) -> Result<f32> {
-        Ok(0.0)
+    /// Modelled time between two copy-stream events; 0 between compute-stream ones (the mock
+    /// models no compute time).
+    fn elapsed_ms(&self, start: EventId, end: EventId) -> Result<f32> {
+        let o = self.order.lock();
+        let at = |e: EventId| {
+            o.event_clock_s
+                .get(&e)
+                .copied()
+                .ok_or_else(|| fault(format!("event {e} does not exist")))
+        };
+        Ok(((at(end)? - at(start)?) * 1e3) as f32)
     }
 
     fn event_free(&self, event: EventId) {
-        self.order.lock().events.remove(&event);
+        let mut o = self.order.lock();
+        o.events.remove(&event);
+        o.event_clock_s.remove(&event);
     }
 }
 

@@ -46,7 +46,9 @@ pub use gpu::{DevBuf, DevPtr, Gpu, Grid, KArg, Vram, VramUsage};
 pub use probe::{probe, CudaDevice};
 
 use crate::backend::cpu::{self, LinearState};
-use crate::backend::{AttnShape, Backend, Cpu, DeltaNetParams, Glu, KvElem, RouterRule, Routing};
+use crate::backend::{
+    AttnShape, Backend, Cpu, DeltaNetParams, Glu, KvElem, RouterRule, Routing, Scoring,
+};
 use crate::config::Rope;
 use crate::error::{Error, Result};
 use crate::weights::{Dtype, TensorRef};
@@ -77,6 +79,11 @@ fn attention_splits(positions: usize) -> usize {
 /// KV caches grow by whole multiples of this many positions: a copy per 256 new tokens, and at
 /// most 255 unused positions per cache.
 const KV_GROW_POSITIONS: usize = 256;
+
+/// Limits of `route_softmax_topk_f32` (`ROUTE_MAX_EXPERTS`, `ROUTE_MAX_K` in `route.cu`); other
+/// shapes are routed on the host.
+const ROUTE_MAX_EXPERTS: usize = 1024;
+const ROUTE_MAX_K: usize = 32;
 
 /// Most blocks a grid-stride kernel is launched with (enough to fill any current GPU).
 const MAX_STRIDE_BLOCKS: usize = 8192;
@@ -794,10 +801,56 @@ impl Backend for Cuda {
     }
 
     fn route(&self, logits: DevBuf, rule: &RouterRule, selection_bias: Option<&DevVec>) -> Routing {
-        // The logits come to the host (the store decides hits and misses there) and the CPU
-        // rule picks: the same routing as the CPU backend, bit for bit.
-        let host = self.host_f32(&logits);
-        cpu::route::route(host, rule, selection_bias.map(|b| &b.host[..]))
+        let (e, k) = (rule.num_experts, rule.top_k);
+        let rows = Self::n_f32(&logits) / e.max(1);
+        let on_device = rule.scoring == Scoring::Softmax
+            && rule.groups.is_none()
+            && e <= ROUTE_MAX_EXPERTS
+            && (1..=ROUTE_MAX_K.min(e)).contains(&k)
+            && rows > 0;
+        if !on_device {
+            // Other rules pick on the host, with the CPU's code: the same routing bit for bit.
+            let host = self.host_f32(&logits);
+            return cpu::route::route(host, rule, selection_bias.map(|b| &b.host[..]));
+        }
+        // The chosen experts and their weights come back in one copy (the store decides hits
+        // and misses on the host): `rows * k` indices, then as many weights.
+        let n = rows * k;
+        let out = self.alloc(n * 8);
+        self.launch(
+            "route_softmax_topk_f32",
+            [u32_of(rows), 1, 1],
+            &[
+                logits.arg(),
+                selection_bias.map_or(KArg::Ptr(0), |b| b.buf.arg()),
+                KArg::U32(u32_of(e)),
+                KArg::U32(u32_of(k)),
+                KArg::U32(u32::from(rule.renormalize)),
+                KArg::F32(rule.scale),
+                out.arg(),
+                KArg::Ptr(out.ptr() + (n * 4) as u64),
+            ],
+        );
+        let mut words = vec![0u32; 2 * n];
+        if !self.faulted() {
+            let r = self
+                .gpu
+                .dtoh(out.ptr(), bytemuck::cast_slice_mut(&mut words));
+            self.ok(r);
+        }
+        let weights = words[n..].iter().map(|&b| f32::from_bits(b)).collect();
+        words.truncate(n);
+        // A failed launch leaves zeros; clamp so the store never sees an index past the
+        // experts (the step fails at `check` anyway).
+        for i in &mut words {
+            *i = (*i).min(u32_of(e - 1));
+        }
+        Routing {
+            indices: words,
+            weights,
+            // Not copied back: nothing after routing reads them on this backend.
+            logits: Vec::new(),
+        }
     }
 
     fn kv_new(&self, elem: KvElem) -> DevKv {
