@@ -294,6 +294,91 @@ fn a_missing_selection_bias_is_named() {
     refused(dir.path(), &[gone]);
 }
 
+/// A copy of fixture `name`'s single-file model with its tensors passed through `edit`.
+fn with_tensors(
+    name: &str,
+    edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) -> tempfile::TempDir {
+    let dir = copy_model(&fixtures().join(name).join("model"));
+    let file = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut all: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    edit(&mut all);
+    let views: Vec<_> = all
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&file, safetensors::serialize(views, &None).unwrap()).unwrap();
+    dir
+}
+
+#[test]
+fn gpt_oss_inputs_that_do_not_fit_are_named() {
+    // A layer's attention sinks missing.
+    let dir = with_tensors("gpt_oss", |t| {
+        t.retain(|(n, ..)| n != "model.layers.1.self_attn.sinks")
+    });
+    refused(dir.path(), &["model.layers.1.self_attn.sinks"]);
+    // `layer_types` of the wrong length, or naming a kind gpt-oss has not.
+    let dir = edited(
+        "gpt_oss",
+        set(
+            "layer_types",
+            json!(["sliding_attention", "full_attention"]),
+        ),
+    );
+    refused(dir.path(), &["`layer_types`", "2 entries for 3 layers"]);
+    let dir = edited(
+        "gpt_oss",
+        set(
+            "layer_types",
+            json!(["sliding_attention", "linear_attention", "full_attention"]),
+        ),
+    );
+    refused(
+        dir.path(),
+        &["`layer_types`", "`linear_attention`", "layer 1"],
+    );
+    // The experts' gate_up exported input-major ([E, H, 2I], as transformers holds it in
+    // memory) instead of the release's MXFP4 pair.
+    let dir = with_tensors("gpt_oss", |t| {
+        t.retain(|(n, ..)| !n.starts_with("model.layers.0.mlp.experts.gate_up_proj_"));
+        let (e, h, i2) = (8usize, 64usize, 64usize);
+        t.push((
+            "model.layers.0.mlp.experts.gate_up_proj".into(),
+            safetensors::Dtype::F32,
+            vec![e, h, i2],
+            vec![0u8; e * h * i2 * 4],
+        ));
+        // Keep the biases the pair sat beside.
+        let bias = vec![0u8; e * i2 * 4];
+        t.push((
+            "model.layers.0.mlp.experts.gate_up_proj_bias".into(),
+            safetensors::Dtype::F32,
+            vec![e, i2],
+            bias,
+        ));
+    });
+    refused(
+        dir.path(),
+        &[
+            "model.layers.0.mlp.experts.gate_up_proj",
+            "input-major",
+            "MXFP4",
+        ],
+    );
+}
+
 #[test]
 fn rotary_fractions_must_rotate_an_even_part_of_the_head() {
     // qwen3_next's fixture: head_dim 16.
@@ -625,6 +710,8 @@ fn every_fixture_and_released_config_passes_the_limits() {
     configs.push(fixtures().join("qwen3_next_80b/config.json"));
     configs.push(fixtures().join("qwen3_next_80b_fp8/config.json"));
     configs.push(fixtures().join("glm45_air/config.json"));
+    configs.push(fixtures().join("gpt_oss_120b/config.json"));
+    configs.push(fixtures().join("gpt_oss_20b/config.json"));
     for path in configs {
         let raw = RawConfig::parse(path.clone(), &std::fs::read(&path).unwrap()).unwrap();
         let arch = moe_runtime::arch::lookup(&raw).unwrap();

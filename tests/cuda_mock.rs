@@ -247,3 +247,31 @@ fn deltanet_decode_steps_run_as_kernels_on_the_device() {
         assert!(launched.contains(&k), "{k} was not launched");
     }
 }
+
+#[test]
+fn gpt_oss_experts_run_in_vram_slots_with_their_biases_and_interleaved_rows() {
+    let dir = common::fixtures().join("gpt_oss");
+    let (cuda, mock) = generate_on_mock(&dir, KvElem::F32, 3);
+    let launched = mock.launched();
+    // MXFP4 experts in slots: the grouped decode matvec, the f32 biases added to their rows,
+    // gate and up taken from alternating rows, the clamped SwiGLU; and the attention sinks.
+    for k in [
+        "matvec_grouped_mxfp4",
+        "add_rows_f32",
+        "split_pairs_f32",
+        "glu_clamped_f32",
+        "attention_decode_f32",
+    ] {
+        assert!(launched.contains(&k), "{k} was not launched");
+    }
+    let stats = cuda.decoder.store().stats();
+    let to_device: u64 = stats.per_layer.iter().map(|l| l.bytes_to_device).sum();
+    assert!(to_device > 0 && stats.hits > 0, "{stats:?}");
+    // And the tokens are the CPU's.
+    let cpu = Model::load(&settings(&dir, DeviceKind::Cpu, KvElem::F32)).unwrap();
+    let ids = prompts(&cpu).remove(0);
+    assert_eq!(
+        common::greedy_generate(&cpu, &ids, 6),
+        common::greedy_generate(&cuda, &ids, 6)
+    );
+}

@@ -601,8 +601,24 @@ fn weight_bytes(rng: &mut Rng, suffix: &str, rows: usize, k: usize, nan_codes: b
         "q8_0" => q8_0_bytes(&rng.vec(n, 1.0)),
         "q4_k" => q4_k_bytes(&rng.vec(n, 1.0)),
         "f8" => scaled_blocks(rng, n / 128, 128, nan_codes),
+        "mxfp4" => mxfp4_blocks(rng, n / 32),
         _ => scaled_blocks(rng, n / 64, 32, false),
     }
+}
+
+/// MXFP4 blocks: an E8M0 scale byte (2^-9 .. 2^-1, the range of trained weights, and 0, the
+/// subnormal 2^-127) then 16 bytes of random codes (every code, both nibbles, -0 included).
+fn mxfp4_blocks(rng: &mut Rng, blocks: usize) -> Vec<u8> {
+    let mut v = Vec::new();
+    for b in 0..blocks {
+        v.push(if b % 7 == 3 {
+            0
+        } else {
+            118 + rng.below(9) as u8
+        });
+        v.extend(rng.bytes(16));
+    }
+    v
 }
 
 fn block_of(suffix: &str) -> (usize, usize) {
@@ -611,6 +627,7 @@ fn block_of(suffix: &str) -> (usize, usize) {
         "q4_k" => (256, 144),
         "f8" => (128, 132),
         "nf4" | "fp4" => (64, 36),
+        "mxfp4" => (32, 17),
         "bf16" | "f16" => (1, 2),
         _ => (1, 4),
     }
@@ -639,6 +656,7 @@ fn dequant_cases(rng: &mut Rng, v: &mut Vec<Case>) {
         ("dequant_f8", "f8", 9),
         ("dequant_nf4", "nf4", 11),
         ("dequant_fp4", "fp4", 13),
+        ("dequant_mxfp4", "mxfp4", 15),
         ("dequant_bf16", "bf16", 1001),
         ("dequant_f16", "f16", 999),
     ] {
@@ -691,6 +709,8 @@ fn matvec_cases(rng: &mut Rng, v: &mut Vec<Case>) {
         ("matvec_nf4", "nf4", 12, 19, 448),
         ("matvec_fp4", "fp4", 1, 37, 832),
         ("matvec_fp4", "fp4", 7, 43, 1088),
+        ("matvec_mxfp4", "mxfp4", 1, 37, 2880),
+        ("matvec_mxfp4", "mxfp4", 9, 29, 736),
     ];
     for &(kernel, suffix, m, n, k) in shapes {
         v.push(Case {
@@ -727,6 +747,7 @@ fn grouped_matvec_cases(rng: &mut Rng, v: &mut Vec<Case>) {
         ("matvec_grouped_f8", "f8", 27, 1152),
         ("matvec_grouped_nf4", "nf4", 19, 448),
         ("matvec_grouped_fp4", "fp4", 43, 1088),
+        ("matvec_grouped_mxfp4", "mxfp4", 45, 1120),
     ];
     let rows = [1usize, 3, 8];
     let total: usize = rows.iter().sum();
@@ -985,24 +1006,26 @@ fn elementwise_cases(rng: &mut Rng, v: &mut Vec<Case>) {
         checks: vec![(0, Cmp::Exact)],
     });
     let (blocks, d) = (9usize, 300usize);
-    v.push(Case {
-        name: format!("split_halves_f32 {blocks} x 2 x {d}"),
-        kernel: "split_halves_f32",
-        grid: [blocks as u32, blocks_for(d), 1],
-        bufs: vec![
-            Buf::Bytes(le_f32(&wide(rng, blocks * 2 * d))),
-            Buf::Bytes(vec![0; blocks * d * 4]),
-            Buf::Bytes(vec![0; blocks * d * 4]),
-        ],
-        args: vec![
-            A::Buf(0),
-            A::Buf(1),
-            A::Buf(2),
-            A::U32(blocks as u32),
-            A::U32(d as u32),
-        ],
-        checks: vec![(1, Cmp::Exact), (2, Cmp::Exact)],
-    });
+    for kernel in ["split_halves_f32", "split_pairs_f32"] {
+        v.push(Case {
+            name: format!("{kernel} {blocks} x 2 x {d}"),
+            kernel,
+            grid: [blocks as u32, blocks_for(d), 1],
+            bufs: vec![
+                Buf::Bytes(le_f32(&wide(rng, blocks * 2 * d))),
+                Buf::Bytes(vec![0; blocks * d * 4]),
+                Buf::Bytes(vec![0; blocks * d * 4]),
+            ],
+            args: vec![
+                A::Buf(0),
+                A::Buf(1),
+                A::Buf(2),
+                A::U32(blocks as u32),
+                A::U32(d as u32),
+            ],
+            checks: vec![(1, Cmp::Exact), (2, Cmp::Exact)],
+        });
+    }
     let (total, width) = (13usize, 333usize);
     let rows = [12u32, 0, 5, 5, 7];
     v.push(Case {
@@ -1063,10 +1086,11 @@ fn attention_cases(rng: &mut Rng, v: &mut Vec<Case>) {
     let (nh, nkv) = (8usize, 2usize);
     let (len_a, len_b) = (300usize, 45usize);
     let pos = [299u32, 150, 44];
-    for (kernel, hd, window) in [
-        ("attention_decode_f32", 72usize, 0u32),
-        ("attention_decode_bf16", 128, 0),
-        ("attention_decode_f16", 256, 100),
+    // With sinks (one logit per head, gpt-oss) in two of them.
+    for (kernel, hd, window, with_sinks) in [
+        ("attention_decode_f32", 72usize, 0u32, false),
+        ("attention_decode_bf16", 128, 0, true),
+        ("attention_decode_f16", 256, 100, true),
     ] {
         let kvr = nkv * hd;
         let enc = |vals: Vec<f32>| match kernel {
@@ -1074,21 +1098,28 @@ fn attention_cases(rng: &mut Rng, v: &mut Vec<Case>) {
             "attention_decode_bf16" => le_bf16(&vals),
             _ => le_f16(&vals),
         };
+        let mut bufs = vec![
+            Buf::Bytes(le_f32(&rng.vec(pos.len() * nh * hd, 0.6))), // 0: q
+            Buf::Bytes(enc(rng.vec(len_a * kvr, 1.0))),             // 1: k, sequence a
+            Buf::Bytes(enc(rng.vec(len_a * kvr, 2.0))),             // 2: v, sequence a
+            Buf::Bytes(enc(rng.vec(len_b * kvr, 1.0))),             // 3: k, sequence b
+            Buf::Bytes(enc(rng.vec(len_b * kvr, 2.0))),             // 4: v, sequence b
+            Buf::Addrs(vec![(1, 0), (1, 0), (3, 0)]),               // 5: k per row
+            Buf::Addrs(vec![(2, 0), (2, 0), (4, 0)]),               // 6: v per row
+            Buf::Bytes(le_u32(&pos)),                               // 7
+            Buf::Bytes(vec![0; pos.len() * nh * hd * 4]),           // 8: out
+        ];
+        let sinks = if with_sinks {
+            bufs.push(Buf::Bytes(le_f32(&rng.vec(nh, 3.0)))); // 9: sinks
+            A::Buf(9)
+        } else {
+            A::Null
+        };
         v.push(Case {
-            name: format!("{kernel} head_dim {hd} window {window}"),
+            name: format!("{kernel} head_dim {hd} window {window} sinks {with_sinks}"),
             kernel,
             grid: [pos.len() as u32, nkv as u32, 1],
-            bufs: vec![
-                Buf::Bytes(le_f32(&rng.vec(pos.len() * nh * hd, 0.6))), // 0: q
-                Buf::Bytes(enc(rng.vec(len_a * kvr, 1.0))),             // 1: k, sequence a
-                Buf::Bytes(enc(rng.vec(len_a * kvr, 2.0))),             // 2: v, sequence a
-                Buf::Bytes(enc(rng.vec(len_b * kvr, 1.0))),             // 3: k, sequence b
-                Buf::Bytes(enc(rng.vec(len_b * kvr, 2.0))),             // 4: v, sequence b
-                Buf::Addrs(vec![(1, 0), (1, 0), (3, 0)]),               // 5: k per row
-                Buf::Addrs(vec![(2, 0), (2, 0), (4, 0)]),               // 6: v per row
-                Buf::Bytes(le_u32(&pos)),                               // 7
-                Buf::Bytes(vec![0; pos.len() * nh * hd * 4]),           // 8: out
-            ],
+            bufs,
             args: vec![
                 A::Buf(0),
                 A::Buf(5),
@@ -1102,6 +1133,7 @@ fn attention_cases(rng: &mut Rng, v: &mut Vec<Case>) {
                 A::U32(1),
                 A::Null,
                 A::Buf(8),
+                sinks,
             ],
             checks: vec![(8, Cmp::Norm(ATTENTION_REL_TOL))],
         });
@@ -1140,6 +1172,7 @@ fn attention_cases(rng: &mut Rng, v: &mut Vec<Case>) {
             A::U32(splits as u32),
             A::Buf(6),
             A::Buf(7),
+            A::Null,
         ],
         checks: vec![(6, Cmp::Norm(ATTENTION_REL_TOL))],
     });
@@ -1158,23 +1191,29 @@ fn attention_cases(rng: &mut Rng, v: &mut Vec<Case>) {
             }
         }
     }
-    v.push(Case {
-        name: format!("attention_merge_f32 {splits} splits"),
-        kernel: "attention_merge_f32",
-        grid: [rows as u32, nh as u32, 1],
-        bufs: vec![
-            Buf::Bytes(le_f32(&part)),
-            Buf::Bytes(vec![0; rows * nh * hd * 4]),
-        ],
-        args: vec![
-            A::Buf(0),
-            A::U32(splits as u32),
-            A::U32(nh as u32),
-            A::U32(hd as u32),
-            A::Buf(1),
-        ],
-        checks: vec![(1, Cmp::Norm(ATTENTION_REL_TOL))],
-    });
+    // Without and with sinks (joining after the splits).
+    let sinks = rng.vec(nh, 8.0);
+    for with_sinks in [false, true] {
+        v.push(Case {
+            name: format!("attention_merge_f32 {splits} splits sinks {with_sinks}"),
+            kernel: "attention_merge_f32",
+            grid: [rows as u32, nh as u32, 1],
+            bufs: vec![
+                Buf::Bytes(le_f32(&part)),
+                Buf::Bytes(vec![0; rows * nh * hd * 4]),
+                Buf::Bytes(le_f32(&sinks)),
+            ],
+            args: vec![
+                A::Buf(0),
+                A::U32(splits as u32),
+                A::U32(nh as u32),
+                A::U32(hd as u32),
+                A::Buf(1),
+                if with_sinks { A::Buf(2) } else { A::Null },
+            ],
+            checks: vec![(1, Cmp::Norm(ATTENTION_REL_TOL))],
+        });
+    }
 }
 
 fn moe_cases(rng: &mut Rng, v: &mut Vec<Case>) {

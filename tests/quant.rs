@@ -2,7 +2,8 @@
 //! mean logit error, KL divergence of the next-token distributions), q8_0 keeping the greedy
 //! tokens wherever the reference's margin exceeds the quantization error, and budgets planned
 //! with quantized sizes. (The fixtures' rows are shorter than Q4_K's 256-weight blocks, so q4_k
-//! keeps their source type here; its quality is measured on larger models.)
+//! takes q8_0 here, as it does for any row that is not whole blocks; its own quality is
+//! measured on larger models.)
 
 mod common;
 

@@ -222,29 +222,10 @@ fn a_failed_step_restores_recurrent_state_before_the_retry() {
     }
 }
 
-/// `moe-serve plan ARGS --json`, paths relative to the repository root.
-fn plan_json(args: &[&str]) -> serde_json::Value {
-    let root = common::root();
-    let abs: Vec<String> = args
-        .iter()
-        .map(|a| {
-            if a.starts_with("configs/") || a.starts_with("tests/") {
-                root.join(a).to_string_lossy().into_owned()
-            } else {
-                a.to_string()
-            }
-        })
-        .collect();
-    let mut all: Vec<&str> = vec!["plan"];
-    all.extend(abs.iter().map(String::as_str));
-    all.push("--json");
-    common::moe_json(&all)
-}
-
 #[test]
 fn the_real_80b_model_plans_from_its_config_alone() {
     let cfg = "tests/fixtures/qwen3_next_80b/config.json";
-    let j = plan_json(&["--model", cfg, "--ram-budget", "20GiB"]);
+    let j = common::plan_json(&["--model", cfg, "--ram-budget", "20GiB"]);
     assert_eq!(j["arch"], "qwen3_next");
     assert_eq!(j["from_config_only"], true);
     let s = &j["plan"]["sizes"];
@@ -287,7 +268,7 @@ fn the_real_80b_model_plans_from_its_config_alone() {
         ("configs/qwen3-next-80b-gpu-24gb-ram-32gb.toml", "sim", true),
         ("configs/qwen3-next-80b-cpu-64gb.toml", "cpu", false),
     ] {
-        let j = plan_json(&["--config", toml, "--model", cfg, "--device", device]);
+        let j = common::plan_json(&["--config", toml, "--model", cfg, "--device", device]);
         assert_eq!(j["plan"]["device"], device, "{toml}");
         let p = &j["plan"];
         assert_eq!(

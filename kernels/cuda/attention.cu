@@ -27,6 +27,9 @@
 // ascending order. Deterministic; within the stated tolerance of the CPU twin, whose order differs (it scores
 // every position first, then subtracts the global maximum). The number of splits changes the
 // order, so the host derives it from the context length alone (never from load or timing).
+// Sinks (gpt-oss): `sinks` null, or one logit per query head that joins the head's softmax as a
+// position without a value: after the warps (or, with splits, the splits) are merged, the
+// maximum takes the sink in and the denominator adds exp(sink - maximum).
 
 #define ATT_MAX_HEAD_DIM 256
 #define ATT_PER_LANE 8 // ATT_MAX_HEAD_DIM / 32
@@ -58,7 +61,8 @@ __device__ __forceinline__ void attend_body(const float* __restrict__ q,
                                             unsigned nh, unsigned nkv, unsigned hd,
                                             float scale, unsigned splits,
                                             float* __restrict__ partial,
-                                            float* __restrict__ out) {
+                                            float* __restrict__ out,
+                                            const float* __restrict__ sinks) {
     __shared__ float s_max[ATT_WARPS], s_sum[ATT_WARPS];
     __shared__ float s_acc[ATT_WARPS][ATT_MAX_HEAD_DIM];
     unsigned r = blockIdx.x, kvh = blockIdx.y, t = threadIdx.x, lane = t & 31, warp = t >> 5;
@@ -119,6 +123,10 @@ __device__ __forceinline__ void attend_body(const float* __restrict__ q,
             float mx = s_max[0];
 #pragma unroll
             for (int w = 1; w < ATT_WARPS; w++) mx = fmaxf(mx, s_max[w]);
+            // With splits the sink joins in attention_merge_f32, once.
+            const bool sunk = sinks && !partial;
+            float sink = sunk ? __ldg(sinks + h) : 0.0f;
+            if (sunk) mx = fmaxf(mx, sink);
             float den = 0.0f, num = 0.0f;
 #pragma unroll
             for (int w = 0; w < ATT_WARPS; w++) {
@@ -128,6 +136,7 @@ __device__ __forceinline__ void attend_body(const float* __restrict__ q,
                 den = fmaf(s_sum[w], f, den);
                 num = fmaf(s_acc[w][t], f, num);
             }
+            if (sunk) den = __fadd_rn(den, expf(__fsub_rn(sink, mx)));
             if (partial) {
                 float* part = partial + (((size_t)r * nh + h) * splits + z) * (hd + 2);
                 if (t == 0) {
@@ -149,9 +158,9 @@ attention_decode_f32(const float* __restrict__ q, const unsigned long long* __re
                      const unsigned long long* __restrict__ v_cache,
                      const unsigned* __restrict__ pos, unsigned window, unsigned nh, unsigned nkv,
                      unsigned hd, float scale, unsigned splits, float* __restrict__ partial,
-                     float* __restrict__ out) {
+                     float* __restrict__ out, const float* __restrict__ sinks) {
     attend_body<KV_F32>(q, k_cache, v_cache, pos, window, nh, nkv, hd, scale, splits, partial,
-                      out);
+                      out, sinks);
 }
 
 // Twin: `moe_runtime::backend::cpu::attention::attend` (one query row) with a bf16 KV cache.
@@ -161,9 +170,10 @@ attention_decode_bf16(const float* __restrict__ q,
                       const unsigned long long* __restrict__ v_cache,
                       const unsigned* __restrict__ pos, unsigned window, unsigned nh,
                       unsigned nkv, unsigned hd, float scale, unsigned splits,
-                      float* __restrict__ partial, float* __restrict__ out) {
+                      float* __restrict__ partial, float* __restrict__ out,
+                      const float* __restrict__ sinks) {
     attend_body<KV_BF16>(q, k_cache, v_cache, pos, window, nh, nkv, hd, scale, splits, partial,
-                       out);
+                       out, sinks);
 }
 
 // Twin: `moe_runtime::backend::cpu::attention::attend` (one query row) with an f16 KV cache.
@@ -172,24 +182,27 @@ attention_decode_f16(const float* __restrict__ q, const unsigned long long* __re
                      const unsigned long long* __restrict__ v_cache,
                      const unsigned* __restrict__ pos, unsigned window, unsigned nh, unsigned nkv,
                      unsigned hd, float scale, unsigned splits, float* __restrict__ partial,
-                     float* __restrict__ out) {
+                     float* __restrict__ out, const float* __restrict__ sinks) {
     attend_body<KV_F16>(q, k_cache, v_cache, pos, window, nh, nkv, hd, scale, splits, partial,
-                      out);
+                      out, sinks);
 }
 
 // Twin: the final normalisation of `moe_runtime::backend::cpu::attention::attend` (softmax
 // denominator and weighted value sum over all attended positions), here over the splits
 // written by attention_decode_* with splits > 1. Launch: block = 256 threads, grid = (rows, nh);
 // thread e writes element e of head blockIdx.y of row blockIdx.x. Splits merge in ascending
-// order; a split with no position (maximum -inf) contributes nothing.
+// order; a split with no position (maximum -inf) contributes nothing; then the head's sink, if
+// `sinks` is not null.
 extern "C" __global__ void __launch_bounds__(256)
 attention_merge_f32(const float* __restrict__ partial, unsigned splits, unsigned nh, unsigned hd,
-                    float* __restrict__ out) {
+                    float* __restrict__ out, const float* __restrict__ sinks) {
     unsigned r = blockIdx.x, h = blockIdx.y, e = threadIdx.x;
     if (e >= hd) return;
     const float* part = partial + ((size_t)r * nh + h) * splits * (hd + 2);
     float mx = __ldg(part);
     for (unsigned z = 1; z < splits; z++) mx = fmaxf(mx, __ldg(part + (size_t)z * (hd + 2)));
+    float sink = sinks ? __ldg(sinks + h) : 0.0f;
+    if (sinks) mx = fmaxf(mx, sink);
     float den = 0.0f, num = 0.0f;
     for (unsigned z = 0; z < splits; z++) {
         const float* pz = part + (size_t)z * (hd + 2);
@@ -198,5 +211,6 @@ attention_merge_f32(const float* __restrict__ partial, unsigned splits, unsigned
         den = fmaf(__ldg(pz + 1), f, den);
         num = fmaf(__ldg(pz + 2 + e), f, num);
     }
+    if (sinks) den = __fadd_rn(den, expf(__fsub_rn(sink, mx)));
     out[((size_t)r * nh + h) * hd + e] = __fdiv_rn(num, den);
 }

@@ -35,3 +35,18 @@ __constant__ unsigned NF4_BITS[16] = {
 __constant__ unsigned FP4_BITS[16] = {
     0x00000000u, 0x3baaaaabu, 0x3f2aaaabu, 0x3f800000u, 0x3eaaaaabu, 0x3f000000u, 0x3e2aaaabu, 0x3e800000u,
     0x00000000u, 0xbbaaaaabu, 0xbf2aaaabu, 0xbf800000u, 0xbeaaaaabu, 0xbf000000u, 0xbe2aaaabu, 0xbe800000u};
+
+// MXFP4 (`moe_kernels::prequant::BlockMxfp4`): the value of E2M1 code `c` (`MXFP4_TABLE`),
+// exactly: the 3 magnitude bits put at bits 22..24 of an f32 are its exponent and mantissa
+// with a bias of 127 instead of 1 (m = 1, the format's subnormal 0.5, lands on the f32
+// subnormal 2^-127), so times 2^126 they are the value; the sign bit 3 moves to bit 31 (code 8 is
+// -0.0). No table: no shared memory or constant lookups, and few registers.
+__device__ __forceinline__ float e2m1_to_f32(unsigned c) {
+    return __fmul_rn(__uint_as_float(((c & 7u) << 22) | ((c & 8u) << 28)), 8.507059173023462e37f);
+}
+
+// The E8M0 scale byte's value `moe_kernels::prequant::e8m0_to_f32`: 2^(e - 127) (e = 0 is the
+// subnormal 2^-127, bits 0x00400000), NaN 0x7FC00000 for e = 255.
+__device__ __forceinline__ float e8m0_to_f32(unsigned e) {
+    return __uint_as_float(e == 0 ? 0x00400000u : e == 255u ? 0x7FC00000u : e << 23);
+}

@@ -3,14 +3,15 @@
 // i8 quants, 34 bytes; BlockQ4K is f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit scales / mins,
 // then 128 bytes of nibbles, 144 bytes; and of kernels/src/prequant.rs: BlockF8 is an f32 `d`
 // then 128 E4M3 codes, 132 bytes; BlockNf4 / BlockFp4 are an f32 `d` then 32 bytes of 4-bit
-// codes, high nibble first, 36 bytes).
+// codes, high nibble first, 36 bytes; BlockMxfp4 is an E8M0 scale byte then 16 bytes of E2M1
+// codes, low nibble first, 17 bytes).
 //
 // Header-free CUDA C compiled by NVRTC (kernels/src/cuda.rs lists the entry points and options).
 // Launch: block = 256 threads, grid = ceil(n_blocks * values_per_block / 256) (grid-stride
 // loops, so fewer blocks also work); one thread per output value. Rows of a [n, k] matrix are
 // consecutive blocks, so dequantizing rows a..b is n_blocks = (b - a) * k / block_size from
 // the block of row a. Requirements the host checks: `w` 2-byte aligned (q8_0) or 4-byte aligned
-// (q4_k, FP8, NF4, FP4).
+// (q4_k, FP8, NF4, FP4); MXFP4 reads bytes only (17-byte blocks), any alignment.
 // Bit-exact with `moe_kernels::row_to_f32` (dequantize_row_q8_0 / dequantize_row_q4_k): the same
 // products in the same order, each rounded once (`d * q`; `(d * sc) * q - dmin * m`, unfused;
 // `d * TABLE[code]` for FP8 / NF4 / FP4, with a NaN code giving the table's NaN bits, as the
@@ -24,6 +25,8 @@
 #define F8_BYTES 132
 #define QK_B4 64
 #define B4_BYTES 36
+#define QK_MX 32
+#define MX_BYTES 17
 
 // Twin: `moe_kernels::quant::dequantize_row_q8_0` (`row_to_f32` on `Weights::Q8_0`):
 // out[32b + i] = d_b * qs_b[i].
@@ -123,6 +126,25 @@ extern "C" __global__ void __launch_bounds__(256)
 dequant_fp4(const unsigned char* __restrict__ w, unsigned long long n_blocks,
             float* __restrict__ out) {
     dequant_b4(w, n_blocks, out, FP4_BITS);
+}
+
+// Twin: `moe_kernels::prequant::dequantize_row_mxfp4` (`row_to_f32` on `Weights::Mxfp4`):
+// out[32b + 2j] = s_b * MXFP4_TABLE[qs_b[j] & 15], out[32b + 2j + 1] = s_b * MXFP4_TABLE[qs_b[j]
+// >> 4], s_b = e8m0_to_f32(e_b): exact (a power of two times a 2-bit significand) unless it
+// overflows; one multiply, as on the CPU (a NaN scale gives the canonical NaN, as the CPU's
+// multiply gives its NaN operand 0x7FC00000).
+extern "C" __global__ void __launch_bounds__(256)
+dequant_mxfp4(const unsigned char* __restrict__ w, unsigned long long n_blocks,
+              float* __restrict__ out) {
+    unsigned long long n = n_blocks * QK_MX;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        const unsigned char* blk = w + (i / QK_MX) * MX_BYTES;
+        unsigned v = (unsigned)(i % QK_MX);
+        unsigned byte = __ldg(blk + 1 + v / 2);
+        unsigned code = (v & 1) ? byte >> 4 : byte & 15;
+        out[i] = __fmul_rn(e8m0_to_f32(__ldg(blk)), e2m1_to_f32(code));
+    }
 }
 
 // bf16 and f16 widened to f32 (the "blocks" are single values), exactly: bf16 bits << 16;

@@ -113,6 +113,23 @@ split_halves_f32(const float* __restrict__ x, float* __restrict__ a, float* __re
     b[dst] = x[src + d];
 }
 
+// Twin: the even / odd split of `moe_runtime::store::expert_ffn_rows` for an interleaved
+// gate_up (gpt-oss): x holds `blocks` blocks of 2 * d values; value 2j of block i goes to
+// a[i * d + j], value 2j + 1 to b[i * d + j]. A copy, bit for bit.
+// Launch: grid = (blocks, ceil(d / 256)); the host checks d > 0, that x holds blocks * 2 * d
+// values and a and b hold blocks * d each.
+extern "C" __global__ void __launch_bounds__(256)
+split_pairs_f32(const float* __restrict__ x, float* __restrict__ a, float* __restrict__ b,
+                unsigned blocks, unsigned d) {
+    unsigned i = blockIdx.x;
+    unsigned j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= blocks || j >= d) return;
+    size_t src = (size_t)i * 2 * d + 2 * (size_t)j;
+    size_t dst = (size_t)i * d + j;
+    a[dst] = x[src];
+    b[dst] = x[src + 1];
+}
+
 // Row gather: out[i] = x[rows[i]] for n rows of `width` values (the token rows routed to one
 // expert, gathered before its matmuls). Plain copies, so bit-exact with the twin.
 // Launch: block = 256 threads, grid = (n, ceil(width / 256)) (rows on x, which has no 65 535

@@ -3,16 +3,18 @@
 // is a little-endian f16 `d` then 32 i8 quants, 34 bytes; BlockQ4K is f16 `d`, f16 `dmin`, 12
 // bytes of packed 6-bit scales / mins, then 128 bytes of nibbles, 144 bytes; and of
 // kernels/src/prequant.rs: BlockF8 is an f32 `d` then 128 E4M3 codes, 132 bytes; BlockNf4 /
-// BlockFp4 are an f32 `d` then 32 bytes of 4-bit codes, high nibble first, 36 bytes).
+// BlockFp4 are an f32 `d` then 32 bytes of 4-bit codes, high nibble first, 36 bytes; BlockMxfp4
+// is an E8M0 scale byte then 16 bytes of E2M1 codes, low nibble first, 17 bytes).
 //
 // Header-free CUDA C compiled by NVRTC (kernels/src/cuda.rs lists the entry points and options).
 // Launch: block = 256 threads (8 warps), grid = ceil(n / 8). Warp w of block b computes output
 // column j = 8b + w for every activation row, so each weight row is read once for up to 8
 // activation rows (rows beyond 8 run in further groups of 8, re-reading the weights).
 // Requirements the host checks: k a multiple of the block size (32 for q8_0, 256 for q4_k, 128
-// for FP8, 64 for NF4 / FP4); for the block formats, x 16-byte aligned (device allocations are
+// for FP8, 64 for NF4 / FP4, 32 for MXFP4); for the block formats, x 16-byte aligned (device allocations are
 // 256-byte aligned; x is read as float4, scalar fallbacks there would cost registers past the
-// budget) and W 2-byte (q8_0) or 4-byte (q4_k, FP8, NF4, FP4) aligned. f32 / bf16 / f16 use
+// budget) and W 2-byte (q8_0) or 4-byte (q4_k, FP8, NF4, FP4) aligned (MXFP4: any, read as
+// bytes). f32 / bf16 / f16 use
 // 16-byte loads when x and W are 16-byte aligned and k a multiple of 4 (f32) or 8 (bf16, f16),
 // scalar loads otherwise.
 // Arithmetic: weights are widened exactly as the CPU twins do (bf16: bits << 16; f16:
@@ -30,6 +32,8 @@
 #define F8_BYTES 132
 #define QK_B4_VALUES 64
 #define B4_BYTES 36
+#define QK_MX_VALUES 32
+#define MX_BYTES 17
 
 __device__ __forceinline__ bool aligned16(const void* p) {
     return ((unsigned long long)p & 15ull) == 0;
@@ -276,7 +280,33 @@ __device__ __forceinline__ void mv_b4(const float* __restrict__ x,
     store_rows<M>(acc, out, n, j, lane);
 }
 
-enum Format { F32, BF16, F16, Q8_0, Q4_K, F8, NF4, FP4 };
+// MXFP4: lanes 8g..8g+7 take block b = g, g + 4, ...; lane 8g + p reads code bytes 2p, 2p + 1
+// (byte loads: blocks are 17 bytes, unaligned), that is weights 4p..4p+3 (low nibble first),
+// and the block's scale byte. Products are exact (power-of-two scales) unless they overflow.
+template <int M>
+__device__ __forceinline__ void mv_mxfp4(const float* __restrict__ x,
+                                         const unsigned char* __restrict__ w,
+                                         float* __restrict__ out, unsigned n, unsigned k,
+                                         unsigned j, unsigned lane) {
+    float acc[M];
+#pragma unroll
+    for (int r = 0; r < M; r++) acc[r] = 0.0f;
+    unsigned nb = k / QK_MX_VALUES;
+    const unsigned char* row = w + (size_t)j * nb * MX_BYTES;
+    unsigned g = lane >> 3, p = lane & 7;
+#pragma unroll 1
+    for (unsigned b = g; b < nb; b += 4) {
+        const unsigned char* blk = row + (size_t)b * MX_BYTES;
+        float d = e8m0_to_f32(__ldg(blk));
+        unsigned q0 = __ldg(blk + 1 + 2 * p), q1 = __ldg(blk + 2 + 2 * p);
+        fma4<M>(acc, x, k, (size_t)b * QK_MX_VALUES + 4 * p, true,
+                __fmul_rn(d, e2m1_to_f32(q0 & 15)), __fmul_rn(d, e2m1_to_f32(q0 >> 4)),
+                __fmul_rn(d, e2m1_to_f32(q1 & 15)), __fmul_rn(d, e2m1_to_f32(q1 >> 4)));
+    }
+    store_rows<M>(acc, out, n, j, lane);
+}
+
+enum Format { F32, BF16, F16, Q8_0, Q4_K, F8, NF4, FP4, MXFP4 };
 
 template <Format F, int M>
 __device__ __forceinline__ void mv_body(const float* __restrict__ x, const void* __restrict__ w,
@@ -290,6 +320,7 @@ __device__ __forceinline__ void mv_body(const float* __restrict__ x, const void*
     if constexpr (F == F8) mv_f8<M>(x, (const unsigned char*)w, out, n, k, j, lane);
     if constexpr (F == NF4) mv_b4<M>(x, (const unsigned char*)w, out, n, k, j, lane, table);
     if constexpr (F == FP4) mv_b4<M>(x, (const unsigned char*)w, out, n, k, j, lane, table);
+    if constexpr (F == MXFP4) mv_mxfp4<M>(x, (const unsigned char*)w, out, n, k, j, lane);
 }
 
 // The body of every entry point: warp -> output column j, then groups of up to 8 activation
@@ -381,6 +412,13 @@ matvec_fp4(const float* __restrict__ x, const unsigned char* __restrict__ w,
     mv_entry<FP4>(x, w, out, m, n, k, table);
 }
 
+// Twin: `moe_kernels::matmul` on `Weights::Mxfp4` (dequantize_row_mxfp4, then the f32 kernel).
+extern "C" __global__ void __launch_bounds__(256)
+matvec_mxfp4(const float* __restrict__ x, const unsigned char* __restrict__ w,
+             float* __restrict__ out, unsigned m, unsigned n, unsigned k) {
+    mv_entry<MXFP4>(x, w, out, m, n, k);
+}
+
 // Grouped decode matvec: the experts of one layer in one launch. Block row y takes entry y of
 // `table` (four 64-bit words per entry: the addresses of the weight, of the entry's first
 // activation row and of its first output row, and its row count m, at most 8: the host splits
@@ -467,4 +505,10 @@ matvec_grouped_fp4(const unsigned long long* __restrict__ table, const float* __
     if (threadIdx.x < 16) tab[threadIdx.x] = __uint_as_float(FP4_BITS[threadIdx.x]);
     __syncthreads();
     mv_grouped<FP4>(table, n, k, tab);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+matvec_grouped_mxfp4(const unsigned long long* __restrict__ table, const float* __restrict__ x,
+                     float* __restrict__ out, unsigned n, unsigned k) {
+    mv_grouped<MXFP4>(table, n, k);
 }

@@ -16,11 +16,14 @@
 //! - Every kernel names its CPU twin in a comment above it; the twin is the reference its GPU
 //!   result is checked against. Dequantization is bit-exact with the twin; reductions use a
 //!   fixed order (no atomics in sums), so results on the GPU are deterministic.
-//! - Helpers shared by several sources (f16 widening, the warp sum, the E4M3 decode and the
-//!   NF4 / FP4 code tables) live once in `common.cu`, [`PRELUDE`], which every program starts
-//!   with ([`CudaSource::program`]: a source cannot include another). A unit test keeps the code
-//!   tables equal to [`crate::prequant::NF4_TABLE`] and [`crate::prequant::FP4_TABLE`] bit for
-//!   bit; E4M3 codes are decoded arithmetically as [`crate::prequant::E4M3_TO_F32`] documents.
+//! - Helpers shared by several sources (f16 widening, the warp sum, the E4M3 decode, the
+//!   NF4 / FP4 code tables and the MXFP4 E2M1 / E8M0 decodes) live once in `common.cu`,
+//!   [`PRELUDE`], which every program starts with ([`CudaSource::program`]: a source cannot
+//!   include another). A unit test keeps the code tables equal to
+//!   [`crate::prequant::NF4_TABLE`] and [`crate::prequant::FP4_TABLE`] bit for bit; E4M3 codes
+//!   are decoded arithmetically as [`crate::prequant::E4M3_TO_F32`] documents, E2M1 codes and
+//!   E8M0 scales as `common.cu` documents ([`crate::prequant::MXFP4_TABLE`],
+//!   [`crate::prequant::e8m0_to_f32`]).
 //! - The options never enable fast math (`--use_fast_math`, `--ftz`, `--prec-div=false`,
 //!   `--prec-sqrt=false`): exact widening and round-to-nearest arithmetic are part of the
 //!   contract with the twins.
@@ -82,6 +85,7 @@ pub const SOURCES: &[CudaSource] = &[
             "add_rows_f32",
             "clamp_f32",
             "split_halves_f32",
+            "split_pairs_f32",
             "gather_rows_f32",
         ],
     },
@@ -97,6 +101,7 @@ pub const SOURCES: &[CudaSource] = &[
             "matvec_f8",
             "matvec_nf4",
             "matvec_fp4",
+            "matvec_mxfp4",
             "matvec_grouped_f32",
             "matvec_grouped_bf16",
             "matvec_grouped_f16",
@@ -105,6 +110,7 @@ pub const SOURCES: &[CudaSource] = &[
             "matvec_grouped_f8",
             "matvec_grouped_nf4",
             "matvec_grouped_fp4",
+            "matvec_grouped_mxfp4",
         ],
     },
     CudaSource {
@@ -116,6 +122,7 @@ pub const SOURCES: &[CudaSource] = &[
             "dequant_f8",
             "dequant_nf4",
             "dequant_fp4",
+            "dequant_mxfp4",
             "dequant_bf16",
             "dequant_f16",
         ],

@@ -2,9 +2,10 @@
 //!
 //! This crate owns `y = x · Wᵀ` for weights in Hugging Face layout (`W` is `[n, k]`, row-major,
 //! stored as f32, bf16 or f16, quantized in GGML's Q8_0 / Q4_K block layouts (see [`quant`]), or
-//! in the blocks of pre-quantized checkpoints: FP8 E4M3 with per-128 scales and bitsandbytes
-//! NF4 / FP4 with per-64 scales (see [`prequant`])), plus `dot`, `axpy` and widening one stored
-//! row to f32. It knows nothing of tensors, models or files. Quantized weights keep f32
+//! in the blocks of pre-quantized checkpoints: FP8 E4M3 with per-128 scales, bitsandbytes
+//! NF4 / FP4 with per-64 scales and MXFP4 with an E8M0 scale per 32 (see [`prequant`])), plus
+//! `dot`, `axpy` and widening one stored row to f32. It knows nothing of tensors, models or
+//! files. Quantized weights keep f32
 //! activations and f32 accumulation: the result is exactly the f32 kernel's on `dequantize(W)`
 //! (dequantization is exact and level-independent).
 //! The q8-activation path ([`matmul_q8`], [`matmul_q8_par`] on [`Q8Activations`]) is the one
@@ -63,8 +64,9 @@ mod tests;
 
 pub use bf16dot::{bf16_activations_supported, matmul_bf16, matmul_bf16_par};
 pub use prequant::{
-    dequantize_row_f8, dequantize_row_fp4, dequantize_row_nf4, BlockF8, BlockFp4, BlockNf4,
-    E4M3_TO_F32, FP4_TABLE, NF4_TABLE, QK_B4, QK_F8,
+    dequantize_row_f8, dequantize_row_fp4, dequantize_row_mxfp4, dequantize_row_nf4, e8m0_to_f32,
+    BlockF8, BlockFp4, BlockMxfp4, BlockNf4, E4M3_TO_F32, FP4_TABLE, MXFP4_TABLE, NF4_TABLE, QK_B4,
+    QK_F8, QK_MX,
 };
 pub use qdot::{
     matmul_q8, matmul_q8_activations, matmul_q8_par, q8_activations_supported, Q8Activations,
@@ -75,7 +77,7 @@ pub use quant::{BlockQ4K, BlockQ8_0};
 ///
 /// The quantized variants hold GGML blocks ([`quant`]) or pre-quantized checkpoint blocks
 /// ([`prequant`]): row `j` is blocks `j·k/B .. (j+1)·k/B` with `B` = 32 (`Q8_0`), 256 (`Q4K`),
-/// 128 (`F8`) or 64 (`Nf4`, `Fp4`), so `k` must be a multiple of `B`.
+/// 128 (`F8`), 64 (`Nf4`, `Fp4`) or 32 (`Mxfp4`), so `k` must be a multiple of `B`.
 #[derive(Clone, Copy, Debug)]
 pub enum Weights<'a> {
     F32(&'a [f32]),
@@ -91,6 +93,8 @@ pub enum Weights<'a> {
     Nf4(&'a [BlockNf4]),
     /// bitsandbytes FP4 blocks with an f32 scale, 64 weights each.
     Fp4(&'a [BlockFp4]),
+    /// OCP MX FP4 blocks with an E8M0 scale, 32 weights each.
+    Mxfp4(&'a [BlockMxfp4]),
 }
 
 impl<'a> Weights<'a> {
@@ -106,11 +110,12 @@ impl<'a> Weights<'a> {
             Weights::F8(w) => w.len() * QK_F8,
             Weights::Nf4(w) => w.len() * QK_B4,
             Weights::Fp4(w) => w.len() * QK_B4,
+            Weights::Mxfp4(w) => w.len() * QK_MX,
         }
     }
 
     /// Weights per block: 1 for unquantized dtypes, 32 for `Q8_0`, 256 for `Q4K`, 128 for `F8`,
-    /// 64 for `Nf4` and `Fp4`. Row lengths must be multiples of it.
+    /// 64 for `Nf4` and `Fp4`, 32 for `Mxfp4`. Row lengths must be multiples of it.
     pub fn block_size(&self) -> usize {
         match self {
             Weights::F32(_) | Weights::Bf16(_) | Weights::F16(_) => 1,
@@ -118,6 +123,7 @@ impl<'a> Weights<'a> {
             Weights::Q4K(_) => quant::QK_K,
             Weights::F8(_) => QK_F8,
             Weights::Nf4(_) | Weights::Fp4(_) => QK_B4,
+            Weights::Mxfp4(_) => QK_MX,
         }
     }
 
@@ -151,6 +157,10 @@ impl<'a> Weights<'a> {
                 let b = k / QK_B4;
                 Weights::Fp4(&w[r0 * b..r1 * b])
             }
+            Weights::Mxfp4(w) => {
+                let b = k / QK_MX;
+                Weights::Mxfp4(&w[r0 * b..r1 * b])
+            }
         }
     }
 
@@ -162,6 +172,7 @@ impl<'a> Weights<'a> {
             Weights::F8(w) => Some(quant::QWeights::F8(w)),
             Weights::Nf4(w) => Some(quant::QWeights::Nf4(w)),
             Weights::Fp4(w) => Some(quant::QWeights::Fp4(w)),
+            Weights::Mxfp4(w) => Some(quant::QWeights::Mxfp4(w)),
             Weights::F32(_) | Weights::Bf16(_) | Weights::F16(_) => None,
         }
     }
@@ -549,7 +560,12 @@ fn run_block(level: Level, use_gemm: bool, x: &[f32], k: usize, w: Weights<'_>, 
             run_block_t(level, use_gemm, x, k, w, out)
         }
         Weights::F16(w) => run_block_t(level, use_gemm, x, k, w, out),
-        Weights::Q8_0(_) | Weights::Q4K(_) | Weights::F8(_) | Weights::Nf4(_) | Weights::Fp4(_) => {
+        Weights::Q8_0(_)
+        | Weights::Q4K(_)
+        | Weights::F8(_)
+        | Weights::Nf4(_)
+        | Weights::Fp4(_)
+        | Weights::Mxfp4(_) => {
             let q = w.quantized().expect("quantized variant");
             quant::run_block(level, use_gemm, x, k, q, out)
         }
@@ -814,7 +830,8 @@ pub fn row_to_f32(w: Weights<'_>, row: usize, k: usize, out: &mut [f32]) {
         | Weights::Q4K(_)
         | Weights::F8(_)
         | Weights::Nf4(_)
-        | Weights::Fp4(_)) => {
+        | Weights::Fp4(_)
+        | Weights::Mxfp4(_)) => {
             let q = r.quantized().expect("quantized variant");
             let blocks = k / r.block_size();
             quant::dequantize_with(level(), q, 0, blocks, out)

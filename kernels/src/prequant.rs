@@ -1,9 +1,11 @@
 //! Blocks of pre-quantized checkpoints, multiplied as stored: FP8 E4M3 with one f32 scale per 128
 //! weights ([`BlockF8`]) and bitsandbytes 4-bit codes with one f32 scale (bitsandbytes' absmax)
-//! per 64 weights, NF4 ([`BlockNf4`]) or FP4 ([`BlockFp4`]).
+//! per 64 weights, NF4 ([`BlockNf4`]) or FP4 ([`BlockFp4`]), and OCP MX FP4 (MXFP4, as gpt-oss
+//! ships its experts: FP4 E2M1 codes with one E8M0 power-of-two scale per 32 weights,
+//! [`BlockMxfp4`]).
 //!
 //! This module owns the block types, their code tables ([`E4M3_TO_F32`], [`NF4_TABLE`],
-//! [`FP4_TABLE`]) and the reference (scalar) dequantizers. Their SIMD twins decode in registers
+//! [`FP4_TABLE`], [`MXFP4_TABLE`], [`e8m0_to_f32`]) and the reference (scalar) dequantizers. Their SIMD twins decode in registers
 //! beside the GGML formats' (`quant_avx2::Group16`, `quant_avx512::Group32`); those decoders also
 //! serve the SIMD dequantizers, and matmul runs through `quant::run_block` exactly as for
 //! [`crate::quant`]'s blocks. A matrix `[n, k]` is `n` rows of `k / 128` (FP8) or `k / 64`
@@ -12,23 +14,32 @@
 //!
 //! What must hold:
 //! - Layouts: `#[repr(C)]`, the f32 scale `d` first, then the codes; sizes and alignment pinned
-//!   by const asserts (132 and 36 bytes, align 4).
+//!   by const asserts (132 and 36 bytes, align 4). MXFP4 keeps the checkpoint's bytes as they
+//!   are: the E8M0 scale byte `e`, then the 16 code bytes of `*_blocks` (17 bytes, align 1), so
+//!   the loader copies and never converts.
 //! - Every weight is `d · TABLE[code]`: one f32 multiply, the only rounding. The tables are
 //!   exact: E4M3 values are f32 numbers, and the NF4 / FP4 tables are bitsandbytes 0.50's
 //!   float32 constants bit for bit. Codes 0x7F and 0xFF of E4M3 are NaN: the quiet NaN
 //!   0x7FC00000 with the code's sign bit, which the product keeps for a finite `d` (the NaN's
-//!   bits are not specified when `d` itself is NaN).
+//!   bits are not specified when `d` itself is NaN). An MXFP4 weight is
+//!   `e8m0_to_f32(e) · MXFP4_TABLE[code]`: the scale is a power of two (`2^(e - 127)`, the f32
+//!   subnormal 2^-127 for `e = 0`) and the table's values have at most 2 significant bits, so
+//!   the product is exact unless it overflows (`e >= 254` with |code value| >= 2 gives ±inf, as
+//!   `torch.ldexp` does); `e = 255` is NaN in the MX spec and here (loaders refuse it).
 //! - The SIMD decoders use no gathers: E4M3 is decoded arithmetically (see [`E4M3_TO_F32`]) and
 //!   4-bit codes by in-register permutes of the 16-entry table. They equal the scalar
 //!   dequantizers bit for bit for every code, NaN codes included, at every level (tested).
 //! - Matmul keeps f32 activations and f32 accumulation: the result equals the same level's f32
 //!   kernel on the dequantized weights bit for bit (tested), as for the GGML formats. These
-//!   types have no q8-activation path ([`crate::q8_activations_supported`] is false for them).
+//!   types have no q8-activation path ([`crate::q8_activations_supported`] is false for them)
+//!   nor a bf16-activation one (that path takes bf16 weights only).
 
 /// Weights per FP8 block.
 pub const QK_F8: usize = 128;
 /// Weights per bitsandbytes 4-bit block (NF4 and FP4).
 pub const QK_B4: usize = 64;
+/// Weights per MXFP4 block (the OCP MX block size).
+pub const QK_MX: usize = 32;
 
 /// FP8 E4M3 (`float8_e4m3fn`) weights with one f32 scale per 128: weight `i` is
 /// `d · E4M3_TO_F32[qs[i]]`.
@@ -71,6 +82,42 @@ pub struct BlockFp4 {
 
 const _: () = assert!(std::mem::size_of::<BlockFp4>() == 36);
 const _: () = assert!(std::mem::align_of::<BlockFp4>() == 4);
+
+/// OCP MX FP4 (MXFP4) weights: 32 FP4 E2M1 codes sharing one E8M0 scale. Weight `2j` is
+/// `e8m0_to_f32(e) · MXFP4_TABLE[qs[j] & 0xF]`, weight `2j + 1` is
+/// `e8m0_to_f32(e) · MXFP4_TABLE[qs[j] >> 4]` (low nibble first, as `*_blocks` tensors pack
+/// them). The layout is the checkpoint's bytes: one scale byte of `*_scales`, then one 16-byte
+/// row of `*_blocks`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockMxfp4 {
+    /// E8M0 scale: the block's scale is `2^(e - 127)`; 255 is NaN.
+    pub e: u8,
+    /// Two codes per byte, low nibble first.
+    pub qs: [u8; QK_MX / 2],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockMxfp4>() == 17);
+const _: () = assert!(std::mem::align_of::<BlockMxfp4>() == 1);
+
+/// f32 value of every FP4 E2M1 code (OCP MX spec: sign bit 3, 2 exponent bits with bias 1, one
+/// mantissa bit): `[0, 0.5, 1, 1.5, 2, 3, 4, 6]` and their negatives; code 8 is -0.0.
+pub static MXFP4_TABLE: [f32; 16] = MXFP4;
+
+const MXFP4: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// The value of an E8M0 scale byte: `2^(e - 127)` exactly (`e = 0` is the f32 subnormal
+/// 2^-127, bits 0x00400000), and NaN (0x7FC00000) for `e = 255`.
+#[inline]
+pub const fn e8m0_to_f32(e: u8) -> f32 {
+    // Biased exponent e with a zero mantissa is 2^(e - 127); the mantissa's top bit turns
+    // e = 0 into the subnormal 2^-127 and e = 255 (infinity) into the quiet NaN. No branch:
+    // the matvec converts one scale per 32 weights.
+    let edge = (e == 0) | (e == 255);
+    f32::from_bits(((e as u32) << 23) | ((edge as u32) << 22))
+}
 
 /// f32 value of every E4M3 code (`float8_e4m3fn`: sign, 4 exponent bits with bias 7, 3 mantissa
 /// bits; no infinities; exponent 0 holds the subnormals `m/8 · 2^-6`; codes 0x7F and 0xFF are
@@ -232,6 +279,24 @@ pub fn dequantize_row_nf4(src: &[BlockNf4], dst: &mut [f32]) {
 /// Panics unless `dst.len() == 64 · src.len()`.
 pub fn dequantize_row_fp4(src: &[BlockFp4], dst: &mut [f32]) {
     dequantize_b4("dequantize_row_fp4", src, dst)
+}
+
+/// Dequantizes MXFP4 blocks: `dst[32b + 2j] = s_b · MXFP4_TABLE[qs_b[j] & 0xF]`,
+/// `dst[32b + 2j + 1] = s_b · MXFP4_TABLE[qs_b[j] >> 4]` with `s_b = e8m0_to_f32(e_b)`. Panics
+/// unless `dst.len() == 32 · src.len()`.
+pub fn dequantize_row_mxfp4(src: &[BlockMxfp4], dst: &mut [f32]) {
+    assert_eq!(
+        dst.len(),
+        src.len() * QK_MX,
+        "dequantize_row_mxfp4: length mismatch"
+    );
+    for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK_MX)) {
+        let d = e8m0_to_f32(b.e);
+        for (o, &q) in y.chunks_exact_mut(2).zip(&b.qs) {
+            o[0] = d * MXFP4[(q & 0x0F) as usize];
+            o[1] = d * MXFP4[(q >> 4) as usize];
+        }
+    }
 }
 
 /// The body of the 4-bit dequantizers (`what` names the caller in the panic message).

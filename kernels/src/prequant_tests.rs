@@ -88,7 +88,11 @@ fn block_layouts_are_pinned() {
     assert_eq!(size_of::<BlockFp4>(), 36);
     assert_eq!(align_of::<BlockFp4>(), 4);
     assert_eq!(offset_of!(BlockFp4, qs), 4);
-    assert_eq!((QK_F8, QK_B4), (128, 64));
+    assert_eq!(size_of::<BlockMxfp4>(), 17);
+    assert_eq!(align_of::<BlockMxfp4>(), 1);
+    assert_eq!(offset_of!(BlockMxfp4, e), 0);
+    assert_eq!(offset_of!(BlockMxfp4, qs), 1);
+    assert_eq!((QK_F8, QK_B4, QK_MX), (128, 64, 32));
 }
 
 #[test]
@@ -446,15 +450,17 @@ enum Pt {
     F8,
     Nf4,
     Fp4,
+    Mxfp4,
 }
 
-const FORMATS: [Pt; 3] = [Pt::F8, Pt::Nf4, Pt::Fp4];
+const FORMATS: [Pt; 4] = [Pt::F8, Pt::Nf4, Pt::Fp4, Pt::Mxfp4];
 
 impl Pt {
     fn block(self) -> usize {
         match self {
             Pt::F8 => QK_F8,
             Pt::Nf4 | Pt::Fp4 => QK_B4,
+            Pt::Mxfp4 => QK_MX,
         }
     }
 }
@@ -466,6 +472,7 @@ struct OwnedP {
     f8: Vec<BlockF8>,
     nf4: Vec<BlockNf4>,
     fp4: Vec<BlockFp4>,
+    mx: Vec<BlockMxfp4>,
     deq: Vec<f32>,
 }
 
@@ -477,6 +484,7 @@ impl OwnedP {
             f8: Vec::new(),
             nf4: Vec::new(),
             fp4: Vec::new(),
+            mx: Vec::new(),
             deq: vec![f32::NAN; n * k],
         };
         // Scales around 2^-8 of either sign: ordinary weights, no overflow.
@@ -498,6 +506,11 @@ impl OwnedP {
                     dequantize_row_fp4(&w.fp4, &mut w.deq);
                 }
             }
+            Pt::Mxfp4 => {
+                // Scales 2^-12 .. 2^-4: ordinary weights (codes up to ±6), no overflow.
+                w.mx = random_mx(rng, nb, 115..=123);
+                dequantize_row_mxfp4(&w.mx, &mut w.deq);
+            }
         }
         w
     }
@@ -507,6 +520,7 @@ impl OwnedP {
             Pt::F8 => Weights::F8(&self.f8),
             Pt::Nf4 => Weights::Nf4(&self.nf4),
             Pt::Fp4 => Weights::Fp4(&self.fp4),
+            Pt::Mxfp4 => Weights::Mxfp4(&self.mx),
         }
     }
 }
@@ -600,6 +614,8 @@ fn matmul_equals_the_f32_kernel_on_dequantized_weights() {
             let ks: &[usize] = match pt {
                 Pt::F8 => &[128, 256, 384, 1024],
                 Pt::Nf4 | Pt::Fp4 => &[64, 128, 192, 320, 1024],
+                // 32 and 96: rows of one and of an odd number of blocks.
+                Pt::Mxfp4 => &[32, 96, 160, 2880],
             };
             for &k in ks {
                 check_shape(&mut rng, m, ns[t % ns.len()], k, pt);
@@ -783,4 +799,230 @@ fn matmul_q8_refuses_fp4_weights() {
         qs: [0; 32],
     }];
     matmul_q8(&xq, Weights::Fp4(&fp), 1, &mut [0.0]);
+}
+
+// ---- MXFP4 ----
+
+/// Random MXFP4 blocks with scale bytes drawn from `scales`; block 0 holds every code in both
+/// nibble positions (bytes 0x01, 0x23, .., 0xEF, then 0x10, 0x32, .., 0xFE).
+fn random_mx(rng: &mut Rng, nb: usize, scales: std::ops::RangeInclusive<u8>) -> Vec<BlockMxfp4> {
+    let span = (*scales.end() - *scales.start()) as u64 + 1;
+    (0..nb)
+        .map(|b| BlockMxfp4 {
+            e: *scales.start() + (rng.next_u64() % span) as u8,
+            qs: std::array::from_fn(|j| {
+                if b == 0 {
+                    let (lo, hi) = ((2 * j) % 16, (2 * j + 1) % 16);
+                    if j < 8 {
+                        (hi << 4 | lo) as u8
+                    } else {
+                        (lo << 4 | hi) as u8
+                    }
+                } else {
+                    rng.next_u64() as u8
+                }
+            }),
+        })
+        .collect()
+}
+
+/// The E2M1 value of `code` from the format's definition (sign bit 3, exponent bits 2..1 with
+/// bias 1, mantissa bit 0; exponent 0 is subnormal: `m/2`), in f64.
+fn e2m1_reference(code: u8) -> f64 {
+    let sign = if code & 8 != 0 { -1.0 } else { 1.0 };
+    let e = ((code >> 1) & 3) as i32;
+    let m = (code & 1) as f64;
+    if e == 0 {
+        sign * m / 2.0
+    } else {
+        sign * (1.0 + m / 2.0) * 2f64.powi(e - 1)
+    }
+}
+
+#[test]
+fn mxfp4_tables_match_the_format_definition() {
+    for c in 0..16u8 {
+        let want = e2m1_reference(c);
+        assert_eq!(MXFP4_TABLE[c as usize] as f64, want, "code {c}");
+        assert_eq!(
+            MXFP4_TABLE[c as usize].is_sign_negative(),
+            c & 8 != 0,
+            "code {c}: sign (code 8 is -0.0)"
+        );
+    }
+    for e in 0..=254u8 {
+        let want = 2f64.powi(e as i32 - 127);
+        assert_eq!(e8m0_to_f32(e) as f64, want, "scale byte {e}");
+    }
+    assert_eq!(e8m0_to_f32(0).to_bits(), 0x0040_0000, "2^-127 is subnormal");
+    assert_eq!(e8m0_to_f32(127), 1.0);
+    assert_eq!(e8m0_to_f32(255).to_bits(), 0x7FC0_0000, "255 is NaN");
+}
+
+#[test]
+fn mxfp4_dequantizes_hand_computed_values() {
+    // Block 0, scale byte 128 (2^1): byte 0 = 0x7A: weight 0 is code 0xA (-1) -> -2, weight 1
+    // code 7 (6) -> 12; byte 1 = 0x81: weight 2 code 1 (0.5) -> 1, weight 3 code 8 (-0) -> -0;
+    // byte 15 = 0xF3: weight 30 code 3 (1.5) -> 3, weight 31 code 0xF (-6) -> -12.
+    let mut qs = [0u8; 16];
+    qs[0] = 0x7A;
+    qs[1] = 0x81;
+    qs[15] = 0xF3;
+    // Block 1, scale byte 124 (2^-3 = 0.125): byte 4 = 0x5C: weight 8 code 0xC (-2) -> -0.25,
+    // weight 9 code 5 (3) -> 0.375.
+    let mut qs1 = [0u8; 16];
+    qs1[4] = 0x5C;
+    // Block 2, scale byte 0 (2^-127): byte 0 = 0x91: weight 0 code 1 (0.5) -> 2^-128, weight 1
+    // code 9 (-0.5) -> -2^-128 (f32 subnormals, bits 0x00200000).
+    let mut qs2 = [0u8; 16];
+    qs2[0] = 0x91;
+    let blocks = [
+        BlockMxfp4 { e: 128, qs },
+        BlockMxfp4 { e: 124, qs: qs1 },
+        BlockMxfp4 { e: 0, qs: qs2 },
+    ];
+    let mut want = [0f32; 96];
+    want[0] = -2.0;
+    want[1] = 12.0;
+    want[2] = 1.0;
+    want[3] = -0.0;
+    want[30] = 3.0;
+    want[31] = -12.0;
+    want[32 + 8] = -0.25;
+    want[32 + 9] = 0.375;
+    want[64] = f32::from_bits(0x0020_0000);
+    want[65] = f32::from_bits(0x8020_0000);
+    for level in supported_levels() {
+        let mut got = [f32::NAN; 96];
+        dequantize_with(level, QWeights::Mxfp4(&blocks), 0, 3, &mut got);
+        assert_eq!(bits(&got), bits(&want), "{level:?}");
+    }
+    let mut got = [f32::NAN; 96];
+    dequantize_row_mxfp4(&blocks, &mut got);
+    assert_eq!(bits(&got), bits(&want), "dequantize_row_mxfp4");
+    // Row 1 of a [3, 32] matrix, and the sums of each row: -2 + 12 + 1 - 0 + 3 - 12 = 2,
+    // -0.25 + 0.375 = 0.125 and 2^-128 - 2^-128 = 0.
+    let mut row = [f32::NAN; 32];
+    row_to_f32(Weights::Mxfp4(&blocks), 1, 32, &mut row);
+    assert_eq!(bits(&row), bits(&want[32..64]));
+    let mut out = [f32::NAN; 3];
+    matmul(&[1.0; 32], 1, 32, Weights::Mxfp4(&blocks), 3, &mut out);
+    assert_eq!(out, [2.0, 0.125, 0.0]);
+}
+
+#[test]
+fn mxfp4_scalar_dequantizer_matches_the_formula_at_every_scale() {
+    let mut rng = Rng(68);
+    let blocks = random_mx(&mut rng, 300, 0..=254);
+    let mut y = vec![f32::NAN; blocks.len() * QK_MX];
+    dequantize_row_mxfp4(&blocks, &mut y);
+    for (b, blk) in blocks.iter().enumerate() {
+        let s = 2f64.powi(blk.e as i32 - 127);
+        for e in 0..QK_MX {
+            let byte = blk.qs[e / 2];
+            let code = if e % 2 == 0 { byte & 0xF } else { byte >> 4 };
+            // Exact in f64; the f32 result is exact or overflows to ±inf (e >= 254).
+            let want = (s * e2m1_reference(code)) as f32;
+            let got = y[b * QK_MX + e];
+            assert_eq!(got.to_bits(), want.to_bits(), "block {b} weight {e}");
+            if want.is_finite() {
+                assert_eq!(got as f64, s * e2m1_reference(code), "not exact");
+            }
+        }
+    }
+}
+
+#[test]
+fn mxfp4_simd_dequantizers_equal_scalar_for_every_code_and_scale() {
+    // Every scale byte but 255, each with every code in both nibble positions (block 0 of
+    // random_mx's pattern) and random bytes.
+    let mut rng = Rng(69);
+    let mut blocks = Vec::new();
+    for e in 0..=254u8 {
+        let mut two = random_mx(&mut rng, 2, e..=e);
+        blocks.append(&mut two);
+    }
+    for nb in [1, 2, 3, 7, blocks.len()] {
+        let src = &blocks[blocks.len() - nb..];
+        let mut want = vec![0f32; nb * QK_MX];
+        dequantize_row_mxfp4(src, &mut want);
+        for level in supported_levels() {
+            let mut got = vec![f32::NAN; nb * QK_MX];
+            dequantize_with(level, QWeights::Mxfp4(src), 0, nb, &mut got);
+            assert_eq!(bits(&got), bits(&want), "{level:?} nb={nb}");
+            if nb > 2 {
+                let mut part = vec![f32::NAN; QK_MX];
+                dequantize_with(level, QWeights::Mxfp4(src), 2, 3, &mut part);
+                assert_eq!(
+                    bits(&part),
+                    bits(&want[2 * QK_MX..3 * QK_MX]),
+                    "{level:?} block 2"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn mxfp4_matvec_equals_scalar_at_every_scale_and_ragged_rows() {
+    // Rows of every scale byte but 255 (overflowing products included), ragged row counts:
+    // each SIMD level equals its f32 kernel on the dequantized rows and the scalar level.
+    let mut rng = Rng(70);
+    let k = 96;
+    for n in [1, 3, 5, 13, 85] {
+        let nb = n * k / QK_MX;
+        // Large scale bytes give ±inf weights and inf / NaN sums: the same bits at every
+        // level, since each level runs its f32 kernel's operations on the same values.
+        let w: Vec<BlockMxfp4> = random_mx(&mut rng, nb, 0..=254);
+        let mut deq = vec![0f32; n * k];
+        dequantize_row_mxfp4(&w, &mut deq);
+        for m in [1, 2, 5, 8, 11] {
+            let x = rng.gauss_vec(m * k);
+            let mut scalar_q = vec![f32::NAN; m * n];
+            scalar::matmul(&x, m, k, Weights::Mxfp4(&w), n, &mut scalar_q);
+            let mut scalar_f = vec![f32::NAN; m * n];
+            scalar::matmul(&x, m, k, Weights::F32(&deq), n, &mut scalar_f);
+            assert_eq!(bits(&scalar_q), bits(&scalar_f), "scalar m={m} n={n}");
+            for level in supported_levels() {
+                let mut want = vec![f32::NAN; m * n];
+                matmul_with(level, false, &x, m, k, Weights::F32(&deq), n, &mut want);
+                let mut got = vec![f32::NAN; m * n];
+                matmul_with(level, false, &x, m, k, Weights::Mxfp4(&w), n, &mut got);
+                assert_eq!(bits(&got), bits(&want), "{level:?} m={m} n={n}");
+            }
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "dequantize_row_mxfp4: length mismatch")]
+fn mxfp4_dequantize_rejects_wrong_output_length() {
+    let b = [BlockMxfp4 {
+        e: 127,
+        qs: [0; 16],
+    }];
+    dequantize_row_mxfp4(&b, &mut [0.0; 64]);
+}
+
+#[test]
+#[should_panic(expected = "k = 48 is not a multiple of the weights' block size 32")]
+fn matmul_rejects_k_not_a_multiple_of_the_mxfp4_block() {
+    let b = [BlockMxfp4 {
+        e: 127,
+        qs: [0; 16],
+    }; 3];
+    let mut out = [0f32; 2];
+    matmul(&[0.0; 48], 1, 48, Weights::Mxfp4(&b), 2, &mut out);
+}
+
+#[test]
+#[should_panic(expected = "matmul_q8: unsupported weights (Mxfp4)")]
+fn matmul_q8_refuses_mxfp4_weights() {
+    let xq = Q8Activations::new(&[0.5; 32], 1, 32);
+    let b = [BlockMxfp4 {
+        e: 127,
+        qs: [0; 16],
+    }];
+    assert!(!q8_activations_supported(&Weights::Mxfp4(&b)));
+    matmul_q8(&xq, Weights::Mxfp4(&b), 1, &mut [0.0]);
 }

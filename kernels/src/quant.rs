@@ -33,8 +33,8 @@ use std::cell::RefCell;
 use half::f16;
 
 use crate::prequant::{
-    dequantize_row_f8, dequantize_row_fp4, dequantize_row_nf4, BlockF8, BlockFp4, BlockNf4, QK_B4,
-    QK_F8,
+    dequantize_row_f8, dequantize_row_fp4, dequantize_row_mxfp4, dequantize_row_nf4, BlockF8,
+    BlockFp4, BlockMxfp4, BlockNf4, QK_B4, QK_F8, QK_MX,
 };
 use crate::{scalar, Level, OutBlock};
 
@@ -538,6 +538,7 @@ pub(crate) enum QWeights<'a> {
     F8(&'a [BlockF8]),
     Nf4(&'a [BlockNf4]),
     Fp4(&'a [BlockFp4]),
+    Mxfp4(&'a [BlockMxfp4]),
 }
 
 impl QWeights<'_> {
@@ -548,6 +549,7 @@ impl QWeights<'_> {
             QWeights::Q4K(_) => QK_K,
             QWeights::F8(_) => QK_F8,
             QWeights::Nf4(_) | QWeights::Fp4(_) => QK_B4,
+            QWeights::Mxfp4(_) => QK_MX,
         }
     }
 }
@@ -567,6 +569,7 @@ pub(crate) fn dequantize_with(
         (Level::Scalar, QWeights::F8(w)) => dequantize_row_f8(&w[b0..b1], out),
         (Level::Scalar, QWeights::Nf4(w)) => dequantize_row_nf4(&w[b0..b1], out),
         (Level::Scalar, QWeights::Fp4(w)) => dequantize_row_fp4(&w[b0..b1], out),
+        (Level::Scalar, QWeights::Mxfp4(w)) => dequantize_row_mxfp4(&w[b0..b1], out),
         #[cfg(target_arch = "x86_64")]
         (Level::Avx2, QWeights::Q8_0(w)) => {
             // SAFETY: assert_supported checked avx2/fma/f16c.
@@ -593,6 +596,11 @@ pub(crate) fn dequantize_with(
             unsafe { crate::quant_avx2::dequantize(&w[b0..b1], out) }
         }
         #[cfg(target_arch = "x86_64")]
+        (Level::Avx2, QWeights::Mxfp4(w)) => {
+            // SAFETY: assert_supported checked avx2/fma/f16c.
+            unsafe { crate::quant_avx2::dequantize(&w[b0..b1], out) }
+        }
+        #[cfg(target_arch = "x86_64")]
         (Level::Avx512, QWeights::Q8_0(w)) => {
             // SAFETY: assert_supported checked avx512f/bw/vl (and the AVX2 level).
             unsafe { x86::dequant_q8_0_avx512(&w[b0..b1], out) }
@@ -614,6 +622,11 @@ pub(crate) fn dequantize_with(
         }
         #[cfg(target_arch = "x86_64")]
         (Level::Avx512, QWeights::Fp4(w)) => {
+            // SAFETY: assert_supported checked avx512f/bw/vl (and the AVX2 level's f16c).
+            unsafe { crate::quant_avx512::dequantize(&w[b0..b1], out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Level::Avx512, QWeights::Mxfp4(w)) => {
             // SAFETY: assert_supported checked avx512f/bw/vl (and the AVX2 level's f16c).
             unsafe { crate::quant_avx512::dequantize(&w[b0..b1], out) }
         }
@@ -659,6 +672,7 @@ pub(crate) fn run_block(
                 QWeights::F8(w) => crate::quant_avx512::matvec(x, k, w, &mut out),
                 QWeights::Nf4(w) => crate::quant_avx512::matvec(x, k, w, &mut out),
                 QWeights::Fp4(w) => crate::quant_avx512::matvec(x, k, w, &mut out),
+                QWeights::Mxfp4(w) => crate::quant_avx512::matvec(x, k, w, &mut out),
             }
         }
         return;
@@ -675,6 +689,7 @@ pub(crate) fn run_block(
                 QWeights::F8(w) => crate::quant_avx2::matvec(x, k, w, &mut out),
                 QWeights::Nf4(w) => crate::quant_avx2::matvec(x, k, w, &mut out),
                 QWeights::Fp4(w) => crate::quant_avx2::matvec(x, k, w, &mut out),
+                QWeights::Mxfp4(w) => crate::quant_avx2::matvec(x, k, w, &mut out),
             }
         }
         return;

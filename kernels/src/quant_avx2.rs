@@ -9,14 +9,16 @@
 //! `avx2::matvec` does on the dequantized f32 row (k is a multiple of 32, so it has no tail):
 //! the result equals the f32 kernel on `dequantize(W)` bit for bit (tested).
 //!
-//! The group decoders of the pre-quantized blocks (FP8 E4M3, NF4, FP4) also serve their
+//! The group decoders of the pre-quantized blocks (FP8 E4M3, NF4, FP4, MXFP4) also serve their
 //! dequantizer at this level ([`dequantize`]), so the values the matvec multiplies are the
 //! values tested against the scalar dequantizers.
 
 use core::arch::x86_64::*;
 
 use crate::avx2::hsum;
-use crate::prequant::{BlockF8, BlockFp4, BlockNf4, Code4, QK_B4, QK_F8};
+use crate::prequant::{
+    e8m0_to_f32, BlockF8, BlockFp4, BlockMxfp4, BlockNf4, Code4, MXFP4_TABLE, QK_B4, QK_F8, QK_MX,
+};
 use crate::quant::{BlockQ4K, BlockQ8_0, QK8_0, QK_K};
 use crate::OutBlock;
 
@@ -224,6 +226,45 @@ impl Group16 for BlockFp4 {
     unsafe fn half(row: *const Self, blk: usize, i: usize) -> (__m256, __m256) {
         // SAFETY: the caller's contract is half_b4's.
         unsafe { half_b4(row, blk, i) }
+    }
+}
+
+/// Weights `16i .. 16i + 16` of an MXFP4 block are the 16 nibbles of bytes `8i .. 8i + 8`, low
+/// nibble first, looked up in [`MXFP4_TABLE`] by in-register permutes and multiplied by the
+/// block's power-of-two scale.
+impl Group16 for BlockMxfp4 {
+    const BLOCK: usize = QK_MX;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half(row: *const Self, blk: usize, i: usize) -> (__m256, __m256) {
+        debug_assert!(i < QK_MX / 16);
+        // SAFETY: block blk is readable (caller); bytes 8i .. 8i + 8 of its 16 code bytes.
+        let (b, q) = unsafe {
+            let b = &*row.add(blk);
+            (b, _mm_loadl_epi64(b.qs.as_ptr().add(8 * i).cast()))
+        };
+        let nib = _mm_set1_epi8(0x0F);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), nib);
+        let lo = _mm_and_si128(q, nib);
+        // Weight 2j is the low nibble of byte j, weight 2j + 1 its high nibble.
+        let codes = _mm_unpacklo_epi8(lo, hi);
+        // SAFETY: the table has 16 floats; these read 0..8 and 8..16.
+        let (t_lo, t_hi) = unsafe {
+            (
+                _mm256_loadu_ps(MXFP4_TABLE.as_ptr()),
+                _mm256_loadu_ps(MXFP4_TABLE.as_ptr().add(8)),
+            )
+        };
+        let v0 = lookup16(_mm256_cvtepu8_epi32(codes), t_lo, t_hi);
+        let v1 = lookup16(
+            _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(codes, codes)),
+            t_lo,
+            t_hi,
+        );
+        let d = _mm256_set1_ps(e8m0_to_f32(b.e));
+        // One rounding (none unless it overflows), as the scalar `d * TABLE[code]`.
+        (_mm256_mul_ps(d, v0), _mm256_mul_ps(d, v1))
     }
 }
 

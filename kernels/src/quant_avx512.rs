@@ -9,14 +9,16 @@
 //! `avx512::reduce_acc`: exactly what `avx512::matvec` does on the dequantized f32 row (k is a
 //! multiple of 32, so it has no tail). The result therefore equals the f32 kernel on `dequantize(W)` bit for bit (tested).
 //!
-//! The group decoders of the pre-quantized blocks (FP8 E4M3, NF4, FP4) also serve their
+//! The group decoders of the pre-quantized blocks (FP8 E4M3, NF4, FP4, MXFP4) also serve their
 //! dequantizer at this level ([`dequantize`]), so the values the matvec multiplies are the
 //! values tested against the scalar dequantizers.
 
 use core::arch::x86_64::*;
 
 use crate::avx512::{reduce_acc, ACC, MV_ROWS};
-use crate::prequant::{BlockF8, BlockFp4, BlockNf4, Code4, QK_B4, QK_F8};
+use crate::prequant::{
+    e8m0_to_f32, BlockF8, BlockFp4, BlockMxfp4, BlockNf4, Code4, MXFP4_TABLE, QK_B4, QK_F8, QK_MX,
+};
 use crate::quant::{BlockQ4K, BlockQ8_0, QK8_0, QK_K};
 use crate::OutBlock;
 
@@ -208,6 +210,37 @@ impl Group32 for BlockFp4 {
     }
 }
 
+/// An MXFP4 block is one group: its 32 weights are the nibbles of its 16 code bytes, low nibble
+/// first, looked up with one in-register permute of [`MXFP4_TABLE`] per 16 weights (no gather)
+/// and multiplied by the block's power-of-two scale.
+impl Group32 for BlockMxfp4 {
+    const BLOCK: usize = QK_MX;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn group(row: *const Self, blk: usize, i: usize) -> (__m512, __m512) {
+        debug_assert_eq!(i, 0);
+        // SAFETY: block blk is readable (caller); its 16 code bytes, one unaligned load.
+        let (b, q) = unsafe {
+            let b = &*row.add(blk);
+            (b, _mm_loadu_si128(b.qs.as_ptr().cast()))
+        };
+        let nib = _mm_set1_epi8(0x0F);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), nib);
+        let lo = _mm_and_si128(q, nib);
+        // Weight 2j is the low nibble of byte j, weight 2j + 1 its high nibble.
+        let (c0, c1) = (_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi));
+        // SAFETY: the table has 16 floats, read with one unaligned load.
+        let t = unsafe { _mm512_loadu_ps(MXFP4_TABLE.as_ptr()) };
+        // permutexvar reads the low 4 bits of each index: the code.
+        let v0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c0), t);
+        let v1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c1), t);
+        let d = _mm512_set1_ps(e8m0_to_f32(b.e));
+        // One rounding (none unless it overflows), as the scalar `d * TABLE[code]`.
+        (_mm512_mul_ps(d, v0), _mm512_mul_ps(d, v1))
+    }
+}
+
 /// Dequantizes whole blocks with the group decoder the matvec uses: `dst[Q::BLOCK·b + e]` is
 /// weight `e` of block `b`. Panics unless `dst.len() == Q::BLOCK · src.len()`.
 ///
@@ -283,11 +316,14 @@ fn dot_rows<Q: Group32, const MR: usize>(
     let mut acc = [[_mm512_setzero_ps(); ACC]; MR];
     // Blocks outer, groups inner: the inner loop has a constant trip count, so it unrolls
     // and each block's scales are unpacked with constant indices. Group g covers elements
-    // 32g .. 32g + 32, i.e. 16-lane chunks 2g and 2g + 1: accumulators (2g) % 4 and (2g + 1) % 4.
+    // 32g .. 32g + 32, i.e. 16-lane chunks 2g and 2g + 1: accumulators (2g) % 4 and (2g + 1) % 4,
+    // that is 0 and 1 for an even g, 2 and 3 for an odd one. Both cases are written with literal
+    // indices (for one-group blocks, Q8_0 and MXFP4, g's parity is only known at run time, and
+    // an array indexed by a run-time value would live in memory instead of registers).
+    const _: () = assert!(ACC == 4);
     for blk in 0..bpr {
         for i in 0..Q::BLOCK / 32 {
             let g = blk * (Q::BLOCK / 32) + i;
-            let (u0, u1) = ((2 * g) % ACC, (2 * g + 1) % ACC);
             // SAFETY: w is one row of bpr blocks (asserted) and blk < bpr; i < BLOCK/32 as
             // group requires; g = blk·BLOCK/32 + i < k/32. x loads read x[r*k + 32g .. + 32]
             // with r < MR and 32g + 32 <= k: inside x (asserted length MR*k).
@@ -296,8 +332,13 @@ fn dot_rows<Q: Group32, const MR: usize>(
                 for (r, a) in acc.iter_mut().enumerate() {
                     let x0 = _mm512_loadu_ps(xp.add(r * k + 32 * g));
                     let x1 = _mm512_loadu_ps(xp.add(r * k + 32 * g + 16));
-                    a[u0] = _mm512_fmadd_ps(x0, v.0, a[u0]);
-                    a[u1] = _mm512_fmadd_ps(x1, v.1, a[u1]);
+                    if g.is_multiple_of(2) {
+                        a[0] = _mm512_fmadd_ps(x0, v.0, a[0]);
+                        a[1] = _mm512_fmadd_ps(x1, v.1, a[1]);
+                    } else {
+                        a[2] = _mm512_fmadd_ps(x0, v.0, a[2]);
+                        a[3] = _mm512_fmadd_ps(x1, v.1, a[3]);
+                    }
                 }
             }
         }

@@ -43,7 +43,12 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut
         Weights::Bf16(w) => matmul_block(x, k, w, &mut block),
         Weights::F16(w) => matmul_block(x, k, w, &mut block),
         // One weight row at a time: dequantized (scalar), then `matmul_block` on it.
-        Weights::Q8_0(_) | Weights::Q4K(_) | Weights::F8(_) | Weights::Nf4(_) | Weights::Fp4(_) => {
+        Weights::Q8_0(_)
+        | Weights::Q4K(_)
+        | Weights::F8(_)
+        | Weights::Nf4(_)
+        | Weights::Fp4(_)
+        | Weights::Mxfp4(_) => {
             let q = w.quantized().expect("quantized variant");
             quant::run_block(Level::Scalar, false, x, k, q, block)
         }

@@ -617,6 +617,19 @@ pub struct RouterConfig {
     /// The router carries a per-expert selection bias (`e_score_correction_bias`), added to the
     /// scores when choosing experts only.
     pub selection_bias: bool,
+    /// The router projection has a bias (gpt-oss).
+    pub bias: bool,
+}
+
+/// How an architecture stores and activates its experts (the expert store's layout is built
+/// from it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ExpertForm {
+    /// Gate, up and down (or transformers 5's fused gate_up, gate rows first), SwiGLU, no biases.
+    SwiGlu,
+    /// gpt-oss: one gate_up whose rows alternate gate and up, biases on gate_up and down, and
+    /// the clamped SwiGLU (`swiglu_limit`, `swiglu_alpha`).
+    InterleavedClamped { limit: f32, alpha: f32 },
 }
 
 /// The normalised description every architecture file produces.
@@ -657,6 +670,10 @@ pub struct ModelConfig {
     pub attn_output_gate: bool,
     /// RMSNorm weights are stored zero-centred: the norm scales by `1 + w` (Qwen3-Next).
     pub norm_zero_centred: bool,
+    /// Attention layers carry one learned sink logit per head (`self_attn.sinks`, gpt-oss).
+    pub attention_sinks: bool,
+    /// How the experts are stored and activated.
+    pub expert_form: ExpertForm,
     pub hidden_act: String,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -730,6 +747,7 @@ impl ModelConfig {
             groups: None,
             scale: 1.0,
             selection_bias: false,
+            bias: false,
         };
         let bias = match d.attention_bias {
             Some(b) => raw.bool_or(&["attention_bias"], b)?,
@@ -761,6 +779,8 @@ impl ModelConfig {
             linear_attention: None,
             attn_output_gate: false,
             norm_zero_centred: false,
+            attention_sinks: false,
+            expert_form: ExpertForm::SwiGlu,
             hidden_act: raw.opt_str(&["hidden_act"])?.unwrap_or("silu").to_string(),
             bos_token_id: raw.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: raw.token_ids("eos_token_id")?,
@@ -1315,6 +1335,8 @@ mod tests {
             linear_attention,
             attn_output_gate,
             norm_zero_centred,
+            attention_sinks,
+            expert_form,
             hidden_act,
             bos_token_id,
             eos_token_ids,
@@ -1346,6 +1368,7 @@ mod tests {
                 groups: None,
                 scale: 1.0,
                 selection_bias: false,
+                bias: false,
             }
         );
         // decoder_sparse_step 1 and no mlp_only_layers: every layer is sparse.
@@ -1370,6 +1393,8 @@ mod tests {
             (attn_output_gate, norm_zero_centred),
             want.gate_and_zero_centred
         );
+        assert!(!attention_sinks);
+        assert_eq!(expert_form, ExpertForm::SwiGlu);
         assert_eq!(hidden_act, j["hidden_act"].as_str().unwrap());
         assert_eq!((bos_token_id, eos_token_ids), want.bos_eos);
     }

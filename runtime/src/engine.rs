@@ -276,21 +276,13 @@ impl Model {
                 )?)
             }
             AnyBackend::Cuda(cuda) => {
-                // Expert slots in VRAM where the device runs the expert layout; else every
-                // expert is computed on the host.
-                let layout = experts
-                    .iter()
-                    .flatten()
-                    .next()
-                    .map(|e| crate::store::ExpertLayout {
-                        hidden,
-                        inter,
-                        ..e.layout
-                    });
+                // Expert slots in VRAM when the plan gives any and the model has experts; else
+                // every expert is computed on the host.
+                let has_experts = experts.iter().flatten().next().is_some();
                 let tier = device_tier
                     .as_ref()
-                    .zip(layout)
-                    .and_then(|(d, l)| crate::store::CudaTier::new(&cuda, &l, d.link_bytes_per_s));
+                    .filter(|_| has_experts)
+                    .map(|d| crate::store::CudaTier::new(&cuda, d.link_bytes_per_s));
                 let device = device_tier.filter(|_| tier.is_some());
                 tracing::info!(
                     "computing on {} within a {} VRAM budget; {}",

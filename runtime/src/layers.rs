@@ -174,6 +174,9 @@ pub struct Attention<B: Backend = Host> {
     /// `q_proj` yields, per head, `head_dim` query values then `head_dim` gate values; the
     /// attention output is multiplied by `sigmoid(gate)` before `o_proj` (Qwen3-Next).
     pub output_gate: bool,
+    /// One learned logit per head that joins the softmax as a position without a value
+    /// (gpt-oss's attention sinks).
+    pub sinks: Option<B::Vector>,
 }
 
 impl Attention<Host> {
@@ -192,6 +195,7 @@ impl Attention<Host> {
             sliding_window: self.sliding_window,
             rope: self.rope,
             output_gate: self.output_gate,
+            sinks: self.sinks.map(|s| b.upload_vector(s)).transpose()?,
         })
     }
 }
@@ -252,7 +256,7 @@ impl<B: Backend> Attention<B> {
             head_dim: hd,
             sliding_window: self.sliding_window,
         };
-        let mut attn = b.attend(&q, &k, &v, lens, caches, &shape);
+        let mut attn = b.attend(&q, &k, &v, lens, caches, &shape, self.sinks.as_ref());
         if let Some(gate) = gate {
             b.mul_sigmoid(&mut attn, &gate);
         }

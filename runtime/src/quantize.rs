@@ -65,6 +65,8 @@ pub struct QuantReport {
     pub expert_saved_bytes: u64,
     /// Tensors that keep their source type because their rows do not fit the block size.
     pub kept: Vec<String>,
+    /// Tensors asked to become q4_k whose rows do not fit its 256-value blocks: q8_0 instead.
+    pub fallback: Vec<String>,
     pub quantized_tensors: usize,
     /// Pre-quantized weights among them (converted whatever `quantization` says).
     pub prequant_tensors: usize,
@@ -148,15 +150,29 @@ impl ExpertTypes {
 }
 
 /// The type tensor `t` takes under `q` (its own type when `q` changes nothing or its rows do
-/// not fit the block size). A pre-quantized weight always changes type: to `q`'s when it
-/// applies, else to the type that holds it without loss.
+/// not fit the block size; q4_k rows that are not whole 256-value blocks take q8_0, see
+/// [`fitting`]). A pre-quantized weight always changes type: to `q`'s when it applies, else
+/// to the type that holds it without loss.
 pub fn target_dtype(t: &TensorRef, q: Quantization) -> Dtype {
     if let Some(lossless) = t.lossless_dtype() {
         return prequant_target(t, target(q), lossless);
     }
-    match target(q) {
-        Some(to) if size_as(t, to).is_some() && t.dtype != to => to,
+    match target(q).and_then(|to| fitting(t, to)) {
+        Some(to) if t.dtype != to => to,
         _ => t.dtype,
+    }
+}
+
+/// The type a float weight asked to become `to` takes: `to` when its rows fit the blocks,
+/// else for q4_k the 32-value blocks of q8_0 (as llama.cpp falls back to a smaller block for
+/// such rows: GLM-4.5-Air's experts of 1408, gpt-oss's of 2880), else None (it keeps its type).
+fn fitting(t: &TensorRef, to: Dtype) -> Option<Dtype> {
+    if size_as(t, to).is_some() {
+        Some(to)
+    } else if to == Dtype::Q4K && size_as(t, Dtype::Q8_0).is_some() {
+        Some(Dtype::Q8_0)
+    } else {
+        None
     }
 }
 
@@ -241,11 +257,16 @@ fn decide(
     if t.dtype == to {
         return None;
     }
-    match size_as(t, to) {
-        Some(new) => {
+    match fitting(t, to) {
+        Some(fit) if fit == t.dtype => None,
+        Some(fit) => {
+            let new = size_as(t, fit).unwrap_or(t.size_bytes() as u64);
             *saved += (t.size_bytes() as u64).saturating_sub(new);
             report.quantized_tensors += 1;
-            Some(to)
+            if fit != to {
+                report.fallback.push(t.name.clone());
+            }
+            Some(fit)
         }
         None => {
             if to != Dtype::Bf16 {
@@ -392,6 +413,14 @@ pub fn quantize_model(
     }
     report.expert_saved_bytes = saved;
     report.expert_added_bytes = added;
+    if !report.fallback.is_empty() {
+        tracing::info!(
+            "{} tensor(s) take q8_0 instead of q4_k: rows do not fit q4_k's 256-value blocks \
+             (e.g. `{}`)",
+            report.fallback.len(),
+            report.fallback[0]
+        );
+    }
     if !report.kept.is_empty() {
         tracing::warn!(
             "{} tensor(s) keep their stored type (pre-quantized ones: their exact values): rows \
@@ -426,4 +455,62 @@ pub fn quantize_model(
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::Storage;
+    use std::sync::Arc;
+
+    /// A zero f32 weight `[n, k]` held in memory.
+    fn weight(n: usize, k: usize) -> TensorRef {
+        let len = n * k * 4;
+        TensorRef::in_storage(
+            format!("w{n}x{k}"),
+            Arc::new(std::path::PathBuf::from("/m/model.safetensors")),
+            Dtype::F32,
+            vec![n, k],
+            Arc::new(Storage::Words {
+                words: vec![0u64; len.div_ceil(8)],
+                len,
+            }),
+            0,
+            len,
+        )
+    }
+
+    #[test]
+    fn q4_k_rows_that_are_not_whole_blocks_take_q8_0() {
+        // Whole 256-value blocks: q4_k. GLM-4.5-Air's 1408 (44 blocks of 32): q8_0. Rows of 100
+        // fit neither: the stored type.
+        assert_eq!(target_dtype(&weight(4, 512), Quantization::Q4K), Dtype::Q4K);
+        assert_eq!(
+            target_dtype(&weight(4, 1408), Quantization::Q4K),
+            Dtype::Q8_0
+        );
+        assert_eq!(target_dtype(&weight(4, 100), Quantization::Q4K), Dtype::F32);
+        // q8_0 itself falls back to nothing.
+        assert_eq!(
+            target_dtype(&weight(4, 100), Quantization::Q8_0),
+            Dtype::F32
+        );
+
+        let mut report = QuantReport::default();
+        let (mut saved, mut added) = (0, 0);
+        for (w, want) in [
+            (weight(4, 512), Some(Dtype::Q4K)),
+            (weight(4, 1408), Some(Dtype::Q8_0)),
+            (weight(4, 100), None),
+        ] {
+            let got = decide(&w, Some(Dtype::Q4K), (&mut saved, &mut added), &mut report);
+            assert_eq!(got, want, "{}", w.name);
+        }
+        assert_eq!(report.fallback, vec!["w4x1408".to_string()]);
+        assert_eq!(report.kept, vec!["w4x100".to_string()]);
+        assert_eq!(report.quantized_tensors, 2);
+        // f32 -> q4_k (144 bytes per 256) and f32 -> q8_0 (34 bytes per 32).
+        let want_saved = (4 * 512 * 4 - 4 * 2 * 144) + (4 * 1408 * 4 - 4 * 44 * 34);
+        assert_eq!(saved, want_saved as u64);
+    }
 }

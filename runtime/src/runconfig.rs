@@ -2044,6 +2044,9 @@ max_connections = 500
             [
                 "cpu-16gb.toml",
                 "glm45-air-gpu-24gb-ram-64gb.toml",
+                "gpt-oss-120b-cpu-64gb.toml",
+                "gpt-oss-120b-gpu-8gb-ram-64gb.toml",
+                "gpt-oss-20b-cpu-16gb.toml",
                 "gpu-24gb.toml",
                 "gpu-8gb-ram-64gb.toml",
                 "qwen3-next-80b-cpu-64gb.toml",

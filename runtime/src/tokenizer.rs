@@ -2450,6 +2450,75 @@ mod tests {
 {%- endif %}
 "#;
 
+    /// A template in the shape of gpt-oss's harmony template (our own text): a system header
+    /// built by a macro with the current date and a reasoning level that is not defined by the
+    /// caller, developer instructions from a system message, channels on assistant turns,
+    /// tools as JSON, namespace state carried across the loop. The expected text is what
+    /// transformers' own renderer (`chat_template_utils._compile_jinja_template`) gives.
+    const HARMONY_SHAPED: &str = r##"{%- macro header(effort) -%}
+    {{- "<|start|>system<|message|>You are a model.\n" -}}
+    {{- "Current date: " + strftime_now("%Y-%m-%d") + "\n\n" -}}
+    {{- "Reasoning: " + effort + "\n\n" -}}
+    {{- "# Valid channels: analysis, commentary, final.<|end|>" -}}
+{%- endmacro -%}
+{%- if reasoning_effort is not defined %}{%- set reasoning_effort = "medium" %}{%- endif %}
+{{- header(reasoning_effort) }}
+{%- set ns = namespace(developer=none, seen=0) %}
+{%- for m in messages %}
+    {%- if m.role == "system" %}{%- set ns.developer = m.content %}{%- endif %}
+{%- endfor %}
+{%- if ns.developer is not none or tools %}
+    {{- "<|start|>developer<|message|># Instructions\n\n" + ns.developer|trim }}
+    {%- if tools %}{{- "\n\n# Tools\n" + tools|tojson(indent=2) }}{%- endif %}
+    {{- "<|end|>" }}
+{%- endif %}
+{%- for m in messages if m.role != "system" %}
+    {%- set ns.seen = ns.seen + 1 %}
+    {%- if m.role == "assistant" %}
+        {%- if "thinking" in m and m.thinking %}
+            {{- "<|start|>assistant<|channel|>analysis<|message|>" + m.thinking + "<|end|>" }}
+        {%- endif %}
+        {{- "<|start|>assistant<|channel|>final<|message|>" + m.content + ("<|return|>" if loop.last else "<|end|>") }}
+    {%- else %}
+        {{- "<|start|>" + m.role + "<|message|>" + m.content + "<|end|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- "<|start|>assistant" }}{%- endif %}
+"##;
+
+    #[test]
+    fn a_harmony_shaped_template_renders_as_transformers_would() {
+        let today = || {
+            let secs = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            strftime_utc("%Y-%m-%d", secs)
+        };
+        let before = today();
+        let out = render(
+            HARMONY_SHAPED,
+            &[
+                ("system", "  Answer briefly. "),
+                ("user", "Hi"),
+                ("assistant", "Hello."),
+                ("user", "2+2?"),
+            ],
+            true,
+        );
+        let after = today();
+        let want = |date: &str| {
+            format!(
+                "<|start|>system<|message|>You are a model.\nCurrent date: {date}\n\n\
+                 Reasoning: medium\n\n# Valid channels: analysis, commentary, final.<|end|>\
+                 <|start|>developer<|message|># Instructions\n\nAnswer briefly.<|end|>\
+                 <|start|>user<|message|>Hi<|end|>\
+                 <|start|>assistant<|channel|>final<|message|>Hello.<|end|>\
+                 <|start|>user<|message|>2+2?<|end|><|start|>assistant"
+            )
+        };
+        assert!(out == want(&before) || out == want(&after), "{out}");
+    }
+
     #[test]
     fn chatml_template_with_python_isms() {
         let conversation = [

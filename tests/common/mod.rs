@@ -191,6 +191,25 @@ pub fn moe_json(args: &[&str]) -> serde_json::Value {
     json_of(std::process::Command::new(bin()).args(args))
 }
 
+/// `moe-serve plan ARGS --json` (arguments under `configs/` or `tests/` are taken relative to
+/// the repository root).
+pub fn plan_json(args: &[&str]) -> serde_json::Value {
+    let abs: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.starts_with("configs/") || a.starts_with("tests/") {
+                root().join(a).to_string_lossy().into_owned()
+            } else {
+                a.to_string()
+            }
+        })
+        .collect();
+    let mut all: Vec<&str> = vec!["plan"];
+    all.extend(abs.iter().map(String::as_str));
+    all.push("--json");
+    moe_json(&all)
+}
+
 /// Runs `moe-serve ARGS` with its cache and state folders under `dir`, and parses its stdout as
 /// one JSON value (the run must succeed).
 pub fn moe_json_in<S: AsRef<std::ffi::OsStr>>(dir: &Path, args: &[S]) -> serde_json::Value {

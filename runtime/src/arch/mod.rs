@@ -10,21 +10,23 @@
 //! errors naming the tensor).
 
 mod glm4_moe;
+mod gpt_oss;
 mod mixtral;
 mod olmoe;
 mod qwen2_moe;
 mod qwen3_moe;
 mod qwen3_next;
 
+use crate::backend::Glu;
 use crate::backend::RouterRule;
-use crate::config::{MixerKind, ModelConfig, QkNorm, RawConfig, RouterConfig, Scoring};
+use crate::config::{ExpertForm, MixerKind, ModelConfig, QkNorm, RawConfig, RouterConfig, Scoring};
 use crate::deltanet::GatedDeltaNet;
 use crate::error::{Error, Result};
 use crate::layers::{Attention, Linear, Mlp, QkNormLayer, RmsNorm, Rope};
 use crate::model::{DecoderLayer, Ffn, Mixer, ModelWeights};
 use crate::moe::{MoeBlock, Router, SharedExpert};
-use crate::store::{ExpertLayout, ExpertWeights};
-use crate::weights::WeightSet;
+use crate::store::{ExpertLayout, ExpertWeights, GateUp};
+use crate::weights::{TensorRef, WeightSet};
 
 /// One supported architecture.
 pub struct Arch {
@@ -45,6 +47,7 @@ pub static ARCHITECTURES: &[&Arch] = &[
     &olmoe::ARCH,
     &qwen3_next::ARCH,
     &glm4_moe::ARCH,
+    &gpt_oss::ARCH,
 ];
 
 /// Finds the architecture of a config: by `architectures[0]`, else by `model_type`.
@@ -245,6 +248,11 @@ fn load_attention(
         sliding_window: cfg.sliding_window.get(l).copied().flatten(),
         rope: Rope::new(&cfg.rope, cfg.head_dim),
         output_gate: cfg.attn_output_gate,
+        sinks: if cfg.attention_sinks {
+            Some(w.compute(&format!("{a}.sinks"), &[nh])?.to_f32_vec()?)
+        } else {
+            None
+        },
     })
 }
 
@@ -307,16 +315,47 @@ fn load_moe(
         None
     };
     let router = Router {
-        gate: Linear::load(w, &router_name, h, e_count, false)?,
+        gate: Linear::load(w, &router_name, h, e_count, cfg.router.bias)?,
         rule: RouterRule::from(&cfg.router),
         selection_bias,
     };
     let [g, u, d] = names.expert_proj;
-    // Every architecture loaded today: separate gate, up and down, no biases, SwiGLU (the
-    // fused checkpoint layout below is split into two row views, so nothing else moves).
-    let layout = ExpertLayout::swiglu(h, inter);
     let fused_gate_up = format!("{module}.experts.gate_up_proj");
-    let experts = if w.contains(&fused_gate_up) {
+    let experts = if let ExpertForm::InterleavedClamped { limit, alpha } = cfg.expert_form {
+        // gpt-oss: gate_up [E, 2I, H] with alternating gate / up rows, down [E, H, I], and
+        // their biases [E, 2I] / [E, H].
+        let layout = ExpertLayout {
+            hidden: h,
+            inter,
+            gate_up: GateUp::FusedInterleaved,
+            bias: true,
+            glu: Glu::ClampedSwiGlu { limit, alpha },
+        };
+        let gate_up = released_expert(w, &fused_gate_up, [e_count, 2 * inter, h])?;
+        let down = released_expert(
+            w,
+            &format!("{module}.experts.down_proj"),
+            [e_count, h, inter],
+        )?;
+        let gate_up_bias = w.compute(&format!("{fused_gate_up}_bias"), &[e_count, 2 * inter])?;
+        let down_bias = w.compute(&format!("{module}.experts.down_proj_bias"), &[e_count, h])?;
+        (0..e_count)
+            .map(|e| {
+                ExpertWeights::new(
+                    layout,
+                    vec![
+                        gate_up.index(e),
+                        down.index(e),
+                        gate_up_bias.index(e),
+                        down_bias.index(e),
+                    ],
+                )
+            })
+            .collect()
+    } else if w.contains(&fused_gate_up) {
+        // Separate gate, up and down, no biases, SwiGLU (the fused checkpoint layout is split
+        // into two row views, so nothing else moves).
+        let layout = ExpertLayout::swiglu(h, inter);
         // transformers 5 layout: gate_up [E, 2I, H] (gate rows first), down [E, H, I].
         let gate_up = w.compute(&fused_gate_up, &[e_count, 2 * inter, h])?;
         let down = w.compute(&format!("{module}.experts.down_proj"), &[e_count, h, inter])?;
@@ -330,6 +369,7 @@ fn load_moe(
             })
             .collect()
     } else {
+        let layout = ExpertLayout::swiglu(h, inter);
         (0..e_count)
             .map(|e| {
                 let p = format!("{module}.experts.{e}");
@@ -369,6 +409,26 @@ fn load_moe(
         },
         experts,
     ))
+}
+
+/// One of gpt-oss's expert weights as `shape` (`[E, rows, K]`, out-major): the release stores
+/// it as an MXFP4 pair (`<name>_blocks` / `<name>_scales`), opened by the weights layer. A plain
+/// tensor under `name` is a dequantized export, which stores it input-major (`[E, K, rows]`, as
+/// transformers holds it in memory; with gpt-oss's equal widths the shapes alone cannot tell):
+/// named as such, with what to use instead.
+fn released_expert(w: &WeightSet, name: &str, shape: [usize; 3]) -> Result<TensorRef> {
+    if !w.contains(&format!("{name}_blocks")) && w.contains(name) {
+        let [e, rows, k] = shape;
+        return Err(Error::bad_config(
+            std::path::Path::new(w.label()).join(name),
+            format!(
+                "`{name}` is a plain tensor: a dequantized export of gpt-oss, which stores \
+                 experts input-major ([{e}, {k}, {rows}]); open the MXFP4 release instead \
+                 (`{name}_blocks` / `{name}_scales`, experts out-major [{e}, {rows}, {k}])"
+            ),
+        ));
+    }
+    w.compute(name, &shape)
 }
 
 /// Which layers are sparse under Qwen's rule: not in `mlp_only_layers` and
@@ -424,6 +484,44 @@ pub fn biased_sigmoid_router(raw: &RawConfig, base: RouterConfig) -> Result<Rout
         selection_bias: true,
         ..base
     })
+}
+
+/// Per-layer attention windows from `layer_types` (`sliding_attention` takes `window`,
+/// `full_attention` none), or None when the config has no `layer_types`. A list of the wrong
+/// length or naming another kind is an error naming the field.
+pub fn layer_windows(
+    raw: &RawConfig,
+    layers: usize,
+    window: Option<usize>,
+) -> Result<Option<Vec<Option<usize>>>> {
+    let Some(types) = raw.opt_str_list(&["layer_types"])? else {
+        return Ok(None);
+    };
+    if types.len() != layers {
+        return Err(Error::bad_config(
+            &raw.path,
+            format!(
+                "field `layer_types` has {} entries for {layers} layers",
+                types.len()
+            ),
+        ));
+    }
+    types
+        .iter()
+        .enumerate()
+        .map(|(l, t)| match t.as_str() {
+            "sliding_attention" => Ok(window),
+            "full_attention" => Ok(None),
+            other => Err(Error::bad_config(
+                &raw.path,
+                format!(
+                    "field `layer_types` names `{other}` for layer {l}: the layers of this \
+                     architecture are `sliding_attention` or `full_attention`"
+                ),
+            )),
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }
 
 /// `head_dim` if given (not null), else hidden / heads.

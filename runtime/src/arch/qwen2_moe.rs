@@ -4,7 +4,7 @@
 
 use super::{head_dim, qwen_sparse_layers, Arch, NameScheme};
 use crate::config::{CommonDefaults, ModelConfig, RawConfig};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 pub static ARCH: Arch = Arch {
     model_type: "qwen2_moe",
@@ -47,28 +47,8 @@ fn parse_config(raw: &RawConfig) -> Result<ModelConfig> {
         None
     };
     let max_window_layers = raw.usize_or(&["max_window_layers"], 28)?;
-    let sliding = match raw.opt_str_list(&["layer_types"])? {
-        Some(types) => {
-            if types.len() != layers {
-                return Err(Error::bad_config(
-                    &raw.path,
-                    format!(
-                        "field `layer_types` has {} entries for {layers} layers",
-                        types.len()
-                    ),
-                ));
-            }
-            types
-                .iter()
-                .map(|t| {
-                    if t == "sliding_attention" {
-                        window
-                    } else {
-                        None
-                    }
-                })
-                .collect()
-        }
+    let sliding = match super::layer_windows(raw, layers, window)? {
+        Some(windows) => windows,
         None => (0..layers)
             .map(|i| {
                 if (i + 1) % 2 == 1 && i < max_window_layers && use_sw {

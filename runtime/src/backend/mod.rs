@@ -294,7 +294,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn kv_bytes(&self, kv: &Self::Kv) -> usize;
     /// Causal attention of several sequences: rows `lens[0]` of `q`/`k`/`v` belong to sequence 0
     /// and so on; each sequence's new `k`/`v` rows are appended to its cache, then its queries
-    /// attend over the cache (within the sliding window). Returns `[rows, heads * head_dim]`.
+    /// attend over the cache (within the sliding window). `sinks` (one learned logit per head,
+    /// gpt-oss) join each head's softmax as a position without a value. Returns
+    /// `[rows, heads * head_dim]`.
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         q: &Self::Act,
@@ -303,6 +306,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
         lens: &[usize],
         caches: &mut [&mut Self::Kv],
         shape: &AttnShape,
+        sinks: Option<&Self::Vector>,
     ) -> Self::Act;
 
     /// A zero recurrent state of `conv` convolution and `ssm` recurrence values.

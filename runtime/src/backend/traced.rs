@@ -146,9 +146,10 @@ impl Backend for Traced {
         lens: &[usize],
         caches: &mut [&mut KvCache],
         shape: &AttnShape,
+        sinks: Option<&Vec<f32>>,
     ) -> Vec<f32> {
         self.hit("attend");
-        self.cpu.attend(q, k, v, lens, caches, shape)
+        self.cpu.attend(q, k, v, lens, caches, shape, sinks)
     }
     fn recurrent_new(&self, conv: usize, ssm: usize) -> LinearState {
         self.hit("recurrent_new");

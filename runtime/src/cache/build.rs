@@ -130,6 +130,7 @@ pub(crate) fn ggml_type(d: Dtype) -> Option<GgmlType> {
         Dtype::F8B128 => GgmlType::MoeF8B128,
         Dtype::Nf4 => GgmlType::MoeNf4B64,
         Dtype::Fp4 => GgmlType::MoeFp4B64,
+        Dtype::Mxfp4 => GgmlType::MoeMxfp4B32,
         _ => return None,
     })
 }

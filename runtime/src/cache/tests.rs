@@ -587,3 +587,210 @@ fn every_start_removes_temporaries_of_dead_builders_of_any_file_and_keeps_live_o
     assert_eq!(remove_orphaned_temporaries(dir.path()), 1);
     assert!(!live.exists());
 }
+
+/// FP4 E2M1 values as the OCP MX spec lists them (written out here, not taken from the
+/// kernels).
+const E2M1: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// Random MXFP4 codes and scales for a weight `[e, n, k]`, with its exact f32 values.
+fn mxfp4_weight(seed: &mut u64, e: usize, n: usize, k: usize) -> (Vec<u8>, Vec<u8>, Vec<f32>) {
+    let mut next = || {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    };
+    let blocks: Vec<u8> = (0..e * n * k / 2).map(|_| next() as u8).collect();
+    // Scales 2^-7 .. 2^-4: weights of the size a trained layer has.
+    let scales: Vec<u8> = (0..e * n * k / 32)
+        .map(|_| 120 + (next() % 4) as u8)
+        .collect();
+    let mut exact = Vec::with_capacity(e * n * k);
+    for (b, &s) in blocks.chunks_exact(16).zip(&scales) {
+        let scale = 2f32.powi(s as i32 - 127);
+        for &byte in b {
+            exact.push(E2M1[(byte & 0xF) as usize] * scale);
+            exact.push(E2M1[(byte >> 4) as usize] * scale);
+        }
+    }
+    (blocks, scales, exact)
+}
+
+/// Two copies of a random two-layer demo model whose experts are stored fused
+/// (`mlp.experts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]): in `mx` as MXFP4 pairs with an
+/// mxfp4 `quantization_config` (gpt-oss's `modules_to_not_convert`), in `exact` as the same
+/// values in f32.
+fn mxfp4_twins(mx: &Path, exact: &Path) {
+    let src = tempfile::tempdir().unwrap();
+    let o = crate::synth::SynthOptions {
+        arch: "qwen3_moe".into(),
+        preset: "demo".into(),
+        layers: Some(2),
+        seed: 3,
+        out: src.path().to_path_buf(),
+        shard_bytes: None,
+        overwrite: true,
+    };
+    crate::synth::synth(&o, &mut |_, _| {}).unwrap();
+    let ws = WeightSet::open(&ModelFiles::Dir(src.path().to_path_buf())).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.path().join("config.json")).unwrap()).unwrap();
+    let u = |k: &str| cfg[k].as_u64().unwrap() as usize;
+    let (layers, h, inter, e) = (
+        u("num_hidden_layers"),
+        u("hidden_size"),
+        u("moe_intermediate_size"),
+        u("num_experts"),
+    );
+    use crate::weights::Dtype;
+    // (name, dtype, shape, bytes) of each model.
+    let mut kept: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for f in &ws.files {
+        for name in f.tensors.keys() {
+            if !name.contains(".mlp.experts.") {
+                let t = ws.get(name, None).unwrap();
+                kept.push((name.clone(), t.dtype, t.shape.clone(), t.bytes().to_vec()));
+            }
+        }
+    }
+    let (mut mx_t, mut exact_t) = (kept.clone(), kept);
+    let mut seed = 0x2545_F491_4F6C_DD1D;
+    for l in 0..layers {
+        for (part, n, k) in [("gate_up_proj", 2 * inter, h), ("down_proj", h, inter)] {
+            let name = format!("model.layers.{l}.mlp.experts.{part}");
+            let (blocks, scales, values) = mxfp4_weight(&mut seed, e, n, k);
+            mx_t.push((
+                format!("{name}_blocks"),
+                Dtype::U8,
+                vec![e, n, k / 32, 16],
+                blocks,
+            ));
+            mx_t.push((
+                format!("{name}_scales"),
+                Dtype::U8,
+                vec![e, n, k / 32],
+                scales,
+            ));
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            exact_t.push((name, Dtype::F32, vec![e, n, k], bytes));
+        }
+    }
+    for (dir, tensors, quant) in [(mx, mx_t, true), (exact, exact_t, false)] {
+        std::fs::create_dir_all(dir).unwrap();
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ] {
+            std::fs::copy(src.path().join(f), dir.join(f)).unwrap();
+        }
+        let mut c = cfg.clone();
+        if quant {
+            c["quantization_config"] = serde_json::json!({
+                "quant_method": "mxfp4",
+                "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.gate",
+                    "model.embed_tokens", "lm_head"],
+            });
+        }
+        std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+        let refs: Vec<(&str, Dtype, &[usize], &[u8])> = tensors
+            .iter()
+            .map(|(n, d, s, b)| (n.as_str(), *d, s.as_slice(), b.as_slice()))
+            .collect();
+        std::fs::write(
+            dir.join("model.safetensors"),
+            crate::weights::safetensors_bytes(&refs),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn mxfp4_experts_are_cached_without_loss_and_compute_as_their_exact_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mx, exact, cache) = (
+        tmp.path().join("mx"),
+        tmp.path().join("exact"),
+        tmp.path().join("cache"),
+    );
+    mxfp4_twins(&mx, &exact);
+    let settings = |model: &Path, cached: bool| Settings {
+        model: Some(model.to_string_lossy().into_owned()),
+        quantization: Quantization::None,
+        cache: cached,
+        cache_dir: Some(cache.clone()),
+        state_dir: Some(cache.join("state")),
+        ..Default::default()
+    };
+    let logits = |m: &crate::Model, ids: &[u32]| {
+        let mut st = m.new_state();
+        m.forward(ids, &mut st, crate::Logits::All, None).unwrap()
+    };
+    let ids = [5u32, 17, 300, 2047, 9, 1000, 77];
+    let want = logits(&crate::Model::load(&settings(&exact, false)).unwrap(), &ids);
+    assert!(want.iter().all(|v| v.is_finite()));
+
+    let first = crate::Model::load(&settings(&mx, true)).unwrap();
+    let report = first.cache_build_report().expect("the first load builds");
+    assert!(report.prequant_error.is_none(), "kept without loss");
+    let path = first.cache_path().unwrap().to_path_buf();
+    // Every expert matrix is held in the 17-byte MXFP4 blocks.
+    let plan = plan_of(
+        &ModelFiles::Dir(mx.clone()),
+        Quantization::None,
+        &cache,
+        false,
+    );
+    let experts: Vec<_> = plan
+        .entries
+        .iter()
+        .filter(|e| matches!(e.role, Role::Expert { .. }))
+        .collect();
+    assert_eq!(experts.len(), 2 * 8 * 3);
+    assert!(experts
+        .iter()
+        .all(|e| e.to == crate::weights::Dtype::Mxfp4 && e.size_bytes() == 64 * 64 / 32 * 17));
+    let second = crate::Model::load(&settings(&mx, true)).unwrap();
+    assert!(second.cache_build_report().is_none(), "the cache is reused");
+    assert_eq!(second.cache_path(), Some(path.as_path()));
+    let in_ram = crate::Model::load(&settings(&mx, false)).unwrap();
+    // The CUDA backend on the mock device (each launch running its CPU twin): the MXFP4
+    // kernels are the ones launched, and give the CPU's logits.
+    let mock = std::sync::Arc::new(crate::backend::cuda::mock::MockGpu::new());
+    let on_mock = crate::Model::load_on(
+        &Settings {
+            device: crate::backend::DeviceKind::Cuda,
+            vram_budget: Some(1 << 30),
+            ..settings(&mx, true)
+        },
+        crate::backend::AnyBackend::Cuda(crate::backend::cuda::Cuda::on(mock.clone(), u64::MAX)),
+    )
+    .unwrap();
+    for (m, what) in [
+        (&first, "built"),
+        (&second, "mapped"),
+        (&in_ram, "in RAM"),
+        (&on_mock, "on the CUDA mock"),
+    ] {
+        let got = logits(m, &ids);
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: MXFP4 experts differ from their exact f32 values"
+        );
+    }
+    let mut st = on_mock.new_state();
+    on_mock
+        .forward(&ids[..1], &mut st, crate::Logits::Last, None)
+        .unwrap();
+    let launched = mock.launched();
+    assert!(
+        launched
+            .iter()
+            .any(|k| k.ends_with("_mxfp4") && k.starts_with("matvec_")),
+        "{launched:?}"
+    );
+}

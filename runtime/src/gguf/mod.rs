@@ -92,10 +92,13 @@ pub enum GgmlType {
     MoeNf4B64,
     /// bitsandbytes FP4 x 64 + f32 scale (see [`GgmlType::MoeF8B128`]).
     MoeFp4B64,
+    /// MXFP4: an E8M0 scale byte + 32 E2M1 codes, low nibble first, as checkpoints store them
+    /// (17 bytes; GGML's own MXFP4 orders the nibbles differently, so this is not its id 39).
+    MoeMxfp4B32,
 }
 
 impl GgmlType {
-    const ALL: [GgmlType; 23] = [
+    const ALL: [GgmlType; 24] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
@@ -119,6 +122,7 @@ impl GgmlType {
         GgmlType::MoeF8B128,
         GgmlType::MoeNf4B64,
         GgmlType::MoeFp4B64,
+        GgmlType::MoeMxfp4B32,
     ];
 
     /// The `ggml_type` id.
@@ -148,6 +152,7 @@ impl GgmlType {
             MoeF8B128 => 1000,
             MoeNf4B64 => 1001,
             MoeFp4B64 => 1002,
+            MoeMxfp4B32 => 1003,
         }
     }
 
@@ -183,6 +188,7 @@ impl GgmlType {
             MoeF8B128 => "MOE_F8_E4M3_B128",
             MoeNf4B64 => "MOE_NF4_B64",
             MoeFp4B64 => "MOE_FP4_B64",
+            MoeMxfp4B32 => "MOE_MXFP4_B32",
         }
     }
 
@@ -191,7 +197,7 @@ impl GgmlType {
         use GgmlType::*;
         match self {
             F32 | F16 | BF16 | I8 | I16 | I32 | I64 | F64 => 1,
-            Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 => 32,
+            Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | MoeMxfp4B32 => 32,
             Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K => 256,
             MoeF8B128 => 128,
             MoeNf4B64 | MoeFp4B64 => 64,
@@ -220,6 +226,7 @@ impl GgmlType {
             Q8_K => 292,
             MoeF8B128 => 132,
             MoeNf4B64 | MoeFp4B64 => 36,
+            MoeMxfp4B32 => 17,
         }
     }
 

@@ -36,7 +36,7 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
 use super::device::{DeviceTier, Frame};
-use super::layout::GateUp;
+use super::layout::{GateUp, PartRole};
 use super::{ExpertBatch, ExpertBuf, ExpertLayout, ExpertStore, TieredStore};
 use crate::backend::cuda::gpu::{Event, HostBuf, HostId, Stream};
 use crate::backend::cuda::{DevBuf, DevPtr, DeviceExpert, ExpertWork, Gpu, Vram};
@@ -216,29 +216,25 @@ impl Drop for PinnedWords {
 }
 
 impl CudaTier {
-    /// The tier on `cuda`'s device and allocator, for experts of `layout`; None when the
-    /// layout has a form the device FFN does not run (biases, interleaved gate/up), in which
-    /// case experts are computed on the host.
-    pub fn new(cuda: &Cuda, layout: &ExpertLayout, link_bytes_per_s: f64) -> Option<CudaTier> {
-        let runs = !layout.bias && layout.gate_up != GateUp::FusedInterleaved;
-        runs.then(|| {
-            let ring = crossbeam_channel::bounded(STAGING_BUFFERS);
-            for _ in 0..STAGING_BUFFERS {
-                let _ = ring.0.send(Staging {
-                    buf: None,
-                    busy: None,
-                });
-            }
-            CudaTier {
-                vram: cuda.vram().clone(),
-                gpu: cuda.gpu().clone(),
-                link_bytes_per_s,
-                ring,
-                recycled: Arc::new(Mutex::new(Vec::new())),
-                pinned: PinnedPool::new(cuda.gpu().clone()),
-                issue: Mutex::new(()),
-            }
-        })
+    /// The tier on `cuda`'s device and allocator (every expert layout runs on the device:
+    /// separate, fused or interleaved gate/up, with or without biases).
+    pub fn new(cuda: &Cuda, link_bytes_per_s: f64) -> CudaTier {
+        let ring = crossbeam_channel::bounded(STAGING_BUFFERS);
+        for _ in 0..STAGING_BUFFERS {
+            let _ = ring.0.send(Staging {
+                buf: None,
+                busy: None,
+            });
+        }
+        CudaTier {
+            vram: cuda.vram().clone(),
+            gpu: cuda.gpu().clone(),
+            link_bytes_per_s,
+            ring,
+            recycled: Arc::new(Mutex::new(Vec::new())),
+            pinned: PinnedPool::new(cuda.gpu().clone()),
+            issue: Mutex::new(()),
+        }
     }
 
     /// Issues a copy of `bytes` from pinned `src` to `dst` on the copy stream between two events;
@@ -481,6 +477,7 @@ impl Frame<CudaTier> for CudaFrame<'_> {
             let (off, _, dtype) = slot.parts[i];
             (slot.buf().at(off), dtype)
         };
+        let bias = |role: PartRole| layout.index_of(role).map(part);
         let e = match layout.gate_up {
             GateUp::Separate => DeviceExpert {
                 gate: part(0),
@@ -488,19 +485,22 @@ impl Frame<CudaTier> for CudaFrame<'_> {
                 down: part(2),
                 inter: layout.inter,
                 glu: layout.glu,
+                interleaved: false,
+                bias: [
+                    bias(PartRole::GateBias),
+                    bias(PartRole::UpBias),
+                    bias(PartRole::DownBias),
+                ],
             },
-            GateUp::Fused => DeviceExpert {
+            GateUp::Fused | GateUp::FusedInterleaved => DeviceExpert {
                 gate: part(0),
                 up: None,
                 down: part(1),
                 inter: layout.inter,
                 glu: layout.glu,
+                interleaved: layout.gate_up == GateUp::FusedInterleaved,
+                bias: [bias(PartRole::GateUpBias), None, bias(PartRole::DownBias)],
             },
-            GateUp::FusedInterleaved => {
-                return Err(Error::Internal(
-                    "an interleaved gate/up expert reached the CUDA tier".into(),
-                ))
-            }
         };
         // The slot's last use: its memory is overwritten only after the layer's kernels, whose
         // event this completion receives when the frame finishes.
@@ -585,8 +585,7 @@ mod tests {
     fn copies_from_the_heap_and_from_pinned_memory_land_byte_for_byte() {
         let mock = Arc::new(MockGpu::new());
         let cuda = Cuda::on(mock.clone(), u64::MAX);
-        let layout = ExpertLayout::swiglu(8, 4);
-        let tier = CudaTier::new(&cuda, &layout, 25e9).unwrap();
+        let tier = CudaTier::new(&cuda, 25e9);
         let pool = tier.host_memory().unwrap();
         // More copies in flight than staging buffers: the ring must wait for a buffer's last
         // copy before refilling it (the mock fails the write otherwise).
@@ -619,8 +618,7 @@ mod tests {
         let (hidden, inter) = (8, 4);
         let experts = vec![(0..4).map(|e| expert(hidden, inter, e as f32)).collect()];
         let cuda = Cuda::mock(u64::MAX);
-        let layout = ExpertLayout::swiglu(hidden, inter);
-        let tier = CudaTier::new(&cuda, &layout, 25e9);
+        let tier = Some(CudaTier::new(&cuda, 25e9));
         let config = |device| crate::store::TieredStoreConfig {
             device,
             ..Default::default()

@@ -8,8 +8,12 @@
 //! - Opening reads headers and small JSON files only (and, for bitsandbytes 4-bit weights, their
 //!   code tables and quant state: a few hundred bytes each). Nothing here allocates in
 //!   proportion to the total weights; tensor bytes are touched only when the compute reads them.
-//! - A pre-quantized weight (FP8 codes with block scales, bitsandbytes 4-bit) is a view of its
-//!   stored codes with a [`crate::weights::prequant::Source`]; it is converted before compute reads it.
+//! - A pre-quantized weight (FP8 codes with block scales, bitsandbytes 4-bit, MXFP4) is a view of
+//!   its stored codes with a [`crate::weights::prequant::Source`]; it is converted before compute
+//!   reads it. An MXFP4 weight `X` is stored as `X_blocks` + `X_scales` and opened under the
+//!   name `X` ([`WeightSet::contains`] and [`WeightSet::get`] resolve the pair), in its logical
+//!   shape (`[experts, n, k]` for gpt-oss's fused experts; `index` / `narrow` give each
+//!   expert's rows).
 //! - Every tensor is bounds-checked against its file when the header is parsed: offsets inside the
 //!   data region, byte length equal to `numel * dtype size`.
 //! - A safetensors file opens only if the official `safetensors` library would open it: header
@@ -66,6 +70,9 @@ pub enum Dtype {
     Nf4,
     /// bitsandbytes FP4 codes in blocks of 64 with an f32 scale (36 bytes), repacked without loss.
     Fp4,
+    /// OCP MX FP4 (MXFP4) codes in blocks of 32 with an E8M0 scale byte (17 bytes): a
+    /// checkpoint's `*_blocks` / `*_scales` pair repacked without loss.
+    Mxfp4,
 }
 
 impl Dtype {
@@ -98,7 +105,7 @@ impl Dtype {
             Dtype::F16 | Dtype::Bf16 | Dtype::I16 | Dtype::U16 => 2,
             Dtype::I8 | Dtype::U8 | Dtype::Bool | Dtype::F8E4M3 | Dtype::F8E5M2 => 1,
             // Block types have no per-element size; they never come from a safetensors header.
-            Dtype::Q8_0 | Dtype::Q4K | Dtype::F8B128 | Dtype::Nf4 | Dtype::Fp4 => 0,
+            Dtype::Q8_0 | Dtype::Q4K | Dtype::F8B128 | Dtype::Nf4 | Dtype::Fp4 | Dtype::Mxfp4 => 0,
         }
     }
 
@@ -114,6 +121,7 @@ impl Dtype {
             Dtype::F8B128 => (moe_kernels::QK_F8, size_of::<moe_kernels::BlockF8>()),
             Dtype::Nf4 => (moe_kernels::QK_B4, size_of::<moe_kernels::BlockNf4>()),
             Dtype::Fp4 => (moe_kernels::QK_B4, size_of::<moe_kernels::BlockFp4>()),
+            Dtype::Mxfp4 => (moe_kernels::QK_MX, size_of::<moe_kernels::BlockMxfp4>()),
             _ => return None,
         })
     }
@@ -149,6 +157,7 @@ impl Dtype {
             Dtype::F8B128 => "F8_E4M3_B128",
             Dtype::Nf4 => "NF4_B64",
             Dtype::Fp4 => "FP4_B64",
+            Dtype::Mxfp4 => "MXFP4_B32",
         }
     }
 }
@@ -775,10 +784,14 @@ impl TensorRef {
         let name = format!("{}[{first}..{}]", self.name, first + count);
         if let Some(p) = &self.prequant {
             // Stored codes need not be whole bytes per row (4-bit, odd k): offsets come from
-            // the source, relative to where this view's bytes start.
+            // the source, relative to where this view's bytes start. The source's rows are
+            // the last dimension's: one element of the leading dimension of `[E, n, k]` is n.
+            let per: usize = self.shape[1..self.shape.len().saturating_sub(1)]
+                .iter()
+                .product();
             let here = p.src.byte_range(p.row0, p.row0).start;
-            let r0 = p.row0 + first;
-            let want = p.src.byte_range(r0, r0 + count);
+            let r0 = p.row0 + first * per;
+            let want = p.src.byte_range(r0, r0 + count * per);
             return TensorRef {
                 name,
                 shape,
@@ -859,7 +872,8 @@ impl TensorRef {
             | Dtype::Q4K
             | Dtype::F8B128
             | Dtype::Nf4
-            | Dtype::Fp4 => {}
+            | Dtype::Fp4
+            | Dtype::Mxfp4 => {}
             other => {
                 return Err(Error::UnsupportedDtype {
                     name: self.name,
@@ -947,7 +961,9 @@ impl TensorRef {
             Dtype::Bf16 => (1, 2),
             // A pre-quantized weight also converts to f32 and to its own lossless blocks.
             Dtype::F32 if self.prequant.is_some() => (1, 4),
-            Dtype::F8B128 | Dtype::Nf4 | Dtype::Fp4 if self.lossless_dtype() == Some(to) => {
+            Dtype::F8B128 | Dtype::Nf4 | Dtype::Fp4 | Dtype::Mxfp4
+                if self.lossless_dtype() == Some(to) =>
+            {
                 to.block()?
             }
             _ => return None,
@@ -1075,9 +1091,13 @@ impl TensorRef {
         if self.is_virtual() {
             return Ok(vec![0.0; self.numel()]);
         }
-        if self.prequant.is_some() && self.shape.len() == 2 {
+        if self.prequant.is_some() && self.shape.len() >= 2 {
+            // Rows of the last dimension, whatever the leading ones.
+            let k = self.shape[self.shape.len() - 1];
+            let mut rows = self.clone();
+            rows.shape = vec![self.numel() / k.max(1), k];
             let mut out = vec![0u8; self.numel() * 4];
-            self.convert_into(Dtype::F32, &mut out)?;
+            rows.convert_into(Dtype::F32, &mut out)?;
             return Ok(out
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -1165,6 +1185,7 @@ pub(crate) fn typed_weights(b: &[u8], dtype: Dtype) -> Weights<'_> {
         Dtype::F8B128 => Weights::F8(blocks_of::<moe_kernels::BlockF8>(b)),
         Dtype::Nf4 => Weights::Nf4(blocks_of::<moe_kernels::BlockNf4>(b)),
         Dtype::Fp4 => Weights::Fp4(blocks_of::<moe_kernels::BlockFp4>(b)),
+        Dtype::Mxfp4 => Weights::Mxfp4(blocks_of::<moe_kernels::BlockMxfp4>(b)),
         other => unreachable!("{other:?} is not a compute dtype (into_compute checks the dtype)"),
     }
 }
@@ -1184,8 +1205,9 @@ const _: () = assert!(std::mem::size_of::<moe_kernels::BlockQ4K>() == 2 + 2 + 12
 const _: () = assert!(std::mem::size_of::<moe_kernels::BlockF8>() == 4 + 128);
 const _: () = assert!(std::mem::size_of::<moe_kernels::BlockNf4>() == 4 + 32);
 const _: () = assert!(std::mem::size_of::<moe_kernels::BlockFp4>() == 4 + 32);
+const _: () = assert!(std::mem::size_of::<moe_kernels::BlockMxfp4>() == 1 + 16);
 
-// SAFETY (all five): repr(C) structs of f16 / f32 scales and integer arrays; the assertions
+// SAFETY (all six): repr(C) structs of f16 / f32 / u8 scales and integer arrays; the assertions
 // above prove there is no padding, and every bit pattern of f16, f32 and integers is valid.
 unsafe impl RawBlock for moe_kernels::BlockQ8_0 {}
 // SAFETY: as above.
@@ -1196,6 +1218,8 @@ unsafe impl RawBlock for moe_kernels::BlockF8 {}
 unsafe impl RawBlock for moe_kernels::BlockNf4 {}
 // SAFETY: as above.
 unsafe impl RawBlock for moe_kernels::BlockFp4 {}
+// SAFETY: as above.
+unsafe impl RawBlock for moe_kernels::BlockMxfp4 {}
 
 /// Bytes viewed as blocks; panics on misaligned bytes or a partial block, as
 /// `bytemuck::cast_slice` does (into_compute guarantees alignment and whole blocks).
@@ -1362,8 +1386,16 @@ impl WeightSet {
         &self.label
     }
 
+    /// Whether tensor `name` exists: stored under that name, or as an MXFP4 pair
+    /// (`<name>_blocks` with `<name>_scales`), which [`WeightSet::get`] opens as one weight.
     pub fn contains(&self, name: &str) -> bool {
-        self.by_name.contains_key(name)
+        self.by_name.contains_key(name) || self.is_mxfp4_pair(name)
+    }
+
+    /// Whether `name` is not stored itself but as MXFP4 codes `<name>_blocks` (its scales are
+    /// checked when it is opened).
+    fn is_mxfp4_pair(&self, name: &str) -> bool {
+        !self.by_name.contains_key(name) && self.by_name.contains_key(&format!("{name}_blocks"))
     }
 
     /// Bytes of the tensors handed out so far (each counted once).
@@ -1400,6 +1432,9 @@ impl WeightSet {
                 end: size,
                 prequant: None,
             });
+        }
+        if self.is_mxfp4_pair(name) {
+            return crate::weights::prequant::open_mxfp4(self, name, shape, self.prequant.as_ref());
         }
         let &fi = self.by_name.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
@@ -1446,6 +1481,21 @@ impl WeightSet {
     /// routers and gates, the head, `modules_to_not_convert`).
     fn virtual_prequant(&self, name: &str, shape: &[usize]) -> Option<Dtype> {
         let config = self.prequant.as_ref()?;
+        if let crate::weights::prequant::PrequantConfig::Mxfp4 { not_convert } = config {
+            // gpt-oss names its expert weights without `.weight` (`experts.gate_up_proj`,
+            // stored as `_blocks` / `_scales`); everything else stays as stored.
+            let last = name.rsplit('.').next()?;
+            let k = *shape.last()?;
+            let listed = not_convert
+                .iter()
+                .any(|p| crate::weights::prequant::module_matches(p, name));
+            let mx = name.contains(".experts.")
+                && last.ends_with("_proj")
+                && shape.len() >= 2
+                && k.is_multiple_of(moe_kernels::QK_MX)
+                && !listed;
+            return mx.then_some(Dtype::Mxfp4);
+        }
         let module = name.strip_suffix(".weight")?;
         let last = module.rsplit('.').next()?;
         // `*_proj` and the DeltaNet's fused `in_proj_qkvz` (its small `in_proj_ba` is kept
@@ -1471,6 +1521,7 @@ impl WeightSet {
                     Dtype::F32
                 })
             }
+            crate::weights::prequant::PrequantConfig::Mxfp4 { .. } => None,
             crate::weights::prequant::PrequantConfig::Bnb4 { quant_type, .. } => {
                 let (w, _) = Dtype::Nf4.block()?;
                 Some(if !k.is_multiple_of(w) {

@@ -1,7 +1,9 @@
 //! Pre-quantized checkpoints: FP8 E4M3 with block scales (`quant_method = "fp8"`, DeepSeek-V3
-//! / Qwen3 FP8 releases) and bitsandbytes 4-bit (nf4 and fp4, with or without double
-//! quantization). [`PrequantConfig`] reads `quantization_config` (and refuses every other
-//! method); [`open`] turns a stored weight and the tensors beside it into a [`Source`], which
+//! / Qwen3 FP8 releases), bitsandbytes 4-bit (nf4 and fp4, with or without double
+//! quantization) and OCP MX FP4 (`quant_method = "mxfp4"`, gpt-oss: `<name>_blocks` U8 codes
+//! `[.., n, k/32, 16]` with `<name>_scales` U8 E8M0 exponents `[.., n, k/32]`).
+//! [`PrequantConfig`] reads `quantization_config` (and refuses every other method); [`open`]
+//! and [`open_mxfp4`] turn a stored weight and the tensors beside it into a [`Source`], which
 //! [`crate::weights::TensorRef`] carries until loading converts it: repacked into the kernels'
 //! blocks ([`Source::pack_row`]) or dequantized ([`Source::row_to_f32`]).
 //!
@@ -14,8 +16,12 @@
 //! inconsistent shapes, grids, tables or quant states are errors naming the tensor, never a
 //! panic; no conversion yields a NaN or an infinity: code tables are checked at open, and the
 //! scales and codes a conversion reads are checked as it reads them (a non-finite scale, one
-//! whose product with the largest code overflows f32, or an FP8 NaN code is an error naming the
-//! tensor), so opening still reads headers and small tables only. [`Fp8Blocks`] and [`Bnb4`] are the plain slice dequantizers the tests hold the rest to.
+//! whose product with the largest code overflows f32 (for MXFP4: scale bytes 253 to 255, 255
+//! being NaN in the MX spec), or an FP8 NaN code is an error naming the tensor), so opening
+//! still reads headers and small tables only. A weight of more than two dimensions (MXFP4's
+//! `[experts, n, k]`) is one source of `experts · n` rows of `k`: indexing its leading
+//! dimension gives each expert's 2-D weight. [`Fp8Blocks`] and [`Bnb4`] are the plain slice
+//! dequantizers the tests hold the rest to.
 //!
 //! Written here rather than taken from the `anamnesis` crate (0.7): it fixes FP8 blocks at
 //! 128 x 128 whatever `weight_block_size` says, refuses bitsandbytes tensors whose last block
@@ -27,6 +33,7 @@ use std::sync::Arc;
 use crate::config::RawConfig;
 use crate::error::{Error, Result};
 use crate::weights::{Dtype, TensorRef, WeightSet};
+use moe_kernels::e8m0_to_f32 as e8m0;
 
 /// f32 value of every FP8 E4M3 byte (the kernels' table, checked there against the format).
 pub use moe_kernels::E4M3_TO_F32 as E4M3;
@@ -205,6 +212,27 @@ pub enum PrequantConfig {
         quant_type: Code4,
         double_quant: bool,
     },
+    /// `quant_method = "mxfp4"`: `X_blocks` (U8, two E2M1 codes a byte) with `X_scales` (U8
+    /// E8M0 exponents, one per 32 values).
+    Mxfp4 {
+        /// `modules_to_not_convert`: module patterns kept in their stored float dtype (`*`
+        /// stands for one dotted name part, as in `model.layers.*.self_attn`).
+        not_convert: Vec<String>,
+    },
+}
+
+/// Whether module `module` (a dotted name) falls under `pattern` of `modules_to_not_convert`:
+/// the pattern equals the module, one of its leading parts (`model.layers.0.self_attn` covers
+/// `model.layers.0.self_attn.q_proj`) or a trailing one (`lm_head`, `mlp.gate`), `*` matching
+/// exactly one part.
+pub fn module_matches(pattern: &str, module: &str) -> bool {
+    let pat: Vec<&str> = pattern.split('.').collect();
+    let parts: Vec<&str> = module.split('.').collect();
+    let eq = |p: &[&str], m: &[&str]| p.iter().zip(m).all(|(p, m)| *p == "*" || p == m);
+    if pat.len() > parts.len() {
+        return false;
+    }
+    (0..=parts.len() - pat.len()).any(|at| eq(&pat, &parts[at..at + pat.len()]))
 }
 
 /// The two bitsandbytes 4-bit code tables.
@@ -234,8 +262,8 @@ impl Code4 {
 /// The formats this build reads, for error messages.
 const SUPPORTED: &str = "unquantized checkpoints (f32, bf16, f16), FP8 E4M3 with block scales \
     (quant_method \"fp8\"), bitsandbytes 4-bit (nf4 / fp4, with or without double \
-    quantization); or quantize here with quantization = \"q8_0\" or \"q4_k\" (cached after the \
-    first start)";
+    quantization), MXFP4 (quant_method \"mxfp4\"); or quantize here with quantization = \
+    \"q8_0\" or \"q4_k\" (cached after the first start)";
 
 impl PrequantConfig {
     /// Reads `quantization_config` (None when the checkpoint is not stored pre-quantized);
@@ -287,21 +315,16 @@ impl PrequantConfig {
                         }
                     }
                 };
-                let not_convert = match q.get("modules_to_not_convert") {
-                    None | Some(serde_json::Value::Null) => Vec::new(),
-                    Some(v) => match v.as_array().and_then(|a| {
-                        a.iter()
-                            .map(|x| x.as_str().map(str::to_string))
-                            .collect::<Option<Vec<_>>>()
-                    }) {
-                        Some(list) => list,
-                        None => {
-                            return bad("`modules_to_not_convert` must be a list of strings".into())
-                        }
-                    },
+                let not_convert = match not_convert(q) {
+                    Some(list) => list,
+                    None => return bad("`modules_to_not_convert` must be a list of strings".into()),
                 };
                 Ok(Some(PrequantConfig::Fp8 { block, not_convert }))
             }
+            "mxfp4" => match not_convert(q) {
+                Some(not_convert) => Ok(Some(PrequantConfig::Mxfp4 { not_convert })),
+                None => bad("`modules_to_not_convert` must be a list of strings".into()),
+            },
             "bitsandbytes" if flag("load_in_8bit") => refuse("bitsandbytes 8-bit".into()),
             "bitsandbytes" => {
                 let t = q
@@ -330,6 +353,7 @@ impl PrequantConfig {
     /// A short description for logs: `fp8 e4m3, 128x128 blocks`, `bitsandbytes nf4, double quant`.
     pub fn label(&self) -> String {
         match self {
+            PrequantConfig::Mxfp4 { .. } => "mxfp4, e8m0 scales per 32".into(),
             PrequantConfig::Fp8 { block: Some(b), .. } => {
                 format!("fp8 e4m3, {}x{} blocks", b[0], b[1])
             }
@@ -343,6 +367,19 @@ impl PrequantConfig {
                 if *double_quant { ", double quant" } else { "" }
             ),
         }
+    }
+}
+
+/// `modules_to_not_convert` as a list of strings (empty when absent or null), or None when it
+/// is something else.
+fn not_convert(q: &serde_json::Map<String, serde_json::Value>) -> Option<Vec<String>> {
+    match q.get("modules_to_not_convert") {
+        None | Some(serde_json::Value::Null) => Some(Vec::new()),
+        Some(v) => v.as_array().and_then(|a| {
+            a.iter()
+                .map(|x| x.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+        }),
     }
 }
 
@@ -383,6 +420,7 @@ impl std::fmt::Debug for Source {
             Kind::Bnb4 { blocksize, .. } => {
                 write!(f, "bnb4 [{}, {}] in blocks of {blocksize}", self.n, self.k)
             }
+            Kind::Mxfp4 { .. } => write!(f, "mxfp4 [{}, {}]", self.n, self.k),
         }
     }
 }
@@ -402,6 +440,10 @@ enum Kind {
         /// Bytes of the code tables and the quant state in the files.
         extra_bytes: usize,
     },
+    Mxfp4 {
+        /// U8 E8M0 exponents, flat: `n · k / 32`, row-major like the codes.
+        scales: TensorRef,
+    },
 }
 
 enum Absmax {
@@ -419,20 +461,25 @@ enum Absmax {
 
 /// The scales a row range needs, read once per conversion.
 pub struct Resolved {
-    /// First scale-grid row (FP8) or first block (bnb) held in `scales`.
+    /// First scale-grid row (FP8) or first block (bnb, MXFP4) held in `scales`.
     first: usize,
     scales: Vec<f32>,
+    /// MXFP4: the E8M0 bytes `scales` holds the values of (empty for the other formats).
+    exps: Vec<u8>,
 }
 
 /// Lossless block types of the kernels: FP8 blocks of 128 with an f32 scale, 4-bit blocks of 64.
 const F8_BLOCK: usize = moe_kernels::QK_F8;
 const B4_BLOCK: usize = moe_kernels::QK_B4;
+const MX_BLOCK: usize = moe_kernels::QK_MX;
+/// Largest magnitude of an FP4 E2M1 code: a scale times it must stay finite.
+const E2M1_MAX: f32 = 6.0;
 
 impl Source {
     /// Bytes of the tensors beside the codes (scales, code tables, quant state) in the files.
     pub fn aux_bytes(&self) -> u64 {
         let t = match &self.kind {
-            Kind::Fp8 { scales, .. } => scales.size_bytes(),
+            Kind::Fp8 { scales, .. } | Kind::Mxfp4 { scales } => scales.size_bytes(),
             Kind::Bnb4 {
                 absmax,
                 extra_bytes,
@@ -455,6 +502,8 @@ impl Source {
         match self.kind {
             Kind::Fp8 { .. } => r0 * self.k..r1 * self.k,
             Kind::Bnb4 { .. } => (r0 * self.k) / 2..(r1 * self.k).div_ceil(2),
+            // k is a multiple of 32 (checked at open): whole bytes per row.
+            Kind::Mxfp4 { .. } => r0 * self.k / 2..r1 * self.k / 2,
         }
     }
 
@@ -482,6 +531,8 @@ impl Source {
                 }
                 _ => Dtype::F32,
             },
+            // Rows are whole blocks of 32 (checked at open).
+            Kind::Mxfp4 { .. } => Dtype::Mxfp4,
         }
     }
 
@@ -526,6 +577,36 @@ impl Source {
         let res = self.resolve_unchecked(r0, r1)?;
         let (largest, tensor, path) = match &self.kind {
             Kind::Fp8 { scales, .. } => (E4M3_MAX, &scales.name, &scales.path),
+            Kind::Mxfp4 { scales } => {
+                if let Some(i) = res
+                    .exps
+                    .iter()
+                    .position(|&e| !(e8m0(e) * E2M1_MAX).is_finite())
+                {
+                    let e = res.exps[i];
+                    let idx = res.first + i;
+                    let per_row = self.k / MX_BLOCK;
+                    return Err(Error::bad_file(
+                        &*scales.path,
+                        format!(
+                            "tensor `{}`: E8M0 scale byte {e} (row {}, block {} of the weight) \
+                             is not a usable scale: {}; the checkpoint is damaged (re-download it)",
+                            scales.name,
+                            idx / per_row,
+                            idx % per_row,
+                            if e == 255 {
+                                "255 is NaN in the MX format".to_string()
+                            } else {
+                                format!(
+                                    "2^{} times the largest code {E2M1_MAX} overflows f32",
+                                    e as i32 - 127
+                                )
+                            }
+                        ),
+                    ));
+                }
+                return Ok(res);
+            }
             Kind::Bnb4 {
                 quant_map, absmax, ..
             } => {
@@ -560,9 +641,24 @@ impl Source {
             return Ok(Resolved {
                 first: 0,
                 scales: Vec::new(),
+                exps: Vec::new(),
             });
         }
         match &self.kind {
+            Kind::Mxfp4 { scales } => {
+                let per_row = self.k / MX_BLOCK;
+                let b0 = r0 * per_row;
+                let exps = scales
+                    .narrow(b0, (r1 - r0) * per_row)
+                    .read_copy()?
+                    .bytes()
+                    .to_vec();
+                Ok(Resolved {
+                    first: b0,
+                    scales: exps.iter().map(|&e| e8m0(e)).collect(),
+                    exps,
+                })
+            }
             Kind::Fp8 { scales, block } => {
                 let (g0, g1) = (r0 / block[0], (r1 - 1) / block[0] + 1);
                 let view = if scales.shape.len() == 2 {
@@ -573,6 +669,7 @@ impl Source {
                 Ok(Resolved {
                     first: g0,
                     scales: view.to_f32_vec()?,
+                    exps: Vec::new(),
                 })
             }
             Kind::Bnb4 {
@@ -601,7 +698,11 @@ impl Source {
                             .collect()
                     }
                 };
-                Ok(Resolved { first: b0, scales })
+                Ok(Resolved {
+                    first: b0,
+                    scales,
+                    exps: Vec::new(),
+                })
             }
         }
     }
@@ -654,6 +755,22 @@ impl Source {
                     *x = quant_map[code as usize] * res.scales[e / blocksize - res.first];
                 }
             }
+            Kind::Mxfp4 { .. } => {
+                let per_row = self.k / MX_BLOCK;
+                let srow = &res.scales[r * per_row - res.first..][..per_row];
+                let c = &codes[r * self.k / 2 - skip..][..self.k / 2];
+                for ((o, c), &s) in out
+                    .chunks_exact_mut(MX_BLOCK)
+                    .zip(c.chunks_exact(MX_BLOCK / 2))
+                    .zip(srow)
+                {
+                    // Value 2i is the low nibble of byte i, value 2i + 1 the high one.
+                    for (x, &b) in o.chunks_exact_mut(2).zip(c) {
+                        x[0] = moe_kernels::MXFP4_TABLE[(b & 0xF) as usize] * s;
+                        x[1] = moe_kernels::MXFP4_TABLE[(b >> 4) as usize] * s;
+                    }
+                }
+            }
         }
     }
 
@@ -683,6 +800,20 @@ impl Source {
                     let s = res.scales[e / blocksize - res.first];
                     d[..4].copy_from_slice(&s.to_le_bytes());
                     d[4..].copy_from_slice(&codes[e / 2 - skip..][..B4_BLOCK / 2]);
+                }
+            }
+            Kind::Mxfp4 { .. } => {
+                // The kernels' block is the checkpoint's bytes: the scale byte, then the codes.
+                let per_row = self.k / MX_BLOCK;
+                let exps = &res.exps[r * per_row - res.first..][..per_row];
+                let c = &codes[r * self.k / 2 - skip..][..self.k / 2];
+                for ((d, q), &e) in dst
+                    .chunks_exact_mut(MX_BLOCK / 2 + 1)
+                    .zip(c.chunks_exact(MX_BLOCK / 2))
+                    .zip(exps)
+                {
+                    d[0] = e;
+                    d[1..].copy_from_slice(q);
                 }
             }
         }
@@ -950,6 +1081,84 @@ pub(crate) fn open(
         },
     };
     Ok(codes.with_source(Arc::new(src), logical))
+}
+
+/// Opens the MXFP4 weight `name` of logical shape `[.., n, k]` from `<name>_blocks` (U8
+/// `[.., n, k/32, 16]`) and `<name>_scales` (U8 `[.., n, k/32]`), checked against each other and
+/// against `shape` (the logical shape the model expects) when given. The result is one
+/// [`TensorRef`] of the logical shape that indexes and narrows like any other weight; both
+/// stored tensors count as used.
+pub(crate) fn open_mxfp4(
+    ws: &WeightSet,
+    name: &str,
+    shape: Option<&[usize]>,
+    config: Option<&PrequantConfig>,
+) -> Result<TensorRef> {
+    let blocks_name = format!("{name}_blocks");
+    let scales_name = format!("{name}_scales");
+    let blocks = ws.get(&blocks_name, None)?;
+    let path = (*blocks.path).clone();
+    let bad = |why: String| {
+        Err(Error::bad_file(
+            &path,
+            format!("tensor `{blocks_name}`: {why}"),
+        ))
+    };
+    if let Some(PrequantConfig::Mxfp4 { not_convert }) = config {
+        if let Some(p) = not_convert.iter().find(|p| module_matches(p, name)) {
+            return bad(format!(
+                "stored as MXFP4, but `quantization_config.modules_to_not_convert` lists `{p}`,                  which covers `{name}`; config.json and the weights disagree"
+            ));
+        }
+    }
+    let bs = blocks.shape.clone();
+    if blocks.dtype != Dtype::U8 || bs.len() < 3 || bs[bs.len() - 1] != MX_BLOCK / 2 {
+        return bad(format!(
+            "MXFP4 codes must be U8 of shape [.., n, k/32, 16], found {} {bs:?}",
+            blocks.dtype.name()
+        ));
+    }
+    let grid = &bs[..bs.len() - 1];
+    let mut logical = grid.to_vec();
+    *logical.last_mut().expect("3-D or more") *= MX_BLOCK;
+    if let Some(s) = shape {
+        if s != logical.as_slice() {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                path,
+                expected: s.to_vec(),
+                found: logical,
+            });
+        }
+    }
+    if !ws.contains(&scales_name) {
+        return bad(format!(
+            "stored as MXFP4 but `{scales_name}` (its E8M0 scales) is missing"
+        ));
+    }
+    let scales = ws.get(&scales_name, None)?;
+    if scales.dtype != Dtype::U8 || scales.shape != grid {
+        return Err(Error::bad_file(
+            &*scales.path,
+            format!(
+                "tensor `{scales_name}`: {} {:?}, expected U8 {grid:?} (one E8M0 scale per 32                  values of `{blocks_name}` {bs:?})",
+                scales.dtype.name(),
+                scales.shape
+            ),
+        ));
+    }
+    let k = logical[logical.len() - 1];
+    let n = logical[..logical.len() - 1].iter().product();
+    let src = Source {
+        n,
+        k,
+        kind: Kind::Mxfp4 {
+            scales: scales.flat(),
+        },
+        name: name.to_string(),
+        path: blocks.path.clone(),
+    };
+    Ok(blocks.with_source(Arc::new(src), logical))
 }
 
 /// The error a conversion of pre-quantized weights to another type adds, against their exact

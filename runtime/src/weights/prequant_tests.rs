@@ -563,3 +563,317 @@ fn non_finite_bitsandbytes_scales_and_tables_are_refused_naming_the_tensor() {
         );
     }
 }
+
+// ---- MXFP4 ----
+
+/// FP4 E2M1 values as the OCP MX spec lists them (written out here, not taken from the
+/// kernels).
+const E2M1: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// The exact values of MXFP4 `blocks` (`[.., k/32, 16]` bytes) with `scales` (one E8M0 byte
+/// per 32 values): value `2i` of a block is the low nibble of byte `i`, scaled by
+/// `2^(s - 127)` (computed with `powi`, in f64).
+fn mxfp4_reference(blocks: &[u8], scales: &[u8]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(blocks.len() * 2);
+    for (b, &s) in blocks.chunks_exact(16).zip(scales) {
+        let scale = 2f64.powi(s as i32 - 127);
+        for &byte in b {
+            for code in [byte & 0xF, byte >> 4] {
+                out.push((E2M1[code as usize] as f64 * scale) as f32);
+            }
+        }
+    }
+    out
+}
+
+const GATE_UP: &str = "model.layers.0.mlp.experts.gate_up_proj";
+
+/// Opens a model holding `<GATE_UP>_blocks` / `_scales` as given, with an mxfp4
+/// `quantization_config` listing `not_convert`.
+fn open_mx(
+    blocks: (&[usize], &[u8]),
+    scales: Option<(&[usize], &[u8])>,
+    not_convert: &[&str],
+) -> (tempfile::TempDir, WeightSet) {
+    let (bn, sn) = (format!("{GATE_UP}_blocks"), format!("{GATE_UP}_scales"));
+    let mut t: Vec<(&str, Dtype, &[usize], &[u8])> = vec![(&bn, Dtype::U8, blocks.0, blocks.1)];
+    if let Some((shape, bytes)) = scales {
+        t.push((&sn, Dtype::U8, shape, bytes));
+    }
+    open_set(
+        &t,
+        Some(PrequantConfig::Mxfp4 {
+            not_convert: not_convert.iter().map(|s| s.to_string()).collect(),
+        }),
+    )
+}
+
+#[test]
+fn mxfp4_pair_opens_as_one_weight_with_hand_computed_values() {
+    // [E = 2, n = 3, k = 64]: blocks [2, 3, 2, 16], scales [2, 3, 2]; zero codes except below.
+    let mut blocks = vec![0u8; 2 * 3 * 2 * 16];
+    let mut scales = vec![127u8; 2 * 3 * 2];
+    // Expert 1, row 2, block 1 (values 32..64 of the row): scale 2^(125 - 127) = 0.25.
+    let (e, r, b) = (1, 2, 1);
+    let blk = (e * 3 + r) * 2 + b;
+    scales[blk] = 125;
+    blocks[blk * 16] = 0x7A; // value 32: code 0xA (-1) -> -0.25; value 33: code 7 (6) -> 1.5
+    blocks[blk * 16 + 15] = 0x81; // value 62: code 1 (0.5) -> 0.125; value 63: code 8 -> -0
+                                  // Expert 0, row 0, block 0 at scale byte 0 (2^-127): value 1 is code 0xF (-6) -> -6·2^-127.
+    scales[0] = 0;
+    blocks[0] = 0xF0;
+    let (_dir, ws) = open_mx((&[2, 3, 2, 16], &blocks), Some((&[2, 3, 2], &scales)), &[]);
+    assert!(ws.contains(GATE_UP));
+    let t = ws.compute(GATE_UP, &[2, 3, 64]).unwrap();
+    assert_eq!(t.shape, [2, 3, 64]);
+    assert!(t.is_prequant());
+    assert_eq!(t.lossless_dtype(), Some(Dtype::Mxfp4));
+    // Both stored tensors are used, nothing else is.
+    assert!(ws.unused().is_empty(), "{:?}", ws.unused());
+    let row = to_f32(&t.index(1).narrow(2, 1));
+    let mut want = vec![0f32; 64];
+    want[32] = -0.25;
+    want[33] = 1.5;
+    want[62] = 0.125;
+    want[63] = -0.0;
+    assert!(same_bits(&row, &want), "{row:?}");
+    let first = to_f32(&t.index(0).narrow(0, 1));
+    assert_eq!(first[0].to_bits(), 0);
+    assert_eq!(
+        first[1].to_bits(),
+        0x8140_0000,
+        "-6 · 2^-127 = -1.5 · 2^-125"
+    );
+    assert_eq!(first[1], -6.0 * 2f32.powi(-127));
+    // The whole tensor, any view, and the repacked blocks are the reference's values.
+    let all = mxfp4_reference(&blocks, &scales);
+    assert!(same_bits(&t.to_f32_vec().unwrap(), &all));
+    assert!(same_bits(&to_f32(&t.index(1)), &all[3 * 64..]));
+    let packed = t.index(1).quantize(Dtype::Mxfp4).unwrap().unwrap();
+    assert_eq!(packed.dtype, Dtype::Mxfp4);
+    assert_eq!(packed.size_bytes(), 3 * 2 * 17);
+    let mut r2 = vec![0f32; 64];
+    moe_kernels::row_to_f32(packed.weights(), 2, 64, &mut r2);
+    assert!(same_bits(&r2, &want));
+}
+
+#[test]
+fn mxfp4_experts_repack_without_loss_and_convert_over_any_row_range() {
+    let mut rng = Rng(77);
+    let (e_count, n, k) = (3, 5, 96);
+    let g = k / 32;
+    let blocks = rng.bytes(e_count * n * g * 16);
+    // Every usable scale byte (0 ..= 252) appears.
+    let scales: Vec<u8> = (0..e_count * n * g)
+        .map(|i| {
+            if i < 253 {
+                i as u8
+            } else {
+                rng.next() as u8 % 253
+            }
+        })
+        .collect();
+    let all = mxfp4_reference(&blocks, &scales);
+    let (_dir, ws) = open_mx(
+        (&[e_count, n, g, 16], &blocks),
+        Some((&[e_count, n, g], &scales)),
+        &[
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "lm_head",
+        ],
+    );
+    let t = ws.compute(GATE_UP, &[e_count, n, k]).unwrap();
+    assert!(same_bits(
+        &to_f32(&t.narrow(1, 2).index(1)),
+        &all[2 * n * k..]
+    ));
+    for e in 0..e_count {
+        let w = t.index(e);
+        assert_eq!(w.shape, [n, k]);
+        let base = e * n * k;
+        assert!(same_bits(&to_f32(&w), &all[base..base + n * k]));
+        for (first, count) in [(0, n), (1, 3), (n - 1, 1)] {
+            let v = w.narrow(first, count);
+            let want = &all[base + first * k..base + (first + count) * k];
+            assert!(
+                same_bits(&to_f32(&v), want),
+                "expert {e} rows {first}+{count}"
+            );
+            assert!(same_bits(&to_f32(&v.read_copy().unwrap()), want));
+            let packed = v.quantize(Dtype::Mxfp4).unwrap().unwrap();
+            assert!(!packed.is_prequant());
+            let mut row = vec![0f32; k];
+            for r in 0..count {
+                moe_kernels::row_to_f32(packed.weights(), r, k, &mut row);
+                assert!(same_bits(&row, &want[r * k..][..k]), "expert {e} row {r}");
+            }
+            // Requested quantizations start from the exact values.
+            let mut b = vec![0u8; count * k * 2];
+            v.convert_into(Dtype::Bf16, &mut b).unwrap();
+            for (i, x) in want.iter().enumerate() {
+                assert_eq!(
+                    bf16::from_le_bytes([b[2 * i], b[2 * i + 1]]),
+                    bf16::from_f32(*x)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn inconsistent_or_damaged_mxfp4_tensors_are_refused_naming_the_tensor() {
+    let blocks = vec![0x21u8; 2 * 4 * 2 * 16];
+    let scales = vec![120u8; 2 * 4 * 2];
+    let shape = [2, 4, 64];
+    // A missing `_scales`.
+    let (_d, ws) = open_mx((&[2, 4, 2, 16], &blocks), None, &[]);
+    let e = err_of(ws.get(GATE_UP, Some(&shape)));
+    assert!(
+        e.contains(&format!("`{GATE_UP}_blocks`"))
+            && e.contains(&format!("`{GATE_UP}_scales`"))
+            && e.contains("missing"),
+        "{e}"
+    );
+    // Scales whose grid disagrees with the codes'.
+    let (_d, ws) = open_mx((&[2, 4, 2, 16], &blocks), Some((&[2, 2, 4], &scales)), &[]);
+    let e = err_of(ws.get(GATE_UP, Some(&shape)));
+    assert!(
+        e.contains(&format!("`{GATE_UP}_scales`"))
+            && e.contains("[2, 2, 4]")
+            && e.contains("[2, 4, 2]"),
+        "{e}"
+    );
+    // Codes whose last dimension is not 16 bytes.
+    let (_d, ws) = open_mx(
+        (&[2, 4, 4, 8], &blocks),
+        Some((&[2, 4, 4], &blocks[..32])),
+        &[],
+    );
+    let e = err_of(ws.get(GATE_UP, Some(&shape)));
+    assert!(
+        e.contains(&format!("`{GATE_UP}_blocks`")) && e.contains("k/32, 16"),
+        "{e}"
+    );
+    // A logical shape other than the model's.
+    let (_d, ws) = open_mx((&[2, 4, 2, 16], &blocks), Some((&[2, 4, 2], &scales)), &[]);
+    let e = err_of(ws.get(GATE_UP, Some(&[2, 4, 96])));
+    assert!(
+        e.contains(GATE_UP) && e.contains("[2, 4, 96]") && e.contains("[2, 4, 64]"),
+        "{e}"
+    );
+    // A module `modules_to_not_convert` keeps unquantized, stored as MXFP4 all the same.
+    let (_d, ws) = open_mx(
+        (&[2, 4, 2, 16], &blocks),
+        Some((&[2, 4, 2], &scales)),
+        &["model.layers.*.mlp.experts"],
+    );
+    let e = err_of(ws.get(GATE_UP, Some(&shape)));
+    assert!(
+        e.contains("modules_to_not_convert") && e.contains("model.layers.*.mlp.experts"),
+        "{e}"
+    );
+    // Scale bytes with no finite values: 255 (NaN in the format) and 253 / 254 (2^126 and
+    // 2^127 times the largest code 6 overflow f32), found where a conversion reads them.
+    for (bad, what) in [
+        (255u8, "255 is NaN"),
+        (254, "overflows f32"),
+        (253, "overflows f32"),
+    ] {
+        let mut s = scales.clone();
+        s[4 * 2 + 3] = bad; // expert 1, row 1, block 1
+        let (_d, ws) = open_mx((&[2, 4, 2, 16], &blocks), Some((&[2, 4, 2], &s)), &[]);
+        let t = ws.get(GATE_UP, Some(&shape)).unwrap();
+        for e in [
+            convert_err(&t.index(1)),
+            t.index(1)
+                .quantize(Dtype::Mxfp4)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string(),
+            t.to_f32_vec().map(|_| ()).unwrap_err().to_string(),
+        ] {
+            assert!(
+                e.contains(&format!("`{GATE_UP}_scales`"))
+                    && e.contains(&format!("byte {bad}"))
+                    && e.contains(what),
+                "{bad}: {e}"
+            );
+        }
+        // Expert 0 does not use it.
+        t.index(0).quantize(Dtype::Mxfp4).unwrap().unwrap();
+    }
+    // 252 is the largest usable scale: 6 · 2^125 is finite, and exact.
+    let mut s = scales.clone();
+    s[0] = 252;
+    let mut b = blocks.clone();
+    b[0] = 0x07;
+    let (_d, ws) = open_mx((&[2, 4, 2, 16], &b), Some((&[2, 4, 2], &s)), &[]);
+    let v = ws.get(GATE_UP, Some(&shape)).unwrap().to_f32_vec().unwrap();
+    assert_eq!(v[0], 6.0 * 2f32.powi(125));
+}
+
+#[test]
+fn mxfp4_config_is_read_and_planned_from_config_alone() {
+    let raw = |q: &str| {
+        crate::config::RawConfig::parse(
+            std::path::PathBuf::from("config.json"),
+            format!(r#"{{"quantization_config": {q}}}"#).as_bytes(),
+        )
+        .unwrap()
+    };
+    let gpt_oss = r#"{"modules_to_not_convert": ["model.layers.*.self_attn",
+        "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}"#;
+    let cfg = PrequantConfig::parse(&raw(gpt_oss)).unwrap().unwrap();
+    assert_eq!(
+        cfg,
+        PrequantConfig::Mxfp4 {
+            not_convert: vec![
+                "model.layers.*.self_attn".into(),
+                "model.layers.*.mlp.router".into(),
+                "model.embed_tokens".into(),
+                "lm_head".into()
+            ]
+        }
+    );
+    assert!(cfg.label().contains("mxfp4"));
+    let e = PrequantConfig::parse(&raw(
+        r#"{"quant_method": "mxfp4", "modules_to_not_convert": 3}"#,
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("modules_to_not_convert"), "{e}");
+    assert!(module_matches(
+        "model.layers.*.self_attn",
+        "model.layers.11.self_attn.q_proj"
+    ));
+    assert!(module_matches("lm_head", "lm_head"));
+    assert!(!module_matches(
+        "model.layers.*.mlp.router",
+        "model.layers.0.mlp.experts.down_proj"
+    ));
+    assert!(!module_matches(
+        "model.embed_tokens",
+        "model.layers.0.mlp.experts.down_proj"
+    ));
+    // Planning from config.json: expert projections take the 17-byte blocks, the rest (the
+    // router, attention) stays as stored.
+    let mut ws = WeightSet::virtual_set(Dtype::Bf16, "plan");
+    ws.set_prequant(Some(cfg));
+    let t = ws.get(GATE_UP, Some(&[32, 5760, 2880])).unwrap();
+    assert_eq!(t.dtype, Dtype::Mxfp4);
+    assert_eq!(t.size_bytes(), 32 * 5760 * 2880 / 32 * 17);
+    let r = ws
+        .get("model.layers.0.mlp.router.weight", Some(&[32, 2880]))
+        .unwrap();
+    assert_eq!(r.dtype, Dtype::Bf16);
+    let q = ws
+        .get(
+            "model.layers.0.self_attn.q_proj.weight",
+            Some(&[4096, 2880]),
+        )
+        .unwrap();
+    assert_eq!(q.dtype, Dtype::Bf16);
+}

@@ -1,8 +1,9 @@
 //! The CPU KV cache ([`KvCache`]) and causal attention over it ([`attend`]).
 //!
 //! Invariants: compute is f32 whatever the cache stores; a 2-byte cache rounds values once, when
-//! stored; scores are scaled by `head_dim^-1/2` and soft-maxed per query row in f32; the `group`
-//! query heads that share a KV head read each cached row once.
+//! stored; scores are scaled by `head_dim^-1/2` and soft-maxed per query row in f32 (with a
+//! head's sink logit, when the layer has sinks, in the maximum and the denominator but weighing
+//! no value); the `group` query heads that share a KV head read each cached row once.
 
 use rayon::prelude::*;
 
@@ -104,7 +105,9 @@ impl KvCache {
 
 /// The `group` query heads `qg` (`[group, hd]`) that share one KV head, attending over `n`
 /// cached positions: `ck` / `cv` start at that head's values in the first attended row, rows
-/// `kvr` apart. Scores are scaled by `scale` and soft-maxed in f32 with the maximum subtracted.
+/// `kvr` apart. Scores are scaled by `scale` and soft-maxed in f32 with the maximum subtracted;
+/// `sinks` (one logit per head of the group, gpt-oss) join the maximum and the denominator as
+/// one more position whose value is zero.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_group(
     qg: &[f32],
@@ -115,12 +118,14 @@ pub fn attend_group(
     kvr: usize,
     n: usize,
     scale: f32,
+    sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
     let mut scores = vec![0f32; group * n];
     moe_kernels::dot_rows_strided(qg, group, hd, ck, kvr, n, &mut scores);
-    for row in scores.chunks_exact_mut(n) {
-        let mut max = f32::NEG_INFINITY;
+    for (h, row) in scores.chunks_exact_mut(n).enumerate() {
+        let sink = sinks.map(|s| s[h]);
+        let mut max = sink.unwrap_or(f32::NEG_INFINITY);
         for s in row.iter_mut() {
             *s *= scale;
             max = max.max(*s);
@@ -129,6 +134,9 @@ pub fn attend_group(
         for s in row.iter_mut() {
             *s = (*s - max).exp();
             sum += *s;
+        }
+        if let Some(sink) = sink {
+            sum += (sink - max).exp();
         }
         for s in row.iter_mut() {
             *s /= sum;
@@ -180,6 +188,7 @@ pub fn attend(
     lens: &[usize],
     caches: &mut [&mut KvCache],
     shape: &AttnShape,
+    sinks: Option<&[f32]>,
 ) -> Vec<f32> {
     debug_assert_eq!(lens.len(), caches.len());
     let (nh, hd, nkv) = (shape.num_heads, shape.head_dim, shape.num_kv_heads);
@@ -240,7 +249,93 @@ pub fn attend(
             // Heads kvh·group .. (kvh + 1)·group are adjacent in q's row.
             let qg = &q[r * nh * hd + kvh * group * hd..][..group * hd];
             let base = (first - lo) * kvr + kvh * hd;
-            attend_group(qg, group, hd, &ck[base..], &cv[base..], kvr, n, scale, out);
+            let sg = sinks.map(|s| &s[kvh * group..][..group]);
+            attend_group(
+                qg,
+                group,
+                hd,
+                &ck[base..],
+                &cv[base..],
+                kvr,
+                n,
+                scale,
+                sg,
+                out,
+            );
         });
     attn
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plain softmax attention of one query head over `keys` / `values` rows, the sink (if any)
+    /// one more logit whose value is zero.
+    fn naive(q: &[f32], keys: &[&[f32]], values: &[&[f32]], sink: Option<f32>) -> Vec<f32> {
+        let scale = (q.len() as f32).powf(-0.5);
+        let mut logits: Vec<f64> = keys
+            .iter()
+            .map(|k| {
+                q.iter().zip(*k).map(|(a, b)| f64::from(a * b)).sum::<f64>() * f64::from(scale)
+            })
+            .collect();
+        if let Some(s) = sink {
+            logits.push(f64::from(s));
+        }
+        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let exps: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+        let sum: f64 = exps.iter().sum();
+        (0..q.len())
+            .map(|d| {
+                values
+                    .iter()
+                    .zip(&exps)
+                    .map(|(v, e)| f64::from(v[d]) * e / sum)
+                    .sum::<f64>() as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sinks_take_probability_mass_without_a_value() {
+        let (nh, nkv, hd, n) = (4usize, 2usize, 8usize, 5usize);
+        let kvr = nkv * hd;
+        let val = |i: usize| (i as f32 * 0.731).sin() * 1.5;
+        let q: Vec<f32> = (0..n * nh * hd).map(|i| val(i + 7)).collect();
+        let k: Vec<f32> = (0..n * kvr).map(|i| val(3 * i + 1)).collect();
+        let v: Vec<f32> = (0..n * kvr).map(|i| val(5 * i + 2)).collect();
+        let shape = AttnShape {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            sliding_window: None,
+        };
+        // Large sinks soak up most of the mass; a very negative one changes nothing.
+        let sinks = vec![2.0f32, -1.0, 4.0, -80.0];
+        let mut cache = KvCache::new(KvElem::F32);
+        let got = attend(&q, &k, &v, &[n], &mut [&mut cache], &shape, Some(&sinks));
+        let mut plain_cache = KvCache::new(KvElem::F32);
+        let plain = attend(&q, &k, &v, &[n], &mut [&mut plain_cache], &shape, None);
+        let group = nh / nkv;
+        for r in 0..n {
+            for h in 0..nh {
+                let kvh = h / group;
+                let keys: Vec<&[f32]> = (0..=r).map(|t| &k[t * kvr + kvh * hd..][..hd]).collect();
+                let values: Vec<&[f32]> = (0..=r).map(|t| &v[t * kvr + kvh * hd..][..hd]).collect();
+                let qh = &q[(r * nh + h) * hd..][..hd];
+                let want = naive(qh, &keys, &values, Some(sinks[h]));
+                let row = &got[(r * nh + h) * hd..][..hd];
+                for (a, b) in row.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-5, "row {r} head {h}: {a} vs {b}");
+                }
+                let p = &plain[(r * nh + h) * hd..][..hd];
+                if h == 3 {
+                    assert_eq!(row, p, "a sink at -80 weighs nothing");
+                } else {
+                    assert!(row.iter().zip(p).any(|(a, b)| (a - b).abs() > 1e-3));
+                }
+            }
+        }
+    }
 }

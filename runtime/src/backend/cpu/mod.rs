@@ -292,8 +292,9 @@ impl Backend for Cpu {
         lens: &[usize],
         caches: &mut [&mut KvCache],
         shape: &AttnShape,
+        sinks: Option<&Vec<f32>>,
     ) -> Vec<f32> {
-        attention::attend(q, k, v, lens, caches, shape)
+        attention::attend(q, k, v, lens, caches, shape, sinks.map(Vec::as_slice))
     }
 
     fn recurrent_new(&self, conv: usize, ssm: usize) -> LinearState {

@@ -395,6 +395,7 @@ impl Gpu for DriverGpu {
             Dtype::F8B128 => "dequant_f8",
             Dtype::Nf4 => "dequant_nf4",
             Dtype::Fp4 => "dequant_fp4",
+            Dtype::Mxfp4 => "dequant_mxfp4",
             other => {
                 return Err(Error::Internal(format!(
                     "no GEMM for {} weights",

@@ -19,16 +19,111 @@ use crate::weights::Dtype;
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceExpert {
     /// Gate `[inter, hidden]`, or with `up` None the fused gate_up `[2 inter, hidden]` (the
-    /// gate rows, then the up rows).
+    /// gate rows, then the up rows; or alternating gate and up rows when `interleaved`).
     pub gate: (DevPtr, Dtype),
     pub up: Option<(DevPtr, Dtype)>,
     /// Down `[hidden, inter]`.
     pub down: (DevPtr, Dtype),
     pub inter: usize,
     pub glu: Glu,
+    /// The fused gate_up's rows alternate gate, up (gpt-oss).
+    pub interleaved: bool,
+    /// Bias vectors in their stored dtype (f32, bf16 or f16), added after their matmul: gate
+    /// (or gate_up when fused), up, down.
+    pub bias: [Option<(DevPtr, Dtype)>; 3],
+}
+
+impl DeviceExpert {
+    /// Whether two experts of one layer run the same kernels (shapes, fusing, biases).
+    fn same_form(&self, o: &DeviceExpert) -> bool {
+        self.inter == o.inter
+            && self.up.is_some() == o.up.is_some()
+            && self.interleaved == o.interleaved
+            && self.bias.map(|b| b.is_some()) == o.bias.map(|b| b.is_some())
+    }
 }
 
 impl Cuda {
+    /// `x[r] += b` for `rows` rows of `width` values at `x`, `b` a bias vector in a slot in its
+    /// stored dtype (widened exactly first when it is 2-byte), as the host adds it.
+    fn add_slot_bias(&self, x: DevPtr, rows: usize, width: usize, b: (DevPtr, Dtype)) {
+        if rows == 0 || width == 0 {
+            return;
+        }
+        let widened;
+        let bias = match b.1 {
+            Dtype::F32 => b.0,
+            Dtype::Bf16 | Dtype::F16 => {
+                widened = self.f32_buf(width);
+                let kernel = if b.1 == Dtype::Bf16 {
+                    "dequant_bf16"
+                } else {
+                    "dequant_f16"
+                };
+                self.launch(
+                    kernel,
+                    [super::stride_blocks(width), 1, 1],
+                    &[KArg::Ptr(b.0), KArg::U64(width as u64), widened.arg()],
+                );
+                widened.ptr()
+            }
+            other => {
+                self.refuse(format!(
+                    "an expert bias stored as {}: biases are f32, bf16 or f16",
+                    other.name()
+                ));
+                return;
+            }
+        };
+        self.launch(
+            "add_rows_f32",
+            [u32_of(rows), col_blocks(width), 1],
+            &[
+                KArg::Ptr(x),
+                KArg::Ptr(bias),
+                KArg::U32(u32_of(rows)),
+                KArg::U32(u32_of(width)),
+            ],
+        );
+    }
+
+    /// Splits `[blocks, 2d]` rows in two `[blocks, d]` buffers with `kernel`:
+    /// `split_halves_f32` (first and last d values) or `split_pairs_f32` (even and odd values,
+    /// an interleaved gate_up's gate and up).
+    pub(super) fn split_blocks(
+        &self,
+        kernel: &'static str,
+        x: &DevBuf,
+        d: usize,
+    ) -> (DevBuf, DevBuf) {
+        let n = Self::n_f32(x);
+        let (a, b) = (self.f32_buf(n / 2), self.f32_buf(n / 2));
+        let blocks = n / (2 * d).max(1);
+        if blocks > 0 {
+            self.launch(
+                kernel,
+                [u32_of(blocks), col_blocks(d), 1],
+                &[
+                    x.arg(),
+                    a.arg(),
+                    b.arg(),
+                    KArg::U32(u32_of(blocks)),
+                    KArg::U32(u32_of(d)),
+                ],
+            );
+        }
+        (a, b)
+    }
+
+    /// The fused gate_up output `[m, 2 inter]` split into gate and up as `e` stores them.
+    fn split_gate_up(&self, gu: &DevBuf, e: &DeviceExpert) -> (DevBuf, DevBuf) {
+        if e.interleaved {
+            self.split_blocks("split_pairs_f32", gu, e.inter)
+        } else {
+            self.split_halves(gu, e.inter)
+        }
+    }
+
     /// `out[rows[i]] += weights[i] * y[i]` for `[rows.len(), hidden]` rows `y`, on the device
     /// (the deterministic expert sum: call it expert after expert in ascending order).
     fn moe_sum(&self, out: &DevBuf, rows: &DevBuf, weights: &[f32], y: &DevBuf, hidden: usize) {
@@ -114,17 +209,29 @@ impl Cuda {
         );
         let inter = e.inter;
         let (g, mut u) = match e.up {
-            Some(up) => (
-                self.matvec(&xs, m, e.gate.0, e.gate.1, hidden, inter),
-                self.matvec(&xs, m, up.0, up.1, hidden, inter),
-            ),
+            Some(up) => {
+                let g = self.matvec(&xs, m, e.gate.0, e.gate.1, hidden, inter);
+                let u = self.matvec(&xs, m, up.0, up.1, hidden, inter);
+                for (y, b) in [(&g, e.bias[0]), (&u, e.bias[1])] {
+                    if let Some(b) = b {
+                        self.add_slot_bias(y.ptr(), m, inter, b);
+                    }
+                }
+                (g, u)
+            }
             None => {
                 let gu = self.matvec(&xs, m, e.gate.0, e.gate.1, hidden, 2 * inter);
-                self.split_halves(&gu, inter)
+                if let Some(b) = e.bias[0] {
+                    self.add_slot_bias(gu.ptr(), m, 2 * inter, b);
+                }
+                self.split_gate_up(&gu, e)
             }
         };
         self.glu(&g, &mut u, e.glu);
         let y = self.matvec(&u, m, e.down.0, e.down.1, inter, hidden);
+        if let Some(b) = e.bias[2] {
+            self.add_slot_bias(y.ptr(), m, hidden, b);
+        }
         self.moe_sum(out, &idx, weights, &y, hidden);
     }
 }
@@ -196,10 +303,7 @@ impl Cuda {
         let y = self.f32_buf((dev_rows + host_rows) * hidden);
         if let Some(&(first, _)) = dev.first() {
             let inter = first.inter;
-            if dev
-                .iter()
-                .any(|(e, _)| e.inter != inter || e.up.is_some() != first.up.is_some())
-            {
+            if dev.iter().any(|(e, _)| !e.same_form(first)) {
                 self.refuse("the experts of one layer differ in shape".into());
                 return;
             }
@@ -262,18 +366,22 @@ impl Cuda {
                         inter,
                     ));
                     self.grouped_matvec(&both, &xs, &g, inter, hidden);
+                    self.add_biases(&dev, 0, &g, inter);
+                    self.add_biases(&dev, 1, &u, inter);
                     (g, u)
                 }
                 None => {
                     let gu = self.f32_buf(dev_rows * 2 * inter);
                     let list = entries(&|e| e.gate, &xs, hidden, &gu, 2 * inter);
                     self.grouped_matvec(&list, &xs, &gu, 2 * inter, hidden);
-                    self.split_halves(&gu, inter)
+                    self.add_biases(&dev, 0, &gu, 2 * inter);
+                    self.split_gate_up(&gu, first)
                 }
             };
             self.glu(&g, &mut u, first.glu);
             let list = entries(&|e| e.down, &u, inter, &y, hidden);
             self.grouped_matvec(&list, &u, &y, hidden, inter);
+            self.add_biases(&dev, 2, &y, hidden);
         }
         // The host experts' outputs after the device ones.
         let host_y: Vec<f32> = work
@@ -348,6 +456,24 @@ impl Cuda {
         );
     }
 
+    /// Adds bias `which` of every device expert to its rows of `y` (`width` values a row, the
+    /// experts' rows one after another in `dev`'s order).
+    fn add_biases(
+        &self,
+        dev: &[(&DeviceExpert, &[usize])],
+        which: usize,
+        y: &DevBuf,
+        width: usize,
+    ) {
+        let mut at = 0;
+        for (e, rows) in dev {
+            if let Some(b) = e.bias[which] {
+                self.add_slot_bias(y.at(at * width * 4), rows.len(), width, b);
+            }
+            at += rows.len();
+        }
+    }
+
     /// One grouped matvec launch per weight type over `entries` (weight, input row, output
     /// row, rows), `k` wide in and `n` wide out; `input` and `output` name the buffers the
     /// entries point into (the first output buffer where several are written).
@@ -407,6 +533,7 @@ fn grouped_kernel(dtype: Dtype) -> &'static str {
         Dtype::Q4K => "matvec_grouped_q4_k",
         Dtype::F8B128 => "matvec_grouped_f8",
         Dtype::Nf4 => "matvec_grouped_nf4",
+        Dtype::Mxfp4 => "matvec_grouped_mxfp4",
         _ => "matvec_grouped_fp4",
     }
 }

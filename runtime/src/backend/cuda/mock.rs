@@ -463,6 +463,14 @@ impl MockGpu {
                 cpu::deltanet::mul_silu(&mut x, &z);
                 self.write_f32(a.ptr(0), &x)
             }
+            "split_pairs_f32" => {
+                let (blocks, d) = (a.u32(3) as usize, a.u32(4) as usize);
+                let x = self.read_f32(a.ptr(0), blocks * 2 * d)?;
+                let (even, odd): (Vec<f32>, Vec<f32>) =
+                    x.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
+                self.write_f32(a.ptr(1), &even)?;
+                self.write_f32(a.ptr(2), &odd)
+            }
             "gather_rows_f32" => {
                 let (n, width) = (a.u32(2) as usize, a.u32(3) as usize);
                 let rows = self.read_u32(a.ptr(1), n)?;
@@ -494,7 +502,11 @@ impl MockGpu {
                     )));
                 }
                 let part = self.read_f32(a.ptr(0), rows * nh * splits * (hd + 2))?;
-                self.write_f32(a.ptr(4), &merge_states(&part, splits, hd))
+                let sinks = match a.ptr(5) {
+                    0 => None,
+                    p => Some(self.read_f32(p, nh)?),
+                };
+                self.write_f32(a.ptr(4), &merge_states(&part, splits, hd, sinks.as_deref()))
             }
             "moe_sum_f32" => {
                 let (n, hidden) = (a.u32(4) as usize, a.u32(5) as usize);
@@ -541,6 +553,10 @@ impl MockGpu {
         let kc: Vec<u64> = bytemuck::pod_collect_to_vec(&self.read(a.ptr(1), rows * 8)?);
         let vc: Vec<u64> = bytemuck::pod_collect_to_vec(&self.read(a.ptr(2), rows * 8)?);
         let pos = self.read_u32(a.ptr(3), rows)?;
+        let sinks = match a.ptr(12) {
+            0 => None,
+            p => Some(self.read_f32(p, nh)?),
+        };
         let mut out = vec![0f32; rows * nh * hd];
         let group = nh / nkv;
         let eb = elem.elem_bytes() as usize;
@@ -585,6 +601,7 @@ impl MockGpu {
                     kvr,
                     n,
                     scale,
+                    sinks.as_deref().map(|s| &s[kvh * group..][..group]),
                     o,
                 );
             }
@@ -681,14 +698,16 @@ fn split_state(
     state
 }
 
-/// `attention_merge_f32`: the splits' states of every (row, head) merged in ascending order.
-fn merge_states(part: &[f32], splits: usize, hd: usize) -> Vec<f32> {
+/// `attention_merge_f32`: the splits' states of every (row, head) merged in ascending order,
+/// then the head's sink (a state of maximum `sink`, sum 1 and no value), if any.
+fn merge_states(part: &[f32], splits: usize, hd: usize, sinks: Option<&[f32]>) -> Vec<f32> {
     let mut out = Vec::with_capacity(part.len() / splits / (hd + 2) * hd);
-    for states in part.chunks_exact(splits * (hd + 2)) {
+    for (i, states) in part.chunks_exact(splits * (hd + 2)).enumerate() {
+        let sink = sinks.map(|s| s[i % s.len()]);
         let mx = states
             .chunks_exact(hd + 2)
             .map(|s| s[0])
-            .fold(f32::NEG_INFINITY, f32::max);
+            .fold(sink.unwrap_or(f32::NEG_INFINITY), f32::max);
         let mut den = 0f32;
         let mut num = vec![0f32; hd];
         for s in states.chunks_exact(hd + 2) {
@@ -701,6 +720,9 @@ fn merge_states(part: &[f32], splits: usize, hd: usize) -> Vec<f32> {
             for (n, v) in num.iter_mut().zip(&s[2..]) {
                 *n += v * f;
             }
+        }
+        if let Some(sink) = sink {
+            den += (sink - mx).exp();
         }
         out.extend(num.iter().map(|n| n / den));
     }
@@ -717,6 +739,7 @@ fn dtype_of(kernel: &str) -> Dtype {
         "f8" => Dtype::F8B128,
         "nf4" => Dtype::Nf4,
         "fp4" => Dtype::Fp4,
+        "mxfp4" => Dtype::Mxfp4,
         _ => Dtype::F32,
     }
 }

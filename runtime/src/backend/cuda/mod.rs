@@ -450,6 +450,7 @@ fn kernel_suffix(dtype: Dtype) -> Option<&'static str> {
         Dtype::F8B128 => "f8",
         Dtype::Nf4 => "nf4",
         Dtype::Fp4 => "fp4",
+        Dtype::Mxfp4 => "mxfp4",
         _ => return None,
     })
 }
@@ -463,6 +464,7 @@ fn matvec_kernel(dtype: Dtype) -> &'static str {
         Dtype::Q4K => "matvec_q4_k",
         Dtype::F8B128 => "matvec_f8",
         Dtype::Nf4 => "matvec_nf4",
+        Dtype::Mxfp4 => "matvec_mxfp4",
         _ => "matvec_fp4",
     }
 }
@@ -473,6 +475,7 @@ fn dequant_kernel(dtype: Dtype) -> &'static str {
         Dtype::Q4K => "dequant_q4_k",
         Dtype::F8B128 => "dequant_f8",
         Dtype::Nf4 => "dequant_nf4",
+        Dtype::Mxfp4 => "dequant_mxfp4",
         _ => "dequant_fp4",
     }
 }
@@ -676,23 +679,7 @@ impl Backend for Cuda {
     }
 
     fn split_halves(&self, x: &DevBuf, d: usize) -> (DevBuf, DevBuf) {
-        let n = Self::n_f32(x);
-        let (a, b) = (self.f32_buf(n / 2), self.f32_buf(n / 2));
-        let blocks = n / (2 * d).max(1);
-        if blocks > 0 {
-            self.launch(
-                "split_halves_f32",
-                [u32_of(blocks), col_blocks(d), 1],
-                &[
-                    x.arg(),
-                    a.arg(),
-                    b.arg(),
-                    KArg::U32(u32_of(blocks)),
-                    KArg::U32(u32_of(d)),
-                ],
-            );
-        }
-        (a, b)
+        self.split_blocks("split_halves_f32", x, d)
     }
 
     fn clamp(&self, x: &mut DevBuf, limit: f32) {
@@ -883,8 +870,10 @@ impl Backend for Cuda {
         lens: &[usize],
         caches: &mut [&mut DevKv],
         shape: &AttnShape,
+        sinks: Option<&DevVec>,
     ) -> DevBuf {
         let (nh, nkv, hd) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
+        let sinks = sinks.map_or(KArg::Ptr(0), |s| s.buf.arg());
         let rows: usize = lens.iter().sum();
         let out = self.f32_buf(rows * nh * hd);
         if rows == 0 {
@@ -966,6 +955,7 @@ impl Backend for Cuda {
                 KArg::U32(u32_of(splits)),
                 partial.as_ref().map_or(KArg::Ptr(0), DevBuf::arg),
                 out.arg(),
+                sinks,
             ],
         );
         if let Some(partial) = &partial {
@@ -978,6 +968,7 @@ impl Backend for Cuda {
                     KArg::U32(u32_of(nh)),
                     KArg::U32(u32_of(hd)),
                     out.arg(),
+                    sinks,
                 ],
             );
         }
@@ -1143,6 +1134,7 @@ mod tests {
 
     #[test]
     fn long_contexts_split_attention_and_stay_within_rounding_of_the_cpu() {
+        // Also with sinks: they join once, after the splits are merged.
         assert_eq!(attention_splits(ATTENTION_SPLIT_FROM_POSITIONS), 1);
         assert_eq!(attention_splits(1500), 3);
         assert_eq!(attention_splits(1 << 20), ATTENTION_MAX_SPLITS);
@@ -1150,7 +1142,13 @@ mod tests {
         let cuda = Cuda::mock(u64::MAX);
         let cpu = Cpu::default();
         let mut rng = Rng::new(7);
-        for (elem, window) in [(KvElem::F32, None), (KvElem::Bf16, Some(1200))] {
+        for (elem, window, with_sinks) in [
+            (KvElem::F32, None, false),
+            (KvElem::Bf16, Some(1200), false),
+            (KvElem::F32, None, true),
+        ] {
+            let sinks = with_sinks.then(|| random(&mut rng, nh));
+            let sinks_dev = sinks.clone().map(|s| cuda.upload_vector(s).unwrap());
             let shape = AttnShape {
                 num_heads: nh,
                 num_kv_heads: nkv,
@@ -1163,13 +1161,21 @@ mod tests {
                 let q = random(&mut rng, n * nh * hd);
                 let k = random(&mut rng, n * nkv * hd);
                 let v = random(&mut rng, n * nkv * hd);
-                let want = cpu.attend(&q, &k, &v, &[n], &mut [&mut kc], &shape);
+                let want = cpu.attend(&q, &k, &v, &[n], &mut [&mut kc], &shape, sinks.as_ref());
                 let (qd, kd, vd) = (
                     cuda.act_from_host(q),
                     cuda.act_from_host(k),
                     cuda.act_from_host(v),
                 );
-                let got = cuda.attend(&qd, &kd, &vd, &[n], &mut [&mut kg], &shape);
+                let got = cuda.attend(
+                    &qd,
+                    &kd,
+                    &vd,
+                    &[n],
+                    &mut [&mut kg],
+                    &shape,
+                    sinks_dev.as_ref(),
+                );
                 cuda.check().unwrap();
                 let got = cuda.to_host(&got).into_owned();
                 let worst = got

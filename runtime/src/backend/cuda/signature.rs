@@ -103,7 +103,7 @@ mod tests {
         assert_eq!(of("dequant_q4_k").unwrap(), [Ptr, U64, Ptr]);
         assert_eq!(
             of("attention_decode_bf16").unwrap(),
-            [Ptr, Ptr, Ptr, Ptr, U32, U32, U32, U32, F32, U32, Ptr, Ptr]
+            [Ptr, Ptr, Ptr, Ptr, U32, U32, U32, U32, F32, U32, Ptr, Ptr, Ptr]
         );
         assert_eq!(of("no_such_kernel"), None);
     }
