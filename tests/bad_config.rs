@@ -349,32 +349,29 @@ fn gpt_oss_inputs_that_do_not_fit_are_named() {
         dir.path(),
         &["`layer_types`", "`linear_attention`", "layer 1"],
     );
-    // The experts' gate_up exported input-major ([E, H, 2I], as transformers holds it in
-    // memory) instead of the release's MXFP4 pair.
+    // A dequantized export's gate_up (stored input-major, [E, H, 2I]) of the wrong size.
     let dir = with_tensors("gpt_oss", |t| {
         t.retain(|(n, ..)| !n.starts_with("model.layers.0.mlp.experts.gate_up_proj_"));
-        let (e, h, i2) = (8usize, 64usize, 64usize);
+        let (e, h, i2) = (8usize, 48usize, 64usize);
         t.push((
             "model.layers.0.mlp.experts.gate_up_proj".into(),
             safetensors::Dtype::F32,
             vec![e, h, i2],
             vec![0u8; e * h * i2 * 4],
         ));
-        // Keep the biases the pair sat beside.
-        let bias = vec![0u8; e * i2 * 4];
         t.push((
             "model.layers.0.mlp.experts.gate_up_proj_bias".into(),
             safetensors::Dtype::F32,
             vec![e, i2],
-            bias,
+            vec![0u8; e * i2 * 4],
         ));
     });
     refused(
         dir.path(),
         &[
             "model.layers.0.mlp.experts.gate_up_proj",
-            "input-major",
-            "MXFP4",
+            "[8, 64, 64]",
+            "[8, 48, 64]",
         ],
     );
 }

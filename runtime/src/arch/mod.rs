@@ -412,21 +412,12 @@ fn load_moe(
 }
 
 /// One of gpt-oss's expert weights as `shape` (`[E, rows, K]`, out-major): the release stores
-/// it as an MXFP4 pair (`<name>_blocks` / `<name>_scales`), opened by the weights layer. A plain
-/// tensor under `name` is a dequantized export, which stores it input-major (`[E, K, rows]`, as
-/// transformers holds it in memory; with gpt-oss's equal widths the shapes alone cannot tell):
-/// named as such, with what to use instead.
+/// it as an MXFP4 pair (`<name>_blocks` / `<name>_scales`), opened by the weights layer; a
+/// dequantized export stores a float tensor input-major (`[E, K, rows]`, as transformers holds
+/// it in memory), which loading transposes.
 fn released_expert(w: &WeightSet, name: &str, shape: [usize; 3]) -> Result<TensorRef> {
     if !w.contains(&format!("{name}_blocks")) && w.contains(name) {
-        let [e, rows, k] = shape;
-        return Err(Error::bad_config(
-            std::path::Path::new(w.label()).join(name),
-            format!(
-                "`{name}` is a plain tensor: a dequantized export of gpt-oss, which stores \
-                 experts input-major ([{e}, {k}, {rows}]); open the MXFP4 release instead \
-                 (`{name}_blocks` / `{name}_scales`, experts out-major [{e}, {rows}, {k}])"
-            ),
-        ));
+        return w.transposed(name, &shape);
     }
     w.compute(name, &shape)
 }

@@ -896,7 +896,7 @@ impl TensorRef {
     /// The same tensor copied into memory this process owns (8-byte aligned, huge pages
     /// advised when large), e.g. to keep hot weights off the page cache's small pages.
     pub fn to_owned_copy(&self) -> TensorRef {
-        let owned: Result<TensorRef> = self.owned_as(self.dtype, |dst| {
+        let owned: Result<TensorRef> = self.owned_as(self.dtype, false, |dst| {
             dst.copy_from_slice(self.bytes());
             Ok(())
         });
@@ -906,18 +906,22 @@ impl TensorRef {
     /// The same tensor read into memory this process owns with positioned reads (large
     /// sequential reads, no page faults through the mapping, nothing left mapped afterwards).
     pub fn read_copy(&self) -> Result<TensorRef> {
-        self.owned_as(self.dtype, |dst| self.read_into(dst))
+        self.owned_as(self.dtype, false, |dst| self.read_into(dst))
     }
 
     /// This tensor (name, shape) as `dtype` in a buffer this process owns, `fill` writing its
     /// bytes: 8-byte aligned (enough for every float dtype and block type), huge pages advised
     /// when large. The byte length is `dtype`'s for the shape (the stored one for `self.dtype`).
+    /// An owned tensor of `dtype` whose bytes `fill` writes: a copy of the stored bytes, or
+    /// with `converts` a conversion (its result is plain values, even in the stored type, as a
+    /// transposed float weight's is).
     fn owned_as(
         &self,
         dtype: Dtype,
+        converts: bool,
         fill: impl FnOnce(&mut [u8]) -> Result<()>,
     ) -> Result<TensorRef> {
-        let n = if dtype == self.dtype {
+        let n = if !converts {
             self.size_bytes()
         } else {
             self.converted_row_bytes(dtype)
@@ -932,10 +936,10 @@ impl TensorRef {
             start: 0,
             end: n,
             // A copy of stored codes is still pre-quantized; a conversion is not.
-            prequant: if dtype == self.dtype {
-                self.prequant.clone()
-            } else {
+            prequant: if converts {
                 None
+            } else {
+                self.prequant.clone()
             },
             ..self.clone()
         })
@@ -968,7 +972,12 @@ impl TensorRef {
             }
             _ => return None,
         };
-        if self.dtype == to || self.shape.len() != 2 || self.is_virtual() {
+        // (A pre-quantized weight stored in a float type, such as a transposed one, still
+        // converts to that type.)
+        if (self.dtype == to && self.prequant.is_none())
+            || self.shape.len() != 2
+            || self.is_virtual()
+        {
             return None;
         }
         let k = self.shape[1];
@@ -1009,7 +1018,8 @@ impl TensorRef {
             // The lossless block form is a copy of codes and scales; anything else goes
             // through the exact f32 values.
             let repack = Some(to) == self.lossless_dtype() && to.block().is_some();
-            let error = error.filter(|_| !repack && to != Dtype::F32);
+            let lossless = Some(to) == self.lossless_dtype();
+            let error = error.filter(|_| !repack && !lossless && to != Dtype::F32);
             dst.par_chunks_mut(row_bytes).enumerate().for_each_init(
                 || (vec![0f32; k], vec![0f32; k]),
                 |(row, back), (r, dst)| {
@@ -1055,7 +1065,7 @@ impl TensorRef {
         if self.converted_row_bytes(to).is_none() {
             return Ok(None);
         }
-        self.owned_as(to, |dst| self.convert_into_measured(to, dst, error))
+        self.owned_as(to, true, |dst| self.convert_into_measured(to, dst, error))
             .map(Some)
     }
 
@@ -1545,6 +1555,17 @@ impl WeightSet {
     /// What `quantization_config` says about pre-quantized weights (read by [`WeightSet::get`]).
     pub fn set_prequant(&mut self, config: Option<crate::weights::prequant::PrequantConfig>) {
         self.prequant = config;
+    }
+
+    /// Float weight `name` stored input-major (`[E, k, rows]`) as the out-major weight of
+    /// `shape` = `[E, rows, k]` the kernels read: loading transposes each matrix (values
+    /// unchanged; see `prequant::open_transposed`). A set built from `config.json` alone has
+    /// the sizes only.
+    pub fn transposed(&self, name: &str, shape: &[usize]) -> Result<TensorRef> {
+        if self.is_virtual() {
+            return self.compute(name, shape);
+        }
+        crate::weights::prequant::open_transposed(self, name, shape)
     }
 
     /// Like [`WeightSet::get`] but for float weights used in compute (dtype + alignment checked).

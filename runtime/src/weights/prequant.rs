@@ -421,6 +421,13 @@ impl std::fmt::Debug for Source {
                 write!(f, "bnb4 [{}, {}] in blocks of {blocksize}", self.n, self.k)
             }
             Kind::Mxfp4 { .. } => write!(f, "mxfp4 [{}, {}]", self.n, self.k),
+            Kind::Transposed { dtype, rows } => write!(
+                f,
+                "{} [{}, {}] stored input-major in matrices of {rows} rows",
+                dtype.name(),
+                self.n,
+                self.k
+            ),
         }
     }
 }
@@ -443,6 +450,14 @@ enum Kind {
     Mxfp4 {
         /// U8 E8M0 exponents, flat: `n · k / 32`, row-major like the codes.
         scales: TensorRef,
+    },
+    /// Float matrices stored input-major: `[E, k, rows]` holding the `[E · rows, k]` weight
+    /// (gpt-oss's dequantized export, as transformers holds experts in memory). Values are as
+    /// stored; loading transposes them, nothing else.
+    Transposed {
+        dtype: Dtype,
+        /// Rows of each stored matrix (its last dimension).
+        rows: usize,
     },
 }
 
@@ -480,6 +495,7 @@ impl Source {
     pub fn aux_bytes(&self) -> u64 {
         let t = match &self.kind {
             Kind::Fp8 { scales, .. } | Kind::Mxfp4 { scales } => scales.size_bytes(),
+            Kind::Transposed { .. } => 0,
             Kind::Bnb4 {
                 absmax,
                 extra_bytes,
@@ -504,6 +520,16 @@ impl Source {
             Kind::Bnb4 { .. } => (r0 * self.k) / 2..(r1 * self.k).div_ceil(2),
             // k is a multiple of 32 (checked at open): whole bytes per row.
             Kind::Mxfp4 { .. } => r0 * self.k / 2..r1 * self.k / 2,
+            // A row is a column of its matrix: rows read the whole matrices holding them.
+            Kind::Transposed { dtype, rows } => {
+                let matrix = self.k * rows * dtype.bytes_for(1);
+                let start = r0 / rows * matrix;
+                if r1 <= r0 {
+                    start..start
+                } else {
+                    start..((r1 - 1) / rows + 1) * matrix
+                }
+            }
         }
     }
 
@@ -533,6 +559,11 @@ impl Source {
             },
             // Rows are whole blocks of 32 (checked at open).
             Kind::Mxfp4 { .. } => Dtype::Mxfp4,
+            // f16 values are held exactly in f32 (no f16 conversion exists).
+            Kind::Transposed { dtype, .. } => match dtype {
+                Dtype::Bf16 => Dtype::Bf16,
+                _ => Dtype::F32,
+            },
         }
     }
 
@@ -607,6 +638,7 @@ impl Source {
                 }
                 return Ok(res);
             }
+            Kind::Transposed { .. } => return Ok(res),
             Kind::Bnb4 {
                 quant_map, absmax, ..
             } => {
@@ -645,6 +677,11 @@ impl Source {
             });
         }
         match &self.kind {
+            Kind::Transposed { .. } => Ok(Resolved {
+                first: 0,
+                scales: Vec::new(),
+                exps: Vec::new(),
+            }),
             Kind::Mxfp4 { scales } => {
                 let per_row = self.k / MX_BLOCK;
                 let b0 = r0 * per_row;
@@ -771,6 +808,19 @@ impl Source {
                     }
                 }
             }
+            Kind::Transposed { dtype, rows } => {
+                // Row r is column r % rows of matrix r / rows: element i at (i, r % rows).
+                let eb = dtype.bytes_for(1);
+                let at = (r / rows * self.k * rows + r % rows) * eb - skip;
+                for (i, x) in out.iter_mut().enumerate() {
+                    let b = &codes[at + i * rows * eb..][..eb];
+                    *x = match dtype {
+                        Dtype::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+                        Dtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                        _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                    };
+                }
+            }
         }
     }
 
@@ -816,6 +866,8 @@ impl Source {
                     d[1..].copy_from_slice(q);
                 }
             }
+            // Its lossless type has no blocks: conversions go through f32 (exact).
+            Kind::Transposed { .. } => unreachable!("a float weight is never repacked"),
         }
     }
 }
@@ -1107,7 +1159,8 @@ pub(crate) fn open_mxfp4(
     if let Some(PrequantConfig::Mxfp4 { not_convert }) = config {
         if let Some(p) = not_convert.iter().find(|p| module_matches(p, name)) {
             return bad(format!(
-                "stored as MXFP4, but `quantization_config.modules_to_not_convert` lists `{p}`,                  which covers `{name}`; config.json and the weights disagree"
+                "stored as MXFP4, but `quantization_config.modules_to_not_convert` lists `{p}`, \
+                 which covers `{name}`; config.json and the weights disagree"
             ));
         }
     }
@@ -1141,7 +1194,8 @@ pub(crate) fn open_mxfp4(
         return Err(Error::bad_file(
             &*scales.path,
             format!(
-                "tensor `{scales_name}`: {} {:?}, expected U8 {grid:?} (one E8M0 scale per 32                  values of `{blocks_name}` {bs:?})",
+                "tensor `{scales_name}`: {} {:?}, expected U8 {grid:?} (one E8M0 scale per 32 \
+                 values of `{blocks_name}` {bs:?})",
                 scales.dtype.name(),
                 scales.shape
             ),
@@ -1159,6 +1213,47 @@ pub(crate) fn open_mxfp4(
         path: blocks.path.clone(),
     };
     Ok(blocks.with_source(Arc::new(src), logical))
+}
+
+/// Opens float tensor `name`, stored input-major `[E, k, rows]`, as the weight of logical shape
+/// `shape` = `[E, rows, k]` (out-major, as the kernels read it): loading transposes each
+/// matrix, values unchanged. A stored shape other than `shape` with its last two dimensions
+/// swapped is a shape error naming the tensor.
+pub(crate) fn open_transposed(ws: &WeightSet, name: &str, shape: &[usize]) -> Result<TensorRef> {
+    let stored = ws.get(name, None)?;
+    let &[e, rows, k] = shape else {
+        return Err(Error::Internal(format!(
+            "a transposed weight is 3-D, `{name}` was asked as {shape:?}"
+        )));
+    };
+    if stored.shape != [e, k, rows] {
+        return Err(Error::ShapeMismatch {
+            name: name.to_string(),
+            path: (*stored.path).clone(),
+            expected: vec![e, k, rows],
+            found: stored.shape.clone(),
+        });
+    }
+    if !matches!(stored.dtype, Dtype::F32 | Dtype::Bf16 | Dtype::F16) {
+        return Err(Error::bad_file(
+            &*stored.path,
+            format!(
+                "tensor `{name}`: {} where a float weight (f32, bf16 or f16) is expected",
+                stored.dtype.name()
+            ),
+        ));
+    }
+    let src = Source {
+        n: e * rows,
+        k,
+        kind: Kind::Transposed {
+            dtype: stored.dtype,
+            rows,
+        },
+        name: name.to_string(),
+        path: stored.path.clone(),
+    };
+    Ok(stored.with_source(Arc::new(src), shape.to_vec()))
 }
 
 /// The error a conversion of pre-quantized weights to another type adds, against their exact

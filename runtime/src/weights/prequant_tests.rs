@@ -877,3 +877,46 @@ fn mxfp4_config_is_read_and_planned_from_config_alone() {
         .unwrap();
     assert_eq!(q.dtype, Dtype::Bf16);
 }
+
+#[test]
+fn an_input_major_float_weight_opens_transposed_and_converts_exactly() {
+    // Stored [E = 2, k = 3, rows = 5] bf16; the weight is [2, 5, 3]: row (e, j) is column j of
+    // matrix e. Values are distinct bf16 numbers.
+    let (e_count, k, rows) = (2usize, 3usize, 5usize);
+    let stored: Vec<f32> = (0..e_count * k * rows)
+        .map(|i| (i as f32 - 7.0) * 0.375)
+        .collect();
+    let bytes: Vec<u8> = stored
+        .iter()
+        .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+        .collect();
+    let (_dir, ws) = open_set(&[(GATE_UP, Dtype::Bf16, &[e_count, k, rows], &bytes)], None);
+    let t = ws.transposed(GATE_UP, &[e_count, rows, k]).unwrap();
+    assert_eq!(t.shape, [e_count, rows, k]);
+    assert_eq!(t.lossless_dtype(), Some(Dtype::Bf16));
+    let want = |e: usize, j: usize| -> Vec<f32> {
+        (0..k).map(|i| stored[(e * k + i) * rows + j]).collect()
+    };
+    // Every expert, every row range, as f32 and as bf16 (its lossless type).
+    for e in 0..e_count {
+        let m = t.index(e);
+        let all: Vec<f32> = (0..rows).flat_map(|j| want(e, j)).collect();
+        assert!(same_bits(&to_f32(&m), &all), "expert {e}");
+        for (first, count) in [(0, 1), (1, 3), (4, 1)] {
+            let got = to_f32(&m.narrow(first, count));
+            let w: Vec<f32> = (first..first + count).flat_map(|j| want(e, j)).collect();
+            assert!(same_bits(&got, &w), "expert {e} rows {first}+{count}");
+        }
+        let b = m.quantize(Dtype::Bf16).unwrap().expect("converts to bf16");
+        assert_eq!(b.dtype, Dtype::Bf16);
+        let mut back = vec![0f32; rows * k];
+        moe_kernels::row_to_f32(b.weights(), 0, rows * k, &mut back);
+        assert!(same_bits(&back, &all), "expert {e} in bf16");
+    }
+    // Any other stored shape is refused, naming the tensor and both shapes.
+    let e = ws
+        .transposed(GATE_UP, &[e_count, k, rows])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(GATE_UP) && e.contains("[2, 5, 3]"), "{e}");
+}
