@@ -399,7 +399,8 @@ keys = ["prefill_tokens_per_s", "decode_tokens_per_s", "prefill_ms", "decode_ms"
         "prompt_tokens", "completion_tokens", "device", "peak_rss_bytes", "vram"]
 out = {k: r.get(k) for k in keys}
 e = r.get("experts") or {}
-out["experts"] = {k: e.get(k) for k in ["hits", "misses", "bytes_moved", "stall_ms"]}
+out["experts"] = {k: e.get(k) for k in ["hits", "misses", "bytes_moved", "stall_ms",
+                                        "copy_bytes_per_s", "host_compute_bytes_per_s"]}
 print(json.dumps({"figures": out})[1:-1])'
     fi
 }

@@ -198,6 +198,13 @@ fn run_with_config_file_reports_experts_rss_and_device() {
     ] {
         assert!(ex[k].is_u64(), "experts.{k} is not a count: {ex}");
     }
+    // The measured speeds the copy-or-compute choice uses: experts ran on the host, and there
+    // is no device tier to copy to.
+    assert!(
+        ex["host_compute_bytes_per_s"].as_f64().unwrap() > 0.0,
+        "{ex}"
+    );
+    assert!(ex["copy_bytes_per_s"].is_null(), "{ex}");
     assert!(ex["stall_ms"].as_f64().unwrap() >= 0.0);
     let per_layer = ex["per_layer"].as_array().expect("per_layer array");
     assert!(!per_layer.is_empty());

@@ -669,5 +669,7 @@ mod tests {
             .measured_copy_bytes_per_s()
             .expect("copies were timed");
         assert!((rate / link - 1.0).abs() < 1e-3, "{rate} vs {link}");
+        // And the store's stats (`run --json`) report it.
+        assert_eq!(on_gpu.stats().copy_bytes_per_s, Some(rate));
     }
 }

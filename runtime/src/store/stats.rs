@@ -82,6 +82,13 @@ pub struct StoreStats {
     pub prefetch_precision: Option<f64>,
     /// Share of used experts that had been prefetched (None before any prediction).
     pub prefetch_recall: Option<f64>,
+    /// Expert copy speed to the device tier as measured so far, bytes/s (on a GPU timed by
+    /// events around each transfer); what the copy-or-compute choice uses. None before any
+    /// copy, or without a device tier.
+    pub copy_bytes_per_s: Option<f64>,
+    /// Host compute speed over expert weights as measured so far, bytes/s (None before any
+    /// expert ran on the host through the store's measured paths).
+    pub host_compute_bytes_per_s: Option<f64>,
     pub per_layer: Vec<LayerStats>,
 }
 
@@ -100,6 +107,8 @@ impl StoreStats {
             bytes_moved: sum(|l| l.bytes_file_to_ram + l.bytes_to_device),
             prefetch_precision: (issued > 0).then(|| correct as f64 / issued as f64),
             prefetch_recall: (routed > 0).then(|| correct as f64 / routed as f64),
+            copy_bytes_per_s: None,
+            host_compute_bytes_per_s: None,
             per_layer,
         }
     }

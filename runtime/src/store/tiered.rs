@@ -862,15 +862,19 @@ impl<D: DeviceTier> ExpertSource for TieredStore<D> {
     }
 
     fn stats(&self) -> StoreStats {
-        StoreStats::from_layers(
-            self.shared
-                .counters
-                .iter()
-                .enumerate()
-                .filter(|(l, _)| !self.shared.experts[*l].is_empty())
-                .map(|(l, c)| c.snapshot(l))
-                .collect(),
-        )
+        StoreStats {
+            copy_bytes_per_s: self.shared.copy_rate.get(),
+            host_compute_bytes_per_s: self.shared.host_rate.get(),
+            ..StoreStats::from_layers(
+                self.shared
+                    .counters
+                    .iter()
+                    .enumerate()
+                    .filter(|(l, _)| !self.shared.experts[*l].is_empty())
+                    .map(|(l, c)| c.snapshot(l))
+                    .collect(),
+            )
+        }
     }
 }
 
