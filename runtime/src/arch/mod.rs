@@ -477,14 +477,9 @@ pub fn biased_sigmoid_router(raw: &RawConfig, base: RouterConfig) -> Result<Rout
     })
 }
 
-/// Per-layer attention windows from `layer_types` (`sliding_attention` takes `window`,
-/// `full_attention` none), or None when the config has no `layer_types`. A list of the wrong
-/// length or naming another kind is an error naming the field.
-pub fn layer_windows(
-    raw: &RawConfig,
-    layers: usize,
-    window: Option<usize>,
-) -> Result<Option<Vec<Option<usize>>>> {
+/// `layer_types` if the config gives it, one entry per layer (another count is an error naming
+/// the field).
+pub fn layer_types(raw: &RawConfig, layers: usize) -> Result<Option<Vec<String>>> {
     let Some(types) = raw.opt_str_list(&["layer_types"])? else {
         return Ok(None);
     };
@@ -497,6 +492,20 @@ pub fn layer_windows(
             ),
         ));
     }
+    Ok(Some(types))
+}
+
+/// Per-layer attention windows from `layer_types` (`sliding_attention` takes `window`,
+/// `full_attention` none), or None when the config has no `layer_types`. A list of the wrong
+/// length or naming another kind is an error naming the field.
+pub fn layer_windows(
+    raw: &RawConfig,
+    layers: usize,
+    window: Option<usize>,
+) -> Result<Option<Vec<Option<usize>>>> {
+    let Some(types) = layer_types(raw, layers)? else {
+        return Ok(None);
+    };
     types
         .iter()
         .enumerate()

@@ -91,16 +91,7 @@ fn partial_rotary_given(raw: &RawConfig) -> bool {
 
 /// Per layer: `layer_types` if given, else the `full_attention_interval` rule (default 4).
 fn layer_kinds(raw: &RawConfig, layers: usize) -> Result<Vec<MixerKind>> {
-    if let Some(types) = raw.opt_str_list(&["layer_types"])? {
-        if types.len() != layers {
-            return Err(Error::bad_config(
-                &raw.path,
-                format!(
-                    "field `layer_types` has {} entries for {layers} layers",
-                    types.len()
-                ),
-            ));
-        }
+    if let Some(types) = super::layer_types(raw, layers)? {
         return types
             .iter()
             .enumerate()

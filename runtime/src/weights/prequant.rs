@@ -892,16 +892,7 @@ pub(crate) fn open(
             ));
         }
         let (n, k) = (codes.shape[0], codes.shape[1]);
-        if let Some(s) = shape {
-            if s != codes.shape.as_slice() {
-                return Err(Error::ShapeMismatch {
-                    name: name.to_string(),
-                    path,
-                    expected: s.to_vec(),
-                    found: codes.shape.clone(),
-                });
-            }
-        }
+        expect_shape(name, &path, shape, &codes.shape)?;
         let scale_name = format!("{name}_scale_inv");
         if !ws.contains(&scale_name) {
             return bad(format!(
@@ -989,16 +980,7 @@ pub(crate) fn open(
             state.get("shape").map_or("none".into(), |s| s.to_string())
         ));
     };
-    if let Some(s) = shape {
-        if s != logical.as_slice() {
-            return Err(Error::ShapeMismatch {
-                name: name.to_string(),
-                path,
-                expected: s.to_vec(),
-                found: logical,
-            });
-        }
-    }
+    expect_shape(name, &path, shape, &logical)?;
     let (n, k) = (logical[0], logical[1]);
     let numel = n * k;
     if codes.size_bytes() != numel.div_ceil(2) {
@@ -1135,6 +1117,25 @@ pub(crate) fn open(
     Ok(codes.with_source(Arc::new(src), logical))
 }
 
+/// `found` against the logical shape the model expects (`shape`, when given): a mismatch is an
+/// error naming the tensor and both shapes.
+fn expect_shape(
+    name: &str,
+    path: &std::path::Path,
+    shape: Option<&[usize]>,
+    found: &[usize],
+) -> Result<()> {
+    match shape {
+        Some(s) if s != found => Err(Error::ShapeMismatch {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            expected: s.to_vec(),
+            found: found.to_vec(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Opens the MXFP4 weight `name` of logical shape `[.., n, k]` from `<name>_blocks` (U8
 /// `[.., n, k/32, 16]`) and `<name>_scales` (U8 `[.., n, k/32]`), checked against each other and
 /// against `shape` (the logical shape the model expects) when given. The result is one
@@ -1174,16 +1175,7 @@ pub(crate) fn open_mxfp4(
     let grid = &bs[..bs.len() - 1];
     let mut logical = grid.to_vec();
     *logical.last_mut().expect("3-D or more") *= MX_BLOCK;
-    if let Some(s) = shape {
-        if s != logical.as_slice() {
-            return Err(Error::ShapeMismatch {
-                name: name.to_string(),
-                path,
-                expected: s.to_vec(),
-                found: logical,
-            });
-        }
-    }
+    expect_shape(name, &path, shape, &logical)?;
     if !ws.contains(&scales_name) {
         return bad(format!(
             "stored as MXFP4 but `{scales_name}` (its E8M0 scales) is missing"
@@ -1226,14 +1218,7 @@ pub(crate) fn open_transposed(ws: &WeightSet, name: &str, shape: &[usize]) -> Re
             "a transposed weight is 3-D, `{name}` was asked as {shape:?}"
         )));
     };
-    if stored.shape != [e, k, rows] {
-        return Err(Error::ShapeMismatch {
-            name: name.to_string(),
-            path: (*stored.path).clone(),
-            expected: vec![e, k, rows],
-            found: stored.shape.clone(),
-        });
-    }
+    expect_shape(name, &stored.path, Some(&[e, k, rows]), &stored.shape)?;
     if !matches!(stored.dtype, Dtype::F32 | Dtype::Bf16 | Dtype::F16) {
         return Err(Error::bad_file(
             &*stored.path,
