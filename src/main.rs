@@ -9,10 +9,11 @@
 //! `moe-serve synth --arch qwen3_moe|qwen3_next --preset NAME --out DIR [--layers N] [--gguf PATH]`,
 //! and
 //! `moe-serve cache build [--force] | verify | info [--json] [--file PATH] | clear [--all]`, and
-//! `moe-serve serve [--host H] [--port P] [--max-batch N] [--max-queue N] [--model-name NAME]`
-//! (127.0.0.1:8080 by default; `[server]` config keys; bearer key from `[server] api_key` or
-//! `MOE_SERVE_API_KEY`; routes `/health`, `/v1/models`, `/v1/chat/completions`,
-//! `/v1/completions`, `/metrics`; see `server`).
+//! `moe-serve serve [--host H] [--port P] [--max-batch N] [--max-queue N] [--model-name NAME]
+//! [--api-key KEY]` (127.0.0.1:8080 by default; `[server]` config keys; bearer key from
+//! `--api-key`, else `MOE_SERVE_API_KEY`, else `[server] api_key`; routes `/health`,
+//! `/v1/models`, `/v1/chat/completions`, `/v1/completions`, the same three without `/v1`,
+//! `/metrics`; see `server`).
 //! `run`, `plan`, `cache` and `serve` take the same model flags (`--config FILE`, `--model`,
 //! `--quantization`, `--cache-dir DIR`, `--no-cache`, `--no-cache-rebuild`, ...).
 //! Without `--json`, generated text streams to stdout and timings go to stderr; with `--json`,
@@ -288,6 +289,10 @@ struct ServeArgs {
     /// else the model folder's name).
     #[arg(long)]
     model_name: Option<String>,
+    /// Bearer key every route but /health requires (wins over `MOE_SERVE_API_KEY`, which wins
+    /// over `[server] api_key`; none: no key).
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
 }
 
 #[derive(Args)]
@@ -414,6 +419,11 @@ fn serve_cmd(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     if a.model_name.is_some() {
         server.model_name = a.model_name;
+    }
+    // The bearer key: the flag, else the variable, else the config's.
+    let env_key = std::env::var("MOE_SERVE_API_KEY").ok();
+    if let Some(k) = a.api_key.or(env_key).filter(|k| !k.is_empty()) {
+        server.api_key = Some(k);
     }
     let fault_panic_token = std::env::var("MOE_SERVE_FAULT_PANIC_TOKEN")
         .ok()

@@ -377,6 +377,17 @@ fn gpt_oss_inputs_that_do_not_fit_are_named() {
 }
 
 #[test]
+fn a_gguf_file_as_the_model_says_what_to_pass_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("model-Q4_K_M.gguf");
+    std::fs::write(&file, b"GGUF").unwrap();
+    refused(
+        &file,
+        &["GGUF files are not opened", "Hugging Face model folder"],
+    );
+}
+
+#[test]
 fn rotary_fractions_must_rotate_an_even_part_of_the_head() {
     // qwen3_next's fixture: head_dim 16.
     for (factor, needle) in [

@@ -517,3 +517,65 @@ fn an_expert_that_fails_to_load_answers_500_naming_it_never_400() {
         "{v}"
     );
 }
+
+#[test]
+fn routes_without_v1_more_stop_strings_and_the_api_key_flag() {
+    // The flag wins over the variable.
+    let s = Server::ready(
+        &["--api-key", "flag-key"],
+        &[("MOE_SERVE_API_KEY", "env-key")],
+    );
+    let c = client();
+    for (path, key, want) in [
+        ("/models", "flag-key", 200),
+        ("/v1/models", "flag-key", 200),
+        ("/models", "env-key", 401),
+        ("/models/demo", "flag-key", 200),
+    ] {
+        let r = c.get(s.url(path)).bearer_auth(key).send().unwrap();
+        assert_eq!(r.status(), want, "{path} with {key}");
+    }
+    // Chat and completions answer under both prefixes, the same way.
+    let mut body = chat_body("hi", 3);
+    // More stop strings than OpenAI's four are honoured.
+    body["stop"] = json!(["zz1", "zz2", "zz3", "zz4", "zz5", "zz6"]);
+    let mut texts = Vec::new();
+    for path in ["/chat/completions", "/v1/chat/completions"] {
+        let r = c
+            .post(s.url(path))
+            .bearer_auth("flag-key")
+            .json(&body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let v: Value = r.json().unwrap();
+        texts.push(v["choices"][0]["message"]["content"].clone());
+    }
+    assert_eq!(texts[0], texts[1]);
+    let completion = json!({"model": "demo", "prompt": "hi", "max_tokens": 2, "temperature": 0});
+    let r = c
+        .post(s.url("/completions"))
+        .bearer_auth("flag-key")
+        .json(&completion)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Past the limit, a 400 naming the field.
+    body["stop"] = json!((0..65).map(|i| format!("s{i}")).collect::<Vec<_>>());
+    let r = c
+        .post(s.url("/chat/completions"))
+        .bearer_auth("flag-key")
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["error"]["param"], "stop", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 64"),
+        "{v}"
+    );
+}

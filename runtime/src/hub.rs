@@ -32,6 +32,18 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
         }
         return Ok(p.to_path_buf());
     }
+    let gguf = p
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if gguf {
+        return Err(Error::ModelNotFound {
+            spec: spec.into(),
+            reason: "GGUF files are not opened: pass the Hugging Face model folder it was made \
+                     from (config.json with its safetensors) or its Hub id; `quantization` then \
+                     makes and keeps this runtime's own quantized expert cache"
+                .into(),
+        });
+    }
     if !looks_like_hub_id(spec) {
         return Err(Error::ModelNotFound {
             spec: spec.into(),

@@ -121,10 +121,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), Box<dyn std::error::Error>> {
 
 async fn serve_async(opts: ServeOptions) -> Result<(), Box<dyn std::error::Error>> {
     let server = opts.server.clone();
-    let api_key = std::env::var("MOE_SERVE_API_KEY")
-        .ok()
-        .filter(|k| !k.is_empty())
-        .or(server.api_key.clone());
+    // `serve_cmd` has already put `--api-key` or `MOE_SERVE_API_KEY` there when given.
+    let api_key = server.api_key.clone().filter(|k| !k.is_empty());
     let app = Arc::new(App {
         engine: OnceLock::new(),
         model_name: server
@@ -282,11 +280,17 @@ async fn termination() {
 }
 
 fn router(app: Arc<App>, max_body: u64) -> Router {
+    // The OpenAI routes also without their `/v1` prefix (clients configured with a base URL
+    // that lacks it).
     let api = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model_by_id))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/models", get(models))
+        .route("/models/{*id}", get(model_by_id))
+        .route("/chat/completions", post(chat))
+        .route("/completions", post(completions))
         .route("/metrics", get(metrics_route))
         .route_layer(middleware::from_fn_with_state(app.clone(), auth));
     Router::new()

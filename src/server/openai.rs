@@ -10,6 +10,10 @@ use moe_runtime::{ChatMessage, FinishReason, GenerateParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+/// Stop strings one request may give: more than OpenAI's 4 (clients of other servers send
+/// more), few enough that matching them stays cheap per token.
+const MAX_STOP_STRINGS: usize = 64;
+
 use super::errors::ApiError;
 
 /// One string or several.
@@ -222,8 +226,11 @@ impl Sampling {
             Some(OneOrMany::One(s)) => vec![s.clone()],
             Some(OneOrMany::Many(v)) => v.clone(),
         };
-        if stop.len() > 4 {
-            return Err(ApiError::bad_request("at most 4 `stop` strings").param("stop"));
+        if stop.len() > MAX_STOP_STRINGS {
+            return Err(ApiError::bad_request(format!(
+                "at most {MAX_STOP_STRINGS} `stop` strings"
+            ))
+            .param("stop"));
         }
         if stop.iter().any(String::is_empty) {
             return Err(ApiError::bad_request("`stop` strings must not be empty").param("stop"));
