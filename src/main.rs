@@ -286,7 +286,8 @@ struct ServeArgs {
     #[arg(long)]
     max_queue: Option<usize>,
     /// Name reported by /v1/models and required in requests (default: `[server] model_name`,
-    /// else the model folder's name).
+    /// else the Hub id the model was opened by, else the model folder's name; requests may
+    /// also name the repository or folder).
     #[arg(long)]
     model_name: Option<String>,
     /// Bearer key every route but /health requires (wins over `MOE_SERVE_API_KEY`, which wins

@@ -70,6 +70,8 @@ struct Engine {
 struct App {
     engine: OnceLock<Engine>,
     model_name: String,
+    /// Other names requests may give the model (see [`model_aliases`]).
+    aliases: Vec<String>,
     api_key: Option<String>,
     metrics: Metrics,
     draining: AtomicBool,
@@ -91,7 +93,7 @@ impl App {
     }
 
     fn check_model(&self, asked: &str) -> Result<(), ApiError> {
-        if asked == self.model_name {
+        if asked == self.model_name || self.aliases.iter().any(|a| a == asked) {
             Ok(())
         } else {
             Err(ApiError::unknown_model(asked, &self.model_name))
@@ -99,15 +101,43 @@ impl App {
     }
 }
 
-/// The name `/v1/models` reports: `[server] model_name`, else the model folder's name.
+/// The name `/v1/models` reports: `[server] model_name`, else the Hub id the model was opened
+/// by (`Qwen/Qwen3-30B-A3B`), else the model folder's name.
 pub fn default_model_name(settings: &Settings) -> String {
     match &settings.model {
         None => "demo".to_string(),
-        Some(spec) => std::path::Path::new(spec.trim_end_matches('/'))
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| spec.clone()),
+        Some(spec) if is_hub_id(spec) => spec.clone(),
+        Some(spec) => last_component(spec),
     }
+}
+
+/// Other names a request may give the model: for a Hub id its repository name
+/// (`Qwen3-30B-A3B`), for a folder its full path as given; the served name itself excluded.
+pub fn model_aliases(settings: &Settings, served: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(spec) = &settings.model {
+        for name in [spec.clone(), last_component(spec)] {
+            if name != served && !out.contains(&name) {
+                out.push(name);
+            }
+        }
+    }
+    out
+}
+
+/// A model spec that names a Hub repository (`org/name`) rather than a folder here.
+fn is_hub_id(spec: &str) -> bool {
+    let parts: Vec<&str> = spec.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.'))
+        && !std::path::Path::new(spec).exists()
+}
+
+fn last_component(spec: &str) -> String {
+    std::path::Path::new(spec.trim_end_matches('/'))
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| spec.to_string())
 }
 
 /// Runs the server until SIGTERM or SIGINT (or a failed load).
@@ -123,12 +153,14 @@ async fn serve_async(opts: ServeOptions) -> Result<(), Box<dyn std::error::Error
     let server = opts.server.clone();
     // `serve_cmd` has already put `--api-key` or `MOE_SERVE_API_KEY` there when given.
     let api_key = server.api_key.clone().filter(|k| !k.is_empty());
+    let model_name = server
+        .model_name
+        .clone()
+        .unwrap_or_else(|| default_model_name(&opts.settings));
     let app = Arc::new(App {
         engine: OnceLock::new(),
-        model_name: server
-            .model_name
-            .clone()
-            .unwrap_or_else(|| default_model_name(&opts.settings)),
+        aliases: model_aliases(&opts.settings, &model_name),
+        model_name,
         api_key,
         metrics: Metrics::new(),
         draining: AtomicBool::new(false),
@@ -856,4 +888,36 @@ fn sse_stream(
         }
     })
     .map(|data| Ok(SseEvent::default().data(data)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(model: Option<&str>) -> Settings {
+        Settings {
+            model: model.map(str::to_string),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_served_name_is_the_hub_id_and_the_repository_name_is_an_alias() {
+        let s = settings(Some("Qwen/Qwen3-30B-A3B"));
+        let served = default_model_name(&s);
+        assert_eq!(served, "Qwen/Qwen3-30B-A3B");
+        assert_eq!(model_aliases(&s, &served), ["Qwen3-30B-A3B"]);
+        // A folder: its name is served, the path as given is an alias.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("my-moe");
+        std::fs::create_dir(&path).unwrap();
+        let spec = path.to_string_lossy().into_owned();
+        let s = settings(Some(&spec));
+        assert_eq!(default_model_name(&s), "my-moe");
+        assert_eq!(model_aliases(&s, "my-moe"), std::slice::from_ref(&spec));
+        // A configured name keeps both as aliases.
+        assert_eq!(model_aliases(&s, "local"), [spec, "my-moe".to_string()]);
+        assert_eq!(default_model_name(&settings(None)), "demo");
+        assert!(model_aliases(&settings(None), "demo").is_empty());
+    }
 }
