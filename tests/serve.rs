@@ -579,3 +579,65 @@ fn routes_without_v1_more_stop_strings_and_the_api_key_flag() {
         "{v}"
     );
 }
+
+#[test]
+fn cors_is_off_by_default_and_answers_only_the_configured_origins() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = demo_config(
+        dir.path(),
+        "",
+        "cors_origins = [\"http://localhost:3000\"]\napi_key = \"k\"",
+    );
+    let s = Server::ready(&["--config", cfg.to_str().unwrap()], &[]);
+    let c = client();
+    let acao = |r: &reqwest::blocking::Response| {
+        r.headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    // A browser's preflight: answered before authentication (it carries no key).
+    let r = c
+        .request(reqwest::Method::OPTIONS, s.url("/v1/chat/completions"))
+        .header("origin", "http://localhost:3000")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(acao(&r).as_deref(), Some("http://localhost:3000"));
+    let allowed = r
+        .headers()
+        .get("access-control-allow-headers")
+        .map(|v| v.to_str().unwrap().to_lowercase())
+        .unwrap_or_default();
+    assert!(allowed.contains("authorization"), "{allowed}");
+    // The call itself carries the header for that origin, not for another.
+    let r = c
+        .get(s.url("/v1/models"))
+        .bearer_auth("k")
+        .header("origin", "http://localhost:3000")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(acao(&r).as_deref(), Some("http://localhost:3000"));
+    let r = c
+        .get(s.url("/v1/models"))
+        .bearer_auth("k")
+        .header("origin", "http://evil.example")
+        .send()
+        .unwrap();
+    assert_eq!(acao(&r), None);
+    drop(s);
+    // Not configured: no CORS headers at all.
+    let s = Server::ready(&[], &[]);
+    let r = c
+        .get(s.url("/v1/models"))
+        .header("origin", "http://localhost:3000")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(acao(&r), None);
+}

@@ -305,6 +305,11 @@ pub struct ServerConfig {
     /// hard limit at start) less a reserve for model and cache files, at most 4096.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// Browser origins allowed to call the API across origins (CORS), each
+    /// `scheme://host[:port]`, or `["*"]` for any origin. Default: empty, meaning no CORS
+    /// headers (browsers refuse cross-origin calls).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -323,6 +328,7 @@ impl Default for ServerConfig {
             body_timeout_s: 30,
             idle_timeout_s: 60,
             max_connections: None,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -642,6 +648,26 @@ impl RunConfig {
             return invalid(
                 "server.max_connections",
                 "must be at least 1 (leave it out to derive it from the open-file limit)",
+            );
+        }
+        let origins = &self.server.cors_origins;
+        if origins.len() > 1 && origins.iter().any(|o| o == "*") {
+            return invalid(
+                "server.cors_origins",
+                "\"*\" allows any origin and must stand alone",
+            );
+        }
+        if let Some(bad) = origins.iter().find(|o| {
+            *o != "*" && !(o.starts_with("http://") || o.starts_with("https://"))
+                || o.ends_with('/')
+                || o.chars().any(|c| c.is_whitespace() || c.is_control())
+        }) {
+            return invalid(
+                "server.cors_origins",
+                format!(
+                    "`{bad}` is not an origin: give `scheme://host[:port]` (http or https, no \
+                     path, no trailing slash), or \"*\""
+                ),
             );
         }
         if self.server.api_key.as_deref().is_some_and(|k| k.is_empty()) {
@@ -1173,6 +1199,7 @@ header_timeout_s = 3
 body_timeout_s = 7
 idle_timeout_s = 11
 max_connections = 500
+cors_origins = ["http://localhost:3000", "https://app.example.com"]
 "#;
         let c = parse(text).unwrap();
         let expected = RunConfig {
@@ -1218,6 +1245,10 @@ max_connections = 500
                 body_timeout_s: 7,
                 idle_timeout_s: 11,
                 max_connections: Some(500),
+                cors_origins: vec![
+                    "http://localhost:3000".into(),
+                    "https://app.example.com".into(),
+                ],
             },
         };
         assert_eq!(c, expected);
@@ -1398,6 +1429,21 @@ max_connections = 500
     fn invalid_values() {
         let cases: &[(&str, &str, &str)] = &[
             ("model = \"\"", "model", "must not be empty"),
+            (
+                "[server]\ncors_origins = [\"*\", \"http://a.example\"]",
+                "server.cors_origins",
+                "must stand alone",
+            ),
+            (
+                "[server]\ncors_origins = [\"http://a.example/\"]",
+                "server.cors_origins",
+                "is not an origin",
+            ),
+            (
+                "[server]\ncors_origins = [\"a.example\"]",
+                "server.cors_origins",
+                "is not an origin",
+            ),
             ("max_batch = 0", "max_batch", "at least 1"),
             ("threads = 0", "threads", "at least 1"),
             ("threads = 100000", "threads", "at most 4096 (got 100000"),

@@ -222,6 +222,10 @@ async fn serve_async(opts: ServeOptions) -> Result<(), Box<dyn std::error::Error
     }
 
     let router = router(app.clone(), server.max_request_bytes.0);
+    let router = match cors(&server.cors_origins) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    };
     let fd_limit = conn::raise_fd_limit();
     let (max_connections, cut) = conn::connection_cap(server.max_connections, fd_limit);
     if cut {
@@ -309,6 +313,32 @@ async fn termination() {
         _ = term => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// The CORS layer for `origins` (`[server] cors_origins`, checked when the config was read):
+/// preflights answered before routing and authentication, the API's methods and the headers
+/// its clients send; None when no origin is configured (no CORS headers at all).
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| header::HeaderValue::from_str(o).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 fn router(app: Arc<App>, max_body: u64) -> Router {
