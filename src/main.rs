@@ -663,6 +663,7 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         stop: a.stop.clone(),
         presence_penalty: a.presence_penalty,
         frequency_penalty: a.frequency_penalty,
+        logit_bias: Vec::new(),
     };
     let mut generation = model.generate(&prompt, &params, CancelToken::new())?;
     let mut text = String::new();

@@ -181,3 +181,53 @@ fn two_byte_kv_caches_halve_the_kv_budget_and_stay_close() {
         assert!(m.decoder.state_bytes(&st) > 0);
     }
 }
+
+#[test]
+fn logit_bias_forces_bans_and_is_checked() {
+    let model = demo();
+    let ids = [5u32, 6, 7];
+    let run = |bias: Vec<(u32, f32)>, temperature: f64| -> Vec<u32> {
+        let params = GenerateParams {
+            max_tokens: Some(6),
+            temperature: Some(temperature),
+            seed: Some(11),
+            ignore_eos: true,
+            logit_bias: bias,
+            ..Default::default()
+        };
+        model
+            .generate(&Prompt::Ids(ids.to_vec()), &params, CancelToken::new())
+            .unwrap()
+            .map(|e| e.unwrap().id)
+            .collect()
+    };
+    // +100 on one token makes every choice that token, greedy or sampled.
+    for t in [0.0, 1.0] {
+        assert_eq!(run(vec![(42, 100.0)], t), vec![42; 6], "temperature {t}");
+    }
+    // -100 on the greedy choices bans them: none comes back.
+    let greedy = run(Vec::new(), 0.0);
+    let banned: Vec<(u32, f32)> = greedy.iter().map(|&t| (t, -100.0)).collect();
+    let other = run(banned, 0.0);
+    assert!(
+        other.iter().all(|t| !greedy.contains(t)),
+        "{greedy:?} {other:?}"
+    );
+    // A token past the vocabulary, or a bias out of range, is refused naming the field.
+    let vocab = model.config.vocab_size as u32;
+    for bias in [vec![(vocab, 1.0)], vec![(3, 100.5)], vec![(3, f32::NAN)]] {
+        let e = model
+            .generate(
+                &Prompt::Ids(ids.to_vec()),
+                &GenerateParams {
+                    logit_bias: bias.clone(),
+                    ..Default::default()
+                },
+                CancelToken::new(),
+            )
+            .err()
+            .unwrap_or_else(|| panic!("{bias:?} accepted"))
+            .to_string();
+        assert!(e.contains("logit_bias"), "{e}");
+    }
+}

@@ -641,3 +641,31 @@ fn cors_is_off_by_default_and_answers_only_the_configured_origins() {
     assert_eq!(r.status(), 200);
     assert_eq!(acao(&r), None);
 }
+
+#[test]
+fn logit_bias_is_honoured_and_checked() {
+    let s = Server::ready(&[], &[]);
+    // Forcing one token: the completion is that token's text, repeated.
+    let body = |bias: Value| {
+        json!({"model": "demo", "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0,
+               "ignore_eos": true, "logit_bias": bias})
+    };
+    let (status, v) = post(&s, "/v1/completions", &body(json!({"42": 100})));
+    assert_eq!(status, 200, "{v}");
+    let forced = v["choices"][0]["text"].as_str().unwrap().to_string();
+    let (_, v) = post(&s, "/v1/completions", &body(json!({"43": 100})));
+    let other = v["choices"][0]["text"].as_str().unwrap().to_string();
+    assert_ne!(forced, other, "the bias decides the tokens");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    // Keys must be token ids, inside the vocabulary; biases within -100..=100.
+    for (bias, needle) in [
+        (json!({"abc": 1}), "token ids"),
+        (json!({"999999": 1}), "past the vocabulary"),
+        (json!({"5": 101}), "between -100 and 100"),
+    ] {
+        let (status, v) = post(&s, "/v1/completions", &body(bias.clone()));
+        assert_eq!(status, 400, "{bias}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle) && msg.contains("logit_bias"), "{msg}");
+    }
+}

@@ -106,6 +106,9 @@ pub struct GenerateParams {
     pub presence_penalty: f32,
     /// Subtracted from a token's logit per time it was generated (-2..=2; 0 = off).
     pub frequency_penalty: f32,
+    /// Added to the logits of these tokens before every choice (-100..=100 each, as OpenAI's
+    /// `logit_bias`; -100 in effect bans a token, 100 forces it); empty = none.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 /// One routing decision: a token's experts in one layer.
@@ -510,6 +513,7 @@ impl Model {
             params.frequency_penalty,
             logprobs,
         )?;
+        crate::sequence::validate_logit_bias(&params.logit_bias, self.config.vocab_size)?;
         Ok(sampling)
     }
 
@@ -539,6 +543,7 @@ impl Model {
             stop: params.stop.clone(),
             presence_penalty: params.presence_penalty,
             frequency_penalty: params.frequency_penalty,
+            logit_bias: params.logit_bias.clone(),
             logprobs,
         };
         Ok(SeqDecoder::new(sampling, settings, self.tokenizer.as_ref()))

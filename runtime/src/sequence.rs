@@ -66,6 +66,8 @@ pub struct SeqSettings {
     pub presence_penalty: f32,
     /// Subtracted from a token's logit per time it was generated.
     pub frequency_penalty: f32,
+    /// Added to these tokens' logits before every choice.
+    pub logit_bias: Vec<(u32, f32)>,
     /// Report the chosen token's log-probability and this many alternatives.
     pub logprobs: Option<usize>,
 }
@@ -99,6 +101,27 @@ pub fn validate(
         return Err(Error::InvalidRequest(
             "stop strings must not be empty".into(),
         ));
+    }
+    Ok(())
+}
+
+/// The most a `logit_bias` entry may add or subtract (OpenAI's range).
+const MAX_ABS_LOGIT_BIAS: f32 = 100.0;
+
+/// Checks `logit_bias`: every token inside the vocabulary of `vocab` tokens, every bias a
+/// number within -100..=100; the message names the field, the token and the bound.
+pub fn validate_logit_bias(bias: &[(u32, f32)], vocab: usize) -> Result<()> {
+    for &(tok, b) in bias {
+        if tok as usize >= vocab {
+            return Err(Error::InvalidRequest(format!(
+                "logit_bias names token {tok}, past the vocabulary of {vocab} tokens"
+            )));
+        }
+        if !(-MAX_ABS_LOGIT_BIAS..=MAX_ABS_LOGIT_BIAS).contains(&b) {
+            return Err(Error::InvalidRequest(format!(
+                "logit_bias for token {tok} must be between -100 and 100, got {b}"
+            )));
+        }
     }
     Ok(())
 }
@@ -185,11 +208,16 @@ impl<'t> SeqDecoder<'t> {
             self.settings.presence_penalty,
             self.settings.frequency_penalty,
         );
-        let id = if pres != 0.0 || freq != 0.0 {
+        let id = if pres != 0.0 || freq != 0.0 || !self.settings.logit_bias.is_empty() {
             let mut l = logits.to_vec();
             for (&tok, &c) in &self.counts {
                 if let Some(x) = l.get_mut(tok as usize) {
                     *x -= pres + freq * c as f32;
+                }
+            }
+            for &(tok, b) in &self.settings.logit_bias {
+                if let Some(x) = l.get_mut(tok as usize) {
+                    *x += b;
                 }
             }
             self.sampler.sample(&l)

@@ -37,6 +37,8 @@ pub struct Sampling {
     pub stop: Option<OneOrMany>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
+    /// Token id (as a string, as OpenAI sends it) to a bias added to its logit.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
@@ -235,8 +237,17 @@ impl Sampling {
         if stop.iter().any(String::is_empty) {
             return Err(ApiError::bad_request("`stop` strings must not be empty").param("stop"));
         }
+        let mut logit_bias = Vec::new();
+        for (k, &b) in self.logit_bias.iter().flatten() {
+            let tok: u32 = k.trim().parse().map_err(|_| {
+                ApiError::bad_request(format!("`logit_bias` keys are token ids, got {k:?}"))
+                    .param("logit_bias")
+            })?;
+            logit_bias.push((tok, b));
+        }
         Ok(RequestParams {
             generate: GenerateParams {
+                logit_bias,
                 max_tokens,
                 temperature: self.temperature,
                 top_p: self.top_p,
