@@ -10,7 +10,7 @@
 //! and
 //! `moe-serve cache build [--force] | verify | info [--json] [--file PATH] | clear [--all]`, and
 //! `moe-serve serve [--host H] [--port P] [--max-batch N] [--max-queue N] [--model-name NAME]
-//! [--api-key KEY]` (127.0.0.1:8080 by default; `[server]` config keys; bearer key from
+//! [--api-key KEY] [--log-json]` (127.0.0.1:8080 by default; `[server]` config keys; bearer key from
 //! `--api-key`, else `MOE_SERVE_API_KEY`, else `[server] api_key`; routes `/health`,
 //! `/v1/models`, `/v1/chat/completions`, `/v1/completions`, the same three without `/v1`,
 //! `/metrics`; see `server`).
@@ -294,6 +294,9 @@ struct ServeArgs {
     /// over `[server] api_key`; none: no key).
     #[arg(long, value_name = "KEY")]
     api_key: Option<String>,
+    /// Write logs (one line per request among them) as JSON objects, one per line.
+    #[arg(long)]
+    log_json: bool,
 }
 
 #[derive(Args)]
@@ -364,17 +367,27 @@ fn main() -> ExitCode {
             .unwrap_or_default();
         eprintln!("error: internal error{at}: {msg}");
     }));
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    // `serve` logs one line per request (target `request`) by default; RUST_LOG overrides.
+    let (default_filter, json) = match &cli.command {
+        Command::Serve(a) => ("warn,request=info", a.log_json),
+        _ => ("warn", false),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_target(false)
-        .without_time()
-        // Colour codes only for a terminal: piped stderr (logs, tests) stays plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_env_filter(filter);
+    if json {
+        // One JSON object per line, with a timestamp, for log collectors.
+        logs.json().with_current_span(false).init();
+    } else {
+        logs.with_target(false)
+            .without_time()
+            // Colour codes only for a terminal: piped stderr (logs, tests) stays plain text.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     // SAFETY: setting a signal's disposition to SIG_IGN runs no code of ours in a signal
     // context and touches no Rust state. Ignored, SIGXFSZ no longer kills the process when a
     // write passes RLIMIT_FSIZE: the write fails with EFBIG ("File too large"), which the
@@ -382,7 +395,6 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    let cli = Cli::parse();
     let result = std::panic::catch_unwind(|| match cli.command {
         Command::Run(a) => run(a),
         Command::Plan(a) => plan_cmd(a),

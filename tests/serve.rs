@@ -669,3 +669,66 @@ fn logit_bias_is_honoured_and_checked() {
         assert!(msg.contains(needle) && msg.contains("logit_bias"), "{msg}");
     }
 }
+
+/// Log lines the server printed so far (waiting up to `wait` for the first).
+fn log_lines(s: &Server, wait: Duration) -> Vec<String> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + wait;
+    while let Ok(line) = s
+        .log
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+    {
+        out.push(line);
+    }
+    out
+}
+
+#[test]
+fn every_request_gets_one_log_line_in_text_or_json() {
+    let s = Server::ready(&[], &[("RUST_LOG", "warn,request=info")]);
+    assert_eq!(post(&s, "/v1/chat/completions", &chat_body("hi", 3)).0, 200);
+    let mut streamed = chat_body("hi", 3);
+    streamed["stream"] = json!(true);
+    let _ = send(&s, "/v1/chat/completions", &streamed).text().unwrap();
+    assert_eq!(client().get(s.url("/nope")).send().unwrap().status(), 404);
+    let lines = log_lines(&s, Duration::from_secs(2));
+    let requests: Vec<&String> = lines.iter().filter(|l| l.contains("request")).collect();
+    let gen: Vec<&&String> = requests
+        .iter()
+        .filter(|l| l.contains("path=\"/v1/chat/completions\""))
+        .collect();
+    assert_eq!(gen.len(), 2, "one line per generation request: {lines:#?}");
+    for l in &gen {
+        for field in [
+            "method=\"POST\"",
+            "status=200",
+            "prompt_tokens=",
+            "completion_tokens=3",
+            "ttft_ms=",
+            "total_ms=",
+        ] {
+            assert!(l.contains(field), "{field} missing: {l}");
+        }
+    }
+    assert!(gen.iter().any(|l| l.contains("stream=true")), "{gen:?}");
+    assert!(
+        requests
+            .iter()
+            .any(|l| l.contains("status=404") && l.contains("method=GET")),
+        "{lines:#?}"
+    );
+    drop(s);
+    // JSON: one object per line, the same fields.
+    let s = Server::ready(&["--log-json"], &[("RUST_LOG", "warn,request=info")]);
+    assert_eq!(post(&s, "/v1/chat/completions", &chat_body("hi", 2)).0, 200);
+    let lines = log_lines(&s, Duration::from_secs(2));
+    let v: Value = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["fields"]["path"] == "/v1/chat/completions")
+        .unwrap_or_else(|| panic!("no JSON request line: {lines:#?}"));
+    assert_eq!(v["fields"]["status"], 200);
+    assert_eq!(v["fields"]["completion_tokens"], 2);
+    assert!(v["fields"]["total_ms"].as_f64().unwrap() >= 0.0);
+    assert!(v["timestamp"].is_string(), "{v}");
+}

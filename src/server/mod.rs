@@ -412,7 +412,18 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
     let t0 = Instant::now();
+    let method = req.method().clone();
     let resp = next.run(req).await;
+    if resp.extensions().get::<LoggedAtEnd>().is_none() {
+        tracing::info!(
+            target: "request",
+            method = %method,
+            path = route.as_str(),
+            status = resp.status().as_u16(),
+            total_ms = (t0.elapsed().as_secs_f64() * 1e4).round() / 10.0,
+            "request"
+        );
+    }
     let m = &app.metrics;
     m.requests
         .with_label_values(&[route.as_str(), resp.status().as_str()])
@@ -594,6 +605,45 @@ fn submit(
 }
 
 /// Records a finished request's decode rate (token counts come from the scheduler).
+/// Marks a generation response whose request is logged when its generation ends (the
+/// middleware logs every other request).
+#[derive(Clone, Copy)]
+struct LoggedAtEnd;
+
+impl Kind {
+    fn path(self) -> &'static str {
+        match self {
+            Kind::Chat => "/v1/chat/completions",
+            Kind::Completion => "/v1/completions",
+        }
+    }
+}
+
+/// The one log line of a generation request, when it ends (target `request`).
+fn log_generation(
+    kind: Kind,
+    stream: bool,
+    usage: Option<&Usage>,
+    ttft: Option<Duration>,
+    t0: Instant,
+    error: Option<&str>,
+) {
+    let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+    tracing::info!(
+        target: "request",
+        method = "POST",
+        path = kind.path(),
+        status = 200,
+        stream,
+        prompt_tokens = usage.map(|u| u.prompt_tokens),
+        completion_tokens = usage.map(|u| u.completion_tokens),
+        ttft_ms = ttft.map(ms),
+        total_ms = ms(t0.elapsed()),
+        error,
+        "request"
+    );
+}
+
 fn record_usage(app: &App, usage: &Usage) {
     let m = &app.metrics;
     let d = usage.decode_time.as_secs_f64();
@@ -677,10 +727,13 @@ async fn respond(
         // Proxies (nginx) must pass each event on as it comes.
         r.headers_mut()
             .insert("x-accel-buffering", HeaderValue::from_static("no"));
+        r.extensions_mut().insert(LoggedAtEnd);
         return Ok(r);
     }
     let body = collect(&app, kind, rx, t0, &id, created).await?;
-    Ok(Json(body).into_response())
+    let mut r = Json(body).into_response();
+    r.extensions_mut().insert(LoggedAtEnd);
+    Ok(r)
 }
 
 /// Waits for the whole generation and builds the response body.
@@ -696,13 +749,13 @@ async fn collect(
     let mut chat_lp: Vec<Value> = Vec::new();
     let mut legacy = LegacyLogprobs::default();
     let mut any_lp = false;
-    let mut first = true;
+    let mut ttft = None;
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Token(t) => {
-                if first {
+                if ttft.is_none() {
                     app.metrics.ttft_seconds.observe(t0.elapsed().as_secs_f64());
-                    first = false;
+                    ttft = Some(t0.elapsed());
                 }
                 if let Some((own, top)) = &t.logprob {
                     any_lp = true;
@@ -718,6 +771,7 @@ async fn collect(
             } => {
                 text.push_str(&rest);
                 record_usage(app, &usage);
+                log_generation(kind, false, Some(&usage), ttft, t0, None);
                 let finish = openai::finish_str(finish);
                 let choice = match kind {
                     Kind::Chat => json!({
@@ -760,6 +814,7 @@ struct StreamState {
     /// The chat stream opens with a role chunk.
     opened: bool,
     first_token: bool,
+    ttft: Option<Duration>,
     text_len: usize,
     /// Events ready to go out before reading more.
     out: std::collections::VecDeque<String>,
@@ -810,6 +865,7 @@ impl StreamState {
                         .ttft_seconds
                         .observe(self.t0.elapsed().as_secs_f64());
                     self.first_token = false;
+                    self.ttft = Some(self.t0.elapsed());
                 }
                 let lp = match (&t.logprob, self.kind) {
                     (None, _) => Value::Null,
@@ -835,6 +891,7 @@ impl StreamState {
                 usage,
             } => {
                 record_usage(&self.app, &usage);
+                log_generation(self.kind, true, Some(&usage), self.ttft, self.t0, None);
                 if !text.is_empty() {
                     let c = self.chunk(self.text_choice(&text, Value::Null, Value::Null), None);
                     self.out.push_back(c);
@@ -850,7 +907,10 @@ impl StreamState {
                 self.finished = true;
             }
             Event::Failed(e) => {
-                self.out.push_back(ApiError::from(e).body().to_string());
+                let err = ApiError::from(e);
+                let why = err.body().to_string();
+                log_generation(self.kind, true, None, self.ttft, self.t0, Some(&why));
+                self.out.push_back(err.body().to_string());
                 self.out.push_back("[DONE]".into());
                 self.finished = true;
             }
@@ -877,6 +937,7 @@ fn sse_stream(
         created,
         opened: kind != Kind::Chat,
         first_token: true,
+        ttft: None,
         text_len: 0,
         out: Default::default(),
         finished: false,
