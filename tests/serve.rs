@@ -732,3 +732,38 @@ fn every_request_gets_one_log_line_in_text_or_json() {
     assert!(v["fields"]["total_ms"].as_f64().unwrap() >= 0.0);
     assert!(v["timestamp"].is_string(), "{v}");
 }
+
+#[test]
+fn chat_template_kwargs_reach_the_template() {
+    // The demo model with a template that reads `enable_thinking`.
+    let dir = common::copy_model(&common::root().join("runtime/demo"));
+    let cfg_path = dir.path().join("tokenizer_config.json");
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["chat_template"] = json!(
+        "{%- for m in messages %}{{ m.content }}{% endfor %}\
+         {%- if enable_thinking is defined and not enable_thinking %} no thinking please{% endif %}"
+    );
+    std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let model = dir.path().to_str().unwrap().to_string();
+    let s = Server::ready(&["--model", &model, "--model-name", "demo"], &[]);
+    let prompt_tokens = |kwargs: Value| {
+        let mut body = chat_body("hi", 1);
+        body["messages"] = json!([{"role": "user", "content": "hi"}]);
+        body["chat_template_kwargs"] = kwargs;
+        let (status, v) = post(&s, "/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{v}");
+        v["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let plain = prompt_tokens(json!({}));
+    assert!(prompt_tokens(json!({"enable_thinking": false})) > plain);
+    assert_eq!(prompt_tokens(json!({"enable_thinking": true})), plain);
+    // The request's own fields cannot be replaced through it.
+    let mut body = chat_body("hi", 1);
+    body["chat_template_kwargs"] = json!({"messages": []});
+    let (status, v) = post(&s, "/v1/chat/completions", &body);
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("messages"),
+        "{v}"
+    );
+}

@@ -82,6 +82,9 @@ pub enum Prompt {
     Ids(Vec<u32>),
     /// Messages rendered through the model's chat template (with the generation prompt).
     Chat(Vec<ChatMessage>),
+    /// [`Prompt::Chat`] with more template variables (`chat_template_kwargs`, such as
+    /// `enable_thinking`).
+    ChatWith(Vec<ChatMessage>, crate::tokenizer::TemplateKwargs),
 }
 
 /// Per-request generation settings; `None` fields come from `generation_config.json`.
@@ -424,6 +427,10 @@ impl Model {
             Prompt::Chat(m) => self
                 .tokenizer()?
                 .encode_chat_within(m, true, max_prompt_tokens),
+            Prompt::ChatWith(m, kwargs) => {
+                self.tokenizer()?
+                    .encode_chat_with(m, true, kwargs, max_prompt_tokens)
+            }
         };
         let ids = match encoded {
             Ok(ids) => ids,

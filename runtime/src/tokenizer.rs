@@ -553,7 +553,23 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        self.render_chat(messages, add_generation_prompt, None)
+        self.render_chat(
+            messages,
+            add_generation_prompt,
+            None,
+            &TemplateKwargs::new(),
+        )
+    }
+
+    /// [`Tokenizer::apply_chat_template`] with `kwargs` as more template variables (see
+    /// [`Tokenizer::encode_chat_with`]).
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: &TemplateKwargs,
+    ) -> Result<String, TokenizerError> {
+        self.render_chat(messages, add_generation_prompt, None, kwargs)
     }
 
     /// Renders the chat template and encodes the text without special tokens, refusing more
@@ -565,7 +581,26 @@ impl Tokenizer {
         add_generation_prompt: bool,
         max_tokens: usize,
     ) -> Result<Vec<u32>, TokenizerError> {
-        let text = self.render_chat(messages, add_generation_prompt, Some(max_tokens))?;
+        self.encode_chat_with(
+            messages,
+            add_generation_prompt,
+            &TemplateKwargs::new(),
+            max_tokens,
+        )
+    }
+
+    /// [`Tokenizer::encode_chat_within`] with `kwargs` as more template variables (as
+    /// `apply_chat_template(..., **kwargs)` passes them: `enable_thinking`, ...). A key the
+    /// renderer itself sets (`messages`, `add_generation_prompt`, `tools`, `documents`) is an
+    /// error naming it.
+    pub fn encode_chat_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: &TemplateKwargs,
+        max_tokens: usize,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let text = self.render_chat(messages, add_generation_prompt, Some(max_tokens), kwargs)?;
         self.encode_within(&text, false, max_tokens)
     }
 
@@ -576,7 +611,18 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
         max_tokens: Option<usize>,
+        kwargs: &TemplateKwargs,
     ) -> Result<String, TokenizerError> {
+        if let Some(k) = kwargs
+            .keys()
+            .find(|k| RESERVED_TEMPLATE_KEYS.contains(&k.as_str()))
+        {
+            return Err(TokenizerError::Template {
+                reason: format!(
+                    "chat_template_kwargs may not set `{k}`: the request's own fields give it"
+                ),
+            });
+        }
         let env = match &self.chat {
             ChatTemplate::None => return Err(TokenizerError::NoChatTemplate),
             ChatTemplate::Broken(reason) => {
@@ -603,12 +649,18 @@ impl Tokenizer {
                 }
             })
             .collect();
+        // The model's special tokens, then the caller's variables over them (as transformers
+        // passes `**special_tokens, **kwargs`).
+        let mut vars = self.template_tokens.clone();
+        for (k, v) in kwargs {
+            vars.insert(k.clone(), Value::from(minijinja::value::Serde(v)));
+        }
         let ctx = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             tools => (),
             documents => (),
-            ..Value::from(self.template_tokens.clone())
+            ..Value::from(vars)
         };
         let mut env = Environment::clone(env);
         env.set_fuel(Some(fuel));
@@ -1000,6 +1052,13 @@ fn byte_fallback_value(token: &str) -> Option<u8> {
 // ---------------------------------------------------------------------------------------------
 // Chat templates
 // ---------------------------------------------------------------------------------------------
+
+/// More variables for a chat template, by name (`chat_template_kwargs`).
+pub type TemplateKwargs = serde_json::Map<String, serde_json::Value>;
+
+/// Template variables the renderer sets itself; a caller's kwargs may not.
+const RESERVED_TEMPLATE_KEYS: &[&str] =
+    &["messages", "add_generation_prompt", "tools", "documents"];
 
 /// Error carried as the source of the template error raised by `raise_exception`.
 #[derive(Debug)]
@@ -2517,6 +2576,40 @@ mod tests {
             )
         };
         assert!(out == want(&before) || out == want(&after), "{out}");
+    }
+
+    #[test]
+    fn chat_template_kwargs_are_template_variables_and_cannot_replace_the_request() {
+        let template = "{%- for m in messages %}{{ m.content }}{% endfor %}\
+            {%- if enable_thinking is defined and not enable_thinking %}/no_think{% endif %}\
+            {{- ' ' + eos_token }}";
+        let tok = with_template(template);
+        let msgs = msgs(&[("user", "hi")]);
+        let mut kwargs = TemplateKwargs::new();
+        assert_eq!(
+            tok.apply_chat_template_with(&msgs, true, &kwargs).unwrap(),
+            "hi <|im_end|>"
+        );
+        kwargs.insert("enable_thinking".into(), json!(false));
+        assert_eq!(
+            tok.apply_chat_template_with(&msgs, true, &kwargs).unwrap(),
+            "hi/no_think <|im_end|>"
+        );
+        // A caller's variable shadows a special token, as in transformers.
+        kwargs.insert("eos_token".into(), json!("<end>"));
+        assert_eq!(
+            tok.apply_chat_template_with(&msgs, true, &kwargs).unwrap(),
+            "hi/no_think <end>"
+        );
+        for key in ["messages", "add_generation_prompt", "tools", "documents"] {
+            let mut bad = TemplateKwargs::new();
+            bad.insert(key.into(), json!(1));
+            let e = tok
+                .apply_chat_template_with(&msgs, true, &bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && e.contains("chat_template_kwargs"), "{e}");
+        }
     }
 
     #[test]

@@ -666,7 +666,12 @@ async fn chat(
     let t0 = Instant::now();
     let Json(req) = body?;
     let (engine, params) = admit(&app, &req.model, req.params())?;
-    let ids = encode(engine, Prompt::Chat(req.chat_messages()?), "messages").await?;
+    let messages = req.chat_messages()?;
+    let prompt = match req.chat_template_kwargs.clone() {
+        Some(kwargs) if !kwargs.is_empty() => Prompt::ChatWith(messages, kwargs),
+        _ => Prompt::Chat(messages),
+    };
+    let ids = encode(engine, prompt, "messages").await?;
     let rx = submit(engine, ids, params)?;
     respond(app.clone(), Kind::Chat, rx, &req.sampling, t0).await
 }

@@ -55,6 +55,8 @@ pub struct StreamOptions {
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<Message>,
+    /// More chat-template variables (`enable_thinking`, ...), as vLLM and SGLang take them.
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
     #[serde(flatten)]
