@@ -204,12 +204,19 @@ struct RunArgs {
     /// Sampling temperature; 0 = greedy. Default: generation_config.json.
     #[arg(long)]
     temperature: Option<f64>,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability, in (0, 1]
+    /// (default: generation_config.json's, else 1).
     #[arg(long)]
     top_p: Option<f64>,
+    /// Sample among this many of the most likely tokens; 0 = all (default:
+    /// generation_config.json's, else all).
     #[arg(long)]
     top_k: Option<usize>,
+    /// Drop tokens less likely than this fraction of the most likely one, in [0, 1] (default:
+    /// generation_config.json's, else 0).
     #[arg(long)]
     min_p: Option<f64>,
+    /// Seed of the sampler: the same seed gives the same tokens (default: a fresh one).
     #[arg(long)]
     seed: Option<u64>,
     /// Keep generating past end-of-sequence tokens.
@@ -1010,4 +1017,45 @@ fn synth_cmd(a: SynthArgs) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand and every flag of every subcommand says what it does in `--help`.
+    #[test]
+    fn every_command_and_flag_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                let has = arg
+                    .get_help()
+                    .is_some_and(|h| !h.to_string().trim().is_empty())
+                    || arg
+                        .get_long_help()
+                        .is_some_and(|h| !h.to_string().trim().is_empty());
+                if !has {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() == "help" {
+                    continue;
+                }
+                let p = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(format!("{p} (the command itself)"));
+                }
+                walk(sub, &p, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "moe-serve", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
 }
