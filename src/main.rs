@@ -377,7 +377,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // `serve` logs one line per request (target `request`) by default; RUST_LOG overrides.
     let (default_filter, json) = match &cli.command {
-        Command::Serve(a) => ("warn,request=info", a.log_json),
+        Command::Serve(a) => ("warn,request=info,progress=info", a.log_json),
         _ => ("warn", false),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -422,9 +422,12 @@ fn main() -> ExitCode {
 
 fn serve_cmd(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let Resolved {
-        settings,
+        mut settings,
         config: RunConfig { mut server, .. },
     } = a.model.resolve(|o| o.max_batch = a.max_batch)?;
+    // A cache built on the first start is reported as it goes (a server's stderr is rarely a
+    // terminal, so log lines rather than a bar).
+    settings.cache_progress = Some(progress_log());
     if let Some(h) = a.host {
         server.host = h;
     }
@@ -626,6 +629,40 @@ impl BuildMeter {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.bar.finish_and_clear();
     }
+}
+
+/// Least change in percent between two progress lines, and most seconds between them.
+const PROGRESS_STEP_PERCENT: u64 = 10;
+const PROGRESS_EVERY_S: u64 = 10;
+
+/// A cache-build progress callback that logs one line (target `progress`) per
+/// [`PROGRESS_STEP_PERCENT`] done or every [`PROGRESS_EVERY_S`] seconds, with the rate.
+fn progress_log() -> ProgressSink {
+    let started = Instant::now();
+    let last = Mutex::new((0u64, Instant::now()));
+    ProgressSink(Arc::new(move |p: BuildProgress| {
+        let pct = p
+            .done_bytes
+            .saturating_mul(100)
+            .checked_div(p.total_bytes)
+            .unwrap_or(100);
+        let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
+        let due = pct >= l.0 + PROGRESS_STEP_PERCENT
+            || (pct == 100 && l.0 < 100)
+            || l.1.elapsed().as_secs() >= PROGRESS_EVERY_S;
+        if !due {
+            return;
+        }
+        *l = (pct, Instant::now());
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        tracing::info!(
+            target: "progress",
+            "building the expert cache: {pct}% ({:.2} of {:.2} GB, {:.2} GB/s)",
+            p.done_bytes as f64 / 1e9,
+            p.total_bytes as f64 / 1e9,
+            p.done_bytes as f64 / 1e9 / secs
+        );
+    }))
 }
 
 /// Writes `bytes` to stdout and flushes: a full disk or a closed pipe is one error line

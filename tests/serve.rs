@@ -767,3 +767,37 @@ fn chat_template_kwargs_reach_the_template() {
         "{v}"
     );
 }
+
+#[test]
+fn a_cache_built_on_the_first_start_is_reported_as_it_goes() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().to_str().unwrap().to_string();
+    let s = Server::ready(
+        &["--quantization", "q8_0", "--cache-dir", &dir],
+        &[("RUST_LOG", "warn,progress=info")],
+    );
+    let lines = log_lines(&s, Duration::from_secs(1));
+    let progress: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("building the expert cache"))
+        .collect();
+    assert!(
+        progress
+            .iter()
+            .any(|l| l.contains("100%") && l.contains("GB/s")),
+        "{lines:#?}"
+    );
+    drop(s);
+    // The next start maps the cache: nothing to report.
+    let s = Server::ready(
+        &["--quantization", "q8_0", "--cache-dir", &dir],
+        &[("RUST_LOG", "warn,progress=info")],
+    );
+    let lines = log_lines(&s, Duration::from_secs(1));
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("building the expert cache")),
+        "{lines:#?}"
+    );
+}
