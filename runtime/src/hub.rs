@@ -57,7 +57,8 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
     resolve_in_cache(spec, &cache)
 }
 
-fn looks_like_hub_id(spec: &str) -> bool {
+/// Whether `spec` has the shape of a Hub id (`org/name`); [`resolve`] takes a folder first.
+pub fn looks_like_hub_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
     parts.len() == 2
         && parts

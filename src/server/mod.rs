@@ -127,10 +127,7 @@ pub fn model_aliases(settings: &Settings, served: &str) -> Vec<String> {
 
 /// A model spec that names a Hub repository (`org/name`) rather than a folder here.
 fn is_hub_id(spec: &str) -> bool {
-    let parts: Vec<&str> = spec.split('/').collect();
-    parts.len() == 2
-        && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.'))
-        && !std::path::Path::new(spec).exists()
+    moe_runtime::hub::looks_like_hub_id(spec) && !std::path::Path::new(spec).exists()
 }
 
 fn last_component(spec: &str) -> String {
@@ -420,7 +417,7 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
             method = %method,
             path = route.as_str(),
             status = resp.status().as_u16(),
-            total_ms = (t0.elapsed().as_secs_f64() * 1e4).round() / 10.0,
+            total_ms = log_ms(t0.elapsed()),
             "request"
         );
     }
@@ -619,6 +616,11 @@ impl Kind {
     }
 }
 
+/// Milliseconds with one decimal, as the request log shows them.
+fn log_ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
 /// The one log line of a generation request, when it ends (target `request`).
 fn log_generation(
     kind: Kind,
@@ -628,7 +630,6 @@ fn log_generation(
     t0: Instant,
     error: Option<&str>,
 ) {
-    let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
     tracing::info!(
         target: "request",
         method = "POST",
@@ -637,8 +638,8 @@ fn log_generation(
         stream,
         prompt_tokens = usage.map(|u| u.prompt_tokens),
         completion_tokens = usage.map(|u| u.completion_tokens),
-        ttft_ms = ttft.map(ms),
-        total_ms = ms(t0.elapsed()),
+        ttft_ms = ttft.map(log_ms),
+        total_ms = log_ms(t0.elapsed()),
         error,
         "request"
     );

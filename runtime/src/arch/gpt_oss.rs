@@ -68,7 +68,7 @@ fn parse_config(raw: &RawConfig) -> Result<ModelConfig> {
     }
     Ok(ModelConfig {
         moe_intermediate_size: raw.usize_or(&["intermediate_size"], 2880)?,
-        rope: rope(raw)?,
+        rope: rope(raw, base.rope.clone()),
         router: crate::config::RouterConfig {
             scoring: Scoring::TopKThenSoftmax,
             norm_topk_prob: false,
@@ -85,14 +85,14 @@ fn parse_config(raw: &RawConfig) -> Result<ModelConfig> {
     })
 }
 
-/// The config's rope settings; without any, the class's YaRN (factor 32 over 4096 positions,
-/// betas 32 / 1, not truncated).
-fn rope(raw: &RawConfig) -> Result<RopeConfig> {
+/// `parsed` (the config's rope settings as read for every architecture) when the config gives
+/// rope settings; without any, the class's YaRN (factor 32 over 4096 positions, betas 32 / 1,
+/// not truncated) over the same theta.
+fn rope(raw: &RawConfig, parsed: RopeConfig) -> RopeConfig {
     if raw.value(&["rope_parameters", "rope_scaling"]).is_some() {
-        return RopeConfig::parse(raw, DEFAULTS.rope_theta);
+        return parsed;
     }
-    let plain = RopeConfig::parse(raw, DEFAULTS.rope_theta)?;
-    Ok(RopeConfig {
+    RopeConfig {
         scaling: RopeScaling::Yarn {
             factor: 32.0,
             original_max_position_embeddings: 4096,
@@ -103,6 +103,6 @@ fn rope(raw: &RawConfig) -> Result<RopeConfig> {
             mscale_all_dim: None,
             truncate: false,
         },
-        ..plain
-    })
+        ..parsed
+    }
 }

@@ -693,12 +693,6 @@ impl<D: DeviceTier> TieredStore<D> {
         Ok(())
     }
 
-    /// The copy speed the copy-or-compute choice uses, bytes/s: measured over the copies so far
-    /// (on a GPU by events around each transfer), None before the first.
-    pub fn measured_copy_bytes_per_s(&self) -> Option<f64> {
-        self.shared.copy_rate.get()
-    }
-
     /// The layout every expert of the model shares (None when it has no experts).
     pub fn layout(&self) -> Option<&ExpertLayout> {
         self.layout.as_ref()
