@@ -12,6 +12,11 @@
 //! cargo bench --bench compare -- --model DIR --gguf FILE --llama-dir LLAMA_CPP/build/bin \
 //!     [--types bf16,q8_0,q4] [--prompt 512] [--gen 128] [--threads 2]
 //! ```
+//! A model whose experts are MXFP4 as released (gpt-oss: `quantization_config.quant_method =
+//! "mxfp4"`) is compared as stored by default (`--types mxfp4`: ours at quantization `none`
+//! against the twin's MXFP4 experts); `q8_0` / `q4` requantize the twin (`llama-quantize
+//! --allow-requantize`). Prompt ids stay below the model's `vocab_size` (its last three ids,
+//! the synthetic tokenizer's special tokens, excluded).
 //! llama.cpp: `pip download --no-deps --no-binary llama-cpp-python llama-cpp-python -d DIR`,
 //! unpack, then in `vendor/llama.cpp`: `cmake -B build -DCMAKE_BUILD_TYPE=Release
 //! -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF` and
@@ -63,8 +68,34 @@ struct Row {
     peak_rss: u64,
 }
 
+/// What the benchmark needs from the model's `config.json`.
+struct ModelInfo {
+    /// Prompt ids are taken modulo this: 30000, or less for a smaller vocabulary.
+    id_modulus: usize,
+    /// The experts are MXFP4 as stored (`quantization_config.quant_method = "mxfp4"`).
+    mxfp4: bool,
+}
+
+/// Largest prompt-id modulus: the ids every earlier run used (vocabularies of 32000).
+const ID_MODULUS: usize = 30000;
+
+fn model_info(model: &str) -> ModelInfo {
+    let cfg: serde_json::Value = std::fs::read(Path::new(model).join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let vocab = cfg["vocab_size"].as_u64().unwrap_or(u64::MAX) as usize;
+    ModelInfo {
+        // The synthetic tokenizer's three special tokens are the last ids.
+        id_modulus: ID_MODULUS.min(vocab.saturating_sub(3)).max(1),
+        mxfp4: cfg["quantization_config"]["quant_method"] == "mxfp4",
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn ours(
     model: &str,
+    id_modulus: usize,
     quant: &str,
     activations: &str,
     prompt: usize,
@@ -73,7 +104,7 @@ fn ours(
 ) -> Result<Row, String> {
     warm_page_cache(Path::new(model));
     let ids: Vec<String> = (0..prompt)
-        .map(|i| ((i * 7919 + 11) % 30000).to_string())
+        .map(|i| ((i * 7919 + 11) % id_modulus).to_string())
         .collect();
     let (out, rss) = run_measured(Command::new(binary()).args([
         "run",
@@ -164,7 +195,7 @@ fn main() {
         arg(&args, "--gguf"),
         arg(&args, "--llama-dir"),
     ) else {
-        eprintln!("usage: cargo bench --bench compare -- --model HF_DIR --gguf TWIN.gguf --llama-dir LLAMA_CPP/build/bin [--types bf16,q8_0,q4] [--prompt 512] [--gen 128] [--threads 2]");
+        eprintln!("usage: cargo bench --bench compare -- --model HF_DIR --gguf TWIN.gguf --llama-dir LLAMA_CPP/build/bin [--types bf16,q8_0,q4 (mxfp4 for MXFP4 experts)] [--prompt 512] [--gen 128] [--threads 2]");
         eprintln!("(build llama.cpp as this file's module doc says; write the twin with `moe-serve synth --gguf`)");
         return;
     };
@@ -180,7 +211,15 @@ fn main() {
         eprintln!("error: build the release binary first: cargo build --release");
         std::process::exit(1);
     }
-    let types = arg(&args, "--types").unwrap_or_else(|| "bf16,q8_0,q4".into());
+    let info = model_info(&model);
+    let native = if info.mxfp4 { "MXFP4" } else { "BF16" };
+    let types = arg(&args, "--types").unwrap_or_else(|| {
+        if info.mxfp4 {
+            "mxfp4".into()
+        } else {
+            "bf16,q8_0,q4".into()
+        }
+    });
     let prompt: usize = arg(&args, "--prompt")
         .and_then(|v| v.parse().ok())
         .unwrap_or(512);
@@ -221,11 +260,12 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|");
     for t in types.split(',') {
         let (quant, peer_type) = match t {
-            "bf16" => ("none", None),
+            // As stored: bf16 weights, or MXFP4 experts as released.
+            "bf16" | "mxfp4" => ("none", None),
             "q8_0" => ("q8_0", Some("Q8_0")),
             "q4" => ("q4_k", Some("Q4_K_M")),
             other => {
-                println!("| {other}: unknown type (bf16, q8_0, q4) |");
+                println!("| {other}: unknown type (bf16, mxfp4, q8_0, q4) |");
                 continue;
             }
         };
@@ -260,10 +300,11 @@ fn main() {
             }
             Err(e) => println!("| {t}: error: {e} |"),
         };
-        print(ours(&model, quant, "f32", prompt, gen, &threads), bytes);
+        let m = info.id_modulus;
+        print(ours(&model, m, quant, "f32", prompt, gen, &threads), bytes);
         // The faster, slightly less exact activation path each type has (behind a setting).
         let fast = if peer_type.is_some() { "q8" } else { "bf16" };
-        print(ours(&model, quant, fast, prompt, gen, &threads), bytes);
+        print(ours(&model, m, quant, fast, prompt, gen, &threads), bytes);
         let peer_file = match peer_type {
             None => Ok(gguf.clone()),
             Some(pt) => {
@@ -271,7 +312,12 @@ fn main() {
                 if f.is_file() {
                     Ok(f)
                 } else {
-                    run_measured(Command::new(llama_dir.join("llama-quantize")).args([
+                    let mut cmd = Command::new(llama_dir.join("llama-quantize"));
+                    if info.mxfp4 {
+                        // The twin's experts are MXFP4 already: llama.cpp asks for this flag.
+                        cmd.arg("--allow-requantize");
+                    }
+                    run_measured(cmd.args([
                         gguf.to_str().unwrap_or_default(),
                         f.to_str().unwrap_or_default(),
                         pt,
@@ -287,7 +333,7 @@ fn main() {
                 llama(
                     &llama_dir,
                     &f,
-                    peer_type.unwrap_or("BF16"),
+                    peer_type.unwrap_or(native),
                     prompt,
                     gen,
                     &threads,

@@ -6,7 +6,7 @@
 //! [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
 //! [--ignore-eos] [--stop TEXT]... [--presence-penalty P] [--frequency-penalty P] [--threads N]
 //! [--json] [--logits-out FILE]`, and
-//! `moe-serve synth --arch qwen3_moe|qwen3_next --preset NAME --out DIR [--layers N] [--gguf PATH]`,
+//! `moe-serve synth --arch qwen3_moe|qwen3_next|glm4_moe|gpt_oss|deepseek_v3 --preset NAME --out DIR [--layers N] [--gguf PATH]`,
 //! and
 //! `moe-serve cache build [--force] | verify | info [--json] [--file PATH] | clear [--all]`, and
 //! `moe-serve serve [--host H] [--port P] [--max-batch N] [--max-queue N] [--model-name NAME]
@@ -244,11 +244,14 @@ struct RunArgs {
 
 #[derive(Args)]
 struct SynthArgs {
-    /// Architecture to write: qwen3_moe or qwen3_next.
+    /// Architecture to write: qwen3_moe, qwen3_next, glm4_moe, gpt_oss or deepseek_v3.
     #[arg(long, default_value = "qwen3_moe")]
     arch: String,
     /// Size preset: demo, mini, bench-m (qwen3_moe); next-demo, next-shape (48 layers x 512
-    /// experts, ~76k tensors, small dimensions), next-bench (the same shape, 12.6 GB) (qwen3_next).
+    /// experts, ~76k tensors, small dimensions), next-bench (the same shape, 12.6 GB) (qwen3_next);
+    /// glm45-demo, glm45-air-shape (glm4_moe); gpt-oss-demo, gpt-oss-20b-shape,
+    /// gpt-oss-120b-shape (gpt_oss, MXFP4 experts); deepseek-v3-demo, deepseek-v3-shape (bf16)
+    /// (deepseek_v3). The *-shape presets are the released dimensions: cut them with --layers.
     #[arg(long, default_value = "demo")]
     preset: String,
     /// Output folder (created; must be empty unless --overwrite).
@@ -266,7 +269,8 @@ struct SynthArgs {
     /// Replace files in a non-empty output folder.
     #[arg(long)]
     overwrite: bool,
-    /// Also write the same weights as one llama.cpp GGUF file (qwen3moe, BF16) to PATH.
+    /// Also write the same weights as one llama.cpp GGUF file to PATH (qwen3moe, glm4moe,
+    /// deepseek2: BF16; gpt-oss: BF16 with MXFP4 experts); not for qwen3_next.
     #[arg(long, value_name = "PATH")]
     gguf: Option<PathBuf>,
     /// Write only the --gguf twin (same preset, layers and seed), leaving --out untouched: for

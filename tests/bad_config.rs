@@ -377,6 +377,57 @@ fn gpt_oss_inputs_that_do_not_fit_are_named() {
 }
 
 #[test]
+fn deepseek_v3_inputs_that_do_not_fit_are_named() {
+    // Latent widths that disagree with the tensors: the first tensor they size is named with
+    // both shapes.
+    let dir = edited("deepseek_v3_no_qlora", set("kv_lora_rank", json!(24)));
+    refused(
+        dir.path(),
+        &[
+            "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+            "[32, 64]",
+            "[40, 64]",
+        ],
+    );
+    let dir = edited("deepseek_v3_no_qlora", set("v_head_dim", json!(16)));
+    refused(
+        dir.path(),
+        &[
+            "model.layers.0.self_attn.kv_b_proj.weight",
+            "[112, 32]",
+            "[128, 32]",
+        ],
+    );
+    // A query latent the checkpoint does not have (its q_proj is direct).
+    let dir = edited("deepseek_v3_no_qlora", set("q_lora_rank", json!(24)));
+    refused(dir.path(), &["model.layers.0.self_attn.q_a_proj.weight"]);
+    // The rope width must be even (it is the model's head_dim).
+    let dir = edited("deepseek_v3_no_qlora", set("qk_rope_head_dim", json!(7)));
+    refused(dir.path(), &["`qk_rope_head_dim`", "7 must be even"]);
+    let dir = edited("deepseek_v3_no_qlora", set("kv_lora_rank", json!(0)));
+    refused(dir.path(), &["`kv_lora_rank`"]);
+    // Another routing rule is another model.
+    let dir = edited(
+        "deepseek_v3_no_qlora",
+        set("scoring_func", json!("softmax")),
+    );
+    refused(
+        dir.path(),
+        &["`scoring_func`", "\"softmax\"", "\"sigmoid\""],
+    );
+    let dir = edited("deepseek_v3_no_qlora", set("topk_method", json!("greedy")));
+    refused(dir.path(), &["`topk_method`", "\"noaux_tc\""]);
+    // A layer's shared-key norm missing.
+    let dir = with_tensors("deepseek_v3_no_qlora", |t| {
+        t.retain(|(n, ..)| n != "model.layers.2.self_attn.kv_a_layernorm.weight")
+    });
+    refused(
+        dir.path(),
+        &["model.layers.2.self_attn.kv_a_layernorm.weight"],
+    );
+}
+
+#[test]
 fn a_gguf_file_as_the_model_says_what_to_pass_instead() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("model-Q4_K_M.gguf");
@@ -720,6 +771,8 @@ fn every_fixture_and_released_config_passes_the_limits() {
     configs.push(fixtures().join("glm45_air/config.json"));
     configs.push(fixtures().join("gpt_oss_120b/config.json"));
     configs.push(fixtures().join("gpt_oss_20b/config.json"));
+    configs.push(fixtures().join("deepseek_v3_671b/config.json"));
+    configs.push(fixtures().join("kimi_k2/config.json"));
     for path in configs {
         let raw = RawConfig::parse(path.clone(), &std::fs::read(&path).unwrap()).unwrap();
         let arch = moe_runtime::arch::lookup(&raw).unwrap();

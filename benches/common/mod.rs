@@ -77,8 +77,13 @@ pub fn warm_page_cache(path: &Path) {
     }
 }
 
+/// The `moe-serve` under test: `target/release/moe-serve`, or `$MOE_SERVE_BIN` when set (a
+/// smoke run with a debug build; its timings are not the release build's).
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/moe-serve")
+    match std::env::var_os("MOE_SERVE_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/moe-serve"),
+    }
 }
 
 /// `path` itself, or every entry of it when it is a folder.

@@ -9,6 +9,23 @@ __device__ __forceinline__ float f16_to_f32(unsigned short h) {
     return f;
 }
 
+// `v` rounded to bf16 (r = 1) or f16 (r = 2), to nearest with ties to even, and widened back
+// (r = 0: unchanged): a bitsandbytes weight rounded to its quant state's dtype
+// (`moe_kernels::Round4::apply`). bf16: add 0x7FFF plus the kept part's lowest bit and clear the
+// low 16 bits (finite values; an overflow rounds to infinity, as on the CPU); f16: cvt.rn.
+__device__ __forceinline__ float round_to(float v, unsigned r) {
+    if (r == 1) {
+        unsigned b = __float_as_uint(v);
+        return __uint_as_float((b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u);
+    }
+    if (r == 2) {
+        unsigned short h;
+        asm("{ .reg .b16 t; cvt.rn.f16.f32 t, %1; mov.b16 %0, t; }" : "=h"(h) : "f"(v));
+        return f16_to_f32(h);
+    }
+    return v;
+}
+
 // Sum over the 32 lanes of a warp, in a fixed butterfly order (deterministic).
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -99,7 +99,7 @@ dequant_f8(const unsigned char* __restrict__ w, unsigned long long n_blocks,
 // lookups never conflict, where constant memory would serialize distinct addresses).
 __device__ __forceinline__ void dequant_b4(const unsigned char* __restrict__ w,
                                            unsigned long long n_blocks, float* __restrict__ out,
-                                           const unsigned* bits) {
+                                           const unsigned* bits, unsigned round = 0) {
     __shared__ float table[16];
     if (threadIdx.x < 16) table[threadIdx.x] = __uint_as_float(bits[threadIdx.x]);
     __syncthreads();
@@ -110,7 +110,7 @@ __device__ __forceinline__ void dequant_b4(const unsigned char* __restrict__ w,
         unsigned v = (unsigned)(i % QK_B4);
         unsigned byte = __ldg(blk + 4 + v / 2);
         unsigned code = (v & 1) ? byte & 15 : byte >> 4;
-        out[i] = scale_code(__ldg((const float*)blk), table[code]);
+        out[i] = round_to(scale_code(__ldg((const float*)blk), table[code]), round);
     }
 }
 
@@ -126,6 +126,32 @@ extern "C" __global__ void __launch_bounds__(256)
 dequant_fp4(const unsigned char* __restrict__ w, unsigned long long n_blocks,
             float* __restrict__ out) {
     dequant_b4(w, n_blocks, out, FP4_BITS);
+}
+
+// Twins: `moe_kernels::prequant::dequantize_row_rounded4` (`row_to_f32` on `Weights::Rounded4`):
+// NF4 / FP4 blocks whose values are rounded to bf16 or f16 after the multiply.
+extern "C" __global__ void __launch_bounds__(256)
+dequant_nf4bf16(const unsigned char* __restrict__ w, unsigned long long n_blocks,
+                float* __restrict__ out) {
+    dequant_b4(w, n_blocks, out, NF4_BITS, 1);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+dequant_nf4f16(const unsigned char* __restrict__ w, unsigned long long n_blocks,
+               float* __restrict__ out) {
+    dequant_b4(w, n_blocks, out, NF4_BITS, 2);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+dequant_fp4bf16(const unsigned char* __restrict__ w, unsigned long long n_blocks,
+                float* __restrict__ out) {
+    dequant_b4(w, n_blocks, out, FP4_BITS, 1);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+dequant_fp4f16(const unsigned char* __restrict__ w, unsigned long long n_blocks,
+               float* __restrict__ out) {
+    dequant_b4(w, n_blocks, out, FP4_BITS, 2);
 }
 
 // Twin: `moe_kernels::prequant::dequantize_row_mxfp4` (`row_to_f32` on `Weights::Mxfp4`):

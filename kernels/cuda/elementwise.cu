@@ -113,6 +113,38 @@ split_halves_f32(const float* __restrict__ x, float* __restrict__ a, float* __re
     b[dst] = x[src + d];
 }
 
+// Twin: the CPU backend's `split_heads`: x holds `blocks` blocks of a + b values; the first a
+// of block i go to x_a[i * a ..], the last b to x_b[i * b ..] (MLA's nope / rope parts of a
+// head). A copy, bit for bit.
+// Launch: grid = (blocks, ceil((a + b) / 256)) (blocks on x, which has no 65 535 limit); the
+// host checks a + b > 0, that x holds blocks * (a + b) values, x_a blocks * a and x_b blocks * b.
+extern "C" __global__ void __launch_bounds__(256)
+split_heads_f32(const float* __restrict__ x, float* __restrict__ x_a, float* __restrict__ x_b,
+                unsigned blocks, unsigned a, unsigned b) {
+    unsigned i = blockIdx.x;
+    unsigned j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= blocks || j >= a + b) return;
+    float v = x[(size_t)i * (a + b) + j];
+    if (j < a)
+        x_a[(size_t)i * a + j] = v;
+    else
+        x_b[(size_t)i * b + (j - a)] = v;
+}
+
+// Twin: the CPU backend's `join_heads`, the inverse of split_heads_f32: block i of out (a + b
+// values) is x_a[i * a .. + a] then x_b[i * b .. + b]. A copy, bit for bit.
+// Launch: grid = (blocks, ceil((a + b) / 256)); the host checks a + b > 0, that x_a holds
+// blocks * a values, x_b blocks * b and out blocks * (a + b).
+extern "C" __global__ void __launch_bounds__(256)
+join_heads_f32(const float* __restrict__ x_a, const float* __restrict__ x_b,
+               float* __restrict__ out, unsigned blocks, unsigned a, unsigned b) {
+    unsigned i = blockIdx.x;
+    unsigned j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= blocks || j >= a + b) return;
+    out[(size_t)i * (a + b) + j] =
+        j < a ? x_a[(size_t)i * a + j] : x_b[(size_t)i * b + (j - a)];
+}
+
 // Twin: the even / odd split of `moe_runtime::store::expert_ffn_rows` for an interleaved
 // gate_up (gpt-oss): x holds `blocks` blocks of 2 * d values; value 2j of block i goes to
 // a[i * d + j], value 2j + 1 to b[i * d + j]. A copy, bit for bit.

@@ -257,7 +257,8 @@ __device__ __forceinline__ void mv_f8(const float* __restrict__ x,
 // 2p + 1 (one 2-byte load), that is weights 4p..4p+3 (high nibble first). `table` is the code
 // table in shared memory: the 16 entries sit in 16 banks, so the lanes' lookups never conflict
 // (constant memory would serialize a warp's distinct addresses).
-template <int M>
+// R rounds each weight after the multiply (0 none, 1 bf16, 2 f16: `round_to`).
+template <int M, unsigned R>
 __device__ __forceinline__ void mv_b4(const float* __restrict__ x,
                                       const unsigned char* __restrict__ w,
                                       float* __restrict__ out, unsigned n, unsigned k, unsigned j,
@@ -274,8 +275,10 @@ __device__ __forceinline__ void mv_b4(const float* __restrict__ x,
         float d = __ldg((const float*)blk);
         unsigned q = __ldg((const unsigned short*)(blk + 4 + 2 * p));
         fma4<M>(acc, x, k, (size_t)b * QK_B4_VALUES + 4 * p, true,
-                __fmul_rn(d, table[(q >> 4) & 15]), __fmul_rn(d, table[q & 15]),
-                __fmul_rn(d, table[(q >> 12) & 15]), __fmul_rn(d, table[(q >> 8) & 15]));
+                round_to(__fmul_rn(d, table[(q >> 4) & 15]), R),
+                round_to(__fmul_rn(d, table[q & 15]), R),
+                round_to(__fmul_rn(d, table[(q >> 12) & 15]), R),
+                round_to(__fmul_rn(d, table[(q >> 8) & 15]), R));
     }
     store_rows<M>(acc, out, n, j, lane);
 }
@@ -306,7 +309,7 @@ __device__ __forceinline__ void mv_mxfp4(const float* __restrict__ x,
     store_rows<M>(acc, out, n, j, lane);
 }
 
-enum Format { F32, BF16, F16, Q8_0, Q4_K, F8, NF4, FP4, MXFP4 };
+enum Format { F32, BF16, F16, Q8_0, Q4_K, F8, NF4, FP4, MXFP4, B4_BF16, B4_F16 };
 
 template <Format F, int M>
 __device__ __forceinline__ void mv_body(const float* __restrict__ x, const void* __restrict__ w,
@@ -318,8 +321,11 @@ __device__ __forceinline__ void mv_body(const float* __restrict__ x, const void*
     if constexpr (F == Q8_0) mv_q8_0<M>(x, (const unsigned char*)w, out, n, k, j, lane);
     if constexpr (F == Q4_K) mv_q4_k<M>(x, (const unsigned char*)w, out, n, k, j, lane);
     if constexpr (F == F8) mv_f8<M>(x, (const unsigned char*)w, out, n, k, j, lane);
-    if constexpr (F == NF4) mv_b4<M>(x, (const unsigned char*)w, out, n, k, j, lane, table);
-    if constexpr (F == FP4) mv_b4<M>(x, (const unsigned char*)w, out, n, k, j, lane, table);
+    if constexpr (F == NF4) mv_b4<M, 0>(x, (const unsigned char*)w, out, n, k, j, lane, table);
+    if constexpr (F == FP4) mv_b4<M, 0>(x, (const unsigned char*)w, out, n, k, j, lane, table);
+    // Rounded NF4 / FP4 (the table in shared memory names which).
+    if constexpr (F == B4_BF16) mv_b4<M, 1>(x, (const unsigned char*)w, out, n, k, j, lane, table);
+    if constexpr (F == B4_F16) mv_b4<M, 2>(x, (const unsigned char*)w, out, n, k, j, lane, table);
     if constexpr (F == MXFP4) mv_mxfp4<M>(x, (const unsigned char*)w, out, n, k, j, lane);
 }
 
@@ -411,6 +417,45 @@ matvec_fp4(const float* __restrict__ x, const unsigned char* __restrict__ w,
     __syncthreads();
     mv_entry<FP4>(x, w, out, m, n, k, table);
 }
+
+// Twins: `moe_kernels::matmul` on `Weights::Rounded4` (dequantize_row_rounded4, then the f32
+// kernel): NF4 / FP4 weights rounded to bf16 or f16 after the multiply.
+extern "C" __global__ void __launch_bounds__(256)
+matvec_nf4bf16(const float* __restrict__ x, const unsigned char* __restrict__ w,
+               float* __restrict__ out, unsigned m, unsigned n, unsigned k) {
+    __shared__ float table[16];
+    if (threadIdx.x < 16) table[threadIdx.x] = __uint_as_float(NF4_BITS[threadIdx.x]);
+    __syncthreads();
+    mv_entry<B4_BF16>(x, w, out, m, n, k, table);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+matvec_nf4f16(const float* __restrict__ x, const unsigned char* __restrict__ w,
+              float* __restrict__ out, unsigned m, unsigned n, unsigned k) {
+    __shared__ float table[16];
+    if (threadIdx.x < 16) table[threadIdx.x] = __uint_as_float(NF4_BITS[threadIdx.x]);
+    __syncthreads();
+    mv_entry<B4_F16>(x, w, out, m, n, k, table);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+matvec_fp4bf16(const float* __restrict__ x, const unsigned char* __restrict__ w,
+               float* __restrict__ out, unsigned m, unsigned n, unsigned k) {
+    __shared__ float table[16];
+    if (threadIdx.x < 16) table[threadIdx.x] = __uint_as_float(FP4_BITS[threadIdx.x]);
+    __syncthreads();
+    mv_entry<B4_BF16>(x, w, out, m, n, k, table);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+matvec_fp4f16(const float* __restrict__ x, const unsigned char* __restrict__ w,
+              float* __restrict__ out, unsigned m, unsigned n, unsigned k) {
+    __shared__ float table[16];
+    if (threadIdx.x < 16) table[threadIdx.x] = __uint_as_float(FP4_BITS[threadIdx.x]);
+    __syncthreads();
+    mv_entry<B4_F16>(x, w, out, m, n, k, table);
+}
+
 
 // Twin: `moe_kernels::matmul` on `Weights::Mxfp4` (dequantize_row_mxfp4, then the f32 kernel).
 extern "C" __global__ void __launch_bounds__(256)
@@ -511,4 +556,43 @@ extern "C" __global__ void __launch_bounds__(256)
 matvec_grouped_mxfp4(const unsigned long long* __restrict__ table, const float* __restrict__ x,
                      float* __restrict__ out, unsigned n, unsigned k) {
     mv_grouped<MXFP4>(table, n, k);
+}
+
+// Twins: `moe_kernels::matmul` per entry on `Weights::Rounded4`, as matvec_nf4bf16 and its
+// siblings.
+
+extern "C" __global__ void __launch_bounds__(256)
+matvec_grouped_nf4bf16(const unsigned long long* __restrict__ table, const float* __restrict__ x,
+                       float* __restrict__ out, unsigned n, unsigned k) {
+    __shared__ float tab[16];
+    if (threadIdx.x < 16) tab[threadIdx.x] = __uint_as_float(NF4_BITS[threadIdx.x]);
+    __syncthreads();
+    mv_grouped<B4_BF16>(table, n, k, tab);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+matvec_grouped_nf4f16(const unsigned long long* __restrict__ table, const float* __restrict__ x,
+                      float* __restrict__ out, unsigned n, unsigned k) {
+    __shared__ float tab[16];
+    if (threadIdx.x < 16) tab[threadIdx.x] = __uint_as_float(NF4_BITS[threadIdx.x]);
+    __syncthreads();
+    mv_grouped<B4_F16>(table, n, k, tab);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+matvec_grouped_fp4bf16(const unsigned long long* __restrict__ table, const float* __restrict__ x,
+                       float* __restrict__ out, unsigned n, unsigned k) {
+    __shared__ float tab[16];
+    if (threadIdx.x < 16) tab[threadIdx.x] = __uint_as_float(FP4_BITS[threadIdx.x]);
+    __syncthreads();
+    mv_grouped<B4_BF16>(table, n, k, tab);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+matvec_grouped_fp4f16(const unsigned long long* __restrict__ table, const float* __restrict__ x,
+                      float* __restrict__ out, unsigned n, unsigned k) {
+    __shared__ float tab[16];
+    if (threadIdx.x < 16) tab[threadIdx.x] = __uint_as_float(FP4_BITS[threadIdx.x]);
+    __syncthreads();
+    mv_grouped<B4_F16>(table, n, k, tab);
 }

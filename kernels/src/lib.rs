@@ -64,9 +64,9 @@ mod tests;
 
 pub use bf16dot::{bf16_activations_supported, matmul_bf16, matmul_bf16_par};
 pub use prequant::{
-    dequantize_row_f8, dequantize_row_fp4, dequantize_row_mxfp4, dequantize_row_nf4, e8m0_to_f32,
-    BlockF8, BlockFp4, BlockMxfp4, BlockNf4, E4M3_TO_F32, FP4_TABLE, MXFP4_TABLE, NF4_TABLE, QK_B4,
-    QK_F8, QK_MX,
+    dequantize_row_f8, dequantize_row_fp4, dequantize_row_mxfp4, dequantize_row_nf4,
+    dequantize_row_rounded4, e8m0_to_f32, BlockF8, BlockFp4, BlockMxfp4, BlockNf4, Round4,
+    Rounded4, Table4, E4M3_TO_F32, FP4_TABLE, MXFP4_TABLE, NF4_TABLE, QK_B4, QK_F8, QK_MX,
 };
 pub use qdot::{
     matmul_q8, matmul_q8_activations, matmul_q8_par, q8_activations_supported, Q8Activations,
@@ -93,6 +93,9 @@ pub enum Weights<'a> {
     Nf4(&'a [BlockNf4]),
     /// bitsandbytes FP4 blocks with an f32 scale, 64 weights each.
     Fp4(&'a [BlockFp4]),
+    /// bitsandbytes NF4 or FP4 blocks whose values are rounded to bf16 / f16 (the quant
+    /// state's `dtype`), 64 weights each.
+    Rounded4(Rounded4<'a>),
     /// OCP MX FP4 blocks with an E8M0 scale, 32 weights each.
     Mxfp4(&'a [BlockMxfp4]),
 }
@@ -110,6 +113,7 @@ impl<'a> Weights<'a> {
             Weights::F8(w) => w.len() * QK_F8,
             Weights::Nf4(w) => w.len() * QK_B4,
             Weights::Fp4(w) => w.len() * QK_B4,
+            Weights::Rounded4(r) => r.blocks.len() * QK_B4,
             Weights::Mxfp4(w) => w.len() * QK_MX,
         }
     }
@@ -122,7 +126,7 @@ impl<'a> Weights<'a> {
             Weights::Q8_0(_) => quant::QK8_0,
             Weights::Q4K(_) => quant::QK_K,
             Weights::F8(_) => QK_F8,
-            Weights::Nf4(_) | Weights::Fp4(_) => QK_B4,
+            Weights::Nf4(_) | Weights::Fp4(_) | Weights::Rounded4(_) => QK_B4,
             Weights::Mxfp4(_) => QK_MX,
         }
     }
@@ -157,6 +161,13 @@ impl<'a> Weights<'a> {
                 let b = k / QK_B4;
                 Weights::Fp4(&w[r0 * b..r1 * b])
             }
+            Weights::Rounded4(r) => {
+                let b = k / QK_B4;
+                Weights::Rounded4(Rounded4 {
+                    blocks: &r.blocks[r0 * b..r1 * b],
+                    ..r
+                })
+            }
             Weights::Mxfp4(w) => {
                 let b = k / QK_MX;
                 Weights::Mxfp4(&w[r0 * b..r1 * b])
@@ -172,6 +183,7 @@ impl<'a> Weights<'a> {
             Weights::F8(w) => Some(quant::QWeights::F8(w)),
             Weights::Nf4(w) => Some(quant::QWeights::Nf4(w)),
             Weights::Fp4(w) => Some(quant::QWeights::Fp4(w)),
+            Weights::Rounded4(r) => Some(quant::QWeights::Rounded4(r)),
             Weights::Mxfp4(w) => Some(quant::QWeights::Mxfp4(w)),
             Weights::F32(_) | Weights::Bf16(_) | Weights::F16(_) => None,
         }
@@ -565,6 +577,7 @@ fn run_block(level: Level, use_gemm: bool, x: &[f32], k: usize, w: Weights<'_>, 
         | Weights::F8(_)
         | Weights::Nf4(_)
         | Weights::Fp4(_)
+        | Weights::Rounded4(_)
         | Weights::Mxfp4(_) => {
             let q = w.quantized().expect("quantized variant");
             quant::run_block(level, use_gemm, x, k, q, out)
@@ -831,6 +844,7 @@ pub fn row_to_f32(w: Weights<'_>, row: usize, k: usize, out: &mut [f32]) {
         | Weights::F8(_)
         | Weights::Nf4(_)
         | Weights::Fp4(_)
+        | Weights::Rounded4(_)
         | Weights::Mxfp4(_)) => {
             let q = r.quantized().expect("quantized variant");
             let blocks = k / r.block_size();

@@ -29,6 +29,10 @@
 //! - The SIMD decoders use no gathers: E4M3 is decoded arithmetically (see [`E4M3_TO_F32`]) and
 //!   4-bit codes by in-register permutes of the 16-entry table. They equal the scalar
 //!   dequantizers bit for bit for every code, NaN codes included, at every level (tested).
+//! - bitsandbytes rounds each dequantized 4-bit value to its quant state's `dtype` (bf16 or f16,
+//!   to nearest even) before use. Such weights keep their blocks (same layout) and are read
+//!   through [`Rounded4`]: every weight is `round(d · TABLE[code])`, the multiply and then that
+//!   one rounding, in every decoder.
 //! - Matmul keeps f32 activations and f32 accumulation: the result equals the same level's f32
 //!   kernel on the dequantized weights bit for bit (tested), as for the GGML formats. These
 //!   types have no q8-activation path ([`crate::q8_activations_supported`] is false for them)
@@ -218,11 +222,138 @@ pub static NF4_TABLE: [f32; 16] = NF4;
 /// f32 value of every FP4 code (bitsandbytes 0.50, bit for bit; code 8 is +0.0).
 pub static FP4_TABLE: [f32; 16] = FP4;
 
-/// A bitsandbytes 4-bit block type ([`BlockNf4`], [`BlockFp4`]): the same layout, its own code
-/// table. Keeps the dequantizers and the SIMD decoders generic over the two.
+/// The type a bitsandbytes quant state names (`dtype`) when it is not float32: each dequantized
+/// value `absmax · table[code]` (f32) is rounded to it, to nearest with ties to even.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Round4 {
+    Bf16,
+    F16,
+}
+
+impl Round4 {
+    /// `v` rounded to this type, as an f32 (exact: every bf16 / f16 value is an f32).
+    #[inline(always)]
+    pub fn apply(self, v: f32) -> f32 {
+        match self {
+            Round4::Bf16 => half::bf16::from_f32(v).to_f32(),
+            Round4::F16 => half::f16::from_f32(v).to_f32(),
+        }
+    }
+}
+
+/// The code table of a bitsandbytes 4-bit block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Table4 {
+    Nf4,
+    Fp4,
+}
+
+/// bitsandbytes 4-bit blocks whose values are rounded to `round` after the multiply: the
+/// layout of [`BlockNf4`] whatever the table (`table` names it).
+#[derive(Clone, Copy, Debug)]
+pub struct Rounded4<'a> {
+    pub blocks: &'a [BlockNf4],
+    pub table: Table4,
+    pub round: Round4,
+}
+
+/// A code table as a type (for [`RoundedBlock`]).
+pub(crate) trait TableMark: Copy + 'static {
+    const TABLE: [f32; 16];
+}
+/// A rounding as a type (for [`RoundedBlock`]).
+pub(crate) trait RoundMark: Copy + 'static {
+    const ROUND: Round4;
+}
+#[derive(Clone, Copy)]
+pub(crate) struct Nf4Table;
+#[derive(Clone, Copy)]
+pub(crate) struct Fp4Table;
+#[derive(Clone, Copy)]
+pub(crate) struct ToBf16;
+#[derive(Clone, Copy)]
+pub(crate) struct ToF16;
+impl TableMark for Nf4Table {
+    const TABLE: [f32; 16] = NF4;
+}
+impl TableMark for Fp4Table {
+    const TABLE: [f32; 16] = FP4;
+}
+impl RoundMark for ToBf16 {
+    const ROUND: Round4 = Round4::Bf16;
+}
+impl RoundMark for ToF16 {
+    const ROUND: Round4 = Round4::F16;
+}
+
+/// A [`BlockNf4`]-layout block read with table `T` and rounding `R`: the monomorphic form of
+/// [`Rounded4`] that the decoders are generic over.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+pub(crate) struct RoundedBlock<T, R>(BlockNf4, std::marker::PhantomData<(T, R)>);
+
+impl<T: TableMark, R: RoundMark> Code4 for RoundedBlock<T, R> {
+    const TABLE: [f32; 16] = T::TABLE;
+    const ROUND: Option<Round4> = Some(R::ROUND);
+    #[inline(always)]
+    fn scale(&self) -> f32 {
+        self.0.d
+    }
+    #[inline(always)]
+    fn codes(&self) -> &[u8; QK_B4 / 2] {
+        &self.0.qs
+    }
+}
+
+/// `blocks` as [`RoundedBlock`]s.
+pub(crate) fn as_rounded<T, R>(blocks: &[BlockNf4]) -> &[RoundedBlock<T, R>] {
+    // SAFETY: RoundedBlock<T, R> is repr(transparent) over BlockNf4 (its other field is a
+    // zero-sized PhantomData), so the two slices have the same layout, length and lifetime.
+    unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), blocks.len()) }
+}
+
+/// Runs `$body` with `$b` bound to `$w`'s blocks as the [`RoundedBlock`] type of its table and
+/// rounding (one monomorphic instance per pair).
+macro_rules! with_rounded4 {
+    ($w:expr, |$b:ident| $body:expr) => {{
+        use $crate::prequant::{as_rounded, Fp4Table, Nf4Table, Round4, Table4, ToBf16, ToF16};
+        let w: $crate::prequant::Rounded4<'_> = $w;
+        match (w.table, w.round) {
+            (Table4::Nf4, Round4::Bf16) => {
+                let $b = as_rounded::<Nf4Table, ToBf16>(w.blocks);
+                $body
+            }
+            (Table4::Nf4, Round4::F16) => {
+                let $b = as_rounded::<Nf4Table, ToF16>(w.blocks);
+                $body
+            }
+            (Table4::Fp4, Round4::Bf16) => {
+                let $b = as_rounded::<Fp4Table, ToBf16>(w.blocks);
+                $body
+            }
+            (Table4::Fp4, Round4::F16) => {
+                let $b = as_rounded::<Fp4Table, ToF16>(w.blocks);
+                $body
+            }
+        }
+    }};
+}
+pub(crate) use with_rounded4;
+
+/// Dequantizes rounded 4-bit blocks: `round(d_b · TABLE[code])` in the order of
+/// [`dequantize_row_nf4`]. Panics unless `dst.len() == 64 · w.blocks.len()`.
+pub fn dequantize_row_rounded4(w: Rounded4<'_>, dst: &mut [f32]) {
+    with_rounded4!(w, |b| dequantize_b4("dequantize_row_rounded4", b, dst))
+}
+
+/// A bitsandbytes 4-bit block type ([`BlockNf4`], [`BlockFp4`], [`RoundedBlock`]): the same
+/// layout, its own code table and rounding. Keeps the dequantizers and the SIMD decoders
+/// generic over them.
 pub(crate) trait Code4: Copy {
     /// The f32 value of every code.
     const TABLE: [f32; 16];
+    /// The type each `d · TABLE[code]` is rounded to after the multiply (None: kept in f32).
+    const ROUND: Option<Round4> = None;
     /// The block's scale.
     fn scale(&self) -> f32;
     /// The 32 code bytes, two codes each, high nibble first.
@@ -304,9 +435,13 @@ fn dequantize_b4<B: Code4>(what: &str, src: &[B], dst: &mut [f32]) {
     assert_eq!(dst.len(), src.len() * QK_B4, "{what}: length mismatch");
     for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK_B4)) {
         let d = b.scale();
+        let value = |code: u8| {
+            let v = d * B::TABLE[code as usize];
+            B::ROUND.map_or(v, |r| r.apply(v))
+        };
         for (o, &q) in y.chunks_exact_mut(2).zip(b.codes()) {
-            o[0] = d * B::TABLE[(q >> 4) as usize];
-            o[1] = d * B::TABLE[(q & 0x0F) as usize];
+            o[0] = value(q >> 4);
+            o[1] = value(q & 0x0F);
         }
     }
 }

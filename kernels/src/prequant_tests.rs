@@ -1026,3 +1026,155 @@ fn matmul_q8_refuses_mxfp4_weights() {
     assert!(!q8_activations_supported(&Weights::Mxfp4(&b)));
     matmul_q8(&xq, Weights::Mxfp4(&b), 1, &mut [0.0]);
 }
+
+/// Every rounding of every table: the scalar dequantizer gives `round(d · table[code])` as
+/// computed here from the independent tables and the `half` crate's conversions, the SIMD
+/// dequantizers the same bits at every level, and the rounding is seen (most values change).
+/// Scales run from where f16 values are subnormal to where they overflow to infinity.
+#[test]
+fn rounded_four_bit_values_are_the_product_rounded_at_every_level() {
+    let mut rng = Rng(65);
+    let scales = [1e-7f32, 3.1e-5, 0.0123, -0.7, 17.25, 1.5e4, 1e5];
+    for (table, reference) in [
+        (Table4::Nf4, nf4_reference()),
+        (Table4::Fp4, fp4_reference()),
+    ] {
+        for round in [Round4::Bf16, Round4::F16] {
+            let mut parts = random_b4(&mut rng, scales.len());
+            for (p, &s) in parts.iter_mut().zip(&scales) {
+                p.0 = s;
+            }
+            let blocks = nf4_blocks(&parts);
+            let w = Rounded4 {
+                blocks: &blocks,
+                table,
+                round,
+            };
+            let mut want = Vec::new();
+            let mut changed = 0;
+            for &(d, qs) in &parts {
+                for q in qs {
+                    for code in [q >> 4, q & 0x0F] {
+                        let exact = product(d, reference[code as usize] as f64);
+                        let r = match round {
+                            Round4::Bf16 => half::bf16::from_f32(exact).to_f32(),
+                            Round4::F16 => half::f16::from_f32(exact).to_f32(),
+                        };
+                        changed += usize::from(r.to_bits() != exact.to_bits());
+                        want.push(r);
+                    }
+                }
+            }
+            assert!(
+                changed > want.len() / 2,
+                "{table:?} {round:?}: {changed} changed"
+            );
+            let mut got = vec![f32::NAN; want.len()];
+            dequantize_row_rounded4(w, &mut got);
+            assert_eq!(bits(&got), bits(&want), "{table:?} {round:?} scalar");
+            for level in supported_levels() {
+                let mut got = vec![f32::NAN; want.len()];
+                dequantize_with(level, QWeights::Rounded4(w), 0, blocks.len(), &mut got);
+                assert_eq!(bits(&got), bits(&want), "{table:?} {round:?} {level:?}");
+                // A sub-range of blocks.
+                let mut part = vec![f32::NAN; 2 * QK_B4];
+                dequantize_with(level, QWeights::Rounded4(w), 3, 5, &mut part);
+                assert_eq!(bits(&part), bits(&want[3 * QK_B4..5 * QK_B4]), "{level:?}");
+            }
+            let mut row = vec![0f32; 2 * QK_B4];
+            row_to_f32(Weights::Rounded4(w), 1, 2 * QK_B4, &mut row);
+            assert_eq!(bits(&row), bits(&want[2 * QK_B4..4 * QK_B4]), "row_to_f32");
+        }
+    }
+}
+
+/// Matmul on rounded 4-bit weights equals the same level's f32 kernel on their values bit for
+/// bit (matvec and GEMM, serial and split), and the scalar level an f64 reference.
+#[test]
+fn rounded_four_bit_matmul_equals_the_f32_kernel_on_its_values() {
+    let mut rng = Rng(66);
+    for (m, n, k) in [(1, 5, 64), (3, 7, 192), (8, 9, 320), (17, 33, 128)] {
+        for (table, round) in [
+            (Table4::Nf4, Round4::Bf16),
+            (Table4::Fp4, Round4::F16),
+            (Table4::Nf4, Round4::F16),
+            (Table4::Fp4, Round4::Bf16),
+        ] {
+            let mut parts = random_b4(&mut rng, n * k / QK_B4);
+            parts.iter_mut().for_each(|p| p.0 = rng.gauss() * 4e-3);
+            let blocks = nf4_blocks(&parts);
+            let w = Weights::Rounded4(Rounded4 {
+                blocks: &blocks,
+                table,
+                round,
+            });
+            let mut deq = vec![0f32; n * k];
+            for r in 0..n {
+                row_to_f32(w, r, k, &mut deq[r * k..(r + 1) * k]);
+            }
+            let x = rng.gauss_vec(m * k);
+            let tag = format!("{table:?} {round:?} m={m} n={n} k={k}");
+            let mut got = vec![f32::NAN; m * n];
+            scalar::matmul(&x, m, k, w, n, &mut got);
+            let mut want = vec![f32::NAN; m * n];
+            scalar::matmul(&x, m, k, Weights::F32(&deq), n, &mut want);
+            assert_eq!(bits(&got), bits(&want), "scalar {tag}");
+            assert_matches_reference(&got, &x, &deq, m, n, k);
+            for level in supported_levels() {
+                let mut f32_level = vec![f32::NAN; m * n];
+                matmul_with(
+                    level,
+                    false,
+                    &x,
+                    m,
+                    k,
+                    Weights::F32(&deq),
+                    n,
+                    &mut f32_level,
+                );
+                for parallel in [false, true] {
+                    let mut got = vec![f32::NAN; m * n];
+                    matmul_with(level, parallel, &x, m, k, w, n, &mut got);
+                    assert_eq!(bits(&got), bits(&f32_level), "{level:?} {parallel} {tag}");
+                }
+            }
+        }
+    }
+}
+
+/// Exact ties round to even at every level: NF4 code 15 is 1.0, so a block of it with scale
+/// `1 + 2^-8` (a bf16 tie, even below) gives 1.0 and `1 + 3 · 2^-8` (odd below) gives
+/// `1 + 4 · 2^-8`; for f16 the same at `2^-11`.
+#[test]
+fn rounded_four_bit_ties_go_to_even() {
+    assert_eq!(nf4_reference()[15], 1.0);
+    for (round, ulp) in [(Round4::Bf16, 2f32.powi(-7)), (Round4::F16, 2f32.powi(-10))] {
+        let half_ulp = ulp / 2.0;
+        let cases = [
+            (1.0 + half_ulp, 1.0),
+            (1.0 + 3.0 * half_ulp, 1.0 + 2.0 * ulp),
+            (-(1.0 + half_ulp), -1.0),
+        ];
+        let blocks: Vec<BlockNf4> = cases
+            .iter()
+            .map(|&(d, _)| BlockNf4 { d, qs: [0xFF; 32] })
+            .collect();
+        let w = Rounded4 {
+            blocks: &blocks,
+            table: Table4::Nf4,
+            round,
+        };
+        let want: Vec<f32> = cases
+            .iter()
+            .flat_map(|&(_, v)| std::iter::repeat_n(v, QK_B4))
+            .collect();
+        let mut got = vec![f32::NAN; want.len()];
+        dequantize_row_rounded4(w, &mut got);
+        assert_eq!(bits(&got), bits(&want), "{round:?} scalar");
+        for level in supported_levels() {
+            let mut got = vec![f32::NAN; want.len()];
+            dequantize_with(level, QWeights::Rounded4(w), 0, blocks.len(), &mut got);
+            assert_eq!(bits(&got), bits(&want), "{round:?} {level:?}");
+        }
+    }
+}

@@ -357,6 +357,7 @@ pub(crate) fn matmul_q8_with(
                 Weights::F8(_) => "F8",
                 Weights::Nf4(_) => "Nf4",
                 Weights::Fp4(_) => "Fp4",
+                Weights::Rounded4(_) => "Rounded4",
                 Weights::Mxfp4(_) => "Mxfp4",
                 Weights::Q8_0(_) | Weights::Q4K(_) => unreachable!(),
             }

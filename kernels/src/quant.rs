@@ -538,6 +538,7 @@ pub(crate) enum QWeights<'a> {
     F8(&'a [BlockF8]),
     Nf4(&'a [BlockNf4]),
     Fp4(&'a [BlockFp4]),
+    Rounded4(crate::prequant::Rounded4<'a>),
     Mxfp4(&'a [BlockMxfp4]),
 }
 
@@ -548,7 +549,7 @@ impl QWeights<'_> {
             QWeights::Q8_0(_) => QK8_0,
             QWeights::Q4K(_) => QK_K,
             QWeights::F8(_) => QK_F8,
-            QWeights::Nf4(_) | QWeights::Fp4(_) => QK_B4,
+            QWeights::Nf4(_) | QWeights::Fp4(_) | QWeights::Rounded4(_) => QK_B4,
             QWeights::Mxfp4(_) => QK_MX,
         }
     }
@@ -563,6 +564,25 @@ pub(crate) fn dequantize_with(
     out: &mut [f32],
 ) {
     crate::assert_supported(level);
+    if let QWeights::Rounded4(r) = w {
+        let part = crate::prequant::Rounded4 {
+            blocks: &r.blocks[b0..b1],
+            ..r
+        };
+        return match level {
+            Level::Scalar => crate::prequant::dequantize_row_rounded4(part, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: assert_supported checked avx2/fma/f16c.
+            Level::Avx2 => crate::prequant::with_rounded4!(part, |b| unsafe {
+                crate::quant_avx2::dequantize(b, out)
+            }),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: assert_supported checked avx512f/bw/vl (and the AVX2 level's f16c).
+            Level::Avx512 => crate::prequant::with_rounded4!(part, |b| unsafe {
+                crate::quant_avx512::dequantize(b, out)
+            }),
+        };
+    }
     match (level, w) {
         (Level::Scalar, QWeights::Q8_0(w)) => dequantize_row_q8_0(&w[b0..b1], out),
         (Level::Scalar, QWeights::Q4K(w)) => dequantize_row_q4_k(&w[b0..b1], out),
@@ -570,6 +590,7 @@ pub(crate) fn dequantize_with(
         (Level::Scalar, QWeights::Nf4(w)) => dequantize_row_nf4(&w[b0..b1], out),
         (Level::Scalar, QWeights::Fp4(w)) => dequantize_row_fp4(&w[b0..b1], out),
         (Level::Scalar, QWeights::Mxfp4(w)) => dequantize_row_mxfp4(&w[b0..b1], out),
+        (_, QWeights::Rounded4(_)) => unreachable!("handled above"),
         #[cfg(target_arch = "x86_64")]
         (Level::Avx2, QWeights::Q8_0(w)) => {
             // SAFETY: assert_supported checked avx2/fma/f16c.
@@ -672,6 +693,9 @@ pub(crate) fn run_block(
                 QWeights::F8(w) => crate::quant_avx512::matvec(x, k, w, &mut out),
                 QWeights::Nf4(w) => crate::quant_avx512::matvec(x, k, w, &mut out),
                 QWeights::Fp4(w) => crate::quant_avx512::matvec(x, k, w, &mut out),
+                QWeights::Rounded4(r) => crate::prequant::with_rounded4!(r, |b| {
+                    crate::quant_avx512::matvec(x, k, b, &mut out)
+                }),
                 QWeights::Mxfp4(w) => crate::quant_avx512::matvec(x, k, w, &mut out),
             }
         }
@@ -689,6 +713,9 @@ pub(crate) fn run_block(
                 QWeights::F8(w) => crate::quant_avx2::matvec(x, k, w, &mut out),
                 QWeights::Nf4(w) => crate::quant_avx2::matvec(x, k, w, &mut out),
                 QWeights::Fp4(w) => crate::quant_avx2::matvec(x, k, w, &mut out),
+                QWeights::Rounded4(r) => crate::prequant::with_rounded4!(r, |b| {
+                    crate::quant_avx2::matvec(x, k, b, &mut out)
+                }),
                 QWeights::Mxfp4(w) => crate::quant_avx2::matvec(x, k, w, &mut out),
             }
         }

@@ -17,7 +17,8 @@ use core::arch::x86_64::*;
 
 use crate::avx2::hsum;
 use crate::prequant::{
-    e8m0_to_f32, BlockF8, BlockFp4, BlockMxfp4, BlockNf4, Code4, MXFP4_TABLE, QK_B4, QK_F8, QK_MX,
+    e8m0_to_f32, BlockF8, BlockFp4, BlockMxfp4, BlockNf4, Code4, Round4, RoundMark, RoundedBlock,
+    TableMark, MXFP4_TABLE, QK_B4, QK_F8, QK_MX,
 };
 use crate::quant::{BlockQ4K, BlockQ8_0, QK8_0, QK_K};
 use crate::OutBlock;
@@ -203,8 +204,41 @@ unsafe fn half_b4<B: Code4>(row: *const B, blk: usize, i: usize) -> (__m256, __m
         t_hi,
     );
     let d = _mm256_set1_ps(b.scale());
-    // One rounding, as the scalar `d * TABLE[code]`.
-    (_mm256_mul_ps(d, v0), _mm256_mul_ps(d, v1))
+    // One rounding, as the scalar `d * TABLE[code]` (then the block type's own, if any).
+    let (w0, w1) = (_mm256_mul_ps(d, v0), _mm256_mul_ps(d, v1));
+    match B::ROUND {
+        None => (w0, w1),
+        Some(r) => (round4(w0, r), round4(w1, r)),
+    }
+}
+
+/// `v` rounded to bf16 or f16 (to nearest, ties to even) and widened back, as
+/// [`Round4::apply`] does per value. bf16: add `0x7FFF` plus the kept part's lowest bit, then
+/// clear the low 16 bits (values here are finite; an overflow rounds to infinity, as the scalar
+/// does); f16: the F16C conversion there and back.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn round4(v: __m256, r: Round4) -> __m256 {
+    match r {
+        Round4::Bf16 => {
+            let bits = _mm256_castps_si256(v);
+            let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+            let up = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb);
+            _mm256_castsi256_ps(_mm256_and_si256(up, _mm256_set1_epi32(-65536)))
+        }
+        Round4::F16 => _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)),
+    }
+}
+
+impl<T: TableMark, R: RoundMark> Group16 for RoundedBlock<T, R> {
+    const BLOCK: usize = QK_B4;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half(row: *const Self, blk: usize, i: usize) -> (__m256, __m256) {
+        // SAFETY: the caller's contract is half_b4's.
+        unsafe { half_b4(row, blk, i) }
+    }
 }
 
 impl Group16 for BlockNf4 {

@@ -17,7 +17,8 @@ use core::arch::x86_64::*;
 
 use crate::avx512::{reduce_acc, ACC, MV_ROWS};
 use crate::prequant::{
-    e8m0_to_f32, BlockF8, BlockFp4, BlockMxfp4, BlockNf4, Code4, MXFP4_TABLE, QK_B4, QK_F8, QK_MX,
+    e8m0_to_f32, BlockF8, BlockFp4, BlockMxfp4, BlockNf4, Code4, Round4, RoundMark, RoundedBlock,
+    TableMark, MXFP4_TABLE, QK_B4, QK_F8, QK_MX,
 };
 use crate::quant::{BlockQ4K, BlockQ8_0, QK8_0, QK_K};
 use crate::OutBlock;
@@ -184,8 +185,41 @@ unsafe fn group_b4<B: Code4>(row: *const B, blk: usize, i: usize) -> (__m512, __
     let v0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c0), t);
     let v1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c1), t);
     let d = _mm512_set1_ps(b.scale());
-    // One rounding, as the scalar `d * TABLE[code]`.
-    (_mm512_mul_ps(d, v0), _mm512_mul_ps(d, v1))
+    // One rounding, as the scalar `d * TABLE[code]` (then the block type's own, if any).
+    let (w0, w1) = (_mm512_mul_ps(d, v0), _mm512_mul_ps(d, v1));
+    match B::ROUND {
+        None => (w0, w1),
+        Some(r) => (round4(w0, r), round4(w1, r)),
+    }
+}
+
+/// `v` rounded to bf16 or f16 (to nearest, ties to even) and widened back, as
+/// [`Round4::apply`] does per value (see `quant_avx2::round4`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+fn round4(v: __m512, r: Round4) -> __m512 {
+    match r {
+        Round4::Bf16 => {
+            let bits = _mm512_castps_si512(v);
+            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+            let up = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb);
+            _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(-65536)))
+        }
+        Round4::F16 => _mm512_cvtph_ps(_mm512_cvtps_ph::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(v)),
+    }
+}
+
+impl<T: TableMark, R: RoundMark> Group32 for RoundedBlock<T, R> {
+    const BLOCK: usize = QK_B4;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn group(row: *const Self, blk: usize, i: usize) -> (__m512, __m512) {
+        // SAFETY: the caller's contract is group_b4's.
+        unsafe { group_b4(row, blk, i) }
+    }
 }
 
 impl Group32 for BlockNf4 {

@@ -48,6 +48,7 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut
         | Weights::F8(_)
         | Weights::Nf4(_)
         | Weights::Fp4(_)
+        | Weights::Rounded4(_)
         | Weights::Mxfp4(_) => {
             let q = w.quantized().expect("quantized variant");
             quant::run_block(Level::Scalar, false, x, k, q, block)

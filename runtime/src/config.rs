@@ -179,6 +179,12 @@ impl RawConfig {
         self.entry(keys).map(|(_, v)| v)
     }
 
+    /// Whether `key` is present with the value null (which some fields use to switch a part
+    /// off, as `q_lora_rank` does, where absent means the class default).
+    pub fn is_null(&self, key: &str) -> bool {
+        self.map.get(key).is_some_and(Value::is_null)
+    }
+
     /// The first present, non-null key among `keys` and its value.
     fn entry<'k>(&self, keys: &[&'k str]) -> Option<(&'k str, &Value)> {
         keys.iter()
@@ -632,6 +638,36 @@ pub enum ExpertForm {
     InterleavedClamped { limit: f32, alpha: f32 },
 }
 
+/// Multi-head latent attention (DeepSeek-V2 / V3, Kimi-K2): queries through an optional latent
+/// (`q_a_proj` → `q_a_layernorm` → `q_b_proj`, else one `q_proj`), keys and values through one
+/// shared latent (`kv_a_proj_with_mqa` → `kv_a_layernorm`, expanded per head by `kv_b_proj`),
+/// a rope key shared by every head, and head widths that differ. The model's `head_dim` is the
+/// rope width (as transformers sets it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MlaConfig {
+    /// Width of the query latent; None: queries come from one `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    /// Width of the key/value latent the cache keeps.
+    pub kv_lora_rank: usize,
+    /// Per-head query / key width without rope.
+    pub qk_nope_head_dim: usize,
+    /// Per-head query / key width with rope (the one shared rope key is this wide).
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// Rope turns adjacent pairs (`rope_interleave`).
+    pub rope_interleave: bool,
+    /// The softmax scale: `(qk_nope_head_dim + qk_rope_head_dim)^-1/2`, times YaRN's
+    /// `mscale(factor, mscale_all_dim)²` when the rope is YaRN with `mscale_all_dim`.
+    pub softmax_scale: f32,
+}
+
+impl MlaConfig {
+    /// Values one attention layer caches per token: the latent and the rope key.
+    pub fn cached_values(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+}
+
 /// The normalised description every architecture file produces.
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
@@ -672,6 +708,8 @@ pub struct ModelConfig {
     pub norm_zero_centred: bool,
     /// Attention layers carry one learned sink logit per head (`self_attn.sinks`, gpt-oss).
     pub attention_sinks: bool,
+    /// Attention layers are multi-head latent attention with these dimensions.
+    pub mla: Option<MlaConfig>,
     /// How the experts are stored and activated.
     pub expert_form: ExpertForm,
     pub hidden_act: String,
@@ -780,11 +818,21 @@ impl ModelConfig {
             attn_output_gate: false,
             norm_zero_centred: false,
             attention_sinks: false,
+            mla: None,
             expert_form: ExpertForm::SwiGlu,
             hidden_act: raw.opt_str(&["hidden_act"])?.unwrap_or("silu").to_string(),
             bos_token_id: raw.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: raw.token_ids("eos_token_id")?,
         })
+    }
+
+    /// Values one attention layer keeps per token in its KV cache: the latent and the rope key
+    /// (latent attention), else a key and a value per KV head.
+    pub fn kv_values_per_token(&self) -> usize {
+        match &self.mla {
+            Some(m) => m.cached_values(),
+            None => 2 * self.num_kv_heads * self.head_dim,
+        }
     }
 
     /// Checks the invariants layers rely on; errors name the offending field.
@@ -816,10 +864,13 @@ impl ModelConfig {
             );
         }
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
-            return bad(
-                "head_dim",
-                format!("{} must be even and > 0", self.head_dim),
-            );
+            // Latent attention's head_dim is its rope width.
+            let field = if self.mla.is_some() {
+                "qk_rope_head_dim"
+            } else {
+                "head_dim"
+            };
+            return bad(field, format!("{} must be even and > 0", self.head_dim));
         }
         // Fields read from the file were bounded as they were read; class defaults and
         // derived values are bounded here, before any layer is built from them.
@@ -917,6 +968,41 @@ impl ModelConfig {
                     format!(
                         "rope_theta {} with {:?} gives non-finite rotary frequencies",
                         self.rope.theta, self.rope.scaling
+                    ),
+                );
+            }
+        }
+        if let Some(m) = &self.mla {
+            for (field, value) in [
+                ("kv_lora_rank", m.kv_lora_rank),
+                ("qk_nope_head_dim", m.qk_nope_head_dim),
+                ("qk_rope_head_dim", m.qk_rope_head_dim),
+                ("v_head_dim", m.v_head_dim),
+                ("q_lora_rank", m.q_lora_rank.unwrap_or(1)),
+            ] {
+                if value == 0 || value > MAX_HEAD_DIM {
+                    return bad(
+                        field,
+                        format!("{value} must be from 1 to {MAX_HEAD_DIM} (MAX_HEAD_DIM)"),
+                    );
+                }
+            }
+            if m.qk_rope_head_dim != self.head_dim || self.rope.partial_rotary_factor != 1.0 {
+                return bad(
+                    "qk_rope_head_dim",
+                    format!(
+                        "latent attention rotates all {} rope values of a head; head_dim {} \
+                         with partial_rotary_factor {} disagrees",
+                        m.qk_rope_head_dim, self.head_dim, self.rope.partial_rotary_factor
+                    ),
+                );
+            }
+            if !(m.softmax_scale.is_finite() && m.softmax_scale > 0.0) {
+                return bad(
+                    "rope_scaling.mscale_all_dim",
+                    format!(
+                        "gives the softmax scale {}: it must be a finite number above 0",
+                        m.softmax_scale
                     ),
                 );
             }
@@ -1034,6 +1120,9 @@ pub struct Rope {
     pub attention_scaling: f32,
     /// Leading values of each head that rotate (the rest pass through).
     pub rot_dim: usize,
+    /// Pairs are adjacent values `(2i, 2i + 1)` rather than the two halves `(i, i + rot_dim /
+    /// 2)` (DeepSeek's `rope_interleave`); frequency `i` turns pair `i` either way.
+    pub interleaved: bool,
 }
 
 impl Rope {
@@ -1136,6 +1225,7 @@ impl Rope {
             inv_freq: inv.iter().map(|&f| f as f32).collect(),
             attention_scaling: attention_scaling as f32,
             rot_dim: dim,
+            interleaved: false,
         }
     }
 
@@ -1336,6 +1426,7 @@ mod tests {
             attn_output_gate,
             norm_zero_centred,
             attention_sinks,
+            mla,
             expert_form,
             hidden_act,
             bos_token_id,
@@ -1394,6 +1485,7 @@ mod tests {
             want.gate_and_zero_centred
         );
         assert!(!attention_sinks);
+        assert_eq!(mla, None);
         assert_eq!(expert_form, ExpertForm::SwiGlu);
         assert_eq!(hidden_act, j["hidden_act"].as_str().unwrap());
         assert_eq!((bos_token_id, eos_token_ids), want.bos_eos);

@@ -250,13 +250,8 @@ impl<B: Backend> Attention<B> {
             positions.extend(len..len + n);
         }
         b.rope(&mut q, &mut k, hd, &positions, &self.rope);
-        let shape = AttnShape {
-            num_heads: self.num_heads,
-            num_kv_heads: self.num_kv_heads,
-            head_dim: hd,
-            sliding_window: self.sliding_window,
-        };
-        let mut attn = b.attend(&q, &k, &v, lens, caches, &shape, self.sinks.as_ref());
+        let shape = AttnShape::standard(self.num_heads, self.num_kv_heads, hd, self.sliding_window);
+        let mut attn = b.attend(&q, &k, Some(&v), lens, caches, &shape, self.sinks.as_ref());
         if let Some(gate) = gate {
             b.mul_sigmoid(&mut attn, &gate);
         }

@@ -54,6 +54,7 @@ pub mod hub;
 pub mod layers;
 pub mod mapguard;
 pub mod mem;
+pub mod mla;
 pub mod model;
 pub mod moe;
 pub mod open;

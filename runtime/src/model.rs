@@ -16,6 +16,7 @@ use crate::backend::{Backend, Host, KvElem};
 use crate::deltanet::GatedDeltaNet;
 use crate::error::{Error, Result};
 use crate::layers::{Attention, Linear, Mlp, RmsNorm};
+use crate::mla::LatentAttention;
 use crate::moe::{MoeBlock, Routing};
 use crate::store::{ExpertStore, ExpertWeights};
 
@@ -24,6 +25,8 @@ use crate::store::{ExpertStore, ExpertWeights};
 #[allow(clippy::large_enum_variant)]
 pub enum Mixer<B: Backend = Host> {
     Attention(Attention<B>),
+    /// Multi-head latent attention over a latent KV cache.
+    Latent(LatentAttention<B>),
     Linear(GatedDeltaNet<B>),
 }
 
@@ -65,6 +68,7 @@ impl DecoderLayer<Host> {
             input_norm: self.input_norm.upload(b)?,
             mixer: match self.mixer {
                 Mixer::Attention(a) => Mixer::Attention(a.upload(b)?),
+                Mixer::Latent(a) => Mixer::Latent(a.upload(b)?),
                 Mixer::Linear(d) => Mixer::Linear(d.upload(b)?),
             },
             post_norm: self.post_norm.upload(b)?,
@@ -160,7 +164,9 @@ impl<B: Backend> Decoder<B> {
                 .layers
                 .iter()
                 .map(|l| match &l.mixer {
-                    Mixer::Attention(_) => MixerState::Kv(b.kv_new(self.kv_elem)),
+                    Mixer::Attention(_) | Mixer::Latent(_) => {
+                        MixerState::Kv(b.kv_new(self.kv_elem))
+                    }
                     Mixer::Linear(d) => MixerState::Linear(d.new_state(b)),
                 })
                 .collect(),
@@ -236,7 +242,7 @@ impl<B: Backend> Decoder<B> {
             }
             let normed = layer.input_norm.forward(b, &x);
             let mixed = match &layer.mixer {
-                Mixer::Attention(a) => {
+                Mixer::Attention(_) | Mixer::Latent(_) => {
                     let mut caches: Vec<&mut B::Kv> = segs
                         .iter_mut()
                         .map(|s| match &mut s.state.layers[l] {
@@ -244,7 +250,11 @@ impl<B: Backend> Decoder<B> {
                             MixerState::Linear(_) => unreachable!("state built for this model"),
                         })
                         .collect();
-                    a.forward_batch(b, &normed, &lens, &mut caches)
+                    match &layer.mixer {
+                        Mixer::Latent(a) => a.forward_batch(b, &normed, &lens, &mut caches),
+                        Mixer::Attention(a) => a.forward_batch(b, &normed, &lens, &mut caches),
+                        Mixer::Linear(_) => unreachable!("matched above"),
+                    }
                 }
                 Mixer::Linear(d) => {
                     let mut states: Vec<&mut B::Recurrent> = segs
@@ -343,8 +353,13 @@ impl<B: Backend> Decoder<B> {
 
     fn cut_kv(&self, state: &mut SeqState<B>, len: usize) {
         for (layer, st) in self.w.layers.iter().zip(&mut state.layers) {
-            if let (Mixer::Attention(a), MixerState::Kv(kv)) = (&layer.mixer, st) {
-                self.backend.kv_truncate(kv, len, a.kv_row())
+            let row = match &layer.mixer {
+                Mixer::Attention(a) => a.kv_row(),
+                Mixer::Latent(a) => a.kv_row(),
+                Mixer::Linear(_) => continue,
+            };
+            if let MixerState::Kv(kv) = st {
+                self.backend.kv_truncate(kv, len, row)
             }
         }
         state.len = state.len.min(len);

@@ -188,7 +188,7 @@ impl ModelSizes {
             moe_layers: mw.experts.iter().filter(|e| !e.is_empty()).count(),
             experts_per_layer: mw.experts.iter().map(Vec::len).max().unwrap_or(0),
             top_k: cfg.router.top_k,
-            kv_bytes_per_token: (attention_layers * 2 * cfg.num_kv_heads * cfg.head_dim) as u64
+            kv_bytes_per_token: (attention_layers * cfg.kv_values_per_token()) as u64
                 * kv_elem_bytes,
             state_bytes_per_sequence: match cfg.linear_attention {
                 Some(la) => ((cfg.num_layers - attention_layers) * la.state_floats() * 4) as u64,

@@ -317,6 +317,7 @@ fn resident_linears<'a>(
                         .map(|l| (l, Projection)),
                 );
             }
+            Mixer::Latent(a) => out.extend(a.linears_mut().into_iter().map(|l| (l, Projection))),
             Mixer::Linear(d) => {
                 out.extend([&mut d.in_proj_qkvz, &mut d.out_proj].map(|l| (l, Projection)));
                 // Its rows set each head's write strength and decay: kept exact, like a router.

@@ -2089,6 +2089,7 @@ cors_origins = ["http://localhost:3000", "https://app.example.com"]
             names,
             [
                 "cpu-16gb.toml",
+                "deepseek-v3-cpu-768gb.toml",
                 "glm45-air-gpu-24gb-ram-64gb.toml",
                 "gpt-oss-120b-cpu-64gb.toml",
                 "gpt-oss-120b-gpu-8gb-ram-64gb.toml",
@@ -2103,6 +2104,12 @@ cors_origins = ["http://localhost:3000", "https://app.example.com"]
         );
         let load =
             |name: &str| RunConfig::from_file(&dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
+
+        let c = load("deepseek-v3-cpu-768gb.toml");
+        assert_eq!(c.model, "deepseek-ai/DeepSeek-V3");
+        assert_eq!(c.device, DeviceKind::Cpu);
+        assert_eq!(c.ram_budget, Some(ByteSize(690 << 30)));
+        assert_eq!(c.max_context, Some(32768));
 
         let c = load("glm45-air-gpu-24gb-ram-64gb.toml");
         assert_eq!(c.model, "zai-org/GLM-4.5-Air");

@@ -30,7 +30,7 @@ const LAYERS: &[&[&str]] = &[
     &["backend", "demo"],
     // Building blocks, then the decoder they make up.
     &["layers"],
-    &["deltanet", "store"],
+    &["deltanet", "mla", "store"],
     &["moe"],
     &["model"],
     // The decoder on the backend chosen at run time.
@@ -650,7 +650,14 @@ fn runtime_modules_are_layered() {
 }
 
 /// The files that describe the model and must reach compute only through the backend.
-const MODEL_CODE: &[&str] = &["layers.rs", "model.rs", "moe.rs", "deltanet.rs", "arch/"];
+const MODEL_CODE: &[&str] = &[
+    "layers.rs",
+    "model.rs",
+    "moe.rs",
+    "deltanet.rs",
+    "mla.rs",
+    "arch/",
+];
 
 /// Names model code must not use: kernels, a concrete backend, a device.
 const DEVICE_NAMES: &[&str] = &["moe_kernels", "backend::cpu", "Cpu", "Cuda", "cudarc"];

@@ -7,7 +7,7 @@
 //!
 //! The release's multi-token-prediction layer (`model.layers.{num_hidden_layers}.*`) is not used.
 
-use super::{head_dim, Arch, NameScheme};
+use super::{head_dim, Arch, GroupDefaults, NameScheme};
 use crate::config::{CommonDefaults, ModelConfig, QkNorm, RawConfig, RopeConfig};
 use crate::error::Result;
 
@@ -39,6 +39,13 @@ const DEFAULTS: CommonDefaults = CommonDefaults {
     norm_topk_prob: Some(true),
 };
 
+/// `Glm4MoeConfig`'s router defaults: one group, no scaling.
+const ROUTER_DEFAULTS: GroupDefaults = GroupDefaults {
+    n_group: 1,
+    topk_group: 1,
+    routed_scaling_factor: 1.0,
+};
+
 /// `partial_rotary_factor` when the config gives none (the class sets it for compatibility).
 const PARTIAL_ROTARY_FACTOR: f64 = 0.5;
 
@@ -62,7 +69,7 @@ fn parse_config(raw: &RawConfig) -> Result<ModelConfig> {
         } else {
             QkNorm::None
         },
-        router: super::biased_sigmoid_router(raw, base.router)?,
+        router: super::biased_sigmoid_router(raw, base.router, ROUTER_DEFAULTS)?,
         ..base
     })
 }

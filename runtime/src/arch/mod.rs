@@ -9,6 +9,7 @@
 //! is requested through the [`WeightSet`] (so unused tensors can be reported and missing ones are
 //! errors naming the tensor).
 
+mod deepseek_v3;
 mod glm4_moe;
 mod gpt_oss;
 mod mixtral;
@@ -23,10 +24,19 @@ use crate::config::{ExpertForm, MixerKind, ModelConfig, QkNorm, RawConfig, Route
 use crate::deltanet::GatedDeltaNet;
 use crate::error::{Error, Result};
 use crate::layers::{Attention, Linear, Mlp, QkNormLayer, RmsNorm, Rope};
+use crate::mla::LatentAttention;
 use crate::model::{DecoderLayer, Ffn, Mixer, ModelWeights};
 use crate::moe::{MoeBlock, Router, SharedExpert};
 use crate::store::{ExpertLayout, ExpertWeights, GateUp};
 use crate::weights::{TensorRef, WeightSet};
+
+/// A class's defaults for the group-limited router's fields.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupDefaults {
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub routed_scaling_factor: f64,
+}
 
 /// One supported architecture.
 pub struct Arch {
@@ -48,6 +58,7 @@ pub static ARCHITECTURES: &[&Arch] = &[
     &qwen3_next::ARCH,
     &glm4_moe::ARCH,
     &gpt_oss::ARCH,
+    &deepseek_v3::ARCH,
 ];
 
 /// Finds the architecture of a config: by `architectures[0]`, else by `model_type`.
@@ -155,9 +166,15 @@ pub fn build_decoder(cfg: &ModelConfig, w: &WeightSet, names: &NameScheme) -> Re
         let p = format!("{}.{l}", names.layer_prefix);
         check_mixer_tensors(cfg, w, names, &p, l)?;
         let mixer = match cfg.mixers[l] {
-            MixerKind::Attention => {
-                Mixer::Attention(load_attention(cfg, w, names, &p, l, &load_norm)?)
-            }
+            MixerKind::Attention => match cfg.mla {
+                Some(dims) => Mixer::Latent(LatentAttention::load(
+                    cfg,
+                    dims,
+                    w,
+                    &format!("{p}.{}", names.attn),
+                )?),
+                None => Mixer::Attention(load_attention(cfg, w, names, &p, l, &load_norm)?),
+            },
             MixerKind::LinearAttention => {
                 let dims = cfg.linear_attention.ok_or_else(|| {
                     Error::bad_config(
@@ -439,12 +456,17 @@ pub fn qwen_sparse_layers(
 /// The sigmoid router GLM-4.5 and DeepSeek-V3 share: scores are `sigmoid(logit)`, experts are
 /// chosen by score plus the router's `e_score_correction_bias` among the best `topk_group` of
 /// `n_group` groups, and the chosen scores (renormalised when `norm_topk_prob`) are multiplied by
-/// `routed_scaling_factor`. `base` holds the expert count, top-k and renormalisation.
-pub fn biased_sigmoid_router(raw: &RawConfig, base: RouterConfig) -> Result<RouterConfig> {
+/// `routed_scaling_factor`. `base` holds the expert count, top-k and renormalisation; `defaults`
+/// the class's values for the fields a config leaves out.
+pub fn biased_sigmoid_router(
+    raw: &RawConfig,
+    base: RouterConfig,
+    defaults: GroupDefaults,
+) -> Result<RouterConfig> {
     let (e, k) = (base.num_experts, base.top_k);
-    let n_group = raw.usize_or(&["n_group"], 1)?;
-    let topk_group = raw.usize_or(&["topk_group"], 1)?;
-    let scale = raw.f64_or(&["routed_scaling_factor"], 1.0)?;
+    let n_group = raw.usize_or(&["n_group"], defaults.n_group)?;
+    let topk_group = raw.usize_or(&["topk_group"], defaults.topk_group)?;
+    let scale = raw.f64_or(&["routed_scaling_factor"], defaults.routed_scaling_factor)?;
     let bad = |reason: String| Err(Error::bad_config(&raw.path, reason));
     if n_group == 0 || !e.is_multiple_of(n_group) {
         return bad(format!(

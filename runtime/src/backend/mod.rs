@@ -185,9 +185,45 @@ impl From<&RouterConfig> for RouterRule {
 pub struct AttnShape {
     pub num_heads: usize,
     pub num_kv_heads: usize,
+    /// Width of one query / key head.
     pub head_dim: usize,
+    /// Width of one value head: `head_dim`, or with values read from the keys (latent
+    /// attention) the leading `value_dim` values of each key head.
+    pub value_dim: usize,
+    /// Multiplies the scores before the softmax (`head_dim^-1/2` for most architectures).
+    pub scale: f32,
     /// Keys older than this many positions are not attended to (None = full causal).
     pub sliding_window: Option<usize>,
+}
+
+impl AttnShape {
+    /// Standard multi-head attention: values as wide as keys, scores scaled by `head_dim^-1/2`.
+    pub fn standard(
+        num_heads: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        sliding_window: Option<usize>,
+    ) -> AttnShape {
+        AttnShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            value_dim: head_dim,
+            scale: (head_dim as f32).powf(-0.5),
+            sliding_window,
+        }
+    }
+}
+
+/// The row blocks of one weight that [`Backend::head_matmul`] gives each head: head `h` uses
+/// rows `h * stride + offset .. h * stride + offset + len` of a `[.., cols]` weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadBlocks {
+    pub heads: usize,
+    pub stride: usize,
+    pub offset: usize,
+    pub len: usize,
+    pub cols: usize,
 }
 
 /// One gated DeltaNet layer's parameters, as the backend holds them.
@@ -257,6 +293,25 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn take_rows(&self, x: &Self::Act, width: usize, ranges: &[Range<usize>]) -> Self::Act;
     /// Rows of `heads` blocks `[first d | second d]` split into two `[rows, heads * d]` arrays.
     fn split_halves(&self, x: &Self::Act, d: usize) -> (Self::Act, Self::Act);
+    /// Rows of `heads` blocks `[first a | then b]` split into `[rows, heads * a]` and
+    /// `[rows, heads * b]` (the heads counted from the row width).
+    fn split_heads(&self, x: &Self::Act, a: usize, b: usize) -> (Self::Act, Self::Act);
+    /// The inverse of [`Backend::split_heads`]: head `h` of a row is `x`'s head `h` (`a` wide)
+    /// then `y`'s (`b` wide).
+    fn join_heads(&self, x: &Self::Act, y: &Self::Act, a: usize, b: usize) -> Self::Act;
+    /// Products of each head with its own row block of `w` (MLA's absorbed `kv_b_proj`), per
+    /// [`HeadBlocks`]. Not `transposed`: `x` is `[rows, heads * cols]` and
+    /// `out[r, h, o] = Σ_c x[r, h, c] · w[block_h + o, c]` (`[rows, heads * len]`); `transposed`:
+    /// `x` is `[rows, heads * len]` and `out[r, h, c] = Σ_o x[r, h, o] · w[block_h + o, c]`
+    /// (`[rows, heads * cols]`).
+    fn head_matmul(
+        &self,
+        x: &Self::Act,
+        rows: usize,
+        w: &Self::Weight,
+        blocks: &HeadBlocks,
+        transposed: bool,
+    ) -> Self::Act;
     /// `x = clamp(x, -limit, limit)`.
     fn clamp(&self, x: &mut Self::Act, limit: f32);
     /// Rotary embedding of every `head_dim`-wide head of `q` and `k`, row `r` at position
@@ -294,15 +349,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn kv_bytes(&self, kv: &Self::Kv) -> usize;
     /// Causal attention of several sequences: rows `lens[0]` of `q`/`k`/`v` belong to sequence 0
     /// and so on; each sequence's new `k`/`v` rows are appended to its cache, then its queries
-    /// attend over the cache (within the sliding window). `sinks` (one learned logit per head,
-    /// gpt-oss) join each head's softmax as a position without a value. Returns
-    /// `[rows, heads * head_dim]`.
+    /// attend over the cache (within the sliding window). Without `v` (latent attention) the
+    /// cache holds keys only and each head's values are the leading `shape.value_dim` values
+    /// of its key. `sinks` (one learned logit per head, gpt-oss) join each head's softmax as a
+    /// position without a value. Returns `[rows, heads * value_dim]`.
     #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         q: &Self::Act,
         k: &Self::Act,
-        v: &Self::Act,
+        v: Option<&Self::Act>,
         lens: &[usize],
         caches: &mut [&mut Self::Kv],
         shape: &AttnShape,

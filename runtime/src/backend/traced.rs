@@ -9,7 +9,9 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 use super::cpu::{KvCache, LinearState};
-use super::{AttnShape, Backend, Cpu, DeltaNetParams, Glu, KvElem, RouterRule, Routing};
+use super::{
+    AttnShape, Backend, Cpu, DeltaNetParams, Glu, HeadBlocks, KvElem, RouterRule, Routing,
+};
 use crate::config::Rope;
 use crate::error::Result;
 use crate::weights::TensorRef;
@@ -93,6 +95,25 @@ impl Backend for Traced {
         self.hit("split_halves");
         self.cpu.split_halves(x, d)
     }
+    fn split_heads(&self, x: &Vec<f32>, a: usize, b: usize) -> (Vec<f32>, Vec<f32>) {
+        self.hit("split_heads");
+        self.cpu.split_heads(x, a, b)
+    }
+    fn join_heads(&self, x: &Vec<f32>, y: &Vec<f32>, a: usize, b: usize) -> Vec<f32> {
+        self.hit("join_heads");
+        self.cpu.join_heads(x, y, a, b)
+    }
+    fn head_matmul(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        w: &TensorRef,
+        blocks: &HeadBlocks,
+        transposed: bool,
+    ) -> Vec<f32> {
+        self.hit("head_matmul");
+        self.cpu.head_matmul(x, rows, w, blocks, transposed)
+    }
     fn clamp(&self, x: &mut Vec<f32>, limit: f32) {
         self.hit("clamp");
         self.cpu.clamp(x, limit)
@@ -142,7 +163,7 @@ impl Backend for Traced {
         &self,
         q: &Vec<f32>,
         k: &Vec<f32>,
-        v: &Vec<f32>,
+        v: Option<&Vec<f32>>,
         lens: &[usize],
         caches: &mut [&mut KvCache],
         shape: &AttnShape,

@@ -130,6 +130,10 @@ pub(crate) fn ggml_type(d: Dtype) -> Option<GgmlType> {
         Dtype::F8B128 => GgmlType::MoeF8B128,
         Dtype::Nf4 => GgmlType::MoeNf4B64,
         Dtype::Fp4 => GgmlType::MoeFp4B64,
+        Dtype::Nf4Bf16 => GgmlType::MoeNf4B64Bf16,
+        Dtype::Nf4F16 => GgmlType::MoeNf4B64F16,
+        Dtype::Fp4Bf16 => GgmlType::MoeFp4B64Bf16,
+        Dtype::Fp4F16 => GgmlType::MoeFp4B64F16,
         Dtype::Mxfp4 => GgmlType::MoeMxfp4B32,
         _ => return None,
     })

@@ -92,13 +92,25 @@ pub enum GgmlType {
     MoeNf4B64,
     /// bitsandbytes FP4 x 64 + f32 scale (see [`GgmlType::MoeF8B128`]).
     MoeFp4B64,
+    /// [`GgmlType::MoeNf4B64`] blocks whose values are rounded to bf16 (a bitsandbytes quant
+    /// state's `dtype`); the same bytes.
+    MoeNf4B64Bf16,
+    /// [`GgmlType::MoeNf4B64`] blocks whose values are rounded to f16.
+    MoeNf4B64F16,
+    /// [`GgmlType::MoeFp4B64`] blocks whose values are rounded to bf16.
+    MoeFp4B64Bf16,
+    /// [`GgmlType::MoeFp4B64`] blocks whose values are rounded to f16.
+    MoeFp4B64F16,
     /// MXFP4: an E8M0 scale byte + 32 E2M1 codes, low nibble first, as checkpoints store them
     /// (17 bytes; GGML's own MXFP4 orders the nibbles differently, so this is not its id 39).
     MoeMxfp4B32,
+    /// GGML's MXFP4 (id 39, llama.cpp's `block_mxfp4`): an E8M0 scale byte, then 16 bytes
+    /// whose low nibbles are elements 0..16 and high nibbles elements 16..32 (as `Q4_0`).
+    Mxfp4,
 }
 
 impl GgmlType {
-    const ALL: [GgmlType; 24] = [
+    const ALL: [GgmlType; 29] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
@@ -122,7 +134,12 @@ impl GgmlType {
         GgmlType::MoeF8B128,
         GgmlType::MoeNf4B64,
         GgmlType::MoeFp4B64,
+        GgmlType::MoeNf4B64Bf16,
+        GgmlType::MoeNf4B64F16,
+        GgmlType::MoeFp4B64Bf16,
+        GgmlType::MoeFp4B64F16,
         GgmlType::MoeMxfp4B32,
+        GgmlType::Mxfp4,
     ];
 
     /// The `ggml_type` id.
@@ -149,10 +166,15 @@ impl GgmlType {
             I64 => 27,
             F64 => 28,
             BF16 => 30,
+            Mxfp4 => 39,
             MoeF8B128 => 1000,
             MoeNf4B64 => 1001,
             MoeFp4B64 => 1002,
             MoeMxfp4B32 => 1003,
+            MoeNf4B64Bf16 => 1004,
+            MoeNf4B64F16 => 1005,
+            MoeFp4B64Bf16 => 1006,
+            MoeFp4B64F16 => 1007,
         }
     }
 
@@ -185,10 +207,15 @@ impl GgmlType {
             I64 => "I64",
             F64 => "F64",
             BF16 => "BF16",
+            Mxfp4 => "MXFP4",
             MoeF8B128 => "MOE_F8_E4M3_B128",
             MoeNf4B64 => "MOE_NF4_B64",
             MoeFp4B64 => "MOE_FP4_B64",
             MoeMxfp4B32 => "MOE_MXFP4_B32",
+            MoeNf4B64Bf16 => "MOE_NF4_B64_BF16",
+            MoeNf4B64F16 => "MOE_NF4_B64_F16",
+            MoeFp4B64Bf16 => "MOE_FP4_B64_BF16",
+            MoeFp4B64F16 => "MOE_FP4_B64_F16",
         }
     }
 
@@ -197,10 +224,12 @@ impl GgmlType {
         use GgmlType::*;
         match self {
             F32 | F16 | BF16 | I8 | I16 | I32 | I64 | F64 => 1,
-            Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | MoeMxfp4B32 => 32,
+            Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | MoeMxfp4B32 | Mxfp4 => 32,
             Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K => 256,
             MoeF8B128 => 128,
-            MoeNf4B64 | MoeFp4B64 => 64,
+            MoeNf4B64 | MoeFp4B64 | MoeNf4B64Bf16 | MoeNf4B64F16 | MoeFp4B64Bf16 | MoeFp4B64F16 => {
+                64
+            }
         }
     }
 
@@ -225,8 +254,10 @@ impl GgmlType {
             Q6_K => 210,
             Q8_K => 292,
             MoeF8B128 => 132,
-            MoeNf4B64 | MoeFp4B64 => 36,
-            MoeMxfp4B32 => 17,
+            MoeNf4B64 | MoeFp4B64 | MoeNf4B64Bf16 | MoeNf4B64F16 | MoeFp4B64Bf16 | MoeFp4B64F16 => {
+                36
+            }
+            MoeMxfp4B32 | Mxfp4 => 17,
         }
     }
 

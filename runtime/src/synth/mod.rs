@@ -2,28 +2,39 @@
 //! Hub layout, so the runtime (and `transformers`) open them as if downloaded.
 //!
 //! This module owns the synthetic-model writer only; it depends on nothing else in the
-//! crate. For architectures `qwen3_moe` (`Qwen3MoeForCausalLM`) and `qwen3_next`
-//! (`Qwen3NextForCausalLM`) it writes into one folder:
-//! `config.json`, `generation_config.json`, `model-0000i-of-0000N.safetensors` shards,
-//! `model.safetensors.index.json` (always, even for one shard), `tokenizer.json`
+//! crate but the GGUF writer. For architectures `qwen3_moe` (`Qwen3MoeForCausalLM`),
+//! `qwen3_next` (`Qwen3NextForCausalLM`), `glm4_moe` (`Glm4MoeForCausalLM`), `gpt_oss`
+//! (`GptOssForCausalLM`) and `deepseek_v3` (`DeepseekV3ForCausalLM`) it writes into one
+//! folder: `config.json`, `generation_config.json`, `model-0000i-of-0000N.safetensors`
+//! shards, `model.safetensors.index.json` (always, even for one shard), `tokenizer.json`
 //! (byte-level BPE) and `tokenizer_config.json` (ChatML template).
 //!
 //! Each preset belongs to one architecture (`demo`, `mini`, `bench-m`: `qwen3_moe`;
-//! `next-demo`, `next-shape`, `next-bench`: `qwen3_next`); asking for a preset with
-//! another architecture is an error. A `qwen3_next` checkpoint has, like the
+//! `next-demo`, `next-shape`, `next-bench`: `qwen3_next`; `glm45-demo`,
+//! `glm45-air-shape`: `glm4_moe`; `gpt-oss-demo`, `gpt-oss-20b-shape`,
+//! `gpt-oss-120b-shape`: `gpt_oss`; `deepseek-v3-demo`, `deepseek-v3-shape`:
+//! `deepseek_v3`); asking for a preset with another architecture is an error. The
+//! `*-shape` presets are the releases' dimensions (cut them with `layers`, which keeps at
+//! least one sparse layer). A `qwen3_next` checkpoint has, like the
 //! `Qwen/Qwen3-Next-80B-A3B` release, linear-attention (Gated DeltaNet) layers with every
 //! `full_attention_interval`-th layer full (gated) attention, per-expert tensors plus a
 //! shared expert in every MoE block, zero-centred RMSNorm weights (zeros: scale 1), and
-//! the release's multi-token-prediction tensors `mtp.*` (which the runtime ignores).
+//! the release's multi-token-prediction tensors `mtp.*` (which the runtime ignores). The
+//! GLM-4.5-Air, gpt-oss and DeepSeek-V3 checkpoints are the releases' tensors less their
+//! multi-token-prediction layer (`num_nextn_predict_layers` 0): GLM's and DeepSeek's
+//! dense leading layers, per-expert bf16 tensors, ungated shared experts and f32
+//! `e_score_correction_bias`; GLM's q/k/v biases; gpt-oss's sinks, biases and MXFP4
+//! experts (`*_blocks` / `*_scales` U8, `quantization_config` mxfp4); DeepSeek's latent
+//! attention in bf16.
 //!
 //! What must always hold:
-//! - Tensor names, shapes and dtype (BF16) are exactly the Hub's Qwen3-MoE / Qwen3-Next
-//!   ones (Qwen3-Next: as the release stores them, one tensor per expert, `mtp.*`
-//!   included); the index maps every tensor to the shard holding it and `total_size` is
-//!   the sum of tensor data bytes; in each shard the `data_offsets` tile the data region
-//!   exactly.
+//! - Tensor names, shapes and dtypes are exactly the Hub releases' (bf16; f32 for
+//!   `e_score_correction_bias`; U8 for MXFP4 codes and scales); the index maps every
+//!   tensor to the shard holding it and `total_size` is the sum of tensor data bytes; in
+//!   each shard the `data_offsets` tile the data region exactly.
 //! - The closed forms [`Preset::param_count`] and [`Preset::tensor_count`] equal the
-//!   tensor list's sums for every preset and layer count.
+//!   tensor list's sums for every preset and layer count (an MXFP4 code byte holds two
+//!   parameters, a scale byte none).
 //! - Output is a pure function of (arch, preset, layers, seed, shard limit): the same
 //!   inputs give byte-identical files whatever the thread count.
 //! - Memory stays bounded: tensor data is generated and written in chunks (a few MiB
@@ -31,10 +42,11 @@
 //! - Every file is written atomically (`NAME.tmp-<pid>`, fsync, rename), then the folder
 //!   is fsynced; `config.json` is written last, so a folder with it is complete.
 //! - A non-empty output folder is never written into unless `overwrite` is set.
-//! - [`synth_gguf`] writes the same weights (bit-identical) as one GGUF file in
-//!   llama.cpp's `qwen3moe` layout (see `twin.rs`), streamed through
-//!   [`crate::gguf::GgufWriter`] with the same bounded memory, atomically. It exists for
-//!   `qwen3_moe` only; for `qwen3_next` it is refused (no file is written).
+//! - [`synth_gguf`] writes the same weights (bit-identical, through the converter's
+//!   reshapes) as one GGUF file in llama.cpp's `qwen3moe`, `glm4moe`, `gpt-oss` or
+//!   `deepseek2` layout (see `twin.rs`), streamed through [`crate::gguf::GgufWriter`]
+//!   with the same bounded memory, atomically. For `qwen3_next` it is refused (no file is
+//!   written).
 //! - The tokenizer has exactly `vocab_size` ids: 256 byte tokens, merges (each joining
 //!   two earlier tokens into a new one), then `<|endoftext|>`, `<|im_start|>`,
 //!   `<|im_end|>`.
@@ -54,18 +66,17 @@ use std::path::{Path, PathBuf};
 
 use preset::TensorSpec;
 pub use preset::{
-    preset, preset_names, preset_names_for, Preset, SpecialIds, HUB_SHARD_BYTES, QWEN3_MOE,
-    QWEN3_NEXT,
+    preset, preset_names, preset_names_for, Preset, SpecialIds, DEEPSEEK_V3, GLM4_MOE, GPT_OSS,
+    HUB_SHARD_BYTES, QWEN3_MOE, QWEN3_NEXT,
 };
 
 /// Architectures `synth` can write (Hub `model_type` names).
-pub const ARCHS: &[&str] = &[QWEN3_MOE, QWEN3_NEXT];
+pub const ARCHS: &[&str] = &[QWEN3_MOE, QWEN3_NEXT, GLM4_MOE, GPT_OSS, DEEPSEEK_V3];
 
 /// What to write and where.
 #[derive(Debug, Clone)]
 pub struct SynthOptions {
-    /// Hub `model_type`: `qwen3_moe` or `qwen3_next` (see [`ARCHS`]); must be the
-    /// preset's.
+    /// Hub `model_type`, one of [`ARCHS`]; must be the preset's.
     pub arch: String,
     /// Preset name, see [`preset_names`] and [`preset_names_for`].
     pub preset: String,
@@ -151,6 +162,9 @@ pub fn resolve_preset(opts: &SynthOptions) -> Result<Preset, SynthError> {
             return Err(SynthError::Invalid("layers must be at least 1".into()));
         }
         p.num_hidden_layers = layers;
+        // A cut model keeps at least one sparse layer (DeepSeek-V3's three dense layers
+        // would otherwise fill a `--layers 2` model).
+        p.first_k_dense_replace = p.first_k_dense_replace.min(layers - 1);
     }
     p.validate()?;
     Ok(p)
@@ -172,7 +186,7 @@ pub fn synth(
 
     let specs = p.tensors();
     let weight_bytes: u64 = specs.iter().map(TensorSpec::size_bytes).sum();
-    let params: u64 = specs.iter().map(TensorSpec::numel).sum();
+    let params: u64 = specs.iter().map(TensorSpec::params).sum();
     debug_assert_eq!(params, p.param_count());
     let keys: Vec<u64> = specs
         .iter()
@@ -233,12 +247,13 @@ pub fn synth(
 }
 
 /// Writes the GGUF twin of the model `opts` describes to the file `path` (llama.cpp
-/// architecture `qwen3moe`, BF16 with F32 norms and router; the same weights, bit for
-/// bit, as [`synth`] writes for the same options). Uses `arch`, `preset`, `layers`,
+/// architecture `qwen3moe`, `glm4moe`, `gpt-oss` or `deepseek2`: BF16 with F32 norms,
+/// biases and router, gpt-oss's experts MXFP4; the same weights, bit for bit, as
+/// [`synth`] writes for the same options). Uses `arch`, `preset`, `layers`,
 /// `seed` and `overwrite` (replace an existing file) from `opts`; `out` and
-/// `shard_bytes` are ignored. The parent folder is created if missing. Only for
-/// `qwen3_moe`: a `qwen3_next` model gives [`SynthError::Invalid`] (convert its folder
-/// with llama.cpp's `convert_hf_to_gguf.py` instead).
+/// `shard_bytes` are ignored. The parent folder is created if missing. A `qwen3_next`
+/// model gives [`SynthError::Invalid`] (convert its folder with llama.cpp's
+/// `convert_hf_to_gguf.py` instead).
 /// `progress(written, total)` reports bytes of tensor data; the report's `weight_bytes`
 /// is the GGUF's tensor data bytes (F32 tensors count 4 bytes per element).
 pub fn synth_gguf(
@@ -247,11 +262,11 @@ pub fn synth_gguf(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<SynthReport, SynthError> {
     let p = resolve_preset(opts)?;
-    if p.arch != twin::HF_ARCH {
+    if twin::gguf_arch(p.arch).is_none() {
         return Err(SynthError::Invalid(format!(
             "the GGUF twin is written for {} only; convert a {} folder with llama.cpp's \
              convert_hf_to_gguf.py",
-            twin::HF_ARCH,
+            twin::TWIN_ARCHS.join(", "),
             p.arch
         )));
     }
@@ -268,11 +283,22 @@ pub fn synth_gguf(
     let specs = p.tensors();
     let tensors = twin::twin_tensors(&p, &specs);
     let mut chunks = Vec::new();
+    let source = |s: usize, map: writer::Affine| writer::Source {
+        key: writer::tensor_key(opts.seed, &specs[s].name),
+        init: specs[s].init,
+        map,
+    };
     for t in &tensors {
-        let f32 = t.spec.ty == crate::gguf::GgmlType::F32;
-        for &s in &t.sources {
-            let key = writer::tensor_key(opts.seed, &specs[s].name);
-            writer::push_chunks(&mut chunks, key, specs[s].init, specs[s].numel(), f32);
+        for part in &t.parts {
+            let out = match (t.spec.ty, part.scales) {
+                (crate::gguf::GgmlType::F32, None) => writer::Out::F32,
+                (crate::gguf::GgmlType::BF16, None) => writer::Out::Bf16,
+                (crate::gguf::GgmlType::Mxfp4, Some(scales)) => writer::Out::Mxfp4 {
+                    scales: source(scales, part.map),
+                },
+                (ty, _) => unreachable!("twin tensors are F32, BF16 or MXFP4, not {ty:?}"),
+            };
+            writer::push_chunks(&mut chunks, source(part.source, part.map), out);
         }
     }
     let gg_specs: Vec<_> = tensors.iter().map(|t| t.spec.clone()).collect();
@@ -282,7 +308,7 @@ pub fn synth_gguf(
         &gg_specs,
         crate::gguf::DEFAULT_ALIGNMENT,
     )?;
-    let params: u64 = specs.iter().map(TensorSpec::numel).sum();
+    let params: u64 = specs.iter().map(TensorSpec::params).sum();
     let weight_bytes: u64 = gg_specs
         .iter()
         .map(|t| t.ty.tensor_bytes(&t.dims).expect("valid twin dims"))

@@ -6,13 +6,21 @@ use super::SynthError;
 pub const QWEN3_MOE: &str = "qwen3_moe";
 /// Hub `model_type` of Qwen3-Next (`Qwen3NextForCausalLM`).
 pub const QWEN3_NEXT: &str = "qwen3_next";
+/// Hub `model_type` of GLM-4.5 / GLM-4.5-Air (`Glm4MoeForCausalLM`).
+pub const GLM4_MOE: &str = "glm4_moe";
+/// Hub `model_type` of gpt-oss (`GptOssForCausalLM`).
+pub const GPT_OSS: &str = "gpt_oss";
+/// Hub `model_type` of DeepSeek-V3 / R1 (`DeepseekV3ForCausalLM`).
+pub const DEEPSEEK_V3: &str = "deepseek_v3";
 
 /// Dimensions of a synthetic model (names follow the Hub's `config.json`).
 ///
 /// A preset belongs to one architecture ([`Preset::arch`]). Fields that only
 /// `qwen3_next` uses (linear attention, shared expert, multi-token prediction) are 0 for
-/// `qwen3_moe`, whose `full_attention_interval` is 1 (every layer full attention) and
-/// `partial_rotary_factor` 1.0.
+/// the others, whose `full_attention_interval` is 1 (every layer full attention); fields
+/// of `glm4_moe` / `deepseek_v3` (leading dense layers, ungated shared experts, group
+/// routing), of `deepseek_v3` alone (MLA ranks and head widths) and of `gpt_oss` alone
+/// (sliding window) are 0 elsewhere.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Preset {
     /// Preset name as given to [`preset`].
@@ -53,6 +61,29 @@ pub struct Preset {
     /// Multi-token-prediction layers written as `mtp.*` tensors, as the Qwen3-Next
     /// release ships them (the runtime ignores them); 0 for `qwen3_moe`.
     pub mtp_layers: usize,
+    /// `rms_norm_eps` written to the config and the twin.
+    pub rms_norm_eps: f64,
+    /// Leading dense layers (`first_k_dense_replace`), MLP width `intermediate_size`
+    /// (`glm4_moe`, `deepseek_v3`). `--layers N` keeps it below `N`, so a cut model has a
+    /// sparse layer.
+    pub first_k_dense_replace: usize,
+    /// Ungated shared experts of width `n_shared_experts * moe_intermediate_size`
+    /// (`glm4_moe`, `deepseek_v3`).
+    pub n_shared_experts: usize,
+    /// Router groups and the groups kept (`glm4_moe`, `deepseek_v3`).
+    pub n_group: usize,
+    pub topk_group: usize,
+    /// `routed_scaling_factor` (`glm4_moe`, `deepseek_v3`; 0 elsewhere).
+    pub routed_scaling_factor: f64,
+    /// MLA (`deepseek_v3`): query latent width (0 writes one `q_proj`, as a null
+    /// `q_lora_rank`), key/value latent width, and the per-head widths.
+    pub q_lora_rank: usize,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// Window of the sliding-attention layers (`gpt_oss`: the even ones).
+    pub sliding_window: usize,
 }
 
 /// The Hub's default `max_shard_size` ("5GB").
@@ -84,6 +115,99 @@ const QWEN3_MOE_BASE: Preset = Preset {
     linear_conv_kernel_dim: 0,
     shared_expert_intermediate_size: 0,
     mtp_layers: 0,
+    rms_norm_eps: 1e-6,
+    first_k_dense_replace: 0,
+    n_shared_experts: 0,
+    n_group: 0,
+    topk_group: 0,
+    routed_scaling_factor: 0.0,
+    q_lora_rank: 0,
+    kv_lora_rank: 0,
+    qk_nope_head_dim: 0,
+    qk_rope_head_dim: 0,
+    v_head_dim: 0,
+    sliding_window: 0,
+};
+
+/// `zai-org/GLM-4.5-Air`'s config (every preset of `glm4_moe` fills in its dimensions).
+const GLM45_AIR: Preset = Preset {
+    name: "glm45-air-shape",
+    arch: GLM4_MOE,
+    hidden_size: 4096,
+    intermediate_size: 10944,
+    moe_intermediate_size: 1408,
+    num_hidden_layers: 46,
+    num_attention_heads: 96,
+    num_key_value_heads: 8,
+    head_dim: 128,
+    vocab_size: 151552,
+    max_position_embeddings: 131072,
+    num_experts: 128,
+    num_experts_per_tok: 8,
+    rope_theta: 1_000_000.0,
+    default_shard_bytes: HUB_SHARD_BYTES,
+    partial_rotary_factor: 0.5,
+    rms_norm_eps: 1e-5,
+    first_k_dense_replace: 1,
+    n_shared_experts: 1,
+    n_group: 1,
+    topk_group: 1,
+    routed_scaling_factor: 1.0,
+    ..QWEN3_MOE_BASE
+};
+
+/// `openai/gpt-oss-20b`'s config.
+const GPT_OSS_20B: Preset = Preset {
+    name: "gpt-oss-20b-shape",
+    arch: GPT_OSS,
+    hidden_size: 2880,
+    intermediate_size: 2880,
+    moe_intermediate_size: 2880,
+    num_hidden_layers: 24,
+    num_attention_heads: 64,
+    num_key_value_heads: 8,
+    head_dim: 64,
+    vocab_size: 201088,
+    max_position_embeddings: 131072,
+    num_experts: 32,
+    num_experts_per_tok: 4,
+    rope_theta: 150_000.0,
+    default_shard_bytes: HUB_SHARD_BYTES,
+    rms_norm_eps: 1e-5,
+    sliding_window: 128,
+    ..QWEN3_MOE_BASE
+};
+
+/// `deepseek-ai/DeepSeek-V3`'s config (bf16 instead of the release's FP8 blocks).
+const DEEPSEEK_V3_671B: Preset = Preset {
+    name: "deepseek-v3-shape",
+    arch: DEEPSEEK_V3,
+    hidden_size: 7168,
+    intermediate_size: 18432,
+    moe_intermediate_size: 2048,
+    num_hidden_layers: 61,
+    num_attention_heads: 128,
+    num_key_value_heads: 128,
+    // The runtime's head width for MLA is the rope width (`qk_rope_head_dim`).
+    head_dim: 64,
+    vocab_size: 129280,
+    max_position_embeddings: 163840,
+    num_experts: 256,
+    num_experts_per_tok: 8,
+    rope_theta: 10_000.0,
+    default_shard_bytes: HUB_SHARD_BYTES,
+    rms_norm_eps: 1e-6,
+    first_k_dense_replace: 3,
+    n_shared_experts: 1,
+    n_group: 8,
+    topk_group: 4,
+    routed_scaling_factor: 2.5,
+    q_lora_rank: 1536,
+    kv_lora_rank: 512,
+    qk_nope_head_dim: 128,
+    qk_rope_head_dim: 64,
+    v_head_dim: 128,
+    ..QWEN3_MOE_BASE
 };
 
 const PRESETS: &[Preset] = &[
@@ -166,6 +290,7 @@ const PRESETS: &[Preset] = &[
         linear_conv_kernel_dim: 4,
         shared_expert_intermediate_size: 64,
         mtp_layers: 1,
+        ..QWEN3_MOE_BASE
     },
     // The layer and expert structure of Qwen3-Next-80B-A3B (48 layers, 36 linear + 12
     // full, 512 experts, top-10, shared expert, one MTP layer), with the release's tensor
@@ -196,6 +321,7 @@ const PRESETS: &[Preset] = &[
         linear_conv_kernel_dim: 4,
         shared_expert_intermediate_size: 32,
         mtp_layers: 1,
+        ..QWEN3_MOE_BASE
     },
     // next-shape's structure at benchmark size: ~12.6 GB of weights.
     Preset {
@@ -223,11 +349,91 @@ const PRESETS: &[Preset] = &[
         linear_conv_kernel_dim: 4,
         shared_expert_intermediate_size: 512,
         mtp_layers: 1,
+        ..QWEN3_MOE_BASE
     },
+    // GLM-4.5-Air's structure (a dense first layer, 128 experts top-8 with a shared
+    // expert, sigmoid routing with a correction bias, q/k/v biases, half rotary) at test
+    // size: ~1.2 MB of weights.
+    Preset {
+        name: "glm45-demo",
+        hidden_size: 64,
+        intermediate_size: 160,
+        moe_intermediate_size: 32,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 32,
+        vocab_size: 2048,
+        max_position_embeddings: 4096,
+        num_experts: 16,
+        num_experts_per_tok: 4,
+        n_group: 4,
+        topk_group: 2,
+        default_shard_bytes: 1 << 20,
+        ..GLM45_AIR
+    },
+    // The released GLM-4.5-Air less its MTP layer: 46 layers, 106.85 B parameters, 214 GB.
+    GLM45_AIR,
+    // gpt-oss's structure (alternating sliding / full layers with sinks, biased router,
+    // MXFP4 experts with biases) at test size.
+    Preset {
+        name: "gpt-oss-demo",
+        hidden_size: 64,
+        intermediate_size: 64,
+        moe_intermediate_size: 64,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        vocab_size: 2048,
+        max_position_embeddings: 4096,
+        num_experts: 8,
+        num_experts_per_tok: 2,
+        sliding_window: 8,
+        default_shard_bytes: 1 << 20,
+        ..GPT_OSS_20B
+    },
+    // The released gpt-oss-20b: 24 layers x 32 MXFP4 experts, 20.91 B parameters, 13.8 GB.
+    GPT_OSS_20B,
+    // The released gpt-oss-120b: 36 layers x 128 experts, 116.83 B parameters, 65.2 GB.
+    Preset {
+        name: "gpt-oss-120b-shape",
+        num_hidden_layers: 36,
+        num_experts: 128,
+        ..GPT_OSS_20B
+    },
+    // DeepSeek-V3's structure (MLA with a query latent, three dense layers, 8 groups of
+    // experts, shared expert) at test size; `--layers 2` keeps one sparse layer.
+    Preset {
+        name: "deepseek-v3-demo",
+        hidden_size: 64,
+        intermediate_size: 160,
+        moe_intermediate_size: 32,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        num_key_value_heads: 4,
+        head_dim: 16,
+        vocab_size: 2048,
+        max_position_embeddings: 4096,
+        num_experts: 16,
+        num_experts_per_tok: 4,
+        q_lora_rank: 48,
+        kv_lora_rank: 32,
+        qk_nope_head_dim: 32,
+        qk_rope_head_dim: 16,
+        // Unlike the release, v differs from nope: a k_b / v_b split that mixed them up
+        // would show.
+        v_head_dim: 24,
+        default_shard_bytes: 1 << 20,
+        ..DEEPSEEK_V3_671B
+    },
+    // The released DeepSeek-V3 in bf16 (less its MTP layer): 61 layers x 256 experts,
+    // 671.03 B parameters, 1.34 TB.
+    DEEPSEEK_V3_671B,
 ];
 
-/// Names of all presets, each architecture's smallest first (`qwen3_moe`, then
-/// `qwen3_next`).
+/// Names of all presets, each architecture's smallest first (`qwen3_moe`, `qwen3_next`,
+/// `glm4_moe`, `gpt_oss`, `deepseek_v3`).
 pub fn preset_names() -> Vec<&'static str> {
     PRESETS.iter().map(|p| p.name).collect()
 }
@@ -253,8 +459,52 @@ pub(crate) enum Init {
     Ones,
     /// Every element is 0.0 (zero-centred RMSNorm weights, computing `x * (1 + w)`).
     Zeros,
+    /// Bytes uniform in `lo..=hi` (MXFP4 codes: all bytes; E8M0 scales: a narrow band of
+    /// exponents).
+    Bytes { lo: u8, hi: u8 },
     /// Zero-mean, roughly normal (Irwin-Hall of 4 uniforms) with this standard deviation.
     Normal { std: f32 },
+}
+
+/// How a tensor is stored in the safetensors files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dtype {
+    BF16,
+    /// f32 holding bf16 values exactly (`e_score_correction_bias`, stored f32 by the
+    /// releases).
+    F32,
+    /// U8 MXFP4 codes: two 4-bit weights per byte (`*_blocks`).
+    Mxfp4Codes,
+    /// U8 E8M0 exponents, one per 32 weights (`*_scales`).
+    E8m0Scales,
+}
+
+impl Dtype {
+    pub fn bytes(self) -> u64 {
+        match self {
+            Dtype::BF16 => 2,
+            Dtype::F32 => 4,
+            Dtype::Mxfp4Codes | Dtype::E8m0Scales => 1,
+        }
+    }
+
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            Dtype::BF16 => "BF16",
+            Dtype::F32 => "F32",
+            Dtype::Mxfp4Codes | Dtype::E8m0Scales => "U8",
+        }
+    }
+
+    /// How the writer emits its elements.
+    pub(crate) fn out(self) -> super::writer::Out {
+        use super::writer::Out;
+        match self {
+            Dtype::BF16 => Out::Bf16,
+            Dtype::F32 => Out::F32,
+            Dtype::Mxfp4Codes | Dtype::E8m0Scales => Out::U8,
+        }
+    }
 }
 
 /// One tensor of the checkpoint, in the order the model's `state_dict` lists it.
@@ -263,6 +513,7 @@ pub(crate) struct TensorSpec {
     pub name: String,
     pub shape: Vec<u64>,
     pub init: Init,
+    pub dtype: Dtype,
 }
 
 impl TensorSpec {
@@ -270,7 +521,15 @@ impl TensorSpec {
         self.shape.iter().product()
     }
     pub fn size_bytes(&self) -> u64 {
-        self.numel() * 2
+        self.numel() * self.dtype.bytes()
+    }
+    /// Model parameters this tensor holds: two per MXFP4 code byte, none for the scales.
+    pub fn params(&self) -> u64 {
+        match self.dtype {
+            Dtype::Mxfp4Codes => 2 * self.numel(),
+            Dtype::E8m0Scales => 0,
+            Dtype::BF16 | Dtype::F32 => self.numel(),
+        }
     }
 }
 
@@ -279,7 +538,16 @@ struct Specs(Vec<TensorSpec>);
 
 impl Specs {
     fn push(&mut self, name: String, shape: Vec<u64>, init: Init) {
-        self.0.push(TensorSpec { name, shape, init });
+        self.push_as(name, shape, init, Dtype::BF16);
+    }
+
+    fn push_as(&mut self, name: String, shape: Vec<u64>, init: Init, dtype: Dtype) {
+        self.0.push(TensorSpec {
+            name,
+            shape,
+            init,
+            dtype,
+        });
     }
 
     /// A SwiGLU MLP under `prefix` (an expert or the shared expert): gate, up `[inter, h]`,
@@ -300,6 +568,18 @@ impl Specs {
     }
 }
 
+/// Weights per MXFP4 block (one E8M0 scale byte each).
+pub(crate) const MXFP4_BLOCK: u64 = 32;
+
+/// E8M0 scales for MXFP4 weights of fan-in `fan_in`: codes uniform over all 16 E2M1
+/// values have RMS 2.93, so exponent `e = round(log2(1 / (sqrt(fan_in) * 2.93)))` gives
+/// std ~1/sqrt(fan_in); the scales draw `e - 1` or `e` (biased by 127).
+fn mxfp4_scales(fan_in: u64) -> Init {
+    let e = (inv_sqrt(fan_in) / 2.93).log2().round() as i32;
+    let hi = (127 + e).clamp(1, 254) as u8;
+    Init::Bytes { lo: hi - 1, hi }
+}
+
 fn normal(std: f32) -> Init {
     Init::Normal { std }
 }
@@ -312,6 +592,119 @@ impl Preset {
     /// Whether this preset writes `qwen3_next`.
     fn is_next(&self) -> bool {
         self.arch == QWEN3_NEXT
+    }
+
+    /// Whether this preset writes one of the Qwen layouts (`qwen3_moe`, `qwen3_next`).
+    fn is_qwen(&self) -> bool {
+        self.arch == QWEN3_MOE || self.arch == QWEN3_NEXT
+    }
+
+    /// Whether decoder layer `layer` is sparse (an MoE block); the leading
+    /// `first_k_dense_replace` layers are dense.
+    pub fn is_sparse(&self, layer: usize) -> bool {
+        layer >= self.first_k_dense_replace
+    }
+
+    /// Sparse decoder layers.
+    pub fn sparse_layers(&self) -> usize {
+        self.num_hidden_layers
+            .saturating_sub(self.first_k_dense_replace)
+    }
+
+    /// Checks of the `glm4_moe`, `gpt_oss` and `deepseek_v3` fields (the ones an
+    /// architecture does not use must be 0).
+    fn validate_new_arch(&self) -> Result<(), SynthError> {
+        let bad = |why: String| Err(SynthError::Invalid(format!("preset {}: {why}", self.name)));
+        let group = [
+            ("first_k_dense_replace", self.first_k_dense_replace),
+            ("n_shared_experts", self.n_shared_experts),
+            ("n_group", self.n_group),
+            ("topk_group", self.topk_group),
+        ];
+        let mla = [
+            ("kv_lora_rank", self.kv_lora_rank),
+            ("qk_nope_head_dim", self.qk_nope_head_dim),
+            ("qk_rope_head_dim", self.qk_rope_head_dim),
+            ("v_head_dim", self.v_head_dim),
+        ];
+        let grouped = self.arch == GLM4_MOE || self.arch == DEEPSEEK_V3;
+        for (what, v) in group {
+            if !grouped && v != 0 {
+                return bad(format!("{what} must be 0 for {}", self.arch));
+            }
+        }
+        for (what, v) in mla.iter().chain([("q_lora_rank", self.q_lora_rank)].iter()) {
+            if self.arch != DEEPSEEK_V3 && *v != 0 {
+                return bad(format!("{what} must be 0 for {}", self.arch));
+            }
+        }
+        if self.arch != GPT_OSS && self.sliding_window != 0 {
+            return bad(format!("sliding_window must be 0 for {}", self.arch));
+        }
+        if grouped {
+            for (what, v) in &group[2..] {
+                if *v == 0 {
+                    return bad(format!("{what} must be > 0 for {}", self.arch));
+                }
+            }
+            if !self.num_experts.is_multiple_of(self.n_group) || self.topk_group > self.n_group {
+                return bad(format!(
+                    "num_experts {} must split into n_group {} groups, of which topk_group {} \
+                     are kept",
+                    self.num_experts, self.n_group, self.topk_group
+                ));
+            }
+            if self.routed_scaling_factor.is_nan() || self.routed_scaling_factor <= 0.0 {
+                return bad("routed_scaling_factor must be > 0".into());
+            }
+        }
+        match self.arch {
+            DEEPSEEK_V3 => {
+                for (what, v) in mla {
+                    if v == 0 {
+                        return bad(format!("{what} must be > 0 for {DEEPSEEK_V3}"));
+                    }
+                }
+                if self.head_dim != self.qk_rope_head_dim {
+                    return bad(format!(
+                        "head_dim {} must equal qk_rope_head_dim {} (the MLA rope width)",
+                        self.head_dim, self.qk_rope_head_dim
+                    ));
+                }
+                if self.num_key_value_heads != self.num_attention_heads {
+                    return bad("num_key_value_heads must equal num_attention_heads".into());
+                }
+            }
+            GPT_OSS => {
+                if self.sliding_window == 0 {
+                    return bad(format!("sliding_window must be > 0 for {GPT_OSS}"));
+                }
+                for (what, v) in [
+                    ("hidden_size", self.hidden_size),
+                    ("moe_intermediate_size", self.moe_intermediate_size),
+                ] {
+                    if !v.is_multiple_of(MXFP4_BLOCK as usize) {
+                        return bad(format!(
+                            "{what} {v} must be a multiple of {MXFP4_BLOCK} (MXFP4 blocks)"
+                        ));
+                    }
+                }
+            }
+            GLM4_MOE => {
+                let rotary = self.head_dim as f64 * self.partial_rotary_factor;
+                if !(self.partial_rotary_factor > 0.0 && self.partial_rotary_factor <= 1.0)
+                    || rotary.fract() != 0.0
+                    || !(rotary as usize).is_multiple_of(2)
+                {
+                    return bad(format!(
+                        "head_dim {} * partial_rotary_factor {} must be a positive even integer",
+                        self.head_dim, self.partial_rotary_factor
+                    ));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Whether decoder layer `layer` uses full (softmax) attention; the others of a
@@ -364,15 +757,22 @@ impl Preset {
             ("mtp_layers", self.mtp_layers),
         ];
         match self.arch {
-            QWEN3_MOE => {
+            QWEN3_MOE | GLM4_MOE | GPT_OSS | DEEPSEEK_V3 => {
                 if let Some((what, _)) = next_only.iter().find(|(_, v)| *v != 0) {
-                    return bad(format!("{what} must be 0 for {QWEN3_MOE}"));
+                    return bad(format!("{what} must be 0 for {}", self.arch));
                 }
-                if self.full_attention_interval != 1 || self.partial_rotary_factor != 1.0 {
+                let rotary = if self.arch == GLM4_MOE {
+                    self.partial_rotary_factor
+                } else {
+                    1.0
+                };
+                if self.full_attention_interval != 1 || self.partial_rotary_factor != rotary {
                     return bad(format!(
-                        "{QWEN3_MOE} needs full_attention_interval 1 and partial_rotary_factor 1.0"
+                        "{} needs full_attention_interval 1 and partial_rotary_factor {rotary}",
+                        self.arch
                     ));
                 }
+                self.validate_new_arch()?;
             }
             QWEN3_NEXT => {
                 // mtp_layers may be 0 (a checkpoint without multi-token prediction).
@@ -448,11 +848,12 @@ impl Preset {
         let mut out = Specs(Vec::with_capacity(self.tensor_count()));
         out.push("model.embed_tokens.weight".into(), vec![v, h], normal(0.04));
         for l in 0..self.num_hidden_layers {
-            self.push_decoder(
-                &mut out,
-                &format!("model.layers.{l}"),
-                self.is_full_attention(l),
-            );
+            let prefix = format!("model.layers.{l}");
+            if self.is_qwen() {
+                self.push_decoder(&mut out, &prefix, self.is_full_attention(l));
+            } else {
+                self.push_layer(&mut out, &prefix, l);
+            }
         }
         out.push("model.norm.weight".into(), vec![h], self.norm_init());
         out.push(
@@ -582,8 +983,204 @@ impl Preset {
         );
     }
 
+    /// One decoder layer of `glm4_moe`, `gpt_oss` or `deepseek_v3` under `prefix`, in
+    /// the class's `state_dict` order (attention, MLP, the two norms).
+    ///
+    /// Scales as [`Self::tensors`] says, plus: biases std 0.02, gpt-oss sinks std 0.5
+    /// (logits of the order of the attention scores), router biases and
+    /// `e_score_correction_bias` std 0.01 (they shift the choice, never dominate it),
+    /// MXFP4 codes uniform over all 16 values (RMS 2.93) with E8M0 exponents chosen so the
+    /// weights' std is about 1/sqrt(fan_in).
+    fn push_layer(&self, out: &mut Specs, p: &str, layer: usize) {
+        let h = self.hidden_size as u64;
+        let heads = self.num_attention_heads as u64;
+        let e = self.num_experts as u64;
+        let i = self.moe_intermediate_size as u64;
+        let bias = normal(0.02);
+        let a = format!("{p}.self_attn");
+        if self.arch == DEEPSEEK_V3 {
+            let qk = (self.qk_nope_head_dim + self.qk_rope_head_dim) as u64;
+            let kvl = self.kv_lora_rank as u64;
+            if self.q_lora_rank > 0 {
+                let ql = self.q_lora_rank as u64;
+                out.push(
+                    format!("{a}.q_a_proj.weight"),
+                    vec![ql, h],
+                    normal(inv_sqrt(h)),
+                );
+                out.push(format!("{a}.q_a_layernorm.weight"), vec![ql], Init::Ones);
+                out.push(
+                    format!("{a}.q_b_proj.weight"),
+                    vec![heads * qk, ql],
+                    normal(inv_sqrt(ql)),
+                );
+            } else {
+                out.push(
+                    format!("{a}.q_proj.weight"),
+                    vec![heads * qk, h],
+                    normal(inv_sqrt(h)),
+                );
+            }
+            out.push(
+                format!("{a}.kv_a_proj_with_mqa.weight"),
+                vec![kvl + self.qk_rope_head_dim as u64, h],
+                normal(inv_sqrt(h)),
+            );
+            out.push(format!("{a}.kv_a_layernorm.weight"), vec![kvl], Init::Ones);
+            let v = self.v_head_dim as u64;
+            out.push(
+                format!("{a}.kv_b_proj.weight"),
+                vec![heads * (self.qk_nope_head_dim as u64 + v), kvl],
+                normal(inv_sqrt(kvl)),
+            );
+            out.push(
+                format!("{a}.o_proj.weight"),
+                vec![h, heads * v],
+                normal(inv_sqrt(heads * v)),
+            );
+        } else {
+            let hd = self.head_dim as u64;
+            let q = heads * hd;
+            let kv = self.num_key_value_heads as u64 * hd;
+            for (proj, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+                out.push(
+                    format!("{a}.{proj}.weight"),
+                    vec![rows, h],
+                    normal(inv_sqrt(h)),
+                );
+                out.push(format!("{a}.{proj}.bias"), vec![rows], bias);
+            }
+            out.push(
+                format!("{a}.o_proj.weight"),
+                vec![h, q],
+                normal(inv_sqrt(q)),
+            );
+            if self.arch == GPT_OSS {
+                out.push(format!("{a}.o_proj.bias"), vec![h], bias);
+                out.push(format!("{a}.sinks"), vec![heads], normal(0.5));
+            }
+        }
+        let m = format!("{p}.mlp");
+        if self.arch == GPT_OSS {
+            out.push(
+                format!("{m}.router.weight"),
+                vec![e, h],
+                normal(3.0 * inv_sqrt(h)),
+            );
+            out.push(format!("{m}.router.bias"), vec![e], normal(0.01));
+            let x = format!("{m}.experts");
+            for (proj, rows, cols) in [("gate_up_proj", 2 * i, h), ("down_proj", h, i)] {
+                let blocks = cols / MXFP4_BLOCK;
+                out.push_as(
+                    format!("{x}.{proj}_blocks"),
+                    vec![e, rows, blocks, MXFP4_BLOCK / 2],
+                    Init::Bytes { lo: 0, hi: 255 },
+                    Dtype::Mxfp4Codes,
+                );
+                out.push_as(
+                    format!("{x}.{proj}_scales"),
+                    vec![e, rows, blocks],
+                    mxfp4_scales(cols),
+                    Dtype::E8m0Scales,
+                );
+                out.push(format!("{x}.{proj}_bias"), vec![e, rows], bias);
+            }
+        } else if self.is_sparse(layer) {
+            for x in 0..e {
+                out.push_swiglu(&format!("{m}.experts.{x}"), h, i);
+            }
+            out.push(
+                format!("{m}.gate.weight"),
+                vec![e, h],
+                normal(3.0 * inv_sqrt(h)),
+            );
+            out.push_as(
+                format!("{m}.gate.e_score_correction_bias"),
+                vec![e],
+                normal(0.01),
+                Dtype::F32,
+            );
+            if self.n_shared_experts > 0 {
+                out.push_swiglu(
+                    &format!("{m}.shared_experts"),
+                    h,
+                    i * self.n_shared_experts as u64,
+                );
+            }
+        } else {
+            out.push_swiglu(&m, h, self.intermediate_size as u64);
+        }
+        out.push(format!("{p}.input_layernorm.weight"), vec![h], Init::Ones);
+        out.push(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            Init::Ones,
+        );
+    }
+
+    /// Tensors and parameters of one decoder layer of `glm4_moe`, `gpt_oss` or
+    /// `deepseek_v3` (closed forms of [`Self::push_layer`]), for a sparse and a dense
+    /// layer.
+    fn new_arch_layer_counts(&self) -> [(usize, u64); 2] {
+        let h = self.hidden_size as u64;
+        let heads = self.num_attention_heads as u64;
+        let e = self.num_experts as u64;
+        let i = self.moe_intermediate_size as u64;
+        let (attn_t, attn_p) = if self.arch == DEEPSEEK_V3 {
+            let qk = (self.qk_nope_head_dim + self.qk_rope_head_dim) as u64;
+            let (kvl, ql) = (self.kv_lora_rank as u64, self.q_lora_rank as u64);
+            let v = self.v_head_dim as u64;
+            let (qt, qp) = if ql > 0 {
+                (3, ql * h + ql + heads * qk * ql)
+            } else {
+                (1, heads * qk * h)
+            };
+            let kv = (kvl + self.qk_rope_head_dim as u64) * h
+                + kvl
+                + heads * (self.qk_nope_head_dim as u64 + v) * kvl
+                + h * heads * v;
+            (qt + 4, qp + kv)
+        } else {
+            let hd = self.head_dim as u64;
+            let q = heads * hd;
+            let kv = self.num_key_value_heads as u64 * hd;
+            let base = q * h + q + 2 * (kv * h + kv) + h * q;
+            if self.arch == GPT_OSS {
+                (9, base + h + heads)
+            } else {
+                (7, base)
+            }
+        };
+        let norms = (2, 2 * h);
+        let (sparse_t, sparse_p) = if self.arch == GPT_OSS {
+            // Router weight and bias; per projection codes (2 weights a byte), scales (no
+            // parameters) and biases.
+            (8, e * h + e + e * 2 * i * h + e * 2 * i + e * h * i + e * h)
+        } else {
+            let shared = if self.n_shared_experts > 0 {
+                (3, 3 * h * i * self.n_shared_experts as u64)
+            } else {
+                (0, 0)
+            };
+            (
+                3 * e as usize + 2 + shared.0,
+                3 * e * i * h + e * h + e + shared.1,
+            )
+        };
+        let dense = (3, 3 * h * self.intermediate_size as u64);
+        [
+            (attn_t + sparse_t + norms.0, attn_p + sparse_p + norms.1),
+            (attn_t + dense.0 + norms.0, attn_p + dense.1 + norms.1),
+        ]
+    }
+
     /// Number of tensors (closed form; equals the length of [`Self::tensors`]).
     pub fn tensor_count(&self) -> usize {
+        if !self.is_qwen() {
+            let [sparse, dense] = self.new_arch_layer_counts();
+            let n_dense = self.num_hidden_layers - self.sparse_layers();
+            return 3 + self.sparse_layers() * sparse.0 + n_dense * dense.0;
+        }
         let shared = if self.shared_expert_intermediate_size > 0 {
             4
         } else {
@@ -600,8 +1197,15 @@ impl Preset {
         3 + self.full_attention_layers() * full + self.linear_attention_layers() * linear + mtp
     }
 
-    /// Total parameter count (closed form; equals the sum over [`Self::tensors`]).
+    /// Total parameter count (closed form; equals the sum of [`TensorSpec::params`] over
+    /// [`Self::tensors`]: an MXFP4 code byte holds two parameters, its scales none).
     pub fn param_count(&self) -> u64 {
+        if !self.is_qwen() {
+            let [sparse, dense] = self.new_arch_layer_counts();
+            let n_dense = (self.num_hidden_layers - self.sparse_layers()) as u64;
+            let (h, v) = (self.hidden_size as u64, self.vocab_size as u64);
+            return 2 * v * h + h + self.sparse_layers() as u64 * sparse.1 + n_dense * dense.1;
+        }
         let h = self.hidden_size as u64;
         let hd = self.head_dim as u64;
         let q = self.num_attention_heads as u64 * hd;
@@ -643,9 +1247,13 @@ impl Preset {
             + mtp
     }
 
-    /// Bytes of tensor data in bf16 (the index's `total_size`).
+    /// Bytes of tensor data (the index's `total_size`): bf16 but for the f32 and byte
+    /// tensors the releases store.
     pub fn weight_bytes(&self) -> u64 {
-        self.param_count() * 2
+        if self.is_qwen() {
+            return self.param_count() * 2;
+        }
+        self.tensors().iter().map(TensorSpec::size_bytes).sum()
     }
 
     /// Token ids of the three special tokens (they are the last three ids).

@@ -352,6 +352,7 @@ fn large_tensors_span_many_chunks_deterministically() {
         name: "x".into(),
         shape: vec![3, super::writer::CHUNK_ELEMS + 17],
         init: Init::Normal { std: 0.02 },
+        dtype: super::preset::Dtype::BF16,
     };
     let specs = vec![spec];
     let keys = vec![super::writer::tensor_key(1, "x")];
@@ -1111,10 +1112,14 @@ fn param_count_matches_tensor_list_for_every_preset() {
             }
             p.validate().unwrap();
             let specs = p.tensors();
-            let sum: u64 = specs.iter().map(|t| t.numel()).sum();
+            let sum: u64 = specs.iter().map(|t| t.params()).sum();
             assert_eq!(sum, p.param_count(), "{name} {layers:?}");
             assert_eq!(specs.len(), p.tensor_count(), "{name} {layers:?}");
-            assert_eq!(p.weight_bytes(), 2 * sum);
+            let bytes: u64 = specs.iter().map(|t| t.size_bytes()).sum();
+            assert_eq!(p.weight_bytes(), bytes);
+            if p.arch == QWEN3_MOE || p.arch == QWEN3_NEXT {
+                assert_eq!(bytes, 2 * sum);
+            }
         }
     }
     assert_eq!(preset_names_for(QWEN3_MOE), vec!["demo", "mini", "bench-m"]);
@@ -1122,7 +1127,19 @@ fn param_count_matches_tensor_list_for_every_preset() {
         preset_names_for(QWEN3_NEXT),
         vec!["next-demo", "next-shape", "next-bench"]
     );
-    assert_eq!(preset_names().len(), 6);
+    assert_eq!(
+        preset_names_for(GLM4_MOE),
+        vec!["glm45-demo", "glm45-air-shape"]
+    );
+    assert_eq!(
+        preset_names_for(GPT_OSS),
+        vec!["gpt-oss-demo", "gpt-oss-20b-shape", "gpt-oss-120b-shape"]
+    );
+    assert_eq!(
+        preset_names_for(DEEPSEEK_V3),
+        vec!["deepseek-v3-demo", "deepseek-v3-shape"]
+    );
+    assert_eq!(preset_names().len(), 13);
 }
 
 #[test]
@@ -1395,7 +1412,7 @@ fn gguf_twin_refuses_qwen3_next() {
     assert!(matches!(e, SynthError::Invalid(_)), "{e}");
     let msg = e.to_string();
     assert!(
-        msg.contains("the GGUF twin is written for qwen3_moe only")
+        msg.contains("the GGUF twin is written for qwen3_moe, glm4_moe, gpt_oss, deepseek_v3 only")
             && msg.contains("convert a qwen3_next folder with llama.cpp's convert_hf_to_gguf.py"),
         "{msg}"
     );
@@ -1446,4 +1463,529 @@ fn next_shape_full_write() {
         .count();
     assert_eq!(shards, 41);
     println!("next-shape: {shards} shards, {:.1} s", secs);
+}
+
+// ---- glm4_moe, gpt_oss, deepseek_v3 ----
+
+fn arch_opts(arch: &str, preset: &str, out: &Path) -> SynthOptions {
+    SynthOptions {
+        arch: arch.into(),
+        ..opts(preset, out)
+    }
+}
+
+/// The repository's `tests/fixtures/NAME`.
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// Tensor name -> (dtype, shape, data bytes) of a written folder, any dtype.
+fn hf_tensors_any(dir: &Path) -> BTreeMap<String, (String, Vec<u64>, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "safetensors") {
+            continue;
+        }
+        let bytes = fs::read(&path).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        let data = &bytes[8 + n..];
+        let mut end = 0;
+        for (name, info) in header.as_object().unwrap() {
+            if name == "__metadata__" {
+                continue;
+            }
+            let off = info["data_offsets"].as_array().unwrap();
+            let (a, b) = (off[0].as_u64().unwrap(), off[1].as_u64().unwrap());
+            end = end.max(b);
+            let shape = info["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap())
+                .collect();
+            let dtype = info["dtype"].as_str().unwrap().to_string();
+            let elem = match dtype.as_str() {
+                "BF16" => 2,
+                "F32" => 4,
+                "U8" => 1,
+                d => panic!("{name}: dtype {d}"),
+            };
+            let numel: u64 = info["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap())
+                .product();
+            assert_eq!(b - a, numel * elem, "{name}: extent");
+            out.insert(
+                name.clone(),
+                (dtype, shape, data[a as usize..b as usize].to_vec()),
+            );
+        }
+        assert_eq!(end as usize, data.len(), "{}: data tiled", path.display());
+    }
+    out
+}
+
+/// Names with every number replaced by `N` (layer and expert indices).
+fn name_patterns<'a>(names: impl Iterator<Item = &'a String>) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for n in names {
+        let mut p = String::new();
+        let mut in_num = false;
+        for ch in n.chars() {
+            if ch.is_ascii_digit() {
+                if !in_num {
+                    p.push('N');
+                }
+                in_num = true;
+            } else {
+                p.push(ch);
+                in_num = false;
+            }
+        }
+        *out.entry(p).or_default() += 1;
+    }
+    out
+}
+
+/// The released configs (transcribed under `tests/fixtures/`) and the config the shape
+/// presets write agree on every key, but for the token ids (ours are the synthetic
+/// tokenizer's), the multi-token-prediction layer (not written), and DeepSeek-V3's FP8
+/// `quantization_config` and remote-code `auto_map` (the synthetic weights are bf16,
+/// read by the native class); the parameter counts are the releases'.
+#[test]
+fn shape_presets_are_the_released_configs() {
+    for (preset_name, fixture_name, params_b) in [
+        ("glm45-air-shape", "glm45_air", 106.85),
+        ("gpt-oss-20b-shape", "gpt_oss_20b", 20.91),
+        ("gpt-oss-120b-shape", "gpt_oss_120b", 116.83),
+        ("deepseek-v3-shape", "deepseek_v3_671b", 671.03),
+    ] {
+        let p = preset(preset_name).unwrap();
+        p.validate().unwrap();
+        let ours: Value = serde_json::from_slice(&super::hub::config_json(&p)).unwrap();
+        let release = read_json(&fixture(fixture_name).join("config.json"));
+        let skip = [
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+            "num_nextn_predict_layers",
+            "quantization_config",
+            "auto_map",
+            "transformers_version",
+        ];
+        for (k, v) in release.as_object().unwrap() {
+            if skip.contains(&k.as_str()) && !(k == "quantization_config" && p.arch == GPT_OSS) {
+                continue;
+            }
+            let got = &ours[k];
+            let same = match (got.as_f64(), v.as_f64()) {
+                (Some(a), Some(b)) => a == b,
+                _ => got == v,
+            };
+            assert!(same, "{preset_name}: {k} is {got}, the release has {v}");
+        }
+        for k in ours.as_object().unwrap().keys() {
+            assert!(
+                release.get(k).is_some() || k == "pad_token_id" || k == "bos_token_id",
+                "{preset_name}: key {k} is not the release's"
+            );
+        }
+        let billions = p.param_count() as f64 / 1e9;
+        println!(
+            "{preset_name}: {billions:.2} B parameters, {} tensors, {:.1} GB",
+            p.tensor_count(),
+            p.weight_bytes() as f64 / 1e9
+        );
+        assert!(
+            (billions - params_b).abs() < 0.01 * params_b,
+            "{preset_name}: {billions:.2} B parameters, the release has ~{params_b} B"
+        );
+    }
+}
+
+/// Each demo preset writes the tensor names `transformers` writes for its class (the
+/// fixtures under `tests/fixtures/` were saved by it), in the releases' dtypes.
+#[test]
+fn new_arch_demo_tensors_are_the_classes() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (arch, name, fix) in [
+        (GLM4_MOE, "glm45-demo", "glm4_moe"),
+        (GPT_OSS, "gpt-oss-demo", "gpt_oss"),
+        (DEEPSEEK_V3, "deepseek-v3-demo", "deepseek_v3"),
+    ] {
+        let o = arch_opts(arch, name, &tmp.path().join(name));
+        let report = run(&o);
+        let got = hf_tensors_any(&o.out);
+        assert_eq!(got.len(), report.tensors, "{name}");
+        let index = read_json(&o.out.join("model.safetensors.index.json"));
+        assert_eq!(index["weight_map"].as_object().unwrap().len(), got.len());
+        assert_eq!(
+            index["metadata"]["total_size"].as_u64().unwrap(),
+            report.weight_bytes
+        );
+        let p = resolve_preset(&o).unwrap();
+        assert_eq!(report.weight_bytes, p.weight_bytes());
+        // The fixture's set of name patterns (its layer 0 is dense like ours; the
+        // multi-token-prediction layer, if any, is not in it).
+        let fixture_names: Vec<String> = hf_tensors_any(&fixture(fix).join("model"))
+            .into_keys()
+            .collect();
+        let ours_p: Vec<String> = name_patterns(got.keys()).into_keys().collect();
+        let theirs_p: Vec<String> = name_patterns(fixture_names.iter()).into_keys().collect();
+        assert_eq!(ours_p, theirs_p, "{name}: tensor names");
+        for (t, (dtype, shape, data)) in &got {
+            let want = if t.ends_with("_blocks") || t.ends_with("_scales") {
+                "U8"
+            } else if t.ends_with("e_score_correction_bias") {
+                "F32"
+            } else {
+                "BF16"
+            };
+            assert_eq!(dtype, want, "{name}: {t}");
+            if t.ends_with("_scales") {
+                // Exponents near 2^-7 .. 2^-3: weights of std ~1/sqrt(fan_in).
+                assert!(data.iter().all(|&b| (118..=125).contains(&b)), "{t}");
+                assert_eq!(shape.len(), 3);
+            }
+            if t.ends_with("_blocks") {
+                assert_eq!(shape[3], 16, "{t}");
+                let distinct: HashSet<u8> = data.iter().copied().collect();
+                assert!(distinct.len() > 200, "{t}: codes cover the range");
+            }
+        }
+    }
+}
+
+/// With `layers`, a cut model keeps a sparse layer: DeepSeek-V3's three dense layers
+/// shrink to `layers - 1`.
+#[test]
+fn cut_models_keep_a_sparse_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut o = arch_opts(DEEPSEEK_V3, "deepseek-v3-shape", tmp.path());
+    o.layers = Some(2);
+    let p = resolve_preset(&o).unwrap();
+    assert_eq!(p.first_k_dense_replace, 1);
+    assert!(p.is_sparse(1) && !p.is_sparse(0));
+    o.layers = Some(10);
+    assert_eq!(resolve_preset(&o).unwrap().first_k_dense_replace, 3);
+    let cfg: Value =
+        serde_json::from_slice(&super::hub::config_json(&resolve_preset(&o).unwrap())).unwrap();
+    assert_eq!(cfg["first_k_dense_replace"], 3);
+    assert_eq!(cfg["num_hidden_layers"], 10);
+}
+
+/// llama.cpp's converter (`GptOssModel.transform_nibble_layout`) step by step, on one
+/// block of 16 code bytes.
+fn converter_nibbles(t: &[u8]) -> Vec<u8> {
+    let swapped: Vec<u8> = t
+        .iter()
+        .map(|&b| ((b & 0x0F) << 4) | ((b & 0xF0) >> 4))
+        .collect();
+    let (a, b) = swapped.split_at(8);
+    let mut blk_a = Vec::new();
+    for &x in a {
+        blk_a.push(x & 0xF0);
+        blk_a.push(x << 4);
+    }
+    let mut blk_b = Vec::new();
+    for &x in b {
+        blk_b.push(x >> 4);
+        blk_b.push(x & 0x0F);
+    }
+    blk_a
+        .iter()
+        .zip(&blk_b)
+        .map(|(&x, &y)| {
+            let out = x | y;
+            ((out & 0xF0) >> 4) | ((out & 0x0F) << 4)
+        })
+        .collect()
+}
+
+#[test]
+fn mxfp4_nibble_order_is_the_converters() {
+    let mut codes = [0u8; 16];
+    for seed in 0..200u64 {
+        for (i, c) in codes.iter_mut().enumerate() {
+            *c = (super::writer::tensor_key(seed, &i.to_string()) >> 7) as u8;
+        }
+        assert_eq!(
+            super::writer::mxfp4_ggml_qs(&codes).to_vec(),
+            converter_nibbles(&codes)
+        );
+    }
+}
+
+fn gguf_u(f: &crate::gguf::GgufFile, k: &str) -> u64 {
+    f.get(k)
+        .unwrap_or_else(|| panic!("{k}"))
+        .as_u64()
+        .unwrap_or_else(|| panic!("{k} integer"))
+}
+
+/// The twins of the demo presets: every tensor llama.cpp's loader asks for (names, dims
+/// in its order, types), the metadata keys it reads, and the converter's reshapes
+/// checked byte for byte against the HF files.
+#[test]
+fn new_arch_twins_match_hf_files() {
+    use crate::gguf::{GgmlType, GgufFile, Value as GV};
+    let tmp = tempfile::tempdir().unwrap();
+    for (arch, name, gg) in [
+        (GLM4_MOE, "glm45-demo", "glm4moe"),
+        (GPT_OSS, "gpt-oss-demo", "gpt-oss"),
+        (DEEPSEEK_V3, "deepseek-v3-demo", "deepseek2"),
+    ] {
+        let o = SynthOptions {
+            seed: 11,
+            ..arch_opts(arch, name, &tmp.path().join(name))
+        };
+        run(&o);
+        let path = tmp.path().join(format!("{name}.gguf"));
+        let report = synth_gguf(&o, &path, &mut |_, _| {}).unwrap();
+        let p = resolve_preset(&o).unwrap();
+        let hf = hf_tensors_any(&o.out);
+        let f = GgufFile::open(&path).unwrap();
+        assert_eq!(f.get("general.architecture").and_then(GV::as_str), Some(gg));
+        let k = |s: &str| format!("{gg}.{s}");
+        let (h, e, l) = (
+            p.hidden_size as u64,
+            p.num_experts as u64,
+            p.num_hidden_layers,
+        );
+        let (heads, i, v) = (
+            p.num_attention_heads as u64,
+            p.moe_intermediate_size as u64,
+            p.vocab_size as u64,
+        );
+        assert_eq!(gguf_u(&f, &k("block_count")), l as u64);
+        assert_eq!(gguf_u(&f, &k("embedding_length")), h);
+        assert_eq!(gguf_u(&f, &k("expert_count")), e);
+        assert_eq!(
+            gguf_u(&f, &k("expert_used_count")),
+            p.num_experts_per_tok as u64
+        );
+        assert_eq!(gguf_u(&f, &k("expert_feed_forward_length")), i);
+        assert_eq!(
+            f.get(&k("attention.layer_norm_rms_epsilon")),
+            Some(&GV::F32(p.rms_norm_eps as f32))
+        );
+        // Every element once: the twin's element count is the HF parameter count.
+        let elems: u64 = f
+            .tensors
+            .iter()
+            .map(|t| t.dims.iter().product::<u64>())
+            .sum();
+        assert_eq!(elems, p.param_count(), "{name}");
+        let bytes: u64 = f.tensors.iter().map(|t| t.size).sum();
+        assert_eq!(bytes, report.weight_bytes);
+        // dims (GGML order) and type of a tensor.
+        let dims = |n: &str| {
+            f.tensor(n)
+                .unwrap_or_else(|| panic!("{name}: {n}"))
+                .dims
+                .clone()
+        };
+        let ty = |n: &str| f.tensor(n).unwrap().ty;
+        assert_eq!(dims("token_embd.weight"), vec![h, v]);
+        assert_eq!(dims("output.weight"), vec![h, v]);
+        assert_eq!(ty("output_norm.weight"), GgmlType::F32);
+        let raw = |n: &str| hf[n].2.clone();
+        assert_eq!(
+            f.read_tensor("token_embd.weight").unwrap(),
+            raw("model.embed_tokens.weight")
+        );
+        let last = l - 1;
+        match arch {
+            GLM4_MOE => {
+                let hd = p.head_dim as u64;
+                let kv = p.num_key_value_heads as u64 * hd;
+                assert_eq!(gguf_u(&f, &k("leading_dense_block_count")), 1);
+                assert_eq!(gguf_u(&f, &k("expert_shared_count")), 1);
+                assert_eq!(gguf_u(&f, &k("expert_gating_func")), 2);
+                assert_eq!(gguf_u(&f, &k("rope.dimension_count")), hd / 2);
+                assert_eq!(gguf_u(&f, &k("expert_group_count")), p.n_group as u64);
+                assert_eq!(
+                    dims("blk.0.ffn_gate.weight"),
+                    vec![h, p.intermediate_size as u64]
+                );
+                assert_eq!(dims("blk.0.attn_q.weight"), vec![h, heads * hd]);
+                assert_eq!(dims("blk.0.attn_k.bias"), vec![kv]);
+                assert_eq!(ty("blk.0.attn_k.bias"), GgmlType::F32);
+                assert_eq!(dims("blk.0.post_attention_norm.weight"), vec![h]);
+                assert_eq!(
+                    dims(&format!("blk.{last}.ffn_gate_exps.weight")),
+                    vec![h, i, e]
+                );
+                assert_eq!(
+                    dims(&format!("blk.{last}.ffn_down_exps.weight")),
+                    vec![i, h, e]
+                );
+                assert_eq!(dims(&format!("blk.{last}.ffn_up_shexp.weight")), vec![h, i]);
+                assert_eq!(dims(&format!("blk.{last}.exp_probs_b.bias")), vec![e]);
+                assert_eq!(
+                    ty(&format!("blk.{last}.ffn_gate_inp.weight")),
+                    GgmlType::F32
+                );
+                // f32 in both files: identical bytes.
+                assert_eq!(
+                    f.read_tensor(&format!("blk.{last}.exp_probs_b.bias"))
+                        .unwrap(),
+                    raw(&format!(
+                        "model.layers.{last}.mlp.gate.e_score_correction_bias"
+                    ))
+                );
+                assert_eq!(
+                    f.read_tensor("blk.0.attn_q.bias").unwrap(),
+                    widen_bf16(&raw("model.layers.0.self_attn.q_proj.bias"))
+                );
+                let slice = h * i * 2;
+                assert_eq!(
+                    f.read_tensor_range(
+                        &format!("blk.{last}.ffn_up_exps.weight"),
+                        3 * slice,
+                        slice
+                    )
+                    .unwrap(),
+                    raw(&format!("model.layers.{last}.mlp.experts.3.up_proj.weight"))
+                );
+                assert!(f.tensor("blk.0.ffn_gate_inp.weight").is_none());
+            }
+            GPT_OSS => {
+                let hd = p.head_dim as u64;
+                assert_eq!(
+                    gguf_u(&f, &k("attention.sliding_window")),
+                    p.sliding_window as u64
+                );
+                assert_eq!(gguf_u(&f, &k("attention.key_length")), hd);
+                assert_eq!(
+                    f.get(&k("rope.scaling.type")).and_then(GV::as_str),
+                    Some("yarn")
+                );
+                assert_eq!(dims("blk.0.attn_sinks.weight"), vec![heads]);
+                assert_eq!(ty("blk.0.attn_sinks.weight"), GgmlType::F32);
+                assert_eq!(dims("blk.0.attn_output.bias"), vec![h]);
+                assert_eq!(dims("blk.0.ffn_gate_inp.bias"), vec![e]);
+                for n in ["ffn_gate_exps", "ffn_up_exps"] {
+                    assert_eq!(dims(&format!("blk.1.{n}.weight")), vec![h, i, e]);
+                    assert_eq!(ty(&format!("blk.1.{n}.weight")), GgmlType::Mxfp4);
+                    assert_eq!(dims(&format!("blk.1.{n}.bias")), vec![i, e]);
+                    assert_eq!(ty(&format!("blk.1.{n}.bias")), GgmlType::F32);
+                }
+                assert_eq!(dims("blk.1.ffn_down_exps.weight"), vec![i, h, e]);
+                assert_eq!(dims("blk.1.ffn_down_exps.bias"), vec![h, e]);
+                // The converter's repack, from the HF blocks and scales.
+                let x = "model.layers.1.mlp.experts";
+                let blocks = raw(&format!("{x}.gate_up_proj_blocks"));
+                let scales = raw(&format!("{x}.gate_up_proj_scales"));
+                let bias = widen_bf16(&raw(&format!("{x}.gate_up_proj_bias")));
+                let nb = h / 32;
+                for (n, half) in [("ffn_gate_exps", 0u64), ("ffn_up_exps", 1)] {
+                    let mut want = Vec::new();
+                    let mut want_bias = Vec::new();
+                    for ex in 0..e {
+                        for r in 0..i {
+                            let row = ex * 2 * i + 2 * r + half;
+                            for b in 0..nb {
+                                let blk = (row * nb + b) as usize;
+                                want.push(scales[blk]);
+                                want.extend(converter_nibbles(&blocks[16 * blk..16 * blk + 16]));
+                            }
+                            want_bias
+                                .extend_from_slice(&bias[4 * row as usize..4 * row as usize + 4]);
+                        }
+                    }
+                    assert!(
+                        f.read_tensor(&format!("blk.1.{n}.weight")).unwrap() == want,
+                        "{n}"
+                    );
+                    assert_eq!(
+                        f.read_tensor(&format!("blk.1.{n}.bias")).unwrap(),
+                        want_bias
+                    );
+                }
+                let blocks = raw(&format!("{x}.down_proj_blocks"));
+                let scales = raw(&format!("{x}.down_proj_scales"));
+                let mut want = Vec::new();
+                for (blk, s) in scales.iter().enumerate() {
+                    want.push(*s);
+                    want.extend(converter_nibbles(&blocks[16 * blk..16 * blk + 16]));
+                }
+                assert!(f.read_tensor("blk.1.ffn_down_exps.weight").unwrap() == want);
+            }
+            DEEPSEEK_V3 => {
+                let (nope, rope, vd, kvl, ql) = (
+                    p.qk_nope_head_dim as u64,
+                    p.qk_rope_head_dim as u64,
+                    p.v_head_dim as u64,
+                    p.kv_lora_rank as u64,
+                    p.q_lora_rank as u64,
+                );
+                assert_eq!(gguf_u(&f, &k("attention.head_count_kv")), 1);
+                assert_eq!(gguf_u(&f, &k("attention.key_length")), kvl + rope);
+                assert_eq!(gguf_u(&f, &k("attention.value_length")), kvl);
+                assert_eq!(gguf_u(&f, &k("attention.key_length_mla")), nope + rope);
+                assert_eq!(gguf_u(&f, &k("attention.value_length_mla")), vd);
+                assert_eq!(gguf_u(&f, &k("attention.q_lora_rank")), ql);
+                assert_eq!(gguf_u(&f, &k("attention.kv_lora_rank")), kvl);
+                assert_eq!(gguf_u(&f, &k("rope.dimension_count")), rope);
+                assert_eq!(gguf_u(&f, &k("leading_dense_block_count")), 3);
+                assert_eq!(gguf_u(&f, &k("expert_gating_func")), 2);
+                assert_eq!(
+                    gguf_u(&f, &k("expert_group_used_count")),
+                    p.topk_group as u64
+                );
+                assert_eq!(
+                    f.get(&k("expert_weights_scale")),
+                    Some(&GV::F32(p.routed_scaling_factor as f32))
+                );
+                assert_eq!(dims("blk.0.attn_q_a.weight"), vec![h, ql]);
+                assert_eq!(dims("blk.0.attn_q_a_norm.weight"), vec![ql]);
+                assert_eq!(
+                    dims("blk.0.attn_q_b.weight"),
+                    vec![ql, heads * (nope + rope)]
+                );
+                assert_eq!(dims("blk.0.attn_kv_a_mqa.weight"), vec![h, kvl + rope]);
+                assert_eq!(dims("blk.0.attn_k_b.weight"), vec![nope, kvl, heads]);
+                assert_eq!(dims("blk.0.attn_v_b.weight"), vec![kvl, vd, heads]);
+                assert_eq!(dims("blk.0.attn_output.weight"), vec![heads * vd, h]);
+                assert_eq!(dims("blk.0.ffn_norm.weight"), vec![h]);
+                assert!(f.tensor("blk.0.attn_kv_b.weight").is_none());
+                assert_eq!(
+                    dims(&format!("blk.{last}.ffn_gate_shexp.weight")),
+                    vec![h, i]
+                );
+                assert_eq!(dims(&format!("blk.{last}.exp_probs_b.bias")), vec![e]);
+                // kv_b [heads * (nope + v), kvl] as [heads, nope + v, kvl]: k_b is the
+                // nope rows transposed ([heads, kvl, nope]), v_b the v rows.
+                let kv_b = raw("model.layers.2.self_attn.kv_b_proj.weight");
+                let at = |hh: u64, row: u64, col: u64| {
+                    let idx = 2 * ((hh * (nope + vd) + row) * kvl + col) as usize;
+                    [kv_b[idx], kv_b[idx + 1]]
+                };
+                let mut want_k = Vec::new();
+                let mut want_v = Vec::new();
+                for hh in 0..heads {
+                    for r in 0..kvl {
+                        for c in 0..nope {
+                            want_k.extend(at(hh, c, r));
+                        }
+                    }
+                    for r in 0..vd {
+                        for c in 0..kvl {
+                            want_v.extend(at(hh, nope + r, c));
+                        }
+                    }
+                }
+                assert!(f.read_tensor("blk.2.attn_k_b.weight").unwrap() == want_k);
+                assert!(f.read_tensor("blk.2.attn_v_b.weight").unwrap() == want_v);
+            }
+            _ => unreachable!(),
+        }
+    }
 }

@@ -1,4 +1,5 @@
-//! Safetensors shards: planning, headers, and streamed deterministic bf16 data.
+//! Safetensors shards: planning, headers, and streamed deterministic data (bf16, f32
+//! holding bf16 values, bytes; GGUF twins also MXFP4 blocks).
 //!
 //! Every element's value is a pure function of (seed, tensor name, element index), so
 //! the bytes do not depend on chunking or on the number of threads. Data is generated
@@ -72,8 +73,9 @@ pub(crate) fn shard_layout(specs: &[TensorSpec], tensors: &[usize]) -> ShardLayo
         let shape: Vec<String> = t.shape.iter().map(u64::to_string).collect();
         let end = offset + t.size_bytes();
         json.push_str(&format!(
-            r#",{}:{{"dtype":"BF16","shape":[{}],"data_offsets":[{offset},{end}]}}"#,
+            r#",{}:{{"dtype":"{}","shape":[{}],"data_offsets":[{offset},{end}]}}"#,
             serde_json::to_string(&t.name).expect("string"),
+            t.dtype.safetensors_name(),
             shape.join(",")
         ));
         offset = end;
@@ -138,6 +140,13 @@ pub(crate) fn fill(key: u64, init: Init, start: u64, out: &mut [u8]) {
             }
         }
         Init::Zeros => out.fill(0),
+        Init::Bytes { .. } => {
+            // Byte tensors are written by `fill_u8`; as bf16 they read as small integers.
+            for (k, e) in out.chunks_exact_mut(2).enumerate() {
+                let v = element_u8(key, init, start + k as u64);
+                e.copy_from_slice(&bf16_bits(f32::from(v)).to_le_bytes());
+            }
+        }
         Init::Normal { std } => {
             // Irwin-Hall(4) of 16-bit uniforms: mean 4 * 32767.5, variance 4 * (65536^2 - 1) / 12.
             let scale = std * (3.0f32).sqrt() / 65536.0;
@@ -154,34 +163,173 @@ pub(crate) fn fill(key: u64, init: Init, start: u64, out: &mut [u8]) {
     }
 }
 
-/// `len` elements of one tensor from element `start`, written as bf16 or (exactly
-/// widened) f32.
+/// Where a chunk's elements come from: the tensor with stream `key` and values `init`,
+/// element `j` of the output being element `map.source(j)` of the tensor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Source {
+    pub key: u64,
+    pub init: Init,
+    pub map: Affine,
+}
+
+/// An index map from an output position to a source element: `j` is split as
+/// `(a, b, c)` over `dims` (`c` fastest) and maps to
+/// `base + a * strides[0] + b * strides[1] + c * strides[2]`. It expresses the reshapes
+/// the GGUF converter does: identity, row selection (de-interleaving), splits and
+/// transposes of a 3-D view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Affine {
+    pub dims: [u64; 3],
+    pub strides: [u64; 3],
+    pub base: u64,
+}
+
+impl Affine {
+    /// The identity over `n` elements.
+    pub(crate) fn identity(n: u64) -> Self {
+        Affine {
+            dims: [1, 1, n],
+            strides: [0, 0, 1],
+            base: 0,
+        }
+    }
+
+    /// Output positions this map covers.
+    pub(crate) fn len(&self) -> u64 {
+        self.dims.iter().product()
+    }
+
+    fn is_identity(&self) -> bool {
+        self.base == 0 && self.strides[2] == 1 && self.dims[0] == 1 && self.dims[1] == 1
+    }
+
+    #[inline(always)]
+    pub(crate) fn source(&self, j: u64) -> u64 {
+        let c = j % self.dims[2];
+        let ab = j / self.dims[2];
+        let b = ab % self.dims[1];
+        let a = ab / self.dims[1];
+        self.base + a * self.strides[0] + b * self.strides[1] + c * self.strides[2]
+    }
+}
+
+/// How a chunk's elements are written.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Out {
+    /// Little-endian bf16.
+    Bf16,
+    /// Little-endian f32 holding exactly the bf16 values.
+    F32,
+    /// One byte per element (`Init::Bytes` tensors).
+    U8,
+    /// GGML `block_mxfp4`s: one output position is one block of 32 weights, the scale
+    /// byte from `scales` (element `j` of it) then the 16 code bytes of source block `j`
+    /// (bytes `16j..16j+16` of the codes tensor) with the nibbles reordered (see
+    /// [`mxfp4_ggml_qs`]).
+    Mxfp4 { scales: Source },
+}
+
+impl Out {
+    fn unit_bytes(self) -> u64 {
+        match self {
+            Out::Bf16 => 2,
+            Out::F32 => 4,
+            Out::U8 => 1,
+            Out::Mxfp4 { .. } => 17,
+        }
+    }
+}
+
+/// `len` output positions from position `start` of one source.
 #[derive(Clone, Copy)]
 pub(crate) struct Chunk {
-    key: u64,
-    init: Init,
+    src: Source,
     start: u64,
     len: u64,
-    f32: bool,
+    out: Out,
 }
 
 impl Chunk {
     fn bytes(&self) -> u64 {
-        self.len * if self.f32 { 4 } else { 2 }
+        self.len * self.out.unit_bytes()
+    }
+
+    fn fill(&self, out: &mut [u8]) {
+        let (key, init, map) = (self.src.key, self.src.init, self.src.map);
+        match self.out {
+            Out::Bf16 if map.is_identity() => fill(key, init, self.start, out),
+            Out::F32 if map.is_identity() => fill_f32(key, init, self.start, out),
+            Out::U8 if map.is_identity() => fill_u8(key, init, self.start, out),
+            Out::Bf16 => {
+                for (k, e) in out.chunks_exact_mut(2).enumerate() {
+                    let i = map.source(self.start + k as u64);
+                    e.copy_from_slice(&element_bf16(key, init, i).to_le_bytes());
+                }
+            }
+            Out::F32 => {
+                for (k, e) in out.chunks_exact_mut(4).enumerate() {
+                    let i = map.source(self.start + k as u64);
+                    let bits = u32::from(element_bf16(key, init, i)) << 16;
+                    e.copy_from_slice(&bits.to_le_bytes());
+                }
+            }
+            Out::U8 => {
+                for (k, e) in out.iter_mut().enumerate() {
+                    *e = element_u8(key, init, map.source(self.start + k as u64));
+                }
+            }
+            Out::Mxfp4 { scales } => {
+                for (k, blk) in out.chunks_exact_mut(17).enumerate() {
+                    let j = self.start + k as u64;
+                    let s = map.source(j);
+                    blk[0] = element_u8(scales.key, scales.init, scales.map.source(j));
+                    let mut codes = [0u8; 16];
+                    for (n, c) in codes.iter_mut().enumerate() {
+                        *c = element_u8(key, init, 16 * s + n as u64);
+                    }
+                    blk[1..].copy_from_slice(&mxfp4_ggml_qs(&codes));
+                }
+            }
+        }
     }
 }
 
-/// Appends the chunks covering all `numel` elements of the tensor with stream `key`.
-pub(crate) fn push_chunks(out: &mut Vec<Chunk>, key: u64, init: Init, numel: u64, f32: bool) {
+/// A checkpoint's MXFP4 code bytes (element `2n` in the low nibble of byte `n`, `2n+1`
+/// in its high nibble) in GGML's `block_mxfp4.qs` order (byte `n` holds element `n` low
+/// and element `n + 16` high), as llama.cpp's converter (`transform_nibble_layout`)
+/// reorders them.
+pub(crate) fn mxfp4_ggml_qs(codes: &[u8; 16]) -> [u8; 16] {
+    let elem = |e: usize| {
+        let b = codes[e / 2];
+        if e.is_multiple_of(2) {
+            b & 0x0F
+        } else {
+            b >> 4
+        }
+    };
+    let mut qs = [0u8; 16];
+    for (n, q) in qs.iter_mut().enumerate() {
+        *q = elem(n) | (elem(n + 16) << 4);
+    }
+    qs
+}
+
+/// Appends the chunks covering all `src.map.len()` output positions of one source.
+pub(crate) fn push_chunks(out: &mut Vec<Chunk>, src: Source, data: Out) {
+    let total = src.map.len();
+    // MXFP4 positions are 32-weight blocks: fewer per chunk keeps chunks about as large.
+    let per_chunk = match data {
+        Out::Mxfp4 { .. } => CHUNK_ELEMS / 8,
+        _ => CHUNK_ELEMS,
+    };
     let mut start = 0;
-    while start < numel {
-        let len = CHUNK_ELEMS.min(numel - start);
+    while start < total {
+        let len = per_chunk.min(total - start);
         out.push(Chunk {
-            key,
-            init,
+            src,
             start,
             len,
-            f32,
+            out: data,
         });
         start += len;
     }
@@ -199,6 +347,35 @@ pub(crate) fn fill_f32(key: u64, init: Init, start: u64, out: &mut [u8]) {
             let bits = u32::from(u16::from_le_bytes([s[0], s[1]])) << 16;
             d.copy_from_slice(&bits.to_le_bytes());
         }
+    }
+}
+
+/// Fills `out` (one byte per element) with elements `start..start + out.len()`.
+pub(crate) fn fill_u8(key: u64, init: Init, start: u64, out: &mut [u8]) {
+    for (k, e) in out.iter_mut().enumerate() {
+        *e = element_u8(key, init, start + k as u64);
+    }
+}
+
+/// Element `i` of a tensor as bf16 bits: the value [`fill`] writes at that index.
+#[inline(always)]
+pub(crate) fn element_bf16(key: u64, init: Init, i: u64) -> u16 {
+    let mut b = [0u8; 2];
+    fill(key, init, i, &mut b);
+    u16::from_le_bytes(b)
+}
+
+/// Element `i` of a byte tensor: uniform in `lo..=hi` for `Init::Bytes` (other inits
+/// give their bf16 value's low byte; no byte tensor uses them).
+#[inline(always)]
+pub(crate) fn element_u8(key: u64, init: Init, i: u64) -> u8 {
+    match init {
+        Init::Bytes { lo, hi } => {
+            let r = wyrand(key.wrapping_add(i.wrapping_add(1).wrapping_mul(WY_INC)));
+            let span = u64::from(hi - lo) + 1;
+            lo + (((r >> 32) * span) >> 32) as u8
+        }
+        _ => element_bf16(key, init, i) as u8,
     }
 }
 
@@ -267,7 +444,12 @@ fn stream_data(
 ) -> io::Result<File> {
     let mut chunks = Vec::new();
     for &t in order {
-        push_chunks(&mut chunks, keys[t], specs[t].init, specs[t].numel(), false);
+        let src = Source {
+            key: keys[t],
+            init: specs[t].init,
+            map: Affine::identity(specs[t].numel()),
+        };
+        push_chunks(&mut chunks, src, specs[t].dtype.out());
     }
     stream_chunks(&chunks, |b: &[u8]| file.write_all(b), progress)?;
     Ok(file)
@@ -337,13 +519,7 @@ pub(crate) fn stream_chunks<E: Send>(
                 parts.push((c, head));
                 rest = tail;
             }
-            parts.into_par_iter().for_each(|(c, out)| {
-                if c.f32 {
-                    fill_f32(c.key, c.init, c.start, out)
-                } else {
-                    fill(c.key, c.init, c.start, out)
-                }
-            });
+            parts.into_par_iter().for_each(|(c, out)| c.fill(out));
             if to_writer.send(buf).is_err() {
                 break;
             }

@@ -70,6 +70,15 @@ pub enum Dtype {
     Nf4,
     /// bitsandbytes FP4 codes in blocks of 64 with an f32 scale (36 bytes), repacked without loss.
     Fp4,
+    /// [`Dtype::Nf4`] blocks whose values bitsandbytes rounds to bf16 (its quant state's
+    /// `dtype`), as the kernels then do: the same 36 bytes.
+    Nf4Bf16,
+    /// [`Dtype::Nf4`] blocks whose values are rounded to f16.
+    Nf4F16,
+    /// [`Dtype::Fp4`] blocks whose values are rounded to bf16.
+    Fp4Bf16,
+    /// [`Dtype::Fp4`] blocks whose values are rounded to f16.
+    Fp4F16,
     /// OCP MX FP4 (MXFP4) codes in blocks of 32 with an E8M0 scale byte (17 bytes): a
     /// checkpoint's `*_blocks` / `*_scales` pair repacked without loss.
     Mxfp4,
@@ -105,7 +114,16 @@ impl Dtype {
             Dtype::F16 | Dtype::Bf16 | Dtype::I16 | Dtype::U16 => 2,
             Dtype::I8 | Dtype::U8 | Dtype::Bool | Dtype::F8E4M3 | Dtype::F8E5M2 => 1,
             // Block types have no per-element size; they never come from a safetensors header.
-            Dtype::Q8_0 | Dtype::Q4K | Dtype::F8B128 | Dtype::Nf4 | Dtype::Fp4 | Dtype::Mxfp4 => 0,
+            Dtype::Q8_0
+            | Dtype::Q4K
+            | Dtype::F8B128
+            | Dtype::Nf4
+            | Dtype::Fp4
+            | Dtype::Nf4Bf16
+            | Dtype::Nf4F16
+            | Dtype::Fp4Bf16
+            | Dtype::Fp4F16
+            | Dtype::Mxfp4 => 0,
         }
     }
 
@@ -121,6 +139,9 @@ impl Dtype {
             Dtype::F8B128 => (moe_kernels::QK_F8, size_of::<moe_kernels::BlockF8>()),
             Dtype::Nf4 => (moe_kernels::QK_B4, size_of::<moe_kernels::BlockNf4>()),
             Dtype::Fp4 => (moe_kernels::QK_B4, size_of::<moe_kernels::BlockFp4>()),
+            Dtype::Nf4Bf16 | Dtype::Nf4F16 | Dtype::Fp4Bf16 | Dtype::Fp4F16 => {
+                (moe_kernels::QK_B4, size_of::<moe_kernels::BlockNf4>())
+            }
             Dtype::Mxfp4 => (moe_kernels::QK_MX, size_of::<moe_kernels::BlockMxfp4>()),
             _ => return None,
         })
@@ -132,6 +153,18 @@ impl Dtype {
             Some((w, b)) => n / w * b,
             None => n * self.size_bytes(),
         }
+    }
+
+    /// For the rounded bitsandbytes block types: their code table and rounding.
+    pub fn rounded4(self) -> Option<(moe_kernels::Table4, moe_kernels::Round4)> {
+        use moe_kernels::{Round4, Table4};
+        Some(match self {
+            Dtype::Nf4Bf16 => (Table4::Nf4, Round4::Bf16),
+            Dtype::Nf4F16 => (Table4::Nf4, Round4::F16),
+            Dtype::Fp4Bf16 => (Table4::Fp4, Round4::Bf16),
+            Dtype::Fp4F16 => (Table4::Fp4, Round4::F16),
+            _ => return None,
+        })
     }
 
     /// The safetensors spelling.
@@ -157,6 +190,10 @@ impl Dtype {
             Dtype::F8B128 => "F8_E4M3_B128",
             Dtype::Nf4 => "NF4_B64",
             Dtype::Fp4 => "FP4_B64",
+            Dtype::Nf4Bf16 => "NF4_B64_BF16",
+            Dtype::Nf4F16 => "NF4_B64_F16",
+            Dtype::Fp4Bf16 => "FP4_B64_BF16",
+            Dtype::Fp4F16 => "FP4_B64_F16",
             Dtype::Mxfp4 => "MXFP4_B32",
         }
     }
@@ -873,6 +910,10 @@ impl TensorRef {
             | Dtype::F8B128
             | Dtype::Nf4
             | Dtype::Fp4
+            | Dtype::Nf4Bf16
+            | Dtype::Nf4F16
+            | Dtype::Fp4Bf16
+            | Dtype::Fp4F16
             | Dtype::Mxfp4 => {}
             other => {
                 return Err(Error::UnsupportedDtype {
@@ -963,9 +1004,18 @@ impl TensorRef {
         let (block, block_bytes) = match to {
             Dtype::Q8_0 | Dtype::Q4K => to.block()?,
             Dtype::Bf16 => (1, 2),
-            // A pre-quantized weight also converts to f32 and to its own lossless blocks.
+            // A pre-quantized weight also converts to f32, to f16 (bitsandbytes values rounded
+            // to f16 are held by it exactly) and to its own lossless blocks.
             Dtype::F32 if self.prequant.is_some() => (1, 4),
-            Dtype::F8B128 | Dtype::Nf4 | Dtype::Fp4 | Dtype::Mxfp4
+            Dtype::F16 if self.prequant.is_some() => (1, 2),
+            Dtype::F8B128
+            | Dtype::Nf4
+            | Dtype::Fp4
+            | Dtype::Nf4Bf16
+            | Dtype::Nf4F16
+            | Dtype::Fp4Bf16
+            | Dtype::Fp4F16
+            | Dtype::Mxfp4
                 if self.lossless_dtype() == Some(to) =>
             {
                 to.block()?
@@ -1137,6 +1187,11 @@ fn encode_row(row: &[f32], to: Dtype, dst: &mut [u8]) {
                 d.copy_from_slice(&bf16::from_f32(*x).to_le_bytes());
             }
         }
+        Dtype::F16 => {
+            for (d, x) in dst.chunks_exact_mut(2).zip(row) {
+                d.copy_from_slice(&half::f16::from_f32(*x).to_le_bytes());
+            }
+        }
         Dtype::Q8_0 => {
             let mut blocks = vec![
                 moe_kernels::BlockQ8_0 {
@@ -1195,6 +1250,14 @@ pub(crate) fn typed_weights(b: &[u8], dtype: Dtype) -> Weights<'_> {
         Dtype::F8B128 => Weights::F8(blocks_of::<moe_kernels::BlockF8>(b)),
         Dtype::Nf4 => Weights::Nf4(blocks_of::<moe_kernels::BlockNf4>(b)),
         Dtype::Fp4 => Weights::Fp4(blocks_of::<moe_kernels::BlockFp4>(b)),
+        Dtype::Nf4Bf16 | Dtype::Nf4F16 | Dtype::Fp4Bf16 | Dtype::Fp4F16 => {
+            let (table, round) = dtype.rounded4().expect("a rounded 4-bit dtype");
+            Weights::Rounded4(moe_kernels::Rounded4 {
+                blocks: blocks_of::<moe_kernels::BlockNf4>(b),
+                table,
+                round,
+            })
+        }
         Dtype::Mxfp4 => Weights::Mxfp4(blocks_of::<moe_kernels::BlockMxfp4>(b)),
         other => unreachable!("{other:?} is not a compute dtype (into_compute checks the dtype)"),
     }
@@ -1508,9 +1571,10 @@ impl WeightSet {
         }
         let module = name.strip_suffix(".weight")?;
         let last = module.rsplit('.').next()?;
-        // `*_proj` and the DeltaNet's fused `in_proj_qkvz` (its small `in_proj_ba` is kept
-        // exact, as releases keep it).
-        let projection = last.ends_with("_proj") || last == "in_proj_qkvz";
+        // `*_proj`, MLA's `kv_a_proj_with_mqa` and the DeltaNet's fused `in_proj_qkvz` (its
+        // small `in_proj_ba` is kept exact, as releases keep it).
+        let projection =
+            last.ends_with("_proj") || last == "kv_a_proj_with_mqa" || last == "in_proj_qkvz";
         if shape.len() != 2 || !module.contains(".layers.") || !projection {
             return None;
         }

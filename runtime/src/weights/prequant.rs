@@ -12,7 +12,11 @@
 //! and scales, so they dequantize to the same values bit for bit; every conversion works on any
 //! range of rows (starting mid-byte for 4-bit codes), reading only the scales those rows use,
 //! so large tensors convert in bounded chunks; a bitsandbytes weight's code table is the one
-//! stored beside it (`quant_map`; the built-in tables only name it when equal bit for bit);
+//! stored beside it (`quant_map`; the built-in tables only name it when equal bit for bit), and
+//! its values are rounded to its quant state's `dtype` as bitsandbytes' `dequantize_4bit` does
+//! (bf16 or f16, to nearest even; the lossless type is then the blocks marked with that rounding,
+//! which the kernels apply after the multiply, or without whole blocks bf16 / f16, which hold
+//! the rounded values exactly);
 //! inconsistent shapes, grids, tables or quant states are errors naming the tensor, never a
 //! panic; no conversion yields a NaN or an infinity: code tables are checked at open, and the
 //! scales and codes a conversion reads are checked as it reads them (a non-finite scale, one
@@ -446,6 +450,8 @@ enum Kind {
         absmax: Absmax,
         /// Bytes of the code tables and the quant state in the files.
         extra_bytes: usize,
+        /// The quant state's `dtype`: bitsandbytes rounds each `quant_map[code] · absmax` to it.
+        round: StateDtype,
     },
     Mxfp4 {
         /// U8 E8M0 exponents, flat: `n · k / 32`, row-major like the codes.
@@ -472,6 +478,44 @@ enum Absmax {
         nested_blocksize: usize,
         offset: f32,
     },
+}
+
+/// The dtype a bitsandbytes quant state names (`"dtype"`): the type `dequantize_4bit` returns,
+/// each value computed in f32 then rounded to it (to nearest, ties to even).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl StateDtype {
+    /// Reads the quant state's `dtype` (`bfloat16`, `float16` or `float32`, as bitsandbytes
+    /// writes `str(torch_dtype)` without `torch.`); absent means float32.
+    fn parse(v: Option<&serde_json::Value>) -> std::result::Result<StateDtype, String> {
+        let Some(v) = v else {
+            return Ok(StateDtype::F32);
+        };
+        match v.as_str().map(|s| s.strip_prefix("torch.").unwrap_or(s)) {
+            Some("float32") => Ok(StateDtype::F32),
+            Some("bfloat16") => Ok(StateDtype::Bf16),
+            Some("float16") => Ok(StateDtype::F16),
+            _ => Err(format!(
+                "`dtype` is {v}, expected \"bfloat16\", \"float16\" or \"float32\""
+            )),
+        }
+    }
+
+    /// `v` rounded to this dtype, as an f32 (exact for every value of it): the kernels'
+    /// rounding ([`moe_kernels::Round4::apply`]), so conversions and compute agree bit for bit.
+    #[inline]
+    fn round(self, v: f32) -> f32 {
+        match self {
+            StateDtype::F32 => v,
+            StateDtype::Bf16 => moe_kernels::Round4::Bf16.apply(v),
+            StateDtype::F16 => moe_kernels::Round4::F16.apply(v),
+        }
+    }
 }
 
 /// The scales a row range needs, read once per conversion.
@@ -544,18 +588,31 @@ impl Source {
                     Dtype::F32
                 }
             }
+            // The blocks as stored, read with the quant state's rounding; without blocks, a
+            // float type that holds the rounded values exactly.
             Kind::Bnb4 {
-                blocksize, table, ..
+                blocksize,
+                table,
+                round,
+                ..
             } => match table {
                 Some(t)
                     if self.k.is_multiple_of(B4_BLOCK) && blocksize.is_multiple_of(B4_BLOCK) =>
                 {
-                    match t {
-                        Code4::Nf4 => Dtype::Nf4,
-                        Code4::Fp4 => Dtype::Fp4,
+                    match (t, round) {
+                        (Code4::Nf4, StateDtype::F32) => Dtype::Nf4,
+                        (Code4::Fp4, StateDtype::F32) => Dtype::Fp4,
+                        (Code4::Nf4, StateDtype::Bf16) => Dtype::Nf4Bf16,
+                        (Code4::Nf4, StateDtype::F16) => Dtype::Nf4F16,
+                        (Code4::Fp4, StateDtype::Bf16) => Dtype::Fp4Bf16,
+                        (Code4::Fp4, StateDtype::F16) => Dtype::Fp4F16,
                     }
                 }
-                _ => Dtype::F32,
+                _ => match round {
+                    StateDtype::F32 => Dtype::F32,
+                    StateDtype::Bf16 => Dtype::Bf16,
+                    StateDtype::F16 => Dtype::F16,
+                },
             },
             // Rows are whole blocks of 32 (checked at open).
             Kind::Mxfp4 { .. } => Dtype::Mxfp4,
@@ -778,6 +835,7 @@ impl Source {
             Kind::Bnb4 {
                 blocksize,
                 quant_map,
+                round,
                 ..
             } => {
                 let e0 = r * self.k;
@@ -789,7 +847,8 @@ impl Source {
                     } else {
                         byte & 0xF
                     };
-                    *x = quant_map[code as usize] * res.scales[e / blocksize - res.first];
+                    *x = round
+                        .round(quant_map[code as usize] * res.scales[e / blocksize - res.first]);
                 }
             }
             Kind::Mxfp4 { .. } => {
@@ -968,6 +1027,8 @@ pub(crate) fn open(
     let Some(blocksize) = field_usize("blocksize").filter(|&b| b > 0) else {
         return bad(format!("`{state_name}` has no positive `blocksize`"));
     };
+    let round = StateDtype::parse(state.get("dtype"))
+        .map_err(|why| Error::bad_file(&path, format!("tensor `{name}`: `{state_name}`: {why}")))?;
     let logical: Option<Vec<usize>> = state.get("shape").and_then(|s| {
         s.as_array()?
             .iter()
@@ -1112,6 +1173,7 @@ pub(crate) fn open(
             .filter_map(|suffix| ws.info(&part(suffix)))
             .map(|i| i.size_bytes())
             .sum(),
+            round,
         },
     };
     Ok(codes.with_source(Arc::new(src), logical))

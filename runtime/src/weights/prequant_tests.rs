@@ -173,8 +173,9 @@ fn fp8_whole_blocks_repack_without_loss() {
 /// bitsandbytes parts of one weight: (suffix, dtype, shape, bytes).
 type Parts = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
 
-/// A bitsandbytes 4-bit weight `[n, k]` with random codes and scales, stored as bitsandbytes
-/// writes it; returns its parts and the exact values.
+/// A bitsandbytes 4-bit weight `[n, k]` with random codes and scales and a bfloat16 quant
+/// state (as bitsandbytes writes a bf16 model's), stored as bitsandbytes writes it; returns its
+/// parts and the exact values.
 fn bnb_weight(
     rng: &mut Rng,
     n: usize,
@@ -182,6 +183,21 @@ fn bnb_weight(
     blocksize: usize,
     quant_map: &[f32; 16],
     double: bool,
+) -> (Parts, Vec<f32>) {
+    bnb_weight_as(rng, n, k, blocksize, quant_map, double, "bfloat16")
+}
+
+/// [`bnb_weight`] with the quant state's `dtype` given: the exact values are
+/// `quant_map[code] · absmax` in f32 rounded to it (to nearest even), as bitsandbytes'
+/// `dequantize_4bit` returns them.
+fn bnb_weight_as(
+    rng: &mut Rng,
+    n: usize,
+    k: usize,
+    blocksize: usize,
+    quant_map: &[f32; 16],
+    double: bool,
+    dtype: &str,
 ) -> (Parts, Vec<f32>) {
     let numel = n * k;
     let packed = rng.bytes(numel.div_ceil(2));
@@ -206,7 +222,7 @@ fn bnb_weight(
         "nf4"
     };
     let mut state = serde_json::json!({
-        "quant_type": kind, "blocksize": blocksize, "dtype": "bfloat16", "shape": [n, k],
+        "quant_type": kind, "blocksize": blocksize, "dtype": dtype, "shape": [n, k],
     });
     let absmax: Vec<f32> = if double {
         let nested_bs = 3;
@@ -254,6 +270,14 @@ fn bnb_weight(
     reference.check("w").unwrap();
     let mut want = vec![0f32; numel];
     reference.to_f32(0..numel, &mut want);
+    for w in &mut want {
+        *w = match dtype {
+            "bfloat16" => bf16::from_f32(*w).to_f32(),
+            "float16" => half::f16::from_f32(*w).to_f32(),
+            "float32" => *w,
+            other => panic!("dtype {other}"),
+        };
+    }
     (parts, want)
 }
 
@@ -287,7 +311,7 @@ fn bnb4_flat_blocks_across_rows_odd_rows_and_double_quant_convert_exactly() {
         (7, 100, &moe_kernels::NF4_TABLE, true),
         (5, 99, &moe_kernels::FP4_TABLE, false),
     ] {
-        let (parts, want) = bnb_weight(&mut rng, n, k, 64, table, double);
+        let (parts, want) = bnb_weight_as(&mut rng, n, k, 64, table, double, "float32");
         let (_dir, ws) = open_bnb(&parts, |n| Some(n.to_string()));
         let t = ws.get("w.weight", Some(&[n, k])).unwrap();
         assert!(t.is_prequant());
@@ -321,7 +345,7 @@ fn bnb4_rows_on_whole_blocks_repack_without_loss_unless_the_table_is_foreign() {
     ] {
         for double in [false, true] {
             let (n, k) = (6, 192);
-            let (parts, want) = bnb_weight(&mut rng, n, k, 128, table, double);
+            let (parts, want) = bnb_weight_as(&mut rng, n, k, 128, table, double, "float32");
             let (_dir, ws) = open_bnb(&parts, |n| Some(n.to_string()));
             let t = ws.get("w.weight", Some(&[n, k])).unwrap();
             assert_eq!(t.lossless_dtype(), Some(dtype));
@@ -338,7 +362,7 @@ fn bnb4_rows_on_whole_blocks_repack_without_loss_unless_the_table_is_foreign() {
     // A table that is neither bitsandbytes' NF4 nor FP4 is used as stored, in f32.
     let mut custom = moe_kernels::NF4_TABLE;
     custom[3] = 0.123;
-    let (parts, want) = bnb_weight(&mut rng, 2, 64, 64, &custom, false);
+    let (parts, want) = bnb_weight_as(&mut rng, 2, 64, 64, &custom, false, "float32");
     let (_dir, ws) = open_bnb(&parts, |n| Some(n.to_string()));
     let t = ws.get("w.weight", Some(&[2, 64])).unwrap();
     assert_eq!(t.lossless_dtype(), Some(Dtype::F32));
@@ -919,4 +943,94 @@ fn an_input_major_float_weight_opens_transposed_and_converts_exactly() {
         .unwrap_err()
         .to_string();
     assert!(e.contains(GATE_UP) && e.contains("[2, 5, 3]"), "{e}");
+}
+
+#[test]
+fn bitsandbytes_values_are_rounded_to_the_quant_state_dtype() {
+    let mut rng = Rng(21);
+    let (n, k) = (4, 128);
+    for (dtype, table, lossless) in [
+        ("bfloat16", &moe_kernels::NF4_TABLE, Dtype::Nf4Bf16),
+        ("float16", &moe_kernels::NF4_TABLE, Dtype::Nf4F16),
+        ("float32", &moe_kernels::NF4_TABLE, Dtype::Nf4),
+        ("bfloat16", &moe_kernels::FP4_TABLE, Dtype::Fp4Bf16),
+        ("float16", &moe_kernels::FP4_TABLE, Dtype::Fp4F16),
+    ] {
+        // The 4-bit blocks are kept (4.5 bits per weight), marked with the rounding.
+        let (parts, want) = bnb_weight_as(&mut rng, n, k, 64, table, true, dtype);
+        let (_d, ws) = open_bnb(&parts, |n| Some(n.into()));
+        let t = ws.get("w.weight", Some(&[n, k])).unwrap();
+        assert_eq!(t.lossless_dtype(), Some(lossless), "{dtype}");
+        let got = to_f32(&t);
+        assert!(same_bits(&got, &want), "{dtype}");
+        // The loaded form holds exactly these values.
+        let held = t.quantize(lossless).unwrap().unwrap();
+        let mut row = vec![0f32; k];
+        for r in 0..n {
+            moe_kernels::row_to_f32(held.weights(), r, k, &mut row);
+            assert!(same_bits(&row, &want[r * k..][..k]), "{dtype} row {r}");
+        }
+        assert_eq!(held.size_bytes(), n * k / 64 * 36, "{dtype}: 4-bit blocks");
+        if dtype == "bfloat16" && lossless == Dtype::Nf4Bf16 {
+            // Rounding changed values (so the test sees it), each to the nearest bf16.
+            let mut exact = vec![0f32; n * k];
+            let (p, _) = bnb_weight_as(
+                &mut Rng(21),
+                n,
+                k,
+                64,
+                &moe_kernels::NF4_TABLE,
+                true,
+                "float32",
+            );
+            let (_d2, ws2) = open_bnb(&p, |n| Some(n.into()));
+            exact.copy_from_slice(&to_f32(&ws2.get("w.weight", None).unwrap()));
+            let changed = exact.iter().zip(&got).filter(|(a, b)| a != b).count();
+            assert!(changed > n * k / 2, "{changed} of {} values rounded", n * k);
+            for (e, g) in exact.iter().zip(&got) {
+                assert_eq!(*g, bf16::from_f32(*e).to_f32());
+                assert!((e - g).abs() <= e.abs() * 2f32.powi(-8));
+            }
+        }
+    }
+    // A table that is neither bitsandbytes' NF4 nor FP4 has no blocks: the rounded values are
+    // held exactly by the type they were rounded to.
+    let mut custom = moe_kernels::NF4_TABLE;
+    custom[3] = 0.123;
+    for (dtype, lossless) in [("bfloat16", Dtype::Bf16), ("float16", Dtype::F16)] {
+        let (parts, want) = bnb_weight_as(&mut rng, 2, 64, 64, &custom, false, dtype);
+        let (_d, ws) = open_bnb(&parts, |n| Some(n.into()));
+        let t = ws.get("w.weight", Some(&[2, 64])).unwrap();
+        assert_eq!(t.lossless_dtype(), Some(lossless), "{dtype}");
+        let held = t.quantize(lossless).unwrap().unwrap();
+        let mut row = vec![0f32; 64];
+        for r in 0..2 {
+            moe_kernels::row_to_f32(held.weights(), r, 64, &mut row);
+            assert!(same_bits(&row, &want[r * 64..][..64]), "{dtype} row {r}");
+        }
+    }
+    // A dtype bitsandbytes never writes is named.
+    let (mut parts, _) = bnb_weight_as(
+        &mut rng,
+        2,
+        64,
+        64,
+        &moe_kernels::NF4_TABLE,
+        false,
+        "float32",
+    );
+    for p in &mut parts {
+        if p.0.contains("quant_state") {
+            let mut v: serde_json::Value = serde_json::from_slice(&p.3).unwrap();
+            v["dtype"] = "int8".into();
+            p.3 = v.to_string().into_bytes();
+            p.2 = vec![p.3.len()];
+        }
+    }
+    let (_d, ws) = open_bnb(&parts, |n| Some(n.into()));
+    let e = err_of(ws.get("w.weight", None));
+    assert!(
+        e.contains("quant_state.bitsandbytes__nf4") && e.contains("int8"),
+        "{e}"
+    );
 }

@@ -1,15 +1,18 @@
 //! The CPU KV cache ([`KvCache`]) and causal attention over it ([`attend`]).
 //!
 //! Invariants: compute is f32 whatever the cache stores; a 2-byte cache rounds values once, when
-//! stored; scores are scaled by `head_dim^-1/2` and soft-maxed per query row in f32 (with a
-//! head's sink logit, when the layer has sinks, in the maximum and the denominator but weighing
-//! no value); the `group` query heads that share a KV head read each cached row once.
+//! stored; scores are scaled by the shape's `scale` (`head_dim^-1/2` unless the architecture
+//! says otherwise) and soft-maxed per query row in f32 (with a head's sink logit, when the layer
+//! has sinks, in the maximum and the denominator but weighing no value); the `group` query
+//! heads that share a KV head read each cached row once. A latent cache (no values given) holds
+//! keys only: each head's values are the leading `value_dim` values of its key.
 
 use rayon::prelude::*;
 
 use crate::backend::{AttnShape, KvElem};
 
-/// One of the cache's two tensors, `[tokens, kv_heads * head_dim]` in its element type.
+/// One of the cache's two tensors, `[tokens, kv_heads * head_dim]` in its element type (the
+/// values stay empty in a latent cache).
 #[derive(Clone)]
 pub enum KvData {
     F32(Vec<f32>),
@@ -104,15 +107,16 @@ impl KvCache {
 }
 
 /// The `group` query heads `qg` (`[group, hd]`) that share one KV head, attending over `n`
-/// cached positions: `ck` / `cv` start at that head's values in the first attended row, rows
-/// `kvr` apart. Scores are scaled by `scale` and soft-maxed in f32 with the maximum subtracted;
-/// `sinks` (one logit per head of the group, gpt-oss) join the maximum and the denominator as
-/// one more position whose value is zero.
+/// cached positions: `ck` / `cv` start at that head's keys / values in the first attended row,
+/// rows `kvr` apart, values `vd` wide (`out` is `[group, vd]`). Scores are scaled by `scale`
+/// and soft-maxed in f32 with the maximum subtracted; `sinks` (one logit per head of the group,
+/// gpt-oss) join the maximum and the denominator as one more position whose value is zero.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_group(
     qg: &[f32],
     group: usize,
     hd: usize,
+    vd: usize,
     ck: &[f32],
     cv: &[f32],
     kvr: usize,
@@ -142,7 +146,7 @@ pub fn attend_group(
             *s /= sum;
         }
     }
-    moe_kernels::weighted_sum_strided(&scores, group, n, cv, kvr, hd, out);
+    moe_kernels::weighted_sum_strided(&scores, group, n, cv, kvr, vd, out);
 }
 
 /// `src` in a cache's element type, as stored bytes (what [`KvData`] holds for it).
@@ -184,7 +188,7 @@ pub fn decode_kv(elem: KvElem, bytes: &[u8]) -> Vec<f32> {
 pub fn attend(
     q: &[f32],
     k: &[f32],
-    v: &[f32],
+    v: Option<&[f32]>,
     lens: &[usize],
     caches: &mut [&mut KvCache],
     shape: &AttnShape,
@@ -192,6 +196,7 @@ pub fn attend(
 ) -> Vec<f32> {
     debug_assert_eq!(lens.len(), caches.len());
     let (nh, hd, nkv) = (shape.num_heads, shape.head_dim, shape.num_kv_heads);
+    let vd = shape.value_dim;
     let kvr = nkv * hd;
     let t: usize = lens.iter().sum();
     // Row r belongs to sequence seq_of[r] at position pos_of[r].
@@ -209,7 +214,9 @@ pub fn attend(
     let mut firsts = Vec::with_capacity(lens.len());
     for (&n, cache) in lens.iter().zip(caches.iter_mut()) {
         cache.k.extend(&k[row0 * kvr..(row0 + n) * kvr]);
-        cache.v.extend(&v[row0 * kvr..(row0 + n) * kvr]);
+        if let Some(v) = v {
+            cache.v.extend(&v[row0 * kvr..(row0 + n) * kvr]);
+        }
         let pos0 = cache.len;
         cache.len += n;
         row0 += n;
@@ -223,23 +230,23 @@ pub fn attend(
         .iter()
         .zip(&firsts)
         .map(|(cache, &lo)| {
-            (
-                cache.k.f32_range(lo * kvr, cache.len * kvr),
-                cache.v.f32_range(lo * kvr, cache.len * kvr),
-            )
+            let keys = cache.k.f32_range(lo * kvr, cache.len * kvr);
+            // A latent cache's values are read from its keys.
+            let values = v.map(|_| cache.v.f32_range(lo * kvr, cache.len * kvr));
+            (keys, values)
         })
         .collect();
-    let scale = (hd as f32).powf(-0.5);
     let group = nh / nkv;
-    let mut attn = vec![0f32; t * nh * hd];
+    let mut attn = vec![0f32; t * nh * vd];
     // One task per (row, KV head): the `group` query heads that share a KV head are scored
     // together, so each cached key and value row is read once for all of them.
-    attn.par_chunks_mut(group * hd)
+    attn.par_chunks_mut(group * vd)
         .enumerate()
         .for_each(|(c, out)| {
             let (r, kvh) = (c / nkv, c % nkv);
             let (s, pos) = (seq_of[r], pos_of[r]);
-            let (ck, cv) = (&views[s].0[..], &views[s].1[..]);
+            let ck = &views[s].0[..];
+            let cv = views[s].1.as_deref().unwrap_or(ck);
             let lo = firsts[s];
             let first = match window {
                 Some(w) if w > 0 => (pos + 1).saturating_sub(w),
@@ -254,11 +261,12 @@ pub fn attend(
                 qg,
                 group,
                 hd,
+                vd,
                 &ck[base..],
                 &cv[base..],
                 kvr,
                 n,
-                scale,
+                shape.scale,
                 sg,
                 out,
             );
@@ -305,18 +313,29 @@ mod tests {
         let q: Vec<f32> = (0..n * nh * hd).map(|i| val(i + 7)).collect();
         let k: Vec<f32> = (0..n * kvr).map(|i| val(3 * i + 1)).collect();
         let v: Vec<f32> = (0..n * kvr).map(|i| val(5 * i + 2)).collect();
-        let shape = AttnShape {
-            num_heads: nh,
-            num_kv_heads: nkv,
-            head_dim: hd,
-            sliding_window: None,
-        };
+        let shape = AttnShape::standard(nh, nkv, hd, None);
         // Large sinks soak up most of the mass; a very negative one changes nothing.
         let sinks = vec![2.0f32, -1.0, 4.0, -80.0];
         let mut cache = KvCache::new(KvElem::F32);
-        let got = attend(&q, &k, &v, &[n], &mut [&mut cache], &shape, Some(&sinks));
+        let got = attend(
+            &q,
+            &k,
+            Some(&v),
+            &[n],
+            &mut [&mut cache],
+            &shape,
+            Some(&sinks),
+        );
         let mut plain_cache = KvCache::new(KvElem::F32);
-        let plain = attend(&q, &k, &v, &[n], &mut [&mut plain_cache], &shape, None);
+        let plain = attend(
+            &q,
+            &k,
+            Some(&v),
+            &[n],
+            &mut [&mut plain_cache],
+            &shape,
+            None,
+        );
         let group = nh / nkv;
         for r in 0..n {
             for h in 0..nh {
@@ -337,5 +356,73 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_latent_cache_reads_values_from_its_keys() {
+        // One key head of width 6 whose leading 4 values are the values; 3 query heads; a
+        // 2-byte cache; two sequences in one call, then one more row for the first.
+        let (nh, hd, vd) = (3usize, 6usize, 4usize);
+        let shape = AttnShape {
+            value_dim: vd,
+            scale: 0.37,
+            ..AttnShape::standard(nh, 1, hd, None)
+        };
+        let val = |i: usize| (i as f32 * 0.913).cos() * 1.2;
+        let lens = [4usize, 3];
+        let t: usize = lens.iter().sum();
+        let q: Vec<f32> = (0..t * nh * hd).map(|i| val(i + 3)).collect();
+        let k: Vec<f32> = (0..t * hd).map(|i| val(2 * i + 1)).collect();
+        let (mut a, mut b) = (KvCache::new(KvElem::Bf16), KvCache::new(KvElem::Bf16));
+        let got = attend(&q, &k, None, &lens, &mut [&mut a, &mut b], &shape, None);
+        assert_eq!(got.len(), t * nh * vd);
+        assert!(
+            matches!(&a.v, KvData::Bf16(v) if v.is_empty()),
+            "no values are stored"
+        );
+        // The same attention with the values given separately, as the keys' leading values.
+        let v: Vec<f32> = k.clone();
+        let (mut a2, mut b2) = (KvCache::new(KvElem::Bf16), KvCache::new(KvElem::Bf16));
+        let full = attend(
+            &q,
+            &k,
+            Some(&v),
+            &lens,
+            &mut [&mut a2, &mut b2],
+            &AttnShape {
+                value_dim: hd,
+                ..shape
+            },
+            None,
+        );
+        for r in 0..t {
+            for h in 0..nh {
+                assert_eq!(
+                    got[(r * nh + h) * vd..][..vd],
+                    full[(r * nh + h) * hd..][..vd],
+                    "row {r} head {h}"
+                );
+            }
+        }
+        // Decode one more row of sequence 0 against its cache.
+        let q1: Vec<f32> = (0..nh * hd).map(|i| val(i + 101)).collect();
+        let k1: Vec<f32> = (0..hd).map(|i| val(i + 57)).collect();
+        let one = attend(&q1, &k1, None, &[1], &mut [&mut a], &shape, None);
+        let two = attend(
+            &q1,
+            &k1,
+            Some(&k1),
+            &[1],
+            &mut [&mut a2],
+            &AttnShape {
+                value_dim: hd,
+                ..shape
+            },
+            None,
+        );
+        for h in 0..nh {
+            assert_eq!(one[h * vd..][..vd], two[h * hd..][..vd], "decode head {h}");
+        }
+        assert_eq!(a.len, 5);
     }
 }

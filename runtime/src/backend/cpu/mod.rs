@@ -21,7 +21,7 @@ pub use deltanet::LinearState;
 pub use matmul::{activation_path_covers, bf16_activations_supported, Input};
 
 use crate::backend::{
-    Activations, AttnShape, Backend, DeltaNetParams, Glu, KvElem, RouterRule, Routing,
+    Activations, AttnShape, Backend, DeltaNetParams, Glu, HeadBlocks, KvElem, RouterRule, Routing,
 };
 use crate::config::Rope;
 use crate::error::Result;
@@ -117,8 +117,83 @@ pub fn split_halves(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
     (a, b)
 }
 
-/// Rotates every `head_dim`-wide head of `row` for absolute position `pos` (rotate-half
-/// convention over the first `rot_dim` values of each head).
+/// Rows of `heads` blocks `[a values | b values]` split into `[rows, heads * a]` and
+/// `[rows, heads * b]`.
+pub fn split_heads(x: &[f32], a: usize, b: usize) -> (Vec<f32>, Vec<f32>) {
+    let heads = x.len() / (a + b).max(1);
+    let mut first = Vec::with_capacity(heads * a);
+    let mut second = Vec::with_capacity(heads * b);
+    for block in x.chunks_exact(a + b) {
+        first.extend_from_slice(&block[..a]);
+        second.extend_from_slice(&block[a..]);
+    }
+    (first, second)
+}
+
+/// The inverse of [`split_heads`].
+pub fn join_heads(x: &[f32], y: &[f32], a: usize, b: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len() + y.len());
+    for (xa, yb) in x.chunks_exact(a.max(1)).zip(y.chunks_exact(b.max(1))) {
+        out.extend_from_slice(&xa[..a]);
+        out.extend_from_slice(&yb[..b]);
+    }
+    out
+}
+
+/// [`crate::backend::Backend::head_matmul`] with `row(i, out)` writing row `i` of the weight as
+/// f32: per head, each row of its block is read once; a product sums in ascending order of the
+/// summed index, in f32.
+pub fn head_matmul_rows(
+    x: &[f32],
+    rows: usize,
+    blocks: &HeadBlocks,
+    transposed: bool,
+    row: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let HeadBlocks {
+        heads,
+        stride,
+        offset,
+        len,
+        cols,
+    } = *blocks;
+    let (x_width, out_width) = if transposed { (len, cols) } else { (cols, len) };
+    let per_head: Vec<Vec<f32>> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let mut acc = vec![0f32; rows * out_width];
+            let mut w = vec![0f32; cols];
+            for o in 0..len {
+                row(h * stride + offset + o, &mut w);
+                for r in 0..rows {
+                    let xr = &x[(r * heads + h) * x_width..][..x_width];
+                    let out = &mut acc[r * out_width..][..out_width];
+                    if transposed {
+                        let xo = xr[o];
+                        for (a, wc) in out.iter_mut().zip(&w) {
+                            *a += xo * wc;
+                        }
+                    } else {
+                        out[o] = xr.iter().zip(&w).fold(0f32, |s, (a, b)| s + a * b);
+                    }
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![0f32; rows * heads * out_width];
+    for (h, acc) in per_head.iter().enumerate() {
+        for r in 0..rows {
+            out[(r * heads + h) * out_width..][..out_width]
+                .copy_from_slice(&acc[r * out_width..][..out_width]);
+        }
+    }
+    out
+}
+
+/// Rotates every `head_dim`-wide head of `row` for absolute position `pos`: over the first
+/// `rot_dim` values of each head, pairs `(i, i + rot_dim / 2)` (rotate-half) or, for an
+/// interleaved rope, `(2i, 2i + 1)`, both turned by frequency `i`.
 pub fn rope_row(rope: &Rope, row: &mut [f32], head_dim: usize, pos: usize) {
     let half = rope.rot_dim / 2;
     let (cos, sin): (Vec<f32>, Vec<f32>) = rope
@@ -134,10 +209,15 @@ pub fn rope_row(rope: &Rope, row: &mut [f32], head_dim: usize, pos: usize) {
         .unzip();
     for head in row.chunks_exact_mut(head_dim) {
         for i in 0..half {
-            let x1 = head[i];
-            let x2 = head[i + half];
-            head[i] = x1 * cos[i] - x2 * sin[i];
-            head[i + half] = x2 * cos[i] + x1 * sin[i];
+            let (a, b) = if rope.interleaved {
+                (2 * i, 2 * i + 1)
+            } else {
+                (i, i + half)
+            };
+            let x1 = head[a];
+            let x2 = head[b];
+            head[a] = x1 * cos[i] - x2 * sin[i];
+            head[b] = x2 * cos[i] + x1 * sin[i];
         }
     }
 }
@@ -222,6 +302,55 @@ impl Backend for Cpu {
         split_halves(x, d)
     }
 
+    fn split_heads(&self, x: &Vec<f32>, a: usize, b: usize) -> (Vec<f32>, Vec<f32>) {
+        split_heads(x, a, b)
+    }
+
+    fn join_heads(&self, x: &Vec<f32>, y: &Vec<f32>, a: usize, b: usize) -> Vec<f32> {
+        join_heads(x, y, a, b)
+    }
+
+    fn head_matmul(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        w: &TensorRef,
+        blocks: &HeadBlocks,
+        transposed: bool,
+    ) -> Vec<f32> {
+        if transposed {
+            let wk = w.weights();
+            return head_matmul_rows(x, rows, blocks, true, |i, out| {
+                moe_kernels::row_to_f32(wk, i, blocks.cols, out)
+            });
+        }
+        // Not transposed, each head is an ordinary product with its row block: the matmul
+        // kernels read the weight's own type (SIMD, the activation setting applied).
+        let HeadBlocks {
+            heads,
+            stride,
+            offset,
+            len,
+            cols,
+        } = *blocks;
+        let mut out = vec![0f32; rows * heads * len];
+        let per_head: Vec<Vec<f32>> = (0..heads)
+            .map(|h| {
+                let xh: Vec<f32> = (0..rows)
+                    .flat_map(|r| x[(r * heads + h) * cols..][..cols].iter().copied())
+                    .collect();
+                let wh = w.narrow(h * stride + offset, len);
+                self.matmul(&xh, rows, &wh, cols, len, None)
+            })
+            .collect();
+        for (h, yh) in per_head.iter().enumerate() {
+            for r in 0..rows {
+                out[(r * heads + h) * len..][..len].copy_from_slice(&yh[r * len..][..len]);
+            }
+        }
+        out
+    }
+
     fn clamp(&self, x: &mut Vec<f32>, limit: f32) {
         clamp(x, limit)
     }
@@ -288,13 +417,21 @@ impl Backend for Cpu {
         &self,
         q: &Vec<f32>,
         k: &Vec<f32>,
-        v: &Vec<f32>,
+        v: Option<&Vec<f32>>,
         lens: &[usize],
         caches: &mut [&mut KvCache],
         shape: &AttnShape,
         sinks: Option<&Vec<f32>>,
     ) -> Vec<f32> {
-        attention::attend(q, k, v, lens, caches, shape, sinks.map(Vec::as_slice))
+        attention::attend(
+            q,
+            k,
+            v.map(Vec::as_slice),
+            lens,
+            caches,
+            shape,
+            sinks.map(Vec::as_slice),
+        )
     }
 
     fn recurrent_new(&self, conv: usize, ssm: usize) -> LinearState {
@@ -324,6 +461,170 @@ impl Backend for Cpu {
 mod tests {
     use super::*;
     use crate::config::{RopeConfig, RopeScaling};
+
+    fn wave(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7 + seed * 13) as f32 * 0.377).sin() * 1.3)
+            .collect()
+    }
+
+    #[test]
+    fn interleaved_rope_is_rotate_half_over_deinterleaved_pairs() {
+        let cfg = RopeConfig {
+            theta: 10000.0,
+            scaling: RopeScaling::Default,
+            partial_rotary_factor: 1.0,
+        };
+        let (hd, heads) = (8usize, 3usize);
+        let half_rope = Rope::new(&cfg, hd);
+        let mut pair_rope = Rope::new(&cfg, hd);
+        pair_rope.interleaved = true;
+        let x = wave(hd * heads, 1);
+        // Even values then odd values of each head: the order transformers' interleaved rope
+        // leaves them in.
+        let deinterleave = |v: &[f32]| -> Vec<f32> {
+            v.chunks_exact(hd)
+                .flat_map(|h| {
+                    let evens = h.iter().step_by(2).copied();
+                    evens
+                        .chain(h.iter().skip(1).step_by(2).copied())
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        for pos in [0usize, 3, 77] {
+            let mut a = x.clone();
+            rope_row(&pair_rope, &mut a, hd, pos);
+            let mut b = deinterleave(&x);
+            rope_row(&half_rope, &mut b, hd, pos);
+            assert_eq!(deinterleave(&a), b, "position {pos}");
+        }
+    }
+
+    #[test]
+    fn split_and_join_heads_are_inverse() {
+        let (a, b, heads, rows) = (5usize, 3usize, 4usize, 2usize);
+        let x = wave(rows * heads * (a + b), 2);
+        let (first, second) = split_heads(&x, a, b);
+        assert_eq!(
+            (first.len(), second.len()),
+            (rows * heads * a, rows * heads * b)
+        );
+        // Head 1 of row 1: its `a` values, then its `b` values.
+        let h = heads + 1;
+        assert_eq!(first[h * a..][..a], x[h * (a + b)..][..a]);
+        assert_eq!(second[h * b..][..b], x[h * (a + b) + a..][..b]);
+        assert_eq!(join_heads(&first, &second, a, b), x);
+    }
+
+    #[test]
+    fn head_matmul_uses_each_heads_block_of_rows() {
+        let (heads, stride, cols, rows) = (3usize, 7usize, 5usize, 2usize);
+        let w = wave(heads * stride * cols, 3);
+        let blocks = HeadBlocks {
+            heads,
+            stride,
+            offset: 2,
+            len: 4,
+            cols,
+        };
+        let weight = |r: usize, c: usize| f64::from(w[r * cols + c]);
+        // Not transposed: x [rows, heads * cols] -> [rows, heads * len].
+        let x = wave(rows * heads * cols, 4);
+        let got = head_matmul_rows(&x, rows, &blocks, false, |i, out| {
+            out.copy_from_slice(&w[i * cols..][..cols])
+        });
+        for r in 0..rows {
+            for h in 0..heads {
+                for o in 0..4 {
+                    let want: f64 = (0..cols)
+                        .map(|c| {
+                            f64::from(x[(r * heads + h) * cols + c]) * weight(h * stride + 2 + o, c)
+                        })
+                        .sum();
+                    let g = got[(r * heads + h) * 4 + o];
+                    assert!(
+                        (f64::from(g) - want).abs() < 1e-5,
+                        "{r} {h} {o}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+        // Transposed: x [rows, heads * len] -> [rows, heads * cols].
+        let x = wave(rows * heads * 4, 5);
+        let got = head_matmul_rows(&x, rows, &blocks, true, |i, out| {
+            out.copy_from_slice(&w[i * cols..][..cols])
+        });
+        for r in 0..rows {
+            for h in 0..heads {
+                for c in 0..cols {
+                    let want: f64 = (0..4)
+                        .map(|o| {
+                            f64::from(x[(r * heads + h) * 4 + o]) * weight(h * stride + 2 + o, c)
+                        })
+                        .sum();
+                    let g = got[(r * heads + h) * cols + c];
+                    assert!(
+                        (f64::from(g) - want).abs() < 1e-5,
+                        "{r} {h} {c}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_backends_head_matmul_reads_any_weight_type_as_the_row_twin_does() {
+        use crate::weights::{Dtype, Storage};
+        let (heads, stride, cols, rows) = (4usize, 6usize, 64usize, 3usize);
+        let data = wave(heads * stride * cols, 6);
+        let mut words = vec![0u64; data.len().div_ceil(2)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..data.len() * 4]
+            .copy_from_slice(bytemuck::cast_slice(&data));
+        let f32_weight = TensorRef::in_storage(
+            "kv_b_proj.weight".into(),
+            std::sync::Arc::new("/m/model.safetensors".into()),
+            Dtype::F32,
+            vec![heads * stride, cols],
+            std::sync::Arc::new(Storage::Words {
+                words,
+                len: data.len() * 4,
+            }),
+            0,
+            data.len() * 4,
+        );
+        let q8_weight = f32_weight.quantize(Dtype::Q8_0).unwrap().unwrap();
+        let cpu = Cpu::new(Activations::F32);
+        for w in [&f32_weight, &q8_weight] {
+            for (offset, len, transposed) in [(0usize, 4usize, true), (4, 2, false)] {
+                let blocks = HeadBlocks {
+                    heads,
+                    stride,
+                    offset,
+                    len,
+                    cols,
+                };
+                let width = if transposed { len } else { cols };
+                let x = wave(rows * heads * width, 7);
+                let got = cpu.head_matmul(&x, rows, w, &blocks, transposed);
+                let wk = w.weights();
+                let want = head_matmul_rows(&x, rows, &blocks, transposed, |i, out| {
+                    moe_kernels::row_to_f32(wk, i, cols, out)
+                });
+                assert_eq!(got.len(), want.len());
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst < 1e-4,
+                    "{:?} transposed {transposed}: {worst}",
+                    w.dtype
+                );
+            }
+        }
+    }
 
     #[test]
     fn rope_rotation_preserves_norm_and_matches_formula() {

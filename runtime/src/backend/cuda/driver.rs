@@ -395,6 +395,10 @@ impl Gpu for DriverGpu {
             Dtype::F8B128 => "dequant_f8",
             Dtype::Nf4 => "dequant_nf4",
             Dtype::Fp4 => "dequant_fp4",
+            Dtype::Nf4Bf16 => "dequant_nf4bf16",
+            Dtype::Nf4F16 => "dequant_nf4f16",
+            Dtype::Fp4Bf16 => "dequant_fp4bf16",
+            Dtype::Fp4F16 => "dequant_fp4f16",
             Dtype::Mxfp4 => "dequant_mxfp4",
             other => {
                 return Err(Error::Internal(format!(

@@ -477,7 +477,7 @@ impl Cuda {
     /// One grouped matvec launch per weight type over `entries` (weight, input row, output
     /// row, rows), `k` wide in and `n` wide out; `input` and `output` name the buffers the
     /// entries point into (the first output buffer where several are written).
-    fn grouped_matvec(
+    pub(super) fn grouped_matvec(
         &self,
         entries: &[(Dtype, [u64; 4])],
         input: &DevBuf,
@@ -533,6 +533,10 @@ fn grouped_kernel(dtype: Dtype) -> &'static str {
         Dtype::Q4K => "matvec_grouped_q4_k",
         Dtype::F8B128 => "matvec_grouped_f8",
         Dtype::Nf4 => "matvec_grouped_nf4",
+        Dtype::Nf4Bf16 => "matvec_grouped_nf4bf16",
+        Dtype::Nf4F16 => "matvec_grouped_nf4f16",
+        Dtype::Fp4Bf16 => "matvec_grouped_fp4bf16",
+        Dtype::Fp4F16 => "matvec_grouped_fp4f16",
         Dtype::Mxfp4 => "matvec_grouped_mxfp4",
         _ => "matvec_grouped_fp4",
     }

@@ -214,6 +214,43 @@ impl MockGpu {
                 moe_kernels::row_to_f32(w, 0, n, &mut out);
                 self.write_f32(a.ptr(2), &out)
             }
+            k if k.starts_with("head_matmul_t_") => {
+                let dtype = dtype_of(k);
+                let (rows, heads, h0) = (a.u32(3) as usize, a.u32(4) as usize, a.u32(5) as usize);
+                let (stride, offset) = (a.u32(6) as usize, a.u32(7) as usize);
+                let (len, cols) = (a.u32(8) as usize, a.u32(9) as usize);
+                let launched = grid[1] as usize;
+                if h0 + launched > heads {
+                    return Err(fault(format!(
+                        "{k}: heads {h0}..{} of {heads}",
+                        h0 + launched
+                    )));
+                }
+                let x = self.read_f32(a.ptr(0), rows * heads * len)?;
+                // This launch's heads of every row, side by side.
+                let xs: Vec<f32> = (0..rows)
+                    .flat_map(|r| x[(r * heads + h0) * len..][..launched * len].to_vec())
+                    .collect();
+                let n_rows = (launched - 1) * stride + offset + len;
+                let words = self.read_typed(a.ptr(1), dtype, n_rows * cols)?;
+                let wt = weights_of(&words, dtype, n_rows * cols);
+                let blocks = crate::backend::HeadBlocks {
+                    heads: launched,
+                    stride,
+                    offset,
+                    len,
+                    cols,
+                };
+                let y = cpu::head_matmul_rows(&xs, rows, &blocks, true, |i, row| {
+                    moe_kernels::row_to_f32(wt, i, cols, row)
+                });
+                let mut out = self.read_f32(a.ptr(2), rows * heads * cols)?;
+                for r in 0..rows {
+                    out[(r * heads + h0) * cols..][..launched * cols]
+                        .copy_from_slice(&y[r * launched * cols..][..launched * cols]);
+                }
+                self.write_f32(a.ptr(2), &out)
+            }
             k if k.starts_with("matvec_grouped_") => {
                 let dtype = dtype_of(k);
                 let entries = grid[1] as usize;
@@ -304,6 +341,7 @@ impl MockGpu {
                     inv_freq: self.read_f32(a.ptr(3), rot_dim / 2)?,
                     attention_scaling: a.f32(9),
                     rot_dim,
+                    interleaved: a.u32(10) != 0,
                 };
                 let pos = self.read_u32(a.ptr(2), rows)?;
                 let mut q = self.read_f32(a.ptr(0), rows * qw)?;
@@ -370,6 +408,24 @@ impl MockGpu {
                 let (p, q) = cpu::split_halves(&x, d);
                 self.write_f32(a.ptr(1), &p)?;
                 self.write_f32(a.ptr(2), &q)
+            }
+            "split_heads_f32" => {
+                let (blocks, ha, hb) = (a.u32(3) as usize, a.u32(4) as usize, a.u32(5) as usize);
+                let x = self.read_f32(a.ptr(0), blocks * (ha + hb))?;
+                let (p, q) = cpu::split_heads(&x, ha, hb);
+                // (An empty part is an empty buffer, which the kernel never writes.)
+                for (at, part) in [(a.ptr(1), p), (a.ptr(2), q)] {
+                    if !part.is_empty() {
+                        self.write_f32(at, &part)?;
+                    }
+                }
+                Ok(())
+            }
+            "join_heads_f32" => {
+                let (blocks, ha, hb) = (a.u32(3) as usize, a.u32(4) as usize, a.u32(5) as usize);
+                let x = self.read_f32(a.ptr(0), blocks * ha)?;
+                let y = self.read_f32(a.ptr(1), blocks * hb)?;
+                self.write_f32(a.ptr(2), &cpu::join_heads(&x, &y, ha, hb))
             }
             "conv1d_silu_seq_f32" => {
                 let (n, c, k) = (a.u32(3) as usize, a.u32(4) as usize, a.u32(5) as usize);
@@ -491,7 +547,10 @@ impl MockGpu {
                 self.write(a.ptr(1), &cpu::attention::encode_kv(elem, &src))
             }
             "attention_decode_f32" | "attention_decode_bf16" | "attention_decode_f16" => {
-                self.attention_twin(kernel, grid, a)
+                self.attention_twin(kernel, grid, a, false)
+            }
+            "attention_latent_f32" | "attention_latent_bf16" | "attention_latent_f16" => {
+                self.attention_twin(kernel, grid, a, true)
             }
             "attention_merge_f32" => {
                 let (splits, nh, hd) = (a.u32(1) as usize, a.u32(2) as usize, a.u32(3) as usize);
@@ -528,36 +587,62 @@ impl MockGpu {
     }
 
     /// Decode attention (one split): per row r and KV head, the twin of the CPU backend's
-    /// attention over the cache rows the row's address and position name.
-    fn attention_twin(&self, kernel: &str, grid: Grid, a: &Args<'_>) -> Result<()> {
+    /// attention over the cache rows the row's address and position name; `latent`
+    /// (`attention_latent_*`): no value cache, each head's values the leading `vd` values of
+    /// its key row.
+    fn attention_twin(&self, kernel: &str, grid: Grid, a: &Args<'_>, latent: bool) -> Result<()> {
         let rows = grid[0] as usize;
-        let (window, nh, nkv, hd) = (
-            a.u32(4) as usize,
-            a.u32(5) as usize,
-            a.u32(6) as usize,
-            a.u32(7) as usize,
-        );
+        // The latent kernels take no value addresses and one more width (vd) instead.
+        let (window, nh, nkv, hd, vd) = if latent {
+            (
+                a.u32(3) as usize,
+                a.u32(4) as usize,
+                a.u32(5) as usize,
+                a.u32(6) as usize,
+                a.u32(7) as usize,
+            )
+        } else {
+            let hd = a.u32(7) as usize;
+            (
+                a.u32(4) as usize,
+                a.u32(5) as usize,
+                a.u32(6) as usize,
+                hd,
+                hd,
+            )
+        };
         let (scale, splits) = (a.f32(8), a.u32(9) as usize);
-        if splits == 0 || grid[2] as usize != splits || grid[1] as usize != nkv {
+        let heads_covered = if latent {
+            grid[1] as usize * super::ATTENTION_LATENT_HEADS >= nh
+                && (grid[1] as usize - 1) * super::ATTENTION_LATENT_HEADS < nh
+        } else {
+            grid[1] as usize == nkv
+        };
+        if splits == 0 || grid[2] as usize != splits || !heads_covered || nkv == 0 || vd > hd {
             return Err(fault(format!(
-                "{kernel}: grid {grid:?} does not match {nkv} KV heads and {splits} splits"
+                "{kernel}: grid {grid:?} does not match {nh} heads, {nkv} KV heads, head_dim \
+                 {hd}, value_dim {vd} and {splits} splits"
             )));
         }
-        let elem = match kernel {
-            "attention_decode_f32" => crate::backend::KvElem::F32,
-            "attention_decode_bf16" => crate::backend::KvElem::Bf16,
+        let elem = match kernel.rsplit('_').next() {
+            Some("f32") => crate::backend::KvElem::F32,
+            Some("bf16") => crate::backend::KvElem::Bf16,
             _ => crate::backend::KvElem::F16,
         };
         let kvr = nkv * hd;
         let q = self.read_f32(a.ptr(0), rows * nh * hd)?;
         let kc: Vec<u64> = bytemuck::pod_collect_to_vec(&self.read(a.ptr(1), rows * 8)?);
-        let vc: Vec<u64> = bytemuck::pod_collect_to_vec(&self.read(a.ptr(2), rows * 8)?);
-        let pos = self.read_u32(a.ptr(3), rows)?;
+        let vc: Vec<u64> = if latent {
+            kc.clone()
+        } else {
+            bytemuck::pod_collect_to_vec(&self.read(a.ptr(2), rows * 8)?)
+        };
+        let pos = self.read_u32(a.ptr(if latent { 2 } else { 3 }), rows)?;
         let sinks = match a.ptr(12) {
             0 => None,
             p => Some(self.read_f32(p, nh)?),
         };
-        let mut out = vec![0f32; rows * nh * hd];
+        let mut out = vec![0f32; rows * nh * vd];
         let group = nh / nkv;
         let eb = elem.elem_bytes() as usize;
         for r in 0..rows {
@@ -572,18 +657,19 @@ impl MockGpu {
                 let bytes = self.read(addr + (first * kvr * eb) as u64, n * kvr * eb)?;
                 Ok(cpu::attention::decode_kv(elem, &bytes))
             };
-            let (ck, cv) = (widen(kc[r])?, widen(vc[r])?);
+            let ck = widen(kc[r])?;
+            let cv = if latent { ck.clone() } else { widen(vc[r])? };
             if splits > 1 {
                 // Each split's softmax state over its run of positions, as the kernel writes it.
                 let chunk = n.div_ceil(splits);
                 for h in 0..nh {
-                    let kvh = h / group;
+                    let off = h / group * hd;
                     let qh = &q[(r * nh + h) * hd..][..hd];
                     for z in 0..splits {
                         let lo = (z * chunk).min(n);
                         let hi = (lo + chunk).min(n);
-                        let part = split_state(qh, &ck, &cv, kvr, kvh * hd, hd, lo..hi, scale);
-                        let at = a.ptr(10) + ((((r * nh + h) * splits) + z) * (hd + 2) * 4) as u64;
+                        let part = split_state(qh, &ck, &cv, kvr, off, vd, lo..hi, scale);
+                        let at = a.ptr(10) + ((((r * nh + h) * splits) + z) * (vd + 2) * 4) as u64;
                         self.write_f32(at, &part)?;
                     }
                 }
@@ -591,11 +677,12 @@ impl MockGpu {
             }
             for kvh in 0..nkv {
                 let qg = &q[r * nh * hd + kvh * group * hd..][..group * hd];
-                let o = &mut out[r * nh * hd + kvh * group * hd..][..group * hd];
+                let o = &mut out[r * nh * vd + kvh * group * vd..][..group * vd];
                 cpu::attention::attend_group(
                     qg,
                     group,
                     hd,
+                    vd,
                     &ck[kvh * hd..],
                     &cv[kvh * hd..],
                     kvr,
@@ -664,9 +751,10 @@ impl Order {
     }
 }
 
-/// One split's softmax state `[max, sum, weighted values (hd)]` of query head `q` over the
-/// cached positions `run` (`k`, `v` rows `kvr` apart, this head's values at `off`): the state
-/// `attention_decode_*` writes with several splits (max -inf and zeros for an empty run).
+/// One split's softmax state `[max, sum, weighted values (vd)]` of query head `q` (as wide as
+/// a key) over the cached positions `run` (`k`, `v` rows `kvr` apart, this head's keys and
+/// values at `off`, values `vd` wide): the state `attention_decode_*` / `attention_latent_*`
+/// write with several splits (max -inf and zeros for an empty run).
 #[allow(clippy::too_many_arguments)]
 fn split_state(
     q: &[f32],
@@ -674,10 +762,11 @@ fn split_state(
     v: &[f32],
     kvr: usize,
     off: usize,
-    hd: usize,
+    vd: usize,
     run: std::ops::Range<usize>,
     scale: f32,
 ) -> Vec<f32> {
+    let hd = q.len();
     let scores: Vec<f32> = run
         .clone()
         .map(|t| {
@@ -686,12 +775,12 @@ fn split_state(
         })
         .collect();
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut state = vec![0f32; hd + 2];
+    let mut state = vec![0f32; vd + 2];
     state[0] = max;
     for (t, s) in run.zip(&scores) {
         let e = (s - max).exp();
         state[1] += e;
-        for (o, vt) in state[2..].iter_mut().zip(&v[t * kvr + off..][..hd]) {
+        for (o, vt) in state[2..].iter_mut().zip(&v[t * kvr + off..][..vd]) {
             *o += e * vt;
         }
     }
@@ -739,6 +828,10 @@ fn dtype_of(kernel: &str) -> Dtype {
         "f8" => Dtype::F8B128,
         "nf4" => Dtype::Nf4,
         "fp4" => Dtype::Fp4,
+        "nf4bf16" => Dtype::Nf4Bf16,
+        "nf4f16" => Dtype::Nf4F16,
+        "fp4bf16" => Dtype::Fp4Bf16,
+        "fp4f16" => Dtype::Fp4F16,
         "mxfp4" => Dtype::Mxfp4,
         _ => Dtype::F32,
     }
