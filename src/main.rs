@@ -289,7 +289,8 @@ struct ServeArgs {
     /// TCP port (default: the config's `[server] port`, else 8080; 0 picks a free port).
     #[arg(long)]
     port: Option<u16>,
-    /// Sequences decoded together (default: the config's `max_batch`, else 1).
+    /// Sequences decoded together (default: the config's `max_batch`, else what the memory
+    /// plan fits, up to 8).
     #[arg(long)]
     max_batch: Option<usize>,
     /// Requests that may wait for a slot before new ones get 429 (default: `[server]
@@ -681,6 +682,8 @@ fn write_stdout(bytes: &[u8]) -> Result<(), Box<dyn std::error::Error>> {
 fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let t_load = Instant::now();
     let mut settings = a.model.settings()?;
+    // One sequence: no KV cache is planned for others (a config's `max_batch` still counts).
+    settings.max_batch.get_or_insert(1);
     let meter = BuildMeter::new();
     settings.cache_progress = Some(meter.sink());
     let loaded = Model::load(&settings);

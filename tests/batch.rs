@@ -16,7 +16,7 @@ use moe_runtime::{FinishReason, GenerateParams, Logits, Model, Settings};
 fn load(dir: &std::path::Path, max_batch: usize) -> Model {
     Model::load(&Settings {
         model: Some(dir.to_string_lossy().into_owned()),
-        max_batch,
+        max_batch: Some(max_batch),
         cache_dir: Some(common::test_cache_dir()),
         ..Settings::default()
     })
@@ -26,7 +26,7 @@ fn load(dir: &std::path::Path, max_batch: usize) -> Model {
 fn demo(max_batch: usize) -> Arc<Model> {
     Arc::new(
         Model::load(&Settings {
-            max_batch,
+            max_batch: Some(max_batch),
             ..Settings::default()
         })
         .unwrap(),

@@ -21,7 +21,7 @@ fn load(dir: &Path, max_batch: usize) -> moe_runtime::Result<Model> {
     Model::load(&Settings {
         model: Some(dir.to_string_lossy().into_owned()),
         threads: Some(2),
-        max_batch,
+        max_batch: Some(max_batch),
         ..Default::default()
     })
 }

@@ -13,7 +13,7 @@ fn load(dir: &Path) -> moe_runtime::Result<Model> {
     Model::load(&Settings {
         model: Some(dir.to_string_lossy().into_owned()),
         threads: Some(2),
-        max_batch: 1,
+        max_batch: Some(1),
         ..Default::default()
     })
 }

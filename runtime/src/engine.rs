@@ -41,7 +41,8 @@ pub struct Model {
     pub decoder: AnyDecoder,
     pub files: ModelFiles,
     pub max_context: usize,
-    /// Sequences the plan sized the KV cache for (`Settings::max_batch`).
+    /// Sequences the plan sized the KV cache for (`Settings::max_batch`, or what the plan chose
+    /// for an unset one).
     pub max_batch: usize,
     /// Tensors present in the files that the architecture does not use.
     pub unused_tensors: Vec<String>,
@@ -329,7 +330,7 @@ impl Model {
             decoder,
             files,
             max_context,
-            max_batch: settings.max_batch.max(1),
+            max_batch: plan.max_batch.max(1),
             unused_tensors,
             plan,
             hotset: (hotset_path, fingerprint, hot_counts),

@@ -45,8 +45,10 @@ pub struct Settings {
     /// Host-side budget in bytes; on cpu it caps everything the process holds. `None` = what
     /// the machine has available minus a margin.
     pub ram_budget: Option<u64>,
-    /// Sequences served at once (sizes the KV cache in the plan).
-    pub max_batch: usize,
+    /// Sequences served at once (sizes the KV cache in the plan); `None` = what the plan fits
+    /// (see [`crate::plan::make_plan`]). Default 1: one sequence, as [`crate::Model::generate`]
+    /// decodes; a run configuration without `max_batch` leaves it to the plan.
+    pub max_batch: Option<usize>,
     pub kv_dtype: KvDtype,
     /// How expert weights are held in memory (quantized at load).
     pub quantization: Quantization,
@@ -81,7 +83,7 @@ impl Default for Settings {
             device: DeviceKind::Cpu,
             vram_budget: None,
             ram_budget: None,
-            max_batch: 1,
+            max_batch: Some(1),
             kv_dtype: KvDtype::F32,
             quantization: Quantization::None,
             resident_quantization: None,
@@ -130,7 +132,7 @@ impl Overrides {
         set_some(&mut c.vram_budget, self.vram_budget.map(ByteSize));
         set_some(&mut c.max_context, self.max_context);
         set_some(&mut c.threads, self.threads);
-        set(&mut c.max_batch, self.max_batch);
+        set_some(&mut c.max_batch, self.max_batch);
         set(&mut c.quantization, self.quantization);
         set_some(&mut c.resident_quantization, self.resident_quantization);
         set(&mut c.activations, self.activations);
@@ -388,7 +390,7 @@ impl Settings {
             vram_budget_bytes: self.vram_budget,
             ram_budget_bytes: self.ram_budget,
             max_context,
-            max_batch: self.max_batch.max(1),
+            max_batch: self.max_batch.map(|b| b.max(1)),
             slots_per_layer: self.experts.slots_per_layer,
             link_bytes_per_s: measured_link.unwrap_or(self.sim.link_gb_per_s * 1e9),
             link_measured: measured_link.is_some(),

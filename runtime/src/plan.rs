@@ -101,7 +101,8 @@ pub struct PlanRequest {
     pub vram_budget_bytes: Option<u64>,
     pub ram_budget_bytes: Option<u64>,
     pub max_context: usize,
-    pub max_batch: usize,
+    /// Sequences to size the KV cache for; `None`: the most the plan fits (see [`make_plan`]).
+    pub max_batch: Option<usize>,
     pub slots_per_layer: Option<usize>,
     pub link_bytes_per_s: f64,
     /// Whether `link_bytes_per_s` was measured (`calibrate` on a GPU) rather than stated.
@@ -208,6 +209,10 @@ impl ModelSizes {
 pub struct Plan {
     pub device: Device,
     pub sizes: ModelSizes,
+    /// Sequences served at once: `max_batch` as set, or what the plan chose for an unset one.
+    pub max_batch: usize,
+    /// Whether `max_batch` was chosen by the plan (no `max_batch` set).
+    pub max_batch_auto: bool,
     pub kv_bytes: u64,
     /// Device-side budget and use (GPU / sim).
     pub vram_budget_bytes: Option<u64>,
@@ -276,16 +281,28 @@ impl Plan {
         if s.state_bytes_per_sequence > 0 {
             let _ = writeln!(
                 out,
-                "KV cache + recurrent state: {} (max_context x max_batch; {} of linear-attention \
-                 state per sequence)",
+                "KV cache + recurrent state: {} (max_context x max_batch {}{}; {} of \
+                 linear-attention state per sequence)",
                 gib(self.kv_bytes),
+                self.max_batch,
+                if self.max_batch_auto {
+                    ", chosen by the plan"
+                } else {
+                    ""
+                },
                 gib(s.state_bytes_per_sequence)
             );
         } else {
             let _ = writeln!(
                 out,
-                "KV cache: {} (max_context x max_batch)",
-                gib(self.kv_bytes)
+                "KV cache: {} (max_context x max_batch {}{})",
+                gib(self.kv_bytes),
+                self.max_batch,
+                if self.max_batch_auto {
+                    ", chosen by the plan"
+                } else {
+                    ""
+                }
             );
         }
         let _ = writeln!(
@@ -361,8 +378,50 @@ fn gb(b: u64) -> String {
     crate::size::ByteSize(b).to_string()
 }
 
-/// Decides the placement or explains why it cannot fit.
+/// Most sequences an unset `max_batch` plans for: concurrent users of one host are served
+/// together, and a step's cost stays dominated by its expert reads, which the sequences share.
+pub const AUTO_MAX_BATCH: usize = 8;
+
+/// Share of the one-sequence plan's expert residency (experts in RAM, device slots per layer)
+/// that a plan-chosen batch may give up to its KV cache: a few percent of hits buys concurrent
+/// users, more would slow every step.
+const AUTO_BATCH_EXPERT_LOSS: f64 = 0.05;
+
+/// Decides the placement or explains why it cannot fit. With `max_batch` unset it also chooses
+/// the batch: the most sequences, up to [`AUTO_MAX_BATCH`], whose KV caches fit while the
+/// plan keeps at least 95% of the experts in RAM and of the device slots that one sequence's
+/// plan has and adds no warning; one sequence if no larger batch does (its errors are the
+/// ones reported).
 pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Result<Plan> {
+    let Some(batch) = req.max_batch else {
+        let one = plan_for_batch(sizes, req, profile, 1, true)?;
+        let keeps = |p: &Plan| {
+            let kept =
+                |got: usize, had: usize| got as f64 >= had as f64 * (1.0 - AUTO_BATCH_EXPERT_LOSS);
+            kept(p.ram_experts, one.ram_experts)
+                && kept(p.slots_per_layer, one.slots_per_layer)
+                && p.warnings.len() <= one.warnings.len()
+        };
+        for b in (2..=AUTO_MAX_BATCH).rev() {
+            if let Ok(p) = plan_for_batch(sizes, req, profile, b, true) {
+                if keeps(&p) {
+                    return Ok(p);
+                }
+            }
+        }
+        return Ok(one);
+    };
+    plan_for_batch(sizes, req, profile, batch, false)
+}
+
+/// The placement for `batch` sequences (`auto`: the batch was chosen by [`make_plan`]).
+fn plan_for_batch(
+    sizes: &ModelSizes,
+    req: &PlanRequest,
+    profile: &Profile,
+    batch: usize,
+    auto: bool,
+) -> Result<Plan> {
     let mut warnings = Vec::new();
     let total_experts = sizes.moe_layers * sizes.experts_per_layer;
     // Checked: `max_context` and `max_batch` may come from flags, and a product that wraps
@@ -371,12 +430,12 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
         .kv_bytes_per_token
         .checked_mul(req.max_context as u64)
         .and_then(|b| b.checked_add(sizes.state_bytes_per_sequence))
-        .and_then(|b| b.checked_mul(req.max_batch as u64))
+        .and_then(|b| b.checked_mul(batch as u64))
         .ok_or_else(|| {
             Error::Unplannable(format!(
                 "max_context {} x max_batch {} sequences of KV cache ({} bytes per token) is \
                  beyond any memory: lower max_context or max_batch",
-                req.max_context, req.max_batch, sizes.kv_bytes_per_token
+                req.max_context, batch, sizes.kv_bytes_per_token
             ))
         })?;
     // Experts in flight: one per loader thread plus one being computed (and one being copied
@@ -615,6 +674,8 @@ pub fn make_plan(sizes: &ModelSizes, req: &PlanRequest, profile: &Profile) -> Re
     Ok(Plan {
         device: req.device,
         sizes: sizes.clone(),
+        max_batch: batch,
+        max_batch_auto: auto,
         kv_bytes,
         vram_budget_bytes: vram_budget,
         vram_used_bytes: vram_used,
@@ -661,7 +722,7 @@ mod tests {
             vram_budget_bytes: Some(4 << 30),
             ram_budget_bytes: Some(6 << 30),
             max_context: 4096,
-            max_batch: 1,
+            max_batch: Some(1),
             slots_per_layer: None,
             link_bytes_per_s: 25e9,
             link_measured: false,
@@ -683,6 +744,39 @@ mod tests {
         assert!(p.ram_used_bytes <= 6 << 30);
         assert!(matches!(p.host_tier(), HostTierConfig::Pool { .. }));
         assert!(p.decode_tokens_per_s_low <= p.decode_tokens_per_s_high);
+    }
+
+    #[test]
+    fn an_unset_max_batch_takes_what_the_budget_leaves_the_experts() {
+        let per_seq = sizes().kv_bytes_per_token * 4096;
+        let plan = |ram: u64, batch: Option<usize>| {
+            let mut r = req(Device::Cpu);
+            r.ram_budget_bytes = Some(ram);
+            r.max_batch = batch;
+            make_plan(&sizes(), &r, &Profile::default()).unwrap()
+        };
+        // Room for every expert and eight sequences: eight, chosen by the plan.
+        let p = plan(40 << 30, None);
+        assert_eq!((p.max_batch, p.max_batch_auto), (AUTO_MAX_BATCH, true));
+        assert_eq!(p.kv_bytes, 8 * per_seq);
+        assert_eq!(p.file_experts, 0);
+        // A budget where each sequence's KV cache (402 MB) displaces 38 of ~470 experts in
+        // RAM: one sequence.
+        let p = plan(6 << 30, None);
+        assert_eq!((p.max_batch, p.max_batch_auto), (1, true));
+        assert_eq!(p.ram_experts, plan(6 << 30, Some(1)).ram_experts);
+        // Every expert in RAM with room for one more sequence: a third gives up 39 of the 1536
+        // experts (under 5%), a fourth would give up 77 (over).
+        let all = plan(40 << 30, Some(1));
+        let budget = all.ram_used_bytes + per_seq;
+        let p = plan(budget, None);
+        assert_eq!(p.max_batch, 3, "{p:?}");
+        assert_eq!(p.file_experts, 39);
+        assert_eq!(plan(budget, Some(4)).file_experts, 77);
+        // A set max_batch is kept as it is, even where it costs experts.
+        let p = plan(6 << 30, Some(3));
+        assert_eq!((p.max_batch, p.max_batch_auto), (3, false));
+        assert_eq!(p.kv_bytes, 3 * per_seq);
     }
 
     #[test]
@@ -727,7 +821,7 @@ mod tests {
         for device in [Device::Cpu, Device::Sim] {
             let mut r = req(device);
             r.max_context = usize::MAX / 2;
-            r.max_batch = 1 << 20;
+            r.max_batch = Some(1 << 20);
             let e = make_plan(&sizes(), &r, &Profile::default())
                 .unwrap_err()
                 .to_string();

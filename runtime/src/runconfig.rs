@@ -62,9 +62,11 @@ pub struct RunConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_context: Option<usize>,
     /// Sequences decoded together, in sequences; at least 1 and at most [`MAX_BATCH`].
-    /// Default 1.
-    #[serde(default = "default_max_batch")]
-    pub max_batch: usize,
+    /// Default: unset, meaning what the memory plan fits (`plan::AUTO_MAX_BATCH` at most: as
+    /// many sequences as the KV cache has room for without taking memory the experts would
+    /// use; see [`crate::plan::make_plan`]). `moe-serve run` decodes one sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch: Option<usize>,
     /// Compute threads; at least 1 and at most [`MAX_THREADS`]; more than the host's cores are
     /// capped at the cores (with a warning). Default: unset, meaning all cores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,10 +123,6 @@ pub struct RunConfig {
     /// The `[server]` table: the OpenAI-compatible HTTP server.
     #[serde(default)]
     pub server: ServerConfig,
-}
-
-fn default_max_batch() -> usize {
-    1
 }
 
 fn default_true() -> bool {
@@ -395,7 +393,7 @@ impl RunConfig {
             vram_budget: None,
             ram_budget: None,
             max_context: None,
-            max_batch: default_max_batch(),
+            max_batch: None,
             threads: None,
             state_dir: None,
             kv_dtype: KvDtype::default(),
@@ -530,16 +528,13 @@ impl RunConfig {
                 );
             }
         }
-        if self.max_batch < 1 {
+        if self.max_batch == Some(0) {
             return invalid("max_batch", "must be at least 1 (got 0)");
         }
-        if self.max_batch > MAX_BATCH {
+        if let Some(b) = self.max_batch.filter(|&b| b > MAX_BATCH) {
             return invalid(
                 "max_batch",
-                format!(
-                    "must be at most {MAX_BATCH} sequences (got {})",
-                    self.max_batch
-                ),
+                format!("must be at most {MAX_BATCH} sequences (got {b})"),
             );
         }
         if self.threads == Some(0) {
@@ -1106,7 +1101,7 @@ mod tests {
         assert_eq!(c.vram_budget, None);
         assert_eq!(c.ram_budget, None);
         assert_eq!(c.max_context, None);
-        assert_eq!(c.max_batch, 1);
+        assert_eq!(c.max_batch, None);
         assert_eq!(c.threads, None);
         assert_eq!(c.state_dir, None);
         assert_eq!(c.kv_dtype, KvDtype::F32);
@@ -1208,7 +1203,7 @@ cors_origins = ["http://localhost:3000", "https://app.example.com"]
             vram_budget: Some(ByteSize(7 << 30)),
             ram_budget: Some(ByteSize(60_000_000_000)),
             max_context: Some(8192),
-            max_batch: 4,
+            max_batch: Some(4),
             threads: Some(8),
             state_dir: Some(PathBuf::from("/var/lib/moe")),
             kv_dtype: KvDtype::Bf16,
@@ -1591,7 +1586,7 @@ cors_origins = ["http://localhost:3000", "https://app.example.com"]
         }
         // Flags applied after loading are checked by the same rules.
         let mut c = RunConfig::for_model("m");
-        c.max_batch = 0;
+        c.max_batch = Some(0);
         let e = c.validate().unwrap_err();
         assert_eq!(e.key, "max_batch");
         assert_eq!(e.to_string(), "max_batch: must be at least 1 (got 0)");
@@ -2123,7 +2118,7 @@ cors_origins = ["http://localhost:3000", "https://app.example.com"]
         assert_eq!(c.ram_budget, Some(ByteSize(12 << 30)));
         assert_eq!(c.vram_budget, None);
         assert_eq!(c.max_context, Some(4096));
-        assert_eq!(c.max_batch, 1);
+        assert_eq!(c.max_batch, Some(1));
         assert_eq!(c.threads, None);
         assert_eq!(c.kv_dtype, KvDtype::Bf16);
         assert_eq!(c.quantization, Quantization::None);
@@ -2140,7 +2135,7 @@ cors_origins = ["http://localhost:3000", "https://app.example.com"]
         assert_eq!(c.vram_budget, Some(ByteSize(22 << 30)));
         assert_eq!(c.ram_budget, Some(ByteSize(24 << 30)));
         assert_eq!(c.max_context, Some(8192));
-        assert_eq!(c.max_batch, 4);
+        assert_eq!(c.max_batch, Some(4));
         assert_eq!(c.kv_dtype, KvDtype::Bf16);
         assert_eq!(c.experts.slots_per_layer, None);
         assert!(c.experts.prefetch);
@@ -2156,7 +2151,7 @@ cors_origins = ["http://localhost:3000", "https://app.example.com"]
         assert_eq!(c.vram_budget, Some(ByteSize(7 << 30)));
         assert_eq!(c.ram_budget, Some(ByteSize(56 << 30)));
         assert_eq!(c.max_context, Some(4096));
-        assert_eq!(c.max_batch, 1);
+        assert_eq!(c.max_batch, Some(1));
         assert_eq!(c.kv_dtype, KvDtype::Bf16);
         assert_eq!(c.experts.slots_per_layer, None);
         assert!(c.experts.prefetch);
@@ -2214,7 +2209,7 @@ cors_origins = ["http://localhost:3000", "https://app.example.com"]
             assert_eq!(c.vram_budget, vram, "{name}");
             assert_eq!(c.ram_budget, Some(ByteSize(ram)), "{name}");
             assert_eq!(c.max_context, Some(ctx), "{name}");
-            assert_eq!(c.max_batch, batch, "{name}");
+            assert_eq!(c.max_batch, Some(batch), "{name}");
             assert_eq!(c.quantization, Quantization::Q4K, "{name}");
             assert_eq!(c.resident_quantization, Some(Quantization::Q8_0), "{name}");
             assert_eq!(c.experts.policy, policy, "{name}");

@@ -202,6 +202,16 @@ async fn serve_async(opts: ServeOptions) -> Result<(), Box<dyn std::error::Error
             match Model::load(&settings) {
                 Ok(model) => {
                     let model = Arc::new(model);
+                    let batch = format!(
+                        "{} sequence{} at once{}",
+                        model.max_batch,
+                        if model.max_batch == 1 { "" } else { "s" },
+                        if model.plan.max_batch_auto {
+                            " (max_batch chosen by the memory plan)"
+                        } else {
+                            ""
+                        }
+                    );
                     let mut cfg = BatchConfig::for_model(&model, server.max_queue);
                     cfg.prefill_chunk = server.prefill_chunk;
                     cfg.prefix_cache = server.prefix_cache;
@@ -209,7 +219,10 @@ async fn serve_async(opts: ServeOptions) -> Result<(), Box<dyn std::error::Error
                     app.max_context.store(model.max_context as u64, Relaxed);
                     let batcher = Batcher::start(model.clone(), cfg);
                     let _ = app.engine.set(Engine { model, batcher });
-                    eprintln!("moe-serve: ready in {:.2} s", t0.elapsed().as_secs_f64());
+                    eprintln!(
+                        "moe-serve: ready in {:.2} s, {batch}",
+                        t0.elapsed().as_secs_f64()
+                    );
                 }
                 Err(e) => {
                     let _ = fatal_tx.send(e.to_string());
