@@ -801,3 +801,124 @@ fn a_cache_built_on_the_first_start_is_reported_as_it_goes() {
         "{lines:#?}"
     );
 }
+
+/// Every field of OpenAI's chat/completions request body (the API reference's list, kept here
+/// by hand) with a value a client would send: a field the server honours or OpenAI marks as
+/// metadata answers 200, any other is a 400 that names it. Nothing is dropped silently.
+#[test]
+fn every_openai_request_field_is_honoured_or_refused_by_name() {
+    let s = Server::ready(&[], &[]);
+    let tool = json!([{"type": "function",
+                       "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    // (field, value, accepted)
+    let chat: Vec<(&str, Value, bool)> = vec![
+        ("audio", json!({"voice": "alloy", "format": "wav"}), false),
+        ("frequency_penalty", json!(0.5), true),
+        ("function_call", json!({"name": "f"}), false),
+        (
+            "functions",
+            json!([{"name": "f", "parameters": {"type": "object"}}]),
+            false,
+        ),
+        ("logit_bias", json!({"5": 1}), true),
+        ("logprobs", json!(true), true),
+        ("max_completion_tokens", json!(3), true),
+        ("max_tokens", json!(3), true),
+        ("metadata", json!({"k": "v"}), true),
+        ("modalities", json!(["text", "audio"]), false),
+        ("n", json!(2), false),
+        ("parallel_tool_calls", json!(false), true),
+        (
+            "prediction",
+            json!({"type": "content", "content": "x"}),
+            false,
+        ),
+        ("presence_penalty", json!(0.5), true),
+        ("prompt_cache_key", json!("k"), true),
+        ("reasoning_effort", json!("low"), false),
+        ("response_format", json!({"type": "json_object"}), false),
+        ("safety_identifier", json!("u1"), true),
+        ("seed", json!(1), true),
+        ("service_tier", json!("auto"), true),
+        ("stop", json!(["\n"]), true),
+        ("store", json!(false), true),
+        ("stream", json!(false), true),
+        ("stream_options", json!({"include_usage": true}), true),
+        ("temperature", json!(0.5), true),
+        ("tool_choice", json!("required"), false),
+        ("tools", tool.clone(), false),
+        ("top_logprobs", json!(0), true),
+        ("top_p", json!(0.9), true),
+        ("user", json!("u1"), true),
+        ("verbosity", json!("low"), false),
+        ("web_search_options", json!({}), false),
+        // Neutral values of unsupported fields change nothing and are accepted.
+        ("response_format", json!({"type": "text"}), true),
+        ("modalities", json!(["text"]), true),
+        ("tools", json!([]), true),
+        ("tool_choice", json!("none"), true),
+        // A field no API defines.
+        ("no_such_field", json!(1), false),
+    ];
+    let completion: Vec<(&str, Value, bool)> = vec![
+        ("best_of", json!(2), false),
+        ("echo", json!(true), false),
+        ("frequency_penalty", json!(0.5), true),
+        ("logit_bias", json!({"5": 1}), true),
+        ("logprobs", json!(2), true),
+        ("max_tokens", json!(3), true),
+        ("n", json!(2), false),
+        ("presence_penalty", json!(0.5), true),
+        ("seed", json!(1), true),
+        ("stop", json!("\n"), true),
+        ("stream", json!(false), true),
+        ("suffix", json!("x"), false),
+        ("temperature", json!(0.5), true),
+        ("top_p", json!(0.9), true),
+        ("user", json!("u1"), true),
+        ("no_such_field", json!(1), false),
+    ];
+    let check = |path: &str, base: Value, field: &str, value: &Value, accepted: bool| {
+        let mut body = base;
+        body[field] = value.clone();
+        let (status, v) = post(&s, path, &body);
+        if accepted {
+            assert_eq!(status, 200, "{path} {field} = {value}: {v}");
+        } else {
+            assert_eq!(status, 400, "{path} {field} = {value}: {v}");
+            let msg = v["error"]["message"].as_str().unwrap_or("");
+            assert!(
+                msg.contains(&format!("`{field}`")) || v["error"]["param"] == field,
+                "{path} {field}: the error names it: {v}"
+            );
+        }
+    };
+    for (field, value, accepted) in &chat {
+        check(
+            "/v1/chat/completions",
+            chat_body("hi", 3),
+            field,
+            value,
+            *accepted,
+        );
+    }
+    let prompt = json!({"model": "demo", "prompt": "hi", "max_tokens": 3});
+    for (field, value, accepted) in &completion {
+        check("/v1/completions", prompt.clone(), field, value, *accepted);
+    }
+    // Message fields: a participant's name is accepted; tool calls in the history are not.
+    let mut body = chat_body("hi", 3);
+    body["messages"][1]["name"] = json!("alice");
+    assert_eq!(post(&s, "/v1/chat/completions", &body).0, 200);
+    body["messages"][1]["tool_calls"] = json!([{"id": "c1", "type": "function",
+        "function": {"name": "f", "arguments": "{}"}}]);
+    let (status, v) = post(&s, "/v1/chat/completions", &body);
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("messages[1].tool_calls"),
+        "{v}"
+    );
+}

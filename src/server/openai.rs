@@ -1,9 +1,12 @@
 //! The OpenAI wire format: request bodies of `/v1/chat/completions` and `/v1/completions`, their
 //! translation into the scheduler's [`RequestParams`], and the response and stream-chunk bodies.
 //!
-//! Invariants: fields we do not know are ignored (clients send many), fields we know but cannot
-//! honour (`n` > 1, `echo`, `suffix`, image parts, `best_of` > 1) are a 400 naming the field;
-//! `usage.completion_tokens` counts the stop token; `finish_reason` is `stop` or `length`.
+//! Invariants: no field is dropped silently. A field is honoured, or it is one OpenAI documents
+//! as metadata (`user`, `metadata`, `store`, ...: they do not change the output) and ignored, or
+//! the request is a 400 naming it: fields we know but cannot honour (`tools`, `response_format`
+//! other than text, `n` > 1, `echo`, `suffix`, image parts, `best_of` > 1, ...) and fields we
+//! do not know; `usage.completion_tokens` counts the stop token; `finish_reason` is `stop` or
+//! `length`.
 
 use moe_runtime::batch::{RequestParams, TokenLogprob, Usage, MAX_TOP_LOGPROBS};
 use moe_runtime::{ChatMessage, FinishReason, GenerateParams};
@@ -61,6 +64,9 @@ pub struct ChatRequest {
     pub top_logprobs: Option<i64>,
     #[serde(flatten)]
     pub sampling: Sampling,
+    /// Every other field (checked by [`check_other_fields`]).
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -68,7 +74,14 @@ pub struct Message {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    /// Every other field of the message (checked in [`ChatRequest::chat_messages`]).
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
 }
+
+/// Message fields that do not reach the prompt and do not need to: the participant's `name`
+/// (the chat templates here do not render it) and an empty `refusal`.
+const MESSAGE_IGNORED_FIELDS: &[&str] = &["name"];
 
 #[derive(Deserialize, Debug)]
 #[serde(untagged)]
@@ -95,6 +108,81 @@ pub struct CompletionRequest {
     pub best_of: Option<i64>,
     #[serde(flatten)]
     pub sampling: Sampling,
+    /// Every other field (checked by [`check_other_fields`]).
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+/// Fields OpenAI documents as metadata or routing hints: they do not change what the model
+/// generates, so they are accepted and ignored.
+const METADATA_FIELDS: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+];
+
+/// Fields of OpenAI's request schemas this server does not honour, with why: a request that
+/// gives one (with anything but its neutral value) is refused naming it.
+const UNSUPPORTED_FIELDS: &[(&str, &str)] = &[
+    ("tools", "tool calling is not supported"),
+    ("tool_choice", "tool calling is not supported"),
+    ("parallel_tool_calls", "tool calling is not supported"),
+    ("functions", "function calling is not supported"),
+    ("function_call", "function calling is not supported"),
+    (
+        "response_format",
+        "structured output is not supported (only `{\"type\": \"text\"}`)",
+    ),
+    ("audio", "audio output is not supported"),
+    ("modalities", "only text output is supported (`[\"text\"]`)"),
+    ("prediction", "predicted outputs are not supported"),
+    ("web_search_options", "web search is not supported"),
+    ("reasoning_effort", "reasoning effort is not supported"),
+    ("verbosity", "verbosity is not supported"),
+    (
+        "continue_final_message",
+        "continuing the final assistant message is not supported",
+    ),
+];
+
+/// Checks the fields no struct field took: metadata is ignored, a neutral value of an
+/// unsupported field (`response_format` text, `modalities` text, null, an empty tool list) is
+/// accepted, anything else is a 400 naming the field.
+pub fn check_other_fields(other: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    for (key, value) in other {
+        if METADATA_FIELDS.contains(&key.as_str()) || value.is_null() {
+            continue;
+        }
+        let neutral = match key.as_str() {
+            "response_format" => value.get("type").and_then(Value::as_str) == Some("text"),
+            "modalities" => value
+                .as_array()
+                .is_some_and(|m| m.iter().all(|x| x.as_str() == Some("text"))),
+            "tools" | "functions" => value.as_array().is_some_and(Vec::is_empty),
+            // Without tools (any tool list is refused above) "auto" chooses none.
+            "tool_choice" | "function_call" => {
+                matches!(value.as_str(), Some("none") | Some("auto"))
+            }
+            "parallel_tool_calls" => value.is_boolean(),
+            _ => false,
+        };
+        if neutral {
+            continue;
+        }
+        let message = match UNSUPPORTED_FIELDS.iter().find(|(k, _)| k == key) {
+            Some((_, why)) => format!("`{key}` is not supported: {why}"),
+            None => format!(
+                "unknown field `{key}`: this server does not know it, so it cannot honour it \
+                 (leave it out)"
+            ),
+        };
+        return Err(ApiError::bad_request(message).param(key));
+    }
+    Ok(())
 }
 
 /// A completion prompt: text or token ids, one of them (lists of one are accepted).
@@ -111,6 +199,24 @@ impl ChatRequest {
     pub fn chat_messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::bad_request("`messages` must not be empty").param("messages"));
+        }
+        for (i, m) in self.messages.iter().enumerate() {
+            for (key, value) in &m.other {
+                let empty = value.is_null() || value.as_array().is_some_and(Vec::is_empty);
+                if MESSAGE_IGNORED_FIELDS.contains(&key.as_str()) || empty {
+                    continue;
+                }
+                let why = match key.as_str() {
+                    "tool_calls" | "tool_call_id" => "tool calling is not supported",
+                    "function_call" => "function calling is not supported",
+                    "audio" => "audio is not supported",
+                    _ => "this server does not know it (leave it out)",
+                };
+                return Err(ApiError::bad_request(format!(
+                    "`messages[{i}].{key}` is not supported: {why}"
+                ))
+                .param("messages"));
+            }
         }
         self.messages
             .iter()
@@ -140,6 +246,7 @@ impl ChatRequest {
     }
 
     pub fn params(&self) -> Result<RequestParams, ApiError> {
+        check_other_fields(&self.other)?;
         let top = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
             (false, Some(n)) if n > 0 => {
                 return Err(
@@ -160,6 +267,7 @@ impl ChatRequest {
 
 impl CompletionRequest {
     pub fn params(&self) -> Result<RequestParams, ApiError> {
+        check_other_fields(&self.other)?;
         if self.echo == Some(true) {
             return Err(ApiError::bad_request("`echo` is not supported").param("echo"));
         }
