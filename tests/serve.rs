@@ -188,7 +188,7 @@ fn errors_have_the_right_status_and_shape() {
             400,
             post(&s, "/v1/chat/completions", &{
                 let mut b = chat_body("hi", 4);
-                b["n"] = json!(2);
+                b["n"] = json!(17);
                 b
             }),
             "`n`",
@@ -826,7 +826,9 @@ fn every_openai_request_field_is_honoured_or_refused_by_name() {
         ("max_tokens", json!(3), true),
         ("metadata", json!({"k": "v"}), true),
         ("modalities", json!(["text", "audio"]), false),
-        ("n", json!(2), false),
+        ("n", json!(2), true),
+        ("n", json!(0), false),
+        ("n", json!(17), false),
         ("parallel_tool_calls", json!(false), true),
         (
             "prediction",
@@ -867,7 +869,8 @@ fn every_openai_request_field_is_honoured_or_refused_by_name() {
         ("logit_bias", json!({"5": 1}), true),
         ("logprobs", json!(2), true),
         ("max_tokens", json!(3), true),
-        ("n", json!(2), false),
+        ("n", json!(2), true),
+        ("n", json!(0), false),
         ("presence_penalty", json!(0.5), true),
         ("seed", json!(1), true),
         ("stop", json!("\n"), true),
@@ -921,4 +924,74 @@ fn every_openai_request_field_is_honoured_or_refused_by_name() {
             .contains("messages[1].tool_calls"),
         "{v}"
     );
+}
+
+/// `n` choices: one sequence each in the batch, choice `i` seeded `seed + i` (choice 0 is what
+/// `n` = 1 gives), the prompt counted once in `usage` and prefilled once (the other choices
+/// reuse its KV cache); streamed, each choice's chunks carry its index and the texts are the
+/// same as without streaming.
+#[test]
+fn n_choices_share_the_prompt_and_stream_by_index() {
+    let s = Server::ready(&[], &[]);
+    let body = |n: usize, stream: bool| {
+        json!({"model": "demo", "messages": [{"role": "user", "content": "Tell me a story"}],
+               "max_tokens": 6, "temperature": 1.0, "seed": 7, "ignore_eos": true,
+               "n": n, "stream": stream})
+    };
+    let (status, one) = post(&s, "/v1/chat/completions", &body(1, false));
+    assert_eq!(status, 200, "{one}");
+    let cached_before = s.metric("moe_cached_prompt_tokens_total", None).unwrap();
+    let (status, v) = post(&s, "/v1/chat/completions", &body(3, false));
+    assert_eq!(status, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{v}");
+    let texts: Vec<&str> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            assert_eq!(c["index"], i, "{v}");
+            assert_eq!(c["finish_reason"], "length", "{v}");
+            c["message"]["content"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        texts[0],
+        one["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert!(
+        texts[1] != texts[0] || texts[2] != texts[0],
+        "seeds differ: {texts:?}"
+    );
+    let prompt = one["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(v["usage"]["prompt_tokens"], prompt);
+    assert_eq!(v["usage"]["completion_tokens"], 18);
+    assert_eq!(v["usage"]["total_tokens"], prompt + 18);
+    // The two later choices found the prompt (all but its last token) in the prefix cache.
+    let cached = s.metric("moe_cached_prompt_tokens_total", None).unwrap() - cached_before;
+    assert!(
+        cached >= 2.0 * (prompt - 1) as f64,
+        "{cached} cached tokens"
+    );
+
+    // Streamed: per index a role chunk, content, a finish; the same texts.
+    let r = send(&s, "/v1/chat/completions", &body(3, true));
+    assert_eq!(r.status().as_u16(), 200);
+    let data = sse_data(r);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let mut streamed = vec![String::new(); 3];
+    let mut finished = [0usize; 3];
+    for d in &data[..data.len() - 1] {
+        let chunk: Value = serde_json::from_str(d).unwrap();
+        for c in chunk["choices"].as_array().unwrap() {
+            let i = c["index"].as_u64().unwrap() as usize;
+            if let Some(t) = c["delta"]["content"].as_str() {
+                streamed[i].push_str(t);
+            }
+            if !c["finish_reason"].is_null() {
+                finished[i] += 1;
+            }
+        }
+    }
+    assert_eq!(finished, [1, 1, 1], "{data:?}");
+    assert_eq!(streamed, texts, "{data:?}");
 }

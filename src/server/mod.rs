@@ -614,6 +614,71 @@ fn submit(
     Ok(rx)
 }
 
+/// Submits `n` sequences of one prompt (choice `i` seeded `seed + i`, so choice 0 is what
+/// `n` = 1 gives) and merges their events, tagged with the choice's index, into one channel.
+/// Choice 0 goes first; the others are submitted at its first event, when its prompt's KV cache
+/// is in the batcher's prefix cache, so they share it rather than each prefilling the prompt.
+/// A choice that cannot be submitted then fails the request (a `Failed` event); choices stop
+/// when their events find the merged channel gone.
+fn submit_choices(
+    app: &Arc<App>,
+    engine: &Engine,
+    ids: Vec<u32>,
+    params: RequestParams,
+    n: usize,
+) -> Result<UnboundedReceiver<(usize, Event)>, ApiError> {
+    let (tx, merged) = unbounded_channel();
+    let mut first = submit(engine, ids.clone(), params.clone())?;
+    let app = app.clone();
+    tokio::spawn(async move {
+        let mut rest = (n > 1).then_some((ids, params));
+        while let Some(ev) = first.recv().await {
+            if let Some((ids, params)) = rest.take() {
+                for i in 1..n {
+                    let mut p = params.clone();
+                    p.generate.seed = p.generate.seed.map(|s| s.wrapping_add(i as u64));
+                    match app.engine().and_then(|e| submit(e, ids.clone(), p)) {
+                        Ok(rx) => forward(i, rx, tx.clone()),
+                        Err(e) => {
+                            let why = e.body()["error"]["message"].to_string();
+                            let failed = Event::Failed(moe_runtime::Error::Internal(format!(
+                                "choice {i} of {n} could not be started: {why}"
+                            )));
+                            let _ = tx.send((i, failed));
+                        }
+                    }
+                }
+            }
+            if tx.send((0, ev)).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(merged)
+}
+
+/// Forwards choice `i`'s events into the merged channel until either side ends.
+fn forward(i: usize, mut rx: UnboundedReceiver<Event>, tx: UnboundedSender<(usize, Event)>) {
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            if tx.send((i, ev)).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// The usage of several choices of one prompt: the prompt counted once, the completions summed.
+fn add_usage(total: &mut Option<Usage>, u: &Usage) {
+    match total {
+        None => *total = Some(u.clone()),
+        Some(t) => {
+            t.completion_tokens += u.completion_tokens;
+            t.decode_time = t.decode_time.max(u.decode_time);
+        }
+    }
+}
+
 /// Records a finished request's decode rate (token counts come from the scheduler).
 /// Marks a generation response whose request is logged when its generation ends (the
 /// middleware logs every other request).
@@ -686,7 +751,7 @@ async fn chat(
         _ => Prompt::Chat(messages),
     };
     let ids = encode(engine, prompt, "messages").await?;
-    let rx = submit(engine, ids, params)?;
+    let rx = submit_choices(&app, engine, ids, params, req.sampling.choices())?;
     respond(app.clone(), Kind::Chat, rx, &req.sampling, t0).await
 }
 
@@ -711,7 +776,7 @@ async fn completions(
             )
         }
     };
-    let rx = submit(engine, ids, params)?;
+    let rx = submit_choices(&app, engine, ids, params, req.sampling.choices())?;
     respond(app.clone(), Kind::Completion, rx, &req.sampling, t0).await
 }
 
@@ -730,10 +795,11 @@ fn admit<'a>(
 async fn respond(
     app: Arc<App>,
     kind: Kind,
-    rx: UnboundedReceiver<Event>,
+    rx: UnboundedReceiver<(usize, Event)>,
     sampling: &openai::Sampling,
     t0: Instant,
 ) -> Result<Response, ApiError> {
+    let n = sampling.choices();
     let (stream, include_usage) = (sampling.stream(), sampling.include_usage());
     let id = new_id(match kind {
         Kind::Chat => "chatcmpl",
@@ -741,7 +807,7 @@ async fn respond(
     });
     let created = unix_now();
     if stream {
-        let s = sse_stream(app, kind, rx, include_usage, t0, id, created);
+        let s = sse_stream(app, kind, rx, n, include_usage, t0, id, created);
         let mut r = Sse::new(s).keep_alive(KeepAlive::default()).into_response();
         // Proxies (nginx) must pass each event on as it comes.
         r.headers_mut()
@@ -749,27 +815,37 @@ async fn respond(
         r.extensions_mut().insert(LoggedAtEnd);
         return Ok(r);
     }
-    let body = collect(&app, kind, rx, t0, &id, created).await?;
+    let body = collect(&app, kind, rx, n, t0, &id, created).await?;
     let mut r = Json(body).into_response();
     r.extensions_mut().insert(LoggedAtEnd);
     Ok(r)
 }
 
-/// Waits for the whole generation and builds the response body.
+/// One choice's text and logprobs as they arrive.
+#[derive(Default)]
+struct Choice {
+    text: String,
+    chat_lp: Vec<Value>,
+    legacy: LegacyLogprobs,
+    any_lp: bool,
+    finish: Option<&'static str>,
+}
+
+/// Waits for every choice's whole generation and builds the response body.
 async fn collect(
     app: &App,
     kind: Kind,
-    mut rx: UnboundedReceiver<Event>,
+    mut rx: UnboundedReceiver<(usize, Event)>,
+    n: usize,
     t0: Instant,
     id: &str,
     created: u64,
 ) -> Result<Value, ApiError> {
-    let mut text = String::new();
-    let mut chat_lp: Vec<Value> = Vec::new();
-    let mut legacy = LegacyLogprobs::default();
-    let mut any_lp = false;
+    let mut choices: Vec<Choice> = (0..n).map(|_| Choice::default()).collect();
+    let (mut done, mut total) = (0, None);
     let mut ttft = None;
-    while let Some(ev) = rx.recv().await {
+    while let Some((i, ev)) = rx.recv().await {
+        let c = &mut choices[i];
         match ev {
             Event::Token(t) => {
                 if ttft.is_none() {
@@ -777,41 +853,51 @@ async fn collect(
                     ttft = Some(t0.elapsed());
                 }
                 if let Some((own, top)) = &t.logprob {
-                    any_lp = true;
-                    chat_lp.push(openai::chat_logprob(own, top));
-                    legacy.push(own, top, text.len());
+                    c.any_lp = true;
+                    c.chat_lp.push(openai::chat_logprob(own, top));
+                    c.legacy.push(own, top, c.text.len());
                 }
-                text.push_str(&t.text);
+                c.text.push_str(&t.text);
             }
             Event::Done {
                 finish,
                 text: rest,
                 usage,
             } => {
-                text.push_str(&rest);
+                c.text.push_str(&rest);
+                c.finish = Some(openai::finish_str(finish));
                 record_usage(app, &usage);
+                add_usage(&mut total, &usage);
+                done += 1;
+                if done < n {
+                    continue;
+                }
+                let usage = total.take().expect("one choice at least");
                 log_generation(kind, false, Some(&usage), ttft, t0, None);
-                let finish = openai::finish_str(finish);
-                let choice = match kind {
-                    Kind::Chat => json!({
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": if any_lp { json!({"content": chat_lp}) } else { Value::Null },
-                        "finish_reason": finish,
-                    }),
-                    Kind::Completion => json!({
-                        "index": 0,
-                        "text": text,
-                        "logprobs": if any_lp { legacy.json() } else { Value::Null },
-                        "finish_reason": finish,
-                    }),
-                };
+                let choices: Vec<Value> = choices
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(index, c)| match kind {
+                        Kind::Chat => json!({
+                            "index": index,
+                            "message": {"role": "assistant", "content": std::mem::take(&mut c.text)},
+                            "logprobs": if c.any_lp { json!({"content": c.chat_lp}) } else { Value::Null },
+                            "finish_reason": c.finish,
+                        }),
+                        Kind::Completion => json!({
+                            "index": index,
+                            "text": std::mem::take(&mut c.text),
+                            "logprobs": if c.any_lp { c.legacy.json() } else { Value::Null },
+                            "finish_reason": c.finish,
+                        }),
+                    })
+                    .collect();
                 return Ok(json!({
                     "id": id,
                     "object": match kind { Kind::Chat => "chat.completion", Kind::Completion => "text_completion" },
                     "created": created,
                     "model": app.model_name,
-                    "choices": [choice],
+                    "choices": choices,
                     "usage": openai::usage_json(&usage),
                 }));
             }
@@ -825,16 +911,22 @@ async fn collect(
 struct StreamState {
     app: Arc<App>,
     kind: Kind,
-    rx: UnboundedReceiver<Event>,
+    rx: UnboundedReceiver<(usize, Event)>,
+    /// Choices in the stream (`n`).
+    n: usize,
     include_usage: bool,
     t0: Instant,
     id: String,
     created: u64,
-    /// The chat stream opens with a role chunk.
+    /// The chat stream opens with a role chunk per choice.
     opened: bool,
     first_token: bool,
     ttft: Option<Duration>,
-    text_len: usize,
+    /// Per choice: text bytes sent so far (legacy logprobs' offsets).
+    text_len: Vec<usize>,
+    /// Choices finished, and their usage so far.
+    done: usize,
+    usage: Option<Usage>,
     /// Events ready to go out before reading more.
     out: std::collections::VecDeque<String>,
     finished: bool,
@@ -857,16 +949,16 @@ impl StreamState {
         v.to_string()
     }
 
-    fn text_choice(&self, text: &str, logprobs: Value, finish: Value) -> Value {
+    fn text_choice(&self, index: usize, text: &str, logprobs: Value, finish: Value) -> Value {
         match self.kind {
             Kind::Chat => json!([{
-                "index": 0,
+                "index": index,
                 "delta": if text.is_empty() && !finish.is_null() { json!({}) } else { json!({"content": text}) },
                 "logprobs": logprobs,
                 "finish_reason": finish,
             }]),
             Kind::Completion => json!([{
-                "index": 0,
+                "index": index,
                 "text": text,
                 "logprobs": logprobs,
                 "finish_reason": finish,
@@ -874,8 +966,8 @@ impl StreamState {
         }
     }
 
-    /// Turns one scheduler event into SSE data lines.
-    fn on_event(&mut self, ev: Event) {
+    /// Turns one scheduler event of choice `i` into SSE data lines.
+    fn on_event(&mut self, i: usize, ev: Event) {
         match ev {
             Event::Token(t) => {
                 if self.first_token {
@@ -893,15 +985,15 @@ impl StreamState {
                     }
                     (Some((own, top)), Kind::Completion) => {
                         let mut l = LegacyLogprobs::default();
-                        l.push(own, top, self.text_len);
+                        l.push(own, top, self.text_len[i]);
                         l.json()
                     }
                 };
                 if t.text.is_empty() && lp.is_null() {
                     return;
                 }
-                self.text_len += t.text.len();
-                let c = self.chunk(self.text_choice(&t.text, lp, Value::Null), None);
+                self.text_len[i] += t.text.len();
+                let c = self.chunk(self.text_choice(i, &t.text, lp, Value::Null), None);
                 self.out.push_back(c);
             }
             Event::Done {
@@ -910,14 +1002,20 @@ impl StreamState {
                 usage,
             } => {
                 record_usage(&self.app, &usage);
-                log_generation(self.kind, true, Some(&usage), self.ttft, self.t0, None);
+                add_usage(&mut self.usage, &usage);
                 if !text.is_empty() {
-                    let c = self.chunk(self.text_choice(&text, Value::Null, Value::Null), None);
+                    let c = self.chunk(self.text_choice(i, &text, Value::Null, Value::Null), None);
                     self.out.push_back(c);
                 }
                 let f = json!(openai::finish_str(finish));
-                let c = self.chunk(self.text_choice("", Value::Null, f), None);
+                let c = self.chunk(self.text_choice(i, "", Value::Null, f), None);
                 self.out.push_back(c);
+                self.done += 1;
+                if self.done < self.n {
+                    return;
+                }
+                let usage = self.usage.take().expect("one choice at least");
+                log_generation(self.kind, true, Some(&usage), self.ttft, self.t0, None);
                 if self.include_usage {
                     let c = self.chunk(json!([]), Some(openai::usage_json(&usage)));
                     self.out.push_back(c);
@@ -937,10 +1035,12 @@ impl StreamState {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn sse_stream(
     app: Arc<App>,
     kind: Kind,
-    rx: UnboundedReceiver<Event>,
+    rx: UnboundedReceiver<(usize, Event)>,
+    n: usize,
     include_usage: bool,
     t0: Instant,
     id: String,
@@ -950,6 +1050,7 @@ fn sse_stream(
         app,
         kind,
         rx,
+        n,
         include_usage,
         t0,
         id,
@@ -957,7 +1058,9 @@ fn sse_stream(
         opened: kind != Kind::Chat,
         first_token: true,
         ttft: None,
-        text_len: 0,
+        text_len: vec![0; n],
+        done: 0,
+        usage: None,
         out: Default::default(),
         finished: false,
     };
@@ -965,11 +1068,13 @@ fn sse_stream(
         loop {
             if !st.opened {
                 st.opened = true;
-                let c = st.chunk(
-                    json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
-                    None,
-                );
-                return Some((c, st));
+                for i in 0..st.n {
+                    let c = st.chunk(
+                        json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+                        None,
+                    );
+                    st.out.push_back(c);
+                }
             }
             if let Some(line) = st.out.pop_front() {
                 if st.out.is_empty() && st.finished {
@@ -988,11 +1093,14 @@ fn sse_stream(
                 return None;
             }
             match st.rx.recv().await {
-                Some(ev) => st.on_event(ev),
+                Some((i, ev)) => st.on_event(i, ev),
                 None => {
-                    st.on_event(Event::Failed(moe_runtime::Error::Internal(
-                        "the request ended without a result".into(),
-                    )));
+                    st.on_event(
+                        0,
+                        Event::Failed(moe_runtime::Error::Internal(
+                            "the request ended without a result".into(),
+                        )),
+                    );
                 }
             }
         }

@@ -4,14 +4,18 @@
 //! Invariants: no field is dropped silently. A field is honoured, or it is one OpenAI documents
 //! as metadata (`user`, `metadata`, `store`, ...: they do not change the output) and ignored, or
 //! the request is a 400 naming it: fields we know but cannot honour (`tools`, `response_format`
-//! other than text, `n` > 1, `echo`, `suffix`, image parts, `best_of` > 1, ...) and fields we
-//! do not know; `usage.completion_tokens` counts the stop token; `finish_reason` is `stop` or
-//! `length`.
+//! other than text, `echo`, `suffix`, image parts, `best_of` > 1, ...) and fields we do not
+//! know; `n` choices are `n` sequences of one prompt (choice `i` seeded `seed + i`);
+//! `usage.completion_tokens` counts the stop token (summed over the choices);
+//! `finish_reason` is `stop` or `length`.
 
 use moe_runtime::batch::{RequestParams, TokenLogprob, Usage, MAX_TOP_LOGPROBS};
 use moe_runtime::{ChatMessage, FinishReason, GenerateParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+/// Most choices (`n`) one request may ask for: each is a sequence of its own in the batch.
+pub const MAX_CHOICES: i64 = 16;
 
 /// Stop strings one request may give: more than OpenAI's 4 (clients of other servers send
 /// more), few enough that matching them stays cheap per token.
@@ -306,6 +310,11 @@ impl Sampling {
         self.stream.unwrap_or(false)
     }
 
+    /// Choices asked for (`n`, checked by `params`).
+    pub fn choices(&self) -> usize {
+        self.n.map_or(1, |n| n.clamp(1, MAX_CHOICES) as usize)
+    }
+
     pub fn include_usage(&self) -> bool {
         self.stream_options
             .as_ref()
@@ -314,8 +323,11 @@ impl Sampling {
     }
 
     fn params(&self, max: Option<i64>, logprobs: Option<usize>) -> Result<RequestParams, ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::bad_request("only `n` = 1 is supported").param("n"));
+        if let Some(n) = self.n.filter(|n| !(1..=MAX_CHOICES).contains(n)) {
+            return Err(ApiError::bad_request(format!(
+                "`n` must be between 1 and {MAX_CHOICES}, got {n}"
+            ))
+            .param("n"));
         }
         let max_tokens = match max {
             Some(m) if m < 1 => {

@@ -331,12 +331,26 @@ class Suite:
                   f"max_tokens 100000: message does not name 100000: {err['message']!r}")
         self.ok("error: max_tokens over context", "BadRequestError 400, message names 100000")
 
+        r = self.chat(max_tokens=4, n=2, seed=3, temperature=1.0)
+        check([c.index for c in r.choices] == [0, 1], f"n=2: choices {r.choices!r}")
+        check(r.usage.completion_tokens == 8, f"n=2: usage {r.usage!r}")
+        self.ok("n=2", "two choices, indices 0 and 1, completion tokens summed")
+
         try:
-            self.chat(max_tokens=4, n=2)
-            raise CheckFailed("n=2: no error")
+            self.chat(max_tokens=4, n=17)
+            raise CheckFailed("n=17: no error")
         except openai.BadRequestError as e:
-            self.error_body(e, 400, "n=2")
-        self.ok("error: n=2", "BadRequestError 400")
+            self.error_body(e, 400, "n=17")
+        self.ok("error: n=17", "BadRequestError 400")
+
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+        try:
+            self.chat(max_tokens=4, tools=[tool])
+            raise CheckFailed("tools: no error (a field the server does not honour must not be dropped)")
+        except openai.BadRequestError as e:
+            err = self.error_body(e, 400, "tools")
+            check("tools" in err["message"], f"tools: message does not name it: {err['message']!r}")
+        self.ok("error: tools", "BadRequestError 400 naming tools")
 
         status, _, text = http("POST", self.base + "/v1/chat/completions", headers=self.headers(),
                                body={"model": self.model, "max_tokens": 4})
