@@ -995,3 +995,72 @@ fn n_choices_share_the_prompt_and_stream_by_index() {
     assert_eq!(finished, [1, 1, 1], "{data:?}");
     assert_eq!(streamed, texts, "{data:?}");
 }
+
+/// A thinking model (its template writes `<think>` blocks): the answer's reasoning comes back as
+/// `reasoning_content` and the reply as `content`, streamed as deltas of each. A template that
+/// opens the block in the prompt makes the whole answer reasoning until `</think>` (these
+/// random weights never write it); with `enable_thinking: false` the block is closed in the
+/// prompt and the answer is the reply. A model without think blocks has no such field.
+#[test]
+fn a_thinking_models_reasoning_is_split_from_its_reply() {
+    let dir = common::copy_model(&common::root().join("runtime/demo"));
+    let cfg_path = dir.path().join("tokenizer_config.json");
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["chat_template"] = json!(
+        "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+         {%- if add_generation_prompt %}<|im_start|>assistant\n\
+         {%- if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n\
+         {%- else %}<think>\n{%- endif %}{%- endif %}"
+    );
+    std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let model = dir.path().to_str().unwrap().to_string();
+    let s = Server::ready(&["--model", &model, "--model-name", "demo"], &[]);
+    let body = |kwargs: Value, stream: bool| {
+        let mut b = chat_body("hi", 8);
+        b["chat_template_kwargs"] = kwargs;
+        b["stream"] = json!(stream);
+        b
+    };
+    let (status, v) = post(&s, "/v1/chat/completions", &body(json!({}), false));
+    assert_eq!(status, 200, "{v}");
+    let m = &v["choices"][0]["message"];
+    let reasoning = m["reasoning_content"]
+        .as_str()
+        .expect("reasoning")
+        .to_string();
+    assert!(!reasoning.is_empty(), "{v}");
+    assert_eq!(m["content"], "", "{v}");
+    // Streamed: the same reasoning, in reasoning_content deltas, and no content.
+    let r = send(&s, "/v1/chat/completions", &body(json!({}), true));
+    let (mut streamed, mut content) = (String::new(), String::new());
+    for d in sse_data(r) {
+        if d == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(&d).unwrap();
+        let delta = &chunk["choices"][0]["delta"];
+        streamed.push_str(delta["reasoning_content"].as_str().unwrap_or(""));
+        content.push_str(delta["content"].as_str().unwrap_or(""));
+    }
+    assert_eq!(streamed, reasoning);
+    assert_eq!(content, "");
+    // Thinking off: the block is closed in the prompt; the answer is the reply.
+    let (status, v) = post(
+        &s,
+        "/v1/chat/completions",
+        &body(json!({"enable_thinking": false}), false),
+    );
+    assert_eq!(status, 200, "{v}");
+    let m = &v["choices"][0]["message"];
+    assert!(m["reasoning_content"].is_null(), "{v}");
+    assert!(!m["content"].as_str().unwrap().is_empty(), "{v}");
+    // A model without think blocks: no reasoning_content at all.
+    let plain = Server::ready(&[], &[]);
+    let (_, v) = post(&plain, "/v1/chat/completions", &chat_body("hi", 4));
+    assert!(
+        v["choices"][0]["message"]
+            .get("reasoning_content")
+            .is_none(),
+        "{v}"
+    );
+}

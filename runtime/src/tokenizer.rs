@@ -540,6 +540,17 @@ impl Tokenizer {
         self.vocab_size
     }
 
+    /// Whether the chat template writes `<think>` ... `</think>` blocks: a thinking model, whose
+    /// answers start with their reasoning (Qwen3, DeepSeek-R1, GLM-4.5).
+    pub fn template_thinks(&self) -> bool {
+        match &self.chat {
+            ChatTemplate::Ready(env) => env
+                .get_template(TEMPLATE_NAME)
+                .is_ok_and(|t| t.source().contains("</think>")),
+            _ => false,
+        }
+    }
+
     /// True when a chat template was found (it may still fail to compile or render).
     pub fn has_chat_template(&self) -> bool {
         !matches!(self.chat, ChatTemplate::None)

@@ -633,6 +633,10 @@ fn submit_choices(
     tokio::spawn(async move {
         let mut rest = (n > 1).then_some((ids, params));
         while let Some(ev) = first.recv().await {
+            // A choice 0 that failed fails the request: the others are not started.
+            if matches!(ev, Event::Failed(_)) {
+                rest = None;
+            }
             if let Some((ids, params)) = rest.take() {
                 for i in 1..n {
                     let mut p = params.clone();
@@ -751,8 +755,9 @@ async fn chat(
         _ => Prompt::Chat(messages),
     };
     let ids = encode(engine, prompt, "messages").await?;
+    let think = thinking(engine, &ids);
     let rx = submit_choices(&app, engine, ids, params, req.sampling.choices())?;
-    respond(app.clone(), Kind::Chat, rx, &req.sampling, t0).await
+    respond(app.clone(), Kind::Chat, rx, &req.sampling, t0, think).await
 }
 
 async fn completions(
@@ -777,7 +782,7 @@ async fn completions(
         }
     };
     let rx = submit_choices(&app, engine, ids, params, req.sampling.choices())?;
-    respond(app.clone(), Kind::Completion, rx, &req.sampling, t0).await
+    respond(app.clone(), Kind::Completion, rx, &req.sampling, t0, None).await
 }
 
 /// What both endpoints check first: the model is loaded and is the one asked for, and the
@@ -792,12 +797,26 @@ fn admit<'a>(
     Ok((engine, params?))
 }
 
+/// For a thinking model (its chat template writes `<think>` blocks): whether the prompt already
+/// opened the block, so the answer starts inside it. `None` for other models.
+fn thinking(engine: &Engine, ids: &[u32]) -> Option<bool> {
+    let tok = engine
+        .model
+        .tokenizer
+        .as_ref()
+        .filter(|t| t.template_thinks())?;
+    // The last few tokens hold the generation prompt's end.
+    let tail = tok.decode(&ids[ids.len().saturating_sub(8)..], false);
+    Some(tail.is_ok_and(|t| t.trim_end().ends_with("<think>")))
+}
+
 async fn respond(
     app: Arc<App>,
     kind: Kind,
     rx: UnboundedReceiver<(usize, Event)>,
     sampling: &openai::Sampling,
     t0: Instant,
+    think: Option<bool>,
 ) -> Result<Response, ApiError> {
     let n = sampling.choices();
     let (stream, include_usage) = (sampling.stream(), sampling.include_usage());
@@ -807,7 +826,7 @@ async fn respond(
     });
     let created = unix_now();
     if stream {
-        let s = sse_stream(app, kind, rx, n, include_usage, t0, id, created);
+        let s = sse_stream(app, kind, rx, n, think, include_usage, t0, id, created);
         let mut r = Sse::new(s).keep_alive(KeepAlive::default()).into_response();
         // Proxies (nginx) must pass each event on as it comes.
         r.headers_mut()
@@ -815,7 +834,7 @@ async fn respond(
         r.extensions_mut().insert(LoggedAtEnd);
         return Ok(r);
     }
-    let body = collect(&app, kind, rx, n, t0, &id, created).await?;
+    let body = collect(&app, kind, rx, n, think, t0, &id, created).await?;
     let mut r = Json(body).into_response();
     r.extensions_mut().insert(LoggedAtEnd);
     Ok(r)
@@ -825,23 +844,65 @@ async fn respond(
 #[derive(Default)]
 struct Choice {
     text: String,
+    /// A thinking model's reasoning, split from `text` as it arrives.
+    split: Option<openai::ThinkSplit>,
+    reasoning: String,
     chat_lp: Vec<Value>,
     legacy: LegacyLogprobs,
     any_lp: bool,
     finish: Option<&'static str>,
 }
 
+impl Choice {
+    /// Text of the answer (`end`: the last of it).
+    fn add(&mut self, text: &str, end: bool) {
+        let Some(split) = &mut self.split else {
+            self.text.push_str(text);
+            return;
+        };
+        for (r, c) in [
+            split.push(text),
+            if end {
+                split.finish()
+            } else {
+                Default::default()
+            },
+        ] {
+            self.reasoning.push_str(&r);
+            self.text.push_str(&c);
+        }
+    }
+
+    /// The chat `message`: a thinking model's reasoning as `reasoning_content` (null when
+    /// there was none).
+    fn message(&mut self) -> Value {
+        let mut m = json!({"role": "assistant", "content": std::mem::take(&mut self.text)});
+        if self.split.is_some() {
+            let r = std::mem::take(&mut self.reasoning);
+            m["reasoning_content"] = if r.is_empty() { Value::Null } else { json!(r) };
+        }
+        m
+    }
+}
+
 /// Waits for every choice's whole generation and builds the response body.
+#[allow(clippy::too_many_arguments)]
 async fn collect(
     app: &App,
     kind: Kind,
     mut rx: UnboundedReceiver<(usize, Event)>,
     n: usize,
+    think: Option<bool>,
     t0: Instant,
     id: &str,
     created: u64,
 ) -> Result<Value, ApiError> {
-    let mut choices: Vec<Choice> = (0..n).map(|_| Choice::default()).collect();
+    let mut choices: Vec<Choice> = (0..n)
+        .map(|_| Choice {
+            split: think.map(openai::ThinkSplit::new),
+            ..Choice::default()
+        })
+        .collect();
     let (mut done, mut total) = (0, None);
     let mut ttft = None;
     while let Some((i, ev)) = rx.recv().await {
@@ -857,14 +918,14 @@ async fn collect(
                     c.chat_lp.push(openai::chat_logprob(own, top));
                     c.legacy.push(own, top, c.text.len());
                 }
-                c.text.push_str(&t.text);
+                c.add(&t.text, false);
             }
             Event::Done {
                 finish,
                 text: rest,
                 usage,
             } => {
-                c.text.push_str(&rest);
+                c.add(&rest, true);
                 c.finish = Some(openai::finish_str(finish));
                 record_usage(app, &usage);
                 add_usage(&mut total, &usage);
@@ -880,7 +941,7 @@ async fn collect(
                     .map(|(index, c)| match kind {
                         Kind::Chat => json!({
                             "index": index,
-                            "message": {"role": "assistant", "content": std::mem::take(&mut c.text)},
+                            "message": c.message(),
                             "logprobs": if c.any_lp { json!({"content": c.chat_lp}) } else { Value::Null },
                             "finish_reason": c.finish,
                         }),
@@ -924,6 +985,8 @@ struct StreamState {
     ttft: Option<Duration>,
     /// Per choice: text bytes sent so far (legacy logprobs' offsets).
     text_len: Vec<usize>,
+    /// Per choice, for a thinking model: its reasoning split from its reply.
+    splits: Vec<Option<openai::ThinkSplit>>,
     /// Choices finished, and their usage so far.
     done: usize,
     usage: Option<Usage>,
@@ -951,18 +1014,61 @@ impl StreamState {
 
     fn text_choice(&self, index: usize, text: &str, logprobs: Value, finish: Value) -> Value {
         match self.kind {
-            Kind::Chat => json!([{
-                "index": index,
-                "delta": if text.is_empty() && !finish.is_null() { json!({}) } else { json!({"content": text}) },
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }]),
+            Kind::Chat => {
+                let delta = if text.is_empty() && !finish.is_null() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                self.delta_choice(index, delta, logprobs, finish)
+            }
             Kind::Completion => json!([{
                 "index": index,
                 "text": text,
                 "logprobs": logprobs,
                 "finish_reason": finish,
             }]),
+        }
+    }
+
+    fn delta_choice(&self, index: usize, delta: Value, logprobs: Value, finish: Value) -> Value {
+        json!([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
+    }
+
+    /// Chat text of choice `i` as chunks: through its thinking split when it has one
+    /// (`reasoning_content` and `content` deltas), else as it came. Logprobs ride on the first
+    /// chunk; a piece the split holds back sends only its logprobs (if any).
+    fn push_text(&mut self, i: usize, text: &str, lp: Value, end: bool) {
+        let Some(split) = self.splits[i].as_mut() else {
+            if !text.is_empty() || !lp.is_null() {
+                let c = self.chunk(self.text_choice(i, text, lp, Value::Null), None);
+                self.out.push_back(c);
+            }
+            return;
+        };
+        let (mut r, mut c) = split.push(text);
+        if end {
+            let (r2, c2) = split.finish();
+            r.push_str(&r2);
+            c.push_str(&c2);
+        }
+        let mut lp = lp;
+        for (key, part) in [("reasoning_content", r), ("content", c)] {
+            if !part.is_empty() {
+                let ch = self.delta_choice(
+                    i,
+                    json!({ key: part }),
+                    std::mem::take(&mut lp),
+                    Value::Null,
+                );
+                let line = self.chunk(ch, None);
+                self.out.push_back(line);
+            }
+        }
+        if !lp.is_null() {
+            let ch = self.delta_choice(i, json!({"content": ""}), lp, Value::Null);
+            let line = self.chunk(ch, None);
+            self.out.push_back(line);
         }
     }
 
@@ -993,8 +1099,12 @@ impl StreamState {
                     return;
                 }
                 self.text_len[i] += t.text.len();
-                let c = self.chunk(self.text_choice(i, &t.text, lp, Value::Null), None);
-                self.out.push_back(c);
+                if self.kind == Kind::Chat {
+                    self.push_text(i, &t.text, lp, false);
+                } else {
+                    let c = self.chunk(self.text_choice(i, &t.text, lp, Value::Null), None);
+                    self.out.push_back(c);
+                }
             }
             Event::Done {
                 finish,
@@ -1003,7 +1113,9 @@ impl StreamState {
             } => {
                 record_usage(&self.app, &usage);
                 add_usage(&mut self.usage, &usage);
-                if !text.is_empty() {
+                if self.kind == Kind::Chat {
+                    self.push_text(i, &text, Value::Null, true);
+                } else if !text.is_empty() {
                     let c = self.chunk(self.text_choice(i, &text, Value::Null, Value::Null), None);
                     self.out.push_back(c);
                 }
@@ -1041,6 +1153,7 @@ fn sse_stream(
     kind: Kind,
     rx: UnboundedReceiver<(usize, Event)>,
     n: usize,
+    think: Option<bool>,
     include_usage: bool,
     t0: Instant,
     id: String,
@@ -1059,6 +1172,7 @@ fn sse_stream(
         first_token: true,
         ttft: None,
         text_len: vec![0; n],
+        splits: (0..n).map(|_| think.map(openai::ThinkSplit::new)).collect(),
         done: 0,
         usage: None,
         out: Default::default(),

@@ -445,3 +445,165 @@ impl LegacyLogprobs {
         })
     }
 }
+
+const THINK_OPEN: &str = "<think>";
+const THINK_CLOSE: &str = "</think>";
+
+/// Splits a thinking model's answer into its reasoning (`reasoning_content`) and its reply
+/// (`content`), as vLLM's and llama.cpp's reasoning parsers do: the reasoning is what comes
+/// before `</think>` (a leading `<think>` dropped), the reply what follows (leading whitespace
+/// dropped). Text arrives in pieces (stream deltas) and a tag may be cut between them: the few
+/// bytes that could start one are held back until the next piece or [`ThinkSplit::finish`].
+#[derive(Debug)]
+pub struct ThinkSplit {
+    mode: ThinkMode,
+    pending: String,
+}
+
+#[derive(Debug, PartialEq)]
+enum ThinkMode {
+    /// Nothing decided yet: the answer may open with `<think>`.
+    Start,
+    Reasoning,
+    /// The reply; `trim` while its leading whitespace is still being dropped.
+    Content {
+        trim: bool,
+    },
+}
+
+impl ThinkSplit {
+    /// `reasoning`: the prompt already opened the think block (the template ends the
+    /// generation prompt with `<think>`).
+    pub fn new(reasoning: bool) -> ThinkSplit {
+        ThinkSplit {
+            mode: if reasoning {
+                ThinkMode::Reasoning
+            } else {
+                ThinkMode::Start
+            },
+            pending: String::new(),
+        }
+    }
+
+    /// The next piece of the answer: `(reasoning, content)` ready to go out.
+    pub fn push(&mut self, text: &str) -> (String, String) {
+        self.pending.push_str(text);
+        self.drain(false)
+    }
+
+    /// Whatever is held back, at the end of the answer.
+    pub fn finish(&mut self) -> (String, String) {
+        self.drain(true)
+    }
+
+    fn drain(&mut self, end: bool) -> (String, String) {
+        let (mut reasoning, mut content) = (String::new(), String::new());
+        loop {
+            match self.mode {
+                ThinkMode::Start => {
+                    let t = self.pending.trim_start();
+                    if let Some(rest) = t.strip_prefix(THINK_OPEN) {
+                        self.pending = rest.to_string();
+                        self.mode = ThinkMode::Reasoning;
+                    } else if !end && THINK_OPEN.starts_with(t) {
+                        return (reasoning, content);
+                    } else {
+                        self.mode = ThinkMode::Content { trim: false };
+                    }
+                }
+                ThinkMode::Reasoning => match self.pending.find(THINK_CLOSE) {
+                    Some(at) => {
+                        reasoning.push_str(&self.pending[..at]);
+                        self.pending = self.pending[at + THINK_CLOSE.len()..].to_string();
+                        self.mode = ThinkMode::Content { trim: true };
+                    }
+                    None => {
+                        let keep = if end { 0 } else { held_back(&self.pending) };
+                        let cut = self.pending.len() - keep;
+                        reasoning.push_str(&self.pending[..cut]);
+                        self.pending.drain(..cut);
+                        return (reasoning, content);
+                    }
+                },
+                ThinkMode::Content { trim } => {
+                    let text = std::mem::take(&mut self.pending);
+                    let text = if trim { text.trim_start() } else { &text[..] };
+                    if !text.is_empty() {
+                        self.mode = ThinkMode::Content { trim: false };
+                    }
+                    content.push_str(text);
+                    return (reasoning, content);
+                }
+            }
+        }
+    }
+}
+
+/// Bytes at the end of `s` that could begin `</think>` (a whole number of characters).
+fn held_back(s: &str) -> usize {
+    (1..THINK_CLOSE.len())
+        .rev()
+        .find(|&n| {
+            n <= s.len()
+                && s.is_char_boundary(s.len() - n)
+                && THINK_CLOSE.starts_with(&s[s.len() - n..])
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod think_tests {
+    use super::ThinkSplit;
+
+    /// Feeds `pieces` and gathers what comes out, finish included.
+    fn split(reasoning: bool, pieces: &[&str]) -> (String, String) {
+        let mut s = ThinkSplit::new(reasoning);
+        let (mut r, mut c) = (String::new(), String::new());
+        for p in pieces {
+            let (a, b) = s.push(p);
+            r.push_str(&a);
+            c.push_str(&b);
+        }
+        let (a, b) = s.finish();
+        (r + &a, c + &b)
+    }
+
+    #[test]
+    fn reasoning_and_reply_split_at_the_closing_tag_however_it_is_cut() {
+        let text = "<think>\nLet me see: 2 < 3.\n</think>\n\nThe answer is 3.";
+        let want = (
+            "\nLet me see: 2 < 3.\n".to_string(),
+            "The answer is 3.".to_string(),
+        );
+        // Every way of cutting the text into two pieces, and one character at a time.
+        for cut in 0..=text.len() {
+            assert_eq!(
+                split(false, &[&text[..cut], &text[cut..]]),
+                want,
+                "cut at {cut}"
+            );
+        }
+        let chars: Vec<String> = text.chars().map(String::from).collect();
+        let refs: Vec<&str> = chars.iter().map(String::as_str).collect();
+        assert_eq!(split(false, &refs), want);
+        // The template opened the block: the answer starts inside it.
+        assert_eq!(
+            split(true, &["Hmm, ", "é</th", "ink>Yes"]),
+            ("Hmm, é".to_string(), "Yes".to_string())
+        );
+        // Cut short while thinking: everything is reasoning, held-back bytes included.
+        assert_eq!(
+            split(true, &["a </th"]),
+            ("a </th".to_string(), String::new())
+        );
+        // No think block: all reply, a `<` that starts no tag included.
+        assert_eq!(
+            split(false, &["<", "b>hi"]),
+            (String::new(), "<b>hi".to_string())
+        );
+        assert_eq!(
+            split(false, &["  plain"]),
+            (String::new(), "  plain".to_string())
+        );
+    }
+}
