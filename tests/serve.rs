@@ -1064,3 +1064,84 @@ fn a_thinking_models_reasoning_is_split_from_its_reply() {
         "{v}"
     );
 }
+
+/// `/v1/responses`: text in (a string, or message items after `instructions`), one output
+/// message out, `incomplete` when cut by `max_output_tokens`; streamed as named events whose
+/// deltas make the same text; fields it cannot honour are refused naming them. (The official
+/// Python client's `responses.create` runs in tests/serve_clients.rs.)
+#[test]
+fn the_responses_route_answers_text_and_refuses_what_it_cannot_honour() {
+    let s = Server::ready(&[], &[]);
+    let body = |extra: Value| {
+        let mut b = json!({"model": "demo", "input": [{"role": "user",
+            "content": [{"type": "input_text", "text": "Tell me a story"}]}],
+            "instructions": "Be brief", "max_output_tokens": 5, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let (status, v) = post(&s, "/v1/responses", &body(json!({})));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "response");
+    let text = v["output"][0]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!text.is_empty(), "{v}");
+    assert_eq!(v["usage"]["output_tokens"], 5, "{v}");
+    assert_eq!(v["status"], "incomplete", "{v}");
+    assert_eq!(
+        v["incomplete_details"]["reason"], "max_output_tokens",
+        "{v}"
+    );
+    // Streamed: named events, ascending sequence numbers, the same text in the deltas.
+    let r = send(&s, "/v1/responses", &body(json!({"stream": true})));
+    let raw = r.text().unwrap();
+    let (mut deltas, mut seqs, mut last) = (String::new(), Vec::new(), String::new());
+    for line in raw.lines() {
+        if let Some(d) = line.strip_prefix("data: ") {
+            let e: Value = serde_json::from_str(d).unwrap();
+            seqs.push(e["sequence_number"].as_u64().unwrap());
+            if e["type"] == "response.output_text.delta" {
+                deltas.push_str(e["delta"].as_str().unwrap());
+            }
+            last = e["type"].as_str().unwrap().to_string();
+        }
+    }
+    assert!(raw.contains("event: response.created"), "{raw}");
+    assert_eq!(deltas, text);
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(last, "response.incomplete");
+    // What it cannot honour, named.
+    for (extra, field) in [
+        (
+            json!({"tools": [{"type": "function", "name": "f"}]}),
+            "tools",
+        ),
+        (
+            json!({"previous_response_id": "resp_1"}),
+            "previous_response_id",
+        ),
+        (json!({"text": {"format": {"type": "json_object"}}}), "text"),
+        (json!({"no_such_field": 1}), "no_such_field"),
+        (
+            json!({"input": [{"type": "function_call_output", "output": "x"}]}),
+            "input",
+        ),
+    ] {
+        let (status, v) = post(&s, "/v1/responses", &body(extra.clone()));
+        assert_eq!(status, 400, "{extra}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(field),
+            "{extra}: {v}"
+        );
+    }
+    // Metadata is accepted.
+    let (status, v) = post(
+        &s,
+        "/v1/responses",
+        &body(json!({"user": "u1", "store": false})),
+    );
+    assert_eq!(status, 200, "{v}");
+}

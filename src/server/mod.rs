@@ -25,6 +25,7 @@ pub mod conn;
 pub mod errors;
 pub mod metrics;
 pub mod openai;
+mod responses;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -359,10 +360,12 @@ fn router(app: Arc<App>, max_body: u64) -> Router {
         .route("/v1/models/{*id}", get(model_by_id))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(responses::responses))
         .route("/models", get(models))
         .route("/models/{*id}", get(model_by_id))
         .route("/chat/completions", post(chat))
         .route("/completions", post(completions))
+        .route("/responses", post(responses::responses))
         .route("/metrics", get(metrics_route))
         .route_layer(middleware::from_fn_with_state(app.clone(), auth));
     Router::new()
@@ -632,7 +635,12 @@ fn submit_choices(
     let app = app.clone();
     tokio::spawn(async move {
         let mut rest = (n > 1).then_some((ids, params));
-        while let Some(ev) = first.recv().await {
+        // A client gone while choice 0 waits in the queue (no events yet) frees its place at
+        // once: the scheduler sees choice 0's channel closed.
+        while let Some(ev) = tokio::select! {
+            ev = first.recv() => ev,
+            () = tx.closed() => None,
+        } {
             // A choice 0 that failed fails the request: the others are not started.
             if matches!(ev, Event::Failed(_)) {
                 rest = None;
@@ -664,7 +672,10 @@ fn submit_choices(
 /// Forwards choice `i`'s events into the merged channel until either side ends.
 fn forward(i: usize, mut rx: UnboundedReceiver<Event>, tx: UnboundedSender<(usize, Event)>) {
     tokio::spawn(async move {
-        while let Some(ev) = rx.recv().await {
+        while let Some(ev) = tokio::select! {
+            ev = rx.recv() => ev,
+            () = tx.closed() => None,
+        } {
             if tx.send((i, ev)).is_err() {
                 break;
             }
@@ -705,7 +716,7 @@ fn log_ms(d: Duration) -> f64 {
 
 /// The one log line of a generation request, when it ends (target `request`).
 fn log_generation(
-    kind: Kind,
+    path: &str,
     stream: bool,
     usage: Option<&Usage>,
     ttft: Option<Duration>,
@@ -715,7 +726,7 @@ fn log_generation(
     tracing::info!(
         target: "request",
         method = "POST",
-        path = kind.path(),
+        path,
         status = 200,
         stream,
         prompt_tokens = usage.map(|u| u.prompt_tokens),
@@ -934,7 +945,7 @@ async fn collect(
                     continue;
                 }
                 let usage = total.take().expect("one choice at least");
-                log_generation(kind, false, Some(&usage), ttft, t0, None);
+                log_generation(kind.path(), false, Some(&usage), ttft, t0, None);
                 let choices: Vec<Value> = choices
                     .iter_mut()
                     .enumerate()
@@ -1127,7 +1138,14 @@ impl StreamState {
                     return;
                 }
                 let usage = self.usage.take().expect("one choice at least");
-                log_generation(self.kind, true, Some(&usage), self.ttft, self.t0, None);
+                log_generation(
+                    self.kind.path(),
+                    true,
+                    Some(&usage),
+                    self.ttft,
+                    self.t0,
+                    None,
+                );
                 if self.include_usage {
                     let c = self.chunk(json!([]), Some(openai::usage_json(&usage)));
                     self.out.push_back(c);
@@ -1138,7 +1156,7 @@ impl StreamState {
             Event::Failed(e) => {
                 let err = ApiError::from(e);
                 let why = err.body().to_string();
-                log_generation(self.kind, true, None, self.ttft, self.t0, Some(&why));
+                log_generation(self.kind.path(), true, None, self.ttft, self.t0, Some(&why));
                 self.out.push_back(err.body().to_string());
                 self.out.push_back("[DONE]".into());
                 self.finished = true;

@@ -310,6 +310,12 @@ impl Sampling {
         self.stream.unwrap_or(false)
     }
 
+    /// The scheduler's parameters for these settings and at most `max` new tokens (no
+    /// logprobs): the Responses route's.
+    pub fn request_params(&self, max: Option<i64>) -> Result<RequestParams, ApiError> {
+        self.params(max, None)
+    }
+
     /// Choices asked for (`n`, checked by `params`).
     pub fn choices(&self) -> usize {
         self.n.map_or(1, |n| n.clamp(1, MAX_CHOICES) as usize)

@@ -343,6 +343,20 @@ class Suite:
             self.error_body(e, 400, "n=17")
         self.ok("error: n=17", "BadRequestError 400")
 
+        r = self.client.responses.create(model=self.model, input="Tell me a story", instructions="Be brief",
+                                         max_output_tokens=6, temperature=0)
+        check(r.output_text != "" and r.usage.output_tokens >= 1, f"responses: {r!r}")
+        check(r.status in ("completed", "incomplete"), f"responses: status {r.status!r}")
+        events = list(self.client.responses.create(model=self.model, input="Tell me a story", instructions="Be brief",
+                                                    max_output_tokens=6, temperature=0, stream=True))
+        deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        final = events[-1]
+        check(final.type in ("response.completed", "response.incomplete"), f"responses stream: last {final.type!r}")
+        check(deltas == final.response.output_text == r.output_text,
+              f"responses stream: {deltas!r} vs {final.response.output_text!r} vs {r.output_text!r}")
+        check([e.sequence_number for e in events] == list(range(len(events))), "responses stream: sequence numbers")
+        self.ok("responses", f"{len(events)} events, text matches non-stream")
+
         tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
         try:
             self.chat(max_tokens=4, tools=[tool])
