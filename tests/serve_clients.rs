@@ -1,10 +1,12 @@
 //! Real clients against `moe-serve serve`: the official `openai` Python package
 //! (`tests/clients/openai_suite.py`: every route, streaming, errors, a 16-client load test with
-//! memory and batching checks), and nginx with `configs/nginx/moe-serve.conf` in front of two
-//! replicas (`tests/clients/nginx_check.py`: requests spread, streams pass unbuffered).
+//! memory and batching checks), the official Node package (`tests/clients/openai_suite.mjs`),
+//! and nginx with `configs/nginx/moe-serve.conf` in front of two replicas
+//! (`tests/clients/nginx_check.py`: requests spread, streams pass unbuffered).
 //!
-//! The Python comes from `MOE_TEST_PYTHON` (`.ci/run` makes a venv with `openai`); nginx from
-//! `PATH` or /usr/sbin. Without them the tests say so and skip, except under CI, where they fail.
+//! The Python comes from `MOE_TEST_PYTHON` (`.ci/run` makes a venv with `openai`), the Node
+//! package from `MOE_TEST_NODE_MODULES` (`.ci/run` installs it); nginx from `PATH` or /usr/sbin.
+//! Without them the tests say so and skip, except under CI, where they fail.
 
 mod common;
 #[path = "common/server.rs"]
@@ -99,6 +101,41 @@ fn the_official_openai_client_works_and_a_16_client_load_test_passes() {
     );
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
     eprintln!("load test: {v}");
+}
+
+/// The official Node `openai` package (`MOE_TEST_NODE_MODULES`, which `.ci/run` fills) against
+/// the server: chat whole and streamed, completions, `n`, the Responses API, and the errors
+/// agent frameworks meet (`tools`, `response_format`, `runTools()`), named.
+#[test]
+fn the_official_node_client_works() {
+    let modules = std::env::var("MOE_TEST_NODE_MODULES").unwrap_or_default();
+    let found = !modules.is_empty()
+        && Path::new(&modules).join("openai/package.json").is_file()
+        && Command::new("node")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !found {
+        let msg = "node and the `openai` npm package are needed: set MOE_TEST_NODE_MODULES to a \
+                   node_modules folder holding it (.ci/run does)";
+        assert!(std::env::var_os("CI").is_none(), "{msg}");
+        eprintln!("skipped the_official_node_client_works: {msg}");
+        return;
+    }
+    let s = Server::ready(&["--max-batch", "4"], &[("MOE_SERVE_API_KEY", "sk-test")]);
+    let out = Command::new("node")
+        .arg(script("openai_suite.mjs"))
+        .args([s.base.as_str(), "demo", "sk-test"])
+        .env("NODE_PATH", &modules)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("pass"),
+        "openai_suite.mjs failed:\n{stdout}\n{stderr}"
+    );
 }
 
 /// nginx from PATH or the distribution's path.
