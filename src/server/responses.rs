@@ -57,21 +57,8 @@ pub struct Item {
     #[serde(rename = "type")]
     pub kind: Option<String>,
     pub role: Option<String>,
-    pub content: Option<ItemContent>,
-}
-
-#[derive(Deserialize, Debug)]
-#[serde(untagged)]
-pub enum ItemContent {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Deserialize, Debug)]
-pub struct Part {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub text: Option<String>,
+    /// Text, or parts (the chat route's shapes).
+    pub content: Option<openai::Content>,
 }
 
 /// Metadata of the Responses API: accepted and ignored (they do not change the output).
@@ -159,8 +146,8 @@ impl ResponsesRequest {
             };
             let text = match &item.content {
                 None => String::new(),
-                Some(ItemContent::Text(t)) => t.clone(),
-                Some(ItemContent::Parts(parts)) => {
+                Some(openai::Content::Text(t)) => t.clone(),
+                Some(openai::Content::Parts(parts)) => {
                     let mut s = String::new();
                     for p in parts {
                         match (p.kind.as_str(), &p.text) {
