@@ -154,6 +154,16 @@ pub struct Decoder<B: Backend = Host> {
     pub kv_elem: KvElem,
 }
 
+/// Layer `l`'s KV cache in every sequence's state (an attention layer holds one).
+fn layer_kv<'a, B: Backend>(segs: &'a mut [Segment<'_, B>], l: usize) -> Vec<&'a mut B::Kv> {
+    segs.iter_mut()
+        .map(|s| match &mut s.state.layers[l] {
+            MixerState::Kv(kv) => kv,
+            MixerState::Linear(_) => unreachable!("state built for this model"),
+        })
+        .collect()
+}
+
 impl<B: Backend> Decoder<B> {
     /// A fresh state for one sequence.
     pub fn new_state(&self) -> SeqState<B> {
@@ -242,20 +252,8 @@ impl<B: Backend> Decoder<B> {
             }
             let normed = layer.input_norm.forward(b, &x);
             let mixed = match &layer.mixer {
-                Mixer::Attention(_) | Mixer::Latent(_) => {
-                    let mut caches: Vec<&mut B::Kv> = segs
-                        .iter_mut()
-                        .map(|s| match &mut s.state.layers[l] {
-                            MixerState::Kv(kv) => kv,
-                            MixerState::Linear(_) => unreachable!("state built for this model"),
-                        })
-                        .collect();
-                    match &layer.mixer {
-                        Mixer::Latent(a) => a.forward_batch(b, &normed, &lens, &mut caches),
-                        Mixer::Attention(a) => a.forward_batch(b, &normed, &lens, &mut caches),
-                        Mixer::Linear(_) => unreachable!("matched above"),
-                    }
-                }
+                Mixer::Attention(a) => a.forward_batch(b, &normed, &lens, &mut layer_kv(segs, l)),
+                Mixer::Latent(a) => a.forward_batch(b, &normed, &lens, &mut layer_kv(segs, l)),
                 Mixer::Linear(d) => {
                     let mut states: Vec<&mut B::Recurrent> = segs
                         .iter_mut()

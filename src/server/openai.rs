@@ -68,7 +68,7 @@ pub struct ChatRequest {
     pub top_logprobs: Option<i64>,
     #[serde(flatten)]
     pub sampling: Sampling,
-    /// Every other field (checked by [`check_other_fields`]).
+    /// Every other field (checked by [`CHAT_FIELDS`]).
     #[serde(flatten)]
     pub other: serde_json::Map<String, Value>,
 }
@@ -112,7 +112,7 @@ pub struct CompletionRequest {
     pub best_of: Option<i64>,
     #[serde(flatten)]
     pub sampling: Sampling,
-    /// Every other field (checked by [`check_other_fields`]).
+    /// Every other field (checked by [`CHAT_FIELDS`]).
     #[serde(flatten)]
     pub other: serde_json::Map<String, Value>,
 }
@@ -153,40 +153,60 @@ const UNSUPPORTED_FIELDS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Checks the fields no struct field took: metadata is ignored, a neutral value of an
-/// unsupported field (`response_format` text, `modalities` text, null, an empty tool list) is
-/// accepted, anything else is a 400 naming the field.
-pub fn check_other_fields(other: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
-    for (key, value) in other {
-        if METADATA_FIELDS.contains(&key.as_str()) || value.is_null() {
-            continue;
-        }
-        let neutral = match key.as_str() {
-            "response_format" => value.get("type").and_then(Value::as_str) == Some("text"),
-            "modalities" => value
-                .as_array()
-                .is_some_and(|m| m.iter().all(|x| x.as_str() == Some("text"))),
-            "tools" | "functions" => value.as_array().is_some_and(Vec::is_empty),
-            // Without tools (any tool list is refused above) "auto" chooses none.
-            "tool_choice" | "function_call" => {
-                matches!(value.as_str(), Some("none") | Some("auto"))
+/// How a route treats the request fields that no struct field took.
+pub struct FieldPolicy {
+    /// Fields that do not change the output: accepted and ignored.
+    pub metadata: &'static [&'static str],
+    /// Fields the route knows but does not honour, with why.
+    pub unsupported: &'static [(&'static str, &'static str)],
+    /// Values of such fields that change nothing (`tools: []`, a text format): accepted.
+    pub neutral: fn(&str, &Value) -> bool,
+}
+
+impl FieldPolicy {
+    /// Metadata, null and neutral values pass; anything else is a 400 naming the field.
+    pub fn check(&self, other: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+        for (key, value) in other {
+            if self.metadata.contains(&key.as_str())
+                || value.is_null()
+                || (self.neutral)(key, value)
+            {
+                continue;
             }
-            "parallel_tool_calls" => value.is_boolean(),
-            _ => false,
-        };
-        if neutral {
-            continue;
+            let message = match self.unsupported.iter().find(|(k, _)| k == key) {
+                Some((_, why)) => format!("`{key}` is not supported: {why}"),
+                None => format!(
+                    "unknown field `{key}`: this server does not know it, so it cannot honour \
+                     it (leave it out)"
+                ),
+            };
+            return Err(ApiError::bad_request(message).param(key));
         }
-        let message = match UNSUPPORTED_FIELDS.iter().find(|(k, _)| k == key) {
-            Some((_, why)) => format!("`{key}` is not supported: {why}"),
-            None => format!(
-                "unknown field `{key}`: this server does not know it, so it cannot honour it \
-                 (leave it out)"
-            ),
-        };
-        return Err(ApiError::bad_request(message).param(key));
+        Ok(())
     }
-    Ok(())
+}
+
+/// The chat and completions routes' policy.
+pub const CHAT_FIELDS: FieldPolicy = FieldPolicy {
+    metadata: METADATA_FIELDS,
+    unsupported: UNSUPPORTED_FIELDS,
+    neutral: chat_neutral,
+};
+
+/// A neutral value of an unsupported chat field: a text `response_format` or `modalities`, an
+/// empty tool list, a tool choice that picks none.
+fn chat_neutral(key: &str, value: &Value) -> bool {
+    match key {
+        "response_format" => value.get("type").and_then(Value::as_str) == Some("text"),
+        "modalities" => value
+            .as_array()
+            .is_some_and(|m| m.iter().all(|x| x.as_str() == Some("text"))),
+        "tools" | "functions" => value.as_array().is_some_and(Vec::is_empty),
+        // Without tools (any tool list is refused) "auto" chooses none.
+        "tool_choice" | "function_call" => matches!(value.as_str(), Some("none") | Some("auto")),
+        "parallel_tool_calls" => value.is_boolean(),
+        _ => false,
+    }
 }
 
 /// A completion prompt: text or token ids, one of them (lists of one are accepted).
@@ -250,7 +270,7 @@ impl ChatRequest {
     }
 
     pub fn params(&self) -> Result<RequestParams, ApiError> {
-        check_other_fields(&self.other)?;
+        CHAT_FIELDS.check(&self.other)?;
         let top = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
             (false, Some(n)) if n > 0 => {
                 return Err(
@@ -271,7 +291,7 @@ impl ChatRequest {
 
 impl CompletionRequest {
     pub fn params(&self) -> Result<RequestParams, ApiError> {
-        check_other_fields(&self.other)?;
+        CHAT_FIELDS.check(&self.other)?;
         if self.echo == Some(true) {
             return Err(ApiError::bad_request("`echo` is not supported").param("echo"));
         }

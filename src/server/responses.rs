@@ -39,7 +39,7 @@ pub struct ResponsesRequest {
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub stream: Option<bool>,
-    /// Every other field (checked by [`check_fields`]).
+    /// Every other field (checked by [`FIELDS`]).
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }
@@ -61,52 +61,54 @@ pub struct Item {
     pub content: Option<openai::Content>,
 }
 
-/// Metadata of the Responses API: accepted and ignored (they do not change the output).
-const METADATA: &[&str] = &[
-    "user",
-    "metadata",
-    "store",
-    "service_tier",
-    "safety_identifier",
-    "prompt_cache_key",
-];
+/// The Responses API's field policy (as the chat route's, with its own fields).
+const FIELDS: openai::FieldPolicy = openai::FieldPolicy {
+    metadata: &[
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "safety_identifier",
+        "prompt_cache_key",
+    ],
+    unsupported: &[
+        ("tools", "tool calling is not supported"),
+        ("tool_choice", "tool calling is not supported"),
+        ("max_tool_calls", "tool calling is not supported"),
+        ("text", "structured output is not supported (only text)"),
+        ("reasoning", "reasoning settings are not supported"),
+        (
+            "previous_response_id",
+            "responses are not stored: send the whole conversation as `input`",
+        ),
+        (
+            "conversation",
+            "responses are not stored: send the whole conversation as `input`",
+        ),
+        ("background", "background responses are not supported"),
+        (
+            "top_logprobs",
+            "log-probabilities are served by /v1/chat/completions",
+        ),
+        ("prompt", "prompt templates are not supported"),
+    ],
+    neutral,
+};
 
-/// The fields no struct field took: metadata and neutral values pass, anything else is a 400
-/// naming the field.
-fn check_fields(other: &Map<String, Value>) -> Result<(), ApiError> {
-    for (key, value) in other {
-        if METADATA.contains(&key.as_str()) || value.is_null() {
-            continue;
-        }
-        let neutral = match key.as_str() {
-            "tools" | "include" => value.as_array().is_some_and(Vec::is_empty),
-            "tool_choice" => matches!(value.as_str(), Some("none") | Some("auto")),
-            "parallel_tool_calls" => value.is_boolean(),
-            "truncation" => value.as_str() == Some("disabled"),
-            "background" => value == &json!(false),
-            "text" => value
-                .get("format")
-                .is_none_or(|f| f.get("type").and_then(Value::as_str) == Some("text")),
-            _ => false,
-        };
-        if neutral {
-            continue;
-        }
-        let why = match key.as_str() {
-            "tools" | "tool_choice" | "max_tool_calls" => "tool calling is not supported",
-            "text" => "structured output is not supported (only text)",
-            "reasoning" => "reasoning settings are not supported",
-            "previous_response_id" | "conversation" => {
-                "responses are not stored: send the whole conversation as `input`"
-            }
-            "background" => "background responses are not supported",
-            "top_logprobs" => "log-probabilities are served by /v1/chat/completions",
-            "prompt" => "prompt templates are not supported",
-            _ => "this server does not know it (leave it out)",
-        };
-        return Err(ApiError::bad_request(format!("`{key}` is not supported: {why}")).param(key));
+/// A neutral value of an unsupported Responses field: no tools, a text format, no truncation,
+/// no background run.
+fn neutral(key: &str, value: &Value) -> bool {
+    match key {
+        "tools" | "include" => value.as_array().is_some_and(Vec::is_empty),
+        "tool_choice" => matches!(value.as_str(), Some("none") | Some("auto")),
+        "parallel_tool_calls" => value.is_boolean(),
+        "truncation" => value.as_str() == Some("disabled"),
+        "background" => value == &json!(false),
+        "text" => value
+            .get("format")
+            .is_none_or(|f| f.get("type").and_then(Value::as_str) == Some("text")),
+        _ => false,
     }
-    Ok(())
 }
 
 impl ResponsesRequest {
@@ -185,7 +187,7 @@ pub(super) async fn responses(
 ) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let Json(req) = body?;
-    check_fields(&req.other)?;
+    FIELDS.check(&req.other)?;
     let max = req.max_output_tokens;
     if max.is_some_and(|m| m < 1) {
         return Err(

@@ -108,13 +108,7 @@ pub fn clamp(x: &mut [f32], limit: f32) {
 
 /// Splits every `2d`-wide block of `x` into its first and second halves, gathered.
 pub fn split_halves(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut a = Vec::with_capacity(x.len() / 2);
-    let mut b = Vec::with_capacity(x.len() / 2);
-    for block in x.chunks_exact(2 * d) {
-        a.extend_from_slice(&block[..d]);
-        b.extend_from_slice(&block[d..]);
-    }
-    (a, b)
+    split_heads(x, d, d)
 }
 
 /// Rows of `heads` blocks `[a values | b values]` split into `[rows, heads * a]` and
