@@ -702,10 +702,7 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let load_rss = rss_bytes();
 
     let prompt = match (&a.prompt, &a.prompt_ids) {
-        (Some(text), _) if a.chat => Prompt::Chat(vec![ChatMessage {
-            role: "user".into(),
-            content: text.clone(),
-        }]),
+        (Some(text), _) if a.chat => Prompt::Chat(vec![ChatMessage::new("user", text.clone())]),
         (Some(text), _) => Prompt::Text(text.clone()),
         (None, Some(ids)) if a.chat => {
             return Err("--chat needs --prompt TEXT (token ids are used verbatim)".into())
@@ -727,6 +724,7 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         presence_penalty: a.presence_penalty,
         frequency_penalty: a.frequency_penalty,
         logit_bias: Vec::new(),
+        grammar: None,
     };
     let mut generation = model.generate(&prompt, &params, CancelToken::new())?;
     let mut text = String::new();

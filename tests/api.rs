@@ -231,3 +231,54 @@ fn logit_bias_forces_bans_and_is_checked() {
         assert!(e.contains("logit_bias"), "{e}");
     }
 }
+
+/// A grammar on the library path: `Model::generate` with a JSON schema writes JSON valid
+/// against it (random weights: only the constraint can), ending when it is complete, even with
+/// `ignore_eos`; the same with a Lark grammar; a bad grammar is refused before any token.
+#[test]
+fn generate_follows_a_grammar() {
+    use moe_runtime::constrain::Grammar;
+    let model = demo();
+    let schema = serde_json::json!({"type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9},
+                       "ok": {"type": "boolean"}},
+        "required": ["n", "ok"], "additionalProperties": false});
+    for (grammar, ignore_eos) in [
+        (Grammar::JsonSchema(schema), false),
+        (Grammar::Lark(r#"start: "yes" | "no""#.into()), true),
+    ] {
+        let params = GenerateParams {
+            max_tokens: Some(60),
+            temperature: Some(0.9),
+            seed: Some(3),
+            ignore_eos,
+            grammar: Some(grammar.clone()),
+            ..Default::default()
+        };
+        let mut g = model
+            .generate(&Prompt::Text("Answer:".into()), &params, CancelToken::new())
+            .unwrap();
+        let mut text = String::new();
+        for ev in g.by_ref() {
+            text.push_str(&ev.unwrap().text);
+        }
+        assert_eq!(g.finish_reason(), Some(FinishReason::Stop), "{text}");
+        match grammar {
+            Grammar::JsonSchema(_) => {
+                let v: serde_json::Value = serde_json::from_str(&text).expect(&text);
+                assert!((1..=9).contains(&v["n"].as_i64().unwrap()), "{text}");
+                assert!(v["ok"].is_boolean(), "{text}");
+            }
+            _ => assert!(text == "yes" || text == "no", "{text}"),
+        }
+    }
+    let params = GenerateParams {
+        grammar: Some(Grammar::Lark("start: (".into())),
+        ..Default::default()
+    };
+    let err = model
+        .generate(&Prompt::Text("x".into()), &params, CancelToken::new())
+        .err()
+        .expect("a bad grammar is refused");
+    assert!(err.to_string().contains("grammar"), "{err}");
+}

@@ -814,11 +814,12 @@ fn every_openai_request_field_is_honoured_or_refused_by_name() {
     let chat: Vec<(&str, Value, bool)> = vec![
         ("audio", json!({"voice": "alloy", "format": "wav"}), false),
         ("frequency_penalty", json!(0.5), true),
+        // Naming a function without offering any.
         ("function_call", json!({"name": "f"}), false),
         (
             "functions",
             json!([{"name": "f", "parameters": {"type": "object"}}]),
-            false,
+            true,
         ),
         ("logit_bias", json!({"5": 1}), true),
         ("logprobs", json!(true), true),
@@ -838,7 +839,12 @@ fn every_openai_request_field_is_honoured_or_refused_by_name() {
         ("presence_penalty", json!(0.5), true),
         ("prompt_cache_key", json!("k"), true),
         ("reasoning_effort", json!("low"), false),
-        ("response_format", json!({"type": "json_object"}), false),
+        ("response_format", json!({"type": "json_object"}), true),
+        (
+            "response_format",
+            json!({"type": "regex", "regex": "a+"}),
+            false,
+        ),
         ("safety_identifier", json!("u1"), true),
         ("seed", json!(1), true),
         ("service_tier", json!("auto"), true),
@@ -847,14 +853,15 @@ fn every_openai_request_field_is_honoured_or_refused_by_name() {
         ("stream", json!(false), true),
         ("stream_options", json!({"include_usage": true}), true),
         ("temperature", json!(0.5), true),
+        // Requiring a tool without offering any.
         ("tool_choice", json!("required"), false),
-        ("tools", tool.clone(), false),
+        ("tools", tool.clone(), true),
         ("top_logprobs", json!(0), true),
         ("top_p", json!(0.9), true),
         ("user", json!("u1"), true),
         ("verbosity", json!("low"), false),
         ("web_search_options", json!({}), false),
-        // Neutral values of unsupported fields change nothing and are accepted.
+        // Neutral values change nothing and are accepted.
         ("response_format", json!({"type": "text"}), true),
         ("modalities", json!(["text"]), true),
         ("tools", json!([]), true),
@@ -872,6 +879,7 @@ fn every_openai_request_field_is_honoured_or_refused_by_name() {
         ("n", json!(2), true),
         ("n", json!(0), false),
         ("presence_penalty", json!(0.5), true),
+        ("response_format", json!({"type": "json_object"}), true),
         ("seed", json!(1), true),
         ("stop", json!("\n"), true),
         ("stream", json!(false), true),
@@ -909,12 +917,19 @@ fn every_openai_request_field_is_honoured_or_refused_by_name() {
     for (field, value, accepted) in &completion {
         check("/v1/completions", prompt.clone(), field, value, *accepted);
     }
-    // Message fields: a participant's name is accepted; tool calls in the history are not.
+    // Message fields: a participant's name and tool calls in the history reach the template;
+    // a malformed tool call is named.
     let mut body = chat_body("hi", 3);
     body["messages"][1]["name"] = json!("alice");
     assert_eq!(post(&s, "/v1/chat/completions", &body).0, 200);
     body["messages"][1]["tool_calls"] = json!([{"id": "c1", "type": "function",
         "function": {"name": "f", "arguments": "{}"}}]);
+    assert_eq!(post(&s, "/v1/chat/completions", &body).0, 200);
+    body["messages"][1]["tool_calls"] = json!([{"id": "c1", "type": "function"}]);
+    body["messages"][1]["audio"] = json!({"id": "a"});
+    let (status, v) = post(&s, "/v1/chat/completions", &body);
+    assert_eq!(status, 400, "{v}");
+    body["messages"][1].as_object_mut().unwrap().remove("audio");
     let (status, v) = post(&s, "/v1/chat/completions", &body);
     assert_eq!(status, 400, "{v}");
     assert!(
@@ -1123,7 +1138,7 @@ fn the_responses_route_answers_text_and_refuses_what_it_cannot_honour() {
             json!({"previous_response_id": "resp_1"}),
             "previous_response_id",
         ),
-        (json!({"text": {"format": {"type": "json_object"}}}), "text"),
+        (json!({"text": {"format": {"type": "regex"}}}), "text"),
         (json!({"no_such_field": 1}), "no_such_field"),
         (
             json!({"input": [{"type": "function_call_output", "output": "x"}]}),

@@ -59,6 +59,8 @@ pub struct Model {
     pool: rayon::ThreadPool,
     /// The mapped files, checked after every forward pass (see [`crate::mapguard`]).
     files_watch: crate::mapguard::FileWatch,
+    /// The grammar engine over this model's tokens, built at the first constrained request.
+    grammar: std::sync::OnceLock<std::result::Result<crate::constrain::GrammarEngine, String>>,
 }
 
 /// What loading did with a checkpoint's pre-quantized weights.
@@ -86,6 +88,12 @@ pub enum Prompt {
     /// [`Prompt::Chat`] with more template variables (`chat_template_kwargs`, such as
     /// `enable_thinking`).
     ChatWith(Vec<ChatMessage>, crate::tokenizer::TemplateKwargs),
+    /// [`Prompt::ChatWith`] with function definitions for the template's `tools` variable.
+    ChatTools(
+        Vec<ChatMessage>,
+        crate::tokenizer::TemplateKwargs,
+        Vec<serde_json::Value>,
+    ),
 }
 
 /// Per-request generation settings; `None` fields come from `generation_config.json`.
@@ -113,6 +121,9 @@ pub struct GenerateParams {
     /// Added to the logits of these tokens before every choice (-100..=100 each, as OpenAI's
     /// `logit_bias`; -100 in effect bans a token, 100 forces it); empty = none.
     pub logit_bias: Vec<(u32, f32)>,
+    /// The text must follow this grammar (a JSON schema, any JSON object, a Lark grammar):
+    /// every token is chosen among those it allows, and generation ends when it is complete.
+    pub grammar: Option<crate::constrain::Grammar>,
 }
 
 /// One routing decision: a token's experts in one layer.
@@ -343,6 +354,7 @@ impl Model {
             }),
             pool,
             files_watch,
+            grammar: std::sync::OnceLock::new(),
         })
     }
 
@@ -431,6 +443,10 @@ impl Model {
             Prompt::ChatWith(m, kwargs) => {
                 self.tokenizer()?
                     .encode_chat_with(m, true, kwargs, max_prompt_tokens)
+            }
+            Prompt::ChatTools(m, kwargs, tools) => {
+                self.tokenizer()?
+                    .encode_chat_tools(m, true, kwargs, Some(tools), max_prompt_tokens)
             }
         };
         let ids = match encoded {
@@ -522,7 +538,41 @@ impl Model {
             logprobs,
         )?;
         crate::sequence::validate_logit_bias(&params.logit_bias, self.config.vocab_size)?;
+        if let Some(g) = &params.grammar {
+            self.constraint(g)?;
+        }
         Ok(sampling)
+    }
+
+    /// A fresh constraint for `grammar` (the model's grammar engine is built on first use);
+    /// a grammar that does not compile, or a model without a tokenizer, is an
+    /// [`Error::InvalidRequest`] saying why.
+    pub fn constraint(
+        &self,
+        grammar: &crate::constrain::Grammar,
+    ) -> Result<crate::constrain::Constraint> {
+        let tokenizer = self.tokenizer()?;
+        let engine = self.grammar.get_or_init(|| {
+            let started = std::time::Instant::now();
+            let engine = crate::constrain::GrammarEngine::new(
+                tokenizer,
+                self.config.vocab_size,
+                &self.eos_token_ids(),
+            )
+            .map_err(|e| e.to_string());
+            tracing::info!(
+                "grammar engine over {} tokens built in {} ms",
+                self.config.vocab_size,
+                started.elapsed().as_millis()
+            );
+            engine
+        });
+        match engine {
+            Ok(engine) => engine.compile(grammar),
+            Err(why) => Err(Error::InvalidRequest(format!(
+                "constrained decoding is not available for this model: {why}"
+            ))),
+        }
     }
 
     /// The per-token state machine of one request whose prompt holds `prompt_tokens` tokens:
@@ -554,7 +604,11 @@ impl Model {
             logit_bias: params.logit_bias.clone(),
             logprobs,
         };
-        Ok(SeqDecoder::new(sampling, settings, self.tokenizer.as_ref()))
+        let seq = SeqDecoder::new(sampling, settings, self.tokenizer.as_ref());
+        Ok(match &params.grammar {
+            Some(g) => seq.with_constraint(self.constraint(g)?),
+            None => seq,
+        })
     }
 
     /// Runs a forward pass on this model's thread pool.

@@ -42,6 +42,7 @@ pub mod batch;
 pub mod cache;
 pub mod calibrate;
 pub mod config;
+pub mod constrain;
 pub mod deltanet;
 pub mod demo;
 pub mod dispatch;
@@ -67,6 +68,7 @@ pub mod size;
 pub mod store;
 pub mod synth;
 pub mod tokenizer;
+pub mod toolcall;
 pub mod weights;
 
 pub use dispatch::SeqState;

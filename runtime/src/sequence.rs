@@ -19,9 +19,13 @@
 //!   error, never an empty string.
 //! - Penalties change only the choice of token; log-probabilities are those of the model's own
 //!   logits (before penalties and temperature).
+//! - With a grammar ([`SeqDecoder::with_constraint`]) every token is one the grammar allows
+//!   (masked after penalties and biases), and the sequence ends with [`FinishReason::Stop`]
+//!   once the grammar is complete.
 
 use std::collections::HashMap;
 
+use crate::constrain::Constraint;
 use crate::error::{Error, Result};
 use crate::sampler::{check_logits, Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
@@ -160,6 +164,8 @@ pub struct SeqDecoder<'t> {
     /// Ended on a stop string: the text after it is dropped.
     hit_stop: bool,
     finish: Option<FinishReason>,
+    /// The grammar the text must follow, if any.
+    constraint: Option<Constraint>,
 }
 
 impl<'t> SeqDecoder<'t> {
@@ -179,7 +185,16 @@ impl<'t> SeqDecoder<'t> {
             held: String::new(),
             hit_stop: false,
             finish: None,
+            constraint: None,
         }
+    }
+
+    /// This sequence's text must follow `constraint`: every token is chosen among those its
+    /// grammar allows, and the sequence ends ([`FinishReason::Stop`]) when the grammar is
+    /// complete and admits nothing more.
+    pub fn with_constraint(mut self, constraint: Constraint) -> SeqDecoder<'t> {
+        self.constraint = Some(constraint);
+        self
     }
 
     /// Tokens generated so far (the EOS token included).
@@ -208,7 +223,11 @@ impl<'t> SeqDecoder<'t> {
             self.settings.presence_penalty,
             self.settings.frequency_penalty,
         );
-        let id = if pres != 0.0 || freq != 0.0 || !self.settings.logit_bias.is_empty() {
+        let id = if pres != 0.0
+            || freq != 0.0
+            || !self.settings.logit_bias.is_empty()
+            || self.constraint.is_some()
+        {
             let mut l = logits.to_vec();
             for (&tok, &c) in &self.counts {
                 if let Some(x) = l.get_mut(tok as usize) {
@@ -220,11 +239,17 @@ impl<'t> SeqDecoder<'t> {
                     *x += b;
                 }
             }
+            if let Some(c) = &mut self.constraint {
+                c.mask(&mut l)?;
+            }
             self.sampler.sample(&l)
         } else {
             self.sampler.sample(logits)
         }
         .map_err(non_finite)?;
+        if let Some(c) = &mut self.constraint {
+            c.accept(id)?;
+        }
         let is_eos = self.settings.eos.contains(&id);
         let mut text = String::new();
         let mut finish = None;
@@ -251,7 +276,8 @@ impl<'t> SeqDecoder<'t> {
         }
         self.generated.push(id);
         *self.counts.entry(id).or_insert(0) += 1;
-        if is_eos {
+        let grammar_done = self.constraint.as_ref().is_some_and(Constraint::is_done);
+        if is_eos || (finish.is_none() && grammar_done) {
             finish = Some(FinishReason::Stop);
         } else if finish.is_none() && self.generated.len() >= self.settings.max_new_tokens {
             finish = Some(FinishReason::Length);

@@ -130,11 +130,16 @@ pub enum TokenizerError {
     },
 }
 
-/// One chat turn, as passed to chat templates (`message.role`, `message.content`).
+/// One chat turn, as passed to chat templates (`message.role`, `message.content`, and any
+/// further fields as given: `tool_calls`, `tool_call_id`, `name`, `reasoning_content`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// More fields of the message, handed to the template as they are (`role` and `content`
+    /// here are ignored: the fields above win).
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ChatMessage {
@@ -142,7 +147,15 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            extra: serde_json::Map::new(),
         }
+    }
+
+    /// This message with `key` set to `value` for the template (e.g. an assistant turn's
+    /// `tool_calls`, a tool result's `tool_call_id`).
+    pub fn with(mut self, key: impl Into<String>, value: serde_json::Value) -> Self {
+        self.extra.insert(key.into(), value);
+        self
     }
 }
 
@@ -176,6 +189,8 @@ pub struct Tokenizer {
     longest_token_chars: usize,
     /// Added tokens longer than one byte: a piece is never cut inside one of them.
     added_contents: Vec<String>,
+    /// The chat template's text.
+    template_source: Option<String>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -336,6 +351,7 @@ impl Tokenizer {
             Some(text) => Some(Ok(text.to_string())),
             None => config_chat_template(config.get("chat_template")),
         };
+        let template_text = template_source.clone().and_then(Result::ok);
         let chat = match template_source {
             None => ChatTemplate::None,
             Some(Err(reason)) => {
@@ -363,6 +379,7 @@ impl Tokenizer {
             bytes_per_token,
             longest_token_chars,
             added_contents,
+            template_source: template_text,
         })
     }
 
@@ -569,6 +586,7 @@ impl Tokenizer {
             add_generation_prompt,
             None,
             &TemplateKwargs::new(),
+            None,
         )
     }
 
@@ -580,7 +598,7 @@ impl Tokenizer {
         add_generation_prompt: bool,
         kwargs: &TemplateKwargs,
     ) -> Result<String, TokenizerError> {
-        self.render_chat(messages, add_generation_prompt, None, kwargs)
+        self.render_chat(messages, add_generation_prompt, None, kwargs, None)
     }
 
     /// Renders the chat template and encodes the text without special tokens, refusing more
@@ -611,8 +629,36 @@ impl Tokenizer {
         kwargs: &TemplateKwargs,
         max_tokens: usize,
     ) -> Result<Vec<u32>, TokenizerError> {
-        let text = self.render_chat(messages, add_generation_prompt, Some(max_tokens), kwargs)?;
+        self.encode_chat_tools(messages, add_generation_prompt, kwargs, None, max_tokens)
+    }
+
+    /// [`Tokenizer::encode_chat_with`] with the `tools` template variable: function
+    /// definitions in OpenAI's form (`{"type": "function", "function": {"name", "description",
+    /// "parameters"}}`), as `apply_chat_template(tools=...)` passes them.
+    pub fn encode_chat_tools(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: &TemplateKwargs,
+        tools: Option<&[serde_json::Value]>,
+        max_tokens: usize,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let text = self.render_chat(
+            messages,
+            add_generation_prompt,
+            Some(max_tokens),
+            kwargs,
+            tools,
+        )?;
         self.encode_within(&text, false, max_tokens)
+    }
+
+    /// The chat template's source text, when one compiled.
+    pub fn chat_template_source(&self) -> Option<&str> {
+        match &self.chat {
+            ChatTemplate::Ready(_) => self.template_source.as_deref(),
+            _ => None,
+        }
     }
 
     /// Renders the chat template with fuel for the messages' number and size and, with
@@ -623,6 +669,7 @@ impl Tokenizer {
         add_generation_prompt: bool,
         max_tokens: Option<usize>,
         kwargs: &TemplateKwargs,
+        tools: Option<&[serde_json::Value]>,
     ) -> Result<String, TokenizerError> {
         if let Some(k) = kwargs
             .keys()
@@ -643,10 +690,19 @@ impl Tokenizer {
             }
             ChatTemplate::Ready(env) => env,
         };
+        let extra_bytes = |v: &serde_json::Map<String, serde_json::Value>| {
+            if v.is_empty() {
+                0
+            } else {
+                serde_json::to_string(v).map_or(0, |s| s.len())
+            }
+        };
+        let tools_bytes = tools.map_or(0, |t| serde_json::to_string(t).map_or(0, |s| s.len()));
         let content_bytes: usize = messages
             .iter()
-            .map(|m| m.role.len() + m.content.len())
-            .sum();
+            .map(|m| m.role.len() + m.content.len() + extra_bytes(&m.extra))
+            .sum::<usize>()
+            + tools_bytes;
         let fuel = TEMPLATE_FUEL_BASE
             .saturating_add(TEMPLATE_FUEL_PER_MESSAGE.saturating_mul(messages.len() as u64))
             .saturating_add(content_bytes as u64 / TEMPLATE_FUEL_CONTENT_DIVISOR);
@@ -654,12 +710,21 @@ impl Tokenizer {
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| {
-                context! {
+                let base = context! {
                     role => m.role.as_str(),
                     content => m.content.as_str(),
+                };
+                if m.extra.is_empty() {
+                    base
+                } else {
+                    context! { ..base, ..Value::from(minijinja::value::Serde(&m.extra)) }
                 }
             })
             .collect();
+        let tools = match tools {
+            Some(t) => Value::from(minijinja::value::Serde(t)),
+            None => Value::from(()),
+        };
         // The model's special tokens, then the caller's variables over them (as transformers
         // passes `**special_tokens, **kwargs`).
         let mut vars = self.template_tokens.clone();
@@ -669,7 +734,7 @@ impl Tokenizer {
         let ctx = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
-            tools => (),
+            tools => tools,
             documents => (),
             ..Value::from(vars)
         };
@@ -734,6 +799,59 @@ impl Tokenizer {
     /// `bos_token` of `tokenizer_config.json`.
     pub fn bos_token(&self) -> Option<&str> {
         self.bos_token.as_deref()
+    }
+
+    /// The bytes every token id stands for, indexed by id (empty for ids the tokenizer lacks),
+    /// as a grammar engine matches them: byte-level tokens mapped back through the byte
+    /// alphabet, `<0xNN>` byte-fallback tokens as their byte, sentencepiece's `▁` as a space,
+    /// and special added tokens as [`SPECIAL_TOKEN_MARKER`] followed by their text (so no text
+    /// the model writes can spell one). A token none of these rules covers is decoded alone.
+    pub fn token_bytes(&self) -> Vec<Vec<u8>> {
+        let mut out = vec![Vec::new(); self.known.len()];
+        let byte_level = self.inner.get_decoder().is_some_and(decoder_is_byte_level);
+        let alphabet = byte_level_chars();
+        let added = self.inner.get_added_tokens_decoder();
+        for (token, id) in self.inner.get_vocab(true) {
+            let Some(slot) = out.get_mut(id as usize) else {
+                continue;
+            };
+            *slot = if let Some(t) = added.get(&id) {
+                let mut b = Vec::with_capacity(t.content.len() + 1);
+                if t.special {
+                    b.push(SPECIAL_TOKEN_MARKER);
+                }
+                b.extend_from_slice(t.content.as_bytes());
+                b
+            } else if let Some(byte) = self.byte_fallback_ids.as_ref().and_then(|marks| {
+                marks
+                    .get(id as usize)
+                    .copied()
+                    .unwrap_or(false)
+                    .then(|| byte_fallback_value(&token))
+                    .flatten()
+            }) {
+                vec![byte]
+            } else if byte_level {
+                match token
+                    .chars()
+                    .map(|c| alphabet.get(&c).copied())
+                    .collect::<Option<Vec<u8>>>()
+                {
+                    Some(b) => b,
+                    None => self
+                        .decode_known(&[id], false)
+                        .unwrap_or_default()
+                        .into_bytes(),
+                }
+            } else if token.contains('\u{2581}') {
+                token.replace('\u{2581}', " ").into_bytes()
+            } else {
+                self.decode_known(&[id], false)
+                    .unwrap_or_default()
+                    .into_bytes()
+            };
+        }
+        out
     }
 
     /// A fresh streaming detokeniser.
@@ -1049,6 +1167,37 @@ fn decoder_fuses_bytes(decoder: &DecoderWrapper) -> bool {
         DecoderWrapper::Sequence(seq) => seq.get_decoders().iter().any(decoder_fuses_bytes),
         _ => false,
     }
+}
+
+/// The first byte of a special token's bytes in [`Tokenizer::token_bytes`]: never valid UTF-8,
+/// so no generated text can spell a special token (the convention of the grammar engine).
+pub const SPECIAL_TOKEN_MARKER: u8 = 0xFF;
+
+/// Whether the decoder maps byte-level alphabet characters back to bytes (GPT-2 style BPE).
+fn decoder_is_byte_level(decoder: &DecoderWrapper) -> bool {
+    match decoder {
+        DecoderWrapper::ByteLevel(_) => true,
+        DecoderWrapper::Sequence(seq) => seq.get_decoders().iter().any(decoder_is_byte_level),
+        _ => false,
+    }
+}
+
+/// The byte-level alphabet's character of every byte, inverted: printable Latin-1 bytes stand
+/// for themselves, the other bytes for the characters from U+0100 on, in byte order.
+fn byte_level_chars() -> std::collections::HashMap<char, u8> {
+    let mut next = 0x100u32;
+    (0..=255u8)
+        .map(|b| {
+            let c = b as char;
+            let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+            if printable {
+                (c, b)
+            } else {
+                next += 1;
+                (char::from_u32(next - 1).unwrap_or(c), b)
+            }
+        })
+        .collect()
 }
 
 /// The byte of a `<0xNN>` byte-fallback token.
@@ -3486,5 +3635,20 @@ mod tests {
             })
             .collect();
         assert!(render(CHATML, &long, true).ends_with("<|im_start|>assistant\n"));
+    }
+
+    #[test]
+    fn byte_level_chars_invert_the_byte_level_alphabet() {
+        let chars = byte_level_chars();
+        assert_eq!(chars.len(), 256);
+        let alphabet = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet();
+        assert!(chars.keys().all(|c| alphabet.contains(c)));
+        // Every byte appears once; the space byte is the alphabet's `Ġ`.
+        let mut bytes: Vec<u8> = chars.values().copied().collect();
+        bytes.sort_unstable();
+        bytes.dedup();
+        assert_eq!(bytes.len(), 256);
+        assert_eq!(chars[&'Ġ'], b' ');
+        assert_eq!(chars[&'Ċ'], b'\n');
     }
 }

@@ -21,9 +21,11 @@ use std::path::{Path, PathBuf};
 /// To add a module, put it in the lowest layer above everything it uses.
 const LAYERS: &[&[&str]] = &[
     // Leaves: file formats, memory, sampling, text.
-    &["gguf", "mem", "sampler", "size", "tokenizer"],
+    &["gguf", "mem", "sampler", "size", "tokenizer", "toolcall"],
     // The error type and the plumbing every module may use.
     &["error", "fsutil", "hub", "mapguard"],
+    // Grammars over the tokenizer's tokens (constrained decoding).
+    &["constrain"],
     // The model's description and its files.
     &["config", "weights"],
     // The compute backends over the weights, the bundled demo model's files.

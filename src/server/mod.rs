@@ -26,6 +26,7 @@ pub mod errors;
 pub mod metrics;
 pub mod openai;
 mod responses;
+pub mod tools;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -44,7 +45,8 @@ use axum::{Json, Router};
 use futures_util::stream::{self, Stream, StreamExt};
 use moe_runtime::batch::{BatchConfig, Batcher, Event, RequestParams, Sink, Usage};
 use moe_runtime::runconfig::ServerConfig;
-use moe_runtime::{Model, Prompt, Settings};
+use moe_runtime::toolcall::{ToolDelta, ToolFormat};
+use moe_runtime::{FinishReason, Model, Prompt, Settings};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -759,16 +761,63 @@ async fn chat(
 ) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let Json(req) = body?;
-    let (engine, params) = admit(&app, &req.model, req.params())?;
+    let (engine, mut params) = admit(&app, &req.model, req.params())?;
+    check_response_format(engine, &params)?;
     let messages = req.chat_messages()?;
-    let prompt = match req.chat_template_kwargs.clone() {
-        Some(kwargs) if !kwargs.is_empty() => Prompt::ChatWith(messages, kwargs),
-        _ => Prompt::Chat(messages),
+    let tools = req.tools()?.filter(tools::Tools::shown);
+    let template_format = engine
+        .model
+        .tokenizer
+        .as_ref()
+        .and_then(|t| t.chat_template_source())
+        .and_then(ToolFormat::detect);
+    let kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
+    let prompt = match (&tools, template_format) {
+        (Some(_), None) => {
+            return Err(ApiError::bad_request(
+                "this model's chat template does not render tools in a tool-call format this                  server reads (Hermes `<tool_call>`, Mistral, DeepSeek, GLM-4.5, gpt-oss):                  leave out `tools`, or serve the model with a chat template that has them",
+            )
+            .param("tools"))
+        }
+        (Some(t), Some(_)) => Prompt::ChatTools(messages, kwargs, t.defs.clone()),
+        (None, _) if !kwargs.is_empty() => Prompt::ChatWith(messages, kwargs),
+        (None, _) => Prompt::Chat(messages),
     };
+    // A forced tool choice: the call grammar, with the markers as the model's special tokens
+    // when its tokenizer has them, else spelled out.
+    if let (Some(t), Some(format)) = (&tools, template_format) {
+        if let Some(grammars) = t.grammars(format) {
+            let mut last = None;
+            for g in grammars {
+                match engine.model.constraint(&g) {
+                    Ok(_) => {
+                        params.generate.grammar = Some(g);
+                        last = None;
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            if let Some(e) = last {
+                return Err(ApiError::from(e).param("tools"));
+            }
+        }
+    }
     let ids = encode(engine, prompt, "messages").await?;
-    let think = thinking(engine, &ids);
+    let reply = tools::ReplyKind {
+        // Constrained text starts at once: no think block to split off.
+        think: match params.generate.grammar {
+            Some(_) => None,
+            None => thinking(engine, &ids),
+        },
+        // Harmony's channels are read with or without tools (analysis = reasoning).
+        format: match (&tools, template_format) {
+            (Some(_), f) | (None, f @ Some(ToolFormat::Harmony)) => f,
+            _ => None,
+        },
+    };
     let rx = submit_choices(&app, engine, ids, params, req.sampling.choices())?;
-    respond(app.clone(), Kind::Chat, rx, &req.sampling, t0, think).await
+    respond(app.clone(), Kind::Chat, rx, &req.sampling, t0, reply).await
 }
 
 async fn completions(
@@ -778,6 +827,7 @@ async fn completions(
     let t0 = Instant::now();
     let Json(req) = body?;
     let (engine, params) = admit(&app, &req.model, req.params())?;
+    check_response_format(engine, &params)?;
     let ids = match req.prompt {
         PromptSpec::Ids(ids) => ids,
         PromptSpec::IdLists(mut v) if v.len() == 1 => v.remove(0),
@@ -793,7 +843,8 @@ async fn completions(
         }
     };
     let rx = submit_choices(&app, engine, ids, params, req.sampling.choices())?;
-    respond(app.clone(), Kind::Completion, rx, &req.sampling, t0, None).await
+    let reply = tools::ReplyKind::default();
+    respond(app.clone(), Kind::Completion, rx, &req.sampling, t0, reply).await
 }
 
 /// What both endpoints check first: the model is loaded and is the one asked for, and the
@@ -806,6 +857,17 @@ fn admit<'a>(
     let engine = app.engine()?;
     app.check_model(model)?;
     Ok((engine, params?))
+}
+
+/// A `response_format` whose schema the grammar engine cannot use is a 400 naming the field.
+fn check_response_format(engine: &Engine, params: &RequestParams) -> Result<(), ApiError> {
+    match &params.generate.grammar {
+        Some(g) => match engine.model.constraint(g) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(ApiError::from(e).param("response_format")),
+        },
+        None => Ok(()),
+    }
 }
 
 /// For a thinking model (its chat template writes `<think>` blocks): whether the prompt already
@@ -827,7 +889,7 @@ async fn respond(
     rx: UnboundedReceiver<(usize, Event)>,
     sampling: &openai::Sampling,
     t0: Instant,
-    think: Option<bool>,
+    reply: tools::ReplyKind,
 ) -> Result<Response, ApiError> {
     let n = sampling.choices();
     let (stream, include_usage) = (sampling.stream(), sampling.include_usage());
@@ -837,7 +899,7 @@ async fn respond(
     });
     let created = unix_now();
     if stream {
-        let s = sse_stream(app, kind, rx, n, think, include_usage, t0, id, created);
+        let s = sse_stream(app, kind, rx, n, reply, include_usage, t0, id, created);
         let mut r = Sse::new(s).keep_alive(KeepAlive::default()).into_response();
         // Proxies (nginx) must pass each event on as it comes.
         r.headers_mut()
@@ -845,7 +907,7 @@ async fn respond(
         r.extensions_mut().insert(LoggedAtEnd);
         return Ok(r);
     }
-    let body = collect(&app, kind, rx, n, think, t0, &id, created).await?;
+    let body = collect(&app, kind, rx, n, reply, t0, &id, created).await?;
     let mut r = Json(body).into_response();
     r.extensions_mut().insert(LoggedAtEnd);
     Ok(r)
@@ -855,9 +917,11 @@ async fn respond(
 #[derive(Default)]
 struct Choice {
     text: String,
-    /// A thinking model's reasoning, split from `text` as it arrives.
-    split: Option<openai::ThinkSplit>,
+    /// The output read for reasoning and tool calls as it arrives.
+    split: tools::ReplySplit,
     reasoning: String,
+    /// Tool calls: name and arguments.
+    calls: Vec<(String, String)>,
     chat_lp: Vec<Value>,
     legacy: LegacyLogprobs,
     any_lp: bool,
@@ -867,32 +931,51 @@ struct Choice {
 impl Choice {
     /// Text of the answer (`end`: the last of it).
     fn add(&mut self, text: &str, end: bool) {
-        let Some(split) = &mut self.split else {
-            self.text.push_str(text);
-            return;
-        };
-        for (r, c) in [
-            split.push(text),
-            if end {
-                split.finish()
-            } else {
-                Default::default()
-            },
-        ] {
-            self.reasoning.push_str(&r);
-            self.text.push_str(&c);
+        for d in self.split.push(text, end) {
+            match d {
+                ToolDelta::Content(c) => self.text.push_str(&c),
+                ToolDelta::Reasoning(r) => self.reasoning.push_str(&r),
+                ToolDelta::CallStart { name, .. } => self.calls.push((name, String::new())),
+                ToolDelta::Arguments { index, text } => {
+                    if let Some(c) = self.calls.get_mut(index) {
+                        c.1.push_str(&text);
+                    }
+                }
+            }
         }
     }
 
-    /// The chat `message`: a thinking model's reasoning as `reasoning_content` (null when
-    /// there was none).
+    /// The chat `message`: reasoning as `reasoning_content` (null when there was none) when
+    /// the output is read for it, tool calls as `tool_calls` (content null when there is
+    /// none beside them).
     fn message(&mut self) -> Value {
         let mut m = json!({"role": "assistant", "content": std::mem::take(&mut self.text)});
-        if self.split.is_some() {
+        if self.split.reads_reasoning() {
             let r = std::mem::take(&mut self.reasoning);
             m["reasoning_content"] = if r.is_empty() { Value::Null } else { json!(r) };
         }
+        if !self.calls.is_empty() {
+            if m["content"] == "" {
+                m["content"] = Value::Null;
+            }
+            m["tool_calls"] = self
+                .calls
+                .drain(..)
+                .map(|(name, arguments)| {
+                    json!({"id": new_id("call"), "type": "function",
+                           "function": {"name": name, "arguments": arguments}})
+                })
+                .collect();
+        }
         m
+    }
+}
+
+/// The finish reason of a chat choice: `tool_calls` when it stopped after calling tools.
+fn chat_finish(finish: FinishReason, calls: usize) -> &'static str {
+    match (finish, calls) {
+        (FinishReason::Stop, 1..) => "tool_calls",
+        _ => openai::finish_str(finish),
     }
 }
 
@@ -903,14 +986,14 @@ async fn collect(
     kind: Kind,
     mut rx: UnboundedReceiver<(usize, Event)>,
     n: usize,
-    think: Option<bool>,
+    reply: tools::ReplyKind,
     t0: Instant,
     id: &str,
     created: u64,
 ) -> Result<Value, ApiError> {
     let mut choices: Vec<Choice> = (0..n)
         .map(|_| Choice {
-            split: think.map(openai::ThinkSplit::new),
+            split: tools::ReplySplit::new(reply),
             ..Choice::default()
         })
         .collect();
@@ -937,7 +1020,10 @@ async fn collect(
                 usage,
             } => {
                 c.add(&rest, true);
-                c.finish = Some(openai::finish_str(finish));
+                c.finish = Some(match kind {
+                    Kind::Chat => chat_finish(finish, c.calls.len()),
+                    Kind::Completion => openai::finish_str(finish),
+                });
                 record_usage(app, &usage);
                 add_usage(&mut total, &usage);
                 done += 1;
@@ -996,8 +1082,8 @@ struct StreamState {
     ttft: Option<Duration>,
     /// Per choice: text bytes sent so far (legacy logprobs' offsets).
     text_len: Vec<usize>,
-    /// Per choice, for a thinking model: its reasoning split from its reply.
-    splits: Vec<Option<openai::ThinkSplit>>,
+    /// Per choice: its output read for reasoning and tool calls.
+    splits: Vec<tools::ReplySplit>,
     /// Choices finished, and their usage so far.
     done: usize,
     usage: Option<Usage>,
@@ -1046,35 +1132,29 @@ impl StreamState {
         json!([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
     }
 
-    /// Chat text of choice `i` as chunks: through its thinking split when it has one
-    /// (`reasoning_content` and `content` deltas), else as it came. Logprobs ride on the first
-    /// chunk; a piece the split holds back sends only its logprobs (if any).
+    /// Chat text of choice `i` as chunks: through its reply split (`reasoning_content`,
+    /// `content` and `tool_calls` deltas). Logprobs ride on the first chunk; a piece the split
+    /// holds back sends only its logprobs (if any).
     fn push_text(&mut self, i: usize, text: &str, lp: Value, end: bool) {
-        let Some(split) = self.splits[i].as_mut() else {
-            if !text.is_empty() || !lp.is_null() {
-                let c = self.chunk(self.text_choice(i, text, lp, Value::Null), None);
-                self.out.push_back(c);
-            }
-            return;
-        };
-        let (mut r, mut c) = split.push(text);
-        if end {
-            let (r2, c2) = split.finish();
-            r.push_str(&r2);
-            c.push_str(&c2);
-        }
         let mut lp = lp;
-        for (key, part) in [("reasoning_content", r), ("content", c)] {
-            if !part.is_empty() {
-                let ch = self.delta_choice(
-                    i,
-                    json!({ key: part }),
-                    std::mem::take(&mut lp),
-                    Value::Null,
-                );
-                let line = self.chunk(ch, None);
-                self.out.push_back(line);
-            }
+        for d in self.splits[i].push(text, end) {
+            let delta = match d {
+                ToolDelta::Content(c) => json!({ "content": c }),
+                ToolDelta::Reasoning(r) => json!({ "reasoning_content": r }),
+                ToolDelta::CallStart { index, name } => json!({"tool_calls": [{
+                    "index": index,
+                    "id": new_id("call"),
+                    "type": "function",
+                    "function": {"name": name, "arguments": ""},
+                }]}),
+                ToolDelta::Arguments { index, text } => json!({"tool_calls": [{
+                    "index": index,
+                    "function": {"arguments": text},
+                }]}),
+            };
+            let ch = self.delta_choice(i, delta, std::mem::take(&mut lp), Value::Null);
+            let line = self.chunk(ch, None);
+            self.out.push_back(line);
         }
         if !lp.is_null() {
             let ch = self.delta_choice(i, json!({"content": ""}), lp, Value::Null);
@@ -1130,7 +1210,10 @@ impl StreamState {
                     let c = self.chunk(self.text_choice(i, &text, Value::Null, Value::Null), None);
                     self.out.push_back(c);
                 }
-                let f = json!(openai::finish_str(finish));
+                let f = json!(match self.kind {
+                    Kind::Chat => chat_finish(finish, self.splits[i].calls()),
+                    Kind::Completion => openai::finish_str(finish),
+                });
                 let c = self.chunk(self.text_choice(i, "", Value::Null, f), None);
                 self.out.push_back(c);
                 self.done += 1;
@@ -1171,7 +1254,7 @@ fn sse_stream(
     kind: Kind,
     rx: UnboundedReceiver<(usize, Event)>,
     n: usize,
-    think: Option<bool>,
+    reply: tools::ReplyKind,
     include_usage: bool,
     t0: Instant,
     id: String,
@@ -1190,7 +1273,7 @@ fn sse_stream(
         first_token: true,
         ttft: None,
         text_len: vec![0; n],
-        splits: (0..n).map(|_| think.map(openai::ThinkSplit::new)).collect(),
+        splits: (0..n).map(|_| tools::ReplySplit::new(reply)).collect(),
         done: 0,
         usage: None,
         out: Default::default(),

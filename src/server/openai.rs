@@ -1,13 +1,13 @@
 //! The OpenAI wire format: request bodies of `/v1/chat/completions` and `/v1/completions`, their
 //! translation into the scheduler's [`RequestParams`], and the response and stream-chunk bodies.
 //!
-//! Invariants: no field is dropped silently. A field is honoured, or it is one OpenAI documents
-//! as metadata (`user`, `metadata`, `store`, ...: they do not change the output) and ignored, or
-//! the request is a 400 naming it: fields we know but cannot honour (`tools`, `response_format`
-//! other than text, `echo`, `suffix`, image parts, `best_of` > 1, ...) and fields we do not
-//! know; `n` choices are `n` sequences of one prompt (choice `i` seeded `seed + i`);
-//! `usage.completion_tokens` counts the stop token (summed over the choices);
-//! `finish_reason` is `stop` or `length`.
+//! Invariants: no field is dropped silently. A field is honoured (tools and `response_format`
+//! through [`super::tools`]), or it is one OpenAI documents as metadata (`user`, `metadata`,
+//! `store`, ...: they do not change the output) and ignored, or the request is a 400 naming it:
+//! fields we know but cannot honour (`audio`, `echo`, `suffix`, image parts, `best_of` > 1,
+//! ...) and fields we do not know; `n` choices are `n` sequences of one prompt (choice `i`
+//! seeded `seed + i`); `usage.completion_tokens` counts the stop token (summed over the
+//! choices); `finish_reason` is `stop`, `length`, or for chat `tool_calls`.
 
 use moe_runtime::batch::{RequestParams, TokenLogprob, Usage, MAX_TOP_LOGPROBS};
 use moe_runtime::{ChatMessage, FinishReason, GenerateParams};
@@ -66,6 +66,15 @@ pub struct ChatRequest {
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
+    /// Functions the model may call (checked by [`super::tools::Tools::from_request`]).
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<Value>,
+    /// The legacy form of `tools` and `tool_choice`.
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
+    /// `text`, `json_object` or `json_schema`: the reply's form, enforced by a grammar.
+    pub response_format: Option<Value>,
     #[serde(flatten)]
     pub sampling: Sampling,
     /// Every other field (checked by [`CHAT_FIELDS`]).
@@ -83,9 +92,16 @@ pub struct Message {
     pub other: serde_json::Map<String, Value>,
 }
 
-/// Message fields that do not reach the prompt and do not need to: the participant's `name`
-/// (the chat templates here do not render it) and an empty `refusal`.
-const MESSAGE_IGNORED_FIELDS: &[&str] = &["name"];
+/// Message fields handed to the chat template as they are (a template that does not use one
+/// ignores it): the participant's `name`, a tool result's `tool_call_id`, an assistant turn's
+/// `tool_calls` (legacy: `function_call`) and `reasoning_content`.
+const MESSAGE_TEMPLATE_FIELDS: &[&str] = &[
+    "name",
+    "tool_call_id",
+    "tool_calls",
+    "function_call",
+    "reasoning_content",
+];
 
 #[derive(Deserialize, Debug)]
 #[serde(untagged)]
@@ -110,6 +126,8 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     pub suffix: Option<String>,
     pub best_of: Option<i64>,
+    /// `text`, `json_object` or `json_schema`: the completion's form, enforced by a grammar.
+    pub response_format: Option<Value>,
     #[serde(flatten)]
     pub sampling: Sampling,
     /// Every other field (checked by [`CHAT_FIELDS`]).
@@ -132,15 +150,6 @@ const METADATA_FIELDS: &[&str] = &[
 /// Fields of OpenAI's request schemas this server does not honour, with why: a request that
 /// gives one (with anything but its neutral value) is refused naming it.
 const UNSUPPORTED_FIELDS: &[(&str, &str)] = &[
-    ("tools", "tool calling is not supported"),
-    ("tool_choice", "tool calling is not supported"),
-    ("parallel_tool_calls", "tool calling is not supported"),
-    ("functions", "function calling is not supported"),
-    ("function_call", "function calling is not supported"),
-    (
-        "response_format",
-        "structured output is not supported (only `{\"type\": \"text\"}`)",
-    ),
     ("audio", "audio output is not supported"),
     ("modalities", "only text output is supported (`[\"text\"]`)"),
     ("prediction", "predicted outputs are not supported"),
@@ -193,18 +202,12 @@ pub const CHAT_FIELDS: FieldPolicy = FieldPolicy {
     neutral: chat_neutral,
 };
 
-/// A neutral value of an unsupported chat field: a text `response_format` or `modalities`, an
-/// empty tool list, a tool choice that picks none.
+/// A neutral value of an unsupported chat field: text-only `modalities`.
 fn chat_neutral(key: &str, value: &Value) -> bool {
     match key {
-        "response_format" => value.get("type").and_then(Value::as_str) == Some("text"),
         "modalities" => value
             .as_array()
             .is_some_and(|m| m.iter().all(|x| x.as_str() == Some("text"))),
-        "tools" | "functions" => value.as_array().is_some_and(Vec::is_empty),
-        // Without tools (any tool list is refused) "auto" chooses none.
-        "tool_choice" | "function_call" => matches!(value.as_str(), Some("none") | Some("auto")),
-        "parallel_tool_calls" => value.is_boolean(),
         _ => false,
     }
 }
@@ -227,12 +230,10 @@ impl ChatRequest {
         for (i, m) in self.messages.iter().enumerate() {
             for (key, value) in &m.other {
                 let empty = value.is_null() || value.as_array().is_some_and(Vec::is_empty);
-                if MESSAGE_IGNORED_FIELDS.contains(&key.as_str()) || empty {
+                if MESSAGE_TEMPLATE_FIELDS.contains(&key.as_str()) || empty {
                     continue;
                 }
                 let why = match key.as_str() {
-                    "tool_calls" | "tool_call_id" => "tool calling is not supported",
-                    "function_call" => "function calling is not supported",
                     "audio" => "audio is not supported",
                     _ => "this server does not know it (leave it out)",
                 };
@@ -244,7 +245,8 @@ impl ChatRequest {
         }
         self.messages
             .iter()
-            .map(|m| {
+            .enumerate()
+            .map(|(i, m)| {
                 let content = match &m.content {
                     None => String::new(),
                     Some(Content::Text(t)) => t.clone(),
@@ -264,9 +266,30 @@ impl ChatRequest {
                         s
                     }
                 };
-                Ok(ChatMessage::new(m.role.clone(), content))
+                // The legacy `function` role is a tool result named by `name`.
+                let role = if m.role == "function" {
+                    "tool"
+                } else {
+                    m.role.as_str()
+                };
+                super::tools::with_tool_fields(
+                    ChatMessage::new(role, content),
+                    &m.other,
+                    &format!("messages[{i}]"),
+                )
             })
             .collect()
+    }
+
+    /// The request's tools (`None` when it offers none).
+    pub fn tools(&self) -> Result<Option<super::tools::Tools>, ApiError> {
+        super::tools::Tools::from_request(&super::tools::ToolFields {
+            tools: self.tools.as_ref(),
+            functions: self.functions.as_ref(),
+            tool_choice: self.tool_choice.as_ref(),
+            function_call: self.function_call.as_ref(),
+            parallel_tool_calls: self.parallel_tool_calls.as_ref(),
+        })
     }
 
     pub fn params(&self) -> Result<RequestParams, ApiError> {
@@ -285,7 +308,9 @@ impl ChatRequest {
             .sampling
             .max_completion_tokens
             .or(self.sampling.max_tokens);
-        self.sampling.params(max, top)
+        let mut params = self.sampling.params(max, top)?;
+        params.generate.grammar = super::tools::response_format(self.response_format.as_ref())?;
+        Ok(params)
     }
 }
 
@@ -311,7 +336,9 @@ impl CompletionRequest {
             .max_tokens
             .or(self.sampling.max_completion_tokens)
             .or(Some(16));
-        self.sampling.params(max, top)
+        let mut params = self.sampling.params(max, top)?;
+        params.generate.grammar = super::tools::response_format(self.response_format.as_ref())?;
+        Ok(params)
     }
 }
 

@@ -39,6 +39,9 @@ pub struct ResponsesRequest {
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub stream: Option<bool>,
+    /// `{"format": {"type": "text" | "json_object" | "json_schema", ...}}`: the reply's form,
+    /// enforced by a grammar as the chat route's `response_format`.
+    pub text: Option<Value>,
     /// Every other field (checked by [`FIELDS`]).
     #[serde(flatten)]
     pub other: Map<String, Value>,
@@ -75,7 +78,6 @@ const FIELDS: openai::FieldPolicy = openai::FieldPolicy {
         ("tools", "tool calling is not supported"),
         ("tool_choice", "tool calling is not supported"),
         ("max_tool_calls", "tool calling is not supported"),
-        ("text", "structured output is not supported (only text)"),
         ("reasoning", "reasoning settings are not supported"),
         (
             "previous_response_id",
@@ -104,9 +106,6 @@ fn neutral(key: &str, value: &Value) -> bool {
         "parallel_tool_calls" => value.is_boolean(),
         "truncation" => value.as_str() == Some("disabled"),
         "background" => value == &json!(false),
-        "text" => value
-            .get("format")
-            .is_none_or(|f| f.get("type").and_then(Value::as_str) == Some("text")),
         _ => false,
     }
 }
@@ -195,7 +194,14 @@ pub(super) async fn responses(
                 .param("max_output_tokens"),
         );
     }
-    let (engine, params) = admit(&app, &req.model, req.sampling().request_params(max))?;
+    let (engine, mut params) = admit(&app, &req.model, req.sampling().request_params(max))?;
+    params.generate.grammar = text_format(req.text.as_ref())?;
+    if let Some(g) = &params.generate.grammar {
+        engine
+            .model
+            .constraint(g)
+            .map_err(|e| ApiError::from(e).param("text"))?;
+    }
     let messages = req.messages()?;
     let ids = encode(engine, Prompt::Chat(messages), "input").await?;
     let rx = submit(engine, ids, params)?;
@@ -209,6 +215,7 @@ pub(super) async fn responses(
             "max_output_tokens": req.max_output_tokens,
             "temperature": req.temperature,
             "top_p": req.top_p,
+            "text": req.text.clone().unwrap_or_else(|| json!({"format": {"type": "text"}})),
         }),
     };
     if req.stream.unwrap_or(false) {
@@ -221,6 +228,19 @@ pub(super) async fn responses(
     let mut r = Json(head.response(&text, Some((finish, &usage)))).into_response();
     r.extensions_mut().insert(LoggedAtEnd);
     Ok(r)
+}
+
+/// The grammar of a Responses `text.format`: the chat route's `response_format` with the
+/// schema's fields beside `type` rather than under `json_schema`.
+fn text_format(text: Option<&Value>) -> Result<Option<moe_runtime::constrain::Grammar>, ApiError> {
+    let Some(format) = text.filter(|t| !t.is_null()).and_then(|t| t.get("format")) else {
+        return Ok(None);
+    };
+    let as_chat = match format.get("type").and_then(Value::as_str) {
+        Some("json_schema") => json!({"type": "json_schema", "json_schema": format}),
+        _ => format.clone(),
+    };
+    super::tools::response_format(Some(&as_chat)).map_err(|e| e.param("text"))
 }
 
 /// What every form of one response repeats.

@@ -1,6 +1,7 @@
 // The official Node `openai` package against `moe-serve serve`: chat (whole and streamed),
-// completions, n choices, the Responses API, and the errors agent frameworks meet (tools,
-// structured output), each a check that fails the run with a message naming it.
+// completions, n choices, the Responses API, structured output (`parse()`), tool calls through
+// `runTools()` whole and streamed, and errors, each a check that fails the run with a message
+// naming it.
 //
 // Usage: node openai_suite.mjs BASE_URL MODEL API_KEY
 // (the package is found through NODE_PATH, as tests/serve_clients.rs sets it).
@@ -81,21 +82,63 @@ check(deltas === resp.output_text, `responses stream: ${JSON.stringify(deltas)} 
 check(["response.completed", "response.incomplete"].includes(last.type), `responses stream: last ${last.type}`);
 ok("responses", "text matches streamed deltas");
 
-const tool = {
-  type: "function",
-  function: { name: "get_weather", parameters: { type: "object", properties: { city: { type: "string" } } } },
+// Structured output: only the grammar can make random weights write JSON valid against it.
+const person = {
+  type: "object",
+  properties: {
+    name: { type: "string", maxLength: 8 },
+    age: { type: "integer", minimum: 0, maximum: 120 },
+    color: { enum: ["red", "green", "blue"] },
+  },
+  required: ["name", "age", "color"],
+  additionalProperties: false,
 };
-await refused("error: tools", 400, "tools", () =>
-  client.chat.completions.create({ model, messages, max_tokens: 4, tools: [tool] }));
-await refused("error: response_format", 400, "response_format", () =>
-  client.chat.completions.create({ model, messages, max_tokens: 4, response_format: { type: "json_object" } }));
-await refused("error: runTools", 400, "tools", async () => {
-  const runner = client.chat.completions.runTools({
-    model, messages, max_tokens: 4,
-    tools: [{ type: "function", function: { name: "f", parameters: { type: "object", properties: {} }, function: () => "x" } }],
-  });
-  await runner.finalContent();
+const parsed = await client.chat.completions.parse({
+  model, messages, max_tokens: 120, temperature: 0.8, seed: 1,
+  response_format: { type: "json_schema", json_schema: { name: "person", strict: true, schema: person } },
 });
+const p = parsed.choices[0].message.parsed;
+check(p && typeof p.name === "string" && p.name.length <= 8 && Number.isInteger(p.age) && ["red", "green", "blue"].includes(p.color),
+  `parse(): ${JSON.stringify(parsed.choices[0].message)}`);
+ok("structured output", JSON.stringify(p));
+
+// Tools: runTools() with a forced function runs it once with arguments that parse and fit the
+// schema; streamed, the official delta accumulator rebuilds the call.
+const weather = {
+  type: "object",
+  properties: { city: { type: "string", maxLength: 10 }, unit: { enum: ["c", "f"] } },
+  required: ["city", "unit"],
+  additionalProperties: false,
+};
+for (const stream of [false, true]) {
+  const seen = [];
+  const runner = client.chat.completions.runTools({
+    model, messages: [{ role: "user", content: "Weather in Paris?" }], max_tokens: 160, temperature: 0.8, seed: 2,
+    stream, parallel_tool_calls: false,
+    tool_choice: { type: "function", function: { name: "get_weather" } },
+    tools: [{
+      type: "function",
+      function: {
+        name: "get_weather", parameters: weather, parse: JSON.parse,
+        function: (args) => { seen.push(args); return JSON.stringify({ temp: 21 }); },
+      },
+    }],
+  });
+  await runner.done();
+  check(seen.length === 1, `runTools(stream: ${stream}): the function ran ${seen.length} times`);
+  const args = seen[0];
+  check(Object.keys(args).sort().join(",") === "city,unit" && args.city.length <= 10 && ["c", "f"].includes(args.unit),
+    `runTools(stream: ${stream}): arguments ${JSON.stringify(args)}`);
+  const msgs = runner.messages;
+  check(msgs.some((m) => m.role === "tool"), `runTools(stream: ${stream}): no tool message`);
+  ok(`runTools (stream: ${stream})`, `get_weather(${JSON.stringify(args)})`);
+}
+await refused("error: tool_choice naming no tool", 400, "tool_choice", () =>
+  client.chat.completions.create({
+    model, messages, max_tokens: 4,
+    tools: [{ type: "function", function: { name: "get_weather", parameters: weather } }],
+    tool_choice: { type: "function", function: { name: "nope" } },
+  }));
 await refused("error: unknown model", 404, "nope", () =>
   client.chat.completions.create({ model: "nope", messages, max_tokens: 4 }));
 console.log("pass");

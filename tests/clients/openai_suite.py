@@ -359,12 +359,13 @@ class Suite:
 
         tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
         try:
-            self.chat(max_tokens=4, tools=[tool])
-            raise CheckFailed("tools: no error (a field the server does not honour must not be dropped)")
+            self.chat(max_tokens=4, tools=[tool], tool_choice={"type": "function", "function": {"name": "g"}})
+            raise CheckFailed("tool_choice naming an unknown tool: no error")
         except openai.BadRequestError as e:
-            err = self.error_body(e, 400, "tools")
-            check("tools" in err["message"], f"tools: message does not name it: {err['message']!r}")
-        self.ok("error: tools", "BadRequestError 400 naming tools")
+            err = self.error_body(e, 400, "tool_choice")
+            check("tool_choice" in err["message"] or err.get("param") == "tool_choice",
+                  f"tool_choice: message does not name it: {err['message']!r}")
+        self.ok("error: tool_choice naming no tool", "BadRequestError 400 naming tool_choice")
 
         status, _, text = http("POST", self.base + "/v1/chat/completions", headers=self.headers(),
                                body={"model": self.model, "max_tokens": 4})
@@ -390,6 +391,80 @@ class Suite:
             except openai.AuthenticationError as e:
                 self.error_body(e, 401, "wrong key /v1/models")
             self.ok("error: wrong api key", "AuthenticationError 401")
+
+    def structured(self):
+        """`chat.completions.parse()` with a pydantic model: the demo model has random weights,
+        so only the server's grammar can make its reply parse and validate."""
+        from typing import Literal
+
+        import pydantic
+
+        class Person(pydantic.BaseModel):
+            name: str = pydantic.Field(max_length=8)
+            age: int = pydantic.Field(ge=0, le=120)
+            color: Literal["red", "green", "blue"]
+
+        for seed in (1, 2, 3):
+            r = self.client.chat.completions.parse(
+                model=self.model, messages=PROMPT, response_format=Person, max_tokens=120,
+                temperature=0.8, seed=seed)
+            p = r.choices[0].message.parsed
+            check(isinstance(p, Person), f"parse(): parsed {p!r} from {r.choices[0].message.content!r}")
+            check(len(p.name) <= 8 and 0 <= p.age <= 120, f"parse(): {p!r}")
+            free = self.chat(max_tokens=40, temperature=0.8, seed=seed, ignore_eos=False)
+            try:
+                json.loads(free.choices[0].message.content)
+                raise CheckFailed(f"without response_format the reply parsed as JSON: {free!r}")
+            except ValueError:
+                pass
+        self.ok("structured output", "parse() with a pydantic model, 3 seeds; unconstrained text is not JSON")
+
+        r = self.client.responses.parse(model=self.model, input="Who are you?", text_format=Person,
+                                        max_output_tokens=120, temperature=0.8)
+        check(isinstance(r.output_parsed, Person), f"responses.parse(): {r.output_text!r}")
+        self.ok("structured output (Responses API)", repr(r.output_parsed))
+
+        r = self.chat(max_tokens=200, temperature=0.8, seed=4, ignore_eos=False,
+                      response_format={"type": "json_object"})
+        if r.choices[0].finish_reason == "stop":
+            check(isinstance(json.loads(r.choices[0].message.content), dict), f"json_object: {r!r}")
+        self.ok("json_object", repr(r.choices[0].message.content[:40]))
+
+        tools = [{"type": "function", "function": {
+            "name": "get_weather", "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}},
+                "required": ["city", "unit"], "additionalProperties": False}}}]
+        kw = dict(messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools,
+                  tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                  parallel_tool_calls=False, max_tokens=160, temperature=0.8, seed=5, ignore_eos=False)
+        r = self.chat(**kw)
+        c = r.choices[0]
+        check(c.finish_reason == "tool_calls", f"tools: finish {c.finish_reason!r}: {r!r}")
+        call = c.message.tool_calls[0]
+        args = json.loads(call.function.arguments)
+        check(call.function.name == "get_weather" and set(args) == {"city", "unit"}
+              and args["unit"] in ("c", "f") and len(args["city"]) <= 10, f"tools: {call!r}")
+        # Streamed, gathered as agent frameworks gather deltas.
+        calls, finish = {}, None
+        for chunk in self.chat(stream=True, **kw):
+            for ch in chunk.choices:
+                finish = ch.finish_reason or finish
+                for d in ch.delta.tool_calls or []:
+                    slot = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                    if d.function and d.function.name:
+                        slot["name"] += d.function.name
+                    if d.function and d.function.arguments:
+                        slot["arguments"] += d.function.arguments
+        check(finish == "tool_calls" and calls == {0: {"name": "get_weather", "arguments": call.function.arguments}},
+              f"tools stream: {calls!r} {finish!r} vs {call!r}")
+        # The result goes back: the history with the call and the tool's answer is accepted and
+        # makes a longer prompt.
+        follow = kw["messages"] + [c.message.model_dump(exclude_none=True),
+                                   {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]
+        r2 = self.chat(messages=follow, tools=tools, max_tokens=4)
+        check(r2.usage.prompt_tokens > r.usage.prompt_tokens, f"tool result: {r2.usage!r} vs {r.usage!r}")
+        self.ok("tool calls", f"{call.function.name}({call.function.arguments}), streamed alike, result sent back")
 
     def fault(self, token):
         try:
@@ -543,6 +618,7 @@ class Suite:
         self.stop_string()
         self.seed()
         self.errors()
+        self.structured()
         if self.args.fault_token is not None:
             self.fault(self.args.fault_token)
         self.load()

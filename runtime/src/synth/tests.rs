@@ -1438,7 +1438,7 @@ fn qwen3_moe_demo_output_is_unchanged() {
     let tmp = tempfile::tempdir().unwrap();
     let o = opts("demo", &tmp.path().join("demo"));
     run(&o);
-    assert_eq!(folder_fingerprint(&o.out), 0x0D17_AEA9_FEF6_E560);
+    assert_eq!(folder_fingerprint(&o.out), 0xBB31_91AF_0E87_8EA3);
 }
 
 /// Writes the whole next-shape model (~162 MB, 75,944 tensors) at its default shard
@@ -1988,4 +1988,64 @@ fn new_arch_twins_match_hf_files() {
             _ => unreachable!(),
         }
     }
+}
+
+/// The written chat template, as a model's tokenizer renders it: plain turns as ChatML, and with
+/// `tools` the Hermes form the Qwen family uses (tool list in a system turn, assistant calls as
+/// `<tool_call>` JSON, tool results as `<tool_response>` blocks in one user turn), which is the
+/// form `toolcall::ToolFormat::detect` recognises.
+#[test]
+fn the_chat_template_renders_tools_calls_and_results() {
+    use crate::tokenizer::{ChatMessage, TemplateKwargs, Tokenizer};
+    let tmp = tempfile::tempdir().unwrap();
+    let o = opts("demo", &tmp.path().join("demo"));
+    run(&o);
+    let tok = Tokenizer::from_dir(&o.out).unwrap();
+    let plain = [
+        ChatMessage::new("system", "Be brief."),
+        ChatMessage::new("user", "hi"),
+    ];
+    assert_eq!(
+        tok.apply_chat_template(&plain, true).unwrap(),
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let tools = vec![
+        serde_json::json!({"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}),
+    ];
+    let call = serde_json::json!([{"id": "c1", "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]);
+    let messages = [
+        ChatMessage::new("system", "Be brief."),
+        ChatMessage::new("user", "Weather in Paris and Rome?"),
+        ChatMessage::new("assistant", "").with("tool_calls", call),
+        ChatMessage::new("tool", "{\"temp\": 21}").with("tool_call_id", "c1".into()),
+        ChatMessage::new("tool", "{\"temp\": 25}").with("tool_call_id", "c2".into()),
+    ];
+    let ids = tok
+        .encode_chat_tools(&messages, true, &TemplateKwargs::new(), Some(&tools), 4096)
+        .unwrap();
+    let text = tok.decode(&ids, false).unwrap();
+    let want = "<|im_start|>system\nBe brief.\n\n# Tools\n\n";
+    assert!(text.starts_with(want), "{text}");
+    assert!(
+        text.contains("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\""),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "<|im_start|>user\nWeather in Paris and Rome?<|im_end|>\n<|im_start|>assistant\n\
+             <tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n\
+             </tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{\"temp\": 21}\n\
+             </tool_response>\n<tool_response>\n{\"temp\": 25}\n</tool_response><|im_end|>\n\
+             <|im_start|>assistant\n"
+        ),
+        "{text}"
+    );
+    // The system turn is written once (inside the tools turn).
+    assert_eq!(text.matches("Be brief.").count(), 1, "{text}");
+    assert_eq!(
+        crate::toolcall::ToolFormat::detect(tok.chat_template_source().unwrap()),
+        Some(crate::toolcall::ToolFormat::Hermes)
+    );
 }

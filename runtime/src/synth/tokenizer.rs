@@ -25,14 +25,55 @@ pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_en
 const SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// ChatML template: `<|im_start|>{role}\n{content}<|im_end|>\n` per message, then
-/// `<|im_start|>assistant\n` when `add_generation_prompt` is set.
-pub(crate) const CHAT_TEMPLATE: &str = r"{%- for message in messages %}
-    {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}
+/// `<|im_start|>assistant\n` when `add_generation_prompt` is set. With `tools`, a system turn
+/// lists them as JSON inside `<tools>` tags and asks for calls as `<tool_call>` JSON (the Hermes
+/// form of the Qwen family); assistant `tool_calls` are written back in that form and `tool`
+/// results as `<tool_response>` blocks in a user turn.
+pub(crate) const CHAT_TEMPLATE: &str = r#"{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- '# Tools\n\nYou may call one or more functions to help with the request. Their signatures are within <tools></tools> tags:\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\n' + tool | tojson }}
+    {%- endfor %}
+    {{- '\n</tools>\n\nTo call a function, write its name and arguments as one JSON object within <tool_call></tool_call> tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role == 'system' and tools and loop.first %}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- elif message.role == 'assistant' and message.tool_calls %}
+        {{- '<|im_start|>assistant' }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for call in message.tool_calls %}
+            {%- set f = call.function if call.function is defined else call %}
+            {{- '\n<tool_call>\n{"name": "' + f.name + '", "arguments": ' }}
+            {%- if f.arguments is string %}
+                {{- f.arguments }}
+            {%- else %}
+                {{- f.arguments | tojson }}
+            {%- endif %}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}
+    {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\n' }}
 {%- endif %}
-";
+"#;
 
 /// Common English words, most frequent first; the BPE training corpus.
 const WORDS: &str = "the of and to a in is that for it as was with be by on not he i this are \
