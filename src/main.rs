@@ -231,6 +231,13 @@ struct RunArgs {
     /// Subtracted from a token's logit per time it was generated (-2..=2).
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     frequency_penalty: f32,
+    /// Constrain the output to JSON valid against this JSON schema (a file, or the schema
+    /// itself when it starts with `{`).
+    #[arg(long, value_name = "FILE|JSON", conflicts_with = "grammar")]
+    json_schema: Option<String>,
+    /// Constrain the output to this grammar (a file in llguidance's Lark dialect).
+    #[arg(long, value_name = "FILE")]
+    grammar: Option<PathBuf>,
     /// Print one JSON object on stdout instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -672,6 +679,29 @@ fn progress_log() -> ProgressSink {
 
 /// Writes `bytes` to stdout and flushes: a full disk or a closed pipe is one error line
 /// (`cannot write the output: ...`) and a non-zero exit, never a panic as `println!` gives.
+/// The grammar of `--json-schema` / `--grammar`, read and checked as JSON; errors name the flag.
+fn run_grammar(
+    a: &RunArgs,
+) -> Result<Option<moe_runtime::constrain::Grammar>, Box<dyn std::error::Error>> {
+    use moe_runtime::constrain::Grammar;
+    if let Some(spec) = &a.json_schema {
+        let text = if spec.trim_start().starts_with('{') {
+            spec.clone()
+        } else {
+            std::fs::read_to_string(spec).map_err(|e| format!("--json-schema {spec}: {e}"))?
+        };
+        let schema: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("--json-schema {spec}: not JSON: {e}"))?;
+        return Ok(Some(Grammar::JsonSchema(schema)));
+    }
+    if let Some(path) = &a.grammar {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--grammar {}: {e}", path.display()))?;
+        return Ok(Some(Grammar::Lark(text)));
+    }
+    Ok(None)
+}
+
 fn write_stdout(bytes: &[u8]) -> Result<(), Box<dyn std::error::Error>> {
     let mut out = std::io::stdout().lock();
     out.write_all(bytes)
@@ -724,7 +754,7 @@ fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         presence_penalty: a.presence_penalty,
         frequency_penalty: a.frequency_penalty,
         logit_bias: Vec::new(),
-        grammar: None,
+        grammar: run_grammar(&a)?,
     };
     let mut generation = model.generate(&prompt, &params, CancelToken::new())?;
     let mut text = String::new();

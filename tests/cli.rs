@@ -698,3 +698,51 @@ fn a_pre_quantized_checkpoint_is_refused_at_open_naming_its_method() {
         );
     }
 }
+
+/// `run --json-schema` constrains the demo model's random output to JSON valid against the
+/// schema (given inline or as a file), `--grammar` to a Lark grammar; a bad schema is one error
+/// line naming the flag.
+#[test]
+fn run_follows_a_json_schema_or_a_grammar() {
+    let schema = r#"{"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["n"], "additionalProperties": false}"#;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("schema.json");
+    std::fs::write(&file, schema).unwrap();
+    for spec in [schema, file.to_str().unwrap()] {
+        let v = json_of(&run(&[
+            "run",
+            "--prompt",
+            "Count:",
+            "--max-tokens",
+            "40",
+            "--seed",
+            "4",
+            "--temperature",
+            "0.9",
+            "--json-schema",
+            spec,
+            "--json",
+        ]));
+        assert_eq!(v["finish_reason"], "stop", "{v}");
+        let out: serde_json::Value = serde_json::from_str(v["text"].as_str().unwrap()).unwrap();
+        assert!((1..=9).contains(&out["n"].as_i64().unwrap()), "{v}");
+    }
+    let lark = dir.path().join("g.lark");
+    std::fs::write(&lark, "start: \"yes\" | \"no\"\n").unwrap();
+    let v = json_of(&run(&[
+        "run",
+        "--prompt",
+        "Well?",
+        "--max-tokens",
+        "10",
+        "--grammar",
+        lark.to_str().unwrap(),
+        "--ignore-eos",
+        "--json",
+    ]));
+    assert!(v["text"] == "yes" || v["text"] == "no", "{v}");
+    assert_clean_error(
+        &run(&["run", "--prompt", "x", "--json-schema", "{not json"]),
+        &["--json-schema", "not JSON"],
+    );
+}

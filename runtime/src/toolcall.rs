@@ -181,7 +181,7 @@ impl ToolFormat {
     /// `, ` and `: ` (Harmony `,` and `:`), no other whitespace. With no tools, the grammar admits
     /// nothing but the empty text.
     pub fn call_grammar(self, tools: &[ToolSpec], parallel: bool) -> String {
-        grammar::build(self, tools, parallel, false)
+        grammar::build(self, tools, parallel, grammar::Markers::Spelled)
     }
 
     /// As [`ToolFormat::call_grammar`], but the markers that are special tokens in the model's
@@ -190,7 +190,20 @@ impl ToolFormat {
     /// tokenizer environment that has these tokens. Mistral's `[TOOL_CALLS]` stays a literal:
     /// llguidance reads `<[...]>` as token ids, so it cannot be named.
     pub fn call_grammar_special_tokens(self, tools: &[ToolSpec], parallel: bool) -> String {
-        grammar::build(self, tools, parallel, true)
+        grammar::build(self, tools, parallel, grammar::Markers::Named)
+    }
+
+    /// As [`ToolFormat::call_grammar`], but every marker that `token_id` maps to a token of the
+    /// model's vocabulary (`[TOOL_CALLS]`, `<tool_call>`, `<｜tool▁sep｜>`, `<|channel|>`, ...)
+    /// is written as that token (`<[id]>`), so the model writes the one token it was trained
+    /// on rather than its spelling; markers it does not map stay literal text.
+    pub fn call_grammar_tokens(
+        self,
+        tools: &[ToolSpec],
+        parallel: bool,
+        token_id: &dyn Fn(&str) -> Option<u32>,
+    ) -> String {
+        grammar::build(self, tools, parallel, grammar::Markers::Ids(token_id))
     }
 
     /// The markers that open a call in text (not used by Harmony).
@@ -930,12 +943,25 @@ mod grammar {
 
     use super::*;
 
-    /// A piece of a rule: literal text, a marker (a special token in the model's tokenizer), or
-    /// a rule or terminal name.
+    /// A piece of a rule: literal text, a marker (a special token in the model's tokenizer), a
+    /// tag (a marker that may be one token, but is never named as a special token), or a rule
+    /// or terminal name.
     enum Piece {
         Lit(String),
         Marker(&'static str),
+        Tag(&'static str),
         Rule(String),
+    }
+
+    /// How markers are written.
+    #[derive(Clone, Copy)]
+    pub(super) enum Markers<'a> {
+        /// As text.
+        Spelled,
+        /// As special-token names where Lark can name them.
+        Named,
+        /// As token ids where the vocabulary has them as one token.
+        Ids(&'a dyn Fn(&str) -> Option<u32>),
     }
 
     fn lit(s: impl Into<String>) -> Piece {
@@ -975,18 +1001,25 @@ mod grammar {
     }
 
     /// A rule body from pieces; adjacent literal text is merged.
-    fn render(pieces: Vec<Piece>, special: bool) -> String {
+    fn render(pieces: Vec<Piece>, markers: Markers<'_>) -> String {
         let mut parts: Vec<String> = Vec::new();
         let mut text = String::new();
         for piece in pieces {
+            let token = match (&piece, markers) {
+                (Piece::Marker(m), Markers::Named) if nameable(m) => Some(m.to_string()),
+                (Piece::Marker(m) | Piece::Tag(m), Markers::Ids(id)) => {
+                    id(m).map(|id| format!("<[{id}]>"))
+                }
+                _ => None,
+            };
             match piece {
                 Piece::Lit(s) => text.push_str(&s),
-                Piece::Marker(m) if !(special && nameable(m)) => text.push_str(m),
-                Piece::Marker(m) => {
+                Piece::Marker(m) | Piece::Tag(m) if token.is_none() => text.push_str(m),
+                Piece::Marker(_) | Piece::Tag(_) => {
                     if !text.is_empty() {
                         parts.push(lark_string(&std::mem::take(&mut text)));
                     }
-                    parts.push(m.to_string());
+                    parts.extend(token);
                 }
                 Piece::Rule(r) => {
                     if !text.is_empty() {
@@ -1100,7 +1133,7 @@ mod grammar {
         rules: &mut Vec<String>,
         i: usize,
         parameters: &Value,
-        special: bool,
+        markers: Markers<'_>,
     ) -> Vec<Piece> {
         let props = parameters.get("properties").and_then(Value::as_object);
         let required: Vec<&str> = parameters
@@ -1135,7 +1168,7 @@ mod grammar {
                 body.push(Piece::Rule(value));
                 body.push(lit(ARG_VALUE_CLOSE));
             }
-            rules.push(format!("{rule}: {}", render(body, special)));
+            rules.push(format!("{rule}: {}", render(body, markers)));
             let optional = if required.contains(&key.as_str()) {
                 ""
             } else {
@@ -1150,7 +1183,7 @@ mod grammar {
         format: ToolFormat,
         tools: &[ToolSpec],
         parallel: bool,
-        special: bool,
+        markers: Markers<'_>,
     ) -> String {
         let mut rules = Vec::new();
         let mut calls = Vec::new();
@@ -1164,12 +1197,11 @@ mod grammar {
             let name = &tool.name;
             let body: Vec<Piece> = match format {
                 ToolFormat::Hermes => vec![
-                    lit(format!(
-                        "{TOOL_CALL_OPEN}\n{{\"name\": {}, \"arguments\": ",
-                        json_str(name)
-                    )),
+                    Piece::Tag(TOOL_CALL_OPEN),
+                    lit(format!("\n{{\"name\": {}, \"arguments\": ", json_str(name))),
                     Piece::Rule(args.clone()),
-                    lit(format!("}}\n{TOOL_CALL_CLOSE}")),
+                    lit("}\n"),
+                    Piece::Tag(TOOL_CALL_CLOSE),
                 ],
                 ToolFormat::Mistral => vec![
                     lit(format!("{{\"name\": {}, \"arguments\": ", json_str(name))),
@@ -1177,9 +1209,10 @@ mod grammar {
                     lit("}"),
                 ],
                 ToolFormat::Glm45 => {
-                    let mut body = vec![lit(format!("{TOOL_CALL_OPEN}{name}"))];
-                    body.extend(glm_args(&mut rules, i, &tool.parameters, special));
-                    body.push(lit(format!("\n{TOOL_CALL_CLOSE}")));
+                    let mut body = vec![Piece::Tag(TOOL_CALL_OPEN), lit(name.as_str())];
+                    body.extend(glm_args(&mut rules, i, &tool.parameters, markers));
+                    body.push(lit("\n"));
+                    body.push(Piece::Tag(TOOL_CALL_CLOSE));
                     body
                 }
                 ToolFormat::DeepSeekV3 => vec![
@@ -1210,7 +1243,7 @@ mod grammar {
             if format != ToolFormat::Glm45 {
                 json_rule(&mut rules, &args, &args_schema(&tool.parameters, item, key));
             }
-            rules.push(format!("call_{i}: {}", render(body, special)));
+            rules.push(format!("call_{i}: {}", render(body, markers)));
             calls.push(format!("call_{i}"));
         }
         if format == ToolFormat::Glm45 {
@@ -1267,7 +1300,7 @@ mod grammar {
             }
             ToolFormat::Harmony => vec![Piece::Rule(call.clone())],
         };
-        let mut out = format!("start: {}\n", render(start, special));
+        let mut out = format!("start: {}\n", render(start, markers));
         out.push_str(&format!("call: {}\n", calls.join(" | ")));
         for r in rules {
             out.push_str(&r);
@@ -2172,6 +2205,55 @@ mod tests {
             }
         }
         out
+    }
+
+    /// With token ids, every marker the vocabulary has as one token is that token, in every
+    /// format: Mistral's `[TOOL_CALLS]` and Hermes' `<tool_call>` included.
+    #[test]
+    fn token_id_grammars_take_each_format_s_marker_tokens() {
+        let specials = [
+            DS_CALLS_BEGIN,
+            DS_CALLS_END,
+            DS_CALL_BEGIN,
+            DS_CALL_END,
+            DS_SEP,
+            H_CHANNEL,
+            H_CONSTRAIN,
+            H_MESSAGE,
+            MISTRAL_CALLS,
+            TOOL_CALL_OPEN,
+            TOOL_CALL_CLOSE,
+        ];
+        let env = env_with_specials(&specials);
+        let fact = factory(&env);
+        let id = |m: &str| {
+            specials
+                .iter()
+                .position(|s| *s == m)
+                .map(|i| 256 + i as u32)
+        };
+        for format in ALL {
+            let (weather, _, open, _, close) = call_texts(format);
+            let text = format!("{open}{weather}{close}");
+            let g = format.call_grammar_tokens(&tools(), false, &id);
+            assert_admits(
+                &fact,
+                &g,
+                &tokens(&text, &specials),
+                true,
+                &format!("{format:?} ids"),
+            );
+            assert!(g.contains("<["), "{format:?}: {g}");
+            // The first marker spelled out in bytes is refused.
+            assert_refuses_at(&fact, &g, &bytes(&text), 0, &format!("{format:?} spelled"));
+        }
+        // Markers the vocabulary lacks stay text: the spelled grammar.
+        for format in ALL {
+            assert_eq!(
+                format.call_grammar_tokens(&tools(), true, &|_| None),
+                format.call_grammar(&tools(), true)
+            );
+        }
     }
 
     #[test]

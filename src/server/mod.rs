@@ -783,10 +783,12 @@ async fn chat(
         (None, _) if !kwargs.is_empty() => Prompt::ChatWith(messages, kwargs),
         (None, _) => Prompt::Chat(messages),
     };
-    // A forced tool choice: the call grammar, with the markers as the model's special tokens
-    // when its tokenizer has them, else spelled out.
+    // A forced tool choice: the call grammar, with the markers as the model's own tokens
+    // where its vocabulary has them, else spelled out.
     if let (Some(t), Some(format)) = (&tools, template_format) {
-        if let Some(grammars) = t.grammars(format) {
+        let tokenizer = engine.model.tokenizer.as_ref();
+        let token_id = |m: &str| tokenizer.and_then(|tok| tok.token_to_id(m));
+        if let Some(grammars) = t.grammars(format, &token_id) {
             let mut last = None;
             for g in grammars {
                 match engine.model.constraint(&g) {

@@ -176,10 +176,14 @@ impl Tools {
         self.choice != ToolChoice::None
     }
 
-    /// The call grammars for a forced choice, special-token form first (markers that are
-    /// single tokens in the model's tokenizer), then the spelled-out form; `None` when the
-    /// model chooses.
-    pub fn grammars(&self, format: ToolFormat) -> Option<[Grammar; 2]> {
+    /// The call grammars for a forced choice: first with each marker the model's vocabulary
+    /// has as one token (`token_id`) written as that token, then all spelled out; `None` when
+    /// the model chooses.
+    pub fn grammars(
+        &self,
+        format: ToolFormat,
+        token_id: &dyn Fn(&str) -> Option<u32>,
+    ) -> Option<[Grammar; 2]> {
         let (specs, parallel) = match &self.choice {
             ToolChoice::None | ToolChoice::Auto => return None,
             ToolChoice::Required => (self.specs.clone(), self.parallel),
@@ -193,7 +197,7 @@ impl Tools {
             ),
         };
         Some([
-            Grammar::Lark(format.call_grammar_special_tokens(&specs, parallel)),
+            Grammar::Lark(format.call_grammar_tokens(&specs, parallel, token_id)),
             Grammar::Lark(format.call_grammar(&specs, parallel)),
         ])
     }
@@ -461,7 +465,7 @@ mod tests {
         let named = json!({"type": "function", "function": {"name": "get_weather"}});
         let t = fields(&weather(), Some(&named)).unwrap().unwrap();
         assert_eq!(t.choice, ToolChoice::Named("get_weather".into()));
-        assert!(t.grammars(ToolFormat::Hermes).is_some());
+        assert!(t.grammars(ToolFormat::Hermes, &|_| None).is_some());
         assert!(fields(&weather(), Some(&json!("none")))
             .unwrap()
             .is_some_and(|t| !t.shown()));
