@@ -130,10 +130,10 @@ fn ours(
     let v: serde_json::Value = serde_json::from_str(out.trim()).map_err(|e| e.to_string())?;
     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     Ok(Row {
-        engine: if activations == "f32" {
-            format!("moe-offload {quant}")
-        } else {
-            format!("moe-offload {quant}, {activations} activations")
+        engine: match activations {
+            "auto" => format!("moe-offload {quant} (defaults)"),
+            "f32" => format!("moe-offload {quant}, f32 activations (exact)"),
+            a => format!("moe-offload {quant}, {a} activations"),
         },
         prefill: f("prefill_tokens_per_s"),
         decode: f("decode_tokens_per_s"),
@@ -301,10 +301,9 @@ fn main() {
             Err(e) => println!("| {t}: error: {e} |"),
         };
         let m = info.id_modulus;
+        // The defaults (the fast arithmetic for each type), then the exact f32 path.
+        print(ours(&model, m, quant, "auto", prompt, gen, &threads), bytes);
         print(ours(&model, m, quant, "f32", prompt, gen, &threads), bytes);
-        // The faster, slightly less exact activation path each type has (behind a setting).
-        let fast = if peer_type.is_some() { "q8" } else { "bf16" };
-        print(ours(&model, m, quant, fast, prompt, gen, &threads), bytes);
         let peer_file = match peer_type {
             None => Ok(gguf.clone()),
             Some(pt) => {

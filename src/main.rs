@@ -107,9 +107,10 @@ struct ModelArgs {
     /// How resident weights are held (default: as --quantization).
     #[arg(long)]
     resident_quantization: Option<Quantization>,
-    /// How activations meet the weights: f32 (default, exact), q8 (q8_0/q4_k weights: integer
-    /// dot products) or bf16 (bf16 weights: bf16 dot products); the last two are faster and
-    /// slightly less exact.
+    /// How activations meet the weights: auto (default: the fast arithmetic for each weight
+    /// type: bf16 dot products for bf16 weights, integer dot products for q8_0/q4_k), f32
+    /// (exact: f32 activations and accumulation for every weight), q8 (q8_0/q4_k weights only)
+    /// or bf16 (bf16 weights only).
     #[arg(long)]
     activations: Option<Activations>,
     /// Folder of the quantized weight cache (default: the config's `cache_dir`, else

@@ -18,6 +18,9 @@ fn load(dir: &std::path::Path, max_batch: usize) -> Model {
         model: Some(dir.to_string_lossy().into_owned()),
         max_batch: Some(max_batch),
         cache_dir: Some(common::test_cache_dir()),
+        // Batching is checked on the exact path (lower-precision activations round rows that
+        // differ in their last bits apart).
+        activations: moe_runtime::runconfig::Activations::F32,
         ..Settings::default()
     })
     .unwrap()

@@ -20,6 +20,8 @@ fn settings(dir: &std::path::Path, device: DeviceKind, kv: KvElem) -> Settings {
         device,
         vram_budget: (device == DeviceKind::Cuda).then_some(VRAM_BUDGET_BYTES),
         kv_dtype: kv,
+        // The mock device computes in f32: the CPU side on the exact path too.
+        activations: moe_runtime::runconfig::Activations::F32,
         ..Default::default()
     }
 }

@@ -17,6 +17,8 @@ fn load(dir: &std::path::Path) -> Model {
         threads: Some(2),
         max_context: None,
         cache_dir: Some(common::test_cache_dir()),
+        // Parity with transformers is checked on the exact path.
+        activations: moe_runtime::runconfig::Activations::F32,
         ..Default::default()
     })
     .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -172,6 +174,7 @@ fn check_with_tiers(v: &common::Variant, tweak: impl Fn(&mut Settings, &moe_runt
         // A fresh state folder: no hot set from other runs.
         state_dir: Some(state.path().to_path_buf()),
         cache_dir: Some(common::test_cache_dir()),
+        activations: moe_runtime::runconfig::Activations::F32,
         ..Default::default()
     };
     let base = moe_runtime::plan_model(&settings).unwrap().plan;
@@ -255,6 +258,7 @@ fn logits_do_not_depend_on_thread_count() {
                 model: Some(v.dir.join("model").to_string_lossy().into_owned()),
                 threads: Some(threads),
                 cache_dir: Some(common::test_cache_dir()),
+                activations: moe_runtime::runconfig::Activations::F32,
                 ..Default::default()
             })
             .unwrap_or_else(|e| panic!("{}: {e}", v.name));

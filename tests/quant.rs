@@ -24,6 +24,9 @@ fn load(dir: &std::path::Path, q: Quantization) -> Model {
         model: Some(dir.join("model").to_string_lossy().into_owned()),
         quantization: q,
         cache_dir: Some(cache_dir()),
+        // The weight types' own error, on the exact path (the activation paths are checked
+        // on their own below).
+        activations: moe_runtime::runconfig::Activations::F32,
         ..Default::default()
     })
     .unwrap()

@@ -845,7 +845,8 @@ fn warn_if_activations_change_nothing(act: Activations, mw: &mut ModelWeights) {
         return;
     }
     let why = match act {
-        Activations::F32 => None,
+        // The default and the exact mode: nothing was asked of any weight type.
+        Activations::Auto | Activations::F32 => None,
         Activations::Q8 => Some(
             "activations = \"q8\" changes nothing: the model holds no q8_0 / q4_k weights (set \
              quantization = \"q8_0\" or \"q4_k\")",

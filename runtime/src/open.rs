@@ -87,7 +87,7 @@ impl Default for Settings {
             kv_dtype: KvDtype::F32,
             quantization: Quantization::None,
             resident_quantization: None,
-            activations: Activations::F32,
+            activations: Activations::Auto,
             state_dir: None,
             cache: true,
             cache_dir: None,

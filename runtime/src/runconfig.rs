@@ -106,12 +106,13 @@ pub struct RunConfig {
     /// the run fail, naming the cache file. Default `true`.
     #[serde(default = "default_true")]
     pub cache_rebuild: bool,
-    /// How activations meet the weights: "f32" (default: exact f32 activations and
-    /// accumulation), "q8" (for q8_0 / q4_k weights in decode: activations rounded to 8 bits per
-    /// 32-value block, integer dot products) or "bf16" (for bf16 weights on CPUs with AVX512_BF16:
-    /// activations rounded to bf16, bf16 dot products). The lower-precision paths are faster and
-    /// slightly less exact (`cargo bench --bench quality` measures them); weights a setting does
-    /// not cover keep the f32 path.
+    /// How activations meet the weights: "auto" (default: "bf16" for bf16 weights and "q8" for
+    /// q8_0 / q4_k weights, f32 for the rest), "f32" (exact f32 activations and accumulation
+    /// for every weight), "q8" (for q8_0 / q4_k weights in decode: activations rounded to 8
+    /// bits per 32-value block, integer dot products) or "bf16" (for bf16 weights on CPUs with
+    /// AVX512_BF16: activations rounded to bf16, bf16 dot products). The lower-precision paths
+    /// are faster and slightly less exact (`cargo bench --bench quality` measures them);
+    /// weights a setting does not cover keep the f32 path.
     #[serde(default)]
     pub activations: Activations,
     /// The `[experts]` table: the expert cache.
@@ -402,7 +403,7 @@ impl RunConfig {
             cache: true,
             cache_dir: None,
             cache_rebuild: true,
-            activations: Activations::F32,
+            activations: Activations::Auto,
             experts: ExpertsConfig::default(),
             sim: SimConfig::default(),
             server: ServerConfig::default(),

@@ -138,6 +138,8 @@ pub fn cache_settings(
         quantization: q,
         cache_dir: Some(cache_dir.to_path_buf()),
         state_dir: Some(cache_dir.join("state")),
+        // Round trips are checked on the exact path.
+        activations: moe_runtime::runconfig::Activations::F32,
         ..Default::default()
     }
 }

@@ -74,12 +74,16 @@ impl DeviceKind {
     }
 }
 
-/// How activations meet quantized weights on the CPU (`activations`).
+/// How activations meet the weights on the CPU (`activations`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Activations {
-    /// f32 activations, f32 accumulation (`"f32"`).
+    /// The fast arithmetic for each weight type (`"auto"`, the default): bf16 weights meet
+    /// bf16 activations (on CPUs with AVX512_BF16), q8_0 / q4_k weights 8-bit activations with
+    /// integer dot products (in decode-sized batches); every other weight the f32 path.
     #[default]
+    Auto,
+    /// f32 activations, f32 accumulation (`"f32"`): the exact mode.
     F32,
     /// Activations quantized to 8 bits, integer dot products (`"q8"`), for q8_0 / q4_k weights.
     Q8,
@@ -88,15 +92,28 @@ pub enum Activations {
     Bf16,
 }
 
+impl Activations {
+    /// Whether q8_0 / q4_k weights take 8-bit activations.
+    pub fn integer(self) -> bool {
+        matches!(self, Activations::Q8 | Activations::Auto)
+    }
+
+    /// Whether bf16 weights take bf16 activations (where the CPU has the instructions).
+    pub fn bf16(self) -> bool {
+        matches!(self, Activations::Bf16 | Activations::Auto)
+    }
+}
+
 impl std::str::FromStr for Activations {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
+            "auto" => Ok(Activations::Auto),
             "f32" => Ok(Activations::F32),
             "q8" => Ok(Activations::Q8),
             "bf16" => Ok(Activations::Bf16),
             other => Err(format!(
-                "`{other}` is not an activation type (f32, q8, bf16)"
+                "`{other}` is not an activation type (auto, f32, q8, bf16)"
             )),
         }
     }

@@ -722,6 +722,8 @@ fn mxfp4_experts_are_cached_without_loss_and_compute_as_their_exact_values() {
         cache: cached,
         cache_dir: Some(cache.clone()),
         state_dir: Some(cache.join("state")),
+        // Bit-for-bit against the f32 twin and the mock device: the exact path.
+        activations: crate::backend::Activations::F32,
         ..Default::default()
     };
     let logits = |m: &crate::Model, ids: &[u32]| {

@@ -8,7 +8,8 @@ use moe_kernels::Weights;
 use crate::backend::Activations;
 
 /// Rows of f32 activations on their way into one or more matmuls, under an `activations`
-/// setting: `F32` always takes the exact f32 kernels; `Q8` quantizes the rows once (shared by
+/// setting: `F32` always takes the exact f32 kernels; `Auto` is `Q8` for q8_0 / q4_k weights
+/// and `Bf16` for bf16 weights; `Q8` quantizes the rows once (shared by
 /// every q8_0 / q4_k weight they meet) for the integer-dot kernels in decode-sized batches (at
 /// most `MATVEC_MAX_M` rows; larger ones keep the f32 GEMM); `Bf16` rounds them to bf16
 /// for `vdpbf16ps` against bf16 weights where the CPU has it. Weights a setting does not cover
@@ -26,7 +27,7 @@ impl<'a> Input<'a> {
     pub fn new(x: &'a [f32], m: usize, k: usize, act: Activations, ws: &[Weights<'_>]) -> Self {
         // Prefill-sized batches stay on the f32 GEMM: with per-32 block scales the integer
         // kernels do as much work per weight as f32 FMAs there (measured slower on bench-m).
-        let q8 = (act == Activations::Q8
+        let q8 = (act.integer()
             && m <= moe_kernels::MATVEC_MAX_M
             && ws.iter().any(moe_kernels::q8_activations_supported))
         .then(|| moe_kernels::Q8Activations::new(x, m, k));
@@ -38,15 +39,15 @@ impl<'a> Input<'a> {
     pub fn matmul(&self, w: Weights<'_>, n: usize, out: &mut [f32], parallel: bool) {
         let (x, m, k) = (self.x, self.m, self.k);
         match (self.act, w, &self.q8) {
-            (Activations::Q8, _, Some(xq)) if moe_kernels::q8_activations_supported(&w) => {
+            (_, _, Some(xq)) if moe_kernels::q8_activations_supported(&w) => {
                 if parallel {
                     moe_kernels::matmul_q8_par(xq, w, n, out)
                 } else {
                     moe_kernels::matmul_q8(xq, w, n, out)
                 }
             }
-            (Activations::Bf16, Weights::Bf16(wb), _)
-                if moe_kernels::bf16_activations_supported() =>
+            (act, Weights::Bf16(wb), _)
+                if act.bf16() && moe_kernels::bf16_activations_supported() =>
             {
                 if parallel {
                     moe_kernels::matmul_bf16_par(x, m, k, wb, n, out)
@@ -63,11 +64,8 @@ impl<'a> Input<'a> {
 /// Whether `act` takes a lower-precision kernel for weights of type `dtype` on this CPU.
 pub fn activation_path_covers(act: Activations, dtype: crate::weights::Dtype) -> bool {
     use crate::weights::Dtype;
-    match act {
-        Activations::F32 => false,
-        Activations::Q8 => matches!(dtype, Dtype::Q8_0 | Dtype::Q4K),
-        Activations::Bf16 => dtype == Dtype::Bf16 && moe_kernels::bf16_activations_supported(),
-    }
+    (act.integer() && matches!(dtype, Dtype::Q8_0 | Dtype::Q4K))
+        || (act.bf16() && dtype == Dtype::Bf16 && moe_kernels::bf16_activations_supported())
 }
 
 /// Whether this CPU has the bf16 dot-product instructions `activations = "bf16"` uses.

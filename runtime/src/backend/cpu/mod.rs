@@ -27,10 +27,16 @@ use crate::config::Rope;
 use crate::error::Result;
 use crate::weights::TensorRef;
 
-/// Host compute under an `activations` setting.
-#[derive(Clone, Copy, Debug, Default)]
+/// Host compute under an `activations` setting; `Cpu::default()` is the exact f32 path.
+#[derive(Clone, Copy, Debug)]
 pub struct Cpu {
     pub activations: Activations,
+}
+
+impl Default for Cpu {
+    fn default() -> Cpu {
+        Cpu::new(Activations::F32)
+    }
 }
 
 impl Cpu {
