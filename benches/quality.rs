@@ -10,7 +10,7 @@
 //!
 //! ```sh
 //! cargo bench --bench quality -- --model DIR [--tokens 128] [--types bf16,q8_0,q4_k]
-//!     [--activations f32,q8,bf16] [--resident TYPE] [--threads N] [--cache-dir DIR]
+//!     [--activations f32,q8,bf16,auto] [--resident TYPE] [--threads N] [--cache-dir DIR]
 //!     [--tiers HOT:COLD] [--hot-fraction 0.25] [--also DIR,DIR [--also-types none,q8_0]]
 //! ```
 //! `--also` adds rows for other checkpoints of the same model (e.g. its FP8 or bitsandbytes
@@ -24,7 +24,8 @@
 //! prompt runs with the hot set a previous run left, as in use. Quantized loads map the
 //! quantized weight cache in `--cache-dir` (default: the per-user cache folder).
 //! `--activations` lists the activation types to measure each type with (`q8` rows for q8_0
-//! and q4_k, `bf16` rows for none and bf16: the weights each path covers).
+//! and q4_k, `bf16` rows for none and bf16: the weights each path covers; `auto`, the default
+//! setting, for every type). The reference and rows without an activation column are `f32`.
 //! `--resident` sets `resident_quantization` for the quantized loads (default: as the type
 //! measured). The prompt is `--tokens` ids spread over the vocabulary (deterministic), so every
 //! run on the same model compares the same positions. Without `--model` it prints its usage
@@ -40,7 +41,7 @@ use moe_runtime::runconfig::{Activations, Quantization};
 use moe_runtime::{Logits, Model, Settings};
 
 const USAGE: &str = "usage: cargo bench --bench quality -- --model DIR [--tokens N (128)] \
-[--types bf16,q8_0,q4_k] [--activations f32,q8,bf16] [--resident none|bf16|q8_0|q4_k] [--threads N] \
+[--types bf16,q8_0,q4_k] [--activations f32,q8,bf16,auto] [--resident none|bf16|q8_0|q4_k] [--threads N] \
 [--cache-dir DIR] [--tiers HOT:COLD] [--hot-fraction F (0.25)] [--also DIR,DIR] \
 [--also-types none,q8_0]";
 
@@ -204,6 +205,8 @@ fn main() {
         threads: arg(&args, "--threads"),
         max_context: Some(tokens + 1),
         cache_dir: common::arg(&args, "--cache-dir").map(Into::into),
+        // The reference and the rows without an activation column are the exact path.
+        activations: Activations::F32,
         ..Settings::default()
     };
     let tiers: Option<(Quantization, Quantization)> = common::arg(&args, "--tiers").map(|t| {
@@ -262,7 +265,7 @@ fn main() {
     for q in types {
         for &a in &activations {
             let covered = match a {
-                Activations::F32 => true,
+                Activations::F32 | Activations::Auto => true,
                 Activations::Q8 => matches!(q, Quantization::Q8_0 | Quantization::Q4K),
                 Activations::Bf16 => matches!(q, Quantization::None | Quantization::Bf16),
             };
@@ -281,6 +284,7 @@ fn main() {
             let r = compare(&reference, &got, vocab);
             let label = match a {
                 Activations::F32 => name(q).to_string(),
+                Activations::Auto => format!("{}, auto (default)", name(q)),
                 Activations::Q8 => format!("{}, q8 activations", name(q)),
                 Activations::Bf16 => format!("{}, bf16 activations", name(q)),
             };
