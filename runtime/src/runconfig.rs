@@ -108,7 +108,7 @@ pub struct RunConfig {
     pub cache_rebuild: bool,
     /// How activations meet the weights: "auto" (default: "bf16" for bf16 weights and "q8" for
     /// q8_0 / q4_k weights, f32 for the rest), "f32" (exact f32 activations and accumulation
-    /// for every weight), "q8" (for q8_0 / q4_k weights in decode: activations rounded to 8
+    /// for every weight), "q8" (for q8_0 / q4_k weights: activations rounded to 8
     /// bits per 32-value block, integer dot products) or "bf16" (for bf16 weights on CPUs with
     /// AVX512_BF16: activations rounded to bf16, bf16 dot products). The lower-precision paths
     /// are faster and slightly less exact (`cargo bench --bench quality` measures them);

@@ -80,7 +80,7 @@ impl DeviceKind {
 pub enum Activations {
     /// The fast arithmetic for each weight type (`"auto"`, the default): bf16 weights meet
     /// bf16 activations (on CPUs with AVX512_BF16), q8_0 / q4_k weights 8-bit activations with
-    /// integer dot products (in decode-sized batches); every other weight the f32 path.
+    /// integer dot products; every other weight the f32 path.
     #[default]
     Auto,
     /// f32 activations, f32 accumulation (`"f32"`): the exact mode.
