@@ -2207,23 +2207,26 @@ mod tests {
         out
     }
 
+    /// The markers a test vocabulary holds as single special tokens (ids 256, 257, ...).
+    const MARKER_TOKENS: [&str; 11] = [
+        DS_CALLS_BEGIN,
+        DS_CALLS_END,
+        DS_CALL_BEGIN,
+        DS_CALL_END,
+        DS_SEP,
+        H_CHANNEL,
+        H_CONSTRAIN,
+        H_MESSAGE,
+        MISTRAL_CALLS,
+        TOOL_CALL_OPEN,
+        TOOL_CALL_CLOSE,
+    ];
+
     /// With token ids, every marker the vocabulary has as one token is that token, in every
     /// format: Mistral's `[TOOL_CALLS]` and Hermes' `<tool_call>` included.
     #[test]
     fn token_id_grammars_take_each_format_s_marker_tokens() {
-        let specials = [
-            DS_CALLS_BEGIN,
-            DS_CALLS_END,
-            DS_CALL_BEGIN,
-            DS_CALL_END,
-            DS_SEP,
-            H_CHANNEL,
-            H_CONSTRAIN,
-            H_MESSAGE,
-            MISTRAL_CALLS,
-            TOOL_CALL_OPEN,
-            TOOL_CALL_CLOSE,
-        ];
+        let specials = MARKER_TOKENS;
         let env = env_with_specials(&specials);
         let fact = factory(&env);
         let id = |m: &str| {
@@ -2258,16 +2261,7 @@ mod tests {
 
     #[test]
     fn special_token_grammars_take_the_tokens_not_their_spelling() {
-        let specials = [
-            DS_CALLS_BEGIN,
-            DS_CALLS_END,
-            DS_CALL_BEGIN,
-            DS_CALL_END,
-            DS_SEP,
-            H_CHANNEL,
-            H_CONSTRAIN,
-            H_MESSAGE,
-        ];
+        let specials = MARKER_TOKENS;
         let env = env_with_specials(&specials);
         let fact = factory(&env);
         for format in [
