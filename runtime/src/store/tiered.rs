@@ -693,6 +693,19 @@ impl<D: DeviceTier> TieredStore<D> {
         Ok(())
     }
 
+    /// Starts pool loads (as prefetches: lower priority than demand reads) for the first
+    /// [`HOST_READ_AHEAD`] of `next` that the RAM pool does not hold; nothing without a pool.
+    fn read_ahead(&self, layer: usize, next: &[ExpertBatch]) {
+        let Some(pool) = &self.shared.host_pool else {
+            return;
+        };
+        for b in next.iter().take(HOST_READ_AHEAD) {
+            if !pool.contains(self.shared.key(layer, b.expert)) {
+                let _ = self.host_slot(layer, b.expert, true);
+            }
+        }
+    }
+
     /// The layout every expert of the model shares (None when it has no experts).
     pub fn layout(&self) -> Option<&ExpertLayout> {
         self.layout.as_ref()
@@ -703,6 +716,11 @@ impl<D: DeviceTier> TieredStore<D> {
         &self.config
     }
 }
+
+/// Experts read ahead of the one being computed on the host: enough reads in flight to keep
+/// the loader threads busy, few enough (against a pool of tens of experts at the smallest
+/// budgets) that a read-ahead never evicts an expert the layer is about to use.
+const HOST_READ_AHEAD: usize = 2;
 
 /// Whether a layer's batches are better computed expert by expert on separate threads (small
 /// batches: each matmul is too short to split well) than one matmul at a time on all threads.
@@ -761,7 +779,10 @@ impl<D: DeviceTier> TieredStore<D> {
             if experts_side_by_side(batches) {
                 return self.compute_on_host_parallel(layer, batches, frame, hidden);
             }
-            for b in batches {
+            for (i, b) in batches.iter().enumerate() {
+                // Read ahead: the next experts' reads run on the loader threads while this one
+                // computes (a prefill chunk under a RAM budget reads most of a layer).
+                self.read_ahead(layer, &batches[i + 1..]);
                 self.compute_on_host(layer, b, frame, hidden, true)?;
             }
             return Ok(());
@@ -1160,6 +1181,39 @@ mod tests {
             run(&s, 1, 3).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(check.runs.load(Relaxed) >= 4, "{name}");
         }
+    }
+
+    /// Experts computed one after another from a RAM pool read the next ones ahead: every
+    /// expert after the first is found in the pool as a prefetch hit, and the sums equal the
+    /// mapped store's.
+    #[test]
+    fn sequential_host_experts_read_the_next_ones_ahead() {
+        let rows = moe_kernels::MATVEC_MAX_M + 1; // too many rows for the side-by-side path
+        let x: Vec<f32> = (0..rows * HIDDEN).map(|i| (i % 7) as f32 * 0.1).collect();
+        let batches: Vec<ExpertBatch> = (0..4)
+            .map(|expert| ExpertBatch {
+                expert,
+                rows: (0..rows).collect(),
+                weights: vec![0.5; rows],
+            })
+            .collect();
+        let pool = TieredStoreConfig {
+            host: HostTierConfig::Pool { experts: 8 },
+            ..TieredStoreConfig::default()
+        };
+        let mut want = vec![0f32; rows * HIDDEN];
+        let mapped =
+            TieredStore::new(experts(1, 4), HIDDEN, INTER, TieredStoreConfig::default()).unwrap();
+        mapped
+            .compute_host(0, &batches, &x, HIDDEN, &mut want)
+            .unwrap();
+        let s = TieredStore::new(experts(1, 4), HIDDEN, INTER, pool).unwrap();
+        let mut got = vec![0f32; rows * HIDDEN];
+        s.compute_host(0, &batches, &x, HIDDEN, &mut got).unwrap();
+        assert_eq!(got, want);
+        let st = s.stats();
+        assert_eq!(st.misses, 1, "{st:?}");
+        assert_eq!(st.prefetch_hits, 3, "{st:?}");
     }
 
     #[test]
