@@ -3,7 +3,10 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 fn main() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo");
+    // The manifest folder as cargo gives it to this run (not as it was when the script was
+    // compiled: a build script binary can be reused for a checkout in another folder).
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let dir = Path::new(&manifest).join("demo");
     println!("cargo:rerun-if-changed={}", dir.display());
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .map(|rd| {
@@ -14,6 +17,13 @@ fn main() {
         })
         .unwrap_or_default();
     names.sort();
+    // A binary without its demo model would fail at `moe-serve run` with no model named: fail
+    // the build instead, naming the folder.
+    assert!(
+        names.iter().any(|n| n == "config.json"),
+        "{} holds no demo model (config.json missing): restore it from the repository",
+        dir.display()
+    );
     let mut src = String::new();
     for (i, n) in names.iter().enumerate() {
         let path = dir.join(n);
