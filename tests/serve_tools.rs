@@ -253,7 +253,9 @@ fn forced_calls_are_valid(s: &Server, model: &str) {
         let args = calls[0]["function"]["arguments"].as_str().unwrap();
         check_call(name, args).unwrap_or_else(|e| panic!("{model}: {e}: {v}"));
         assert_eq!(calls[0]["type"], "function");
-        assert!(calls[0]["id"].as_str().is_some_and(|id| !id.is_empty()));
+        assert!(calls[0]["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("call_")));
         // Streamed: the same call, in OpenAI's delta form.
         let (streamed, finish) = streamed_calls(&stream(s, &body));
         assert_eq!(finish, "tool_calls");
@@ -302,14 +304,35 @@ fn forced_tool_calls_are_valid_calls_whole_and_streamed() {
         auto["usage"]["prompt_tokens"].as_u64() > none["usage"]["prompt_tokens"].as_u64(),
         "the tools are in the prompt: {auto} vs {none}"
     );
-    // The legacy functions / function_call.
+    // The legacy functions / function_call get the legacy reply: one `function_call`.
     let mut body = chat("hi", 160, 6);
     body["functions"] = json!([weather_tools()[0]["function"]]);
     body["function_call"] = json!({"name": "get_weather"});
     let (status, v) = post(&s, "/v1/chat/completions", &body);
     assert_eq!(status, 200, "{v}");
-    let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
-    check_call("get_weather", call["arguments"].as_str().unwrap()).unwrap();
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "function_call", "{v}");
+    assert!(c["message"]["tool_calls"].is_null(), "{v}");
+    let call = &c["message"]["function_call"];
+    assert_eq!(call["name"], "get_weather");
+    let args = call["arguments"].as_str().unwrap();
+    check_call("get_weather", args).unwrap();
+    let chunks = stream(&s, &body);
+    let (mut name, mut streamed, mut finish) = (String::new(), String::new(), String::new());
+    for ch in &chunks {
+        let choice = &ch["choices"][0];
+        let f = &choice["delta"]["function_call"];
+        name.push_str(f["name"].as_str().unwrap_or(""));
+        streamed.push_str(f["arguments"].as_str().unwrap_or(""));
+        assert!(choice["delta"]["tool_calls"].is_null(), "{ch}");
+        if let Some(r) = choice["finish_reason"].as_str() {
+            finish = r.to_string();
+        }
+    }
+    assert_eq!(
+        (name.as_str(), streamed.as_str(), finish.as_str()),
+        ("get_weather", args, "function_call")
+    );
 }
 
 #[test]

@@ -817,6 +817,7 @@ async fn chat(
             (Some(_), f) | (None, f @ Some(ToolFormat::Harmony)) => f,
             _ => None,
         },
+        legacy: tools.as_ref().is_some_and(|t| t.legacy),
     };
     let rx = submit_choices(&app, engine, ids, params, req.sampling.choices())?;
     respond(app.clone(), Kind::Chat, rx, &req.sampling, t0, reply).await
@@ -924,6 +925,8 @@ struct Choice {
     reasoning: String,
     /// Tool calls: name and arguments.
     calls: Vec<(String, String)>,
+    /// The legacy `functions` form: the first call as `function_call`.
+    function_call: bool,
     chat_lp: Vec<Value>,
     legacy: LegacyLogprobs,
     any_lp: bool,
@@ -960,11 +963,17 @@ impl Choice {
             if m["content"] == "" {
                 m["content"] = Value::Null;
             }
+            if self.function_call {
+                let (name, arguments) = self.calls.swap_remove(0);
+                m["function_call"] = json!({"name": name, "arguments": arguments});
+                self.calls.clear();
+                return m;
+            }
             m["tool_calls"] = self
                 .calls
                 .drain(..)
                 .map(|(name, arguments)| {
-                    json!({"id": new_id("call"), "type": "function",
+                    json!({"id": call_id(), "type": "function",
                            "function": {"name": name, "arguments": arguments}})
                 })
                 .collect();
@@ -973,12 +982,19 @@ impl Choice {
     }
 }
 
-/// The finish reason of a chat choice: `tool_calls` when it stopped after calling tools.
-fn chat_finish(finish: FinishReason, calls: usize) -> &'static str {
-    match (finish, calls) {
-        (FinishReason::Stop, 1..) => "tool_calls",
+/// The finish reason of a chat choice: `tool_calls` (legacy: `function_call`) when it stopped
+/// after calling tools.
+fn chat_finish(finish: FinishReason, calls: usize, legacy: bool) -> &'static str {
+    match (finish, calls, legacy) {
+        (FinishReason::Stop, 1.., false) => "tool_calls",
+        (FinishReason::Stop, 1.., true) => "function_call",
         _ => openai::finish_str(finish),
     }
+}
+
+/// A tool call's id, in OpenAI's `call_...` form.
+fn call_id() -> String {
+    new_id("call").replacen("call-", "call_", 1)
 }
 
 /// Waits for every choice's whole generation and builds the response body.
@@ -996,6 +1012,7 @@ async fn collect(
     let mut choices: Vec<Choice> = (0..n)
         .map(|_| Choice {
             split: tools::ReplySplit::new(reply),
+            function_call: reply.legacy,
             ..Choice::default()
         })
         .collect();
@@ -1023,7 +1040,7 @@ async fn collect(
             } => {
                 c.add(&rest, true);
                 c.finish = Some(match kind {
-                    Kind::Chat => chat_finish(finish, c.calls.len()),
+                    Kind::Chat => chat_finish(finish, c.calls.len(), c.function_call),
                     Kind::Completion => openai::finish_str(finish),
                 });
                 record_usage(app, &usage);
@@ -1086,6 +1103,8 @@ struct StreamState {
     text_len: Vec<usize>,
     /// Per choice: its output read for reasoning and tool calls.
     splits: Vec<tools::ReplySplit>,
+    /// Calls go out in the legacy `function_call` form.
+    legacy: bool,
     /// Choices finished, and their usage so far.
     done: usize,
     usage: Option<Usage>,
@@ -1143,9 +1162,22 @@ impl StreamState {
             let delta = match d {
                 ToolDelta::Content(c) => json!({ "content": c }),
                 ToolDelta::Reasoning(r) => json!({ "reasoning_content": r }),
+                // The legacy form carries one call: later ones are not sent.
+                ToolDelta::CallStart { index: 1.., .. }
+                | ToolDelta::Arguments { index: 1.., .. }
+                    if self.legacy =>
+                {
+                    continue
+                }
+                ToolDelta::CallStart { name, .. } if self.legacy => {
+                    json!({"function_call": {"name": name, "arguments": ""}})
+                }
+                ToolDelta::Arguments { text, .. } if self.legacy => {
+                    json!({"function_call": {"arguments": text}})
+                }
                 ToolDelta::CallStart { index, name } => json!({"tool_calls": [{
                     "index": index,
-                    "id": new_id("call"),
+                    "id": call_id(),
                     "type": "function",
                     "function": {"name": name, "arguments": ""},
                 }]}),
@@ -1213,7 +1245,7 @@ impl StreamState {
                     self.out.push_back(c);
                 }
                 let f = json!(match self.kind {
-                    Kind::Chat => chat_finish(finish, self.splits[i].calls()),
+                    Kind::Chat => chat_finish(finish, self.splits[i].calls(), self.legacy),
                     Kind::Completion => openai::finish_str(finish),
                 });
                 let c = self.chunk(self.text_choice(i, "", Value::Null, f), None);
@@ -1276,6 +1308,7 @@ fn sse_stream(
         ttft: None,
         text_len: vec![0; n],
         splits: (0..n).map(|_| tools::ReplySplit::new(reply)).collect(),
+        legacy: reply.legacy,
         done: 0,
         usage: None,
         out: Default::default(),

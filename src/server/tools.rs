@@ -14,6 +14,8 @@
 //!   turns the thinking split off: the reply starts with the constrained text.
 //! - The streamed deltas of a choice concatenate to its whole-response message: the same
 //!   [`ReplySplit`] runs in both.
+//! - A request with the legacy `functions` gets the legacy reply: one `function_call` (name and
+//!   arguments) and `finish_reason: "function_call"`, as OpenAI answers it.
 
 use moe_runtime::constrain::Grammar;
 use moe_runtime::toolcall::{ToolDelta, ToolFormat, ToolSpec, ToolStream};
@@ -48,9 +50,12 @@ pub struct Tools {
     pub choice: ToolChoice,
     /// More than one call allowed (`parallel_tool_calls`, default true).
     pub parallel: bool,
+    /// Offered as the legacy `functions`: the reply is a `function_call` (one call).
+    pub legacy: bool,
 }
 
 /// The tool fields of a chat request, as sent.
+#[derive(Clone, Copy)]
 pub struct ToolFields<'a> {
     pub tools: Option<&'a Value>,
     pub functions: Option<&'a Value>,
@@ -93,7 +98,12 @@ impl Tools {
             return Err(ApiError::bad_request(format!("`{field}` must be a list")).param(field));
         };
         if items.is_empty() {
-            return Ok(None);
+            // An empty list offers nothing: as if none were given.
+            return Tools::from_request(&ToolFields {
+                tools: None,
+                functions: None,
+                ..*f
+            });
         }
         if items.len() > MAX_TOOLS {
             return Err(ApiError::bad_request(format!(
@@ -167,7 +177,8 @@ impl Tools {
             defs,
             specs,
             choice,
-            parallel,
+            parallel: parallel && !legacy,
+            legacy,
         }))
     }
 
@@ -366,6 +377,8 @@ pub struct ReplyKind {
     pub think: Option<bool>,
     /// The format tool calls (and, for Harmony, channels) are parsed in.
     pub format: Option<ToolFormat>,
+    /// The request used the legacy `functions`: calls go out as one `function_call`.
+    pub legacy: bool,
 }
 
 /// One choice's output split into reasoning, content and tool calls as it arrives.
@@ -492,6 +505,12 @@ mod tests {
             let msg = e.body()["error"]["message"].to_string();
             assert!(msg.contains(want), "{msg}");
         }
+        // An empty list with a choice that needs a tool: named, as without tools.
+        let e = fields(&json!([]), Some(&json!("required"))).unwrap_err();
+        assert!(e.body()["error"]["message"]
+            .to_string()
+            .contains("tool_choice"));
+        assert!(fields(&json!([]), Some(&json!("auto"))).unwrap().is_none());
         // Legacy functions: one call at most, function_call names one.
         let f = json!([{"name": "get_weather", "parameters": {}}]);
         let t = Tools::from_request(&ToolFields {
@@ -504,7 +523,7 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(t.choice, ToolChoice::Named("get_weather".into()));
-        assert!(!t.parallel);
+        assert!(!t.parallel && t.legacy);
         assert_eq!(t.defs[0]["type"], "function");
         assert_eq!(t.defs[0]["function"]["name"], "get_weather");
     }
@@ -554,6 +573,7 @@ mod tests {
         let mut s = ReplySplit::new(ReplyKind {
             think: Some(false),
             format: Some(ToolFormat::Hermes),
+            legacy: false,
         });
         let text = "<think>\nhmm\n</think>\n\nSure.\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>";
         let mut out = Vec::new();
