@@ -9,46 +9,54 @@
 //! twins that define the results. The SIMD kernels live in `qdot_x86` (AVX-512 VNNI and AVX2).
 //!
 //! # Activations
-//! Each row of x is quantized in 32-element blocks exactly as GGML's Q8_0 quantizer does
-//! (bit for bit [`crate::quant::quantize_row_q8_0`]: `d = amax / 127` stored as f16,
-//! `q = round(x / d)`, clamped to ±127, see [`quantize_block`]). The same blocks serve both
-//! weight types:
-//! each Q8_0 weight block and each Q4_K sub-block (32 weights) lines up with one x block, so
-//! Q4_K also gets per-32 activation scales (finer than llama.cpp's per-256 Q8_K). Stored per
-//! row: the quants (row stride `k` rounded up to 64 bytes, zero padded, 64-byte aligned), the
-//! block scales `d_b` widened to f32, the same scales repeated over 8 lanes per block (16 f32
-//! per block pair, zero for a missing odd block: what the 512-bit kernels multiply with), and
-//! for Q4_K's mins `xs_b = d_b · Σ q` per block (exact in f32: an 11-bit significand times an
-//! integer below 2^12).
+//! One quantizer, [`quantize_slice`]: over a span of x, `d = amax / 127` (f32) and
+//! `q = round(x · (1/d))`, half away from zero, clamped to ±127. Each row of x is quantized
+//! twice:
+//! - **32-blocks, for Q8_0 weights**: `d_b` stored rounded to f16, which makes the blocks bit
+//!   for bit GGML's Q8_0 ([`crate::quant::quantize_row_q8_0`]). Stored per row: the quants
+//!   (row stride `k` rounded up to 64 bytes, zero padded, 64-byte aligned) and the scales
+//!   repeated over 8 lanes per block (16 f32 per block pair, zero for a missing odd block: what
+//!   the 512-bit kernels multiply with).
+//! - **256-element super-blocks, for Q4_K weights** (only when `k % 256 == 0`), llama.cpp's
+//!   Q8_K idea: one scale `D_t` per super-block `t`, kept in f32 (not rounded to f16, so tiny
+//!   activations keep their precision), the quants (same layout as above), and per 32-block
+//!   `b` of the super-block quants `xs_b = D_t · Σ q` (the integer sum is exact in f32, the
+//!   product rounds once). The step is coarser than per-32 scales (the super-block's amax),
+//!   which a test bounds; in exchange the whole super-block accumulates in integers.
 //!
 //! # Summation order (one output element; the scalar twins are the definition)
 //! Integer dot products are exact, so only the f32 steps below are ordered. "fma" is a fused
-//! multiply-add (one rounding). 16-lane f32 accumulators (`A`, and for Q4_K also `B` and an
-//! 8-lane `M`) start at +0.0. `isum(b, g)` is the exact i32 sum of the 4 products `qx·qw` of
-//! bytes `4g .. 4g+4` of block (or sub-block) `b`.
-//! - **Q8_0** (`d_b` of x, `e_b` of the weights, both f16 so `d_b·e_b` is exact in f32): for
-//!   blocks `b` in increasing order, lanes `l = 8·(b % 2) + g`, `g < 8`:
+//! multiply-add (one rounding). A 16-lane f32 accumulator `A` (and for Q4_K an 8-lane `M`)
+//! starts at +0.0.
+//! - **Q8_0** (`d_b` of x, `e_b` of the weights, both f16 so `d_b·e_b` is exact in f32;
+//!   `isum(b, g)` the exact sum of the 4 products `qx·qw` of bytes `4g .. 4g+4` of block `b`):
+//!   for blocks `b` in increasing order, lanes `l = 8·(b % 2) + g`, `g < 8`:
 //!   `A_l = fma(d_b·e_b, isum(b, g) as f32, A_l)`. Even blocks feed lanes 0..8, odd blocks
 //!   lanes 8..16 (a missing last odd block feeds nothing). Result: `hsum16(A)`.
-//! - **Q4_K** (super-block with f16 `d`, `dmin` and 6-bit `sc_s`, `m_s`): for super-blocks in
-//!   increasing order, for sub-blocks `s = 0..8` in increasing order (x block `b = 8·sb + s`),
-//!   lanes `l = 8·(s % 2) + g` of `A` when `s / 2` is even, of `B` when it is odd:
-//!   `A_l = fma(d_b·(d·sc_s), isum(s, g) as f32, A_l)`, where `d·sc_s` is exact and its
-//!   product with `d_b` rounds once; then, for `s = 0..8`, `M_s = fma(dmin·m_s, xs_b, M_s)`
-//!   (`dmin·m_s` exact). Result: `hsum16(A + B) − hsum8(M)`, `A + B` added lane by lane.
-//!   (Two accumulators halve the dependent FMA chain per super-block.)
+//! - **Q4_K** (super-block `t` with f16 `d`, `dmin` and 6-bit `sc_s`, `m_s`, sub-block `s`
+//!   holding x's 32-block `b = 8t + s`): first the exact integer lanes
+//!   `I_l = Σ_s sc_s · dot8(s, h)` (i32), where `dot8(s, h)` is the exact sum of the 8
+//!   products `qx·qw` of bytes `8h .. 8h+8` of sub-block `s`, and each (s, h) feeds one lane:
+//!   with `r = s % 4`, `l = 4·(2·(r % 2) + h / 2) + 2·(r / 2) + h % 2` (each lane takes two
+//!   (s, h) pairs: sub-blocks `s` and `s + 4`; this is where the kernels' pack-then-scale
+//!   puts them). `|I_l| <= 2·8·63·15·127 < 2^21`, so `I_l as f32` is exact. Then, for
+//!   super-blocks in increasing order: `A_l = fma(d·D_t, I_l as f32, A_l)` for all 16 lanes
+//!   (`d·D_t` rounds once), then `M_s = fma(dmin·m_s, xs_b, M_s)` for `s = 0..8`
+//!   (`dmin·m_s` exact). Result: `hsum16(A) − hsum8(M)`. One f32 step per 256 weights and
+//!   row (plus the mins).
 //! - `hsum16(v) = hsum8(v_l + v_{l+8})` and `hsum8(v) = ((v0+v4) + (v2+v6)) + ((v1+v5) +
 //!   (v3+v7))`.
 //!
 //! The order depends on nothing but the data: not on the kernel, the row group, the thread
-//! count or the split, so every SIMD kernel equals its scalar twin and [`matmul_q8_par`]
-//! equals [`matmul_q8`] bit for bit (tested at every kernel the CPU runs).
+//! count or the split, so every SIMD kernel equals its scalar twin, [`matmul_q8_par`]
+//! equals [`matmul_q8`], and a row's result is the same whatever rows share its call, bit for
+//! bit (tested at every kernel the CPU runs).
 //!
 //! What must hold: the SIMD kernels compute exactly these integer sums and f32 operations (the
-//! integer tricks they use change how `isum` is computed, never its value, and no 16-bit
-//! intermediate may saturate: see `qdot_x86`); the SIMD activation quantizer equals
-//! [`quantize_block`] bit for bit; every kernel reads x only through [`Q8Activations`]'s
-//! accessors, whose lengths the kernels assert.
+//! integer tricks they use change how `isum` / `I_l` is computed, never its value, and no
+//! 16-bit intermediate may saturate: see `qdot_x86`); the SIMD activation quantizer equals
+//! [`quantize_slice`] bit for bit on both spans; every kernel reads x only through
+//! [`Q8Activations`]'s accessors, whose lengths the kernels assert.
 
 use std::sync::OnceLock;
 
@@ -81,10 +89,13 @@ pub struct Q8Activations {
     qs: Vec<QLine>,
     /// Block scales as f32, `lines` per row, zero past the last block.
     scales: Vec<ScaleLine>,
-    /// `d_b` per block as f32, `k / 32` per row.
-    d: Vec<f32>,
-    /// `d_b · Σ q` per block, `k / 32` per row.
-    sums: Vec<f32>,
+    /// Super-block quants (Q4_K), `lines` per row; empty unless `k % 256 == 0`.
+    sb_qs: Vec<QLine>,
+    /// Super-block scales `D_t` (f32), `k / 256` per row; empty unless `k % 256 == 0`.
+    sb_d: Vec<f32>,
+    /// `D_t · Σ q` per 32-block of the super-block quants, `k / 32` per row; empty unless
+    /// `k % 256 == 0`.
+    sb_sums: Vec<f32>,
 }
 
 impl Q8Activations {
@@ -118,11 +129,17 @@ impl Q8Activations {
             lines,
             qs: vec![QLine([0; LINE]); m * lines],
             scales: vec![ScaleLine([0.0; 16]); m * lines],
-            d: vec![0f32; m * nb],
-            sums: vec![0f32; m * nb],
+            sb_qs: Vec::new(),
+            sb_d: Vec::new(),
+            sb_sums: Vec::new(),
         };
+        if k.is_multiple_of(QK_K) {
+            xq.sb_qs = vec![QLine([0; LINE]); m * lines];
+            xq.sb_d = vec![0f32; m * (k / QK_K)];
+            xq.sb_sums = vec![0f32; m * nb];
+        }
         match kern {
-            Kernel::Scalar => xq.fill(x, quantize_block),
+            Kernel::Scalar => xq.fill(x, quantize_slice),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 | Kernel::Vnni => {
                 assert!(
@@ -136,23 +153,39 @@ impl Q8Activations {
         xq
     }
 
-    /// Quantizes every block of `x` with `quant` (a twin of [`quantize_block`]) and stores it
-    /// in the layout of the module doc.
+    /// Quantizes every 32-block and super-block of `x` with `quant` (a twin of
+    /// [`quantize_slice`]) and stores them in the layout of the module doc.
     #[inline(always)]
-    pub(crate) fn fill(&mut self, x: &[f32], quant: impl Fn(&[f32; QK8_0]) -> (f16, [i8; QK8_0])) {
+    pub(crate) fn fill(&mut self, x: &[f32], quant: impl Fn(&[f32], &mut [i8]) -> f32) {
         let (k, nb, lines) = (self.k, self.k / QK8_0, self.lines);
         for i in 0..self.m {
             let xr = &x[i * k..(i + 1) * k];
             for (b, xb) in xr.chunks_exact(QK8_0).enumerate() {
-                let (dh, q) = quant(xb.try_into().expect("32 values"));
+                let mut q = [0i8; QK8_0];
+                let dh = f16::from_f32(quant(xb, &mut q));
                 let (line, half) = (i * lines + b / 2, b % 2);
                 self.qs[line].0[32 * half..32 * half + 32].copy_from_slice(&q);
-                let df = dh.to_f32();
-                self.d[i * nb + b] = df;
-                self.scales[line].0[8 * half..8 * half + 8].fill(df);
-                let s: i32 = q.iter().map(|&v| v as i32).sum();
-                // Exact: |s| <= 32·127 < 2^12 and df has an 11-bit significand.
-                self.sums[i * nb + b] = df * s as f32;
+                self.scales[line].0[8 * half..8 * half + 8].fill(dh.to_f32());
+            }
+        }
+        if self.sb_d.is_empty() {
+            return;
+        }
+        let nsb = k / QK_K;
+        for i in 0..self.m {
+            let xr = &x[i * k..(i + 1) * k];
+            for (t, xs) in xr.chunks_exact(QK_K).enumerate() {
+                let mut q = [0i8; QK_K];
+                let d = quant(xs, &mut q);
+                self.sb_d[i * nsb + t] = d;
+                for (l, ql) in q.chunks_exact(LINE).enumerate() {
+                    self.sb_qs[i * lines + 4 * t + l].0.copy_from_slice(ql);
+                }
+                for (s, qb) in q.chunks_exact(QK8_0).enumerate() {
+                    let sum: i32 = qb.iter().map(|&v| v as i32).sum();
+                    // |sum| <= 32·127 is exact in f32; the product rounds once.
+                    self.sb_sums[i * nb + 8 * t + s] = d * sum as f32;
+                }
             }
         }
     }
@@ -185,32 +218,59 @@ impl Q8Activations {
         &self.scales[i * self.lines..(i + 1) * self.lines]
     }
 
-    /// Block scales `d_b` of row `i`.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    pub(crate) fn d_row(&self, i: usize) -> &[f32] {
-        let nb = self.k / QK8_0;
-        &self.d[i * nb..(i + 1) * nb]
+    /// Panics unless the super-block quantization exists (`k % 256 == 0`).
+    fn assert_sb(&self) {
+        assert!(
+            !self.sb_d.is_empty() || self.m == 0,
+            "Q8Activations: k = {} is not a multiple of {QK_K}: no super-block quants",
+            self.k
+        );
     }
 
-    /// Block sums `d_b · Σ q` of row `i`.
-    pub(crate) fn sums_row(&self, i: usize) -> &[f32] {
+    /// Super-block quant lines of row `i` (`k` quants, `k % 256 == 0`).
+    pub(crate) fn sb_qs_row(&self, i: usize) -> &[QLine] {
+        self.assert_sb();
+        &self.sb_qs[i * self.lines..(i + 1) * self.lines]
+    }
+
+    /// The super-block quants of row `i` as bytes (`k` of them).
+    pub(crate) fn sb_qs_bytes(&self, i: usize) -> &[i8] {
+        let row = self.sb_qs_row(i);
+        // SAFETY: as in `qs_bytes`: `row.len()` 64-byte lines without padding, borrowed from
+        // `self`.
+        unsafe { std::slice::from_raw_parts(row.as_ptr().cast::<i8>(), row.len() * LINE) }
+    }
+
+    /// Super-block scales `D_t` of row `i` (`k / 256`).
+    pub(crate) fn sb_d_row(&self, i: usize) -> &[f32] {
+        self.assert_sb();
+        let nsb = self.k / QK_K;
+        &self.sb_d[i * nsb..(i + 1) * nsb]
+    }
+
+    /// Super-block block sums `D_t · Σ q` of row `i` (`k / 32`, 8 per super-block).
+    pub(crate) fn sb_sums_row(&self, i: usize) -> &[f32] {
+        self.assert_sb();
         let nb = self.k / QK8_0;
-        &self.sums[i * nb..(i + 1) * nb]
+        &self.sb_sums[i * nb..(i + 1) * nb]
     }
 }
 
-/// One Q8_0 block of x, bit for bit as [`crate::quant::quantize_row_q8_0`] computes it
-/// (`round` there is half away from zero; here the same rounding without a libm call), except
-/// that quants are clamped to ±127: −128 only arises when `x·(1/d)` overflows (a block with
-/// `amax` below ~3.7e-37, whose f16 scale is then 0, so no result changes), and the kernels'
-/// integer tricks rely on `|q| <= 127`. A test compares the two on random, tie-heavy,
-/// tiny and non-finite data.
+/// The activation quantizer: `d = amax / 127` over `x` (f32, not rounded) and
+/// `q = round(x · (1/d))` (half away from zero) clamped to ±127, written to `q`; returns `d`.
+/// Used on 32-blocks (which then store `d` rounded to f16) and on Q4_K's 256-element
+/// super-blocks (which keep `d` in f32). On a 32-block with `d` rounded to f16 it is bit for
+/// bit [`crate::quant::quantize_row_q8_0`] (`round` there is half away from zero; here the
+/// same rounding without a libm call), except that quants are clamped to ±127: −128 only
+/// arises when `x·(1/d)` overflows (`amax` below ~3.7e-37, whose f16 scale is then 0, so no
+/// result changes), and the kernels' integer tricks rely on `|q| <= 127`. A test compares the
+/// two on random, tie-heavy, tiny and non-finite data. Panics unless the lengths are equal.
 #[inline]
-pub(crate) fn quantize_block(x: &[f32; QK8_0]) -> (f16, [i8; QK8_0]) {
+pub(crate) fn quantize_slice(x: &[f32], q: &mut [i8]) -> f32 {
+    assert_eq!(x.len(), q.len());
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut q = [0i8; QK8_0];
     for (q, &v) in q.iter_mut().zip(x) {
         let t = v * id;
         let a = t.abs();
@@ -221,7 +281,7 @@ pub(crate) fn quantize_block(x: &[f32; QK8_0]) -> (f16, [i8; QK8_0]) {
         }
         *q = (if t < 0.0 { -r } else { r }).clamp(-127, 127) as i8;
     }
-    (f16::from_f32(d), q)
+    d
 }
 
 /// Which q8-activation kernel runs.
@@ -544,34 +604,43 @@ pub(crate) fn dot_q8_0_scalar(xq: &Q8Activations, i: usize, w: &[BlockQ8_0]) -> 
     hsum16(&acc)
 }
 
-/// Scalar twin for Q4_K weights: x row `i` · one weight row (`k / 256` super-blocks), in the
-/// module's order.
+/// Scalar twin for Q4_K weights: x row `i` (its super-block quants) · one weight row
+/// (`k / 256` super-blocks), in the module's order.
 pub(crate) fn dot_q4k_scalar(xq: &Q8Activations, i: usize, w: &[BlockQ4K]) -> f32 {
     assert_eq!(w.len() * QK_K, xq.k());
-    let (qs, sc, sums) = (xq.qs_bytes(i), xq.scales_row(i), xq.sums_row(i));
-    // acc[j % 2] takes chunk j = s / 2 (sub-blocks 2j, 2j + 1).
-    let mut acc = [[0f32; 16]; 2];
+    let (qs, dx, sums) = (xq.sb_qs_bytes(i), xq.sb_d_row(i), xq.sb_sums_row(i));
+    let mut acc = [0f32; 16];
     let mut mins = [0f32; 8];
-    for (sb, wb) in w.iter().enumerate() {
-        let (d, dmin) = (wb.d.to_f32(), wb.dmin.to_f32());
+    for (t, wb) in w.iter().enumerate() {
+        // I_l: exact, |I_l| <= 2·8·63·15·127 < 2^21 (lane layout: see the module doc).
+        let mut isum = [0i32; 16];
         for s in 0..8 {
-            let b = 8 * sb + s;
-            let half = s % 2;
+            let b = 8 * t + s;
             let (scale, _) = wb.scale_min(s);
-            let dd = sc[b / 2].0[8 * half] * (d * scale as f32);
             let q = &wb.qs[32 * (s / 2)..32 * (s / 2) + 32];
-            let sh = 4 * half;
-            let isum = isums(&qs[32 * b..32 * b + 32], |t| ((q[t] >> sh) & 0x0F) as i32);
-            for (a, v) in acc[s / 2 % 2][8 * half..8 * half + 8].iter_mut().zip(isum) {
-                *a = dd.mul_add(v as f32, *a);
+            let sh = 4 * (s % 2);
+            let xb = &qs[32 * b..32 * b + 32];
+            let r = s % 4;
+            for h in 0..4 {
+                let d8: i32 = (8 * h..8 * h + 8)
+                    .map(|u| xb[u] as i32 * ((q[u] >> sh) & 0x0F) as i32)
+                    .sum();
+                let l = 4 * (2 * (r % 2) + h / 2) + 2 * (r / 2) + h % 2;
+                isum[l] += scale as i32 * d8;
             }
         }
+        // One rounding: an f16 value times an f32.
+        let dd = wb.d.to_f32() * dx[t];
+        for (a, v) in acc.iter_mut().zip(isum) {
+            *a = dd.mul_add(v as f32, *a);
+        }
+        let dmin = wb.dmin.to_f32();
         for (s, mn) in mins.iter_mut().enumerate() {
             let (_, m) = wb.scale_min(s);
-            *mn = (dmin * m as f32).mul_add(sums[8 * sb + s], *mn);
+            *mn = (dmin * m as f32).mul_add(sums[8 * t + s], *mn);
         }
     }
-    hsum16(&std::array::from_fn(|l| acc[0][l] + acc[1][l])) - hsum8(&mins)
+    hsum16(&acc) - hsum8(&mins)
 }
 
 /// `out[m, n] = q8(x)[m, k] · dequantize(w)[n, k]ᵀ` for Q8_0 weights: [`Q8Activations::new`]

@@ -17,8 +17,17 @@
 //!   `|x| <= 127`, so `−x` fits). `vpmaddubsw` adds byte-product pairs into saturating i16s:
 //!   `2·128·127 = 32512 < 2^15`, no saturation; `vpmaddwd` by ones then gives the same i32
 //!   4-byte sums that `vpdpbusd` gives directly (|sum| <= 4·128·127, no wrap).
-//! - Q4_K: the 4-bit weights are already unsigned (`vpdpbusd(q, x)`, or `vpmaddubsw` with pair
-//!   sums `<= 2·15·127`).
+//! - Q4_K (x: the super-block quants): the 4-bit weights are already unsigned. Per row and
+//!   super-block, the 4 chunks of 64 weights (sub-blocks 2j, 2j + 1) go in pairs (2P, 2P + 1):
+//!   VNNI: `vpdpbusd` gives each chunk's 4-byte sums (`|v| <= 4·15·127 = 7620 < 2^15`),
+//!   `vpackssdw` packs the pair's two vectors to i16 without saturating (per 128-bit lane:
+//!   4 sums of chunk 2P, then 4 of chunk 2P + 1), and `vpdpwssd` multiplies adjacent i16
+//!   pairs by the sub-block scales (laid over the i16 lanes by `vpermw`) and adds them into
+//!   the i32 lanes `I_l` (so lane `l` gets the 8-byte sums `dot8(s, h)` of `qdot`'s layout);
+//!   AVX2: `vpmaddubsw` (pair sums `<= 2·15·127`), `vpmaddwd` by the sub-block's scale (i32
+//!   4-byte sums times `sc_s`), then `vphaddd` of the two chunks gives the same lanes as the
+//!   pack (per 128-bit lane: adjacent sums of the first vector, then of the second). Each
+//!   `I_l` is below 2^21, so the single `vcvtdq2ps` per super-block and row is exact.
 //!
 //! The AVX2 kernels keep each 16-lane f32 accumulator as two 8-lane halves (lanes 0..8 and
 //! 8..16), so their f32 operations are the VNNI kernels' lane for lane.
@@ -28,9 +37,7 @@
 
 use core::arch::x86_64::*;
 
-use half::f16;
-
-use crate::qdot::{quantize_block, unpack_scales_mins, Dst, Q8Activations, XRows};
+use crate::qdot::{quantize_slice, unpack_scales_mins, Dst, Q8Activations, XRows};
 use crate::quant::{BlockQ4K, BlockQ8_0, QK8_0, QK_K};
 
 /// How far ahead of the weight stream the Q8_0 VNNI kernel prefetches when it runs `MR >= 2`
@@ -88,27 +95,44 @@ fn widen(bits: u16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
-/// Raw pointers to the quants, the scale lines, the block scales and the block sums of each
-/// row of a group.
+/// Raw pointers to the 32-block quants and the scale lines of each row of a group (Q8_0).
 struct RowPtrs<const MR: usize> {
     qs: [*const i8; MR],
     scales: [*const f32; MR],
-    d: [*const f32; MR],
-    sums: [*const f32; MR],
 }
 
 impl<const MR: usize> RowPtrs<MR> {
-    /// Pointers for x rows `x.x0 ..`; each row has `64 · lines` quants, `16 · lines` scale
-    /// floats (64-byte aligned, see `Q8Activations`), `k / 32` block scales and `k / 32` sums.
-    /// Panics unless the group has `MR` rows.
+    /// Pointers for x rows `x.x0 ..`; each row has `64 · lines` quants and `16 · lines` scale
+    /// floats (64-byte aligned, see `Q8Activations`). Panics unless the group has `MR` rows.
     #[inline(always)]
     fn new(x: XRows<'_>) -> Self {
         assert!(x.rows == MR && x.x0 + MR <= x.xq.rows());
         RowPtrs {
             qs: std::array::from_fn(|r| x.xq.qs_row(x.x0 + r).as_ptr().cast()),
             scales: std::array::from_fn(|r| x.xq.scales_row(x.x0 + r).as_ptr().cast()),
-            d: std::array::from_fn(|r| x.xq.d_row(x.x0 + r).as_ptr()),
-            sums: std::array::from_fn(|r| x.xq.sums_row(x.x0 + r).as_ptr()),
+        }
+    }
+}
+
+/// Raw pointers to the super-block quants, scales `D_t` and block sums of each row of a
+/// group (Q4_K).
+struct SbPtrs<const MR: usize> {
+    qs: [*const i8; MR],
+    d: [*const f32; MR],
+    sums: [*const f32; MR],
+}
+
+impl<const MR: usize> SbPtrs<MR> {
+    /// Pointers for x rows `x.x0 ..`; each row has `k` quants (64-byte aligned lines),
+    /// `k / 256` scales and `k / 32` sums. Panics unless the group has `MR` rows and the
+    /// activations have super-blocks.
+    #[inline(always)]
+    fn new(x: XRows<'_>) -> Self {
+        assert!(x.rows == MR && x.x0 + MR <= x.xq.rows());
+        SbPtrs {
+            qs: std::array::from_fn(|r| x.xq.sb_qs_row(x.x0 + r).as_ptr().cast()),
+            d: std::array::from_fn(|r| x.xq.sb_d_row(x.x0 + r).as_ptr()),
+            sums: std::array::from_fn(|r| x.xq.sb_sums_row(x.x0 + r).as_ptr()),
         }
     }
 }
@@ -116,69 +140,75 @@ impl<const MR: usize> RowPtrs<MR> {
 // ---------------------------------------------------------------------------------------------
 // Activation quantizer
 
-/// Quantizes `x` (`[xq.rows(), xq.k()]`) into `xq`, bit for bit as `qdot::quantize_block`.
+/// Quantizes `x` (`[xq.rows(), xq.k()]`) into `xq`, bit for bit as `qdot::quantize_slice`
+/// (32-blocks and, where `k % 256 == 0`, super-blocks).
 ///
 /// # Safety
 /// The CPU must support avx2/fma/f16c.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn quantize_avx2(xq: &mut Q8Activations, x: &[f32]) {
-    xq.fill(x, |b| quantize_block_avx2(b));
+    xq.fill(x, |x, q| quantize_slice_avx2(x, q));
 }
 
-/// One block as `qdot::quantize_block` computes it: the same max (exact, in any order), the
-/// same scalar `d` and `1/d`, the same product `x·(1/d)`, and its rounding half away from zero
-/// as truncation plus `frac >= 0.5`. Blocks with a non-finite value (vector max treats NaN
-/// differently from `f32::max`) or an infinite `1/d` take the scalar function.
+/// `qdot::quantize_slice` for a multiple of 32 values: the same max (exact, in any order),
+/// the same scalar `d` and `1/d`, the same product `x·(1/d)`, and its rounding half away from
+/// zero as truncation plus `frac >= 0.5`. Slices with a non-finite value (vector max treats
+/// NaN differently from `f32::max`) or an infinite `1/d` take the scalar function. Panics
+/// unless the lengths are equal multiples of 32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn quantize_block_avx2(x: &[f32; QK8_0]) -> (f16, [i8; QK8_0]) {
+fn quantize_slice_avx2(x: &[f32], q: &mut [i8]) -> f32 {
+    assert!(x.len() == q.len() && x.len().is_multiple_of(QK8_0));
     let sign = _mm256_set1_ps(-0.0);
-    // SAFETY: x has 32 floats: 4 unaligned loads of 8.
-    let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) });
-    let a = v.map(|v| _mm256_andnot_ps(sign, v));
     let inf = _mm256_set1_ps(f32::INFINITY);
-    let finite = a
-        .iter()
-        .fold(_mm256_castsi256_ps(_mm256_set1_epi32(-1)), |m, &a| {
-            _mm256_and_ps(m, _mm256_cmp_ps::<_CMP_LT_OQ>(a, inf))
-        });
-    if _mm256_movemask_ps(finite) != 0xFF {
-        return quantize_block(x);
+    let mut finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    let mut m = _mm256_setzero_ps();
+    for c in x.chunks_exact(8) {
+        // SAFETY: `c` has 8 floats; unaligned load.
+        let a = _mm256_andnot_ps(sign, unsafe { _mm256_loadu_ps(c.as_ptr()) });
+        finite = _mm256_and_ps(finite, _mm256_cmp_ps::<_CMP_LT_OQ>(a, inf));
+        m = _mm256_max_ps(m, a);
     }
-    let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+    if _mm256_movemask_ps(finite) != 0xFF {
+        return quantize_slice(x, q);
+    }
     let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
     let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     if id == f32::INFINITY {
-        // Tiny blocks (amax below ~3.7e-37): x·(1/d) is ±inf or NaN, which the scalar
+        // Tiny slices (amax below ~3.7e-37): x·(1/d) is ±inf or NaN, which the scalar
         // function maps to ±127 / 0 through saturating casts.
-        return quantize_block(x);
+        return quantize_slice(x, q);
     }
     let idv = _mm256_set1_ps(id);
     let half = _mm256_set1_ps(0.5);
     let one = _mm256_set1_ps(1.0);
-    let q = v.map(|v| {
-        let t = _mm256_mul_ps(v, idv);
-        let a = _mm256_andnot_ps(sign, t);
-        let tr = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(a);
-        let up = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_sub_ps(a, tr), half), one);
-        // r >= 0 is an integer <= 128, so OR-ing t's sign bit negates it exactly.
-        let r = _mm256_or_ps(_mm256_add_ps(tr, up), _mm256_and_ps(t, sign));
-        _mm256_cvtps_epi32(r)
-    });
-    // i32 -> i8 with saturation (values are within ±127 already); the packs interleave 128-bit
-    // lanes, the permute restores element order.
-    let p = _mm256_packs_epi16(
-        _mm256_packs_epi32(q[0], q[1]),
-        _mm256_packs_epi32(q[2], q[3]),
-    );
-    let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    let mut out = [0i8; QK8_0];
-    // SAFETY: out has 32 bytes; unaligned store.
-    unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), p) };
-    (f16::from_f32(d), out)
+    for (xc, qc) in x.chunks_exact(QK8_0).zip(q.chunks_exact_mut(QK8_0)) {
+        // SAFETY: `xc` has 32 floats: 4 unaligned loads of 8.
+        let v: [__m256; 4] =
+            std::array::from_fn(|i| unsafe { _mm256_loadu_ps(xc.as_ptr().add(8 * i)) });
+        let r = v.map(|v| {
+            let t = _mm256_mul_ps(v, idv);
+            let a = _mm256_andnot_ps(sign, t);
+            let tr = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(a);
+            let up = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_sub_ps(a, tr), half), one);
+            // r >= 0 is an integer <= 128, so OR-ing t's sign bit negates it exactly.
+            let r = _mm256_or_ps(_mm256_add_ps(tr, up), _mm256_and_ps(t, sign));
+            _mm256_cvtps_epi32(r)
+        });
+        // i32 -> i8 with saturation (values are within ±127 already); the packs interleave
+        // 128-bit lanes, the permute restores element order.
+        let p = _mm256_packs_epi16(
+            _mm256_packs_epi32(r[0], r[1]),
+            _mm256_packs_epi32(r[2], r[3]),
+        );
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: `qc` has 32 bytes; unaligned store.
+        unsafe { _mm256_storeu_si256(qc.as_mut_ptr().cast(), p) };
+    }
+    d
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -284,70 +314,80 @@ pub(crate) unsafe fn q4k_vnni(x: XRows<'_>, w: &[BlockQ4K], dst: &mut Dst) {
     by_rows!(x.rows, q4k_vnni_rows, (x, w, dst))
 }
 
-/// The 8 sub-block scales `d·sc_s` and mins `dmin·m_s` of a super-block (exact products).
+/// The 8 six-bit sub-block scales of a super-block as i16 (lanes 0..8 of the result), its
+/// scale `d` as f32 and the 8 mins `dmin·m_s` (exact products).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q4k_scales(b: &BlockQ4K) -> (__m256, __m256) {
+fn q4k_scales(b: &BlockQ4K) -> (__m128i, f32, __m256) {
     let (sc, mn) = unpack_scales_mins(&b.scales);
-    let widen8 = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)));
-    let d = _mm256_set1_ps(widen(b.d.to_bits()));
+    let sc16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64));
+    let mn32 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64)));
     let dmin = _mm256_set1_ps(widen(b.dmin.to_bits()));
-    (
-        _mm256_mul_ps(d, widen8(sc)),
-        _mm256_mul_ps(dmin, widen8(mn)),
-    )
+    (sc16, widen(b.d.to_bits()), _mm256_mul_ps(dmin, mn32))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q4k_vnni_rows<const MR: usize>(x: XRows<'_>, w: &[BlockQ4K], dst: &mut Dst) {
     let bpr = x.xq.k() / QK_K;
     assert!(bpr > 0 && bpr * QK_K == x.xq.k() && w.len().is_multiple_of(bpr));
-    let rp = RowPtrs::<MR>::new(x);
+    let rp = SbPtrs::<MR>::new(x);
     let low = _mm512_set1_epi8(0x0F);
     let zero = _mm512_setzero_si512();
     // 16-bit shift counts: 0 in the low 256 bits (low nibbles: sub-block 2j), 4 in the high
     // 256 bits (high nibbles: sub-block 2j + 1) of a broadcast 32-byte chunk j of `qs`.
     let shifts = _mm512_inserti64x4::<1>(zero, _mm256_set1_epi16(4));
-    // Lane selectors: sub-block 2j's value in lanes 0..8, 2j + 1's in lanes 8..16.
-    let sel: [__m512i; 4] = std::array::from_fn(|j| {
-        let (a, b) = (2 * j as i32, 2 * j as i32 + 1);
-        _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a)
+    // i16 scale selectors of chunk pair P: i16 lanes 2l, 2l + 1 take sub-block
+    // 4P + 2·⌊(l % 4) / 2⌋ + ⌊l / 8⌋ (the module doc's lane layout, after the pack below).
+    let sel: [__m512i; 2] = std::array::from_fn(|pp| {
+        let idx: [i16; 32] = std::array::from_fn(|i| (4 * pp + 2 * ((i / 4) % 2) + i / 16) as i16);
+        // SAFETY: `idx` is 64 bytes; unaligned load.
+        unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) }
     });
+    // Chunk j of `qs` as 64 unsigned nibbles: sub-block 2j in bytes 0..32, 2j + 1 in 32..64.
+    let nibbles = |b: &BlockQ4K, j: usize| {
+        // SAFETY: qs[32j .. 32j + 32] is inside the 128-byte qs (j < 4); unaligned.
+        let q = unsafe { _mm256_loadu_si256(b.qs.as_ptr().add(32 * j).cast()) };
+        _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(q), shifts), low)
+    };
     for (c, wr) in w.chunks_exact(bpr).enumerate() {
-        // [r][j % 2]: chunks j = 0, 2 feed the first accumulator, j = 1, 3 the second.
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut acc = [_mm512_setzero_ps(); MR];
         let mut mins = [_mm256_setzero_ps(); MR];
         for (sb, b) in wr.iter().enumerate() {
-            let (dsc, dm) = q4k_scales(b);
-            // dd[r]: the 8 products d_x·(d·sc_s) of this super-block, one per sub-block.
-            let dd: [__m256; MR] = std::array::from_fn(|r| {
-                // SAFETY: the super-block's 8 block scales of row r exist (k/32 per row).
-                let dx = unsafe { _mm256_loadu_ps(rp.d[r].add(8 * sb)) };
-                _mm256_mul_ps(dx, dsc)
-            });
-            let line0 = 4 * sb;
-            for (j, sel) in sel.iter().enumerate() {
-                // SAFETY: qs[32j .. 32j + 32] is inside the 128-byte qs (j < 4); unaligned.
-                let q = unsafe { _mm256_loadu_si256(b.qs.as_ptr().add(32 * j).cast()) };
-                let wq =
-                    _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(q), shifts), low);
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    // SAFETY: line 4·sb + j < k/64 = lines of row r; 64-byte aligned.
-                    let xq = unsafe { _mm512_load_si512(rp.qs[r].add(64 * (line0 + j)).cast()) };
-                    let s = _mm512_dpbusd_epi32(zero, wq, xq);
-                    let d = _mm512_permutexvar_ps(*sel, _mm512_castps256_ps512(dd[r]));
-                    acc[j % 2] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[j % 2]);
+            let (sc8, d, dm) = q4k_scales(b);
+            let sc8 = _mm512_castsi128_si512(sc8);
+            let mut isum = [zero; MR];
+            for (pp, sel) in sel.iter().enumerate() {
+                let (wa, wb) = (nibbles(b, 2 * pp), nibbles(b, 2 * pp + 1));
+                let sc = _mm512_permutexvar_epi16(*sel, sc8);
+                let line = 4 * sb + 2 * pp;
+                for (r, isum) in isum.iter_mut().enumerate() {
+                    // SAFETY: lines 4·sb + 2P and + 1 < k/64 = lines of row r; 64-byte aligned.
+                    let (xa, xb) = unsafe {
+                        let p = rp.qs[r].add(64 * line);
+                        (
+                            _mm512_load_si512(p.cast()),
+                            _mm512_load_si512(p.add(64).cast()),
+                        )
+                    };
+                    // 4-byte sums |v| <= 4·15·127 < 2^15: the pack to i16 does not saturate.
+                    let va = _mm512_dpbusd_epi32(zero, wa, xa);
+                    let vb = _mm512_dpbusd_epi32(zero, wb, xb);
+                    let p = _mm512_packs_epi32(va, vb);
+                    *isum = _mm512_dpwssd_epi32(*isum, p, sc);
                 }
             }
-            for (r, mins) in mins.iter_mut().enumerate() {
-                // SAFETY: the super-block's 8 block sums of row r exist (k/32 per row).
-                let xs = unsafe { _mm256_loadu_ps(rp.sums[r].add(8 * sb)) };
-                *mins = _mm256_fmadd_ps(dm, xs, *mins);
+            for r in 0..MR {
+                // SAFETY: super-block sb's scale and its 8 block sums of row r exist.
+                let (dx, xs) =
+                    unsafe { (*rp.d[r].add(sb), _mm256_loadu_ps(rp.sums[r].add(8 * sb))) };
+                // |isum| < 2^21: exact in f32.
+                acc[r] =
+                    _mm512_fmadd_ps(_mm512_set1_ps(d * dx), _mm512_cvtepi32_ps(isum[r]), acc[r]);
+                mins[r] = _mm256_fmadd_ps(dm, xs, mins[r]);
             }
         }
         for r in 0..MR {
-            let a = _mm512_add_ps(acc[r][0], acc[r][1]);
-            dst.set(r, c, hsum16(a) - hsum8(mins[r]));
+            dst.set(r, c, hsum16(acc[r]) - hsum8(mins[r]));
         }
     }
 }
@@ -419,51 +459,64 @@ pub(crate) unsafe fn q4k_avx2(x: XRows<'_>, w: &[BlockQ4K], dst: &mut Dst) {
 fn q4k_avx2_rows<const MR: usize>(x: XRows<'_>, w: &[BlockQ4K], dst: &mut Dst) {
     let bpr = x.xq.k() / QK_K;
     assert!(bpr > 0 && bpr * QK_K == x.xq.k() && w.len().is_multiple_of(bpr));
-    let rp = RowPtrs::<MR>::new(x);
+    let rp = SbPtrs::<MR>::new(x);
     let low = _mm256_set1_epi8(0x0F);
+    let zero = _mm256_setzero_si256();
     for (c, wr) in w.chunks_exact(bpr).enumerate() {
-        // [r][j % 2][half]: the VNNI kernel's two accumulators, in 8-lane halves.
-        let mut acc = [[[_mm256_setzero_ps(); 2]; 2]; MR];
+        // [r][half]: the VNNI kernel's 16-lane accumulator in 8-lane halves.
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         let mut mins = [_mm256_setzero_ps(); MR];
         for (sb, b) in wr.iter().enumerate() {
-            let (dsc, dm) = q4k_scales(b);
-            let dd: [__m256; MR] = std::array::from_fn(|r| {
-                // SAFETY: the super-block's 8 block scales of row r exist (k/32 per row).
-                let dx = unsafe { _mm256_loadu_ps(rp.d[r].add(8 * sb)) };
-                _mm256_mul_ps(dx, dsc)
-            });
-            for j in 0..4 {
-                // SAFETY: qs[32j .. 32j + 32] is inside the 128-byte qs (j < 4); unaligned.
-                let q = unsafe { _mm256_loadu_si256(b.qs.as_ptr().add(32 * j).cast()) };
-                let wq = [
-                    _mm256_and_si256(q, low),
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(q), low),
-                ];
-                let line = 4 * sb + j;
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    for (h, wq) in wq.iter().enumerate() {
-                        // SAFETY: line 4·sb + j < lines of row r; half h: quants
-                        // 64·line + 32h .. + 32, 32-byte aligned.
-                        let xq =
-                            unsafe { _mm256_load_si256(rp.qs[r].add(64 * line + 32 * h).cast()) };
-                        let s = dot4(*wq, xq);
-                        let sel = _mm256_set1_epi32((2 * j + h) as i32);
-                        let d = _mm256_permutevar8x32_ps(dd[r], sel);
-                        let a = &mut acc[j % 2][h];
-                        *a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), *a);
+            let (sc8, d, dm) = q4k_scales(b);
+            let mut sc = [0i16; 8];
+            // SAFETY: `sc` is 16 bytes; unaligned store.
+            unsafe { _mm_storeu_si128(sc.as_mut_ptr().cast(), sc8) };
+            let mut isum = [[zero; 2]; MR];
+            for pp in 0..2 {
+                // Chunks 2P and 2P + 1 as unsigned nibbles: [chunk][half].
+                let wq: [[__m256i; 2]; 2] = std::array::from_fn(|e| {
+                    let j = 2 * pp + e;
+                    // SAFETY: qs[32j .. 32j + 32] is inside the 128-byte qs (j < 4); unaligned.
+                    let q = unsafe { _mm256_loadu_si256(b.qs.as_ptr().add(32 * j).cast()) };
+                    [
+                        _mm256_and_si256(q, low),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(q), low),
+                    ]
+                });
+                for (r, isum) in isum.iter_mut().enumerate() {
+                    for h in 0..2 {
+                        // Half h of the 16 lanes: sub-blocks 4P + h (chunk 2P) and 4P + 2 + h
+                        // (chunk 2P + 1), their 8-byte sums paired by the hadd.
+                        let v: [__m256i; 2] = std::array::from_fn(|e| {
+                            let line = 4 * sb + 2 * pp + e;
+                            // SAFETY: line < lines of row r; half h: quants 64·line + 32h ..
+                            // + 32, 32-byte aligned.
+                            let xq = unsafe {
+                                _mm256_load_si256(rp.qs[r].add(64 * line + 32 * h).cast())
+                            };
+                            // Pair sums |p| <= 2·15·127: no i16 saturation.
+                            let p = _mm256_maddubs_epi16(wq[e][h], xq);
+                            _mm256_madd_epi16(p, _mm256_set1_epi16(sc[4 * pp + 2 * e + h]))
+                        });
+                        isum[h] = _mm256_add_epi32(isum[h], _mm256_hadd_epi32(v[0], v[1]));
                     }
                 }
             }
-            for (r, mins) in mins.iter_mut().enumerate() {
-                // SAFETY: the super-block's 8 block sums of row r exist (k/32 per row).
-                let xs = unsafe { _mm256_loadu_ps(rp.sums[r].add(8 * sb)) };
-                *mins = _mm256_fmadd_ps(dm, xs, *mins);
+            for r in 0..MR {
+                // SAFETY: super-block sb's scale and its 8 block sums of row r exist.
+                let (dx, xs) =
+                    unsafe { (*rp.d[r].add(sb), _mm256_loadu_ps(rp.sums[r].add(8 * sb))) };
+                let dd = _mm256_set1_ps(d * dx);
+                for h in 0..2 {
+                    // |isum| < 2^21: exact in f32.
+                    let v = _mm256_cvtepi32_ps(isum[r][h]);
+                    acc[r][h] = _mm256_fmadd_ps(dd, v, acc[r][h]);
+                }
+                mins[r] = _mm256_fmadd_ps(dm, xs, mins[r]);
             }
         }
         for r in 0..MR {
-            let [a, b] = acc[r];
-            let (lo, hi) = (_mm256_add_ps(a[0], b[0]), _mm256_add_ps(a[1], b[1]));
-            dst.set(r, c, hsum16_halves(lo, hi) - hsum8(mins[r]));
+            dst.set(r, c, hsum16_halves(acc[r][0], acc[r][1]) - hsum8(mins[r]));
         }
     }
 }
