@@ -85,7 +85,11 @@ pub struct Q8Activations {
     k: usize,
     /// Lines per row (`k / 64` rounded up).
     lines: usize,
-    /// Quants, `lines` per row, zero past `k`.
+    /// The 32-blocks were quantized (`qs`, `scales`).
+    has_blocks: bool,
+    /// The super-blocks were quantized (`sb_*`; `k % 256 == 0`).
+    has_super_blocks: bool,
+    /// Quants, `lines` per row, zero past `k`; empty without the 32-blocks.
     qs: Vec<QLine>,
     /// Block scales as f32, `lines` per row, zero past the last block.
     scales: Vec<ScaleLine>,
@@ -106,9 +110,41 @@ impl Q8Activations {
         Self::new_with(kernel(), x, m, k)
     }
 
+    /// [`Q8Activations::new`] with only the quantization the weights `ws` take: the 32-blocks
+    /// when one is Q8_0, the super-blocks when one is Q4_K (each costs a pass over x and its
+    /// memory). Check [`Q8Activations::serves`] before multiplying by another weight.
+    pub fn for_weights(x: &[f32], m: usize, k: usize, ws: &[Weights<'_>]) -> Self {
+        let blocks = ws.iter().any(|w| matches!(w, Weights::Q8_0(_)));
+        let super_blocks = ws.iter().any(|w| matches!(w, Weights::Q4K(_)));
+        Self::build(kernel(), x, m, k, blocks, super_blocks)
+    }
+
+    /// Whether these activations hold the quantization `w` needs (Q8_0: the 32-blocks, Q4_K:
+    /// the super-blocks); false for every other weight type.
+    pub fn serves(&self, w: &Weights<'_>) -> bool {
+        match w {
+            Weights::Q8_0(_) => self.has_blocks || self.m == 0,
+            Weights::Q4K(_) => self.has_super_blocks || self.m == 0,
+            _ => false,
+        }
+    }
+
     /// [`Q8Activations::new`] with the quantizer of a given kernel (tests force each one; all
     /// give the same bits).
     pub(crate) fn new_with(kern: Kernel, x: &[f32], m: usize, k: usize) -> Self {
+        Self::build(kern, x, m, k, true, true)
+    }
+
+    /// Quantizes into the 32-blocks (`blocks`) and, when `k % 256 == 0`, the super-blocks
+    /// (`super_blocks`).
+    fn build(
+        kern: Kernel,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        blocks: bool,
+        super_blocks: bool,
+    ) -> Self {
         let mk = m
             .checked_mul(k)
             .expect("Q8Activations::new: m*k overflows usize");
@@ -127,13 +163,19 @@ impl Q8Activations {
             m,
             k,
             lines,
-            qs: vec![QLine([0; LINE]); m * lines],
-            scales: vec![ScaleLine([0.0; 16]); m * lines],
+            has_blocks: blocks,
+            has_super_blocks: super_blocks && k.is_multiple_of(QK_K),
+            qs: Vec::new(),
+            scales: Vec::new(),
             sb_qs: Vec::new(),
             sb_d: Vec::new(),
             sb_sums: Vec::new(),
         };
-        if k.is_multiple_of(QK_K) {
+        if blocks {
+            xq.qs = vec![QLine([0; LINE]); m * lines];
+            xq.scales = vec![ScaleLine([0.0; 16]); m * lines];
+        }
+        if xq.has_super_blocks {
             xq.sb_qs = vec![QLine([0; LINE]); m * lines];
             xq.sb_d = vec![0f32; m * (k / QK_K)];
             xq.sb_sums = vec![0f32; m * nb];
@@ -158,7 +200,8 @@ impl Q8Activations {
     #[inline(always)]
     pub(crate) fn fill(&mut self, x: &[f32], quant: impl Fn(&[f32], &mut [i8]) -> f32) {
         let (k, nb, lines) = (self.k, self.k / QK8_0, self.lines);
-        for i in 0..self.m {
+        let rows = if self.has_blocks { self.m } else { 0 };
+        for i in 0..rows {
             let xr = &x[i * k..(i + 1) * k];
             for (b, xb) in xr.chunks_exact(QK8_0).enumerate() {
                 let mut q = [0i8; QK8_0];
@@ -168,7 +211,7 @@ impl Q8Activations {
                 self.scales[line].0[8 * half..8 * half + 8].fill(dh.to_f32());
             }
         }
-        if self.sb_d.is_empty() {
+        if !self.has_super_blocks {
             return;
         }
         let nsb = k / QK_K;
@@ -200,8 +243,13 @@ impl Q8Activations {
         self.k
     }
 
-    /// Quant lines of row `i` (`k` quants, then zeros up to a whole line).
+    /// Quant lines of row `i` (`k` quants, then zeros up to a whole line). Panics when the
+    /// 32-blocks were not quantized.
     pub(crate) fn qs_row(&self, i: usize) -> &[QLine] {
+        assert!(
+            self.has_blocks,
+            "Q8Activations: no 32-block quants (built for Q4_K only)"
+        );
         &self.qs[i * self.lines..(i + 1) * self.lines]
     }
 
@@ -215,14 +263,19 @@ impl Q8Activations {
 
     /// Scale lines of row `i`.
     pub(crate) fn scales_row(&self, i: usize) -> &[ScaleLine] {
+        assert!(
+            self.has_blocks,
+            "Q8Activations: no 32-block scales (built for Q4_K only)"
+        );
         &self.scales[i * self.lines..(i + 1) * self.lines]
     }
 
     /// Panics unless the super-block quantization exists (`k % 256 == 0`).
     fn assert_sb(&self) {
         assert!(
-            !self.sb_d.is_empty() || self.m == 0,
-            "Q8Activations: k = {} is not a multiple of {QK_K}: no super-block quants",
+            self.has_super_blocks || self.m == 0,
+            "Q8Activations: no super-block quants (k = {} is not a multiple of {QK_K}, or they \
+             were not asked for)",
             self.k
         );
     }
@@ -424,6 +477,11 @@ pub(crate) fn matmul_q8_with(
         ),
     };
     crate::check_matmul_shapes("matmul_q8", m * k, m, k, &w, n, out.len());
+    assert!(
+        xq.serves(&w),
+        "matmul_q8: these activations were quantized for other weights (see \
+         Q8Activations::for_weights / serves)"
+    );
     assert!(
         kern.supported(),
         "q8-activation kernel {kern:?} not supported on this CPU"

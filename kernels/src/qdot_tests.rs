@@ -721,3 +721,40 @@ fn q4k_super_block_error_vs_exact_product_is_bounded() {
         assert!(rel < BOUND, "m={m}: relative L2 error {rel}");
     }
 }
+
+/// `for_weights` quantizes only what the weights take, serves exactly those, and gives the same
+/// bits as `new` for them.
+#[test]
+fn activations_for_weights_quantize_only_what_they_serve() {
+    let mut rng = Rng(11);
+    let (m, n, k) = (3, 5, 512);
+    let x = activations(&mut rng, m, k);
+    let q8 = Qw::random(&mut rng, false, n, k);
+    let q4 = Qw::random(&mut rng, true, n, k);
+    let both = Q8Activations::new(&x, m, k);
+    for (ws, serves_q8, serves_q4) in [
+        (vec![q8.view()], true, false),
+        (vec![q4.view()], false, true),
+        (vec![q8.view(), q4.view()], true, true),
+    ] {
+        let xq = Q8Activations::for_weights(&x, m, k, &ws);
+        assert_eq!(xq.serves(&q8.view()), serves_q8);
+        assert_eq!(xq.serves(&q4.view()), serves_q4);
+        for (w, serves) in [(&q8, serves_q8), (&q4, serves_q4)] {
+            if serves {
+                let mut a = vec![0f32; m * n];
+                let mut b = vec![0f32; m * n];
+                matmul_q8(&xq, w.view(), n, &mut a);
+                matmul_q8(&both, w.view(), n, &mut b);
+                assert_eq!(bits(&a), bits(&b), "{}", w.name());
+            }
+        }
+    }
+    // A weight the activations were not quantized for is refused with a message.
+    let xq = Q8Activations::for_weights(&x, m, k, &[q4.view()]);
+    let refused = std::panic::catch_unwind(|| {
+        let mut out = vec![0f32; m * n];
+        matmul_q8(&xq, q8.view(), n, &mut out);
+    });
+    assert!(refused.is_err());
+}

@@ -30,7 +30,7 @@ impl<'a> Input<'a> {
         // more than the integer dots (bm3g, 2 threads: q4_k prefill +30% at 128 tokens, +17% at
         // 512; q8_0 +12% / +6%).
         let q8 = (act.integer() && ws.iter().any(moe_kernels::q8_activations_supported))
-            .then(|| moe_kernels::Q8Activations::new(x, m, k));
+            .then(|| moe_kernels::Q8Activations::for_weights(x, m, k, ws));
         Input { x, m, k, act, q8 }
     }
 
@@ -39,7 +39,7 @@ impl<'a> Input<'a> {
     pub fn matmul(&self, w: Weights<'_>, n: usize, out: &mut [f32], parallel: bool) {
         let (x, m, k) = (self.x, self.m, self.k);
         match (self.act, w, &self.q8) {
-            (_, _, Some(xq)) if moe_kernels::q8_activations_supported(&w) => {
+            (_, _, Some(xq)) if xq.serves(&w) => {
                 if parallel {
                     moe_kernels::matmul_q8_par(xq, w, n, out)
                 } else {
