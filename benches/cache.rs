@@ -181,14 +181,7 @@ fn main() {
             }
         };
         let info = moe_runtime::cache::api::info(&plan.path).expect("info");
-        let source_bytes: u64 = std::fs::read_dir(&model)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
-            .filter_map(|e| e.metadata().ok())
-            .map(|m| m.len())
-            .sum();
+        let source_bytes = common::weights_size(Path::new(&model));
         let resident: u64 = info
             .tensors
             .iter()

@@ -23,7 +23,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{arg, binary, cpu_model, run_measured};
+use common::{arg, binary, cpu_model, llama_bench_speeds, run_args, run_measured, weights_size};
 
 /// Headroom between the cap and our `ram_budget`: the runtime, allocator and thread stacks.
 const HEADROOM_BYTES: u64 = 256 << 20;
@@ -88,22 +88,6 @@ fn tempfile_path(what: &str) -> PathBuf {
     std::env::temp_dir().join(format!("moe-capped-{}-{what}", std::process::id()))
 }
 
-/// Bytes of the model's files (the HF folder's weights, or one GGUF file).
-fn size_of(path: &Path) -> u64 {
-    if path.is_dir() {
-        std::fs::read_dir(path)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
-            .filter_map(|e| e.metadata().ok())
-            .map(|m| m.len())
-            .sum()
-    } else {
-        std::fs::metadata(path).map_or(0, |m| m.len())
-    }
-}
-
 struct Row {
     prefill: f64,
     decode: f64,
@@ -120,32 +104,15 @@ fn ours(
     gen: usize,
     threads: &str,
 ) -> Result<Row, String> {
-    let ids: Vec<String> = (0..prompt)
-        .map(|i| ((i * 7919 + 11) % 30000).to_string())
-        .collect();
-    let budget = limit.saturating_sub(HEADROOM_BYTES);
-    let args: Vec<String> = [
-        "run",
-        "--model",
+    let budget = limit.saturating_sub(HEADROOM_BYTES).to_string();
+    let args = run_args(
         model,
-        "--ram-budget",
-        &budget.to_string(),
-        "--prompt-ids",
-        &ids.join(","),
-        "--max-tokens",
-        &gen.to_string(),
-        "--ignore-eos",
-        "--temperature",
-        "0",
-        "--json",
-        "--threads",
+        prompt,
+        30000,
+        gen,
         threads,
-        "--max-context",
-        &(prompt + gen + 1).to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        &["--ram-budget", &budget],
+    );
     let r = run_capped(cg, limit, &binary(), &args)?;
     let v: serde_json::Value =
         serde_json::from_str(r.stdout.trim()).map_err(|e| format!("moe-serve output: {e}"))?;
@@ -185,17 +152,7 @@ fn llama(
     .map(|s| s.to_string())
     .collect();
     let r = run_capped(cg, limit, &dir.join("llama-bench"), &args)?;
-    let v: serde_json::Value =
-        serde_json::from_str(&r.stdout).map_err(|e| format!("llama-bench output: {e}"))?;
-    let (mut pp, mut tg) = (f64::NAN, f64::NAN);
-    for t in v.as_array().into_iter().flatten() {
-        let ts = t["avg_ts"].as_f64().unwrap_or(f64::NAN);
-        if t["n_prompt"].as_u64().unwrap_or(0) > 0 {
-            pp = ts;
-        } else {
-            tg = ts;
-        }
-    }
+    let (pp, tg) = llama_bench_speeds(&r.stdout)?;
     Ok(Row {
         prefill: pp,
         decode: tg,
@@ -243,13 +200,13 @@ fn main() {
     };
     let (prompt, gen) = (num("--prompt", 128), num("--gen", 32));
     let threads = arg(&args, "--threads").unwrap_or_else(|| "2".into());
-    let size = size_of(Path::new(&model));
+    let size = weights_size(Path::new(&model));
     println!("machine: {} ({threads} threads used)", cpu_model());
     println!(
         "model: {model} ({:.2} GB of weights) / {} ({:.2} GB); prompt {prompt} tokens, decode {gen} tokens",
         size as f64 / 1e9,
         gguf.display(),
-        size_of(&gguf) as f64 / 1e9
+        weights_size(&gguf) as f64 / 1e9
     );
     println!(
         "each run alone in cgroup {} at the cap, page cache dropped first; ours with ram_budget = cap - 256 MiB",

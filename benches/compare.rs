@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use common::{arg, binary, cpu_model, run_measured, warm_page_cache};
+use common::{arg, binary, cpu_model, llama_bench_speeds, run_args, run_measured, warm_page_cache};
 
 /// Best of several 2-thread streaming reads over a buffer far larger than the caches, bytes/s.
 fn read_bandwidth() -> f64 {
@@ -117,30 +117,15 @@ fn ours(
     threads: &str,
 ) -> Result<Row, String> {
     warm_page_cache(Path::new(model));
-    let ids: Vec<String> = (0..prompt)
-        .map(|i| ((i * 7919 + 11) % id_modulus).to_string())
-        .collect();
-    let (out, rss) = run_measured(Command::new(binary()).args([
-        "run",
-        "--model",
+    let args = run_args(
         model,
-        "--quantization",
-        quant,
-        "--activations",
-        activations,
-        "--prompt-ids",
-        &ids.join(","),
-        "--max-tokens",
-        &gen.to_string(),
-        "--ignore-eos",
-        "--temperature",
-        "0",
-        "--json",
-        "--threads",
+        prompt,
+        id_modulus,
+        gen,
         threads,
-        "--max-context",
-        &(prompt + gen + 1).to_string(),
-    ]))?;
+        &["--quantization", quant, "--activations", activations],
+    );
+    let (out, rss) = run_measured(Command::new(binary()).args(&args))?;
     let v: serde_json::Value = serde_json::from_str(out.trim()).map_err(|e| e.to_string())?;
     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     Ok(Row {
@@ -179,17 +164,7 @@ fn llama(
         "-o",
         "json",
     ]))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&out).map_err(|e| format!("llama-bench output: {e}"))?;
-    let (mut pp, mut tg) = (f64::NAN, f64::NAN);
-    for r in v.as_array().into_iter().flatten() {
-        let ts = r["avg_ts"].as_f64().unwrap_or(f64::NAN);
-        if r["n_prompt"].as_u64().unwrap_or(0) > 0 {
-            pp = ts;
-        } else {
-            tg = ts;
-        }
-    }
+    let (pp, tg) = llama_bench_speeds(&out)?;
     Ok(Row {
         engine: format!("llama.cpp {label}"),
         prefill: pp,

@@ -181,3 +181,73 @@ pub fn llama_ttft(
     let _ = child.wait();
     result
 }
+
+/// Prefill and decode tokens/s from `llama-bench -o json` output (its `pp` and `tg` tests).
+pub fn llama_bench_speeds(json: &str) -> Result<(f64, f64), String> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("llama-bench output: {e}"))?;
+    let (mut pp, mut tg) = (f64::NAN, f64::NAN);
+    for r in v.as_array().into_iter().flatten() {
+        let ts = r["avg_ts"].as_f64().unwrap_or(f64::NAN);
+        if r["n_prompt"].as_u64().unwrap_or(0) > 0 {
+            pp = ts;
+        } else {
+            tg = ts;
+        }
+    }
+    Ok((pp, tg))
+}
+
+/// Bytes of a model's weights: the `.safetensors` files of a folder, or one file's size.
+pub fn weights_size(path: &Path) -> u64 {
+    if path.is_dir() {
+        std::fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    } else {
+        std::fs::metadata(path).map_or(0, |m| m.len())
+    }
+}
+
+/// The arguments of one measured `moe-serve run`: `prompt` deterministic prompt ids below
+/// `id_modulus`, `gen` greedy tokens past EOS, JSON out, a context just long enough, then
+/// `extra` (quantization, activations, budgets).
+pub fn run_args(
+    model: &str,
+    prompt: usize,
+    id_modulus: usize,
+    gen: usize,
+    threads: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let ids: Vec<String> = (0..prompt)
+        .map(|i| ((i * 7919 + 11) % id_modulus.max(1)).to_string())
+        .collect();
+    let mut args: Vec<String> = [
+        "run",
+        "--model",
+        model,
+        "--prompt-ids",
+        &ids.join(","),
+        "--max-tokens",
+        &gen.to_string(),
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--json",
+        "--threads",
+        threads,
+        "--max-context",
+        &(prompt + gen + 1).to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
