@@ -23,7 +23,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{arg, binary, cpu_model, llama_bench_speeds, run_args, run_measured, weights_size};
+use common::{
+    arg, binary, cpu_model, llama_bench_args, llama_bench_speeds, run_args, run_measured,
+    weights_size,
+};
 
 /// Headroom between the cap and our `ram_budget`: the runtime, allocator and thread stacks.
 const HEADROOM_BYTES: u64 = 256 << 20;
@@ -134,23 +137,7 @@ fn llama(
     gen: usize,
     threads: &str,
 ) -> Result<Row, String> {
-    let args: Vec<String> = [
-        "-m",
-        gguf.to_str().unwrap_or_default(),
-        "-t",
-        threads,
-        "-p",
-        &prompt.to_string(),
-        "-n",
-        &gen.to_string(),
-        "-r",
-        "1",
-        "-o",
-        "json",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = llama_bench_args(gguf, threads, prompt, gen, 1);
     let r = run_capped(cg, limit, &dir.join("llama-bench"), &args)?;
     let (pp, tg) = llama_bench_speeds(&r.stdout)?;
     Ok(Row {

@@ -31,7 +31,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use common::{arg, binary, cpu_model, llama_bench_speeds, run_args, run_measured, warm_page_cache};
+use common::{
+    arg, binary, cpu_model, llama_bench_args, llama_bench_speeds, run_args, run_measured,
+    warm_page_cache,
+};
 
 /// Best of several 2-thread streaming reads over a buffer far larger than the caches, bytes/s.
 fn read_bandwidth() -> f64 {
@@ -150,20 +153,8 @@ fn llama(
     threads: &str,
 ) -> Result<Row, String> {
     warm_page_cache(gguf);
-    let (out, rss) = run_measured(Command::new(dir.join("llama-bench")).args([
-        "-m",
-        gguf.to_str().unwrap_or_default(),
-        "-t",
-        threads,
-        "-p",
-        &prompt.to_string(),
-        "-n",
-        &gen.to_string(),
-        "-r",
-        "2",
-        "-o",
-        "json",
-    ]))?;
+    let args = llama_bench_args(gguf, threads, prompt, gen, 2);
+    let (out, rss) = run_measured(Command::new(dir.join("llama-bench")).args(&args))?;
     let (pp, tg) = llama_bench_speeds(&out)?;
     Ok(Row {
         engine: format!("llama.cpp {label}"),

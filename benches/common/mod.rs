@@ -251,3 +251,31 @@ pub fn run_args(
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }
+
+/// The arguments of one `llama-bench` run on `gguf`: `prompt` tokens of prefill and `gen` of
+/// decode, `reps` repetitions each, JSON out.
+pub fn llama_bench_args(
+    gguf: &Path,
+    threads: &str,
+    prompt: usize,
+    gen: usize,
+    reps: usize,
+) -> Vec<String> {
+    [
+        "-m",
+        gguf.to_str().unwrap_or_default(),
+        "-t",
+        threads,
+        "-p",
+        &prompt.to_string(),
+        "-n",
+        &gen.to_string(),
+        "-r",
+        &reps.to_string(),
+        "-o",
+        "json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}

@@ -964,9 +964,9 @@ impl Choice {
                 m["content"] = Value::Null;
             }
             if self.function_call {
-                let (name, arguments) = self.calls.swap_remove(0);
+                // The legacy form carries the first call only.
+                let (name, arguments) = self.calls.drain(..).next().unwrap_or_default();
                 m["function_call"] = json!({"name": name, "arguments": arguments});
-                self.calls.clear();
                 return m;
             }
             m["tool_calls"] = self
